@@ -1,0 +1,89 @@
+"""Checkpoints: ``model.safetensors`` (weights) + ``config.json`` (sizes, scaler, training summary, version).
+
+Never pickle: a checkpoint is data, and loading one must not run code. The version is a hash of the
+weights and the config, so a service can tell two models apart and refuse to mix their session states.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from model.forecaster import Forecaster, ForecasterConfig
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+FORMAT = "gru-forecaster/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded; the message names the file and the problem."""
+
+
+def model_version(forecaster: Forecaster) -> str:
+    """12 hex digits of SHA-256 over the config and every weight, in name order."""
+    digest = hashlib.sha256(json.dumps(forecaster.config.to_dict(), sort_keys=True).encode())
+    for name, tensor in sorted(forecaster.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def save_checkpoint(
+    forecaster: Forecaster, directory: str | Path, name: str = "gru", training: dict[str, Any] | None = None
+) -> str:
+    """Write the checkpoint into ``directory`` (created if needed) and return its version."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().cpu().contiguous() for k, v in forecaster.state_dict().items()}
+    save_file(weights, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
+    version = model_version(forecaster)
+    meta = {
+        "format": FORMAT,
+        "name": name,
+        "version": version,
+        "model": forecaster.config.to_dict(),
+        "training": training or {},
+    }
+    (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return version
+
+
+def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> tuple[Forecaster, dict[str, Any]]:
+    """Load a checkpoint; returns the forecaster in eval mode on ``device`` and the config.json contents."""
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    for path in (directory, config_path, weights_path):
+        if not path.exists():
+            raise CheckpointError(f"{path} does not exist: a checkpoint is a directory with {CONFIG_FILE} and {WEIGHTS_FILE}")
+    try:
+        meta = json.loads(config_path.read_text())
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(f"{config_path}: format {meta.get('format')!r} is not {FORMAT!r}")
+        config = ForecasterConfig.from_dict(meta["model"])
+        forecaster = Forecaster(config)
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{config_path} is not a valid model config: {exc}") from exc
+    try:
+        weights = load_file(str(weights_path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{weights_path} is truncated or not a safetensors file: {exc}") from exc
+    try:
+        forecaster.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{weights_path} does not match the sizes in {config_path}: {exc}") from exc
+    version = model_version(forecaster)
+    if meta.get("version") != version:
+        raise CheckpointError(
+            f"{directory}: weights hash to version {version} but {CONFIG_FILE} says {meta.get('version')!r};"
+            " the files come from different checkpoints"
+        )
+    return forecaster.to(device).eval(), meta

@@ -1,0 +1,154 @@
+"""Forecaster: per-feature scaling + GRU + linear head, predicting the next step of a multivariate series.
+
+It predicts the next *difference* and adds it back, so a level shift or a trend costs it nothing and an
+untrained head already equals "tomorrow equals today" (persistence). At step t, with x_t the raw values:
+
+    d_t   = x_t − x_{t−1}                                   (first step of a session: d = 0)
+    u_t   = [(x_t − μ) / σ,  d_t / σ_d]                     GRU input, scaled per feature   (2F)
+    h_t   = GRU(u_t, h_{t−1})
+    ŷ_t+1 = x_t + σ_d ⊙ (W_o h_t + b_o + A [d_t, …, d_{t−K+1}] / σ_d)
+
+μ, σ, σ_d are fitted on the training split (model.data). The linear term A over the last K differences is
+an autoregression on differences, the strong classical baseline; the GRU learns what it misses.
+
+The state carried between chunks is one flat vector per series, opaque to whoever stores it:
+``[h (L·H) | last K raw values (K·F) | seen (1)]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from model.cell import Variant
+from model.gru import GRU
+
+
+@dataclass(frozen=True)
+class ForecasterConfig:
+    features: tuple[str, ...]  # column names, in input order; F = len(features)
+    hidden_size: int = 64
+    num_layers: int = 2
+    variant: Variant = "seed"
+    lags: int = 12  # K: differences seen by the linear autoregressive term (>= 1)
+    mean: tuple[float, ...] = ()  # μ per feature; empty means 0
+    scale: tuple[float, ...] = ()  # σ per feature; empty means 1
+    diff_scale: tuple[float, ...] = ()  # σ_d, spread of one-step differences; empty means 1
+
+    @property
+    def num_features(self) -> int:
+        return len(self.features)
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, object]) -> ForecasterConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"unknown config fields {sorted(unknown)}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+        return cls(**values)  # type: ignore[arg-type]
+
+
+class Forecaster(nn.Module):
+    """predict(x (B, T, F), state (B, S)) -> (ŷ (B, T, F), state'); rollout(state, last, n) -> (B, n, F)."""
+
+    def __init__(self, config: ForecasterConfig):
+        super().__init__()
+        features = config.num_features
+        if features < 1 or config.lags < 1:
+            raise ValueError(f"need at least one feature and one lag, got {features} and {config.lags}")
+        self.config = config
+        self.gru = GRU(2 * features, config.hidden_size, config.num_layers, config.variant)
+        self.head = nn.Linear(config.hidden_size, features)
+        self.autoregression = nn.Linear(config.lags * features, features, bias=False)
+        with torch.no_grad():  # start as persistence: the GRU has to earn every departure from it
+            self.head.weight.mul_(0.01)
+            self.head.bias.zero_()
+            self.autoregression.weight.zero_()
+        self.register_buffer("mean", self._vector(config.mean, 0.0), persistent=False)
+        self.register_buffer("scale", self._vector(config.scale, 1.0), persistent=False)
+        self.register_buffer("diff_scale", self._vector(config.diff_scale, 1.0), persistent=False)
+
+    def _vector(self, values: tuple[float, ...], default: float) -> Tensor:
+        features = self.config.num_features
+        if not values:
+            return torch.full((features,), default)
+        if len(values) != features:
+            raise ValueError(f"scaler has {len(values)} values for {features} features")
+        return torch.tensor(values, dtype=torch.float32)
+
+    @property
+    def num_features(self) -> int:
+        return self.config.num_features
+
+    @property
+    def state_size(self) -> int:
+        """S: floats carried per series between calls."""
+        cfg = self.config
+        return cfg.num_layers * cfg.hidden_size + cfg.lags * cfg.num_features + 1
+
+    def initial_state(self, batch: int) -> Tensor:
+        """The state of a series that has seen nothing: (B, S) zeros."""
+        return torch.zeros(batch, self.state_size, device=self.mean.device)
+
+    def _split(self, state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        cfg = self.config
+        batch = state.size(0)
+        hidden_end = cfg.num_layers * cfg.hidden_size
+        h = state[:, :hidden_end].reshape(batch, cfg.num_layers, cfg.hidden_size).transpose(0, 1)  # (L, B, H)
+        window = state[:, hidden_end:-1].reshape(batch, cfg.lags, cfg.num_features)  # (B, K, F)
+        seen = state[:, -1:]  # (B, 1)
+        return h, window, seen
+
+    def _join(self, h: Tensor, window: Tensor, seen: Tensor) -> Tensor:
+        batch = window.size(0)
+        return torch.cat([h.transpose(0, 1).reshape(batch, -1), window.reshape(batch, -1), seen], dim=1)
+
+    def predict(
+        self, x: Tensor, state: Tensor, lengths: Tensor | list[int] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """One-step-ahead prediction after every step of x; rows of unequal ``lengths`` sorted longest first.
+
+        Predictions past a row's length are placeholders. The caller's ``state`` is never modified.
+        """
+        batch, steps, features = x.shape
+        lags = self.config.lags
+        h0, window, seen = self._split(state)
+        # A series' first value has no predecessor: pretend it was always there, so its difference is 0.
+        window = torch.where(seen[:, :, None] > 0, window, x[:, :1].expand(-1, lags, -1))
+        series = torch.cat([window, x], dim=1)  # (B, K + T, F)
+        diffs = series[:, 1:] - series[:, :-1]  # (B, K + T − 1, F)
+        scaled_diffs = diffs / self.diff_scale
+        current = scaled_diffs[:, lags - 1 :]  # (B, T, F): d_t / σ_d
+        gru_input = torch.cat([(x - self.mean) / self.scale, current], dim=2)  # (B, T, 2F)
+        out, h_n = self.gru(gru_input, h0.contiguous(), lengths)  # (B, T, H), (L, B, H)
+        # (B, T, F, K) windows, newest difference last, flattened as (F·K) for the linear term
+        lagged = scaled_diffs.unfold(1, lags, 1).reshape(batch, steps, features * lags)
+        step = self.head(out) + self.autoregression(lagged)  # (B, T, F), in units of σ_d
+        prediction = x + step * self.diff_scale
+        if lengths is None:
+            next_window = series[:, -lags:]
+        else:
+            ends = torch.as_tensor(lengths, device=x.device).view(batch, 1, 1)
+            index = (ends + torch.arange(lags, device=x.device).view(1, lags, 1)).expand(-1, -1, features)
+            next_window = series.gather(1, index)  # (B, K, F): each row's last K values
+        return prediction, self._join(h_n, next_window, torch.ones_like(seen))
+
+    @torch.no_grad()
+    def rollout(self, state: Tensor, last: Tensor, steps: int) -> Tensor:
+        """Forecast ``steps`` ahead by feeding predictions back: (B, S), (B, F) -> (B, steps, F).
+
+        ``last`` is the one-step prediction made after the final observed step, so forecast[:, 0] == last.
+        Works on copies: the caller's state is untouched.
+        """
+        outputs = [last]
+        for _ in range(steps - 1):
+            prediction, state = self.predict(outputs[-1][:, None], state)
+            outputs.append(prediction[:, 0])
+        return torch.stack(outputs, dim=1)

@@ -1,0 +1,50 @@
+"""Settings: every knob is a ``GRU_`` environment variable, validated once at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "model" / "weights" / "default"
+
+
+class Settings(BaseSettings):
+    """The service's configuration; a bad value stops start-up with a message naming the variable."""
+
+    model_config = SettingsConfigDict(env_prefix="GRU_", env_file=None, extra="ignore", frozen=True)
+
+    model_path: Path = Field(DEFAULT_MODEL_PATH, description="checkpoint directory (config.json + model.safetensors)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when available")
+    store: Literal["memory", "redis"] = Field("memory", description="where session states live")
+    redis_url: str = Field("redis://localhost:6379/0", description="used when store=redis")
+    snapshot_path: Path | None = Field(None, description="memory store: snapshot file written on SIGTERM")
+    snapshot_interval_seconds: float = Field(0.0, ge=0, description="also snapshot this often; 0 = only on exit")
+    session_ttl_seconds: float = Field(3600.0, gt=0, description="idle sessions expire after this")
+    max_sessions: int = Field(100_000, ge=1, description="memory store capacity; least recently used goes first")
+    max_batch_size: int = Field(64, ge=1, le=4096, description="chunks of distinct sessions run as one batch")
+    max_batch_delay_ms: float = Field(2.0, ge=0, le=1000, description="how long a batch waits to fill")
+    max_queue: int = Field(1024, ge=1, description="chunks waiting for the engine; beyond this 429")
+    request_timeout_seconds: float = Field(30.0, gt=0, description="a chunk not computed by then gets 503")
+    max_chunk_steps: int = Field(4096, ge=1, description="most steps in one chunk")
+    max_horizon: int = Field(512, ge=0, description="longest forecast")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger bodies get 413 unread")
+    max_batch_items: int = Field(256, ge=1, description="most items in one /v1/predict/batch call")
+    api_keys: str = Field("", description="comma-separated key:tenant pairs; empty = no auth, one tenant")
+    api_keys_file: Path | None = Field(None, description="file with one 'key tenant' per line")
+    metrics_require_key: bool = Field(False, description="put /metrics behind an API key")
+    torch_threads: int = Field(0, ge=0, description="intra-op threads for the model; 0 = one per core")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_model_path(self) -> Settings:
+        if not self.model_path.is_dir():
+            raise ValueError(f"GRU_MODEL_PATH={self.model_path} is not a directory; point it at a checkpoint")
+        return self

@@ -1,0 +1,48 @@
+"""Every Prometheus metric of the service, defined in one place (names follow Prometheus conventions)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+# Millisecond-scale work: 0.5 ms .. 10 s.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+EVICTION_REASONS = ("ttl", "capacity")
+
+
+class Metrics:
+    """One registry per app, so tests can run several apps in one process without clashes."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "gru_requests", "HTTP requests answered", ["route", "method", "status"], registry=r
+        )
+        self.request_duration = Histogram(
+            "gru_request_duration_seconds", "HTTP request latency", ["route", "method"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.active_sessions = Gauge("gru_active_sessions", "Sessions currently held", registry=r)
+        self.evictions = Counter("gru_session_evictions", "Sessions dropped", ["reason"], registry=r)
+        self.steps = Counter("gru_steps", "Time steps run through the model", registry=r)
+        self.batch_size = Histogram(
+            "gru_batch_size", "Chunks per engine batch", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.queue_wait = Histogram(
+            "gru_queue_wait_seconds", "Time a chunk waits before its batch runs", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.forward_time = Histogram(
+            "gru_forward_seconds", "Model time per engine batch", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.store_errors = Counter("gru_store_errors", "Session store failures", ["operation"], registry=r)
+        self.store_conflicts = Counter(
+            "gru_store_conflicts", "Compare-and-set writes that lost a race and were judged again", registry=r
+        )
+        self.rejected = Counter("gru_rejected", "Chunks refused before running", ["reason"], registry=r)
+        self.model_info = Info("gru_model", "The served model", registry=r)
+        # Labelled series exist from the first scrape, so rules and dashboards resolve before any event.
+        for reason in EVICTION_REASONS:
+            self.evictions.labels(reason=reason)
+        for reason in ("queue_full", "timeout"):
+            self.rejected.labels(reason=reason)
