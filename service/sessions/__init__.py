@@ -1,0 +1,22 @@
+"""Session stores behind one protocol (see base.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from service.config import Settings
+from service.metrics import Metrics
+from service.sessions.base import SessionStore
+from service.sessions.memory import MemoryStore
+
+
+def build_store(settings: Settings, state_size: int, device: torch.device, metrics: Metrics) -> SessionStore:
+    """The store GRU_STORE names, wired to the eviction metrics."""
+    if settings.store == "memory":
+        store = MemoryStore(
+            state_size, device, settings.max_sessions, settings.session_ttl_seconds,
+            on_evict=lambda reason, count: metrics.evictions.labels(reason=reason).inc(count),
+        )
+        metrics.active_sessions.set_function(lambda: len(store))
+        return store
+    raise ValueError(f"GRU_STORE={settings.store!r} is not available in this build")

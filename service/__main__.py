@@ -1,0 +1,39 @@
+"""Run the service:  python -m service --host 0.0.0.0 --port 8000   (settings from GRU_* variables)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import uvicorn
+from pydantic import ValidationError
+
+from model import CheckpointError
+from service.app import create_app
+from service.config import Settings
+from service.logs import configure
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    configure(settings.log_level)
+    try:
+        app = create_app(settings)
+    except (CheckpointError, RuntimeError) as exc:
+        print(f"cannot start: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False,
+                timeout_graceful_shutdown=30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

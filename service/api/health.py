@@ -1,0 +1,29 @@
+"""Liveness, readiness and metrics: open to probes and scrapers."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.api.deps import EngineDep
+from service.problems import Problem
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Readiness: model loaded and session store reachable",
+            responses={503: {"description": "not ready", "content": {"application/problem+json": {}}}})
+async def readyz(engine: EngineDep) -> dict[str, str]:
+    if not await engine.store.ping():
+        raise Problem(503, "not-ready", "the session store is unreachable", headers={"Retry-After": "2"})
+    return {"status": "ready", "model_version": engine.model_version}
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,133 @@
+"""REST v1 (DESIGN §4). Routers parse and answer; the engine judges and computes.
+
+The predict routes read the raw body and validate it with pydantic-core from the bytes, and answer the
+engine's pre-serialised JSON as is: no request model instantiated by FastAPI, no response re-encoding. The
+OpenAPI schema still documents the same models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Path, Request, Response
+
+from service.api.bodies import chunk_array, parse
+from service.api.deps import EngineDep, SettingsDep
+from service.auth import TenantDep
+from service.problems import Problem
+from service.schemas import (
+    SESSION_ID_PATTERN,
+    BatchRequest,
+    BatchResponse,
+    ChunkRequest,
+    ModelInfo,
+    PredictionResponse,
+    ResetResponse,
+    SessionInfo,
+    SessionPredictResponse,
+    StatelessRequest,
+)
+from service.schemas import Problem as ProblemModel
+from service.sessions.base import session_key
+
+router = APIRouter(prefix="/v1", tags=["v1"])
+SessionIdPath = Annotated[str, Path(pattern=SESSION_ID_PATTERN, description="Client-chosen session id")]
+JSON = "application/json"
+
+
+def _body_doc(model: type[Any]) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {JSON: {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {s: {"model": ProblemModel, "content": {"application/problem+json": {}}} for s in statuses}
+
+
+@router.get("/model", response_model=ModelInfo, summary="The served model")
+async def model_info(request: Request, engine: EngineDep) -> ModelInfo:
+    cfg = engine.forecaster.config
+    meta = request.app.state.model_meta
+    return ModelInfo(
+        name=meta["name"], version=engine.model_version, input_features=cfg.num_features,
+        output_features=cfg.num_features, feature_names=list(cfg.features), hidden_size=cfg.hidden_size,
+        num_layers=cfg.num_layers, variant=cfg.variant, lags=cfg.lags, device=str(engine.device),
+        training=meta.get("training", {}),
+    )
+
+
+@router.post(
+    "/predict", response_model=PredictionResponse, response_model_exclude_none=True,
+    summary="Predict a whole series from a fresh state (nothing kept)",
+    openapi_extra=_body_doc(StatelessRequest), responses=_problems(400, 413, 422, 429, 503),
+)
+async def predict(request: Request, engine: EngineDep, settings: SettingsDep) -> Response:
+    body = parse(await request.body(), StatelessRequest)
+    values = chunk_array(body.values, body.horizon, engine.forecaster.num_features, settings, ["body", "values"])
+    return Response(await engine.predict(None, values, None, body.horizon), media_type=JSON)
+
+
+@router.post(
+    "/sessions/{session_id}/predict", response_model=SessionPredictResponse, response_model_exclude_none=True,
+    summary="Feed a session the next chunk of its series",
+    openapi_extra=_body_doc(ChunkRequest), responses=_problems(400, 404, 409, 413, 422, 429, 503),
+)
+async def predict_session(
+    session_id: SessionIdPath, request: Request, engine: EngineDep, settings: SettingsDep, tenant: TenantDep
+) -> Response:
+    body = parse(await request.body(), ChunkRequest)
+    values = chunk_array(body.values, body.horizon, engine.forecaster.num_features, settings, ["body", "values"])
+    answer = await engine.predict(session_key(tenant, session_id), values, body.offset, body.horizon)
+    return Response(answer, media_type=JSON)
+
+
+@router.post(
+    "/predict/batch", response_model=BatchResponse, summary="Chunks of many sessions in one call",
+    openapi_extra=_body_doc(BatchRequest), responses=_problems(400, 413, 422),
+)
+async def predict_batch(request: Request, engine: EngineDep, settings: SettingsDep, tenant: TenantDep) -> Response:
+    body = parse(await request.body(), BatchRequest)
+    if len(body.items) > settings.max_batch_items:
+        raise Problem(422, "invalid-request", f"{len(body.items)} items, more than GRU_MAX_BATCH_ITEMS="
+                      f"{settings.max_batch_items}; split the call")
+    features = engine.forecaster.num_features
+
+    async def one(index: int, item: Any) -> bytes:
+        try:
+            values = chunk_array(item.values, item.horizon, features, settings, ["body", "items", str(index), "values"])
+            return await engine.predict(session_key(tenant, item.session_id), values, item.offset, item.horizon)
+        except Problem as problem:
+            return orjson.dumps(problem.body())
+
+    answers = await asyncio.gather(*(one(i, item) for i, item in enumerate(body.items)))
+    return Response(b'{"results":[' + b",".join(answers) + b"]}", media_type=JSON)
+
+
+def _timestamp(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+@router.get("/sessions/{session_id}", response_model=SessionInfo, summary="A session's position and age",
+            responses=_problems(404))
+async def get_session(session_id: SessionIdPath, engine: EngineDep, tenant: TenantDep) -> SessionInfo:
+    session = await engine.session_info(session_key(tenant, session_id))
+    return SessionInfo(
+        session_id=session_id, position=session.position, model_version=session.model_version,
+        created_at=_timestamp(session.created_at), updated_at=_timestamp(session.updated_at),
+        expires_at=_timestamp(session.updated_at + engine.store.ttl_seconds),
+    )
+
+
+@router.post("/sessions/{session_id}/reset", response_model=ResetResponse,
+             summary="Start the session again at position 0 (creates it if unknown)")
+async def reset_session(session_id: SessionIdPath, engine: EngineDep, tenant: TenantDep) -> ResetResponse:
+    created = await engine.reset(session_key(tenant, session_id))
+    return ResetResponse(session_id=session_id, position=0, created=created)
+
+
+@router.delete("/sessions/{session_id}", status_code=204, summary="Forget a session", responses=_problems(404))
+async def delete_session(session_id: SessionIdPath, engine: EngineDep, tenant: TenantDep) -> Response:
+    await engine.delete(session_key(tenant, session_id))
+    return Response(status_code=204)

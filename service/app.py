@@ -1,0 +1,88 @@
+"""create_app(settings) -> FastAPI: wiring only (model, store, engine, routers, middleware, handlers)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import torch
+from fastapi import FastAPI
+
+from model import load_checkpoint
+from service import problems
+from service.api import health, v1
+from service.config import Settings
+from service.engine import Engine
+from service.metrics import Metrics
+from service.middleware import BodyLimit, Observability
+from service.sessions import build_store
+
+log = logging.getLogger("service")
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("GRU_DEVICE=cuda but torch sees no CUDA device; use auto or cpu")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+async def _sweep_forever(store: object, every: float) -> None:
+    sweep = getattr(store, "sweep", None)
+    if sweep is None:  # stores with their own expiry (Redis TTLs)
+        return
+    while True:
+        await asyncio.sleep(every)
+        sweep()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    device = resolve_device(settings.device)
+    forecaster, meta = load_checkpoint(settings.model_path, device)
+    metrics = Metrics()
+    metrics.model_info.info({
+        "name": str(meta["name"]), "version": str(meta["version"]), "device": str(device),
+        "variant": forecaster.config.variant,
+    })
+    store = build_store(settings, forecaster.state_size, device, metrics)
+    engine = Engine(
+        forecaster, str(meta["version"]), store, metrics,
+        max_batch_size=settings.max_batch_size, max_batch_delay_ms=settings.max_batch_delay_ms,
+        max_queue=settings.max_queue, request_timeout_seconds=settings.request_timeout_seconds,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await engine.start()
+        sweeper = asyncio.create_task(_sweep_forever(store, min(settings.session_ttl_seconds / 4, 10.0)))
+        log.info("serving", extra={"fields": {"model": meta["name"], "version": meta["version"],
+                                              "device": str(device), "store": settings.store}})
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            await engine.stop()
+            await store.close()
+
+    app = FastAPI(
+        title="GRU sequence-prediction service",
+        version="1.0",
+        summary="Stream a time series in chunks; the service keeps each session's GRU state between calls.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.metrics = metrics
+    app.state.model_meta = meta
+    app.include_router(v1.router)
+    app.include_router(health.router)
+    problems.install(app)
+    app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(Observability, metrics=metrics)
+    return app

@@ -1,0 +1,354 @@
+"""Engine: the only owner of the model and the device; batches chunks across sessions.
+
+Layering as in Text Generation Inference and Ray Serve's batch queue: routers ``await engine.predict(...)``
+and never see a batch; the model never sees asyncio. One worker task on the event loop:
+
+1. takes up to ``max_batch_size`` waiting chunks of *distinct* sessions, in arrival order (a second chunk
+   of a session waits for the next batch, so one session's calls apply one at a time, in order), waiting
+   at most ``max_batch_delay_ms`` for the batch to fill;
+2. loads their records and judges each against the offset rules (service.rules);
+3. runs every chunk to apply as one batch on the compute thread: sorted longest first, the batch shrinking
+   as short chunks end, states gathered from and new states committed to the store by row;
+4. commits with compare-and-set; a chunk whose session changed meanwhile (reset, delete, another replica)
+   goes back to the front of the queue and is judged again.
+
+Compute never runs on the event loop: the worker hands each batch to a single-thread executor, as a few
+large torch calls, so the GIL is handed back and forth a few times per batch, not per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+import torch
+from torch import Tensor
+
+from model import Forecaster
+from service.metrics import Metrics
+from service.problems import Problem
+from service.rules import Apply, Replay, fingerprint, judge
+from service.sessions.base import Session, SessionStore, StoreUnavailable, Write, session_id_of
+
+log = logging.getLogger("service.engine")
+_DUMPS_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+
+
+@dataclass(slots=True, eq=False)
+class Chunk:
+    """One request's work: a session's chunk (key set) or a stateless series (key None)."""
+
+    key: str | None
+    values: np.ndarray  # (T, F) float32
+    offset: int | None
+    horizon: int
+    future: asyncio.Future[bytes]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(slots=True)
+class _Run:
+    """A chunk judged to apply, with the record it was judged against."""
+
+    chunk: Chunk
+    session: Session | None
+    verdict: Apply
+
+
+@dataclass(slots=True)
+class _Computed:
+    predictions: list[np.ndarray]  # per run, (T, F) float32
+    forecasts: list[np.ndarray | None]  # per run, (horizon, F) float32
+    states: Tensor  # (B, S), row i = run i
+
+
+class Engine:
+    def __init__(
+        self,
+        forecaster: Forecaster,
+        model_version: str,
+        store: SessionStore,
+        metrics: Metrics,
+        *,
+        max_batch_size: int,
+        max_batch_delay_ms: float,
+        max_queue: int,
+        request_timeout_seconds: float,
+    ):
+        self.forecaster = forecaster
+        self.model_version = model_version
+        self.store = store
+        self.device = next(forecaster.parameters()).device
+        self._metrics = metrics
+        self._max_batch = max_batch_size
+        self._delay = max_batch_delay_ms / 1000
+        self._max_queue = max_queue
+        self._timeout = request_timeout_seconds
+        self._waiting: deque[Chunk] = deque()
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gru-compute")
+        self._worker: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._worker = asyncio.create_task(self._run(), name="gru-engine")
+
+    async def stop(self) -> None:
+        """Refuse new work, finish every chunk already accepted, then release the compute thread."""
+        self._stopping = True
+        self._wake.set()
+        if self._worker is not None:
+            await self._worker
+        self._executor.shutdown(wait=True)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    # -- the API routers use ---------------------------------------------------------------------------
+
+    async def predict(self, key: str | None, values: np.ndarray, offset: int | None, horizon: int) -> bytes:
+        """The JSON answer for one chunk (a session's when ``key`` is set, else stateless)."""
+        if self._stopping:
+            raise Problem(503, "shutting-down", "the service is shutting down; retry on another replica",
+                          headers={"Retry-After": "1"})
+        if len(self._waiting) >= self._max_queue:
+            self._metrics.rejected.labels(reason="queue_full").inc()
+            raise Problem(429, "overloaded", f"{len(self._waiting)} chunks are already waiting; retry shortly",
+                          headers={"Retry-After": "1"})
+        chunk = Chunk(key, values, offset, horizon, asyncio.get_running_loop().create_future())
+        self._waiting.append(chunk)
+        self._wake.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(chunk.future), self._timeout)
+        except TimeoutError:
+            self._metrics.rejected.labels(reason="timeout").inc()
+            if chunk in self._waiting:  # not started: withdraw it, so it never applies
+                self._waiting.remove(chunk)
+            raise Problem(
+                503, "timeout",
+                f"the chunk was not computed within {self._timeout:g} s; retry with the same offset (a retry of an"
+                " applied chunk returns its answer)", headers={"Retry-After": "1"},
+            ) from None
+
+    async def session_info(self, key: str) -> Session:
+        session = await self._store_call(self.store.get(key), "get")
+        if session is None:
+            raise _unknown(key)
+        return session
+
+    async def delete(self, key: str) -> None:
+        if not await self._store_call(self.store.delete(key), "delete"):
+            raise _unknown(key)
+
+    async def reset(self, key: str) -> bool:
+        _, created = await self._store_call(self.store.reset(key, self.model_version), "reset")
+        return created
+
+    async def _store_call(self, call: Any, operation: str) -> Any:
+        try:
+            return await call
+        except StoreUnavailable as exc:
+            self._metrics.store_errors.labels(operation=operation).inc()
+            raise _store_down(exc) from exc
+
+    # -- the worker ------------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            if not self._waiting:
+                if self._stopping:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            await self._fill()
+            batch = self._take()
+            try:
+                await self._process(batch)
+            except Exception as exc:  # a bug: fail this batch's requests, keep serving the others
+                log.exception("engine batch failed")
+                for chunk in batch:
+                    _settle(chunk, exc=Problem(500, "internal-error", "the batch failed; it has been logged"))
+
+    async def _fill(self) -> None:
+        """Wait up to the batch delay for a full batch; under load the queue fills while we compute."""
+        deadline = time.perf_counter() + self._delay
+        while len(self._waiting) < self._max_batch and not self._stopping:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _take(self) -> list[Chunk]:
+        """Up to max_batch chunks of distinct sessions, oldest first; the rest keep their order."""
+        batch: list[Chunk] = []
+        keys: set[str] = set()
+        kept: deque[Chunk] = deque()
+        while self._waiting and len(batch) < self._max_batch:
+            chunk = self._waiting.popleft()
+            if chunk.key is not None and chunk.key in keys:
+                kept.append(chunk)
+                continue
+            if chunk.key is not None:
+                keys.add(chunk.key)
+            batch.append(chunk)
+        self._waiting.extendleft(reversed(kept))
+        return batch
+
+    async def _process(self, batch: list[Chunk]) -> None:
+        now = time.perf_counter()
+        for chunk in batch:
+            self._metrics.queue_wait.observe(now - chunk.enqueued)
+        self._metrics.batch_size.observe(len(batch))
+        stateful = [c for c in batch if c.key is not None]
+        try:
+            sessions = await self.store.load([c.key for c in stateful]) if stateful else []  # type: ignore[misc]
+        except StoreUnavailable as exc:
+            self._metrics.store_errors.labels(operation="load").inc()
+            for chunk in stateful:
+                _settle(chunk, exc=_store_down(exc))
+            sessions = []
+            batch = [c for c in batch if c.key is None]
+        record_of = dict(zip((c.key for c in stateful), sessions, strict=False))
+        runs: list[_Run] = []
+        for chunk in batch:
+            session = record_of.get(chunk.key) if chunk.key is not None else None
+            if chunk.key is None:
+                runs.append(_Run(chunk, None, Apply(start=0, created=False)))
+                continue
+            verdict = judge(chunk.key, chunk.offset, chunk.horizon, chunk.values, session, self.model_version)
+            if isinstance(verdict, Apply):
+                runs.append(_Run(chunk, session, verdict))
+            elif isinstance(verdict, Replay):
+                _settle(chunk, verdict.answer)
+            else:
+                _settle(chunk, exc=verdict)
+        if not runs:
+            return
+        loop = asyncio.get_running_loop()
+        began = time.perf_counter()
+        computed = await loop.run_in_executor(self._executor, self._compute, runs)
+        self._metrics.forward_time.observe(time.perf_counter() - began)
+        self._metrics.steps.inc(sum(len(r.chunk.values) for r in runs))
+        await self._finish(runs, computed)
+
+    async def _finish(self, runs: list[_Run], computed: _Computed) -> None:
+        writes: list[Write] = []
+        pending: list[tuple[_Run, bytes]] = []
+        for row, run in enumerate(runs):
+            chunk = run.chunk
+            answer = self._answer(run, computed.predictions[row], computed.forecasts[row])
+            if chunk.key is None:
+                _settle(chunk, answer)
+                continue
+            start = run.verdict.start
+            writes.append(Write(
+                key=chunk.key,
+                expected_revision=run.session.revision if run.session is not None else None,
+                position=start + len(chunk.values),
+                model_version=self.model_version,
+                last_offset=start,
+                fingerprint=fingerprint(start, chunk.horizon, chunk.values),
+                answer=answer,
+                row=row,
+            ))
+            pending.append((run, answer))
+        if not writes:
+            return
+        try:
+            committed = await self.store.commit(writes, computed.states)
+        except StoreUnavailable as exc:
+            self._metrics.store_errors.labels(operation="commit").inc()
+            for run, _ in pending:
+                _settle(run.chunk, exc=_store_down(exc))
+            return
+        lost = [run.chunk for (run, _), won in zip(pending, committed, strict=True) if won is None]
+        for (run, answer), won in zip(pending, committed, strict=True):
+            if won is not None:
+                _settle(run.chunk, answer)
+        if lost:  # the session changed under us: judge these again, ahead of everything newer
+            self._metrics.store_conflicts.inc(len(lost))
+            self._waiting.extendleft(reversed(lost))
+            self._wake.set()
+
+    def _answer(self, run: _Run, predictions: np.ndarray, forecast: np.ndarray | None) -> bytes:
+        chunk = run.chunk
+        body: dict[str, Any] = {}
+        if chunk.key is not None:
+            body["session_id"] = session_id_of(chunk.key)
+            body["position"] = run.verdict.start + len(chunk.values)
+        body["predictions"] = predictions
+        if forecast is not None:
+            body["forecast"] = forecast
+        body["model_version"] = self.model_version
+        if chunk.key is not None:
+            body["created"] = run.verdict.created
+        return orjson.dumps(body, option=_DUMPS_OPTIONS)
+
+    # -- the compute thread ----------------------------------------------------------------------------
+
+    def _compute(self, runs: Sequence[_Run]) -> _Computed:
+        """One batch through the model: a few large torch calls, no per-step Python."""
+        count = len(runs)
+        order = sorted(range(count), key=lambda i: -len(runs[i].chunk.values))  # longest first
+        lengths = [len(runs[i].chunk.values) for i in order]
+        features = self.forecaster.num_features
+        padded = np.zeros((count, lengths[0], features), dtype=np.float32)  # (B, T_max, F)
+        for row, i in enumerate(order):
+            padded[row, : lengths[row]] = runs[i].chunk.values
+        with torch.inference_mode():
+            x = torch.from_numpy(padded).to(self.device)
+            states = self.store.gather([runs[i].session for i in order], self.device)  # (B, S)
+            same_length = lengths[0] == lengths[-1]
+            y, new_states = self.forecaster.predict(x, states, None if same_length else lengths)
+            ends = torch.tensor(lengths, device=self.device) - 1
+            last = y[torch.arange(count, device=self.device), ends]  # (B, F): prediction after each last step
+            horizons = [runs[i].chunk.horizon for i in order]
+            longest = max(horizons)
+            forecast = self.forecaster.rollout(new_states, last, longest) if longest else None  # (B, h, F)
+            inverse = torch.tensor(np.argsort(order), device=self.device)
+            y_host = y.cpu().numpy()
+            forecast_host = forecast.cpu().numpy() if forecast is not None else None
+            states_out = new_states.index_select(0, inverse)  # back to request order
+        predictions: list[np.ndarray] = [np.empty(0)] * count
+        forecasts: list[np.ndarray | None] = [None] * count
+        for row, i in enumerate(order):
+            predictions[i] = np.ascontiguousarray(y_host[row, : lengths[row]])
+            if horizons[row] and forecast_host is not None:
+                forecasts[i] = np.ascontiguousarray(forecast_host[row, : horizons[row]])
+        return _Computed(predictions, forecasts, states_out)
+
+
+def _settle(chunk: Chunk, answer: bytes | None = None, exc: BaseException | None = None) -> None:
+    if chunk.future.done():  # its caller timed out and left
+        return
+    if exc is not None:
+        chunk.future.set_exception(exc)
+    else:
+        chunk.future.set_result(answer)  # type: ignore[arg-type]
+
+
+def _unknown(key: str) -> Problem:
+    session_id = session_id_of(key)
+    return Problem(404, "session-not-found", f"session {session_id!r} does not exist (expired, deleted or never"
+                   " created)", session_id=session_id)
+
+
+def _store_down(exc: Exception) -> Problem:
+    return Problem(503, "store-unavailable", f"the session store is unreachable ({exc}); nothing was changed,"
+                   " retry shortly", headers={"Retry-After": "2"})

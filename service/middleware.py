@@ -1,0 +1,113 @@
+"""Pure ASGI middleware (no BaseHTTPMiddleware: it would cost the hot path a task and a copy per request).
+
+- ``BodyLimit``: a body over the limit is refused from its Content-Length before a byte is read (413,
+  connection closed); a chunked body is cut off the moment it passes the limit.
+- ``Observability``: request id (``X-Request-ID`` honoured and echoed), one JSON log line per request,
+  request count and latency by route template and status. Never logs bodies, values or keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.metrics import Metrics
+from service.problems import Problem
+
+access_log = logging.getLogger("service.access")
+_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def _too_large(limit: int) -> Problem:
+    return Problem(413, "body-too-large", f"the body is over GRU_MAX_BODY_BYTES={limit} bytes; send smaller chunks",
+                   headers={"Connection": "close"})
+
+
+class BodyLimit:
+    def __init__(self, app: ASGIApp, max_body_bytes: int):
+        self.app = app
+        self.limit = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                if not value.isdigit() or int(value) > self.limit:
+                    await _send_problem(_too_large(self.limit), scope, send)
+                    return
+                break
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _too_large(self.limit)  # answered by the app's Problem handler
+            return message
+
+        await self.app(scope, limited, send)
+
+
+async def _send_problem(problem: Problem, scope: Scope, send: Send) -> None:
+    response = problem.response()
+    await response(scope, _no_body, send)
+
+
+async def _no_body() -> Message:
+    return {"type": "http.disconnect"}
+
+
+class Observability:
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        began = time.perf_counter()
+        request_id = _request_id(scope)
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - began
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            method = scope["method"]
+            self.metrics.requests.labels(route=template, method=method, status=str(status)).inc()
+            self.metrics.request_duration.labels(route=template, method=method).observe(elapsed)
+            if access_log.isEnabledFor(logging.INFO):
+                entry: dict[str, Any] = {
+                    "request_id": request_id.decode(), "method": method, "route": template,
+                    "status": status, "latency_ms": round(elapsed * 1000, 3),
+                }
+                session = scope.get("path_params", {}).get("session_id")
+                if session is not None:
+                    entry["session"] = session[:128]
+                access_log.info("request", extra={"fields": entry})
+
+
+def _request_id(scope: Scope) -> bytes:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id" and _REQUEST_ID.match(value):
+            return bytes(value)
+    return uuid.uuid4().hex.encode()

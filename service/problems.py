@@ -1,0 +1,130 @@
+"""RFC 9457 problem details: every error the service gives is ``application/problem+json``.
+
+Routers and the engine raise ``Problem``; the handlers here turn it, FastAPI's validation errors and
+Starlette's HTTP errors into one shape: ``type``, ``title``, ``status``, ``detail`` plus extension members
+(``position``, ``errors``, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+PROBLEM_JSON = "application/problem+json"
+TYPE_BASE = "https://gru-service.dev/problems/"
+log = logging.getLogger("service.problems")
+
+_TITLES = {
+    400: "Bad request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not found",
+    405: "Method not allowed",
+    409: "Conflict",
+    413: "Request body too large",
+    415: "Unsupported media type",
+    422: "Invalid request",
+    429: "Too many requests",
+    500: "Internal server error",
+    503: "Service unavailable",
+}
+
+
+class Problem(Exception):
+    """An error answer; ``kind`` becomes the problem ``type`` URI, ``extra`` its extension members."""
+
+    def __init__(
+        self,
+        status: int,
+        kind: str,
+        detail: str,
+        *,
+        title: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        **extra: Any,
+    ):
+        super().__init__(detail)
+        self.status = status
+        self.kind = kind
+        self.title = title or _TITLES.get(status, "Error")
+        self.detail = detail
+        self.headers = dict(headers or {})
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "type": TYPE_BASE + self.kind,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            **self.extra,
+        }
+
+    def response(self) -> Response:
+        return Response(
+            orjson.dumps(self.body()), status_code=self.status, media_type=PROBLEM_JSON, headers=self.headers
+        )
+
+
+def field_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    """Pydantic's error list, reduced to what a client needs: where, what, and the rule broken."""
+    return [
+        {"loc": [str(part) for part in err.get("loc", ())], "msg": err.get("msg", ""), "type": err.get("type", "")}
+        for err in errors
+    ]
+
+
+def invalid(errors: Sequence[Any], detail: str | None = None) -> Problem:
+    fields = field_errors(errors)
+    where = ", ".join(".".join(e["loc"]) or "body" for e in fields[:5])
+    return Problem(422, "invalid-request", detail or f"the request does not match the schema at: {where}", errors=fields)
+
+
+def from_validation_error(exc: ValidationError) -> Problem:
+    return invalid(exc.errors(include_url=False, include_input=False))
+
+
+async def _problem_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, Problem)
+    return exc.response()
+
+
+async def _validation_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return Problem(400, "malformed-json", "the body is not valid JSON (NaN and Infinity are not JSON)",
+                       errors=field_errors(errors)).response()
+    return invalid(errors).response()
+
+
+async def _http_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    status = exc.status_code
+    detail = exc.detail if isinstance(exc.detail, str) else _TITLES.get(status, "Error")
+    if status == 404 and detail == "Not Found":
+        detail = f"no route {request.url.path}; see /docs for the API"
+    elif status == 405:
+        detail = f"{request.method} is not allowed on {request.url.path}"
+    kind = {404: "not-found", 405: "method-not-allowed"}.get(status, "http-error")
+    return Problem(status, kind, detail, headers=exc.headers).response()
+
+
+async def _unexpected_handler(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return Problem(500, "internal-error", "an unexpected error occurred; it has been logged").response()
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(Problem, _problem_handler)
+    app.add_exception_handler(RequestValidationError, _validation_handler)
+    app.add_exception_handler(StarletteHTTPException, _http_handler)
+    app.add_exception_handler(Exception, _unexpected_handler)

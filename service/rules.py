@@ -1,0 +1,72 @@
+"""The offset rules of DESIGN §4 as one pure function, so every store and replica judges alike.
+
+- offset == position: apply. No offset: append at the current position.
+- offset and fingerprint of the last applied chunk: its answer again (exact retry), nothing changes.
+- any other offset: 409 with the current position.
+- unknown session: created when offset is absent or 0; otherwise 404 (expired or never there).
+- a session built with another model version: 409, reset to continue.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.problems import Problem
+from service.sessions.base import Session, session_id_of
+
+
+@dataclass(frozen=True, slots=True)
+class Apply:
+    start: int  # the position the chunk is applied at
+    created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    answer: bytes  # the stored answer of the exact same chunk
+
+
+Verdict = Apply | Replay | Problem
+
+
+def fingerprint(offset: int, horizon: int, values: np.ndarray) -> bytes:
+    """16 bytes identifying a chunk as applied: where it started, its horizon and its exact values."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(np.array([offset, horizon, *values.shape], dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(values, dtype=np.float32).tobytes())
+    return digest.digest()
+
+
+def judge(
+    key: str, offset: int | None, horizon: int, values: np.ndarray, session: Session | None, model_version: str
+) -> Verdict:
+    session_id = session_id_of(key)
+    if session is None:
+        if offset in (None, 0):
+            return Apply(start=0, created=True)
+        return Problem(
+            404, "session-not-found",
+            f"session {session_id!r} does not exist (expired or never created) and offset {offset} > 0 cannot"
+            " continue it; send offset 0 (or none) to start it again",
+            session_id=session_id, position=0,
+        )
+    if session.model_version != model_version:
+        return Problem(
+            409, "model-changed",
+            f"session {session_id!r} was built with model {session.model_version}, the service now runs"
+            f" {model_version}; POST /v1/sessions/{session_id}/reset to continue",
+            session_id=session_id, position=session.position, model_version=model_version,
+        )
+    if offset is None or offset == session.position:
+        return Apply(start=session.position, created=False)
+    if offset == session.last_offset and session.fingerprint == fingerprint(offset, horizon, values):
+        return Replay(session.answer)
+    return Problem(
+        409, "offset-mismatch",
+        f"offset {offset} does not match session {session_id!r} at position {session.position}; resend from"
+        f" offset {session.position}",
+        session_id=session_id, position=session.position,
+    )

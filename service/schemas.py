@@ -1,0 +1,147 @@
+"""Request and response models: the documented contract (DESIGN §4) and the validation of every body.
+
+Validation runs in pydantic-core straight from the raw bytes (``validate_json``): strict types (no "1.5"
+strings or ``true`` for numbers), no NaN/Infinity, unknown fields refused.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+SESSION_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+SessionId = Annotated[str, StringConstraints(pattern=SESSION_ID_PATTERN)]
+Values = list[list[float]] | list[float]
+
+_STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+_VALUES_DOC = (
+    "The chunk's steps, T × F (F = the model's input_features). A flat list is T steps of a single feature."
+)
+_OFFSET_DOC = (
+    "The position this chunk starts at. Equal to the session's position: applied. Equal to the last chunk's "
+    "offset with the same values and horizon: that answer again (safe retry). Otherwise 409. Omitted: appended."
+)
+_HORIZON_DOC = "Steps to forecast past the chunk by feeding predictions back; never moves the session."
+
+
+class ChunkRequest(BaseModel):
+    """A chunk for a stateful session."""
+
+    model_config = ConfigDict(
+        **_STRICT,
+        json_schema_extra={"examples": [{"values": [[0.31], [0.35], [0.42]], "offset": 0, "horizon": 5}]},
+    )
+    values: Values = Field(description=_VALUES_DOC)
+    offset: int | None = Field(None, ge=0, description=_OFFSET_DOC)
+    horizon: int = Field(0, ge=0, description=_HORIZON_DOC)
+
+
+class StatelessRequest(BaseModel):
+    """A whole series, run from a fresh state; nothing is kept."""
+
+    model_config = ConfigDict(
+        **_STRICT, json_schema_extra={"examples": [{"values": [0.31, 0.35, 0.42, 0.40], "horizon": 3}]}
+    )
+    values: Values = Field(description=_VALUES_DOC)
+    horizon: int = Field(0, ge=0, description=_HORIZON_DOC)
+
+
+class BatchItem(ChunkRequest):
+    """One session's chunk inside a batch call."""
+
+    model_config = ConfigDict(
+        **_STRICT,
+        json_schema_extra={"examples": [{"session_id": "pump-7", "values": [0.31, 0.35], "offset": 0}]},
+    )
+    session_id: SessionId = Field(description="Session id, as in the path of /v1/sessions/{session_id}/predict")
+
+
+class BatchRequest(BaseModel):
+    model_config = ConfigDict(
+        **_STRICT,
+        json_schema_extra={
+            "examples": [
+                {
+                    "items": [
+                        {"session_id": "pump-7", "values": [0.31, 0.35], "offset": 0},
+                        {"session_id": "pump-8", "values": [[0.12], [0.10]], "horizon": 2},
+                    ]
+                }
+            ]
+        },
+    )
+    items: list[BatchItem] = Field(min_length=1, description="Chunks of any sessions; each is judged on its own")
+
+
+class PredictionResponse(BaseModel):
+    predictions: list[list[float]] = Field(description="One-step-ahead prediction after each step, T × F_out")
+    forecast: list[list[float]] | None = Field(
+        None, description="Only with horizon > 0: horizon × F_out; forecast[0] is the last prediction"
+    )
+    model_version: str
+
+
+class SessionPredictResponse(PredictionResponse):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "session_id": "pump-7",
+                    "position": 3,
+                    "predictions": [[0.33], [0.39], [0.45]],
+                    "forecast": [[0.45], [0.47], [0.48], [0.5], [0.51]],
+                    "model_version": "3f2a9c1b7d0e",
+                    "created": True,
+                }
+            ]
+        }
+    )
+    session_id: str
+    position: int = Field(description="Steps consumed by the session, this chunk included")
+    created: bool = Field(description="True when this chunk started the session")
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, with extension members such as ``position`` or ``errors``."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    title: str
+    status: int
+    detail: str
+
+
+class BatchResponse(BaseModel):
+    results: list[SessionPredictResponse | Problem] = Field(description="One answer or problem per item, in order")
+
+
+class SessionInfo(BaseModel):
+    session_id: str
+    position: int
+    model_version: str
+    created_at: datetime
+    updated_at: datetime
+    expires_at: datetime
+
+
+class ResetResponse(BaseModel):
+    session_id: str
+    position: int = 0
+    created: bool = Field(description="True when the session did not exist before")
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    input_features: int
+    output_features: int
+    feature_names: list[str]
+    hidden_size: int
+    num_layers: int
+    variant: str
+    lags: int
+    device: str
+    training: dict[str, Any] = Field(default_factory=dict, description="Summary of the training run")

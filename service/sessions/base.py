@@ -1,0 +1,89 @@
+"""The session store protocol: what the engine needs from wherever session states live.
+
+A store keeps, per session key, a ``Session`` record (position, model version, the last chunk's
+fingerprint and answer, timestamps, a revision) and an opaque state vector of the Forecaster. Writes are
+compare-and-set on the revision, which changes on every write: the engine reads, computes off the event
+loop, then commits only if nobody (a reset, a delete, another replica) wrote in between; a lost race is
+judged again. Position alone could be fooled by a reset that reaches the same position again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from torch import Tensor
+
+
+@dataclass(slots=True)
+class Session:
+    """A session's bookkeeping; the state vector itself lives with the store (a slot or bytes)."""
+
+    key: str  # tenant-qualified, see session_key()
+    position: int  # steps consumed
+    model_version: str
+    revision: int | str  # changes on every write; compare-and-set token
+    created_at: float  # unix seconds
+    updated_at: float
+    last_offset: int = -1  # where the last applied chunk started (-1: none yet)
+    fingerprint: bytes = b""  # of the last applied chunk: offset, horizon, values
+    answer: bytes = b""  # the last applied chunk's response body, returned again to an exact retry
+    handle: Any = None  # store-private: a slot index, or the state bytes
+
+
+@dataclass(slots=True)
+class Write:
+    """A computed chunk to commit: the new bookkeeping, and which row of the batch's states is its state."""
+
+    key: str
+    expected_revision: int | str | None  # of the record the chunk was judged against; None: must not exist
+    position: int
+    model_version: str
+    last_offset: int
+    fingerprint: bytes
+    answer: bytes
+    row: int  # index into the ``states`` tensor passed to commit()
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached; the request is answered 503 and nothing is written."""
+
+
+class SessionStore(Protocol):
+    ttl_seconds: float
+
+    async def load(self, keys: Sequence[str]) -> list[Session | None]:
+        """The live records of ``keys`` (None where absent or expired); refreshes their recency."""
+        ...
+
+    def gather(self, sessions: Sequence[Session | None], device: Any) -> Tensor:
+        """(B, S) states of these records, a fresh (zero) state for None; may run off the event loop."""
+        ...
+
+    async def commit(self, writes: Sequence[Write], states: Tensor) -> list[Session | None]:
+        """Compare-and-set each write; the new record where it won, None where it lost the race."""
+        ...
+
+    async def get(self, key: str) -> Session | None: ...
+
+    async def delete(self, key: str) -> bool:
+        """True if the session existed."""
+        ...
+
+    async def reset(self, key: str, model_version: str) -> tuple[Session, bool]:
+        """Set the session to position 0 with a fresh state; True when it did not exist."""
+        ...
+
+    async def ping(self) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+def session_key(tenant: str, session_id: str) -> str:
+    # Session ids cannot contain "/", so tenant/id keys never collide across tenants.
+    return f"{tenant}/{session_id}"
+
+
+def session_id_of(key: str) -> str:
+    return key.split("/", 1)[1]

@@ -1,0 +1,181 @@
+"""In-process session store: states in one preallocated device tensor, a session is a slot.
+
+Row 0 is the fresh (all-zero) state, shared by every session that has not stored a state yet, so a
+batch gathers new and old sessions with one ``index_select``. The tensor doubles when full, up to
+``max_sessions + 1`` rows. Records sit in an ``OrderedDict`` kept in recency order: the least recently
+used session is evicted at capacity, and idle ones expire after ``ttl_seconds`` (checked on access and by
+``sweep()``). Every mutation of the records happens on the event loop; ``gather`` may run on the engine's
+compute thread and only reads.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from service.sessions.base import Session, Write
+
+EvictionHook = Callable[[str, int], None]  # (reason, count)
+
+
+class MemoryStore:
+    def __init__(
+        self,
+        state_size: int,
+        device: torch.device,
+        max_sessions: int,
+        ttl_seconds: float,
+        on_evict: EvictionHook | None = None,
+        initial_capacity: int = 1024,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.ttl_seconds = ttl_seconds
+        self.max_sessions = max_sessions
+        self._clock = clock
+        self._on_evict = on_evict or (lambda reason, count: None)
+        self._records: OrderedDict[str, Session] = OrderedDict()
+        rows = min(initial_capacity, max_sessions) + 1
+        self._states = torch.zeros(rows, state_size, device=device)  # (capacity + 1, S), row 0 fresh
+        self._free: list[int] = list(range(rows - 1, 0, -1))
+        self._revision = 0
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    @property
+    def states(self) -> Tensor:
+        return self._states
+
+    def _next_revision(self) -> int:
+        self._revision += 1
+        return self._revision
+
+    def _expired(self, session: Session, now: float) -> bool:
+        return now - session.updated_at > self.ttl_seconds
+
+    def _drop(self, key: str) -> Session:
+        session = self._records.pop(key)
+        if session.handle:
+            self._free.append(session.handle)
+        return session
+
+    def _live(self, key: str, now: float) -> Session | None:
+        session = self._records.get(key)
+        if session is None:
+            return None
+        if self._expired(session, now):
+            self._drop(key)
+            self._on_evict("ttl", 1)
+            return None
+        return session
+
+    def sweep(self) -> int:
+        """Drop every expired session (oldest first, so it stops at the first live one); returns the count."""
+        now = self._clock()
+        expired = 0
+        while self._records:
+            key, session = next(iter(self._records.items()))
+            if not self._expired(session, now):
+                break
+            self._drop(key)
+            expired += 1
+        if expired:
+            self._on_evict("ttl", expired)
+        return expired
+
+    def _allocate_slot(self) -> int:
+        if not self._free:
+            old = self._states
+            rows = min(2 * (old.size(0) - 1), self.max_sessions) + 1
+            grown = old.new_zeros(rows, old.size(1))
+            grown[: old.size(0)] = old
+            self._free = list(range(rows - 1, old.size(0) - 1, -1))
+            self._states = grown
+        return self._free.pop()
+
+    def _make_room(self, key: str) -> None:
+        if key not in self._records and len(self._records) >= self.max_sessions:
+            self._drop(next(iter(self._records)))
+            self._on_evict("capacity", 1)
+
+    async def load(self, keys: Sequence[str]) -> list[Session | None]:
+        now = self._clock()
+        found = []
+        for key in keys:
+            session = self._live(key, now)
+            if session is not None:
+                self._records.move_to_end(key)
+            found.append(session)
+        return found
+
+    def gather(self, sessions: Sequence[Session | None], device: Any = None) -> Tensor:
+        slots = [s.handle if s is not None else 0 for s in sessions]
+        return self._states.index_select(0, torch.tensor(slots, device=self._states.device))  # (B, S)
+
+    async def commit(self, writes: Sequence[Write], states: Tensor) -> list[Session | None]:
+        now = self._clock()
+        results: list[Session | None] = []
+        rows: list[int] = []
+        slots: list[int] = []
+        for write in writes:
+            current = self._live(write.key, now)
+            if (current.revision if current is not None else None) != write.expected_revision:
+                results.append(None)
+                continue
+            if current is None:
+                self._make_room(write.key)
+                current = Session(write.key, 0, write.model_version, 0, created_at=now, updated_at=now)
+                self._records[write.key] = current
+            if not current.handle:
+                current.handle = self._allocate_slot()
+            current.position = write.position
+            current.model_version = write.model_version
+            current.last_offset = write.last_offset
+            current.fingerprint = write.fingerprint
+            current.answer = write.answer
+            current.updated_at = now
+            current.revision = self._next_revision()
+            self._records.move_to_end(write.key)
+            rows.append(write.row)
+            slots.append(current.handle)
+            results.append(current)
+        if rows:
+            index = torch.tensor(slots, device=self._states.device)
+            self._states.index_copy_(0, index, states[torch.tensor(rows, device=states.device)].to(self._states))
+        return results
+
+    async def get(self, key: str) -> Session | None:
+        return self._live(key, self._clock())
+
+    async def delete(self, key: str) -> bool:
+        if self._live(key, self._clock()) is None:
+            return False
+        self._drop(key)
+        return True
+
+    async def reset(self, key: str, model_version: str) -> tuple[Session, bool]:
+        now = self._clock()
+        current = self._live(key, now)
+        if current is not None:
+            self._drop(key)
+        else:
+            self._make_room(key)
+        created_at = current.created_at if current is not None else now
+        session = Session(key, 0, model_version, self._next_revision(), created_at=created_at, updated_at=now)
+        self._records[key] = session
+        return session, current is None
+
+    def records(self) -> list[Session]:
+        """Live records, least recently used first (for snapshots)."""
+        return list(self._records.values())
+
+    async def ping(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        return None
