@@ -1,0 +1,141 @@
+"""Shared fixtures: a tiny model checkpoint and real service processes on 127.0.0.1 and free ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from model import Forecaster, ForecasterConfig, save_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_tiny_model(directory: Path, features: tuple[str, ...] = ("x",), seed: int = 0, name: str = "tiny") -> Path:
+    """A small random forecaster: fast to load, different outputs for different seeds (so, versions)."""
+    torch.manual_seed(seed)
+    count = len(features)
+    config = ForecasterConfig(
+        features=features, hidden_size=16, num_layers=2, lags=4,
+        mean=(0.5,) * count, scale=(0.3,) * count, diff_scale=(0.1,) * count,
+    )
+    forecaster = Forecaster(config)
+    with torch.no_grad():  # make the GRU matter, so state bugs change the numbers
+        forecaster.head.weight.normal_(0, 0.5)
+        forecaster.autoregression.weight.normal_(0, 0.2)
+    save_checkpoint(forecaster, directory, name=name)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Server:
+    """A ``python -m service`` process; ``url`` is its base URL."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_server(model_path: Path, log_dir: Path, env: dict[str, str] | None = None,
+                 port: int | None = None, wait: bool = True) -> Server:
+    port = port or free_port()
+    full_env = {
+        **os.environ,
+        "GRU_MODEL_PATH": str(model_path),
+        "GRU_DEVICE": "cpu",
+        "GRU_TORCH_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        **(env or {}),
+    }
+    log_path = log_dir / f"server-{port}.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
+        )
+    server = Server(process, f"http://127.0.0.1:{port}", log_path)
+    if wait:
+        wait_ready(server)
+    return server
+
+
+def wait_ready(server: Server, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(server.url + "/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    server.stop()
+    raise RuntimeError(f"server not ready in {timeout} s:\n{server.log()}")
+
+
+ServerFactory = Callable[..., Server]
+
+
+@pytest.fixture
+def server_factory(tiny_model: Path, tmp_path: Path) -> Iterator[ServerFactory]:
+    """Start servers with extra GRU_ settings: ``server_factory(GRU_SESSION_TTL_SECONDS="1")``."""
+    started: list[Server] = []
+
+    def factory(model_path: Path | None = None, port: int | None = None, wait: bool = True,
+                **env: str) -> Server:
+        server = start_server(model_path or tiny_model, tmp_path, env, port=port, wait=wait)
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One shared server with default settings, for tests that use distinct session ids."""
+    running = start_server(tiny_model, tmp_path_factory.mktemp("server"))
+    yield running
+    running.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def client(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        yield http
