@@ -11,7 +11,7 @@ import torch
 from fastapi import FastAPI
 
 from model import load_checkpoint
-from service import problems
+from service import auth, problems
 from service.api import health, v1
 from service.config import Settings
 from service.engine import Engine
@@ -84,5 +84,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     problems.install(app)
     app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes)
+    auth.install(app, settings)  # inside Observability, so refusals are counted and logged
     app.add_middleware(Observability, metrics=metrics)
     return app

@@ -1,12 +1,52 @@
-"""Tenants: who is calling. Without API keys every caller is the one tenant ``default``."""
+"""API keys and tenants: who is calling, decided before any route runs.
+
+Without keys (``GRU_API_KEYS`` and ``GRU_API_KEYS_FILE`` unset) nothing is checked and every caller is the
+one tenant ``default``. With keys, every request needs ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``,
+except the open operational paths (/healthz, /readyz, /docs, /openapi.json, and /metrics unless
+``GRU_METRICS_REQUIRE_KEY``); otherwise 401 problem+json with ``WWW-Authenticate: Bearer realm="gru"``.
+The key's tenant goes to ``scope["state"]["tenant"]`` (what ``request.state.tenant`` reads), and every
+session key is qualified by it (``service.sessions.base.session_key``): two tenants using the same session
+id never see, reset or delete each other's state, in any store.
+
+Why this shape:
+
+- A pure ASGI middleware, not a dependency on each router: one check per request ahead of routing, so no
+  route (v1, v2, one added later) can forget it, and unauthenticated callers learn nothing about which
+  routes exist. Deny by default: only the listed open paths skip the check, so a new route is protected
+  without anyone remembering to protect it, and a mistake here fails closed.
+- Keys are compared as SHA-256 digests with ``hmac.compare_digest`` against *every* configured key, no
+  early exit: how long a check takes says nothing about which key, or how much of one, matched, nor about
+  the keys' lengths.
+- Keys never reach a log line or an error message: configuration errors name the entry's position, not
+  its text, and the access log records route templates, never headers.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+import hashlib
+import hmac
+import logging
+import re
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, FastAPI, Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.problems import Problem
+
+if TYPE_CHECKING:
+    from service.config import Settings
 
 DEFAULT_TENANT = "default"
+REALM = 'Bearer realm="gru"'
+# Tenants become part of every session key ("tenant/session"): no "/" and nothing a store could misread.
+TENANT_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# Visible ASCII: what survives an HTTP header unmangled (no spaces, no control characters).
+_KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,512}$")
+WEAK_KEY_LENGTH = 16  # shorter keys start the service with a warning
+log = logging.getLogger("service.auth")
 
 
 def get_tenant(request: Request) -> str:
@@ -14,3 +54,191 @@ def get_tenant(request: Request) -> str:
 
 
 TenantDep = Annotated[str, Depends(get_tenant)]
+
+
+# -- configuration -----------------------------------------------------------------------------------------
+
+
+def _pairs_from_env(text: str) -> Iterable[tuple[str, str, str]]:
+    """(key, tenant, where) from ``key:tenant,key:tenant``; tenants cannot hold ":", keys may."""
+    for number, entry in enumerate(text.split(","), start=1):
+        entry = entry.strip()
+        if not entry:
+            continue  # a trailing comma
+        key, colon, tenant = entry.rpartition(":")
+        where = f"GRU_API_KEYS entry {number}"
+        if not colon or not key:
+            raise ValueError(f"{where} is not KEY:TENANT; list keys as key:tenant,key:tenant")
+        yield key.strip(), tenant.strip(), where
+
+
+def _pairs_from_file(path: Path) -> Iterable[tuple[str, str, str]]:
+    """(key, tenant, where) from a file of ``KEY TENANT`` lines; blank lines and ``#`` comments skipped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"GRU_API_KEYS_FILE={path} cannot be read ({type(exc).__name__}); point it at a"
+                         " readable UTF-8 file of 'KEY TENANT' lines") from None
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        where = f"GRU_API_KEYS_FILE line {number}"
+        if len(parts) != 2:
+            raise ValueError(f"{where} has {len(parts)} fields; write one 'KEY TENANT' pair a line")
+        yield parts[0], parts[1], where
+
+
+def load_api_keys(keys: str, keys_file: Path | None) -> dict[str, str]:
+    """Tenant by key from both sources; ValueError on anything malformed (naming where, never the key)."""
+    tenants: dict[str, str] = {}
+    pairs = [*_pairs_from_env(keys), *(_pairs_from_file(keys_file) if keys_file is not None else ())]
+    for key, tenant, where in pairs:
+        if not _KEY_PATTERN.match(key):
+            raise ValueError(f"{where}: the key must be 1-512 visible ASCII characters (no spaces or commas)")
+        if not TENANT_PATTERN.match(tenant):
+            raise ValueError(f"{where}: the tenant must match {TENANT_PATTERN.pattern}")
+        if tenants.setdefault(key, tenant) != tenant:
+            raise ValueError(f"{where}: this key is already given to another tenant; a key names one tenant")
+    return tenants
+
+
+# -- the check on every request ---------------------------------------------------------------------------
+
+
+class KeyRing:
+    """Tenant by key, matched in constant time: only digests are kept, every one is compared."""
+
+    def __init__(self, keys: Mapping[str, str]):
+        self._entries = [(hashlib.sha256(key.encode()).digest(), tenant) for key, tenant in keys.items()]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def tenant(self, presented: bytes) -> str | None:
+        digest = hashlib.sha256(presented).digest()  # fixed length: compare_digest then leaks no lengths
+        found = None
+        for known, tenant in self._entries:  # no break: the time is the same wherever the match is
+            if hmac.compare_digest(digest, known):
+                found = tenant
+        return found
+
+
+def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    """The key a request carries: ``Authorization: Bearer KEY``, else ``X-API-Key: KEY``; None if neither."""
+    api_key = None
+    for name, value in headers:
+        if name == b"authorization" and value[:7].lower() == b"bearer ":
+            token = value[7:].strip()
+            if token:
+                return token
+        elif name == b"x-api-key" and api_key is None:
+            api_key = value.strip() or None
+    return api_key
+
+
+def _refusal(path: str, missing: bool) -> Problem:
+    if missing:
+        detail = "this endpoint needs an API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
+        challenge = REALM
+    else:
+        detail = "the API key is not valid; check it, or ask the operator for one"
+        challenge = REALM + ', error="invalid_token"'  # RFC 6750 §3
+    extra: dict[str, Any] = {}
+    if path == "/v2" or path.startswith("/v2/"):
+        extra["error"] = detail  # the Open Inference Protocol's member, read by tritonclient
+    return Problem(401, "unauthorized", detail, headers={"WWW-Authenticate": challenge}, **extra)
+
+
+class ApiKeyAuth:
+    """Pure ASGI: checks the key of every request but the open paths, and puts its tenant in the scope."""
+
+    def __init__(self, app: ASGIApp, keys: KeyRing, open_paths: frozenset[str]):
+        self.app = app
+        self.keys = keys
+        self.open_paths = open_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        path = _route_path(scope)
+        if path in self.open_paths:
+            await self.app(scope, receive, send)
+            return
+        presented = presented_key(scope["headers"])
+        tenant = self.keys.tenant(presented) if presented is not None else None
+        if tenant is None:
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            await _refusal(path, missing=presented is None).response()(scope, receive, send)
+            return
+        scope.setdefault("state", {})["tenant"] = tenant
+        await self.app(scope, receive, send)
+
+
+def _route_path(scope: Scope) -> str:
+    """The path as the router matches it (without a proxy's root_path prefix)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root):
+        return path[len(root):] or "/"
+    return path
+
+
+# -- wiring -----------------------------------------------------------------------------------------------
+
+_SECURITY_SCHEMES = {
+    "bearerAuth": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer KEY"},
+    "apiKeyAuth": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "X-API-Key: KEY"},
+}
+
+
+def _document(app: FastAPI, open_paths: frozenset[str]) -> None:
+    """Show the schemes in OpenAPI (so /docs has an Authorize button) and a 401 on each guarded operation."""
+    build: Callable[[], dict[str, Any]] = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = build()
+        components = schema.setdefault("components", {})
+        components.setdefault("securitySchemes", {}).update(_SECURITY_SCHEMES)
+        problem = ({"$ref": "#/components/schemas/Problem"} if "Problem" in components.get("schemas", {})
+                   else {"type": "object"})
+        unauthorized = {
+            "description": "No API key, or not a valid one",
+            "headers": {"WWW-Authenticate": {"schema": {"type": "string"}, "description": REALM}},
+            "content": {"application/problem+json": {"schema": problem}},
+        }
+        for path, operations in schema.get("paths", {}).items():
+            if path in open_paths:
+                continue
+            for operation in operations.values():
+                operation["security"] = [{"bearerAuth": []}, {"apiKeyAuth": []}]  # either one
+                operation.setdefault("responses", {}).setdefault("401", unauthorized)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def install(app: FastAPI, settings: Settings) -> None:
+    """Guard every route but the open ones with the configured keys; without keys, do nothing."""
+    keys = load_api_keys(settings.api_keys, settings.api_keys_file)
+    if not keys:
+        return
+    urls = (app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url)
+    open_paths = {"/healthz", "/readyz", *(url for url in urls if url)}
+    if not settings.metrics_require_key:
+        open_paths.add("/metrics")
+    frozen = frozenset(open_paths)
+    app.add_middleware(ApiKeyAuth, keys=KeyRing(keys), open_paths=frozen)
+    _document(app, frozen)
+    weak = sorted({tenant for key, tenant in keys.items() if len(key) < WEAK_KEY_LENGTH})
+    if weak:
+        log.warning("API keys shorter than %d characters are easy to guess", WEAK_KEY_LENGTH,
+                    extra={"fields": {"tenants": weak}})
+    log.info("API keys required", extra={"fields": {"keys": len(keys), "tenants": len(set(keys.values()))}})

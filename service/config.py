@@ -8,13 +8,18 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.auth import load_api_keys
+
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "model" / "weights" / "default"
 
 
 class Settings(BaseSettings):
     """The service's configuration; a bad value stops start-up with a message naming the variable."""
 
-    model_config = SettingsConfigDict(env_prefix="GRU_", env_file=None, extra="ignore", frozen=True)
+    # hide_input_in_errors: a start-up error must not print GRU_API_KEYS or a password in GRU_REDIS_URL
+    # (pydantic otherwise echoes every input of a model-level error).
+    model_config = SettingsConfigDict(env_prefix="GRU_", env_file=None, extra="ignore", frozen=True,
+                                      hide_input_in_errors=True)
 
     model_path: Path = Field(DEFAULT_MODEL_PATH, description="checkpoint directory (config.json + model.safetensors)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when available")
@@ -32,7 +37,8 @@ class Settings(BaseSettings):
     max_horizon: int = Field(512, ge=0, description="longest forecast")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger bodies get 413 unread")
     max_batch_items: int = Field(256, ge=1, description="most items in one /v1/predict/batch call")
-    api_keys: str = Field("", description="comma-separated key:tenant pairs; empty = no auth, one tenant")
+    api_keys: str = Field("", repr=False,
+                          description="comma-separated key:tenant pairs; empty = no auth, one tenant")
     api_keys_file: Path | None = Field(None, description="file with one 'key tenant' per line")
     metrics_require_key: bool = Field(False, description="put /metrics behind an API key")
     torch_threads: int = Field(0, ge=0, description="intra-op threads for the model; 0 = one per core")
@@ -42,6 +48,13 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, value: str) -> str:
         return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_api_keys(self) -> Settings:
+        keys = load_api_keys(self.api_keys, self.api_keys_file)  # errors name the entry, never the key
+        if self.metrics_require_key and not keys:
+            raise ValueError("GRU_METRICS_REQUIRE_KEY=true needs keys; set GRU_API_KEYS or GRU_API_KEYS_FILE")
+        return self
 
     @model_validator(mode="after")
     def _check_model_path(self) -> Settings:

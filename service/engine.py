@@ -52,6 +52,7 @@ class Chunk:
     horizon: int
     future: asyncio.Future[bytes]
     enqueued: float = field(default_factory=time.perf_counter)
+    must_exist: bool = False  # refuse (404) rather than create an unknown session, judged atomically (v2)
 
 
 @dataclass(slots=True)
@@ -117,8 +118,14 @@ class Engine:
 
     # -- the API routers use ---------------------------------------------------------------------------
 
-    async def predict(self, key: str | None, values: np.ndarray, offset: int | None, horizon: int) -> bytes:
-        """The JSON answer for one chunk (a session's when ``key`` is set, else stateless)."""
+    async def predict(
+        self, key: str | None, values: np.ndarray, offset: int | None, horizon: int, *, must_exist: bool = False
+    ) -> bytes:
+        """The JSON answer for one chunk (a session's when ``key`` is set, else stateless).
+
+        ``must_exist``: an unknown session is a 404 instead of being created, checked when the chunk is judged
+        (a session deleted meanwhile makes the commit lose its race and the chunk judged again, so 404).
+        """
         if self._stopping:
             raise Problem(503, "shutting-down", "the service is shutting down; retry on another replica",
                           headers={"Retry-After": "1"})
@@ -126,7 +133,7 @@ class Engine:
             self._metrics.rejected.labels(reason="queue_full").inc()
             raise Problem(429, "overloaded", f"{len(self._waiting)} chunks are already waiting; retry shortly",
                           headers={"Retry-After": "1"})
-        chunk = Chunk(key, values, offset, horizon, asyncio.get_running_loop().create_future())
+        chunk = Chunk(key, values, offset, horizon, asyncio.get_running_loop().create_future(), must_exist=must_exist)
         self._waiting.append(chunk)
         self._wake.set()
         try:
@@ -230,6 +237,9 @@ class Engine:
             session = record_of.get(chunk.key) if chunk.key is not None else None
             if chunk.key is None:
                 runs.append(_Run(chunk, None, Apply(start=0, created=False)))
+                continue
+            if session is None and chunk.must_exist:
+                _settle(chunk, exc=_unknown(chunk.key))
                 continue
             verdict = judge(chunk.key, chunk.offset, chunk.horizon, chunk.values, session, self.model_version)
             if isinstance(verdict, Apply):

@@ -14,7 +14,6 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -86,10 +85,6 @@ def invalid(errors: Sequence[Any], detail: str | None = None) -> Problem:
     fields = field_errors(errors)
     where = ", ".join(".".join(e["loc"]) or "body" for e in fields[:5])
     return Problem(422, "invalid-request", detail or f"the request does not match the schema at: {where}", errors=fields)
-
-
-def from_validation_error(exc: ValidationError) -> Problem:
-    return invalid(exc.errors(include_url=False, include_input=False))
 
 
 async def _problem_handler(request: Request, exc: Exception) -> Response:

@@ -12,7 +12,7 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from service.config import Settings
-from service.problems import Problem, field_errors, from_validation_error
+from service.problems import Problem, field_errors, invalid
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -21,11 +21,11 @@ def parse(raw: bytes, model: type[M]) -> M:
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
-        errors = exc.errors(include_url=False, include_input=False)
+        errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False, include_input=False)]
         if any(e["type"] in ("json_invalid", "json_type") for e in errors):
             raise Problem(400, "malformed-json", "the body is not a valid JSON object (NaN and Infinity are not"
                           " JSON)", errors=field_errors(errors)) from None
-        raise from_validation_error(exc) from None
+        raise invalid(errors) from None
 
 
 def _shape_problem(detail: str, loc: list[str]) -> Problem:

@@ -19,4 +19,13 @@ def build_store(settings: Settings, state_size: int, device: torch.device, metri
         )
         metrics.active_sessions.set_function(lambda: len(store))
         return store
+    if settings.store == "redis":
+        # Imported here so the memory store never needs the redis package. gru_active_sessions stays unset:
+        # the sessions live in Redis, shared by every replica (see docs/durability.md).
+        try:
+            from service.sessions.redis import RedisStore
+        except ImportError as exc:
+            raise RuntimeError(f"GRU_STORE=redis needs the redis package ({exc}); pip install"
+                               " 'gru-service[redis]'") from exc
+        return RedisStore(settings.redis_url, state_size, settings.session_ttl_seconds)
     raise ValueError(f"GRU_STORE={settings.store!r} is not available in this build")

@@ -114,7 +114,7 @@ class MemoryStore:
         return found
 
     def gather(self, sessions: Sequence[Session | None], device: Any = None) -> Tensor:
-        slots = [s.handle if s is not None else 0 for s in sessions]
+        slots = [(s.handle or 0) if s is not None else 0 for s in sessions]  # 0: fresh state
         return self._states.index_select(0, torch.tensor(slots, device=self._states.device))  # (B, S)
 
     async def commit(self, writes: Sequence[Write], states: Tensor) -> list[Session | None]:

@@ -1,0 +1,333 @@
+"""Open Inference Protocol (KServe v2) bodies: an inference request -> one (T, F) chunk, an answer -> bytes.
+
+Both tensor encodings of the protocol, in requests and answers:
+
+- JSON: a tensor's ``data`` is its elements in row-major order, flat or nested to the tensor's shape.
+- Binary tensor data extension (what tritonclient sends by default): the body is the JSON header, whose
+  length is the ``Inference-Header-Content-Length`` header, followed by the raw little-endian bytes of each
+  tensor that carries a ``binary_data_size`` parameter, in the order the tensors are listed. An output is
+  answered in binary when its request entry says ``"binary_data": true`` or, with no outputs listed, when
+  the request parameter ``binary_data_output`` is true.
+
+Every failure here is a ``Problem`` (400, the protocol's "bad request") carrying the protocol's ``error``
+member, so tritonclient shows our message. References: the KServe "Open Inference Protocol" REST spec and
+Triton's ``binary_data.md`` and ``sequence_extension`` docs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from service.problems import Problem
+from service.schemas import SESSION_ID_PATTERN
+
+INPUT = "values"
+PREDICTIONS = "predictions"
+FORECAST = "forecast"
+OUTPUTS = (PREDICTIONS, FORECAST)
+FP32 = "FP32"
+HEADER_LENGTH = "Inference-Header-Content-Length"
+UINT64_MAX = 2**64 - 1
+_SESSION_ID = re.compile(SESSION_ID_PATTERN)
+_LOOSE = ConfigDict(strict=True, extra="ignore")  # the protocol lets clients add fields we do not use
+
+
+def v2_problem(status: int, detail: str, kind: str = "invalid-inference-request", **extra: Any) -> Problem:
+    """A problem that tritonclient and KServe clients can read: the protocol's ``error`` is the detail."""
+    return Problem(status, kind, detail, error=detail, **extra)
+
+
+def with_error_member(problem: Problem) -> Problem:
+    """The same problem with the protocol's ``error`` member added (for problems raised outside v2 code)."""
+    if "error" in problem.extra:
+        return problem
+    return Problem(problem.status, problem.kind, problem.detail, title=problem.title, headers=problem.headers,
+                   **problem.extra, error=problem.detail)
+
+
+class _Tensor(BaseModel):
+    model_config = _LOOSE
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    data: Any = None
+
+
+class _RequestedOutput(BaseModel):
+    model_config = _LOOSE
+    name: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class _InferRequest(BaseModel):
+    model_config = _LOOSE
+    id: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    inputs: list[_Tensor]
+    outputs: list[_RequestedOutput] | None = None
+
+
+@dataclass(slots=True)
+class InferRequest:
+    """What the router needs from a v2 inference request, every limit already checked."""
+
+    id: str | None
+    values: np.ndarray  # (T, F) float32
+    batched: bool  # the input was [1, T, F]: the outputs get the leading 1 too
+    sequence_id: str | int | None  # as sent (echoed in the answer)
+    session_id: str | None  # the v1 session id it names
+    sequence_start: bool
+    sequence_end: bool
+    horizon: int
+    offset: int | None  # our extension: the v1 offset, for safe retries
+    outputs: dict[str, bool]  # output name -> answer it in binary
+
+
+# -- the body ------------------------------------------------------------------------------------------
+
+
+def decode_body(raw: bytes, encoding: str | None, limit: int) -> bytes:
+    """The body after ``Content-Encoding`` (tritonclient may gzip or deflate), never inflated past ``limit``."""
+    if not encoding or encoding.lower() == "identity":
+        return raw
+    wbits = {"gzip": 31, "deflate": 15}.get(encoding.lower())
+    if wbits is None:
+        raise Problem(415, "unsupported-encoding", f"Content-Encoding {encoding!r} is not supported; send gzip,"
+                      " deflate or an uncompressed body", error=f"unsupported Content-Encoding {encoding!r}")
+    inflater = zlib.decompressobj(wbits)
+    try:
+        body = inflater.decompress(raw, limit + 1)
+    except zlib.error as exc:
+        raise v2_problem(400, f"the body is not valid {encoding} data ({exc})") from None
+    if len(body) > limit or inflater.unconsumed_tail:
+        raise Problem(413, "body-too-large", f"the decompressed body is over GRU_MAX_BODY_BYTES={limit} bytes;"
+                      " send smaller chunks", error=f"decompressed body over {limit} bytes")
+    return body
+
+
+def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    if header_length is None:
+        return body, b""
+    if not header_length.strip().isdigit() or int(header_length) > len(body):
+        raise v2_problem(400, f"{HEADER_LENGTH} is {header_length!r}, but the body has {len(body)} bytes; it must"
+                         " be the length of the JSON header that starts the body")
+    cut = int(header_length)
+    return body[:cut], body[cut:]
+
+
+def _load(header: bytes) -> _InferRequest:
+    try:
+        document = orjson.loads(header)
+    except orjson.JSONDecodeError as exc:
+        raise v2_problem(400, f"the inference request is not valid JSON ({exc}; NaN and Infinity are not JSON)",
+                         kind="malformed-json") from None
+    if not isinstance(document, dict):
+        raise v2_problem(400, "the inference request must be a JSON object with an `inputs` list")
+    try:
+        return _InferRequest.model_validate(document)
+    except ValidationError as exc:
+        where = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
+            for e in exc.errors(include_url=False, include_input=False)[:5]
+        )
+        raise v2_problem(400, f"the inference request does not match the protocol: {where}") from None
+
+
+# -- parameters --------------------------------------------------------------------------------------
+
+
+def _flag(parameters: dict[str, Any], name: str) -> bool:
+    value = parameters.get(name, False)
+    if not isinstance(value, bool):
+        raise v2_problem(400, f"parameter {name} must be true or false, got {value!r}")
+    return value
+
+
+def _count(parameters: dict[str, Any], name: str, maximum: int | None = None) -> int | None:
+    value = parameters.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise v2_problem(400, f"parameter {name} must be a whole number ≥ 0, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise v2_problem(400, f"parameter {name}={value} is over GRU_MAX_HORIZON={maximum}")
+    return value
+
+
+def _sequence(parameters: dict[str, Any]) -> tuple[str | int | None, str | None]:
+    """``sequence_id`` (uint64 or string) -> the v1 session id it names: 42 and "42" are the same session."""
+    if "sequence_id" not in parameters:
+        return None, None
+    value = parameters["sequence_id"]
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise v2_problem(400, f"parameter sequence_id must be a uint64 or a string, got {value!r}")
+    if isinstance(value, int) and not 0 < value <= UINT64_MAX:
+        raise v2_problem(400, f"parameter sequence_id {value} is not a uint64 > 0 (0 means no sequence: omit it"
+                         " for a stateless call)")
+    session_id = str(value)
+    if not _SESSION_ID.match(session_id):
+        raise v2_problem(400, f"parameter sequence_id {value!r} must match {SESSION_ID_PATTERN} (the v1 session"
+                         " id rule)")
+    return value, session_id
+
+
+# -- the input tensor --------------------------------------------------------------------------------
+
+
+def _flatten(data: Any, depth: int) -> list[Any]:
+    """Row-major elements of ``data``, flat or nested up to ``depth`` levels."""
+    if not isinstance(data, list):
+        raise v2_problem(400, f"input {INPUT} data must be a list of numbers (flat or nested), got"
+                         f" {type(data).__name__}")
+    flat: list[Any] = data
+    for _ in range(depth - 1):
+        if not any(isinstance(item, list) for item in flat):
+            break
+        if not all(isinstance(item, list) for item in flat):
+            raise v2_problem(400, f"input {INPUT} data mixes numbers and lists; nest it evenly or send it flat")
+        flat = list(itertools.chain.from_iterable(flat))
+    return flat
+
+
+def _input_array(tensor: _Tensor, binary: bytes, used: int, features: int, max_steps: int) -> tuple[np.ndarray, int]:
+    """The (T, F) float32 chunk of the ``values`` tensor and how many binary bytes it took."""
+    if tensor.datatype != FP32:
+        raise v2_problem(400, f"input {INPUT} has datatype {tensor.datatype}; the model takes {FP32}")
+    shape = tensor.shape
+    if len(shape) == 3 and shape[0] == 1:
+        steps, width = shape[1], shape[2]
+    elif len(shape) == 2:
+        steps, width = shape
+    else:
+        raise v2_problem(400, f"input {INPUT} has shape {shape}; send [T, {features}] or [1, T, {features}]")
+    if width != features:
+        raise v2_problem(400, f"input {INPUT} has shape {shape}: {width} features per step, the model takes"
+                         f" {features}; send [T, {features}]")
+    if steps < 1:
+        raise v2_problem(400, f"input {INPUT} has shape {shape}, no steps; send at least one")
+    if steps > max_steps:
+        raise v2_problem(400, f"input {INPUT} has {steps} steps, more than GRU_MAX_CHUNK_STEPS={max_steps};"
+                         " split it into several calls of one sequence")
+    count = steps * width
+    size = tensor.parameters.get("binary_data_size")
+    if size is not None:
+        if isinstance(size, bool) or not isinstance(size, int) or size != count * 4:
+            raise v2_problem(400, f"input {INPUT} binary_data_size is {size!r}; shape {shape} of {FP32} is"
+                             f" {count * 4} bytes")
+        if used + size > len(binary):
+            raise v2_problem(400, f"input {INPUT} announces {size} bytes of binary data, but the body holds"
+                             f" {len(binary) - used} after the JSON header")
+        array = np.frombuffer(binary, dtype="<f4", count=count, offset=used).astype(np.float32)
+        taken = size
+    else:
+        if tensor.data is None:
+            raise v2_problem(400, f"input {INPUT} has neither data nor a binary_data_size parameter")
+        flat = _flatten(tensor.data, len(shape))
+        if len(flat) != count:
+            raise v2_problem(400, f"input {INPUT} has {len(flat)} elements of data, its shape {shape} needs"
+                             f" {count}")
+        if not all(type(item) is float or type(item) is int for item in flat):
+            raise v2_problem(400, f"input {INPUT} data must be numbers only (no strings, booleans or null)")
+        array = np.array(flat, dtype=np.float32)
+        taken = 0
+    array = array.reshape(steps, width)  # (T, F)
+    if not np.isfinite(array).all():
+        raise v2_problem(400, f"input {INPUT} holds NaN, Infinity or numbers beyond FP32 range (|x| > 3.4e38)")
+    return array, taken
+
+
+def _requested(request: _InferRequest, horizon: int) -> dict[str, bool]:
+    binary_default = _flag(request.parameters, "binary_data_output")
+    if not request.outputs:
+        names = [PREDICTIONS, FORECAST] if horizon else [PREDICTIONS]
+        return dict.fromkeys(names, binary_default)
+    outputs: dict[str, bool] = {}
+    for output in request.outputs:
+        if output.name not in OUTPUTS:
+            raise v2_problem(400, f"unknown output {output.name!r}; the model answers {', '.join(OUTPUTS)}")
+        if output.name == FORECAST and not horizon:
+            raise v2_problem(400, "output forecast needs the request parameter horizon > 0")
+        if output.parameters.get("classification"):
+            raise v2_problem(400, "the classification extension is not supported; the outputs are regressions")
+        binary = output.parameters.get("binary_data", binary_default)
+        if not isinstance(binary, bool):
+            raise v2_problem(400, f"output {output.name} parameter binary_data must be true or false")
+        outputs[output.name] = binary
+    return outputs
+
+
+def parse_infer(
+    body: bytes, header_length: str | None, *, features: int, max_steps: int, max_horizon: int
+) -> InferRequest:
+    """Decode and check one v2 inference request (after ``decode_body``)."""
+    header, binary = _split(body, header_length)
+    request = _load(header)
+    names = [tensor.name for tensor in request.inputs]
+    if names != [INPUT]:
+        raise v2_problem(400, f"the model takes one input named {INPUT!r}, got {names}")
+    values, taken = _input_array(request.inputs[0], binary, 0, features, max_steps)
+    if taken != len(binary):
+        raise v2_problem(400, f"the body has {len(binary) - taken} bytes after the JSON header that no input"
+                         " claims with binary_data_size")
+    parameters = request.parameters
+    sequence_id, session_id = _sequence(parameters)
+    sequence_start, sequence_end = _flag(parameters, "sequence_start"), _flag(parameters, "sequence_end")
+    if session_id is None and (sequence_start or sequence_end):
+        raise v2_problem(400, "sequence_start and sequence_end need a sequence_id")
+    horizon = _count(parameters, "horizon", max_horizon) or 0
+    offset = _count(parameters, "offset")
+    if offset is not None and session_id is None:
+        raise v2_problem(400, "parameter offset needs a sequence_id (a stateless call has no position)")
+    return InferRequest(
+        id=request.id, values=values, batched=len(request.inputs[0].shape) == 3, sequence_id=sequence_id,
+        session_id=session_id, sequence_start=sequence_start, sequence_end=sequence_end, horizon=horizon,
+        offset=offset, outputs=_requested(request, horizon),
+    )
+
+
+# -- the answer --------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Encoded:
+    body: bytes
+    headers: dict[str, str]
+    media_type: str
+
+
+def encode_infer(
+    request: InferRequest, model_name: str, answer: dict[str, Any], parameters: dict[str, Any]
+) -> Encoded:
+    """The v2 answer from the engine's v1 answer: each requested output as JSON data or binary bytes."""
+    outputs: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for name, binary in request.outputs.items():
+        array = np.asarray(answer[name], dtype=np.float32)  # (T, F_out) or (horizon, F_out)
+        shape = [1, *array.shape] if request.batched else list(array.shape)
+        tensor: dict[str, Any] = {"name": name, "datatype": FP32, "shape": shape}
+        if binary:
+            blob = array.astype("<f4").tobytes()
+            tensor["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            tensor["data"] = array.reshape(-1)  # row-major, flat
+        outputs.append(tensor)
+    document: dict[str, Any] = {"model_name": model_name, "model_version": answer["model_version"]}
+    if request.id is not None:
+        document["id"] = request.id
+    if parameters:
+        document["parameters"] = parameters
+    document["outputs"] = outputs
+    header = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not blobs:
+        return Encoded(header, {}, "application/json")
+    return Encoded(b"".join([header, *blobs]), {HEADER_LENGTH: str(len(header))}, "application/octet-stream")

@@ -1,0 +1,48 @@
+"""Small helpers for tests against a live server."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import httpx
+import numpy as np
+
+PROBLEM_JSON = "application/problem+json"
+
+
+def new_id(prefix: str = "s") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def series(steps: int, seed: int = 0, features: int = 1) -> np.ndarray:
+    """A wavy, trending series with noise: every part of the model (GRU, lags, scaling) gets exercised."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(steps, dtype=np.float64)[:, None]
+    base = 0.5 + 0.3 * np.sin(t / 3.0 + np.arange(features)) + 0.01 * t
+    return (base + 0.05 * rng.standard_normal((steps, features))).astype(np.float32)
+
+
+def stateless(client: httpx.Client, values: np.ndarray, horizon: int = 0) -> dict[str, Any]:
+    response = client.post("/v1/predict", json={"values": values.tolist(), "horizon": horizon})
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def send(client: httpx.Client, session_id: str, values: np.ndarray, **fields: Any) -> httpx.Response:
+    return client.post(f"/v1/sessions/{session_id}/predict", json={"values": values.tolist(), **fields})
+
+
+def position(client: httpx.Client, session_id: str) -> int:
+    response = client.get(f"/v1/sessions/{session_id}")
+    assert response.status_code == 200, response.text
+    return int(response.json()["position"])
+
+
+def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith(PROBLEM_JSON), response.headers
+    body = response.json()
+    assert body["status"] == status
+    assert body["type"] and body["title"] and body["detail"]
+    return body  # type: ignore[no-any-return]

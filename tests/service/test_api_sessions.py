@@ -1,0 +1,182 @@
+"""The session contract of DESIGN §4 against a real server: state, offsets, retries, lifecycle."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import ServerFactory
+from tests.service.helpers import assert_problem, new_id, position, send, series, stateless
+
+
+@pytest.mark.parametrize("cuts", [[40], [1] * 40, [7, 1, 20, 12], [3, 37], [13, 13, 13, 1]])
+def test_chunked_calls_equal_one_stateless_pass(client: httpx.Client, cuts: list[int]) -> None:
+    values = series(40, seed=1)
+    expected = np.array(stateless(client, values)["predictions"])
+    session, start, got = new_id(), 0, []
+    for size in cuts:
+        response = send(client, session, values[start : start + size], offset=start)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["position"] == start + size
+        assert body["created"] == (start == 0)
+        got.extend(body["predictions"])
+        start += size
+    np.testing.assert_allclose(np.array(got), expected, atol=1e-5)
+
+
+def test_append_without_offset_continues_at_position(client: httpx.Client) -> None:
+    values = series(12, seed=2)
+    session = new_id()
+    first = send(client, session, values[:5]).json()
+    second = send(client, session, values[5:]).json()
+    assert (first["position"], first["created"]) == (5, True)
+    assert (second["position"], second["created"]) == (12, False)
+    expected = stateless(client, values)["predictions"]
+    np.testing.assert_allclose(first["predictions"] + second["predictions"], expected, atol=1e-5)
+
+
+def test_retry_of_last_chunk_returns_same_answer(client: httpx.Client) -> None:
+    values = series(9, seed=3)
+    session = new_id()
+    first = send(client, session, values[:4], offset=0, horizon=3)
+    retry = send(client, session, values[:4], offset=0, horizon=3)
+    assert retry.status_code == 200
+    assert retry.content == first.content  # every field, `created` included
+    assert position(client, session) == 4
+    second = send(client, session, values[4:], offset=4)
+    assert send(client, session, values[4:], offset=4).content == second.content
+    assert position(client, session) == 9
+
+
+@pytest.mark.parametrize(
+    ("offset", "change"), [(3, "none"), (7, "none"), (0, "values"), (0, "horizon"), (2, "none")]
+)
+def test_other_offsets_are_409_with_position_and_change_nothing(
+    client: httpx.Client, offset: int, change: str
+) -> None:
+    values = series(12, seed=4)
+    session = new_id()
+    send(client, session, values[:5], offset=0)
+    chunk = values[:5] + (0.5 if change == "values" else 0.0)
+    horizon = 2 if change == "horizon" else 0
+    body = assert_problem(send(client, session, chunk, offset=offset, horizon=horizon), 409)
+    assert body["position"] == 5
+    rest = send(client, session, values[5:], offset=5).json()
+    expected = stateless(client, values)["predictions"][5:]
+    np.testing.assert_allclose(rest["predictions"], expected, atol=1e-5)
+
+
+def test_unknown_session_with_offset_is_404_and_not_created(client: httpx.Client) -> None:
+    session = new_id()
+    body = assert_problem(send(client, session, series(3), offset=5), 404)
+    assert body["position"] == 0
+    assert_problem(client.get(f"/v1/sessions/{session}"), 404)
+    assert send(client, session, series(3), offset=0).json()["created"] is True
+
+
+def test_horizon_forecasts_without_moving_the_session(client: httpx.Client) -> None:
+    values = series(10, seed=5)
+    session, plain = new_id(), new_id()
+    with_horizon = send(client, session, values[:6], offset=0, horizon=4).json()
+    without = send(client, plain, values[:6], offset=0).json()
+    assert len(with_horizon["forecast"]) == 4
+    assert with_horizon["forecast"][0] == with_horizon["predictions"][-1]
+    assert "forecast" not in without
+    assert with_horizon["position"] == 6
+    after_horizon = send(client, session, values[6:], offset=6).json()["predictions"]
+    after_plain = send(client, plain, values[6:], offset=6).json()["predictions"]
+    assert after_horizon == after_plain
+
+
+def test_stateless_forecast_matches_session_forecast(client: httpx.Client) -> None:
+    values = series(8, seed=6)
+    session = send(client, new_id(), values, horizon=5).json()
+    assert stateless(client, values, horizon=5)["forecast"] == session["forecast"]
+
+
+def test_reset_starts_again_at_zero(client: httpx.Client) -> None:
+    values = series(10, seed=7)
+    session = new_id()
+    send(client, session, series(6, seed=99), offset=0)
+    reset = client.post(f"/v1/sessions/{session}/reset")
+    assert reset.status_code == 200
+    assert reset.json() == {"session_id": session, "position": 0, "created": False}
+    assert position(client, session) == 0
+    again = send(client, session, values, offset=0).json()
+    assert again["created"] is False
+    np.testing.assert_allclose(again["predictions"], stateless(client, values)["predictions"], atol=1e-5)
+
+
+def test_reset_of_unknown_session_creates_it(client: httpx.Client) -> None:
+    session = new_id()
+    assert client.post(f"/v1/sessions/{session}/reset").json() == {
+        "session_id": session, "position": 0, "created": True,
+    }
+    info = client.get(f"/v1/sessions/{session}").json()
+    assert info["position"] == 0
+    assert info["created_at"] <= info["updated_at"] < info["expires_at"]
+
+
+def test_delete_forgets_the_session(client: httpx.Client) -> None:
+    session = new_id()
+    send(client, session, series(4), offset=0)
+    assert client.delete(f"/v1/sessions/{session}").status_code == 204
+    assert_problem(client.get(f"/v1/sessions/{session}"), 404)
+    assert_problem(client.delete(f"/v1/sessions/{session}"), 404)
+    assert_problem(send(client, session, series(2), offset=4), 404)
+
+
+def test_twelve_sessions_fed_concurrently_each_equal_the_stateless_pass(client: httpx.Client) -> None:
+    def feed(index: int) -> tuple[list[list[float]], list[list[float]]]:
+        values = series(30, seed=100 + index)
+        session, got, start = new_id(f"c{index}"), [], 0
+        for size in (1, 5, 11, 13):
+            body = send(client, session, values[start : start + size], offset=start).json()
+            got.extend(body["predictions"])
+            start += size
+        return got, stateless(client, values)["predictions"]
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        for got, expected in pool.map(feed, range(12)):
+            np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_forty_concurrent_appends_on_one_session_end_at_the_exact_position(client: httpx.Client) -> None:
+    session = new_id()
+    chunk = series(3, seed=8)
+    with concurrent.futures.ThreadPoolExecutor(40) as pool:
+        responses = list(pool.map(lambda _: send(client, session, chunk), range(40)))
+    assert all(r.status_code == 200 for r in responses)
+    positions = sorted(r.json()["position"] for r in responses)
+    assert positions == list(range(3, 121, 3))  # each applied once, one at a time
+    assert sum(r.json()["created"] for r in responses) == 1
+    assert position(client, session) == 120
+
+
+def test_idle_sessions_expire_after_the_ttl(server_factory: ServerFactory) -> None:
+    server = server_factory(GRU_SESSION_TTL_SECONDS="1")
+    with httpx.Client(base_url=server.url) as http:
+        send(http, "short-lived", series(4), offset=0)
+        time.sleep(1.6)
+        body = assert_problem(send(http, "short-lived", series(2), offset=4), 404)
+        assert "expired" in body["detail"]
+        metrics = http.get("/metrics").text
+    assert 'gru_session_evictions_total{reason="ttl"} 1.0' in metrics
+
+
+def test_least_recently_used_session_is_evicted_at_capacity(server_factory: ServerFactory) -> None:
+    server = server_factory(GRU_MAX_SESSIONS="3")
+    with httpx.Client(base_url=server.url) as http:
+        for name in ("a", "b", "c"):
+            send(http, name, series(2), offset=0)
+        send(http, "a", series(2), offset=2)  # a is now the most recent; b the least
+        send(http, "d", series(2), offset=0)
+        assert_problem(http.get("/v1/sessions/b"), 404)
+        assert [position(http, name) for name in ("a", "c", "d")] == [4, 2, 2]
+        assert 'gru_session_evictions_total{reason="capacity"} 1.0' in http.get("/metrics").text
+        assert "gru_active_sessions 3.0" in http.get("/metrics").text
