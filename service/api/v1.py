@@ -13,8 +13,10 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Path, Request, Response
+from pydantic import BaseModel
 
 from service.api.bodies import chunk_array, parse
+from service.api.openapi import body_schema
 from service.api.deps import EngineDep, SettingsDep
 from service.auth import TenantDep
 from service.problems import Problem
@@ -38,8 +40,7 @@ SessionIdPath = Annotated[str, Path(pattern=SESSION_ID_PATTERN, description="Cli
 JSON = "application/json"
 
 
-def _body_doc(model: type[Any]) -> dict[str, Any]:
-    return {"requestBody": {"required": True, "content": {JSON: {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+RAW_BODY_MODELS: list[type[BaseModel]] = [ChunkRequest, StatelessRequest, BatchRequest]
 
 
 def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -61,7 +62,7 @@ async def model_info(request: Request, engine: EngineDep) -> ModelInfo:
 @router.post(
     "/predict", response_model=PredictionResponse, response_model_exclude_none=True,
     summary="Predict a whole series from a fresh state (nothing kept)",
-    openapi_extra=_body_doc(StatelessRequest), responses=_problems(400, 413, 422, 429, 503),
+    openapi_extra=body_schema(StatelessRequest), responses=_problems(400, 413, 422, 429, 503),
 )
 async def predict(request: Request, engine: EngineDep, settings: SettingsDep) -> Response:
     body = parse(await request.body(), StatelessRequest)
@@ -72,7 +73,7 @@ async def predict(request: Request, engine: EngineDep, settings: SettingsDep) ->
 @router.post(
     "/sessions/{session_id}/predict", response_model=SessionPredictResponse, response_model_exclude_none=True,
     summary="Feed a session the next chunk of its series",
-    openapi_extra=_body_doc(ChunkRequest), responses=_problems(400, 404, 409, 413, 422, 429, 503),
+    openapi_extra=body_schema(ChunkRequest), responses=_problems(400, 404, 409, 413, 422, 429, 503),
 )
 async def predict_session(
     session_id: SessionIdPath, request: Request, engine: EngineDep, settings: SettingsDep, tenant: TenantDep
@@ -85,7 +86,7 @@ async def predict_session(
 
 @router.post(
     "/predict/batch", response_model=BatchResponse, summary="Chunks of many sessions in one call",
-    openapi_extra=_body_doc(BatchRequest), responses=_problems(400, 413, 422),
+    openapi_extra=body_schema(BatchRequest), responses=_problems(400, 413, 422),
 )
 async def predict_batch(request: Request, engine: EngineDep, settings: SettingsDep, tenant: TenantDep) -> Response:
     body = parse(await request.body(), BatchRequest)

@@ -1,0 +1,87 @@
+"""Operations: metrics (parsed and checked by promtool), request ids, JSON logs, health, docs, model info."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import Server
+from tests.service.helpers import new_id, send, series
+
+
+def test_metrics_parse_and_pass_promtool(client: httpx.Client) -> None:
+    send(client, new_id(), series(5))
+    text = client.get("/metrics").text
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    for name in ("gru_requests", "gru_request_duration_seconds", "gru_active_sessions", "gru_session_evictions",
+                 "gru_steps", "gru_batch_size", "gru_queue_wait_seconds", "gru_forward_seconds",
+                 "gru_store_errors", "gru_rejected", "gru_model_info"):
+        assert name in families, name
+    steps = [s.value for s in families["gru_steps"].samples if s.name == "gru_steps_total"]
+    assert steps and steps[0] >= 5
+    assert {s.labels["reason"] for s in families["gru_session_evictions"].samples} == {"ttl", "capacity"}
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (make test installs the Debian package prometheus)")
+    result = subprocess.run([promtool, "check", "metrics"], input=text.encode(), capture_output=True)
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+def test_request_latency_is_labelled_by_route_template(client: httpx.Client) -> None:
+    send(client, new_id(), series(2))
+    text = client.get("/metrics").text
+    assert 'gru_request_duration_seconds_count{method="POST",route="/v1/sessions/{session_id}/predict"}' in text
+    assert 'le="0.0005"' in text  # millisecond-scale buckets
+
+
+def test_request_id_is_honoured_and_echoed(client: httpx.Client) -> None:
+    response = client.get("/v1/model", headers={"X-Request-ID": "trace-123"})
+    assert response.headers["x-request-id"] == "trace-123"
+    generated = client.get("/v1/model").headers["x-request-id"]
+    assert len(generated) == 32
+    hostile = client.get("/v1/model", headers={"X-Request-ID": "bad id\twith spaces"}).headers["x-request-id"]
+    assert hostile != "bad id\twith spaces"
+
+
+def test_one_json_log_line_per_request_without_values(server: Server, client: httpx.Client) -> None:
+    session = new_id("logged")
+    client.post(f"/v1/sessions/{session}/predict", json={"values": [123.456, 654.321]},
+                headers={"X-Request-ID": "log-check-1", "Authorization": "Bearer secret-key-xyz"})
+    lines = [json.loads(line) for line in server.log().splitlines() if "log-check-1" in line]
+    assert len(lines) == 1
+    entry = lines[0]
+    assert entry["route"] == "/v1/sessions/{session_id}/predict"
+    assert entry["session"] == session and entry["status"] == 200 and entry["latency_ms"] > 0
+    raw = json.dumps(entry)
+    assert "123.456" not in raw and "secret-key-xyz" not in raw
+
+
+def test_health_and_readiness(client: httpx.Client) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
+def test_model_info_describes_the_served_model(client: httpx.Client) -> None:
+    info = client.get("/v1/model").json()
+    assert info["name"] == "tiny"
+    assert (info["input_features"], info["output_features"]) == (1, 1)
+    assert (info["hidden_size"], info["num_layers"], info["variant"], info["device"]) == (16, 2, "seed", "cpu")
+    assert len(info["version"]) == 12
+
+
+def test_docs_show_how_to_call_each_endpoint(client: httpx.Client) -> None:
+    assert client.get("/docs").status_code == 200
+    schema = client.get("/openapi.json").json()
+    predict = schema["paths"]["/v1/sessions/{session_id}/predict"]["post"]
+    assert predict["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/ChunkRequest")
+    assert schema["components"]["schemas"]["ChunkRequest"]["examples"]
+    assert "409" in predict["responses"]
+    for path in ("/v1/model", "/v1/predict", "/v1/predict/batch", "/v1/sessions/{session_id}",
+                 "/v1/sessions/{session_id}/reset", "/healthz", "/readyz", "/metrics"):
+        assert path in schema["paths"], path
