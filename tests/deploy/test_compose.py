@@ -1,0 +1,208 @@
+"""docker-compose.yml, its scale profile and the GPU override, through the real `docker-compose config`.
+
+Debian's docker-compose 1.29 prints every service whatever `--profile` says, so the profile membership
+is checked on the `profiles:` entries themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+GPU = ["-f", "docker-compose.yml", "-f", "docker-compose.gpu.yml"]
+
+
+def _compose_env(**extra: str) -> dict[str, str]:
+    """The caller's environment without the variables the compose files read, so results are stable."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("GRU_", "COMPOSE_", "GRAFANA_", "TORCH_VARIANT"))}
+    return {**env, **extra}
+
+
+@pytest.fixture(scope="module")
+def compose(repo: Path, tool: Callable[[str], str]) -> Callable[..., dict[str, Any]]:
+    binary = tool("docker-compose")
+    seen: dict[tuple[tuple[str, ...], tuple[tuple[str, str], ...]], str] = {}
+
+    def config(*args: str, **env: str) -> dict[str, Any]:
+        key = (args, tuple(sorted(env.items())))
+        if key not in seen:  # each run costs about a second
+            done = subprocess.run([binary, *args, "config"], cwd=repo, env=_compose_env(**env),
+                                  capture_output=True, text=True, timeout=60, check=False)
+            assert done.returncode == 0, done.stderr
+            seen[key] = done.stdout
+        return yaml.safe_load(seen[key])
+
+    return config
+
+
+@pytest.mark.parametrize("args", [[], ["--profile", "scale"], GPU, [*GPU, "--profile", "scale"]],
+                         ids=["default", "scale", "gpu", "gpu+scale"])
+def test_compose_config_is_valid(args: list[str], repo: Path, tool: Callable[[str], str]) -> None:
+    done = subprocess.run([tool("docker-compose"), *args, "config", "-q"], cwd=repo, env=_compose_env(),
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "WARNING" not in done.stderr, done.stderr
+
+
+def test_compose_files_have_no_name_or_version_key(repo: Path) -> None:
+    for name in ("docker-compose.yml", "docker-compose.gpu.yml"):
+        top = yaml.safe_load((repo / name).read_text())
+        assert "name" not in top and "version" not in top, name
+
+
+def test_default_stack_is_api_prometheus_grafana_and_scale_adds_redis_replica_nginx(
+    compose: Callable[..., dict[str, Any]],
+) -> None:
+    services = compose()["services"]
+    always = {name for name, s in services.items() if not s.get("profiles")}
+    scale = {name for name, s in services.items() if "scale" in s.get("profiles", [])}
+    assert always == {"api", "prometheus", "grafana"}
+    assert scale == {"redis", "api-2", "nginx"}
+    assert always | scale == set(services)
+
+
+def _env(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+def _published(service: dict[str, Any]) -> set[tuple[int, int]]:
+    out = set()
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            out.add((int(port["published"]), int(port["target"])))
+        else:
+            published, _, target = str(port).rpartition(":")
+            out.add((int(published.rpartition(":")[2]), int(target)))
+    return out
+
+
+Compose = Callable[..., dict[str, Any]]
+
+
+def test_api_builds_here_serves_8000_restarts_and_checks_readyz(compose: Compose) -> None:
+    api = compose()["services"]["api"]
+    assert Path(api["build"]["context"]).resolve() == Path(__file__).resolve().parents[2]
+    assert api["build"]["args"]["TORCH_VARIANT"] == "cpu"
+    assert (8000, 8000) in _published(api)
+    assert api["restart"] in ("unless-stopped", "always", "on-failure")
+    check = " ".join(api["healthcheck"]["test"])
+    assert "http://127.0.0.1:8000/readyz" in check
+    env = _env(api)
+    assert env["GRU_STORE"] == "memory"
+    assert all(key.startswith("GRU_") for key in env)
+
+
+def test_every_gru_setting_in_compose_is_one_the_service_reads(compose: Compose) -> None:
+    from service.config import Settings
+
+    known = set(Settings.model_fields)
+    for name in ("api", "api-2"):
+        for key in _env(compose()["services"][name]):
+            assert key.removeprefix("GRU_").lower() in known, f"{name}: {key} is not a Settings field"
+
+
+@pytest.mark.parametrize("how", ["GRU_STORE=redis", "--env-file deploy/scale.env"])
+def test_scale_profile_puts_both_replicas_on_redis(how: str, compose: Callable[..., dict[str, Any]]) -> None:
+    if how.startswith("--env-file"):
+        services = compose("--env-file", "deploy/scale.env")["services"]
+    else:
+        services = compose("--profile", "scale", GRU_STORE="redis")["services"]
+    for name in ("api", "api-2"):
+        env = _env(services[name])
+        assert env["GRU_STORE"] == "redis", name
+        assert re.fullmatch(r"redis://redis:6379/\d+", env["GRU_REDIS_URL"]), name
+    # The second replica is the same image and settings, bar what is per-replica.
+    assert services["api-2"]["image"] == services["api"]["image"]
+    per_replica = {"GRU_SNAPSHOT_PATH", "GRU_SNAPSHOT_INTERVAL_SECONDS"}
+    assert {k: v for k, v in _env(services["api"]).items() if k not in per_replica} == _env(services["api-2"])
+    assert services["api-2"]["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_scale_env_file_selects_the_scale_profile(repo: Path) -> None:
+    lines = dict(line.split("=", 1) for line in (repo / "deploy" / "scale.env").read_text().splitlines()
+                 if line and not line.startswith("#"))
+    assert lines == {"COMPOSE_PROFILES": "scale", "GRU_STORE": "redis"}
+
+
+def test_redis_caps_memory_and_evicts_least_recently_used_sessions(
+    compose: Callable[..., dict[str, Any]],
+) -> None:
+    command = compose()["services"]["redis"]["command"]
+    words = command if isinstance(command, list) else command.split()
+    assert words[words.index("--maxmemory") + 1] == "512mb"
+    assert words[words.index("--maxmemory-policy") + 1] == "volatile-lru"
+
+
+def test_nginx_fronts_both_replicas_with_the_shipped_config(
+    compose: Callable[..., dict[str, Any]], repo: Path
+) -> None:
+    nginx = compose()["services"]["nginx"]
+    assert (8080, 8080) in _published(nginx)
+    mounts = [v if isinstance(v, str) else f"{v['source']}:{v['target']}" for v in nginx["volumes"]]
+    target = f"{repo}/deploy/nginx/gru-api.conf:/etc/nginx/conf.d/default.conf"
+    assert any(m.startswith(target) for m in mounts)
+    conf = (repo / "deploy" / "nginx" / "gru-api.conf").read_text()
+    servers = re.findall(r"^\s*server\s+([\w.-]+:\d+)", conf, re.MULTILINE)
+    assert sorted(servers) == ["api-2:8000", "api:8000"]
+    assert set(nginx["depends_on"]) == {"api", "api-2"}
+
+
+def test_both_replicas_share_the_name_prometheus_discovers(
+    compose: Callable[..., dict[str, Any]], repo: Path
+) -> None:
+    services = compose()["services"]
+    prometheus = yaml.safe_load((repo / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    job = next(j for j in prometheus["scrape_configs"] if j["job_name"] == "gru-api")
+    (sd,) = job["dns_sd_configs"]
+    assert sd["port"] == 8000
+    for name in ("api", "api-2"):
+        assert sd["names"] == services[name]["networks"]["default"]["aliases"], name
+
+
+def test_prometheus_and_grafana_mount_their_own_directories(
+    compose: Callable[..., dict[str, Any]], repo: Path
+) -> None:
+    services = compose()["services"]
+
+    def binds(name: str) -> dict[str, str]:
+        out = {}
+        for volume in services[name]["volumes"]:
+            source, target = (volume.split(":")[:2] if isinstance(volume, str)
+                              else (volume["source"], volume["target"]))
+            if source.startswith("/"):
+                out[target] = source
+        return out
+
+    assert binds("prometheus") == {"/etc/prometheus": f"{repo}/deploy/prometheus"}
+    assert binds("grafana") == {
+        "/etc/grafana/provisioning": f"{repo}/deploy/grafana/provisioning",
+        "/var/lib/grafana/dashboards": f"{repo}/deploy/grafana/dashboards",
+    }
+    assert "--config.file=/etc/prometheus/prometheus.yml" in services["prometheus"]["command"]
+    assert (9090, 9090) in _published(services["prometheus"])
+    assert (3000, 3000) in _published(services["grafana"])
+
+
+def test_gpu_override_reserves_an_nvidia_gpu_and_builds_cuda_torch(compose: Compose) -> None:
+    services = compose(*GPU)["services"]
+    api = services["api"]
+    (device,) = api["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and device["count"] == 1
+    assert re.fullmatch(r"cu\d+", api["build"]["args"]["TORCH_VARIANT"])
+    assert api["image"] != services["api-2"]["image"], "the CUDA image must not overwrite the CPU tag"
+    env = _env(api)
+    assert env["GRU_DEVICE"] == "cuda"
+    # The override merges into the api: settings it does not name stay.
+    assert env["GRU_MAX_SESSIONS"] == _env(compose()["services"]["api"])["GRU_MAX_SESSIONS"]
+    assert "profiles" not in api

@@ -1,0 +1,43 @@
+"""docs/deploy.md: the files and overlays it sends readers to exist, and its numbers match the config."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "deploy.md"
+
+
+def test_every_path_the_deploy_guide_names_exists(repo: Path) -> None:
+    text = DOC.read_text()
+    paths = set(re.findall(r"(?<![\w/.-])((?:deploy|docs|tests)/[\w./*-]*[\w*/])", text))
+    paths -= set(re.findall(r"rollout status\s+(deploy/[\w-]+)", text))  # kubectl's deploy/<name>, not a path
+    paths |= set(re.findall(r"(?<![\w/.-])(docker-compose(?:\.gpu)?\.yml|Dockerfile|\.dockerignore)", text))
+    assert len(paths) > 10
+    for path in sorted(paths):
+        assert list(repo.glob(path.rstrip("/"))), f"docs/deploy.md names {path}, which does not exist"
+
+
+def _shipped_sizes(repo: Path) -> tuple[int, int, int, int]:
+    """(L, H, K, F) of the shipped model, or of ForecasterConfig's defaults until the weights are there."""
+    from model.forecaster import ForecasterConfig
+
+    config_file = repo / "model" / "weights" / "default" / "config.json"
+    if config_file.is_file():
+        config = ForecasterConfig.from_dict(json.loads(config_file.read_text())["model"])
+    else:
+        config = ForecasterConfig(features=("x",))
+    return config.num_layers, config.hidden_size, config.lags, config.num_features
+
+
+def test_redis_state_size_in_the_guide_is_the_shipped_models(repo: Path) -> None:
+    layers, hidden, lags, features = _shipped_sizes(repo)
+    state_bytes = (layers * hidden + lags * features + 1) * 4
+    assert f"({layers}·{hidden} + {lags}·{features} + 1)·4 = {state_bytes}" in DOC.read_text()
+
+
+def test_redis_memory_cap_in_the_guide_is_the_one_compose_sets(repo: Path) -> None:
+    compose = (repo / "docker-compose.yml").read_text()
+    assert "`--maxmemory 512mb --maxmemory-policy volatile-lru`" in DOC.read_text()
+    assert re.search(r"- --maxmemory\n\s+- 512mb\n\s+- --maxmemory-policy\n\s+- volatile-lru", compose)

@@ -1,0 +1,91 @@
+"""The KServe example (deploy/k8s/kserve): a custom ServingRuntime running our image, speaking the Open
+Inference Protocol v2, and an InferenceService that selects it.
+
+KServe's CRDs have no schema in kubernetes-validate: the fields we rely on are checked here, and the
+runtime's containers, which are core v1 Containers, validate against the Kubernetes Container schema.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+KUBERNETES_VERSION = "1.30.0"
+
+Render = Callable[[str], list[dict[str, Any]]]
+
+
+@pytest.fixture(scope="module")
+def kserve(kustomize: Render) -> dict[str, dict[str, Any]]:
+    resources = kustomize("kserve")
+    assert sorted(r["kind"] for r in resources) == ["InferenceService", "ServingRuntime"]
+    return {r["kind"]: r for r in resources}
+
+
+def _validate_core(definition: str, instance: dict[str, Any]) -> None:
+    """Validate against one definition of the Kubernetes OpenAPI schemas (strict), e.g. core.v1.Container."""
+    import jsonschema
+    import kubernetes_validate.utils as kv
+    from referencing import Registry, Resource
+
+    major, minor, _ = KUBERNETES_VERSION.split(".")
+    directory = f"kubernetes-json-schema/v{major}.{minor}.0-local-strict"
+    definitions = kv.schema_contents(f"{directory}/_definitions.json", KUBERNETES_VERSION)
+    schema = {"$id": "https://kubernetes.io/api/check", "$ref": f"/api/_definitions.json#/$defs/{definition}"}
+    registry = Resource.from_contents(definitions) @ Registry()
+    jsonschema.Draft202012Validator(schema, registry=registry).validate(instance)
+
+
+KServe = dict[str, dict[str, Any]]
+
+
+def test_runtime_containers_and_volumes_validate_as_core_kubernetes_objects(kserve: KServe) -> None:
+    spec = kserve["ServingRuntime"]["spec"]
+    for container in spec["containers"]:
+        _validate_core("io.k8s.api.core.v1.Container", container)
+    for volume in spec.get("volumes", []):
+        _validate_core("io.k8s.api.core.v1.Volume", volume)
+    with pytest.raises(Exception, match="imagePullPolcy"):
+        _validate_core("io.k8s.api.core.v1.Container", {**spec["containers"][0], "imagePullPolcy": "Always"})
+
+
+def test_runtime_runs_our_image_speaking_v2_on_port_8000(kserve: KServe, kustomize: Render) -> None:
+    runtime = kserve["ServingRuntime"]
+    assert runtime["apiVersion"] == "serving.kserve.io/v1alpha1"
+    spec = runtime["spec"]
+    assert spec["protocolVersions"] == ["v2"]
+    assert spec.get("multiModel", False) is False
+    (container,) = spec["containers"]
+    assert container["name"] == "kserve-container", "the name KServe looks for in a runtime"
+    our_image = kustomize("overlays/prod")
+    deployment = next(r for r in our_image if r["kind"] == "Deployment")
+    api = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == api["image"]
+    assert container["args"] == api["args"] == ["--host", "0.0.0.0", "--port", "8000"]
+    assert container["ports"] == [{"containerPort": 8000, "protocol": "TCP"}]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8000}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": 8000}
+    sc = container["securityContext"]
+    assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {"/tmp"}
+
+
+def test_inferenceservice_selects_the_runtime_and_its_model_format(kserve: KServe) -> None:
+    service = kserve["InferenceService"]
+    assert service["apiVersion"] == "serving.kserve.io/v1beta1"
+    model = service["spec"]["predictor"]["model"]
+    runtime = kserve["ServingRuntime"]
+    assert model["runtime"] == runtime["metadata"]["name"]
+    assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
+    formats = {(f["name"], f.get("version")) for f in runtime["spec"]["supportedModelFormats"]}
+    assert (model["modelFormat"]["name"], model["modelFormat"].get("version")) in formats
+    assert "storageUri" not in model, "the model is baked into the image"
+    # A session lives in one pod's memory: more than one replica needs the Redis store.
+    predictor = service["spec"]["predictor"]
+    env = {e["name"]: e.get("value") for e in runtime["spec"]["containers"][0].get("env", [])}
+    if predictor.get("maxReplicas", 0) != 1:
+        assert env.get("GRU_STORE") == "redis"
+    assert service["metadata"]["namespace"] == runtime["metadata"]["namespace"]
+

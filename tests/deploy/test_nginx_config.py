@@ -1,0 +1,110 @@
+"""The nginx config of the scale profile: `nginx -t` accepts it, and it proxies to a real service.
+
+The shipped file names the compose services (api, api-2), which resolve only inside compose; the tests use
+a copy with those upstreams pointed at loopback, wrapped in a minimal main config (the image's
+nginx.conf includes ours inside http {}) with every path under the test's temporary directory.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+SHIPPED = Path(__file__).resolve().parents[2] / "deploy" / "nginx" / "gru-api.conf"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _test_copy(directory: Path, upstreams: list[str], listen: int) -> Path:
+    """Our server block with loopback upstreams, inside a main config that writes only to `directory`."""
+    conf = SHIPPED.read_text()
+    servers = iter(upstreams)
+    conf, count = re.subn(r"(?m)^(\s*server\s+)(api|api-2):8000", lambda m: m.group(1) + next(servers), conf)
+    assert count == len(upstreams), "expected one `server` line per compose replica"
+    conf, count = re.subn(r"listen 8080;", f"listen 127.0.0.1:{listen};", conf)
+    assert count == 1
+    (directory / "gru-api.conf").write_text(conf)
+    main = directory / "nginx.conf"
+    main.write_text(f"""
+worker_processes 1;
+pid {directory}/nginx.pid;
+events {{ worker_connections 64; }}
+http {{
+    client_body_temp_path {directory}/body;
+    proxy_temp_path {directory}/proxy;
+    fastcgi_temp_path {directory}/fastcgi;
+    uwsgi_temp_path {directory}/uwsgi;
+    scgi_temp_path {directory}/scgi;
+    access_log off;
+    include {directory}/gru-api.conf;
+}}
+""")
+    return main
+
+
+def test_nginx_accepts_the_config(tmp_path: Path, tool: Callable[[str], str]) -> None:
+    main = _test_copy(tmp_path, ["127.0.0.1:8000", "127.0.0.1:8001"], _free_port())
+    done = subprocess.run(
+        [tool("nginx"), "-t", "-p", str(tmp_path), "-c", str(main), "-e", str(tmp_path / "error.log")],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "test is successful" in done.stderr
+
+
+@pytest.fixture
+def proxy(server: Any, tmp_path: Path, tool: Callable[[str], str]) -> Iterator[str]:
+    """nginx in front of the shared test server (both upstream slots point at it)."""
+    upstream = server.url.removeprefix("http://")
+    port = _free_port()
+    main = _test_copy(tmp_path, [upstream, upstream], port)
+    process = subprocess.Popen(
+        [tool("nginx"), "-p", str(tmp_path), "-c", str(main), "-e", str(tmp_path / "error.log"),
+         "-g", "daemon off;"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            assert process.poll() is None, (tmp_path / "error.log").read_text()
+            try:
+                httpx.get(url + "/nginx-health", timeout=1)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "nginx did not start listening"
+                time.sleep(0.05)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_nginx_proxies_sessions_to_the_api_and_keeps_request_ids(proxy: str, server: Any) -> None:
+    with httpx.Client(base_url=proxy, timeout=30) as http:
+        assert http.get("/nginx-health").text == "ok\n"
+        ready = http.get("/readyz")
+        assert ready.status_code == 200
+        assert ready.headers["x-upstream"] == server.url.removeprefix("http://")
+
+        first = http.post("/v1/sessions/deploy-nginx/predict", json={"values": [0.1, 0.2], "offset": 0},
+                          headers={"X-Request-ID": "client-chosen-1"})
+        assert first.status_code == 200, first.text
+        assert first.headers["x-request-id"] == "client-chosen-1"
+        second = http.post("/v1/sessions/deploy-nginx/predict", json={"values": [0.3], "offset": 2})
+        assert second.status_code == 200, second.text
+        assert second.json()["position"] == 3
+        # Without one from the client, nginx makes the id the api logs and echoes.
+        assert re.fullmatch(r"[0-9a-f]{32}", second.headers["x-request-id"])
