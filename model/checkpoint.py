@@ -61,7 +61,9 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     for path in (directory, config_path, weights_path):
         if not path.exists():
-            raise CheckpointError(f"{path} does not exist: a checkpoint is a directory with {CONFIG_FILE} and {WEIGHTS_FILE}")
+            raise CheckpointError(
+                f"{path} does not exist: a checkpoint is a directory with {CONFIG_FILE} and {WEIGHTS_FILE}"
+            )
     try:
         meta = json.loads(config_path.read_text())
         if meta.get("format") != FORMAT:

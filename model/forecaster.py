@@ -58,6 +58,10 @@ class ForecasterConfig:
 class Forecaster(nn.Module):
     """predict(x (B, T, F), state (B, S)) -> (ŷ (B, T, F), state'); rollout(state, last, n) -> (B, n, F)."""
 
+    mean: Tensor  # buffers, (F,) each: the scaler fitted at training
+    scale: Tensor
+    diff_scale: Tensor
+
     def __init__(self, config: ForecasterConfig):
         super().__init__()
         features = config.num_features

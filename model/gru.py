@@ -15,7 +15,9 @@ its state after its own last step (the same scheme as ``torch.nn.utils.rnn.Packe
 
 from __future__ import annotations
 
+import itertools
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +74,10 @@ def _torch_recurrence(
     return torch.stack(outs, 1), h
 
 
-def _script(fn):  # type: ignore[no-untyped-def]
+Recurrence = Callable[[Tensor, Tensor, Tensor, Tensor, list[int]], tuple[Tensor, Tensor]]
+
+
+def _script(fn: Recurrence) -> Recurrence:
     # TorchScript is deprecated in favour of torch.compile, but it compiles in milliseconds, needs no C++
     # toolchain at run time and never recompiles for a new batch shape: what a server wants.
     with warnings.catch_warnings():
@@ -88,7 +93,7 @@ def batch_sizes_for(lengths: Tensor | list[int] | None, batch: int, steps: int) 
     if lengths is None:
         return [batch] * steps
     lens = [int(n) for n in lengths]
-    if len(lens) != batch or any(a < b for a, b in zip(lens, lens[1:], strict=False)):
+    if len(lens) != batch or any(a < b for a, b in itertools.pairwise(lens)):
         raise ValueError(f"lengths must hold {batch} values sorted longest first, got {lens}")
     if lens and (lens[0] > steps or lens[-1] < 1):
         raise ValueError(f"lengths must lie in 1..{steps}, got {lens}")
@@ -126,11 +131,15 @@ class GRU(nn.Module):
         recurrence = _RECURRENCES[self.variant]
         layer_input = x
         finals = []
-        for layer, cell in enumerate(self.cells):
+        for layer, cell in enumerate(self.layers()):
             gx = F.linear(layer_input, cell.weight_ih, cell.bias_ih)  # (B, T, 3H), all steps in one matmul
             layer_input, h_last = recurrence(gx, h0[layer], cell.weight_hh, cell.bias_hh, sizes)
             finals.append(h_last)
         return layer_input, torch.stack(finals)  # (B, T, H), (L, B, H)
+
+    def layers(self) -> list[GRUCell]:
+        """The cells, bottom layer first."""
+        return [cell for cell in self.cells if isinstance(cell, GRUCell)]
 
     @classmethod
     def from_torch(cls, reference: nn.GRU) -> GRU:
@@ -138,9 +147,10 @@ class GRU(nn.Module):
         if reference.bidirectional or reference.proj_size:
             raise ValueError("only unidirectional nn.GRU without projections can be imported")
         gru = cls(reference.input_size, reference.hidden_size, reference.num_layers, variant="torch")
-        gru.to(device=reference.weight_ih_l0.device, dtype=reference.weight_ih_l0.dtype)
+        first = reference.all_weights[0][0]
+        gru.to(device=first.device, dtype=first.dtype)
         with torch.no_grad():
-            for layer, cell in enumerate(gru.cells):
+            for layer, cell in enumerate(gru.layers()):
                 for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
                     source = getattr(reference, f"{name}_l{layer}", None)
                     target = getattr(cell, name)

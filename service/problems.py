@@ -84,7 +84,8 @@ def field_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
 def invalid(errors: Sequence[Any], detail: str | None = None) -> Problem:
     fields = field_errors(errors)
     where = ", ".join(".".join(e["loc"]) or "body" for e in fields[:5])
-    return Problem(422, "invalid-request", detail or f"the request does not match the schema at: {where}", errors=fields)
+    detail = detail or f"the request does not match the schema at: {where}"
+    return Problem(422, "invalid-request", detail, errors=fields)
 
 
 async def _problem_handler(request: Request, exc: Exception) -> Response:

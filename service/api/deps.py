@@ -10,12 +10,12 @@ from service.config import Settings
 from service.engine import Engine
 
 
-def get_engine(request: Request) -> Engine:
-    return request.app.state.engine  # type: ignore[no-any-return]
+async def get_engine(request: Request) -> Engine:
+    return request.app.state.engine
 
 
-def get_settings(request: Request) -> Settings:
-    return request.app.state.settings  # type: ignore[no-any-return]
+async def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
 
 
 EngineDep = Annotated[Engine, Depends(get_engine)]

@@ -1,11 +1,13 @@
-"""OpenAPI for routes that read their body raw: their request models still belong in the schema.
+"""OpenAPI for routes that FastAPI does not describe by itself.
 
-The hot routes validate bytes with pydantic-core themselves (service.api.bodies), so FastAPI does not see
-a body parameter; ``openapi_extra`` points at a component schema, and this adds those components.
+The hot predict routes are plain Starlette routes (service.api.hot) and the batch route reads its body raw;
+their request and response models still belong in /openapi.json and /docs. ``RawOperation`` describes
+such an operation; ``document_raw_routes`` adds the operations and every model they name as components.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI
@@ -13,22 +15,69 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from service.schemas import SESSION_ID_PATTERN
+from service.schemas import Problem as ProblemModel
+
 REF_TEMPLATE = "#/components/schemas/{model}"
+PROBLEM_JSON = "application/problem+json"
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": REF_TEMPLATE.format(model=model.__name__)}
 
 
 def body_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """The ``openapi_extra`` of a raw-body route whose body is ``model``."""
-    ref = {"$ref": REF_TEMPLATE.format(model=model.__name__)}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+    """The ``openapi_extra`` of a FastAPI route that reads its body raw."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": _ref(model)}}}}
 
 
-def document_raw_bodies(app: FastAPI, models: list[type[BaseModel]]) -> None:
+@dataclass(frozen=True)
+class RawOperation:
+    path: str
+    method: str
+    summary: str
+    description: str
+    body: type[BaseModel]
+    answer: type[BaseModel]
+    problems: tuple[int, ...]
+    tags: tuple[str, ...] = ("v1",)
+    session_path: bool = field(default=False)  # takes the {session_id} path parameter
+
+    def describe(self) -> dict[str, Any]:
+        responses: dict[str, Any] = {
+            "200": {"description": "Successful Response",
+                    "content": {"application/json": {"schema": _ref(self.answer)}}}
+        }
+        for status in self.problems:
+            responses[str(status)] = {"description": "Problem",
+                                      "content": {PROBLEM_JSON: {"schema": _ref(ProblemModel)}}}
+        operation: dict[str, Any] = {
+            "tags": list(self.tags), "summary": self.summary, "description": self.description,
+            "operationId": f"{self.method}_{self.path.strip('/').replace('/', '_').replace('{', '').replace('}', '')}",
+            **body_schema(self.body), "responses": responses,
+        }
+        if self.session_path:
+            operation["parameters"] = [{
+                "name": "session_id", "in": "path", "required": True, "description": "Client-chosen session id",
+                "schema": {"type": "string", "pattern": SESSION_ID_PATTERN},
+            }]
+        return operation
+
+
+def document_raw_routes(app: FastAPI, operations: list[RawOperation], bodies: list[type[BaseModel]]) -> None:
+    """Extend the app's generated schema with ``operations`` and the component schemas of ``bodies``."""
+    models = {m for op in operations for m in (op.body, op.answer)} | set(bodies) | {ProblemModel}
+
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, summary=app.summary,
                                  description=app.description, routes=app.routes)
-            _, definitions = models_json_schema([(m, "validation") for m in models], ref_template=REF_TEMPLATE)
+            _, definitions = models_json_schema(
+                [(m, "validation") for m in sorted(models, key=lambda m: m.__name__)], ref_template=REF_TEMPLATE
+            )
             schema.setdefault("components", {}).setdefault("schemas", {}).update(definitions.get("$defs", {}))
+            for op in operations:
+                schema.setdefault("paths", {}).setdefault(op.path, {})[op.method] = op.describe()
             app.openapi_schema = schema
         return app.openapi_schema
 

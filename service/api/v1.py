@@ -1,8 +1,7 @@
 """REST v1 (DESIGN §4). Routers parse and answer; the engine judges and computes.
 
-The predict routes read the raw body and validate it with pydantic-core from the bytes, and answer the
-engine's pre-serialised JSON as is: no request model instantiated by FastAPI, no response re-encoding. The
-OpenAPI schema still documents the same models.
+The two predict routes live in service.api.hot (the hot path); the batch route here reads its body raw
+the same way, validated by pydantic-core from the bytes, and joins the engine's pre-serialised answers.
 """
 
 from __future__ import annotations
@@ -16,21 +15,17 @@ from fastapi import APIRouter, Path, Request, Response
 from pydantic import BaseModel
 
 from service.api.bodies import chunk_array, parse
-from service.api.openapi import body_schema
 from service.api.deps import EngineDep, SettingsDep
+from service.api.openapi import body_schema
 from service.auth import TenantDep
 from service.problems import Problem
 from service.schemas import (
     SESSION_ID_PATTERN,
     BatchRequest,
     BatchResponse,
-    ChunkRequest,
     ModelInfo,
-    PredictionResponse,
     ResetResponse,
     SessionInfo,
-    SessionPredictResponse,
-    StatelessRequest,
 )
 from service.schemas import Problem as ProblemModel
 from service.sessions.base import session_key
@@ -40,7 +35,7 @@ SessionIdPath = Annotated[str, Path(pattern=SESSION_ID_PATTERN, description="Cli
 JSON = "application/json"
 
 
-RAW_BODY_MODELS: list[type[BaseModel]] = [ChunkRequest, StatelessRequest, BatchRequest]
+RAW_BODY_MODELS: list[type[BaseModel]] = [BatchRequest]
 
 
 def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -57,31 +52,6 @@ async def model_info(request: Request, engine: EngineDep) -> ModelInfo:
         num_layers=cfg.num_layers, variant=cfg.variant, lags=cfg.lags, device=str(engine.device),
         training=meta.get("training", {}),
     )
-
-
-@router.post(
-    "/predict", response_model=PredictionResponse, response_model_exclude_none=True,
-    summary="Predict a whole series from a fresh state (nothing kept)",
-    openapi_extra=body_schema(StatelessRequest), responses=_problems(400, 413, 422, 429, 503),
-)
-async def predict(request: Request, engine: EngineDep, settings: SettingsDep) -> Response:
-    body = parse(await request.body(), StatelessRequest)
-    values = chunk_array(body.values, body.horizon, engine.forecaster.num_features, settings, ["body", "values"])
-    return Response(await engine.predict(None, values, None, body.horizon), media_type=JSON)
-
-
-@router.post(
-    "/sessions/{session_id}/predict", response_model=SessionPredictResponse, response_model_exclude_none=True,
-    summary="Feed a session the next chunk of its series",
-    openapi_extra=body_schema(ChunkRequest), responses=_problems(400, 404, 409, 413, 422, 429, 503),
-)
-async def predict_session(
-    session_id: SessionIdPath, request: Request, engine: EngineDep, settings: SettingsDep, tenant: TenantDep
-) -> Response:
-    body = parse(await request.body(), ChunkRequest)
-    values = chunk_array(body.values, body.horizon, engine.forecaster.num_features, settings, ["body", "values"])
-    answer = await engine.predict(session_key(tenant, session_id), values, body.offset, body.horizon)
-    return Response(answer, media_type=JSON)
 
 
 @router.post(

@@ -42,7 +42,9 @@ BAD_BODIES: list[tuple[str, bytes, int]] = [
 
 
 @pytest.mark.parametrize(("case", "body", "status"), BAD_BODIES, ids=[c for c, _, _ in BAD_BODIES])
-def test_bad_chunk_gets_a_problem_and_changes_nothing(client: httpx.Client, case: str, body: bytes, status: int) -> None:
+def test_bad_chunk_gets_a_problem_and_changes_nothing(
+    client: httpx.Client, case: str, body: bytes, status: int
+) -> None:
     values = series(10, seed=11)
     session = new_id()
     send(client, session, values[:4], offset=0)

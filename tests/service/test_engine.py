@@ -50,7 +50,7 @@ def test_batched_results_equal_unbatched_results(tiny_model: Path) -> None:
     batched_engine = _engine(tiny_model, max_batch_size=64, max_batch_delay_ms=20)
     batched = asyncio.run(_feed(batched_engine, chunks))
     single = asyncio.run(_feed(_engine(tiny_model, max_batch_size=1, max_batch_delay_ms=0), chunks))
-    assert batched_engine._metrics.batch_size._sum.get() > 0  # noqa: SLF001
+    assert batched_engine._metrics.batch_size._sum.get() > 0
     for name in chunks:
         for a, b in zip(batched[name], single[name], strict=True):
             assert a["position"] == b["position"]
@@ -62,9 +62,9 @@ def test_unequal_lengths_in_one_batch_really_share_it(tiny_model: Path) -> None:
     engine = _engine(tiny_model, max_batch_size=64, max_batch_delay_ms=50)
     chunks = {f"u{i}": [series(1 + 5 * i, seed=i)] for i in range(8)}
     asyncio.run(_feed(engine, chunks))
-    histogram = engine._metrics.batch_size  # noqa: SLF001
-    assert histogram._sum.get() == 8  # noqa: SLF001
-    assert sum(b.get() for b in histogram._buckets) == 1  # noqa: SLF001  one batch of eight
+    histogram = engine._metrics.batch_size
+    assert histogram._sum.get() == 8
+    assert sum(b.get() for b in histogram._buckets) == 1
 
 
 def test_session_built_with_another_model_is_refused_until_reset(tmp_path: Path) -> None:

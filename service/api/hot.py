@@ -1,0 +1,89 @@
+"""The two predict routes, as plain Starlette endpoints: the service's hot path.
+
+Every chunk a client streams comes through here, so it skips what FastAPI adds per request (dependency
+resolution, which inspects each dependency on every call, and response re-validation): measured under load
+with py-spy, that machinery cost about a quarter of the service's CPU per chunk. What remains is the
+contract itself: the body validated by pydantic-core straight from the bytes (service.api.bodies), the
+engine's pre-serialised JSON answered as is. The schema in /docs is the same (service.api.openapi).
+"""
+
+from __future__ import annotations
+
+import re
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Match, Route
+from starlette.types import Scope
+
+from service.api.bodies import chunk_array, parse
+from service.api.openapi import RawOperation
+from service.auth import tenant_of
+from service.engine import Engine
+from service.problems import Problem
+from service.schemas import (
+    SESSION_ID_PATTERN,
+    ChunkRequest,
+    PredictionResponse,
+    SessionPredictResponse,
+    StatelessRequest,
+)
+from service.sessions.base import session_key
+
+JSON = "application/json"
+_SESSION_ID = re.compile(SESSION_ID_PATTERN)
+_LOCATION = ["body", "values"]
+
+
+async def predict_session(request: Request) -> Response:
+    session_id = request.path_params["session_id"]
+    if not _SESSION_ID.match(session_id):
+        shown = session_id if len(session_id) <= 40 else session_id[:40] + "…"
+        raise Problem(422, "invalid-session-id", f"session id {shown!r} must match {SESSION_ID_PATTERN}",
+                      errors=[{"loc": ["path", "session_id"], "msg": "invalid session id",
+                               "type": "string_pattern_mismatch"}])
+    state = request.app.state
+    engine: Engine = state.engine
+    body = parse(await request.body(), ChunkRequest)
+    values = chunk_array(body.values, body.horizon, engine.forecaster.num_features, state.settings, _LOCATION)
+    answer = await engine.predict(session_key(tenant_of(request), session_id), values, body.offset, body.horizon)
+    return Response(answer, media_type=JSON)
+
+
+async def predict(request: Request) -> Response:
+    state = request.app.state
+    engine: Engine = state.engine
+    body = parse(await request.body(), StatelessRequest)
+    values = chunk_array(body.values, body.horizon, engine.forecaster.num_features, state.settings, _LOCATION)
+    return Response(await engine.predict(None, values, None, body.horizon), media_type=JSON)
+
+
+class _TemplatedRoute(Route):
+    """Puts itself in ``scope["route"]``, which metrics and logs read for the route template; FastAPI's
+    router does that only for its own routes."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child_scope = super().matches(scope)
+        if match != Match.NONE:
+            child_scope["route"] = self
+        return match, child_scope
+
+
+ROUTES = [
+    _TemplatedRoute("/v1/sessions/{session_id}/predict", predict_session, methods=["POST"]),
+    _TemplatedRoute("/v1/predict", predict, methods=["POST"]),
+]
+
+OPERATIONS = [
+    RawOperation(
+        "/v1/sessions/{session_id}/predict", "post", "Feed a session the next chunk of its series",
+        "Applies the chunk at the session's position and answers the one-step-ahead prediction after every "
+        "step, plus a forecast when `horizon` > 0. `offset` makes retries safe: see the README's offset rules.",
+        ChunkRequest, SessionPredictResponse, (400, 404, 409, 413, 422, 429, 503), session_path=True,
+    ),
+    RawOperation(
+        "/v1/predict", "post", "Predict a whole series from a fresh state (nothing kept)",
+        "Stateless: the series runs from a fresh state and nothing is stored.",
+        StatelessRequest, PredictionResponse, (400, 413, 422, 429, 503),
+    ),
+]
