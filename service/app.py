@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from model import load_checkpoint
 from service import auth, problems
-from service.api import health, v1
+from service.api import health, v1, v2
 from service.config import Settings
 from service.engine import Engine
 from service.metrics import Metrics
@@ -81,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.model_meta = meta
     app.include_router(v1.router)
+    app.include_router(v2.router)
     app.include_router(health.router)
     problems.install(app)
     app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes)

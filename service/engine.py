@@ -119,7 +119,8 @@ class Engine:
     # -- the API routers use ---------------------------------------------------------------------------
 
     async def predict(
-        self, key: str | None, values: np.ndarray, offset: int | None, horizon: int, *, must_exist: bool = False
+        self, key: str | None, values: np.ndarray, offset: int | None, horizon: int, *,
+        must_exist: bool = False,
     ) -> bytes:
         """The JSON answer for one chunk (a session's when ``key`` is set, else stateless).
 
@@ -133,7 +134,8 @@ class Engine:
             self._metrics.rejected.labels(reason="queue_full").inc()
             raise Problem(429, "overloaded", f"{len(self._waiting)} chunks are already waiting; retry shortly",
                           headers={"Retry-After": "1"})
-        chunk = Chunk(key, values, offset, horizon, asyncio.get_running_loop().create_future(), must_exist=must_exist)
+        future = asyncio.get_running_loop().create_future()
+        chunk = Chunk(key, values, offset, horizon, future, must_exist=must_exist)
         self._waiting.append(chunk)
         self._wake.set()
         try:

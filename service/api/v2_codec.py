@@ -36,6 +36,7 @@ OUTPUTS = (PREDICTIONS, FORECAST)
 FP32 = "FP32"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 UINT64_MAX = 2**64 - 1
+MAX_OFFSET = 2**62  # positions are int64 in the chunk fingerprint; no stream gets near this
 _SESSION_ID = re.compile(SESSION_ID_PATTERN)
 _LOOSE = ConfigDict(strict=True, extra="ignore")  # the protocol lets clients add fields we do not use
 
@@ -96,21 +97,21 @@ class InferRequest:
 
 
 def decode_body(raw: bytes, encoding: str | None, limit: int) -> bytes:
-    """The body after ``Content-Encoding`` (tritonclient may gzip or deflate), never inflated past ``limit``."""
+    """The body after ``Content-Encoding`` (tritonclient may gzip or deflate), inflated up to ``limit``."""
     if not encoding or encoding.lower() == "identity":
         return raw
     wbits = {"gzip": 31, "deflate": 15}.get(encoding.lower())
     if wbits is None:
-        raise Problem(415, "unsupported-encoding", f"Content-Encoding {encoding!r} is not supported; send gzip,"
-                      " deflate or an uncompressed body", error=f"unsupported Content-Encoding {encoding!r}")
+        detail = f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or an uncompressed body"
+        raise Problem(415, "unsupported-encoding", detail, error=detail)
     inflater = zlib.decompressobj(wbits)
     try:
         body = inflater.decompress(raw, limit + 1)
     except zlib.error as exc:
         raise v2_problem(400, f"the body is not valid {encoding} data ({exc})") from None
     if len(body) > limit or inflater.unconsumed_tail:
-        raise Problem(413, "body-too-large", f"the decompressed body is over GRU_MAX_BODY_BYTES={limit} bytes;"
-                      " send smaller chunks", error=f"decompressed body over {limit} bytes")
+        detail = f"the decompressed body is over GRU_MAX_BODY_BYTES={limit} bytes; send smaller chunks"
+        raise Problem(413, "body-too-large", detail, error=detail)
     return body
 
 
@@ -118,8 +119,8 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     if header_length is None:
         return body, b""
     if not header_length.strip().isdigit() or int(header_length) > len(body):
-        raise v2_problem(400, f"{HEADER_LENGTH} is {header_length!r}, but the body has {len(body)} bytes; it must"
-                         " be the length of the JSON header that starts the body")
+        raise v2_problem(400, f"{HEADER_LENGTH} is {header_length!r}, but the body has {len(body)} bytes; it"
+                         " must be the length of the JSON header that starts the body")
     cut = int(header_length)
     return body[:cut], body[cut:]
 
@@ -128,8 +129,8 @@ def _load(header: bytes) -> _InferRequest:
     try:
         document = orjson.loads(header)
     except orjson.JSONDecodeError as exc:
-        raise v2_problem(400, f"the inference request is not valid JSON ({exc}; NaN and Infinity are not JSON)",
-                         kind="malformed-json") from None
+        raise v2_problem(400, f"the inference request is not valid JSON ({exc}; NaN and Infinity are not"
+                         " JSON)", kind="malformed-json") from None
     if not isinstance(document, dict):
         raise v2_problem(400, "the inference request must be a JSON object with an `inputs` list")
     try:
@@ -152,14 +153,14 @@ def _flag(parameters: dict[str, Any], name: str) -> bool:
     return value
 
 
-def _count(parameters: dict[str, Any], name: str, maximum: int | None = None) -> int | None:
+def _count(parameters: dict[str, Any], name: str, maximum: int, limit_name: str) -> int | None:
     value = parameters.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise v2_problem(400, f"parameter {name} must be a whole number ≥ 0, got {value!r}")
-    if maximum is not None and value > maximum:
-        raise v2_problem(400, f"parameter {name}={value} is over GRU_MAX_HORIZON={maximum}")
+    if value > maximum:
+        raise v2_problem(400, f"parameter {name}={value} is over {limit_name}={maximum}")
     return value
 
 
@@ -171,12 +172,12 @@ def _sequence(parameters: dict[str, Any]) -> tuple[str | int | None, str | None]
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise v2_problem(400, f"parameter sequence_id must be a uint64 or a string, got {value!r}")
     if isinstance(value, int) and not 0 < value <= UINT64_MAX:
-        raise v2_problem(400, f"parameter sequence_id {value} is not a uint64 > 0 (0 means no sequence: omit it"
-                         " for a stateless call)")
+        raise v2_problem(400, f"parameter sequence_id {value} is not a uint64 > 0 (0 means no sequence: omit"
+                         " it for a stateless call)")
     session_id = str(value)
     if not _SESSION_ID.match(session_id):
-        raise v2_problem(400, f"parameter sequence_id {value!r} must match {SESSION_ID_PATTERN} (the v1 session"
-                         " id rule)")
+        raise v2_problem(400, f"parameter sequence_id {value!r} must match {SESSION_ID_PATTERN} (the v1"
+                         " session id rule)")
     return value, session_id
 
 
@@ -193,12 +194,14 @@ def _flatten(data: Any, depth: int) -> list[Any]:
         if not any(isinstance(item, list) for item in flat):
             break
         if not all(isinstance(item, list) for item in flat):
-            raise v2_problem(400, f"input {INPUT} data mixes numbers and lists; nest it evenly or send it flat")
+            raise v2_problem(400, f"input {INPUT} data mixes numbers and lists; nest it evenly or flat")
         flat = list(itertools.chain.from_iterable(flat))
     return flat
 
 
-def _input_array(tensor: _Tensor, binary: bytes, used: int, features: int, max_steps: int) -> tuple[np.ndarray, int]:
+def _input_array(
+    tensor: _Tensor, binary: bytes, used: int, features: int, max_steps: int
+) -> tuple[np.ndarray, int]:
     """The (T, F) float32 chunk of the ``values`` tensor and how many binary bytes it took."""
     if tensor.datatype != FP32:
         raise v2_problem(400, f"input {INPUT} has datatype {tensor.datatype}; the model takes {FP32}")
@@ -241,7 +244,7 @@ def _input_array(tensor: _Tensor, binary: bytes, used: int, features: int, max_s
         taken = 0
     array = array.reshape(steps, width)  # (T, F)
     if not np.isfinite(array).all():
-        raise v2_problem(400, f"input {INPUT} holds NaN, Infinity or numbers beyond FP32 range (|x| > 3.4e38)")
+        raise v2_problem(400, f"input {INPUT} holds NaN, Infinity or numbers beyond FP32 range (> 3.4e38)")
     return array, taken
 
 
@@ -257,7 +260,7 @@ def _requested(request: _InferRequest, horizon: int) -> dict[str, bool]:
         if output.name == FORECAST and not horizon:
             raise v2_problem(400, "output forecast needs the request parameter horizon > 0")
         if output.parameters.get("classification"):
-            raise v2_problem(400, "the classification extension is not supported; the outputs are regressions")
+            raise v2_problem(400, "the classification extension is not supported; outputs are regressions")
         binary = output.parameters.get("binary_data", binary_default)
         if not isinstance(binary, bool):
             raise v2_problem(400, f"output {output.name} parameter binary_data must be true or false")
@@ -283,8 +286,8 @@ def parse_infer(
     sequence_start, sequence_end = _flag(parameters, "sequence_start"), _flag(parameters, "sequence_end")
     if session_id is None and (sequence_start or sequence_end):
         raise v2_problem(400, "sequence_start and sequence_end need a sequence_id")
-    horizon = _count(parameters, "horizon", max_horizon) or 0
-    offset = _count(parameters, "offset")
+    horizon = _count(parameters, "horizon", max_horizon, "GRU_MAX_HORIZON") or 0
+    offset = _count(parameters, "offset", MAX_OFFSET, "the largest position")
     if offset is not None and session_id is None:
         raise v2_problem(400, "parameter offset needs a sequence_id (a stateless call has no position)")
     return InferRequest(

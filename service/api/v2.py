@@ -1,0 +1,239 @@
+"""Open Inference Protocol (KServe v2 / Triton REST), DESIGN §5, on the same engine and sessions as v1.
+
+Sequences follow Triton's sequence batcher, mapped onto v1 sessions of the caller's tenant:
+
+- ``sequence_id`` 42 and "42" both name the v1 session "42"; without ``sequence_id`` the call is stateless.
+- ``sequence_start``: the session is reset first, then the chunk is applied at offset 0 (so a chunk that
+  raced in between the two is a 409, never silently underneath ours).
+- no ``sequence_start``: the session must exist; the engine checks it when it judges the chunk, atomically
+  with the commit (``must_exist``), so a sequence that ended or expired is a 404 and never silently
+  restarted from a fresh state.
+- ``sequence_end``: the session is deleted after the chunk is answered.
+- ``horizon`` adds the output ``forecast``; ``offset`` (our extension) is the v1 offset, for safe retries.
+
+Every error carries the protocol's ``error`` member beside the RFC 9457 fields (tritonclient reads
+``error`` from any non-200 answer, whatever its content type).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Path, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+
+from service.api.deps import EngineDep, SettingsDep
+from service.api.v2_codec import (
+    FP32,
+    HEADER_LENGTH,
+    INPUT,
+    OUTPUTS,
+    InferRequest,
+    decode_body,
+    encode_infer,
+    parse_infer,
+    v2_problem,
+    with_error_member,
+)
+from service.auth import TenantDep
+from service.config import Settings
+from service.engine import Engine
+from service.problems import Problem
+from service.sessions.base import session_key
+
+log = logging.getLogger("service.v2")
+JSON = "application/json"
+
+
+class _V2Route(APIRoute):
+    """Adds the protocol's ``error`` member to every problem raised under /v2 (the engine's included)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Problem as problem:
+                raise with_error_member(problem) from None
+            except RequestValidationError as exc:
+                detail = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}"
+                                   for e in exc.errors()[:5])
+                raise v2_problem(400, f"invalid request: {detail}") from None
+
+        return route
+
+
+router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"], route_class=_V2Route)
+ModelName = Annotated[str, Path(description="The model name that GET /v1/model reports")]
+ModelVersion = Annotated[str, Path(description="The model version (hash) that GET /v1/model reports")]
+
+
+def _model_name(request: Request) -> str:
+    return str(request.app.state.model_meta["name"])
+
+
+def _check_model(request: Request, engine: Engine, name: str, version: str | None) -> None:
+    served = _model_name(request)
+    if name != served:
+        raise v2_problem(404, f"unknown model {name!r}; this server serves {served!r}",
+                         kind="model-not-found")
+    if version is not None and version != engine.model_version:
+        raise v2_problem(404, f"model {name!r} has no version {version!r}; the served version is"
+                         f" {engine.model_version!r}", kind="model-not-found")
+
+
+# -- server and model status -------------------------------------------------------------------------
+
+
+@router.get("", summary="Server metadata")
+async def server_metadata(request: Request) -> dict[str, Any]:
+    return {"name": "gru-service", "version": request.app.version,
+            "extensions": ["binary_tensor_data", "sequence", "parameters"]}
+
+
+@router.get("/health/live", summary="Liveness")
+async def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/health/ready", summary="Readiness: model loaded and session store reachable")
+async def ready(engine: EngineDep) -> dict[str, bool]:
+    if not await engine.store.ping():
+        raise v2_problem(503, "the session store is unreachable", kind="not-ready", ready=False)
+    return {"ready": True}
+
+
+def _metadata(request: Request, engine: Engine) -> dict[str, Any]:
+    features = engine.forecaster.num_features
+    cfg = engine.forecaster.config
+    return {
+        "name": _model_name(request),
+        "versions": [engine.model_version],
+        "platform": "pytorch",
+        "inputs": [{"name": INPUT, "datatype": FP32, "shape": [-1, features]}],
+        "outputs": [{"name": name, "datatype": FP32, "shape": [-1, features]} for name in OUTPUTS],
+        "parameters": {"feature_names": list(cfg.features), "variant": cfg.variant,
+                       "hidden_size": cfg.hidden_size, "num_layers": cfg.num_layers},
+    }
+
+
+@router.get("/models/{model_name}", summary="Model metadata: tensors and versions")
+async def model_metadata(model_name: ModelName, request: Request, engine: EngineDep) -> dict[str, Any]:
+    _check_model(request, engine, model_name, None)
+    return _metadata(request, engine)
+
+
+@router.get("/models/{model_name}/versions/{model_version}", summary="Model metadata of one version")
+async def model_version_metadata(
+    model_name: ModelName, model_version: ModelVersion, request: Request, engine: EngineDep
+) -> dict[str, Any]:
+    _check_model(request, engine, model_name, model_version)
+    return _metadata(request, engine)
+
+
+@router.get("/models/{model_name}/ready", summary="Model readiness")
+async def model_ready(model_name: ModelName, request: Request, engine: EngineDep) -> dict[str, Any]:
+    _check_model(request, engine, model_name, None)
+    return {"name": model_name, "ready": True}
+
+
+@router.get("/models/{model_name}/versions/{model_version}/ready", summary="Model version readiness")
+async def model_version_ready(
+    model_name: ModelName, model_version: ModelVersion, request: Request, engine: EngineDep
+) -> dict[str, Any]:
+    _check_model(request, engine, model_name, model_version)
+    return {"name": model_name, "ready": True}
+
+
+# -- inference ---------------------------------------------------------------------------------------
+
+_INFER_DOC: dict[str, Any] = {
+    "requestBody": {"required": True, "content": {
+        JSON: {"example": {
+            "inputs": [{"name": INPUT, "shape": [3, 1], "datatype": FP32, "data": [0.31, 0.35, 0.42]}],
+            "parameters": {"sequence_id": "pump-7", "sequence_start": True, "horizon": 2},
+        }},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}, "description":
+                                     f"binary tensor data extension: JSON header of {HEADER_LENGTH} bytes,"
+                                     " then the raw tensors"},
+    }},
+}
+
+
+async def _infer(request: Request, engine: Engine, settings: Settings, tenant: str) -> Response:
+    body = decode_body(await request.body(), request.headers.get("content-encoding"), settings.max_body_bytes)
+    call = parse_infer(
+        body, request.headers.get(HEADER_LENGTH), features=engine.forecaster.num_features,
+        max_steps=settings.max_chunk_steps, max_horizon=settings.max_horizon,
+    )
+    parameters: dict[str, Any] = {}
+    if call.session_id is None:
+        answer = await engine.predict(None, call.values, None, call.horizon)
+    else:
+        key = session_key(tenant, call.session_id)
+        if call.sequence_start:
+            await engine.reset(key)
+            offset = 0 if call.offset is None else call.offset
+            answer = await engine.predict(key, call.values, offset, call.horizon)
+        else:
+            answer = await _continue(engine, key, call.sequence_id, call)
+        if call.sequence_end:
+            await _end(engine, key)
+    decoded = orjson.loads(answer)
+    if call.session_id is not None:
+        parameters = {"sequence_id": call.sequence_id, "sequence_position": decoded["position"]}
+    encoded = encode_infer(call, _model_name(request), decoded, parameters)
+    return Response(encoded.body, media_type=encoded.media_type, headers=encoded.headers)
+
+
+async def _continue(engine: Engine, key: str, sequence_id: object, call: InferRequest) -> bytes:
+    """A chunk after the first: the sequence must exist (Triton refuses an unknown correlation id too)."""
+    try:
+        return await engine.predict(key, call.values, call.offset, call.horizon, must_exist=True)
+    except Problem as problem:
+        if problem.status != 404:
+            raise
+        raise v2_problem(404, f"sequence {sequence_id!r} is not active (never started, ended or expired);"
+                         " send its first chunk with sequence_start=true", kind="sequence-not-found",
+                         sequence_id=sequence_id) from None
+
+
+async def _end(engine: Engine, key: str) -> None:
+    """``sequence_end``: forget the session. The chunk is already applied and answered, so a failed delete
+    is logged, not returned: a client retrying it would apply the chunk twice. The session then expires."""
+    try:
+        await engine.delete(key)
+    except Problem as problem:
+        if problem.status != 404:  # 404: ended meanwhile by someone else, which is what we wanted
+            log.warning("sequence_end: session not deleted (%s); it will expire", problem.detail)
+
+
+@router.post("/models/{model_name}/infer", summary="Inference (JSON or binary tensors, sequences)",
+             openapi_extra=_INFER_DOC)
+async def infer(
+    model_name: ModelName, request: Request, engine: EngineDep, settings: SettingsDep, tenant: TenantDep
+) -> Response:
+    _check_model(request, engine, model_name, None)
+    return await _infer(request, engine, settings, tenant)
+
+
+@router.post("/models/{model_name}/versions/{model_version}/infer", summary="Inference on one model version",
+             openapi_extra=_INFER_DOC)
+async def infer_version(
+    model_name: ModelName, model_version: ModelVersion, request: Request, engine: EngineDep,
+    settings: SettingsDep, tenant: TenantDep,
+) -> Response:
+    _check_model(request, engine, model_name, model_version)
+    return await _infer(request, engine, settings, tenant)
+
+
+@router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)
+async def unknown(path: str, request: Request) -> Response:
+    """Anything else under /v2 (model config, statistics, repository, shared memory): not served."""
+    raise v2_problem(404, f"{request.method} /v2/{path} is not served here; this server implements the v2"
+                     " health, metadata and infer endpoints", kind="not-found")

@@ -1,0 +1,536 @@
+"""A small client for the service (httpx only): sessions that track their offset, retries safe by contract.
+
+    from service.client import Client
+    with Client("http://localhost:8000") as client:
+        answers = list(client.session("pump-7").stream(rows, chunk=32))
+
+Every chunk is sent with the offset it starts at (the session's position as the last answer reported). So
+a network error or a 5xx/429 is retried with the same offset: if the server had applied the chunk, the
+retry gets the same answer back and nothing is applied twice (DESIGN §4). A 409 raises ``OffsetConflict``
+carrying the server's ``position`` (``session.resync()`` adopts it); an expired session raises
+``SessionNotFound``. ``AsyncClient`` is the same with ``await``.
+
+The command line streams a CSV through a session (needs the ``client`` extra for the progress bar and plot):
+
+    python -m service.client stream --csv series.csv --session pump-7 [--chunk 32] [--url URL]
+        [--out predictions.csv] [--plot out.png] [--columns a,b] [--api-key KEY] [--reset | --resume]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import csv
+import os
+import random
+import re
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+# Errors after which the request may or may not have reached the server: safe to resend with the offset.
+RETRY_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+Values = Sequence[Sequence[float]] | Sequence[float] | Any  # lists, or anything with .tolist() (numpy)
+
+
+# -- errors ------------------------------------------------------------------------------------------
+
+
+class ServiceError(Exception):
+    """The service refused a call; ``problem`` is its RFC 9457 body (type, title, status, detail, ...)."""
+
+    def __init__(self, status: int | None, problem: dict[str, Any], message: str | None = None):
+        self.status = status
+        self.problem = problem
+        self.detail: str = str(problem.get("detail", ""))
+        self.kind: str = str(problem.get("type", "")).rsplit("/", 1)[-1]
+        super().__init__(message or f"{status} {problem.get('title', 'Error')}: {self.detail}")
+
+
+class OffsetConflict(ServiceError):
+    """409: the session is at ``position``, not where this client thought; nothing was applied."""
+
+    @property
+    def position(self) -> int:
+        return int(self.problem["position"])
+
+
+class ModelChanged(OffsetConflict):
+    """409: the session was built with another model version; reset it to continue."""
+
+
+class SessionNotFound(ServiceError):
+    """404: the session expired, was deleted or never existed; its state is gone."""
+
+
+class Unavailable(ServiceError):
+    """Every attempt failed with a network error, a 5xx or a 429; the last failure is the ``__cause__``."""
+
+
+def _error(response: httpx.Response) -> ServiceError:
+    try:
+        problem = response.json()
+        if not isinstance(problem, dict):
+            raise ValueError
+    except ValueError:
+        problem = {"status": response.status_code, "title": response.reason_phrase,
+                   "detail": response.text[:500]}
+    kind = str(problem.get("type", "")).rsplit("/", 1)[-1]
+    status = response.status_code
+    if status == 409 and "position" in problem:
+        return (ModelChanged if kind == "model-changed" else OffsetConflict)(status, problem)
+    if status == 404 and kind == "session-not-found":
+        return SessionNotFound(status, problem)
+    return ServiceError(status, problem)
+
+
+# -- answers and retry policy ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """One answer: the one-step-ahead prediction after every step sent, and the forecast if asked for."""
+
+    predictions: list[list[float]]  # T × F_out
+    forecast: list[list[float]] | None  # horizon × F_out
+    model_version: str
+    position: int | None = None  # sessions only: steps consumed, this chunk included
+    created: bool | None = None  # sessions only: this chunk started the session
+    session_id: str | None = None
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> Prediction:
+        return cls(body["predictions"], body.get("forecast"), body["model_version"], body.get("position"),
+                   body.get("created"), body.get("session_id"))
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Exponential backoff with jitter; a ``Retry-After`` header is honoured up to ``max_delay``."""
+
+    attempts: int = 6  # tries in all, the first included
+    backoff: float = 0.1  # seconds before the first retry; doubles each time
+    max_delay: float = 5.0
+
+    def delay(self, attempt: int, response: httpx.Response | None) -> float:
+        wait = self.backoff * 2**attempt * random.uniform(0.5, 1.0)
+        if response is not None:
+            with contextlib.suppress(ValueError):
+                wait = max(wait, float(response.headers.get("retry-after", 0)))
+        return min(wait, self.max_delay)
+
+
+def _rows(values: Values) -> list[Any]:
+    rows = values.tolist() if hasattr(values, "tolist") else list(values)
+    if not rows:
+        raise ValueError("values is empty; send at least one step")
+    return rows
+
+
+def _check_id(session_id: str) -> str:
+    if not SESSION_ID.match(session_id):
+        raise ValueError(f"session id {session_id!r} must match {SESSION_ID.pattern}")
+    return session_id
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def _answer(response: httpx.Response) -> dict[str, Any]:
+    if response.status_code >= 400:
+        raise _error(response)
+    body: dict[str, Any] = response.json() if response.content else {}
+    return body
+
+
+@dataclass
+class _Stats:
+    retries: int = 0  # resends after a network error, a 5xx or a 429
+    failures: list[str] = field(default_factory=list)  # why, most recent last (capped)
+
+    def note(self, why: str) -> None:
+        self.retries += 1
+        self.failures = [*self.failures[-19:], why]
+
+
+def _why(error: Exception | None, response: httpx.Response | None) -> str:
+    if error is not None:
+        return f"{type(error).__name__}: {error}"
+    return f"HTTP {response.status_code if response is not None else '?'}"
+
+
+def _give_up(attempts: int, error: Exception | None, response: httpx.Response | None) -> Unavailable:
+    status = response.status_code if response is not None else None
+    problem = _error(response).problem if response is not None else {"detail": _why(error, None)}
+    return Unavailable(status, problem, f"gave up after {attempts} attempts; last: {_why(error, response)}"
+                       + (f" ({problem.get('detail')})" if response is not None else ""))
+
+
+# -- sync --------------------------------------------------------------------------------------------
+
+
+class Client:
+    """The service at ``base_url``; ``api_key`` is sent as ``Authorization: Bearer``."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, *,
+                 timeout: float = 30.0, retry: Retry | None = None,
+                 transport: httpx.BaseTransport | None = None):
+        self.retry = retry or Retry()
+        self.stats = _Stats()
+        self._http = httpx.Client(base_url=base_url, headers=_headers(api_key), timeout=timeout,
+                                  transport=transport)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One call, resent with the same body after network errors, 5xx and 429; the JSON answer or a
+        ``ServiceError``. Only use it for calls that are safe to repeat (every call of this API is)."""
+        error: Exception | None = None
+        response: httpx.Response | None = None
+        for attempt in range(self.retry.attempts):
+            if attempt:
+                self.stats.note(_why(error, response))
+                time.sleep(self.retry.delay(attempt - 1, response))
+            error = response = None
+            try:
+                response = self._http.request(method, path, json=body)
+            except RETRY_ERRORS as exc:
+                error = exc
+                continue
+            if response.status_code not in RETRY_STATUSES:
+                return _answer(response)
+        raise _give_up(self.retry.attempts, error, response) from error
+
+    def model(self) -> dict[str, Any]:
+        return self.request("GET", "/v1/model")
+
+    def predict(self, values: Values, horizon: int = 0) -> Prediction:
+        """A whole series from a fresh state; nothing is kept."""
+        body = {"values": _rows(values), "horizon": horizon}
+        return Prediction.from_json(self.request("POST", "/v1/predict", body))
+
+    def session(self, session_id: str, *, resume: bool = False) -> Session:
+        """A session handle starting at position 0, or, with ``resume``, where the server has it (0 if
+        unknown)."""
+        session = Session(self, _check_id(session_id))
+        if resume:
+            with contextlib.suppress(SessionNotFound):
+                session.resync()
+        return session
+
+
+class Session:
+    """One session: ``predict`` sends the next chunk at ``position`` and moves it by the answer."""
+
+    def __init__(self, client: Client, session_id: str, position: int = 0):
+        self.client = client
+        self.id = session_id
+        self.position = position
+
+    def predict(self, values: Values, horizon: int = 0) -> Prediction:
+        body = {"values": _rows(values), "offset": self.position, "horizon": horizon}
+        answer = Prediction.from_json(self.client.request("POST", f"/v1/sessions/{self.id}/predict", body))
+        self.position = int(answer.position or 0)
+        return answer
+
+    def stream(self, values: Values, chunk: int = 32, horizon: int = 0) -> Iterator[Prediction]:
+        """The series in chunks of ``chunk`` steps, one answer per chunk."""
+        rows = _rows(values)
+        for start in range(0, len(rows), chunk):
+            yield self.predict(rows[start : start + chunk], horizon)
+
+    def info(self) -> dict[str, Any]:
+        return self.client.request("GET", f"/v1/sessions/{self.id}")
+
+    def resync(self) -> int:
+        """Adopt the server's position (after an ``OffsetConflict``, say) and return it."""
+        self.position = int(self.info()["position"])
+        return self.position
+
+    def reset(self) -> None:
+        self.client.request("POST", f"/v1/sessions/{self.id}/reset")
+        self.position = 0
+
+    def delete(self) -> None:
+        with contextlib.suppress(SessionNotFound):  # a retried delete whose first try went through
+            self.client.request("DELETE", f"/v1/sessions/{self.id}")
+        self.position = 0
+
+
+# -- async -------------------------------------------------------------------------------------------
+
+
+class AsyncClient:
+    """``Client`` for asyncio: the same calls, awaited."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, *,
+                 timeout: float = 30.0, retry: Retry | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None):
+        self.retry = retry or Retry()
+        self.stats = _Stats()
+        self._http = httpx.AsyncClient(base_url=base_url, headers=_headers(api_key), timeout=timeout,
+                                       transport=transport)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        error: Exception | None = None
+        response: httpx.Response | None = None
+        for attempt in range(self.retry.attempts):
+            if attempt:
+                self.stats.note(_why(error, response))
+                await asyncio.sleep(self.retry.delay(attempt - 1, response))
+            error = response = None
+            try:
+                response = await self._http.request(method, path, json=body)
+            except RETRY_ERRORS as exc:
+                error = exc
+                continue
+            if response.status_code not in RETRY_STATUSES:
+                return _answer(response)
+        raise _give_up(self.retry.attempts, error, response) from error
+
+    async def model(self) -> dict[str, Any]:
+        return await self.request("GET", "/v1/model")
+
+    async def predict(self, values: Values, horizon: int = 0) -> Prediction:
+        body = {"values": _rows(values), "horizon": horizon}
+        return Prediction.from_json(await self.request("POST", "/v1/predict", body))
+
+    async def session(self, session_id: str, *, resume: bool = False) -> AsyncSession:
+        session = AsyncSession(self, _check_id(session_id))
+        if resume:
+            with contextlib.suppress(SessionNotFound):
+                await session.resync()
+        return session
+
+
+class AsyncSession:
+    def __init__(self, client: AsyncClient, session_id: str, position: int = 0):
+        self.client = client
+        self.id = session_id
+        self.position = position
+
+    async def predict(self, values: Values, horizon: int = 0) -> Prediction:
+        body = {"values": _rows(values), "offset": self.position, "horizon": horizon}
+        answer = Prediction.from_json(
+            await self.client.request("POST", f"/v1/sessions/{self.id}/predict", body))
+        self.position = int(answer.position or 0)
+        return answer
+
+    async def stream(self, values: Values, chunk: int = 32, horizon: int = 0) -> AsyncIterator[Prediction]:
+        rows = _rows(values)
+        for start in range(0, len(rows), chunk):
+            yield await self.predict(rows[start : start + chunk], horizon)
+
+    async def info(self) -> dict[str, Any]:
+        return await self.client.request("GET", f"/v1/sessions/{self.id}")
+
+    async def resync(self) -> int:
+        self.position = int((await self.info())["position"])
+        return self.position
+
+    async def reset(self) -> None:
+        await self.client.request("POST", f"/v1/sessions/{self.id}/reset")
+        self.position = 0
+
+    async def delete(self) -> None:
+        with contextlib.suppress(SessionNotFound):
+            await self.client.request("DELETE", f"/v1/sessions/{self.id}")
+        self.position = 0
+
+
+# -- the command line --------------------------------------------------------------------------------
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def read_csv(
+    path: Path, features: Sequence[str], columns: Sequence[str] | None
+) -> tuple[list[str], list[list[float]]]:
+    """(column names, rows) of the model's inputs from a CSV, with or without a header row.
+
+    Columns: ``columns`` if given; else the model's feature names when the header has them all; else the
+    numeric columns, if there are as many as the model takes features."""
+    with path.open(newline="") as file:
+        table = [row for row in csv.reader(file) if row and any(cell.strip() for cell in row)]
+    if not table:
+        raise SystemExit(f"{path} is empty")
+    has_header = any(_number(cell) is None for cell in table[0])
+    width = len(table[0])
+    header = [cell.strip() for cell in table[0]] if has_header else [f"column{i}" for i in range(width)]
+    data = table[1:] if has_header else table
+    if not data:
+        raise SystemExit(f"{path} has a header and no rows")
+    if columns:
+        missing = [c for c in columns if c not in header]
+        if missing:
+            raise SystemExit(f"{path} has no column {', '.join(missing)}; it has {', '.join(header)}")
+        picked = [header.index(c) for c in columns]
+    elif all(f in header for f in features):
+        picked = [header.index(f) for f in features]
+    else:
+        first = data[0]
+        picked = [i for i in range(len(header)) if i < len(first) and _number(first[i]) is not None]
+    if len(picked) != len(features):
+        raise SystemExit(f"the model takes {len(features)} feature(s) ({', '.join(features)}); {path} has"
+                         f" {len(picked)} numeric column(s) ({', '.join(header[i] for i in picked)}): choose"
+                         " with --columns")
+    rows: list[list[float]] = []
+    for line, row in enumerate(data, start=2 if has_header else 1):
+        try:
+            rows.append([float(row[i]) for i in picked])
+        except (ValueError, IndexError):
+            where = ", ".join(header[i] for i in picked)
+            raise SystemExit(f"{path}:{line}: not a number in column(s) {where}") from None
+    return [header[i] for i in picked], rows
+
+
+def _progress() -> Any:
+    try:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+    except ImportError:  # the client extra is not installed: no bar
+        return None
+    return Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), transient=False)
+
+
+def write_predictions(path: Path, names: Sequence[str], truth: Sequence[Sequence[float]],
+                      predictions: Sequence[Sequence[float]], start: int) -> None:
+    """One row per step: the truth, and the prediction *for* that step (made after the step before). The
+    last row is the prediction for the step after the series."""
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["step", *names, *(f"predicted_{n}" for n in names)])
+        for i in range(len(truth) + 1):
+            step = start + i
+            actual = list(truth[i]) if i < len(truth) else [""] * len(names)
+            predicted = list(predictions[i - 1]) if i >= 1 else [""] * len(names)
+            writer.writerow([step, *actual, *predicted])
+
+
+def plot(path: Path, names: Sequence[str], truth: Sequence[Sequence[float]],
+         predictions: Sequence[Sequence[float]], start: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    count = len(names)
+    fig, axes = plt.subplots(count, 1, figsize=(11, 3 * count), squeeze=False, sharex=True)
+    steps = range(start, start + len(truth))
+    for j, (name, ax) in enumerate(zip(names, axes[:, 0], strict=True)):
+        ax.plot(steps, [row[j] for row in truth], label="truth", linewidth=1.2)
+        ax.plot(range(start + 1, start + len(predictions) + 1), [row[j] for row in predictions],
+                label="one-step prediction", linewidth=1.0, alpha=0.85)
+        ax.set_ylabel(name)
+        ax.legend(loc="upper left")
+    axes[-1, 0].set_xlabel("step")
+    fig.suptitle("truth vs one-step-ahead prediction")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def stream_csv(args: argparse.Namespace) -> int:
+    with Client(args.url, args.api_key, timeout=args.timeout) as client:
+        model = client.model()
+        names, rows = read_csv(args.csv, model["feature_names"], args.columns)
+        session = client.session(args.session, resume=args.resume)
+        if args.reset:
+            session.reset()
+        start = session.position
+        if start > len(rows):
+            raise SystemExit(f"session {args.session} is at position {start}, past the {len(rows)} rows of"
+                             f" {args.csv}")
+        todo = rows[start:]
+        predictions: list[list[float]] = []
+        progress = _progress() if not args.quiet else None
+        task = progress.add_task(f"session {args.session}", total=len(todo)) if progress else None
+        try:
+            if progress:
+                progress.start()
+            for offset in range(0, len(todo), args.chunk):
+                try:
+                    answer = session.predict(todo[offset : offset + args.chunk])
+                except OffsetConflict as exc:
+                    raise SystemExit(f"{exc}\nthe session is at {exc.position}: --resume to continue from"
+                                     " there, --reset to start again") from None
+                predictions.extend(answer.predictions)
+                if progress:
+                    progress.update(task, advance=len(answer.predictions))
+        finally:
+            if progress:
+                progress.stop()
+    out = args.out or args.csv.with_name(args.csv.stem + ".predictions.csv")
+    write_predictions(out, names, todo, predictions, start)
+    message = f"{len(todo)} steps from position {start} -> {session.position}; predictions in {out}"
+    if args.plot:
+        plot(args.plot, names, todo, predictions, start)
+        message += f", plot in {args.plot}"
+    if client.stats.retries:
+        message += f" ({client.stats.retries} retried call(s))"
+    print(message, file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service.client", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    stream = commands.add_parser("stream", help="stream a CSV through a session, write its predictions")
+    stream.add_argument("--csv", type=Path, required=True, help="input series, one row a step")
+    stream.add_argument("--session", required=True, help="session id (^[A-Za-z0-9._:-]{1,128}$)")
+    stream.add_argument("--chunk", type=int, default=32, help="steps per call (default 32)")
+    stream.add_argument("--url", default=os.environ.get("GRU_URL", "http://127.0.0.1:8000"),
+                        help="service base URL (default $GRU_URL or http://127.0.0.1:8000)")
+    stream.add_argument("--api-key", default=os.environ.get("GRU_API_KEY"), help="default $GRU_API_KEY")
+    stream.add_argument("--out", type=Path, help="predictions CSV (default FILE.predictions.csv)")
+    stream.add_argument("--plot", type=Path, help="also draw truth vs prediction to this PNG")
+    stream.add_argument("--columns", type=lambda s: [c.strip() for c in s.split(",")],
+                        help="comma-separated CSV columns to send (default: the model's feature names)")
+    stream.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+    stream.add_argument("--quiet", action="store_true", help="no progress bar")
+    start = stream.add_mutually_exclusive_group()
+    start.add_argument("--reset", action="store_true", help="reset the session first")
+    start.add_argument("--resume", action="store_true", help="continue from the server's position")
+    args = parser.parse_args(argv)
+    if args.chunk < 1:
+        parser.error("--chunk must be at least 1")
+    try:
+        return stream_csv(args)
+    except (ServiceError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

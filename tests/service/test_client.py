@@ -1,0 +1,320 @@
+"""service.client against a real server: offsets tracked, retries that never apply a chunk twice, the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import json
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from service.client import (
+    AsyncClient,
+    Client,
+    ModelChanged,
+    OffsetConflict,
+    Retry,
+    ServiceError,
+    Session,
+    SessionNotFound,
+    Unavailable,
+)
+from tests.conftest import ROOT, Server
+from tests.service.helpers import new_id, position, series, stateless
+
+FAST = Retry(attempts=4, backoff=0.01, max_delay=0.05)
+
+
+class DroppingProxy:
+    """A loopback TCP proxy that can lose an answer: once armed, the next bytes the server sends back are
+    not relayed and the client's connection is closed. The server has answered, so the chunk was applied;
+    the client only sees a dropped connection, exactly the case a retry with the same offset must survive."""
+
+    def __init__(self, target: str):
+        host, port = target.removeprefix("http://").rsplit(":", 1)
+        self._target = (host, int(port))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._lock = threading.Lock()
+        self._armed = 0
+        self.dropped = 0
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def arm(self, count: int = 1) -> None:
+        with self._lock:
+            self._armed += count
+
+    def close(self) -> None:
+        self._listener.close()
+        for sock in self._sockets:
+            sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                downstream, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self._target)
+            self._sockets += [downstream, upstream]
+            threading.Thread(target=self._pipe, args=(downstream, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, downstream, True), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if answers:
+                    with self._lock:
+                        drop = self._armed > 0
+                        if drop:
+                            self._armed -= 1
+                            self.dropped += 1
+                    if drop:
+                        break
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+@pytest.fixture
+def proxy(server: Server) -> Iterator[DroppingProxy]:
+    running = DroppingProxy(server.url)
+    yield running
+    running.close()
+
+
+@pytest.fixture
+def api(server: Server) -> Iterator[Client]:
+    with Client(server.url, retry=FAST) as connection:
+        yield connection
+
+
+# -- streaming and offsets ---------------------------------------------------------------------------
+
+
+def test_stream_in_chunks_equals_one_stateless_pass(api: Client, client: httpx.Client) -> None:
+    values = series(45, seed=21)
+    session = api.session(new_id("client"))
+    answers = list(session.stream(values, chunk=8, horizon=3))
+    assert [a.position for a in answers] == [8, 16, 24, 32, 40, 45]
+    assert answers[0].created and not answers[1].created
+    got = [row for answer in answers for row in answer.predictions]
+    expected = stateless(client, values, horizon=3)
+    np.testing.assert_allclose(got, expected["predictions"], atol=1e-5)
+    forecast = answers[-1].forecast
+    assert forecast is not None
+    np.testing.assert_allclose(forecast, expected["forecast"], atol=1e-5)
+    assert session.position == 45 == position(client, session.id)
+
+
+def test_retry_after_dropped_connection_applies_the_chunk_once(
+    server: Server, proxy: DroppingProxy, client: httpx.Client
+) -> None:
+    values = series(30, seed=22)
+    with Client(proxy.url, retry=FAST) as api:
+        session = api.session(new_id("client"))
+        first = session.predict(values[:10])
+        proxy.arm()  # the server applies the next chunk, its answer is lost on the way back
+        second = session.predict(values[10:20])
+        third = session.predict(values[20:])
+    assert proxy.dropped == 1 and api.stats.retries == 1
+    assert "RemoteProtocolError" in api.stats.failures[0] or "ReadError" in api.stats.failures[0]
+    assert (first.position, second.position, third.position) == (10, 20, 30)
+    assert position(client, session.id) == 30  # applied twice would be 40
+    got = first.predictions + second.predictions + third.predictions
+    np.testing.assert_allclose(got, stateless(client, values)["predictions"], atol=1e-5)
+
+
+def test_async_retry_after_dropped_connection_applies_the_chunk_once(
+    proxy: DroppingProxy, client: httpx.Client
+) -> None:
+    values = series(24, seed=23)
+
+    async def run() -> list[list[float]]:
+        async with AsyncClient(proxy.url, retry=FAST) as api:
+            session = await api.session(new_id("client"))
+            got: list[list[float]] = []
+            async for answer in session.stream(values, chunk=6):
+                got += answer.predictions
+                proxy.arm()  # every answer but the last is lost once
+            assert api.stats.retries == 3  # chunks 2, 3 and 4 each lost their first answer
+            assert session.position == 24 == position(client, session.id)
+            return got
+
+    got = asyncio.run(run())
+    np.testing.assert_allclose(got, stateless(client, values)["predictions"], atol=1e-5)
+
+
+def test_conflict_reports_the_server_position_and_resync_continues(api: Client, client: httpx.Client) -> None:
+    values = series(20, seed=24)
+    session_id = new_id("client")
+    api.session(session_id).predict(values[:12])
+    stale = api.session(session_id)  # a second handle, still at 0
+    with pytest.raises(OffsetConflict) as caught:
+        stale.predict(values[12:])
+    assert caught.value.position == 12 and caught.value.status == 409
+    assert caught.value.kind == "offset-mismatch"
+    assert "position 12" in str(caught.value) and caught.value.problem["session_id"] == session_id
+    assert position(client, session_id) == 12  # nothing applied
+    assert stale.resync() == 12
+    rest = stale.predict(values[12:])
+    np.testing.assert_allclose(rest.predictions, stateless(client, values)["predictions"][12:], atol=1e-5)
+    resumed = api.session(session_id, resume=True)
+    assert resumed.position == 20
+
+
+def test_lost_session_raises_not_found_instead_of_restarting(api: Client, client: httpx.Client) -> None:
+    session = Session(api, new_id("client"), position=30)  # as if its state had expired
+    with pytest.raises(SessionNotFound) as caught:
+        session.predict(series(5))
+    assert caught.value.status == 404 and caught.value.problem["position"] == 0
+    assert client.get(f"/v1/sessions/{session.id}").status_code == 404
+    assert api.session(session.id, resume=True).position == 0
+
+
+def test_reset_and_delete(api: Client, client: httpx.Client) -> None:
+    session = api.session(new_id("client"))
+    session.predict(series(7))
+    session.reset()
+    assert session.position == 0 == position(client, session.id)
+    assert session.predict(series(3)).position == 3
+    session.delete()
+    session.delete()  # already gone: still fine
+    assert client.get(f"/v1/sessions/{session.id}").status_code == 404
+
+
+def test_refusals_raise_with_the_problem_details(api: Client) -> None:
+    with pytest.raises(ServiceError) as caught:
+        api.session(new_id("client")).predict([[0.1, 0.2]])  # the model takes one feature
+    assert caught.value.status == 422 and caught.value.kind == "invalid-request"
+    assert caught.value.problem["errors"] and "features" in caught.value.detail
+    with pytest.raises(ValueError, match="must match"):
+        api.session("no spaces allowed")
+    with pytest.raises(ValueError, match="empty"):
+        api.predict([])
+
+
+def test_stateless_predict(api: Client, client: httpx.Client) -> None:
+    values = series(9, seed=25)
+    answer = api.predict(values, horizon=2)
+    assert answer.position is None and answer.forecast is not None and len(answer.forecast) == 2
+    np.testing.assert_allclose(answer.predictions, stateless(client, values)["predictions"], atol=1e-5)
+    assert api.model()["version"] == answer.model_version
+
+
+# -- retry policy, without a server ---------------------------------------------------------------------
+
+
+def _scripted(statuses: list[int], seen: list[dict[str, object]]) -> httpx.MockTransport:
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append({"body": json.loads(request.content), "auth": request.headers.get("authorization")})
+        status = statuses[len(seen) - 1]
+        if status != 200:
+            return httpx.Response(status, headers={"Retry-After": "0"}, json={
+                "type": "https://gru-service.dev/problems/timeout", "title": "Service unavailable",
+                "status": status, "detail": "not computed in time; retry with the same offset"})
+        return httpx.Response(200, json={"session_id": "s", "position": 5, "predictions": [[0.0]] * 2,
+                                         "model_version": "v", "created": False})
+    return httpx.MockTransport(handle)
+
+
+def test_5xx_and_429_are_retried_with_the_same_offset() -> None:
+    seen: list[dict[str, object]] = []
+    transport = _scripted([503, 429, 502, 200], seen)
+    with Client("http://service", api_key="k" * 20, retry=FAST, transport=transport) as api:
+        session = Session(api, "s", position=3)
+        answer = session.predict([0.1, 0.2])
+    assert [s["body"] for s in seen] == [{"values": [0.1, 0.2], "offset": 3, "horizon": 0}] * 4
+    assert all(s["auth"] == "Bearer " + "k" * 20 for s in seen)
+    assert api.stats.retries == 3 and answer.position == session.position == 5
+
+
+def test_gives_up_with_the_last_problem() -> None:
+    seen: list[dict[str, object]] = []
+    with Client("http://service", retry=FAST, transport=_scripted([503] * 4, seen)) as api, \
+            pytest.raises(Unavailable) as caught:
+        Session(api, "s").predict([0.1])
+    assert len(seen) == FAST.attempts and caught.value.status == 503
+    assert "gave up after 4 attempts" in str(caught.value) and caught.value.kind == "timeout"
+
+
+def test_model_change_is_a_conflict_of_its_own() -> None:
+    def handle(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(409, json={"type": "https://gru-service.dev/problems/model-changed",
+                                         "title": "Conflict", "status": 409, "detail": "reset to continue",
+                                         "position": 7})
+    with Client("http://service", transport=httpx.MockTransport(handle)) as api, \
+            pytest.raises(ModelChanged) as caught:
+        Session(api, "s").predict([0.1])
+    assert caught.value.position == 7 and isinstance(caught.value, OffsetConflict)
+
+
+# -- the command line --------------------------------------------------------------------------------
+
+
+def _write_csv(path: Path, values: np.ndarray) -> None:
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["time", "x"])
+        for step, (value,) in enumerate(values.tolist()):
+            writer.writerow([f"2024-01-01T00:{step // 60:02d}:{step % 60:02d}", value])
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "service.client", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_cli_streams_a_csv_writes_predictions_and_a_plot(server: Server, client: httpx.Client,
+                                                         tmp_path: Path) -> None:
+    values = series(40, seed=26)
+    source, out, picture = tmp_path / "series.csv", tmp_path / "out.csv", tmp_path / "out.png"
+    _write_csv(source, values)
+    session = new_id("cli")
+    done = _cli("stream", "--csv", str(source), "--session", session, "--chunk", "9", "--url", server.url,
+                "--out", str(out), "--plot", str(picture))
+    assert done.returncode == 0, done.stderr
+    assert f"40 steps from position 0 -> 40; predictions in {out}" in done.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 41 and rows[0]["predicted_x"] == "" and rows[-1]["x"] == ""
+    np.testing.assert_allclose([float(r["x"]) for r in rows[:-1]], values[:, 0], atol=1e-6)
+    predicted = [float(r["predicted_x"]) for r in rows[1:]]  # row t holds the prediction for step t
+    np.testing.assert_allclose(predicted, np.ravel(stateless(client, values)["predictions"]), atol=1e-5)
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert position(client, session) == 40
+
+    again = _cli("stream", "--csv", str(source), "--session", session, "--url", server.url, "--out", str(out))
+    assert again.returncode == 1 and "--resume" in again.stderr and "at 40" in again.stderr
+
+    with source.open("a") as file:  # the series grew: --resume sends only the new rows
+        file.write("2024-01-01T01:00:00,0.5\n2024-01-01T01:00:01,0.6\n")
+    resumed = _cli("stream", "--csv", str(source), "--session", session, "--url", server.url,
+                   "--out", str(out), "--resume", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "2 steps from position 40 -> 42" in resumed.stderr
+    assert [r["step"] for r in csv.DictReader(out.open())] == ["40", "41", "42"]
+
+
+def test_cli_explains_a_csv_it_cannot_use(server: Server, tmp_path: Path) -> None:
+    source = tmp_path / "two.csv"
+    source.write_text("a,b\n1,2\n3,4\n")
+    done = _cli("stream", "--csv", str(source), "--session", new_id("cli"), "--url", server.url)
+    assert done.returncode != 0 and "--columns" in done.stderr
+    picked = _cli("stream", "--csv", str(source), "--session", new_id("cli"), "--url", server.url,
+                  "--columns", "b", "--quiet", "--out", str(tmp_path / "b.csv"))
+    assert picked.returncode == 0, picked.stderr
+    assert (tmp_path / "b.csv").read_text().splitlines()[0] == "step,b,predicted_b"

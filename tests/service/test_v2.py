@@ -1,0 +1,388 @@
+"""Open Inference Protocol (v2) against a real server, driven by Triton's own Python client where it can be.
+
+Sequences split across calls must give what one stateless v1 pass gives, in binary and in JSON tensors.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from tests.conftest import Server, ServerFactory
+from tests.service.helpers import PROBLEM_JSON, new_id, position, series, stateless
+
+HEADER = "Inference-Header-Content-Length"
+
+
+@pytest.fixture
+def tc(server: Server) -> Iterator[triton.InferenceServerClient]:
+    connection = triton.InferenceServerClient(server.url.removeprefix("http://"), connection_timeout=30,
+                                              network_timeout=30)
+    yield connection
+    connection.close()
+
+
+@pytest.fixture
+def model(client: httpx.Client) -> dict[str, Any]:
+    return client.get("/v1/model").json()
+
+
+def _input(values: np.ndarray, binary: bool = True) -> triton.InferInput:
+    tensor = triton.InferInput("values", list(values.shape), "FP32")
+    tensor.set_data_from_numpy(values.astype(np.float32), binary_data=binary)
+    return tensor
+
+
+def _outputs(binary: bool, forecast: bool = False) -> list[triton.InferRequestedOutput]:
+    names = ["predictions", "forecast"] if forecast else ["predictions"]
+    return [triton.InferRequestedOutput(name, binary_data=binary) for name in names]
+
+
+def _sequence_id() -> int:
+    return random.randrange(10**12, 2**63)
+
+
+def _infer(http: httpx.Client, name: str, body: dict[str, Any]) -> httpx.Response:
+    return http.post(f"/v2/models/{name}/infer", content=json.dumps(body).encode())  # big ints too
+
+
+def _values_tensor(values: np.ndarray) -> dict[str, Any]:
+    return {"name": "values", "shape": list(values.shape), "datatype": "FP32",
+            "data": values.ravel().tolist()}
+
+
+def _assert_v2_error(response: httpx.Response, status: int) -> dict[str, Any]:
+    """Both shapes at once: the protocol's ``error`` (what tritonclient reads) and RFC 9457's fields."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith(PROBLEM_JSON)
+    body = response.json()
+    assert body["error"] == body["detail"] and body["error"]
+    assert body["status"] == status and body["type"] and body["title"]
+    return body
+
+
+# -- health and metadata -----------------------------------------------------------------------------
+
+
+def test_health_and_metadata_through_tritonclient(
+    tc: triton.InferenceServerClient, model: dict[str, Any]
+) -> None:
+    name, version = model["name"], model["version"]
+    assert tc.is_server_live() and tc.is_server_ready()
+    assert tc.is_model_ready(name) and tc.is_model_ready(name, version)
+    assert not tc.is_model_ready("no-such-model")
+    assert "sequence" in tc.get_server_metadata()["extensions"]
+    metadata = tc.get_model_metadata(name)
+    assert metadata["name"] == name and metadata["versions"] == [version]
+    features, outputs = model["input_features"], model["output_features"]
+    assert metadata["inputs"] == [{"name": "values", "datatype": "FP32", "shape": [-1, features]}]
+    assert {"name": "predictions", "datatype": "FP32", "shape": [-1, outputs]} in metadata["outputs"]
+    assert tc.get_model_metadata(name, version)["versions"] == [version]
+
+
+def test_unknown_model_or_version_is_404_that_tritonclient_reads(
+    tc: triton.InferenceServerClient, model: dict[str, Any], client: httpx.Client
+) -> None:
+    with pytest.raises(InferenceServerException) as caught:
+        tc.get_model_metadata("no-such-model")
+    assert caught.value.status() == "404" and "unknown model 'no-such-model'" in caught.value.message()
+    with pytest.raises(InferenceServerException) as caught:
+        tc.infer(model["name"], [_input(series(3))], model_version="000000000000")
+    assert caught.value.status() == "404" and "no version" in caught.value.message()
+    _assert_v2_error(_infer(client, "no-such-model", {"inputs": [_values_tensor(series(3))]}), 404)
+    _assert_v2_error(client.get(f"/v2/models/{model['name']}/config"), 404)  # not served, still readable
+
+
+# -- sequences ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_sequence_split_across_calls_equals_one_stateless_pass(
+    binary: bool, tc: triton.InferenceServerClient, model: dict[str, Any], client: httpx.Client
+) -> None:
+    values = series(50, seed=3)
+    expected = stateless(client, values, horizon=4)
+    sequence = _sequence_id()
+    cuts = [(0, 17), (17, 30), (30, 50)]
+    got: list[np.ndarray] = []
+    for index, (start, end) in enumerate(cuts):
+        last = index == len(cuts) - 1
+        result = tc.infer(
+            model["name"], [_input(values[start:end], binary)], outputs=_outputs(binary, forecast=last),
+            sequence_id=sequence, sequence_start=index == 0, sequence_end=last,
+            parameters={"horizon": 4} if last else None,
+        )
+        response = result.get_response()
+        output = result.get_output("predictions")
+        assert ("data" in output) is not binary
+        assert ("binary_data_size" in output.get("parameters", {})) is binary
+        assert response["model_name"] == model["name"] and response["model_version"] == model["version"]
+        assert response["parameters"]["sequence_position"] == end
+        predictions = result.as_numpy("predictions")
+        assert predictions.dtype == np.float32
+        assert predictions.shape == (end - start, model["output_features"])
+        got.append(predictions)
+        if not last:
+            assert position(client, str(sequence)) == end  # the v1 session of the same id
+    np.testing.assert_allclose(np.concatenate(got), expected["predictions"], atol=1e-5)
+    np.testing.assert_allclose(result.as_numpy("forecast"), expected["forecast"], atol=1e-5)
+    assert client.get(f"/v1/sessions/{sequence}").status_code == 404  # sequence_end deleted it
+
+
+def test_integer_and_string_sequence_ids_are_the_same_v1_session(
+    tc: triton.InferenceServerClient, model: dict[str, Any], client: httpx.Client
+) -> None:
+    values = series(24, seed=5)
+    sequence = _sequence_id()
+    tc.infer(model["name"], [_input(values[:8])], sequence_id=sequence, sequence_start=True)
+    tc.infer(model["name"], [_input(values[8:16], binary=False)], sequence_id=str(sequence))
+    assert position(client, str(sequence)) == 16
+    rest = client.post(f"/v1/sessions/{sequence}/predict",
+                       json={"values": values[16:].tolist(), "offset": 16})
+    assert rest.status_code == 200, rest.text
+    expected = stateless(client, values)["predictions"][16:]
+    np.testing.assert_allclose(rest.json()["predictions"], expected, atol=1e-5)
+
+
+def test_chunk_without_start_for_unknown_or_ended_sequence_is_refused(
+    tc: triton.InferenceServerClient, model: dict[str, Any], client: httpx.Client
+) -> None:
+    sequence = _sequence_id()
+    with pytest.raises(InferenceServerException) as caught:
+        tc.infer(model["name"], [_input(series(4))], sequence_id=sequence)
+    assert caught.value.status() == "404" and "sequence_start" in caught.value.message()
+    assert client.get(f"/v1/sessions/{sequence}").status_code == 404  # and nothing was created
+    tc.infer(model["name"], [_input(series(4))], sequence_id=sequence, sequence_start=True, sequence_end=True)
+    with pytest.raises(InferenceServerException) as caught:
+        tc.infer(model["name"], [_input(series(4))], sequence_id=sequence)
+    assert caught.value.status() == "404"
+    assert client.get(f"/v1/sessions/{sequence}").status_code == 404
+
+
+def test_sequence_start_resets_a_session_that_was_already_there(
+    tc: triton.InferenceServerClient, model: dict[str, Any], client: httpx.Client
+) -> None:
+    session = new_id("v2")
+    values = series(12, seed=7)
+    before = client.post(f"/v1/sessions/{session}/predict", json={"values": series(30).tolist()})
+    assert before.status_code == 200
+    result = tc.infer(model["name"], [_input(values)], sequence_id=session, sequence_start=True)
+    expected = stateless(client, values)["predictions"]
+    np.testing.assert_allclose(result.as_numpy("predictions"), expected, atol=1e-5)
+    assert position(client, session) == 12
+
+
+def test_offset_parameter_makes_a_resent_chunk_safe(model: dict[str, Any], client: httpx.Client) -> None:
+    session = new_id("v2")
+    values = series(10, seed=8)
+    first = {"inputs": [_values_tensor(values[:6])],
+             "parameters": {"sequence_id": session, "sequence_start": True}}
+    assert _infer(client, model["name"], first).status_code == 200
+    second = {"inputs": [_values_tensor(values[6:])], "parameters": {"sequence_id": session, "offset": 6}}
+    answers = [_infer(client, model["name"], second) for _ in range(2)]  # the resend changes nothing
+    assert answers[0].status_code == answers[1].status_code == 200
+    assert answers[0].json() == answers[1].json()
+    assert position(client, session) == 10
+    stale = _assert_v2_error(_infer(client, model["name"], {**second, "parameters": {"sequence_id": session,
+                                                                                      "offset": 3}}), 409)
+    assert stale["position"] == 10
+
+
+def test_tenants_sequences_with_one_id_are_separate(server_factory: ServerFactory) -> None:
+    keys = {"alice": "alice-key-0123456789abcdef", "bob": "bob-key-0123456789abcdef"}
+    server = server_factory(GRU_API_KEYS=",".join(f"{key}:{tenant}" for tenant, key in keys.items()))
+    connection = triton.InferenceServerClient(server.url.removeprefix("http://"))
+    try:
+        name = httpx.get(server.url + "/v1/model", headers={"X-API-Key": keys["alice"]}).json()["name"]
+        def as_(tenant: str) -> dict[str, str]:  # a fresh dict each call: tritonclient adds to it
+            return {"Authorization": f"Bearer {keys[tenant]}"}
+
+        connection.infer(name, [_input(series(9))], sequence_id=42, sequence_start=True, headers=as_("alice"))
+        with pytest.raises(InferenceServerException) as caught:  # bob's sequence 42 never started
+            connection.infer(name, [_input(series(3))], sequence_id=42, headers=as_("bob"))
+        assert caught.value.status() == "404"
+        with pytest.raises(InferenceServerException) as caught:
+            connection.infer(name, [_input(series(3))])  # no key at all
+        assert caught.value.status() == "401"
+        info = httpx.get(server.url + "/v1/sessions/42", headers=as_("alice")).json()
+        assert info["position"] == 9
+    finally:
+        connection.close()
+
+
+# -- stateless calls and tensor encodings -------------------------------------------------------------
+
+
+def test_call_without_sequence_id_is_stateless_and_keeps_nothing(
+    tc: triton.InferenceServerClient, model: dict[str, Any], client: httpx.Client
+) -> None:
+    values = series(20, seed=9)
+    expected = stateless(client, values, horizon=3)
+    for _ in range(2):  # same answer twice: no state carried over
+        result = tc.infer(model["name"], [_input(values)], parameters={"horizon": 3})
+        np.testing.assert_allclose(result.as_numpy("predictions"), expected["predictions"], atol=1e-5)
+        np.testing.assert_allclose(result.as_numpy("forecast"), expected["forecast"], atol=1e-5)
+        assert "parameters" not in result.get_response()
+
+
+def test_batched_input_shape_gives_batched_outputs(tc: triton.InferenceServerClient, model: dict[str, Any],
+                                                   client: httpx.Client) -> None:
+    values = series(6, seed=10)
+    result = tc.infer(model["name"], [_input(values[None])], parameters={"horizon": 2})  # (1, T, F)
+    assert result.as_numpy("predictions").shape == (1, 6, 1)
+    assert result.as_numpy("forecast").shape == (1, 2, 1)
+    np.testing.assert_allclose(result.as_numpy("predictions")[0], stateless(client, values)["predictions"],
+                               atol=1e-5)
+
+
+def test_json_data_flat_or_nested_and_json_answer(model: dict[str, Any], client: httpx.Client) -> None:
+    values = series(5, seed=11)
+    flat = _infer(client, model["name"], {"id": "req-1", "inputs": [_values_tensor(values)],
+                                          "parameters": {"horizon": 2}})
+    nested = _infer(client, model["name"], {"id": "req-1", "parameters": {"horizon": 2}, "inputs": [
+        {"name": "values", "shape": [5, 1], "datatype": "FP32", "data": values.tolist()}]})
+    assert flat.status_code == nested.status_code == 200, flat.text
+    assert flat.headers["content-type"] == "application/json" and HEADER not in flat.headers
+    assert flat.json() == nested.json()
+    body = flat.json()
+    assert body["id"] == "req-1" and [o["name"] for o in body["outputs"]] == ["predictions", "forecast"]
+    predictions = body["outputs"][0]
+    assert predictions["shape"] == [5, 1] and predictions["datatype"] == "FP32"
+    expected = np.ravel(stateless(client, values)["predictions"])
+    np.testing.assert_allclose(predictions["data"], expected, atol=1e-5)
+
+
+def test_raw_binary_request_and_binary_answer(model: dict[str, Any], client: httpx.Client) -> None:
+    """The binary extension by hand: the JSON header, then the raw tensor; the answer likewise."""
+    values = series(7, seed=12)
+    header = orjson.dumps({
+        "inputs": [{"name": "values", "shape": [7, 1], "datatype": "FP32",
+                    "parameters": {"binary_data_size": 28}}],
+        "parameters": {"binary_data_output": True},
+    })
+    response = client.post(f"/v2/models/{model['name']}/infer",
+                           content=header + values.astype("<f4").tobytes(),
+                           headers={HEADER: str(len(header)), "content-type": "application/octet-stream"})
+    assert response.status_code == 200, response.text
+    length = int(response.headers[HEADER])
+    answer = orjson.loads(response.content[:length])
+    assert answer["outputs"][0]["parameters"]["binary_data_size"] == 28
+    predictions = np.frombuffer(response.content[length:], dtype="<f4").reshape(7, 1)
+    np.testing.assert_allclose(predictions, stateless(client, values)["predictions"], atol=1e-5)
+
+
+def test_gzip_compressed_request(tc: triton.InferenceServerClient, model: dict[str, Any],
+                                 client: httpx.Client) -> None:
+    values = series(16, seed=13)
+    result = tc.infer(model["name"], [_input(values)], request_compression_algorithm="gzip",
+                      response_compression_algorithm="gzip")
+    expected = stateless(client, values)["predictions"]
+    np.testing.assert_allclose(result.as_numpy("predictions"), expected, atol=1e-5)
+    bomb = gzip.compress(b" " * (64 * 1024 * 1024))  # inflates past GRU_MAX_BODY_BYTES: refused, not inflated
+    response = client.post(f"/v2/models/{model['name']}/infer", content=bomb,
+                           headers={"content-encoding": "gzip"})
+    _assert_v2_error(response, 413)
+
+
+# -- errors ------------------------------------------------------------------------------------------
+
+
+def _bad_requests(features: int) -> list[tuple[str, dict[str, Any]]]:
+    good = {"name": "values", "shape": [2, features], "datatype": "FP32", "data": [0.5] * (2 * features)}
+    session = {"sequence_id": "v2-bad-target"}  # the live session the test checks is untouched
+    return [
+        ("no inputs", {"inputs": []}),
+        ("inputs not a list", {"inputs": {"values": [1.0]}}),
+        ("wrong input name", {"inputs": [{**good, "name": "x"}]}),
+        ("two inputs", {"inputs": [good, good]}),
+        ("wrong datatype", {"inputs": [{**good, "datatype": "FP64"}]}),
+        ("rank 1", {"inputs": [{**good, "shape": [2 * features]}]}),
+        ("batch of 2", {"inputs": [{**good, "shape": [2, 1, features], "data": [0.5] * (2 * features)}]}),
+        ("wrong feature count",
+         {"inputs": [{**good, "shape": [1, features + 1], "data": [0.5] * (features + 1)}]}),
+        ("no steps", {"inputs": [{**good, "shape": [0, features], "data": []}]}),
+        ("too many elements", {"inputs": [{**good, "data": [0.5] * (2 * features + 1)}]}),
+        ("string data", {"inputs": [{**good, "data": ["0.5"] * (2 * features)}]}),
+        ("boolean data", {"inputs": [{**good, "data": [True] * (2 * features)}]}),
+        ("null data", {"inputs": [{**good, "data": None}]}),
+        ("ragged nesting", {"inputs": [{**good, "data": [[0.5] * features, 0.5]}]}),
+        ("beyond FP32", {"inputs": [{**good, "data": [1e39] * (2 * features)}]}),
+        ("shape of strings", {"inputs": [{**good, "shape": ["2", str(features)]}]}),
+        ("too many steps",
+         {"inputs": [{**good, "shape": [5000, features], "data": [0.5] * (5000 * features)}]}),
+        ("horizon over max", {"inputs": [good], "parameters": {"horizon": 10_000}}),
+        ("negative horizon", {"inputs": [good], "parameters": {"horizon": -1}}),
+        ("horizon as string", {"inputs": [good], "parameters": {"horizon": "3"}}),
+        ("unknown output", {"inputs": [good], "outputs": [{"name": "hidden"}]}),
+        ("forecast without horizon", {"inputs": [good], "outputs": [{"name": "forecast"}]}),
+        ("sequence_id 0", {"inputs": [good], "parameters": {"sequence_id": 0}}),
+        ("sequence_id over uint64", {"inputs": [good], "parameters": {"sequence_id": 2**64}}),
+        ("sequence_id bool", {"inputs": [good], "parameters": {"sequence_id": True}}),
+        ("sequence_id with a slash", {"inputs": [good], "parameters": {"sequence_id": "a/b"}}),
+        ("sequence_start not bool", {"inputs": [good], "parameters": {**session, "sequence_start": 1}}),
+        ("start without id", {"inputs": [good], "parameters": {"sequence_start": True}}),
+        ("offset without id", {"inputs": [good], "parameters": {"offset": 0}}),
+        ("offset beyond int64", {"inputs": [good], "parameters": {**session, "offset": 2**63}}),
+        ("binary size wrong", {"inputs": [{**good, "data": None, "parameters": {"binary_data_size": 3}}]}),
+        ("binary data missing",
+         {"inputs": [{**good, "data": None, "parameters": {"binary_data_size": 8 * features}}]}),
+        ("binary_data_output not bool", {"inputs": [good], "parameters": {"binary_data_output": "yes"}}),
+    ]
+
+
+def test_bad_requests_are_400_in_both_error_shapes_and_change_nothing(
+    model: dict[str, Any], client: httpx.Client
+) -> None:
+    name = model["name"]
+    target = "v2-bad-target"
+    start = {"inputs": [_values_tensor(series(3))],
+             "parameters": {"sequence_id": target, "sequence_start": True}}
+    assert _infer(client, name, start).status_code == 200
+    for label, body in _bad_requests(model["input_features"]):
+        parameters = body.get("parameters", {})
+        if not {"sequence_id", "sequence_start", "offset"} & parameters.keys():  # aim it at the live session
+            body = {**body, "parameters": {**parameters, "sequence_id": target}}
+        response = _infer(client, name, body)
+        assert response.status_code == 400, f"{label}: {response.status_code} {response.text}"
+        _assert_v2_error(response, 400)
+    assert position(client, target) == 3
+
+
+def test_malformed_bodies_are_400(model: dict[str, Any], client: httpx.Client) -> None:
+    url = f"/v2/models/{model['name']}/infer"
+    for content, headers in [
+        (b"{not json", {}),
+        (b'{"inputs": [{"name": "values", "shape": [1, 1], "datatype": "FP32", "data": [NaN]}]}', {}),
+        (b"[1, 2]", {}),
+        (b'{"inputs": []}', {HEADER: "999"}),
+        (b'{"inputs": []}', {HEADER: "-1"}),
+        (b"\x1f\x8bnot gzip", {"content-encoding": "gzip"}),
+    ]:
+        _assert_v2_error(client.post(url, content=content, headers=headers), 400)
+    _assert_v2_error(client.post(url, content=b"{}", headers={"content-encoding": "br"}), 415)
+    header = orjson.dumps({"inputs": [{"name": "values", "shape": [1, 1], "datatype": "FP32",
+                                       "parameters": {"binary_data_size": 4}}]})
+    nan, extra = np.array([np.nan], "<f4").tobytes(), np.array([0.5, 0.5], "<f4").tobytes()
+    for tail in (nan, extra):
+        response = client.post(url, content=header + tail, headers={HEADER: str(len(header))})
+        _assert_v2_error(response, 400)
+
+
+def test_error_reaches_tritonclient_with_our_message(tc: triton.InferenceServerClient,
+                                                     model: dict[str, Any]) -> None:
+    wrong = triton.InferInput("values", [3, 1], "FP64")
+    wrong.set_data_from_numpy(np.zeros((3, 1), dtype=np.float64))
+    with pytest.raises(InferenceServerException) as caught:
+        tc.infer(model["name"], [wrong])
+    assert caught.value.status() == "400"
+    assert caught.value.message() == "input values has datatype FP64; the model takes FP32"
