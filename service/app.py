@@ -12,7 +12,8 @@ from fastapi import FastAPI
 
 from model import load_checkpoint
 from service import auth, problems
-from service.api import health, v1, v2
+from service.api import health, hot, v1, v2
+from service.api.openapi import document_raw_routes
 from service.config import Settings
 from service.engine import Engine
 from service.metrics import Metrics
@@ -81,9 +82,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.model_meta = meta
     app.include_router(v1.router)
+    document_raw_routes(app, hot.OPERATIONS, v1.RAW_BODY_MODELS)
     app.include_router(v2.router)
     app.include_router(health.router)
     problems.install(app)
+    app.add_middleware(hot.HotRoutes)  # innermost: the predict routes skip FastAPI's per-request machinery
     app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes)
     auth.install(app, settings)  # inside Observability, so refusals are counted and logged
     app.add_middleware(Observability, metrics=metrics)

@@ -49,8 +49,13 @@ WEAK_KEY_LENGTH = 16  # shorter keys start the service with a warning
 log = logging.getLogger("service.auth")
 
 
-def get_tenant(request: Request) -> str:
+def tenant_of(request: Request) -> str:
+    """The caller's tenant, set by the auth middleware (the one tenant when no keys are configured)."""
     return getattr(request.state, "tenant", DEFAULT_TENANT)
+
+
+async def get_tenant(request: Request) -> str:
+    return tenant_of(request)
 
 
 TenantDep = Annotated[str, Depends(get_tenant)]
