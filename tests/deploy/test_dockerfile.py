@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
+import sys
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -198,3 +202,30 @@ def test_every_file_the_dockerfile_copies_reaches_the_build_context(
         for source in sources:
             assert (repo / source).exists(), f"COPY {source}: not in the repository"
             assert _in_context(source, dockerignore), f"COPY {source}: excluded by .dockerignore"
+
+
+def test_build_context_alone_builds_a_package_with_the_service_and_the_shipped_model(
+    dockerignore: list[tuple[bool, re.Pattern[str]]], repo: Path, tmp_path: Path
+) -> None:
+    """What `pip install .` sees in the image: only the files .dockerignore lets through."""
+    context = tmp_path / "context"
+    for directory, subdirs, files in os.walk(repo):
+        subdirs[:] = [d for d in subdirs if d not in {".git", ".venv", "__pycache__", ".mypy_cache", "build"}]
+        for name in files:
+            relative = (Path(directory) / name).relative_to(repo)
+            if _in_context(relative.as_posix(), dockerignore):
+                (context / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(repo / relative, context / relative)
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), "."],
+        cwd=context, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    (wheel,) = tmp_path.glob("gru_service-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"service/__main__.py", "service/config.py", "model/__init__.py"} <= names
+    shipped = sorted((repo / "model" / "weights" / "default").glob("*"))
+    if not shipped:
+        pytest.skip("model/weights/default is not there yet (make model trains it)")
+    for path in shipped:
+        assert f"model/weights/default/{path.name}" in names
