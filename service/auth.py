@@ -51,7 +51,8 @@ log = logging.getLogger("service.auth")
 
 def tenant_of(request: Request) -> str:
     """The caller's tenant, set by the auth middleware (the one tenant when no keys are configured)."""
-    return getattr(request.state, "tenant", DEFAULT_TENANT)
+    # Read where ApiKeyAuth writes it: request.state would raise and catch AttributeError on every keyless call.
+    return request.scope.get("state", {}).get("tenant", DEFAULT_TENANT)
 
 
 async def get_tenant(request: Request) -> str:

@@ -134,21 +134,31 @@ class Engine:
             self._metrics.rejected.labels(reason="queue_full").inc()
             raise Problem(429, "overloaded", f"{len(self._waiting)} chunks are already waiting; retry shortly",
                           headers={"Retry-After": "1"})
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         chunk = Chunk(key, values, offset, horizon, future, must_exist=must_exist)
         self._waiting.append(chunk)
         self._wake.set()
+        # A plain timer rather than wait_for(shield(...)): two fewer tasks per chunk on the hot path.
+        timer = loop.call_later(self._timeout, self._expire, chunk)
         try:
-            return await asyncio.wait_for(asyncio.shield(chunk.future), self._timeout)
-        except TimeoutError:
-            self._metrics.rejected.labels(reason="timeout").inc()
-            if chunk in self._waiting:  # not started: withdraw it, so it never applies
-                self._waiting.remove(chunk)
-            raise Problem(
-                503, "timeout",
-                f"the chunk was not computed within {self._timeout:g} s; retry with the same offset (a retry of an"
-                " applied chunk returns its answer)", headers={"Retry-After": "1"},
-            ) from None
+            return await future
+        finally:
+            timer.cancel()
+
+    def _expire(self, chunk: Chunk) -> None:
+        """The chunk's time is up: a chunk still waiting is withdrawn (it never applies); one in a running
+        batch may still apply, and a retry with the same offset then gets its answer."""
+        if chunk.future.done():
+            return
+        self._metrics.rejected.labels(reason="timeout").inc()
+        if chunk in self._waiting:
+            self._waiting.remove(chunk)
+        chunk.future.set_exception(Problem(
+            503, "timeout",
+            f"the chunk was not computed within {self._timeout:g} s; retry with the same offset (a retry of an"
+            " applied chunk returns its answer)", headers={"Retry-After": "1"},
+        ))
 
     async def session_info(self, key: str) -> Session:
         session = await self._store_call(self.store.get(key), "get")
@@ -185,7 +195,7 @@ class Engine:
             batch = self._take()
             try:
                 await self._process(batch)
-            except Exception as exc:  # a bug: fail this batch's requests, keep serving the others
+            except Exception:  # a bug: fail this batch's requests, keep serving the others
                 log.exception("engine batch failed")
                 for chunk in batch:
                     _settle(chunk, exc=Problem(500, "internal-error", "the batch failed; it has been logged"))
