@@ -1,0 +1,168 @@
+"""Our GRU against ``torch.nn.GRU`` on CPU at serving shapes; prints a table of median times.
+
+    python -m bench.cell                 # the service's thread count (GRU_TORCH_THREADS or one per core)
+    python -m bench.cell --threads 1 --min-run-time 0.5
+
+For each shape (I, H, L) × batch B × steps T, under ``torch.inference_mode``:
+
+- ``nn.GRU``: ``torch.nn.GRU(I, H, L, batch_first=True)``, the reference;
+- ``ours torch``: ``model.gru.GRU.from_torch(reference)``, the "torch" variant with the same weights, whose
+  outputs must match nn.GRU's within 1e-5;
+- ``ours seed``: ``model.gru.GRU`` with the "seed" variant (what the service ships by default), checked
+  against a step-by-step loop over its own cells;
+- ``naive``: that plain Python loop over ``GRUCell.forward`` (torch variant), per step and layer.
+
+Times are in µs: medians from ``torch.utils.benchmark.Timer.blocked_autorange`` after a warm-up, the four
+functions interleaved over ``--rounds`` rounds and the lowest round's median kept (other work on a shared
+machine only ever adds time). Ratios are ours / nn.GRU: below 1.0 is faster than nn.GRU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor, nn
+from torch.utils.benchmark import Timer
+
+from bench.common import machine, service_threads
+from model.gru import GRU
+
+SHAPES = ((1, 64, 2), (4, 128, 1))  # (input_size, hidden_size, num_layers)
+BATCHES = (1, 64, 256)
+STEPS = (1, 8, 32)
+TOLERANCE = 1e-5
+
+
+def naive_loop(gru: GRU, x: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
+    """What one writes first: every step through every layer's ``GRUCell.forward``."""
+    hs = list(h0.unbind(0))
+    outs = []
+    for t in range(x.size(1)):
+        layer_input = x[:, t]
+        for layer, cell in enumerate(gru.cells):
+            hs[layer] = cell(layer_input, hs[layer])
+            layer_input = hs[layer]
+        outs.append(layer_input)
+    return torch.stack(outs, 1), torch.stack(hs)
+
+
+@dataclass
+class Row:
+    shape: tuple[int, int, int]
+    batch: int
+    steps: int
+    reference_us: float
+    torch_us: float
+    seed_us: float
+    naive_us: float
+    torch_diff: float  # max |ours torch − nn.GRU| over out and h_n
+    seed_diff: float  # max |ours seed − naive seed loop|
+
+
+def _best_median_us(fns: list[Callable[[], object]], min_run_time: float, threads: int,
+                    rounds: int) -> list[float]:
+    """Per function, the lowest of ``rounds`` medians, the functions interleaved round by round."""
+    timers = []
+    for fn in fns:
+        for _ in range(3):  # warm-up: TorchScript profiles and optimises on its first calls
+            fn()
+        timers.append(Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads))
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, timer in enumerate(timers):
+            best[i] = min(best[i], timer.blocked_autorange(min_run_time=min_run_time).median * 1e6)
+    return best
+
+
+def _max_diff(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> float:
+    return max(float((a[0] - b[0]).abs().max()), float((a[1] - b[1]).abs().max()))
+
+
+def measure(shape: tuple[int, int, int], batch: int, steps: int, min_run_time: float, threads: int,
+            rounds: int) -> Row:
+    inputs, hidden, layers = shape
+    torch.manual_seed(0)
+    reference = nn.GRU(inputs, hidden, layers, batch_first=True).eval()
+    ours_torch = GRU.from_torch(reference).eval()
+    ours_seed = GRU(inputs, hidden, layers, variant="seed").eval()
+    x = torch.randn(batch, steps, inputs)  # (B, T, I)
+    h0 = torch.randn(layers, batch, hidden) * 0.5  # (L, B, H)
+    with torch.inference_mode():
+        torch_diff = _max_diff(ours_torch(x, h0), reference(x, h0))
+        seed_diff = _max_diff(ours_seed(x, h0), naive_loop(ours_seed, x, h0))
+        fns: list[Callable[[], object]] = [
+            lambda: reference(x, h0), lambda: ours_torch(x, h0), lambda: ours_seed(x, h0),
+            lambda: naive_loop(ours_torch, x, h0),
+        ]
+        reference_us, torch_us, seed_us, naive_us = _best_median_us(fns, min_run_time, threads, rounds)
+    return Row(shape, batch, steps, reference_us, torch_us, seed_us, naive_us, torch_diff, seed_diff)
+
+
+def _ratio(value: float, reference: float) -> str:
+    ratio = value / reference
+    text = f"{ratio:.2f}x"
+    return f"[red]{text}[/red]" if ratio > 1.0 else f"[green]{text}[/green]"
+
+
+def table(rows: list[Row], threads: int) -> Table:
+    out = Table(title=f"GRU forward on CPU, median µs ({threads} torch threads, inference_mode)")
+    columns = ("I H L", "B", "T", "nn.GRU", "ours torch", "ratio", "ours seed", "ratio", "naive loop",
+               "ratio", "max|diff|")
+    for name in columns:
+        out.add_column(name, justify="right")
+    for row in rows:
+        out.add_row(
+            " ".join(map(str, row.shape)), str(row.batch), str(row.steps), f"{row.reference_us:,.1f}",
+            f"{row.torch_us:,.1f}", _ratio(row.torch_us, row.reference_us),
+            f"{row.seed_us:,.1f}", _ratio(row.seed_us, row.reference_us),
+            f"{row.naive_us:,.1f}", _ratio(row.naive_us, row.reference_us),
+            f"{max(row.torch_diff, row.seed_diff):.1e}",
+        )
+    return out
+
+
+def summary(rows: list[Row]) -> list[str]:
+    lines = []
+    for name, attr in (("ours torch", "torch_us"), ("ours seed", "seed_us"), ("naive loop", "naive_us")):
+        ratios = [getattr(r, attr) / r.reference_us for r in rows]
+        slower = [r for r in rows if getattr(r, attr) > r.reference_us]
+        lines.append(f"{name}: {min(ratios):.2f}x to {max(ratios):.2f}x of nn.GRU; slower than nn.GRU at "
+                     f"{len(slower)}/{len(rows)} shapes")
+    bad = [r for r in rows if max(r.torch_diff, r.seed_diff) >= TOLERANCE]
+    lines.append(f"outputs: {'all within' if not bad else f'{len(bad)} shapes NOT within'} {TOLERANCE:g}"
+                 f" (largest {max(max(r.torch_diff, r.seed_diff) for r in rows):.1e})")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.cell", description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=0, help="default: the service's")
+    parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds of timing per median")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the lowest median counts")
+    args = parser.parse_args(argv)
+    threads = args.threads or service_threads()
+    torch.set_num_threads(threads)
+    console = Console(width=max(Console().width, 130))
+    console.print(f"machine: {machine()}; load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    console.print(f"torch threads: {torch.get_num_threads()} (the service's: GRU_TORCH_THREADS or 1/core)")
+    rows = []
+    with console.status("timing") as status:
+        for shape in SHAPES:
+            for batch in BATCHES:
+                for steps in STEPS:
+                    status.update(f"timing I H L = {shape}, B={batch}, T={steps}")
+                    rows.append(measure(shape, batch, steps, args.min_run_time, threads, args.rounds))
+    console.print(table(rows, threads))
+    for line in summary(rows):
+        console.print(line)
+    return 0 if all(max(r.torch_diff, r.seed_diff) < TOLERANCE for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
