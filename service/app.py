@@ -21,6 +21,7 @@ from service.engine import Engine
 from service.metrics import Metrics
 from service.middleware import BodyLimit, Observability
 from service.sessions import build_store
+from service.sessions.snapshot import SnapshotKeeper
 
 log = logging.getLogger("service")
 
@@ -68,9 +69,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_batch_size=settings.max_batch_size, max_batch_delay_ms=settings.max_batch_delay_ms,
         max_queue=settings.max_queue, request_timeout_seconds=settings.request_timeout_seconds,
     )
+    snapshots = SnapshotKeeper.from_settings(settings, store, str(meta["version"]), forecaster.state_size)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if snapshots is not None:  # restored before the first request
+            await snapshots.start()
         await engine.start()
         sweeper = asyncio.create_task(_sweep_forever(store, min(settings.session_ttl_seconds / 4, 10.0)))
         log.info("serving", extra={"fields": {"model": meta["name"], "version": meta["version"],
@@ -79,7 +83,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             sweeper.cancel()
-            await engine.stop()
+            await engine.stop()  # uvicorn answered every in-flight request; the engine drains what is left
+            if snapshots is not None:  # after the drain: every answered chunk is in the snapshot
+                await snapshots.stop()
             await store.close()
 
     app = FastAPI(

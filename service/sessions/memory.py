@@ -174,6 +174,25 @@ class MemoryStore:
         """Live records, least recently used first (for snapshots)."""
         return list(self._records.values())
 
+    def restore(self, sessions: Sequence[Session], rows: Sequence[int], states: Tensor) -> None:
+        """Put back records read from a snapshot, least recently used first; ``rows[i]`` is session i's row
+        of ``states`` (-1: the fresh state). Revisions are new; the states are copied in one call."""
+        slot_rows: dict[int, int] = {}  # a slot freed by an eviction here and reused: the later row wins
+        for session, row in zip(sessions, rows, strict=True):
+            self._make_room(session.key)
+            if session.key in self._records:
+                self._drop(session.key)
+            session.revision = self._next_revision()
+            session.handle = None
+            if row >= 0:
+                session.handle = self._allocate_slot()
+                slot_rows[session.handle] = row
+            self._records[session.key] = session
+        if slot_rows:
+            index = torch.tensor(list(slot_rows), device=self._states.device)
+            picked = states[torch.tensor(list(slot_rows.values()), device=states.device)]  # (n, S)
+            self._states.index_copy_(0, index, picked.to(self._states))
+
     async def ping(self) -> bool:
         return True
 

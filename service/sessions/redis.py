@@ -9,15 +9,17 @@ One hash per session, key ``gru:s:{tenant}/{session_id}``, with a TTL refreshed 
     fp, ans  the last applied chunk's fingerprint and answer, for exact retries
     created, updated   unix seconds (the writing replica's clock)
 
-Every write is one Lua script, so it is atomic: it checks the revision the chunk was judged against and
-either writes every field or nothing. A revision is random, never a counter, so a delete or a reset that
-brings the session back to the same position still fails a stale write (position alone would be fooled).
-The scripts are idempotent: a write whose own new revision is already stored reports success, so a
-client-side retry after a lost reply never turns an applied append into a conflict (and a second append).
+Every write runs inside a Lua script, so it is atomic: it checks the revision the chunk was judged against
+and either writes every field or nothing. A revision is random, never a counter, so a delete or a reset
+that brings the session back to the same position still fails a stale write (position alone would be
+fooled). The scripts are idempotent: a write whose own new revision is already stored reports success, so
+a client-side retry after a lost reply never turns an applied append into a conflict (and a second append).
 
-A batch costs two round trips: one pipeline of HGETALL + PEXPIRE for its keys, one pipeline of commit
-scripts. Connection and timeout errors become ``StoreUnavailable`` (the engine answers 503 with
-Retry-After); the pool reconnects by itself when Redis is back.
+A batch costs two round trips, one script call each: one reads every record of the batch (and refreshes
+their TTLs), one commits every write; redis-py's per-command cost, not Redis, is what a pipeline of
+per-session commands would spend its time on. (A multi-key script needs a standalone Redis, or the primary
+of a Sentinel setup, not Redis Cluster.) Connection and timeout errors become ``StoreUnavailable`` (the
+engine answers 503 with Retry-After); the pool reconnects by itself when Redis is back.
 """
 
 from __future__ import annotations
@@ -47,24 +49,41 @@ _UNAVAILABLE = (
     rexc.TryAgainError, OSError,
 )
 
-# KEYS[1] session hash.  ARGV: expected revision ('' = must not exist), new revision, position, model
-# version, last offset, fingerprint, answer, state bytes, now (unix s), ttl (ms).
-# Returns the record's created_at, or false when the revision did not match.
+# KEYS: the batch's session hashes.  ARGV[1]: ttl (ms).  Returns each hash's fields (flat; empty when
+# absent) and refreshes the TTL of those that exist.
+_LOAD = """
+local found = {}
+for i, key in ipairs(KEYS) do
+  found[i] = redis.call('HGETALL', key)
+  if #found[i] > 0 then redis.call('PEXPIRE', key, ARGV[1]) end
+end
+return found
+"""
+
+# KEYS: one session hash per write.  ARGV[1] now (unix s), ARGV[2] ttl (ms), then 8 per write: expected
+# revision ('' = must not exist), new revision, position, model version, last offset, fingerprint, answer,
+# state bytes.  Returns per write the record's created_at, or false where the revision did not match.
+# A write finding its own new revision already stored has run before (a retry after a lost reply): won.
 _COMMIT = """
-local current = redis.call('HGET', KEYS[1], 'rev')
-if current == ARGV[2] then
-  return redis.call('HGET', KEYS[1], 'created')
+local now, ttl = ARGV[1], ARGV[2]
+local results = {}
+for i, key in ipairs(KEYS) do
+  local a = 2 + (i - 1) * 8
+  local expected, revision = ARGV[a + 1], ARGV[a + 2]
+  local current = redis.call('HGET', key, 'rev')
+  if current == revision then
+    results[i] = redis.call('HGET', key, 'created')
+  elseif (expected == '' and not current) or (current and current == expected) then
+    local created = redis.call('HGET', key, 'created') or now
+    redis.call('HSET', key, 'rev', revision, 'pos', ARGV[a + 3], 'ver', ARGV[a + 4], 'loff', ARGV[a + 5],
+               'fp', ARGV[a + 6], 'ans', ARGV[a + 7], 'state', ARGV[a + 8], 'created', created, 'updated', now)
+    redis.call('PEXPIRE', key, ttl)
+    results[i] = created
+  else
+    results[i] = false
+  end
 end
-if ARGV[1] == '' then
-  if current then return false end
-elseif current ~= ARGV[1] then
-  return false
-end
-local created = redis.call('HGET', KEYS[1], 'created') or ARGV[9]
-redis.call('HSET', KEYS[1], 'rev', ARGV[2], 'pos', ARGV[3], 'ver', ARGV[4], 'loff', ARGV[5], 'fp', ARGV[6],
-           'ans', ARGV[7], 'state', ARGV[8], 'created', created, 'updated', ARGV[9])
-redis.call('PEXPIRE', KEYS[1], ARGV[10])
-return created
+return results
 """
 
 # KEYS[1] session hash.  ARGV: new revision, model version, now (unix s), ttl (ms).
@@ -113,6 +132,7 @@ class RedisStore:
             health_check_interval=30,
         )
         self._redis: aioredis.Redis = aioredis.Redis(connection_pool=pool)
+        self._load = self._redis.register_script(_LOAD)
         self._commit = self._redis.register_script(_COMMIT)
         self._reset = self._redis.register_script(_RESET)
 
@@ -129,25 +149,21 @@ class RedisStore:
     # -- the protocol ----------------------------------------------------------------------------------
 
     async def load(self, keys: Sequence[str]) -> list[Session | None]:
-        async def run() -> list[Any]:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.hgetall(self.redis_key(key))
-                    pipe.pexpire(self.redis_key(key), self._ttl_ms)
-                return await pipe.execute()
-
-        replies = await self._call(run())
-        return [_session(key, fields) for key, fields in zip(keys, replies[::2], strict=True)]
+        if not keys:
+            return []
+        found = await self._call(self._load(keys=[self.redis_key(k) for k in keys], args=[self._ttl_ms]))
+        return [_session(key, dict(zip(flat[::2], flat[1::2], strict=True)))
+                for key, flat in zip(keys, found, strict=True)]
 
     def gather(self, sessions: Sequence[Session | None], device: Any) -> Tensor:
         states = np.zeros((len(sessions), self.state_size), dtype=np.float32)  # (B, S)
         for row, session in enumerate(sessions):
-            raw = session.handle if session is not None else None
-            if not raw:
+            if session is None or not session.handle:  # new, or reset: the fresh state
                 continue
+            raw: bytes = session.handle
             if len(raw) != self.state_size * _STATE_DTYPE.itemsize:
                 raise ValueError(
-                    f"session {session.key!r} holds a {len(raw)}-byte state in Redis, expected"  # type: ignore[union-attr]
+                    f"session {session.key!r} holds a {len(raw)}-byte state in Redis, expected"
                     f" {self.state_size} float32 values; reset the session"
                 )
             states[row] = np.frombuffer(raw, dtype=_STATE_DTYPE)
@@ -160,22 +176,13 @@ class RedisStore:
         host = states.index_select(0, rows).to("cpu", torch.float32).numpy().astype(_STATE_DTYPE, copy=False)
         now = self._clock()
         revisions = [secrets.token_hex(16) for _ in writes]
-
-        async def run() -> list[Any]:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for write, revision, state in zip(writes, revisions, host, strict=True):
-                    await self._commit(
-                        keys=[self.redis_key(write.key)],
-                        args=[
-                            write.expected_revision if write.expected_revision is not None else "", revision,
-                            write.position, write.model_version, write.last_offset, write.fingerprint,
-                            write.answer, state.tobytes(), repr(now), self._ttl_ms,
-                        ],
-                        client=pipe,
-                    )
-                return await pipe.execute()
-
-        replies = await self._call(run())
+        args: list[Any] = [repr(now), self._ttl_ms]
+        for write, revision, state in zip(writes, revisions, host, strict=True):
+            expected = write.expected_revision if write.expected_revision is not None else ""
+            args += [expected, revision, write.position, write.model_version, write.last_offset,
+                     write.fingerprint, write.answer, state.tobytes()]
+        # One script for the batch: one command to send and one reply to parse, whatever the batch size.
+        replies = await self._call(self._commit(keys=[self.redis_key(w.key) for w in writes], args=args))
         results: list[Session | None] = []
         for write, revision, state, created in zip(writes, revisions, host, replies, strict=True):
             if created is None:
@@ -189,9 +196,7 @@ class RedisStore:
         return results
 
     async def get(self, key: str) -> Session | None:
-        values = await self._call(self._redis.hmget(self.redis_key(key), list(_INFO_FIELDS)))
-        if values[0] is None:
-            return None
+        values: list[Any] = await self._call(self._redis.hmget(self.redis_key(key), list(_INFO_FIELDS)))
         return _session(key, dict(zip((f.encode() for f in _INFO_FIELDS), values, strict=True)))
 
     async def delete(self, key: str) -> bool:
@@ -223,7 +228,7 @@ def _session(key: str, fields: dict[bytes, bytes | None]) -> Session | None:
         return None
     return Session(
         key,
-        position=int(fields[b"pos"] or 0),
+        position=int(fields.get(b"pos") or 0),
         model_version=(fields.get(b"ver") or b"").decode(),
         revision=revision.decode(),
         created_at=float(fields.get(b"created") or 0),

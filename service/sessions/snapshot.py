@@ -1,0 +1,238 @@
+"""Snapshots of the memory store, so a graceful restart (a deploy) loses no acknowledged chunk.
+
+One safetensors file, written atomically (temporary file, fsync, rename), holding three tensors:
+
+    states    (N, S) float32   the state rows of the sessions that have one
+    answers   (A,)   uint8     every session's last answer, concatenated
+    index     (J,)   uint8     UTF-8 JSON: one entry per session, least recently used first
+
+and in the header metadata the format, the model version and S. An index entry is ``[key, position,
+model_version, created_at, updated_at, last_offset, fingerprint (hex), answer start, answer length, state
+row (-1: fresh state)]``. The index is a tensor, not header metadata, because safetensors caps its header
+(100 MB) and a full store's index can outgrow it.
+
+Written on shutdown after the engine has drained (every answered chunk is in the store) and every
+``GRU_SNAPSHOT_INTERVAL_SECONDS``; read once at start, before the first request. A file that cannot be read,
+or was written for another model version or state size, is renamed ``<path>.corrupt-<time>`` or
+``<path>.incompatible-<time>`` with a warning, and the service starts empty: a snapshot never stops a start.
+
+The store changes only on the event loop, so a snapshot is captured there in one go (the records' fields
+and one ``index_select`` of the states) and serialised and written on a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import orjson
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from service.config import Settings
+from service.sessions.base import Session, SessionStore
+from service.sessions.memory import MemoryStore
+
+log = logging.getLogger("service.snapshot")
+FORMAT = "gru-session-snapshot/1"
+
+
+class _Incompatible(Exception):
+    """A readable snapshot of another model or state size: set aside, not restored."""
+
+
+@dataclass(slots=True)
+class _Captured:
+    records: list[tuple[str, int, str, float, float, int, bytes, bytes, int | None]]  # the fields, slot last
+    states: Tensor  # (capacity + 1, S): a copy of the store's whole state tensor, on its device
+    model_version: str
+
+
+def capture(store: MemoryStore, model_version: str) -> _Captured:
+    """A consistent copy of the store; call on the event loop (the only place the store changes).
+
+    Kept to two cheap steps (references to the records' immutable field values, one copy of the state
+    tensor); picking the rows and building the JSON happen on the writer thread.
+    """
+    records = [(s.key, s.position, s.model_version, s.created_at, s.updated_at, s.last_offset, s.fingerprint,
+                s.answer, s.handle) for s in store.records()]
+    return _Captured(records, store.states.clone(), model_version)
+
+
+def _write(captured: _Captured, path: Path) -> None:
+    entries: list[list[object]] = []
+    slots: list[int] = []
+    start = 0
+    for key, position, version, created, updated, last_offset, fingerprint, answer, slot in captured.records:
+        row = -1
+        if slot:
+            row = len(slots)
+            slots.append(slot)
+        entries.append([key, position, version, created, updated, last_offset, fingerprint.hex(), start,
+                        len(answer), row])
+        start += len(answer)
+    index = torch.tensor(slots, dtype=torch.long, device=captured.states.device)
+    states = captured.states.index_select(0, index).to("cpu", torch.float32)  # (N, S)
+    tensors = {
+        "states": states.contiguous(),
+        "answers": _bytes_tensor(b"".join(r[7] for r in captured.records)),
+        "index": _bytes_tensor(orjson.dumps(entries)),
+    }
+    metadata = {"format": FORMAT, "model_version": captured.model_version,
+                "state_size": str(states.size(1)), "sessions": str(len(entries))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        save_file(tensors, temporary, metadata=metadata)
+        with temporary.open("rb") as written:
+            os.fsync(written.fileno())
+        os.replace(temporary, path)  # atomic: a reader sees the old snapshot or the new one, never half
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+    with contextlib.suppress(OSError):  # make the rename itself durable (not possible on every filesystem)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+def _bytes_tensor(data: bytes) -> Tensor:
+    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())  # (len,) uint8
+
+
+async def save(store: MemoryStore, path: Path, model_version: str) -> int:
+    """Write a snapshot of ``store`` to ``path``; returns the number of sessions in it."""
+    began = time.perf_counter()
+    captured = capture(store, model_version)
+    await asyncio.to_thread(_write, captured, path)
+    seconds = round(time.perf_counter() - began, 3)
+    log.info("snapshot written",
+             extra={"fields": {"path": str(path), "sessions": len(captured.records), "seconds": seconds}})
+    return len(captured.records)
+
+
+def _read(path: Path, model_version: str, state_size: int) -> tuple[list[Session], list[int], Tensor]:
+    """Every record of the snapshot and its state row, validated in full before anything is restored."""
+    with safe_open(str(path), framework="pt") as file:
+        metadata = file.metadata() or {}
+        if metadata.get("format") != FORMAT:
+            raise ValueError(f"format {metadata.get('format')!r}, expected {FORMAT!r}")
+        if metadata.get("model_version") != model_version:
+            raise _Incompatible(f"written for model {metadata.get('model_version')}, serving {model_version}")
+        if metadata.get("state_size") != str(state_size):
+            raise _Incompatible(f"state size {metadata.get('state_size')}, the model carries {state_size}")
+        states = file.get_tensor("states")
+        answers = file.get_tensor("answers").numpy().tobytes()
+        entries = orjson.loads(file.get_tensor("index").numpy().tobytes())
+    if states.dtype != torch.float32 or states.dim() != 2 or states.size(1) != state_size:
+        raise ValueError(f"states tensor {tuple(states.shape)} {states.dtype}, expected (N, {state_size})"
+                         " float32")
+    if not torch.isfinite(states).all():
+        raise ValueError("states tensor holds NaN or infinity")
+    sessions: list[Session] = []
+    rows: list[int] = []
+    for entry in entries:
+        key, position, version, created, updated, last_offset, fingerprint, start, length, row = entry
+        if not (isinstance(key, str) and "/" in key and isinstance(position, int) and position >= 0
+                and isinstance(start, int) and isinstance(length, int) and 0 <= start <= start + length
+                <= len(answers) and isinstance(row, int) and -1 <= row < states.size(0)):
+            raise ValueError(f"malformed index entry {entry!r:.200}")
+        sessions.append(Session(key, position, str(version), 0, created_at=float(created),
+                                updated_at=float(updated), last_offset=int(last_offset),
+                                fingerprint=bytes.fromhex(fingerprint), answer=answers[start : start + length]))
+        rows.append(row)
+    if len(sessions) != int(metadata.get("sessions", -1)):
+        raise ValueError(f"{len(sessions)} index entries, the header says {metadata.get('sessions')}")
+    return sessions, rows, states
+
+
+def restore(store: MemoryStore, path: Path, model_version: str, state_size: int,
+            clock: Callable[[], float] = time.time) -> int:
+    """Load the snapshot at ``path`` into an empty store; returns the sessions restored (0 when set aside)."""
+    if not path.exists():
+        log.info("no snapshot to restore; starting empty", extra={"fields": {"path": str(path)}})
+        return 0
+    try:
+        sessions, rows, states = _read(path, model_version, state_size)
+    except Exception as exc:  # any unreadable file: set it aside, never fail the start
+        reason = "incompatible" if isinstance(exc, _Incompatible) else "corrupt"
+        aside = path.with_name(f"{path.name}.{reason}-{time.strftime('%Y%m%dT%H%M%S')}")
+        with contextlib.suppress(OSError):
+            os.replace(path, aside)
+        log.warning(f"snapshot is {reason}, set aside; starting with no sessions: {exc}",
+                    extra={"fields": {"path": str(path), "moved_to": str(aside), "reason": reason}})
+        return 0
+    now = clock()
+    live = [i for i, s in enumerate(sessions) if now - s.updated_at <= store.ttl_seconds]
+    live = live[-store.max_sessions:]  # least recently used first: keep the newest
+    store.restore([sessions[i] for i in live], [rows[i] for i in live], states)
+    log.info("snapshot restored", extra={"fields": {
+        "path": str(path), "sessions": len(live), "expired": len(sessions) - len(live)}})
+    return len(live)
+
+
+class SnapshotKeeper:
+    """Restore at start, save every ``interval`` seconds (0: never) and once more at shutdown."""
+
+    def __init__(self, store: MemoryStore, path: Path, model_version: str, state_size: int, interval: float):
+        self.store = store
+        self.path = path
+        self.model_version = model_version
+        self.state_size = state_size
+        self.interval = interval
+        self._periodic: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, store: SessionStore, model_version: str,
+                      state_size: int) -> SnapshotKeeper | None:
+        """The keeper GRU_SNAPSHOT_PATH asks for; None when unset, or with a store that persists itself."""
+        if settings.snapshot_path is None:
+            return None
+        if not isinstance(store, MemoryStore):
+            log.warning("GRU_SNAPSHOT_PATH is ignored: snapshots are for the memory store, and"
+                        f" GRU_STORE={settings.store} keeps sessions outside the process")
+            return None
+        interval = settings.snapshot_interval_seconds
+        return cls(store, settings.snapshot_path, model_version, state_size, interval)
+
+    async def start(self) -> None:
+        """Restore the snapshot (before any request is served), then save every interval."""
+        restore(self.store, self.path, self.model_version, self.state_size)
+        if self.interval > 0:
+            self._periodic = asyncio.create_task(self._every_interval(), name="gru-snapshot")
+
+    async def save(self) -> int:
+        async with self._lock:  # one writer at a time: the periodic one and the final one never interleave
+            return await save(self.store, self.path, self.model_version)
+
+    async def _every_interval(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:  # shielded: a shutdown waits for a write in progress instead of racing it with the final one
+                await asyncio.shield(self.save())
+            except Exception:  # a full disk must not stop the service; the next interval tries again
+                log.exception("snapshot failed", extra={"fields": {"path": str(self.path)}})
+
+    async def stop(self) -> None:
+        """Stop the periodic saves, then write the final snapshot (call after the engine has drained)."""
+        if self._periodic is not None:
+            self._periodic.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._periodic
+        try:
+            await self.save()
+        except Exception:
+            log.exception("final snapshot failed; the sessions of this run are lost on restart",
+                          extra={"fields": {"path": str(self.path)}})

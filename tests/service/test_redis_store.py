@@ -1,0 +1,318 @@
+"""The Redis store against a real redis-server: compare-and-set in the store, then two replicas sharing it."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import re
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from service.sessions.base import StoreUnavailable, Write
+from tests.conftest import Server, ServerFactory, free_port, start_server, wait_ready
+from tests.service.conftest import RedisServer, kill_redis, start_redis
+from tests.service.helpers import assert_problem, new_id, position, send, series, stateless
+
+pytest.importorskip("redis")
+from service.sessions.redis import RedisStore
+
+STATE = 5
+
+
+def _write(key: str, expected: Any, position: int, row: int = 0, answer: bytes = b"{}") -> Write:
+    return Write(key=key, expected_revision=expected, position=position, model_version="v1",
+                 last_offset=0, fingerprint=b"f" * 16, answer=answer, row=row)
+
+
+def _run(coroutine: Any) -> Any:
+    return asyncio.run(coroutine)
+
+
+# -- the store itself ----------------------------------------------------------------------------------
+
+
+def test_commit_is_compare_and_set_on_the_revision(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        store = RedisStore(redis_server.url, STATE, ttl_seconds=60)
+        states = torch.arange(2 * STATE, dtype=torch.float32).view(2, STATE)
+        first, = await store.commit([_write("t/a", None, 3, row=1)], states)
+        assert first is not None and first.position == 3
+        again, = await store.commit([_write("t/a", None, 4)], states)  # "must not exist" loses
+        assert again is None
+        loaded, = await store.load(["t/a"])
+        assert loaded is not None and loaded.revision == first.revision and loaded.position == 3
+        expected = torch.stack([states[1], torch.zeros(STATE)])
+        torch.testing.assert_close(store.gather([loaded, None], "cpu"), expected)
+        second, = await store.commit([_write("t/a", loaded.revision, 7)], states)
+        assert second is not None and second.revision != first.revision
+        stale, = await store.commit([_write("t/a", loaded.revision, 9)], states)  # judged against an old one
+        assert stale is None
+        assert (await store.get("t/a")).position == 7  # type: ignore[union-attr]
+        await store.close()
+
+    _run(scenario())
+
+
+def test_delete_and_recreate_at_the_same_position_fails_a_stale_write(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        store = RedisStore(redis_server.url, STATE, ttl_seconds=60)
+        states = torch.ones(1, STATE)
+        old, = await store.commit([_write("t/b", None, 3)], states)
+        assert old is not None and await store.delete("t/b")
+        assert not await store.delete("t/b")
+        recreated, = await store.commit([_write("t/b", None, 3)], states)
+        assert recreated is not None and recreated.position == old.position
+        lost, = await store.commit([_write("t/b", old.revision, 6)], states)
+        assert lost is None  # position 3 again, but a new revision: the write judged against `old` is refused
+        reset, created = await store.reset("t/b", "v1")
+        assert not created and reset.position == 0 and reset.revision != recreated.revision
+        lost, = await store.commit([_write("t/b", recreated.revision, 6)], states)
+        assert lost is None
+        loaded, = await store.load(["t/b"])
+        assert loaded is not None and loaded.position == 0 and loaded.created_at == recreated.created_at
+        assert torch.equal(store.gather([loaded], "cpu"), torch.zeros(1, STATE))  # reset: the fresh state
+        _, created = await store.reset("t/new", "v1")
+        assert created
+        await store.close()
+
+    _run(scenario())
+
+
+def test_batch_commit_wins_and_loses_per_session_and_refreshes_ttl(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        store = RedisStore(redis_server.url, STATE, ttl_seconds=30)
+        states = torch.randn(3, STATE)
+        seeded, = await store.commit([_write("t/x", None, 1)], states)
+        results = await store.commit(
+            [_write("t/x", "not-the-revision", 2, row=0), _write("t/y", None, 2, row=1),
+             _write("t/z", None, 2, row=2)], states)
+        assert results[0] is None and results[1] is not None and results[2] is not None
+        loaded = await store.load(["t/y", "t/z", "t/missing"])
+        assert loaded[2] is None
+        expected = torch.stack([states[1], states[2], torch.zeros(STATE)])
+        torch.testing.assert_close(store.gather(loaded, "cpu"), expected)
+        redis_server.client().pexpire("gru:s:t/y", 500)
+        await store.load(["t/y"])
+        assert redis_server.client().pttl("gru:s:t/y") > 25_000  # use refreshes the TTL
+        assert seeded is not None
+        await store.close()
+
+    _run(scenario())
+
+
+def test_commit_retried_after_a_lost_reply_is_not_a_conflict(redis_server: RedisServer) -> None:
+    """The script runs, the reply is lost, the client retries: the store must report the write as won."""
+
+    async def scenario() -> None:
+        store = RedisStore(redis_server.url, STATE, ttl_seconds=60)
+        args = ["1.0", 60_000, "", "rev-1", 4, "v1", 0, b"f", b"{}", b"\0" * 4 * STATE,
+                "rev-0", "rev-2", 4, "v1", 0, b"f", b"{}", b"\0" * 4 * STATE]
+        first = await store._commit(keys=["gru:s:t/r", "gru:s:t/other"], args=args)
+        retried = await store._commit(keys=["gru:s:t/r", "gru:s:t/other"], args=args)
+        assert first == retried == [b"1.0", None]  # the won write stays won, the lost one stays lost
+        await store.close()
+
+    _run(scenario())
+
+
+def test_unreachable_redis_is_store_unavailable_and_not_ready() -> None:
+    async def scenario() -> None:
+        store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", STATE, ttl_seconds=60)
+        assert not await store.ping()
+        with pytest.raises(StoreUnavailable):
+            await store.load(["t/a"])
+        with pytest.raises(StoreUnavailable):
+            await store.commit([_write("t/a", None, 1)], torch.zeros(1, STATE))
+        with pytest.raises(StoreUnavailable):
+            await store.reset("t/a", "v1")
+        await store.close()
+
+    _run(scenario())
+
+
+# -- two replicas sharing one Redis --------------------------------------------------------------------
+
+
+def _replicas(server_factory: ServerFactory, redis_server: RedisServer, **env: str) -> tuple[Server, Server]:
+    """Two service processes on one Redis, started side by side (start-up is most of a test's time)."""
+    settings = {"GRU_STORE": "redis", "GRU_REDIS_URL": redis_server.url, **env}
+    pair = server_factory(wait=False, **settings), server_factory(wait=False, **settings)
+    for server in pair:
+        wait_ready(server)
+    return pair
+
+
+@pytest.fixture(scope="module")
+def shared(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Server]]:
+    """One Redis and two replicas for the tests that only use their own session ids."""
+    redis_server = start_redis(tmp_path_factory.mktemp("redis-shared"))
+    logs = tmp_path_factory.mktemp("replicas")
+    env = {"GRU_STORE": "redis", "GRU_REDIS_URL": redis_server.url}
+    pair = start_server(tiny_model, logs, env, wait=False), start_server(tiny_model, logs, env, wait=False)
+    try:
+        for server in pair:
+            wait_ready(server)
+        yield pair
+    finally:
+        for server in pair:
+            server.stop(signal.SIGKILL)
+        kill_redis(redis_server)
+
+
+def _conflicts(client: httpx.Client) -> float:
+    match = re.search(r"^gru_store_conflicts_total (\S+)$", client.get("/metrics").text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_alternating_chunks_between_replicas_equal_one_stateless_pass(shared: tuple[Server, Server]) -> None:
+    a, b = shared
+    values = series(60, seed=3)
+    with httpx.Client(base_url=a.url, timeout=30) as ca, httpx.Client(base_url=b.url, timeout=30) as cb:
+        expected = np.array(stateless(ca, values, horizon=4)["forecast"])
+        reference = np.array(stateless(cb, values)["predictions"])
+        session, start, got, last = new_id(), 0, [], {}
+        for i, size in enumerate([7, 1, 12, 5, 20, 15]):
+            client = (ca, cb)[i % 2]
+            horizon = 4 if start + size == 60 else 0
+            response = send(client, session, values[start : start + size], offset=start, horizon=horizon)
+            assert response.status_code == 200, response.text
+            last = response.json()
+            assert last["position"] == start + size and last["created"] == (start == 0)
+            got.extend(last["predictions"])
+            start += size
+        np.testing.assert_allclose(np.array(got), reference, atol=1e-5)
+        np.testing.assert_allclose(np.array(last["forecast"]), expected, atol=1e-5)
+        assert position(ca, session) == position(cb, session) == 60
+
+
+def test_exact_retry_on_the_other_replica_gets_the_same_answer_and_a_stale_offset_a_409(
+    shared: tuple[Server, Server]
+) -> None:
+    a, b = shared
+    values = series(20, seed=4)
+    with httpx.Client(base_url=a.url, timeout=30) as ca, httpx.Client(base_url=b.url, timeout=30) as cb:
+        session = new_id()
+        first = send(ca, session, values[:8], offset=0)
+        second = send(ca, session, values[8:14], offset=8, horizon=3)
+        assert first.status_code == second.status_code == 200
+        retry = send(cb, session, values[8:14], offset=8, horizon=3)
+        assert retry.status_code == 200 and retry.content == second.content  # every field, `created` too
+        stale = assert_problem(send(cb, session, values[:8], offset=0), 409)  # not the last chunk: a conflict
+        assert stale["position"] == 14
+        ahead = assert_problem(send(cb, session, values[14:], offset=15), 409)
+        assert ahead["position"] == 14
+        assert_problem(send(cb, new_id(), values[:3], offset=5), 404)
+        assert position(cb, session) == 14
+
+
+def test_sixty_appends_racing_across_replicas_end_at_exact_position(shared: tuple[Server, Server]) -> None:
+    a, b = shared
+    chunk = series(3, seed=5)
+    count, size = 60, len(chunk)
+    session = new_id()
+    limits = httpx.Limits(max_connections=30)
+    with httpx.Client(base_url=a.url, timeout=30, limits=limits) as ca, \
+            httpx.Client(base_url=b.url, timeout=30, limits=limits) as cb:
+        conflicts_before = _conflicts(ca) + _conflicts(cb)
+        with concurrent.futures.ThreadPoolExecutor(30) as pool:
+            answers = list(pool.map(lambda i: send((ca, cb)[i % 2], session, chunk), range(count)))
+        assert all(r.status_code == 200 for r in answers), [r.text for r in answers if r.status_code != 200]
+        bodies = [r.json() for r in answers]
+        # Each append applied exactly once, at its own position, with the predictions of that place.
+        assert sorted(body["position"] for body in bodies) == [size * (i + 1) for i in range(count)]
+        probe = series(4, seed=6)
+        whole = np.concatenate([np.tile(chunk, (count, 1)), probe])
+        expected = np.array(stateless(ca, whole)["predictions"])
+        for body in bodies:
+            end = body["position"]
+            np.testing.assert_allclose(np.array(body["predictions"]), expected[end - size : end], atol=1e-5)
+        final = send(cb, session, probe, offset=count * size)
+        assert final.status_code == 200, final.text
+        np.testing.assert_allclose(np.array(final.json()["predictions"]), expected[-len(probe):], atol=1e-5)
+        conflicts = _conflicts(ca) + _conflicts(cb) - conflicts_before
+    assert conflicts >= 1  # the race did happen, and every loser was judged again
+
+
+def test_sigkill_of_one_replica_mid_stream_the_other_goes_on_exactly(
+    server_factory: ServerFactory, redis_server: RedisServer
+) -> None:
+    a, b = _replicas(server_factory, redis_server)
+    values = series(400, seed=7)
+    session, size = new_id(), 4
+    got: dict[int, list[Any]] = {}
+    sent_to_a = threading.Event()
+    with httpx.Client(base_url=b.url, timeout=30) as cb:
+        def stream() -> None:
+            ca = httpx.Client(base_url=a.url, timeout=30)
+            clients = [ca, cb]
+            for start in range(0, len(values), size):
+                while True:  # on a dead replica, send the same chunk with the same offset to the other
+                    try:
+                        response = send(clients[0], session, values[start : start + size], offset=start)
+                        break
+                    except httpx.TransportError:
+                        clients.pop(0)
+                assert response.status_code == 200, response.text
+                got[start] = response.json()["predictions"]
+                if start >= 40:
+                    sent_to_a.set()
+            ca.close()
+
+        worker = threading.Thread(target=stream)
+        worker.start()
+        assert sent_to_a.wait(30)
+        a.stop(signal.SIGKILL)
+        worker.join(60)
+        assert not worker.is_alive() and len(got) == len(values) // size
+        expected = np.array(stateless(cb, values)["predictions"])
+        np.testing.assert_allclose(np.concatenate([got[s] for s in sorted(got)]), expected, atol=1e-5)
+        assert position(cb, session) == len(values)
+
+
+def test_redis_down_is_503_and_not_ready_then_correct_after_it_returns(
+    server_factory: ServerFactory, redis_server: RedisServer
+) -> None:
+    a, b = _replicas(server_factory, redis_server)
+    values = series(30, seed=8)
+    with httpx.Client(base_url=a.url, timeout=30) as ca, httpx.Client(base_url=b.url, timeout=30) as cb:
+        session = new_id()
+        first = send(ca, session, values[:10], offset=0)
+        assert first.status_code == 200
+        redis_server.stop(save=True)  # dump.rdb, so the restarted Redis has the session again
+        down = assert_problem(send(cb, session, values[10:20], offset=10), 503)
+        assert "store" in down["type"]
+        assert int(send(ca, session, values[10:20]).headers["retry-after"]) > 0
+        assert_problem(ca.get("/readyz"), 503)
+        assert_problem(cb.get(f"/v1/sessions/{session}"), 503)
+        assert_problem(cb.post(f"/v1/sessions/{session}/reset"), 503)
+        redis_server.start()
+        deadline = time.monotonic() + 10
+        while cb.get("/readyz").status_code != 200 or ca.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "the replicas did not become ready again"
+            time.sleep(0.1)
+        assert position(cb, session) == 10  # nothing half-written while Redis was away
+        second, third = send(cb, session, values[10:20], offset=10), send(ca, session, values[20:], offset=20)
+        assert second.status_code == third.status_code == 200, (second.text, third.text)
+        got = first.json()["predictions"] + second.json()["predictions"] + third.json()["predictions"]
+        np.testing.assert_allclose(np.array(got), stateless(ca, values)["predictions"], atol=1e-5)
+
+
+def test_sessions_expire_by_their_redis_ttl(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        store = RedisStore(redis_server.url, STATE, ttl_seconds=0.3)
+        assert (await store.commit([_write("t/e", None, 2)], torch.zeros(1, STATE)))[0] is not None
+        assert 0 < redis_server.client().pttl("gru:s:t/e") <= 300
+        await asyncio.sleep(0.5)
+        assert await store.load(["t/e"]) == [None] and await store.get("t/e") is None
+        await store.close()
+
+    _run(scenario())

@@ -1,0 +1,229 @@
+"""Snapshots of the memory store: the file format in process, then graceful and hard restarts of a server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from service.sessions.base import Write
+from service.sessions.memory import MemoryStore
+from service.sessions.snapshot import restore, save
+from tests.conftest import ServerFactory
+from tests.service.helpers import assert_problem, new_id, position, send, series, stateless
+
+STATE = 6
+
+
+def _store(**kwargs: Any) -> MemoryStore:
+    return MemoryStore(STATE, torch.device("cpu"), kwargs.pop("max_sessions", 100), kwargs.pop("ttl", 3600.0),
+                       initial_capacity=2, **kwargs)
+
+
+def _fill(store: MemoryStore) -> torch.Tensor:
+    """Three sessions with states and answers, one reset (no state row), in a known recency order."""
+    states = torch.randn(3, STATE)
+
+    async def run() -> None:
+        writes = [Write(f"t/s{i}", None, 3 + i, "v1", i, bytes([i]) * 16, f'{{"answer":{i}}}'.encode(), i)
+                  for i in range(3)]
+        assert all(await store.commit(writes, states))
+        await store.reset("t/fresh", "v1")
+
+    asyncio.run(run())
+    return states
+
+
+def test_snapshot_round_trip_keeps_every_record_and_state(tmp_path: Path) -> None:
+    store = _store()
+    states = _fill(store)
+    path = tmp_path / "sessions.safetensors"
+    assert asyncio.run(save(store, path, "v1")) == 4
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+    restored = _store()
+    assert restore(restored, path, "v1", STATE) == 4
+    assert [s.key for s in restored.records()] == [s.key for s in store.records()]  # recency order kept
+    for before, after in zip(store.records(), restored.records(), strict=True):
+        fields = ("position", "model_version", "last_offset", "fingerprint", "answer", "created_at",
+                  "updated_at")
+        assert [getattr(after, f) for f in fields] == [getattr(before, f) for f in fields]
+    got = restored.gather(restored.records())
+    torch.testing.assert_close(got, torch.cat([states, torch.zeros(1, STATE)]))
+
+
+def test_restore_drops_expired_sessions_and_keeps_the_newest_at_capacity(tmp_path: Path) -> None:
+    store = _store()
+    _fill(store)
+    path = tmp_path / "snap"
+    asyncio.run(save(store, path, "v1"))
+    small = _store(max_sessions=2)
+    assert restore(small, path, "v1", STATE) == 2
+    assert [s.key for s in small.records()] == ["t/s2", "t/fresh"]
+    later = _store(ttl=10.0)
+    assert restore(later, path, "v1", STATE, clock=lambda: time.time() + 60) == 0
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_corrupt_snapshot_is_set_aside_with_a_log_line(
+    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = _store()
+    _fill(store)
+    path = tmp_path / "snap"
+    asyncio.run(save(store, path, "v1"))
+    data = path.read_bytes()
+    damaged = {"garbage": b"\x00not a snapshot" * 50, "truncated": data[: len(data) - 40], "empty": b""}
+    path.write_bytes(damaged[damage])
+    fresh = _store()
+    with caplog.at_level(logging.WARNING, "service.snapshot"):
+        assert restore(fresh, path, "v1", STATE) == 0
+    assert len(fresh) == 0 and not path.exists()
+    assert [p.name.split("-")[0] for p in tmp_path.iterdir()] == ["snap.corrupt"]
+    assert "snapshot is corrupt" in caplog.text
+
+
+@pytest.mark.parametrize(("version", "state_size"), [("other-model", STATE), ("v1", STATE + 1)])
+def test_snapshot_of_other_model_or_size_is_set_aside(tmp_path: Path, version: str, state_size: int) -> None:
+    store = _store()
+    _fill(store)
+    path = tmp_path / "snap"
+    asyncio.run(save(store, path, "v1"))
+    other = MemoryStore(state_size, torch.device("cpu"), 100, 3600.0)
+    assert restore(other, path, version, state_size) == 0
+    assert len(other) == 0 and [p.name.split("-")[0] for p in tmp_path.iterdir()] == ["snap.incompatible"]
+
+
+# -- real servers --------------------------------------------------------------------------------------
+
+
+def test_sigterm_while_eight_clients_append_loses_no_acknowledged_chunk(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    path = tmp_path / "state" / "sessions.safetensors"
+    first = server_factory(GRU_SNAPSHOT_PATH=str(path))
+    clients, size, steps = 8, 3, 6000
+    ids = [new_id() for _ in range(clients)]
+    data = [series(steps, seed=20 + i) for i in range(clients)]
+    acked = [0] * clients
+    got: list[dict[int, list[Any]]] = [{} for _ in range(clients)]
+    failures: list[str] = []
+
+    def stream(i: int) -> None:
+        with httpx.Client(base_url=first.url, timeout=30) as http:
+            start = 0
+            while start < steps:
+                try:
+                    response = send(http, ids[i], data[i][start : start + size], offset=start)
+                except httpx.TransportError:
+                    return  # the server stopped taking work: this chunk was not acknowledged
+                if response.status_code != 200:
+                    if response.status_code != 503:
+                        failures.append(response.text)
+                    return
+                got[i][start] = response.json()["predictions"]
+                start += size
+                acked[i] = start
+
+    workers = [threading.Thread(target=stream, args=(i,)) for i in range(clients)]
+    for worker in workers:
+        worker.start()
+    deadline = time.monotonic() + 30
+    while min(acked) < 10 * size:
+        assert time.monotonic() < deadline, acked
+        time.sleep(0.01)
+    # uvicorn drains, runs the lifespan shutdown, then re-raises the signal: exit status -SIGTERM (or 0)
+    assert first.stop(signal.SIGTERM) in (0, -signal.SIGTERM), first.log()
+    assert "Application shutdown complete" in first.log()
+    for worker in workers:
+        worker.join(30)
+    assert not failures, failures
+    assert max(acked) < steps, "the clients finished before the SIGTERM; make the series longer"
+    assert "snapshot written" in first.log()
+
+    second = server_factory(GRU_SNAPSHOT_PATH=str(path))
+    assert '"sessions":8,' in second.log().split("snapshot restored")[1].splitlines()[0]
+    with httpx.Client(base_url=second.url, timeout=30) as http:
+        for i in range(clients):
+            assert position(http, ids[i]) >= acked[i]  # every acknowledged chunk survived the restart
+            # Go on from the last answer this client saw: a chunk applied but never acknowledged comes back as
+            # an exact retry, anything else applies; the whole stream must equal one stateless pass.
+            end = acked[i] + 10 * size
+            for start in range(acked[i], end, size):
+                response = send(http, ids[i], data[i][start : start + size], offset=start)
+                assert response.status_code == 200, response.text
+                got[i][start] = response.json()["predictions"]
+            predictions = np.concatenate([got[i][s] for s in range(0, end, size)])
+            np.testing.assert_allclose(predictions, stateless(http, data[i][:end])["predictions"], atol=1e-5)
+
+
+def test_sigterm_answers_a_chunk_still_waiting_for_its_batch_and_keeps_it(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    path = tmp_path / "sessions.safetensors"
+    # A lone chunk waits up to a second for its batch to fill: it is surely in flight when SIGTERM comes.
+    first = server_factory(GRU_SNAPSHOT_PATH=str(path), GRU_MAX_BATCH_DELAY_MS="1000")
+    values = series(9, seed=40)
+    session = new_id()
+    answer: list[httpx.Response] = []
+    with httpx.Client(base_url=first.url, timeout=30) as http:
+        worker = threading.Thread(target=lambda: answer.append(send(http, session, values[:6], offset=0)))
+        worker.start()
+        time.sleep(0.5)  # the chunk is read and waiting in the engine (half of its batch delay left)
+        assert first.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
+        worker.join(10)
+    assert answer and answer[0].status_code == 200, answer  # drained: answered, not dropped
+    log = first.log()
+    assert log.index('"status":200') < log.index("snapshot written")
+    second = server_factory(GRU_SNAPSHOT_PATH=str(path))
+    with httpx.Client(base_url=second.url, timeout=30) as http:
+        assert position(http, session) == 6
+        rest = send(http, session, values[6:], offset=6)
+        got = answer[0].json()["predictions"] + rest.json()["predictions"]
+        np.testing.assert_allclose(np.array(got), stateless(http, values)["predictions"], atol=1e-5)
+
+
+def test_periodic_snapshot_survives_a_hard_kill(server_factory: ServerFactory, tmp_path: Path) -> None:
+    path = tmp_path / "sessions.safetensors"
+    first = server_factory(GRU_SNAPSHOT_PATH=str(path), GRU_SNAPSHOT_INTERVAL_SECONDS="0.2")
+    values = series(20, seed=30)
+    session = new_id()
+    with httpx.Client(base_url=first.url, timeout=30) as http:
+        answers = [send(http, session, values[:12], offset=0), send(http, session, values[12:16], offset=12)]
+        assert all(r.status_code == 200 for r in answers)
+        written = first.log().count("snapshot written")
+        deadline = time.monotonic() + 10
+        while first.log().count("snapshot written") < written + 2:  # one surely began after both chunks
+            assert time.monotonic() < deadline, first.log()
+            time.sleep(0.1)
+    first.stop(signal.SIGKILL)
+    second = server_factory(GRU_SNAPSHOT_PATH=str(path))
+    with httpx.Client(base_url=second.url, timeout=30) as http:
+        assert position(http, session) == 16
+        retry = send(http, session, values[12:16], offset=12)
+        assert retry.content == answers[1].content  # the exact retry survives the restart too
+        last = send(http, session, values[16:], offset=16)
+        assert last.status_code == 200
+        got = answers[0].json()["predictions"] + answers[1].json()["predictions"] + last.json()["predictions"]
+        np.testing.assert_allclose(np.array(got), stateless(http, values)["predictions"], atol=1e-5)
+
+
+def test_corrupt_snapshot_file_starts_empty_with_log_line(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    path = tmp_path / "sessions.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    server = server_factory(GRU_SNAPSHOT_PATH=str(path))
+    assert "snapshot is corrupt, set aside" in server.log()
+    assert not path.exists() and len(list(tmp_path.glob("sessions.safetensors.corrupt-*"))) == 1
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        assert_problem(http.get(f"/v1/sessions/{new_id()}"), 404)
+        assert send(http, new_id(), series(5), offset=0).json()["created"] is True
