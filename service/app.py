@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -54,8 +55,9 @@ async def _sweep_forever(store: object, every: float) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    # The event loop needs a core of its own; torch's default (every core) makes the two fight, and with a
+    # neighbour such as redis-server on the same cores, batches took 50x longer.
+    torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 2) - 1))
     device = resolve_device(settings.device)
     forecaster, meta = load_checkpoint(settings.model_path, device)
     metrics = Metrics()

@@ -76,17 +76,21 @@ class HotRoutes:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
+        if scope["type"] == "http":
             for route in ROUTES:
                 match, child_scope = route.matches(scope)
-                if match == Match.FULL:
-                    scope.update(child_scope, route=route)  # the route template, for metrics and logs
-                    try:
-                        response = await route.endpoint(Request(scope, receive))
-                    except Problem as problem:
-                        response = problem.response()
-                    await response(scope, receive, send)
-                    return
+                if match == Match.NONE:
+                    continue
+                scope.update(child_scope, route=route)  # the route template, for metrics and logs
+                try:
+                    if match == Match.PARTIAL:  # the path of a predict route, another method
+                        raise Problem(405, "method-not-allowed", f"{scope['method']} is not allowed on"
+                                      f" {scope['path']}; use POST", headers={"Allow": "POST"})
+                    response = await route.endpoint(Request(scope, receive))
+                except Problem as problem:
+                    response = problem.response()
+                await response(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
 

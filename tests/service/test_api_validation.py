@@ -117,7 +117,9 @@ def test_longest_valid_session_id_works(client: httpx.Client) -> None:
 
 def test_unknown_route_and_wrong_method_are_problems(client: httpx.Client) -> None:
     assert_problem(client.get("/v1/nothing-here"), 404)
-    assert_problem(client.put("/v1/sessions/x/predict", json={"values": [1.0]}), 405)
+    wrong = client.put("/v1/sessions/x/predict", json={"values": [1.0]})
+    assert_problem(wrong, 405)
+    assert wrong.headers["allow"] == "POST"
     assert_problem(client.get("/v1/predict"), 405)
 
 
