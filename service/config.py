@@ -41,7 +41,9 @@ class Settings(BaseSettings):
                           description="comma-separated key:tenant pairs; empty = no auth, one tenant")
     api_keys_file: Path | None = Field(None, description="file with one 'key tenant' per line")
     metrics_require_key: bool = Field(False, description="put /metrics behind an API key")
-    torch_threads: int = Field(0, ge=0, description="intra-op threads for the model; 0 = cores - 1 (one for the event loop)")
+    torch_threads: int = Field(
+        0, ge=0, description="intra-op threads for the model; 0 = cores - 1 (one for the event loop)"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("log_level", mode="before")
