@@ -1,6 +1,6 @@
 """Our GRU against ``torch.nn.GRU`` on CPU at serving shapes; prints a table of median times.
 
-    python -m bench.cell                 # the service's thread count (GRU_TORCH_THREADS or one per core)
+    python -m bench.cell                 # the service's thread count (GRU_TORCH_THREADS, else cores - 1)
     python -m bench.cell --threads 1 --min-run-time 0.5
 
 For each shape (I, H, L) × batch B × steps T, under ``torch.inference_mode``:
@@ -10,7 +10,10 @@ For each shape (I, H, L) × batch B × steps T, under ``torch.inference_mode``:
   outputs must match nn.GRU's within 1e-5;
 - ``ours seed``: ``model.gru.GRU`` with the "seed" variant (what the service ships by default), checked
   against a step-by-step loop over its own cells;
-- ``naive``: that plain Python loop over ``GRUCell.forward`` (torch variant), per step and layer.
+- ``naive loop``: that plain Python loop over ``GRUCell.forward`` (torch variant), per step and layer.
+
+``--clock cpu`` times the calling thread's CPU time instead of the wall clock (with one torch thread): on a
+machine busy with other work, the time this process waits for a core does not count.
 
 Times are in µs: medians from ``torch.utils.benchmark.Timer.blocked_autorange`` after a warm-up, the four
 functions interleaved over ``--rounds`` rounds and the lowest round's median kept (other work on a shared
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -66,13 +70,13 @@ class Row:
 
 
 def _best_median_us(fns: list[Callable[[], object]], min_run_time: float, threads: int,
-                    rounds: int) -> list[float]:
+                    rounds: int, clock: Callable[[], float]) -> list[float]:
     """Per function, the lowest of ``rounds`` medians, the functions interleaved round by round."""
     timers = []
     for fn in fns:
         for _ in range(3):  # warm-up: TorchScript profiles and optimises on its first calls
             fn()
-        timers.append(Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads))
+        timers.append(Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, timer=clock))
     best = [float("inf")] * len(fns)
     for _ in range(rounds):
         for i, timer in enumerate(timers):
@@ -85,7 +89,7 @@ def _max_diff(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> float:
 
 
 def measure(shape: tuple[int, int, int], batch: int, steps: int, min_run_time: float, threads: int,
-            rounds: int) -> Row:
+            rounds: int, clock: Callable[[], float] = time.perf_counter) -> Row:
     inputs, hidden, layers = shape
     torch.manual_seed(0)
     reference = nn.GRU(inputs, hidden, layers, batch_first=True).eval()
@@ -100,7 +104,7 @@ def measure(shape: tuple[int, int, int], batch: int, steps: int, min_run_time: f
             lambda: reference(x, h0), lambda: ours_torch(x, h0), lambda: ours_seed(x, h0),
             lambda: naive_loop(ours_torch, x, h0),
         ]
-        reference_us, torch_us, seed_us, naive_us = _best_median_us(fns, min_run_time, threads, rounds)
+        reference_us, torch_us, seed_us, naive_us = _best_median_us(fns, min_run_time, threads, rounds, clock)
     return Row(shape, batch, steps, reference_us, torch_us, seed_us, naive_us, torch_diff, seed_diff)
 
 
@@ -110,10 +114,11 @@ def _ratio(value: float, reference: float) -> str:
     return f"[red]{text}[/red]" if ratio > 1.0 else f"[green]{text}[/green]"
 
 
-def table(rows: list[Row], threads: int) -> Table:
-    out = Table(title=f"GRU forward on CPU, median µs ({threads} torch threads, inference_mode)")
+def table(rows: list[Row], threads: int, clock: str) -> Table:
+    what = "thread CPU time" if clock == "cpu" else "wall time"
+    out = Table(title=f"GRU forward on CPU, median µs of {what} ({threads} torch threads, inference_mode)")
     columns = ("I H L", "B", "T", "nn.GRU", "ours torch", "ratio", "ours seed", "ratio", "naive loop",
-               "ratio", "max|diff|")
+               "ratio", "max abs diff")
     for name in columns:
         out.add_column(name, justify="right")
     for row in rows:
@@ -145,20 +150,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="default: the service's")
     parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds of timing per median")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the lowest median counts")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: this thread's CPU time, blind to other work on the machine (one thread only)")
     args = parser.parse_args(argv)
     threads = args.threads or service_threads()
+    if args.clock == "cpu":
+        if args.threads not in (0, 1):
+            parser.error("--clock cpu counts the calling thread only: it needs --threads 1")
+        threads = 1
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(threads)
     console = Console(width=max(Console().width, 130))
     console.print(f"machine: {machine()}; load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    console.print(f"torch threads: {torch.get_num_threads()} (the service's: GRU_TORCH_THREADS or 1/core)")
+    console.print(f"torch threads: {torch.get_num_threads()} (the service's: GRU_TORCH_THREADS or cores - 1)")
     rows = []
     with console.status("timing") as status:
         for shape in SHAPES:
             for batch in BATCHES:
                 for steps in STEPS:
                     status.update(f"timing I H L = {shape}, B={batch}, T={steps}")
-                    rows.append(measure(shape, batch, steps, args.min_run_time, threads, args.rounds))
-    console.print(table(rows, threads))
+                    rows.append(measure(shape, batch, steps, args.min_run_time, threads, args.rounds, clock))
+    console.print(table(rows, threads, args.clock))
     for line in summary(rows):
         console.print(line)
     return 0 if all(max(r.torch_diff, r.seed_diff) < TOLERANCE for r in rows) else 1

@@ -30,20 +30,30 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def revision() -> str:
+    """The commit measured, and whether model/ or service/ had uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "model", "service"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown revision"
+    return f"commit {head}" + (" + uncommitted changes in model/ or service/" if dirty else "")
+
+
 def machine() -> str:
     """One line naming what produced the numbers."""
     import torch  # here, not at the top: the load generator imports this module and must start fast
 
     return (f"{os.cpu_count()} cores, {cpu_model()}, Python {platform.python_version()},"
-            f" torch {torch.__version__}, {platform.system()} {platform.release()}")
+            f" torch {torch.__version__}, {platform.system()} {platform.release()}; {revision()}")
 
 
 def service_threads() -> int:
-    """The intra-op threads the service runs with: GRU_TORCH_THREADS, or torch's default (one per core)."""
-    import torch
-
+    """The intra-op threads the service runs with: GRU_TORCH_THREADS, else cores − 1 (as service/app.py)."""
     configured = int(os.environ.get("GRU_TORCH_THREADS", "0") or 0)
-    return configured or torch.get_num_threads()
+    return configured or max(1, (os.cpu_count() or 2) - 1)
 
 
 def bench_model(directory: Path | None = None) -> tuple[Path, str]:

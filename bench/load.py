@@ -18,6 +18,8 @@ Targets, in the order they run:
 - ``naive``: the baseline (bench/naive_server.py): FastAPI + nn.GRU + dict of states behind a lock;
 - ``ours``: ``python -m service`` with its default settings and logging (the JSON access line included);
 - ``ours-redis``: the same with ``GRU_STORE=redis`` on a redis-server the bench starts.
+
+``--service-env GRU_MAX_BATCH_SIZE=16 ...`` sets variables for both ``ours`` targets (to try a setting).
 """
 
 from __future__ import annotations
@@ -289,7 +291,7 @@ def run_wrk(url: str, steps: int, sessions: int, duration: float, warmup: float,
 # -- the orchestration --------------------------------------------------------------------------------------
 
 
-def _start(target: str, model_path: Path, log_dir: Path) -> Process:
+def _start(target: str, model_path: Path, log_dir: Path, env: dict[str, str]) -> Process:
     naive = [sys.executable, "-m", "bench.naive_server", "--host", "127.0.0.1"]
     if target in ("raw", "echo", "pydantic", "naive"):
         port = free_port()
@@ -298,11 +300,11 @@ def _start(target: str, model_path: Path, log_dir: Path) -> Process:
         wait_http(proc, "/")
         return proc
     if target == "ours":
-        return start_service(model_path, log_dir)
+        return start_service(model_path, log_dir, env)
     redis = start_redis(log_dir)
     try:
         proc = start_service(model_path, log_dir,
-                             {"GRU_STORE": "redis", "GRU_REDIS_URL": f"redis://127.0.0.1:{redis.port}/0"})
+                             {**env, "GRU_STORE": "redis", "GRU_REDIS_URL": f"redis://127.0.0.1:{redis.port}/0"})
     except Exception:
         redis.stop()
         raise
@@ -368,7 +370,8 @@ def _short(numbers: dict[str, Any]) -> str:
 
 
 def measure(targets: list[str], chunks: list[int], sessions: int, duration: float, warmup: float, rounds: int,
-            console: Console, driver: Callable[..., dict[str, Any]] = run_client) -> list[Result]:
+            console: Console, driver: Callable[..., dict[str, Any]] = run_client,
+            service_env: dict[str, str] | None = None) -> list[Result]:
     """Every target alone, one after the other, ``rounds`` times over (interleaved, so a busy minute on the
     machine does not land on one target only)."""
     log_dir = Path(tempfile.mkdtemp(prefix="gru-bench-load-"))
@@ -384,7 +387,7 @@ def measure(targets: list[str], chunks: list[int], sessions: int, duration: floa
                 continue
             try:
                 with console.status(f"starting {target}"):
-                    proc = _start(target, model_path, log_dir)
+                    proc = _start(target, model_path, log_dir, service_env or {})
             except Exception as exc:  # a target that cannot start gets a note; the others still run
                 lines = str(exc).strip().splitlines()
                 notes[target] = f"did not start: {lines[-1][:100] if lines else type(exc).__name__}"
@@ -422,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunks", type=int, nargs="+", default=list(CHUNKS), help="steps per chunk")
     parser.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS))
     parser.add_argument("--rounds", type=int, default=1, help="repeat all; the table shows medians")
+    parser.add_argument("--service-env", nargs="*", default=[], metavar="GRU_X=V",
+                        help="extra environment for the service targets")
     parser.add_argument("--wrk", action="store_true", help="drive with wrk instead (a second opinion)")
     parser.add_argument("--client", help="only drive this running server (prints JSON)")
     parser.add_argument("--chunk", type=int, default=8, help="with --client: steps per chunk")
@@ -443,8 +448,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         driver = run_wrk
         console.print("load generator: wrk, one thread per connection, offsets tracked in Lua")
+    service_env = dict(item.split("=", 1) for item in args.service_env)
+    if service_env:
+        console.print(f"service environment: {service_env}")
     results = measure(args.targets, args.chunks, args.sessions, args.duration, args.warmup, args.rounds,
-                      console, driver)
+                      console, driver, service_env)
     console.print(table(results, args.sessions, args.duration))
     console.print(f"load average after: {_load()}")
     for r in results:
