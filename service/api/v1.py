@@ -39,7 +39,9 @@ RAW_BODY_MODELS: list[type[BaseModel]] = [BatchRequest]
 
 
 def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {s: {"model": ProblemModel, "content": {"application/problem+json": {}}} for s in statuses}
+    # What is sent is problem+json; the model keeps Problem among the components the $ref points at.
+    problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    return {s: {"model": ProblemModel, "content": problem} for s in statuses}
 
 
 @router.get("/model", response_model=ModelInfo, summary="The served model")
@@ -81,7 +83,7 @@ def _timestamp(seconds: float) -> datetime:
 
 
 @router.get("/sessions/{session_id}", response_model=SessionInfo, summary="A session's position and age",
-            responses=_problems(404))
+            responses=_problems(404, 422, 503))
 async def get_session(session_id: SessionIdPath, engine: EngineDep, tenant: TenantDep) -> SessionInfo:
     session = await engine.session_info(session_key(tenant, session_id))
     return SessionInfo(
@@ -92,13 +94,14 @@ async def get_session(session_id: SessionIdPath, engine: EngineDep, tenant: Tena
 
 
 @router.post("/sessions/{session_id}/reset", response_model=ResetResponse,
-             summary="Start the session again at position 0 (creates it if unknown)")
+             summary="Start the session again at position 0 (creates it if unknown)", responses=_problems(422, 503))
 async def reset_session(session_id: SessionIdPath, engine: EngineDep, tenant: TenantDep) -> ResetResponse:
     created = await engine.reset(session_key(tenant, session_id))
     return ResetResponse(session_id=session_id, position=0, created=created)
 
 
-@router.delete("/sessions/{session_id}", status_code=204, summary="Forget a session", responses=_problems(404))
+@router.delete("/sessions/{session_id}", status_code=204, summary="Forget a session",
+               responses=_problems(404, 422, 503))
 async def delete_session(session_id: SessionIdPath, engine: EngineDep, tenant: TenantDep) -> Response:
     await engine.delete(session_key(tenant, session_id))
     return Response(status_code=204)
