@@ -36,7 +36,7 @@ bench: $(VENV)/.dev
 	$(PY) -m bench
 
 model: $(VENV)/.dev
-	$(PY) -m model.train --dataset seattle-temps --out model/weights/default --seed 0
+	$(PY) -m model.train --dataset seattle-temps --name seattle-temp --out model/weights/default --seed 0
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

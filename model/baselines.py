@@ -1,0 +1,119 @@
+"""The classical one-step forecasts a trained model is judged against, and the autoregression it starts from.
+
+All take the whole series ``values (T, F)`` and return ``predictions (T − 1, F)``: row t forecasts
+``values[t + 1]`` from ``values[: t + 1]`` only.
+
+- persistence: x̂_{t+1} = x_t
+- seasonal naive: x̂_{t+1} = x_{t+1−m} for season m
+- autoregression on differences (Box & Jenkins' ARIMA(K, 1, 0) with drift, fitted by least squares):
+  d̂_{t+1} = c + Σ_k a_k d_{t−k}, x̂_{t+1} = x_t + d̂_{t+1}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def persistence(values: np.ndarray) -> np.ndarray:
+    return values[:-1].copy()
+
+
+def seasonal_naive(values: np.ndarray, season: int) -> np.ndarray:
+    predictions = values[:-1].copy()
+    if 1 < season < len(values):
+        predictions[season - 1 :] = values[: len(values) - season]
+    return predictions
+
+
+@dataclass(frozen=True)
+class DifferenceAR:
+    """Least-squares coefficients on scaled differences, each feature on its own past only."""
+
+    coef: np.ndarray  # (F, F·K), column f·K + k weighs feature f's difference k steps before the newest
+    intercept: np.ndarray  # (F,)
+
+    @property
+    def lags(self) -> int:
+        return self.coef.shape[1] // self.coef.shape[0]
+
+
+def lagged_differences(
+    values: np.ndarray, lags: int, diff_scale: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row t: the K scaled differences up to x_t, newest last, (T − 1, F, K); and d_{t+1}, (T − 1, F).
+
+    Before the first step the Forecaster sees zero differences; so does this, to compute the same thing.
+    """
+    diffs = np.diff(values, axis=0) / diff_scale  # (T − 1, F)
+    padded = np.concatenate([np.zeros((lags, diffs.shape[1])), diffs[:-1]])  # (K + T − 2, F)
+    return np.lib.stride_tricks.sliding_window_view(padded, lags, axis=0), diffs
+
+
+def fit_difference_ar(
+    values: np.ndarray,
+    lags: int,
+    diff_scale: np.ndarray,
+    ridge: float = 10.0,
+    known: np.ndarray | None = None,
+) -> DifferenceAR:
+    """Ridge least squares per feature on its own K scaled differences, with an intercept (the drift).
+
+    ``known`` (T − 1, F) is a part of each target already explained (the GRU's), fitted around. Rows
+    whose history starts before the series are left out; the ridge keeps short series from overfitting.
+    Cross-feature terms are left to the GRU: on short series a full VAR overfits and loses to this.
+    """
+    design, targets = lagged_differences(values, lags, diff_scale)
+    if known is not None:
+        targets = targets - known
+    design, targets = design[lags:], targets[lags:]  # (N, F, K), (N, F)
+    features = values.shape[1]
+    coef = np.zeros((features, features * lags))
+    intercept = np.zeros(features)
+    for f in range(features):
+        x, y = design[:, f], targets[:, f]
+        x_mean, y_mean = x.mean(axis=0), y.mean()
+        centred = x - x_mean
+        weights = np.linalg.solve(centred.T @ centred + ridge * np.eye(lags), centred.T @ (y - y_mean))
+        coef[f, f * lags : (f + 1) * lags] = weights
+        intercept[f] = y_mean - x_mean @ weights
+    return DifferenceAR(coef, intercept)
+
+
+def difference_ar_predictions(values: np.ndarray, model: DifferenceAR, diff_scale: np.ndarray) -> np.ndarray:
+    """One-step forecasts (T − 1, F) of ``values`` (T, F) by a fit on differences scaled by ``diff_scale``."""
+    design, _ = lagged_differences(values, model.lags, diff_scale)
+    step = design.reshape(len(design), -1) @ model.coef.T + model.intercept  # (T − 1, F)
+    return values[:-1] + step * diff_scale
+
+
+def choose_lags(values: np.ndarray, split: int, candidates: tuple[int, ...], diff_scale: np.ndarray) -> int:
+    """Lag count whose autoregression, fitted before ``split``, forecasts the rows after it best; 0: none.
+
+    0 stands for persistence, which wins on series that behave like random walks. Among counts within 2%
+    of the best the smallest is taken: the validation tail is short, and fewer lags generalise better.
+    """
+
+    def error(predictions: np.ndarray) -> float:
+        return float((np.abs(predictions[split - 1 :] - values[split:]) / diff_scale).mean())
+
+    errors = {0: error(persistence(values))}
+    for lags in candidates:
+        if split - 1 - lags < 3 * lags + 8:  # too few rows to fit K coefficients with any confidence
+            break
+        fit = fit_difference_ar(values[:split], lags, diff_scale)
+        errors[lags] = error(difference_ar_predictions(values, fit, diff_scale))
+    best = min(errors.values())
+    return min(lags for lags, e in errors.items() if e <= 1.02 * best)
+
+
+def strongest_period(values: np.ndarray, longest: int = 60) -> int:
+    """The lag in 2..longest where the differences correlate most, averaged over features (an ACF peak)."""
+    diffs = np.diff(values, axis=0)
+    diffs = (diffs - diffs.mean(axis=0)) / (diffs.std(axis=0) + 1e-12)
+    longest = min(longest, len(diffs) // 3)
+    if longest < 2:
+        return 2
+    correlations = [float((diffs[lag:] * diffs[:-lag]).mean()) for lag in range(2, longest + 1)]
+    return 2 + int(np.argmax(correlations))

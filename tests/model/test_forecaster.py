@@ -1,0 +1,103 @@
+"""Forecaster: streaming in chunks, unequal lengths, rollout, learning, and its link to the AR baseline."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from model import Forecaster, ForecasterConfig
+from model.baselines import difference_ar_predictions, fit_difference_ar, persistence
+from tests.model.conftest import seasonal_series
+
+
+def test_predictions_in_chunks_equal_one_call(forecaster: Forecaster) -> None:
+    x = torch.randn(2, 30, 2).cumsum(1)
+    with torch.no_grad():
+        whole, state_whole = forecaster.predict(x, forecaster.initial_state(2))
+        state, pieces = forecaster.initial_state(2), []
+        for start, stop in [(0, 1), (1, 2), (2, 11), (11, 30)]:
+            out, state = forecaster.predict(x[:, start:stop], state)
+            pieces.append(out)
+    torch.testing.assert_close(torch.cat(pieces, 1), whole, atol=1e-5, rtol=0)
+    torch.testing.assert_close(state, state_whole, atol=1e-5, rtol=0)
+
+
+def test_unequal_lengths_equal_separate_calls(forecaster: Forecaster) -> None:
+    lengths = [9, 5, 2]
+    x = torch.randn(3, 9, 2).cumsum(1)
+    with torch.no_grad():
+        warm = forecaster.predict(torch.randn(3, 4, 2), forecaster.initial_state(3))[1]
+        out, state = forecaster.predict(x, warm, lengths=lengths)
+        for row, length in enumerate(lengths):
+            alone_out, alone_state = forecaster.predict(x[row : row + 1, :length], warm[row : row + 1])
+            torch.testing.assert_close(out[row : row + 1, :length], alone_out, atol=1e-5, rtol=0)
+            torch.testing.assert_close(state[row : row + 1], alone_state, atol=1e-5, rtol=0)
+
+
+def test_predict_leaves_the_callers_state_alone(forecaster: Forecaster) -> None:
+    state = forecaster.predict(torch.randn(1, 5, 2), forecaster.initial_state(1))[1]
+    before = state.clone()
+    with torch.no_grad():
+        forecaster.predict(torch.randn(1, 3, 2), state)
+    assert torch.equal(state, before)
+
+
+def test_rollout_starts_at_last_prediction_and_keeps_state(forecaster: Forecaster) -> None:
+    with torch.no_grad():
+        predictions, state = forecaster.predict(torch.randn(2, 6, 2).cumsum(1), forecaster.initial_state(2))
+    before = state.clone()
+    last = predictions[:, -1]
+    forecast = forecaster.rollout(state, last, 5)
+    assert forecast.shape == (2, 5, 2)
+    assert torch.equal(forecast[:, 0], last)
+    assert torch.equal(state, before)
+    # The second step is what predict gives when fed the first forecast.
+    with torch.no_grad():
+        second = forecaster.predict(last[:, None], state)[0][:, 0]
+    torch.testing.assert_close(forecast[:, 1], second)
+
+
+def test_fresh_forecaster_with_silent_head_is_persistence() -> None:
+    forecaster = Forecaster(ForecasterConfig(features=("a",), hidden_size=4, num_layers=1, lags=2))
+    with torch.no_grad():
+        forecaster.head.weight.zero_()
+        x = torch.randn(1, 10, 1)
+        predictions, _ = forecaster.predict(x, forecaster.initial_state(1))
+    torch.testing.assert_close(predictions, x)
+
+
+def test_linear_term_computes_the_difference_autoregression() -> None:
+    values = np.stack([seasonal_series(80, seed=1), seasonal_series(80, seed=2)], axis=1)
+    diff_scale = np.diff(values, axis=0).std(axis=0)
+    ar = fit_difference_ar(values, 4, diff_scale)
+    forecaster = Forecaster(
+        ForecasterConfig(features=("a", "b"), hidden_size=4, lags=4, diff_scale=tuple(diff_scale.tolist()))
+    )
+    with torch.no_grad():
+        forecaster.head.weight.zero_()
+        forecaster.head.bias.copy_(torch.tensor(ar.intercept))
+        forecaster.autoregression.weight.copy_(torch.tensor(ar.coef))
+        inputs = torch.tensor(values[None, :-1], dtype=torch.float32)  # (1, T − 1, 2)
+        predictions, _ = forecaster.predict(inputs, forecaster.initial_state(1))
+    expected = difference_ar_predictions(values, ar, diff_scale)
+    np.testing.assert_allclose(predictions[0].numpy(), expected, atol=1e-4)
+
+
+def test_training_lowers_the_loss_on_a_sine() -> None:
+    torch.manual_seed(0)
+    forecaster = Forecaster(ForecasterConfig(features=("s",), hidden_size=8, num_layers=1, lags=1))
+    t = torch.arange(64, dtype=torch.float32)
+    x = torch.sin(2 * np.pi * t / 16).reshape(1, 64, 1)
+    optimizer = torch.optim.Adam(forecaster.parameters(), lr=0.02)
+    losses = []
+    for _ in range(60):
+        predictions, _ = forecaster.predict(x[:, :-1], forecaster.initial_state(1))
+        loss = (predictions - x[:, 1:]).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in forecaster.gru.parameters())
+    persistence_loss = float(((persistence(x[0].numpy()) - x[0, 1:].numpy()) ** 2).mean())
+    assert losses[-1] < 0.2 * losses[0]
+    assert losses[-1] < 0.2 * persistence_loss

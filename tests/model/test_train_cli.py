@@ -1,0 +1,72 @@
+"""python -m model.train end to end, as a user runs it: a checkpoint and a plot, or exit 2 and a message."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model import load_checkpoint
+from tests.model.conftest import CsvWriter, seasonal_series
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST = ["--hidden", "8", "--layers", "1", "--epochs", "3", "--max-seconds", "20"]
+
+
+def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "model.train", *map(str, args)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_cli_writes_a_loadable_checkpoint_a_plot_and_the_table(write_csv: CsvWriter, tmp_path: Path) -> None:
+    level = seasonal_series(150)
+    level[[20, 21, 90]] = np.nan
+    path = write_csv(
+        name="pump.csv", level=level, flow=seasonal_series(150, seed=1) * 2, note=np.zeros(150)
+    )
+    text = path.read_text().replace("nan", "")
+    path.write_text(text)
+    out = tmp_path / "model"
+    result = run_cli("--csv", path, "--out", out, "--columns", "level,flow", *FAST)
+    assert result.returncode == 0, result.stderr
+    assert "column 'level': 3 missing values filled by linear interpolation" in result.stdout
+    for row in ("model", "persistence", "seasonal naive (m=", "AR on differences (K="):
+        assert row in result.stdout
+    forecaster, meta = load_checkpoint(out)
+    assert forecaster.config.features == ("level", "flow")
+    assert meta["name"] == "pump"
+    training = meta["training"]
+    assert training["rows"] == 150 and training["validation_rows"] == 30
+    assert training["filled_missing"] == {"level": 3}
+    maes = training["validation_mae"]
+    assert maes["model"]["level"] < maes["persistence"]["level"]  # a season is easy to beat persistence on
+    assert (out / "validation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "config.json").read_text())["version"] == meta["version"]
+
+
+@pytest.mark.parametrize(
+    ("csv_text", "extra", "message"),
+    [
+        (None, [], "absent.csv: no such file"),
+        ("a,b\n" + "1,2\n" * 3, ["--columns", "a,c"], "no column 'c'; the columns are ['a', 'b']"),
+        ("a\n" + "1\n2\nseven\n" * 20, [], "column 'a', row 3: 'seven' is not a number"),
+        ("a\n" + "".join(f"{v}\n" for v in [1, 3, 2, 5, 4, 6, 5, 8, 7, 9]), [], "only 10 rows: need at least"),
+        ("a,b\n" + "".join(f"{v},4\n" for v in np.sin(np.arange(60))), [], "column 'b' is constant (4)"),
+    ],
+    ids=["missing-file", "missing-column", "non-numeric-cell", "too-few-rows", "constant-column"],
+)
+def test_bad_input_exits_2_with_a_message(
+    write_csv: CsvWriter, tmp_path: Path, csv_text: str | None, extra: list[str], message: str
+) -> None:
+    path = tmp_path / "absent.csv" if csv_text is None else write_csv(csv_text)
+    result = run_cli("--csv", path, "--out", tmp_path / "out", *extra, *FAST)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
