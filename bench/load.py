@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.client:
         return _client_main(args)
 
-    console = Console(width=max(Console().width, 130))
+    console = Console(width=max(Console().width, 150))
     console.print(f"machine: {machine()}")
     console.print(f"load average before: {_load()} (other work on the machine skews every number below).")
     console.print("server CPU, client CPU: share of one core each used over the run; req/CPU-s: requests per"
