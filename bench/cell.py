@@ -116,7 +116,8 @@ def _ratio(value: float, reference: float) -> str:
 
 def table(rows: list[Row], threads: int, clock: str) -> Table:
     what = "thread CPU time" if clock == "cpu" else "wall time"
-    out = Table(title=f"GRU forward on CPU, median µs of {what} ({threads} torch threads, inference_mode)")
+    plural = "s" if threads != 1 else ""
+    out = Table(title=f"GRU forward on CPU, median µs of {what} ({threads} torch thread{plural}, inference_mode)")
     columns = ("I H L", "B", "T", "nn.GRU", "ours torch", "ratio", "ours seed", "ratio", "naive loop",
                "ratio", "max abs diff")
     for name in columns:

@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(width=max(Console().width, 150))
     console.print(f"machine: {machine()}")
     console.print(f"load average before: {_load()} (other work on the machine skews every number below).")
-    console.print("server CPU, client CPU: share of one core each used over the run; req/CPU-s: requests per"
+    console.print("server CPU, client CPU: share of one core each used in the measured window; req/CPU-s: requests per"
                   " second of server CPU, the column least moved by other work on the machine")
     driver = run_client
     if args.wrk:
