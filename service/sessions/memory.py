@@ -137,7 +137,7 @@ class MemoryStore:
             current.model_version = write.model_version
             current.last_offset = write.last_offset
             current.fingerprint = write.fingerprint
-            current.answer = write.answer
+            current.answer = bytes(memoryview(write.answer))  # exact size: orjson's buffer holds ~4 KiB
             current.updated_at = now
             current.revision = self._next_revision()
             self._records.move_to_end(write.key)
