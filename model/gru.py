@@ -4,9 +4,10 @@ The cells hold the parameters and define the equations (see ``model.cell``). Run
 ``GRUCell.forward`` step by step costs a dozen small Python-dispatched ops per step and layer; the fast
 path below computes the same thing as:
 
-1. the input projection of every step in one matmul per layer: ``(B, T, I) @ W_ih^T -> (B, T, 3H)``;
-2. the recurrence in a TorchScript loop (no per-step Python), one ``addmm`` per step for the hidden
-   projection (two for the seed variant, whose reset gate acts before ``W_hn``).
+1. the input projection of every step in one matmul per layer: ``(T, B, I) @ W_ih^T -> (T, B, 3H)``;
+2. the recurrence of every layer in one TorchScript call (no per-step Python), six ops per step and layer:
+   one ``addmm`` for the hidden projection (two for the seed variant, whose reset gate acts before
+   ``W_hn``) with the biases folded in, the gates, and ``lerp`` for the update.
 
 Sequences of unequal length run as one batch sorted longest first: at step t only the first
 ``batch_sizes[t]`` rows advance, so the batch shrinks as short chunks end and each row's final state is
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,66 +26,69 @@ from torch import Tensor, nn
 from model.cell import GRUCell, Variant
 
 
-def _seed_recurrence(
-    gx: Tensor, h: Tensor, w_hh: Tensor, b_hh: Tensor, batch_sizes: list[int]
+def _run_layers(
+    x: Tensor,
+    h0: Tensor,
+    weights_ih: list[Tensor],
+    biases_ih: list[Tensor],
+    weights_hh: list[Tensor],
+    biases_hh: list[Tensor],
+    batch_sizes: list[int],
+    seed: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Seed equations over time: gx (B, T, 3H) input projections, h (B, H) -> out (B, T, H), h_T (B, H)."""
-    hidden = h.size(1)
-    w_rz_t = w_hh[: 2 * hidden].t()  # (H, 2H)
-    w_n_t = w_hh[2 * hidden :].t()  # (H, H)
-    b_rz = b_hh[: 2 * hidden]
-    b_n = b_hh[2 * hidden :]
-    outs: list[Tensor] = []
-    full = h.size(0)
-    for t in range(gx.size(1)):
-        active = batch_sizes[t]
-        h_a = h[:active]
-        g = gx[:active, t]  # (b, 3H)
-        rz = torch.sigmoid(g[:, : 2 * hidden] + torch.addmm(b_rz, h_a, w_rz_t))  # (b, 2H)
-        r = rz[:, :hidden]
-        z = rz[:, hidden:]
-        n = torch.tanh(g[:, 2 * hidden :] + torch.addmm(b_n, r * h_a, w_n_t))  # (b, H)
-        h_new = h_a + z * (n - h_a)  # = z ⊙ n + (1 − z) ⊙ h
-        h = h_new if active == full else torch.cat([h_new, h[active:]], 0)
-        outs.append(h)
-    return torch.stack(outs, 1), h
+    """Every layer over every step, in one TorchScript call: x (T, B, I), h0 (L, B, H) -> (T, B, H), (L, B, H).
+
+    Time-major, so each step's slice of the input projection is contiguous. Six ops per step and layer:
+    biases that sit outside the reset gate are folded into the input projection once per chunk, so
+    ``addmm`` adds them with the matmul; ``lerp`` is the interpolation between old state and candidate.
+    """
+    hidden = h0.size(2)
+    full = x.size(1)
+    layer_input = x
+    finals: list[Tensor] = []
+    for layer in range(len(weights_ih)):
+        w_hh = weights_hh[layer]
+        b_hh = biases_hh[layer]
+        h = h0[layer]
+        outs: list[Tensor] = []
+        if seed:
+            # every b_h* is outside the reset gate: W_hn (r ⊙ h) + b_hn
+            gx = F.linear(layer_input, weights_ih[layer], biases_ih[layer] + b_hh)  # (T, B, 3H)
+            w_rz_t = w_hh[: 2 * hidden].t()  # (H, 2H)
+            w_n_t = w_hh[2 * hidden :].t()  # (H, H)
+            for t in range(gx.size(0)):
+                active = batch_sizes[t]
+                h_a = h if active == full else h[:active]
+                g = gx[t] if active == full else gx[t, :active]  # (b, 3H)
+                rz = torch.sigmoid(torch.addmm(g[:, : 2 * hidden], h_a, w_rz_t))  # r, z gates
+                n = torch.tanh(torch.addmm(g[:, 2 * hidden :], rz[:, :hidden] * h_a, w_n_t))  # candidate
+                h_new = torch.lerp(h_a, n, rz[:, hidden:])  # z ⊙ n + (1 − z) ⊙ h
+                h = h_new if active == full else torch.cat([h_new, h[active:]], 0)
+                outs.append(h)
+        else:
+            # b_hn sits inside the reset gate, r ⊙ (W_hn h + b_hn): it stays with the hidden projection
+            gx = F.linear(layer_input, weights_ih[layer], biases_ih[layer])  # (T, B, 3H)
+            w_hh_t = w_hh.t()  # (H, 3H)
+            for t in range(gx.size(0)):
+                active = batch_sizes[t]
+                h_a = h if active == full else h[:active]
+                g = gx[t] if active == full else gx[t, :active]  # (b, 3H)
+                gh = torch.addmm(b_hh, h_a, w_hh_t)  # (b, 3H)
+                rz = torch.sigmoid(g[:, : 2 * hidden] + gh[:, : 2 * hidden])  # r, z gates
+                n = torch.tanh(torch.addcmul(g[:, 2 * hidden :], rz[:, :hidden], gh[:, 2 * hidden :]))
+                h_new = torch.lerp(n, h_a, rz[:, hidden:])  # (1 − z) ⊙ n + z ⊙ h
+                h = h_new if active == full else torch.cat([h_new, h[active:]], 0)
+                outs.append(h)
+        layer_input = torch.stack(outs, 0)  # (T, B, H)
+        finals.append(h)
+    return layer_input, torch.stack(finals, 0)
 
 
-def _torch_recurrence(
-    gx: Tensor, h: Tensor, w_hh: Tensor, b_hh: Tensor, batch_sizes: list[int]
-) -> tuple[Tensor, Tensor]:
-    """PyTorch/cuDNN equations over time; same shapes as ``_seed_recurrence``."""
-    hidden = h.size(1)
-    w_hh_t = w_hh.t()  # (H, 3H)
-    outs: list[Tensor] = []
-    full = h.size(0)
-    for t in range(gx.size(1)):
-        active = batch_sizes[t]
-        h_a = h[:active]
-        g = gx[:active, t]  # (b, 3H)
-        gh = torch.addmm(b_hh, h_a, w_hh_t)  # (b, 3H)
-        rz = torch.sigmoid(g[:, : 2 * hidden] + gh[:, : 2 * hidden])
-        r = rz[:, :hidden]
-        z = rz[:, hidden:]
-        n = torch.tanh(g[:, 2 * hidden :] + r * gh[:, 2 * hidden :])
-        h_new = n + z * (h_a - n)  # = (1 − z) ⊙ n + z ⊙ h
-        h = h_new if active == full else torch.cat([h_new, h[active:]], 0)
-        outs.append(h)
-    return torch.stack(outs, 1), h
-
-
-Recurrence = Callable[[Tensor, Tensor, Tensor, Tensor, list[int]], tuple[Tensor, Tensor]]
-
-
-def _script(fn: Recurrence) -> Recurrence:
+with warnings.catch_warnings():
     # TorchScript is deprecated in favour of torch.compile, but it compiles in milliseconds, needs no C++
     # toolchain at run time and never recompiles for a new batch shape: what a server wants.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return torch.jit.script(fn)
-
-
-_RECURRENCES = {"seed": _script(_seed_recurrence), "torch": _script(_torch_recurrence)}
+    warnings.simplefilter("ignore", DeprecationWarning)
+    _run_layers_scripted = torch.jit.script(_run_layers)
 
 
 def batch_sizes_for(lengths: Tensor | list[int] | None, batch: int, steps: int) -> list[int]:
@@ -127,15 +130,18 @@ class GRU(nn.Module):
         batch, steps, _ = x.shape
         if h0 is None:
             h0 = x.new_zeros(self.num_layers, batch, self.hidden_size)
-        sizes = batch_sizes_for(lengths, batch, steps)
-        recurrence = _RECURRENCES[self.variant]
-        layer_input = x
-        finals = []
-        for layer, cell in enumerate(self.layers()):
-            gx = F.linear(layer_input, cell.weight_ih, cell.bias_ih)  # (B, T, 3H), all steps in one matmul
-            layer_input, h_last = recurrence(gx, h0[layer], cell.weight_hh, cell.bias_hh, sizes)
-            finals.append(h_last)
-        return layer_input, torch.stack(finals)  # (B, T, H), (L, B, H)
+        cells = self.layers()
+        out, h_n = _run_layers_scripted(
+            x.transpose(0, 1),  # (T, B, I)
+            h0,
+            [cell.weight_ih for cell in cells],
+            [cell.bias_ih for cell in cells],
+            [cell.weight_hh for cell in cells],
+            [cell.bias_hh for cell in cells],
+            batch_sizes_for(lengths, batch, steps),
+            self.variant == "seed",
+        )
+        return out.transpose(0, 1), h_n  # (B, T, H), (L, B, H)
 
     def layers(self) -> list[GRUCell]:
         """The cells, bottom layer first."""
