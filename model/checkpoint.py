@@ -43,6 +43,9 @@ def save_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in forecaster.state_dict().items()}
     save_file(weights, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
+    # safetensors creates the file owner-only (0600): a service running as another user, e.g. the
+    # image's non-root user after COPY, could then read config.json but not the weights.
+    (directory / WEIGHTS_FILE).chmod(0o644)
     version = model_version(forecaster)
     meta = {
         "format": FORMAT,

@@ -91,7 +91,7 @@ def series_from_frame(frame: pd.DataFrame, columns: list[str] | None, source: st
 def _mostly_numeric(column: pd.Series) -> bool:
     # A numeric column with one typo arrives as text; treat it as numeric so the typo gets reported
     # instead of the column silently disappearing from the model.
-    if pd.api.types.is_bool_dtype(column):
+    if pd.api.types.is_bool_dtype(column) or pd.api.types.is_datetime64_any_dtype(column):
         return False
     if pd.api.types.is_numeric_dtype(column):
         return True

@@ -40,13 +40,15 @@ def score(truth: np.ndarray, forecasts: dict[str, np.ndarray], features: tuple[s
 
 
 def print_table(scores: Scores, console: Console) -> None:
+    """One row per feature, one column per forecast (so 8 features still fit), then the ratios."""
     table = Table(title="Validation one-step MAE (lower is better)")
-    table.add_column("forecast")
-    for feature in scores.features:
-        table.add_column(feature, justify="right")
-    table.add_column("÷ persistence", justify="right")
-    for name, errors in scores.mae.items():
-        table.add_row(name, *(f"{e:.4g}" for e in errors), f"{scores.relative(name):.3f}")
+    table.add_column("feature")
+    for name in scores.mae:
+        table.add_column(name, justify="right")
+    for j, feature in enumerate(scores.features):
+        table.add_row(feature, *(f"{errors[j]:.4g}" for errors in scores.mae.values()))
+    table.add_section()
+    table.add_row("÷ persistence", *(f"{scores.relative(name):.3f}" for name in scores.mae))
     console.print(table)
 
 
@@ -61,8 +63,9 @@ def plot_validation(
         ax.plot(steps, truth[:, j], color="black", linewidth=1.2, label="truth")
         ax.plot(steps, prediction[:, j], color="tab:orange", linewidth=1.0, label="one-step prediction")
         ax.set_ylabel(name)
-    axes[0, 0].legend(loc="upper left", frameon=False)
-    axes[0, 0].set_title(title)
+    # Above the first panel, right of the title: a long validation tail leaves no empty corner inside.
+    axes[0, 0].legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=2, frameon=False, fontsize="small")
+    axes[0, 0].set_title(title, loc="left", fontsize="medium")
     axes[-1, 0].set_xlabel("validation step")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

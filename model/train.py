@@ -6,15 +6,18 @@
 How, and why:
 
 1. The last ``--val-fraction`` of the rows validate; scaling is fitted on the rest (``model.data``).
-2. The Forecaster's linear term starts as the least-squares autoregression on differences, its lag count
-   chosen on the validation tail, and the GRU's head starts at zero: training starts where the classical
-   baseline ends, so the GRU only has to learn what the autoregression misses.
+2. The Forecaster's linear term starts as a least-squares autoregression on differences (per feature,
+   ridge), its lag count chosen on the validation tail, persistence included; the GRU's head starts at
+   zero. Training starts where the classical baseline ends: the GRU only learns what it misses.
 3. Truncated backprop through time over random windows (Williams & Peng 1990): each window's state holds
    the values before it, exactly as a session streamed from the first row would, and only the hidden
-   state starts cold. Adam, L1 loss in units of the difference spread: the judged metric is the MAE.
+   state starts cold. Each window is shifted by a random level, so that the GRU does not extrapolate
+   from levels it never saw. Adam, L1 loss in units of the difference spread: the judged metric is MAE.
 4. After every epoch the whole series streams through ``predict`` from ``initial_state``, as a served
-   session would see it, and the validation tail is scored. The best model is kept; training stops after
-   ``patience`` epochs without improvement, after ``--epochs``, or at ``--max-seconds``.
+   session would see it, and the validation tail is scored. Training stops after ``patience`` epochs
+   without improvement, after ``--epochs``, or at ``--max-seconds``. The best epoch is kept if it beats
+   the linear start clearly (paired t over validation steps), else the linear model alone.
+5. Finally the linear term is refitted on every row, validation included, around the GRU's part.
 
 Bad input (missing file or column, non-numeric cells, too few rows, a constant column) ends with a message
 and exit status 2.
@@ -262,8 +265,8 @@ def baseline_scores(series: Series, result: TrainResult, season: int) -> Scores:
     forecasts = {
         "model": result.predictions,
         "persistence": persistence(values),
-        f"seasonal naive (m={season})": seasonal_naive(values, season),
-        f"AR on differences (K={ar.lags})": difference_ar_predictions(values, ar, diff_scale),
+        f"seasonal naive m={season}": seasonal_naive(values, season),
+        f"AR on diffs K={ar.lags}": difference_ar_predictions(values, ar, diff_scale),
     }
     tail = {name: p[split - 1 :] for name, p in forecasts.items()}
     return score(values[split:], tail, series.features)

@@ -31,6 +31,11 @@ def test_round_trip_is_bit_exact(forecaster: Forecaster, saved: Path) -> None:
     assert meta["name"] == "tiny" and meta["training"] == {"epochs": 3}
 
 
+def test_saved_files_are_readable_by_other_users(saved: Path) -> None:
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        assert (saved / name).stat().st_mode & 0o044 == 0o044, name
+
+
 def test_version_names_the_weights(forecaster: Forecaster, tmp_path: Path) -> None:
     first = save_checkpoint(forecaster, tmp_path / "a")
     assert save_checkpoint(forecaster, tmp_path / "b") == first
