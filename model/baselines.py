@@ -31,8 +31,9 @@ def seasonal_naive(values: np.ndarray, season: int) -> np.ndarray:
 class DifferenceAR:
     """Least-squares coefficients on scaled differences, each feature on its own past only."""
 
-    coef: np.ndarray  # (F, F·K), column f·K + k weighs feature f's difference k steps before the newest
+    coef: np.ndarray  # (F, F·K), column f·K + k weighs feature f's difference K − 1 − k steps before x_t
     intercept: np.ndarray  # (F,)
+    orders: tuple[int, ...]  # lags each feature uses (its newest ones); 0: persistence, no drift either
 
     @property
     def lags(self) -> int:
@@ -53,17 +54,18 @@ def lagged_differences(
 
 def fit_difference_ar(
     values: np.ndarray,
-    lags: int,
+    orders: tuple[int, ...],
     diff_scale: np.ndarray,
     ridge: float = 10.0,
     known: np.ndarray | None = None,
 ) -> DifferenceAR:
-    """Ridge least squares per feature on its own K scaled differences, with an intercept (the drift).
+    """Ridge least squares per feature on its own newest ``orders[f]`` scaled differences, plus a drift.
 
     ``known`` (T − 1, F) is a part of each target already explained (the GRU's), fitted around. Rows
     whose history starts before the series are left out; the ridge keeps short series from overfitting.
     Cross-feature terms are left to the GRU: on short series a full VAR overfits and loses to this.
     """
+    lags = max(*orders, 1)
     design, targets = lagged_differences(values, lags, diff_scale)
     if known is not None:
         targets = targets - known
@@ -71,14 +73,16 @@ def fit_difference_ar(
     features = values.shape[1]
     coef = np.zeros((features, features * lags))
     intercept = np.zeros(features)
-    for f in range(features):
-        x, y = design[:, f], targets[:, f]
+    for f, order in enumerate(orders):
+        if order == 0:
+            continue
+        x, y = design[:, f, lags - order :], targets[:, f]  # (N, order), (N,)
         x_mean, y_mean = x.mean(axis=0), y.mean()
         centred = x - x_mean
-        weights = np.linalg.solve(centred.T @ centred + ridge * np.eye(lags), centred.T @ (y - y_mean))
-        coef[f, f * lags : (f + 1) * lags] = weights
+        weights = np.linalg.solve(centred.T @ centred + ridge * np.eye(order), centred.T @ (y - y_mean))
+        coef[f, (f + 1) * lags - order : (f + 1) * lags] = weights
         intercept[f] = y_mean - x_mean @ weights
-    return DifferenceAR(coef, intercept)
+    return DifferenceAR(coef, intercept, tuple(orders))
 
 
 def difference_ar_predictions(values: np.ndarray, model: DifferenceAR, diff_scale: np.ndarray) -> np.ndarray:
@@ -88,24 +92,30 @@ def difference_ar_predictions(values: np.ndarray, model: DifferenceAR, diff_scal
     return values[:-1] + step * diff_scale
 
 
-def choose_lags(values: np.ndarray, split: int, candidates: tuple[int, ...], diff_scale: np.ndarray) -> int:
-    """Lag count whose autoregression, fitted before ``split``, forecasts the rows after it best; 0: none.
+def choose_orders(
+    values: np.ndarray, split: int, candidates: tuple[int, ...], diff_scale: np.ndarray
+) -> tuple[int, ...]:
+    """Per feature, the lag count whose autoregression fitted before ``split`` forecasts the rest best.
 
     0 stands for persistence, which wins on series that behave like random walks. Among counts within 2%
     of the best the smallest is taken: the validation tail is short, and fewer lags generalise better.
     """
+    features = values.shape[1]
 
-    def error(predictions: np.ndarray) -> float:
-        return float((np.abs(predictions[split - 1 :] - values[split:]) / diff_scale).mean())
+    def errors(predictions: np.ndarray) -> np.ndarray:  # (F,)
+        return (np.abs(predictions[split - 1 :] - values[split:]) / diff_scale).mean(axis=0)
 
-    errors = {0: error(persistence(values))}
-    for lags in candidates:
-        if split - 1 - lags < 3 * lags + 8:  # too few rows to fit K coefficients with any confidence
+    by_order = {0: errors(persistence(values))}
+    for order in candidates:
+        if split - 1 - order < 3 * order + 8:  # too few rows to fit K coefficients with any confidence
             break
-        fit = fit_difference_ar(values[:split], lags, diff_scale)
-        errors[lags] = error(difference_ar_predictions(values, fit, diff_scale))
-    best = min(errors.values())
-    return min(lags for lags, e in errors.items() if e <= 1.02 * best)
+        fit = fit_difference_ar(values[:split], (order,) * features, diff_scale)
+        by_order[order] = errors(difference_ar_predictions(values, fit, diff_scale))
+    chosen = []
+    for f in range(features):
+        best = min(e[f] for e in by_order.values())
+        chosen.append(min(order for order, e in by_order.items() if e[f] <= 1.02 * best))
+    return tuple(chosen)
 
 
 def strongest_period(values: np.ndarray, longest: int = 60) -> int:

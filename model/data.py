@@ -20,6 +20,13 @@ from torch import Tensor
 _PERIOD_BY_SPACING_DAYS = ((1 / 24 * 1.5, 24), (1.5, 7), (8, 52), (32, 12), (100, 4))
 
 
+# Numeric columns with these names are calendar fields, left out unless --columns names them.
+_TIME_NAMES = frozenset(
+    {"year", "quarter", "month", "week", "day", "weekday", "hour", "minute", "second", "date", "time",
+     "timestamp", "index", "period", "t"}
+)
+
+
 class DataError(ValueError):
     """Input the CLI refuses: the message says which file, column or cell, and what was expected."""
 
@@ -30,7 +37,7 @@ class Series:
     features: tuple[str, ...]  # column names, in the order of values' columns
     filled: dict[str, int]  # column -> how many missing cells were interpolated
     season: int | None  # period implied by a time column, if the table had one
-    skipped: tuple[str, ...] = ()  # numeric columns left out because they count steps (an index, a year)
+    skipped: tuple[str, ...] = ()  # numeric columns left out as time columns (an index, a year, a quarter)
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,7 @@ def series_from_frame(frame: pd.DataFrame, columns: list[str] | None, source: st
     skipped: list[str] = []
     if columns is None:
         numeric = [c for c in frame.columns if _mostly_numeric(frame[c])]
-        skipped = [c for c in numeric if _counts_steps(frame[c])]
+        skipped = [c for c in numeric if _says_when(str(c), frame[c])]
         columns = [c for c in numeric if c not in skipped]
         if not columns:
             raise DataError(f"{source}: no numeric column found; columns are {list(frame.columns)}")
@@ -99,9 +106,11 @@ def _mostly_numeric(column: pd.Series) -> bool:
     return len(present) > 0 and pd.to_numeric(present, errors="coerce").notna().mean() > 0.5
 
 
-def _counts_steps(column: pd.Series) -> bool:
-    # A row number or a year column rises by the same amount every row: it says when, not what, and
-    # a forecaster fed it would only learn to add one.
+def _says_when(name: str, column: pd.Series) -> bool:
+    # A row number, a year or a quarter column says when, not what: a forecaster fed one would learn to
+    # add one, or to count to four. Such columns are a calendar name, or rise by the same step every row.
+    if name.strip().lower() in _TIME_NAMES:
+        return True
     numbers = pd.to_numeric(column, errors="coerce").to_numpy(dtype=float)
     steps = np.diff(numbers)
     return len(steps) > 1 and bool(np.all(steps == steps[0])) and steps[0] != 0

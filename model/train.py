@@ -39,7 +39,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from model.baselines import (
     DifferenceAR,
-    choose_lags,
+    choose_orders,
     difference_ar_predictions,
     fit_difference_ar,
     lagged_differences,
@@ -72,7 +72,7 @@ class TrainConfig:
     hidden_size: int = 64
     num_layers: int = 2
     variant: Variant = "seed"
-    lags: int | None = None  # None: the autoregression's best on the validation tail, from LAG_CANDIDATES
+    lags: int | None = None  # None: each feature's best on the validation tail, from LAG_CANDIDATES
     epochs: int = 200  # an epoch is enough windows to cover the training rows once (at least 4 batches)
     max_seconds: float = 600.0
     val_fraction: float = 0.2
@@ -90,6 +90,7 @@ class TrainConfig:
 class TrainResult:
     model: Forecaster
     split: int  # first validation row
+    orders: tuple[int, ...]  # lags of each feature's autoregression (0: persistence)
     predictions: np.ndarray  # (T − 1, F) one-step predictions of the best model over the whole series
     best_epoch: int  # 0: the autoregression it started from was never beaten
     epochs: int
@@ -109,14 +110,15 @@ def train(
     split = split_point(len(values), config.val_fraction, MIN_TRAIN_ROWS, MIN_VALIDATION_ROWS)
     scaler = fit_scaler(values[:split], series.features)
     diff_scale = np.array(scaler.diff_scale)
-    lags = config.lags or choose_lags(values, split, LAG_CANDIDATES, diff_scale)
+    given = (config.lags,) * len(series.features) if config.lags else None
+    orders = given or choose_orders(values, split, LAG_CANDIDATES, diff_scale)
     model = Forecaster(
         ForecasterConfig(
             features=series.features,
             hidden_size=config.hidden_size,
             num_layers=config.num_layers,
             variant=config.variant,
-            lags=max(lags, 1),
+            lags=max(*orders, 1),
             mean=scaler.mean,
             scale=scaler.scale,
             diff_scale=scaler.diff_scale,
@@ -124,8 +126,7 @@ def train(
     )
     with torch.no_grad():
         model.head.weight.zero_()  # the GRU starts silent: epoch 0 is the linear model alone
-    if lags:
-        _set_linear(model, fit_difference_ar(values[:split], lags, diff_scale))
+    _set_linear(model, fit_difference_ar(values[:split], orders, diff_scale))
 
     whole = torch.tensor(values, dtype=torch.float32)
     train_rows = whole[:split]
@@ -163,12 +164,11 @@ def train(
     if not best.clearly_better_than(start, config.min_t):
         best = start
     model.load_state_dict(best.weights)
-    if lags and config.refit:
-        _refit_linear(model, values)
+    if config.refit:
+        _refit_linear(model, values, orders)
     model.eval()
-    return TrainResult(
-        model, split, best.predictions, best.epoch, epoch, time.monotonic() - started, stopped_by, history
-    )
+    seconds = time.monotonic() - started
+    return TrainResult(model, split, orders, best.predictions, best.epoch, epoch, seconds, stopped_by, history)
 
 
 @dataclass(frozen=True)
@@ -241,7 +241,7 @@ def _set_linear(model: Forecaster, ar: DifferenceAR) -> None:
 
 
 @torch.no_grad()
-def _refit_linear(model: Forecaster, values: np.ndarray) -> None:
+def _refit_linear(model: Forecaster, values: np.ndarray, orders: tuple[int, ...]) -> None:
     """Refit the linear term on every row, validation included, around what the trained GRU predicts.
 
     Early stopping needed the validation tail held out; the linear term, the part that extrapolates a
@@ -254,19 +254,24 @@ def _refit_linear(model: Forecaster, values: np.ndarray) -> None:
     design, _ = lagged_differences(values, model.config.lags, diff_scale)  # (T − 1, F, K)
     linear = design.reshape(len(design), -1) @ model.autoregression.weight.double().numpy().T
     known = step - linear - model.head.bias.double().numpy()  # the GRU's part: W_o h_t
-    _set_linear(model, fit_difference_ar(values, model.config.lags, diff_scale, known=known))
+    ar = fit_difference_ar(values, orders, diff_scale, known=known)
+    # A feature left at persistence has no autoregression to refit; its trained bias belongs to the GRU.
+    intercept = np.where(np.array(orders) > 0, ar.intercept, model.head.bias.double().numpy())
+    _set_linear(model, DifferenceAR(ar.coef, intercept, orders))
 
 
 def baseline_scores(series: Series, result: TrainResult, season: int) -> Scores:
     """Validation MAE of the model, persistence, seasonal naive and the autoregression it started from."""
     values, split = series.values, result.split
     diff_scale = np.array(result.model.config.diff_scale)
-    ar = fit_difference_ar(values[:split], result.model.config.lags, diff_scale)
+    ar = fit_difference_ar(values[:split], result.orders, diff_scale)
     forecasts = {
         "model": result.predictions,
         "persistence": persistence(values),
         f"seasonal naive m={season}": seasonal_naive(values, season),
-        f"AR on diffs K={ar.lags}": difference_ar_predictions(values, ar, diff_scale),
+        f"AR on diffs K={'/'.join(map(str, sorted(set(result.orders))))}": difference_ar_predictions(
+            values, ar, diff_scale
+        ),
     }
     tail = {name: p[split - 1 :] for name, p in forecasts.items()}
     return score(values[split:], tail, series.features)
@@ -329,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         series, default_name = _load(args)
         for column in series.skipped:
-            console.print(f"column {column!r} left out: it rises by the same step every row (an index)")
+            console.print(f"column {column!r} left out: it says when, not what (name it in --columns to model it)")
         for column, count in series.filled.items():
             console.print(f"column {column!r}: {count} missing values filled by linear interpolation")
         with Progress(
@@ -386,8 +391,8 @@ def _summary(
         "seed": args.seed,
         "epochs": result.epochs,
         "best_epoch": result.best_epoch,
+        "autoregression_orders": dict(zip(series.features, result.orders, strict=True)),
         "stopped_by": result.stopped_by,
-        "seconds": round(result.seconds, 2),
         "season": season,
         "validation_mae": scores.as_dict(),
     }

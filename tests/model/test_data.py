@@ -73,12 +73,13 @@ def test_straight_line_is_refused_by_name() -> None:
         fit_scaler(np.arange(0.0, 20.0, 2.0)[:, None], ("ramp",))
 
 
-def test_step_counters_are_left_out_unless_named(write_csv: CsvWriter) -> None:
-    path = write_csv(",year,value\n0,1990,3.5\n1,1991,2.0\n2,1992,4.0\n3,1993,1.0\n")
+def test_time_columns_are_left_out_unless_named(write_csv: CsvWriter) -> None:
+    path = write_csv(",step,Quarter,value\n0,10,1,3.5\n1,20,2,2.0\n2,30,3,4.0\n3,40,4,1.0\n4,50,1,2.5\n")
     series = series_from_frame(read_table(path), None, "s.csv")
     assert series.features == ("value",)
-    assert series.skipped == ("Unnamed: 0", "year")
-    assert series_from_frame(read_table(path), ["year", "value"], "s.csv").features == ("year", "value")
+    assert series.skipped == ("Unnamed: 0", "step", "Quarter")
+    named = series_from_frame(read_table(path), ["Quarter", "value"], "s.csv")
+    assert named.features == ("Quarter", "value")
 
 
 def test_scaler_holds_mean_spread_and_difference_spread() -> None:

@@ -69,7 +69,7 @@ def test_fresh_forecaster_with_silent_head_is_persistence() -> None:
 def test_linear_term_computes_the_difference_autoregression() -> None:
     values = np.stack([seasonal_series(80, seed=1), seasonal_series(80, seed=2)], axis=1)
     diff_scale = np.diff(values, axis=0).std(axis=0)
-    ar = fit_difference_ar(values, 4, diff_scale)
+    ar = fit_difference_ar(values, (4, 2), diff_scale)
     forecaster = Forecaster(
         ForecasterConfig(features=("a", "b"), hidden_size=4, lags=4, diff_scale=tuple(diff_scale.tolist()))
     )
