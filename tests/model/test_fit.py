@@ -1,4 +1,4 @@
-"""model.train.train: deterministic, never worse on validation than where it starts, and on time."""
+"""model.fit.train: deterministic, never worse on validation than where it starts, and on time."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from model.data import Series
-from model.train import TrainConfig, train
+from model.fit import TrainConfig, train
 from tests.model.conftest import seasonal_series
 
 SMALL = TrainConfig(hidden_size=8, num_layers=1, epochs=3, window=32, batch_size=8)
