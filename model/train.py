@@ -78,6 +78,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{name} must be at least 1, got {value}")
     if args.max_seconds <= 0:
         parser.error(f"--max-seconds must be positive, got {args.max_seconds}")
+    if args.out.exists() and not args.out.is_dir():  # say so now, not after minutes of training
+        parser.error(f"--out {args.out} is a file; give a directory for the checkpoint")
     return args
 
 
