@@ -31,6 +31,12 @@ def body_schema(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": _ref(model)}}}}
 
 
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The ``responses`` of a FastAPI route for the problem statuses it can answer."""
+    content = {PROBLEM_JSON: {"schema": _ref(ProblemModel)}}
+    return {status: {"model": ProblemModel, "content": content} for status in statuses}
+
+
 @dataclass(frozen=True)
 class RawOperation:
     path: str

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from service.api.bodies import chunk_array, parse
 from service.api.deps import EngineDep, SettingsDep
-from service.api.openapi import body_schema
+from service.api.openapi import body_schema, problem_responses
 from service.auth import TenantDep
 from service.problems import Problem
 from service.schemas import (
@@ -27,7 +27,6 @@ from service.schemas import (
     ResetResponse,
     SessionInfo,
 )
-from service.schemas import Problem as ProblemModel
 from service.sessions.base import session_key
 
 router = APIRouter(prefix="/v1", tags=["v1"])
@@ -36,12 +35,6 @@ JSON = "application/json"
 
 
 RAW_BODY_MODELS: list[type[BaseModel]] = [BatchRequest]
-
-
-def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    # What is sent is problem+json; the model keeps Problem among the components the $ref points at.
-    problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
-    return {s: {"model": ProblemModel, "content": problem} for s in statuses}
 
 
 @router.get("/model", response_model=ModelInfo, summary="The served model")
@@ -58,7 +51,7 @@ async def model_info(request: Request, engine: EngineDep) -> ModelInfo:
 
 @router.post(
     "/predict/batch", response_model=BatchResponse, summary="Chunks of many sessions in one call",
-    openapi_extra=body_schema(BatchRequest), responses=_problems(400, 413, 422),
+    openapi_extra=body_schema(BatchRequest), responses=problem_responses(400, 413, 422),
 )
 async def predict_batch(request: Request, engine: EngineDep, settings: SettingsDep, tenant: TenantDep) -> Response:
     body = parse(await request.body(), BatchRequest)
@@ -83,7 +76,7 @@ def _timestamp(seconds: float) -> datetime:
 
 
 @router.get("/sessions/{session_id}", response_model=SessionInfo, summary="A session's position and age",
-            responses=_problems(404, 422, 503))
+            responses=problem_responses(404, 422, 503))
 async def get_session(session_id: SessionIdPath, engine: EngineDep, tenant: TenantDep) -> SessionInfo:
     session = await engine.session_info(session_key(tenant, session_id))
     return SessionInfo(
@@ -94,14 +87,15 @@ async def get_session(session_id: SessionIdPath, engine: EngineDep, tenant: Tena
 
 
 @router.post("/sessions/{session_id}/reset", response_model=ResetResponse,
-             summary="Start the session again at position 0 (creates it if unknown)", responses=_problems(422, 503))
+             summary="Start the session again at position 0 (creates it if unknown)",
+             responses=problem_responses(422, 503))
 async def reset_session(session_id: SessionIdPath, engine: EngineDep, tenant: TenantDep) -> ResetResponse:
     created = await engine.reset(session_key(tenant, session_id))
     return ResetResponse(session_id=session_id, position=0, created=created)
 
 
 @router.delete("/sessions/{session_id}", status_code=204, summary="Forget a session",
-               responses=_problems(404, 422, 503))
+               responses=problem_responses(404, 422, 503))
 async def delete_session(session_id: SessionIdPath, engine: EngineDep, tenant: TenantDep) -> Response:
     await engine.delete(session_key(tenant, session_id))
     return Response(status_code=204)
