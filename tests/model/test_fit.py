@@ -42,6 +42,8 @@ def test_gru_that_is_not_clearly_better_is_dropped() -> None:
 
 
 def test_training_stops_at_max_seconds() -> None:
-    result = train(_series(), TrainConfig(hidden_size=8, num_layers=1, epochs=10_000, max_seconds=1.0))
+    # Patience beyond reach: only the clock can stop it, however fast the machine trains.
+    config = TrainConfig(hidden_size=8, num_layers=1, epochs=10_000, max_seconds=1.0, patience=10_000)
+    result = train(_series(), config)
     assert result.stopped_by == "max-seconds"
     assert result.seconds < 10
