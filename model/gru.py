@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -118,6 +119,21 @@ class GRU(nn.Module):
             GRUCell(input_size if layer == 0 else hidden_size, hidden_size, variant=variant)
             for layer in range(num_layers)
         )
+        self._refresh_weights()
+
+    def _refresh_weights(self) -> None:
+        # The per-layer parameter lists the scripted recurrence takes, gathered once (as nn.GRU keeps its
+        # _flat_weights): collecting them on every call was a third of the fixed cost of a short chunk.
+        cells = self.layers()
+        self._weights = tuple(
+            [getattr(cell, name) for cell in cells] for name in ("weight_ih", "bias_ih", "weight_hh", "bias_hh")
+        )
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> GRU:
+        # .to(), .cuda(), .half() may give the parameters new tensors: gather them again.
+        result = super()._apply(fn, recurse)
+        self._refresh_weights()
+        return result
 
     def forward(
         self, x: Tensor, h0: Tensor | None = None, lengths: Tensor | list[int] | None = None
@@ -130,14 +146,14 @@ class GRU(nn.Module):
         batch, steps, _ = x.shape
         if h0 is None:
             h0 = x.new_zeros(self.num_layers, batch, self.hidden_size)
-        cells = self.layers()
+        weights_ih, biases_ih, weights_hh, biases_hh = self._weights
         out, h_n = _run_layers_scripted(
             x.transpose(0, 1),  # (T, B, I)
             h0,
-            [cell.weight_ih for cell in cells],
-            [cell.bias_ih for cell in cells],
-            [cell.weight_hh for cell in cells],
-            [cell.bias_hh for cell in cells],
+            weights_ih,
+            biases_ih,
+            weights_hh,
+            biases_hh,
             batch_sizes_for(lengths, batch, steps),
             self.variant == "seed",
         )

@@ -120,3 +120,16 @@ def test_unequal_lengths_give_each_row_its_own_run() -> None:
 def test_lengths_out_of_order_are_refused() -> None:
     with pytest.raises(ValueError, match="sorted longest first"):
         GRU(2, 4)(torch.randn(2, 5, 2), lengths=[3, 5])
+
+
+def test_fast_path_follows_parameters_after_conversion_and_loading() -> None:
+    """The scripted recurrence takes parameter lists gathered once: .to() and load_state_dict must show."""
+    torch.manual_seed(3)
+    gru, other = GRU(2, 8, 2), GRU(2, 8, 2)
+    x = torch.randn(3, 5, 2)
+    gru.load_state_dict(other.state_dict())
+    torch.testing.assert_close(gru(x)[0], other(x)[0])
+    as_double = gru.double()
+    out, h_n = as_double(x.double())
+    assert out.dtype == h_n.dtype == torch.float64
+    torch.testing.assert_close(out.float(), other(x)[0], atol=1e-5, rtol=0)
