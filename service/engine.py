@@ -341,18 +341,21 @@ class Engine:
             ends = torch.tensor(lengths, device=self.device) - 1
             last = y[torch.arange(count, device=self.device), ends]  # (B, F): prediction after each last step
             horizons = [runs[i].chunk.horizon for i in order]
-            longest = max(horizons)
-            forecast = self.forecaster.rollout(new_states, last, longest) if longest else None  # (B, h, F)
+            wanting = [row for row, horizon in enumerate(horizons) if horizon]  # rows that asked for a forecast
+            forecast_host = np.empty((0, 0, features), dtype=np.float32)
+            if wanting:  # only those rows roll out, as far as the longest horizon among them
+                pick = torch.tensor(wanting, device=self.device)
+                forecast = self.forecaster.rollout(new_states[pick], last[pick], max(horizons))  # (b, h, F)
+                forecast_host = forecast.cpu().numpy()
             inverse = torch.tensor(np.argsort(order), device=self.device)
             y_host = y.cpu().numpy()
-            forecast_host = forecast.cpu().numpy() if forecast is not None else None
             states_out = new_states.index_select(0, inverse)  # back to request order
         predictions: list[np.ndarray] = [np.empty(0)] * count
         forecasts: list[np.ndarray | None] = [None] * count
         for row, i in enumerate(order):
             predictions[i] = np.ascontiguousarray(y_host[row, : lengths[row]])
-            if horizons[row] and forecast_host is not None:
-                forecasts[i] = np.ascontiguousarray(forecast_host[row, : horizons[row]])
+        for picked, row in enumerate(wanting):
+            forecasts[order[row]] = np.ascontiguousarray(forecast_host[picked, : horizons[row]])
         return _Computed(predictions, forecasts, states_out)
 
 
