@@ -61,8 +61,8 @@ def _run_layers(
                 active = batch_sizes[t]
                 h_a = h if active == full else h[:active]
                 g = gx[t] if active == full else gx[t, :active]  # (b, 3H)
-                rz = torch.sigmoid(torch.addmm(g[:, : 2 * hidden], h_a, w_rz_t))  # r, z gates
-                n = torch.tanh(torch.addmm(g[:, 2 * hidden :], rz[:, :hidden] * h_a, w_n_t))  # candidate
+                rz = torch.addmm(g[:, : 2 * hidden], h_a, w_rz_t).sigmoid_()  # r, z gates
+                n = torch.addmm(g[:, 2 * hidden :], rz[:, :hidden] * h_a, w_n_t).tanh_()  # candidate
                 h_new = torch.lerp(h_a, n, rz[:, hidden:])  # z ⊙ n + (1 − z) ⊙ h
                 h = h_new if active == full else torch.cat([h_new, h[active:]], 0)
                 outs.append(h)
@@ -75,8 +75,8 @@ def _run_layers(
                 h_a = h if active == full else h[:active]
                 g = gx[t] if active == full else gx[t, :active]  # (b, 3H)
                 gh = torch.addmm(b_hh, h_a, w_hh_t)  # (b, 3H)
-                rz = torch.sigmoid(g[:, : 2 * hidden] + gh[:, : 2 * hidden])  # r, z gates
-                n = torch.tanh(torch.addcmul(g[:, 2 * hidden :], rz[:, :hidden], gh[:, 2 * hidden :]))
+                rz = (g[:, : 2 * hidden] + gh[:, : 2 * hidden]).sigmoid_()  # r, z gates
+                n = torch.addcmul(g[:, 2 * hidden :], rz[:, :hidden], gh[:, 2 * hidden :]).tanh_()
                 h_new = torch.lerp(n, h_a, rz[:, hidden:])  # (1 − z) ⊙ n + z ⊙ h
                 h = h_new if active == full else torch.cat([h_new, h[active:]], 0)
                 outs.append(h)
