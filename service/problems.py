@@ -82,7 +82,11 @@ def field_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
 
 
 def invalid(errors: Sequence[Any], detail: str | None = None) -> Problem:
+    """422 naming the fields, or 400 when the body was not JSON at all (every body path ends here)."""
     fields = field_errors(errors)
+    if any(e["type"] in ("json_invalid", "json_type") for e in fields):
+        return Problem(400, "malformed-json", "the body is not a valid JSON object (NaN and Infinity are not"
+                       " JSON)", errors=fields)
     where = ", ".join(".".join(e["loc"]) or "body" for e in fields[:5])
     detail = detail or f"the request does not match the schema at: {where}"
     return Problem(422, "invalid-request", detail, errors=fields)
@@ -95,11 +99,7 @@ async def _problem_handler(request: Request, exc: Exception) -> Response:
 
 async def _validation_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
-    errors = exc.errors()
-    if any(e.get("type") == "json_invalid" for e in errors):
-        return Problem(400, "malformed-json", "the body is not valid JSON (NaN and Infinity are not JSON)",
-                       errors=field_errors(errors)).response()
-    return invalid(errors).response()
+    return invalid(exc.errors()).response()
 
 
 async def _http_handler(request: Request, exc: Exception) -> Response:

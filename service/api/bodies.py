@@ -12,7 +12,7 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from service.config import Settings
-from service.problems import Problem, field_errors, invalid
+from service.problems import Problem, invalid
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -22,9 +22,6 @@ def parse(raw: bytes, model: type[M]) -> M:
         return model.model_validate_json(raw)
     except ValidationError as exc:
         errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False, include_input=False)]
-        if any(e["type"] in ("json_invalid", "json_type") for e in errors):
-            raise Problem(400, "malformed-json", "the body is not a valid JSON object (NaN and Infinity are not"
-                          " JSON)", errors=field_errors(errors)) from None
         raise invalid(errors) from None
 
 
