@@ -1,23 +1,26 @@
-"""Our GRU against ``torch.nn.GRU`` on CPU at serving shapes; prints a table of median times.
+"""Our GRU against ``torch.nn.GRU`` at serving shapes, on CPU or a GPU; prints a table of median times.
 
-    python -m bench.cell                 # the service's thread count (GRU_TORCH_THREADS, else cores - 1)
+    python -m bench.cell                 # CPU, the service's thread count (GRU_TORCH_THREADS, else cores - 1)
     python -m bench.cell --threads 1 --min-run-time 0.5
+    python -m bench.cell --device cuda   # against cuDNN; TF32 off everywhere, so all sides compute in fp32
 
 For each shape (I, H, L) × batch B × steps T, under ``torch.inference_mode``:
 
-- ``nn.GRU``: ``torch.nn.GRU(I, H, L, batch_first=True)``, the reference;
+- ``nn.GRU``: ``torch.nn.GRU(I, H, L, batch_first=True)``, the reference (cuDNN on a GPU);
 - ``ours torch``: ``model.gru.GRU.from_torch(reference)``, the "torch" variant with the same weights, whose
   outputs must match nn.GRU's within 1e-5;
 - ``ours seed``: ``model.gru.GRU`` with the "seed" variant (what the service ships by default), checked
   against a step-by-step loop over its own cells;
+- on a GPU, ``ours unfused``: the torch variant forced onto the TorchScript recurrence (``use_fused =
+  False``), to show what the fused Triton kernel (``model/fused.py``) buys;
 - ``naive loop``: that plain Python loop over ``GRUCell.forward`` (torch variant), per step and layer.
 
 ``--clock cpu`` times the calling thread's CPU time instead of the wall clock (with one torch thread): on a
 machine busy with other work, the time this process waits for a core does not count.
 
-Times are in µs: medians from ``torch.utils.benchmark.Timer.blocked_autorange`` after a warm-up, the four
-functions interleaved over ``--rounds`` rounds and the lowest round's median kept (other work on a shared
-machine only ever adds time). Ratios are ours / nn.GRU: below 1.0 is faster than nn.GRU.
+Times are in µs: medians from ``torch.utils.benchmark.Timer.blocked_autorange`` (which synchronises CUDA)
+after a warm-up, the functions interleaved over ``--rounds`` rounds and the lowest round's median kept
+(other work on a shared machine only ever adds time). Ratios are ours / nn.GRU: below 1.0 is faster.
 """
 
 from __future__ import annotations
@@ -61,12 +64,12 @@ class Row:
     shape: tuple[int, int, int]
     batch: int
     steps: int
-    reference_us: float
-    torch_us: float
-    seed_us: float
-    naive_us: float
-    torch_diff: float  # max |ours torch − nn.GRU| over out and h_n
-    seed_diff: float  # max |ours seed − naive seed loop|
+    times_us: dict[str, float]  # per contender, "nn.GRU" first
+    max_diff: float  # max |ours torch − nn.GRU| and |ours seed − naive seed loop| over out and h_n
+
+    @property
+    def reference_us(self) -> float:
+        return self.times_us["nn.GRU"]
 
 
 def _best_median_us(fns: list[Callable[[], object]], min_run_time: float, threads: int,
@@ -89,23 +92,28 @@ def _max_diff(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> float:
 
 
 def measure(shape: tuple[int, int, int], batch: int, steps: int, min_run_time: float, threads: int,
-            rounds: int, clock: Callable[[], float] = time.perf_counter) -> Row:
+            rounds: int, clock: Callable[[], float] = time.perf_counter, device: str = "cpu") -> Row:
     inputs, hidden, layers = shape
     torch.manual_seed(0)
-    reference = nn.GRU(inputs, hidden, layers, batch_first=True).eval()
+    reference = nn.GRU(inputs, hidden, layers, batch_first=True).to(device).eval()
     ours_torch = GRU.from_torch(reference).eval()
-    ours_seed = GRU(inputs, hidden, layers, variant="seed").eval()
-    x = torch.randn(batch, steps, inputs)  # (B, T, I)
-    h0 = torch.randn(layers, batch, hidden) * 0.5  # (L, B, H)
+    ours_seed = GRU(inputs, hidden, layers, variant="seed").to(device).eval()
+    x = torch.randn(batch, steps, inputs, device=device)  # (B, T, I)
+    h0 = torch.randn(layers, batch, hidden, device=device) * 0.5  # (L, B, H)
+    contenders: dict[str, Callable[[], object]] = {
+        "nn.GRU": lambda: reference(x, h0), "ours torch": lambda: ours_torch(x, h0),
+        "ours seed": lambda: ours_seed(x, h0),
+    }
+    if device != "cpu":
+        ours_unfused = GRU.from_torch(reference).eval()
+        ours_unfused.use_fused = False
+        contenders["ours unfused"] = lambda: ours_unfused(x, h0)
+    contenders["naive loop"] = lambda: naive_loop(ours_torch, x, h0)
     with torch.inference_mode():
-        torch_diff = _max_diff(ours_torch(x, h0), reference(x, h0))
-        seed_diff = _max_diff(ours_seed(x, h0), naive_loop(ours_seed, x, h0))
-        fns: list[Callable[[], object]] = [
-            lambda: reference(x, h0), lambda: ours_torch(x, h0), lambda: ours_seed(x, h0),
-            lambda: naive_loop(ours_torch, x, h0),
-        ]
-        reference_us, torch_us, seed_us, naive_us = _best_median_us(fns, min_run_time, threads, rounds, clock)
-    return Row(shape, batch, steps, reference_us, torch_us, seed_us, naive_us, torch_diff, seed_diff)
+        max_diff = max(_max_diff(ours_torch(x, h0), reference(x, h0)),
+                       _max_diff(ours_seed(x, h0), naive_loop(ours_seed, x, h0)))
+        times = _best_median_us(list(contenders.values()), min_run_time, threads, rounds, clock)
+    return Row(shape, batch, steps, dict(zip(contenders, times, strict=True)), max_diff)
 
 
 def _ratio(value: float, reference: float) -> str:
@@ -114,35 +122,36 @@ def _ratio(value: float, reference: float) -> str:
     return f"[red]{text}[/red]" if ratio > 1.0 else f"[green]{text}[/green]"
 
 
-def table(rows: list[Row], threads: int, clock: str) -> Table:
+def table(rows: list[Row], threads: int, clock: str, device: str) -> Table:
     what = "thread CPU time" if clock == "cpu" else "wall time"
     plural = "s" if threads != 1 else ""
-    out = Table(title=f"GRU forward on CPU, median µs of {what} ({threads} torch thread{plural}, inference_mode)")
-    columns = ("I H L", "B", "T", "nn.GRU", "ours torch", "ratio", "ours seed", "ratio", "naive loop",
-               "ratio", "max abs diff")
-    for name in columns:
+    where = f"on CPU ({threads} torch thread{plural}" if device == "cpu" else f"on {device} (TF32 off"
+    out = Table(title=f"GRU forward {where}, inference_mode), median µs of {what}")
+    names = list(rows[0].times_us)
+    for name in ("I H L", "B", "T", names[0]):
         out.add_column(name, justify="right")
+    for name in names[1:]:
+        out.add_column(name, justify="right")
+        out.add_column("ratio", justify="right")
+    out.add_column("max abs diff", justify="right")
     for row in rows:
-        out.add_row(
-            " ".join(map(str, row.shape)), str(row.batch), str(row.steps), f"{row.reference_us:,.1f}",
-            f"{row.torch_us:,.1f}", _ratio(row.torch_us, row.reference_us),
-            f"{row.seed_us:,.1f}", _ratio(row.seed_us, row.reference_us),
-            f"{row.naive_us:,.1f}", _ratio(row.naive_us, row.reference_us),
-            f"{max(row.torch_diff, row.seed_diff):.1e}",
-        )
+        cells = [f"{row.reference_us:,.1f}"]
+        for name in names[1:]:
+            cells += [f"{row.times_us[name]:,.1f}", _ratio(row.times_us[name], row.reference_us)]
+        out.add_row(" ".join(map(str, row.shape)), str(row.batch), str(row.steps), *cells, f"{row.max_diff:.1e}")
     return out
 
 
 def summary(rows: list[Row]) -> list[str]:
     lines = []
-    for name, attr in (("ours torch", "torch_us"), ("ours seed", "seed_us"), ("naive loop", "naive_us")):
-        ratios = [getattr(r, attr) / r.reference_us for r in rows]
-        slower = [r for r in rows if getattr(r, attr) > r.reference_us]
+    for name in list(rows[0].times_us)[1:]:
+        ratios = [r.times_us[name] / r.reference_us for r in rows]
+        slower = [r for r in rows if r.times_us[name] > r.reference_us]
         lines.append(f"{name}: {min(ratios):.2f}x to {max(ratios):.2f}x of nn.GRU; slower than nn.GRU at "
                      f"{len(slower)}/{len(rows)} shapes")
-    bad = [r for r in rows if max(r.torch_diff, r.seed_diff) >= TOLERANCE]
+    bad = [r for r in rows if r.max_diff >= TOLERANCE]
     lines.append(f"outputs: {'all within' if not bad else f'{len(bad)} shapes NOT within'} {TOLERANCE:g}"
-                 f" (largest {max(max(r.torch_diff, r.seed_diff) for r in rows):.1e})")
+                 f" (largest {max(r.max_diff for r in rows):.1e})")
     return lines
 
 
@@ -153,7 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the lowest median counts")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="cpu: this thread's CPU time, blind to other work on the machine (one thread only)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda to race cuDNN")
     args = parser.parse_args(argv)
+    if args.device != "cpu":
+        if args.clock == "cpu":
+            parser.error("--clock cpu cannot see GPU time")
+        # cuDNN and cuBLAS may use TF32 by default, 1e-3 off fp32: compare like with like
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     threads = args.threads or service_threads()
     if args.clock == "cpu":
         if args.threads not in (0, 1):
@@ -161,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         threads = 1
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(threads)
-    console = Console(width=max(Console().width, 130))
+    console = Console(width=max(Console().width, 160))
     console.print(f"machine: {machine()}; load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     console.print(f"torch threads: {torch.get_num_threads()} (the service's: GRU_TORCH_THREADS or cores - 1)")
     rows = []
@@ -170,11 +186,12 @@ def main(argv: list[str] | None = None) -> int:
             for batch in BATCHES:
                 for steps in STEPS:
                     status.update(f"timing I H L = {shape}, B={batch}, T={steps}")
-                    rows.append(measure(shape, batch, steps, args.min_run_time, threads, args.rounds, clock))
-    console.print(table(rows, threads, args.clock))
+                    rows.append(measure(shape, batch, steps, args.min_run_time, threads, args.rounds, clock,
+                                         args.device))
+    console.print(table(rows, threads, args.clock, args.device))
     for line in summary(rows):
         console.print(line)
-    return 0 if all(max(r.torch_diff, r.seed_diff) < TOLERANCE for r in rows) else 1
+    return 0 if all(r.max_diff < TOLERANCE for r in rows) else 1
 
 
 if __name__ == "__main__":

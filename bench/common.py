@@ -46,7 +46,8 @@ def machine() -> str:
     """One line naming what produced the numbers."""
     import torch  # here, not at the top: the load generator imports this module and must start fast
 
-    return (f"{os.cpu_count()} cores, {cpu_model()}, Python {platform.python_version()},"
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{os.cpu_count()} cores, {cpu_model()}{gpu}, Python {platform.python_version()},"
             f" torch {torch.__version__}, {platform.system()} {platform.release()}; {revision()}")
 
 

@@ -12,6 +12,9 @@ path below computes the same thing as:
 Sequences of unequal length run as one batch sorted longest first: at step t only the first
 ``batch_sizes[t]`` rows advance, so the batch shrinks as short chunks end and each row's final state is
 its state after its own last step (the same scheme as ``torch.nn.utils.rnn.PackedSequence``).
+
+On a GPU, at inference (no autograd), the recurrence runs instead as one fused Triton kernel per layer
+(``model.fused``), where six launches per step would cost more than the arithmetic.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model import fused
 from model.cell import GRUCell, Variant
 
 
@@ -92,16 +96,21 @@ with warnings.catch_warnings():
     _run_layers_scripted = torch.jit.script(_run_layers)
 
 
-def batch_sizes_for(lengths: Tensor | list[int] | None, batch: int, steps: int) -> list[int]:
-    """Rows still running at each step, for lengths sorted longest first (all ``steps`` when None)."""
+def checked_lengths(lengths: Tensor | list[int] | None, batch: int, steps: int) -> list[int]:
+    """Each row's steps, sorted longest first and within 1..steps (all ``steps`` when None)."""
     if lengths is None:
-        return [batch] * steps
+        return [steps] * batch
     lens = [int(n) for n in lengths]
     if len(lens) != batch or any(a < b for a, b in itertools.pairwise(lens)):
         raise ValueError(f"lengths must hold {batch} values sorted longest first, got {lens}")
     if lens and (lens[0] > steps or lens[-1] < 1):
         raise ValueError(f"lengths must lie in 1..{steps}, got {lens}")
-    return [sum(1 for n in lens if n > t) for t in range(steps)]
+    return lens
+
+
+def batch_sizes_for(lengths: list[int], steps: int) -> list[int]:
+    """Rows still running at each step, for lengths sorted longest first."""
+    return [sum(1 for n in lengths if n > t) for t in range(steps)]
 
 
 class GRU(nn.Module):
@@ -119,14 +128,17 @@ class GRU(nn.Module):
             GRUCell(input_size if layer == 0 else hidden_size, hidden_size, variant=variant)
             for layer in range(num_layers)
         )
+        # False keeps CUDA inputs on the TorchScript path too (for comparisons and benchmarks).
+        self.use_fused = True
         self._refresh_weights()
 
     def _refresh_weights(self) -> None:
         # The per-layer parameter lists the scripted recurrence takes, gathered once (as nn.GRU keeps its
         # _flat_weights): collecting them on every call was a third of the fixed cost of a short chunk.
         cells = self.layers()
-        self._weights = tuple(
-            [getattr(cell, name) for cell in cells] for name in ("weight_ih", "bias_ih", "weight_hh", "bias_hh")
+        self._weights: fused.Weights = (
+            [cell.weight_ih for cell in cells], [cell.bias_ih for cell in cells],
+            [cell.weight_hh for cell in cells], [cell.bias_hh for cell in cells],
         )
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> GRU:
@@ -146,6 +158,10 @@ class GRU(nn.Module):
         batch, steps, _ = x.shape
         if h0 is None:
             h0 = x.new_zeros(self.num_layers, batch, self.hidden_size)
+        lens = checked_lengths(lengths, batch, steps)
+        if self.use_fused and not torch.is_grad_enabled() and fused.supports(x):
+            out, h_n = fused.run_layers(x.transpose(0, 1), h0, self._weights, lens, self.variant == "seed")
+            return out.transpose(0, 1), h_n
         weights_ih, biases_ih, weights_hh, biases_hh = self._weights
         out, h_n = _run_layers_scripted(
             x.transpose(0, 1),  # (T, B, I)
@@ -154,7 +170,7 @@ class GRU(nn.Module):
             biases_ih,
             weights_hh,
             biases_hh,
-            batch_sizes_for(lengths, batch, steps),
+            batch_sizes_for(lens, steps),
             self.variant == "seed",
         )
         return out.transpose(0, 1), h_n  # (B, T, H), (L, B, H)

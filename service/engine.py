@@ -102,7 +102,18 @@ class Engine:
     # -- lifecycle -------------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._warm_up)
         self._worker = asyncio.create_task(self._run(), name="gru-engine")
+
+    def _warm_up(self) -> None:
+        """Pay the one-off costs before the first client does: TorchScript's profiling runs on CPU, the
+        Triton kernel's compilation on a GPU (about a second per model; cached on disk afterwards)."""
+        with torch.inference_mode():
+            for _ in range(3):  # the TorchScript profiling executor optimises after its second run
+                x = torch.zeros(2, 2, self.forecaster.num_features, device=self.device)
+                state = self.forecaster.initial_state(2)
+                y, state = self.forecaster.predict(x, state, [2, 1])
+                self.forecaster.rollout(state, y[:, -1], 2)
 
     async def stop(self) -> None:
         """Refuse new work, finish every chunk already accepted, then release the compute thread."""

@@ -16,6 +16,11 @@ import httpx
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # Without a GPU the fused GRU kernel (model/fused.py) is tested in Triton's interpreter, on CPU tensors;
+    # Triton reads this when the kernel is defined, so before anything imports the model.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from model import Forecaster, ForecasterConfig, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,7 +81,7 @@ def start_server(model_path: Path, log_dir: Path, env: dict[str, str] | None = N
     full_env = {
         **os.environ,
         "GRU_MODEL_PATH": str(model_path),
-        "GRU_DEVICE": "cpu",
+        "GRU_DEVICE": os.environ.get("GRU_DEVICE", "cpu"),  # GRU_DEVICE=cuda runs the API tests on a GPU
         "GRU_TORCH_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
         **(env or {}),

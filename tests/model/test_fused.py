@@ -1,0 +1,64 @@
+"""The fused Triton GRU kernel against the TorchScript recurrence: compiled on a GPU, interpreted on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from model import GRU, fused
+from model.cell import VARIANTS, Variant
+from model.gru import _run_layers_scripted, batch_sizes_for
+
+pytestmark = pytest.mark.skipif(not fused.AVAILABLE, reason="Triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: tests/conftest.py set TRITON_INTERPRET
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(
+    ("inputs", "hidden", "layers", "batch", "lengths"),
+    [
+        (1, 64, 2, 20, [6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 6, 6, 5, 5, 4, 4, 3, 3]),  # 2 programs, ragged
+        (4, 128, 1, 3, [4, 4, 4]),  # the issue's second serving shape, equal lengths
+        (3, 50, 2, 17, [3] * 9 + [2] * 4 + [1] * 4),  # H not a power of two: padded lanes must stay zero
+        (2, 8, 3, 1, [1]),  # H below tl.dot's minimum of 16, one row, one step
+    ],
+)
+def test_kernel_matches_the_torchscript_recurrence(
+    variant: Variant, inputs: int, hidden: int, layers: int, batch: int, lengths: list[int]
+) -> None:
+    torch.manual_seed(hidden + batch)
+    gru = GRU(inputs, hidden, layers, variant=variant).to(DEVICE)
+    steps = max(lengths)
+    x = torch.randn(steps, batch, inputs, device=DEVICE)
+    h0 = torch.randn(layers, batch, hidden, device=DEVICE) * 0.5
+    order = sorted(range(batch), key=lambda row: -lengths[row])  # the scripted path needs longest first
+    with torch.no_grad():
+        out, h_n = fused.run_layers(x, h0, gru._weights, lengths, variant == "seed")
+        sorted_lengths = [lengths[row] for row in order]
+        ref_out, ref_h = _run_layers_scripted(
+            x[:, order], h0[:, order].contiguous(), *gru._weights, batch_sizes_for(sorted_lengths, steps),
+            variant == "seed",
+        )
+    torch.testing.assert_close(h_n[:, order], ref_h, atol=1e-5, rtol=0)
+    for rank, row in enumerate(order):  # outputs count only up to each row's own length
+        torch.testing.assert_close(out[: lengths[row], row], ref_out[: lengths[row], rank], atol=1e-5, rtol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gru_on_cuda_runs_the_kernel_at_inference_and_equals_cudnn() -> None:
+    torch.backends.cudnn.allow_tf32 = False  # cuDNN's default TF32 is ~1e-3 off fp32
+    torch.manual_seed(0)
+    reference = nn.GRU(1, 64, 2, batch_first=True).cuda().eval()
+    ours = GRU.from_torch(reference).eval()
+    x, h0 = torch.randn(256, 32, 1, device="cuda"), torch.randn(2, 256, 64, device="cuda")
+    assert fused.supports(x)
+    with torch.inference_mode():
+        fused_out = ours(x, h0)
+        ours.use_fused = False
+        script_out = ours(x, h0)
+        cudnn_out = reference(x, h0)
+    for a, b in ((fused_out, cudnn_out), (fused_out, script_out)):
+        torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(a[1], b[1], atol=1e-5, rtol=0)
