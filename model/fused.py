@@ -2,10 +2,13 @@
 
 On a GPU the TorchScript recurrence launches six small kernels per step and layer, and at serving sizes
 (H = 64, B ≤ 256) each costs more in launch latency than in arithmetic: cuDNN's ``nn.GRU`` wins by fusing.
-Here one kernel runs a layer's whole chunk. Each program owns ``BLOCK_B`` rows of the batch, keeps their
-hidden state in registers across all T steps, and per step does the three hidden projections with
-``tl.dot`` (IEEE fp32, so results match the TorchScript path to 1e-5; TF32 would not) and the gates in
+Here one kernel runs a layer's whole chunk. Each program owns one row of the batch (so B = 256 fills the
+GPU's 132 multiprocessors twice), holds the three H × H blocks of W_hh in registers and the row's hidden
+state across all T steps, and per step does the three hidden projections as broadcast-multiply-and-sum in
+fp32 FMA (so results match the TorchScript path to 1e-5; TF32 tensor cores would not) and the gates in
 place. The input projection of every step stays outside, one cuBLAS matmul per layer, biases folded in.
+A first version gave each program 16 rows and used ``tl.dot``: the operand layouts of the weights spilled
+registers and it ran 5x slower than cuDNN at B = 256 (see docs/bench.md).
 
 Rows of unequal length need no sorting or shrinking: a row whose chunk has ended keeps its state
 (``tl.where`` on ``t < length``), which is what the shrinking batch of the TorchScript path computes.
@@ -29,7 +32,6 @@ except ImportError:  # CPU-only installs: the TorchScript path serves
 else:
     AVAILABLE = True
 
-BLOCK_B = 16  # rows per program: tl.dot needs at least 16
 Weights = tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]  # per layer: W_ih, b_ih, W_hh, b_hh
 
 
@@ -50,11 +52,11 @@ if AVAILABLE:
     # kernel per model serves every chunk length and batch size.
     @triton.jit(do_not_specialize=["steps", "batch"])
     def _layer_kernel(
-        gx_ptr,  # (T, B, 3H) input projection with every bias outside the reset gate folded in
+        gx_ptr,  # (T, B, 3H) input projection, b_ih included
         h0_ptr,  # (B, H)
         w_hh_ptr,  # (3H, H), gate order r, z, n
-        b_hn_ptr,  # (H,) the torch variant's b_hn, inside the reset gate (unused by seed)
-        lengths_ptr,  # (B,) int32 steps per row
+        b_hh_ptr,  # (3H,)
+        lengths_ptr,  # (B,) int32 steps per row, read only when RAGGED
         out_ptr,  # (T, B, H)
         h_n_ptr,  # (B, H)
         steps,
@@ -62,45 +64,46 @@ if AVAILABLE:
         HIDDEN: tl.constexpr,
         HIDDEN_P2: tl.constexpr,  # HIDDEN rounded up to a power of two: padded lanes stay zero
         SEED: tl.constexpr,
-        BLOCK: tl.constexpr,
+        RAGGED: tl.constexpr,  # rows of unequal length (else every row runs all steps)
     ):
-        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,)
-        cols = tl.arange(0, HIDDEN_P2)  # (HP,)
-        row_ok = rows < batch
-        col_ok = cols < HIDDEN
-        tile_ok = row_ok[:, None] & col_ok[None, :]
-        state = rows[:, None] * HIDDEN + cols[None, :]  # (BLOCK, HP) offsets into (B, H)
+        row = tl.program_id(0)
+        j = tl.arange(0, HIDDEN_P2)  # output unit
+        k = tl.arange(0, HIDDEN_P2)  # input unit
+        j_ok = j < HIDDEN
+        w_ok = j_ok[:, None] & (k < HIDDEN)[None, :]
+        w = w_hh_ptr + j[:, None] * HIDDEN + k[None, :]  # (HP, HP): W[gate * H + j, k]
+        w_r = tl.load(w, mask=w_ok, other=0.0)
+        w_z = tl.load(w + HIDDEN * HIDDEN, mask=w_ok, other=0.0)
+        w_n = tl.load(w + 2 * HIDDEN * HIDDEN, mask=w_ok, other=0.0)
+        b_hr = tl.load(b_hh_ptr + j, mask=j_ok, other=0.0)
+        b_hz = tl.load(b_hh_ptr + HIDDEN + j, mask=j_ok, other=0.0)
+        b_hn = tl.load(b_hh_ptr + 2 * HIDDEN + j, mask=j_ok, other=0.0)
 
-        # W^T blocks (H_in, H_out) for h @ W^T: element [k, j] is W[gate * H + j, k].
-        k = tl.arange(0, HIDDEN_P2)
-        w_ok = col_ok[None, :] & (k < HIDDEN)[:, None]
-        w_t = cols[None, :] * HIDDEN + k[:, None]
-        w_r = tl.load(w_hh_ptr + w_t, mask=w_ok, other=0.0)
-        w_z = tl.load(w_hh_ptr + HIDDEN * HIDDEN + w_t, mask=w_ok, other=0.0)
-        w_n = tl.load(w_hh_ptr + 2 * HIDDEN * HIDDEN + w_t, mask=w_ok, other=0.0)
-        b_hn = tl.load(b_hn_ptr + cols, mask=col_ok, other=0.0)
-
-        h = tl.load(h0_ptr + state, mask=tile_ok, other=0.0)
-        length = tl.load(lengths_ptr + rows, mask=row_ok, other=0)
-        gate = rows[:, None] * (3 * HIDDEN) + cols[None, :]  # (BLOCK, HP) offsets into one step of gx
+        h = tl.load(h0_ptr + row * HIDDEN + j, mask=j_ok, other=0.0)
+        length = tl.load(lengths_ptr + row) if RAGGED else steps
         t = 0
         while t < steps:  # a while loop: Triton's interpreter cannot range() over a runtime scalar
-            g = gx_ptr + t * batch * 3 * HIDDEN + gate
-            x_r = tl.load(g, mask=tile_ok, other=0.0)
-            x_z = tl.load(g + HIDDEN, mask=tile_ok, other=0.0)
-            x_n = tl.load(g + 2 * HIDDEN, mask=tile_ok, other=0.0)
-            r = _sigmoid(x_r + tl.dot(h, w_r, input_precision="ieee"))
-            z = _sigmoid(x_z + tl.dot(h, w_z, input_precision="ieee"))
+            g = gx_ptr + (t * batch + row) * (3 * HIDDEN) + j
+            x_r = tl.load(g, mask=j_ok, other=0.0) + b_hr  # issued first: nothing waits on them until the gates
+            x_z = tl.load(g + HIDDEN, mask=j_ok, other=0.0) + b_hz
+            x_n = tl.load(g + 2 * HIDDEN, mask=j_ok, other=0.0)
+            r = _sigmoid(x_r + tl.sum(w_r * h[None, :], axis=1))
+            z = _sigmoid(x_z + tl.sum(w_z * h[None, :], axis=1))
             if SEED:
-                n = _tanh(x_n + tl.dot(r * h, w_n, input_precision="ieee"))
+                n = _tanh(x_n + b_hn + tl.sum(w_n * (r * h)[None, :], axis=1))
                 h_new = h + z * (n - h)  # z ⊙ n + (1 − z) ⊙ h
             else:
-                n = _tanh(x_n + r * (tl.dot(h, w_n, input_precision="ieee") + b_hn[None, :]))
+                n = _tanh(x_n + r * (tl.sum(w_n * h[None, :], axis=1) + b_hn))
                 h_new = n + z * (h - n)  # (1 − z) ⊙ n + z ⊙ h
-            h = tl.where((t < length)[:, None], h_new, h)  # an ended row keeps its state
-            tl.store(out_ptr + t * batch * HIDDEN + state, h, mask=tile_ok)
+            h = tl.where(t < length, h_new, h)  # an ended row keeps its state
+            tl.store(out_ptr + (t * batch + row) * HIDDEN + j, h, mask=j_ok)
             t += 1
-        tl.store(h_n_ptr + state, h, mask=tile_ok)
+        tl.store(h_n_ptr + row * HIDDEN + j, h, mask=j_ok)
+
+
+def num_warps(hidden_p2: int) -> int:
+    """Warps per program: enough that the three H × H weight blocks fit in registers (about 32 each)."""
+    return max(1, min(16, 3 * hidden_p2 * hidden_p2 // (32 * 96)))
 
 
 def supports(x: Tensor) -> bool:
@@ -112,34 +115,30 @@ def run_layers(
     x: Tensor,
     h0: Tensor,
     weights: Weights,
-    lengths: list[int],
+    lengths: list[int] | None,
     seed: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Every layer over every step: x (T, B, I), h0 (L, B, H), lengths (B,) -> (T, B, H), (L, B, H).
+    """Every layer over every step: x (T, B, I), h0 (L, B, H) -> (T, B, H), (L, B, H).
 
-    The same contract as ``model.gru._run_layers``, lengths in any order; every parameter on x's device.
+    The same contract as ``model.gru._run_layers``; ``lengths`` (any order) or None when every row runs
+    all T steps. Two launches per layer: the input projection (cuBLAS) and the recurrence.
     """
     weights_ih, biases_ih, weights_hh, biases_hh = weights
     steps, batch, _ = x.shape
     hidden = h0.size(2)
-    steps_per_row = torch.tensor(lengths, dtype=torch.int32).to(x.device, non_blocking=True)
+    padded = triton.next_power_of_2(hidden)
+    ragged = lengths is not None and min(lengths) < steps
+    # Only ragged batches pay for the copy to the device; others pass a placeholder the kernel never reads.
+    steps_per_row = torch.tensor(lengths, dtype=torch.int32).to(x.device) if ragged else h0
+    h0 = h0.contiguous()
     layer_input = x
     h_n = torch.empty_like(h0)
-    grid = (triton.cdiv(batch, BLOCK_B),)
-    padded = triton.next_power_of_2(max(hidden, 16))
     for layer, (w_ih, b_ih, w_hh, b_hh) in enumerate(zip(weights_ih, biases_ih, weights_hh, biases_hh, strict=True)):
-        if seed:  # every b_h* is outside the reset gate
-            folded, b_hn = b_ih + b_hh, b_hh[2 * hidden :]
-        else:  # b_hr, b_hz fold; b_hn stays inside r ⊙ (W_hn h + b_hn)
-            folded = b_ih + torch.cat([b_hh[: 2 * hidden], b_hh.new_zeros(hidden)])
-            b_hn = b_hh[2 * hidden :]
-        gx = F.linear(layer_input, w_ih, folded).contiguous()  # (T, B, 3H)
+        gx = F.linear(layer_input, w_ih, b_ih).contiguous()  # (T, B, 3H)
         out = x.new_empty(steps, batch, hidden)
-        _layer_kernel[grid](
-            gx, h0[layer].contiguous(), w_hh.contiguous(), b_hn.contiguous(), steps_per_row, out, h_n[layer],
-            steps, batch,
-            HIDDEN=hidden, HIDDEN_P2=padded, SEED=seed, BLOCK=BLOCK_B,
-            num_warps=4 if padded <= 64 else 8,  # the three W^T blocks live in registers across the loop
+        _layer_kernel[(batch,)](
+            gx, h0[layer], w_hh.contiguous(), b_hh, steps_per_row, out, h_n[layer], steps, batch,
+            HIDDEN=hidden, HIDDEN_P2=padded, SEED=seed, RAGGED=ragged, num_warps=num_warps(padded),
         )
         layer_input = out
     return layer_input, h_n

@@ -10,7 +10,7 @@ python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", tr
 GRU_DEVICE=cuda python3 -m pytest -p no:cacheprovider -q \
   tests/model/test_fused.py tests/model/test_gru.py tests/model/test_forecaster.py \
   tests/service/test_engine.py tests/service/test_api_operations.py tests/service/test_api_sessions.py \
-  tests/service/test_api_validation.py tests/service/test_v2.py || status=1
+  tests/service/test_api_validation.py || status=1
 python3 -m bench.cell --device cuda --rounds "${ROUNDS:-2}" --min-run-time "${MIN_RUN_TIME:-0.1}" || status=1
 python3 -m bench.load --targets naive ours --duration "${DURATION:-5}" --warmup 1 || status=1
 exit $status

@@ -18,23 +18,25 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: tests/conftest.p
 @pytest.mark.parametrize(
     ("inputs", "hidden", "layers", "batch", "lengths"),
     [
-        (1, 64, 2, 20, [6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 6, 6, 5, 5, 4, 4, 3, 3]),  # 2 programs, ragged
-        (4, 128, 1, 3, [4, 4, 4]),  # the second serving shape, equal lengths
+        (1, 64, 2, 20, [6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 6, 6, 5, 5, 4, 4, 3, 3]),  # ragged
+        (4, 128, 1, 3, None),  # the second serving shape, every row all steps
         (3, 50, 2, 17, [3] * 9 + [2] * 4 + [1] * 4),  # H not a power of two: padded lanes must stay zero
-        (2, 8, 3, 1, [1]),  # H below tl.dot's minimum of 16, one row, one step
+        (2, 8, 3, 1, [1]),  # a tiny H, one row, one step
     ],
 )
 def test_kernel_matches_the_torchscript_recurrence(
-    variant: Variant, inputs: int, hidden: int, layers: int, batch: int, lengths: list[int]
+    variant: Variant, inputs: int, hidden: int, layers: int, batch: int, lengths: list[int] | None
 ) -> None:
     torch.manual_seed(hidden + batch)
     gru = GRU(inputs, hidden, layers, variant=variant).to(DEVICE)
+    given = lengths
+    lengths = lengths or [4] * batch
     steps = max(lengths)
     x = torch.randn(steps, batch, inputs, device=DEVICE)
     h0 = torch.randn(layers, batch, hidden, device=DEVICE) * 0.5
     order = sorted(range(batch), key=lambda row: -lengths[row])  # the scripted path needs longest first
     with torch.no_grad():
-        out, h_n = fused.run_layers(x, h0, gru._weights, lengths, variant == "seed")
+        out, h_n = fused.run_layers(x, h0, gru._weights, given, variant == "seed")
         sorted_lengths = [lengths[row] for row in order]
         ref_out, ref_h = _run_layers_scripted(
             x[:, order], h0[:, order].contiguous(), *gru._weights, batch_sizes_for(sorted_lengths, steps),
