@@ -102,8 +102,9 @@ if AVAILABLE:
 
 
 def num_warps(hidden_p2: int) -> int:
-    """Warps per program: enough that the three H × H weight blocks fit in registers (about 32 each)."""
-    return max(1, min(16, 3 * hidden_p2 * hidden_p2 // (32 * 96)))
+    """Warps per program: 4 ran fastest or within noise at H = 64 and 128 on an H200 (1 to 16 tried, see
+    docs/bench.md); above that, 8, so that the weight blocks spill fewer registers (not measured)."""
+    return 4 if hidden_p2 <= 128 else 8
 
 
 def supports(x: Tensor) -> bool:
