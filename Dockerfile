@@ -36,6 +36,16 @@ FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="gru-service" \
       org.opencontainers.image.description="Stateful GRU sequence-prediction service" \
       org.opencontainers.image.licenses="MIT"
+ARG TORCH_VARIANT=cpu
+# CUDA builds: Triton, which runs the fused GRU kernel, compiles a small C launcher on first use and needs a
+# C compiler for it (without one the service still serves, through the slower TorchScript recurrence).
+# Unpinned: Debian's security updates replace libc6-dev's exact version, and a pin would break the build.
+# hadolint ignore=DL3008
+RUN if [ "${TORCH_VARIANT}" != "cpu" ]; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends gcc libc6-dev \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
 # A real passwd entry for uid 10001: some libraries (getpass, torch's caches) look the user up.
 RUN groupadd --system --gid 10001 gru \
     && useradd --system --uid 10001 --gid 10001 --home-dir /home/gru --create-home --shell /usr/sbin/nologin gru \

@@ -107,12 +107,29 @@ class Engine:
 
     def _warm_up(self) -> None:
         """Pay the one-off costs before the first client does: TorchScript's profiling runs on CPU, the
-        Triton kernel's compilation on a GPU (about a second per model; cached on disk afterwards)."""
+        Triton kernel's compilation on a GPU (about a second per model; cached on disk afterwards).
+
+        Triton builds a small C launcher on first use and needs a C compiler for it: where that (or
+        anything else of the kernel's) fails, the GPU serves through the TorchScript recurrence instead of
+        failing every request, and the log says so.
+        """
+        try:
+            self._exercise_model()
+        except Exception:
+            gru = self.forecaster.gru
+            if not gru.use_fused or self.device.type != "cuda":
+                raise
+            log.warning("fused GRU kernel unavailable on %s; serving with the TorchScript recurrence",
+                        self.device, exc_info=True)
+            gru.use_fused = False
+            self._exercise_model()
+
+    def _exercise_model(self) -> None:
         with torch.inference_mode():
             for _ in range(3):  # the TorchScript profiling executor optimises after its second run
                 x = torch.zeros(2, 2, self.forecaster.num_features, device=self.device)
                 state = self.forecaster.initial_state(2)
-                y, state = self.forecaster.predict(x, state, [2, 1])
+                y, state = self.forecaster.predict(x, state, [2, 1])  # ragged, then equal rows in rollout
                 self.forecaster.rollout(state, y[:, -1], 2)
 
     async def stop(self) -> None:

@@ -95,6 +95,14 @@ def test_dependencies_come_from_pyproject_with_cpu_torch_by_default(
     assert "-e " not in package_install, "non-editable, so model/ and its weights land in site-packages"
 
 
+def test_cuda_images_get_the_c_compiler_triton_builds_its_launcher_with(instructions: list[Instruction]) -> None:
+    # ARGs are scoped to their stage: the runtime stage must declare TORCH_VARIANT to see the build arg.
+    assert "TORCH_VARIANT=cpu" in _final(instructions, "ARG")
+    (install,) = [run for run in _final(instructions, "RUN") if "gcc" in run]
+    assert re.search(r'if \[ "\$\{TORCH_VARIANT\}" != "cpu" \]; then', install), "CPU images stay without gcc"
+    assert "libc6-dev" in install and "rm -rf /var/lib/apt/lists/*" in install
+
+
 def test_shipped_model_is_baked_in_as_package_data(instructions: list[Instruction], repo: Path) -> None:
     copies = [a for _, kw, a in instructions if kw == "COPY"]
     assert "model ./model" in copies and "service ./service" in copies
