@@ -52,12 +52,12 @@ if AVAILABLE:
     # kernel per model serves every chunk length and batch size.
     @triton.jit(do_not_specialize=["steps", "batch"])
     def _layer_kernel(
-        gx_ptr,  # (T, B, 3H) input projection, b_ih included
+        gx_ptr,  # (B, T, 3H) input projection, b_ih included
         h0_ptr,  # (B, H)
         w_hh_ptr,  # (3H, H), gate order r, z, n
         b_hh_ptr,  # (3H,)
         lengths_ptr,  # (B,) int32 steps per row, read only when RAGGED
-        out_ptr,  # (T, B, H)
+        out_ptr,  # (B, T, H)
         h_n_ptr,  # (B, H)
         steps,
         batch,
@@ -83,7 +83,7 @@ if AVAILABLE:
         length = tl.load(lengths_ptr + row) if RAGGED else steps
         t = 0
         while t < steps:  # a while loop: Triton's interpreter cannot range() over a runtime scalar
-            g = gx_ptr + (t * batch + row) * (3 * HIDDEN) + j
+            g = gx_ptr + (row * steps + t) * (3 * HIDDEN) + j
             x_r = tl.load(g, mask=j_ok, other=0.0) + b_hr  # issued first: nothing waits on them until the gates
             x_z = tl.load(g + HIDDEN, mask=j_ok, other=0.0) + b_hz
             x_n = tl.load(g + 2 * HIDDEN, mask=j_ok, other=0.0)
@@ -96,7 +96,7 @@ if AVAILABLE:
                 n = _tanh(x_n + r * (tl.sum(w_n * h[None, :], axis=1) + b_hn))
                 h_new = n + z * (h - n)  # (1 − z) ⊙ n + z ⊙ h
             h = tl.where(t < length, h_new, h)  # an ended row keeps its state
-            tl.store(out_ptr + (t * batch + row) * HIDDEN + j, h, mask=j_ok)
+            tl.store(out_ptr + (row * steps + t) * HIDDEN + j, h, mask=j_ok)
             t += 1
         tl.store(h_n_ptr + row * HIDDEN + j, h, mask=j_ok)
 
@@ -119,13 +119,14 @@ def run_layers(
     lengths: list[int] | None,
     seed: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Every layer over every step: x (T, B, I), h0 (L, B, H) -> (T, B, H), (L, B, H).
+    """Every layer over every step: x (B, T, I), h0 (L, B, H) -> (B, T, H), (L, B, H).
 
-    The same contract as ``model.gru._run_layers``; ``lengths`` (any order) or None when every row runs
-    all T steps. Two launches per layer: the input projection (cuBLAS) and the recurrence.
+    ``model.gru._run_layers``'s contract, but batch-major like the GRU's callers, so that no layer's input
+    or output needs a transposing copy; ``lengths`` (any order) or None when every row runs all T steps.
+    Two launches per layer: the input projection (cuBLAS) and the recurrence.
     """
     weights_ih, biases_ih, weights_hh, biases_hh = weights
-    steps, batch, _ = x.shape
+    batch, steps, _ = x.shape
     hidden = h0.size(2)
     padded = triton.next_power_of_2(hidden)
     ragged = lengths is not None and min(lengths) < steps
@@ -135,8 +136,8 @@ def run_layers(
     layer_input = x
     h_n = torch.empty_like(h0)
     for layer, (w_ih, b_ih, w_hh, b_hh) in enumerate(zip(weights_ih, biases_ih, weights_hh, biases_hh, strict=True)):
-        gx = F.linear(layer_input, w_ih, b_ih).contiguous()  # (T, B, 3H)
-        out = x.new_empty(steps, batch, hidden)
+        gx = F.linear(layer_input, w_ih, b_ih).contiguous()  # (B, T, 3H)
+        out = x.new_empty(batch, steps, hidden)
         _layer_kernel[(batch,)](
             gx, h0[layer], w_hh.contiguous(), b_hh, steps_per_row, out, h_n[layer], steps, batch,
             HIDDEN=hidden, HIDDEN_P2=padded, SEED=seed, RAGGED=ragged, num_warps=num_warps(padded),

@@ -160,9 +160,7 @@ class GRU(nn.Module):
             h0 = x.new_zeros(self.num_layers, batch, self.hidden_size)
         lens = checked_lengths(lengths, batch, steps)
         if self.use_fused and not torch.is_grad_enabled() and fused.supports(x):
-            out, h_n = fused.run_layers(x.transpose(0, 1), h0, self._weights, None if lengths is None else lens,
-                                        self.variant == "seed")
-            return out.transpose(0, 1), h_n
+            return fused.run_layers(x, h0, self._weights, None if lengths is None else lens, self.variant == "seed")
         weights_ih, biases_ih, weights_hh, biases_hh = self._weights
         out, h_n = _run_layers_scripted(
             x.transpose(0, 1),  # (T, B, I)
