@@ -168,11 +168,65 @@ def _why(error: Exception | None, response: httpx.Response | None) -> str:
     return f"HTTP {response.status_code if response is not None else '?'}"
 
 
-def _give_up(attempts: int, error: Exception | None, response: httpx.Response | None) -> Unavailable:
-    status = response.status_code if response is not None else None
-    problem = _error(response).problem if response is not None else {"detail": _why(error, None)}
-    return Unavailable(status, problem, f"gave up after {attempts} attempts; last: {_why(error, response)}"
-                       + (f" ({problem.get('detail')})" if response is not None else ""))
+class _Tries:
+    """One call's attempts: the retry loop of both clients, which differ only in how they send and wait.
+
+    Iterating yields the pause before each attempt (0 before the first); the caller reports each attempt's
+    outcome with ``failed`` or ``settled`` and, when the iteration ends, raises ``give_up()``.
+    """
+
+    def __init__(self, retry: Retry, stats: _Stats):
+        self.retry = retry
+        self.stats = stats
+        self.error: Exception | None = None
+        self.response: httpx.Response | None = None
+
+    def __iter__(self) -> Iterator[float]:
+        for attempt in range(self.retry.attempts):
+            pause = 0.0
+            if attempt:
+                self.stats.note(_why(self.error, self.response))
+                pause = self.retry.delay(attempt - 1, self.response)
+            self.error = self.response = None
+            yield pause
+
+    def failed(self, error: Exception) -> None:
+        self.error = error
+
+    def settled(self, response: httpx.Response) -> bool:
+        """Whether this answer is final (anything but a 5xx or a 429)."""
+        self.response = response
+        return response.status_code not in RETRY_STATUSES
+
+    def give_up(self) -> Unavailable:
+        response, error = self.response, self.error
+        status = response.status_code if response is not None else None
+        problem = _error(response).problem if response is not None else {"detail": _why(error, None)}
+        return Unavailable(status, problem,
+                           f"gave up after {self.retry.attempts} attempts; last: {_why(error, response)}"
+                           + (f" ({problem.get('detail')})" if response is not None else ""))
+
+
+class _SessionCalls:
+    """What a session sends and how an answer moves it, for both the sync and the async handle."""
+
+    def __init__(self, session_id: str, position: int = 0):
+        self.id = session_id
+        self.position = position
+
+    def _chunk(self, values: Values, horizon: int) -> tuple[str, str, dict[str, Any]]:
+        body = {"values": _rows(values), "offset": self.position, "horizon": horizon}
+        return "POST", f"/v1/sessions/{self.id}/predict", body
+
+    def _advance(self, answer: dict[str, Any]) -> Prediction:
+        prediction = Prediction.from_json(answer)
+        self.position = int(prediction.position or 0)
+        return prediction
+
+    def _chunks(self, values: Values, chunk: int) -> Iterator[list[list[float]]]:
+        rows = _rows(values)
+        for start in range(0, len(rows), chunk):
+            yield rows[start : start + chunk]
 
 
 # -- sync --------------------------------------------------------------------------------------------
@@ -201,21 +255,18 @@ class Client:
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         """One call, resent with the same body after network errors, 5xx and 429; the JSON answer or a
         ``ServiceError``. Only use it for calls that are safe to repeat (every call of this API is)."""
-        error: Exception | None = None
-        response: httpx.Response | None = None
-        for attempt in range(self.retry.attempts):
-            if attempt:
-                self.stats.note(_why(error, response))
-                time.sleep(self.retry.delay(attempt - 1, response))
-            error = response = None
+        tries = _Tries(self.retry, self.stats)
+        for pause in tries:
+            if pause:
+                time.sleep(pause)
             try:
                 response = self._http.request(method, path, json=body)
             except RETRY_ERRORS as exc:
-                error = exc
+                tries.failed(exc)
                 continue
-            if response.status_code not in RETRY_STATUSES:
+            if tries.settled(response):
                 return _answer(response)
-        raise _give_up(self.retry.attempts, error, response) from error
+        raise tries.give_up() from tries.error
 
     def model(self) -> dict[str, Any]:
         return self.request("GET", "/v1/model")
@@ -235,25 +286,20 @@ class Client:
         return session
 
 
-class Session:
+class Session(_SessionCalls):
     """One session: ``predict`` sends the next chunk at ``position`` and moves it by the answer."""
 
     def __init__(self, client: Client, session_id: str, position: int = 0):
+        super().__init__(session_id, position)
         self.client = client
-        self.id = session_id
-        self.position = position
 
     def predict(self, values: Values, horizon: int = 0) -> Prediction:
-        body = {"values": _rows(values), "offset": self.position, "horizon": horizon}
-        answer = Prediction.from_json(self.client.request("POST", f"/v1/sessions/{self.id}/predict", body))
-        self.position = int(answer.position or 0)
-        return answer
+        return self._advance(self.client.request(*self._chunk(values, horizon)))
 
     def stream(self, values: Values, chunk: int = 32, horizon: int = 0) -> Iterator[Prediction]:
         """The series in chunks of ``chunk`` steps, one answer per chunk."""
-        rows = _rows(values)
-        for start in range(0, len(rows), chunk):
-            yield self.predict(rows[start : start + chunk], horizon)
+        for rows in self._chunks(values, chunk):
+            yield self.predict(rows, horizon)
 
     def info(self) -> dict[str, Any]:
         return self.client.request("GET", f"/v1/sessions/{self.id}")
@@ -297,21 +343,18 @@ class AsyncClient:
         await self._http.aclose()
 
     async def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        error: Exception | None = None
-        response: httpx.Response | None = None
-        for attempt in range(self.retry.attempts):
-            if attempt:
-                self.stats.note(_why(error, response))
-                await asyncio.sleep(self.retry.delay(attempt - 1, response))
-            error = response = None
+        tries = _Tries(self.retry, self.stats)
+        for pause in tries:
+            if pause:
+                await asyncio.sleep(pause)
             try:
                 response = await self._http.request(method, path, json=body)
             except RETRY_ERRORS as exc:
-                error = exc
+                tries.failed(exc)
                 continue
-            if response.status_code not in RETRY_STATUSES:
+            if tries.settled(response):
                 return _answer(response)
-        raise _give_up(self.retry.attempts, error, response) from error
+        raise tries.give_up() from tries.error
 
     async def model(self) -> dict[str, Any]:
         return await self.request("GET", "/v1/model")
@@ -328,23 +371,19 @@ class AsyncClient:
         return session
 
 
-class AsyncSession:
+class AsyncSession(_SessionCalls):
+    """``Session`` for asyncio."""
+
     def __init__(self, client: AsyncClient, session_id: str, position: int = 0):
+        super().__init__(session_id, position)
         self.client = client
-        self.id = session_id
-        self.position = position
 
     async def predict(self, values: Values, horizon: int = 0) -> Prediction:
-        body = {"values": _rows(values), "offset": self.position, "horizon": horizon}
-        answer = Prediction.from_json(
-            await self.client.request("POST", f"/v1/sessions/{self.id}/predict", body))
-        self.position = int(answer.position or 0)
-        return answer
+        return self._advance(await self.client.request(*self._chunk(values, horizon)))
 
     async def stream(self, values: Values, chunk: int = 32, horizon: int = 0) -> AsyncIterator[Prediction]:
-        rows = _rows(values)
-        for start in range(0, len(rows), chunk):
-            yield await self.predict(rows[start : start + chunk], horizon)
+        for rows in self._chunks(values, chunk):
+            yield await self.predict(rows, horizon)
 
     async def info(self) -> dict[str, Any]:
         return await self.client.request("GET", f"/v1/sessions/{self.id}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ if not torch.cuda.is_available():
     # Triton reads this when the kernel is defined, so before anything imports the model.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from bench.common import free_port
 from model import Forecaster, ForecasterConfig, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,12 +45,6 @@ def make_tiny_model(directory: Path, features: tuple[str, ...] = ("x",), seed: i
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
