@@ -34,7 +34,7 @@ from torch import Tensor
 
 from model import Forecaster
 from service.metrics import Metrics
-from service.problems import Problem
+from service.refusals import BatchFailed, Overloaded, ShuttingDown, StoreUnreachable, TimedOut, UnknownSession
 from service.rules import Apply, Replay, fingerprint, judge
 from service.sessions.base import Session, SessionStore, StoreUnavailable, Write, session_id_of
 
@@ -156,12 +156,10 @@ class Engine:
         (a session deleted meanwhile makes the commit lose its race and the chunk judged again, so 404).
         """
         if self._stopping:
-            raise Problem(503, "shutting-down", "the service is shutting down; retry on another replica",
-                          headers={"Retry-After": "1"})
+            raise ShuttingDown("the service is shutting down; retry on another replica", retry_after=1)
         if len(self._waiting) >= self._max_queue:
             self._metrics.rejected.labels(reason="queue_full").inc()
-            raise Problem(429, "overloaded", f"{len(self._waiting)} chunks are already waiting; retry shortly",
-                          headers={"Retry-After": "1"})
+            raise Overloaded(f"{len(self._waiting)} chunks are already waiting; retry shortly", retry_after=1)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         chunk = Chunk(key, values, offset, horizon, future, must_exist=must_exist)
@@ -182,10 +180,9 @@ class Engine:
         self._metrics.rejected.labels(reason="timeout").inc()
         if chunk in self._waiting:
             self._waiting.remove(chunk)
-        chunk.future.set_exception(Problem(
-            503, "timeout",
+        chunk.future.set_exception(TimedOut(
             f"the chunk was not computed within {self._timeout:g} s; retry with the same offset (a retry of an"
-            " applied chunk returns its answer)", headers={"Retry-After": "1"},
+            " applied chunk returns its answer)", retry_after=1,
         ))
 
     async def session_info(self, key: str) -> Session:
@@ -226,7 +223,7 @@ class Engine:
             except Exception:  # a bug: fail this batch's requests, keep serving the others
                 log.exception("engine batch failed")
                 for chunk in batch:
-                    _settle(chunk, exc=Problem(500, "internal-error", "the batch failed; it has been logged"))
+                    _settle(chunk, exc=BatchFailed("the batch failed; it has been logged"))
 
     async def _fill(self) -> None:
         """Wait up to the batch delay for a full batch; under load the queue fills while we compute."""
@@ -396,12 +393,12 @@ def _settle(chunk: Chunk, answer: bytes | None = None, exc: BaseException | None
         chunk.future.set_result(answer)  # type: ignore[arg-type]
 
 
-def _unknown(key: str) -> Problem:
+def _unknown(key: str) -> UnknownSession:
     session_id = session_id_of(key)
-    return Problem(404, "session-not-found", f"session {session_id!r} does not exist (expired, deleted or never"
-                   " created)", session_id=session_id)
+    return UnknownSession(f"session {session_id!r} does not exist (expired, deleted or never created)",
+                          session_id=session_id)
 
 
-def _store_down(exc: Exception) -> Problem:
-    return Problem(503, "store-unavailable", f"the session store is unreachable ({exc}); nothing was changed,"
-                   " retry shortly", headers={"Retry-After": "2"})
+def _store_down(exc: Exception) -> StoreUnreachable:
+    return StoreUnreachable(f"the session store is unreachable ({exc}); nothing was changed, retry shortly",
+                            retry_after=2)

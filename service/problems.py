@@ -1,6 +1,7 @@
 """RFC 9457 problem details: every error the service gives is ``application/problem+json``.
 
-Routers and the engine raise ``Problem``; the handlers here turn it, FastAPI's validation errors and
+Routers raise ``Problem``; the engine and the offset rules raise ``service.refusals.Refusal``, which knows no
+HTTP and gets its status from the one table here. The handlers turn both, FastAPI's validation errors and
 Starlette's HTTP errors into one shape: ``type``, ``title``, ``status``, ``detail`` plus extension members
 (``position``, ``errors``, ...).
 """
@@ -16,6 +17,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+
+from service import refusals
 
 PROBLEM_JSON = "application/problem+json"
 TYPE_BASE = "https://gru-service.dev/problems/"
@@ -73,6 +76,26 @@ class Problem(Exception):
         )
 
 
+REFUSAL_STATUS: dict[type[refusals.Refusal], int] = {
+    refusals.UnknownSession: 404,
+    refusals.StaleModel: 409,
+    refusals.OffsetMismatch: 409,
+    refusals.Overloaded: 429,
+    refusals.ShuttingDown: 503,
+    refusals.TimedOut: 503,
+    refusals.StoreUnreachable: 503,
+    refusals.BatchFailed: 500,
+}
+
+
+def as_problem(error: Problem | refusals.Refusal) -> Problem:
+    """The HTTP answer to a refusal (a ``Problem`` is one already)."""
+    if isinstance(error, Problem):
+        return error
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else None
+    return Problem(REFUSAL_STATUS[type(error)], error.kind, error.detail, headers=headers, **error.extra)
+
+
 def field_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
     """Pydantic's error list, reduced to what a client needs: where, what, and the rule broken."""
     return [
@@ -93,8 +116,8 @@ def invalid(errors: Sequence[Any], detail: str | None = None) -> Problem:
 
 
 async def _problem_handler(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, Problem)
-    return exc.response()
+    assert isinstance(exc, Problem | refusals.Refusal)
+    return as_problem(exc).response()
 
 
 async def _validation_handler(request: Request, exc: Exception) -> Response:
@@ -121,6 +144,7 @@ async def _unexpected_handler(request: Request, exc: Exception) -> Response:
 
 def install(app: FastAPI) -> None:
     app.add_exception_handler(Problem, _problem_handler)
+    app.add_exception_handler(refusals.Refusal, _problem_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(StarletteHTTPException, _http_handler)
     app.add_exception_handler(Exception, _unexpected_handler)

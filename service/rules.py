@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.problems import Problem
+from service.refusals import OffsetMismatch, Refusal, StaleModel, UnknownSession
 from service.sessions.base import Session, session_id_of
 
 
@@ -29,7 +29,7 @@ class Replay:
     answer: bytes  # the stored answer of the exact same chunk
 
 
-Verdict = Apply | Replay | Problem
+Verdict = Apply | Replay | Refusal
 
 
 def fingerprint(offset: int, horizon: int, values: np.ndarray) -> bytes:
@@ -47,15 +47,13 @@ def judge(
     if session is None:
         if offset in (None, 0):
             return Apply(start=0, created=True)
-        return Problem(
-            404, "session-not-found",
+        return UnknownSession(
             f"session {session_id!r} does not exist (expired or never created) and offset {offset} > 0 cannot"
             " continue it; send offset 0 (or none) to start it again",
             session_id=session_id, position=0,
         )
     if session.model_version != model_version:
-        return Problem(
-            409, "model-changed",
+        return StaleModel(
             f"session {session_id!r} was built with model {session.model_version}, the service now runs"
             f" {model_version}; POST /v1/sessions/{session_id}/reset to continue",
             session_id=session_id, position=session.position, model_version=model_version,
@@ -64,8 +62,7 @@ def judge(
         return Apply(start=session.position, created=False)
     if offset == session.last_offset and session.fingerprint == fingerprint(offset, horizon, values):
         return Replay(session.answer)
-    return Problem(
-        409, "offset-mismatch",
+    return OffsetMismatch(
         f"offset {offset} does not match session {session_id!r} at position {session.position}; resend from"
         f" offset {session.position}",
         session_id=session_id, position=session.position,

@@ -20,7 +20,8 @@ from service.api.bodies import chunk_array, parse
 from service.api.openapi import RawOperation
 from service.auth import tenant_of
 from service.engine import Engine
-from service.problems import Problem
+from service.problems import Problem, as_problem
+from service.refusals import Refusal
 from service.schemas import (
     SESSION_ID_PATTERN,
     ChunkRequest,
@@ -69,7 +70,8 @@ class HotRoutes:
     stack and router (one regex match instead of walking every route), and passes everything else on.
 
     Outside it still run the body limit, auth, metrics and access log, and Starlette's server-error
-    middleware; a ``Problem`` is answered here, any other exception reaches the server-error handler (500).
+    middleware; a ``Problem`` or an engine ``Refusal`` is answered here, any other exception reaches the
+    server-error handler (500).
     """
 
     def __init__(self, app: ASGIApp):
@@ -87,8 +89,8 @@ class HotRoutes:
                         raise Problem(405, "method-not-allowed", f"{scope['method']} is not allowed on"
                                       f" {scope['path']}; use POST", headers={"Allow": "POST"})
                     response = await route.endpoint(Request(scope, receive))
-                except Problem as problem:
-                    response = problem.response()
+                except (Problem, Refusal) as refused:
+                    response = as_problem(refused).response()
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -18,7 +18,8 @@ from service.api.bodies import chunk_array, parse
 from service.api.deps import EngineDep, SettingsDep
 from service.api.openapi import body_schema, problem_responses
 from service.auth import TenantDep
-from service.problems import Problem
+from service.problems import Problem, as_problem
+from service.refusals import Refusal
 from service.schemas import (
     SESSION_ID_PATTERN,
     BatchRequest,
@@ -64,8 +65,8 @@ async def predict_batch(request: Request, engine: EngineDep, settings: SettingsD
         try:
             values = chunk_array(item.values, item.horizon, features, settings, ["body", "items", str(index), "values"])
             return await engine.predict(session_key(tenant, item.session_id), values, item.offset, item.horizon)
-        except Problem as problem:
-            return orjson.dumps(problem.body())
+        except (Problem, Refusal) as refused:
+            return orjson.dumps(as_problem(refused).body())
 
     answers = await asyncio.gather(*(one(i, item) for i, item in enumerate(body.items)))
     return Response(b'{"results":[' + b",".join(answers) + b"]}", media_type=JSON)

@@ -43,7 +43,8 @@ from service.api.v2_codec import (
 from service.auth import TenantDep
 from service.config import Settings
 from service.engine import Engine
-from service.problems import Problem
+from service.problems import Problem, as_problem
+from service.refusals import Refusal, UnknownSession
 from service.sessions.base import session_key
 
 log = logging.getLogger("service.v2")
@@ -59,8 +60,8 @@ class _V2Route(APIRoute):
         async def route(request: Request) -> Response:
             try:
                 return await handler(request)
-            except Problem as problem:
-                raise with_error_member(problem) from None
+            except (Problem, Refusal) as refused:
+                raise with_error_member(as_problem(refused)) from None
             except RequestValidationError as exc:
                 detail = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}"
                                    for e in exc.errors()[:5])
@@ -199,9 +200,7 @@ async def _continue(engine: Engine, key: str, sequence_id: object, call: InferRe
     """A chunk after the first: the sequence must exist (Triton refuses an unknown correlation id too)."""
     try:
         return await engine.predict(key, call.values, call.offset, call.horizon, must_exist=True)
-    except Problem as problem:
-        if problem.status != 404:
-            raise
+    except UnknownSession:
         raise v2_problem(404, f"sequence {sequence_id!r} is not active (never started, ended or expired);"
                          " send its first chunk with sequence_start=true", kind="sequence-not-found",
                          sequence_id=sequence_id) from None
@@ -212,9 +211,10 @@ async def _end(engine: Engine, key: str) -> None:
     is logged, not returned: a client retrying it would apply the chunk twice. The session then expires."""
     try:
         await engine.delete(key)
-    except Problem as problem:
-        if problem.status != 404:  # 404: ended meanwhile by someone else, which is what we wanted
-            log.warning("sequence_end: session not deleted (%s); it will expire", problem.detail)
+    except UnknownSession:
+        pass  # ended meanwhile by someone else, which is what we wanted
+    except Refusal as refused:
+        log.warning("sequence_end: session not deleted (%s); it will expire", refused.detail)
 
 
 @router.post("/models/{model_name}/infer", summary="Inference (JSON or binary tensors, sequences)",

@@ -13,7 +13,8 @@ import torch
 from model import load_checkpoint
 from service.engine import Engine
 from service.metrics import Metrics
-from service.problems import Problem
+from service.problems import REFUSAL_STATUS, as_problem
+from service.refusals import Refusal, StaleModel
 from service.sessions.base import session_key
 from service.sessions.memory import MemoryStore
 from tests.conftest import make_tiny_model
@@ -85,10 +86,10 @@ def test_session_built_with_another_model_is_refused_until_reset(tmp_path: Path)
         await old.stop()
         await new.start()
         try:
-            with pytest.raises(Problem) as refused:
+            with pytest.raises(StaleModel) as refused:
                 await new.predict(key, values, 4, 0)
-            assert refused.value.status == 409
-            assert refused.value.kind == "model-changed"
+            assert as_problem(refused.value).status == 409
+            assert refused.value.kind == "model-changed" and refused.value.extra["position"] == 4
             assert (await store.get(key)).position == 4  # type: ignore[union-attr]
             await new.reset(key)
             answer = orjson.loads(await new.predict(key, values, 0, 0))
@@ -113,3 +114,12 @@ def test_model_and_states_live_on_the_gpu(tiny_model: Path) -> None:
     for name in chunks:
         for a, b in zip(on_gpu[name], on_cpu[name], strict=True):
             np.testing.assert_allclose(a["predictions"], b["predictions"], atol=1e-4)
+
+
+def test_every_refusal_has_exactly_one_http_status_and_its_own_kind() -> None:
+    refusals = Refusal.__subclasses__()
+    assert set(refusals) == set(REFUSAL_STATUS)
+    assert len({refusal.kind for refusal in refusals}) == len(refusals)
+    answer = as_problem(refusals[0]("why", retry_after=2, position=3))
+    assert answer.headers == {"Retry-After": "2"} and answer.body()["position"] == 3
+

@@ -1,0 +1,67 @@
+"""What the engine and the offset rules refuse, named by class and free of HTTP.
+
+The engine and ``service.rules`` raise (or return) these; ``service.problems`` holds the one table that
+gives each its HTTP status and turns it into ``application/problem+json``. ``kind`` becomes the problem's
+``type``; ``extra`` its extension members (``position``, ``session_id``, ...); ``retry_after`` its
+``Retry-After`` header, in seconds.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class Refusal(Exception):
+    """A chunk or call the service will not carry out; nothing was changed."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, detail: str, *, retry_after: int | None = None, **extra: Any):
+        super().__init__(detail)
+        self.detail = detail
+        self.retry_after = retry_after
+        self.extra = extra
+
+
+class UnknownSession(Refusal):
+    """The session does not exist (expired, deleted, never created) and the call cannot create it."""
+
+    kind = "session-not-found"
+
+
+class StaleModel(Refusal):
+    """The session's state was built by another model version than the one now served."""
+
+    kind = "model-changed"
+
+
+class OffsetMismatch(Refusal):
+    """The chunk's offset is neither the session's position nor an exact retry of its last chunk."""
+
+    kind = "offset-mismatch"
+
+
+class ShuttingDown(Refusal):
+    kind = "shutting-down"
+
+
+class Overloaded(Refusal):
+    """The queue is full (GRU_MAX_QUEUE)."""
+
+    kind = "overloaded"
+
+
+class TimedOut(Refusal):
+    """The chunk was not computed within GRU_REQUEST_TIMEOUT_SECONDS."""
+
+    kind = "timeout"
+
+
+class StoreUnreachable(Refusal):
+    kind = "store-unavailable"
+
+
+class BatchFailed(Refusal):
+    """The model raised on a batch (logged); its chunks were not applied."""
+
+    kind = "internal-error"
