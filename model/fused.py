@@ -121,8 +121,7 @@ def run_layers(
 ) -> tuple[Tensor, Tensor]:
     """Every layer over every step: x (B, T, I), h0 (L, B, H) -> (B, T, H), (L, B, H).
 
-    ``model.gru._run_layers``'s contract, but batch-major like the GRU's callers, so that no layer's input
-    or output needs a transposing copy; ``lengths`` (any order) or None when every row runs all T steps.
+    ``model.gru._run_layers``'s contract; ``lengths`` in any order, or None when every row runs all T steps.
     Two launches per layer: the input projection (cuBLAS) and the recurrence.
     """
     weights_ih, biases_ih, weights_hh, biases_hh = weights

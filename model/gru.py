@@ -41,14 +41,16 @@ def _run_layers(
     batch_sizes: list[int],
     seed: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Every layer over every step, in one TorchScript call: x (T, B, I), h0 (L, B, H) -> (T, B, H), (L, B, H).
+    """Every layer over every step, in one TorchScript call: x (B, T, I), h0 (L, B, H) -> (B, T, H), (L, B, H).
 
-    Time-major, so each step's slice of the input projection is contiguous. Six ops per step and layer:
+    Batch-major, the callers' layout: the input projection is one matmul on a contiguous input into a fresh
+    output (time-major cost a transposing copy of it, as large as the matmul itself at B = 256), and a
+    step's slice of it is B contiguous runs of 3H. Six ops per step and layer:
     biases that sit outside the reset gate are folded into the input projection once per chunk, so
     ``addmm`` adds them with the matmul; ``lerp`` is the interpolation between old state and candidate.
     """
     hidden = h0.size(2)
-    full = x.size(1)
+    full = x.size(0)
     layer_input = x
     finals: list[Tensor] = []
     for layer in range(len(weights_ih)):
@@ -58,13 +60,13 @@ def _run_layers(
         outs: list[Tensor] = []
         if seed:
             # every b_h* is outside the reset gate: W_hn (r ⊙ h) + b_hn
-            gx = F.linear(layer_input, weights_ih[layer], biases_ih[layer] + b_hh)  # (T, B, 3H)
+            gx = F.linear(layer_input, weights_ih[layer], biases_ih[layer] + b_hh)  # (B, T, 3H)
             w_rz_t = w_hh[: 2 * hidden].t()  # (H, 2H)
             w_n_t = w_hh[2 * hidden :].t()  # (H, H)
-            for t in range(gx.size(0)):
+            for t in range(gx.size(1)):
                 active = batch_sizes[t]
                 h_a = h if active == full else h[:active]
-                g = gx[t] if active == full else gx[t, :active]  # (b, 3H)
+                g = gx[:, t] if active == full else gx[:active, t]  # (b, 3H)
                 rz = torch.addmm(g[:, : 2 * hidden], h_a, w_rz_t).sigmoid_()  # r, z gates
                 n = torch.addmm(g[:, 2 * hidden :], rz[:, :hidden] * h_a, w_n_t).tanh_()  # candidate
                 h_new = torch.lerp(h_a, n, rz[:, hidden:])  # z ⊙ n + (1 − z) ⊙ h
@@ -72,19 +74,19 @@ def _run_layers(
                 outs.append(h)
         else:
             # b_hn sits inside the reset gate, r ⊙ (W_hn h + b_hn): it stays with the hidden projection
-            gx = F.linear(layer_input, weights_ih[layer], biases_ih[layer])  # (T, B, 3H)
+            gx = F.linear(layer_input, weights_ih[layer], biases_ih[layer])  # (B, T, 3H)
             w_hh_t = w_hh.t()  # (H, 3H)
-            for t in range(gx.size(0)):
+            for t in range(gx.size(1)):
                 active = batch_sizes[t]
                 h_a = h if active == full else h[:active]
-                g = gx[t] if active == full else gx[t, :active]  # (b, 3H)
+                g = gx[:, t] if active == full else gx[:active, t]  # (b, 3H)
                 gh = torch.addmm(b_hh, h_a, w_hh_t)  # (b, 3H)
                 rz = (g[:, : 2 * hidden] + gh[:, : 2 * hidden]).sigmoid_()  # r, z gates
                 n = torch.addcmul(g[:, 2 * hidden :], rz[:, :hidden], gh[:, 2 * hidden :]).tanh_()
                 h_new = torch.lerp(n, h_a, rz[:, hidden:])  # (1 − z) ⊙ n + z ⊙ h
                 h = h_new if active == full else torch.cat([h_new, h[active:]], 0)
                 outs.append(h)
-        layer_input = torch.stack(outs, 0)  # (T, B, H)
+        layer_input = torch.stack(outs, 1)  # (B, T, H)
         finals.append(h)
     return layer_input, torch.stack(finals, 0)
 
@@ -162,8 +164,8 @@ class GRU(nn.Module):
         if self.use_fused and not torch.is_grad_enabled() and fused.supports(x):
             return fused.run_layers(x, h0, self._weights, None if lengths is None else lens, self.variant == "seed")
         weights_ih, biases_ih, weights_hh, biases_hh = self._weights
-        out, h_n = _run_layers_scripted(
-            x.transpose(0, 1),  # (T, B, I)
+        return _run_layers_scripted(
+            x,
             h0,
             weights_ih,
             biases_ih,
@@ -172,7 +174,6 @@ class GRU(nn.Module):
             batch_sizes_for(lens, steps),
             self.variant == "seed",
         )
-        return out.transpose(0, 1), h_n  # (B, T, H), (L, B, H)
 
     def layers(self) -> list[GRUCell]:
         """The cells, bottom layer first."""
