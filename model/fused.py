@@ -48,9 +48,9 @@ if AVAILABLE:
         t = (1.0 - e) / (1.0 + e)
         return tl.where(x >= 0, t, -t)
 
-    # No specialising on the sizes (Triton's default recompiles for 1 and multiples of 16): one compiled
-    # kernel per model serves every chunk length and batch size.
-    @triton.jit(do_not_specialize=["steps", "batch"])
+    # No specialising on the chunk length (Triton's default recompiles for 1 and multiples of 16): one
+    # compiled kernel per model serves every chunk; the batch size is only the grid.
+    @triton.jit(do_not_specialize=["steps"])
     def _layer_kernel(
         gx_ptr,  # (B, T, 3H) input projection, b_ih included
         h0_ptr,  # (B, H)
@@ -60,13 +60,12 @@ if AVAILABLE:
         out_ptr,  # (B, T, H)
         h_n_ptr,  # (B, H)
         steps,
-        batch,
         HIDDEN: tl.constexpr,
         HIDDEN_P2: tl.constexpr,  # HIDDEN rounded up to a power of two: padded lanes stay zero
         SEED: tl.constexpr,
         RAGGED: tl.constexpr,  # rows of unequal length (else every row runs all steps)
     ):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # offsets reach B · T · 3H, past int32 for long chunks
         j = tl.arange(0, HIDDEN_P2)  # output unit
         k = tl.arange(0, HIDDEN_P2)  # input unit
         j_ok = j < HIDDEN
@@ -138,7 +137,7 @@ def run_layers(
         gx = F.linear(layer_input, w_ih, b_ih).contiguous()  # (B, T, 3H)
         out = x.new_empty(batch, steps, hidden)
         _layer_kernel[(batch,)](
-            gx, h0[layer], w_hh.contiguous(), b_hh, steps_per_row, out, h_n[layer], steps, batch,
+            gx, h0[layer], w_hh.contiguous(), b_hh, steps_per_row, out, h_n[layer], steps,
             HIDDEN=hidden, HIDDEN_P2=padded, SEED=seed, RAGGED=ragged, num_warps=num_warps(padded),
         )
         layer_input = out
