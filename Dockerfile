@@ -56,7 +56,8 @@ ENV PATH=/opt/venv/bin:${PATH} \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/home/gru \
-    XDG_CACHE_HOME=/tmp/.cache
+    XDG_CACHE_HOME=/tmp/.cache \
+    TRITON_CACHE_DIR=/tmp/.cache/triton
 WORKDIR /home/gru
 USER 10001:10001
 EXPOSE 8000

@@ -20,6 +20,8 @@ which is how the test suite checks it on machines without a GPU.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -101,8 +103,9 @@ if AVAILABLE:
 
 
 def num_warps(hidden_p2: int) -> int:
-    """Warps per program: 4 ran fastest or within noise at H = 64 and 128 on an H200 (1 to 16 tried, see
-    docs/bench.md); above that, 8, so that the weight blocks spill fewer registers (not measured)."""
+    """Warps per program. On an H200 (1 to 16 tried, docs/bench.md part 4) no count won everywhere: at
+    H = 64, 16 warps was fastest at 3 of 9 shapes and 2.4x slower at another; 4 was never more than 1.7x
+    off the best and fastest at H = 128. Above H = 128, 8, so the weight blocks spill less (not measured)."""
     return 4 if hidden_p2 <= 128 else 8
 
 
@@ -126,6 +129,8 @@ def run_layers(
     weights_ih, biases_ih, weights_hh, biases_hh = weights
     batch, steps, _ = x.shape
     hidden = h0.size(2)
+    if batch == 0:
+        return x.new_empty(0, steps, hidden), h0.new_empty(h0.shape)
     padded = triton.next_power_of_2(hidden)
     ragged = lengths is not None and min(lengths) < steps
     # Only ragged batches pay for the copy to the device; others pass a placeholder the kernel never reads.
@@ -133,12 +138,16 @@ def run_layers(
     h0 = h0.contiguous()
     layer_input = x
     h_n = torch.empty_like(h0)
-    for layer, (w_ih, b_ih, w_hh, b_hh) in enumerate(zip(weights_ih, biases_ih, weights_hh, biases_hh, strict=True)):
-        gx = F.linear(layer_input, w_ih, b_ih).contiguous()  # (B, T, 3H)
-        out = x.new_empty(batch, steps, hidden)
-        _layer_kernel[(batch,)](
-            gx, h0[layer], w_hh.contiguous(), b_hh, steps_per_row, out, h_n[layer], steps,
-            HIDDEN=hidden, HIDDEN_P2=padded, SEED=seed, RAGGED=ragged, num_warps=num_warps(padded),
-        )
-        layer_input = out
+    # Triton launches on the current CUDA device: make it x's (a no-op for the service, which uses one).
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        for layer, (w_ih, b_ih, w_hh, b_hh) in enumerate(
+            zip(weights_ih, biases_ih, weights_hh, biases_hh, strict=True)
+        ):
+            gx = F.linear(layer_input, w_ih, b_ih).contiguous()  # (B, T, 3H)
+            out = x.new_empty(batch, steps, hidden)
+            _layer_kernel[(batch,)](
+                gx, h0[layer], w_hh.contiguous(), b_hh, steps_per_row, out, h_n[layer], steps,
+                HIDDEN=hidden, HIDDEN_P2=padded, SEED=seed, RAGGED=ragged, num_warps=num_warps(padded),
+            )
+            layer_input = out
     return layer_input, h_n

@@ -4,10 +4,10 @@ The cells hold the parameters and define the equations (see ``model.cell``). Run
 ``GRUCell.forward`` step by step costs a dozen small Python-dispatched ops per step and layer; the fast
 path below computes the same thing as:
 
-1. the input projection of every step in one matmul per layer: ``(T, B, I) @ W_ih^T -> (T, B, 3H)``;
+1. the input projection of every step in one matmul per layer: ``(B, T, I) @ W_ih^T -> (B, T, 3H)``;
 2. the recurrence of every layer in one TorchScript call (no per-step Python), six ops per step and layer:
-   one ``addmm`` for the hidden projection (two for the seed variant, whose reset gate acts before
-   ``W_hn``) with the biases folded in, the gates, and ``lerp`` for the update.
+   the hidden projection with its bias in one matmul (two for the seed variant, whose reset gate acts
+   before ``W_hn``), the gates, and ``lerp`` for the update.
 
 Sequences of unequal length run as one batch sorted longest first: at step t only the first
 ``batch_sizes[t]`` rows advance, so the batch shrinks as short chunks end and each row's final state is
@@ -43,11 +43,11 @@ def _run_layers(
 ) -> tuple[Tensor, Tensor]:
     """Every layer over every step, in one TorchScript call: x (B, T, I), h0 (L, B, H) -> (B, T, H), (L, B, H).
 
-    Batch-major, the callers' layout: the input projection is one matmul on a contiguous input into a fresh
-    output (time-major cost a transposing copy of it, as large as the matmul itself at B = 256), and a
-    step's slice of it is B contiguous runs of 3H. Six ops per step and layer:
-    biases that sit outside the reset gate are folded into the input projection once per chunk, so
-    ``addmm`` adds them with the matmul; ``lerp`` is the interpolation between old state and candidate.
+    Batch-major, the callers' layout (and the fused kernel's): nothing is transposed on the way in or out,
+    and a step's slice of the input projection is B contiguous runs of 3H. Six ops per step and layer: the
+    seed variant folds every hidden bias into the input projection once per chunk and adds that step's
+    slice with ``addmm``; the torch variant keeps its hidden bias in ``linear`` (an ``addmm`` TorchScript
+    would split into ``mm`` + ``add``, one pass more per step); ``lerp`` interpolates old state and candidate.
     """
     hidden = h0.size(2)
     full = x.size(0)
@@ -75,12 +75,11 @@ def _run_layers(
         else:
             # b_hn sits inside the reset gate, r ⊙ (W_hn h + b_hn): it stays with the hidden projection
             gx = F.linear(layer_input, weights_ih[layer], biases_ih[layer])  # (B, T, 3H)
-            w_hh_t = w_hh.t()  # (H, 3H)
             for t in range(gx.size(1)):
                 active = batch_sizes[t]
                 h_a = h if active == full else h[:active]
                 g = gx[:, t] if active == full else gx[:active, t]  # (b, 3H)
-                gh = torch.addmm(b_hh, h_a, w_hh_t)  # (b, 3H)
+                gh = F.linear(h_a, w_hh, b_hh)  # (b, 3H); TorchScript would split an addmm into mm + add
                 rz = (g[:, : 2 * hidden] + gh[:, : 2 * hidden]).sigmoid_()  # r, z gates
                 n = torch.addcmul(g[:, 2 * hidden :], rz[:, :hidden], gh[:, 2 * hidden :]).tanh_()
                 h_new = torch.lerp(n, h_a, rz[:, hidden:])  # (1 − z) ⊙ n + z ⊙ h
@@ -171,7 +170,7 @@ class GRU(nn.Module):
             biases_ih,
             weights_hh,
             biases_hh,
-            batch_sizes_for(lens, steps),
+            [batch] * steps if lengths is None else batch_sizes_for(lens, steps),
             self.variant == "seed",
         )
 

@@ -101,6 +101,9 @@ def test_cuda_images_get_the_c_compiler_triton_builds_its_launcher_with(instruct
     (install,) = [run for run in _final(instructions, "RUN") if "gcc" in run]
     assert re.search(r'if \[ "\$\{TORCH_VARIANT\}" != "cpu" \]; then', install), "CPU images stay without gcc"
     assert "libc6-dev" in install and "rm -rf /var/lib/apt/lists/*" in install
+    # Its kernel cache must be writable where the root filesystem is read-only (the k8s manifests): /tmp.
+    env = " ".join(_final(instructions, "ENV"))
+    assert re.search(r"\bTRITON_CACHE_DIR=/tmp/", env), env
 
 
 def test_shipped_model_is_baked_in_as_package_data(instructions: list[Instruction], repo: Path) -> None:
