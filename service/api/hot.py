@@ -10,7 +10,9 @@ engine's pre-serialised JSON answered as is. The schema in /docs is the same (se
 from __future__ import annotations
 
 import re
+from typing import TypeVar
 
+import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Match, Route
@@ -36,6 +38,18 @@ _SESSION_ID = re.compile(SESSION_ID_PATTERN)
 _LOCATION = ["body", "values"]
 
 
+Body = TypeVar("Body", ChunkRequest, StatelessRequest)
+
+
+async def _read(request: Request, model: type[Body]) -> tuple[Engine, Body, np.ndarray]:
+    """The engine, the validated body, and its values as the model's float32 input."""
+    state = request.app.state
+    engine: Engine = state.engine
+    body = parse(await request.body(), model)
+    values = chunk_array(body.values, body.horizon, engine.forecaster.num_features, state.settings, _LOCATION)
+    return engine, body, values
+
+
 async def predict_session(request: Request) -> Response:
     session_id = request.path_params["session_id"]
     if not _SESSION_ID.match(session_id):
@@ -43,19 +57,13 @@ async def predict_session(request: Request) -> Response:
         raise Problem(422, "invalid-session-id", f"session id {shown!r} must match {SESSION_ID_PATTERN}",
                       errors=[{"loc": ["path", "session_id"], "msg": "invalid session id",
                                "type": "string_pattern_mismatch"}])
-    state = request.app.state
-    engine: Engine = state.engine
-    body = parse(await request.body(), ChunkRequest)
-    values = chunk_array(body.values, body.horizon, engine.forecaster.num_features, state.settings, _LOCATION)
+    engine, body, values = await _read(request, ChunkRequest)
     answer = await engine.predict(session_key(tenant_of(request), session_id), values, body.offset, body.horizon)
     return Response(answer, media_type=JSON)
 
 
 async def predict(request: Request) -> Response:
-    state = request.app.state
-    engine: Engine = state.engine
-    body = parse(await request.body(), StatelessRequest)
-    values = chunk_array(body.values, body.horizon, engine.forecaster.num_features, state.settings, _LOCATION)
+    engine, body, values = await _read(request, StatelessRequest)
     return Response(await engine.predict(None, values, None, body.horizon), media_type=JSON)
 
 
