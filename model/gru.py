@@ -97,10 +97,8 @@ with warnings.catch_warnings():
     _run_layers_scripted = torch.jit.script(_run_layers)
 
 
-def checked_lengths(lengths: Tensor | list[int] | None, batch: int, steps: int) -> list[int]:
-    """Each row's steps, sorted longest first and within 1..steps (all ``steps`` when None)."""
-    if lengths is None:
-        return [steps] * batch
+def checked_lengths(lengths: Tensor | list[int], batch: int, steps: int) -> list[int]:
+    """Each row's steps, sorted longest first and within 1..steps."""
     lens = [int(n) for n in lengths]
     if len(lens) != batch or any(a < b for a, b in itertools.pairwise(lens)):
         raise ValueError(f"lengths must hold {batch} values sorted longest first, got {lens}")
@@ -159,9 +157,9 @@ class GRU(nn.Module):
         batch, steps, _ = x.shape
         if h0 is None:
             h0 = x.new_zeros(self.num_layers, batch, self.hidden_size)
-        lens = checked_lengths(lengths, batch, steps)
+        lens = None if lengths is None else checked_lengths(lengths, batch, steps)
         if self.use_fused and not torch.is_grad_enabled() and fused.supports(x):
-            return fused.run_layers(x, h0, self._weights, None if lengths is None else lens, self.variant == "seed")
+            return fused.run_layers(x, h0, self._weights, lens, self.variant == "seed")
         weights_ih, biases_ih, weights_hh, biases_hh = self._weights
         return _run_layers_scripted(
             x,
@@ -170,7 +168,7 @@ class GRU(nn.Module):
             biases_ih,
             weights_hh,
             biases_hh,
-            [batch] * steps if lengths is None else batch_sizes_for(lens, steps),
+            [batch] * steps if lens is None else batch_sizes_for(lens, steps),
             self.variant == "seed",
         )
 

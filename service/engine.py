@@ -126,8 +126,8 @@ class Engine:
 
     def _exercise_model(self) -> None:
         with torch.inference_mode():
+            x = torch.zeros(2, 2, self.forecaster.num_features, device=self.device)
             for _ in range(3):  # the TorchScript profiling executor optimises after its second run
-                x = torch.zeros(2, 2, self.forecaster.num_features, device=self.device)
                 state = self.forecaster.initial_state(2)
                 y, state = self.forecaster.predict(x, state, [2, 1])  # ragged, then equal rows in rollout
                 self.forecaster.rollout(state, y[:, -1], 2)
