@@ -139,6 +139,7 @@ class GRU(nn.Module):
             [cell.weight_ih for cell in cells], [cell.bias_ih for cell in cells],
             [cell.weight_hh for cell in cells], [cell.bias_hh for cell in cells],
         )
+        self._stack = fused.Stack(self._weights)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> GRU:
         # .to(), .cuda(), .half() may give the parameters new tensors: gather them again.
@@ -159,7 +160,7 @@ class GRU(nn.Module):
             h0 = x.new_zeros(self.num_layers, batch, self.hidden_size)
         lens = None if lengths is None else checked_lengths(lengths, batch, steps)
         if self.use_fused and not torch.is_grad_enabled() and fused.supports(x):
-            return fused.run_layers(x, h0, self._weights, lens, self.variant == "seed")
+            return fused.run_layers(x, h0, self._stack, lens, self.variant == "seed")
         weights_ih, biases_ih, weights_hh, biases_hh = self._weights
         return _run_layers_scripted(
             x,

@@ -36,7 +36,7 @@ def test_kernel_matches_the_torchscript_recurrence(
     h0 = torch.randn(layers, batch, hidden, device=DEVICE) * 0.5
     order = sorted(range(batch), key=lambda row: -lengths[row])  # the scripted path needs longest first
     with torch.no_grad():
-        out, h_n = fused.run_layers(x, h0, gru._weights, given, variant == "seed")
+        out, h_n = fused.run_layers(x, h0, gru._stack, given, variant == "seed")
         sorted_lengths = [lengths[row] for row in order]
         ref_out, ref_h = _run_layers_scripted(
             x[order], h0[:, order].contiguous(), *gru._weights, batch_sizes_for(sorted_lengths, steps),
@@ -45,6 +45,29 @@ def test_kernel_matches_the_torchscript_recurrence(
     torch.testing.assert_close(h_n[:, order], ref_h, atol=1e-5, rtol=0)
     for rank, row in enumerate(order):  # outputs count only up to each row's own length
         torch.testing.assert_close(out[row, : lengths[row]], ref_out[rank, : lengths[row]], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "config", [fused.LaunchConfig(rows=2, warps=4, stream=False), fused.LaunchConfig(rows=4, warps=2, stream=True)]
+)
+def test_every_launch_config_computes_the_same(config: fused.LaunchConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several rows per program (the last program part empty) and weights read every step."""
+    monkeypatch.setattr(fused, "launch_config", lambda hidden_p2: config)
+    test_kernel_matches_the_torchscript_recurrence("seed", 3, 50, 2, 7, [3, 3, 2, 2, 1, 3, 2])
+
+
+def test_weights_changed_in_place_are_read_again() -> None:
+    """The kernel reads stacked copies of the weights: a load_state_dict (in place) must reach them."""
+    torch.manual_seed(1)
+    gru, other = GRU(2, 16, 2).to(DEVICE), GRU(2, 16, 2).to(DEVICE)
+    x, h0 = torch.randn(3, 4, 2, device=DEVICE), torch.zeros(2, 3, 16, device=DEVICE)
+    with torch.no_grad():
+        before = fused.run_layers(x, h0, gru._stack, None, seed=True)
+        gru.load_state_dict(other.state_dict())
+        after = fused.run_layers(x, h0, gru._stack, None, seed=True)
+        expected = fused.run_layers(x, h0, other._stack, None, seed=True)
+    assert not torch.allclose(before[0], after[0])
+    torch.testing.assert_close(after, expected, atol=0, rtol=0)
 
 
 @pytest.mark.cuda
