@@ -1,14 +1,19 @@
-"""The GRU recurrence as one Triton kernel per layer: the GPU path of ``model.gru.GRU`` at inference.
+"""The whole GRU forward as one Triton kernel launch: the GPU path of ``model.gru.GRU`` at inference.
 
 On a GPU the TorchScript recurrence launches six small kernels per step and layer, and at serving sizes
 (H = 64, B ≤ 256) each costs more in launch latency than in arithmetic: cuDNN's ``nn.GRU`` wins by fusing.
-Here one kernel runs a layer's whole chunk. Each program owns one row of the batch (so B = 256 fills the
-GPU's 132 multiprocessors twice), holds the three H × H blocks of W_hh in registers and the row's hidden
-state across all T steps, and per step does the three hidden projections as broadcast-multiply-and-sum in
-fp32 FMA (so results match the TorchScript path to 1e-5; TF32 tensor cores would not) and the gates in
-place. The input projection of every step stays outside, one cuBLAS matmul per layer, biases folded in.
-A first version gave each program 16 rows and used ``tl.dot``: the operand layouts of the weights spilled
-registers and it ran 5x slower than cuDNN at B = 256 (see docs/bench.md).
+Here one launch runs every layer over the whole chunk. Each program owns one batch row (or a few, sharing
+each read of the weights) and runs the layers one after the other; per step it computes the input
+projection (independent of h, so it overlaps the hidden one) and the three hidden projections as
+broadcast-multiply-and-sum in fp32 FMA (so results match the TorchScript path to 1e-5; TF32 tensor cores
+would not), then the gates in place. A layer's weights stay in registers across its steps, or, where they
+would spill (H = 128), are read again every step from cache. A layer below the last writes its output to
+global memory, which the next layer, in the same program, reads after a barrier.
+
+How it got here (docs/bench.md part 4): a first version gave each program 16 rows and used ``tl.dot``: the
+operand layouts spilled registers, 5x slower than cuDNN. One row per program with one launch per layer and
+the input projection in cuBLAS was 1.2x to 1.7x of cuDNN, mostly host time: each launch costs tens of µs
+of Python, and a 2-layer forward made four. One launch for the forward halved that.
 
 Rows of unequal length need no sorting or shrinking: a row whose chunk has ended keeps its state
 (``tl.where`` on ``t < length``), which is what the shrinking batch of the TorchScript path computes.
@@ -175,10 +180,14 @@ class LaunchConfig(NamedTuple):
 
 
 def launch_config(hidden_p2: int) -> LaunchConfig:
-    """How to launch for a hidden size. On an H200 (docs/bench.md part 4) no count won everywhere: at
-    H = 64, 16 warps was fastest at 3 of 9 shapes and 2.4x slower at another; 4 was never more than 1.7x
-    off the best and fastest at H = 128. Above H = 128, 8, so the weight blocks spill less (not measured)."""
-    return LaunchConfig(rows=1, warps=4 if hidden_p2 <= 128 else 8, stream=False)
+    """How to launch for a hidden size, from one H200 (docs/bench.md part 4). Up to H = 64 the weights fit
+    in registers at 4 warps and one row per program, the fastest there (39 to 51 µs at every serving shape).
+    At H = 128 they do not (about 200 registers a thread spilled at 4 warps): two rows per program, 8 warps
+    and the weights read every step from cache spilled none and was at least as fast at every shape but one
+    noisy reading. Above 128 the same, with 16 warps so the blocks read per step spill less (not measured)."""
+    if hidden_p2 <= 64:
+        return LaunchConfig(rows=1, warps=4, stream=False)
+    return LaunchConfig(rows=2, warps=8 if hidden_p2 <= 128 else 16, stream=True)
 
 
 class Stack:

@@ -13,8 +13,8 @@ Sequences of unequal length run as one batch sorted longest first: at step t onl
 ``batch_sizes[t]`` rows advance, so the batch shrinks as short chunks end and each row's final state is
 its state after its own last step (the same scheme as ``torch.nn.utils.rnn.PackedSequence``).
 
-On a GPU, at inference (no autograd), the recurrence runs instead as one fused Triton kernel per layer
-(``model.fused``), where six launches per step would cost more than the arithmetic.
+On a GPU, at inference (no autograd), the whole forward runs instead as one fused Triton kernel launch
+(``model.fused``), where six launches per step and layer would cost more than the arithmetic.
 """
 
 from __future__ import annotations
