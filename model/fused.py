@@ -183,8 +183,9 @@ def launch_config(hidden_p2: int) -> LaunchConfig:
     """How to launch for a hidden size, from one H200 (docs/bench.md part 4). Up to H = 64 the weights fit
     in registers at 4 warps and one row per program, the fastest there (39 to 51 µs at every serving shape).
     At H = 128 they do not (about 200 registers a thread spilled at 4 warps): two rows per program, 8 warps
-    and the weights read every step from cache spilled none and was at least as fast at every shape but one
-    noisy reading. Above 128 the same, with 16 warps so the blocks read per step spill less (not measured)."""
+    and the weights read every step from cache spilled none and was at least as fast at every shape but
+    one reading, which docs/bench.md leaves open. Above 128 the same, with 16 warps so the blocks read per
+    step spill less (not measured)."""
     if hidden_p2 <= 64:
         return LaunchConfig(rows=1, warps=4, stream=False)
     return LaunchConfig(rows=2, warps=8 if hidden_p2 <= 128 else 16, stream=True)
@@ -241,13 +242,14 @@ def run_layers(
     ragged = lengths is not None and min(lengths) < steps
     # Only ragged batches pay for the copy to the device; others pass a placeholder the kernel never reads.
     steps_per_row = torch.tensor(lengths, dtype=torch.int32).to(x.device) if ragged else h0
+    x, h0 = x.contiguous(), h0.contiguous()
     out = x.new_empty(batch, steps, hidden)
     scratch = x.new_empty(batch, steps, hidden) if layers > 1 else out
-    h_n = torch.empty_like(h0)
+    h_n = torch.empty_like(h0)  # contiguous, as h0 now is: the kernel indexes both as (L, B, H)
     # Triton launches on the current CUDA device: make it x's (a no-op for the service, which uses one).
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _gru_kernel[(triton.cdiv(batch, config.rows),)](
-            x.contiguous(), h0.contiguous(), *stack.tensors(), steps_per_row, out, scratch, h_n, steps, batch,
+            x, h0, *stack.tensors(), steps_per_row, out, scratch, h_n, steps, batch,
             INPUT=inputs, INPUT_P2=triton.next_power_of_2(max(inputs, 2)), HIDDEN=hidden, HIDDEN_P2=padded,
             LAYERS=layers, ROWS=config.rows, STREAM=config.stream, SEED=seed, RAGGED=ragged,
             num_warps=config.warps,

@@ -56,6 +56,19 @@ def test_every_launch_config_computes_the_same(config: fused.LaunchConfig, monke
     test_kernel_matches_the_torchscript_recurrence("seed", 3, 50, 2, 7, [3, 3, 2, 2, 1, 3, 2])
 
 
+def test_strided_inputs_give_contiguous_results() -> None:
+    """Callers may pass views (a state gathered as (B, L, H) and transposed): results are laid out as usual."""
+    torch.manual_seed(2)
+    gru = GRU(3, 16, 2).to(DEVICE)
+    x = torch.randn(4, 5, 3, device=DEVICE)
+    h0 = torch.randn(4, 2, 16, device=DEVICE).transpose(0, 1)  # (L, B, H), not contiguous
+    with torch.no_grad():
+        out, h_n = fused.run_layers(x.transpose(0, 1).contiguous().transpose(0, 1), h0, gru._stack, None, True)
+        ref_out, ref_h = fused.run_layers(x, h0.contiguous(), gru._stack, None, True)
+    assert h_n.is_contiguous()
+    torch.testing.assert_close((out, h_n), (ref_out, ref_h), atol=0, rtol=0)
+
+
 def test_weights_changed_in_place_are_read_again() -> None:
     """The kernel reads stacked copies of the weights: a load_state_dict (in place) must reach them."""
     torch.manual_seed(1)
