@@ -22,6 +22,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: tests/conftest.p
         (4, 128, 1, 3, None),  # the second serving shape, every row all steps
         (3, 50, 2, 17, [3] * 9 + [2] * 4 + [1] * 4),  # H not a power of two: padded lanes must stay zero
         (2, 8, 3, 1, [1]),  # a tiny H, one row, one step
+        (2, 16, 4, 5, [3, 1, 2, 3, 3]),  # four layers: outputs pass through both buffers, rows unsorted
     ],
 )
 def test_kernel_matches_the_torchscript_recurrence(
