@@ -31,6 +31,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from model.derived import Weights
+
 try:
     import triton
     import triton.language as tl
@@ -39,7 +41,6 @@ except ImportError:  # CPU-only installs: the TorchScript path serves
 else:
     AVAILABLE = True
 
-Weights = tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]  # per layer: W_ih, b_ih, W_hh, b_hh
 
 
 if AVAILABLE:
@@ -191,29 +192,19 @@ def launch_config(hidden_p2: int) -> LaunchConfig:
     return LaunchConfig(rows=2, warps=8 if hidden_p2 <= 128 else 16, stream=True)
 
 
-class Stack:
-    """The layers' weights as the kernel reads them: stacked per kind, made again only when a parameter
-    changed (in place, by ``load_state_dict`` or an optimiser, or replaced), which ``_version`` and
-    ``data_ptr`` tell; stacking on every call would cost four more launches."""
+Stacked = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 
-    def __init__(self, weights: Weights):
-        self.weights = weights
-        self._key: tuple[tuple[int, int], ...] = ()
-        self._stacked: tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None = None
 
-    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """W_ih of the first layer, W_ih of the others, b_ih, W_hh, b_hh, each contiguous."""
-        key = tuple((w.data_ptr(), w._version) for kind in self.weights for w in kind)
-        if self._stacked is None or key != self._key:
-            weights_ih, biases_ih, weights_hh, biases_hh = self.weights
-            with torch.no_grad():
-                self._stacked = (
-                    weights_ih[0].contiguous(),
-                    torch.stack(weights_ih[1:]) if len(weights_ih) > 1 else weights_hh[0],  # a placeholder for L = 1
-                    torch.stack(biases_ih), torch.stack(weights_hh), torch.stack(biases_hh),
-                )
-            self._key = key
-        return self._stacked
+def stack(weights: Weights) -> Stacked:
+    """The layers' weights as the kernel reads them: W_ih of the first layer, W_ih of the others, b_ih,
+    W_hh, b_hh, each contiguous and stacked per kind (kept by ``model.derived.Derived``: stacking on
+    every call would cost four more launches)."""
+    weights_ih, biases_ih, weights_hh, biases_hh = weights
+    return (
+        weights_ih[0].contiguous(),
+        torch.stack(weights_ih[1:]) if len(weights_ih) > 1 else weights_hh[0],  # a placeholder for L = 1
+        torch.stack(biases_ih), torch.stack(weights_hh), torch.stack(biases_hh),
+    )
 
 
 def supports(x: Tensor) -> bool:
@@ -224,7 +215,7 @@ def supports(x: Tensor) -> bool:
 def run_layers(
     x: Tensor,
     h0: Tensor,
-    stack: Stack,
+    stacked: Stacked,
     lengths: list[int] | None,
     seed: bool,
 ) -> tuple[Tensor, Tensor]:
@@ -249,7 +240,7 @@ def run_layers(
     # Triton launches on the current CUDA device: make it x's (a no-op for the service, which uses one).
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _gru_kernel[(triton.cdiv(batch, config.rows),)](
-            x, h0, *stack.tensors(), steps_per_row, out, scratch, h_n, steps, batch,
+            x, h0, *stacked, steps_per_row, out, scratch, h_n, steps, batch,
             INPUT=inputs, INPUT_P2=triton.next_power_of_2(max(inputs, 2)), HIDDEN=hidden, HIDDEN_P2=padded,
             LAYERS=layers, ROWS=config.rows, STREAM=config.stream, SEED=seed, RAGGED=ragged,
             num_warps=config.warps,

@@ -7,7 +7,9 @@ path below computes the same thing as:
 1. the input projection of every step in one matmul per layer: ``(B, T, I) @ W_ih^T -> (B, T, 3H)``;
 2. the recurrence of every layer in one TorchScript call (no per-step Python), six ops per step and layer:
    the hidden projection with its bias in one matmul (two for the seed variant, whose reset gate acts
-   before ``W_hn``), the gates, and ``lerp`` for the update.
+   before ``W_hn``), the gates, and ``lerp`` for the update;
+3. in sigmoid form: the state carried as (h + 1) / 2 and tanh computed as a rescaled sigmoid, the scales
+   folded into the weights once (``sigmoid_form``), since torch's CPU tanh costs five times its sigmoid.
 
 Sequences of unequal length run as one batch sorted longest first: at step t only the first
 ``batch_sizes[t]`` rows advance, so the batch shrinks as short chunks end and each row's final state is
@@ -19,9 +21,11 @@ On a GPU, at inference (no autograd), the whole forward runs instead as one fuse
 
 from __future__ import annotations
 
+import functools
 import itertools
 import warnings
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +33,54 @@ from torch import Tensor, nn
 
 from model import fused
 from model.cell import GRUCell, Variant
+from model.derived import Derived, Weights
+
+
+class SigmoidForm(NamedTuple):
+    """What ``_run_layers`` takes: the folded weights and the constants of q = (h + 1) / 2 as 0-d tensors
+    (a Python float is wrapped into a new tensor by every op that takes one, a microsecond or two each)."""
+
+    weights: Weights  # the seed variant's W_hh transposed, (H, 3H): its two hidden products slice columns
+    half: Tensor
+    minus_one: Tensor
+
+
+def sigmoid_form(weights: Weights, seed: bool) -> SigmoidForm:
+    """The weights that let ``_run_layers`` compute this GRU on q = (h + 1) / 2 with no ``tanh``.
+
+    On CPU, torch's ``tanh`` takes five to six times as long as its ``sigmoid`` (2.6 against 0.45 ns an
+    element at (256, 64) here): a fifth of a step at B = 256. With tanh(a) = 2σ(2a) − 1 the candidate is
+    n = 2s − 1, s = σ(2a), and since lerp commutes with that affine map, a state carried as q = (h + 1) / 2
+    updates as q' = lerp(q, s, z) with no extra op. Every factor moves into the weights, once:
+
+    - a projection of h = 2q − 1 (the hidden one, and the input one of every layer above the first) is
+      W h + b = 2W q + (b − W·1);
+    - the candidate's rows (input and hidden) are doubled, for σ(2a);
+    - the seed variant's reset product: −(r ⊙ h) = r − 2 r ⊙ q is one ``addcmul``, so its W_hn is negated.
+      All its hidden biases sit outside r and join the input projection's bias.
+
+    Differentiable: training folds on every call and gradients reach the cells' own parameters.
+    """
+    folded: Weights = ([], [], [], [])
+    for layer, (w_ih, b_ih, w_hh, b_hh) in enumerate(zip(*weights, strict=True)):
+        hidden = w_hh.size(1)
+        if layer > 0:
+            w_ih, b_ih = 2 * w_ih, b_ih - w_ih.sum(1)
+        if seed:
+            rz_shift = torch.cat([w_hh[: 2 * hidden].sum(1), w_hh.new_zeros(hidden)])
+            b_ih = b_ih + b_hh - rz_shift
+            w_hh, b_hh = torch.cat([2 * w_hh[: 2 * hidden], -w_hh[2 * hidden :]]), torch.zeros_like(b_hh)
+        else:
+            w_hh, b_hh = 2 * w_hh, b_hh - w_hh.sum(1)
+        candidate_x2 = torch.ones_like(b_hh)
+        candidate_x2[2 * hidden :] = 2.0
+        w_hh = w_hh * candidate_x2[:, None]
+        folded[0].append(w_ih * candidate_x2[:, None])
+        folded[1].append(b_ih * candidate_x2)
+        folded[2].append(w_hh.t().contiguous() if seed else w_hh)
+        folded[3].append(b_hh * candidate_x2)
+    first = weights[0][0]
+    return SigmoidForm(folded, first.new_tensor(0.5), first.new_tensor(-1.0))
 
 
 def _run_layers(
@@ -38,56 +90,58 @@ def _run_layers(
     biases_ih: list[Tensor],
     weights_hh: list[Tensor],
     biases_hh: list[Tensor],
+    half: Tensor,
+    minus_one: Tensor,
     batch_sizes: list[int],
     seed: bool,
 ) -> tuple[Tensor, Tensor]:
     """Every layer over every step, in one TorchScript call: x (B, T, I), h0 (L, B, H) -> (B, T, H), (L, B, H).
 
-    Batch-major, the callers' layout (and the fused kernel's): nothing is transposed on the way in or out,
-    and a step's slice of the input projection is B contiguous runs of 3H. Six ops per step and layer: the
-    seed variant folds every hidden bias into the input projection once per chunk and adds that step's
-    slice with ``addmm``; the torch variant keeps its hidden bias in ``linear`` (an ``addmm`` TorchScript
-    would split into ``mm`` + ``add``, one pass more per step); ``lerp`` interpolates old state and candidate.
+    Takes a ``SigmoidForm`` and carries q = (h + 1) / 2: h0 goes in, and out and h_n come out, by one op
+    each. Batch-major, the callers' layout (and the fused kernel's): nothing is transposed on the
+    way in or out, and a step's slice of the input projection is B contiguous runs of 3H. Six ops per step
+    and layer: the seed variant adds that step's slice of the input projection with ``addmm``; the torch
+    variant keeps its hidden bias in ``linear`` (an ``addmm`` TorchScript would split into ``mm`` + ``add``,
+    one pass more per step); ``lerp`` interpolates old state and candidate.
     """
     hidden = h0.size(2)
     full = x.size(0)
     layer_input = x
     finals: list[Tensor] = []
+    q0 = torch.add(half, h0, alpha=0.5)
     for layer in range(len(weights_ih)):
         w_hh = weights_hh[layer]
-        b_hh = biases_hh[layer]
-        h = h0[layer]
+        q = q0[layer]
         outs: list[Tensor] = []
+        gx = F.linear(layer_input, weights_ih[layer], biases_ih[layer])  # (B, T, 3H)
         if seed:
-            # every b_h* is outside the reset gate: W_hn (r ⊙ h) + b_hn
-            gx = F.linear(layer_input, weights_ih[layer], biases_ih[layer] + b_hh)  # (B, T, 3H)
-            w_rz_t = w_hh[: 2 * hidden].t()  # (H, 2H)
-            w_n_t = w_hh[2 * hidden :].t()  # (H, H)
+            w_rz_t = w_hh[:, : 2 * hidden]  # (H, 2H): w_hh is transposed
+            w_n_t = w_hh[:, 2 * hidden :]  # (H, H)
             for t in range(gx.size(1)):
                 active = batch_sizes[t]
-                h_a = h if active == full else h[:active]
+                q_a = q if active == full else q[:active]
                 g = gx[:, t] if active == full else gx[:active, t]  # (b, 3H)
-                rz = torch.addmm(g[:, : 2 * hidden], h_a, w_rz_t).sigmoid_()  # r, z gates
-                n = torch.addmm(g[:, 2 * hidden :], rz[:, :hidden] * h_a, w_n_t).tanh_()  # candidate
-                h_new = torch.lerp(h_a, n, rz[:, hidden:])  # z ⊙ n + (1 − z) ⊙ h
-                h = h_new if active == full else torch.cat([h_new, h[active:]], 0)
-                outs.append(h)
+                rz = torch.addmm(g[:, : 2 * hidden], q_a, w_rz_t).sigmoid_()  # r, z gates
+                r = rz[:, :hidden]
+                s = torch.addmm(g[:, 2 * hidden :], torch.addcmul(r, r, q_a, value=-2.0), w_n_t).sigmoid_()
+                q_new = torch.lerp(q_a, s, rz[:, hidden:])  # z ⊙ n + (1 − z) ⊙ h, in q
+                q = q_new if active == full else torch.cat([q_new, q[active:]], 0)
+                outs.append(q)
         else:
-            # b_hn sits inside the reset gate, r ⊙ (W_hn h + b_hn): it stays with the hidden projection
-            gx = F.linear(layer_input, weights_ih[layer], biases_ih[layer])  # (B, T, 3H)
+            b_hh = biases_hh[layer]
             for t in range(gx.size(1)):
                 active = batch_sizes[t]
-                h_a = h if active == full else h[:active]
+                q_a = q if active == full else q[:active]
                 g = gx[:, t] if active == full else gx[:active, t]  # (b, 3H)
-                gh = F.linear(h_a, w_hh, b_hh)  # (b, 3H); TorchScript would split an addmm into mm + add
+                gh = F.linear(q_a, w_hh, b_hh)  # (b, 3H); TorchScript would split an addmm into mm + add
                 rz = (g[:, : 2 * hidden] + gh[:, : 2 * hidden]).sigmoid_()  # r, z gates
-                n = torch.addcmul(g[:, 2 * hidden :], rz[:, :hidden], gh[:, 2 * hidden :]).tanh_()
-                h_new = torch.lerp(n, h_a, rz[:, hidden:])  # (1 − z) ⊙ n + z ⊙ h
-                h = h_new if active == full else torch.cat([h_new, h[active:]], 0)
-                outs.append(h)
-        layer_input = torch.stack(outs, 1)  # (B, T, H)
-        finals.append(h)
-    return layer_input, torch.stack(finals, 0)
+                s = torch.addcmul(g[:, 2 * hidden :], rz[:, :hidden], gh[:, 2 * hidden :]).sigmoid_()
+                q_new = torch.lerp(s, q_a, rz[:, hidden:])  # (1 − z) ⊙ n + z ⊙ h, in q
+                q = q_new if active == full else torch.cat([q_new, q[active:]], 0)
+                outs.append(q)
+        layer_input = torch.stack(outs, 1)  # (B, T, H), in q: the next layer's weights expect it
+        finals.append(q)
+    return torch.add(minus_one, layer_input, alpha=2.0), torch.add(minus_one, torch.stack(finals, 0), alpha=2.0)
 
 
 with warnings.catch_warnings():
@@ -135,11 +189,12 @@ class GRU(nn.Module):
         # The per-layer parameter lists the scripted recurrence takes, gathered once (as nn.GRU keeps its
         # _flat_weights): collecting them on every call was a third of the fixed cost of a short chunk.
         cells = self.layers()
-        self._weights: fused.Weights = (
+        self._weights: Weights = (
             [cell.weight_ih for cell in cells], [cell.bias_ih for cell in cells],
             [cell.weight_hh for cell in cells], [cell.bias_hh for cell in cells],
         )
-        self._stack = fused.Stack(self._weights)
+        self._stacked = Derived(self._weights, fused.stack)
+        self._sigmoid_form = Derived(self._weights, functools.partial(sigmoid_form, seed=self.variant == "seed"))
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> GRU:
         # .to(), .cuda(), .half() may give the parameters new tensors: gather them again.
@@ -160,18 +215,12 @@ class GRU(nn.Module):
             h0 = x.new_zeros(self.num_layers, batch, self.hidden_size)
         lens = None if lengths is None else checked_lengths(lengths, batch, steps)
         if self.use_fused and not torch.is_grad_enabled() and fused.supports(x):
-            return fused.run_layers(x, h0, self._stack, lens, self.variant == "seed")
-        weights_ih, biases_ih, weights_hh, biases_hh = self._weights
-        return _run_layers_scripted(
-            x,
-            h0,
-            weights_ih,
-            biases_ih,
-            weights_hh,
-            biases_hh,
-            [batch] * steps if lens is None else batch_sizes_for(lens, steps),
-            self.variant == "seed",
-        )
+            return fused.run_layers(x, h0, self._stacked.get(), lens, self.variant == "seed")
+        seed = self.variant == "seed"
+        # Training folds on every call, so gradients reach the cells' parameters.
+        form = sigmoid_form(self._weights, seed) if torch.is_grad_enabled() else self._sigmoid_form.get()
+        batch_sizes = [batch] * steps if lens is None else batch_sizes_for(lens, steps)
+        return _run_layers_scripted(x, h0, *form.weights, form.half, form.minus_one, batch_sizes, seed)
 
     def layers(self) -> list[GRUCell]:
         """The cells, bottom layer first."""

@@ -8,7 +8,6 @@ from torch import nn
 
 from model import GRU, fused
 from model.cell import VARIANTS, Variant
-from model.gru import _run_layers_scripted, batch_sizes_for
 
 pytestmark = pytest.mark.skipif(not fused.AVAILABLE, reason="Triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: tests/conftest.py set TRITON_INTERPRET
@@ -37,12 +36,10 @@ def test_kernel_matches_the_torchscript_recurrence(
     h0 = torch.randn(layers, batch, hidden, device=DEVICE) * 0.5
     order = sorted(range(batch), key=lambda row: -lengths[row])  # the scripted path needs longest first
     with torch.no_grad():
-        out, h_n = fused.run_layers(x, h0, gru._stack, given, variant == "seed")
+        out, h_n = fused.run_layers(x, h0, gru._stacked.get(), given, variant == "seed")
         sorted_lengths = [lengths[row] for row in order]
-        ref_out, ref_h = _run_layers_scripted(
-            x[order], h0[:, order].contiguous(), *gru._weights, batch_sizes_for(sorted_lengths, steps),
-            variant == "seed",
-        )
+        gru.use_fused = False
+        ref_out, ref_h = gru(x[order], h0[:, order].contiguous(), sorted_lengths)
     torch.testing.assert_close(h_n[:, order], ref_h, atol=1e-5, rtol=0)
     for rank, row in enumerate(order):  # outputs count only up to each row's own length
         torch.testing.assert_close(out[row, : lengths[row]], ref_out[rank, : lengths[row]], atol=1e-5, rtol=0)
@@ -64,8 +61,8 @@ def test_strided_inputs_give_contiguous_results() -> None:
     x = torch.randn(4, 5, 3, device=DEVICE)
     h0 = torch.randn(4, 2, 16, device=DEVICE).transpose(0, 1)  # (L, B, H), not contiguous
     with torch.no_grad():
-        out, h_n = fused.run_layers(x.transpose(0, 1).contiguous().transpose(0, 1), h0, gru._stack, None, True)
-        ref_out, ref_h = fused.run_layers(x, h0.contiguous(), gru._stack, None, True)
+        out, h_n = fused.run_layers(x.transpose(0, 1).contiguous().transpose(0, 1), h0, gru._stacked.get(), None, True)
+        ref_out, ref_h = fused.run_layers(x, h0.contiguous(), gru._stacked.get(), None, True)
     assert h_n.is_contiguous()
     torch.testing.assert_close((out, h_n), (ref_out, ref_h), atol=0, rtol=0)
 
@@ -76,10 +73,10 @@ def test_weights_changed_in_place_are_read_again() -> None:
     gru, other = GRU(2, 16, 2).to(DEVICE), GRU(2, 16, 2).to(DEVICE)
     x, h0 = torch.randn(3, 4, 2, device=DEVICE), torch.zeros(2, 3, 16, device=DEVICE)
     with torch.no_grad():
-        before = fused.run_layers(x, h0, gru._stack, None, seed=True)
+        before = fused.run_layers(x, h0, gru._stacked.get(), None, seed=True)
         gru.load_state_dict(other.state_dict())
-        after = fused.run_layers(x, h0, gru._stack, None, seed=True)
-        expected = fused.run_layers(x, h0, other._stack, None, seed=True)
+        after = fused.run_layers(x, h0, gru._stacked.get(), None, seed=True)
+        expected = fused.run_layers(x, h0, other._stacked.get(), None, seed=True)
     assert not torch.allclose(before[0], after[0])
     torch.testing.assert_close(after, expected, atol=0, rtol=0)
 

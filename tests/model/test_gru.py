@@ -123,13 +123,34 @@ def test_lengths_out_of_order_are_refused() -> None:
 
 
 def test_fast_path_follows_parameters_after_conversion_and_loading() -> None:
-    """The scripted recurrence takes parameter lists gathered once: .to() and load_state_dict must show."""
+    """The scripted recurrence reads weights rearranged once (kept while autograd is off): .to() and
+    load_state_dict, in place, must reach it."""
     torch.manual_seed(3)
     gru, other = GRU(2, 8, 2), GRU(2, 8, 2)
     x = torch.randn(3, 5, 2)
-    gru.load_state_dict(other.state_dict())
+    with torch.inference_mode():
+        before = gru(x)[0]
+        gru.load_state_dict(other.state_dict())
+        after, expected = gru(x)[0], other(x)[0]
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, expected)
     torch.testing.assert_close(gru(x)[0], other(x)[0])
     as_double = gru.double()
     out, h_n = as_double(x.double())
     assert out.dtype == h_n.dtype == torch.float64
     torch.testing.assert_close(out.float(), other(x)[0], atol=1e-5, rtol=0)
+
+
+def test_gradients_reach_the_cells_and_equal_nn_gru() -> None:
+    """Training runs the sigmoid form too, its weights folded per call from the cells' parameters."""
+    torch.manual_seed(7)
+    reference = nn.GRU(3, 7, num_layers=2, batch_first=True)
+    gru = GRU.from_torch(reference)
+    x, h0 = torch.randn(4, 6, 3), torch.randn(2, 4, 7)
+    for model in (reference, gru):
+        out, h_n = model(x, h0)
+        (out.square().sum() + h_n.sum()).backward()
+    for layer, cell in enumerate(gru.layers()):
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            expected = getattr(reference, f"{name}_l{layer}").grad
+            torch.testing.assert_close(getattr(cell, name).grad, expected, atol=1e-5, rtol=1e-4)
