@@ -83,6 +83,11 @@ def sigmoid_form(weights: Weights, seed: bool) -> SigmoidForm:
     return SigmoidForm(folded, first.new_tensor(0.5), first.new_tensor(-1.0))
 
 
+def _stack(tensors: list[Tensor], dim: int) -> Tensor:
+    """``torch.stack``, but one tensor becomes a view: no copy for a one-step chunk or a one-layer GRU."""
+    return tensors[0].unsqueeze(dim) if len(tensors) == 1 else torch.stack(tensors, dim)
+
+
 def _run_layers(
     x: Tensor,
     h0: Tensor,
@@ -139,9 +144,9 @@ def _run_layers(
                 q_new = torch.lerp(s, q_a, rz[:, hidden:])  # (1 − z) ⊙ n + z ⊙ h, in q
                 q = q_new if active == full else torch.cat([q_new, q[active:]], 0)
                 outs.append(q)
-        layer_input = torch.stack(outs, 1)  # (B, T, H), in q: the next layer's weights expect it
+        layer_input = _stack(outs, 1)  # (B, T, H), in q: the next layer's weights expect it
         finals.append(q)
-    return torch.add(minus_one, layer_input, alpha=2.0), torch.add(minus_one, torch.stack(finals, 0), alpha=2.0)
+    return torch.add(minus_one, layer_input, alpha=2.0), torch.add(minus_one, _stack(finals, 0), alpha=2.0)
 
 
 with warnings.catch_warnings():
