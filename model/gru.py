@@ -119,30 +119,35 @@ def _run_layers(
         q = q0[layer]
         outs: list[Tensor] = []
         gx = F.linear(layer_input, weights_ih[layer], biases_ih[layer])  # (B, T, 3H)
+        gx_rz, gx_n = gx.narrow(2, 0, 2 * hidden), gx.narrow(2, 2 * hidden, hidden)
         if seed:
-            w_rz_t = w_hh[:, : 2 * hidden]  # (H, 2H): w_hh is transposed
-            w_n_t = w_hh[:, 2 * hidden :]  # (H, H)
+            w_rz_t = w_hh.narrow(1, 0, 2 * hidden)  # (H, 2H): w_hh is transposed
+            w_n_t = w_hh.narrow(1, 2 * hidden, hidden)  # (H, H)
             for t in range(gx.size(1)):
                 active = batch_sizes[t]
-                q_a = q if active == full else q[:active]
-                g = gx[:, t] if active == full else gx[:active, t]  # (b, 3H)
-                rz = torch.addmm(g[:, : 2 * hidden], q_a, w_rz_t).sigmoid_()  # r, z gates
-                r = rz[:, :hidden]
-                s = torch.addmm(g[:, 2 * hidden :], torch.addcmul(r, r, q_a, value=-2.0), w_n_t).sigmoid_()
-                q_new = torch.lerp(q_a, s, rz[:, hidden:])  # z ⊙ n + (1 − z) ⊙ h, in q
-                q = q_new if active == full else torch.cat([q_new, q[active:]], 0)
+                q_a = q if active == full else q.narrow(0, 0, active)
+                g_rz, g_n = gx_rz.select(1, t), gx_n.select(1, t)  # (B, 2H), (B, H)
+                if active != full:
+                    g_rz, g_n = g_rz.narrow(0, 0, active), g_n.narrow(0, 0, active)
+                rz = torch.addmm(g_rz, q_a, w_rz_t).sigmoid_()  # r, z gates
+                r = rz.narrow(1, 0, hidden)
+                s = torch.addmm(g_n, torch.addcmul(r, r, q_a, value=-2.0), w_n_t).sigmoid_()
+                q_new = torch.lerp(q_a, s, rz.narrow(1, hidden, hidden))  # z ⊙ n + (1 − z) ⊙ h, in q
+                q = q_new if active == full else torch.cat([q_new, q.narrow(0, active, full - active)], 0)
                 outs.append(q)
         else:
             b_hh = biases_hh[layer]
             for t in range(gx.size(1)):
                 active = batch_sizes[t]
-                q_a = q if active == full else q[:active]
-                g = gx[:, t] if active == full else gx[:active, t]  # (b, 3H)
+                q_a = q if active == full else q.narrow(0, 0, active)
+                g_rz, g_n = gx_rz.select(1, t), gx_n.select(1, t)  # (B, 2H), (B, H)
+                if active != full:
+                    g_rz, g_n = g_rz.narrow(0, 0, active), g_n.narrow(0, 0, active)
                 gh = F.linear(q_a, w_hh, b_hh)  # (b, 3H); TorchScript would split an addmm into mm + add
-                rz = (g[:, : 2 * hidden] + gh[:, : 2 * hidden]).sigmoid_()  # r, z gates
-                s = torch.addcmul(g[:, 2 * hidden :], rz[:, :hidden], gh[:, 2 * hidden :]).sigmoid_()
-                q_new = torch.lerp(s, q_a, rz[:, hidden:])  # (1 − z) ⊙ n + z ⊙ h, in q
-                q = q_new if active == full else torch.cat([q_new, q[active:]], 0)
+                rz = torch.add(g_rz, gh.narrow(1, 0, 2 * hidden)).sigmoid_()  # r, z gates
+                s = torch.addcmul(g_n, rz.narrow(1, 0, hidden), gh.narrow(1, 2 * hidden, hidden)).sigmoid_()
+                q_new = torch.lerp(s, q_a, rz.narrow(1, hidden, hidden))  # (1 − z) ⊙ n + z ⊙ h, in q
+                q = q_new if active == full else torch.cat([q_new, q.narrow(0, active, full - active)], 0)
                 outs.append(q)
         layer_input = _stack(outs, 1)  # (B, T, H), in q: the next layer's weights expect it
         finals.append(q)
