@@ -3,6 +3,7 @@
     python -m bench.cell                 # CPU, the service's thread count (GRU_TORCH_THREADS, else cores - 1)
     python -m bench.cell --threads 1 --min-run-time 0.5
     python -m bench.cell --device cuda   # against cuDNN; TF32 off everywhere, so all sides compute in fp32
+    python -m bench.cell --shapes 4,128,1 --batches 256 --steps 32 --rounds 5   # one row, read again
 
 For each shape (I, H, L) × batch B × steps T, under ``torch.inference_mode``:
 
@@ -155,6 +156,11 @@ def summary(rows: list[Row]) -> list[str]:
     return lines
 
 
+def _shape(text: str) -> tuple[int, int, int]:
+    inputs, hidden, layers = (int(part) for part in text.split(","))
+    return inputs, hidden, layers
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.cell", description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=0, help="default: the service's")
@@ -163,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="cpu: this thread's CPU time, blind to other work on the machine (one thread only)")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda to race cuDNN")
+    parser.add_argument("--shapes", nargs="+", type=_shape, default=SHAPES, metavar="I,H,L",
+                        help="input size, hidden size, layers; default: the serving shapes")
+    parser.add_argument("--batches", nargs="+", type=int, default=BATCHES, metavar="B")
+    parser.add_argument("--steps", nargs="+", type=int, default=STEPS, metavar="T")
     args = parser.parse_args(argv)
     if args.device != "cpu":
         if args.clock == "cpu":
@@ -182,9 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"torch threads: {torch.get_num_threads()} (the service's: GRU_TORCH_THREADS or cores - 1)")
     rows = []
     with console.status("timing") as status:
-        for shape in SHAPES:
-            for batch in BATCHES:
-                for steps in STEPS:
+        for shape in args.shapes:
+            for batch in args.batches:
+                for steps in args.steps:
                     status.update(f"timing I H L = {shape}, B={batch}, T={steps}")
                     rows.append(measure(shape, batch, steps, args.min_run_time, threads, args.rounds, clock,
                                          args.device))

@@ -1,0 +1,21 @@
+"""``make bench``'s GRU table runs, and exits 0 only while our outputs match nn.GRU's (it never judges a time)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench import cell
+
+
+def test_cell_table_runs_and_checks_outputs(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--shapes", "4,16,1", "2,8,3", "--batches", "1", "5", "--steps", "3", "--rounds", "1",
+            "--min-run-time", "0.001", "--threads", "1"]
+    threads = torch.get_num_threads()
+    try:
+        assert cell.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)  # main sets the service's count for the whole process
+    printed = capsys.readouterr().out
+    assert "outputs: all within 1e-05" in printed
+    assert printed.count("slower than nn.GRU at") == 3 and "/4 shapes" in printed
