@@ -42,7 +42,6 @@ else:
     AVAILABLE = True
 
 
-
 if AVAILABLE:
 
     @triton.jit
