@@ -205,7 +205,7 @@ def run_client(url: str, steps: int, sessions: int, duration: float, warmup: flo
     done = subprocess.run(argv, capture_output=True, text=True, timeout=warmup + duration + 120, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"load generator failed: {done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # -- wrk, as a second opinion -------------------------------------------------------------------------------
