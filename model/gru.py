@@ -202,6 +202,8 @@ class GRU(nn.Module):
         # False keeps CUDA inputs on the TorchScript path too (for comparisons and benchmarks).
         self.use_fused = True
         self._refresh_weights()
+        # load_state_dict(assign=True) replaces the parameters instead of copying into them.
+        self.register_load_state_dict_post_hook(lambda module, incompatible: module._refresh_weights())
 
     def _refresh_weights(self) -> None:
         # The per-layer parameter lists the scripted recurrence takes, gathered once (as nn.GRU keeps its

@@ -135,6 +135,11 @@ def test_fast_path_follows_parameters_after_conversion_and_loading() -> None:
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, expected)
     torch.testing.assert_close(gru(x)[0], other(x)[0])
+    replaced = GRU(2, 8, 2)
+    with torch.inference_mode():
+        replaced(x)
+        replaced.load_state_dict(other.state_dict(), assign=True)  # new Parameter objects, not copies
+        torch.testing.assert_close(replaced(x)[0], expected)
     as_double = gru.double()
     out, h_n = as_double(x.double())
     assert out.dtype == h_n.dtype == torch.float64
