@@ -3,7 +3,8 @@
 The fast paths read the weights rearranged (stacked per kind for the fused kernel, rescaled for the
 sigmoid-form recurrence); doing that on every call would add several small ops to every chunk. A
 parameter changed in place (``load_state_dict``, an optimiser step) bumps its ``_version``; one replaced
-(``.to()``) has a new ``data_ptr``: either makes the kept tensors stale.
+(``.to()``) has a new ``data_ptr``: either makes the kept tensors stale. Parameters made under
+``torch.inference_mode`` have no ``_version``, so nothing built from them is kept.
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ class Derived(Generic[T]):
         self._value: T | None = None
 
     def get(self) -> T:
-        key = [(w.data_ptr(), w._version) for w in self._parameters]
+        try:
+            key = [(w.data_ptr(), w._version) for w in self._parameters]
+        except RuntimeError:  # inference tensors: an in-place change would go unseen, so build every time
+            with torch.no_grad():
+                return self._build(self.weights)
         if self._value is None or key != self._key:
             with torch.no_grad():
                 self._value = self._build(self.weights)

@@ -202,8 +202,7 @@ class GRU(nn.Module):
         # False keeps CUDA inputs on the TorchScript path too (for comparisons and benchmarks).
         self.use_fused = True
         self._refresh_weights()
-        # load_state_dict(assign=True) replaces the parameters instead of copying into them.
-        self.register_load_state_dict_post_hook(lambda module, incompatible: module._refresh_weights())
+        self.register_load_state_dict_post_hook(GRU._weights_loaded)
 
     def _refresh_weights(self) -> None:
         # The per-layer parameter lists the scripted recurrence takes, gathered once (as nn.GRU keeps its
@@ -215,6 +214,12 @@ class GRU(nn.Module):
         )
         self._stacked = Derived(self._weights, fused.stack)
         self._sigmoid_form = Derived(self._weights, functools.partial(sigmoid_form, seed=self.variant == "seed"))
+
+    @staticmethod
+    def _weights_loaded(module: nn.Module, incompatible_keys: object) -> None:
+        # load_state_dict(assign=True) replaces the parameters instead of copying into them.
+        if isinstance(module, GRU):
+            module._refresh_weights()
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> GRU:
         # .to(), .cuda(), .half() may give the parameters new tensors: gather them again.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -140,6 +142,11 @@ def test_fast_path_follows_parameters_after_conversion_and_loading() -> None:
         replaced(x)
         replaced.load_state_dict(other.state_dict(), assign=True)  # new Parameter objects, not copies
         torch.testing.assert_close(replaced(x)[0], expected)
+        # made under inference_mode (as unpickling here does): parameters without a version counter
+        unpickled = pickle.loads(pickle.dumps(replaced))
+        torch.testing.assert_close(unpickled(x)[0], expected)
+        unpickled.load_state_dict(gru.state_dict())
+        torch.testing.assert_close(unpickled(x)[0], gru(x)[0])
     as_double = gru.double()
     out, h_n = as_double(x.double())
     assert out.dtype == h_n.dtype == torch.float64
