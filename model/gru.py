@@ -216,10 +216,9 @@ class GRU(nn.Module):
         self._sigmoid_form = Derived(self._weights, functools.partial(sigmoid_form, seed=self.variant == "seed"))
 
     @staticmethod
-    def _weights_loaded(module: nn.Module, incompatible_keys: object) -> None:
+    def _weights_loaded(module: GRU, incompatible_keys: object) -> None:
         # load_state_dict(assign=True) replaces the parameters instead of copying into them.
-        if isinstance(module, GRU):
-            module._refresh_weights()
+        module._refresh_weights()
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> GRU:
         # .to(), .cuda(), .half() may give the parameters new tensors: gather them again.
