@@ -179,14 +179,15 @@ class LaunchConfig(NamedTuple):
     stream: bool  # the weights read every step rather than held in registers
 
 
-def launch_config(hidden_p2: int) -> LaunchConfig:
-    """How to launch for a hidden size, from one H200 (docs/bench.md part 4). Up to H = 64 the weights fit
-    in registers at 4 warps and one row per program, the fastest there (39 to 51 µs at every serving shape).
-    At H = 128 they do not (about 200 registers a thread spilled at 4 warps): two rows per program, 8 warps
-    and the weights read every step from cache spilled none and was at least as fast at every shape but
-    one reading, which docs/bench.md leaves open. Above 128 the same, with 16 warps so the blocks read per
-    step spill less (not measured)."""
-    if hidden_p2 <= 64:
+def launch_config(hidden_p2: int, batch: int, multiprocessors: int) -> LaunchConfig:
+    """How to launch for a hidden size and batch, from sweeps on one H200 (docs/bench.md part 4). Up to
+    H = 64 the weights fit in registers at 4 warps and one row per program, the fastest setting there at
+    every batch. At H = 128 they do not (about 200 registers a thread spill at 4 warps): while every row
+    has a multiprocessor to itself, one row per program at 4 warps still is the fastest (T = 32: 99 to 113 µs
+    against 187 to 190 at B = 1 and 64); past that, two rows per program share each read of the weights,
+    which are read every step from cache, at 8 warps (B = 256, T = 8: 51 against 61 µs). Above 128 the same
+    with 16 warps so the blocks read per step spill less (not measured)."""
+    if hidden_p2 <= 64 or (hidden_p2 <= 128 and batch <= multiprocessors):
         return LaunchConfig(rows=1, warps=4, stream=False)
     return LaunchConfig(rows=2, warps=8 if hidden_p2 <= 128 else 16, stream=True)
 
@@ -228,7 +229,8 @@ def run_layers(
     if batch == 0:
         return x.new_empty(0, steps, hidden), h0.new_empty(h0.shape)
     padded = triton.next_power_of_2(hidden)
-    config = launch_config(padded)
+    multiprocessors = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+    config = launch_config(padded, batch, multiprocessors)
     ragged = lengths is not None and min(lengths) < steps
     # Only ragged batches pay for the copy to the device; others pass a placeholder the kernel never reads.
     steps_per_row = torch.tensor(lengths, dtype=torch.int32).to(x.device) if ragged else h0

@@ -50,8 +50,17 @@ def test_kernel_matches_the_torchscript_recurrence(
 )
 def test_every_launch_config_computes_the_same(config: fused.LaunchConfig, monkeypatch: pytest.MonkeyPatch) -> None:
     """Several rows per program (the last program part empty) and weights read every step."""
-    monkeypatch.setattr(fused, "launch_config", lambda hidden_p2: config)
+    monkeypatch.setattr(fused, "launch_config", lambda *_: config)
     test_kernel_matches_the_torchscript_recurrence("seed", 3, 50, 2, 7, [3, 3, 2, 2, 1, 3, 2])
+
+
+def test_launch_rule_follows_the_sweeps() -> None:
+    """One row per program while the weights fit in registers, or while each row has a multiprocessor."""
+    one_row = fused.LaunchConfig(rows=1, warps=4, stream=False)
+    assert fused.launch_config(64, 1024, 132) == one_row
+    assert fused.launch_config(128, 132, 132) == one_row
+    assert fused.launch_config(128, 133, 132) == fused.LaunchConfig(rows=2, warps=8, stream=True)
+    assert fused.launch_config(256, 1, 132) == fused.LaunchConfig(rows=2, warps=16, stream=True)
 
 
 def test_strided_inputs_give_contiguous_results() -> None:
