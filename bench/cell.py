@@ -96,6 +96,13 @@ def _cuda_wall_clock() -> float:
     return time.perf_counter()
 
 
+def clock_for(clock: str, device: str) -> Callable[[], float]:
+    """The timer ``Timer`` is given: it replaces Timer's own, so on a GPU it must wait for the GPU itself."""
+    if clock == "cpu":
+        return time.thread_time
+    return time.perf_counter if device == "cpu" else _cuda_wall_clock
+
+
 def _max_diff(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> float:
     return max(float((a[0] - b[0]).abs().max()), float((a[1] - b[1]).abs().max()))
 
@@ -193,9 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads not in (0, 1):
             parser.error("--clock cpu counts the calling thread only: it needs --threads 1")
         threads = 1
-    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
-    if args.device != "cpu":
-        clock = _cuda_wall_clock
+    clock = clock_for(args.clock, args.device)
     torch.set_num_threads(threads)
     console = Console(width=max(Console().width, 160))
     console.print(f"machine: {machine()}; load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}")

@@ -19,3 +19,14 @@ def test_cell_table_runs_and_checks_outputs(capsys: pytest.CaptureFixture[str]) 
     printed = capsys.readouterr().out
     assert "outputs: all within 1e-05" in printed
     assert printed.count("slower than nn.GRU at") == 3 and "/4 shapes" in printed
+
+
+def test_gpu_timings_wait_for_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clock that did not wait timed how fast the host queued kernels (every GPU table before 3ff8c89)."""
+    waits: list[None] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *_: waits.append(None))
+    cell.clock_for("wall", "cuda")()
+    assert len(waits) == 1
+    cell.clock_for("wall", "cpu")()
+    cell.clock_for("cpu", "cpu")()
+    assert len(waits) == 1
