@@ -238,9 +238,9 @@ class GRU(nn.Module):
         if h0 is None:
             h0 = x.new_zeros(self.num_layers, batch, self.hidden_size)
         lens = None if lengths is None else checked_lengths(lengths, batch, steps)
-        if self.use_fused and not torch.is_grad_enabled() and fused.supports(x):
-            return fused.run_layers(x, h0, self._stacked.get(), lens, self.variant == "seed")
         seed = self.variant == "seed"
+        if self.use_fused and not torch.is_grad_enabled() and fused.supports(x):
+            return fused.run_layers(x, h0, self._stacked.get(), lens, seed)
         # Training folds on every call, so gradients reach the cells' parameters.
         form = sigmoid_form(self._weights, seed) if torch.is_grad_enabled() else self._sigmoid_form.get()
         batch_sizes = [batch] * steps if lens is None else batch_sizes_for(lens, steps)
