@@ -28,6 +28,7 @@ which is how the test suite checks it on machines without a GPU.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import NamedTuple
 
 import torch
@@ -195,6 +196,12 @@ def launch_config(hidden_p2: int, batch: int, multiprocessors: int) -> LaunchCon
     return LaunchConfig(rows=2, warps=8 if hidden_p2 <= 128 else 16, stream=True)
 
 
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    """Fixed per device: looked up once, not on every forward."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 Stacked = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
@@ -232,8 +239,7 @@ def run_layers(
     if batch == 0:
         return x.new_empty(0, steps, hidden), h0.new_empty(h0.shape)
     padded = triton.next_power_of_2(hidden)
-    multiprocessors = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-    config = launch_config(padded, batch, multiprocessors)
+    config = launch_config(padded, batch, _multiprocessors(x.device.index) if x.is_cuda else 1)
     ragged = lengths is not None and min(lengths) < steps
     # Only ragged batches pay for the copy to the device; others pass a placeholder the kernel never reads.
     steps_per_row = torch.tensor(lengths, dtype=torch.int32).to(x.device) if ragged else h0
