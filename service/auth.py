@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import Depends, FastAPI, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.problems import Problem
+from service.problems import Problem, route_path
 
 if TYPE_CHECKING:
     from service.config import Settings
@@ -101,9 +101,9 @@ def load_api_keys(keys: str, keys_file: Path | None) -> dict[str, str]:
     tenants: dict[str, str] = {}
     pairs = [*_pairs_from_env(keys), *(_pairs_from_file(keys_file) if keys_file is not None else ())]
     for key, tenant, where in pairs:
-        if not _KEY_PATTERN.match(key):
+        if not _KEY_PATTERN.fullmatch(key):
             raise ValueError(f"{where}: the key must be 1-512 visible ASCII characters (no spaces or commas)")
-        if not TENANT_PATTERN.match(tenant):
+        if not TENANT_PATTERN.fullmatch(tenant):
             raise ValueError(f"{where}: the tenant must match {TENANT_PATTERN.pattern}")
         if tenants.setdefault(key, tenant) != tenant:
             raise ValueError(f"{where}: this key is already given to another tenant; a key names one tenant")
@@ -144,17 +144,14 @@ def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
     return api_key
 
 
-def _refusal(path: str, missing: bool) -> Problem:
+def _refusal(missing: bool) -> Problem:
     if missing:
         detail = "this endpoint needs an API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
         challenge = REALM
     else:
         detail = "the API key is not valid; check it, or ask the operator for one"
         challenge = REALM + ', error="invalid_token"'  # RFC 6750 §3
-    extra: dict[str, Any] = {}
-    if path == "/v2" or path.startswith("/v2/"):
-        extra["error"] = detail  # the Open Inference Protocol's member, read by tritonclient
-    return Problem(401, "unauthorized", detail, headers={"WWW-Authenticate": challenge}, **extra)
+    return Problem(401, "unauthorized", detail, headers={"WWW-Authenticate": challenge})
 
 
 class ApiKeyAuth:
@@ -169,7 +166,7 @@ class ApiKeyAuth:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        path = _route_path(scope)
+        path = route_path(scope)
         if path in self.open_paths:
             await self.app(scope, receive, send)
             return
@@ -179,19 +176,10 @@ class ApiKeyAuth:
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})
                 return
-            await _refusal(path, missing=presented is None).response()(scope, receive, send)
+            await _refusal(missing=presented is None).response(scope)(scope, receive, send)
             return
         scope.setdefault("state", {})["tenant"] = tenant
         await self.app(scope, receive, send)
-
-
-def _route_path(scope: Scope) -> str:
-    """The path as the router matches it (without a proxy's root_path prefix)."""
-    path: str = scope["path"]
-    root: str = scope.get("root_path", "")
-    if root and path.startswith(root):
-        return path[len(root):] or "/"
-    return path
 
 
 # -- wiring -----------------------------------------------------------------------------------------------

@@ -136,7 +136,7 @@ def _rows(values: Values) -> list[Any]:
 
 
 def _check_id(session_id: str) -> str:
-    if not SESSION_ID.match(session_id):
+    if not SESSION_ID.fullmatch(session_id):
         raise ValueError(f"session id {session_id!r} must match {SESSION_ID.pattern}")
     return session_id
 

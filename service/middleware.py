@@ -39,7 +39,7 @@ class BodyLimit:
             return
         for name, value in scope["headers"]:
             if name == b"content-length":
-                if not value.isdigit() or int(value) > self.limit:
+                if not value.isdigit() or len(value) > 18 or int(value) > self.limit:  # int() refuses 4,300+ digits
                     await _send_problem(_too_large(self.limit), scope, send)
                     return
                 break
@@ -58,7 +58,7 @@ class BodyLimit:
 
 
 async def _send_problem(problem: Problem, scope: Scope, send: Send) -> None:
-    response = problem.response()
+    response = problem.response(scope)
     await response(scope, _no_body, send)
 
 
@@ -108,6 +108,6 @@ class Observability:
 
 def _request_id(scope: Scope) -> bytes:
     for name, value in scope["headers"]:
-        if name == b"x-request-id" and _REQUEST_ID.match(value):
+        if name == b"x-request-id" and _REQUEST_ID.fullmatch(value):
             return bytes(value)
     return uuid.uuid4().hex.encode()

@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.types import Scope
 
 from service import refusals
 
@@ -61,19 +62,29 @@ class Problem(Exception):
         self.headers = dict(headers or {})
         self.extra = extra
 
-    def body(self) -> dict[str, Any]:
-        return {
-            "type": TYPE_BASE + self.kind,
-            "title": self.title,
-            "status": self.status,
-            "detail": self.detail,
-            **self.extra,
-        }
+    def body(self, scope: Scope | None = None) -> dict[str, Any]:
+        """The members; answering a request under /v2 also the Open Inference Protocol's ``error`` (all that
+        tritonclient reads), whichever layer refused: body limit, auth, routing, the engine or v2 itself."""
+        body = {"type": TYPE_BASE + self.kind, "title": self.title, "status": self.status, "detail": self.detail}
+        path = route_path(scope) if scope is not None else ""
+        if path == "/v2" or path.startswith("/v2/"):
+            body["error"] = self.detail
+        return body | self.extra
 
-    def response(self) -> Response:
+    def response(self, scope: Scope | None = None) -> Response:
+        """The answer to the request of ``scope`` (None: no request, such as a batch item's own problem)."""
         return Response(
-            orjson.dumps(self.body()), status_code=self.status, media_type=PROBLEM_JSON, headers=self.headers
+            orjson.dumps(self.body(scope)), status_code=self.status, media_type=PROBLEM_JSON, headers=self.headers
         )
+
+
+def route_path(scope: Scope) -> str:
+    """The path as the router matches it (without a proxy's root_path prefix)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root):
+        return path[len(root):] or "/"
+    return path
 
 
 REFUSAL_STATUS: dict[type[refusals.Refusal], int] = {
@@ -117,12 +128,12 @@ def invalid(errors: Sequence[Any], detail: str | None = None) -> Problem:
 
 async def _problem_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, Problem | refusals.Refusal)
-    return as_problem(exc).response()
+    return as_problem(exc).response(request.scope)
 
 
 async def _validation_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
-    return invalid(exc.errors()).response()
+    return invalid(exc.errors()).response(request.scope)
 
 
 async def _http_handler(request: Request, exc: Exception) -> Response:
@@ -134,12 +145,14 @@ async def _http_handler(request: Request, exc: Exception) -> Response:
     elif status == 405:
         detail = f"{request.method} is not allowed on {request.url.path}"
     kind = {404: "not-found", 405: "method-not-allowed"}.get(status, "http-error")
-    return Problem(status, kind, detail, headers=exc.headers).response()
+    return Problem(status, kind, detail, headers=exc.headers).response(request.scope)
 
 
 async def _unexpected_handler(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return Problem(500, "internal-error", "an unexpected error occurred; it has been logged").response()
+    return Problem(500, "internal-error", "an unexpected error occurred; it has been logged").response(
+        request.scope
+    )
 
 
 def install(app: FastAPI) -> None:

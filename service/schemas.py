@@ -6,12 +6,14 @@ strings or ``true`` for numbers), no NaN/Infinity, unknown fields refused.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+SESSION_ID = re.compile(SESSION_ID_PATTERN)  # use fullmatch: Python's $ also matches before a final "\n"
 SessionId = Annotated[str, StringConstraints(pattern=SESSION_ID_PATTERN)]
 Values = list[list[float]] | list[float]
 

@@ -9,7 +9,6 @@ engine's pre-serialised JSON answered as is. The schema in /docs is the same (se
 
 from __future__ import annotations
 
-import re
 from typing import TypeVar
 
 import numpy as np
@@ -25,6 +24,7 @@ from service.engine import Engine
 from service.problems import Problem, as_problem
 from service.refusals import Refusal
 from service.schemas import (
+    SESSION_ID,
     SESSION_ID_PATTERN,
     ChunkRequest,
     PredictionResponse,
@@ -34,7 +34,6 @@ from service.schemas import (
 from service.sessions.base import session_key
 
 JSON = "application/json"
-_SESSION_ID = re.compile(SESSION_ID_PATTERN)
 _LOCATION = ["body", "values"]
 
 
@@ -52,7 +51,7 @@ async def _read(request: Request, model: type[Body]) -> tuple[Engine, Body, np.n
 
 async def predict_session(request: Request) -> Response:
     session_id = request.path_params["session_id"]
-    if not _SESSION_ID.match(session_id):
+    if not SESSION_ID.fullmatch(session_id):
         shown = session_id if len(session_id) <= 40 else session_id[:40] + "…"
         raise Problem(422, "invalid-session-id", f"session id {shown!r} must match {SESSION_ID_PATTERN}",
                       errors=[{"loc": ["path", "session_id"], "msg": "invalid session id",

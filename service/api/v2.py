@@ -38,12 +38,10 @@ from service.api.v2_codec import (
     encode_infer,
     parse_infer,
     v2_problem,
-    with_error_member,
 )
 from service.auth import TenantDep
 from service.config import Settings
 from service.engine import Engine
-from service.problems import Problem, as_problem
 from service.refusals import Refusal, UnknownSession
 from service.sessions.base import session_key
 
@@ -52,7 +50,8 @@ JSON = "application/json"
 
 
 class _V2Route(APIRoute):
-    """Adds the protocol's ``error`` member to every problem raised under /v2 (the engine's included)."""
+    """A malformed path or parameter is the protocol's 400, not FastAPI's 422 (the ``error`` member every
+    problem under /v2 carries is added where problems are rendered, ``Problem.body``)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -60,8 +59,6 @@ class _V2Route(APIRoute):
         async def route(request: Request) -> Response:
             try:
                 return await handler(request)
-            except (Problem, Refusal) as refused:
-                raise with_error_member(as_problem(refused)) from None
             except RequestValidationError as exc:
                 detail = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}"
                                    for e in exc.errors()[:5])
@@ -183,8 +180,7 @@ async def _infer(request: Request, engine: Engine, settings: Settings, tenant: s
         key = session_key(tenant, call.session_id)
         if call.sequence_start:
             await engine.reset(key)
-            offset = 0 if call.offset is None else call.offset
-            answer = await engine.predict(key, call.values, offset, call.horizon)
+            answer = await engine.predict(key, call.values, 0, call.horizon)
         else:
             answer = await _continue(engine, key, call.sequence_id, call)
         if call.sequence_end:

@@ -27,7 +27,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.problems import Problem
-from service.schemas import SESSION_ID_PATTERN
+from service.schemas import SESSION_ID, SESSION_ID_PATTERN
 
 INPUT = "values"
 PREDICTIONS = "predictions"
@@ -37,21 +37,13 @@ FP32 = "FP32"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 UINT64_MAX = 2**64 - 1
 MAX_OFFSET = 2**62  # positions are int64 in the chunk fingerprint; no stream gets near this
-_SESSION_ID = re.compile(SESSION_ID_PATTERN)
+_DIGITS = re.compile(r"[0-9]{1,10}")  # ASCII only: str.isdigit() takes "²", which int() refuses
 _LOOSE = ConfigDict(strict=True, extra="ignore")  # the protocol lets clients add fields we do not use
 
 
 def v2_problem(status: int, detail: str, kind: str = "invalid-inference-request", **extra: Any) -> Problem:
-    """A problem that tritonclient and KServe clients can read: the protocol's ``error`` is the detail."""
-    return Problem(status, kind, detail, error=detail, **extra)
-
-
-def with_error_member(problem: Problem) -> Problem:
-    """The same problem with the protocol's ``error`` member added (for problems raised outside v2 code)."""
-    if "error" in problem.extra:
-        return problem
-    return Problem(problem.status, problem.kind, problem.detail, title=problem.title, headers=problem.headers,
-                   **problem.extra, error=problem.detail)
+    """A refused inference request (the protocol's ``error`` member is added by ``Problem.body`` under /v2)."""
+    return Problem(status, kind, detail, **extra)
 
 
 class _Tensor(BaseModel):
@@ -103,7 +95,7 @@ def decode_body(raw: bytes, encoding: str | None, limit: int) -> bytes:
     wbits = {"gzip": 31, "deflate": 15}.get(encoding.lower())
     if wbits is None:
         detail = f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or an uncompressed body"
-        raise Problem(415, "unsupported-encoding", detail, error=detail)
+        raise Problem(415, "unsupported-encoding", detail)
     inflater = zlib.decompressobj(wbits)
     try:
         body = inflater.decompress(raw, limit + 1)
@@ -111,14 +103,14 @@ def decode_body(raw: bytes, encoding: str | None, limit: int) -> bytes:
         raise v2_problem(400, f"the body is not valid {encoding} data ({exc})") from None
     if len(body) > limit or inflater.unconsumed_tail:
         detail = f"the decompressed body is over GRU_MAX_BODY_BYTES={limit} bytes; send smaller chunks"
-        raise Problem(413, "body-too-large", detail, error=detail)
+        raise Problem(413, "body-too-large", detail)
     return body
 
 
 def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     if header_length is None:
         return body, b""
-    if not header_length.strip().isdigit() or int(header_length) > len(body):
+    if not _DIGITS.fullmatch(header_length.strip()) or int(header_length) > len(body):
         raise v2_problem(400, f"{HEADER_LENGTH} is {header_length!r}, but the body has {len(body)} bytes; it"
                          " must be the length of the JSON header that starts the body")
     cut = int(header_length)
@@ -175,7 +167,7 @@ def _sequence(parameters: dict[str, Any]) -> tuple[str | int | None, str | None]
         raise v2_problem(400, f"parameter sequence_id {value} is not a uint64 > 0 (0 means no sequence: omit"
                          " it for a stateless call)")
     session_id = str(value)
-    if not _SESSION_ID.match(session_id):
+    if not SESSION_ID.fullmatch(session_id):
         raise v2_problem(400, f"parameter sequence_id {value!r} must match {SESSION_ID_PATTERN} (the v1"
                          " session id rule)")
     return value, session_id
@@ -290,6 +282,9 @@ def parse_infer(
     offset = _count(parameters, "offset", MAX_OFFSET, "the largest position")
     if offset is not None and session_id is None:
         raise v2_problem(400, "parameter offset needs a sequence_id (a stateless call has no position)")
+    if sequence_start and offset:  # checked here, before the reset that sequence_start makes
+        raise v2_problem(400, f"parameter offset is {offset}, but sequence_start puts the chunk at 0; omit the"
+                         " offset or send 0")
     return InferRequest(
         id=request.id, values=values, batched=len(request.inputs[0].shape) == 3, sequence_id=sequence_id,
         session_id=session_id, sequence_start=sequence_start, sequence_end=sequence_end, horizon=horizon,

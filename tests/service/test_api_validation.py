@@ -101,7 +101,9 @@ def test_chunked_body_is_cut_off_at_the_limit(server_factory: ServerFactory) -> 
         assert_problem(http.get("/v1/sessions/chunky"), 404)
 
 
-@pytest.mark.parametrize("session_id", ["x" * 5000, "..%2F..", "a b", "%00", "ü", "a/b", "", "?x=1", "a" * 129])
+@pytest.mark.parametrize(
+    "session_id", ["x" * 5000, "..%2F..", "a b", "%00", "ü", "a/b", "", "?x=1", "a" * 129, "a%0A", "a" * 128 + "%0A"]
+)
 def test_odd_session_ids_never_give_a_server_error(client: httpx.Client, session_id: str) -> None:
     for method, suffix, body in (("POST", "/predict", {"values": [1.0]}), ("GET", "", None),
                                  ("DELETE", "", None), ("POST", "/reset", None)):

@@ -8,8 +8,10 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import socket
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -329,6 +331,8 @@ def _bad_requests(features: int) -> list[tuple[str, dict[str, Any]]]:
         ("sequence_id over uint64", {"inputs": [good], "parameters": {"sequence_id": 2**64}}),
         ("sequence_id bool", {"inputs": [good], "parameters": {"sequence_id": True}}),
         ("sequence_id with a slash", {"inputs": [good], "parameters": {"sequence_id": "a/b"}}),
+        ("sequence_id with a final newline", {"inputs": [good], "parameters": {"sequence_id": "a\n"}}),
+        ("start at an offset", {"inputs": [good], "parameters": {**session, "sequence_start": True, "offset": 7}}),
         ("sequence_start not bool", {"inputs": [good], "parameters": {**session, "sequence_start": 1}}),
         ("start without id", {"inputs": [good], "parameters": {"sequence_start": True}}),
         ("offset without id", {"inputs": [good], "parameters": {"offset": 0}}),
@@ -366,6 +370,8 @@ def test_malformed_bodies_are_400(model: dict[str, Any], client: httpx.Client) -
         (b"[1, 2]", {}),
         (b'{"inputs": []}', {HEADER: "999"}),
         (b'{"inputs": []}', {HEADER: "-1"}),
+        (b'{"inputs": []}', {HEADER: "\N{SUPERSCRIPT TWO}".encode("latin-1")}),  # a digit to str.isdigit()
+        (b'{"inputs": []}', {HEADER: "9" * 5000}),  # past int()'s 4,300 digits
         (b"\x1f\x8bnot gzip", {"content-encoding": "gzip"}),
     ]:
         _assert_v2_error(client.post(url, content=content, headers=headers), 400)
@@ -376,6 +382,25 @@ def test_malformed_bodies_are_400(model: dict[str, Any], client: httpx.Client) -
     for tail in (nan, extra):
         response = client.post(url, content=header + tail, headers={HEADER: str(len(header))})
         _assert_v2_error(response, 400)
+
+
+def test_refusals_from_outside_the_v2_code_carry_the_error_member(
+    server: Server, model: dict[str, Any], client: httpx.Client
+) -> None:
+    """tritonclient reads only ``error``: a 405, an unknown route and the body limit's 413, all answered
+    before any v2 code runs, carry it too."""
+    url = f"/v2/models/{model['name']}/infer"
+    _assert_v2_error(client.options(url), 405)
+    _assert_v2_error(client.get(f"/v2/models/{model['name']}/nothing"), 404)
+    address = urlsplit(server.url)
+    with socket.create_connection((address.hostname, address.port)) as sock:
+        sock.sendall(f"POST {url} HTTP/1.1\r\nHost: x\r\nContent-Length: 500000000\r\n\r\n".encode())
+        sock.settimeout(5)
+        answer = b"".join(iter(lambda: sock.recv(65536), b""))  # the server closes after a 413
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), head
+    problem = orjson.loads(body)
+    assert problem["error"] == problem["detail"]
 
 
 def test_error_reaches_tritonclient_with_our_message(tc: triton.InferenceServerClient,
