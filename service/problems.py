@@ -16,6 +16,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import Scope
 
@@ -107,23 +108,28 @@ def as_problem(error: Problem | refusals.Refusal) -> Problem:
     return Problem(REFUSAL_STATUS[type(error)], error.kind, error.detail, headers=headers, **error.extra)
 
 
+MAX_LISTED_ERRORS = 20  # a body of many unknown fields must not buy an answer larger than itself
+
+
 def field_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
     """Pydantic's error list, reduced to what a client needs: where, what, and the rule broken."""
     return [
         {"loc": [str(part) for part in err.get("loc", ())], "msg": err.get("msg", ""), "type": err.get("type", "")}
-        for err in errors
+        for err in errors[:MAX_LISTED_ERRORS]
     ]
 
 
-def invalid(errors: Sequence[Any], detail: str | None = None) -> Problem:
-    """422 naming the fields, or 400 when the body was not JSON at all (every body path ends here)."""
+def invalid(errors: Sequence[Any]) -> Problem:
+    """422 naming the fields (the first ``MAX_LISTED_ERRORS``), or 400 when the body was not JSON at all
+    (every body path ends here)."""
     fields = field_errors(errors)
     if any(e["type"] in ("json_invalid", "json_type") for e in fields):
         return Problem(400, "malformed-json", "the body is not a valid JSON object (NaN and Infinity are not"
                        " JSON)", errors=fields)
     where = ", ".join(".".join(e["loc"]) or "body" for e in fields[:5])
-    detail = detail or f"the request does not match the schema at: {where}"
-    return Problem(422, "invalid-request", detail, errors=fields)
+    more = f" ({len(errors)} errors, the first {len(fields)} listed)" if len(errors) > len(fields) else ""
+    return Problem(422, "invalid-request", f"the request does not match the schema at: {where}{more}",
+                   errors=fields)
 
 
 async def _problem_handler(request: Request, exc: Exception) -> Response:
@@ -148,6 +154,15 @@ async def _http_handler(request: Request, exc: Exception) -> Response:
     return Problem(status, kind, detail, headers=exc.headers).response(request.scope)
 
 
+CLIENT_CLOSED = 499  # nginx's "client closed request": no answer reaches anyone, and it is not our error
+
+
+async def _client_gone_handler(request: Request, exc: Exception) -> Response:
+    """The client hung up before its body arrived: nothing was read, nothing changed, nobody to answer.
+    Counted and logged as 499 rather than as a 500, which would page someone for a client's timeout."""
+    return Response(status_code=CLIENT_CLOSED)
+
+
 async def _unexpected_handler(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return Problem(500, "internal-error", "an unexpected error occurred; it has been logged").response(
@@ -160,4 +175,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(refusals.Refusal, _problem_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(StarletteHTTPException, _http_handler)
+    app.add_exception_handler(ClientDisconnect, _client_gone_handler)
     app.add_exception_handler(Exception, _unexpected_handler)

@@ -9,20 +9,43 @@ from __future__ import annotations
 from typing import TypeVar
 
 import numpy as np
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, JsonValue, TypeAdapter, ValidationError
 
 from service.config import Settings
 from service.problems import Problem, invalid
+from service.schemas import SessionId
 
 M = TypeVar("M", bound=BaseModel)
+_SESSION_ID: TypeAdapter[str] = TypeAdapter(SessionId)
 
 
 def parse(raw: bytes, model: type[M]) -> M:
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
-        errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False, include_input=False)]
-        raise invalid(errors) from None
+        raise _invalid(exc, ["body"]) from None
+
+
+def parse_item(item: JsonValue, model: type[M], loc: list[str]) -> M:
+    """One element of a parsed body (a batch item), held to the rules ``parse`` holds bytes to: the same
+    strict mode accepts and refuses the same JSON values from Python objects as from the bytes."""
+    try:
+        return model.model_validate(item)
+    except ValidationError as exc:
+        raise _invalid(exc, loc) from None
+
+
+def path_session_id(raw: str) -> str:
+    """The session id of a hot route's path, refused exactly as FastAPI refuses it on the other
+    /v1/sessions routes (the same pydantic rule, so the same problem)."""
+    try:
+        return _SESSION_ID.validate_python(raw)
+    except ValidationError as exc:
+        raise _invalid(exc, ["path", "session_id"]) from None
+
+
+def _invalid(exc: ValidationError, loc: list[str]) -> Problem:
+    return invalid([{**e, "loc": (*loc, *e["loc"])} for e in exc.errors(include_url=False, include_input=False)])
 
 
 def _shape_problem(detail: str, loc: list[str]) -> Problem:
@@ -34,9 +57,7 @@ def chunk_array(
 ) -> np.ndarray:
     """(T, F) float32 from the request's ``values``, with every limit checked; never partially accepted."""
     where = ".".join(loc)
-    steps = len(values)
-    if steps == 0:
-        raise _shape_problem(f"{where} is empty; send at least one step", loc)
+    steps = len(values)  # at least 1: the schema's min_length
     if steps > settings.max_chunk_steps:
         raise _shape_problem(
             f"{where} has {steps} steps, more than GRU_MAX_CHUNK_STEPS={settings.max_chunk_steps}; split it", loc

@@ -12,20 +12,18 @@ from __future__ import annotations
 from typing import TypeVar
 
 import numpy as np
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.api.bodies import chunk_array, parse
+from service.api.bodies import chunk_array, parse, path_session_id
 from service.api.openapi import RawOperation
 from service.auth import tenant_of
 from service.engine import Engine
-from service.problems import Problem, as_problem
+from service.problems import CLIENT_CLOSED, Problem, as_problem
 from service.refusals import Refusal
 from service.schemas import (
-    SESSION_ID,
-    SESSION_ID_PATTERN,
     ChunkRequest,
     PredictionResponse,
     SessionPredictResponse,
@@ -50,12 +48,7 @@ async def _read(request: Request, model: type[Body]) -> tuple[Engine, Body, np.n
 
 
 async def predict_session(request: Request) -> Response:
-    session_id = request.path_params["session_id"]
-    if not SESSION_ID.fullmatch(session_id):
-        shown = session_id if len(session_id) <= 40 else session_id[:40] + "…"
-        raise Problem(422, "invalid-session-id", f"session id {shown!r} must match {SESSION_ID_PATTERN}",
-                      errors=[{"loc": ["path", "session_id"], "msg": "invalid session id",
-                               "type": "string_pattern_mismatch"}])
+    session_id = path_session_id(request.path_params["session_id"])
     engine, body, values = await _read(request, ChunkRequest)
     answer = await engine.predict(session_key(tenant_of(request), session_id), values, body.offset, body.horizon)
     return Response(answer, media_type=JSON)
@@ -97,7 +90,9 @@ class HotRoutes:
                                       f" {scope['path']}; use POST", headers={"Allow": "POST"})
                     response = await route.endpoint(Request(scope, receive))
                 except (Problem, Refusal) as refused:
-                    response = as_problem(refused).response()
+                    response = as_problem(refused).response(scope)
+                except ClientDisconnect:
+                    response = Response(status_code=CLIENT_CLOSED)
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

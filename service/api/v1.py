@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 import orjson
 from fastapi import APIRouter, Path, Request, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, JsonValue
 
-from service.api.bodies import chunk_array, parse
+from service.api.bodies import chunk_array, parse, parse_item
 from service.api.deps import EngineDep, SettingsDep
 from service.api.openapi import body_schema, problem_responses
 from service.auth import TenantDep
@@ -22,6 +22,8 @@ from service.problems import Problem, as_problem
 from service.refusals import Refusal
 from service.schemas import (
     SESSION_ID_PATTERN,
+    BatchEnvelope,
+    BatchItem,
     BatchRequest,
     BatchResponse,
     ModelInfo,
@@ -55,15 +57,18 @@ async def model_info(request: Request, engine: EngineDep) -> ModelInfo:
     openapi_extra=body_schema(BatchRequest), responses=problem_responses(400, 413, 422),
 )
 async def predict_batch(request: Request, engine: EngineDep, settings: SettingsDep, tenant: TenantDep) -> Response:
-    body = parse(await request.body(), BatchRequest)
+    body = parse(await request.body(), BatchEnvelope)
     if len(body.items) > settings.max_batch_items:
-        raise Problem(422, "invalid-request", f"{len(body.items)} items, more than GRU_MAX_BATCH_ITEMS="
-                      f"{settings.max_batch_items}; split the call")
+        detail = f"{len(body.items)} items, more than GRU_MAX_BATCH_ITEMS={settings.max_batch_items}; split the call"
+        raise Problem(422, "invalid-request", detail,
+                      errors=[{"loc": ["body", "items"], "msg": detail, "type": "too_long"}])
     features = engine.forecaster.num_features
 
-    async def one(index: int, item: Any) -> bytes:
+    async def one(index: int, raw: JsonValue) -> bytes:
+        loc = ["body", "items", str(index)]
         try:
-            values = chunk_array(item.values, item.horizon, features, settings, ["body", "items", str(index), "values"])
+            item = parse_item(raw, BatchItem, loc)
+            values = chunk_array(item.values, item.horizon, features, settings, [*loc, "values"])
             return await engine.predict(session_key(tenant, item.session_id), values, item.offset, item.horizon)
         except (Problem, Refusal) as refused:
             return orjson.dumps(as_problem(refused).body())

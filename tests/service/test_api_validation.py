@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import ServerFactory, make_tiny_model
+from tests.conftest import Server, ServerFactory, make_tiny_model
 from tests.service.helpers import assert_problem, new_id, position, send, series, stateless
 
 BAD_BODIES: list[tuple[str, bytes, int]] = [
@@ -136,3 +136,83 @@ def test_multivariate_model_takes_t_by_f_and_refuses_flat_lists(server_factory: 
         problem = assert_problem(http.post("/v1/sessions/mv/predict", json={"values": [1.0, 2.0]}), 422)
         assert "2 features" in problem["detail"]
         assert position(http, "mv") == 6
+
+
+def test_invalid_session_id_is_the_same_problem_on_every_route(client: httpx.Client) -> None:
+    """The hot predict route and the FastAPI session routes refuse an id by one rule, with one problem."""
+    answers = [assert_problem(client.request(method, f"/v1/sessions/a%20b{suffix}", json=body), 422)
+               for method, suffix, body in (("POST", "/predict", {"values": [1.0]}), ("GET", "", None),
+                                            ("DELETE", "", None), ("POST", "/reset", None))]
+    assert all(answer == answers[0] for answer in answers), answers
+    assert answers[0]["errors"][0]["loc"] == ["path", "session_id"]
+
+
+def test_a_body_of_many_bad_elements_gets_a_short_answer(client: httpx.Client) -> None:
+    """A body under the limit that breaks a rule a million times is refused by its first breach, and the
+    answer lists at most 20 errors: never an answer many times the size of the body."""
+    elements = client.post("/v1/predict", content=b'{"values": [' + b",".join([b"{}"] * 1_000_000) + b"]}")
+    assert len(elements.content) < 4096, len(elements.content)
+    assert_problem(elements, 422)
+    fields = b'{"values": [1.0]' + b"".join(b', "k%d": 0' % i for i in range(100_000)) + b"}"
+    unknown = assert_problem(client.post("/v1/predict", content=fields), 422)
+    assert len(unknown["errors"]) == 20
+    assert "100000 errors, the first 20 listed" in unknown["detail"]
+
+
+def test_batch_item_that_breaks_the_schema_gets_its_own_problem(client: httpx.Client) -> None:
+    good, later = new_id("batch"), new_id("batch")
+    items = [
+        {"session_id": good, "values": [0.5, 0.6], "offset": 0},
+        {"session_id": "bad id", "values": [0.5]},
+        {"session_id": new_id("batch"), "values": ["NaN"]},
+        "not an object",
+        {"session_id": new_id("batch"), "values": [0.5], "offset": -1},
+        {"session_id": new_id("batch"), "values": [0.5], "unknown": 1},
+        {"session_id": later, "values": [[0.5]]},
+    ]
+    response = client.post("/v1/predict/batch", json={"items": items})
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert (results[0]["position"], results[-1]["position"]) == (2, 1)
+    for index, problem in enumerate(results[1:-1], start=1):
+        assert problem["status"] == 422, problem
+        assert problem["errors"][0]["loc"][:3] == ["body", "items", str(index)], problem
+    assert (position(client, good), position(client, later)) == (2, 1)
+    assert_problem(client.get(f"/v1/sessions/{items[2]['session_id']}"), 404)  # type: ignore[index]
+
+
+def test_too_many_batch_items_names_the_field(client: httpx.Client) -> None:
+    items = [{"session_id": new_id("many"), "values": [0.5]} for _ in range(257)]  # GRU_MAX_BATCH_ITEMS=256
+    problem = assert_problem(client.post("/v1/predict/batch", json={"items": items}), 422)
+    assert problem["errors"][0]["loc"] == ["body", "items"]
+    assert_problem(client.get(f"/v1/sessions/{items[0]['session_id']}"), 404)
+
+
+def _raw_request(url: str, head: bytes, body: bytes, *, hang_up: bool = False) -> bytes:
+    """Send one request as written; then read until the server closes (or 5 s pass), or hang up at once."""
+    address = urlsplit(url)
+    with socket.create_connection((address.hostname, address.port)) as sock:
+        sock.sendall(head + b"\r\n\r\n" + body)
+        if hang_up:
+            return b""
+        sock.settimeout(5)
+        return b"".join(iter(lambda: sock.recv(65536), b""))
+
+
+def test_content_length_with_surrounding_whitespace_is_read(server: Server) -> None:
+    body = b'{"values": [0.5]}'
+    answer = _raw_request(server.url, b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                      b"Content-Length: %d \t" % len(body), body)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+
+
+@pytest.mark.parametrize("path", ["/v1/predict", "/v1/predict/batch"])
+def test_client_that_hangs_up_mid_body_is_a_499_not_a_server_error(server: Server, path: str) -> None:
+    """The body never arrives: nothing changes, and neither the metrics nor the log report our error."""
+    _raw_request(server.url, b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: 100" % path.encode(), b'{"values"',
+                 hang_up=True)
+    with httpx.Client(base_url=server.url) as http:
+        metrics = http.get("/metrics").text
+    assert f'gru_requests_total{{method="POST",route="{path}",status="499"}}' in metrics
+    assert f'route="{path}",status="500"' not in metrics
+    assert "ClientDisconnect" not in server.log()
