@@ -34,12 +34,21 @@ from torch import Tensor
 
 from model import Forecaster
 from service.metrics import Metrics
-from service.refusals import BatchFailed, Overloaded, ShuttingDown, StoreUnreachable, TimedOut, UnknownSession
+from service.refusals import (
+    BatchFailed,
+    OutOfRange,
+    Overloaded,
+    ShuttingDown,
+    StoreUnreachable,
+    TimedOut,
+    UnknownSession,
+)
 from service.rules import Apply, Replay, fingerprint, judge
 from service.sessions.base import Session, SessionStore, StoreUnavailable, Write, session_id_of
 
 log = logging.getLogger("service.engine")
 _DUMPS_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+STORE_PROBE_SECONDS = 0.5  # while the store is down, how often it is pinged
 
 
 @dataclass(slots=True, eq=False)
@@ -69,6 +78,7 @@ class _Computed:
     predictions: list[np.ndarray]  # per run, (T, F) float32
     forecasts: list[np.ndarray | None]  # per run, (horizon, F) float32
     states: Tensor  # (B, S), row i = run i
+    finite: list[bool]  # per run: predictions, forecast and new state all finite
 
 
 class Engine:
@@ -98,6 +108,8 @@ class Engine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gru-compute")
         self._worker: asyncio.Task[None] | None = None
         self._stopping = False
+        self._store_down: StoreUnavailable | None = None  # set from a store failure until a ping answers
+        self._probe: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -138,6 +150,8 @@ class Engine:
         self._wake.set()
         if self._worker is not None:
             await self._worker
+        if self._probe is not None:
+            self._probe.cancel()
         self._executor.shutdown(wait=True)
 
     @property
@@ -173,8 +187,10 @@ class Engine:
             timer.cancel()
 
     def _expire(self, chunk: Chunk) -> None:
-        """The chunk's time is up: a chunk still waiting is withdrawn (it never applies); one in a running
-        batch may still apply, and a retry with the same offset then gets its answer."""
+        """The chunk's time is up: a chunk still waiting is withdrawn, one in a running batch is dropped when
+        its batch finishes (``_finish``), so the client's next move (a retry, a reset, a delete) never meets
+        it later. Only a chunk whose commit is already under way may still apply; a retry with the same
+        offset then gets its answer."""
         if chunk.future.done():
             return
         self._metrics.rejected.labels(reason="timeout").inc()
@@ -199,12 +215,40 @@ class Engine:
         _, created = await self._store_call(self.store.reset(key, self.model_version), "reset")
         return created
 
+    async def store_reachable(self) -> bool:
+        """A ping (``/readyz``); an answer also ends an outage, so ready and serving sessions agree."""
+        if await self.store.ping():
+            self._store_down = None
+            return True
+        return False
+
     async def _store_call(self, call: Any, operation: str) -> Any:
         try:
             return await call
         except StoreUnavailable as exc:
-            self._metrics.store_errors.labels(operation=operation).inc()
-            raise _store_down(exc) from exc
+            raise self._store_failed(exc, operation) from exc
+
+    def _store_failed(self, exc: StoreUnavailable, operation: str) -> StoreUnreachable:
+        """Count the failure and declare an outage. Until a ping answers, the worker refuses chunks of
+        sessions at once (``_load``) instead of letting every batch wait out the store's timeouts: a hung
+        Redis held each batch, stateless chunks included, for 8 to 24 s."""
+        self._metrics.store_errors.labels(operation=operation).inc()
+        self._store_down = exc
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.create_task(self._await_store(), name="gru-store-probe")
+        return _store_down(exc)
+
+    async def _await_store(self) -> None:
+        while self._store_down is not None and not await self.store_reachable():
+            await asyncio.sleep(STORE_PROBE_SECONDS)
+
+    async def _load(self, keys: list[str]) -> list[Session | None]:
+        if self._store_down is not None:
+            raise _store_down(self._store_down)
+        try:
+            return await self.store.load(keys)
+        except StoreUnavailable as exc:
+            raise self._store_failed(exc, "load") from exc
 
     # -- the worker ------------------------------------------------------------------------------------
 
@@ -261,11 +305,10 @@ class Engine:
         self._metrics.batch_size.observe(len(batch))
         stateful = [c for c in batch if c.key is not None]
         try:
-            sessions = await self.store.load([c.key for c in stateful]) if stateful else []  # type: ignore[misc]
-        except StoreUnavailable as exc:
-            self._metrics.store_errors.labels(operation="load").inc()
+            sessions = await self._load([c.key for c in stateful]) if stateful else []  # type: ignore[misc]
+        except StoreUnreachable as refusal:
             for chunk in stateful:
-                _settle(chunk, exc=_store_down(exc))
+                _settle(chunk, exc=refusal)
             sessions = []
             batch = [c for c in batch if c.key is None]
         record_of = dict(zip((c.key for c in stateful), sessions, strict=False))
@@ -299,6 +342,14 @@ class Engine:
         pending: list[tuple[_Run, bytes]] = []
         for row, run in enumerate(runs):
             chunk = run.chunk
+            if chunk.future.done():  # its caller timed out and was told so: it must not apply later
+                continue
+            if not computed.finite[row]:
+                _settle(chunk, exc=OutOfRange(
+                    "the model's outputs for this chunk are not finite numbers: its values lie far outside the"
+                    " range the model was trained on; nothing was changed (if every chunk of a session gets"
+                    " this, an earlier chunk left such values in its state: reset it)"))
+                continue
             answer = self._answer(run, computed.predictions[row], computed.forecasts[row])
             if chunk.key is None:
                 _settle(chunk, answer)
@@ -320,11 +371,12 @@ class Engine:
         try:
             committed = await self.store.commit(writes, computed.states)
         except StoreUnavailable as exc:
-            self._metrics.store_errors.labels(operation="commit").inc()
+            refusal = self._store_failed(exc, "commit")
             for run, _ in pending:
-                _settle(run.chunk, exc=_store_down(exc))
+                _settle(run.chunk, exc=refusal)
             return
-        lost = [run.chunk for (run, _), won in zip(pending, committed, strict=True) if won is None]
+        lost = [run.chunk for (run, _), won in zip(pending, committed, strict=True)
+                if won is None and not run.chunk.future.done()]  # timed out while committing: dropped
         for (run, answer), won in zip(pending, committed, strict=True):
             if won is not None:
                 _settle(run.chunk, answer)
@@ -375,13 +427,19 @@ class Engine:
             inverse = torch.tensor(np.argsort(order), device=self.device)
             y_host = y.cpu().numpy()
             states_out = new_states.index_select(0, inverse)  # back to request order
+            finite_states: list[bool] = torch.isfinite(states_out).all(dim=1).tolist()
         predictions: list[np.ndarray] = [np.empty(0)] * count
         forecasts: list[np.ndarray | None] = [None] * count
         for row, i in enumerate(order):
             predictions[i] = np.ascontiguousarray(y_host[row, : lengths[row]])
         for picked, row in enumerate(wanting):
             forecasts[order[row]] = np.ascontiguousarray(forecast_host[picked, : horizons[row]])
-        return _Computed(predictions, forecasts, states_out)
+        finite = [state_ok and _all_finite(predictions[i], forecasts[i]) for i, state_ok in enumerate(finite_states)]
+        return _Computed(predictions, forecasts, states_out, finite)
+
+
+def _all_finite(*arrays: np.ndarray | None) -> bool:
+    return all(array is None or bool(np.isfinite(array).all()) for array in arrays)
 
 
 def _settle(chunk: Chunk, answer: bytes | None = None, exc: BaseException | None = None) -> None:

@@ -92,6 +92,7 @@ REFUSAL_STATUS: dict[type[refusals.Refusal], int] = {
     refusals.UnknownSession: 404,
     refusals.StaleModel: 409,
     refusals.OffsetMismatch: 409,
+    refusals.OutOfRange: 422,
     refusals.Overloaded: 429,
     refusals.ShuttingDown: 503,
     refusals.TimedOut: 503,

@@ -41,6 +41,13 @@ class OffsetMismatch(Refusal):
     kind = "offset-mismatch"
 
 
+class OutOfRange(Refusal):
+    """The chunk is valid float32, but the model's outputs or state from it are not finite (values far
+    outside what the model was trained on): answering would mean nulls, and saving would poison the state."""
+
+    kind = "out-of-range"
+
+
 class ShuttingDown(Refusal):
     kind = "shutting-down"
 
@@ -52,7 +59,8 @@ class Overloaded(Refusal):
 
 
 class TimedOut(Refusal):
-    """The chunk was not computed within GRU_REQUEST_TIMEOUT_SECONDS."""
+    """The chunk was not answered within GRU_REQUEST_TIMEOUT_SECONDS. It is then not applied, unless its
+    commit was already under way (a retry with the same offset gets that answer)."""
 
     kind = "timeout"
 

@@ -19,7 +19,7 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz", summary="Readiness: model loaded and session store reachable",
             responses={503: {"description": "not ready", "content": {"application/problem+json": {}}}})
 async def readyz(engine: EngineDep) -> dict[str, str]:
-    if not await engine.store.ping():
+    if not await engine.store_reachable():
         raise Problem(503, "not-ready", "the session store is unreachable", headers={"Retry-After": "2"})
     return {"status": "ready", "model_version": engine.model_version}
 

@@ -105,7 +105,7 @@ async def live() -> dict[str, bool]:
 
 @router.get("/health/ready", summary="Readiness: model loaded and session store reachable")
 async def ready(engine: EngineDep) -> dict[str, bool]:
-    if not await engine.store.ping():
+    if not await engine.store_reachable():
         raise v2_problem(503, "the session store is unreachable", kind="not-ready", ready=False)
     return {"ready": True}
 

@@ -216,3 +216,22 @@ def test_client_that_hangs_up_mid_body_is_a_499_not_a_server_error(server: Serve
     assert f'gru_requests_total{{method="POST",route="{path}",status="499"}}' in metrics
     assert f'route="{path}",status="500"' not in metrics
     assert "ClientDisconnect" not in server.log()
+
+
+def test_values_that_drive_the_model_past_float32_are_refused_and_change_nothing(client: httpx.Client) -> None:
+    """3e38 is float32, but the model's outputs from it are not finite: 422, never nulls in an answer, and
+    never a state that turns every later answer into nulls."""
+    extreme = {"values": [3e38, -3e38], "horizon": 3}
+    problem = assert_problem(client.post("/v1/predict", json=extreme), 422)
+    assert problem["type"].endswith("/out-of-range")
+    session = new_id("extreme")
+    assert_problem(client.post(f"/v1/sessions/{session}/predict", json={**extreme, "offset": 0}), 422)
+    assert_problem(client.get(f"/v1/sessions/{session}"), 404)
+    head, tail = series(6, seed=3), series(4, seed=4)
+    assert send(client, session, head, offset=0).status_code == 200
+    assert_problem(client.post(f"/v1/sessions/{session}/predict", json={**extreme, "offset": 6}), 422)
+    assert position(client, session) == 6
+    after = send(client, session, tail, offset=6)
+    assert after.status_code == 200, after.text
+    whole = stateless(client, np.concatenate([head, tail]))["predictions"]
+    np.testing.assert_allclose(after.json()["predictions"], whole[6:], atol=1e-5)

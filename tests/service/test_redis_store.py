@@ -26,6 +26,7 @@ pytest.importorskip("redis")
 from service.sessions.redis import RedisStore
 
 STATE = 5
+CONFLICTS = "gru_store_conflicts_total"
 
 
 def _write(key: str, expected: Any, position: int, row: int = 0, answer: bytes = b"{}") -> Write:
@@ -168,8 +169,8 @@ def shared(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         kill_redis(redis_server)
 
 
-def _conflicts(client: httpx.Client) -> float:
-    match = re.search(r"^gru_store_conflicts_total (\S+)$", client.get("/metrics").text, re.MULTILINE)
+def _metric(client: httpx.Client, sample: str) -> float:
+    match = re.search(rf"^{re.escape(sample)} (\S+)$", client.get("/metrics").text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
 
 
@@ -222,7 +223,7 @@ def test_sixty_appends_racing_across_replicas_end_at_exact_position(shared: tupl
     limits = httpx.Limits(max_connections=30)
     with httpx.Client(base_url=a.url, timeout=30, limits=limits) as ca, \
             httpx.Client(base_url=b.url, timeout=30, limits=limits) as cb:
-        conflicts_before = _conflicts(ca) + _conflicts(cb)
+        conflicts_before = _metric(ca, CONFLICTS) + _metric(cb, CONFLICTS)
         with concurrent.futures.ThreadPoolExecutor(30) as pool:
             answers = list(pool.map(lambda i: send((ca, cb)[i % 2], session, chunk), range(count)))
         assert all(r.status_code == 200 for r in answers), [r.text for r in answers if r.status_code != 200]
@@ -238,7 +239,7 @@ def test_sixty_appends_racing_across_replicas_end_at_exact_position(shared: tupl
         final = send(cb, session, probe, offset=count * size)
         assert final.status_code == 200, final.text
         np.testing.assert_allclose(np.array(final.json()["predictions"]), expected[-len(probe):], atol=1e-5)
-        conflicts = _conflicts(ca) + _conflicts(cb) - conflicts_before
+        conflicts = _metric(ca, CONFLICTS) + _metric(cb, CONFLICTS) - conflicts_before
     assert conflicts >= 1  # the race did happen, and every loser was judged again
 
 
@@ -304,6 +305,33 @@ def test_redis_down_is_503_and_not_ready_then_correct_after_it_returns(
         assert second.status_code == third.status_code == 200, (second.text, third.text)
         got = first.json()["predictions"] + second.json()["predictions"] + third.json()["predictions"]
         np.testing.assert_allclose(np.array(got), stateless(ca, values)["predictions"], atol=1e-5)
+
+
+def test_hung_redis_is_waited_out_once_then_sessions_get_503_at_once_and_stateless_calls_go_on(
+    server_factory: ServerFactory, redis_server: RedisServer
+) -> None:
+    """A Redis that stops answering (SIGSTOP: a stall or a partition, not a refused connection) costs the
+    first batch its timeout; after that, chunks of sessions are refused without touching the store, so
+    no batch waits on it (stateless chunks included), until a ping answers again."""
+    server = server_factory(GRU_STORE="redis", GRU_REDIS_URL=redis_server.url + "?socket_timeout=0.5")
+    assert redis_server.process is not None
+    values = series(20, seed=11)
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        session = new_id("hung")
+        assert send(http, session, values[:10], offset=0).status_code == 200
+        redis_server.process.send_signal(signal.SIGSTOP)
+        try:
+            for _ in range(5):
+                assert_problem(send(http, session, values[10:], offset=10), 503)
+            assert _metric(http, 'gru_store_errors_total{operation="load"}') == 1  # one wait, not five
+            assert http.post("/v1/predict", json={"values": values.tolist()}).status_code == 200
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while http.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "not ready again after Redis came back"
+            time.sleep(0.1)
+        assert send(http, session, values[10:], offset=10).status_code == 200
 
 
 def test_sessions_expire_by_their_redis_ttl(redis_server: RedisServer) -> None:
