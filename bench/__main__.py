@@ -11,7 +11,7 @@ Each part also runs alone (``python -m bench.cell``, ``python -m bench.load --du
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 from rich.console import Console
 from rich.rule import Rule
@@ -20,8 +20,11 @@ from bench import cell, load, memory
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    load_args = args[args.index("--load") + 1:] if "--load" in args else []
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--load", nargs=argparse.REMAINDER, default=[], metavar="ARG",
+                        help="everything after it goes to the load part (python -m bench.load --help)")
+    load_args: list[str] = parser.parse_args(argv).load
     console = Console()
     status = 0
     for title, part, part_args in (

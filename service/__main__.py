@@ -14,6 +14,15 @@ from service.config import Settings
 from service.logs import configure
 
 
+def configuration_errors(exc: ValidationError) -> str:
+    """One line per problem, naming the environment variable (GRU_DEVICE), not the field (device)."""
+    lines = []
+    for error in exc.errors(include_url=False, include_input=False):
+        where = "GRU_" + "_".join(str(part) for part in error["loc"]).upper() if error["loc"] else "settings"
+        lines.append(f"  {where}: {error['msg']}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
@@ -22,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings()
     except ValidationError as exc:
-        print(f"invalid configuration:\n{exc}", file=sys.stderr)
+        print(f"invalid configuration:\n{configuration_errors(exc)}", file=sys.stderr)
         return 2
     configure(settings.log_level)
     try:

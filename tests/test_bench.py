@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench import __main__ as bench_main
 from bench import cell
 
 
@@ -30,3 +31,13 @@ def test_gpu_timings_wait_for_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     cell.clock_for("wall", "cpu")()
     cell.clock_for("cpu", "cpu")()
     assert len(waits) == 1
+
+
+def test_bench_entry_point_answers_help_and_refuses_unknown_flags_before_running_anything(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for argv, status in ((["--help"], 0), (["--bogus"], 2)):
+        with pytest.raises(SystemExit) as stopped:
+            bench_main.main(argv)
+        assert stopped.value.code == status
+    assert "--load" in capsys.readouterr().out

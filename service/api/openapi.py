@@ -31,10 +31,21 @@ def body_schema(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": _ref(model)}}}}
 
 
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying (the same offset is safe)",
+                                 "schema": {"type": "integer", "minimum": 0}}}
+
+
+def _problem(status: int) -> dict[str, Any]:
+    """One problem response; a 429 or 503 also declares the Retry-After header it carries."""
+    response: dict[str, Any] = {"description": "Problem", "content": {PROBLEM_JSON: {"schema": _ref(ProblemModel)}}}
+    if status in (429, 503):
+        response["headers"] = _RETRY_AFTER
+    return response
+
+
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """The ``responses`` of a FastAPI route for the problem statuses it can answer."""
-    content = {PROBLEM_JSON: {"schema": _ref(ProblemModel)}}
-    return {status: {"model": ProblemModel, "content": content} for status in statuses}
+    return {status: {"model": ProblemModel, **_problem(status)} for status in statuses}
 
 
 @dataclass(frozen=True)
@@ -55,8 +66,7 @@ class RawOperation:
                     "content": {"application/json": {"schema": _ref(self.answer)}}}
         }
         for status in self.problems:
-            responses[str(status)] = {"description": "Problem",
-                                      "content": {PROBLEM_JSON: {"schema": _ref(ProblemModel)}}}
+            responses[str(status)] = _problem(status)
         operation: dict[str, Any] = {
             "tags": list(self.tags), "summary": self.summary, "description": self.description,
             "operationId": f"{self.method}_{self.path.strip('/').replace('/', '_').replace('{', '').replace('}', '')}",

@@ -20,12 +20,15 @@ def build_store(settings: Settings, state_size: int, device: torch.device, metri
         metrics.active_sessions.set_function(lambda: len(store))
         return store
     if settings.store == "redis":
-        # Imported here so the memory store never needs the redis package. gru_active_sessions stays unset:
-        # the sessions live in Redis, shared by every replica (see docs/durability.md).
+        # Imported here so the memory store never needs the redis package.
         try:
             from service.sessions.redis import RedisStore
         except ImportError as exc:
             raise RuntimeError(f"GRU_STORE=redis needs the redis package ({exc}); pip install"
                                " 'gru-service[redis]'") from exc
+        # The sessions live in Redis, shared by every replica, which expires and evicts them itself: this
+        # replica has no count to give, and a gauge stuck at 0 would read as "no sessions" on a dashboard.
+        metrics.registry.unregister(metrics.active_sessions)
+        metrics.registry.unregister(metrics.evictions)
         return RedisStore(settings.redis_url, state_size, settings.session_ttl_seconds)
     raise ValueError(f"GRU_STORE={settings.store!r} is not available in this build")

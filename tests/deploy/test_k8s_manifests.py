@@ -110,6 +110,13 @@ def test_every_container_has_cpu_and_memory_requests_and_limits(overlay: str, ku
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_torch_threads_equal_the_api_cpu_limit(overlay: str, kustomize: Render) -> None:
+    """Unset, torch would start one thread per node core and the container would be throttled."""
+    resources = kustomize(overlay)
+    assert _settings(resources)["GRU_TORCH_THREADS"] == _container(_api(resources))["resources"]["limits"]["cpu"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_pods_run_non_root_read_only_unprivileged_with_runtime_default_seccomp(
     overlay: str, kustomize: Render
 ) -> None:

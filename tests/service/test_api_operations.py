@@ -1,4 +1,5 @@
-"""Operations: metrics (parsed and checked by promtool), request ids, JSON logs, health, docs, model info."""
+"""Operations: metrics (parsed and checked by promtool), request ids, JSON logs, health, docs, model info,
+and a bad setting stopping start-up."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Server
+from tests.conftest import Server, start_server
 from tests.service.helpers import new_id, send, series
 
 
@@ -84,6 +86,19 @@ def test_docs_show_how_to_call_each_endpoint(client: httpx.Client) -> None:
     assert predict["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/ChunkRequest")
     assert schema["components"]["schemas"]["ChunkRequest"]["examples"]
     assert "409" in predict["responses"]
+    assert "Retry-After" in predict["responses"]["429"]["headers"]
+    assert "Retry-After" in schema["paths"]["/v1/sessions/{session_id}"]["get"]["responses"]["503"]["headers"]
     for path in ("/v1/model", "/v1/predict", "/v1/predict/batch", "/v1/sessions/{session_id}",
                  "/v1/sessions/{session_id}/reset", "/healthz", "/readyz", "/metrics"):
         assert path in schema["paths"], path
+
+
+def test_bad_settings_stop_start_up_naming_each_variable(tiny_model: Path, tmp_path: Path) -> None:
+    server = start_server(tiny_model, tmp_path, {"GRU_DEVICE": "gpu", "GRU_MAX_SESSIONS": "0"}, wait=False)
+    try:
+        assert server.process.wait(60) == 2
+    finally:
+        server.stop()
+    log = server.log()
+    assert "GRU_DEVICE: Input should be 'auto', 'cpu' or 'cuda'" in log
+    assert "GRU_MAX_SESSIONS: Input should be greater than or equal to 1" in log

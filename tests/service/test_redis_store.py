@@ -344,3 +344,11 @@ def test_sessions_expire_by_their_redis_ttl(redis_server: RedisServer) -> None:
         await store.close()
 
     _run(scenario())
+
+
+def test_replicas_export_no_session_count_of_their_own(shared: tuple[Server, Server]) -> None:
+    """Redis holds the sessions and expires them itself: a replica's gauge would only ever read 0."""
+    for server in shared:
+        text = httpx.get(server.url + "/metrics", timeout=10).text
+        assert "gru_active_sessions" not in text and "gru_session_evictions" not in text
+        assert "gru_store_errors_total" in text
