@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from model import load_checkpoint
 from service import auth, problems
 from service.api import health, hot, v1, v2
-from service.api.openapi import document_raw_routes
+from service.api.openapi import Limits, document_raw_routes
 from service.config import Settings
 from service.engine import Engine
 from service.metrics import Metrics
@@ -108,7 +108,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.model_meta = meta
     app.include_router(v1.router)
-    document_raw_routes(app, hot.OPERATIONS, v1.RAW_BODY_MODELS)
+    limits = Limits(steps=settings.max_chunk_steps, horizon=settings.max_horizon, items=settings.max_batch_items,
+                    features=engine.forecaster.num_features)
+    document_raw_routes(app, hot.OPERATIONS, v1.RAW_BODY_MODELS, limits)
     app.include_router(v2.router)
     app.include_router(health.router)
     problems.install(app)

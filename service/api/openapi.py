@@ -80,8 +80,32 @@ class RawOperation:
         return operation
 
 
-def document_raw_routes(app: FastAPI, operations: list[RawOperation], bodies: list[type[BaseModel]]) -> None:
-    """Extend the app's generated schema with ``operations`` and the component schemas of ``bodies``."""
+@dataclass(frozen=True)
+class Limits:
+    """What this service refuses beyond the models' static rules (configuration and the loaded model),
+    stated in the schema so that clients and generated code see the real bounds."""
+
+    steps: int  # GRU_MAX_CHUNK_STEPS
+    horizon: int  # GRU_MAX_HORIZON
+    items: int  # GRU_MAX_BATCH_ITEMS
+    features: int  # the model's input_features
+
+
+def _state_limits(schemas: dict[str, Any], limits: Limits) -> None:
+    for name in ("ChunkRequest", "StatelessRequest", "BatchItem"):
+        properties = schemas[name]["properties"]
+        rows, flat = properties["values"]["anyOf"]  # Values: T × F rows, or a flat list of T
+        rows["maxItems"] = flat["maxItems"] = limits.steps
+        rows["items"]["minItems"] = rows["items"]["maxItems"] = limits.features
+        properties["horizon"]["maximum"] = limits.horizon
+    schemas["BatchRequest"]["properties"]["items"]["maxItems"] = limits.items
+
+
+def document_raw_routes(
+    app: FastAPI, operations: list[RawOperation], bodies: list[type[BaseModel]], limits: Limits
+) -> None:
+    """Extend the app's generated schema with ``operations``, the component schemas of ``bodies``, and
+    the ``limits`` their fields have here."""
     models = {m for op in operations for m in (op.body, op.answer)} | set(bodies) | {ProblemModel}
 
     def openapi() -> dict[str, Any]:
@@ -91,7 +115,9 @@ def document_raw_routes(app: FastAPI, operations: list[RawOperation], bodies: li
             _, definitions = models_json_schema(
                 [(m, "validation") for m in sorted(models, key=lambda m: m.__name__)], ref_template=REF_TEMPLATE
             )
-            schema.setdefault("components", {}).setdefault("schemas", {}).update(definitions.get("$defs", {}))
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(definitions.get("$defs", {}))
+            _state_limits(components, limits)
             for op in operations:
                 schema.setdefault("paths", {}).setdefault(op.path, {})[op.method] = op.describe()
             app.openapi_schema = schema

@@ -87,6 +87,10 @@ def test_docs_show_how_to_call_each_endpoint(client: httpx.Client) -> None:
     assert schema["components"]["schemas"]["ChunkRequest"]["examples"]
     assert "409" in predict["responses"]
     assert "Retry-After" in predict["responses"]["429"]["headers"]
+    # the configured limits and the model's feature count, stated where a client generator reads them
+    rows, flat = schema["components"]["schemas"]["ChunkRequest"]["properties"]["values"]["anyOf"]
+    assert rows["maxItems"] == flat["maxItems"] == 4096 and rows["items"]["maxItems"] == 1
+    assert schema["components"]["schemas"]["BatchRequest"]["properties"]["items"]["maxItems"] == 256
     assert "Retry-After" in schema["paths"]["/v1/sessions/{session_id}"]["get"]["responses"]["503"]["headers"]
     for path in ("/v1/model", "/v1/predict", "/v1/predict/batch", "/v1/sessions/{session_id}",
                  "/v1/sessions/{session_id}/reset", "/healthz", "/readyz", "/metrics"):
