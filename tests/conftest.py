@@ -92,6 +92,16 @@ def start_server(model_path: Path, log_dir: Path, env: dict[str, str] | None = N
     return server
 
 
+def refused_start_log(model_path: Path, log_dir: Path, env: dict[str, str]) -> str:
+    """Start a server that must refuse to start (exit status 2); its log, which says why."""
+    server = start_server(model_path, log_dir, env, wait=False)
+    try:
+        assert server.process.wait(60) == 2
+    finally:
+        server.stop()
+    return server.log()
+
+
 def wait_ready(server: Server, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

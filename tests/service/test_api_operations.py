@@ -13,7 +13,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Server, start_server
+from tests.conftest import Server, refused_start_log
 from tests.service.helpers import new_id, send, series
 
 
@@ -98,11 +98,6 @@ def test_docs_show_how_to_call_each_endpoint(client: httpx.Client) -> None:
 
 
 def test_bad_settings_stop_start_up_naming_each_variable(tiny_model: Path, tmp_path: Path) -> None:
-    server = start_server(tiny_model, tmp_path, {"GRU_DEVICE": "gpu", "GRU_MAX_SESSIONS": "0"}, wait=False)
-    try:
-        assert server.process.wait(60) == 2
-    finally:
-        server.stop()
-    log = server.log()
+    log = refused_start_log(tiny_model, tmp_path, {"GRU_DEVICE": "gpu", "GRU_MAX_SESSIONS": "0"})
     assert "GRU_DEVICE: Input should be 'auto', 'cpu' or 'cuda'" in log
     assert "GRU_MAX_SESSIONS: Input should be greater than or equal to 1" in log

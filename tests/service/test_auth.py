@@ -22,7 +22,7 @@ from starlette.routing import Route
 from service import auth
 from service.auth import ApiKeyAuth, KeyRing, load_api_keys, presented_key
 from service.config import Settings
-from tests.conftest import Server, ServerFactory, start_server
+from tests.conftest import Server, ServerFactory, refused_start_log, start_server
 from tests.service.helpers import assert_problem, new_id, position, send, series, stateless
 
 ALICE = "alice-0123456789abcdef"
@@ -91,12 +91,7 @@ def test_settings_fail_on_bad_keys_without_printing_them(
 
 
 def test_service_refuses_to_start_with_malformed_keys(tiny_model: Path, tmp_path: Path) -> None:
-    server = start_server(tiny_model, tmp_path, {"GRU_API_KEYS": "s3cret-value"}, wait=False)
-    try:
-        assert server.process.wait(60) == 2
-    finally:
-        server.stop()
-    log = server.log()
+    log = refused_start_log(tiny_model, tmp_path, {"GRU_API_KEYS": "s3cret-value"})
     assert "GRU_API_KEYS entry 1 is not KEY:TENANT" in log
     assert "s3cret-value" not in log
 
