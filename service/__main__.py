@@ -14,7 +14,7 @@ from service.config import Settings
 from service.logs import configure
 
 
-def configuration_errors(exc: ValidationError) -> str:
+def _configuration_errors(exc: ValidationError) -> str:
     """One line per problem, naming the environment variable (GRU_DEVICE), not the field (device)."""
     lines = []
     for error in exc.errors(include_url=False, include_input=False):
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings()
     except ValidationError as exc:
-        print(f"invalid configuration:\n{configuration_errors(exc)}", file=sys.stderr)
+        print(f"invalid configuration:\n{_configuration_errors(exc)}", file=sys.stderr)
         return 2
     configure(settings.log_level)
     try:

@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import csv
+import math
 import os
 import random
 import re
@@ -116,7 +117,7 @@ class Prediction:
 class Retry:
     """Exponential backoff with jitter; a ``Retry-After`` header is honoured up to ``max_delay``."""
 
-    attempts: int = 6  # tries in all, the first included
+    attempts: int = 10  # tries in all, the first included: 10 to 21 s of waiting, past a service restart
     backoff: float = 0.1  # seconds before the first retry; doubles each time
     max_delay: float = 5.0
 
@@ -420,12 +421,22 @@ def read_csv(
     Columns: ``columns`` if given; else the model's feature names when the header has them all; else the
     numeric columns, if there are as many as the model takes features."""
     with path.open(newline="") as file:
-        table = [row for row in csv.reader(file) if row and any(cell.strip() for cell in row)]
+        reader = csv.reader(file)
+        table = [(reader.line_num, row) for row in reader]
+    while table and not any(cell.strip() for cell in table[-1][1]):  # blank lines at the end are no rows
+        table.pop()
     if not table:
         raise SystemExit(f"{path} is empty")
-    has_header = any(_number(cell) is None for cell in table[0])
-    width = len(table[0])
-    header = [cell.strip() for cell in table[0]] if has_header else [f"column{i}" for i in range(width)]
+    blank = next((line for line, row in table if not any(cell.strip() for cell in row)), None)
+    if blank is not None:  # skipping it would shift every later step against the file's time axis
+        raise SystemExit(f"{path}:{blank}: empty row; fill or remove it (the service takes evenly spaced steps)")
+    first = table[0][1]
+    second = table[1][1] if len(table) > 1 else []
+    # A header: a cell that is not a number over one that is (a date column is text in every row), or, in a
+    # one-row file, any cell that is not a number.
+    has_header = (any(_number(a) is None and _number(b) is not None for a, b in zip(first, second, strict=False))
+                  if second else any(_number(cell) is None for cell in first))
+    header = [cell.strip() for cell in first] if has_header else [f"column{i}" for i in range(len(first))]
     data = table[1:] if has_header else table
     if not data:
         raise SystemExit(f"{path} has a header and no rows")
@@ -437,19 +448,22 @@ def read_csv(
     elif all(f in header for f in features):
         picked = [header.index(f) for f in features]
     else:
-        first = data[0]
-        picked = [i for i in range(len(header)) if i < len(first) and _number(first[i]) is not None]
+        row = data[0][1]
+        picked = [i for i in range(len(header)) if i < len(row) and _number(row[i]) is not None]
     if len(picked) != len(features):
         raise SystemExit(f"the model takes {len(features)} feature(s) ({', '.join(features)}); {path} has"
                          f" {len(picked)} numeric column(s) ({', '.join(header[i] for i in picked)}): choose"
                          " with --columns")
     rows: list[list[float]] = []
-    for line, row in enumerate(data, start=2 if has_header else 1):
+    for line, row in data:
         try:
-            rows.append([float(row[i]) for i in picked])
+            values = [float(row[i]) for i in picked]
         except (ValueError, IndexError):
+            values = []
+        if len(values) != len(picked) or not all(map(math.isfinite, values)):
             where = ", ".join(header[i] for i in picked)
-            raise SystemExit(f"{path}:{line}: not a number in column(s) {where}") from None
+            raise SystemExit(f"{path}:{line}: not a finite number in column(s) {where}")
+        rows.append(values)
     return [header[i] for i in picked], rows
 
 
@@ -511,6 +525,7 @@ def stream_csv(args: argparse.Namespace) -> int:
             raise SystemExit(f"session {args.session} is at position {start}, past the {len(rows)} rows of"
                              f" {args.csv}")
         todo = rows[start:]
+        out = args.out or args.csv.with_name(args.csv.stem + ".predictions.csv")
         predictions: list[list[float]] = []
         progress = _progress() if not args.quiet else None
         task = progress.add_task(f"session {args.session}", total=len(todo)) if progress else None
@@ -520,16 +535,24 @@ def stream_csv(args: argparse.Namespace) -> int:
             for offset in range(0, len(todo), args.chunk):
                 try:
                     answer = session.predict(todo[offset : offset + args.chunk])
+                except ModelChanged as exc:
+                    raise SystemExit(f"{exc}\nthe session's state is from another model version: --reset to"
+                                     " start it again with this one") from None
                 except OffsetConflict as exc:
                     raise SystemExit(f"{exc}\nthe session is at {exc.position}: --resume to continue from"
                                      " there, --reset to start again") from None
                 predictions.extend(answer.predictions)
                 if progress:
                     progress.update(task, advance=len(answer.predictions))
+        except (ServiceError, httpx.HTTPError, SystemExit):
+            if predictions:  # keep what was answered: --resume goes on after it
+                write_predictions(out, names, todo[: len(predictions)], predictions, start)
+                print(f"the answers for steps {start} to {start + len(predictions)} are in {out}",
+                      file=sys.stderr)
+            raise
         finally:
             if progress:
                 progress.stop()
-    out = args.out or args.csv.with_name(args.csv.stem + ".predictions.csv")
     write_predictions(out, names, todo, predictions, start)
     message = f"{len(todo)} steps from position {start} -> {session.position}; predictions in {out}"
     if args.plot:

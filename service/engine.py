@@ -19,13 +19,14 @@ large torch calls, so the GIL is handed back and forth a few times per batch, no
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -49,6 +50,7 @@ from service.sessions.base import Session, SessionStore, StoreUnavailable, Write
 log = logging.getLogger("service.engine")
 _DUMPS_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 STORE_PROBE_SECONDS = 0.5  # while the store is down, how often it is pinged
+_T = TypeVar("_T")
 
 
 @dataclass(slots=True, eq=False)
@@ -62,15 +64,18 @@ class Chunk:
     future: asyncio.Future[bytes]
     enqueued: float = field(default_factory=time.perf_counter)
     must_exist: bool = False  # refuse (404) rather than create an unknown session, judged atomically (v2)
+    restart: bool = False  # start the session again from a fresh state at 0, in one commit (v2 sequence_start)
 
 
 @dataclass(slots=True)
 class _Run:
-    """A chunk judged to apply, with the record it was judged against."""
+    """A chunk judged to apply: the record its state starts from (None: a fresh state), the verdict, and
+    the revision its commit expects (the record judged against; None: the session must not exist)."""
 
     chunk: Chunk
     session: Session | None
     verdict: Apply
+    revision: int | str | None
 
 
 @dataclass(slots=True)
@@ -152,6 +157,8 @@ class Engine:
             await self._worker
         if self._probe is not None:
             self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
         self._executor.shutdown(wait=True)
 
     @property
@@ -162,12 +169,15 @@ class Engine:
 
     async def predict(
         self, key: str | None, values: np.ndarray, offset: int | None, horizon: int, *,
-        must_exist: bool = False,
+        must_exist: bool = False, restart: bool = False,
     ) -> bytes:
         """The JSON answer for one chunk (a session's when ``key`` is set, else stateless).
 
         ``must_exist``: an unknown session is a 404 instead of being created, checked when the chunk is judged
         (a session deleted meanwhile makes the commit lose its race and the chunk judged again, so 404).
+        ``restart``: the chunk starts the session again at 0 from a fresh state, whatever it held, in the same
+        commit as its result, so a refused chunk (queue full, timeout, out of range) leaves the session as
+        it was, which a reset followed by the chunk would not.
         """
         if self._stopping:
             raise ShuttingDown("the service is shutting down; retry on another replica", retry_after=1)
@@ -176,7 +186,7 @@ class Engine:
             raise Overloaded(f"{len(self._waiting)} chunks are already waiting; retry shortly", retry_after=1)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        chunk = Chunk(key, values, offset, horizon, future, must_exist=must_exist)
+        chunk = Chunk(key, values, offset, horizon, future, must_exist=must_exist, restart=restart)
         self._waiting.append(chunk)
         self._wake.set()
         # A plain timer rather than wait_for(shield(...)): two fewer tasks per chunk on the hot path.
@@ -216,22 +226,28 @@ class Engine:
         return created
 
     async def store_reachable(self) -> bool:
-        """A ping (``/readyz``); an answer also ends an outage, so ready and serving sessions agree."""
+        """A ping (``/readyz``, and the probe during an outage): an answer ends an outage, so ready and
+        serving sessions agree; a failure is counted, so an outage shows in the store error rate
+        throughout, not only at its first failed call."""
         if await self.store.ping():
             self._store_down = None
             return True
+        self._metrics.store_errors.labels(operation="ping").inc()
         return False
 
-    async def _store_call(self, call: Any, operation: str) -> Any:
+    async def _store_call(self, call: Coroutine[Any, Any, _T], operation: str) -> _T:
+        if self._store_down is not None:
+            call.close()  # never awaited: the outage answers for it
+            raise _store_down(self._store_down)
         try:
             return await call
         except StoreUnavailable as exc:
             raise self._store_failed(exc, operation) from exc
 
     def _store_failed(self, exc: StoreUnavailable, operation: str) -> StoreUnreachable:
-        """Count the failure and declare an outage. Until a ping answers, the worker refuses chunks of
-        sessions at once (``_load``) instead of letting every batch wait out the store's timeouts: a hung
-        Redis held each batch, stateless chunks included, for 8 to 24 s."""
+        """Count the failure and declare an outage. Until a ping answers, every session call is refused at
+        once (``_store_call``) instead of waiting out the store's timeouts: a hung Redis held each batch,
+        stateless chunks included, for 8 to 24 s."""
         self._metrics.store_errors.labels(operation=operation).inc()
         self._store_down = exc
         if self._probe is None or self._probe.done():
@@ -242,13 +258,6 @@ class Engine:
         while self._store_down is not None and not await self.store_reachable():
             await asyncio.sleep(STORE_PROBE_SECONDS)
 
-    async def _load(self, keys: list[str]) -> list[Session | None]:
-        if self._store_down is not None:
-            raise _store_down(self._store_down)
-        try:
-            return await self.store.load(keys)
-        except StoreUnavailable as exc:
-            raise self._store_failed(exc, "load") from exc
 
     # -- the worker ------------------------------------------------------------------------------------
 
@@ -305,7 +314,8 @@ class Engine:
         self._metrics.batch_size.observe(len(batch))
         stateful = [c for c in batch if c.key is not None]
         try:
-            sessions = await self._load([c.key for c in stateful]) if stateful else []  # type: ignore[misc]
+            keys: list[str] = [c.key for c in stateful]  # type: ignore[misc]
+            sessions = await self._store_call(self.store.load(keys), "load") if stateful else []
         except StoreUnreachable as refusal:
             for chunk in stateful:
                 _settle(chunk, exc=refusal)
@@ -315,15 +325,19 @@ class Engine:
         runs: list[_Run] = []
         for chunk in batch:
             session = record_of.get(chunk.key) if chunk.key is not None else None
+            revision = session.revision if session is not None else None
             if chunk.key is None:
-                runs.append(_Run(chunk, None, Apply(start=0, created=False)))
+                runs.append(_Run(chunk, None, Apply(start=0, created=False), None))
+                continue
+            if chunk.restart:  # in place of whatever the session held, judged against it for the commit
+                runs.append(_Run(chunk, None, Apply(start=0, created=session is None), revision))
                 continue
             if session is None and chunk.must_exist:
                 _settle(chunk, exc=_unknown(chunk.key))
                 continue
             verdict = judge(chunk.key, chunk.offset, chunk.horizon, chunk.values, session, self.model_version)
             if isinstance(verdict, Apply):
-                runs.append(_Run(chunk, session, verdict))
+                runs.append(_Run(chunk, session, verdict, revision))
             elif isinstance(verdict, Replay):
                 _settle(chunk, verdict.answer)
             else:
@@ -357,7 +371,7 @@ class Engine:
             start = run.verdict.start
             writes.append(Write(
                 key=chunk.key,
-                expected_revision=run.session.revision if run.session is not None else None,
+                expected_revision=run.revision,
                 position=start + len(chunk.values),
                 model_version=self.model_version,
                 last_offset=start,
@@ -369,9 +383,8 @@ class Engine:
         if not writes:
             return
         try:
-            committed = await self.store.commit(writes, computed.states)
-        except StoreUnavailable as exc:
-            refusal = self._store_failed(exc, "commit")
+            committed = await self._store_call(self.store.commit(writes, computed.states), "commit")
+        except StoreUnreachable as refusal:
             for run, _ in pending:
                 _settle(run.chunk, exc=refusal)
             return

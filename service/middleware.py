@@ -40,7 +40,8 @@ class BodyLimit:
         for name, value in scope["headers"]:
             if name == b"content-length":
                 value = value.strip()  # optional whitespace around a field value (RFC 9110 §5.5)
-                if not value.isdigit() or len(value) > 18 or int(value) > self.limit:  # int() refuses 4,300+ digits
+                # leading zeros are still a valid length; int() refuses 4,300+ digits, so count them first
+                if not value.isdigit() or len(value.lstrip(b"0")) > 18 or int(value) > self.limit:
                     await _send_problem(_too_large(self.limit), scope, send)
                     return
                 break

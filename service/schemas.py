@@ -18,7 +18,7 @@ SessionId = Annotated[str, StringConstraints(pattern=SESSION_ID_PATTERN)]
 # fail_fast: a bad element ends the list's validation, so a 4 MiB body of `{}` costs one error, not a million
 # (each of which would be built, listed in the 422 and serialised). min_length: at least one step.
 Values = (
-    Annotated[list[list[float]], Field(min_length=1, fail_fast=True)]
+    Annotated[list[Annotated[list[float], Field(fail_fast=True)]], Field(min_length=1, fail_fast=True)]
     | Annotated[list[float], Field(min_length=1, fail_fast=True)]
 )
 

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.api.deps import EngineDep
+from service.api.openapi import problem_responses
 from service.problems import Problem
 
 router = APIRouter(tags=["operations"])
@@ -17,7 +18,7 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", summary="Readiness: model loaded and session store reachable",
-            responses={503: {"description": "not ready", "content": {"application/problem+json": {}}}})
+            responses=problem_responses(503))
 async def readyz(engine: EngineDep) -> dict[str, str]:
     if not await engine.store_reachable():
         raise Problem(503, "not-ready", "the session store is unreachable", headers={"Retry-After": "2"})

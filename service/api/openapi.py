@@ -91,7 +91,8 @@ class Limits:
     features: int  # the model's input_features
 
 
-def _state_limits(schemas: dict[str, Any], limits: Limits) -> None:
+def _add_limits(schemas: dict[str, Any], limits: Limits) -> None:
+    """Write ``limits`` into the request components (pydantic's schemas of the models are static)."""
     for name in ("ChunkRequest", "StatelessRequest", "BatchItem"):
         properties = schemas[name]["properties"]
         rows, flat = properties["values"]["anyOf"]  # Values: T × F rows, or a flat list of T
@@ -117,7 +118,7 @@ def document_raw_routes(
             )
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             components.update(definitions.get("$defs", {}))
-            _state_limits(components, limits)
+            _add_limits(components, limits)
             for op in operations:
                 schema.setdefault("paths", {}).setdefault(op.path, {})[op.method] = op.describe()
             app.openapi_schema = schema

@@ -3,8 +3,8 @@
 Sequences follow Triton's sequence batcher, mapped onto v1 sessions of the caller's tenant:
 
 - ``sequence_id`` 42 and "42" both name the v1 session "42"; without ``sequence_id`` the call is stateless.
-- ``sequence_start``: the session is reset first, then the chunk is applied at offset 0 (so a chunk that
-  raced in between the two is a 409, never silently underneath ours).
+- ``sequence_start``: the chunk starts the session again at 0 from a fresh state, in one commit with its
+  result (``restart``), so a refused chunk (queue full, timeout, out of range) leaves the session as it was.
 - no ``sequence_start``: the session must exist; the engine checks it when it judges the chunk, atomically
   with the commit (``must_exist``), so a sequence that ended or expired is a 404 and never silently
   restarted from a fresh state.
@@ -42,6 +42,7 @@ from service.api.v2_codec import (
 from service.auth import TenantDep
 from service.config import Settings
 from service.engine import Engine
+from service.problems import Problem
 from service.refusals import Refusal, UnknownSession
 from service.sessions.base import session_key
 
@@ -106,7 +107,7 @@ async def live() -> dict[str, bool]:
 @router.get("/health/ready", summary="Readiness: model loaded and session store reachable")
 async def ready(engine: EngineDep) -> dict[str, bool]:
     if not await engine.store_reachable():
-        raise v2_problem(503, "the session store is unreachable", kind="not-ready", ready=False)
+        raise Problem(503, "not-ready", "the session store is unreachable", headers={"Retry-After": "2"}, ready=False)
     return {"ready": True}
 
 
@@ -179,8 +180,7 @@ async def _infer(request: Request, engine: Engine, settings: Settings, tenant: s
     else:
         key = session_key(tenant, call.session_id)
         if call.sequence_start:
-            await engine.reset(key)
-            answer = await engine.predict(key, call.values, 0, call.horizon)
+            answer = await engine.predict(key, call.values, 0, call.horizon, restart=True)
         else:
             answer = await _continue(engine, key, call.sequence_id, call)
         if call.sequence_end:

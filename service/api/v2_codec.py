@@ -37,7 +37,7 @@ FP32 = "FP32"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 UINT64_MAX = 2**64 - 1
 MAX_OFFSET = 2**62  # positions are int64 in the chunk fingerprint; no stream gets near this
-_DIGITS = re.compile(r"[0-9]{1,10}")  # ASCII only: str.isdigit() takes "²", which int() refuses
+_DIGITS = re.compile(r"0*[0-9]{1,10}")  # ASCII only: str.isdigit() takes "²", which int() refuses
 _LOOSE = ConfigDict(strict=True, extra="ignore")  # the protocol lets clients add fields we do not use
 
 

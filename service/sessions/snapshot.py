@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -182,6 +183,19 @@ def restore(store: MemoryStore, path: Path, model_version: str, state_size: int,
     return len(live)
 
 
+def _check_writable(path: Path) -> None:
+    """Refuse to start with a path no snapshot can be written to. Found only at shutdown, it would lose
+    every session the snapshot exists to keep; and a directory there would be set aside as "corrupt"."""
+    if path.exists() and not path.is_file():
+        raise RuntimeError(f"GRU_SNAPSHOT_PATH={path} exists and is not a file; name the snapshot file itself")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.probe-"):
+            pass
+    except OSError as exc:
+        raise RuntimeError(f"GRU_SNAPSHOT_PATH={path}: no snapshot can be written there ({exc})") from exc
+
+
 class SnapshotKeeper:
     """Restore at start, save every ``interval`` seconds (0: never) and once more at shutdown."""
 
@@ -204,6 +218,7 @@ class SnapshotKeeper:
             log.warning("GRU_SNAPSHOT_PATH is ignored: snapshots are for the memory store, and"
                         f" GRU_STORE={settings.store} keeps sessions outside the process")
             return None
+        _check_writable(settings.snapshot_path)
         interval = settings.snapshot_interval_seconds
         return cls(store, settings.snapshot_path, model_version, state_size, interval)
 

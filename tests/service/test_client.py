@@ -27,6 +27,7 @@ from service.client import (
     Session,
     SessionNotFound,
     Unavailable,
+    read_csv,
 )
 from tests.conftest import ROOT, Server
 from tests.service.helpers import new_id, position, series, stateless
@@ -318,3 +319,33 @@ def test_cli_explains_a_csv_it_cannot_use(server: Server, tmp_path: Path) -> Non
                   "--columns", "b", "--quiet", "--out", str(tmp_path / "b.csv"))
     assert picked.returncode == 0, picked.stderr
     assert (tmp_path / "b.csv").read_text().splitlines()[0] == "step,b,predicted_b"
+
+
+def test_csv_rows_are_read_in_place_or_refused_by_line(tmp_path: Path) -> None:
+    """A row skipped or taken for a header would shift every later step against the file's time axis."""
+    path = tmp_path / "s.csv"
+    path.write_text("2020-01-01,52.0\n2020-01-02,52.5\n\n\n")  # no header; blank lines at the end only
+    assert read_csv(path, ["temp"], None) == (["column1"], [[52.0], [52.5]])
+    path.write_text("time,temp\n1,52.0\n\n3,53.0\n")
+    with pytest.raises(SystemExit, match=r"s\.csv:3: empty row"):
+        read_csv(path, ["temp"], None)
+    for bad in ("nan", "inf", "-Infinity", "x"):
+        path.write_text(f"temp\n1.0\n{bad}\n")
+        with pytest.raises(SystemExit, match=r"s\.csv:3: not a finite number in column\(s\) temp"):
+            read_csv(path, ["temp"], None)
+
+
+def test_cli_keeps_the_answers_it_got_before_a_refusal(server: Server, client: httpx.Client,
+                                                        tmp_path: Path) -> None:
+    values = series(20, seed=27)
+    values[12, 0] = 3e38  # float32, but beyond what the model can answer: the third chunk is refused
+    source, out = tmp_path / "series.csv", tmp_path / "out.csv"
+    _write_csv(source, values)
+    session = new_id("cli")
+    done = _cli("stream", "--csv", str(source), "--session", session, "--chunk", "5", "--url", server.url,
+                "--out", str(out), "--quiet")
+    assert done.returncode == 1 and "not finite numbers" in done.stderr, done.stderr
+    assert f"the answers for steps 0 to 10 are in {out}" in done.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert [r["step"] for r in rows] == [str(step) for step in range(11)]
+    assert position(client, session) == 10

@@ -14,7 +14,7 @@ from model import load_checkpoint
 from service.engine import Engine
 from service.metrics import Metrics
 from service.problems import REFUSAL_STATUS, as_problem
-from service.refusals import Refusal, StaleModel
+from service.refusals import Refusal, StaleModel, TimedOut
 from service.sessions.base import session_key
 from service.sessions.memory import MemoryStore
 from tests.conftest import make_tiny_model
@@ -96,6 +96,31 @@ def test_session_built_with_another_model_is_refused_until_reset(tmp_path: Path)
             assert answer["model_version"] == new.model_version and answer["position"] == 4
         finally:
             await new.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_chunk_that_timed_out_while_computing_never_applies_after_the_client_moved_on(tiny_model: Path) -> None:
+    """The 503 came while the chunk was computing (4,096 steps and a 512-step forecast take about 130 ms
+    here, the timeout is 30 ms); the client then starts its session again, or deletes it. The chunk is
+    dropped when its batch finishes: it used to win the commit on a deleted session (which then came back
+    holding it) and, after losing the race to a reset, to be judged again and applied on top of it."""
+    engine = _engine(tiny_model, max_batch_delay_ms=0, request_timeout_seconds=0.03)
+    again, gone = session_key("t", "again"), session_key("t", "gone")
+
+    async def scenario() -> None:
+        await engine.start()
+        try:
+            refused = await asyncio.gather(*(engine.predict(key, series(4096), 0, 512) for key in (again, gone)),
+                                           return_exceptions=True)
+            assert all(isinstance(answer, TimedOut) for answer in refused), refused
+            await engine.reset(again)
+            await engine.reset(gone)
+            await engine.delete(gone)
+        finally:
+            await engine.stop()  # the batch, and anything it would have queued again, runs to its end
+        assert (await engine.store.get(again)).position == 0  # type: ignore[union-attr]
+        assert await engine.store.get(gone) is None
 
     asyncio.run(scenario())
 

@@ -9,9 +9,10 @@ documents; and afterwards the server must still be alive and serve a session cor
 
 Hypothesis drives schemathesis' strategies directly (``operation.as_strategy``) rather than through its
 pytest plugin, whose lazy-fixture mode does not run under pytest 9.2 (it writes ``Node._nodeid``).
-Disabled check: ``positive_data_acceptance``: a schema-valid request may still be refused by a limit the
-schema cannot state because it is configuration (GRU_MAX_CHUNK_STEPS, GRU_MAX_HORIZON, the model's feature
-count, float32 range); those refusals are 4xx problems, which every other check still examines. And for
+Disabled check: ``positive_data_acceptance``: a schema-valid request may still be refused by a rule JSON
+Schema cannot state (float32 range, values the model cannot answer, a flat list for a model of several
+features, a session's offset); those refusals are 4xx problems, which every other check still examines (the
+configured step, horizon and item limits and the feature count are in the schema). And for
 ``/v1/predict/batch`` only, ``negative_data_rejection``: an item that breaks ``BatchItem`` gets its own 422
 problem in a 200's ``results`` while the other items are answered (DESIGN §4), so a schema-violating item
 is rightly not a 4xx for the call; a malformed envelope still is, and the problems are checked by

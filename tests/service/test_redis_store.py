@@ -323,8 +323,14 @@ def test_hung_redis_is_waited_out_once_then_sessions_get_503_at_once_and_statele
         try:
             for _ in range(5):
                 assert_problem(send(http, session, values[10:], offset=10), 503)
-            assert _metric(http, 'gru_store_errors_total{operation="load"}') == 1  # one wait, not five
+            assert_problem(http.get(f"/v1/sessions/{session}"), 503)
+            assert_problem(http.post(f"/v1/sessions/{session}/reset"), 503)
+            # one wait, not one per call: the rest were refused without a call to Redis
+            assert _metric(http, 'gru_store_errors_total{operation="load"}') == 1
+            assert _metric(http, 'gru_store_errors_total{operation="get"}') == 0
             assert http.post("/v1/predict", json={"values": values.tolist()}).status_code == 200
+            assert_problem(http.get("/readyz"), 503)  # its failed ping keeps the outage in the error rate
+            assert _metric(http, 'gru_store_errors_total{operation="ping"}') >= 1
         finally:
             redis_server.process.send_signal(signal.SIGCONT)
         deadline = time.monotonic() + 10

@@ -18,7 +18,7 @@ import torch
 from service.sessions.base import Write
 from service.sessions.memory import MemoryStore
 from service.sessions.snapshot import restore, save
-from tests.conftest import ServerFactory
+from tests.conftest import ServerFactory, refused_start_log
 from tests.service.helpers import assert_problem, new_id, position, send, series, stateless
 
 STATE = 6
@@ -227,3 +227,12 @@ def test_corrupt_snapshot_file_starts_empty_with_log_line(
     with httpx.Client(base_url=server.url, timeout=30) as http:
         assert_problem(http.get(f"/v1/sessions/{new_id()}"), 404)
         assert send(http, new_id(), series(5), offset=0).json()["created"] is True
+
+
+@pytest.mark.parametrize("where", ["a directory", "an unwritable place"])
+def test_a_snapshot_path_that_cannot_be_written_stops_start_up(tiny_model: Path, tmp_path: Path, where: str) -> None:
+    """Found at shutdown instead, it would lose every session the snapshot is there to keep."""
+    target = tmp_path if where == "a directory" else Path("/proc/gru.snapshot")  # procfs takes no new files
+    log = refused_start_log(tiny_model, tmp_path, {"GRU_SNAPSHOT_PATH": str(target)})
+    assert f"GRU_SNAPSHOT_PATH={target}" in log
+    assert tmp_path.is_dir()  # not set aside as a "corrupt snapshot"

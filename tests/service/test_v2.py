@@ -184,6 +184,18 @@ def test_sequence_start_resets_a_session_that_was_already_there(
     assert position(client, session) == 12
 
 
+def test_a_refused_sequence_start_leaves_the_sequence_as_it_was(model: dict[str, Any], client: httpx.Client) -> None:
+    """The restart and the chunk are one commit: a start the engine refuses (here: values the model
+    cannot answer) does not wipe the sequence it was to replace."""
+    session = new_id("v2")
+    first = {"inputs": [_values_tensor(series(3))], "parameters": {"sequence_id": session, "sequence_start": True}}
+    assert _infer(client, model["name"], first).status_code == 200
+    extreme = {"inputs": [_values_tensor(np.array([[3e38], [-3e38]], np.float32))],
+               "parameters": {"sequence_id": session, "sequence_start": True}}
+    _assert_v2_error(_infer(client, model["name"], extreme), 422)
+    assert position(client, session) == 3
+
+
 def test_offset_parameter_makes_a_resent_chunk_safe(model: dict[str, Any], client: httpx.Client) -> None:
     session = new_id("v2")
     values = series(10, seed=8)
