@@ -27,6 +27,9 @@ _TIME_NAMES = frozenset(
 )
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 class DataError(ValueError):
     """Input the CLI refuses: the message says which file, column or cell, and what was expected."""
 
@@ -129,6 +132,11 @@ def _numeric_column(column: pd.Series, name: str, source: str) -> tuple[np.ndarr
     array = numbers.to_numpy(dtype=float)
     if not np.isfinite(array[~np.isnan(array)]).all():
         raise DataError(f"{source}: column {name!r} holds an infinite value")
+    huge = np.abs(array) > FLOAT32_MAX  # the model and the service compute in float32
+    if huge.any():
+        row = int(np.flatnonzero(huge)[0])
+        raise DataError(f"{source}: column {name!r}, row {row + 1}: {array[row]:g} is beyond float32 range"
+                        " (|x| > 3.4e38), which the model computes in; rescale the column")
     gaps = int(np.isnan(array).sum())
     if gaps == len(array):
         raise DataError(f"{source}: column {name!r} is empty")

@@ -27,7 +27,7 @@ import torch
 
 from model.baselines import DifferenceAR, choose_orders, fit_difference_ar, lagged_differences
 from model.cell import Variant
-from model.data import Series, fit_scaler, sample_windows, split_point
+from model.data import DataError, Series, fit_scaler, sample_windows, split_point
 from model.forecaster import Forecaster, ForecasterConfig
 
 LAG_CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 36, 52)
@@ -135,6 +135,9 @@ def train(
     if config.refit:
         _refit_linear(model, values, orders)
     model.eval()
+    if not np.isfinite(best.predictions).all():  # values within float32 whose sums and spreads are not
+        raise DataError("the model's predictions on these values are not finite numbers: they are too large"
+                        " for float32 arithmetic; rescale the columns")
     seconds = time.monotonic() - started
     return TrainResult(model, split, orders, best.predictions, best.epoch, epoch, seconds, stopped_by, history)
 

@@ -59,8 +59,12 @@ def test_cli_writes_a_loadable_checkpoint_a_plot_and_the_table(write_csv: CsvWri
         ("a\n" + "1\n2\nseven\n" * 20, [], "column 'a', row 3: 'seven' is not a number"),
         ("a\n" + "".join(f"{v}\n" for v in [1, 3, 2, 5, 4, 6, 5, 8, 7, 9]), [], "only 10 rows: need at least"),
         ("a,b\n" + "".join(f"{v},4\n" for v in np.sin(np.arange(60))), [], "column 'b' is constant (4)"),
+        ("a\n" + "".join(f"{v}e39\n" for v in np.sin(np.arange(60))), [], "beyond float32 range"),
+        ("a\n" + "".join(f"{v}e38\n" for v in np.sign(np.sin(np.arange(60))) * 3), [],
+         "too large for float32 arithmetic"),
     ],
-    ids=["missing-file", "missing-column", "non-numeric-cell", "too-few-rows", "constant-column"],
+    ids=["missing-file", "missing-column", "non-numeric-cell", "too-few-rows", "constant-column", "beyond-float32",
+         "spread-beyond-float32"],
 )
 def test_bad_input_exits_2_with_a_message(
     write_csv: CsvWriter, tmp_path: Path, csv_text: str | None, extra: list[str], message: str
