@@ -117,7 +117,7 @@ class Prediction:
 class Retry:
     """Exponential backoff with jitter; a ``Retry-After`` header is honoured up to ``max_delay``."""
 
-    attempts: int = 10  # tries in all, the first included: 10 to 21 s of waiting, past a service restart
+    attempts: int = 10  # tries in all, the first included: 16 to 21 s of waiting, past a service restart
     backoff: float = 0.1  # seconds before the first retry; doubles each time
     max_delay: float = 5.0
 
@@ -413,6 +413,12 @@ def _number(text: str) -> float | None:
         return None
 
 
+def _shape(cell: str) -> str:
+    """A cell with its runs of letters and of digits each reduced to one mark: 2020-01-01 and 2021-12-31
+    look alike, "date" does not."""
+    return re.sub(r"[0-9]+", "9", re.sub(r"[^\W\d_]+", "a", cell.strip()))
+
+
 def read_csv(
     path: Path, features: Sequence[str], columns: Sequence[str] | None
 ) -> tuple[list[str], list[list[float]]]:
@@ -420,7 +426,7 @@ def read_csv(
 
     Columns: ``columns`` if given; else the model's feature names when the header has them all; else the
     numeric columns, if there are as many as the model takes features."""
-    with path.open(newline="") as file:
+    with path.open(newline="", encoding="utf-8-sig") as file:  # a spreadsheet's byte-order mark is no text
         reader = csv.reader(file)
         table = [(reader.line_num, row) for row in reader]
     while table and not any(cell.strip() for cell in table[-1][1]):  # blank lines at the end are no rows
@@ -432,9 +438,10 @@ def read_csv(
         raise SystemExit(f"{path}:{blank}: empty row; fill or remove it (the service takes evenly spaced steps)")
     first = table[0][1]
     second = table[1][1] if len(table) > 1 else []
-    # A header: a cell that is not a number over one that is (a date column is text in every row), or, in a
-    # one-row file, any cell that is not a number.
-    has_header = (any(_number(a) is None and _number(b) is not None for a, b in zip(first, second, strict=False))
+    # A header: a cell that is not a number over one that is, or over text of another shape (a column named
+    # "date" over 2020-01-01; a headerless date column has one shape in every row). One row: any text.
+    has_header = (any(_number(a) is None and (_number(b) is not None or _shape(a) != _shape(b))
+                      for a, b in zip(first, second, strict=False))
                   if second else any(_number(cell) is None for cell in first))
     header = [cell.strip() for cell in first] if has_header else [f"column{i}" for i in range(len(first))]
     data = table[1:] if has_header else table
@@ -479,15 +486,24 @@ def _progress() -> Any:
 def write_predictions(path: Path, names: Sequence[str], truth: Sequence[Sequence[float]],
                       predictions: Sequence[Sequence[float]], start: int) -> None:
     """One row per step: the truth, and the prediction *for* that step (made after the step before). The
-    last row is the prediction for the step after the series."""
+    last row is the prediction for the step after the series. A resumed stream (``start`` > 0) extends the
+    file of the run before it when that file ends at ``start``: a stream cut off and resumed leaves one file."""
+    header = ["step", *names, *(f"predicted_{n}" for n in names)]
+    rows: list[list[Any]] = []
+    carried: list[Any] = [""] * len(names)  # the prediction for step ``start``, made by the run before
+    if start > 0 and path.exists():
+        with path.open(newline="") as file:
+            earlier = list(csv.reader(file))
+        if len(earlier) > 1 and earlier[0] == header and earlier[-1][0] == str(start):
+            rows, carried = earlier[1:-1], earlier[-1][1 + len(names):]
+    for i in range(len(truth) + 1):
+        actual = list(truth[i]) if i < len(truth) else [""] * len(names)
+        predicted = list(predictions[i - 1]) if i >= 1 else carried
+        rows.append([start + i, *actual, *predicted])
     with path.open("w", newline="") as file:
         writer = csv.writer(file)
-        writer.writerow(["step", *names, *(f"predicted_{n}" for n in names)])
-        for i in range(len(truth) + 1):
-            step = start + i
-            actual = list(truth[i]) if i < len(truth) else [""] * len(names)
-            predicted = list(predictions[i - 1]) if i >= 1 else [""] * len(names)
-            writer.writerow([step, *actual, *predicted])
+        writer.writerow(header)
+        writer.writerows(rows)
 
 
 def plot(path: Path, names: Sequence[str], truth: Sequence[Sequence[float]],
@@ -544,11 +560,11 @@ def stream_csv(args: argparse.Namespace) -> int:
                 predictions.extend(answer.predictions)
                 if progress:
                     progress.update(task, advance=len(answer.predictions))
-        except (ServiceError, httpx.HTTPError, SystemExit):
-            if predictions:  # keep what was answered: --resume goes on after it
+        except (ServiceError, httpx.HTTPError, SystemExit, KeyboardInterrupt):
+            if predictions:  # keep what was answered: a --resume run extends the file
                 write_predictions(out, names, todo[: len(predictions)], predictions, start)
-                print(f"the answers for steps {start} to {start + len(predictions)} are in {out}",
-                      file=sys.stderr)
+                print(f"steps {start} to {start + len(predictions) - 1} and their predictions are in {out};"
+                      " --resume goes on from there", file=sys.stderr)
             raise
         finally:
             if progress:
@@ -575,7 +591,8 @@ def main(argv: list[str] | None = None) -> int:
     stream.add_argument("--url", default=os.environ.get("GRU_URL", "http://127.0.0.1:8000"),
                         help="service base URL (default $GRU_URL or http://127.0.0.1:8000)")
     stream.add_argument("--api-key", default=os.environ.get("GRU_API_KEY"), help="default $GRU_API_KEY")
-    stream.add_argument("--out", type=Path, help="predictions CSV (default FILE.predictions.csv)")
+    stream.add_argument("--out", type=Path, help="predictions CSV (default FILE.predictions.csv);"
+                        " --resume extends it when it ends where the session is")
     stream.add_argument("--plot", type=Path, help="also draw truth vs prediction to this PNG")
     stream.add_argument("--columns", type=lambda s: [c.strip() for c in s.split(",")],
                         help="comma-separated CSV columns to send (default: the model's feature names)")

@@ -258,7 +258,6 @@ class Engine:
         while self._store_down is not None and not await self.store_reachable():
             await asyncio.sleep(STORE_PROBE_SECONDS)
 
-
     # -- the worker ------------------------------------------------------------------------------------
 
     async def _run(self) -> None:

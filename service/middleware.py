@@ -23,6 +23,17 @@ access_log = logging.getLogger("service.access")
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 
 
+def decimal_length(value: bytes) -> int | None:
+    """A length field (Content-Length, Inference-Header-Content-Length): ASCII digits (``str.isdigit`` also
+    takes "²"), whitespace around them and leading zeros allowed; None otherwise, or past 18 significant
+    digits, which no body reaches (and ``int()`` raises on 4,300 of them)."""
+    value = value.strip()
+    digits = value.lstrip(b"0")
+    if not value.isdigit() or len(digits) > 18:
+        return None
+    return int(digits or b"0")
+
+
 def _too_large(limit: int) -> Problem:
     return Problem(413, "body-too-large", f"the body is over GRU_MAX_BODY_BYTES={limit} bytes; send smaller chunks",
                    headers={"Connection": "close"})
@@ -39,9 +50,8 @@ class BodyLimit:
             return
         for name, value in scope["headers"]:
             if name == b"content-length":
-                value = value.strip()  # optional whitespace around a field value (RFC 9110 §5.5)
-                # leading zeros are still a valid length; int() refuses 4,300+ digits, so count them first
-                if not value.isdigit() or len(value.lstrip(b"0")) > 18 or int(value) > self.limit:
+                length = decimal_length(value)
+                if length is None or length > self.limit:
                     await _send_problem(_too_large(self.limit), scope, send)
                     return
                 break

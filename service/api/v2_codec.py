@@ -17,7 +17,6 @@ Triton's ``binary_data.md`` and ``sequence_extension`` docs.
 from __future__ import annotations
 
 import itertools
-import re
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +25,7 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from service.middleware import decimal_length
 from service.problems import Problem
 from service.schemas import SESSION_ID, SESSION_ID_PATTERN
 
@@ -37,7 +37,6 @@ FP32 = "FP32"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 UINT64_MAX = 2**64 - 1
 MAX_OFFSET = 2**62  # positions are int64 in the chunk fingerprint; no stream gets near this
-_DIGITS = re.compile(r"0*[0-9]{1,10}")  # ASCII only: str.isdigit() takes "²", which int() refuses
 _LOOSE = ConfigDict(strict=True, extra="ignore")  # the protocol lets clients add fields we do not use
 
 
@@ -110,10 +109,10 @@ def decode_body(raw: bytes, encoding: str | None, limit: int) -> bytes:
 def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     if header_length is None:
         return body, b""
-    if not _DIGITS.fullmatch(header_length.strip()) or int(header_length) > len(body):
+    cut = decimal_length(header_length.encode("latin-1"))  # Starlette decoded the header as latin-1
+    if cut is None or cut > len(body):
         raise v2_problem(400, f"{HEADER_LENGTH} is {header_length!r}, but the body has {len(body)} bytes; it"
                          " must be the length of the JSON header that starts the body")
-    cut = int(header_length)
     return body[:cut], body[cut:]
 
 
@@ -282,7 +281,7 @@ def parse_infer(
     offset = _count(parameters, "offset", MAX_OFFSET, "the largest position")
     if offset is not None and session_id is None:
         raise v2_problem(400, "parameter offset needs a sequence_id (a stateless call has no position)")
-    if sequence_start and offset:  # checked here, before the reset that sequence_start makes
+    if sequence_start and offset:  # a start is at 0 by definition
         raise v2_problem(400, f"parameter offset is {offset}, but sequence_start puts the chunk at 0; omit the"
                          " offset or send 0")
     return InferRequest(

@@ -186,9 +186,9 @@ def restore(store: MemoryStore, path: Path, model_version: str, state_size: int,
 def _check_writable(path: Path) -> None:
     """Refuse to start with a path no snapshot can be written to. Found only at shutdown, it would lose
     every session the snapshot exists to keep; and a directory there would be set aside as "corrupt"."""
-    if path.exists() and not path.is_file():
-        raise RuntimeError(f"GRU_SNAPSHOT_PATH={path} exists and is not a file; name the snapshot file itself")
     try:
+        if path.exists() and not path.is_file():
+            raise RuntimeError(f"GRU_SNAPSHOT_PATH={path} exists and is not a file; name the snapshot file itself")
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.probe-"):
             pass

@@ -199,10 +199,11 @@ def _raw_request(url: str, head: bytes, body: bytes, *, hang_up: bool = False) -
         return b"".join(iter(lambda: sock.recv(65536), b""))
 
 
-def test_content_length_with_surrounding_whitespace_is_read(server: Server) -> None:
+@pytest.mark.parametrize("written", [b"%d \t", b"0%d", b"0" * 5000 + b"%d"], ids=["whitespace", "zero", "5000 zeros"])
+def test_content_length_with_whitespace_or_leading_zeros_is_read(server: Server, written: bytes) -> None:
     body = b'{"values": [0.5]}'
     answer = _raw_request(server.url, b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                                      b"Content-Length: %d \t" % len(body), body)
+                                      b"Content-Length: " + written % len(body), body)
     assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
 
 

@@ -307,7 +307,9 @@ def test_cli_streams_a_csv_writes_predictions_and_a_plot(server: Server, client:
                    "--out", str(out), "--resume", "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     assert "2 steps from position 40 -> 42" in resumed.stderr
-    assert [r["step"] for r in csv.DictReader(out.open())] == ["40", "41", "42"]
+    extended = list(csv.DictReader(out.open()))  # the file of the first run, continued
+    assert [r["step"] for r in extended] == [str(step) for step in range(43)]
+    assert extended[40]["x"] == "0.5" and extended[40]["predicted_x"] == rows[40]["predicted_x"]
 
 
 def test_cli_explains_a_csv_it_cannot_use(server: Server, tmp_path: Path) -> None:
@@ -326,6 +328,10 @@ def test_csv_rows_are_read_in_place_or_refused_by_line(tmp_path: Path) -> None:
     path = tmp_path / "s.csv"
     path.write_text("2020-01-01,52.0\n2020-01-02,52.5\n\n\n")  # no header; blank lines at the end only
     assert read_csv(path, ["temp"], None) == (["column1"], [[52.0], [52.5]])
+    path.write_text("date,1001\n2020-01-01,5\n2020-01-02,6\n")  # a header whose column name is a number
+    assert read_csv(path, ["temp"], None) == (["1001"], [[5.0], [6.0]])
+    path.write_text("\ufefftemp\n1.5\n", encoding="utf-8")  # a spreadsheet's byte-order mark
+    assert read_csv(path, ["temp"], None) == (["temp"], [[1.5]])
     path.write_text("time,temp\n1,52.0\n\n3,53.0\n")
     with pytest.raises(SystemExit, match=r"s\.csv:3: empty row"):
         read_csv(path, ["temp"], None)
@@ -345,7 +351,7 @@ def test_cli_keeps_the_answers_it_got_before_a_refusal(server: Server, client: h
     done = _cli("stream", "--csv", str(source), "--session", session, "--chunk", "5", "--url", server.url,
                 "--out", str(out), "--quiet")
     assert done.returncode == 1 and "not finite numbers" in done.stderr, done.stderr
-    assert f"the answers for steps 0 to 10 are in {out}" in done.stderr
+    assert f"steps 0 to 9 and their predictions are in {out}" in done.stderr
     rows = list(csv.DictReader(out.open()))
     assert [r["step"] for r in rows] == [str(step) for step in range(11)]
     assert position(client, session) == 10

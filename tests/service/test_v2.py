@@ -384,6 +384,7 @@ def test_malformed_bodies_are_400(model: dict[str, Any], client: httpx.Client) -
         (b'{"inputs": []}', {HEADER: "-1"}),
         (b'{"inputs": []}', {HEADER: "\N{SUPERSCRIPT TWO}".encode("latin-1")}),  # a digit to str.isdigit()
         (b'{"inputs": []}', {HEADER: "9" * 5000}),  # past int()'s 4,300 digits
+        (b'{"inputs": []}', {HEADER: "0" * 5000 + "999"}),
         (b"\x1f\x8bnot gzip", {"content-encoding": "gzip"}),
     ]:
         _assert_v2_error(client.post(url, content=content, headers=headers), 400)
