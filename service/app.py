@@ -102,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1.0",
         summary="Stream a time series in chunks; the service keeps each session's GRU state between calls.",
         lifespan=lifespan,
+        redirect_slashes=False,  # /v1/predict/batch/ is a 404 problem, as on the hot routes, not an empty 307
     )
     app.state.settings = settings
     app.state.engine = engine

@@ -21,7 +21,7 @@ from service.api.bodies import chunk_array, parse, path_session_id
 from service.api.openapi import RawOperation
 from service.auth import tenant_of
 from service.engine import Engine
-from service.problems import CLIENT_CLOSED, Problem, as_problem
+from service.problems import CLIENT_CLOSED, Problem, as_problem, invalid
 from service.refusals import Refusal
 from service.schemas import (
     ChunkRequest,
@@ -48,7 +48,16 @@ async def _read(request: Request, model: type[Body]) -> tuple[Engine, Body, np.n
 
 
 async def predict_session(request: Request) -> Response:
-    session_id = path_session_id(request.path_params["session_id"])
+    try:
+        session_id = path_session_id(request.path_params["session_id"])
+    except Problem as wrong_id:  # answer as FastAPI would: a body that is not JSON first, else every error
+        try:
+            await _read(request, ChunkRequest)
+        except Problem as wrong_body:
+            if wrong_body.status != 422:
+                raise
+            raise invalid([*wrong_id.extra["errors"], *wrong_body.extra["errors"]]) from None
+        raise
     engine, body, values = await _read(request, ChunkRequest)
     answer = await engine.predict(session_key(tenant_of(request), session_id), values, body.offset, body.horizon)
     return Response(answer, media_type=JSON)

@@ -119,6 +119,7 @@ def test_longest_valid_session_id_works(client: httpx.Client) -> None:
 
 def test_unknown_route_and_wrong_method_are_problems(client: httpx.Client) -> None:
     assert_problem(client.get("/v1/nothing-here"), 404)
+    assert_problem(client.post("/v1/predict/batch/", json={"items": []}), 404)  # no redirect to elsewhere
     wrong = client.put("/v1/sessions/x/predict", json={"values": [1.0]})
     assert_problem(wrong, 405)
     assert wrong.headers["allow"] == "POST"
@@ -145,6 +146,10 @@ def test_invalid_session_id_is_the_same_problem_on_every_route(client: httpx.Cli
                                             ("DELETE", "", None), ("POST", "/reset", None))]
     assert all(answer == answers[0] for answer in answers), answers
     assert answers[0]["errors"][0]["loc"] == ["path", "session_id"]
+    # with a bad body too, as FastAPI answers: a body that is not JSON first, else every error at once
+    assert_problem(client.post("/v1/sessions/a%20b/predict", content=b"{not json"), 400)
+    both = assert_problem(client.post("/v1/sessions/a%20b/predict", json={"values": "x"}), 422)
+    assert {tuple(error["loc"][:2]) for error in both["errors"]} == {("path", "session_id"), ("body", "values")}
 
 
 def test_a_body_of_many_bad_elements_gets_a_short_answer(client: httpx.Client) -> None:
