@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import resource
 import sys
 
 import uvicorn
@@ -23,6 +25,18 @@ def _configuration_errors(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def _raise_open_file_limit() -> None:
+    """Every connection holds a file descriptor, idle ones included (uvicorn closes a connection that never
+    sends a request only when its client does): the usual soft limit of 1,024 would let a thousand silent
+    clients lock everyone out, long before the hard limit would. Front the service with a proxy that times
+    out slow clients (deploy/nginx) where it faces the open internet."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft < target:
+        with contextlib.suppress(ValueError, OSError):  # a kernel cap below the hard limit: keep the soft one
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
@@ -34,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"invalid configuration:\n{_configuration_errors(exc)}", file=sys.stderr)
         return 2
     configure(settings.log_level)
+    _raise_open_file_limit()
     try:
         app = create_app(settings)
     except (CheckpointError, RuntimeError) as exc:

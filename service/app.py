@@ -116,7 +116,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     problems.install(app)
     app.add_middleware(hot.HotRoutes)  # innermost: the predict routes skip FastAPI's per-request machinery
-    app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes,
+                       body_timeout_seconds=settings.request_timeout_seconds)
     auth.install(app, settings)  # inside Observability, so refusals are counted and logged
     app.add_middleware(Observability, metrics=metrics)
     return app

@@ -1,13 +1,19 @@
 """Pure ASGI middleware (no BaseHTTPMiddleware: it would cost the hot path a task and a copy per request).
 
 - ``BodyLimit``: a body over the limit is refused from its Content-Length before a byte is read (413,
-  connection closed); a chunked body is cut off the moment it passes the limit.
+  connection closed); a chunked body is cut off the moment it passes the limit; a body still arriving
+  when the request's time (GRU_REQUEST_TIMEOUT_SECONDS) is up gets 408, connection closed: a client
+  trickling a byte a second would otherwise hold its connection and task for ever.
 - ``Observability``: request id (``X-Request-ID`` honoured and echoed), one JSON log line per request,
-  request count and latency by route template and status. Never logs bodies, values or keys.
+  request count and latency by route template and status. Never logs bodies, values or keys. It also
+  answers what escapes the app before a response has started: an unexpected error (500, logged once, with
+  the request id) and a request cancelled by the server's shutdown (503): both as problem+json with the
+  request id, where uvicorn would send a bare text/plain 500.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -20,6 +26,7 @@ from service.metrics import Metrics
 from service.problems import Problem
 
 access_log = logging.getLogger("service.access")
+error_log = logging.getLogger("service.errors")
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -34,15 +41,26 @@ def decimal_length(value: bytes) -> int | None:
     return int(digits or b"0")
 
 
+def _too_slow(timeout: float) -> Problem:
+    return Problem(408, "body-timeout", f"the body did not arrive within GRU_REQUEST_TIMEOUT_SECONDS={timeout:g};"
+                   " send it at once", headers={"Connection": "close"})
+
+
+_STOPPED = Problem(503, "shutting-down", "the service stopped before this request was answered; nothing was"
+                   " changed, retry on another replica", headers={"Retry-After": "1", "Connection": "close"})
+_INTERNAL = Problem(500, "internal-error", "an unexpected error occurred; it has been logged")
+
+
 def _too_large(limit: int) -> Problem:
     return Problem(413, "body-too-large", f"the body is over GRU_MAX_BODY_BYTES={limit} bytes; send smaller chunks",
                    headers={"Connection": "close"})
 
 
 class BodyLimit:
-    def __init__(self, app: ASGIApp, max_body_bytes: int):
+    def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout_seconds: float):
         self.app = app
         self.limit = max_body_bytes
+        self.timeout = body_timeout_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -56,10 +74,15 @@ class BodyLimit:
                     return
                 break
         received = 0
+        deadline = asyncio.get_running_loop().time() + self.timeout
 
         async def limited() -> Message:
             nonlocal received
-            message = await receive()
+            try:
+                async with asyncio.timeout_at(deadline):  # no task per call, unlike wait_for: the hot path
+                    message = await receive()
+            except TimeoutError:
+                raise _too_slow(self.timeout) from None  # answered by the app's Problem handler
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
@@ -89,7 +112,7 @@ class Observability:
             return
         began = time.perf_counter()
         request_id = _request_id(scope)
-        status = 500
+        status = 0  # no response started yet
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -100,6 +123,16 @@ class Observability:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:  # uvicorn's graceful shutdown ran out of time for this request
+            if status:
+                raise
+            await _send_problem(_STOPPED, scope, send_with_id)  # and the request ends here
+        except Exception:
+            if status:
+                raise
+            error_log.exception("unexpected error", extra={"fields": {
+                "request_id": request_id.decode(), "method": scope["method"], "path": scope["path"][:256]}})
+            await _send_problem(_INTERNAL, scope, send_with_id)
         finally:
             elapsed = time.perf_counter() - began
             route = scope.get("route")

@@ -8,7 +8,6 @@ Starlette's HTTP errors into one shape: ``type``, ``title``, ``status``, ``detai
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,7 +23,6 @@ from service import refusals
 
 PROBLEM_JSON = "application/problem+json"
 TYPE_BASE = "https://gru-service.dev/problems/"
-log = logging.getLogger("service.problems")
 
 _TITLES = {
     400: "Bad request",
@@ -32,6 +30,7 @@ _TITLES = {
     403: "Forbidden",
     404: "Not found",
     405: "Method not allowed",
+    408: "Request timeout",
     409: "Conflict",
     413: "Request body too large",
     415: "Unsupported media type",
@@ -164,17 +163,9 @@ async def _client_gone_handler(request: Request, exc: Exception) -> Response:
     return Response(status_code=CLIENT_CLOSED)
 
 
-async def _unexpected_handler(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return Problem(500, "internal-error", "an unexpected error occurred; it has been logged").response(
-        request.scope
-    )
-
-
 def install(app: FastAPI) -> None:
     app.add_exception_handler(Problem, _problem_handler)
     app.add_exception_handler(refusals.Refusal, _problem_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(StarletteHTTPException, _http_handler)
     app.add_exception_handler(ClientDisconnect, _client_gone_handler)
-    app.add_exception_handler(Exception, _unexpected_handler)

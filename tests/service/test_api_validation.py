@@ -241,3 +241,17 @@ def test_values_that_drive_the_model_past_float32_are_refused_and_change_nothing
     assert after.status_code == 200, after.text
     whole = stateless(client, np.concatenate([head, tail]))["predictions"]
     np.testing.assert_allclose(after.json()["predictions"], whole[6:], atol=1e-5)
+
+
+def test_a_body_that_trickles_in_past_the_request_time_gets_408(server_factory: ServerFactory) -> None:
+    """A client sending a byte now and then would hold its connection and a task for ever."""
+    server = server_factory(GRU_REQUEST_TIMEOUT_SECONDS="1")
+    address = urlsplit(server.url)
+    with socket.create_connection((address.hostname, address.port)) as sock:
+        sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"values\"")
+        sock.settimeout(10)
+        answer = b"".join(iter(lambda: sock.recv(65536), b""))  # closed by the server after its answer
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"application/problem+json" in answer and b"body-timeout" in answer
+    with httpx.Client(base_url=server.url) as http:
+        assert 'route="/v1/predict",status="408"' in http.get("/metrics").text

@@ -1,0 +1,49 @@
+"""What escapes the app before a response has started is answered by ``Observability`` itself, as problem+json
+with the request id, and logged once: an unexpected error (500) and a request cancelled by the server's
+shutdown (503). The middleware runs here around a real ASGI app that fails, as uvicorn would drive it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import httpx
+import pytest
+from starlette.types import Receive, Scope, Send
+
+from service.metrics import Metrics
+from service.middleware import Observability
+
+
+async def _fails(scope: Scope, receive: Receive, send: Send) -> None:
+    raise RuntimeError("a bug")
+
+
+async def _cancelled(scope: Scope, receive: Receive, send: Send) -> None:
+    raise asyncio.CancelledError
+
+
+async def _call(app: Observability) -> httpx.Response:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        return await client.post("/v1/predict", headers={"X-Request-ID": "trace-7"}, content=b"{}")
+
+
+@pytest.mark.parametrize(("app", "status", "kind"), [(_fails, 500, "internal-error"),
+                                                     (_cancelled, 503, "shutting-down")])
+def test_what_escapes_the_app_is_answered_as_a_problem_with_the_request_id(
+    app: object, status: int, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    metrics = Metrics()
+    with caplog.at_level(logging.ERROR, logger="service.errors"):
+        response = asyncio.run(_call(Observability(app, metrics)))  # type: ignore[arg-type]
+    assert response.status_code == status
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert response.headers["x-request-id"] == "trace-7"
+    assert response.json()["type"].endswith("/" + kind)
+    sample = metrics.requests.labels(route="unmatched", method="POST", status=str(status))
+    assert sample._value.get() == 1
+    errors = [r for r in caplog.records if r.name == "service.errors"]
+    assert len(errors) == (1 if status == 500 else 0)
+    if errors:
+        assert errors[0].fields["request_id"] == "trace-7" and errors[0].exc_info  # type: ignore[attr-defined]
