@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import resource
 import sys
 
 import uvicorn
@@ -30,11 +28,20 @@ def _raise_open_file_limit() -> None:
     sends a request only when its client does): the usual soft limit of 1,024 would let a thousand silent
     clients lock everyone out, long before the hard limit would. Front the service with a proxy that times
     out slow clients (deploy/nginx) where it faces the open internet."""
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
-    if soft < target:
-        with contextlib.suppress(ValueError, OSError):  # a kernel cap below the hard limit: keep the soft one
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    # An unlimited hard limit is capped by the kernel (macOS: kern.maxfilesperproc): try high, then lower.
+    ceiling = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    for target in (ceiling, 65536, 10240):
+        if soft < target <= ceiling:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                return
+            except (ValueError, OSError):
+                continue
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(64, ge=1, le=4096, description="chunks of distinct sessions run as one batch")
     max_batch_delay_ms: float = Field(2.0, ge=0, le=1000, description="how long a batch waits to fill")
     max_queue: int = Field(1024, ge=1, description="chunks waiting for the engine; beyond this 429")
-    request_timeout_seconds: float = Field(30.0, gt=0, description="a chunk not computed by then gets 503")
+    request_timeout_seconds: float = Field(
+        30.0, gt=0, description="a chunk not computed by then gets 503; a body not received by then, 408"
+    )
     max_chunk_steps: int = Field(4096, ge=1, description="most steps in one chunk")
     max_horizon: int = Field(512, ge=0, description="longest forecast")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger bodies get 413 unread")

@@ -46,8 +46,9 @@ def _too_slow(timeout: float) -> Problem:
                    " send it at once", headers={"Connection": "close"})
 
 
-_STOPPED = Problem(503, "shutting-down", "the service stopped before this request was answered; nothing was"
-                   " changed, retry on another replica", headers={"Retry-After": "1", "Connection": "close"})
+_STOPPED = Problem(503, "shutting-down", "the service stopped before this request was answered; a chunk may"
+                   " have been applied all the same: retry it with the same offset (an applied one returns its"
+                   " answer)", headers={"Retry-After": "1", "Connection": "close"})
 _INTERNAL = Problem(500, "internal-error", "an unexpected error occurred; it has been logged")
 
 
@@ -138,6 +139,7 @@ class Observability:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             method = scope["method"]
+            status = status or 500  # the app returned without answering: uvicorn sends its own 500
             self.metrics.requests.labels(route=template, method=method, status=str(status)).inc()
             self.metrics.request_duration.labels(route=template, method=method).observe(elapsed)
             if access_log.isEnabledFor(logging.INFO):

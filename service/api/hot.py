@@ -79,8 +79,8 @@ class HotRoutes:
     stack and router (one regex match instead of walking every route), and passes everything else on.
 
     Outside it still run the body limit, auth, metrics and access log, and Starlette's server-error
-    middleware; a ``Problem`` or an engine ``Refusal`` is answered here, any other exception reaches the
-    server-error handler (500).
+    middleware; a ``Problem`` or an engine ``Refusal`` is answered here, any other exception is answered by
+    ``service.middleware.Observability`` (500, logged with the request id).
     """
 
     def __init__(self, app: ASGIApp):
@@ -112,11 +112,11 @@ OPERATIONS = [
         "/v1/sessions/{session_id}/predict", "post", "Feed a session the next chunk of its series",
         "Applies the chunk at the session's position and answers the one-step-ahead prediction after every "
         "step, plus a forecast when `horizon` > 0. `offset` makes retries safe: see the README's offset rules.",
-        ChunkRequest, SessionPredictResponse, (400, 404, 409, 413, 422, 429, 503), session_path=True,
+        ChunkRequest, SessionPredictResponse, (400, 404, 408, 409, 413, 422, 429, 503), session_path=True,
     ),
     RawOperation(
         "/v1/predict", "post", "Predict a whole series from a fresh state (nothing kept)",
         "Stateless: the series runs from a fresh state and nothing is stored.",
-        StatelessRequest, PredictionResponse, (400, 413, 422, 429, 503),
+        StatelessRequest, PredictionResponse, (400, 408, 413, 422, 429, 503),
     ),
 ]

@@ -54,7 +54,7 @@ async def model_info(request: Request, engine: EngineDep) -> ModelInfo:
 
 @router.post(
     "/predict/batch", response_model=BatchResponse, summary="Chunks of many sessions in one call",
-    openapi_extra=body_schema(BatchRequest), responses=problem_responses(400, 413, 422),
+    openapi_extra=body_schema(BatchRequest), responses=problem_responses(400, 408, 413, 422),
 )
 async def predict_batch(request: Request, engine: EngineDep, settings: SettingsDep, tenant: TenantDep) -> Response:
     body = parse(await request.body(), BatchEnvelope)

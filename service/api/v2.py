@@ -71,7 +71,7 @@ class _V2Route(APIRoute):
 # Every v2 route may answer these (the union: 404 unknown model, version or sequence; 400/409/413 from infer;
 # 422 for a malformed path; 429/503 from the engine and the store).
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"], route_class=_V2Route,
-                   responses=problem_responses(400, 404, 409, 413, 422, 429, 503))
+                   responses=problem_responses(400, 404, 408, 409, 413, 422, 429, 503))
 ModelName = Annotated[str, Path(description="The model name that GET /v1/model reports")]
 ModelVersion = Annotated[str, Path(description="The model version (hash) that GET /v1/model reports")]
 
