@@ -6,9 +6,11 @@
   trickling a byte a second would otherwise hold its connection and task for ever.
 - ``Observability``: request id (``X-Request-ID`` honoured and echoed), one JSON log line per request,
   request count and latency by route template and status. Never logs bodies, values or keys. It also
-  answers what escapes the app before a response has started: an unexpected error (500, logged once, with
-  the request id) and a request cancelled by the server's shutdown (503): both as problem+json with the
-  request id, where uvicorn would send a bare text/plain 500.
+  answers what escapes the app (hot routes and FastAPI's alike) before a response has started: an
+  unexpected error (500, logged once, with the request id) and a request cancelled by the server's shutdown
+  (503), both as problem+json with the request id where uvicorn would send a bare text/plain 500; and a
+  client that hung up before its body arrived (499, nginx's "client closed request": nothing changed, and
+  not counted as our error).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import time
 import uuid
 from typing import Any
 
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.metrics import Metrics
@@ -27,6 +31,7 @@ from service.problems import Problem
 
 access_log = logging.getLogger("service.access")
 error_log = logging.getLogger("service.errors")
+CLIENT_CLOSED = 499
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -124,6 +129,10 @@ class Observability:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            if status:
+                raise
+            await Response(status_code=CLIENT_CLOSED)(scope, receive, send_with_id)  # to nobody: for the record
         except asyncio.CancelledError:  # uvicorn's graceful shutdown ran out of time for this request
             if status:
                 raise

@@ -15,7 +15,6 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import Scope
 
@@ -154,18 +153,8 @@ async def _http_handler(request: Request, exc: Exception) -> Response:
     return Problem(status, kind, detail, headers=exc.headers).response(request.scope)
 
 
-CLIENT_CLOSED = 499  # nginx's "client closed request": no answer reaches anyone, and it is not our error
-
-
-async def _client_gone_handler(request: Request, exc: Exception) -> Response:
-    """The client hung up before its body arrived: nothing was read, nothing changed, nobody to answer.
-    Counted and logged as 499 rather than as a 500, which would page someone for a client's timeout."""
-    return Response(status_code=CLIENT_CLOSED)
-
-
 def install(app: FastAPI) -> None:
     app.add_exception_handler(Problem, _problem_handler)
     app.add_exception_handler(refusals.Refusal, _problem_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(StarletteHTTPException, _http_handler)
-    app.add_exception_handler(ClientDisconnect, _client_gone_handler)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TypeVar
 
 import numpy as np
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -21,7 +21,7 @@ from service.api.bodies import chunk_array, parse, path_session_id
 from service.api.openapi import RawOperation
 from service.auth import tenant_of
 from service.engine import Engine
-from service.problems import CLIENT_CLOSED, Problem, as_problem, invalid
+from service.problems import Problem, as_problem, invalid
 from service.refusals import Refusal
 from service.schemas import (
     ChunkRequest,
@@ -79,8 +79,8 @@ class HotRoutes:
     stack and router (one regex match instead of walking every route), and passes everything else on.
 
     Outside it still run the body limit, auth, metrics and access log, and Starlette's server-error
-    middleware; a ``Problem`` or an engine ``Refusal`` is answered here, any other exception is answered by
-    ``service.middleware.Observability`` (500, logged with the request id).
+    middleware; a ``Problem`` or an engine ``Refusal`` is answered here, any other exception (a client gone
+    mid-body included) by ``service.middleware.Observability``.
     """
 
     def __init__(self, app: ASGIApp):
@@ -100,8 +100,6 @@ class HotRoutes:
                     response = await route.endpoint(Request(scope, receive))
                 except (Problem, Refusal) as refused:
                     response = as_problem(refused).response(scope)
-                except ClientDisconnect:
-                    response = Response(status_code=CLIENT_CLOSED)
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

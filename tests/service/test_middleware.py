@@ -9,6 +9,7 @@ import logging
 
 import httpx
 import pytest
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from service.metrics import Metrics
@@ -47,3 +48,16 @@ def test_what_escapes_the_app_is_answered_as_a_problem_with_the_request_id(
     assert len(errors) == (1 if status == 500 else 0)
     if errors:
         assert errors[0].fields["request_id"] == "trace-7" and errors[0].exc_info  # type: ignore[attr-defined]
+
+
+async def _client_gone(scope: Scope, receive: Receive, send: Send) -> None:
+    raise ClientDisconnect
+
+
+def test_a_client_gone_mid_body_is_recorded_as_499_not_as_our_error(caplog: pytest.LogCaptureFixture) -> None:
+    metrics = Metrics()
+    with caplog.at_level(logging.ERROR, logger="service.errors"):
+        response = asyncio.run(_call(Observability(_client_gone, metrics)))
+    assert response.status_code == 499
+    assert metrics.requests.labels(route="unmatched", method="POST", status="499")._value.get() == 1
+    assert not [r for r in caplog.records if r.name == "service.errors"]
