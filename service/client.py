@@ -413,6 +413,10 @@ def _number(text: str) -> float | None:
         return None
 
 
+def _blank(row: list[str]) -> bool:
+    return not any(cell.strip() for cell in row)
+
+
 def _shape(cell: str) -> str:
     """A cell with its runs of letters and of digits each reduced to one mark: 2020-01-01 and 2021-12-31
     look alike, "date" does not."""
@@ -429,11 +433,11 @@ def read_csv(
     with path.open(newline="", encoding="utf-8-sig") as file:  # a spreadsheet's byte-order mark is no text
         reader = csv.reader(file)
         table = [(reader.line_num, row) for row in reader]
-    while table and not any(cell.strip() for cell in table[-1][1]):  # blank lines at the end are no rows
+    while table and _blank(table[-1][1]):  # blank lines at the end are no rows
         table.pop()
     if not table:
         raise SystemExit(f"{path} is empty")
-    blank = next((line for line, row in table if not any(cell.strip() for cell in row)), None)
+    blank = next((line for line, row in table if _blank(row)), None)
     if blank is not None:  # skipping it would shift every later step against the file's time axis
         raise SystemExit(f"{path}:{blank}: empty row; fill or remove it (the service takes evenly spaced steps)")
     first = table[0][1]
