@@ -4,13 +4,14 @@
   connection closed); a chunked body is cut off the moment it passes the limit; a body still arriving
   when the request's time (GRU_REQUEST_TIMEOUT_SECONDS) is up gets 408, connection closed: a client
   trickling a byte a second would otherwise hold its connection and task for ever.
-- ``Observability``: request id (``X-Request-ID`` honoured and echoed), one JSON log line per request,
-  request count and latency by route template and status. Never logs bodies, values or keys. It also
-  answers what escapes the app (hot routes and FastAPI's alike) before a response has started: an
-  unexpected error (500, logged once, with the request id) and a request cancelled by the server's shutdown
-  (503), both as problem+json with the request id where uvicorn would send a bare text/plain 500; and a
-  client that hung up before its body arrived (499, nginx's "client closed request": nothing changed, and
-  not counted as our error).
+- ``Observability``: request id (``X-Request-ID`` honoured and echoed), one JSON log line per request, request
+  count and latency by route template and status (a request refused before routing, by auth or the body limit,
+  under the template its path matches, so a 401 or 413 on a predict route is counted there). Never logs
+  bodies, values or keys. It also answers what escapes the app (hot routes and FastAPI's alike) before a
+  response has started: an unexpected error (500, logged once, with the request id) and a request cancelled by
+  the server's shutdown (503), both as problem+json with the request id where uvicorn would send a bare
+  text/plain 500; and a client that hung up before its body arrived (499, nginx's "client closed request":
+  nothing changed, and not counted as our error).
 """
 
 from __future__ import annotations
@@ -20,14 +21,16 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.metrics import Metrics
-from service.problems import Problem
+from service.problems import Problem, route_path
 
 access_log = logging.getLogger("service.access")
 error_log = logging.getLogger("service.errors")
@@ -107,10 +110,26 @@ async def _no_body() -> Message:
     return {"type": "http.disconnect"}
 
 
+class RouteTemplates:
+    """The app's path templates, for requests that end without a route in their scope: refused before routing
+    (API keys, body limit) or served by Starlette routes that do not record one (/docs, /openapi.json)."""
+
+    def __init__(self, templates: Iterable[str]):
+        self._compiled = [(compile_path(template)[0], template) for template in templates]
+
+    def match(self, path: str) -> tuple[str, dict[str, str]]:
+        """The template ``path`` matches and its parameters; "unmatched" (a bounded metric label) if none."""
+        for regex, template in self._compiled:
+            if found := regex.match(path):
+                return template, found.groupdict()
+        return "unmatched", {}
+
+
 class Observability:
-    def __init__(self, app: ASGIApp, metrics: Metrics):
+    def __init__(self, app: ASGIApp, metrics: Metrics, templates: RouteTemplates | None = None):
         self.app = app
         self.metrics = metrics
+        self.templates = templates or RouteTemplates(())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -146,7 +165,10 @@ class Observability:
         finally:
             elapsed = time.perf_counter() - began
             route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
+            if route is not None:
+                template, params = route.path, scope.get("path_params", {})
+            else:
+                template, params = self.templates.match(route_path(scope))
             method = scope["method"]
             status = status or 500  # the app returned without answering: uvicorn sends its own 500
             self.metrics.requests.labels(route=template, method=method, status=str(status)).inc()
@@ -156,7 +178,7 @@ class Observability:
                     "request_id": request_id.decode(), "method": method, "route": template,
                     "status": status, "latency_ms": round(elapsed * 1000, 3),
                 }
-                session = scope.get("path_params", {}).get("session_id")
+                session = params.get("session_id")
                 if session is not None:
                     entry["session"] = session[:128]
                 access_log.info("request", extra={"fields": entry})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -85,6 +86,12 @@ def test_body_over_the_limit_is_refused_from_its_content_length(server_factory: 
     assert head.startswith("HTTP/1.1 413"), head
     assert "application/problem+json" in head
     assert "connection: close" in head.lower()
+    # refused before routing, yet counted and logged under the route its path names
+    with httpx.Client(base_url=server.url) as http:
+        metrics = http.get("/metrics").text
+    assert 'gru_requests_total{method="POST",route="/v1/sessions/{session_id}/predict",status="413"} 1.0' in metrics
+    access = [json.loads(line) for line in server.log().splitlines() if '"status":413' in line]
+    assert [(line["route"], line["session"]) for line in access] == [("/v1/sessions/{session_id}/predict", "big")]
 
 
 def test_chunked_body_is_cut_off_at_the_limit(server_factory: ServerFactory) -> None:

@@ -247,6 +247,24 @@ def test_metrics_behind_a_key_when_configured(server_factory: ServerFactory) -> 
         assert http.get("/healthz").status_code == 200
 
 
+def test_refusals_before_routing_are_counted_under_the_route_their_path_names(server_factory: ServerFactory) -> None:
+    """A 401 is decided before routing; an operator still sees which route it was for. Unknown paths stay
+    under one "unmatched" label (a scan of random paths must not grow the metric without bound)."""
+    keyed = server_factory(GRU_API_KEYS=KEYS)
+    with httpx.Client(base_url=keyed.url, timeout=30) as http:
+        assert_problem(http.post("/v1/sessions/no-key-7/predict", json={"values": [1.0]}), 401)
+        assert_problem(http.get("/v2/models/seattle/ready"), 401)
+        assert http.get("/docs").status_code == 200
+        assert_problem(http.get("/no/such/path", headers=_as(ALICE)), 404)
+        metrics = http.get("/metrics").text
+    for sample in ('method="POST",route="/v1/sessions/{session_id}/predict",status="401"',
+                   'method="GET",route="/v2/models/{model_name}/ready",status="401"',
+                   'method="GET",route="/docs",status="200"', 'method="GET",route="unmatched",status="404"'):
+        assert f"gru_requests_total{{{sample}}} 1.0" in metrics, sample
+    assert '"route":"/v1/sessions/{session_id}/predict","status":401' in keyed.log()
+    assert '"session":"no-key-7"' in keyed.log()
+
+
 def test_tenants_with_the_same_session_id_never_touch_each_others_state(keyed: Server) -> None:
     values = series(12, seed=5)
     session = "pump-7"
