@@ -51,8 +51,7 @@ def _answer(session_id: str, position: int, predictions: np.ndarray, version: st
                          "model_version": version, "created": True}, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-async def fill(store: MemoryStore, sessions: int, steps: int, state_size: int, version: str,
-               copy_answers: bool = False) -> None:
+async def fill(store: MemoryStore, sessions: int, steps: int, state_size: int, version: str) -> None:
     rng = np.random.default_rng(0)
     for first in range(0, sessions, BATCH):
         ids = [f"sensor-{n:07d}" for n in range(first, min(first + BATCH, sessions))]
@@ -62,8 +61,6 @@ async def fill(store: MemoryStore, sessions: int, steps: int, state_size: int, v
         values = rng.normal(0.5, 0.1, (len(ids), steps, 1)).astype(np.float32)  # (B, T, 1)
         states = torch.randn(len(ids), state_size)  # (B, S): the batch's new states
         answers = [_answer(ids[row], steps, values[row] + 0.01, version) for row in range(len(ids))]
-        if copy_answers:  # what the engine could store instead: a copy at the exact size
-            answers = [bytes(memoryview(answer)) for answer in answers]
         writes = [
             Write(key=key, expected_revision=None, position=steps, model_version=version, last_offset=0,
                   fingerprint=fingerprint(0, 0, values[row]), row=row, answer=answers[row])
@@ -109,8 +106,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__.split("\n")[0])
     parser.add_argument("--sessions", type=int, default=100_000)
     parser.add_argument("--steps", type=int, default=8, help="steps in each kept answer")
-    parser.add_argument("--copy-answers", action="store_true",
-                        help="store exact-size copies of the answers (what a fix in the engine would give)")
     args = parser.parse_args(argv)
     console = Console(width=max(Console().width, 100))
     console.print(f"machine: {machine()}")
@@ -126,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     before = rss_bytes()
     store = MemoryStore(state_size, torch.device("cpu"), max_sessions, ttl_seconds=3600)
-    asyncio.run(fill(store, args.sessions, args.steps, state_size, version, args.copy_answers))
+    asyncio.run(fill(store, args.sessions, args.steps, state_size, version))
     gc.collect()
     after = rss_bytes()
     assert len(store) == args.sessions
@@ -151,9 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     def one_answer() -> bytes:
         return _answer("sensor-0000000", args.steps, np.zeros((args.steps, 1), np.float32), version)
 
-    how = "stored as exact-size copies here" if args.copy_answers else "stored as is, as the engine does"
     console.print(f"one {args.steps}-step answer from orjson.dumps: {sys.getsizeof(one_answer())} bytes by "
-                  f"sys.getsizeof, {_allocated(one_answer):,} bytes allocated ({how})")
+                  f"sys.getsizeof, {_allocated(one_answer):,} bytes allocated (the store keeps an exact-size copy)")
     console.print(f"state tensor capacity {store.states.size(0):,} rows (GRU_MAX_SESSIONS={max_sessions:,})")
     return 0
 

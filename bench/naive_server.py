@@ -21,7 +21,8 @@ import threading
 
 import torch
 import uvicorn
-from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from torch import nn
 
@@ -47,12 +48,14 @@ def naive_app(hidden: int, layers: int) -> FastAPI:
     lock = threading.Lock()
 
     @app.post("/v1/sessions/{session_id}/predict", response_model=ChunkOut)
-    def predict(session_id: str, chunk: ChunkIn) -> ChunkOut:
+    def predict(session_id: str, chunk: ChunkIn) -> ChunkOut | JSONResponse:
         x = torch.tensor(chunk.values, dtype=torch.float32).reshape(1, -1, 1)  # (1, T, 1)
         with lock:
             h, position = sessions.get(session_id, (torch.zeros(layers, 1, hidden), 0))
             if chunk.offset is not None and chunk.offset != position:
-                raise HTTPException(409, f"offset {chunk.offset} but session is at {position}")
+                # the position in the body, as the service gives it, so a client that lost an answer resyncs
+                return JSONResponse({"detail": f"offset {chunk.offset} but session is at {position}",
+                                     "position": position}, status_code=409)
             with torch.no_grad():
                 out, h = gru(x, h)
                 y = head(out)  # (1, T, 1)

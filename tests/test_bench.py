@@ -1,12 +1,16 @@
-"""``make bench``'s GRU table runs, and exits 0 only while our outputs match nn.GRU's (it never judges a time)."""
+"""``make bench``'s GRU table runs, and exits 0 only while our outputs match nn.GRU's (it never judges a time);
+the load generator counts what it should, and the baseline lets it resynchronise as the service does."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from bench import __main__ as bench_main
-from bench import cell
+from bench import cell, load, naive_server
 
 
 def test_cell_table_runs_and_checks_outputs(capsys: pytest.CaptureFixture[str]) -> None:
@@ -41,3 +45,39 @@ def test_bench_entry_point_answers_help_and_refuses_unknown_flags_before_running
             bench_main.main(argv)
         assert stopped.value.code == status
     assert "--load" in capsys.readouterr().out
+
+
+def test_load_generator_counts_every_answer_that_arrives_in_the_window() -> None:
+    """A server answering after 0.25 s, two connections, a window from 0.1 s to 1.2 s: each connection's
+    answers arrive at 0.25, 0.5, 0.75 and 1.0 s, so 8 in all. Dropping the answer each connection had in
+    flight when the window opened (as the generator once did) reads 6: req/s short by sessions/duration,
+    most for the slowest server, which flattered every ratio."""
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            await asyncio.sleep(0.25)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+
+    async def measure() -> dict[str, object]:
+        server = await asyncio.start_server(slow, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            return await load.drive(f"http://127.0.0.1:{port}", 8, sessions=2, duration=1.1, warmup=0.1, tag="t",
+                                    pids=[])
+
+    numbers = asyncio.run(measure())
+    assert numbers["ok"] == 8, numbers
+
+
+def test_naive_server_tells_a_client_that_lost_track_where_its_session_is() -> None:
+    """Without the position in its 409, a load-generator connection that lost an answer would send 409s for
+    the rest of a run against the baseline only."""
+    app = naive_server.naive_app(hidden=8, layers=1)
+    with TestClient(app) as client:
+        assert client.post("/v1/sessions/s/predict", json={"values": [1.0, 2.0, 3.0], "offset": 0}).status_code == 200
+        again = client.post("/v1/sessions/s/predict", json={"values": [1.0], "offset": 0})
+    assert again.status_code == 409
+    assert again.json()["position"] == 3
