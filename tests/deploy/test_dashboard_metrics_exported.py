@@ -10,7 +10,14 @@ from types import SimpleNamespace
 from typing import Any
 
 import httpx
+import pytest
+import torch
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+
+from service.config import Settings
+from service.metrics import Metrics
+from service.sessions import build_store
 
 # The sample names each metric type exposes: the parser strips `_total` and `_info` from family names.
 _SUFFIXES = {
@@ -82,3 +89,17 @@ def test_model_info_carries_the_labels_the_dashboard_shows(server: Any, dashboar
     legend = model_panel["targets"][0]["legendFormat"]
     for label in ("name", "version", "device"):
         assert "{{" + label + "}}" in legend and label in info.labels
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_dashboard_variables_come_from_a_metric_every_store_exports(
+    store: str, dashboard: dict[str, Any], promql: SimpleNamespace
+) -> None:
+    """The job and replica pickers feed every panel: a Redis replica does not export the session gauges
+    (Redis counts and evicts the sessions), and a picker built on them left every panel empty there."""
+    metrics = Metrics()
+    build_store(Settings(store=store), 8, torch.device("cpu"), metrics)
+    exported = _exported(generate_latest(metrics.registry).decode())
+    for variable in dashboard["templating"]["list"]:
+        names = promql.gru_metrics(variable["query"]["query"])
+        assert names and names <= exported, (variable["name"], names)

@@ -110,10 +110,13 @@ def test_every_container_has_cpu_and_memory_requests_and_limits(overlay: str, ku
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_torch_threads_equal_the_api_cpu_limit(overlay: str, kustomize: Render) -> None:
-    """Unset, torch would start one thread per node core and the container would be throttled."""
+def test_torch_threads_leave_the_event_loop_one_core_of_the_api_cpu_limit(overlay: str, kustomize: Render) -> None:
+    """Unset, torch would start one thread per node core and the container would be throttled; at the limit
+    itself, its threads and the event loop fight for the cores (docs/bench.md: 2 threads on 2 cores took
+    forwards from 9-14 to 15-25 ms)."""
     resources = kustomize(overlay)
-    assert _settings(resources)["GRU_TORCH_THREADS"] == _container(_api(resources))["resources"]["limits"]["cpu"]
+    limit = int(_container(_api(resources))["resources"]["limits"]["cpu"])
+    assert int(_settings(resources)["GRU_TORCH_THREADS"]) == max(1, limit - 1)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

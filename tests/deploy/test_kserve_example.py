@@ -65,8 +65,9 @@ def test_runtime_runs_our_image_speaking_v2_on_port_8000(kserve: KServe, kustomi
     assert container["image"] == api["image"]
     assert container["args"] == api["args"] == ["--host", "0.0.0.0", "--port", "8000"]
     assert container["ports"] == [{"containerPort": 8000, "protocol": "TCP"}]
-    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8000}
-    assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": 8000}
+    # the paths that stay open with API keys set: the kubelet sends none
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 8000}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 8000}
     sc = container["securityContext"]
     assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
     assert {m["mountPath"] for m in container["volumeMounts"]} == {"/tmp"}
