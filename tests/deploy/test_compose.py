@@ -65,7 +65,7 @@ def test_default_stack_is_api_prometheus_grafana_and_scale_adds_redis_replica_ng
     always = {name for name, s in services.items() if not s.get("profiles")}
     scale = {name for name, s in services.items() if "scale" in s.get("profiles", [])}
     assert always == {"api", "prometheus", "grafana"}
-    assert scale == {"redis", "api-2", "nginx"}
+    assert scale == {"redis", "api-2", "api-3", "nginx"}
     assert always | scale == set(services)
 
 
@@ -107,32 +107,30 @@ def test_every_gru_setting_in_compose_is_one_the_service_reads(compose: Compose)
     from service.config import Settings
 
     known = set(Settings.model_fields)
-    for name in ("api", "api-2"):
+    for name in ("api", "api-2", "api-3"):
         for key in _env(compose()["services"][name]):
             assert key.removeprefix("GRU_").lower() in known, f"{name}: {key} is not a Settings field"
 
 
-@pytest.mark.parametrize("how", ["GRU_STORE=redis", "--env-file deploy/scale.env"])
-def test_scale_profile_puts_both_replicas_on_redis(how: str, compose: Callable[..., dict[str, Any]]) -> None:
-    if how.startswith("--env-file"):
-        services = compose("--env-file", "deploy/scale.env")["services"]
-    else:
-        services = compose("--profile", "scale", GRU_STORE="redis")["services"]
-    for name in ("api", "api-2"):
+@pytest.mark.parametrize("environment", [{}, {"GRU_STORE": "redis"}], ids=["plain", "GRU_STORE set"])
+def test_scale_profile_balances_only_replicas_on_redis_whatever_the_environment(
+    environment: dict[str, str], compose: Compose
+) -> None:
+    """Every replica behind nginx keeps its sessions in Redis, and `api` in its memory store, however the
+    profile is started: a replica with a store of its own behind the balancer would split a session's
+    steps between two states without an error (the profile once needed GRU_STORE=redis set by hand)."""
+    services = compose("--profile", "scale", **environment)["services"]
+    assert _env(services["api"])["GRU_STORE"] == "memory"
+    per_replica = {"GRU_STORE", "GRU_SNAPSHOT_PATH", "GRU_SNAPSHOT_INTERVAL_SECONDS"}
+    for name in ("api-2", "api-3"):
         env = _env(services[name])
         assert env["GRU_STORE"] == "redis", name
         assert re.fullmatch(r"redis://redis:6379/\d+", env["GRU_REDIS_URL"]), name
-    # The second replica is the same image and settings, bar what is per-replica.
-    assert services["api-2"]["image"] == services["api"]["image"]
-    per_replica = {"GRU_SNAPSHOT_PATH", "GRU_SNAPSHOT_INTERVAL_SECONDS"}
-    assert {k: v for k, v in _env(services["api"]).items() if k not in per_replica} == _env(services["api-2"])
-    assert services["api-2"]["depends_on"]["redis"]["condition"] == "service_healthy"
-
-
-def test_scale_env_file_selects_the_scale_profile(repo: Path) -> None:
-    lines = dict(line.split("=", 1) for line in (repo / "deploy" / "scale.env").read_text().splitlines()
-                 if line and not line.startswith("#"))
-    assert lines == {"COMPOSE_PROFILES": "scale", "GRU_STORE": "redis"}
+        # the same image and settings as api, bar what is per-replica
+        assert services[name]["image"] == services["api"]["image"]
+        assert {k: v for k, v in _env(services["api"]).items() if k not in per_replica} == {
+            k: v for k, v in env.items() if k not in per_replica}
+        assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
 def test_redis_caps_memory_and_evicts_least_recently_used_sessions(
@@ -144,7 +142,7 @@ def test_redis_caps_memory_and_evicts_least_recently_used_sessions(
     assert words[words.index("--maxmemory-policy") + 1] == "volatile-lru"
 
 
-def test_nginx_fronts_both_replicas_with_the_shipped_config(
+def test_nginx_fronts_the_redis_replicas_with_the_shipped_config(
     compose: Callable[..., dict[str, Any]], repo: Path
 ) -> None:
     nginx = compose()["services"]["nginx"]
@@ -154,11 +152,11 @@ def test_nginx_fronts_both_replicas_with_the_shipped_config(
     assert any(m.startswith(target) for m in mounts)
     conf = (repo / "deploy" / "nginx" / "gru-api.conf").read_text()
     servers = re.findall(r"^\s*server\s+([\w.-]+:\d+)", conf, re.MULTILINE)
-    assert sorted(servers) == ["api-2:8000", "api:8000"]
-    assert set(nginx["depends_on"]) == {"api", "api-2"}
+    assert sorted(servers) == ["api-2:8000", "api-3:8000"]
+    assert set(nginx["depends_on"]) == {"api-2", "api-3"}
 
 
-def test_both_replicas_share_the_name_prometheus_discovers(
+def test_every_replica_shares_the_name_prometheus_discovers(
     compose: Callable[..., dict[str, Any]], repo: Path
 ) -> None:
     services = compose()["services"]
@@ -166,7 +164,7 @@ def test_both_replicas_share_the_name_prometheus_discovers(
     job = next(j for j in prometheus["scrape_configs"] if j["job_name"] == "gru-api")
     (sd,) = job["dns_sd_configs"]
     assert sd["port"] == 8000
-    for name in ("api", "api-2"):
+    for name in ("api", "api-2", "api-3"):
         assert sd["names"] == services[name]["networks"]["default"]["aliases"], name
 
 

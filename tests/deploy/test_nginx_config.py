@@ -1,6 +1,6 @@
 """The nginx config of the scale profile: `nginx -t` accepts it, and it proxies to a real service.
 
-The shipped file names the compose services (api, api-2), which resolve only inside compose; the tests use
+The shipped file names the compose services (api-2, api-3), which resolve only inside compose; the tests use
 a copy with those upstreams pointed at loopback, wrapped in a minimal main config (the image's
 nginx.conf includes ours inside http {}) with every path under the test's temporary directory.
 """
@@ -31,7 +31,7 @@ def _test_copy(directory: Path, upstreams: list[str], listen: int) -> Path:
     """Our server block with loopback upstreams, inside a main config that writes only to `directory`."""
     conf = SHIPPED.read_text()
     servers = iter(upstreams)
-    conf, count = re.subn(r"(?m)^(\s*server\s+)(api|api-2):8000", lambda m: m.group(1) + next(servers), conf)
+    conf, count = re.subn(r"(?m)^(\s*server\s+)(api-2|api-3):8000", lambda m: m.group(1) + next(servers), conf)
     assert count == len(upstreams), "expected one `server` line per compose replica"
     conf, count = re.subn(r"listen 8080;", f"listen 127.0.0.1:{listen};", conf)
     assert count == 1
