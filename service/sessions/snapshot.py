@@ -32,7 +32,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import orjson
 import torch
 from safetensors import safe_open
@@ -85,8 +84,8 @@ def _write(captured: _Captured, path: Path) -> None:
     states = captured.states.index_select(0, index).to("cpu", torch.float32)  # (N, S)
     tensors = {
         "states": states.contiguous(),
-        "answers": _bytes_tensor(b"".join(r[7] for r in captured.records)),
-        "index": _bytes_tensor(orjson.dumps(entries)),
+        "answers": _bytes_tensor(bytearray().join(r[7] for r in captured.records)),
+        "index": _bytes_tensor(bytearray(orjson.dumps(entries))),
     }
     metadata = {"format": FORMAT, "model_version": captured.model_version,
                 "state_size": str(states.size(1)), "sessions": str(len(entries))}
@@ -108,8 +107,12 @@ def _write(captured: _Captured, path: Path) -> None:
             os.close(directory)
 
 
-def _bytes_tensor(data: bytes) -> Tensor:
-    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())  # (len,) uint8
+def _bytes_tensor(data: bytearray) -> Tensor:
+    """A view of ``data`` (no copy: the answers of 100,000 sessions can be hundreds of MB, and a snapshot
+    that copies them needs that much more memory while it is written)."""
+    if not data:
+        return torch.empty(0, dtype=torch.uint8)  # frombuffer refuses an empty buffer
+    return torch.frombuffer(data, dtype=torch.uint8)  # (len,)
 
 
 async def save(store: MemoryStore, path: Path, model_version: str) -> int:

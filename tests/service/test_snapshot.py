@@ -60,6 +60,15 @@ def test_snapshot_round_trip_keeps_every_record_and_state(tmp_path: Path) -> Non
     torch.testing.assert_close(got, torch.cat([states, torch.zeros(1, STATE)]))
 
 
+def test_snapshot_of_an_empty_store_round_trips(tmp_path: Path) -> None:
+    """No sessions means no answer bytes at all: still a valid snapshot (a fresh service stopped at once)."""
+    path = tmp_path / "sessions.safetensors"
+    assert asyncio.run(save(_store(), path, "v1")) == 0
+    restored = _store()
+    assert restore(restored, path, "v1", STATE) == 0
+    assert restored.records() == []
+
+
 def test_restore_drops_expired_sessions_and_keeps_the_newest_at_capacity(tmp_path: Path) -> None:
     store = _store()
     _fill(store)
