@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from model.forecaster import Forecaster, ForecasterConfig
@@ -58,6 +58,10 @@ def save_checkpoint(
     return version
 
 
+def _shapes(shapes: dict[str, tuple[int, ...]]) -> str:
+    return ", ".join(f"{name} {list(shape)}" for name, shape in sorted(shapes.items()))
+
+
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> tuple[Forecaster, dict[str, Any]]:
     """Load a checkpoint; returns the forecaster in eval mode on ``device`` and the config.json contents."""
     directory = Path(directory)
@@ -69,22 +73,32 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
             )
     try:
         meta = json.loads(config_path.read_text())
-        if meta.get("format") != FORMAT:
-            raise CheckpointError(f"{config_path}: format {meta.get('format')!r} is not {FORMAT!r}")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise CheckpointError(f"{config_path}: format {found!r} is not {FORMAT!r}")
+        if not isinstance(meta.get("name"), str) or not meta["name"] or not isinstance(meta.get("model"), dict):
+            raise CheckpointError(f"{config_path} needs a \"name\" (text) and a \"model\" (an object)")
         config = ForecasterConfig.from_dict(meta["model"])
-        forecaster = Forecaster(config)
+        with torch.device("meta"):  # sizes only: a config that declares a huge model allocates nothing here
+            expected = {name: tuple(t.shape) for name, t in Forecaster(config).state_dict().items()}
     except CheckpointError:
         raise
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, OSError) as exc:
         raise CheckpointError(f"{config_path} is not a valid model config: {exc}") from exc
     try:
+        with safe_open(str(weights_path), framework="pt") as file:
+            stored = {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}
+        if stored != expected:
+            raise CheckpointError(f"{weights_path} does not match the sizes in {config_path}: it holds"
+                                  f" {_shapes(stored)}, the config needs {_shapes(expected)}")
         weights = load_file(str(weights_path))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{weights_path} is truncated or not a safetensors file: {exc}") from exc
-    try:
-        forecaster.load_state_dict(weights, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{weights_path} does not match the sizes in {config_path}: {exc}") from exc
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{weights_path}: {name} holds values that are not finite numbers")
+    forecaster = Forecaster(config)
+    forecaster.load_state_dict(weights, strict=True)
     version = model_version(forecaster)
     if meta.get("version") != version:
         raise CheckpointError(

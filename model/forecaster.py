@@ -26,6 +26,8 @@ from torch import Tensor, nn
 from model.cell import Variant
 from model.gru import GRU
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
 
 @dataclass(frozen=True)
 class ForecasterConfig:
@@ -37,6 +39,27 @@ class ForecasterConfig:
     mean: tuple[float, ...] = ()  # μ per feature; empty means 0
     scale: tuple[float, ...] = ()  # σ per feature; empty means 1
     diff_scale: tuple[float, ...] = ()  # σ_d, spread of one-step differences; empty means 1
+
+    def __post_init__(self) -> None:
+        """Refuse what would build a model that answers nothing but NaN, or fails on its first call: a
+        checkpoint's config.json is input like any other."""
+        if not self.features or not all(isinstance(f, str) and f for f in self.features):
+            raise ValueError(f"features must be a non-empty list of column names, got {list(self.features)!r}")
+        if len(set(self.features)) != len(self.features):
+            raise ValueError(f"features must be distinct, got {list(self.features)!r}")
+        for name in ("hidden_size", "num_layers", "lags"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        for name, positive in (("mean", False), ("scale", True), ("diff_scale", True)):
+            values = getattr(self, name)
+            if values and len(values) != len(self.features):
+                raise ValueError(f"{name} has {len(values)} values for {len(self.features)} features")
+            for value in values:
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or not abs(value) <= _FLOAT32_MAX \
+                        or (positive and value <= 0):
+                    raise ValueError(f"{name} values must be finite float32 numbers{' > 0' if positive else ''},"
+                                     f" got {value!r}")
 
     @property
     def num_features(self) -> int:
@@ -65,8 +88,6 @@ class Forecaster(nn.Module):
     def __init__(self, config: ForecasterConfig):
         super().__init__()
         features = config.num_features
-        if features < 1 or config.lags < 1:
-            raise ValueError(f"need at least one feature and one lag, got {features} and {config.lags}")
         self.config = config
         self.gru = GRU(2 * features, config.hidden_size, config.num_layers, config.variant)
         self.head = nn.Linear(config.hidden_size, features)
@@ -83,8 +104,6 @@ class Forecaster(nn.Module):
         features = self.config.num_features
         if not values:
             return torch.full((features,), default)
-        if len(values) != features:
-            raise ValueError(f"scaler has {len(values)} values for {features} features")
         return torch.tensor(values, dtype=torch.float32)
 
     @property

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from model import CheckpointError, Forecaster, load_checkpoint, save_checkpoint
 from model.checkpoint import CONFIG_FILE, WEIGHTS_FILE
@@ -84,4 +88,55 @@ def test_config_with_other_sizes_does_not_match_weights(saved: Path) -> None:
 def test_config_that_is_not_json_is_reported(saved: Path) -> None:
     (saved / CONFIG_FILE).write_text("{not json")
     with pytest.raises(CheckpointError, match="not a valid model config"):
+        load_checkpoint(saved)
+
+
+def _edit_config(saved: Path, edit: Callable[[dict[str, Any]], object]) -> None:
+    config_path = saved / CONFIG_FILE
+    meta = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(edit(meta)))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda meta: [1, 2], "format 'list'"),
+        (lambda meta: {k: v for k, v in meta.items() if k != "name"}, '"name"'),
+        (lambda meta: meta | {"model": ["features"]}, '"model"'),
+        (lambda meta: meta | {"model": meta["model"] | {"features": [1, 2]}}, "features"),
+        (lambda meta: meta | {"model": meta["model"] | {"features": ["a", "a"]}}, "distinct"),
+        (lambda meta: meta | {"model": meta["model"] | {"hidden_size": 0}}, "hidden_size"),
+        (lambda meta: meta | {"model": meta["model"] | {"num_layers": True}}, "num_layers"),
+        (lambda meta: meta | {"model": meta["model"] | {"scale": [0.0, 1.0]}}, "scale"),
+        (lambda meta: meta | {"model": meta["model"] | {"diff_scale": [1e39, 1.0]}}, "diff_scale"),
+        (lambda meta: meta | {"model": meta["model"] | {"mean": [float("nan"), 0.0]}}, "mean"),
+    ],
+    ids=["not an object", "no name", "model not an object", "feature not text", "features repeated",
+         "no hidden units", "layers a boolean", "zero scale", "scale past float32", "NaN mean"],
+)
+def test_config_that_would_build_a_broken_model_is_refused(
+    saved: Path, edit: Callable[[dict[str, Any]], object], message: str
+) -> None:
+    """Each of these loaded before (or failed with a bare KeyError, AttributeError or ZeroDivisionError):
+    a NaN or zero in the scaler gave a model whose every answer is NaN, so a service reported ready and
+    then told each client its own values were out of range."""
+    _edit_config(saved, edit)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_checkpoint(saved)
+
+
+def test_config_declaring_a_huge_model_is_refused_before_anything_is_allocated(saved: Path) -> None:
+    """hidden_size 100,000 would need 120 GB for W_hh alone; the sizes are compared from the weights
+    file's header first, so the answer is a mismatch, not an allocation failure or an OOM kill."""
+    _edit_config(saved, lambda meta: meta | {"model": meta["model"] | {"hidden_size": 100_000}})
+    with pytest.raises(CheckpointError, match=r"does not match the sizes.*the config needs"):
+        load_checkpoint(saved)
+
+
+def test_weights_that_are_not_finite_are_refused(saved: Path) -> None:
+    weights = load_file(str(saved / WEIGHTS_FILE))
+    name = sorted(weights)[0]
+    weights[name].view(-1)[0] = float("inf")
+    save_file(weights, str(saved / WEIGHTS_FILE), metadata={"format": "gru-forecaster/1"})
+    with pytest.raises(CheckpointError, match=f"{re.escape(name)} holds values that are not finite"):
         load_checkpoint(saved)

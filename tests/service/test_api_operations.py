@@ -101,3 +101,19 @@ def test_bad_settings_stop_start_up_naming_each_variable(tiny_model: Path, tmp_p
     log = refused_start_log(tiny_model, tmp_path, {"GRU_DEVICE": "gpu", "GRU_MAX_SESSIONS": "0"})
     assert "GRU_DEVICE: Input should be 'auto', 'cpu' or 'cuda'" in log
     assert "GRU_MAX_SESSIONS: Input should be greater than or equal to 1" in log
+
+
+@pytest.mark.parametrize("config", ["[1, 2]", "{}", None], ids=["a list", "an empty object", "a directory"])
+def test_a_broken_checkpoint_stops_start_up_with_one_line_not_a_traceback(
+    tiny_model: Path, tmp_path: Path, config: str | None
+) -> None:
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_model, broken)
+    (broken / "config.json").unlink()
+    if config is None:
+        (broken / "config.json").mkdir()
+    else:
+        (broken / "config.json").write_text(config)
+    log = refused_start_log(broken, tmp_path, {})
+    assert f"cannot start: {broken / 'config.json'}" in log
+    assert "Traceback" not in log
