@@ -487,27 +487,66 @@ def _progress() -> Any:
                     TimeRemainingColumn(), transient=False)
 
 
+def _header(names: Sequence[str]) -> list[str]:
+    return ["step", *names, *(f"predicted_{n}" for n in names)]
+
+
+def _earlier_rows(path: Path, names: Sequence[str]) -> list[list[str]]:
+    """The rows of an earlier run's predictions file for these columns; none if there is no such file."""
+    if not path.exists():
+        return []
+    with path.open(newline="") as file:
+        earlier = list(csv.reader(file))
+    if not earlier or earlier[0] != _header(names) or not all(row and row[0].isdigit() for row in earlier[1:]):
+        return []
+    return earlier[1:]
+
+
 def write_predictions(path: Path, names: Sequence[str], truth: Sequence[Sequence[float]],
                       predictions: Sequence[Sequence[float]], start: int) -> None:
     """One row per step: the truth, and the prediction *for* that step (made after the step before). The
-    last row is the prediction for the step after the series. A resumed stream (``start`` > 0) extends the
-    file of the run before it when that file ends at ``start``: a stream cut off and resumed leaves one file."""
-    header = ["step", *names, *(f"predicted_{n}" for n in names)]
+    last row is the prediction for the step after the series. A resumed stream (``start`` > 0) keeps the
+    rows before ``start`` of the run before it, and that run's prediction for step ``start``: a stream cut
+    off and resumed leaves one file."""
     rows: list[list[Any]] = []
     carried: list[Any] = [""] * len(names)  # the prediction for step ``start``, made by the run before
-    if start > 0 and path.exists():
-        with path.open(newline="") as file:
-            earlier = list(csv.reader(file))
-        if len(earlier) > 1 and earlier[0] == header and earlier[-1][0] == str(start):
-            rows, carried = earlier[1:-1], earlier[-1][1 + len(names):]
+    if start > 0:
+        earlier = [row for row in _earlier_rows(path, names) if int(row[0]) <= start]
+        if earlier and int(earlier[-1][0]) == start:
+            rows, carried = [*earlier[:-1]], earlier[-1][1 + len(names):]
     for i in range(len(truth) + 1):
         actual = list(truth[i]) if i < len(truth) else [""] * len(names)
         predicted = list(predictions[i - 1]) if i >= 1 else carried
         rows.append([start + i, *actual, *predicted])
     with path.open("w", newline="") as file:
         writer = csv.writer(file)
-        writer.writerow(header)
+        writer.writerow(_header(names))
         writer.writerows(rows)
+
+
+def _recover_lost_answer(session: Session, path: Path, names: Sequence[str], rows: Sequence[Sequence[float]]
+                         ) -> tuple[int, list[list[float]]]:
+    """Where a resumed stream's file starts again, and the answers it lacks up to the session's position.
+
+    A stream interrupted (Ctrl-C, a dropped network) while a chunk was in flight leaves a file that ends one
+    chunk before the session: the service applied the chunk, the client never read its answer. Sent again as
+    it was (same offset, same values) it is an exact retry, which the service answers again. Anything else
+    (more than the last chunk missing) cannot be asked for again: refused rather than leave a gap in the file
+    or overwrite it.
+    """
+    earlier = _earlier_rows(path, names)
+    if not earlier or int(earlier[-1][0]) >= session.position:
+        return session.position, []
+    end, position = int(earlier[-1][0]), session.position
+    session.position = end
+    try:
+        answer = session.predict(rows[end:position])
+    except OffsetConflict:
+        session.position = position
+        raise SystemExit(f"{path} ends at step {end} but session {session.id} is at {position}, and only the"
+                         f" last chunk's answer can be asked for again: --out another file keeps this one,"
+                         " --reset starts the session again") from None
+    return end, answer.predictions
 
 
 def plot(path: Path, names: Sequence[str], truth: Sequence[Sequence[float]],
@@ -540,19 +579,19 @@ def stream_csv(args: argparse.Namespace) -> int:
         session = client.session(args.session, resume=args.resume)
         if args.reset:
             session.reset()
-        start = session.position
-        if start > len(rows):
-            raise SystemExit(f"session {args.session} is at position {start}, past the {len(rows)} rows of"
-                             f" {args.csv}")
-        todo = rows[start:]
+        if session.position > len(rows):
+            raise SystemExit(f"session {args.session} is at position {session.position}, past the {len(rows)}"
+                             f" rows of {args.csv}")
         out = args.out or args.csv.with_name(args.csv.stem + ".predictions.csv")
-        predictions: list[list[float]] = []
+        start, predictions = _recover_lost_answer(session, out, names, rows) if args.resume else (0, [])
+        todo = rows[start:]
         progress = _progress() if not args.quiet else None
         task = progress.add_task(f"session {args.session}", total=len(todo)) if progress else None
         try:
             if progress:
                 progress.start()
-            for offset in range(0, len(todo), args.chunk):
+                progress.update(task, advance=len(predictions))
+            for offset in range(len(predictions), len(todo), args.chunk):
                 try:
                     answer = session.predict(todo[offset : offset + args.chunk])
                 except ModelChanged as exc:
@@ -613,6 +652,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ServiceError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # what was answered is saved (stream_csv said where): no traceback
+        return 130
 
 
 if __name__ == "__main__":

@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 import csv
 import json
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -355,3 +357,88 @@ def test_cli_keeps_the_answers_it_got_before_a_refusal(server: Server, client: h
     rows = list(csv.DictReader(out.open()))
     assert [r["step"] for r in rows] == [str(step) for step in range(11)]
     assert position(client, session) == 10
+
+
+def _steps(out: Path) -> list[str]:
+    return [row["step"] for row in csv.DictReader(out.open())]
+
+
+def _position_or_zero(client: httpx.Client, session: str) -> int:
+    answer = client.get(f"/v1/sessions/{session}")
+    return int(answer.json()["position"]) if answer.status_code == 200 else 0
+
+
+def test_cli_resume_recovers_the_answer_of_the_chunk_in_flight_when_interrupted(
+    server: Server, client: httpx.Client, tmp_path: Path
+) -> None:
+    """Interrupted while a chunk was in flight, a stream leaves a file one chunk short of the session (the
+    service applied the chunk; its answer was never read). --resume used to rewrite the file from the
+    session's position, losing every earlier row; it now asks for that chunk's answer again (an exact
+    retry) and leaves one file, every step in it."""
+    values = series(20, seed=28)
+    source, out = tmp_path / "series.csv", tmp_path / "out.csv"
+    _write_csv(source, values[:10])
+    session = new_id("cli")
+    first = _cli("stream", "--csv", str(source), "--session", session, "--chunk", "5", "--url", server.url,
+                 "--out", str(out), "--quiet")
+    assert first.returncode == 0, first.stderr
+    in_flight = client.post(f"/v1/sessions/{session}/predict",
+                            json={"values": values[10:15].tolist(), "offset": 10})  # answered to nobody
+    assert in_flight.status_code == 200
+    _write_csv(source, values)
+    resumed = _cli("stream", "--csv", str(source), "--session", session, "--chunk", "5", "--url", server.url,
+                   "--out", str(out), "--quiet", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert _steps(out) == [str(step) for step in range(21)]
+    rows = list(csv.DictReader(out.open()))
+    predicted = [float(row["predicted_x"]) for row in rows[1:]]
+    np.testing.assert_allclose(predicted, np.ravel(stateless(client, values)["predictions"]), atol=1e-5)
+    assert position(client, session) == 20
+
+
+def test_cli_resume_refuses_to_overwrite_a_file_it_cannot_complete(
+    server: Server, client: httpx.Client, tmp_path: Path
+) -> None:
+    """Two chunks applied past the file's end: only the last one's answer can be asked for again."""
+    values = series(20, seed=29)
+    source, out = tmp_path / "series.csv", tmp_path / "out.csv"
+    _write_csv(source, values[:10])
+    session = new_id("cli")
+    assert _cli("stream", "--csv", str(source), "--session", session, "--url", server.url, "--out", str(out),
+                "--quiet").returncode == 0
+    for offset in (10, 15):
+        chunk = {"values": values[offset:offset + 5].tolist(), "offset": offset}
+        assert client.post(f"/v1/sessions/{session}/predict", json=chunk).status_code == 200
+    before = out.read_bytes()
+    _write_csv(source, values)
+    refused = _cli("stream", "--csv", str(source), "--session", session, "--url", server.url, "--out", str(out),
+                   "--quiet", "--resume")
+    assert refused.returncode == 1
+    assert f"{out} ends at step 10 but session {session} is at 20" in refused.stderr
+    assert out.read_bytes() == before
+    assert position(client, session) == 20
+
+
+def test_cli_interrupted_saves_what_was_answered_without_a_traceback_and_resumes(
+    server: Server, client: httpx.Client, tmp_path: Path
+) -> None:
+    values = series(3000, seed=30)
+    source, out = tmp_path / "series.csv", tmp_path / "out.csv"
+    _write_csv(source, values)
+    session = new_id("cli")
+    argv = [sys.executable, "-m", "service.client", "stream", "--csv", str(source), "--session", session,
+            "--chunk", "1", "--url", server.url, "--out", str(out), "--quiet"]
+    running = subprocess.Popen(argv, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while _position_or_zero(client, session) < 20 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    running.send_signal(signal.SIGINT)
+    _, stderr = running.communicate(timeout=30)
+    assert running.returncode == 130, stderr
+    assert "Traceback" not in stderr and "--resume goes on from there" in stderr
+    resumed = _cli("stream", "--csv", str(source), "--session", session, "--chunk", "500", "--url",
+                   server.url, "--out", str(out), "--quiet", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert _steps(out) == [str(step) for step in range(3001)]
+    predicted = [float(row["predicted_x"]) for row in list(csv.DictReader(out.open()))[1:]]
+    np.testing.assert_allclose(predicted, np.ravel(stateless(client, values)["predictions"]), atol=1e-5)
