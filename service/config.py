@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.auth import load_api_keys
 
+REDIS_SCHEMES = ("redis", "rediss", "unix")
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "model" / "weights" / "default"
 
 
@@ -52,6 +54,15 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, value: str) -> str:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        scheme = urlsplit(value).scheme
+        if scheme not in REDIS_SCHEMES:  # the URL itself is not repeated: it may hold a password
+            raise ValueError(f"a Redis URL starts with {', '.join(s + '://' for s in REDIS_SCHEMES)};"
+                             f" this one's scheme is {scheme or 'missing'!r}")
+        return value
 
     @model_validator(mode="after")
     def _check_api_keys(self) -> Settings:

@@ -101,6 +101,10 @@ def test_bad_settings_stop_start_up_naming_each_variable(tiny_model: Path, tmp_p
     log = refused_start_log(tiny_model, tmp_path, {"GRU_DEVICE": "gpu", "GRU_MAX_SESSIONS": "0"})
     assert "GRU_DEVICE: Input should be 'auto', 'cpu' or 'cuda'" in log
     assert "GRU_MAX_SESSIONS: Input should be greater than or equal to 1" in log
+    log = refused_start_log(tiny_model, tmp_path, {"GRU_STORE": "redis",
+                                                   "GRU_REDIS_URL": "http://:s3cret@redis:6379/0"})
+    assert "GRU_REDIS_URL: Value error, a Redis URL starts with redis://, rediss://, unix://" in log
+    assert "s3cret" not in log and "Traceback" not in log
 
 
 @pytest.mark.parametrize("config", ["[1, 2]", "{}", None], ids=["a list", "an empty object", "a directory"])
