@@ -87,7 +87,8 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
         raise CheckpointError(f"{config_path} is not a valid model config: {exc}") from exc
     try:
         with safe_open(str(weights_path), framework="pt") as file:
-            stored = {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}
+            names = file.keys()  # safe_open is not iterable itself
+            stored = {name: tuple(file.get_slice(name).get_shape()) for name in names}
         if stored != expected:
             raise CheckpointError(f"{weights_path} does not match the sizes in {config_path}: it holds"
                                   f" {_shapes(stored)}, the config needs {_shapes(expected)}")

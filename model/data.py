@@ -82,7 +82,9 @@ def series_from_frame(frame: pd.DataFrame, columns: list[str] | None, source: st
         skipped = [c for c in numeric if _says_when(str(c), frame[c])]
         columns = [c for c in numeric if c not in skipped]
         if not columns:
-            raise DataError(f"{source}: no numeric column found; columns are {list(frame.columns)}")
+            told = (f"; {', '.join(map(repr, skipped))} left out as saying when (a row number or a calendar"
+                    " field): name them with --columns to model them") if skipped else ""
+            raise DataError(f"{source}: no numeric column found; columns are {list(frame.columns)}{told}")
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise DataError(f"{source}: no column {missing[0]!r}; the columns are {list(frame.columns)}")
@@ -95,7 +97,7 @@ def series_from_frame(frame: pd.DataFrame, columns: list[str] | None, source: st
         if gaps:
             filled[name] = gaps
     features = tuple(str(c) for c in columns)
-    return Series(values, features, filled, _season_from_time(frame), tuple(map(str, skipped)))
+    return Series(values, features, filled, _season_from_time(frame, source), tuple(map(str, skipped)))
 
 
 def _mostly_numeric(column: pd.Series) -> bool:
@@ -146,7 +148,9 @@ def _numeric_column(column: pd.Series, name: str, source: str) -> tuple[np.ndarr
     return array, gaps
 
 
-def _season_from_time(frame: pd.DataFrame) -> int | None:
+def _season_from_time(frame: pd.DataFrame, source: str) -> int | None:
+    """The period the first time column implies; refuses rows out of time order, which the model would
+    learn backwards (newest-first exports are common) while the validation tail held the oldest rows."""
     for name in frame.columns:
         column = frame[name]
         if pd.api.types.is_numeric_dtype(column):
@@ -155,7 +159,13 @@ def _season_from_time(frame: pd.DataFrame) -> int | None:
             stamps = pd.to_datetime(column, format="mixed")
         except (ValueError, TypeError, OverflowError):
             continue
-        spacing = stamps.diff().median()
+        steps = stamps.diff()
+        backwards = np.flatnonzero((steps < pd.Timedelta(0)).to_numpy())
+        if len(backwards):
+            row = int(backwards[0])
+            raise DataError(f"{source}: column {name!r} says when, and row {row + 1} ({column.iloc[row]}) comes"
+                            f" before row {row} ({column.iloc[row - 1]}); sort the file by {name!r}, oldest first")
+        spacing = steps.median()
         if pd.isna(spacing):
             continue
         days = spacing / pd.Timedelta(days=1)

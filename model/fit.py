@@ -78,6 +78,9 @@ def train(
     split = split_point(len(values), config.val_fraction, MIN_TRAIN_ROWS, MIN_VALIDATION_ROWS)
     scaler = fit_scaler(values[:split], series.features)
     diff_scale = np.array(scaler.diff_scale)
+    if config.lags and 2 * config.lags >= split:  # fewer rows than twice the coefficients: nothing to fit
+        raise DataError(f"--lags {config.lags} needs at least {2 * config.lags + 1} training rows; this series"
+                        f" has {split} (the other {len(values) - split} validate): lower --lags")
     given = (config.lags,) * len(series.features) if config.lags else None
     orders = given or choose_orders(values, split, LAG_CANDIDATES, diff_scale)
     model = Forecaster(

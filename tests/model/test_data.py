@@ -82,6 +82,23 @@ def test_time_columns_are_left_out_unless_named(write_csv: CsvWriter) -> None:
     assert named.features == ("Quarter", "value")
 
 
+def test_columns_only_left_out_as_time_are_named_when_nothing_is_left(write_csv: CsvWriter) -> None:
+    path = write_csv("n,month\n1,1\n2,2\n3,3\n4,4\n")
+    with pytest.raises(DataError, match=r"'n', 'month' left out as saying when .* name them with --columns"):
+        series_from_frame(read_table(path), None, "s.csv")
+
+
+@pytest.mark.parametrize("order", ["newest first", "shuffled"])
+def test_rows_out_of_time_order_are_refused(write_csv: CsvWriter, order: str) -> None:
+    """A newest-first export trained on silently: the model learnt time backwards, validated on the
+    oldest rows, and the season came out as 24 (the spacing's median was negative)."""
+    days = [f"2024-01-{day:02d}" for day in range(1, 13)]
+    days = days[::-1] if order == "newest first" else days[:5] + days[6:7] + days[5:6] + days[7:]
+    path = write_csv("date,a\n" + "".join(f"{day},{i * i % 7}\n" for i, day in enumerate(days)))
+    with pytest.raises(DataError, match=r"column 'date' says when, and row .* comes before row .* sort the file"):
+        series_from_frame(read_table(path), None, "s.csv")
+
+
 def test_scaler_holds_mean_spread_and_difference_spread() -> None:
     train = np.array([[0.0], [2.0], [4.0], [8.0]])
     scaler = fit_scaler(train, ("x",))

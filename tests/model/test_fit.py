@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 import torch
 
-from model.data import Series
+from model.data import DataError, Series
 from model.fit import TrainConfig, train
 from tests.model.conftest import seasonal_series
 
@@ -47,3 +48,10 @@ def test_training_stops_at_max_seconds() -> None:
     result = train(_series(), config)
     assert result.stopped_by == "max-seconds"
     assert result.seconds < 10
+
+
+def test_more_lags_than_the_training_rows_can_fit_are_refused() -> None:
+    """--lags 200 on 128 training rows left the linear term no rows: NaN coefficients, NaN epochs, then an
+    error blaming the values' magnitude."""
+    with pytest.raises(DataError, match="--lags 200 needs at least 401 training rows; this series has 128"):
+        train(_series(), dataclasses.replace(SMALL, lags=200))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from model import Forecaster, ForecasterConfig
@@ -55,6 +56,10 @@ def test_rollout_starts_at_last_prediction_and_keeps_state(forecaster: Forecaste
     with torch.no_grad():
         second = forecaster.predict(last[:, None], state)[0][:, 0]
     torch.testing.assert_close(forecast[:, 1], second)
+    assert forecaster.rollout(state, last, 1).shape == (2, 1, 2)
+    assert forecaster.rollout(state, last, 0).shape == (2, 0, 2)  # was one step: `last` itself
+    with pytest.raises(ValueError, match="steps must be >= 0"):
+        forecaster.rollout(state, last, -1)
 
 
 def test_fresh_forecaster_with_silent_head_is_persistence() -> None:
