@@ -4,7 +4,9 @@ The fast paths read the weights rearranged (stacked per kind for the fused kerne
 sigmoid-form recurrence); doing that on every call would add several small ops to every chunk. A
 parameter changed in place (``load_state_dict``, an optimiser step) bumps its ``_version``; one replaced
 (``.to()``) has a new ``data_ptr``: either makes the kept tensors stale. Parameters made under
-``torch.inference_mode`` have no ``_version``, so nothing built from them is kept.
+``torch.inference_mode`` have no ``_version``, so nothing built from them is kept. One change goes unseen:
+a write through ``param.data`` (``p.data.mul_(2)``), a tensor with a version counter of its own; change
+parameters under ``torch.no_grad()`` instead, as optimisers and ``load_state_dict`` do.
 """
 
 from __future__ import annotations

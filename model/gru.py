@@ -234,9 +234,14 @@ class GRU(nn.Module):
         Outputs past a row's length are placeholders; ``h_n`` holds each row's state after its own last
         step. Calling this chunk by chunk with the carried ``h_n`` equals one call on the whole sequence.
         """
+        if x.dim() != 3 or x.size(2) != self.input_size or x.size(1) < 1:
+            raise ValueError(f"x must be (B, T >= 1, {self.input_size}), got {tuple(x.shape)}")
         batch, steps, _ = x.shape
         if h0 is None:
             h0 = x.new_zeros(self.num_layers, batch, self.hidden_size)
+        elif h0.shape != (self.num_layers, batch, self.hidden_size):  # the compiled loop would broadcast it
+            raise ValueError(f"h0 must be (L, B, H) = {(self.num_layers, batch, self.hidden_size)},"
+                             f" got {tuple(h0.shape)}")
         lens = None if lengths is None else checked_lengths(lengths, batch, steps)
         seed = self.variant == "seed"
         if self.use_fused and not torch.is_grad_enabled() and fused.supports(x):

@@ -124,6 +124,22 @@ def test_lengths_out_of_order_are_refused() -> None:
         GRU(2, 4)(torch.randn(2, 5, 2), lengths=[3, 5])
 
 
+@pytest.mark.parametrize(("x_shape", "h0_shape", "message"), [
+    ((4, 3, 2), (2, 1, 5), r"h0 must be \(L, B, H\) = \(2, 4, 5\), got \(2, 1, 5\)"),
+    ((4, 3, 2), (3, 4, 5), r"h0 must be .* got \(3, 4, 5\)"),
+    ((4, 3, 3), None, r"x must be \(B, T >= 1, 2\), got \(4, 3, 3\)"),
+    ((4, 0, 2), None, r"x must be .* got \(4, 0, 2\)"),
+    ((3, 2), None, r"x must be .* got \(3, 2\)"),
+])
+def test_inputs_of_the_wrong_shape_are_refused_as_nn_gru_refuses_them(
+    x_shape: tuple[int, ...], h0_shape: tuple[int, ...] | None, message: str
+) -> None:
+    """An h0 for one row broadcast over four and an h0 with an extra layer had that layer ignored."""
+    h0 = None if h0_shape is None else torch.zeros(h0_shape)
+    with pytest.raises(ValueError, match=message):
+        GRU(2, 5, 2)(torch.randn(x_shape), h0)
+
+
 def test_fast_path_follows_parameters_after_conversion_and_loading() -> None:
     """The scripted recurrence reads weights rearranged once (kept while autograd is off): .to() and
     load_state_dict, in place, must reach it."""
