@@ -42,7 +42,7 @@ from service.api.v2_codec import (
 from service.auth import TenantDep
 from service.config import Settings
 from service.engine import Engine
-from service.problems import Problem
+from service.problems import Problem, route_path
 from service.refusals import Refusal, UnknownSession
 from service.sessions.base import session_key
 
@@ -234,6 +234,12 @@ async def infer_version(
 
 @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)
 async def unknown(path: str, request: Request) -> Response:
-    """Anything else under /v2 (model config, statistics, repository, shared memory): not served."""
+    """Anything else under /v2 (model config, statistics, repository, shared memory): not served; a served
+    path with another method is a 405 (this route would otherwise take it, matching every path)."""
+    allowed = sorted({method for route in router.routes if isinstance(route, APIRoute) and route.endpoint is not unknown
+                      and route.path_regex.match(route_path(request.scope)) for method in route.methods})
+    if allowed:
+        raise v2_problem(405, f"{request.method} is not allowed on /v2/{path}; use {' or '.join(allowed)}",
+                         kind="method-not-allowed", headers={"Allow": ", ".join(allowed)})
     raise v2_problem(404, f"{request.method} /v2/{path} is not served here; this server implements the v2"
                      " health, metadata and infer endpoints", kind="not-found")

@@ -105,6 +105,18 @@ def test_unknown_model_or_version_is_404_that_tritonclient_reads(
     _assert_v2_error(client.get(f"/v2/models/{model['name']}/config"), 404)  # not served, still readable
 
 
+def test_served_path_with_another_method_is_405_naming_the_methods(client: httpx.Client,
+                                                                   model: dict[str, Any]) -> None:
+    """The catch-all for unserved /v2 paths matched these too, answering 404 "not served here" for a GET
+    on infer, as v1 does not (405 with Allow)."""
+    infer = _assert_v2_error(client.get(f"/v2/models/{model['name']}/infer"), 405)
+    assert "use POST" in infer["detail"]
+    live = client.post("/v2/health/live")
+    assert _assert_v2_error(live, 405) and live.headers["allow"] == "GET"
+    assert client.get(f"/v2/models/{model['name']}/infer").headers["allow"] == "POST"
+    _assert_v2_error(client.delete("/v2/repository/index"), 404)
+
+
 # -- sequences ---------------------------------------------------------------------------------------
 
 
