@@ -368,6 +368,23 @@ def _position_or_zero(client: httpx.Client, session: str) -> int:
     return int(answer.json()["position"]) if answer.status_code == 200 else 0
 
 
+def _file_behind_the_session(server: Server, client: httpx.Client, tmp_path: Path, values: np.ndarray,
+                             lost: int) -> tuple[Path, Path, str]:
+    """A CLI run over the first 10 rows, then ``lost`` chunks of 5 applied whose answers its file never got
+    (a stream cut off with a chunk in flight leaves one), and the CSV grown to every row of ``values``."""
+    source, out = tmp_path / "series.csv", tmp_path / "out.csv"
+    _write_csv(source, values[:10])
+    session = new_id("cli")
+    first = _cli("stream", "--csv", str(source), "--session", session, "--chunk", "5", "--url", server.url,
+                 "--out", str(out), "--quiet")
+    assert first.returncode == 0, first.stderr
+    for offset in range(10, 10 + 5 * lost, 5):
+        chunk = {"values": values[offset:offset + 5].tolist(), "offset": offset}
+        assert client.post(f"/v1/sessions/{session}/predict", json=chunk).status_code == 200
+    _write_csv(source, values)
+    return source, out, session
+
+
 def test_cli_resume_recovers_the_answer_of_the_chunk_in_flight_when_interrupted(
     server: Server, client: httpx.Client, tmp_path: Path
 ) -> None:
@@ -376,16 +393,7 @@ def test_cli_resume_recovers_the_answer_of_the_chunk_in_flight_when_interrupted(
     session's position, losing every earlier row; it now asks for that chunk's answer again (an exact
     retry) and leaves one file, every step in it."""
     values = series(20, seed=28)
-    source, out = tmp_path / "series.csv", tmp_path / "out.csv"
-    _write_csv(source, values[:10])
-    session = new_id("cli")
-    first = _cli("stream", "--csv", str(source), "--session", session, "--chunk", "5", "--url", server.url,
-                 "--out", str(out), "--quiet")
-    assert first.returncode == 0, first.stderr
-    in_flight = client.post(f"/v1/sessions/{session}/predict",
-                            json={"values": values[10:15].tolist(), "offset": 10})  # answered to nobody
-    assert in_flight.status_code == 200
-    _write_csv(source, values)
+    source, out, session = _file_behind_the_session(server, client, tmp_path, values, lost=1)
     resumed = _cli("stream", "--csv", str(source), "--session", session, "--chunk", "5", "--url", server.url,
                    "--out", str(out), "--quiet", "--resume")
     assert resumed.returncode == 0, resumed.stderr
@@ -400,17 +408,8 @@ def test_cli_resume_refuses_to_overwrite_a_file_it_cannot_complete(
     server: Server, client: httpx.Client, tmp_path: Path
 ) -> None:
     """Two chunks applied past the file's end: only the last one's answer can be asked for again."""
-    values = series(20, seed=29)
-    source, out = tmp_path / "series.csv", tmp_path / "out.csv"
-    _write_csv(source, values[:10])
-    session = new_id("cli")
-    assert _cli("stream", "--csv", str(source), "--session", session, "--url", server.url, "--out", str(out),
-                "--quiet").returncode == 0
-    for offset in (10, 15):
-        chunk = {"values": values[offset:offset + 5].tolist(), "offset": offset}
-        assert client.post(f"/v1/sessions/{session}/predict", json=chunk).status_code == 200
+    source, out, session = _file_behind_the_session(server, client, tmp_path, series(20, seed=29), lost=2)
     before = out.read_bytes()
-    _write_csv(source, values)
     refused = _cli("stream", "--csv", str(source), "--session", session, "--url", server.url, "--out", str(out),
                    "--quiet", "--resume")
     assert refused.returncode == 1
