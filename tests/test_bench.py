@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import pytest
 import torch
-from fastapi.testclient import TestClient
 
 from bench import __main__ as bench_main
 from bench import cell, load, naive_server
@@ -75,9 +75,13 @@ def test_load_generator_counts_every_answer_that_arrives_in_the_window() -> None
 def test_naive_server_tells_a_client_that_lost_track_where_its_session_is() -> None:
     """Without the position in its 409, a load-generator connection that lost an answer would send 409s for
     the rest of a run against the baseline only."""
-    app = naive_server.naive_app(hidden=8, layers=1)
-    with TestClient(app) as client:
-        assert client.post("/v1/sessions/s/predict", json={"values": [1.0, 2.0, 3.0], "offset": 0}).status_code == 200
-        again = client.post("/v1/sessions/s/predict", json={"values": [1.0], "offset": 0})
+    async def twice() -> httpx.Response:
+        transport = httpx.ASGITransport(app=naive_server.naive_app(hidden=8, layers=1))
+        async with httpx.AsyncClient(transport=transport, base_url="http://naive") as client:
+            first = await client.post("/v1/sessions/s/predict", json={"values": [1.0, 2.0, 3.0], "offset": 0})
+            assert first.status_code == 200
+            return await client.post("/v1/sessions/s/predict", json={"values": [1.0], "offset": 0})
+
+    again = asyncio.run(twice())
     assert again.status_code == 409
     assert again.json()["position"] == 3
