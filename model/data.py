@@ -149,8 +149,10 @@ def _numeric_column(column: pd.Series, name: str, source: str) -> tuple[np.ndarr
 
 
 def _season_from_time(frame: pd.DataFrame, source: str) -> int | None:
-    """The period the first time column implies; refuses rows out of time order, which the model would
-    learn backwards (newest-first exports are common) while the validation tail held the oldest rows."""
+    """The period the first time column implies; refuses a file that runs newest first (a common export),
+    which the model would learn backwards while the validation tail held the oldest rows. A few steps back
+    are no such file: a clock's repeated hour at the end of summer time, a time-of-day column wrapping at
+    midnight, day-first dates that a per-cell parse reads month-first."""
     for name in frame.columns:
         column = frame[name]
         if pd.api.types.is_numeric_dtype(column):
@@ -160,11 +162,10 @@ def _season_from_time(frame: pd.DataFrame, source: str) -> int | None:
         except (ValueError, TypeError, OverflowError):
             continue
         steps = stamps.diff()
-        backwards = np.flatnonzero((steps < pd.Timedelta(0)).to_numpy())
-        if len(backwards):
-            row = int(backwards[0])
-            raise DataError(f"{source}: column {name!r} says when, and row {row + 1} ({column.iloc[row]}) comes"
-                            f" before row {row} ({column.iloc[row - 1]}); sort the file by {name!r}, oldest first")
+        backwards, forwards = int((steps < pd.Timedelta(0)).sum()), int((steps > pd.Timedelta(0)).sum())
+        if backwards > forwards:
+            raise DataError(f"{source}: column {name!r} runs newest first ({backwards} of {len(steps) - 1} steps go"
+                            " back in time); sort the file oldest first")
         spacing = steps.median()
         if pd.isna(spacing):
             continue
