@@ -26,6 +26,7 @@ import math
 import os
 import random
 import re
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -518,10 +519,17 @@ def write_predictions(path: Path, names: Sequence[str], truth: Sequence[Sequence
         actual = list(truth[i]) if i < len(truth) else [""] * len(names)
         predicted = list(predictions[i - 1]) if i >= 1 else carried
         rows.append([start + i, *actual, *predicted])
-    with path.open("w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(_header(names))
-        writer.writerows(rows)
+    # Beside it, then renamed over it: with --resume the file holds earlier runs' rows too, and an
+    # interruption mid-write (a second Ctrl-C) must leave the old file, not half of the new one.
+    written = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with written.open("w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(_header(names))
+            writer.writerows(rows)
+        os.replace(written, path)
+    finally:
+        written.unlink(missing_ok=True)
 
 
 def _recover_lost_answer(session: Session, path: Path, names: Sequence[str], rows: Sequence[Sequence[float]]
@@ -647,13 +655,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.chunk < 1:
         parser.error("--chunk must be at least 1")
+    # A stop from outside (docker stop, systemd, a closed terminal) saves the answers as Ctrl-C does: a file
+    # left more than a chunk behind its session could not be resumed.
+    for stop in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if stop is not None:
+            signal.signal(stop, _interrupt)
     try:
         return stream_csv(args)
     except (ServiceError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # what was answered is saved (stream_csv said where): no traceback
-        return 130
+    except KeyboardInterrupt as stop:  # what was answered is saved (stream_csv said where): no traceback
+        return 128 + (stop.signum if isinstance(stop, _Stopped) else signal.SIGINT)
+
+
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, handled as Ctrl-C is."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise _Stopped(signum)
 
 
 if __name__ == "__main__":

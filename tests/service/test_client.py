@@ -30,6 +30,7 @@ from service.client import (
     SessionNotFound,
     Unavailable,
     read_csv,
+    write_predictions,
 )
 from tests.conftest import ROOT, Server
 from tests.service.helpers import new_id, position, series, stateless
@@ -418,9 +419,12 @@ def test_cli_resume_refuses_to_overwrite_a_file_it_cannot_complete(
     assert position(client, session) == 20
 
 
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
 def test_cli_interrupted_saves_what_was_answered_without_a_traceback_and_resumes(
-    server: Server, client: httpx.Client, tmp_path: Path
+    server: Server, client: httpx.Client, tmp_path: Path, stop: signal.Signals
 ) -> None:
+    """SIGTERM (docker stop, systemd) used to end the client without saving: its file stayed where the run
+    before left it, more than a chunk behind the session, and could not be resumed."""
     values = series(3000, seed=30)
     source, out = tmp_path / "series.csv", tmp_path / "out.csv"
     _write_csv(source, values)
@@ -431,9 +435,9 @@ def test_cli_interrupted_saves_what_was_answered_without_a_traceback_and_resumes
     deadline = time.monotonic() + 30
     while _position_or_zero(client, session) < 20 and time.monotonic() < deadline:
         time.sleep(0.05)
-    running.send_signal(signal.SIGINT)
+    running.send_signal(stop)
     _, stderr = running.communicate(timeout=30)
-    assert running.returncode == 130, stderr
+    assert running.returncode == 128 + stop, stderr
     assert "Traceback" not in stderr and "--resume goes on from there" in stderr
     resumed = _cli("stream", "--csv", str(source), "--session", session, "--chunk", "500", "--url",
                    server.url, "--out", str(out), "--quiet", "--resume")
@@ -441,3 +445,31 @@ def test_cli_interrupted_saves_what_was_answered_without_a_traceback_and_resumes
     assert _steps(out) == [str(step) for step in range(3001)]
     predicted = [float(row["predicted_x"]) for row in list(csv.DictReader(out.open()))[1:]]
     np.testing.assert_allclose(predicted, np.ravel(stateless(client, values)["predictions"]), atol=1e-5)
+
+
+def test_predictions_file_interrupted_mid_write_keeps_the_old_one(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --resume the file holds earlier runs' rows; a second Ctrl-C while it was rewritten in place
+    truncated it."""
+    out = tmp_path / "out.csv"
+    write_predictions(out, ["x"], [[float(i)] for i in range(100)], [[0.5]] * 100, 0)
+    before = out.read_bytes()
+    real_writer = csv.writer
+
+    class Interrupted:
+        def __init__(self, file: object) -> None:
+            self.rows = real_writer(file)  # type: ignore[arg-type]
+
+        def writerow(self, row: list[object]) -> None:
+            self.rows.writerow(row)
+
+        def writerows(self, rows: list[list[object]]) -> None:
+            self.rows.writerows(rows[:10])
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(csv, "writer", Interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_predictions(out, ["x"], [[1.0]] * 5, [[0.5]] * 5, 100)
+    assert out.read_bytes() == before
+    assert [path.name for path in tmp_path.iterdir()] == ["out.csv"]
+
