@@ -55,14 +55,13 @@ class Settings(BaseSettings):
     def _lower(cls, value: str) -> str:
         return value.lower() if isinstance(value, str) else value
 
-    @field_validator("redis_url")
-    @classmethod
-    def _redis_scheme(cls, value: str) -> str:
-        scheme = urlsplit(value).scheme
-        if scheme not in REDIS_SCHEMES:  # the URL itself is not repeated: it may hold a password
-            raise ValueError(f"a Redis URL starts with {', '.join(s + '://' for s in REDIS_SCHEMES)};"
+    @model_validator(mode="after")
+    def _check_redis_url(self) -> Settings:
+        scheme = urlsplit(self.redis_url).scheme
+        if self.store == "redis" and scheme not in REDIS_SCHEMES:  # not repeated: the URL may hold a password
+            raise ValueError(f"GRU_REDIS_URL must start with {', '.join(s + '://' for s in REDIS_SCHEMES)};"
                              f" this one's scheme is {scheme or 'missing'!r}")
-        return value
+        return self
 
     @model_validator(mode="after")
     def _check_api_keys(self) -> Settings:
