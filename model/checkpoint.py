@@ -62,15 +62,7 @@ def _shapes(shapes: dict[str, tuple[int, ...]]) -> str:
     return ", ".join(f"{name} {list(shape)}" for name, shape in sorted(shapes.items()))
 
 
-def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> tuple[Forecaster, dict[str, Any]]:
-    """Load a checkpoint; returns the forecaster in eval mode on ``device`` and the config.json contents."""
-    directory = Path(directory)
-    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-    for path in (directory, config_path, weights_path):
-        if not path.exists():
-            raise CheckpointError(
-                f"{path} does not exist: a checkpoint is a directory with {CONFIG_FILE} and {WEIGHTS_FILE}"
-            )
+def _read_config(config_path: Path) -> tuple[dict[str, Any], ForecasterConfig]:
     try:
         meta = json.loads(config_path.read_text())
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -78,20 +70,56 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
             raise CheckpointError(f"{config_path}: format {found!r} is not {FORMAT!r}")
         if not isinstance(meta.get("name"), str) or not meta["name"] or not isinstance(meta.get("model"), dict):
             raise CheckpointError(f"{config_path} needs a \"name\" (text) and a \"model\" (an object)")
-        config = ForecasterConfig.from_dict(meta["model"])
-        with torch.device("meta"):  # sizes only: a config that declares a huge model allocates nothing here
-            expected = {name: tuple(t.shape) for name, t in Forecaster(config).state_dict().items()}
+        return meta, ForecasterConfig.from_dict(meta["model"])
     except CheckpointError:
         raise
     except (ValueError, KeyError, TypeError, OSError) as exc:
         raise CheckpointError(f"{config_path} is not a valid model config: {exc}") from exc
+
+
+def _stored_shapes(weights_path: Path) -> dict[str, tuple[int, ...]]:
+    """The tensors' shapes, from the file's header: nothing is loaded."""
     try:
         with safe_open(str(weights_path), framework="pt") as file:
             names = file.keys()  # safe_open is not iterable itself
-            stored = {name: tuple(file.get_slice(name).get_shape()) for name in names}
-        if stored != expected:
-            raise CheckpointError(f"{weights_path} does not match the sizes in {config_path}: it holds"
-                                  f" {_shapes(stored)}, the config needs {_shapes(expected)}")
+            return {name: tuple(file.get_slice(name).get_shape()) for name in names}
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{weights_path} is truncated or not a safetensors file: {exc}") from exc
+
+
+def _needed_shapes(config: ForecasterConfig, config_path: Path) -> dict[str, tuple[int, ...]]:
+    """The tensors' shapes a model of ``config`` has, from one built on the meta device: no memory."""
+    try:
+        with torch.device("meta"):
+            return {name: tuple(t.shape) for name, t in Forecaster(config).state_dict().items()}
+    except (RuntimeError, TypeError, ValueError, OverflowError) as exc:  # sizes past what torch can describe
+        first_line = str(exc).split("\n", 1)[0]  # torch appends a C++ stack
+        raise CheckpointError(f"{config_path} is not a valid model config: {first_line}") from exc
+
+
+def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> tuple[Forecaster, dict[str, Any]]:
+    """Load a checkpoint; returns the forecaster in eval mode on ``device`` and the config.json contents.
+
+    The config is checked against the weights file's header before anything is built or loaded, so a
+    config that declares a huge model fails at once instead of allocating it.
+    """
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    for path in (directory, config_path, weights_path):
+        if not path.exists():
+            raise CheckpointError(
+                f"{path} does not exist: a checkpoint is a directory with {CONFIG_FILE} and {WEIGHTS_FILE}"
+            )
+    meta, config = _read_config(config_path)
+    stored = _stored_shapes(weights_path)
+    # Every layer has tensors of its own: more layers than the file has tensors cannot match, and even the
+    # meta-device model of millions of layers takes minutes to build.
+    expected = _needed_shapes(config, config_path) if config.num_layers <= len(stored) else None
+    if stored != expected:
+        needed = _shapes(expected) if expected is not None else f"{config.num_layers} layers"
+        raise CheckpointError(f"{weights_path} does not match the sizes in {config_path}: it holds"
+                              f" {_shapes(stored)}, the config needs {needed}")
+    try:
         weights = load_file(str(weights_path))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{weights_path} is truncated or not a safetensors file: {exc}") from exc

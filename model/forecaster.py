@@ -27,6 +27,7 @@ from model.cell import Variant
 from model.gru import GRU
 
 _FLOAT32_MAX = torch.finfo(torch.float32).max
+_FLOAT32_TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,11 @@ class ForecasterConfig:
             if values and len(values) != len(self.features):
                 raise ValueError(f"{name} has {len(values)} values for {len(self.features)} features")
             for value in values:
-                if not isinstance(value, (int, float)) or isinstance(value, bool) or not abs(value) <= _FLOAT32_MAX \
-                        or (positive and value <= 0):
-                    raise ValueError(f"{name} values must be finite float32 numbers{' > 0' if positive else ''},"
-                                     f" got {value!r}")
+                # Judged as the float32 the buffers hold: 1e-300 is > 0 but stored as 0, a division by zero.
+                number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+                if number is None or not abs(number) <= _FLOAT32_MAX or (positive and not number >= _FLOAT32_TINY):
+                    raise ValueError(f"{name} values must be finite float32 numbers"
+                                     f"{f' of at least {_FLOAT32_TINY:.3g}' if positive else ''}, got {value!r}")
 
     @property
     def num_features(self) -> int:

@@ -108,11 +108,14 @@ def _edit_config(saved: Path, edit: Callable[[dict[str, Any]], object]) -> None:
         (lambda meta: meta | {"model": meta["model"] | {"hidden_size": 0}}, "hidden_size"),
         (lambda meta: meta | {"model": meta["model"] | {"num_layers": True}}, "num_layers"),
         (lambda meta: meta | {"model": meta["model"] | {"scale": [0.0, 1.0]}}, "scale"),
+        (lambda meta: meta | {"model": meta["model"] | {"scale": [-2.0, 1.0]}}, "scale"),
+        (lambda meta: meta | {"model": meta["model"] | {"diff_scale": [1e-300, 1.0]}}, "diff_scale"),
         (lambda meta: meta | {"model": meta["model"] | {"diff_scale": [1e39, 1.0]}}, "diff_scale"),
         (lambda meta: meta | {"model": meta["model"] | {"mean": [float("nan"), 0.0]}}, "mean"),
     ],
     ids=["not an object", "no name", "model not an object", "feature not text", "features repeated",
-         "no hidden units", "layers a boolean", "zero scale", "scale past float32", "NaN mean"],
+         "no hidden units", "layers a boolean", "zero scale", "negative scale", "scale 0 in float32",
+         "scale past float32", "NaN mean"],
 )
 def test_config_that_would_build_a_broken_model_is_refused(
     saved: Path, edit: Callable[[dict[str, Any]], object], message: str
@@ -125,11 +128,16 @@ def test_config_that_would_build_a_broken_model_is_refused(
         load_checkpoint(saved)
 
 
-def test_config_declaring_a_huge_model_is_refused_before_anything_is_allocated(saved: Path) -> None:
-    """hidden_size 100,000 would need 120 GB for W_hh alone; the sizes are compared from the weights
-    file's header first, so the answer is a mismatch, not an allocation failure or an OOM kill."""
-    _edit_config(saved, lambda meta: meta | {"model": meta["model"] | {"hidden_size": 100_000}})
-    with pytest.raises(CheckpointError, match=r"does not match the sizes.*the config needs"):
+@pytest.mark.parametrize("declared", [{"hidden_size": 100_000}, {"num_layers": 10_000_000}, {"lags": 2**62}],
+                         ids=["hidden", "layers", "lags"])
+def test_config_declaring_a_huge_model_is_refused_before_anything_is_allocated(
+    saved: Path, declared: dict[str, int]
+) -> None:
+    """hidden_size 100,000 would need 120 GB for W_hh alone, and ten million layers took minutes to build
+    even without memory; the sizes are compared with the weights file's header first, so the answer is a
+    mismatch at once, not an allocation failure, an OOM kill or a hang."""
+    _edit_config(saved, lambda meta: meta | {"model": meta["model"] | declared})
+    with pytest.raises(CheckpointError, match=r"does not match the sizes|not a valid model config"):
         load_checkpoint(saved)
 
 
