@@ -656,9 +656,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.chunk < 1:
         parser.error("--chunk must be at least 1")
     # A stop from outside (docker stop, systemd, a closed terminal) saves the answers as Ctrl-C does: a file
-    # left more than a chunk behind its session could not be resumed.
+    # left more than a chunk behind its session could not be resumed. An ignored signal stays ignored (nohup).
     for stop in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if stop is not None:
+        if stop is not None and signal.getsignal(stop) == signal.SIG_DFL:
             signal.signal(stop, _interrupt)
     try:
         return stream_csv(args)

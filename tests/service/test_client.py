@@ -431,7 +431,13 @@ def test_cli_interrupted_saves_what_was_answered_without_a_traceback_and_resumes
     session = new_id("cli")
     argv = [sys.executable, "-m", "service.client", "stream", "--csv", str(source), "--session", session,
             "--chunk", "1", "--url", server.url, "--out", str(out), "--quiet"]
-    running = subprocess.Popen(argv, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    # A test run started in the background of a shell without job control ignores SIGINT, and a child
+    # inherits an ignored signal: handled here for the moment of the start, the child gets the default.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        running = subprocess.Popen(argv, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     deadline = time.monotonic() + 30
     while _position_or_zero(client, session) < 20 and time.monotonic() < deadline:
         time.sleep(0.05)
