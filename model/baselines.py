@@ -33,7 +33,6 @@ class DifferenceAR:
 
     coef: np.ndarray  # (F, F·K), column f·K + k weighs feature f's difference K − 1 − k steps before x_t
     intercept: np.ndarray  # (F,)
-    orders: tuple[int, ...]  # lags each feature uses (its newest ones); 0: persistence, no drift either
 
     @property
     def lags(self) -> int:
@@ -82,7 +81,7 @@ def fit_difference_ar(
         weights = np.linalg.solve(centred.T @ centred + ridge * np.eye(order), centred.T @ (y - y_mean))
         coef[f, (f + 1) * lags - order : (f + 1) * lags] = weights
         intercept[f] = y_mean - x_mean @ weights
-    return DifferenceAR(coef, intercept, tuple(orders))
+    return DifferenceAR(coef, intercept)
 
 
 def difference_ar_predictions(values: np.ndarray, model: DifferenceAR, diff_scale: np.ndarray) -> np.ndarray:

@@ -231,4 +231,4 @@ def _refit_linear(model: Forecaster, values: np.ndarray, orders: tuple[int, ...]
     ar = fit_difference_ar(values, orders, diff_scale, known=known)
     # A feature left at persistence has no autoregression to refit; its trained bias belongs to the GRU.
     intercept = np.where(np.array(orders) > 0, ar.intercept, model.head.bias.double().numpy())
-    _set_linear(model, DifferenceAR(ar.coef, intercept, orders))
+    _set_linear(model, DifferenceAR(ar.coef, intercept))

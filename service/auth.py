@@ -119,9 +119,6 @@ class KeyRing:
     def __init__(self, keys: Mapping[str, str]):
         self._entries = [(hashlib.sha256(key.encode()).digest(), tenant) for key, tenant in keys.items()]
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def tenant(self, presented: bytes) -> str | None:
         digest = hashlib.sha256(presented).digest()  # fixed length: compare_digest then leaks no lengths
         found = None

@@ -161,10 +161,6 @@ class Engine:
                 await self._probe
         self._executor.shutdown(wait=True)
 
-    @property
-    def queue_depth(self) -> int:
-        return len(self._waiting)
-
     # -- the API routers use ---------------------------------------------------------------------------
 
     async def predict(

@@ -49,14 +49,13 @@ class Problem(Exception):
         kind: str,
         detail: str,
         *,
-        title: str | None = None,
         headers: Mapping[str, str] | None = None,
         **extra: Any,
     ):
         super().__init__(detail)
         self.status = status
         self.kind = kind
-        self.title = title or _TITLES.get(status, "Error")
+        self.title = _TITLES.get(status, "Error")
         self.detail = detail
         self.headers = dict(headers or {})
         self.extra = extra

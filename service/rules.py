@@ -55,7 +55,7 @@ def judge(
     if session.model_version != model_version:
         return StaleModel(
             f"session {session_id!r} was built with model {session.model_version}, the service now runs"
-            f" {model_version}; POST /v1/sessions/{session_id}/reset to continue",
+            f" {model_version}; reset the session to continue",
             session_id=session_id, position=session.position, model_version=model_version,
         )
     if offset is None or offset == session.position:

@@ -1,7 +1,8 @@
 """Request and response models: the documented contract (DESIGN §4) and the validation of every body.
 
-Validation runs in pydantic-core straight from the raw bytes (``validate_json``): strict types (no "1.5"
-strings or ``true`` for numbers), no NaN/Infinity, unknown fields refused.
+Validation runs in pydantic-core straight from the raw bytes (``validate_json``; a batch's items from the
+parsed envelope, one by one, under the same strict config): strict types (no "1.5" strings or ``true`` for
+numbers), no NaN/Infinity, unknown fields refused.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Liveness, readiness and metrics: open to probes and scrapers."""
+"""Liveness, readiness and metrics: open to probes and scrapers (/metrics unless GRU_METRICS_REQUIRE_KEY)."""
 
 from __future__ import annotations
 

@@ -57,7 +57,6 @@ class RawOperation:
     body: type[BaseModel]
     answer: type[BaseModel]
     problems: tuple[int, ...]
-    tags: tuple[str, ...] = ("v1",)
     session_path: bool = field(default=False)  # takes the {session_id} path parameter
 
     def describe(self) -> dict[str, Any]:
@@ -68,7 +67,7 @@ class RawOperation:
         for status in self.problems:
             responses[str(status)] = _problem(status)
         operation: dict[str, Any] = {
-            "tags": list(self.tags), "summary": self.summary, "description": self.description,
+            "tags": ["v1"], "summary": self.summary, "description": self.description,
             "operationId": f"{self.method}_{self.path.strip('/').replace('/', '_').replace('{', '').replace('}', '')}",
             **body_schema(self.body), "responses": responses,
         }

@@ -1,7 +1,8 @@
 """REST v1 (DESIGN §4). Routers parse and answer; the engine judges and computes.
 
-The two predict routes live in service.api.hot (the hot path); the batch route here reads its body raw
-the same way, validated by pydantic-core from the bytes, and joins the engine's pre-serialised answers.
+The two predict routes live in service.api.hot (the hot path); the batch route here reads its body raw,
+parses the envelope with pydantic-core from the bytes, validates each item on its own (one bad item is that
+item's problem, not the call's), and joins the engine's pre-serialised answers.
 """
 
 from __future__ import annotations

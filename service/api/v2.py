@@ -43,7 +43,7 @@ from service.auth import TenantDep
 from service.config import Settings
 from service.engine import Engine
 from service.problems import Problem, route_path
-from service.refusals import Refusal, UnknownSession
+from service.refusals import Refusal, StaleModel, UnknownSession
 from service.sessions.base import session_key
 
 log = logging.getLogger("service.v2")
@@ -68,10 +68,11 @@ class _V2Route(APIRoute):
         return route
 
 
-# Every v2 route may answer these (the union: 404 unknown model, version or sequence; 400/409/413 from infer;
-# 422 for a malformed path; 429/503 from the engine and the store).
+# Every v2 route may answer these (the union: 400 for a malformed path or request; 404 unknown model, version
+# or sequence; 409/413/415 from infer; 422 when the model's outputs are not finite; 429/503 from the engine
+# and the store).
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"], route_class=_V2Route,
-                   responses=problem_responses(400, 404, 408, 409, 413, 422, 429, 503))
+                   responses=problem_responses(400, 404, 408, 409, 413, 415, 422, 429, 503))
 ModelName = Annotated[str, Path(description="The model name that GET /v1/model reports")]
 ModelVersion = Annotated[str, Path(description="The model version (hash) that GET /v1/model reports")]
 
@@ -193,13 +194,18 @@ async def _infer(request: Request, engine: Engine, settings: Settings, tenant: s
 
 
 async def _continue(engine: Engine, key: str, sequence_id: object, call: InferRequest) -> bytes:
-    """A chunk after the first: the sequence must exist (Triton refuses an unknown correlation id too)."""
+    """A chunk after the first: the sequence must exist (Triton refuses an unknown correlation id too).
+    Both refusals say what to do in v2's terms: a sequence starts again with ``sequence_start``."""
     try:
         return await engine.predict(key, call.values, call.offset, call.horizon, must_exist=True)
     except UnknownSession:
         raise v2_problem(404, f"sequence {sequence_id!r} is not active (never started, ended or expired);"
                          " send its first chunk with sequence_start=true", kind="sequence-not-found",
                          sequence_id=sequence_id) from None
+    except StaleModel as refused:
+        raise v2_problem(409, f"sequence {sequence_id!r} was started with another model version; the service"
+                         f" now runs {engine.model_version}: send this chunk with sequence_start=true to start the"
+                         " sequence again", kind=refused.kind, sequence_id=sequence_id, **refused.extra) from None
 
 
 async def _end(engine: Engine, key: str) -> None:

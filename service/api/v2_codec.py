@@ -9,9 +9,9 @@ Both tensor encodings of the protocol, in requests and answers:
   answered in binary when its request entry says ``"binary_data": true`` or, with no outputs listed, when
   the request parameter ``binary_data_output`` is true.
 
-Every failure here is a ``Problem`` (400, the protocol's "bad request") carrying the protocol's ``error``
-member, so tritonclient shows our message. References: the KServe "Open Inference Protocol" REST spec and
-Triton's ``binary_data.md`` and ``sequence_extension`` docs.
+Every failure here is a ``Problem`` (400, the protocol's "bad request"; 413 or 415 for the body's size
+or encoding) carrying the protocol's ``error`` member, so tritonclient shows our message. References: the
+KServe "Open Inference Protocol" REST spec and Triton's ``binary_data.md`` and ``sequence_extension`` docs.
 """
 
 from __future__ import annotations
@@ -190,9 +190,7 @@ def _flatten(data: Any, depth: int) -> list[Any]:
     return flat
 
 
-def _input_array(
-    tensor: _Tensor, binary: bytes, used: int, features: int, max_steps: int
-) -> tuple[np.ndarray, int]:
+def _input_array(tensor: _Tensor, binary: bytes, features: int, max_steps: int) -> tuple[np.ndarray, int]:
     """The (T, F) float32 chunk of the ``values`` tensor and how many binary bytes it took."""
     if tensor.datatype != FP32:
         raise v2_problem(400, f"input {INPUT} has datatype {tensor.datatype}; the model takes {FP32}")
@@ -217,10 +215,10 @@ def _input_array(
         if isinstance(size, bool) or not isinstance(size, int) or size != count * 4:
             raise v2_problem(400, f"input {INPUT} binary_data_size is {size!r}; shape {shape} of {FP32} is"
                              f" {count * 4} bytes")
-        if used + size > len(binary):
+        if size > len(binary):
             raise v2_problem(400, f"input {INPUT} announces {size} bytes of binary data, but the body holds"
-                             f" {len(binary) - used} after the JSON header")
-        array = np.frombuffer(binary, dtype="<f4", count=count, offset=used).astype(np.float32)
+                             f" {len(binary)} after the JSON header")
+        array = np.frombuffer(binary, dtype="<f4", count=count).astype(np.float32)
         taken = size
     else:
         if tensor.data is None:
@@ -268,7 +266,7 @@ def parse_infer(
     names = [tensor.name for tensor in request.inputs]
     if names != [INPUT]:
         raise v2_problem(400, f"the model takes one input named {INPUT!r}, got {names}")
-    values, taken = _input_array(request.inputs[0], binary, 0, features, max_steps)
+    values, taken = _input_array(request.inputs[0], binary, features, max_steps)
     if taken != len(binary):
         raise v2_problem(400, f"the body has {len(binary) - taken} bytes after the JSON header that no input"
                          " claims with binary_data_size")

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from service.sessions.base import StoreUnavailable, Write
-from tests.conftest import Server, ServerFactory, free_port, start_server, wait_ready
+from tests.conftest import Server, ServerFactory, free_port, make_tiny_model, start_server, wait_ready
 from tests.service.conftest import RedisServer, kill_redis, start_redis
 from tests.service.helpers import assert_problem, new_id, position, send, series, stateless
 
@@ -358,3 +358,29 @@ def test_replicas_export_no_session_count_of_their_own(shared: tuple[Server, Ser
         text = httpx.get(server.url + "/metrics", timeout=10).text
         assert "gru_active_sessions" not in text and "gru_session_evictions" not in text
         assert "gru_store_errors_total" in text
+
+
+def test_a_new_model_refuses_the_old_ones_sessions_in_each_protocols_terms(
+    server_factory: ServerFactory, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A replica on a new model meets sessions an older model built (a rolling upgrade): 409 model-changed
+    until they start again. The advice was v1's reset URL on v2 too, where a sequence restarts with
+    sequence_start."""
+    settings = {"GRU_STORE": "redis", "GRU_REDIS_URL": redis_server.url}
+    old = server_factory(**settings)
+    new = server_factory(make_tiny_model(tmp_path / "newer", seed=1), **settings)
+    session, values = new_id("upgrade"), series(6, seed=31)
+    with httpx.Client(base_url=old.url, timeout=30) as http:
+        assert send(http, session, values, offset=0).status_code == 200
+    with httpx.Client(base_url=new.url, timeout=30) as http:
+        v1 = assert_problem(send(http, session, values, offset=6), 409)
+        assert v1["type"].endswith("/model-changed") and v1["detail"].endswith("reset the session to continue")
+        name = http.get("/v1/model").json()["name"]
+        tensor = {"name": "values", "shape": [6, 1], "datatype": "FP32", "data": values.ravel().tolist()}
+        infer = {"inputs": [tensor], "parameters": {"sequence_id": session}}
+        v2 = http.post(f"/v2/models/{name}/infer", json=infer)
+        assert v2.status_code == 409 and v2.json()["type"].endswith("/model-changed")
+        assert "sequence_start=true" in v2.json()["error"] and "/v1/" not in v2.json()["error"]
+        started = http.post(f"/v2/models/{name}/infer", json={
+            "inputs": [tensor], "parameters": {"sequence_id": session, "sequence_start": True}})
+        assert started.status_code == 200 and started.json()["parameters"]["sequence_position"] == 6
