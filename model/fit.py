@@ -113,7 +113,7 @@ def train(
         for _ in range(batches):
             windows = sample_windows(train_rows, model.config.lags, window, config.batch_size, generator)
             prior, inputs, targets = _shifted(model, windows, config.level_jitter, generator)
-            predictions, _ = model.predict(inputs, _primed_state(model, prior))
+            predictions, _ = model.predict(inputs, model.primed_state(prior))
             loss = ((predictions - targets).abs() / model.diff_scale).mean()
             optimizer.zero_grad()
             loss.backward()
@@ -195,16 +195,6 @@ def _shifted(
     batch, features = windows[0].size(0), windows[0].size(2)
     offset = torch.randn(batch, 1, features, generator=generator) * jitter * model.scale  # (B, 1, F)
     return tuple(w + offset for w in windows)
-
-
-def _primed_state(model: Forecaster, prior: torch.Tensor) -> torch.Tensor:
-    """A state that has seen the K values ``prior`` (B, K, F) but whose GRU starts from zeros."""
-    batch = prior.size(0)
-    hidden = model.config.num_layers * model.config.hidden_size
-    state = model.initial_state(batch)
-    state[:, hidden:-1] = prior.reshape(batch, -1)  # (B, K·F), the layout Forecaster._split reads
-    state[:, -1] = 1.0
-    return state
 
 
 def _set_linear(model: Forecaster, ar: DifferenceAR) -> None:

@@ -122,6 +122,13 @@ class Forecaster(nn.Module):
         """The state of a series that has seen nothing: (B, S) zeros."""
         return torch.zeros(batch, self.state_size, device=self.mean.device)
 
+    def primed_state(self, prior: Tensor) -> Tensor:
+        """The state of a series that has seen the K values ``prior`` (B, K, F), with the GRU still at zeros
+        (training starts windows from it: their first steps already have their differences)."""
+        batch = prior.size(0)
+        h = prior.new_zeros(self.config.num_layers, batch, self.config.hidden_size)  # (L, B, H)
+        return self._join(h, prior, prior.new_ones(batch, 1))
+
     def _split(self, state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         cfg = self.config
         batch = state.size(0)

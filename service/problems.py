@@ -117,6 +117,13 @@ def field_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
     ]
 
 
+def describe_errors(errors: Sequence[Any], limit: int = 5) -> str:
+    """The first ``limit`` errors on one line, each where and what: for answers that carry one message and
+    no list (the v2 protocol's ``error``)."""
+    return "; ".join(f"{'.'.join(str(part) for part in err.get('loc', ())) or 'body'}: {err.get('msg', '')}"
+                     for err in errors[:limit])
+
+
 def invalid(errors: Sequence[Any]) -> Problem:
     """422 naming the fields (the first ``MAX_LISTED_ERRORS``), or 400 when the body was not JSON at all
     (every body path ends here)."""

@@ -27,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
 from service.api.deps import EngineDep, SettingsDep
+from service.api.health import require_ready
 from service.api.openapi import problem_responses
 from service.api.v2_codec import (
     FP32,
@@ -42,7 +43,7 @@ from service.api.v2_codec import (
 from service.auth import TenantDep
 from service.config import Settings
 from service.engine import Engine
-from service.problems import Problem, route_path
+from service.problems import describe_errors, route_path
 from service.refusals import Refusal, StaleModel, UnknownSession
 from service.sessions.base import session_key
 
@@ -61,9 +62,7 @@ class _V2Route(APIRoute):
             try:
                 return await handler(request)
             except RequestValidationError as exc:
-                detail = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}"
-                                   for e in exc.errors()[:5])
-                raise v2_problem(400, f"invalid request: {detail}") from None
+                raise v2_problem(400, f"invalid request: {describe_errors(exc.errors())}") from None
 
         return route
 
@@ -107,8 +106,7 @@ async def live() -> dict[str, bool]:
 
 @router.get("/health/ready", summary="Readiness: model loaded and session store reachable")
 async def ready(engine: EngineDep) -> dict[str, bool]:
-    if not await engine.store_reachable():
-        raise Problem(503, "not-ready", "the session store is unreachable", headers={"Retry-After": "2"}, ready=False)
+    await require_ready(engine, ready=False)
     return {"ready": True}
 
 

@@ -26,7 +26,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.middleware import decimal_length
-from service.problems import Problem
+from service.problems import Problem, describe_errors
 from service.schemas import SESSION_ID, SESSION_ID_PATTERN
 
 INPUT = "values"
@@ -127,10 +127,7 @@ def _load(header: bytes) -> _InferRequest:
     try:
         return _InferRequest.model_validate(document)
     except ValidationError as exc:
-        where = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
-            for e in exc.errors(include_url=False, include_input=False)[:5]
-        )
+        where = describe_errors(exc.errors(include_url=False, include_input=False))
         raise v2_problem(400, f"the inference request does not match the protocol: {where}") from None
 
 
