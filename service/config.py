@@ -31,6 +31,10 @@ class Settings(BaseSettings):
     snapshot_interval_seconds: float = Field(0.0, ge=0, description="also snapshot this often; 0 = only on exit")
     session_ttl_seconds: float = Field(3600.0, gt=0, description="idle sessions expire after this")
     max_sessions: int = Field(100_000, ge=1, description="memory store capacity; least recently used goes first")
+    max_answer_bytes: int = Field(
+        256 * 2**20, ge=65_536,
+        description="memory store: bytes of the answers kept for exact retries; least recently used sessions go beyond",
+    )
     max_batch_size: int = Field(64, ge=1, le=4096, description="chunks of distinct sessions run as one batch")
     max_batch_delay_ms: float = Field(2.0, ge=0, le=1000, description="how long a batch waits to fill")
     max_queue: int = Field(1024, ge=1, description="chunks waiting for the engine; beyond this 429")

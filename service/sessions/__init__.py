@@ -16,6 +16,7 @@ def build_store(settings: Settings, state_size: int, device: torch.device, metri
         store = MemoryStore(
             state_size, device, settings.max_sessions, settings.session_ttl_seconds,
             on_evict=lambda reason, count: metrics.evictions.labels(reason=reason).inc(count),
+            max_answer_bytes=settings.max_answer_bytes,
         )
         metrics.active_sessions.set_function(lambda: len(store))
         return store

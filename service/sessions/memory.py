@@ -1,11 +1,13 @@
 """In-process session store: states in one preallocated device tensor, a session is a slot.
 
-Row 0 is the fresh (all-zero) state, shared by every session that has not stored a state yet, so a
-batch gathers new and old sessions with one ``index_select``. The tensor doubles when full, up to
-``max_sessions + 1`` rows. Records sit in an ``OrderedDict`` kept in recency order: the least recently
-used session is evicted at capacity, and idle ones expire after ``ttl_seconds`` (checked on access and by
-``sweep()``). Every mutation of the records happens on the event loop; ``gather`` may run on the engine's
-compute thread and only reads.
+Row 0 is the fresh (all-zero) state, shared by every session that has not stored a state yet, so a batch
+gathers new and old sessions with one ``index_select``. The tensor doubles when full, up to ``max_sessions+1``
+rows. Records sit in an ``OrderedDict`` kept in recency order: the least recently used session is evicted at
+capacity, and idle ones expire after ``ttl_seconds`` (checked on access and by ``sweep()``). Capacity is
+counted in sessions and, with ``max_answer_bytes``, in the bytes of the answers kept for exact retries: an
+answer grows with its chunk and horizon (53 KB at 4,096 steps and a horizon of 512), so a session count alone
+would let one client's long chunks take a pod's memory. Every mutation of the records happens on the event
+loop; ``gather`` may run on the engine's compute thread and only reads.
 """
 
 from __future__ import annotations
@@ -33,9 +35,12 @@ class MemoryStore:
         on_evict: EvictionHook | None = None,
         initial_capacity: int = 1024,
         clock: Callable[[], float] = time.time,
+        max_answer_bytes: int | None = None,
     ):
         self.ttl_seconds = ttl_seconds
         self.max_sessions = max_sessions
+        self.max_answer_bytes = max_answer_bytes
+        self._answer_bytes = 0  # the kept answers' total
         self._clock = clock
         self._on_evict = on_evict or (lambda reason, count: None)
         self._records: OrderedDict[str, Session] = OrderedDict()
@@ -60,6 +65,7 @@ class MemoryStore:
 
     def _drop(self, key: str) -> Session:
         session = self._records.pop(key)
+        self._answer_bytes -= len(session.answer)
         if session.handle:
             self._free.append(session.handle)
         return session
@@ -103,6 +109,19 @@ class MemoryStore:
             self._drop(next(iter(self._records)))
             self._on_evict("capacity", 1)
 
+    def _trim_answers(self, keep: set[str]) -> None:
+        """Least recently used first, while the kept answers pass their budget; never one of ``keep`` (the
+        sessions just written: an answer over the whole budget is kept, alone)."""
+        evicted = 0
+        while self.max_answer_bytes is not None and self._answer_bytes > self.max_answer_bytes:
+            key = next(iter(self._records))
+            if key in keep:
+                break
+            self._drop(key)
+            evicted += 1
+        if evicted:
+            self._on_evict("capacity", evicted)
+
     async def load(self, keys: Sequence[str]) -> list[Session | None]:
         now = self._clock()
         found = []
@@ -137,6 +156,7 @@ class MemoryStore:
             current.model_version = write.model_version
             current.last_offset = write.last_offset
             current.fingerprint = write.fingerprint
+            self._answer_bytes += len(write.answer) - len(current.answer)
             current.answer = bytes(memoryview(write.answer))  # exact size: orjson's buffer holds ~4 KiB
             current.updated_at = now
             current.revision = self._next_revision()
@@ -147,6 +167,7 @@ class MemoryStore:
         if rows:
             index = torch.tensor(slots, device=self._states.device)
             self._states.index_copy_(0, index, states[torch.tensor(rows, device=states.device)].to(self._states))
+        self._trim_answers({write.key for write in writes})
         return results
 
     async def get(self, key: str) -> Session | None:
@@ -188,10 +209,12 @@ class MemoryStore:
                 session.handle = self._allocate_slot()
                 slot_rows[session.handle] = row
             self._records[session.key] = session
+            self._answer_bytes += len(session.answer)
         if slot_rows:
             index = torch.tensor(list(slot_rows), device=self._states.device)
             picked = states[torch.tensor(list(slot_rows.values()), device=states.device)]  # (n, S)
             self._states.index_copy_(0, index, picked.to(self._states))
+        self._trim_answers(set())  # a snapshot from a larger budget: its oldest go
 
     async def ping(self) -> bool:
         return True

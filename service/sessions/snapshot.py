@@ -182,8 +182,8 @@ def restore(store: MemoryStore, path: Path, model_version: str, state_size: int,
     live = live[-store.max_sessions:]  # least recently used first: keep the newest
     store.restore([sessions[i] for i in live], [rows[i] for i in live], states)
     log.info("snapshot restored", extra={"fields": {
-        "path": str(path), "sessions": len(live), "expired": len(sessions) - len(live)}})
-    return len(live)
+        "path": str(path), "sessions": len(store), "expired": len(sessions) - len(live)}})
+    return len(store)  # the newest that fit GRU_MAX_SESSIONS and the answers' budget
 
 
 def _check_writable(path: Path) -> None:

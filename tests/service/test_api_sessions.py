@@ -180,3 +180,19 @@ def test_least_recently_used_session_is_evicted_at_capacity(server_factory: Serv
         assert [position(http, name) for name in ("a", "c", "d")] == [4, 2, 2]
         assert 'gru_session_evictions_total{reason="capacity"} 1.0' in http.get("/metrics").text
         assert "gru_active_sessions 3.0" in http.get("/metrics").text
+
+
+def test_kept_answers_are_capacity_too_so_long_chunks_cannot_take_the_memory(server_factory: ServerFactory) -> None:
+    """Each session keeps its last answer for exact retries, ~12 bytes a predicted value: 3,000 steps and a
+    horizon of 512 is ~42 KB, so a 64 KiB budget holds one such session, and small ones beside it."""
+    server = server_factory(GRU_MAX_ANSWER_BYTES="65536")
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        send(http, "small", series(2), offset=0)
+        for name in ("long-1", "long-2"):
+            answer = http.post(f"/v1/sessions/{name}/predict",
+                               json={"values": series(3000, seed=5).tolist(), "offset": 0, "horizon": 512})
+            assert answer.status_code == 200 and len(answer.content) > 40_000
+        assert_problem(http.get("/v1/sessions/small"), 404)  # the least recently used went first
+        assert_problem(http.get("/v1/sessions/long-1"), 404)
+        assert position(http, "long-2") == 3000
+        assert 'gru_session_evictions_total{reason="capacity"} 2.0' in http.get("/metrics").text

@@ -245,3 +245,28 @@ def test_a_snapshot_path_that_cannot_be_written_stops_start_up(tiny_model: Path,
     log = refused_start_log(tiny_model, tmp_path, {"GRU_SNAPSHOT_PATH": str(target)})
     assert f"GRU_SNAPSHOT_PATH={target}" in log
     assert tmp_path.is_dir()  # not set aside as a "corrupt snapshot"
+
+
+def test_kept_answers_past_their_budget_evict_the_least_recently_used_sessions(tmp_path: Path) -> None:
+    """One client's long chunks keep answers of tens of KB each (53 KB at 4,096 steps, horizon 512): counted
+    in sessions only, 20,000 of them took a 1 Gi pod's memory. Never the session just written, even alone
+    over the budget; a snapshot from a larger budget loses its oldest on restore."""
+    evicted: list[tuple[str, int]] = []
+    store = _store(on_evict=lambda reason, count: evicted.append((reason, count)), max_answer_bytes=100)
+
+    async def write(key: str, size: int) -> None:
+        assert all(await store.commit([Write(key, None, 1, "v1", 0, b"f", b"a" * size, 0)], torch.zeros(1, STATE)))
+
+    for key in ("t/a", "t/b", "t/c"):
+        asyncio.run(write(key, 40))
+    assert [s.key for s in store.records()] == ["t/b", "t/c"] and evicted == [("capacity", 1)]
+    asyncio.run(write("t/huge", 500))
+    assert [s.key for s in store.records()] == ["t/huge"]
+    path = tmp_path / "snap"
+    big = _store()
+    for key in ("t/x", "t/y", "t/z"):
+        asyncio.run(big.commit([Write(key, None, 1, "v1", 0, b"f", b"a" * 40, 0)], torch.zeros(1, STATE)))
+    asyncio.run(save(big, path, "v1"))
+    small = _store(max_answer_bytes=100)
+    assert restore(small, path, "v1", STATE) == 2
+    assert [s.key for s in small.records()] == ["t/y", "t/z"]
