@@ -52,9 +52,10 @@ def machine() -> str:
 
 
 def service_threads() -> int:
-    """The intra-op threads the service runs with: GRU_TORCH_THREADS, else cores − 1 (as service/app.py)."""
-    configured = int(os.environ.get("GRU_TORCH_THREADS", "0") or 0)
-    return configured or max(1, (os.cpu_count() or 2) - 1)
+    """The intra-op threads the service runs with (its settings read here, not at the top: see machine)."""
+    from service.config import Settings
+
+    return Settings().intra_op_threads
 
 
 def bench_model(directory: Path | None = None) -> tuple[Path, str]:

@@ -25,7 +25,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import orjson
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -34,6 +33,7 @@ from bench.common import bench_model, machine
 from model import load_checkpoint
 from service.config import Settings
 from service.rules import fingerprint
+from service.schemas import encode_answer
 from service.sessions.base import Session, Write, session_key
 from service.sessions.memory import MemoryStore
 
@@ -45,12 +45,6 @@ def rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _answer(session_id: str, position: int, predictions: np.ndarray, version: str) -> bytes:
-    """The body the engine stores for an exact retry (engine.Engine._answer's shape)."""
-    return orjson.dumps({"session_id": session_id, "position": position, "predictions": predictions,
-                         "model_version": version, "created": True}, option=orjson.OPT_SERIALIZE_NUMPY)
-
-
 async def fill(store: MemoryStore, sessions: int, steps: int, state_size: int, version: str) -> None:
     rng = np.random.default_rng(0)
     for first in range(0, sessions, BATCH):
@@ -60,7 +54,7 @@ async def fill(store: MemoryStore, sessions: int, steps: int, state_size: int, v
         store.gather(records, None)  # as the compute thread does; the result is dropped
         values = rng.normal(0.5, 0.1, (len(ids), steps, 1)).astype(np.float32)  # (B, T, 1)
         states = torch.randn(len(ids), state_size)  # (B, S): the batch's new states
-        answers = [_answer(ids[row], steps, values[row] + 0.01, version) for row in range(len(ids))]
+        answers = [encode_answer(values[row] + 0.01, None, version, (ids[row], steps, True)) for row in range(len(ids))]
         writes = [
             Write(key=key, expected_revision=None, position=steps, model_version=version, last_offset=0,
                   fingerprint=fingerprint(0, 0, values[row]), row=row, answer=answers[row])
@@ -144,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     out.add_row("  itemised total (the rest: dict/OrderedDict entries, allocator)", f"{accounted:,.0f}")
     console.print(out)
     def one_answer() -> bytes:
-        return _answer("sensor-0000000", args.steps, np.zeros((args.steps, 1), np.float32), version)
+        return encode_answer(np.zeros((args.steps, 1), np.float32), None, version, ("sensor-0000000", args.steps, True))
 
     console.print(f"one {args.steps}-step answer from orjson.dumps: {sys.getsizeof(one_answer())} bytes by "
                   f"sys.getsizeof, {_allocated(one_answer):,} bytes allocated (the store keeps an exact-size copy)")

@@ -77,6 +77,10 @@ def _read_config(config_path: Path) -> tuple[dict[str, Any], ForecasterConfig]:
         raise CheckpointError(f"{config_path} is not a valid model config: {exc}") from exc
 
 
+def _not_safetensors(path: Path, exc: Exception) -> CheckpointError:
+    return CheckpointError(f"{path} is truncated or not a safetensors file: {exc}")
+
+
 def _stored_shapes(weights_path: Path) -> dict[str, tuple[int, ...]]:
     """The tensors' shapes, from the file's header: nothing is loaded."""
     try:
@@ -84,7 +88,7 @@ def _stored_shapes(weights_path: Path) -> dict[str, tuple[int, ...]]:
             names = file.keys()  # safe_open is not iterable itself
             return {name: tuple(file.get_slice(name).get_shape()) for name in names}
     except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{weights_path} is truncated or not a safetensors file: {exc}") from exc
+        raise _not_safetensors(weights_path, exc) from exc
 
 
 def _needed_shapes(config: ForecasterConfig, config_path: Path) -> dict[str, tuple[int, ...]]:
@@ -122,7 +126,7 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     try:
         weights = load_file(str(weights_path))
     except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{weights_path} is truncated or not a safetensors file: {exc}") from exc
+        raise _not_safetensors(weights_path, exc) from exc
     for name, tensor in weights.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"{weights_path}: {name} holds values that are not finite numbers")

@@ -7,7 +7,6 @@ import contextlib
 import gc
 import inspect
 import logging
-import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -56,9 +55,7 @@ async def _sweep_forever(store: object, every: float) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    # The event loop needs a core of its own; torch's default (every core) makes the two fight, and with a
-    # neighbour such as redis-server on the same cores, batches took 50x longer.
-    torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 2) - 1))
+    torch.set_num_threads(settings.intra_op_threads)
     device = resolve_device(settings.device)
     forecaster, meta = load_checkpoint(settings.model_path, device)
     metrics = Metrics()

@@ -26,25 +26,20 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import re
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.problems import Problem, route_path
+from service.keys import load_api_keys
+from service.problems import PROBLEM_JSON, Problem, route_path
 
 if TYPE_CHECKING:
     from service.config import Settings
 
 DEFAULT_TENANT = "default"
 REALM = 'Bearer realm="gru"'
-# Tenants become part of every session key ("tenant/session"): no "/" and nothing a store could misread.
-TENANT_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-# Visible ASCII: what survives an HTTP header unmangled (no spaces, no control characters).
-_KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,512}$")
 WEAK_KEY_LENGTH = 16  # shorter keys start the service with a warning
 log = logging.getLogger("service.auth")
 
@@ -60,54 +55,6 @@ async def get_tenant(request: Request) -> str:
 
 
 TenantDep = Annotated[str, Depends(get_tenant)]
-
-
-# -- configuration -----------------------------------------------------------------------------------------
-
-
-def _pairs_from_env(text: str) -> Iterable[tuple[str, str, str]]:
-    """(key, tenant, where) from ``key:tenant,key:tenant``; tenants cannot hold ":", keys may."""
-    for number, entry in enumerate(text.split(","), start=1):
-        entry = entry.strip()
-        if not entry:
-            continue  # a trailing comma
-        key, colon, tenant = entry.rpartition(":")
-        where = f"GRU_API_KEYS entry {number}"
-        if not colon or not key:
-            raise ValueError(f"{where} is not KEY:TENANT; list keys as key:tenant,key:tenant")
-        yield key.strip(), tenant.strip(), where
-
-
-def _pairs_from_file(path: Path) -> Iterable[tuple[str, str, str]]:
-    """(key, tenant, where) from a file of ``KEY TENANT`` lines; blank lines and ``#`` comments skipped."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"GRU_API_KEYS_FILE={path} cannot be read ({type(exc).__name__}); point it at a"
-                         " readable UTF-8 file of 'KEY TENANT' lines") from None
-    for number, line in enumerate(text.splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.split()
-        where = f"GRU_API_KEYS_FILE line {number}"
-        if len(parts) != 2:
-            raise ValueError(f"{where} has {len(parts)} fields; write one 'KEY TENANT' pair a line")
-        yield parts[0], parts[1], where
-
-
-def load_api_keys(keys: str, keys_file: Path | None) -> dict[str, str]:
-    """Tenant by key from both sources; ValueError on anything malformed (naming where, never the key)."""
-    tenants: dict[str, str] = {}
-    pairs = [*_pairs_from_env(keys), *(_pairs_from_file(keys_file) if keys_file is not None else ())]
-    for key, tenant, where in pairs:
-        if not _KEY_PATTERN.fullmatch(key):
-            raise ValueError(f"{where}: the key must be 1-512 visible ASCII characters (no spaces or commas)")
-        if not TENANT_PATTERN.fullmatch(tenant):
-            raise ValueError(f"{where}: the tenant must match {TENANT_PATTERN.pattern}")
-        if tenants.setdefault(key, tenant) != tenant:
-            raise ValueError(f"{where}: this key is already given to another tenant; a key names one tenant")
-    return tenants
 
 
 # -- the check on every request ---------------------------------------------------------------------------
@@ -202,7 +149,7 @@ def _document(app: FastAPI, open_paths: frozenset[str]) -> None:
         unauthorized = {
             "description": "No API key, or not a valid one",
             "headers": {"WWW-Authenticate": {"schema": {"type": "string"}, "description": REALM}},
-            "content": {"application/problem+json": {"schema": problem}},
+            "content": {PROBLEM_JSON: {"schema": problem}},
         }
         for path, operations in schema.get("paths", {}).items():
             if path in open_paths:

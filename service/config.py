@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -9,7 +10,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.auth import load_api_keys
+from service.keys import load_api_keys
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "model" / "weights" / "default"
@@ -53,6 +54,13 @@ class Settings(BaseSettings):
         0, ge=0, description="intra-op threads for the model; 0 = cores - 1 (one for the event loop)"
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @property
+    def intra_op_threads(self) -> int:
+        """GRU_TORCH_THREADS, else one per core but one: the event loop needs a core of its own; torch's
+        default (every core) made the two fight, and with a neighbour such as redis-server on the same cores,
+        batches took 50x longer."""
+        return self.torch_threads or max(1, (os.cpu_count() or 2) - 1)
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
-import orjson
 import torch
 from torch import Tensor
 
@@ -45,10 +44,10 @@ from service.refusals import (
     UnknownSession,
 )
 from service.rules import Apply, Replay, fingerprint, judge
+from service.schemas import encode_answer
 from service.sessions.base import Session, SessionStore, StoreUnavailable, Write, session_id_of
 
 log = logging.getLogger("service.engine")
-_DUMPS_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 STORE_PROBE_SECONDS = 0.5  # while the store is down, how often it is pinged
 _T = TypeVar("_T")
 
@@ -207,11 +206,12 @@ class Engine:
             " applied chunk returns its answer)", retry_after=1,
         ))
 
-    async def session_info(self, key: str) -> Session:
+    async def session_info(self, key: str) -> tuple[Session, float]:
+        """The session, and when it expires (epoch seconds) if nothing reaches it before."""
         session = await self._store_call(self.store.get(key), "get")
         if session is None:
             raise _unknown(key)
-        return session
+        return session, session.updated_at + self.store.ttl_seconds
 
     async def delete(self, key: str) -> None:
         if not await self._store_call(self.store.delete(key), "delete"):
@@ -395,17 +395,10 @@ class Engine:
 
     def _answer(self, run: _Run, predictions: np.ndarray, forecast: np.ndarray | None) -> bytes:
         chunk = run.chunk
-        body: dict[str, Any] = {}
+        session = None
         if chunk.key is not None:
-            body["session_id"] = session_id_of(chunk.key)
-            body["position"] = run.verdict.start + len(chunk.values)
-        body["predictions"] = predictions
-        if forecast is not None:
-            body["forecast"] = forecast
-        body["model_version"] = self.model_version
-        if chunk.key is not None:
-            body["created"] = run.verdict.created
-        return orjson.dumps(body, option=_DUMPS_OPTIONS)
+            session = (session_id_of(chunk.key), run.verdict.start + len(chunk.values), run.verdict.created)
+        return encode_answer(predictions, forecast, self.model_version, session)
 
     # -- the compute thread ----------------------------------------------------------------------------
 

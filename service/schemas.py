@@ -11,6 +11,8 @@ import re
 from datetime import datetime
 from typing import Annotated, Any
 
+import numpy as np
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
@@ -119,6 +121,23 @@ class SessionPredictResponse(PredictionResponse):
     session_id: str
     position: int = Field(description="Steps consumed by the session, this chunk included")
     created: bool = Field(description="True when this chunk started the session")
+
+
+def encode_answer(predictions: np.ndarray, forecast: np.ndarray | None, model_version: str,
+                  session: tuple[str, int, bool] | None = None) -> bytes:
+    """A ``PredictionResponse``, or with ``session`` (id, position, created) a ``SessionPredictResponse``,
+    as the JSON bytes the engine answers and keeps for exact retries: built once, straight from the arrays
+    (orjson), not through the pydantic models above, which document it."""
+    body: dict[str, Any] = {}
+    if session is not None:
+        body["session_id"], body["position"] = session[0], session[1]
+    body["predictions"] = predictions
+    if forecast is not None:
+        body["forecast"] = forecast
+    body["model_version"] = model_version
+    if session is not None:
+        body["created"] = session[2]
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 class Problem(BaseModel):

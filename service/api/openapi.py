@@ -15,11 +15,11 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from service.problems import PROBLEM_JSON
 from service.schemas import SESSION_ID_PATTERN
 from service.schemas import Problem as ProblemModel
 
 REF_TEMPLATE = "#/components/schemas/{model}"
-PROBLEM_JSON = "application/problem+json"
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:

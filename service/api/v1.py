@@ -85,11 +85,11 @@ def _timestamp(seconds: float) -> datetime:
 @router.get("/sessions/{session_id}", response_model=SessionInfo, summary="A session's position and age",
             responses=problem_responses(404, 422, 503))
 async def get_session(session_id: SessionIdPath, engine: EngineDep, tenant: TenantDep) -> SessionInfo:
-    session = await engine.session_info(session_key(tenant, session_id))
+    session, expires = await engine.session_info(session_key(tenant, session_id))
     return SessionInfo(
         session_id=session_id, position=session.position, model_version=session.model_version,
         created_at=_timestamp(session.created_at), updated_at=_timestamp(session.updated_at),
-        expires_at=_timestamp(session.updated_at + engine.store.ttl_seconds),
+        expires_at=_timestamp(expires),
     )
 
 

@@ -20,8 +20,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from service import auth
-from service.auth import ApiKeyAuth, KeyRing, load_api_keys, presented_key
+from service.auth import ApiKeyAuth, KeyRing, presented_key
 from service.config import Settings
+from service.keys import load_api_keys
 from tests.conftest import Server, ServerFactory, refused_start_log, start_server
 from tests.service.helpers import assert_problem, new_id, position, send, series, stateless
 

@@ -29,9 +29,8 @@ from service.client import (
     Session,
     SessionNotFound,
     Unavailable,
-    read_csv,
-    write_predictions,
 )
+from service.client.cli import read_csv, write_predictions
 from tests.conftest import ROOT, Server
 from tests.service.helpers import new_id, position, series, stateless
 

@@ -1,0 +1,301 @@
+"""The command line: stream a CSV through a session, write its predictions (needs the ``client`` extra for the
+progress bar and plot):
+
+    python -m service.client stream --csv series.csv --session pump-7 [--chunk 32] [--url URL]
+        [--out predictions.csv] [--plot out.png] [--columns a,b] [--api-key KEY] [--reset | --resume]
+
+Reading the CSV in place (a header told by its cells' shape, blank or non-finite rows refused by line), a
+predictions file that a stopped stream leaves whole and ``--resume`` extends, and stops from outside
+(Ctrl-C, SIGTERM, SIGHUP) that save what was answered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import re
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from service.client import SESSION_ID, Client, ModelChanged, OffsetConflict, ServiceError, Session
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _blank(row: list[str]) -> bool:
+    return not any(cell.strip() for cell in row)
+
+
+def _shape(cell: str) -> str:
+    """A cell with its runs of letters and of digits each reduced to one mark: 2020-01-01 and 2021-12-31
+    look alike, "date" does not."""
+    return re.sub(r"[0-9]+", "9", re.sub(r"[^\W\d_]+", "a", cell.strip()))
+
+
+def read_csv(
+    path: Path, features: Sequence[str], columns: Sequence[str] | None
+) -> tuple[list[str], list[list[float]]]:
+    """(column names, rows) of the model's inputs from a CSV, with or without a header row.
+
+    Columns: ``columns`` if given; else the model's feature names when the header has them all; else the
+    numeric columns, if there are as many as the model takes features."""
+    with path.open(newline="", encoding="utf-8-sig") as file:  # a spreadsheet's byte-order mark is no text
+        reader = csv.reader(file)
+        table = [(reader.line_num, row) for row in reader]
+    while table and _blank(table[-1][1]):  # blank lines at the end are no rows
+        table.pop()
+    if not table:
+        raise SystemExit(f"{path} is empty")
+    blank = next((line for line, row in table if _blank(row)), None)
+    if blank is not None:  # skipping it would shift every later step against the file's time axis
+        raise SystemExit(f"{path}:{blank}: empty row; fill or remove it (the service takes evenly spaced steps)")
+    first = table[0][1]
+    second = table[1][1] if len(table) > 1 else []
+    # A header: a cell that is not a number over one that is, or over text of another shape (a column named
+    # "date" over 2020-01-01; a headerless date column has one shape in every row). One row: any text.
+    has_header = (any(_number(a) is None and (_number(b) is not None or _shape(a) != _shape(b))
+                      for a, b in zip(first, second, strict=False))
+                  if second else any(_number(cell) is None for cell in first))
+    header = [cell.strip() for cell in first] if has_header else [f"column{i}" for i in range(len(first))]
+    data = table[1:] if has_header else table
+    if not data:
+        raise SystemExit(f"{path} has a header and no rows")
+    if columns:
+        missing = [c for c in columns if c not in header]
+        if missing:
+            raise SystemExit(f"{path} has no column {', '.join(missing)}; it has {', '.join(header)}")
+        picked = [header.index(c) for c in columns]
+    elif all(f in header for f in features):
+        picked = [header.index(f) for f in features]
+    else:
+        row = data[0][1]
+        picked = [i for i in range(len(header)) if i < len(row) and _number(row[i]) is not None]
+    if len(picked) != len(features):
+        raise SystemExit(f"the model takes {len(features)} feature(s) ({', '.join(features)}); {path} has"
+                         f" {len(picked)} numeric column(s) ({', '.join(header[i] for i in picked)}): choose"
+                         " with --columns")
+    rows: list[list[float]] = []
+    for line, row in data:
+        try:
+            values = [float(row[i]) for i in picked]
+        except (ValueError, IndexError):
+            values = []
+        if len(values) != len(picked) or not all(map(math.isfinite, values)):
+            where = ", ".join(header[i] for i in picked)
+            raise SystemExit(f"{path}:{line}: not a finite number in column(s) {where}")
+        rows.append(values)
+    return [header[i] for i in picked], rows
+
+
+def _progress() -> Any:
+    try:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+    except ImportError:  # the client extra is not installed: no bar
+        return None
+    return Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), transient=False)
+
+
+def _header(names: Sequence[str]) -> list[str]:
+    return ["step", *names, *(f"predicted_{n}" for n in names)]
+
+
+def _earlier_rows(path: Path, names: Sequence[str]) -> list[list[str]]:
+    """The rows of an earlier run's predictions file for these columns; none if there is no such file."""
+    if not path.exists():
+        return []
+    with path.open(newline="") as file:
+        earlier = list(csv.reader(file))
+    if not earlier or earlier[0] != _header(names) or not all(row and row[0].isdigit() for row in earlier[1:]):
+        return []
+    return earlier[1:]
+
+
+def write_predictions(path: Path, names: Sequence[str], truth: Sequence[Sequence[float]],
+                      predictions: Sequence[Sequence[float]], start: int) -> None:
+    """One row per step: the truth, and the prediction *for* that step (made after the step before). The
+    last row is the prediction for the step after the series. A resumed stream (``start`` > 0) keeps the
+    rows before ``start`` of the run before it, and that run's prediction for step ``start``: a stream cut
+    off and resumed leaves one file."""
+    rows: list[list[Any]] = []
+    carried: list[Any] = [""] * len(names)  # the prediction for step ``start``, made by the run before
+    if start > 0:
+        earlier = [row for row in _earlier_rows(path, names) if int(row[0]) <= start]
+        if earlier and int(earlier[-1][0]) == start:
+            rows, carried = [*earlier[:-1]], earlier[-1][1 + len(names):]
+    for i in range(len(truth) + 1):
+        actual = list(truth[i]) if i < len(truth) else [""] * len(names)
+        predicted = list(predictions[i - 1]) if i >= 1 else carried
+        rows.append([start + i, *actual, *predicted])
+    # Beside it, then renamed over it: with --resume the file holds earlier runs' rows too, and an
+    # interruption mid-write (a second Ctrl-C) must leave the old file, not half of the new one.
+    written = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with written.open("w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(_header(names))
+            writer.writerows(rows)
+        os.replace(written, path)
+    finally:
+        written.unlink(missing_ok=True)
+
+
+def _recover_lost_answer(session: Session, path: Path, names: Sequence[str], rows: Sequence[Sequence[float]]
+                         ) -> tuple[int, list[list[float]]]:
+    """Where a resumed stream's file starts again, and the answers it lacks up to the session's position.
+
+    A stream interrupted (Ctrl-C, a dropped network) while a chunk was in flight leaves a file that ends one
+    chunk before the session: the service applied the chunk, the client never read its answer. Sent again as
+    it was (same offset, same values) it is an exact retry, which the service answers again. Anything else
+    (more than the last chunk missing) cannot be asked for again: refused rather than leave a gap in the file
+    or overwrite it.
+    """
+    earlier = _earlier_rows(path, names)
+    if not earlier or int(earlier[-1][0]) >= session.position:
+        return session.position, []
+    end, position = int(earlier[-1][0]), session.position
+    session.position = end
+    try:
+        answer = session.predict(rows[end:position])
+    except OffsetConflict:
+        session.position = position
+        raise SystemExit(f"{path} ends at step {end} but session {session.id} is at {position}, and only the"
+                         f" last chunk's answer can be asked for again: --out another file keeps this one,"
+                         " --reset starts the session again") from None
+    return end, answer.predictions
+
+
+def plot(path: Path, names: Sequence[str], truth: Sequence[Sequence[float]],
+         predictions: Sequence[Sequence[float]], start: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    count = len(names)
+    fig, axes = plt.subplots(count, 1, figsize=(11, 3 * count), squeeze=False, sharex=True)
+    steps = range(start, start + len(truth))
+    for j, (name, ax) in enumerate(zip(names, axes[:, 0], strict=True)):
+        ax.plot(steps, [row[j] for row in truth], label="truth", linewidth=1.2)
+        ax.plot(range(start + 1, start + len(predictions) + 1), [row[j] for row in predictions],
+                label="one-step prediction", linewidth=1.0, alpha=0.85)
+        ax.set_ylabel(name)
+        ax.legend(loc="upper left")
+    axes[-1, 0].set_xlabel("step")
+    fig.suptitle("truth vs one-step-ahead prediction")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def stream_csv(args: argparse.Namespace) -> int:
+    with Client(args.url, args.api_key, timeout=args.timeout) as client:
+        model = client.model()
+        names, rows = read_csv(args.csv, model["feature_names"], args.columns)
+        session = client.session(args.session, resume=args.resume)
+        if args.reset:
+            session.reset()
+        if session.position > len(rows):
+            raise SystemExit(f"session {args.session} is at position {session.position}, past the {len(rows)}"
+                             f" rows of {args.csv}")
+        out = args.out or args.csv.with_name(args.csv.stem + ".predictions.csv")
+        start, predictions = _recover_lost_answer(session, out, names, rows) if args.resume else (0, [])
+        todo = rows[start:]
+        progress = _progress() if not args.quiet else None
+        task = progress.add_task(f"session {args.session}", total=len(todo)) if progress else None
+        try:
+            if progress:
+                progress.start()
+                progress.update(task, advance=len(predictions))
+            for offset in range(len(predictions), len(todo), args.chunk):
+                try:
+                    answer = session.predict(todo[offset : offset + args.chunk])
+                except ModelChanged as exc:
+                    raise SystemExit(f"{exc}\nthe session's state is from another model version: --reset to"
+                                     " start it again with this one") from None
+                except OffsetConflict as exc:
+                    raise SystemExit(f"{exc}\nthe session is at {exc.position}: --resume to continue from"
+                                     " there, --reset to start again") from None
+                predictions.extend(answer.predictions)
+                if progress:
+                    progress.update(task, advance=len(answer.predictions))
+        except (ServiceError, httpx.HTTPError, SystemExit, KeyboardInterrupt):
+            if predictions:  # keep what was answered: a --resume run extends the file
+                write_predictions(out, names, todo[: len(predictions)], predictions, start)
+                print(f"steps {start} to {start + len(predictions) - 1} and their predictions are in {out};"
+                      " --resume goes on from there", file=sys.stderr)
+            raise
+        finally:
+            if progress:
+                progress.stop()
+    write_predictions(out, names, todo, predictions, start)
+    message = f"{len(todo)} steps from position {start} -> {session.position}; predictions in {out}"
+    if args.plot:
+        plot(args.plot, names, todo, predictions, start)
+        message += f", plot in {args.plot}"
+    if client.stats.retries:
+        message += f" ({client.stats.retries} retried call(s))"
+    print(message, file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service.client", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    stream = commands.add_parser("stream", help="stream a CSV through a session, write its predictions")
+    stream.add_argument("--csv", type=Path, required=True, help="input series, one row a step")
+    stream.add_argument("--session", required=True, help=f"session id ({SESSION_ID.pattern})")
+    stream.add_argument("--chunk", type=int, default=32, help="steps per call (default 32)")
+    stream.add_argument("--url", default=os.environ.get("GRU_URL", "http://127.0.0.1:8000"),
+                        help="service base URL (default $GRU_URL or http://127.0.0.1:8000)")
+    stream.add_argument("--api-key", default=os.environ.get("GRU_API_KEY"), help="default $GRU_API_KEY")
+    stream.add_argument("--out", type=Path, help="predictions CSV (default FILE.predictions.csv);"
+                        " --resume extends it when it ends where the session is")
+    stream.add_argument("--plot", type=Path, help="also draw truth vs prediction to this PNG")
+    stream.add_argument("--columns", type=lambda s: [c.strip() for c in s.split(",")],
+                        help="comma-separated CSV columns to send (default: the model's feature names)")
+    stream.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+    stream.add_argument("--quiet", action="store_true", help="no progress bar")
+    start = stream.add_mutually_exclusive_group()
+    start.add_argument("--reset", action="store_true", help="reset the session first")
+    start.add_argument("--resume", action="store_true", help="continue from the server's position")
+    args = parser.parse_args(argv)
+    if args.chunk < 1:
+        parser.error("--chunk must be at least 1")
+    # A stop from outside (docker stop, systemd, a closed terminal) saves the answers as Ctrl-C does: a file
+    # left more than a chunk behind its session could not be resumed. An ignored signal stays ignored (nohup).
+    for stop in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if stop is not None and signal.getsignal(stop) == signal.SIG_DFL:
+            signal.signal(stop, _interrupt)
+    try:
+        return stream_csv(args)
+    except (ServiceError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as stop:  # what was answered is saved (stream_csv said where): no traceback
+        return 128 + (stop.signum if isinstance(stop, _Stopped) else signal.SIGINT)
+
+
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, handled as Ctrl-C is."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise _Stopped(signum)
