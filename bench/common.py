@@ -65,20 +65,29 @@ def bench_model(directory: Path | None = None) -> tuple[Path, str]:
     """
     if (DEFAULT_WEIGHTS / "config.json").is_file():
         return DEFAULT_WEIGHTS, f"shipped model ({DEFAULT_WEIGHTS.relative_to(ROOT)})"
+    directory = random_checkpoint(directory or Path(tempfile.mkdtemp(prefix="gru-bench-model-")), hidden=HIDDEN,
+                                  layers=LAYERS, lags=12, name="bench")
+    return directory, f"random model, hidden {HIDDEN}, {LAYERS} layers (no model/weights/default yet)"
+
+
+def random_checkpoint(directory: Path, *, hidden: int, layers: int, lags: int, features: tuple[str, ...] = ("x",),
+                      seed: int = 0, name: str) -> Path:
+    """A random forecaster saved as a checkpoint (the tests' tiny models, the benchmarks' stand-in), with a
+    head and autoregression loud enough that a wrong state changes the numbers; seeds give versions."""
     import torch
 
     from model import Forecaster, ForecasterConfig, save_checkpoint
 
-    directory = directory or Path(tempfile.mkdtemp(prefix="gru-bench-model-"))
-    torch.manual_seed(0)
-    config = ForecasterConfig(features=("x",), hidden_size=HIDDEN, num_layers=LAYERS,
-                              mean=(0.5,), scale=(0.3,), diff_scale=(0.1,))
+    torch.manual_seed(seed)
+    count = len(features)
+    config = ForecasterConfig(features=features, hidden_size=hidden, num_layers=layers, lags=lags,
+                              mean=(0.5,) * count, scale=(0.3,) * count, diff_scale=(0.1,) * count)
     forecaster = Forecaster(config)
-    with torch.no_grad():  # as tests.conftest.make_tiny_model: make the GRU matter
+    with torch.no_grad():
         forecaster.head.weight.normal_(0, 0.5)
         forecaster.autoregression.weight.normal_(0, 0.2)
-    save_checkpoint(forecaster, directory, name="bench")
-    return directory, f"random model, hidden {HIDDEN}, {LAYERS} layers (no model/weights/default yet)"
+    save_checkpoint(forecaster, directory, name=name)
+    return directory
 
 
 def free_port() -> int:

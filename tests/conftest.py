@@ -20,26 +20,14 @@ if not torch.cuda.is_available():
     # Triton reads this when the kernel is defined, so before anything imports the model.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench.common import free_port
-from model import Forecaster, ForecasterConfig, save_checkpoint
+from bench.common import free_port, random_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_tiny_model(directory: Path, features: tuple[str, ...] = ("x",), seed: int = 0, name: str = "tiny") -> Path:
     """A small random forecaster: fast to load, different outputs for different seeds (so, versions)."""
-    torch.manual_seed(seed)
-    count = len(features)
-    config = ForecasterConfig(
-        features=features, hidden_size=16, num_layers=2, lags=4,
-        mean=(0.5,) * count, scale=(0.3,) * count, diff_scale=(0.1,) * count,
-    )
-    forecaster = Forecaster(config)
-    with torch.no_grad():  # make the GRU matter, so state bugs change the numbers
-        forecaster.head.weight.normal_(0, 0.5)
-        forecaster.autoregression.weight.normal_(0, 0.2)
-    save_checkpoint(forecaster, directory, name=name)
-    return directory
+    return random_checkpoint(directory, hidden=16, layers=2, lags=4, features=features, seed=seed, name=name)
 
 
 @pytest.fixture(scope="session")
