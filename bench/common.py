@@ -52,10 +52,11 @@ def machine() -> str:
 
 
 def service_threads() -> int:
-    """The intra-op threads the service runs with (its settings read here, not at the top: see machine)."""
-    from service.config import Settings
+    """The intra-op threads the service runs with (GRU_TORCH_THREADS alone: the benchmarks need none of the
+    other settings, and a value meant for another machine must not stop them)."""
+    from service.config import intra_op_threads  # here, not at the top: see machine
 
-    return Settings().intra_op_threads
+    return intra_op_threads(int(os.environ.get("GRU_TORCH_THREADS") or 0))
 
 
 def bench_model(directory: Path | None = None) -> tuple[Path, str]:

@@ -16,6 +16,13 @@ REDIS_SCHEMES = ("redis", "rediss", "unix")
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "model" / "weights" / "default"
 
 
+def intra_op_threads(torch_threads: int) -> int:
+    """GRU_TORCH_THREADS, else one per core but one: the event loop needs a core of its own; torch's default
+    (every core) made the two fight, and with a neighbour such as redis-server on the same cores, batches took
+    50x longer."""
+    return torch_threads or max(1, (os.cpu_count() or 2) - 1)
+
+
 class Settings(BaseSettings):
     """The service's configuration; a bad value stops start-up with a message naming the variable."""
 
@@ -57,10 +64,7 @@ class Settings(BaseSettings):
 
     @property
     def intra_op_threads(self) -> int:
-        """GRU_TORCH_THREADS, else one per core but one: the event loop needs a core of its own; torch's
-        default (every core) made the two fight, and with a neighbour such as redis-server on the same cores,
-        batches took 50x longer."""
-        return self.torch_threads or max(1, (os.cpu_count() or 2) - 1)
+        return intra_op_threads(self.torch_threads)
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -299,3 +299,7 @@ class _Stopped(KeyboardInterrupt):
 
 def _interrupt(signum: int, frame: object) -> None:
     raise _Stopped(signum)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

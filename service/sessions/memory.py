@@ -139,8 +139,7 @@ class MemoryStore:
     async def commit(self, writes: Sequence[Write], states: Tensor) -> list[Session | None]:
         now = self._clock()
         results: list[Session | None] = []
-        rows: list[int] = []
-        slots: list[int] = []
+        won: list[tuple[int, Session, int]] = []  # (where in results, session, row of states)
         for write in writes:
             current = self._live(write.key, now)
             if (current.revision if current is not None else None) != write.expected_revision:
@@ -161,9 +160,18 @@ class MemoryStore:
             current.updated_at = now
             current.revision = self._next_revision()
             self._records.move_to_end(write.key)
-            rows.append(write.row)
-            slots.append(current.handle)
+            won.append((len(results), current, write.row))
             results.append(current)
+        # At a GRU_MAX_SESSIONS below the batch size, a new session can evict one this same commit wrote: that
+        # write lost after all (its slot may already be another's), so it is judged again like any other.
+        rows: list[int] = []
+        slots: list[int] = []
+        for at, session, row in won:
+            if self._records.get(session.key) is session:
+                rows.append(row)
+                slots.append(session.handle or 0)
+            else:
+                results[at] = None
         if rows:
             index = torch.tensor(slots, device=self._states.device)
             self._states.index_copy_(0, index, states[torch.tensor(rows, device=states.device)].to(self._states))

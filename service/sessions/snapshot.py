@@ -178,11 +178,12 @@ def restore(store: MemoryStore, path: Path, model_version: str, state_size: int,
                     extra={"fields": {"path": str(path), "moved_to": str(aside), "reason": reason}})
         return 0
     now = clock()
-    live = [i for i, s in enumerate(sessions) if now - s.updated_at <= store.ttl_seconds]
-    live = live[-store.max_sessions:]  # least recently used first: keep the newest
+    fresh = [i for i, s in enumerate(sessions) if now - s.updated_at <= store.ttl_seconds]
+    live = fresh[-store.max_sessions:]  # least recently used first: keep the newest
     store.restore([sessions[i] for i in live], [rows[i] for i in live], states)
     log.info("snapshot restored", extra={"fields": {
-        "path": str(path), "sessions": len(store), "expired": len(sessions) - len(live)}})
+        "path": str(path), "sessions": len(store), "expired": len(sessions) - len(fresh),
+        "over_capacity": len(fresh) - len(store)}})  # GRU_MAX_SESSIONS or GRU_MAX_ANSWER_BYTES
     return len(store)  # the newest that fit GRU_MAX_SESSIONS and the answers' budget
 
 

@@ -270,3 +270,14 @@ def test_kept_answers_past_their_budget_evict_the_least_recently_used_sessions(t
     small = _store(max_answer_bytes=100)
     assert restore(small, path, "v1", STATE) == 2
     assert [s.key for s in small.records()] == ["t/y", "t/z"]
+
+
+def test_a_session_evicted_by_its_own_commit_reports_a_lost_write(tmp_path: Path) -> None:
+    """GRU_MAX_SESSIONS below the batch: the third new session evicts the first, written by the same commit.
+    It was reported as won, and its freed slot, taken by the third, got two rows in one copy."""
+    store = _store(max_sessions=2)
+    states = torch.arange(3 * STATE, dtype=torch.float32).reshape(3, STATE)
+    writes = [Write(f"t/{name}", None, 1, "v1", 0, b"f", b"{}", row) for row, name in enumerate("abc")]
+    results = asyncio.run(store.commit(writes, states))
+    assert [r.key if r is not None else None for r in results] == [None, "t/b", "t/c"]
+    torch.testing.assert_close(store.gather(store.records()), states[1:])
