@@ -199,16 +199,33 @@ class _Tries:
                            + (f" ({problem.get('detail')})" if response is not None else ""))
 
 
+def _stateless(values: Values, horizon: int) -> tuple[str, str, dict[str, Any]]:
+    return "POST", "/v1/predict", {"values": _rows(values), "horizon": horizon}
+
+
+class _Calls:
+    """What ``Client`` and ``AsyncClient`` share: the retry policy and its count, and how they connect."""
+
+    def __init__(self, retry: Retry | None):
+        self.retry = retry or Retry()
+        self.stats = _Stats()
+
+    @staticmethod
+    def _http_options(base_url: str, api_key: str | None, timeout: float) -> dict[str, Any]:
+        return {"base_url": base_url, "headers": _headers(api_key), "timeout": timeout}
+
+
 class _SessionCalls:
     """What a session sends and how an answer moves it, for both the sync and the async handle."""
 
     def __init__(self, session_id: str, position: int = 0):
         self.id = session_id
         self.position = position
+        self._path = f"/v1/sessions/{session_id}"
 
     def _chunk(self, values: Values, horizon: int) -> tuple[str, str, dict[str, Any]]:
         body = {"values": _rows(values), "offset": self.position, "horizon": horizon}
-        return "POST", f"/v1/sessions/{self.id}/predict", body
+        return "POST", f"{self._path}/predict", body
 
     def _advance(self, answer: dict[str, Any]) -> Prediction:
         prediction = Prediction.from_json(answer)
@@ -224,16 +241,14 @@ class _SessionCalls:
 # -- sync --------------------------------------------------------------------------------------------
 
 
-class Client:
+class Client(_Calls):
     """The service at ``base_url``; ``api_key`` is sent as ``Authorization: Bearer``."""
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, *,
                  timeout: float = 30.0, retry: Retry | None = None,
                  transport: httpx.BaseTransport | None = None):
-        self.retry = retry or Retry()
-        self.stats = _Stats()
-        self._http = httpx.Client(base_url=base_url, headers=_headers(api_key), timeout=timeout,
-                                  transport=transport)
+        super().__init__(retry)
+        self._http = httpx.Client(**self._http_options(base_url, api_key, timeout), transport=transport)
 
     def __enter__(self) -> Client:
         return self
@@ -265,8 +280,7 @@ class Client:
 
     def predict(self, values: Values, horizon: int = 0) -> Prediction:
         """A whole series from a fresh state; nothing is kept."""
-        body = {"values": _rows(values), "horizon": horizon}
-        return Prediction.from_json(self.request("POST", "/v1/predict", body))
+        return Prediction.from_json(self.request(*_stateless(values, horizon)))
 
     def session(self, session_id: str, *, resume: bool = False) -> Session:
         """A session handle starting at position 0, or, with ``resume``, where the server has it (0 if
@@ -294,7 +308,7 @@ class Session(_SessionCalls):
             yield self.predict(rows, horizon)
 
     def info(self) -> dict[str, Any]:
-        return self.client.request("GET", f"/v1/sessions/{self.id}")
+        return self.client.request("GET", self._path)
 
     def resync(self) -> int:
         """Adopt the server's position (after an ``OffsetConflict``, say) and return it."""
@@ -302,28 +316,26 @@ class Session(_SessionCalls):
         return self.position
 
     def reset(self) -> None:
-        self.client.request("POST", f"/v1/sessions/{self.id}/reset")
+        self.client.request("POST", f"{self._path}/reset")
         self.position = 0
 
     def delete(self) -> None:
         with contextlib.suppress(SessionNotFound):  # a retried delete whose first try went through
-            self.client.request("DELETE", f"/v1/sessions/{self.id}")
+            self.client.request("DELETE", self._path)
         self.position = 0
 
 
 # -- async -------------------------------------------------------------------------------------------
 
 
-class AsyncClient:
+class AsyncClient(_Calls):
     """``Client`` for asyncio: the same calls, awaited."""
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, *,
                  timeout: float = 30.0, retry: Retry | None = None,
                  transport: httpx.AsyncBaseTransport | None = None):
-        self.retry = retry or Retry()
-        self.stats = _Stats()
-        self._http = httpx.AsyncClient(base_url=base_url, headers=_headers(api_key), timeout=timeout,
-                                       transport=transport)
+        super().__init__(retry)
+        self._http = httpx.AsyncClient(**self._http_options(base_url, api_key, timeout), transport=transport)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -352,8 +364,7 @@ class AsyncClient:
         return await self.request("GET", "/v1/model")
 
     async def predict(self, values: Values, horizon: int = 0) -> Prediction:
-        body = {"values": _rows(values), "horizon": horizon}
-        return Prediction.from_json(await self.request("POST", "/v1/predict", body))
+        return Prediction.from_json(await self.request(*_stateless(values, horizon)))
 
     async def session(self, session_id: str, *, resume: bool = False) -> AsyncSession:
         session = AsyncSession(self, _check_id(session_id))
@@ -378,17 +389,17 @@ class AsyncSession(_SessionCalls):
             yield await self.predict(rows, horizon)
 
     async def info(self) -> dict[str, Any]:
-        return await self.client.request("GET", f"/v1/sessions/{self.id}")
+        return await self.client.request("GET", self._path)
 
     async def resync(self) -> int:
         self.position = int((await self.info())["position"])
         return self.position
 
     async def reset(self) -> None:
-        await self.client.request("POST", f"/v1/sessions/{self.id}/reset")
+        await self.client.request("POST", f"{self._path}/reset")
         self.position = 0
 
     async def delete(self) -> None:
         with contextlib.suppress(SessionNotFound):
-            await self.client.request("DELETE", f"/v1/sessions/{self.id}")
+            await self.client.request("DELETE", self._path)
         self.position = 0
