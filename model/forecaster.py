@@ -179,9 +179,9 @@ class Forecaster(nn.Module):
         ``last`` is the one-step prediction made after the final observed step, so forecast[:, 0] == last.
         Works on copies: the caller's state is untouched.
         """
-        if steps < 1:
-            if steps < 0:
-                raise ValueError(f"steps must be >= 0, got {steps}")
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        if steps == 0:
             return last.new_empty(last.size(0), 0, last.size(1))
         outputs = [last]
         for _ in range(steps - 1):

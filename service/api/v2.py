@@ -240,8 +240,9 @@ async def infer_version(
 async def unknown(path: str, request: Request) -> Response:
     """Anything else under /v2 (model config, statistics, repository, shared memory): not served; a served
     path with another method is a 405 (this route would otherwise take it, matching every path)."""
+    here = route_path(request.scope)
     served = [route for route in router.routes if isinstance(route, APIRoute) and route.endpoint is not unknown
-              and route.path_regex.match(route_path(request.scope))]
+              and route.path_regex.match(here)]
     allowed = sorted({method for route in served for method in route.methods or ()})
     if allowed:
         raise v2_problem(405, f"{request.method} is not allowed on /v2/{path}; use {' or '.join(allowed)}",
