@@ -1,17 +1,11 @@
-"""What the bench parts share: the machine line, the model they serve, ports, server processes."""
+"""What the bench parts share: the machine line and the model they serve (processes: bench/processes.py)."""
 
 from __future__ import annotations
 
 import os
 import platform
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,98 +83,3 @@ def random_checkpoint(directory: Path, *, hidden: int, layers: int, lags: int, f
         forecaster.autoregression.weight.normal_(0, 0.2)
     save_checkpoint(forecaster, directory, name=name)
     return directory
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Process:
-    """A server subprocess on 127.0.0.1:port, its output in a log file."""
-
-    name: str
-    process: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-    extra: list[Process] = field(default_factory=list)  # helpers stopped with it (redis-server)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        for proc in [self, *self.extra]:
-            if proc.process.poll() is None:
-                proc.process.send_signal(signal.SIGTERM)
-                try:
-                    proc.process.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.process.kill()
-                    proc.process.wait()
-
-
-def spawn(name: str, argv: list[str], port: int, log_dir: Path, env: dict[str, str] | None = None) -> Process:
-    log_path = log_dir / f"{name}-{port}.log"
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-                                   stdout=log_file, stderr=subprocess.STDOUT)
-    return Process(name, process, port, log_path)
-
-
-def wait_http(proc: Process, path: str = "/", timeout: float = 60) -> None:
-    """Until ``path`` answers anything below 500 (a 404 or 405 is proof of life)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.process.poll() is not None:
-            raise RuntimeError(f"{proc.name} exited with {proc.process.returncode}:\n{proc.log_tail()}")
-        try:
-            with urllib.request.urlopen(proc.url + path, timeout=1) as answer:
-                if answer.status < 500:
-                    return
-        except urllib.error.HTTPError as exc:
-            if exc.code < 500:
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    proc.stop()
-    raise RuntimeError(f"{proc.name} not ready in {timeout} s:\n{proc.log_tail()}")
-
-
-def start_service(model_path: Path, log_dir: Path, env: dict[str, str] | None = None) -> Process:
-    """``python -m service`` with its default settings (CPU), plus ``env``."""
-    port = free_port()
-    argv = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)]
-    proc = spawn("service", argv, port, log_dir,
-                 {"GRU_MODEL_PATH": str(model_path), "GRU_DEVICE": "cpu", **(env or {})})
-    wait_http(proc, "/readyz")
-    return proc
-
-
-def start_redis(log_dir: Path) -> Process:
-    """A throwaway redis-server on a free loopback port: no persistence, nothing written to disk."""
-    port = free_port()
-    proc = spawn("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                           "--appendonly", "no", "--protected-mode", "yes"], port, log_dir)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if proc.process.poll() is not None:
-            raise RuntimeError(f"redis-server exited:\n{proc.log_tail()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-                sock.sendall(b"PING\r\n")
-                if sock.recv(16).startswith(b"+PONG"):
-                    return proc
-        except OSError:
-            time.sleep(0.05)
-    proc.stop()
-    raise RuntimeError("redis-server did not answer PING in 10 s")

@@ -47,18 +47,8 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from bench.common import (
-    HIDDEN,
-    LAYERS,
-    Process,
-    bench_model,
-    free_port,
-    machine,
-    spawn,
-    start_redis,
-    start_service,
-    wait_http,
-)
+from bench.common import HIDDEN, LAYERS, bench_model, machine
+from bench.processes import Process, free_port, spawn, start_redis, start_service, wait_http
 
 TARGETS = ("raw", "echo", "pydantic", "naive", "ours", "ours-redis")
 CHUNKS = (8, 64)
@@ -299,19 +289,16 @@ def _start(target: str, model_path: Path, log_dir: Path, env: dict[str, str]) ->
         port = free_port()
         proc = spawn(target, [*naive, "--port", str(port), "--mode", target, "--hidden", str(HIDDEN),
                               "--layers", str(LAYERS)], port, log_dir)
-        wait_http(proc, "/")
+        wait_http(proc, "/", ready_status=None)
         return proc
     if target == "ours":
         return start_service(model_path, log_dir, env)
     redis = start_redis(log_dir)
     try:
-        proc = start_service(model_path, log_dir,
-                             {**env, "GRU_STORE": "redis", "GRU_REDIS_URL": f"redis://127.0.0.1:{redis.port}/0"})
+        return start_service(model_path, log_dir, env, redis=redis)
     except Exception:
         redis.stop()
         raise
-    proc.extra.append(redis)
-    return proc
 
 
 def _model_sizes(model_path: Path) -> tuple[int, int]:
@@ -396,7 +383,7 @@ def measure(targets: list[str], chunks: list[int], sessions: int, duration: floa
                 console.print(f"{target}: {notes[target]}")
                 continue
             try:
-                pids = [proc.process.pid, *(extra.process.pid for extra in proc.extra)]
+                pids = [proc.process.pid, *([proc.redis.process.pid] if proc.redis and proc.redis.process else [])]
                 for steps in chunks:
                     with console.status(f"{target}: chunks of {steps}, {warmup:g} + {duration:g} s"):
                         numbers = driver(proc.url, steps, sessions, duration, warmup, f"{target}{round_}", pids)

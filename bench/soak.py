@@ -45,7 +45,8 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from bench.common import bench_model, machine, start_service
+from bench.common import bench_model, machine
+from bench.processes import start_service
 
 KEYS = {"soak-tenant-a-0123456789abcdef": "tenant-a", "soak-tenant-b-0123456789abcdef": "tenant-b"}
 MAX_CHUNK_STEPS = 256

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from bench.processes import ROOT
 from service.config import Settings
-from tests.conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
 

@@ -8,7 +8,6 @@ nginx.conf includes ours inside http {}) with every path under the test's tempor
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -18,13 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
+from bench.processes import free_port
+
 SHIPPED = Path(__file__).resolve().parents[2] / "deploy" / "nginx" / "gru-api.conf"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _test_copy(directory: Path, upstreams: list[str], listen: int) -> Path:
@@ -55,7 +50,7 @@ http {{
 
 
 def test_nginx_accepts_the_config(tmp_path: Path, tool: Callable[[str], str]) -> None:
-    main = _test_copy(tmp_path, ["127.0.0.1:8000", "127.0.0.1:8001"], _free_port())
+    main = _test_copy(tmp_path, ["127.0.0.1:8000", "127.0.0.1:8001"], free_port())
     done = subprocess.run(
         [tool("nginx"), "-t", "-p", str(tmp_path), "-c", str(main), "-e", str(tmp_path / "error.log")],
         capture_output=True, text=True, timeout=30, check=False,
@@ -68,7 +63,7 @@ def test_nginx_accepts_the_config(tmp_path: Path, tool: Callable[[str], str]) ->
 def proxy(server: Any, tmp_path: Path, tool: Callable[[str], str]) -> Iterator[str]:
     """nginx in front of the shared test server (both upstream slots point at it)."""
     upstream = server.url.removeprefix("http://")
-    port = _free_port()
+    port = free_port()
     main = _test_copy(tmp_path, [upstream, upstream], port)
     process = subprocess.Popen(
         [tool("nginx"), "-p", str(tmp_path), "-c", str(main), "-e", str(tmp_path / "error.log"),

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.processes import ROOT
 from model import load_checkpoint
 from tests.model.conftest import CsvWriter, seasonal_series
 
-ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--hidden", "8", "--layers", "1", "--epochs", "3", "--max-seconds", "20"]
 
 

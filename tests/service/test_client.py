@@ -19,6 +19,7 @@ import httpx
 import numpy as np
 import pytest
 
+from bench.processes import ROOT
 from service.client import (
     AsyncClient,
     Client,
@@ -31,7 +32,7 @@ from service.client import (
     Unavailable,
 )
 from service.client.cli import read_csv, write_predictions
-from tests.conftest import ROOT, Server
+from tests.conftest import Server
 from tests.service.helpers import new_id, position, series, stateless
 
 FAST = Retry(attempts=4, backoff=0.01, max_delay=0.05)

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import torch
 
+from bench.processes import RedisServer, free_port, wait_http
 from service.sessions.base import StoreUnavailable, Write
-from tests.conftest import Server, ServerFactory, free_port, make_tiny_model, start_server, wait_ready
-from tests.service.conftest import RedisServer, kill_redis, start_redis
+from tests.conftest import Server, ServerFactory, make_tiny_model, start_server
+from tests.service.conftest import start_redis
 from tests.service.helpers import assert_problem, new_id, position, send, series, stateless
 
 pytest.importorskip("redis")
@@ -148,7 +149,7 @@ def _replicas(server_factory: ServerFactory, redis_server: RedisServer, **env: s
     settings = {"GRU_STORE": "redis", "GRU_REDIS_URL": redis_server.url, **env}
     pair = server_factory(wait=False, **settings), server_factory(wait=False, **settings)
     for server in pair:
-        wait_ready(server)
+        wait_http(server, "/readyz")
     return pair
 
 
@@ -161,12 +162,12 @@ def shared(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     pair = start_server(tiny_model, logs, env, wait=False), start_server(tiny_model, logs, env, wait=False)
     try:
         for server in pair:
-            wait_ready(server)
+            wait_http(server, "/readyz")
         yield pair
     finally:
         for server in pair:
             server.stop(signal.SIGKILL)
-        kill_redis(redis_server)
+        redis_server.kill()
 
 
 def _metric(client: httpx.Client, sample: str) -> float:
