@@ -5,14 +5,15 @@ progress bar and plot):
         [--out predictions.csv] [--plot out.png] [--columns a,b] [--api-key KEY] [--reset | --resume]
 
 Reading the CSV in place (a header told by its cells' shape, blank or non-finite rows refused by line), a
-predictions file that a stopped stream leaves whole and ``--resume`` extends, and stops from outside
-(Ctrl-C, SIGTERM, SIGHUP) that save what was answered.
+predictions file written as the answers come, which a stream stopped in any way (Ctrl-C, SIGTERM, SIGHUP,
+SIGKILL) leaves whole and ``--resume`` extends.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 import os
 import re
@@ -20,7 +21,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import httpx
 
@@ -117,39 +118,75 @@ def _earlier_rows(path: Path, names: Sequence[str]) -> list[list[str]]:
     if not path.exists():
         return []
     with path.open(newline="") as file:
-        earlier = list(csv.reader(file))
-    if not earlier or earlier[0] != _header(names) or not all(row and row[0].isdigit() for row in earlier[1:]):
+        text = file.read()
+    text = text[: text.rfind("\n") + 1]  # a row cut short (a crash mid-write) is no row
+    earlier = list(csv.reader(io.StringIO(text)))
+    header = _header(names)
+    if not earlier or earlier[0] != header or not all(len(row) == len(header) and row[0].isdigit()
+                                                     for row in earlier[1:]):
         return []
     return earlier[1:]
 
 
-def write_predictions(path: Path, names: Sequence[str], truth: Sequence[Sequence[float]],
-                      predictions: Sequence[Sequence[float]], start: int) -> None:
-    """One row per step: the truth, and the prediction *for* that step (made after the step before). The
-    last row is the prediction for the step after the series. A resumed stream (``start`` > 0) keeps the
-    rows before ``start`` of the run before it, and that run's prediction for step ``start``: a stream cut
-    off and resumed leaves one file."""
-    rows: list[list[Any]] = []
-    carried: list[Any] = [""] * len(names)  # the prediction for step ``start``, made by the run before
-    if start > 0:
-        earlier = [row for row in _earlier_rows(path, names) if int(row[0]) <= start]
-        if earlier and int(earlier[-1][0]) == start:
-            rows, carried = [*earlier[:-1]], earlier[-1][1 + len(names):]
-    for i in range(len(truth) + 1):
-        actual = list(truth[i]) if i < len(truth) else [""] * len(names)
-        predicted = list(predictions[i - 1]) if i >= 1 else carried
-        rows.append([start + i, *actual, *predicted])
-    # Beside it, then renamed over it: with --resume the file holds earlier runs' rows too, and an
-    # interruption mid-write (a second Ctrl-C) must leave the old file, not half of the new one.
-    written = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with written.open("w", newline="") as file:
+class PredictionsFile:
+    """The predictions CSV, kept in step with the session while a stream runs.
+
+    One row per step: the truth, and the prediction *for* that step (made after the step before); the last
+    row holds the prediction for the step after the series. At the first answer the file is written whole
+    (beside the old one, then renamed over it: an interruption never leaves half of either), keeping the run
+    before's rows up to ``start`` and its prediction for step ``start``, so that a stream cut off and resumed
+    leaves one file. Every answer's rows are then appended in one write: a stream killed at any moment
+    (SIGKILL, the OOM killer) leaves a file that ends where its session is or one chunk before, and --resume
+    takes either.
+    """
+
+    def __init__(self, path: Path, names: Sequence[str], truth: Sequence[Sequence[float]], start: int):
+        self.path, self.names, self.truth, self.start = path, names, truth, start
+        self.end = start  # the step of the last row written
+        self._file: TextIO | None = None
+
+    def _row(self, step: int, prediction: Sequence[Any]) -> list[Any]:
+        actual = list(self.truth[step]) if step < len(self.truth) else [""] * len(self.names)
+        return [step, *actual, *prediction]
+
+    def open(self) -> None:
+        """Write the head of the file: the header, the run before's rows, the row for ``start``."""
+        if self._file is not None:
+            return
+        kept: list[list[str]] = []
+        carried: Sequence[Any] = [""] * len(self.names)  # the prediction for step ``start``, made by the run before
+        if self.start > 0:
+            earlier = [row for row in _earlier_rows(self.path, self.names) if int(row[0]) <= self.start]
+            if earlier and int(earlier[-1][0]) == self.start:
+                kept, carried = earlier[:-1], earlier[-1][1 + len(self.names):]
+        written = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        file = written.open("w", newline="")
+        try:
             writer = csv.writer(file)
-            writer.writerow(_header(names))
-            writer.writerows(rows)
-        os.replace(written, path)
-    finally:
-        written.unlink(missing_ok=True)
+            writer.writerow(_header(self.names))
+            writer.writerows(kept)
+            writer.writerow(self._row(self.start, carried))
+            file.flush()
+            os.replace(written, self.path)
+        except BaseException:
+            file.close()
+            written.unlink(missing_ok=True)
+            raise
+        self._file = file
+
+    def append(self, predictions: Sequence[Sequence[float]]) -> None:
+        """The rows of the steps after the last one written, each with its prediction."""
+        self.open()
+        assert self._file is not None
+        rows = io.StringIO()
+        csv.writer(rows).writerows(self._row(self.end + 1 + i, p) for i, p in enumerate(predictions))
+        self._file.write(rows.getvalue())
+        self._file.flush()
+        self.end += len(predictions)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
 
 
 def _recover_lost_answer(session: Session, path: Path, names: Sequence[str], rows: Sequence[Sequence[float]]
@@ -213,9 +250,12 @@ def stream_csv(args: argparse.Namespace) -> int:
         out = args.out or args.csv.with_name(args.csv.stem + ".predictions.csv")
         start, predictions = _recover_lost_answer(session, out, names, rows) if args.resume else (0, [])
         todo = rows[start:]
+        out_file = PredictionsFile(out, names, rows, start)
         progress = _progress() if not args.quiet else None
         task = progress.add_task(f"session {args.session}", total=len(todo)) if progress else None
         try:
+            if predictions:
+                out_file.append(predictions)
             if progress:
                 progress.start()
                 progress.update(task, advance=len(predictions))
@@ -228,19 +268,20 @@ def stream_csv(args: argparse.Namespace) -> int:
                 except OffsetConflict as exc:
                     raise SystemExit(f"{exc}\nthe session is at {exc.position}: --resume to continue from"
                                      " there, --reset to start again") from None
+                out_file.append(answer.predictions)
                 predictions.extend(answer.predictions)
                 if progress:
                     progress.update(task, advance=len(answer.predictions))
+            out_file.open()  # a stream with nothing left to send still leaves its file
         except (ServiceError, httpx.HTTPError, SystemExit, KeyboardInterrupt):
-            if predictions:  # keep what was answered: a --resume run extends the file
-                write_predictions(out, names, todo[: len(predictions)], predictions, start)
-                print(f"steps {start} to {start + len(predictions) - 1} and their predictions are in {out};"
+            if out_file.end > start:  # the file has what was answered: a --resume run extends it
+                print(f"steps {start} to {out_file.end - 1} and their predictions are in {out};"
                       " --resume goes on from there", file=sys.stderr)
             raise
         finally:
+            out_file.close()
             if progress:
                 progress.stop()
-    write_predictions(out, names, todo, predictions, start)
     message = f"{len(todo)} steps from position {start} -> {session.position}; predictions in {out}"
     if args.plot:
         plot(args.plot, names, todo, predictions, start)

@@ -31,7 +31,7 @@ from service.client import (
     SessionNotFound,
     Unavailable,
 )
-from service.client.cli import read_csv, write_predictions
+from service.client.cli import PredictionsFile, _earlier_rows, read_csv
 from tests.conftest import Server
 from tests.service.helpers import new_id, position, series, stateless
 
@@ -419,12 +419,13 @@ def test_cli_resume_refuses_to_overwrite_a_file_it_cannot_complete(
     assert position(client, session) == 20
 
 
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
-def test_cli_interrupted_saves_what_was_answered_without_a_traceback_and_resumes(
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["Ctrl-C", "SIGTERM", "SIGKILL"])
+def test_cli_stopped_in_any_way_leaves_a_file_that_resumes(
     server: Server, client: httpx.Client, tmp_path: Path, stop: signal.Signals
 ) -> None:
-    """SIGTERM (docker stop, systemd) used to end the client without saving: its file stayed where the run
-    before left it, more than a chunk behind the session, and could not be resumed."""
+    """SIGTERM (docker stop, systemd) used to end the client without saving, and SIGKILL (the OOM killer)
+    still did when the file was written only at the end: it stayed where the run before left it, more than
+    a chunk behind the session, and could not be resumed. Ctrl-C and SIGTERM also end without a traceback."""
     values = series(3000, seed=30)
     source, out = tmp_path / "series.csv", tmp_path / "out.csv"
     _write_csv(source, values)
@@ -443,8 +444,12 @@ def test_cli_interrupted_saves_what_was_answered_without_a_traceback_and_resumes
         time.sleep(0.05)
     running.send_signal(stop)
     _, stderr = running.communicate(timeout=30)
-    assert running.returncode == 128 + stop, stderr
-    assert "Traceback" not in stderr and "--resume goes on from there" in stderr
+    if stop == signal.SIGKILL:
+        assert running.returncode == -stop
+        assert 20 <= len(_steps(out)) <= position(client, session) + 1  # written as it went
+    else:
+        assert running.returncode == 128 + stop, stderr
+        assert "Traceback" not in stderr and "--resume goes on from there" in stderr
     resumed = _cli("stream", "--csv", str(source), "--session", session, "--chunk", "500", "--url",
                    server.url, "--out", str(out), "--quiet", "--resume")
     assert resumed.returncode == 0, resumed.stderr
@@ -458,7 +463,10 @@ def test_predictions_file_interrupted_mid_write_keeps_the_old_one(tmp_path: Path
     """With --resume the file holds earlier runs' rows; a second Ctrl-C while it was rewritten in place
     truncated it."""
     out = tmp_path / "out.csv"
-    write_predictions(out, ["x"], [[float(i)] for i in range(100)], [[0.5]] * 100, 0)
+    truth = [[float(i)] for i in range(105)]
+    first = PredictionsFile(out, ["x"], truth[:100], 0)
+    first.append([[0.5]] * 100)
+    first.close()
     before = out.read_bytes()
     real_writer = csv.writer
 
@@ -475,7 +483,18 @@ def test_predictions_file_interrupted_mid_write_keeps_the_old_one(tmp_path: Path
 
     monkeypatch.setattr(csv, "writer", Interrupted)
     with pytest.raises(KeyboardInterrupt):
-        write_predictions(out, ["x"], [[1.0]] * 5, [[0.5]] * 5, 100)
+        PredictionsFile(out, ["x"], truth, 100).append([[0.5]] * 5)
     assert out.read_bytes() == before
     assert [path.name for path in tmp_path.iterdir()] == ["out.csv"]
+
+
+def test_a_row_cut_short_is_no_row(tmp_path: Path) -> None:
+    """A crash mid-append can leave a last line without its end; --resume must not read 0.12 for 0.1234."""
+    out = tmp_path / "out.csv"
+    whole = PredictionsFile(out, ["x"], [[1.0], [2.0], [3.0]], 0)
+    whole.append([[0.1234], [0.5678]])
+    whole.close()
+    with out.open("a") as file:
+        file.write("3,3.0,0.12")
+    assert [row[0] for row in _earlier_rows(out, ["x"])] == ["0", "1", "2"]
 
