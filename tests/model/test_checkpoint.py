@@ -130,6 +130,7 @@ def test_config_that_would_build_a_broken_model_is_refused(
 
 @pytest.mark.parametrize("declared", [{"hidden_size": 100_000}, {"num_layers": 10_000_000}, {"lags": 2**62}],
                          ids=["hidden", "layers", "lags"])
+@pytest.mark.timeout(30)  # building ten million layers on the meta device first hangs for minutes
 def test_config_declaring_a_huge_model_is_refused_before_anything_is_allocated(
     saved: Path, declared: dict[str, int]
 ) -> None:
@@ -148,3 +149,11 @@ def test_weights_that_are_not_finite_are_refused(saved: Path) -> None:
     save_file(weights, str(saved / WEIGHTS_FILE), metadata={"format": "gru-forecaster/1"})
     with pytest.raises(CheckpointError, match=f"{re.escape(name)} holds values that are not finite"):
         load_checkpoint(saved)
+
+
+def test_checkpoint_of_another_format_is_refused(forecaster: Forecaster, tmp_path: Path) -> None:
+    save_checkpoint(forecaster, tmp_path)
+    meta = json.loads((tmp_path / CONFIG_FILE).read_text())
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(meta | {"format": "gru-forecaster/2"}))
+    with pytest.raises(CheckpointError, match="format 'gru-forecaster/2' is not 'gru-forecaster/1'"):
+        load_checkpoint(tmp_path)

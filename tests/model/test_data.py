@@ -128,3 +128,15 @@ def test_windows_carry_the_values_before_them() -> None:
     start = inputs[:, 0, 0]
     expected_prior = torch.clamp(start[:, None] - torch.tensor([3.0, 2.0, 1.0]), min=0)  # first value repeated
     torch.testing.assert_close(prior[:, :, 0], expected_prior)
+
+
+def test_windows_start_anywhere_in_the_training_rows() -> None:
+    values = torch.arange(40.0).reshape(40, 1)
+    _, inputs, _ = sample_windows(values, 3, 5, 4000, torch.Generator().manual_seed(0))
+    assert set(inputs[:, 0, 0].tolist()) == set(map(float, range(35)))
+
+
+def test_empty_column_is_refused_by_name() -> None:
+    frame = pd.DataFrame({"a": [1.0, 2.0, 4.0], "b": [np.nan] * 3})
+    with pytest.raises(DataError, match="column 'b' is empty"):
+        series_from_frame(frame, None, "s.csv")

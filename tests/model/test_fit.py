@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from model.baselines import fit_difference_ar
 from model.data import DataError, Series
-from model.fit import TrainConfig, train
-from tests.model.conftest import seasonal_series
+from model.fit import TrainConfig, _Candidate, _refit_linear, _shifted, train
+from tests.model.conftest import make_forecaster, seasonal_series
 
 SMALL = TrainConfig(hidden_size=8, num_layers=1, epochs=3, window=32, batch_size=8)
 
@@ -26,9 +27,8 @@ def test_same_seed_gives_the_same_weights() -> None:
         assert torch.equal(second.state_dict()[name], tensor), name
 
 
-def test_kept_model_is_the_best_on_validation_or_the_linear_start() -> None:
+def test_trained_model_beats_persistence_on_validation() -> None:
     result = train(_series(), SMALL)
-    assert result.best_epoch == 0 or result.history[result.best_epoch] == min(result.history)
     assert len(result.history) == result.epochs + 1  # the linear start is epoch 0
     truth = _series().values[result.split :]
     mae = np.abs(result.predictions[result.split - 1 :] - truth).mean()
@@ -55,3 +55,57 @@ def test_more_lags_than_the_training_rows_can_fit_are_refused() -> None:
     error blaming the values' magnitude."""
     with pytest.raises(DataError, match="--lags 200 needs at least 401 training rows; this series has 128"):
         train(_series(), dataclasses.replace(SMALL, lags=200))
+
+
+def test_better_means_lower_validation_errors() -> None:
+    low = _Candidate(1, {}, np.zeros((1, 1)), np.array([0.1, 0.2, 0.1, 0.15]))
+    high = _Candidate(0, {}, np.zeros((1, 1)), np.array([0.5, 0.6, 0.55, 0.5]))
+    assert low.clearly_better_than(high, 1.0)
+    assert not high.clearly_better_than(low, 1.0)
+
+
+def test_kept_epoch_is_the_lowest_validation_mae_when_kept_at_all() -> None:
+    result = train(_series(), dataclasses.replace(SMALL, min_t=-1e9))  # keep the best epoch, whatever it is
+    assert result.history[result.best_epoch] == min(result.history)
+
+
+def test_history_is_the_validation_mae_of_the_predictions() -> None:
+    series = _series()
+    result = train(series, dataclasses.replace(SMALL, min_t=-1e9, refit=False))
+    diff_scale = np.array(result.model.config.diff_scale)
+    errors = np.abs(result.predictions[result.split - 1 :] - series.values[result.split :]) / diff_scale
+    assert result.history[result.best_epoch] == pytest.approx(errors.mean(), rel=1e-5)
+
+
+def test_training_stops_after_patience_epochs_without_improvement() -> None:
+    result = train(_series(), dataclasses.replace(SMALL, epochs=50, learning_rate=0.0, patience=2))
+    assert result.stopped_by == "patience" and result.epochs == 2 and result.best_epoch == 0
+
+
+def test_linear_term_is_refitted_on_every_row() -> None:
+    series = _series()
+    result = train(series, dataclasses.replace(SMALL, min_t=1e9))  # the GRU silent: the refit is plain AR
+    diff_scale = np.array(result.model.config.diff_scale)
+    whole = fit_difference_ar(series.values, result.orders, diff_scale)
+    np.testing.assert_allclose(result.model.autoregression.weight.detach().double().numpy(), whole.coef, atol=1e-4)
+
+
+def test_refit_leaves_a_persistence_features_trained_bias() -> None:
+    """A feature left at persistence (order 0) has no autoregression to refit: its bias is the GRU's."""
+    model = make_forecaster(features=2, lags=4)
+    with torch.no_grad():
+        model.head.bias.copy_(torch.tensor([0.2, 0.3]))
+    values = np.column_stack([seasonal_series(80), seasonal_series(80, seed=5)])
+    _refit_linear(model, values, (4, 0))
+    assert model.head.bias[1].item() == pytest.approx(0.3)
+    assert model.head.bias[0].item() != pytest.approx(0.2)  # the AR feature's drift was refitted
+
+
+def test_level_shift_moves_prior_inputs_and_targets_together() -> None:
+    model = make_forecaster(features=2)
+    windows = tuple(torch.randn(4, n, 2) for n in (3, 5, 5))
+    shifted = _shifted(model, windows, 0.5, torch.Generator().manual_seed(0))
+    moves = [(s - w)[:, :1] for s, w in zip(shifted, windows, strict=True)]
+    assert moves[0].abs().sum() > 0
+    for move in moves[1:]:
+        torch.testing.assert_close(move, moves[0])

@@ -8,7 +8,7 @@ import torch
 
 from model import Forecaster, ForecasterConfig
 from model.baselines import difference_ar_predictions, fit_difference_ar, persistence
-from tests.model.conftest import seasonal_series
+from tests.model.conftest import make_forecaster, seasonal_series
 
 
 def test_predictions_in_chunks_equal_one_call(forecaster: Forecaster) -> None:
@@ -106,3 +106,51 @@ def test_training_lowers_the_loss_on_a_sine() -> None:
     persistence_loss = float(((persistence(x[0].numpy()) - x[0, 1:].numpy()) ** 2).mean())
     assert losses[-1] < 0.2 * losses[0]
     assert losses[-1] < 0.2 * persistence_loss
+
+
+@pytest.mark.parametrize("field", ["mean", "scale", "diff_scale"])
+def test_scaler_with_another_length_than_the_features_is_refused(field: str) -> None:
+    with pytest.raises(ValueError, match=f"{field} has 1 values for 2 features"):
+        ForecasterConfig(features=("a", "b"), **{field: (1.0,)})
+
+
+def test_predict_follows_the_docstring_equations() -> None:
+    """u_t = [(x_t − μ)/σ, d_t/σ_d], ŷ = x_t + σ_d (W_o h_t + b_o + A lagged/σ_d), written out again."""
+    forecaster = make_forecaster(features=2, lags=3)  # μ 1, σ 2, σ_d 0.5
+    x = torch.randn(2, 6, 2).cumsum(1)
+    mu, sigma, sigma_d = forecaster.mean, forecaster.scale, forecaster.diff_scale
+    with torch.no_grad():
+        got, _ = forecaster.predict(x, forecaster.initial_state(2))
+        d = torch.cat([torch.zeros(2, 1, 2), x.diff(dim=1)], 1)  # first step: d = 0
+        out, _ = forecaster.gru(torch.cat([(x - mu) / sigma, d / sigma_d], 2))
+        padded = torch.cat([torch.zeros(2, 2, 2), d], 1) / sigma_d  # (B, K − 1 + T, F)
+        lagged = torch.stack([padded[:, t : t + 3] for t in range(6)], 1)  # (B, T, K, F), newest last
+        linear = forecaster.autoregression(lagged.permute(0, 1, 3, 2).reshape(2, 6, 6))
+        expected = x + sigma_d * (forecaster.head(out) + linear)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_rollout_feeds_every_prediction_back_and_carries_the_state() -> None:
+    forecaster = make_forecaster()
+    with torch.no_grad():
+        predictions, state = forecaster.predict(torch.randn(2, 6, 2).cumsum(1), forecaster.initial_state(2))
+        forecast = forecaster.rollout(state, predictions[:, -1], 6)
+        last, expected = predictions[:, -1], [predictions[:, -1]]
+        for _ in range(5):
+            step, state = forecaster.predict(last[:, None], state)
+            last = step[:, 0]
+            expected.append(last)
+    torch.testing.assert_close(forecast, torch.stack(expected, 1))
+
+
+def test_primed_state_sees_the_prior_values_as_streaming_them_would() -> None:
+    """Training windows start from primed_state(prior): its first difference is x_0 − prior[-1], as for a
+    session that streamed the prior; with the GRU silenced only that linear part differs."""
+    forecaster = make_forecaster(lags=3)
+    with torch.no_grad():
+        forecaster.head.weight.zero_()
+        series = torch.randn(2, 9, 2).cumsum(1)
+        prior, x = series[:, :3], series[:, 3:]
+        streamed = forecaster.predict(series, forecaster.initial_state(2))[0][:, 3:]
+        primed = forecaster.predict(x, forecaster.primed_state(prior))[0]
+    torch.testing.assert_close(primed, streamed, atol=1e-5, rtol=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from torch import nn
@@ -107,3 +109,11 @@ def test_gru_on_cuda_runs_the_kernel_at_inference_and_equals_cudnn() -> None:
     for a, b in ((fused_out, cudnn_out), (fused_out, script_out)):
         torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=0)
         torch.testing.assert_close(a[1], b[1], atol=1e-5, rtol=0)
+
+
+def test_kernel_is_used_only_for_float32_on_cuda() -> None:
+    fake = lambda dtype, cuda: types.SimpleNamespace(is_cuda=cuda, dtype=dtype)  # noqa: E731
+    assert not fused.supports(fake(torch.float64, True))
+    assert not fused.supports(fake(torch.float16, True))
+    assert not fused.supports(fake(torch.float32, False))
+    assert fused.supports(fake(torch.float32, True)) == fused.AVAILABLE

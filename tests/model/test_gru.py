@@ -182,3 +182,15 @@ def test_gradients_reach_the_cells_and_equal_nn_gru() -> None:
         for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
             expected = getattr(reference, f"{name}_l{layer}").grad
             torch.testing.assert_close(getattr(cell, name).grad, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_cell_without_bias_has_zero_biases_like_nn_gru_cell() -> None:
+    cell = GRUCell(3, 5, bias=False)
+    assert not cell.bias_ih.any() and not cell.bias_hh.any()
+    assert not cell.bias_ih.requires_grad and not cell.bias_hh.requires_grad
+
+
+@pytest.mark.parametrize("lengths", [[6, 5], [5, 0]])
+def test_lengths_outside_the_chunk_are_refused(lengths: list[int]) -> None:
+    with pytest.raises(ValueError, match=r"lengths must lie in 1\.\.5"):
+        GRU(2, 4)(torch.randn(2, 5, 2), lengths=lengths)

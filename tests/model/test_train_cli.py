@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from bench.processes import ROOT
@@ -75,3 +76,38 @@ def test_bad_input_exits_2_with_a_message(
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", ["--hidden", "--layers", "--epochs", "--lags", "--season"])
+def test_sizes_below_one_exit_2_before_training(write_csv: CsvWriter, tmp_path: Path, flag: str) -> None:
+    path = write_csv(a=seasonal_series(60))
+    result = run_cli("--csv", path, "--out", tmp_path / "out", *FAST, flag, "0")
+    assert result.returncode == 2 and f"{flag} must be at least 1, got 0" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_out_that_is_a_file_is_refused_before_training(write_csv: CsvWriter, tmp_path: Path) -> None:
+    path, out = write_csv(a=seasonal_series(60)), tmp_path / "model"
+    out.write_text("not a directory")
+    result = run_cli("--csv", path, "--out", out, *FAST)
+    assert result.returncode == 2 and "is a file; give a directory" in result.stderr
+    assert "loss" not in result.stderr and not out.with_name("validation.png").exists()  # refused before training
+
+
+def test_table_scores_the_validation_tail_and_takes_the_season_from_the_dates(
+    write_csv: CsvWriter, tmp_path: Path
+) -> None:
+    values = seasonal_series(150)
+    stamps = pd.date_range("2024-01-01", periods=150, freq="D").strftime("%Y-%m-%d")  # daily: season 7
+    rows = (f"{day},{i},{v:.6g}\n" for i, (day, v) in enumerate(zip(stamps, values, strict=True)))
+    path = write_csv("date,index,level\n" + "".join(rows))
+    result = run_cli("--csv", path, "--out", tmp_path / "out", *FAST)
+    assert result.returncode == 0, result.stderr
+    assert "column 'index' left out: it says when" in result.stdout
+    _, meta = load_checkpoint(tmp_path / "out")
+    training = meta["training"]
+    assert training["season"] == 7  # daily dates mean a week, not the strongest period found
+    truth = np.loadtxt(path, delimiter=",", skiprows=1, usecols=2)
+    split = 150 - training["validation_rows"]
+    persistence = np.abs(truth[split:] - truth[split - 1 : -1]).mean()
+    assert training["validation_mae"]["persistence"]["level"] == pytest.approx(persistence, rel=1e-4)

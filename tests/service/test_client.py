@@ -498,3 +498,83 @@ def test_a_row_cut_short_is_no_row(tmp_path: Path) -> None:
         file.write("3,3.0,0.12")
     assert [row[0] for row in _earlier_rows(out, ["x"])] == ["0", "1", "2"]
 
+
+def test_retry_after_is_honoured_up_to_max_delay() -> None:
+    retry = Retry(attempts=3, backoff=0.01, max_delay=2.0)
+    assert retry.delay(0, httpx.Response(429, headers={"Retry-After": "1.5"})) == 1.5
+    assert retry.delay(0, httpx.Response(503, headers={"Retry-After": "60"})) == 2.0
+    assert retry.delay(30, None) == 2.0  # backoff doubling is capped too
+
+
+def test_async_reset_moves_the_handle_to_zero(server: Server, client: httpx.Client) -> None:
+    async def run() -> int | None:
+        async with AsyncClient(server.url, retry=FAST) as api:
+            session = await api.session(new_id("client"))
+            await session.predict(series(7))
+            await session.reset()
+            assert session.position == 0
+            return (await session.predict(series(3))).position
+    assert asyncio.run(run()) == 3
+
+
+def test_cli_reset_starts_the_session_again(server: Server, client: httpx.Client, tmp_path: Path) -> None:
+    source, out, session = tmp_path / "s.csv", tmp_path / "out.csv", new_id("cli")
+    _write_csv(source, series(12, seed=40))
+    assert _cli("stream", "--csv", str(source), "--session", session, "--url", server.url, "--out", str(out),
+                "--quiet").returncode == 0
+    again = _cli("stream", "--csv", str(source), "--session", session, "--url", server.url, "--out", str(out),
+                 "--quiet", "--reset", "--chunk", "5")  # not an exact retry of the first run's chunk
+    assert again.returncode == 0, again.stderr
+    assert "12 steps from position 0 -> 12" in again.stderr and position(client, session) == 12
+
+
+def test_cli_resume_refuses_a_csv_shorter_than_the_session(server: Server, client: httpx.Client,
+                                                           tmp_path: Path) -> None:
+    source, out, session = tmp_path / "s.csv", tmp_path / "out.csv", new_id("cli")
+    _write_csv(source, series(12, seed=41))
+    assert _cli("stream", "--csv", str(source), "--session", session, "--url", server.url, "--out", str(out),
+                "--quiet").returncode == 0
+    _write_csv(source, series(8, seed=41))
+    before = out.read_bytes()
+    shorter = _cli("stream", "--csv", str(source), "--session", session, "--url", server.url, "--out", str(out),
+                   "--quiet", "--resume")
+    assert shorter.returncode == 1 and "past the 8 rows" in shorter.stderr
+    assert out.read_bytes() == before
+
+
+def test_cli_resumed_run_refused_midway_keeps_the_earlier_rows(server: Server, client: httpx.Client,
+                                                               tmp_path: Path) -> None:
+    values = series(25, seed=42)
+    values[17, 0] = 3e38  # the resumed run's second chunk is refused
+    source, out, session = tmp_path / "s.csv", tmp_path / "out.csv", new_id("cli")
+    _write_csv(source, values[:10])
+    assert _cli("stream", "--csv", str(source), "--session", session, "--chunk", "5", "--url", server.url,
+                "--out", str(out), "--quiet").returncode == 0
+    _write_csv(source, values)
+    resumed = _cli("stream", "--csv", str(source), "--session", session, "--chunk", "5", "--url", server.url,
+                   "--out", str(out), "--quiet", "--resume")
+    assert resumed.returncode == 1 and "steps 10 to 14" in resumed.stderr
+    assert _steps(out) == [str(step) for step in range(16)] and position(client, session) == 15
+
+
+def test_cli_resume_does_not_extend_a_file_of_other_columns(server: Server, tmp_path: Path) -> None:
+    source, out, session = tmp_path / "s.csv", tmp_path / "out.csv", new_id("cli")
+    _write_csv(source, series(10, seed=43))
+    assert _cli("stream", "--csv", str(source), "--session", session, "--url", server.url, "--out", str(out),
+                "--quiet").returncode == 0
+    rows = list(csv.reader(out.open()))
+    rows[0] = ["step", "y", "predicted_y"]  # another run's file, of another column
+    with out.open("w", newline="") as file:
+        csv.writer(file).writerows(rows)
+    _write_csv(source, series(14, seed=43))
+    resumed = _cli("stream", "--csv", str(source), "--session", session, "--url", server.url, "--out", str(out),
+                   "--quiet", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert next(iter(csv.reader(out.open()))) == ["step", "x", "predicted_x"]
+    assert _steps(out) == [str(step) for step in range(10, 15)]  # a new file, not y's rows under x's header
+
+
+def test_model_feature_picked_by_name_among_other_numeric_columns(tmp_path: Path) -> None:
+    path = tmp_path / "s.csv"
+    path.write_text("pressure,temp\n1.0,52.0\n2.0,52.5\n")
+    assert read_csv(path, ["temp"], None) == (["temp"], [[52.0], [52.5]])
