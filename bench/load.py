@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -301,6 +302,15 @@ def _start(target: str, model_path: Path, log_dir: Path, env: dict[str, str]) ->
         raise
 
 
+def _service_device(url: str) -> str:
+    """Where the service runs its model (its GRU_DEVICE defaults to the GPU where there is one)."""
+    try:
+        with urllib.request.urlopen(url + "/v1/model", timeout=5) as answer:
+            return str(json.load(answer)["device"])
+    except (OSError, ValueError, KeyError) as exc:  # an API key set through --service-env, say
+        return f"a device it did not say ({exc})"
+
+
 def _model_sizes(model_path: Path) -> tuple[int, int]:
     config = json.loads((model_path / "config.json").read_text())
     model = config.get("model", config)
@@ -377,6 +387,8 @@ def measure(targets: list[str], chunks: list[int], sessions: int, duration: floa
             try:
                 with console.status(f"starting {target}"):
                     proc = _start(target, model_path, log_dir, service_env or {})
+                if target.startswith("ours") and round_ == 0:
+                    console.print(f"{target} serves on {_service_device(proc.url)}")
             except Exception as exc:  # a target that cannot start gets a note; the others still run
                 lines = str(exc).strip().splitlines()
                 notes[target] = f"did not start: {lines[-1][:100] if lines else type(exc).__name__}"

@@ -167,10 +167,10 @@ def wait_http(proc: Process, path: str, ready_status: int | None = 200, timeout:
 
 def start_service(model_path: Path, log_dir: Path, env: dict[str, str] | None = None, *, port: int | None = None,
                   wait: bool = True, redis: RedisServer | None = None) -> Process:
-    """``python -m service`` on the CPU with its default settings plus ``env``; with ``redis``, on that Redis
-    (stopped with the service). ``wait``: until /readyz says ready."""
+    """``python -m service`` with its default settings (the GPU where there is one) plus ``env``; with
+    ``redis``, on that Redis (stopped with the service). ``wait``: until /readyz says ready."""
     port = port or free_port()
-    settings = {"GRU_MODEL_PATH": str(model_path), "GRU_DEVICE": "cpu"}
+    settings = {"GRU_MODEL_PATH": str(model_path)}
     if redis is not None:
         settings |= {"GRU_STORE": "redis", "GRU_REDIS_URL": redis.url}
     proc = spawn("service", [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)], port,
