@@ -46,3 +46,13 @@ def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
     assert body["status"] == status
     assert body["type"] and body["title"] and body["detail"]
     return body  # type: ignore[no-any-return]
+
+
+class Clock:
+    """A clock that moves only when a test moves it (``clock.now += 50``)."""
+
+    def __init__(self, now: float = 1_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now

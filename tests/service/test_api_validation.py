@@ -262,3 +262,31 @@ def test_a_body_that_trickles_in_past_the_request_time_gets_408(server_factory: 
     assert b"application/problem+json" in answer and b"body-timeout" in answer
     with httpx.Client(base_url=server.url) as http:
         assert 'route="/v1/predict",status="408"' in http.get("/metrics").text
+
+
+def test_limits_are_inclusive(server_factory: ServerFactory) -> None:
+    """Exactly GRU_MAX_CHUNK_STEPS steps, GRU_MAX_BATCH_ITEMS items, a body of GRU_MAX_BODY_BYTES are served
+    and one more is refused, a chunked body (no Content-Length) just past the limit too; no items is a 422."""
+    server = server_factory(GRU_MAX_CHUNK_STEPS="8", GRU_MAX_BATCH_ITEMS="3", GRU_MAX_BODY_BYTES="4096")
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        assert send(http, new_id(), series(8)).status_code == 200
+        assert_problem(send(http, new_id(), series(9)), 422)
+        items = [{"session_id": new_id("b"), "values": [0.5]} for _ in range(3)]
+        assert http.post("/v1/predict/batch", json={"items": items}).status_code == 200
+        assert_problem(http.post("/v1/predict/batch", json={"items": items + items[:1]}), 422)
+        assert_problem(http.post("/v1/predict/batch", json={"items": []}), 422)
+        prefix = b'{"values": [0.5]'
+        body = prefix + b" " * (4096 - len(prefix) - 1) + b"}"
+        assert http.post("/v1/predict", content=body).status_code == 200
+        assert_problem(http.post("/v1/predict", content=body + b" "), 413)
+        assert_problem(http.post("/v1/predict", content=iter([body[:2048], body[2048:] + b"  "])), 413)
+
+
+def test_batch_items_are_as_strict_as_the_session_route(client: httpx.Client) -> None:
+    """A number as a string or a boolean is refused in a batch item, as on the session route."""
+    session = new_id("strict")
+    items = [{"session_id": session, "values": ["0.5"]}, {"session_id": session, "values": [True]},
+             {"session_id": session, "values": [0.5], "offset": "0"}]
+    results = client.post("/v1/predict/batch", json={"items": items}).json()["results"]
+    assert [r.get("status") for r in results] == [422, 422, 422], results
+    assert_problem(client.get(f"/v1/sessions/{session}"), 404)

@@ -14,11 +14,11 @@ from model import load_checkpoint
 from service.engine import Engine
 from service.metrics import Metrics
 from service.problems import REFUSAL_STATUS, as_problem
-from service.refusals import Refusal, StaleModel, TimedOut
+from service.refusals import OffsetMismatch, Overloaded, Refusal, StaleModel, TimedOut, UnknownSession
 from service.sessions.base import session_key
 from service.sessions.memory import MemoryStore
 from tests.conftest import make_tiny_model
-from tests.service.helpers import series
+from tests.service.helpers import Clock, series
 
 
 def _engine(model_dir: Path, store: MemoryStore | None = None, device: str = "cpu", **limits: float) -> Engine:
@@ -148,3 +148,88 @@ def test_every_refusal_has_exactly_one_http_status_and_its_own_kind() -> None:
     answer = as_problem(refusals[0]("why", retry_after=2, position=3))
     assert answer.headers == {"Retry-After": "2"} and answer.body()["position"] == 3
 
+
+def test_appends_of_one_session_apply_in_arrival_order_even_when_a_batch_fills(tiny_model: Path) -> None:
+    """A session's second chunk, held back from a batch that already has its first, must stay ahead of its
+    third (DESIGN: one session's chunks are applied one at a time, in arrival order)."""
+    engine = _engine(tiny_model, max_batch_size=2, max_batch_delay_ms=0)
+    x, y, z = (session_key("t", n) for n in "xyz")
+    order = [(x, 1), (x, 2), (y, 1), (z, 1), (x, 3)]  # x's chunks have 1, 2 and 3 steps
+
+    async def scenario() -> list[dict]:
+        await engine.start()
+        try:
+            tasks = [asyncio.ensure_future(engine.predict(key, series(n, seed=n), None, 0)) for key, n in order]
+            return [orjson.loads(a) for a in await asyncio.gather(*tasks)]
+        finally:
+            await engine.stop()
+
+    answers = asyncio.run(scenario())
+    assert [answers[i]["position"] for i in (0, 1, 4)] == [1, 3, 6]
+
+
+def test_queue_holds_exactly_max_queue_chunks(tiny_model: Path) -> None:
+    """GRU_MAX_QUEUE=2 admits two waiting chunks and refuses the third, at once."""
+    engine = _engine(tiny_model, max_queue=2)  # not started: nothing leaves the queue
+
+    async def scenario() -> None:
+        waiting = [asyncio.ensure_future(engine.predict(None, series(2), None, 0)) for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded):
+            await asyncio.wait_for(engine.predict(None, series(2), None, 0), 1)
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        engine._executor.shutdown()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("move", ["reset", "delete"])
+def test_a_reset_or_delete_while_a_chunk_computes_makes_its_commit_lose(tiny_model: Path, move: str) -> None:
+    """The memory store's commit compares revisions: a long chunk at offset 4 is computing when the session
+    is reset (or deleted); its commit loses and it is judged again, a 409 at position 0 after the reset (a
+    404 after the delete), and the session is never moved to 4 + 4096 on top of the reset."""
+    engine = _engine(tiny_model, max_batch_delay_ms=0)
+    key = session_key("t", "raced")
+
+    async def scenario() -> None:
+        await engine.start()
+        try:
+            await engine.predict(key, series(4), 0, 0)
+            chunk = asyncio.ensure_future(engine.predict(key, series(4096), 4, 512))
+            while engine._waiting:
+                await asyncio.sleep(0)
+            await asyncio.sleep(0.01)  # taken and computing (about 100 ms of work)
+            assert not chunk.done()
+            await (engine.reset(key) if move == "reset" else engine.delete(key))
+            with pytest.raises(OffsetMismatch if move == "reset" else UnknownSession):
+                await chunk
+        finally:
+            await engine.stop()
+        session = await engine.store.get(key)
+        assert (session.position if session else None) == (0 if move == "reset" else None)
+
+    asyncio.run(scenario())
+
+
+def test_expires_at_counts_from_the_last_use_not_from_creation(tiny_model: Path) -> None:
+    clock = Clock()
+    forecaster, _ = load_checkpoint(tiny_model, "cpu")
+    engine = _engine(tiny_model, store=MemoryStore(forecaster.state_size, torch.device("cpu"), 100,
+                                                   ttl_seconds=60, clock=clock))
+    key = session_key("t", "aging")
+
+    async def scenario() -> None:
+        await engine.start()
+        try:
+            await engine.predict(key, series(2), 0, 0)
+            clock.now += 50
+            await engine.predict(key, series(2), 2, 0)
+            session, expires = await engine.session_info(key)
+            assert session.created_at == 1_000 and session.updated_at == 1_050
+            assert expires == 1_050 + 60
+        finally:
+            await engine.stop()
+
+    asyncio.run(scenario())

@@ -12,14 +12,17 @@ from typing import Any
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from service.sessions.base import Write
 from service.sessions.memory import MemoryStore
 from service.sessions.snapshot import restore, save
 from tests.conftest import ServerFactory, refused_start_log
-from tests.service.helpers import assert_problem, new_id, position, send, series, stateless
+from tests.service.helpers import Clock, assert_problem, new_id, position, send, series, stateless
 
 STATE = 6
 
@@ -281,3 +284,96 @@ def test_a_session_evicted_by_its_own_commit_reports_a_lost_write(tmp_path: Path
     results = asyncio.run(store.commit(writes, states))
     assert [r.key if r is not None else None for r in results] == [None, "t/b", "t/c"]
     torch.testing.assert_close(store.gather(store.records()), states[1:])
+
+
+def _write_at(key: str, position: int, expected: Any = None) -> Write:
+    return Write(key, expected, position, "v1", 0, b"f" * 16, b"{}", 0)
+
+
+def test_a_session_loaded_for_a_batch_is_not_the_one_its_batch_evicts() -> None:
+    """Loading refreshes recency: with a and b stored, a the older, a batch that loads a and creates c must
+    evict b (evicting a would make a's own write in that batch lose, and its chunk be judged as unknown)."""
+    store = _store(max_sessions=2)
+
+    async def scenario() -> None:
+        for key in ("t/a", "t/b"):
+            assert (await store.commit([_write_at(key, 1)], torch.zeros(1, STATE)))[0] is not None
+        await store.load(["t/a", "t/c"])
+        assert (await store.commit([_write_at("t/c", 1)], torch.zeros(1, STATE)))[0] is not None
+        assert [s.key for s in store.records()] == ["t/a", "t/c"]
+
+    asyncio.run(scenario())
+
+
+def test_a_session_found_expired_on_access_is_counted_as_a_ttl_eviction() -> None:
+    """Not only the sweeper counts TTL evictions: so does the access that finds a session expired."""
+    clock, evicted = Clock(), []
+    store = _store(ttl=60, clock=clock, on_evict=lambda reason, count: evicted.append((reason, count)))
+
+    async def scenario() -> None:
+        await store.commit([_write_at("t/old", 1)], torch.zeros(1, STATE))
+        clock.now += 61
+        assert await store.load(["t/old"]) == [None]
+
+    asyncio.run(scenario())
+    assert evicted == [("ttl", 1)]
+
+
+def _rewrite(path: Path, **replace: torch.Tensor) -> None:
+    with safe_open(str(path), framework="pt") as file:
+        metadata = file.metadata()
+        tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
+    save_file({**tensors, **replace}, str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize("damage", ["nan state", "row past the states"])
+def test_a_snapshot_with_a_bad_state_or_row_is_set_aside_as_corrupt(tmp_path: Path, damage: str) -> None:
+    """A NaN state restored as is fails every chunk of its session; a row one past the last passed the bound
+    check and then stopped the start with an IndexError (a snapshot must never stop a start)."""
+    store = _store()
+    states = _fill(store)
+    path = tmp_path / "snap"
+    asyncio.run(save(store, path, "v1"))
+    if damage == "nan state":
+        states[0, 0] = float("nan")
+        _rewrite(path, states=states)
+    else:
+        with safe_open(str(path), framework="pt") as file:
+            entries = orjson.loads(file.get_tensor("index").numpy().tobytes())
+        entries[0][9] = len(states)
+        _rewrite(path, index=torch.frombuffer(bytearray(orjson.dumps(entries)), dtype=torch.uint8))
+    fresh = _store()
+    assert restore(fresh, path, "v1", STATE) == 0
+    assert len(fresh) == 0 and [p.name.split("-")[0] for p in tmp_path.iterdir()] == ["snap.corrupt"]
+
+
+def test_restore_keeps_a_session_created_long_ago_but_used_recently(tmp_path: Path) -> None:
+    """Expiry on restore counts from the last use, as everywhere else: a deploy must not drop every session
+    older than the TTL."""
+    clock = Clock(0.0)
+    store = _store(ttl=10.0, clock=clock)
+
+    async def fill() -> None:
+        first, = await store.commit([_write_at("t/old", 1)], torch.zeros(1, STATE))
+        assert first is not None
+        clock.now = 8.0
+        assert (await store.commit([_write_at("t/old", 2, first.revision)], torch.zeros(1, STATE)))[0] is not None
+
+    asyncio.run(fill())
+    path = tmp_path / "snap"
+    asyncio.run(save(store, path, "v1"))
+    assert restore(_store(ttl=10.0), path, "v1", STATE, clock=lambda: 15.0) == 1  # used 7 s ago, made 15 s ago
+
+
+def test_sigterm_writes_a_final_snapshot_when_an_interval_is_set(server_factory: ServerFactory,
+                                                                  tmp_path: Path) -> None:
+    """With periodic snapshots on, chunks acknowledged after the last one still survive a graceful restart."""
+    path = tmp_path / "sessions.safetensors"
+    first = server_factory(GRU_SNAPSHOT_PATH=str(path), GRU_SNAPSHOT_INTERVAL_SECONDS="3600")
+    session = new_id()
+    with httpx.Client(base_url=first.url, timeout=30) as http:
+        assert send(http, session, series(5), offset=0).status_code == 200
+    assert first.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
+    second = server_factory(GRU_SNAPSHOT_PATH=str(path))
+    with httpx.Client(base_url=second.url, timeout=30) as http:
+        assert position(http, session) == 5

@@ -9,6 +9,7 @@ import gzip
 import json
 import random
 import socket
+import tracemalloc
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -20,6 +21,8 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
+from service.api.v2_codec import decode_body, parse_infer
+from service.problems import Problem
 from tests.conftest import Server, ServerFactory
 from tests.service.helpers import PROBLEM_JSON, new_id, position, series, stateless
 
@@ -436,3 +439,30 @@ def test_error_reaches_tritonclient_with_our_message(tc: triton.InferenceServerC
         tc.infer(model["name"], [wrong])
     assert caught.value.status() == "400"
     assert caught.value.message() == "input values has datatype FP64; the model takes FP32"
+
+
+def test_v2_limits_are_inclusive() -> None:
+    """Exactly GRU_MAX_CHUNK_STEPS steps and a horizon of exactly GRU_MAX_HORIZON are accepted, one more not."""
+    def body(steps: int, horizon: int) -> bytes:
+        return orjson.dumps({"inputs": [{"name": "values", "shape": [steps, 1], "datatype": "FP32",
+                                         "data": [0.5] * steps}], "parameters": {"horizon": horizon}})
+
+    call = parse_infer(body(8, 4), None, features=1, max_steps=8, max_horizon=4)
+    assert (len(call.values), call.horizon) == (8, 4)
+    for steps, horizon in ((9, 4), (8, 5)):
+        with pytest.raises(Problem):
+            parse_infer(body(steps, horizon), None, features=1, max_steps=8, max_horizon=4)
+
+
+def test_a_compression_bomb_is_refused_without_inflating_it() -> None:
+    """The body is inflated at most to the limit and one byte: a 256 MB bomb must not cost 256 MB to refuse."""
+    bomb = gzip.compress(b" " * (256 * 1024 * 1024))
+    tracemalloc.start()
+    try:
+        with pytest.raises(Problem) as refused:
+            decode_body(bomb, "gzip", 1024 * 1024)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert refused.value.status == 413
+    assert peak < 16 * 1024 * 1024, peak
