@@ -93,7 +93,10 @@ class RedisServer:
         if self.process is None or self.process.poll() is not None:
             return
         self._command(b"SHUTDOWN SAVE" if save else b"SHUTDOWN NOSAVE")
-        _end(self.process, signal.SIGTERM, 10)
+        try:
+            self.process.wait(10)  # a signal now could cut the save short
+        except subprocess.TimeoutExpired:
+            self.kill()
 
     def kill(self) -> None:
         if self.process is not None:
