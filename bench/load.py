@@ -387,14 +387,14 @@ def measure(targets: list[str], chunks: list[int], sessions: int, duration: floa
             try:
                 with console.status(f"starting {target}"):
                     proc = _start(target, model_path, log_dir, service_env or {})
-                if target.startswith("ours") and round_ == 0:
-                    console.print(f"{target} serves on {_service_device(proc.url)}")
             except Exception as exc:  # a target that cannot start gets a note; the others still run
                 lines = str(exc).strip().splitlines()
                 notes[target] = f"did not start: {lines[-1][:100] if lines else type(exc).__name__}"
                 console.print(f"{target}: {notes[target]}")
                 continue
             try:
+                if target.startswith("ours") and round_ == 0:
+                    console.print(f"{target} serves on {_service_device(proc.url)}")
                 pids = [proc.process.pid, *([proc.redis.process.pid] if proc.redis and proc.redis.process else [])]
                 for steps in chunks:
                     with console.status(f"{target}: chunks of {steps}, {warmup:g} + {duration:g} s"):

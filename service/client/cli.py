@@ -25,7 +25,15 @@ from typing import Any, TextIO
 
 import httpx
 
-from service.client import SESSION_ID, Client, ModelChanged, OffsetConflict, ServiceError, Session
+from service.client import (
+    SESSION_ID,
+    Client,
+    ModelChanged,
+    OffsetConflict,
+    ServiceError,
+    Session,
+    SessionNotFound,
+)
 
 
 def _number(text: str) -> float | None:
@@ -113,18 +121,27 @@ def _header(names: Sequence[str]) -> list[str]:
     return ["step", *names, *(f"predicted_{n}" for n in names)]
 
 
-def _earlier_rows(path: Path, names: Sequence[str]) -> list[list[str]]:
-    """The rows of an earlier run's predictions file for these columns; none if there is no such file."""
+def _earlier_rows(path: Path, names: Sequence[str], truth: Sequence[Sequence[float]]) -> list[list[str]]:
+    """The rows of an earlier run's predictions file for this series; none if there is no such file, or it
+    was written for other columns or a series whose values differ from ``truth``."""
     if not path.exists():
         return []
     with path.open(newline="") as file:
         text = file.read()
     text = text[: text.rfind("\n") + 1]  # a row cut short (a crash mid-write) is no row
     earlier = list(csv.reader(io.StringIO(text)))
-    header = _header(names)
-    if not earlier or earlier[0] != header or not all(len(row) == len(header) and row[0].isdigit()
-                                                     for row in earlier[1:]):
+    if not earlier or earlier[0] != _header(names):
         return []
+    for row in earlier[1:]:
+        if len(row) != len(earlier[0]) or not row[0].isdigit():
+            return []
+        step, actual = int(row[0]), row[1 : 1 + len(names)]
+        if any(actual):  # blank in the last row of a run: the step after its series
+            try:
+                if step >= len(truth) or [float(cell) for cell in actual] != list(truth[step]):
+                    return []
+            except ValueError:
+                return []
     return earlier[1:]
 
 
@@ -156,7 +173,8 @@ class PredictionsFile:
         kept: list[list[str]] = []
         carried: Sequence[Any] = [""] * len(self.names)  # the prediction for step ``start``, made by the run before
         if self.start > 0:
-            earlier = [row for row in _earlier_rows(self.path, self.names) if int(row[0]) <= self.start]
+            earlier = [row for row in _earlier_rows(self.path, self.names, self.truth)
+                       if int(row[0]) <= self.start]
             if earlier and int(earlier[-1][0]) == self.start:
                 kept, carried = earlier[:-1], earlier[-1][1 + len(self.names):]
         written = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
@@ -189,29 +207,39 @@ class PredictionsFile:
             self._file.close()
 
 
-def _recover_lost_answer(session: Session, path: Path, names: Sequence[str], rows: Sequence[Sequence[float]]
-                         ) -> tuple[int, list[list[float]]]:
+def _recover_lost_answer(session: Session, path: Path, names: Sequence[str], rows: Sequence[Sequence[float]],
+                         chunk: int) -> tuple[int, list[list[float]]]:
     """Where a resumed stream's file starts again, and the answers it lacks up to the session's position.
 
-    A stream interrupted (Ctrl-C, a dropped network) while a chunk was in flight leaves a file that ends one
-    chunk before the session: the service applied the chunk, the client never read its answer. Sent again as
-    it was (same offset, same values) it is an exact retry, which the service answers again. Anything else
-    (more than the last chunk missing) cannot be asked for again: refused rather than leave a gap in the file
-    or overwrite it.
+    A stream interrupted (Ctrl-C, a dropped network, SIGKILL) while a chunk was in flight leaves a file that
+    ends where that chunk began, or inside it when the append was cut short: the service applied the chunk,
+    the file never got its answer. Sent again as it was (same offset, same values) it is an exact retry,
+    which the service answers again; tried from the file's end, then from one chunk before the session.
+    Anything else (more than the last chunk missing) cannot be asked for again: refused rather than leave
+    a gap in the file or overwrite it.
     """
-    earlier = _earlier_rows(path, names)
+    earlier = _earlier_rows(path, names, rows)
     if not earlier or int(earlier[-1][0]) >= session.position:
         return session.position, []
     end, position = int(earlier[-1][0]), session.position
-    session.position = end
+    for begin in dict.fromkeys((end, position - chunk)):
+        if 0 <= begin <= end:
+            session.position = begin
+            try:
+                return begin, session.predict(rows[begin:position]).predictions
+            except OffsetConflict:
+                session.position = position
+    raise SystemExit(f"{path} ends at step {end} but session {session.id} is at {position}, and only the last"
+                     " chunk's answer can be asked for again: --out another file keeps this one, --reset"
+                     " starts the session again")
+
+
+def _at_zero(session: Session) -> bool:
+    """Whether the service has the session at position 0 or not at all: where a plain run starts."""
     try:
-        answer = session.predict(rows[end:position])
-    except OffsetConflict:
-        session.position = position
-        raise SystemExit(f"{path} ends at step {end} but session {session.id} is at {position}, and only the"
-                         f" last chunk's answer can be asked for again: --out another file keeps this one,"
-                         " --reset starts the session again") from None
-    return end, answer.predictions
+        return int(session.info()["position"]) == 0
+    except SessionNotFound:
+        return True
 
 
 def plot(path: Path, names: Sequence[str], truth: Sequence[Sequence[float]],
@@ -248,12 +276,15 @@ def stream_csv(args: argparse.Namespace) -> int:
             raise SystemExit(f"session {args.session} is at position {session.position}, past the {len(rows)}"
                              f" rows of {args.csv}")
         out = args.out or args.csv.with_name(args.csv.stem + ".predictions.csv")
-        start, predictions = _recover_lost_answer(session, out, names, rows) if args.resume else (0, [])
+        start, predictions = (_recover_lost_answer(session, out, names, rows, args.chunk) if args.resume
+                              else (0, []))
         todo = rows[start:]
         out_file = PredictionsFile(out, names, rows, start)
         progress = _progress() if not args.quiet else None
         task = progress.add_task(f"session {args.session}", total=len(todo)) if progress else None
         try:
+            if args.reset or args.resume or _at_zero(session):
+                out_file.open()  # before anything is sent: killed from here on, the file is at most a chunk behind
             if predictions:
                 out_file.append(predictions)
             if progress:
@@ -272,7 +303,6 @@ def stream_csv(args: argparse.Namespace) -> int:
                 predictions.extend(answer.predictions)
                 if progress:
                     progress.update(task, advance=len(answer.predictions))
-            out_file.open()  # a stream with nothing left to send still leaves its file
         except (ServiceError, httpx.HTTPError, SystemExit, KeyboardInterrupt):
             if out_file.end > start:  # the file has what was answered: a --resume run extends it
                 print(f"steps {start} to {out_file.end - 1} and their predictions are in {out};"

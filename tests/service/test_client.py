@@ -39,9 +39,9 @@ FAST = Retry(attempts=4, backoff=0.01, max_delay=0.05)
 
 
 class DroppingProxy:
-    """A loopback TCP proxy that can lose an answer: once armed, the next bytes the server sends back are
-    not relayed and the client's connection is closed. The server has answered, so the chunk was applied;
-    the client only sees a dropped connection, exactly the case a retry with the same offset must survive."""
+    """A loopback TCP proxy that can lose an answer: once armed, the next answer to a POST is not relayed
+    and the client's connection is closed. The server has answered, so the chunk was applied; the client
+    only sees a dropped connection, exactly the case a retry with the same offset must survive."""
 
     def __init__(self, target: str):
         host, port = target.removeprefix("http://").rsplit(":", 1)
@@ -71,15 +71,18 @@ class DroppingProxy:
                 return
             upstream = socket.create_connection(self._target)
             self._sockets += [downstream, upstream]
-            threading.Thread(target=self._pipe, args=(downstream, upstream, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, downstream, True), daemon=True).start()
+            asked = {"post": False}  # what the connection's request in flight is
+            threading.Thread(target=self._pipe, args=(downstream, upstream, False, asked), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, downstream, True, asked), daemon=True).start()
 
-    def _pipe(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket, answers: bool, asked: dict[str, bool]) -> None:
         try:
             while data := source.recv(65536):
+                if not answers and data[:8].split(b" ")[0] in (b"GET", b"POST", b"DELETE", b"PUT", b"HEAD"):
+                    asked["post"] = data.startswith(b"POST ")  # a new request (not more of a body)
                 if answers:
                     with self._lock:
-                        drop = self._armed > 0
+                        drop = self._armed > 0 and asked["post"]
                         if drop:
                             self._armed -= 1
                             self.dropped += 1
@@ -496,7 +499,7 @@ def test_a_row_cut_short_is_no_row(tmp_path: Path) -> None:
     whole.close()
     with out.open("a") as file:
         file.write("3,3.0,0.12")
-    assert [row[0] for row in _earlier_rows(out, ["x"])] == ["0", "1", "2"]
+    assert [row[0] for row in _earlier_rows(out, ["x"], [[1.0], [2.0], [3.0]])] == ["0", "1", "2"]
 
 
 def test_retry_after_is_honoured_up_to_max_delay() -> None:
@@ -578,3 +581,68 @@ def test_model_feature_picked_by_name_among_other_numeric_columns(tmp_path: Path
     path = tmp_path / "s.csv"
     path.write_text("pressure,temp\n1.0,52.0\n2.0,52.5\n")
     assert read_csv(path, ["temp"], None) == (["temp"], [[52.0], [52.5]])
+
+
+def test_cli_killed_before_its_first_answer_leaves_a_file_resume_completes(
+    server: Server, client: httpx.Client, proxy: DroppingProxy, tmp_path: Path
+) -> None:
+    """The file used to be written at the first answer: killed while the first chunk was in flight (applied,
+    never answered), a stream left no file, or an older run's, and --resume started the file at the
+    session's position, the first chunk's rows lost. The head of the file is now written before anything
+    is sent."""
+    values = series(20, seed=44)
+    source, out, session = tmp_path / "s.csv", tmp_path / "out.csv", new_id("cli")
+    _write_csv(source, values)
+    out.write_text("step,x,predicted_x\n0,9.0,\n1,9.0,0.5\n")  # an older run's file, of another series
+    proxy.arm(1000)  # every answer lost: the client retries the first chunk until it is killed
+    argv = [sys.executable, "-m", "service.client", "stream", "--csv", str(source), "--session", session,
+            "--chunk", "5", "--url", proxy.url, "--out", str(out), "--quiet"]
+    running = subprocess.Popen(argv, cwd=ROOT, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while (_position_or_zero(client, session) < 5 or proxy.dropped < 2) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    running.kill()
+    running.wait(30)
+    assert _steps(out) == ["0"] and position(client, session) == 5
+    resumed = _cli("stream", "--csv", str(source), "--session", session, "--chunk", "5", "--url", server.url,
+                   "--out", str(out), "--quiet", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert _steps(out) == [str(step) for step in range(21)]
+    predicted = [float(row["predicted_x"]) for row in list(csv.DictReader(out.open()))[1:]]
+    np.testing.assert_allclose(predicted, np.ravel(stateless(client, values)["predictions"]), atol=1e-5)
+
+
+def test_cli_resume_recovers_a_chunk_whose_rows_were_cut_short(
+    server: Server, client: httpx.Client, tmp_path: Path
+) -> None:
+    """An append cut short (a kill in the middle of a long write) leaves the file ending inside the chunk in
+    flight; retrying from the file's end is no exact retry, so --resume also tries one chunk before the
+    session."""
+    values = series(20, seed=45)
+    source, out, session = _file_behind_the_session(server, client, tmp_path, values, lost=1)
+    with out.open("a", newline="") as file:  # the lost chunk's first two rows reached the file
+        csv.writer(file).writerows([[step, values[step, 0].item(), 0.5] for step in (11, 12)])
+    resumed = _cli("stream", "--csv", str(source), "--session", session, "--chunk", "5", "--url", server.url,
+                   "--out", str(out), "--quiet", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert _steps(out) == [str(step) for step in range(21)]
+    predicted = [float(row["predicted_x"]) for row in list(csv.DictReader(out.open()))[1:]]
+    np.testing.assert_allclose(predicted, np.ravel(stateless(client, values)["predictions"]), atol=1e-5)
+
+
+def test_cli_resume_does_not_extend_a_file_of_another_series(server: Server, client: httpx.Client,
+                                                             tmp_path: Path) -> None:
+    """--out naming another series' predictions (same columns): its rows are not kept under this series."""
+    first, second = series(10, seed=46), series(14, seed=47)
+    source, out = tmp_path / "s.csv", tmp_path / "out.csv"
+    _write_csv(source, first)
+    assert _cli("stream", "--csv", str(source), "--session", new_id("cli"), "--url", server.url, "--out",
+                str(out), "--quiet").returncode == 0
+    session = new_id("cli")
+    assert client.post(f"/v1/sessions/{session}/predict", json={"values": second[:10].tolist()}).status_code == 200
+    _write_csv(source, second)
+    resumed = _cli("stream", "--csv", str(source), "--session", session, "--url", server.url, "--out", str(out),
+                   "--quiet", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert _steps(out) == [str(step) for step in range(10, 15)]
+
