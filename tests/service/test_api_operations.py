@@ -7,14 +7,19 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
 
+from service import config
 from service.config import Settings
-from tests.conftest import Server, refused_start_log
+from tests.conftest import Server, ServerFactory, refused_start_log
 from tests.service.helpers import new_id, send, series
 
 
@@ -52,13 +57,21 @@ def test_request_id_is_honoured_and_echoed(client: httpx.Client) -> None:
     assert hostile != "bad id\twith spaces"
 
 
+def _access_line(server: Server, request_id: str) -> dict[str, Any]:
+    """The one log line of a request: written just after its answer is sent, so waited for."""
+    deadline = time.monotonic() + 5
+    while not (lines := [json.loads(line) for line in server.log().splitlines() if request_id in line]):
+        assert time.monotonic() < deadline, f"no log line for {request_id}"
+        time.sleep(0.05)
+    assert len(lines) == 1, lines
+    return lines[0]  # type: ignore[no-any-return]
+
+
 def test_one_json_log_line_per_request_without_values(server: Server, client: httpx.Client) -> None:
     session = new_id("logged")
     client.post(f"/v1/sessions/{session}/predict", json={"values": [123.456, 654.321]},
                 headers={"X-Request-ID": "log-check-1", "Authorization": "Bearer secret-key-xyz"})
-    lines = [json.loads(line) for line in server.log().splitlines() if "log-check-1" in line]
-    assert len(lines) == 1
-    entry = lines[0]
+    entry = _access_line(server, "log-check-1")
     assert entry["route"] == "/v1/sessions/{session_id}/predict"
     assert entry["session"] == session and entry["status"] == 200 and entry["latency_ms"] > 0
     raw = json.dumps(entry)
@@ -123,3 +136,151 @@ def test_a_broken_checkpoint_stops_start_up_with_one_line_not_a_traceback(
     log = refused_start_log(broken, tmp_path, {})
     assert f"cannot start: {broken / 'config.json'}" in log
     assert "Traceback" not in log
+
+
+# The README's bounds, each just past the edge (and the edge itself is accepted).
+_OUT_OF_BOUNDS = [
+    ("snapshot_interval_seconds", "-1", "0"),
+    ("session_ttl_seconds", "0", "0.001"),
+    ("max_sessions", "0", "1"),
+    ("max_answer_bytes", "65535", "65536"),
+    ("max_batch_size", "4097", "4096"),
+    ("max_batch_size", "0", "1"),
+    ("max_batch_delay_ms", "1001", "1000"),
+    ("max_batch_delay_ms", "-1", "0"),
+    ("max_queue", "0", "1"),
+    ("request_timeout_seconds", "0", "0.001"),
+    ("max_chunk_steps", "0", "1"),
+    ("max_horizon", "-1", "0"),
+    ("max_body_bytes", "1023", "1024"),
+    ("max_batch_items", "0", "1"),
+    ("torch_threads", "-1", "0"),
+]
+
+
+@pytest.mark.parametrize(("field", "bad", "edge"), _OUT_OF_BOUNDS, ids=[f"{f}={b}" for f, b, _ in _OUT_OF_BOUNDS])
+def test_each_setting_is_refused_past_its_bound_and_accepted_at_it(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch, field: str, bad: str, edge: str
+) -> None:
+    monkeypatch.setenv("GRU_MODEL_PATH", str(tiny_model))
+    monkeypatch.setenv(f"GRU_{field.upper()}", bad)
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    assert [e["loc"] for e in caught.value.errors()] == [(field,)]
+    monkeypatch.setenv(f"GRU_{field.upper()}", edge)
+    assert float(getattr(Settings(), field)) == float(edge)
+
+
+_NON_DEFAULT: dict[str, str] = {
+    "model_path": "", "device": "cpu", "store": "redis", "redis_url": "redis://cache:6380/2",
+    "snapshot_path": "/tmp/snap.safetensors", "snapshot_interval_seconds": "7.5", "session_ttl_seconds": "61",
+    "max_sessions": "17", "max_answer_bytes": "70000", "max_batch_size": "9", "max_batch_delay_ms": "3.5",
+    "max_queue": "11", "request_timeout_seconds": "4.5", "max_chunk_steps": "99", "max_horizon": "7",
+    "max_body_bytes": "5000", "max_batch_items": "13", "api_keys": "some-long-key-0123:alice",
+    "api_keys_file": "", "metrics_require_key": "true", "torch_threads": "3", "log_level": "WARNING",
+}
+
+
+def test_every_setting_is_read_from_its_documented_variable(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GRU_<FIELD> is the variable the README documents; a field read under another name (an alias, a typo)
+    would silently keep its default."""
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("file-key-0123456789 carol\n")
+    values = {**_NON_DEFAULT, "model_path": str(tiny_model), "api_keys_file": str(keys_file)}
+    assert set(values) == set(Settings.model_fields)  # a new setting needs a value here
+    for name, value in values.items():
+        monkeypatch.setenv(f"GRU_{name.upper()}", value)
+    settings = Settings()
+    defaults = Settings.model_construct()
+    for name in values:
+        assert getattr(settings, name) != getattr(defaults, name), f"GRU_{name.upper()} was not read"
+    assert settings.log_level == "warning"  # GRU_LOG_LEVEL is case-insensitive
+
+
+def test_a_model_path_that_is_not_a_directory_is_a_configuration_error(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="is not a directory; point it at a checkpoint"):
+        Settings(model_path=tmp_path / "missing")
+    refused = tmp_path / "model.safetensors"
+    refused.write_bytes(b"")
+    log = refused_start_log(refused, tmp_path, {})
+    assert "invalid configuration" in log and f"GRU_MODEL_PATH={refused} is not a directory" in log
+
+
+def test_default_intra_op_threads_leave_one_core_to_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config.os, "cpu_count", lambda: 8)
+    assert config.intra_op_threads(0) == 7
+    assert config.intra_op_threads(3) == 3
+    monkeypatch.setattr(config.os, "cpu_count", lambda: 1)
+    assert config.intra_op_threads(0) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_stops_start_up_with_exit_2_and_one_line(tiny_model: Path, tmp_path: Path) -> None:
+    log = refused_start_log(tiny_model, tmp_path, {"GRU_DEVICE": "cuda"})
+    assert "cannot start: GRU_DEVICE=cuda but torch sees no CUDA device" in log
+    assert "Traceback" not in log
+
+
+def test_log_level_setting_is_applied(server_factory: ServerFactory) -> None:
+    """GRU_LOG_LEVEL=warning drops the info access lines; the default keeps them (one a request)."""
+    quiet = server_factory(GRU_LOG_LEVEL="warning")
+    with httpx.Client(base_url=quiet.url) as http:
+        http.get("/v1/model", headers={"X-Request-ID": "quiet-check-1"})
+    quiet.stop()  # SIGTERM, a graceful stop: every line it would write is written
+    assert "quiet-check-1" not in quiet.log()
+
+
+def test_readiness_names_the_model_version(client: httpx.Client) -> None:
+    ready = client.get("/readyz").json()
+    assert ready == {"status": "ready", "model_version": client.get("/v1/model").json()["version"]}
+
+
+def test_histograms_keep_their_documented_buckets(client: httpx.Client) -> None:
+    """Latency buckets reach past the 30 s request timeout (60 s); batch sizes up to 1024 (GRU_MAX_BATCH_SIZE
+    goes to 4096): dropping the top buckets hides a stalled queue or large batches in +Inf."""
+    send(client, new_id(), series(3))
+    families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+
+    def bounds(name: str) -> list[float]:
+        return sorted({float(s.labels["le"]) for s in families[name].samples if s.name == name + "_bucket"})
+
+    latency = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+               float("inf")]
+    for name in ("gru_request_duration_seconds", "gru_queue_wait_seconds", "gru_forward_seconds"):
+        assert bounds(name) == latency, name
+    assert bounds("gru_batch_size") == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, float("inf")]
+
+
+def test_labelled_series_exist_from_the_first_scrape(server_factory: ServerFactory) -> None:
+    """Rules and dashboards divide by these before any event happens: a fresh server exports them at 0."""
+    fresh = server_factory()
+    text = httpx.get(fresh.url + "/metrics").text
+    for series_line in ('gru_rejected_total{reason="queue_full"} 0.0', 'gru_rejected_total{reason="timeout"} 0.0',
+                        'gru_session_evictions_total{reason="ttl"} 0.0',
+                        'gru_session_evictions_total{reason="capacity"} 0.0'):
+        assert series_line in text, series_line
+    assert "# TYPE gru_store_errors_total counter" in text and "# TYPE gru_store_conflicts_total counter" in text
+
+
+def test_log_lines_carry_timestamp_level_and_logger(server: Server, client: httpx.Client) -> None:
+    client.get("/v1/model", headers={"X-Request-ID": "log-shape-1"})
+    entry = _access_line(server, "log-shape-1")
+    assert entry["level"] == "info" and entry["logger"] and entry["msg"] == "request"
+    assert entry["ts"].endswith("Z") and entry["method"] == "GET" and entry["route"] == "/v1/model"
+
+
+def test_docs_state_every_limit_and_the_session_id_rule(client: httpx.Client) -> None:
+    schemas = client.get("/openapi.json").json()
+    components = schemas["components"]["schemas"]
+    for name in ("ChunkRequest", "StatelessRequest", "BatchItem"):
+        properties = components[name]["properties"]
+        rows, flat = properties["values"]["anyOf"]
+        assert rows["maxItems"] == flat["maxItems"] == 4096, name
+        assert rows["items"]["minItems"] == rows["items"]["maxItems"] == 1, name
+        assert properties["horizon"]["maximum"] == 512, name
+    for path in ("/v1/sessions/{session_id}/predict", "/v1/sessions/{session_id}"):
+        for operation in schemas["paths"][path].values():
+            parameter, = [p for p in operation["parameters"] if p["name"] == "session_id"]
+            assert parameter["schema"]["pattern"] == "^[A-Za-z0-9._:-]{1,128}$", path

@@ -196,3 +196,34 @@ def test_kept_answers_are_capacity_too_so_long_chunks_cannot_take_the_memory(ser
         assert_problem(http.get("/v1/sessions/long-1"), 404)
         assert position(http, "long-2") == 3000
         assert 'gru_session_evictions_total{reason="capacity"} 2.0' in http.get("/metrics").text
+
+
+PROBLEMS = "https://gru-service.dev/problems/"  # the documented type URIs clients branch on
+
+
+def test_each_refusal_has_its_documented_problem_type(client: httpx.Client) -> None:
+    session = new_id()
+    assert send(client, session, series(4), offset=0).status_code == 200
+    mismatch = assert_problem(send(client, session, series(2), offset=9), 409)
+    assert mismatch["type"] == PROBLEMS + "offset-mismatch" and mismatch["title"] == "Conflict"
+    unknown = assert_problem(send(client, new_id(), series(2), offset=3), 404)
+    assert unknown["type"] == PROBLEMS + "session-not-found" and unknown["position"] == 0
+    no_route = assert_problem(client.get("/v1/nowhere"), 404)
+    assert no_route["type"] == PROBLEMS + "not-found"
+    wrong_method = assert_problem(client.put(f"/v1/sessions/{session}"), 405)
+    assert wrong_method["type"] == PROBLEMS + "method-not-allowed"
+    assert position(client, session) == 4
+
+
+def test_idle_sessions_are_swept_without_being_touched(server_factory: ServerFactory) -> None:
+    """Expiry is not only lazy: the sweeper (every TTL/4, at most 10 s) frees idle sessions, so
+    gru_active_sessions falls and the eviction is counted although no call asks for the session again."""
+    server = server_factory(GRU_SESSION_TTL_SECONDS="1")
+    with httpx.Client(base_url=server.url) as http:
+        send(http, "forgotten", series(4), offset=0)
+        assert "gru_active_sessions 1.0" in http.get("/metrics").text
+        deadline = time.monotonic() + 5
+        while "gru_active_sessions 0.0" not in (metrics := http.get("/metrics").text):
+            assert time.monotonic() < deadline, "the idle session was never swept"
+            time.sleep(0.2)
+    assert 'gru_session_evictions_total{reason="ttl"} 1.0' in metrics

@@ -343,3 +343,22 @@ def test_default_tenant_without_keys_keeps_the_v1_contract(client: httpx.Client)
     assert send(client, session, values[3:], offset=3).status_code == 200
     assert position(client, session) == 6
     assert stateless(client, values)["predictions"]
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ("s3cret" + "k" * 507 + ":alice", "entry 1: the key must be 1-512"),  # 513 characters
+        ("s3cret:" + "t" * 65, "entry 1: the tenant must match"),  # 65 characters
+    ],
+    ids=["key over 512", "tenant over 64"],
+)
+def test_keys_and_tenants_past_their_length_limits_are_refused(keys: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as caught:
+        load_api_keys(keys, None)
+    assert "s3cret" not in str(caught.value)
+
+
+def test_keys_and_tenants_at_their_length_limits_are_accepted() -> None:
+    key, tenant = "k" * 512, "t" * 64
+    assert load_api_keys(f"{key}:{tenant}", None) == {key: tenant}

@@ -293,7 +293,9 @@ def test_redis_down_is_503_and_not_ready_then_correct_after_it_returns(
         down = assert_problem(send(cb, session, values[10:20], offset=10), 503)
         assert "store" in down["type"]
         assert int(send(ca, session, values[10:20]).headers["retry-after"]) > 0
-        assert_problem(ca.get("/readyz"), 503)
+        not_ready = ca.get("/readyz")
+        assert assert_problem(not_ready, 503)["type"].endswith("/not-ready")
+        assert not_ready.headers["retry-after"] == "2"
         assert_problem(cb.get(f"/v1/sessions/{session}"), 503)
         assert_problem(cb.post(f"/v1/sessions/{session}/reset"), 503)
         redis_server.start()
