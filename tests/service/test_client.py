@@ -372,6 +372,17 @@ def _position_or_zero(client: httpx.Client, session: str) -> int:
     return int(answer.json()["position"]) if answer.status_code == 200 else 0
 
 
+def _resume_completes(server: Server, client: httpx.Client, source: Path, out: Path, session: str,
+                      values: np.ndarray, chunk: int = 5) -> None:
+    """`--resume` ends with one file: every step of ``values``, each prediction as one stateless pass's."""
+    resumed = _cli("stream", "--csv", str(source), "--session", session, "--chunk", str(chunk), "--url",
+                   server.url, "--out", str(out), "--quiet", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert _steps(out) == [str(step) for step in range(len(values) + 1)]
+    predicted = [float(row["predicted_x"]) for row in list(csv.DictReader(out.open()))[1:]]
+    np.testing.assert_allclose(predicted, np.ravel(stateless(client, values)["predictions"]), atol=1e-5)
+
+
 def _file_behind_the_session(server: Server, client: httpx.Client, tmp_path: Path, values: np.ndarray,
                              lost: int) -> tuple[Path, Path, str]:
     """A CLI run over the first 10 rows, then ``lost`` chunks of 5 applied whose answers its file never got
@@ -398,13 +409,7 @@ def test_cli_resume_recovers_the_answer_of_the_chunk_in_flight_when_interrupted(
     retry) and leaves one file, every step in it."""
     values = series(20, seed=28)
     source, out, session = _file_behind_the_session(server, client, tmp_path, values, lost=1)
-    resumed = _cli("stream", "--csv", str(source), "--session", session, "--chunk", "5", "--url", server.url,
-                   "--out", str(out), "--quiet", "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-    assert _steps(out) == [str(step) for step in range(21)]
-    rows = list(csv.DictReader(out.open()))
-    predicted = [float(row["predicted_x"]) for row in rows[1:]]
-    np.testing.assert_allclose(predicted, np.ravel(stateless(client, values)["predictions"]), atol=1e-5)
+    _resume_completes(server, client, source, out, session, values)
     assert position(client, session) == 20
 
 
@@ -453,12 +458,7 @@ def test_cli_stopped_in_any_way_leaves_a_file_that_resumes(
     else:
         assert running.returncode == 128 + stop, stderr
         assert "Traceback" not in stderr and "--resume goes on from there" in stderr
-    resumed = _cli("stream", "--csv", str(source), "--session", session, "--chunk", "500", "--url",
-                   server.url, "--out", str(out), "--quiet", "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-    assert _steps(out) == [str(step) for step in range(3001)]
-    predicted = [float(row["predicted_x"]) for row in list(csv.DictReader(out.open()))[1:]]
-    np.testing.assert_allclose(predicted, np.ravel(stateless(client, values)["predictions"]), atol=1e-5)
+    _resume_completes(server, client, source, out, session, values, chunk=500)
 
 
 def test_predictions_file_interrupted_mid_write_keeps_the_old_one(tmp_path: Path,
@@ -604,12 +604,7 @@ def test_cli_killed_before_its_first_answer_leaves_a_file_resume_completes(
     running.kill()
     running.wait(30)
     assert _steps(out) == ["0"] and position(client, session) == 5
-    resumed = _cli("stream", "--csv", str(source), "--session", session, "--chunk", "5", "--url", server.url,
-                   "--out", str(out), "--quiet", "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-    assert _steps(out) == [str(step) for step in range(21)]
-    predicted = [float(row["predicted_x"]) for row in list(csv.DictReader(out.open()))[1:]]
-    np.testing.assert_allclose(predicted, np.ravel(stateless(client, values)["predictions"]), atol=1e-5)
+    _resume_completes(server, client, source, out, session, values)
 
 
 def test_cli_resume_recovers_a_chunk_whose_rows_were_cut_short(
@@ -622,12 +617,7 @@ def test_cli_resume_recovers_a_chunk_whose_rows_were_cut_short(
     source, out, session = _file_behind_the_session(server, client, tmp_path, values, lost=1)
     with out.open("a", newline="") as file:  # the lost chunk's first two rows reached the file
         csv.writer(file).writerows([[step, values[step, 0].item(), 0.5] for step in (11, 12)])
-    resumed = _cli("stream", "--csv", str(source), "--session", session, "--chunk", "5", "--url", server.url,
-                   "--out", str(out), "--quiet", "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-    assert _steps(out) == [str(step) for step in range(21)]
-    predicted = [float(row["predicted_x"]) for row in list(csv.DictReader(out.open()))[1:]]
-    np.testing.assert_allclose(predicted, np.ravel(stateless(client, values)["predictions"]), atol=1e-5)
+    _resume_completes(server, client, source, out, session, values)
 
 
 def test_cli_resume_does_not_extend_a_file_of_another_series(server: Server, client: httpx.Client,
