@@ -157,8 +157,11 @@ class PredictionsFile:
     takes either.
     """
 
-    def __init__(self, path: Path, names: Sequence[str], truth: Sequence[Sequence[float]], start: int):
+    def __init__(self, path: Path, names: Sequence[str], truth: Sequence[Sequence[float]], start: int,
+                 earlier: Sequence[list[str]] = ()):
+        """``earlier``: the rows of the file a resumed stream extends (``_earlier_rows``)."""
         self.path, self.names, self.truth, self.start = path, names, truth, start
+        self.earlier = earlier
         self.end = start  # the step of the last row written
         self._file: TextIO | None = None
 
@@ -173,8 +176,7 @@ class PredictionsFile:
         kept: list[list[str]] = []
         carried: Sequence[Any] = [""] * len(self.names)  # the prediction for step ``start``, made by the run before
         if self.start > 0:
-            earlier = [row for row in _earlier_rows(self.path, self.names, self.truth)
-                       if int(row[0]) <= self.start]
+            earlier = [row for row in self.earlier if int(row[0]) <= self.start]
             if earlier and int(earlier[-1][0]) == self.start:
                 kept, carried = earlier[:-1], earlier[-1][1 + len(self.names):]
         written = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
@@ -207,8 +209,8 @@ class PredictionsFile:
             self._file.close()
 
 
-def _recover_lost_answer(session: Session, path: Path, names: Sequence[str], rows: Sequence[Sequence[float]],
-                         chunk: int) -> tuple[int, list[list[float]]]:
+def _recover_lost_answer(session: Session, path: Path, earlier: Sequence[list[str]],
+                         rows: Sequence[Sequence[float]], chunk: int) -> tuple[int, list[list[float]]]:
     """Where a resumed stream's file starts again, and the answers it lacks up to the session's position.
 
     A stream interrupted (Ctrl-C, a dropped network, SIGKILL) while a chunk was in flight leaves a file that
@@ -218,7 +220,6 @@ def _recover_lost_answer(session: Session, path: Path, names: Sequence[str], row
     Anything else (more than the last chunk missing) cannot be asked for again: refused rather than leave
     a gap in the file or overwrite it.
     """
-    earlier = _earlier_rows(path, names, rows)
     if not earlier or int(earlier[-1][0]) >= session.position:
         return session.position, []
     end, position = int(earlier[-1][0]), session.position
@@ -276,10 +277,11 @@ def stream_csv(args: argparse.Namespace) -> int:
             raise SystemExit(f"session {args.session} is at position {session.position}, past the {len(rows)}"
                              f" rows of {args.csv}")
         out = args.out or args.csv.with_name(args.csv.stem + ".predictions.csv")
-        start, predictions = (_recover_lost_answer(session, out, names, rows, args.chunk) if args.resume
+        earlier = _earlier_rows(out, names, rows) if args.resume else []
+        start, predictions = (_recover_lost_answer(session, out, earlier, rows, args.chunk) if args.resume
                               else (0, []))
         todo = rows[start:]
-        out_file = PredictionsFile(out, names, rows, start)
+        out_file = PredictionsFile(out, names, rows, start, earlier)
         progress = _progress() if not args.quiet else None
         task = progress.add_task(f"session {args.session}", total=len(todo)) if progress else None
         try:

@@ -486,7 +486,7 @@ def test_predictions_file_interrupted_mid_write_keeps_the_old_one(tmp_path: Path
 
     monkeypatch.setattr(csv, "writer", Interrupted)
     with pytest.raises(KeyboardInterrupt):
-        PredictionsFile(out, ["x"], truth, 100).append([[0.5]] * 5)
+        PredictionsFile(out, ["x"], truth, 100, _earlier_rows(out, ["x"], truth)).append([[0.5]] * 5)
     assert out.read_bytes() == before
     assert [path.name for path in tmp_path.iterdir()] == ["out.csv"]
 
