@@ -20,7 +20,7 @@ from service.api.openapi import Limits, document_raw_routes
 from service.config import Settings
 from service.engine import Engine
 from service.metrics import Metrics
-from service.middleware import BodyLimit, Observability, RouteTemplates
+from service.middleware import BodyLimit, Observability, RouteTemplates, ServerErrors
 from service.sessions import build_store
 from service.sessions.snapshot import SnapshotKeeper
 
@@ -116,6 +116,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes,
                        body_timeout_seconds=settings.request_timeout_seconds)
     auth.install(app, settings)  # inside Observability, so refusals are counted and logged
+    app.add_middleware(ServerErrors)  # inside Observability, so the 500/503/499 it answers are counted
     templates = [*app.openapi()["paths"], *(url for url in (app.openapi_url, app.docs_url, app.redoc_url,
                                                               app.swagger_ui_oauth2_redirect_url) if url)]
     app.add_middleware(Observability, metrics=metrics, templates=RouteTemplates(templates))

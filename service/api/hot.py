@@ -80,7 +80,7 @@ class HotRoutes:
 
     Outside it still run the body limit, auth, metrics and access log, and Starlette's server-error
     middleware; a ``Problem`` or an engine ``Refusal`` is answered here, any other exception (a client gone
-    mid-body included) by ``service.middleware.Observability``.
+    mid-body included) by ``service.middleware.ServerErrors``.
     """
 
     def __init__(self, app: ASGIApp):

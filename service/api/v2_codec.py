@@ -25,7 +25,7 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.middleware import decimal_length
+from service.http_fields import decimal_length
 from service.problems import Problem, describe_errors
 from service.schemas import SESSION_ID, SESSION_ID_PATTERN
 

@@ -1,5 +1,5 @@
-"""What escapes the app before a response has started is answered by ``Observability`` itself, as problem+json
-with the request id, and logged once: an unexpected error (500) and a request cancelled by the server's
+"""What escapes the app before a response has started is answered by ``ServerErrors`` as problem+json with the
+request id ``Observability`` gave it, and logged once: an unexpected error (500) and a request cancelled by the server's
 shutdown (503). The middleware runs here around a real ASGI app that fails, as uvicorn would drive it."""
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import sys
 import httpx
 import pytest
 from starlette.requests import ClientDisconnect
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import refusals
 from service.logs import JsonFormatter
 from service.metrics import Metrics
-from service.middleware import Observability
+from service.middleware import Observability, ServerErrors
 from service.problems import as_problem
 
 
@@ -27,6 +27,11 @@ async def _fails(scope: Scope, receive: Receive, send: Send) -> None:
 
 async def _cancelled(scope: Scope, receive: Receive, send: Send) -> None:
     raise asyncio.CancelledError
+
+
+def _stack(app: ASGIApp, metrics: Metrics) -> Observability:
+    """The two middlewares as service.app stacks them around an app."""
+    return Observability(ServerErrors(app), metrics)
 
 
 async def _call(app: Observability) -> httpx.Response:
@@ -42,7 +47,7 @@ def test_what_escapes_the_app_is_answered_as_a_problem_with_the_request_id(
 ) -> None:
     metrics = Metrics()
     with caplog.at_level(logging.ERROR, logger="service.errors"):
-        response = asyncio.run(_call(Observability(app, metrics)))  # type: ignore[arg-type]
+        response = asyncio.run(_call(_stack(app, metrics)))  # type: ignore[arg-type]
     assert response.status_code == status
     assert response.headers["content-type"].startswith("application/problem+json")
     assert response.headers["x-request-id"] == "trace-7"
@@ -62,7 +67,7 @@ async def _client_gone(scope: Scope, receive: Receive, send: Send) -> None:
 def test_a_client_gone_mid_body_is_recorded_as_499_not_as_our_error(caplog: pytest.LogCaptureFixture) -> None:
     metrics = Metrics()
     with caplog.at_level(logging.ERROR, logger="service.errors"):
-        response = asyncio.run(_call(Observability(_client_gone, metrics)))
+        response = asyncio.run(_call(_stack(_client_gone, metrics)))
     assert response.status_code == 499
     assert metrics.requests.labels(route="unmatched", method="POST", status="499")._value.get() == 1
     assert not [r for r in caplog.records if r.name == "service.errors"]

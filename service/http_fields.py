@@ -1,0 +1,29 @@
+"""Small HTTP helpers shared by the middleware and the routers: header fields and answering a problem at the
+ASGI level, where no router or exception handler is there to do it."""
+
+from __future__ import annotations
+
+from starlette.types import Message, Scope, Send
+
+from service.problems import Problem
+
+
+def decimal_length(value: bytes) -> int | None:
+    """A length field (Content-Length, Inference-Header-Content-Length): ASCII digits (``str.isdigit`` also
+    takes "²"), whitespace around them and leading zeros allowed; None otherwise, or past 18 significant
+    digits, which no body reaches (and ``int()`` raises on 4,300 of them)."""
+    value = value.strip()
+    digits = value.lstrip(b"0")
+    if not value.isdigit() or len(digits) > 18:
+        return None
+    return int(digits or b"0")
+
+
+async def send_problem(problem: Problem, scope: Scope, send: Send) -> None:
+    """Answer ``problem`` without reading the request's body."""
+    response = problem.response(scope)
+    await response(scope, _no_body, send)
+
+
+async def _no_body() -> Message:
+    return {"type": "http.disconnect"}

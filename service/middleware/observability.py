@@ -1,0 +1,98 @@
+"""``Observability``: the request id (``X-Request-ID`` honoured and echoed, else a new one), request count and
+latency by route template and status, and one JSON access-log line per request. A request refused before
+routing (auth, body limit) is counted under the template its path matches, so a 401 or 413 on a predict
+route is counted there. Never logs bodies, values or keys."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from starlette.routing import compile_path
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.metrics import Metrics
+from service.problems import route_path
+
+access_log = logging.getLogger("service.access")
+_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+_SCOPE_KEY = "gru.request_id"  # where the inner layers (ServerErrors' log line) find the request id
+
+
+class RouteTemplates:
+    """The app's path templates, for requests that end without a route in their scope: refused before routing
+    (API keys, body limit) or served by Starlette routes that do not record one (/docs, /openapi.json)."""
+
+    def __init__(self, templates: Iterable[str]):
+        self._compiled = [(compile_path(template)[0], template) for template in templates]
+
+    def match(self, path: str) -> tuple[str, dict[str, str]]:
+        """The template ``path`` matches and its parameters; "unmatched" (a bounded metric label) if none."""
+        for regex, template in self._compiled:
+            if found := regex.match(path):
+                return template, found.groupdict()
+        return "unmatched", {}
+
+
+class Observability:
+    def __init__(self, app: ASGIApp, metrics: Metrics, templates: RouteTemplates | None = None):
+        self.app = app
+        self.metrics = metrics
+        self.templates = templates or RouteTemplates(())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        began = time.perf_counter()
+        request_id = _request_id(scope)
+        scope[_SCOPE_KEY] = request_id
+        status = 0  # no response started yet
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self._record(scope, request_id, status or 500, time.perf_counter() - began)  # 0: uvicorn sends a 500
+
+    def _record(self, scope: Scope, request_id: bytes, status: int, elapsed: float) -> None:
+        route = scope.get("route")
+        if route is not None:
+            template, params = route.path, scope.get("path_params", {})
+        else:
+            template, params = self.templates.match(route_path(scope))
+        method = scope["method"]
+        self.metrics.requests.labels(route=template, method=method, status=str(status)).inc()
+        self.metrics.request_duration.labels(route=template, method=method).observe(elapsed)
+        if access_log.isEnabledFor(logging.INFO):
+            entry: dict[str, Any] = {
+                "request_id": request_id.decode(), "method": method, "route": template,
+                "status": status, "latency_ms": round(elapsed * 1000, 3),
+            }
+            session = params.get("session_id")
+            if session is not None:
+                entry["session"] = session[:128]
+            access_log.info("request", extra={"fields": entry})
+
+
+def request_id_of(scope: Scope) -> str | None:
+    """The request id ``Observability`` gave this request (None outside it)."""
+    request_id: bytes | None = scope.get(_SCOPE_KEY)
+    return None if request_id is None else request_id.decode()
+
+
+def _request_id(scope: Scope) -> bytes:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id" and _REQUEST_ID.fullmatch(value):
+            return bytes(value)
+    return uuid.uuid4().hex.encode()
