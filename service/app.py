@@ -22,6 +22,7 @@ from service.engine import Engine
 from service.metrics import Metrics
 from service.middleware import BodyLimit, Observability, RouteTemplates, ServerErrors
 from service.sessions import build_store
+from service.sessions.guard import GuardedStore
 from service.sessions.snapshot import SnapshotKeeper
 
 log = logging.getLogger("service")
@@ -64,8 +65,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "variant": forecaster.config.variant,
     })
     store = build_store(settings, forecaster.state_size, device, metrics)
+    guarded = GuardedStore(store, metrics)
     engine = Engine(
-        forecaster, str(meta["version"]), store, metrics,
+        forecaster, str(meta["version"]), guarded, metrics,
         max_batch_size=settings.max_batch_size, max_batch_delay_ms=settings.max_batch_delay_ms,
         max_queue=settings.max_queue, request_timeout_seconds=settings.request_timeout_seconds,
     )
@@ -91,7 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await engine.stop()  # uvicorn answered every in-flight request; the engine drains what is left
             if snapshots is not None:  # after the drain: every answered chunk is in the snapshot
                 await snapshots.stop()
-            await store.close()
+            await guarded.close()
 
     app = FastAPI(
         **_WITHOUT_FASTAPI_TELEMETRY,

@@ -18,7 +18,7 @@ router = APIRouter(tags=["operations"])
 async def require_ready(engine: Engine, **extra: Any) -> None:
     """Readiness, for /readyz and v2's /health/ready alike: the model is loaded by the time anything is
     served, so what can fail is the session store."""
-    if not await engine.store_reachable():
+    if not await engine.store.ping():
         raise Problem(503, "not-ready", "the session store is unreachable", headers={"Retry-After": "2"}, **extra)
 
 

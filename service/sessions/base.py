@@ -51,7 +51,10 @@ class StoreUnavailable(Exception):
 
 
 class SessionStore(Protocol):
-    ttl_seconds: float
+    @property
+    def ttl_seconds(self) -> float:
+        """How long an idle session lives."""
+        ...
 
     async def load(self, keys: Sequence[str]) -> list[Session | None]:
         """The live records of ``keys`` (None where absent or expired); refreshes their recency."""

@@ -180,7 +180,7 @@ def test_queue_holds_exactly_max_queue_chunks(tiny_model: Path) -> None:
         for task in waiting:
             task.cancel()
         await asyncio.gather(*waiting, return_exceptions=True)
-        engine._executor.shutdown()
+        engine.compute.close()
 
     asyncio.run(scenario())
 
@@ -198,7 +198,7 @@ def test_a_reset_or_delete_while_a_chunk_computes_makes_its_commit_lose(tiny_mod
         try:
             await engine.predict(key, series(4), 0, 0)
             chunk = asyncio.ensure_future(engine.predict(key, series(4096), 4, 512))
-            while engine._waiting:
+            while len(engine.queue):
                 await asyncio.sleep(0)
             await asyncio.sleep(0.01)  # taken and computing (about 100 ms of work)
             assert not chunk.done()

@@ -1,0 +1,116 @@
+"""BatchCompute: the model's side of the engine, run on one compute thread, never on the event loop.
+
+A batch is a few large torch calls, no per-step Python: chunks sorted longest first and padded (the GRU's
+batch shrinks as short chunks end), states gathered from the store by row, one forward, one roll-out for the
+rows that asked for a forecast, one copy back to the host. Few calls per batch matter on the CPU: the
+compute thread and the event loop share the GIL, and each torch call is a chance to hand it over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from model import Forecaster
+from service.sessions.base import Session
+
+log = logging.getLogger("service.engine")
+Gather = Callable[[Sequence[Session | None], Any], Tensor]  # the store's gather: records -> (B, S) states
+
+
+@dataclass(slots=True)
+class Computed:
+    predictions: list[np.ndarray]  # per chunk, (T, F) float32
+    forecasts: list[np.ndarray | None]  # per chunk, (horizon, F) float32; None without a horizon
+    states: Tensor  # (B, S), row i = chunk i
+    finite: list[bool]  # per chunk: predictions, forecast and new state all finite
+
+
+class BatchCompute:
+    def __init__(self, forecaster: Forecaster):
+        self.forecaster = forecaster
+        self.device = next(forecaster.parameters()).device
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gru-compute")
+
+    async def warm_up(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._warm_up)
+
+    async def run(self, values: Sequence[np.ndarray], horizons: Sequence[int], sessions: Sequence[Session | None],
+                  gather: Gather) -> Computed:
+        """Chunk i's ``values`` from the state of ``sessions[i]`` (a fresh one for None), on the compute thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._compute, values, horizons, sessions, gather)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+    def _warm_up(self) -> None:
+        """Pay the one-off costs before the first client does: TorchScript's profiling runs on CPU, the
+        Triton kernel's compilation on a GPU. Where the kernel fails (Triton's launcher needs a C compiler),
+        the GPU serves through the TorchScript recurrence instead of failing every request, and says so."""
+        try:
+            self._exercise_model()
+        except Exception:
+            gru = self.forecaster.gru
+            if not gru.use_fused or self.device.type != "cuda":
+                raise
+            log.warning("fused GRU kernel unavailable on %s; serving with the TorchScript recurrence",
+                        self.device, exc_info=True)
+            gru.use_fused = False
+            self._exercise_model()
+
+    def _exercise_model(self) -> None:
+        with torch.inference_mode():
+            x = torch.zeros(2, 2, self.forecaster.num_features, device=self.device)
+            for _ in range(3):  # the TorchScript profiling executor optimises after its second run
+                state = self.forecaster.initial_state(2)
+                y, state = self.forecaster.predict(x, state, [2, 1])  # ragged, then equal rows in rollout
+                self.forecaster.rollout(state, y[:, -1], 2)
+
+    def _compute(self, values: Sequence[np.ndarray], horizons: Sequence[int], sessions: Sequence[Session | None],
+                 gather: Gather) -> Computed:
+        count = len(values)
+        order = sorted(range(count), key=lambda i: -len(values[i]))  # longest first
+        lengths = [len(values[i]) for i in order]
+        features = self.forecaster.num_features
+        padded = np.zeros((count, lengths[0], features), dtype=np.float32)  # (B, T_max, F)
+        for row, i in enumerate(order):
+            padded[row, : lengths[row]] = values[i]
+        sorted_horizons = [horizons[i] for i in order]
+        with torch.inference_mode():
+            x = torch.from_numpy(padded).to(self.device)
+            states = gather([sessions[i] for i in order], self.device)  # (B, S)
+            same_length = lengths[0] == lengths[-1]
+            y, new_states = self.forecaster.predict(x, states, None if same_length else lengths)
+            ends = torch.tensor(lengths, device=self.device) - 1
+            last = y[torch.arange(count, device=self.device), ends]  # (B, F): prediction after each last step
+            wanting = [row for row, horizon in enumerate(sorted_horizons) if horizon]  # rows asking a forecast
+            forecast_host = np.empty((0, 0, features), dtype=np.float32)
+            if wanting:  # only those rows roll out, as far as the longest horizon among them
+                pick = torch.tensor(wanting, device=self.device)
+                forecast = self.forecaster.rollout(new_states[pick], last[pick], max(sorted_horizons))  # (b, h, F)
+                forecast_host = forecast.cpu().numpy()
+            inverse = torch.tensor(np.argsort(order), device=self.device)
+            y_host = y.cpu().numpy()
+            states_out = new_states.index_select(0, inverse)  # back to request order
+            finite_states: list[bool] = torch.isfinite(states_out).all(dim=1).tolist()
+        predictions: list[np.ndarray] = [np.empty(0)] * count
+        forecasts: list[np.ndarray | None] = [None] * count
+        for row, i in enumerate(order):
+            predictions[i] = np.ascontiguousarray(y_host[row, : lengths[row]])
+        for picked, row in enumerate(wanting):
+            forecasts[order[row]] = np.ascontiguousarray(forecast_host[picked, : sorted_horizons[row]])
+        finite = [state_ok and _all_finite(predictions[i], forecasts[i]) for i, state_ok in enumerate(finite_states)]
+        return Computed(predictions, forecasts, states_out, finite)
+
+
+def _all_finite(*arrays: np.ndarray | None) -> bool:
+    return all(array is None or bool(np.isfinite(array).all()) for array in arrays)
