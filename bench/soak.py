@@ -113,7 +113,7 @@ def _values(rng: random.Random, steps: int) -> list[float]:
 
 
 def _recomputed(session: _Session, answer: bytes) -> bool:
-    """An offset-0 retry of a session evicted or expired meanwhile starts it again (DESIGN §4): computed
+    """An offset-0 retry of a session evicted or expired meanwhile starts it again (the README's offset rules): computed
     anew, in another batch, so equal to float32 rounding rather than byte for byte."""
     assert session.last_body is not None
     if orjson.loads(session.last_body)["offset"] != 0:

@@ -1,24 +1,10 @@
 """The whole GRU forward as one Triton kernel launch: the GPU path of ``model.gru.GRU`` at inference.
 
-On a GPU the TorchScript recurrence launches six small kernels per step and layer, and at serving sizes
-(H = 64, B ≤ 256) each costs more in launch latency than in arithmetic: cuDNN's ``nn.GRU`` wins by fusing.
-Here one launch runs every layer over the whole chunk. Each program owns one batch row (or a few, sharing
-each read of the weights) and runs the layers one after the other; per step it computes the input
-projection (independent of h, so it overlaps the hidden one) and the three hidden projections as
-broadcast-multiply-and-sum in fp32 FMA (so results match the TorchScript path to 1e-5; TF32 tensor cores
-would not, and three-pass "tf32x3" tiles of 16 rows were slower at every shape measured), then the gates
-in place. A layer's weights stay in registers across its steps, or, where they
-would spill (H = 128), are read again every step from cache. A layer below the last writes its output to
-global memory, which the next layer, in the same program, reads after a barrier.
-
-How it got here (docs/bench.md part 4): a first version gave each program 16 rows and used ``tl.dot``: the
-operand layouts spilled registers, several times slower. Then one row per program, one launch per layer and
-the input projection in cuBLAS; but each launch costs tens of µs of Python on the host, and a 2-layer
-forward made four, so now one launch runs the whole forward. Where it stands on an H200: 0.50x to 1.40x of
-cuDNN's time at the shipped model's shape (H = 64, two layers, B = 256), 1.68x to 1.92x at H = 128, T = 32.
-
-Rows of unequal length need no sorting or shrinking: a row whose chunk has ended keeps its state
-(``tl.where`` on ``t < length``), which is what the shrinking batch of the TorchScript path computes.
+The TorchScript recurrence launches six small kernels per step and layer, and at serving sizes each costs
+more in launch latency than in arithmetic; here one launch runs every layer over the whole chunk, one or two
+batch rows per program, in fp32 FMA so results match the TorchScript path to 1e-5. Rows of unequal length
+keep their state past their end (``tl.where`` on ``t < length``). Design: docs/model.md, "The fused GPU
+kernel"; measurements and history: docs/bench.md part 4.
 
 Triton ships with CUDA builds of torch on Linux; where it is missing (CPU wheels, macOS), ``AVAILABLE`` is
 False and the GRU keeps its TorchScript path. ``TRITON_INTERPRET=1`` runs the same kernel on CPU tensors,
@@ -183,14 +169,10 @@ class LaunchConfig(NamedTuple):
 
 
 def launch_config(hidden_p2: int, batch: int, multiprocessors: int) -> LaunchConfig:
-    """How to launch for a hidden size and batch, from sweeps on one H200 (docs/bench.md part 4). Up to
-    H = 64 the weights fit in registers at 4 warps and one row per program (faster there than tensor-core
-    tiles of 16 rows at every batch measured). At H = 128 they do not (about 200 registers a thread spill
-    at 4 warps): while every row has a multiprocessor to itself, one row per program at 4 warps still is
-    the fastest (T = 32: 99 to 113 µs against 187 to 190 at B = 1 and 64); past that, two rows per program
-    share each read of the weights, which are read every step from cache, at 8 warps (B = 256, T = 8: 51
-    against 61 µs). Above 128 the same with 16 warps so the blocks read per step spill less (not
-    measured)."""
+    """How to launch for a hidden size and batch: one row per program at 4 warps with the weights in
+    registers while they fit (H <= 64) or while every row has a multiprocessor to itself (H <= 128);
+    otherwise two rows per program sharing each read of the weights, read every step, at 8 warps (16 above
+    H = 128). Why, from sweeps on one H200: docs/model.md, "The launch rule", and docs/bench.md part 4."""
     if hidden_p2 <= 64 or (hidden_p2 <= 128 and batch <= multiprocessors):
         return LaunchConfig(rows=1, warps=4, stream=False)
     return LaunchConfig(rows=2, warps=8 if hidden_p2 <= 128 else 16, stream=True)

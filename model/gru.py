@@ -9,7 +9,7 @@ path below computes the same thing as:
    the hidden projection with its bias in one matmul (two for the seed variant, whose reset gate acts
    before ``W_hn``), the gates, and ``lerp`` for the update;
 3. in sigmoid form: the state carried as (h + 1) / 2 and tanh computed as a rescaled sigmoid, the scales
-   folded into the weights once (``sigmoid_form``), since torch's CPU tanh costs five times its sigmoid.
+   folded into the weights once (``sigmoid_form``), since torch's CPU tanh costs several times its sigmoid.
 
 Sequences of unequal length run as one batch sorted longest first: at step t only the first
 ``batch_sizes[t]`` rows advance, so the batch shrinks as short chunks end and each row's final state is
@@ -48,17 +48,9 @@ class SigmoidForm(NamedTuple):
 def sigmoid_form(weights: Weights, seed: bool) -> SigmoidForm:
     """The weights that let ``_run_layers`` compute this GRU on q = (h + 1) / 2 with no ``tanh``.
 
-    On CPU, torch's ``tanh`` takes five to six times as long as its ``sigmoid`` (2.7 against 0.56 ns an
-    element at (256, 64) here): a fifth of a step at B = 256. With tanh(a) = 2σ(2a) − 1 the candidate is
-    n = 2s − 1, s = σ(2a), and since lerp commutes with that affine map, a state carried as q = (h + 1) / 2
-    updates as q' = lerp(q, s, z) with no extra op. Every factor moves into the weights, once:
-
-    - a projection of h = 2q − 1 (the hidden one, and the input one of every layer above the first) is
-      W h + b = 2W q + (b − W·1);
-    - the candidate's rows (input and hidden) are doubled, for σ(2a);
-    - the seed variant's reset product: −(r ⊙ h) = r − 2 r ⊙ q is one ``addcmul``, so its W_hn is negated.
-      All its hidden biases sit outside r and join the input projection's bias.
-
+    tanh(a) = 2σ(2a) − 1 and lerp commutes with that affine map, so every factor of 2 and shift of −1 folds
+    into the weights once and the recurrence needs no extra op per step; torch's CPU ``tanh`` costs several
+    times its ``sigmoid``. Derivation: docs/model.md, "Sigmoid form"; the gain: docs/bench.md part 1.
     Differentiable: training folds on every call and gradients reach the cells' own parameters.
     """
     folded: Weights = ([], [], [], [])

@@ -18,8 +18,8 @@ DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "model" / "weights
 
 def intra_op_threads(torch_threads: int) -> int:
     """GRU_TORCH_THREADS, else one per core but one: the event loop needs a core of its own; torch's default
-    (every core) made the two fight, and with a neighbour such as redis-server on the same cores, batches took
-    50x longer."""
+    (every core) made the two fight, worst with a neighbour such as redis-server on the same cores
+    (docs/bench.md, "Bottlenecks seen")."""
     return torch_threads or max(1, (os.cpu_count() or 2) - 1)
 
 

@@ -1,4 +1,4 @@
-"""Request and response models: the documented contract (DESIGN §4) and the validation of every body.
+"""Request and response models: the documented contract (README, "API (v1)") and the validation of every body.
 
 Validation runs in pydantic-core straight from the raw bytes (``validate_json``; a batch's items from the
 parsed envelope, one by one, under the same strict config): strict types (no "1.5" strings or ``true`` for

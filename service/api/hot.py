@@ -1,8 +1,8 @@
 """The two predict routes, as plain Starlette endpoints: the service's hot path.
 
 Every chunk a client streams comes through here, so it skips what FastAPI adds per request (dependency
-resolution, which inspects each dependency on every call, and response re-validation): measured under load
-with py-spy, that machinery cost about a quarter of the service's CPU per chunk. What remains is the
+resolution, which inspects each dependency on every call, and response re-validation), a large share of
+the CPU per chunk under load (docs/architecture.md, docs/bench.md). What remains is the
 contract itself: the body validated by pydantic-core straight from the bytes (service.api.bodies), the
 engine's pre-serialised JSON answered as is. The schema in /docs is the same (service.api.openapi).
 """

@@ -1,4 +1,4 @@
-"""REST v1 (DESIGN §4). Routers parse and answer; the engine judges and computes.
+"""REST v1 (README, "API (v1)"). Routers parse and answer; the engine judges and computes.
 
 The two predict routes live in service.api.hot (the hot path); the batch route here reads its body raw,
 parses the envelope with pydantic-core from the bytes, validates each item on its own (one bad item is that

@@ -1,4 +1,4 @@
-"""Open Inference Protocol (KServe v2 / Triton REST), DESIGN §5, on the same engine and sessions as v1.
+"""Open Inference Protocol (KServe v2 / Triton REST; docs/interop.md), on the same engine and sessions as v1.
 
 Sequences follow Triton's sequence batcher, mapped onto v1 sessions of the caller's tenant:
 

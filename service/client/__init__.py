@@ -6,9 +6,9 @@
 
 Every chunk is sent with the offset it starts at (the session's position as the last answer reported). So
 a network error or a 5xx/429 is retried with the same offset: if the server had applied the chunk, the
-retry gets the same answer back and nothing is applied twice (DESIGN §4). A 409 raises ``OffsetConflict``
-carrying the server's ``position`` (``session.resync()`` adopts it); an expired session raises
-``SessionNotFound``. ``AsyncClient`` is the same with ``await``.
+retry gets the same answer back and nothing is applied twice (the README's offset rules). A 409 raises
+``OffsetConflict`` carrying the server's ``position`` (``session.resync()`` adopts it); an expired session
+raises ``SessionNotFound``. ``AsyncClient`` is the same with ``await``.
 
 The command line that streams a CSV through a session is ``service.client.cli`` (``python -m service.client``).
 """

@@ -17,7 +17,7 @@ def _sigmoid(a: np.ndarray) -> np.ndarray:
 
 
 def numpy_cell(x: np.ndarray, h: np.ndarray, cell: GRUCell) -> np.ndarray:
-    """One step, straight from DESIGN.md section 3, in float64."""
+    """One step, straight from the equations in model/cell.py's docstring, in float64."""
     w_ih, w_hh = cell.weight_ih.detach().double().numpy(), cell.weight_hh.detach().double().numpy()
     b_ih, b_hh = cell.bias_ih.detach().double().numpy(), cell.bias_hh.detach().double().numpy()
     (w_ir, w_iz, w_in), (w_hr, w_hz, w_hn) = np.split(w_ih, 3), np.split(w_hh, 3)

@@ -1,4 +1,4 @@
-"""The session contract of DESIGN §4 against a real server: state, offsets, retries, lifecycle."""
+"""The session contract (README, "API (v1)") against a real server: state, offsets, retries, lifecycle."""
 
 from __future__ import annotations
 

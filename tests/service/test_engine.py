@@ -151,7 +151,7 @@ def test_every_refusal_has_exactly_one_http_status_and_its_own_kind() -> None:
 
 def test_appends_of_one_session_apply_in_arrival_order_even_when_a_batch_fills(tiny_model: Path) -> None:
     """A session's second chunk, held back from a batch that already has its first, must stay ahead of its
-    third (DESIGN: one session's chunks are applied one at a time, in arrival order)."""
+    third (docs/architecture.md: one session's chunks are applied one at a time, in arrival order)."""
     engine = _engine(tiny_model, max_batch_size=2, max_batch_delay_ms=0)
     x, y, z = (session_key("t", n) for n in "xyz")
     order = [(x, 1), (x, 2), (y, 1), (z, 1), (x, 3)]  # x's chunks have 1, 2 and 3 steps

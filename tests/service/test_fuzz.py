@@ -14,7 +14,7 @@ Schema cannot state (float32 range, values the model cannot answer, a flat list 
 features, a session's offset); those refusals are 4xx problems, which every other check still examines (the
 configured step, horizon and item limits and the feature count are in the schema). And for
 ``/v1/predict/batch`` only, ``negative_data_rejection``: an item that breaks ``BatchItem`` gets its own 422
-problem in a 200's ``results`` while the other items are answered (DESIGN §4), so a schema-violating item
+problem in a 200's ``results`` while the other items are answered (README, "Errors"), so a schema-violating item
 is rightly not a 4xx for the call; a malformed envelope still is, and the problems are checked by
 ``tests/service/test_api_operations.py``.
 """

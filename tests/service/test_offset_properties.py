@@ -1,5 +1,5 @@
-"""The offset protocol of DESIGN §4 as a property: random operations against a real server, checked
-against a small model of the rules and against one stateless pass over what the session consumed.
+"""The README's offset rules as a property: random operations against a real server, checked against
+a small model of the rules and against one stateless pass over what the session consumed.
 
 Hypothesis drives a state machine per session: chunks of random lengths appended with and without
 offsets, exact retries of the last chunk, near-miss retries (same offset, other values or horizon), stale
