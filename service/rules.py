@@ -1,4 +1,5 @@
-"""The offset rules of DESIGN §4 as one pure function, so every store and replica judges alike.
+"""The offset rules (README, "Offsets, retries and sessions") as one pure function, so every store and
+replica judges alike.
 
 - offset == position: apply. No offset: append at the current position.
 - offset and fingerprint of the last applied chunk: its answer again (exact retry), nothing changes.

@@ -82,6 +82,11 @@ def _timestamp(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, UTC)
 
 
+# POST /v1/sessions/{session_id}/predict and POST /v1/predict are not here: they are answered by
+# service/api/hot.py's HotRoutes middleware before this router is reached (the hot path; docs/architecture.md,
+# "Why the predict routes bypass the router"). /docs still lists them, from hot.OPERATIONS.
+
+
 @router.get("/sessions/{session_id}", response_model=SessionInfo, summary="A session's position and age",
             responses=problem_responses(404, 422, 503))
 async def get_session(session_id: SessionIdPath, engine: EngineDep, tenant: TenantDep) -> SessionInfo:

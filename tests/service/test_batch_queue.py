@@ -1,0 +1,186 @@
+"""The batch queue alone, with no model and no store: which chunks form a batch, in what order, and what is
+refused or withdrawn (docs/architecture.md, "One chunk, from the socket to the store and back")."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.batch_queue import BatchQueue, Chunk, settle
+from service.metrics import Metrics
+from service.refusals import Overloaded, TimedOut
+
+_NO_VALUES = np.zeros((1, 1), dtype=np.float32)
+
+
+def _queue(metrics: Metrics | None = None, **limits: float) -> BatchQueue:
+    options: dict[str, Any] = {"max_batch_size": 4, "max_batch_delay_ms": 0.0, "max_queue": 100,
+                               "timeout_seconds": 30.0, **limits}
+    return BatchQueue(metrics or Metrics(), **options)
+
+
+def _run(scenario: Callable[[], Awaitable[Any]]) -> Any:
+    return asyncio.run(scenario())  # type: ignore[arg-type]
+
+
+def _chunk(key: str | None, offset: int | None = None) -> Chunk:
+    return Chunk(key, _NO_VALUES, offset, 0)
+
+
+def _names(batch: list[Chunk] | None) -> list[tuple[str | None, int | None]]:
+    assert batch is not None
+    return [(c.key, c.offset) for c in batch]
+
+
+async def _submit_all(queue: BatchQueue, chunks: list[Chunk]) -> list[asyncio.Task[bytes]]:
+    tasks = [asyncio.ensure_future(queue.submit(c)) for c in chunks]
+    await asyncio.sleep(0)  # every submit has queued its chunk
+    return tasks
+
+
+def test_a_batch_takes_distinct_sessions_oldest_first_and_keeps_the_rest_in_order() -> None:
+    async def scenario() -> list[list[tuple[str | None, int | None]]]:
+        queue = _queue(max_batch_size=3)
+        chunks = [_chunk("a", 0), _chunk("a", 1), _chunk("b", 0), _chunk(None), _chunk("a", 2), _chunk("c", 0)]
+        tasks = await _submit_all(queue, chunks)
+        batches = [_names(await queue.next_batch()) for _ in range(3)]
+        for task in tasks:
+            task.cancel()
+        return batches
+
+    first, second, third = _run(scenario)
+    assert first == [("a", 0), ("b", 0), (None, None)]  # a's second chunk waits; stateless chunks are distinct
+    assert second == [("a", 1), ("c", 0)]  # a's chunks stay in arrival order, ahead of newer sessions
+    assert third == [("a", 2)]
+
+
+def test_stateless_chunks_never_hold_each_other_back() -> None:
+    async def scenario() -> list[tuple[str | None, int | None]]:
+        queue = _queue(max_batch_size=8)
+        tasks = await _submit_all(queue, [_chunk(None) for _ in range(5)])
+        batch = _names(await queue.next_batch())
+        for task in tasks:
+            task.cancel()
+        return batch
+
+    assert _run(scenario) == [(None, None)] * 5
+
+
+def test_a_requeued_chunk_goes_before_everything_newer() -> None:
+    async def scenario() -> tuple[list[Any], list[Any]]:
+        queue = _queue(max_batch_size=2)
+        tasks = await _submit_all(queue, [_chunk("a", 0), _chunk("b", 0), _chunk("a", 5), _chunk("c", 0)])
+        first = await queue.next_batch()
+        assert first is not None
+        queue.requeue(first)  # both lost their commit race: judged again before a's later chunk
+        again = _names(await queue.next_batch())
+        after = _names(await queue.next_batch())
+        for task in tasks:
+            task.cancel()
+        return again, after
+
+    again, after = _run(scenario)
+    assert again == [("a", 0), ("b", 0)]
+    assert after == [("a", 5), ("c", 0)]
+
+
+def test_the_queue_holds_exactly_max_queue_chunks_and_counts_the_refusal() -> None:
+    metrics = Metrics()
+
+    async def scenario() -> None:
+        queue = _queue(metrics, max_queue=2)
+        tasks = await _submit_all(queue, [_chunk("a"), _chunk("b")])
+        with pytest.raises(Overloaded) as refused:
+            await queue.submit(_chunk("c"))
+        assert refused.value.retry_after == 1 and len(queue) == 2
+        for task in tasks:
+            task.cancel()
+
+    _run(scenario)
+    assert metrics.rejected.labels(reason="queue_full")._value.get() == 1
+
+
+def test_a_chunk_not_taken_in_time_is_withdrawn_and_refused() -> None:
+    metrics = Metrics()
+
+    async def scenario() -> None:
+        queue = _queue(metrics, timeout_seconds=0.05)
+        with pytest.raises(TimedOut):
+            await queue.submit(_chunk("a", 3))
+        assert len(queue) == 0  # a later batch never meets it
+
+    _run(scenario)
+    assert metrics.rejected.labels(reason="timeout")._value.get() == 1
+
+
+def test_a_chunk_timed_out_in_a_running_batch_keeps_its_refusal_when_settled_later() -> None:
+    async def scenario() -> None:
+        queue = _queue(timeout_seconds=0.05)
+        task = asyncio.ensure_future(queue.submit(_chunk("a")))
+        batch = await queue.next_batch()  # taken: now it is "computing"
+        assert batch is not None
+        with pytest.raises(TimedOut):
+            await task
+        settle(batch[0], b"late")  # the consumer finishing it later changes nothing
+        assert isinstance(batch[0].future.exception(), TimedOut)
+
+    _run(scenario)
+
+
+def test_a_batch_waits_up_to_the_delay_to_fill_and_no_longer() -> None:
+    async def scenario() -> tuple[float, int, float, int]:
+        queue = _queue(max_batch_size=3, max_batch_delay_ms=100)
+        tasks = await _submit_all(queue, [_chunk("a")])
+        asyncio.get_running_loop().call_later(0.02, lambda: tasks.append(asyncio.ensure_future(
+            queue.submit(_chunk("b")))))
+        began = time.perf_counter()
+        partial = await queue.next_batch()  # b joins within the delay; the third never comes
+        waited_partial = time.perf_counter() - began
+        more = await _submit_all(queue, [_chunk(k) for k in "xyz"])
+        began = time.perf_counter()
+        full = await queue.next_batch()  # already full: no wait at all
+        waited_full = time.perf_counter() - began
+        for task in [*tasks, *more]:
+            task.cancel()
+        assert partial is not None and full is not None
+        return waited_partial, len(partial), waited_full, len(full)
+
+    waited_partial, partial, waited_full, full = _run(scenario)
+    assert partial == 2 and 0.09 <= waited_partial < 1.0
+    assert full == 3 and waited_full < 0.09
+
+
+def test_a_closed_queue_drains_what_waits_then_ends() -> None:
+    async def scenario() -> tuple[list[Any], list[Chunk] | None]:
+        queue = _queue(max_batch_size=8, max_batch_delay_ms=10_000)
+        tasks = await _submit_all(queue, [_chunk("a"), _chunk("b")])
+        queue.close()  # no waiting for the 10 s delay: the batch goes as it is
+        drained = _names(await asyncio.wait_for(queue.next_batch(), 1))
+        end = await asyncio.wait_for(queue.next_batch(), 1)
+        for task in tasks:
+            task.cancel()
+        return drained, end
+
+    drained, end = _run(scenario)
+    assert drained == [("a", None), ("b", None)] and end is None
+
+
+def test_submit_answers_with_what_the_consumer_settles_and_records_the_wait() -> None:
+    metrics = Metrics()
+
+    async def scenario() -> bytes:
+        queue = _queue(metrics)
+        task = asyncio.ensure_future(queue.submit(_chunk("a")))
+        batch = await queue.next_batch()
+        assert batch is not None
+        settle(batch[0], b'{"ok":true}')
+        return await task
+
+    assert _run(scenario) == b'{"ok":true}'
+    assert metrics.registry.get_sample_value("gru_batch_size_sum") == 1
+    assert metrics.registry.get_sample_value("gru_queue_wait_seconds_count") == 1
