@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 
 import uvicorn
 from pydantic import ValidationError
 
 from model import CheckpointError
+from service.api.stream import Streams
 from service.app import create_app
 from service.config import Settings
 from service.logs import configure
@@ -61,9 +63,30 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, RuntimeError) as exc:
         print(f"cannot start: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False,
-                timeout_graceful_shutdown=30)
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_config=None, access_log=False, timeout_graceful_shutdown=30,
+        # streams: a frame over the body limit closes with 1009 before it is buffered; pings find dead peers;
+        # no per-message compression (small JSON frames: it would cost more CPU than it saves bytes)
+        ws_max_size=settings.max_body_bytes, ws_ping_interval=settings.stream_ping_seconds,
+        ws_ping_timeout=settings.stream_ping_seconds, ws_per_message_deflate=False,
+    )
+    _DrainingServer(config, app.state.streams).run()
     return 0
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server, which on SIGTERM first drains the WebSocket streams (every frame read is answered,
+    then each closes with 1001): uvicorn's own shutdown would cut them off with 1012 at once."""
+
+    def __init__(self, config: uvicorn.Config, streams: Streams):
+        super().__init__(config)
+        self.streams = streams
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:  # no new connections meanwhile
+            server.close()
+        await self.streams.drain(self.config.timeout_graceful_shutdown or 30)
+        await super().shutdown(sockets)
 
 
 if __name__ == "__main__":

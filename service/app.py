@@ -17,6 +17,7 @@ from model import load_checkpoint
 from service import auth, problems
 from service.api import health, hot, v1, v2
 from service.api.openapi import Limits, document_raw_routes
+from service.api.stream import Streams
 from service.config import Settings
 from service.engine import Engine
 from service.metrics import Metrics
@@ -114,7 +115,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v2.router)
     app.include_router(health.router)
     problems.install(app)
-    app.add_middleware(hot.HotRoutes)  # innermost: the predict routes skip FastAPI's per-request machinery
+    streams = Streams(engine, settings, metrics)
+    app.state.streams = streams  # drained by service.__main__ on SIGTERM, before uvicorn closes connections
+    # innermost: the predict routes and the stream skip FastAPI's per-request machinery
+    app.add_middleware(hot.HotRoutes, engine=engine, streams=streams)
     app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes,
                        body_timeout_seconds=settings.request_timeout_seconds)
     auth.install(app, settings)  # inside Observability, so refusals are counted and logged

@@ -30,8 +30,10 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.http_fields import send_problem
 from service.keys import load_api_keys
 from service.problems import PROBLEM_JSON, Problem, route_path
 
@@ -44,8 +46,9 @@ WEAK_KEY_LENGTH = 16  # shorter keys start the service with a warning
 log = logging.getLogger("service.auth")
 
 
-def tenant_of(request: Request) -> str:
-    """The caller's tenant, set by the auth middleware (the one tenant when no keys are configured)."""
+def tenant_of(request: HTTPConnection) -> str:
+    """The caller's tenant (of a request or a WebSocket), set by the auth middleware (the one tenant when no
+    keys are configured)."""
     # Read where ApiKeyAuth writes it: request.state would raise and catch AttributeError on every keyless call.
     return request.scope.get("state", {}).get("tenant", DEFAULT_TENANT)
 
@@ -116,11 +119,8 @@ class ApiKeyAuth:
             return
         presented = presented_key(scope["headers"])
         tenant = self.keys.tenant(presented) if presented is not None else None
-        if tenant is None:
-            if scope["type"] == "websocket":
-                await send({"type": "websocket.close", "code": 1008})
-                return
-            await _refusal(missing=presented is None).response(scope)(scope, receive, send)
+        if tenant is None:  # a WebSocket upgrade gets the same 401 (service.http_fields.send_problem)
+            await send_problem(_refusal(missing=presented is None), scope, send)
             return
         scope.setdefault("state", {})["tenant"] = tenant
         await self.app(scope, receive, send)

@@ -7,7 +7,8 @@ theirs apart from the model:
   session waits for a later batch and keeps its place ahead of that session's newer chunks, so one session's
   calls apply one at a time, in arrival order;
 - a batch waits at most ``max_batch_delay_ms`` to fill (under load the queue fills while a batch computes);
-- at ``max_queue`` waiting chunks a new one is refused at once (429), counted where it happens;
+- at ``max_queue`` waiting chunks a new one is refused at once (429), counted where it happens; a caller
+  that would rather wait (a stream) awaits ``room()``;
 - a chunk not answered within ``timeout_seconds`` is withdrawn if still waiting, or dropped when its batch
   finishes; its caller hears so (503) and may retry with the same offset.
 
@@ -66,24 +67,41 @@ class BatchQueue:
         self._timeout = timeout_seconds
         self._waiting: deque[Chunk] = deque()
         self._wake = asyncio.Event()
+        self._room = asyncio.Event()
         self._closed = False
 
     def __len__(self) -> int:
         return len(self._waiting)
 
-    async def submit(self, chunk: Chunk) -> bytes:
-        """Queue ``chunk`` and wait for its answer; refused at once when the queue is full."""
-        if len(self._waiting) >= self._max_queue:
-            self._metrics.rejected.labels(reason="queue_full").inc()
-            raise Overloaded(f"{len(self._waiting)} chunks are already waiting; retry shortly", retry_after=1)
+    @property
+    def full(self) -> bool:
+        return len(self._waiting) >= self._max_queue
+
+    def overloaded(self, reason: str = "queue_full") -> Overloaded:
+        """The refusal of a chunk that finds the queue full, counted under ``reason`` (where it was refused)."""
+        self._metrics.rejected.labels(reason=reason).inc()
+        return Overloaded(f"{len(self._waiting)} chunks are already waiting; retry shortly", retry_after=1)
+
+    async def room(self) -> None:
+        """Until the queue has room for a chunk (a stream waits here instead of being refused)."""
+        while self.full:
+            self._room.clear()
+            await self._room.wait()
+
+    def put(self, chunk: Chunk) -> asyncio.Future[bytes]:
+        """Queue ``chunk`` (refused at once when the queue is full) and start its clock; its answer's future."""
+        if self.full:
+            raise self.overloaded()
         self._waiting.append(chunk)
         self._wake.set()
         # A plain timer rather than wait_for(shield(...)): two fewer tasks per chunk on the hot path.
         timer = asyncio.get_running_loop().call_later(self._timeout, self._expire, chunk)
-        try:
-            return await chunk.future
-        finally:
-            timer.cancel()
+        chunk.future.add_done_callback(lambda _: timer.cancel())
+        return chunk.future
+
+    async def submit(self, chunk: Chunk) -> bytes:
+        """Queue ``chunk`` and wait for its answer; refused at once when the queue is full."""
+        return await self.put(chunk)
 
     def _expire(self, chunk: Chunk) -> None:
         """The chunk's time is up: withdrawn if still waiting; one in a running batch is dropped by its
@@ -93,6 +111,7 @@ class BatchQueue:
         self._metrics.rejected.labels(reason="timeout").inc()
         if chunk in self._waiting:
             self._waiting.remove(chunk)
+            self._room.set()
         chunk.future.set_exception(TimedOut(
             f"the chunk was not computed within {self._timeout:g} s; retry with the same offset (a retry of an"
             " applied chunk returns its answer)", retry_after=1,
@@ -151,4 +170,6 @@ class BatchQueue:
                 keys.add(chunk.key)
             batch.append(chunk)
         self._waiting.extendleft(reversed(kept))
+        if batch:
+            self._room.set()
         return batch

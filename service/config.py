@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     max_chunk_steps: int = Field(4096, ge=1, description="most steps in one chunk")
     max_horizon: int = Field(512, ge=0, description="longest forecast")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger bodies get 413 unread")
+    stream_window: int = Field(
+        64, ge=1, le=4096, description="chunks of one stream waiting for the engine; beyond, the socket is not read"
+    )
+    stream_ping_seconds: float = Field(
+        20.0, gt=0, description="streams are pinged this often; a peer that does not answer within it is dropped"
+    )
     max_batch_items: int = Field(256, ge=1, description="most items in one /v1/predict/batch call")
     api_keys: str = Field("", repr=False,
                           description="comma-separated key:tenant pairs; empty = no auth, one tenant")

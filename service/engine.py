@@ -95,9 +95,17 @@ class Engine:
         commit as its result, so a refused chunk (queue full, timeout, out of range) leaves the session as
         it was, which a reset followed by the chunk would not.
         """
+        return await self.enqueue(key, values, offset, horizon, must_exist=must_exist, restart=restart)
+
+    def enqueue(
+        self, key: str | None, values: np.ndarray, offset: int | None, horizon: int, *,
+        must_exist: bool = False, restart: bool = False,
+    ) -> asyncio.Future[bytes]:
+        """``predict`` without the wait: the chunk is queued (or refused) before this returns, so a caller's
+        chunks keep the order of its calls; the future holds the answer or the refusal."""
         if self._stopping:
             raise ShuttingDown("the service is shutting down; retry on another replica", retry_after=1)
-        return await self.queue.submit(Chunk(key, values, offset, horizon, must_exist=must_exist, restart=restart))
+        return self.queue.put(Chunk(key, values, offset, horizon, must_exist=must_exist, restart=restart))
 
     async def session_info(self, key: str) -> tuple[Session, float]:
         """The session, and when it expires (epoch seconds) if nothing reaches it before."""

@@ -20,7 +20,12 @@ def decimal_length(value: bytes) -> int | None:
 
 
 async def send_problem(problem: Problem, scope: Scope, send: Send) -> None:
-    """Answer ``problem`` without reading the request's body."""
+    """Answer ``problem`` without reading the request's body. A WebSocket upgrade is refused with it as its
+    HTTP answer where the server can send one (the ASGI denial-response extension; uvicorn can), else closed
+    before it opens with 1008 (policy violation), which a client sees as a 403."""
+    if scope["type"] == "websocket" and "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": 1008})
+        return
     response = problem.response(scope)
     await response(scope, _no_body, send)
 

@@ -9,6 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 EVICTION_REASONS = ("ttl", "capacity")
+# queue_full: refused by the queue; queue_full_unread: refused at the edge, before the body was read
+REJECT_REASONS = ("queue_full", "queue_full_unread", "timeout")
 disable_created_metrics()  # *_created series double the exposition and no dashboard or rule reads them
 
 
@@ -42,9 +44,16 @@ class Metrics:
             "gru_store_conflicts", "Compare-and-set writes that lost a race and were judged again", registry=r
         )
         self.rejected = Counter("gru_rejected", "Chunks refused before running", ["reason"], registry=r)
+        self.streams_open = Gauge("gru_streams_open", "WebSocket streams open", registry=r)
+        self.stream_frames = Counter(
+            "gru_stream_frames", "WebSocket stream frames, received (in) and answered (out)", ["direction"],
+            registry=r,
+        )
         self.model_info = Info("gru_model", "The served model", registry=r)
         # Labelled series exist from the first scrape, so rules and dashboards resolve before any event.
         for reason in EVICTION_REASONS:
             self.evictions.labels(reason=reason)
-        for reason in ("queue_full", "timeout"):
+        for direction in ("in", "out"):
+            self.stream_frames.labels(direction=direction)
+        for reason in REJECT_REASONS:
             self.rejected.labels(reason=reason)

@@ -19,6 +19,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.bodies import chunk_array, parse, path_session_id
 from service.api.openapi import RawOperation
+from service.api.stream import ROUTE as STREAM_ROUTE
+from service.api.stream import Streams
 from service.auth import tenant_of
 from service.engine import Engine
 from service.problems import Problem, as_problem, invalid
@@ -76,15 +78,22 @@ ROUTES = [
 
 class HotRoutes:
     """Innermost user middleware: answers the predict routes before FastAPI's exception middleware, exit
-    stack and router (one regex match instead of walking every route), and passes everything else on.
+    stack and router (one regex match instead of walking every route), and the stream route's WebSocket
+    (``service.api.stream``); passes everything else on.
+
+    While the engine's queue is full, a predict chunk is refused here before its body is read or parsed
+    (the same 429 as the queue's, counted as ``queue_full_unread``): under overload, refusing costs next to
+    nothing and the CPU goes to the chunks that are accepted.
 
     Outside it still run the body limit, auth, metrics and access log, and Starlette's server-error
     middleware; a ``Problem`` or an engine ``Refusal`` is answered here, any other exception (a client gone
     mid-body included) by ``service.middleware.ServerErrors``.
     """
 
-    def __init__(self, app: ASGIApp):
+    def __init__(self, app: ASGIApp, engine: Engine, streams: Streams):
         self.app = app
+        self.queue = engine.queue
+        self.streams = streams
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -97,10 +106,18 @@ class HotRoutes:
                     if match == Match.PARTIAL:  # the path of a predict route, another method
                         raise Problem(405, "method-not-allowed", f"{scope['method']} is not allowed on"
                                       f" {scope['path']}; use POST", headers={"Allow": "POST"})
+                    if self.queue.full:
+                        raise self.queue.overloaded("queue_full_unread")
                     response = await route.endpoint(Request(scope, receive))
                 except (Problem, Refusal) as refused:
                     response = as_problem(refused).response(scope)
                 await response(scope, receive, send)
+                return
+        elif scope["type"] == "websocket":
+            match, child_scope = STREAM_ROUTE.matches(scope)
+            if match == Match.FULL:
+                scope.update(child_scope)
+                await self.streams.serve(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 

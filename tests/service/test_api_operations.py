@@ -176,7 +176,8 @@ _NON_DEFAULT: dict[str, str] = {
     "snapshot_path": "/tmp/snap.safetensors", "snapshot_interval_seconds": "7.5", "session_ttl_seconds": "61",
     "max_sessions": "17", "max_answer_bytes": "70000", "max_batch_size": "9", "max_batch_delay_ms": "3.5",
     "max_queue": "11", "request_timeout_seconds": "4.5", "max_chunk_steps": "99", "max_horizon": "7",
-    "max_body_bytes": "5000", "max_batch_items": "13", "api_keys": "some-long-key-0123:alice",
+    "max_body_bytes": "5000", "stream_window": "7", "stream_ping_seconds": "3", "max_batch_items": "13",
+    "api_keys": "some-long-key-0123:alice",
     "api_keys_file": "", "metrics_require_key": "true", "torch_threads": "3", "log_level": "WARNING",
 }
 

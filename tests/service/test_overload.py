@@ -1,7 +1,8 @@
 """Overload and time limits against a real server: refuse early and cleanly, never half-apply a chunk.
 
 - A full engine queue (GRU_MAX_QUEUE) answers 429 problem+json with Retry-After at once, counts it in
-  gru_rejected_total{reason="queue_full"}, and the sessions hold exactly the chunks that were acknowledged.
+  gru_rejected_total{reason="queue_full_unread"} (refused before the body was read) or {reason="queue_full"},
+  and the sessions hold exactly the chunks that were acknowledged.
 - A chunk not computed within GRU_REQUEST_TIMEOUT_SECONDS answers 503; the session then holds either none
   of it or all of it, and an exact retry (same offset) settles which, with the same numbers as one pass.
 """
@@ -9,6 +10,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -98,7 +100,9 @@ def test_full_queue_answers_429_at_once_and_sessions_hold_exactly_the_acknowledg
         assert int(response.headers["retry-after"]) >= 1
         # refused at the door: answered without waiting for the chunks ahead of it
         assert response.elapsed.total_seconds() < 5
-    assert _metric(server, "gru_rejected_total", 'reason="queue_full"') >= len(refused)
+    # counted where refused: at the edge before the body was read, or by the queue itself
+    assert (_metric(server, "gru_rejected_total", 'reason="queue_full_unread"')
+            + _metric(server, "gru_rejected_total", 'reason="queue_full"')) >= len(refused)
 
     with httpx.Client(base_url=server.url, timeout=30) as http:
         for session in sessions:
@@ -157,3 +161,21 @@ def test_timeout_answers_503_and_never_leaves_a_chunk_half_applied(
             assert http.get(f"/v1/sessions/{session}").json()["position"] == end
             expected = stateless(client, np.concatenate([head[session], tail[session]]))["predictions"][16:]
             np.testing.assert_allclose(answer["predictions"], expected, atol=1e-4)
+
+
+def test_a_full_queue_refuses_a_chunk_before_its_body_is_read(server_factory: ServerFactory) -> None:
+    # One chunk waits up to a second for its batch to fill, and one waiting chunk fills the queue meanwhile.
+    server = server_factory(GRU_MAX_QUEUE="1", GRU_MAX_BATCH_SIZE="64", GRU_MAX_BATCH_DELAY_MS="1000")
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(httpx.post, server.url + "/v1/predict", json={"values": [0.1, 0.2]}, timeout=30)
+        time.sleep(0.3)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            # the headers of a 100-byte body, and no body: refused at once, or the server would wait for it
+            sock.sendall(b"POST /v1/sessions/edge/predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json"
+                         b"\r\ncontent-length: 100\r\n\r\n")
+            head = sock.recv(65536)
+        assert waiting.result().status_code == 200
+    assert head.startswith(b"HTTP/1.1 429 "), head
+    assert b"retry-after: 1\r\n" in head.lower() and b"application/problem+json" in head
+    assert _metric(server, "gru_rejected_total", 'reason="queue_full_unread"') == 1
+    assert httpx.get(server.url + "/v1/sessions/edge").status_code == 404

@@ -1,0 +1,205 @@
+"""``/v1/sessions/{session_id}/stream``: a WebSocket per session, each text frame a chunk.
+
+A frame holds a predict body (``values``, ``offset``, ``horizon``), validated exactly as the POST body is
+(``service.api.bodies``); its answer is one text frame holding exactly the HTTP answer's JSON, or the
+problem+json object of a refusal, in the order the frames came. A client may send frames without waiting:
+up to ``GRU_STREAM_WINDOW`` of one stream wait for the engine, and beyond that the socket is not read
+(backpressure: the client's sends stall, nothing is refused). While the engine's queue is full the stream
+waits for room rather than answering 429. A frame over ``GRU_MAX_BODY_BYTES`` closes the stream with 1009.
+The caller's tenant is the one the upgrade request was authenticated as, for the stream's life.
+
+``Streams.drain`` (on SIGTERM, before the server closes connections) stops reading every stream, answers
+every frame already read, and closes with 1001 (going away).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+
+import orjson
+from starlette.routing import WebSocketRoute
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from service.api.bodies import chunk_array, parse, path_session_id
+from service.auth import tenant_of
+from service.config import Settings
+from service.engine import Engine
+from service.http_fields import send_problem
+from service.metrics import Metrics
+from service.problems import Problem, as_problem
+from service.refusals import Refusal
+from service.schemas import ChunkRequest
+from service.sessions.base import session_key
+
+PATH = "/v1/sessions/{session_id}/stream"
+METHOD = "WS"  # the method label of stream chunks in the request metrics
+GOING_AWAY = 1001
+TOO_BIG = 1009
+_LOCATION = ["body", "values"]
+_GONE = (WebSocketDisconnect, OSError)  # OSError: uvicorn's ClientDisconnected, a send to a closed peer
+
+
+async def _unused(websocket: WebSocket) -> None:  # ``Streams`` answers the route; the route only matches
+    raise NotImplementedError
+
+
+ROUTE = WebSocketRoute(PATH, _unused)
+
+
+class _Stream:
+    """One open stream: a reader task takes frames while the window has room, this side answers them in
+    order. The window is a semaphore taken before a frame is read and given back once it is answered."""
+
+    def __init__(self, websocket: WebSocket, key: str, engine: Engine, settings: Settings, metrics: Metrics):
+        self.ws = websocket
+        self.key = key
+        self.engine = engine
+        self.settings = settings
+        self.metrics = metrics
+        self.slots = asyncio.Semaphore(settings.stream_window)
+        self.pending: deque[tuple[float, asyncio.Future[bytes] | Problem | None]] = deque()
+        self.ready = asyncio.Event()
+        self.close_code: int | None = None  # set when this side ends the stream
+        self.draining = False
+        self.gone = False  # the peer closed: nothing more can be sent
+        self.idle = False  # the reader waits for a slot or a frame: safe to cancel, nothing read is lost
+        self.reader: asyncio.Task[None] | None = None
+
+    def drain(self) -> None:
+        """Read nothing more; what was read is answered, then the stream closes with 1001."""
+        self.draining = True
+        if self.idle and self.reader is not None:
+            self.reader.cancel()
+
+    async def run(self) -> None:
+        self.reader = asyncio.create_task(self._read())
+        try:
+            await self._answer()
+        finally:
+            self.reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.reader
+            for _, item in self.pending:  # the peer is gone: its unread chunks need not run
+                if isinstance(item, asyncio.Future):
+                    item.cancel()
+        if self.close_code is not None:
+            with contextlib.suppress(*_GONE, RuntimeError):
+                await self.ws.close(self.close_code)
+
+    async def _read(self) -> None:
+        try:
+            while not self.draining:
+                self.idle = True
+                await self.slots.acquire()
+                message = await self.ws.receive()
+                self.idle = False
+                if message["type"] == "websocket.disconnect":
+                    self.gone = True
+                    break
+                raw = message.get("bytes")
+                if raw is None:
+                    raw = message.get("text", "").encode()
+                if len(raw) > self.settings.max_body_bytes:  # uvicorn, set up by service.__main__, does this first
+                    self.close_code = TOO_BIG
+                    break
+                self.metrics.stream_frames.labels(direction="in").inc()
+                received = time.perf_counter()
+                self.pending.append((received, await self._submit(raw)))
+                self.ready.set()
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self.idle = False
+            if self.draining and self.close_code is None:
+                self.close_code = GOING_AWAY
+            self.pending.append((0.0, None))  # the end
+            self.ready.set()
+
+    async def _submit(self, raw: bytes) -> asyncio.Future[bytes] | Problem:
+        """The chunk queued for the engine (after waiting for room while the queue is full), or why not."""
+        try:
+            body = parse(raw, ChunkRequest)
+            values = chunk_array(body.values, body.horizon, self.engine.forecaster.num_features, self.settings,
+                                 _LOCATION)
+            await self.engine.queue.room()
+            return self.engine.enqueue(self.key, values, body.offset, body.horizon)
+        except (Problem, Refusal) as refused:
+            return as_problem(refused)
+
+    async def _answer(self) -> None:
+        while True:
+            while not self.pending:
+                self.ready.clear()
+                await self.ready.wait()
+            received, item = self.pending[0]
+            if item is None or self.gone:
+                return
+            status = 200
+            try:
+                if isinstance(item, Problem):
+                    raise item
+                answer = await item
+            except (Problem, Refusal) as refused:
+                problem = as_problem(refused)
+                status = problem.status
+                answer = orjson.dumps(problem.body(self.ws.scope))
+            self.pending.popleft()
+            try:
+                await self.ws.send({"type": "websocket.send", "text": answer.decode()})
+            except _GONE:
+                return
+            self.slots.release()
+            self.metrics.stream_frames.labels(direction="out").inc()
+            self.metrics.requests.labels(route=PATH, method=METHOD, status=str(status)).inc()
+            self.metrics.request_duration.labels(route=PATH, method=METHOD).observe(time.perf_counter() - received)
+
+
+class Streams:
+    """Every open stream of the app: opens them (the upgrade checked, the tenant fixed) and drains them."""
+
+    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics):
+        self.engine = engine
+        self.settings = settings
+        self.metrics = metrics
+        self.draining = False
+        self._open: set[_Stream] = set()
+        self._closed = asyncio.Event()
+
+    async def serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer an upgrade to the stream route (``scope`` holds its path parameters)."""
+        try:
+            if self.draining:
+                raise Problem(503, "shutting-down", "the service is shutting down; reconnect to another replica",
+                              headers={"Retry-After": "1"})
+            session_id = path_session_id(scope["path_params"]["session_id"])
+        except Problem as refused:
+            await send_problem(refused, scope, send)
+            return
+        websocket = WebSocket(scope, receive, send)
+        await websocket.accept()
+        stream = _Stream(websocket, session_key(tenant_of(websocket), session_id), self.engine, self.settings,
+                         self.metrics)
+        self._open.add(stream)
+        self.metrics.streams_open.inc()
+        try:
+            await stream.run()
+        finally:
+            self._open.discard(stream)
+            self.metrics.streams_open.dec()
+            if not self._open:
+                self._closed.set()
+
+    async def drain(self, timeout: float) -> None:
+        """Stop reading every stream, answer what was read, close each with 1001; at most ``timeout`` s."""
+        self.draining = True
+        for stream in list(self._open):
+            stream.drain()
+        if self._open:
+            self._closed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._closed.wait()

@@ -1,0 +1,294 @@
+"""The WebSocket stream (/v1/sessions/{id}/stream) against a real server and a real client (``websockets``).
+
+Frames are predict bodies answered in order with exactly what the HTTP route answers; a client pipelines,
+reconnects and resends from its last acknowledged offset; refusals are problem frames on a stream that stays
+usable; the window bounds what the server holds; SIGTERM answers what was read and closes with 1001.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import ClientConnection, connect
+
+from tests.conftest import Server, ServerFactory
+from tests.service.helpers import new_id, series, stateless
+
+KEYS = "stream-key-acme-0123456789:acme,stream-key-other-012345678:other"
+
+
+def _ws_url(server: Server, session: str) -> str:
+    return server.url.replace("http://", "ws://") + f"/v1/sessions/{session}/stream"
+
+
+def _open(server: Server, session: str, **options: Any) -> ClientConnection:
+    return connect(_ws_url(server, session), open_timeout=30, **options)
+
+
+def _frame(values: np.ndarray, offset: int | None = None, horizon: int = 0) -> str:
+    body: dict[str, Any] = {"values": values.tolist(), "horizon": horizon}
+    if offset is not None:
+        body["offset"] = offset
+    return json.dumps(body)
+
+
+def _answer(ws: ClientConnection) -> dict[str, Any]:
+    answer: dict[str, Any] = json.loads(ws.recv(timeout=60))
+    return answer
+
+
+def _metrics(server: Server) -> dict[str, float]:
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}"] = sample.value
+    return samples
+
+
+def _chunks(values: np.ndarray, sizes: list[int]) -> list[tuple[int, np.ndarray]]:
+    """(offset, chunk) pairs cutting ``values`` into ``sizes``."""
+    cut, start = [], 0
+    for size in sizes:
+        cut.append((start, values[start : start + size]))
+        start += size
+    return cut
+
+
+def test_a_stream_answers_what_http_answers_and_matches_a_stateless_pass(server: Server,
+                                                                           client: httpx.Client) -> None:
+    values = series(60, seed=3)
+    chunks = _chunks(values, [7, 1, 12, 20, 20])
+    streamed, posted = new_id("ws"), new_id("http")
+    with _open(server, streamed) as ws:
+        for offset, chunk in chunks:
+            ws.send(_frame(chunk, offset, horizon=3))
+        answers = [_answer(ws) for _ in chunks]
+    for (offset, chunk), answer in zip(chunks, answers, strict=True):
+        http = client.post(f"/v1/sessions/{posted}/predict",
+                           json={"values": chunk.tolist(), "offset": offset, "horizon": 3}).json()
+        assert set(answer) == set(http)
+        assert answer["position"] == http["position"] == offset + len(chunk)
+        assert answer["created"] == http["created"] == (offset == 0)
+        assert answer["session_id"] == streamed and answer["model_version"] == http["model_version"]
+        np.testing.assert_allclose(answer["predictions"], http["predictions"], atol=1e-6)
+        np.testing.assert_allclose(answer["forecast"], http["forecast"], atol=1e-6)
+    got = np.concatenate([np.array(a["predictions"]) for a in answers])
+    np.testing.assert_allclose(got, stateless(client, values)["predictions"], atol=1e-5)
+
+
+def test_500_pipelined_chunks_are_answered_in_order_with_exact_positions(server: Server,
+                                                                          client: httpx.Client) -> None:
+    values = series(1000, seed=5)
+    chunks = _chunks(values, [2] * 500)
+    session = new_id("pipe")
+    with _open(server, session) as ws:
+        sender = threading.Thread(target=lambda: [ws.send(_frame(c, o)) for o, c in chunks])
+        sender.start()
+        answers = [_answer(ws) for _ in chunks]
+        sender.join()
+    assert [a["position"] for a in answers] == [o + 2 for o, _ in chunks]
+    got = np.concatenate([np.array(a["predictions"]) for a in answers])
+    np.testing.assert_allclose(got, stateless(client, values[:1000])["predictions"], atol=1e-5)
+
+
+@pytest.mark.parametrize("read_before_drop", [0, 1, 3, 5, 8])
+def test_reconnecting_and_resending_from_the_last_acknowledged_offset_resumes_exactly(
+    server: Server, client: httpx.Client, read_before_drop: int
+) -> None:
+    values = series(64, seed=read_before_drop)
+    chunks = _chunks(values, [8] * 8)
+    session = new_id("resume")
+    with _open(server, session) as ws:  # every chunk sent; the answers after the first few never read
+        for offset, chunk in chunks:
+            ws.send(_frame(chunk, offset))
+        acknowledged = [_answer(ws) for _ in range(read_before_drop)]
+    unacknowledged = chunks[read_before_drop:]
+    with _open(server, session) as ws:
+        for offset, chunk in unacknowledged:
+            ws.send(_frame(chunk, offset))
+        resent = [_answer(ws) for _ in unacknowledged]
+    answered = {a["position"]: a for a in acknowledged}
+    for (offset, chunk), answer in zip(unacknowledged, resent, strict=True):
+        if answer.get("status") == 409:  # applied before the drop, its answer lost with the connection
+            assert answer["type"].endswith("/offset-mismatch")
+            assert answer["position"] >= offset + len(chunk)
+        else:  # applied now, or an exact retry of the last chunk applied before the drop
+            assert answer["position"] == offset + len(chunk)
+            answered[answer["position"]] = answer
+    assert client.get(f"/v1/sessions/{session}").json()["position"] == 64
+    want = np.array(stateless(client, values)["predictions"])
+    for end, answer in answered.items():
+        np.testing.assert_allclose(answer["predictions"], want[end - 8 : end], atol=1e-5)
+
+
+def test_refused_frames_get_problem_frames_and_the_stream_stays_usable(server: Server) -> None:
+    session = new_id("bad")
+    values = series(10, seed=1)
+    frames = [
+        "{not json",
+        json.dumps({"values": []}),
+        json.dumps({"values": [1.0, "x"]}),
+        json.dumps({"values": [1.0], "horizon": 100_000}),
+        _frame(values[:4], 0),
+        _frame(values[4:6], 9),  # the session is at 4
+        _frame(values[4:6], 4),
+    ]
+    with _open(server, session) as ws:
+        for frame in frames:
+            ws.send(frame)
+        answers = [_answer(ws) for _ in frames]
+    statuses = [a.get("status", 200) for a in answers]
+    assert statuses == [400, 422, 422, 422, 200, 409, 200]
+    assert answers[0]["type"].endswith("/malformed-json")
+    assert answers[2]["errors"][0]["loc"][:2] == ["body", "values"]
+    assert answers[5]["type"].endswith("/offset-mismatch") and answers[5]["position"] == 4
+    assert answers[6]["position"] == 6
+    for problem in answers[:4] + answers[5:6]:
+        assert problem["title"] and problem["detail"]
+
+
+def test_a_frame_over_the_body_limit_closes_the_stream_with_1009(server_factory: ServerFactory) -> None:
+    server = server_factory(GRU_MAX_BODY_BYTES="2048")
+    with _open(server, new_id("big")) as ws:
+        ws.send(_frame(np.zeros(10, dtype=np.float32), 0))
+        assert _answer(ws)["position"] == 10
+        ws.send(json.dumps({"values": [0.125] * 1000}))
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=30)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+
+
+def test_an_upgrade_without_a_valid_key_is_refused_401_and_a_stream_keeps_its_tenant(
+    server_factory: ServerFactory,
+) -> None:
+    server = server_factory(GRU_API_KEYS=KEYS)
+    for headers in ({}, {"Authorization": "Bearer not-a-key-at-all-000000"}):
+        with pytest.raises(InvalidStatus) as refused:
+            _open(server, "shared", additional_headers=headers)
+        response = refused.value.response
+        assert response.status_code == 401
+        assert response.headers["Content-Type"].startswith("application/problem+json")
+        assert json.loads(response.body)["type"].endswith("/unauthorized")
+    with _open(server, "shared", additional_headers={"X-API-Key": "stream-key-acme-0123456789"}) as ws:
+        ws.send(_frame(series(5), 0))
+        assert _answer(ws)["position"] == 5
+    acme = httpx.get(server.url + "/v1/sessions/shared", headers={"X-API-Key": "stream-key-acme-0123456789"})
+    other = httpx.get(server.url + "/v1/sessions/shared", headers={"X-API-Key": "stream-key-other-012345678"})
+    assert acme.json()["position"] == 5
+    assert other.status_code == 404
+
+
+def test_an_invalid_session_id_refuses_the_upgrade_with_422(server: Server) -> None:
+    with pytest.raises(InvalidStatus) as refused:
+        _open(server, "x" * 200)
+    assert refused.value.response.status_code == 422
+
+
+def _rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def _raw_stream(server: Server, session: str) -> socket.socket:
+    """A WebSocket opened by hand on a plain socket: a peer that does only what the test makes it do (never
+    reads, never answers a ping)."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET /v1/sessions/{session}/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                  f"Sec-WebSocket-Key: {key}\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def _masked_text_frame(text: str) -> bytes:
+    """One client text frame (RFC 6455 5.2), masked with a zero key, so the payload goes as it is."""
+    payload = text.encode()
+    assert len(payload) < 65536
+    return bytes([0x81, 0x80 | 126]) + len(payload).to_bytes(2, "big") + b"\0\0\0\0" + payload
+
+
+def _rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RSS from /proc")
+def test_a_client_that_never_reads_holds_the_server_to_its_window(server_factory: ServerFactory) -> None:
+    server = server_factory(GRU_STREAM_WINDOW="4")
+    frames = 3000
+    frame = _masked_text_frame(_frame(series(1024, seed=2)))  # no offset: appended, whatever the session holds
+    before = _rss_bytes(server.process.pid)
+    sent = 0
+    with _raw_stream(server, new_id("deaf")) as sock:
+        sock.settimeout(5)  # a send blocked this long: the server has stopped reading
+        with contextlib.suppress(TimeoutError):
+            for _ in range(frames):
+                sock.sendall(frame)
+                sent += 1
+        samples = _metrics(server)
+        grown = _rss_bytes(server.process.pid) - before
+    taken = samples["gru_stream_frames_total{direction=in}"]
+    answered = samples["gru_stream_frames_total{direction=out}"]
+    assert sent < frames / 2, "the client's sends never stalled: the server read everything"
+    assert taken - answered <= 4, (taken, answered)
+    assert grown < (frames * len(frame)) / 2, grown  # well under what reading every frame would hold
+
+
+def test_sigterm_answers_every_frame_read_and_closes_with_1001(server_factory: ServerFactory,
+                                                               client: httpx.Client) -> None:
+    server = server_factory()
+    values = series(40 * 400, seed=4)
+    chunks = _chunks(values, [400] * 40)
+    with _open(server, new_id("term")) as ws:
+        for offset, chunk in chunks:
+            ws.send(_frame(chunk, offset))
+        deadline = time.monotonic() + 30
+        while _metrics(server)["gru_stream_frames_total{direction=in}"] < len(chunks):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        server.process.send_signal(signal.SIGTERM)
+        answers = [_answer(ws) for _ in chunks]
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=30)
+    assert [a["position"] for a in answers] == [o + 400 for o, _ in chunks]
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+    assert server.process.wait(30) == 0
+
+
+def test_a_peer_that_stops_answering_pings_is_dropped(server_factory: ServerFactory) -> None:
+    server = server_factory(GRU_STREAM_PING_SECONDS="0.5")
+    with _raw_stream(server, new_id("mute")) as sock:
+        assert _metrics(server)["gru_streams_open{}"] == 1
+        began = time.monotonic()
+        while sock.recv(4096):  # pings, then the close; never a pong
+            pass
+        assert time.monotonic() - began < 8
+    deadline = time.monotonic() + 10
+    while _metrics(server)["gru_streams_open{}"] != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
