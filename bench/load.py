@@ -17,9 +17,15 @@ Targets, in the order they run:
 - ``echo``: FastAPI answering the body it got; ``pydantic``: FastAPI + pydantic models, no model;
 - ``naive``: the baseline (bench/naive_server.py): FastAPI + nn.GRU + dict of states behind a lock;
 - ``ours``: ``python -m service`` with its default settings and logging (the JSON access line included);
+- ``ours-stream``: the same service, each session streamed over its WebSocket (``/v1/sessions/{id}/stream``,
+  raw frames on the same asyncio streams), ``--pipeline`` chunks in flight per session;
 - ``ours-redis``: the same with ``GRU_STORE=redis`` on a redis-server the bench starts.
 
-``--service-env GRU_MAX_BATCH_SIZE=16 ...`` sets variables for both ``ours`` targets (to try a setting).
+``--service-env GRU_MAX_BATCH_SIZE=16 ...`` sets variables for the ``ours`` targets (to try a setting).
+
+``--overload`` measures something else: ``ours`` with ``GRU_MAX_QUEUE=16``, chunks of 256 steps posted by 8
+connections, then by 256 (far more than the queue holds: most are refused 429), and how many 200s a second
+each gets; a refusal should cost so little that the 256 keep most of what the 8 get.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ from rich.table import Table
 from bench.common import HIDDEN, LAYERS, bench_model, machine
 from bench.processes import Process, free_port, spawn, start_redis, start_service, wait_http
 
-TARGETS = ("raw", "echo", "pydantic", "naive", "ours", "ours-redis")
+TARGETS = ("raw", "echo", "pydantic", "naive", "ours", "ours-stream", "ours-redis")
 CHUNKS = (8, 64)
 _BODIES = 1024  # distinct random chunks, shared by the connections, cycled
 
@@ -122,6 +128,84 @@ async def _connection(host: str, port: int, path: str, steps: int, first: int, b
     writer.close()
 
 
+def _ws_frame(payload: bytes, opcode: int = 0x1) -> bytes:
+    """One client frame (RFC 6455 5.2), masked with a zero key, so the payload goes as it is."""
+    size = len(payload)
+    if size < 126:
+        head = bytes([0x80 | opcode, 0x80 | size])
+    elif size < 65536:
+        head = bytes([0x80 | opcode, 0x80 | 126]) + size.to_bytes(2, "big")
+    else:
+        head = bytes([0x80 | opcode, 0x80 | 127]) + size.to_bytes(8, "big")
+    return head + b"\0\0\0\0" + payload
+
+
+async def _ws_message(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    """The next data frame from the server; pings answered on the way, a close raised as ConnectionError."""
+    while True:
+        first, second = await reader.readexactly(2)
+        size = second & 0x7F
+        if size == 126:
+            size = int.from_bytes(await reader.readexactly(2), "big")
+        elif size == 127:
+            size = int.from_bytes(await reader.readexactly(8), "big")
+        payload = await reader.readexactly(size)
+        opcode = first & 0x0F
+        if opcode == 0x9:
+            writer.write(_ws_frame(payload, 0xA))
+        elif opcode == 0x8:
+            raise ConnectionError(f"closed by the server: {payload[:2].hex()}")
+        elif opcode in (0x1, 0x2):
+            return payload
+
+
+async def _ws_open(host: str, port: int, path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write((f"GET {path} HTTP/1.1\r\nhost: {host}:{port}\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+                  "sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 101"):
+        raise ConnectionError(f"no upgrade: {head[:100]!r}")
+    return reader, writer
+
+
+async def _stream_connection(host: str, port: int, path: str, steps: int, first: int, bodies: list[bytes],
+                             clock: dict[str, float], tally: _Tally, pipeline: int) -> None:
+    """One session's WebSocket, ``pipeline`` chunks in flight: each answer read sends the next chunk."""
+    reader, writer = await _ws_open(host, port, path)
+    position = 0  # where the next chunk starts
+    count = first
+    sent: list[float] = []  # send times of the chunks in flight, oldest first
+    while True:
+        while len(sent) < pipeline and time.perf_counter() < clock["end"]:
+            body = b'{"values":' + bodies[count % _BODIES] + b',"offset":' + str(position).encode() + b"}"
+            count += 1
+            position += steps
+            writer.write(_ws_frame(body))
+            sent.append(time.perf_counter())
+        if not sent:
+            break
+        try:
+            answer = await _ws_message(reader, writer)
+        except (OSError, asyncio.IncompleteReadError, ConnectionError):
+            tally.failures += 1
+            writer.close()
+            return
+        ended, began = time.perf_counter(), sent.pop(0)
+        status = 200
+        if answer.startswith(b'{"type"'):  # a problem frame: take the position it reports
+            problem = json.loads(answer)
+            status = int(problem.get("status", 0))
+            if "position" in problem and not sent:
+                position = int(problem["position"])
+        if clock["start"] <= ended <= clock["end"]:
+            tally.statuses[status] = tally.statuses.get(status, 0) + 1
+            if status == 200:
+                tally.latencies.append(ended - began)
+    writer.write(_ws_frame(b"\x03\xe8", 0x8))
+    writer.close()
+
+
 async def _cpu_window(clock: dict[str, float], pids: list[int], out: dict[str, float]) -> None:
     """CPU seconds the servers (``pids``) and this generator spend inside the measured window."""
     await asyncio.sleep(max(0.0, clock["start"] - time.perf_counter()))
@@ -132,8 +216,9 @@ async def _cpu_window(clock: dict[str, float], pids: list[int], out: dict[str, f
 
 
 async def drive(url: str, steps: int, sessions: int, duration: float, warmup: float, tag: str,
-                pids: list[int]) -> dict[str, object]:
-    """Run the load against ``url``; returns the measured window's numbers."""
+                pids: list[int], pipeline: int = 0) -> dict[str, object]:
+    """Run the load against ``url``; returns the measured window's numbers. ``pipeline`` > 0: over each
+    session's WebSocket stream instead, that many chunks in flight."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     bodies = _chunks(steps)
@@ -141,10 +226,13 @@ async def drive(url: str, steps: int, sessions: int, duration: float, warmup: fl
     clock = {"start": now + warmup, "end": now + warmup + duration}
     tally = _Tally([], {})
     cpu: dict[str, float] = {}
-    await asyncio.gather(_cpu_window(clock, pids, cpu), *(
-        _connection(host, port, f"/v1/sessions/bench-{tag}-{steps}-{i}/predict", steps, 37 * i, bodies, clock, tally)
-        for i in range(sessions)
-    ))
+    if pipeline:
+        connections = [_stream_connection(host, port, f"/v1/sessions/bench-{tag}-{steps}-{i}/stream", steps, 37 * i,
+                                          bodies, clock, tally, pipeline) for i in range(sessions)]
+    else:
+        connections = [_connection(host, port, f"/v1/sessions/bench-{tag}-{steps}-{i}/predict", steps, 37 * i,
+                                   bodies, clock, tally) for i in range(sessions)]
+    await asyncio.gather(_cpu_window(clock, pids, cpu), *connections)
     ok = tally.statuses.get(200, 0)
     latencies = np.array(tally.latencies) * 1000
     return {
@@ -161,7 +249,8 @@ async def drive(url: str, steps: int, sessions: int, duration: float, warmup: fl
 
 
 def _client_main(args: argparse.Namespace) -> int:
-    coroutine = drive(args.client, args.chunk, args.sessions, args.duration, args.warmup, args.tag, args.pids)
+    coroutine = drive(args.client, args.chunk, args.sessions, args.duration, args.warmup, args.tag, args.pids,
+                      args.pipeline)
     try:
         import uvloop
 
@@ -187,14 +276,15 @@ def _children_cpu() -> float:
 
 
 def run_client(url: str, steps: int, sessions: int, duration: float, warmup: float, tag: str,
-               server_pids: list[int] | None = None) -> dict[str, object]:
+               server_pids: list[int] | None = None, pipeline: int = 0) -> dict[str, object]:
     """The load generator as a separate process, so it never shares an interpreter (or GIL) with a server.
 
     It also reports the CPU share (of one core) that ``server_pids`` and itself used in the measured window.
+    ``pipeline`` > 0: it streams over WebSockets (the ``ours-stream`` target) with that many chunks in flight.
     """
     argv = [sys.executable, "-m", "bench.load", "--client", url, "--chunk", str(steps),
             "--sessions", str(sessions), "--duration", str(duration), "--warmup", str(warmup), "--tag", tag,
-            "--pids", *map(str, server_pids or [])]
+            "--pipeline", str(pipeline), "--pids", *map(str, server_pids or [])]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=warmup + duration + 120, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"load generator failed: {done.stderr[-2000:]}")
@@ -292,7 +382,7 @@ def _start(target: str, model_path: Path, log_dir: Path, env: dict[str, str]) ->
                               "--layers", str(LAYERS)], port, log_dir)
         wait_http(proc, "/", ready_status=None)
         return proc
-    if target == "ours":
+    if target in ("ours", "ours-stream"):
         return start_service(model_path, log_dir, env)
     redis = start_redis(log_dir)
     try:
@@ -337,24 +427,27 @@ def table(results: list[Result], sessions: int, duration: float) -> Table:
     if rounds > 1:
         title += f", median of {rounds} rounds"
     out = Table(title=title)
-    for name in ("chunk", "server", "req/s", "steps/s", "p50 ms", "p99 ms", "non-200", "ours/naive req/s",
-                 "p99 ours/naive", "server CPU", "req/CPU-s", "client CPU"):
+    for name in ("chunk", "server", "chunks/s", "steps/s", "p50 ms", "p99 ms", "non-200", "ours/naive chunks/s",
+                 "p99 ours/naive", "stream/HTTP chunks/s", "server CPU", "chunks/CPU-s", "client CPU"):
         out.add_column(name, justify="right")
     for steps in sorted({r.steps for r in results}):
         rows = [r for r in results if r.steps == steps]
         naive = next((r.numbers for r in rows if r.target == "naive" and r.numbers), None)
+        http = next((r.numbers for r in rows if r.target == "ours" and r.numbers), None)
         for r in rows:
             if r.numbers is None:
-                out.add_row(str(steps), r.target, f"[yellow]{r.note}[/yellow]", *[""] * 9)
+                out.add_row(str(steps), r.target, f"[yellow]{r.note}[/yellow]", *[""] * 10)
                 continue
             n = r.numbers
             errors = sum(n["errors"].values()) + n["failures"]
-            ratio = p99_ratio = ""
+            ratio = p99_ratio = over_http = ""
             if naive and r.target.startswith("ours"):
                 ratio = f"{n['requests_per_s'] / naive['requests_per_s']:.1f}x"
                 p99_ratio = f"{n['p99_ms'] / naive['p99_ms']:.2f}x"
+            if http and r.target == "ours-stream":
+                over_http = f"{n['requests_per_s'] / http['requests_per_s']:.1f}x"
             out.add_row(str(steps), r.target, f"{n['requests_per_s']:,.0f}", f"{n['steps_per_s']:,.0f}",
-                        f"{n['p50_ms']:.1f}", f"{n['p99_ms']:.1f}", str(errors), ratio, p99_ratio,
+                        f"{n['p50_ms']:.1f}", f"{n['p99_ms']:.1f}", str(errors), ratio, p99_ratio, over_http,
                         f"{n['server_cpu']:.0%}", f"{n['requests_per_s'] / max(n['server_cpu'], 1e-9):,.0f}",
                         f"{n['client_cpu']:.0%}")
         out.add_section()
@@ -370,7 +463,7 @@ def _short(numbers: dict[str, Any]) -> str:
 
 def measure(targets: list[str], chunks: list[int], sessions: int, duration: float, warmup: float, rounds: int,
             console: Console, driver: Callable[..., dict[str, Any]] = run_client,
-            service_env: dict[str, str] | None = None) -> list[Result]:
+            service_env: dict[str, str] | None = None, pipeline: int = 2) -> list[Result]:
     """Every target alone, one after the other, ``rounds`` times over (interleaved, so a busy minute on the
     machine does not land on one target only)."""
     log_dir = Path(tempfile.mkdtemp(prefix="gru-bench-load-"))
@@ -398,7 +491,9 @@ def measure(targets: list[str], chunks: list[int], sessions: int, duration: floa
                 pids = [proc.process.pid, *([proc.redis.process.pid] if proc.redis and proc.redis.process else [])]
                 for steps in chunks:
                     with console.status(f"{target}: chunks of {steps}, {warmup:g} + {duration:g} s"):
-                        numbers = driver(proc.url, steps, sessions, duration, warmup, f"{target}{round_}", pids)
+                        streamed = {"pipeline": pipeline} if target == "ours-stream" else {}
+                        numbers = driver(proc.url, steps, sessions, duration, warmup, f"{target}{round_}", pids,
+                                         **streamed)
                     runs.setdefault((target, steps), []).append(numbers)
                     console.print(f"round {round_ + 1} {target:>10} chunk {steps:>3}: {_short(numbers)}")
             finally:
@@ -412,6 +507,39 @@ def measure(targets: list[str], chunks: list[int], sessions: int, duration: floa
                 got = runs[(target, steps)]
                 results.append(Result(target, steps, _median_round(got), rounds=len(got)))
     return results
+
+
+OVERLOAD_STEPS = 256
+OVERLOAD_QUEUE = "16"
+
+
+def overload(connections: list[int], duration: float, warmup: float, console: Console) -> Table:
+    """200s a second from ``ours`` (GRU_MAX_QUEUE=16) with each count of connections posting 256-step chunks,
+    one server for all of them, the fewest connections first."""
+    log_dir = Path(tempfile.mkdtemp(prefix="gru-bench-overload-"))
+    model_path, _ = bench_model(log_dir / "model")
+    proc = start_service(model_path, log_dir, {"GRU_MAX_QUEUE": OVERLOAD_QUEUE})
+    out = Table(title=f"overload: chunks of {OVERLOAD_STEPS} steps, GRU_MAX_QUEUE={OVERLOAD_QUEUE},"
+                      f" {duration:g} s measured")
+    for name in ("connections", "200/s", "429/s", "p50 ms (200)", "p99 ms (200)", "other non-200",
+                 "200/s vs the fewest", "server CPU"):
+        out.add_column(name, justify="right")
+    try:
+        first = None
+        for count in connections:
+            with console.status(f"overload: {count} connections"):
+                n: dict[str, Any] = run_client(proc.url, OVERLOAD_STEPS, count, duration, warmup,
+                                               f"overload{count}", [proc.process.pid])
+            refused = n["errors"].get("429", 0)
+            first = first or n
+            other = sum(n["errors"].values()) - refused + n["failures"]
+            out.add_row(str(count), f"{n['requests_per_s']:,.0f}", f"{refused / duration:,.0f}",
+                        f"{n['p50_ms']:.1f}", f"{n['p99_ms']:.1f}", str(other),
+                        f"{n['requests_per_s'] / max(first['requests_per_s'], 1e-9):.0%}", f"{n['server_cpu']:.0%}")
+            console.print(f"overload {count:>4} connections: {_short(n)}  429/s {refused / duration:,.0f}")
+    finally:
+        proc.stop()
+    return out
 
 
 def _load() -> str:
@@ -428,6 +556,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1, help="repeat all; the table shows medians")
     parser.add_argument("--service-env", nargs="*", default=[], metavar="GRU_X=V",
                         help="extra environment for the service targets")
+    parser.add_argument("--pipeline", type=int, default=2,
+                        help="ours-stream: chunks in flight per session (with --client: 0 = HTTP)")
+    parser.add_argument("--overload", type=int, nargs="*", metavar="CONNECTIONS",
+                        help="measure overload instead: 200s/s at each count of connections (e.g. 8 256)")
     parser.add_argument("--wrk", action="store_true", help="drive with wrk instead (a second opinion)")
     parser.add_argument("--client", help="only drive this running server (prints JSON)")
     parser.add_argument("--chunk", type=int, default=8, help="with --client: steps per chunk")
@@ -442,7 +574,14 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"load average before: {_load()} (other work on the machine skews every number below).")
     console.print("server CPU, client CPU: share of one core each used in the measured window; req/CPU-s: requests per"
                   " second of server CPU, the column least moved by other work on the machine")
-    driver = run_client
+    if args.overload is not None:
+        console.print(overload(args.overload or [8, 256], args.duration, args.warmup, console))
+        console.print(f"load average after: {_load()}")
+        return 0
+    driver: Callable[..., dict[str, Any]] = run_client
+    if args.wrk and "ours-stream" in args.targets:
+        console.print("--wrk drives HTTP only: ours-stream is left out")
+        args.targets.remove("ours-stream")
     if args.wrk:
         if shutil.which("wrk") is None:
             console.print("--wrk: wrk is not installed (apt-get install wrk)")
@@ -453,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     if service_env:
         console.print(f"service environment: {service_env}")
     results = measure(args.targets, args.chunks, args.sessions, args.duration, args.warmup, args.rounds,
-                      console, driver, service_env)
+                      console, driver, service_env, args.pipeline)
     console.print(table(results, args.sessions, args.duration))
     console.print(f"load average after: {_load()}")
     for r in results:

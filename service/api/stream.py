@@ -50,17 +50,34 @@ async def _unused(websocket: WebSocket) -> None:  # ``Streams`` answers the rout
 ROUTE = WebSocketRoute(PATH, _unused)
 
 
+class _Counts:
+    """The stream's metric series, looked up once (a labelled lookup per frame is a measurable cost)."""
+
+    def __init__(self, metrics: Metrics):
+        self.frame_in = metrics.stream_frames.labels(direction="in")
+        self.frame_out = metrics.stream_frames.labels(direction="out")
+        self.latency = metrics.request_duration.labels(route=PATH, method=METHOD)
+        self.ok = metrics.requests.labels(route=PATH, method=METHOD, status="200")
+        self._requests = metrics.requests
+
+    def answered(self, status: int, seconds: float) -> None:
+        self.frame_out.inc()
+        self.latency.observe(seconds)
+        (self.ok if status == 200 else self._requests.labels(route=PATH, method=METHOD, status=str(status))).inc()
+
+
 class _Stream:
     """One open stream: a reader task takes frames while the window has room, this side answers them in
     order. The window is a semaphore taken before a frame is read and given back once it is answered."""
 
-    def __init__(self, websocket: WebSocket, key: str, engine: Engine, settings: Settings, metrics: Metrics):
+    def __init__(self, websocket: WebSocket, key: str, streams: Streams):
         self.ws = websocket
         self.key = key
-        self.engine = engine
-        self.settings = settings
-        self.metrics = metrics
-        self.slots = asyncio.Semaphore(settings.stream_window)
+        self.engine = streams.engine
+        self.settings = streams.settings
+        self.count = streams.count
+        self.receive, self.send = websocket.receive, websocket.send
+        self.slots = asyncio.Semaphore(self.settings.stream_window)
         self.pending: deque[tuple[float, asyncio.Future[bytes] | Problem | None]] = deque()
         self.ready = asyncio.Event()
         self.close_code: int | None = None  # set when this side ends the stream
@@ -95,7 +112,7 @@ class _Stream:
             while not self.draining:
                 self.idle = True
                 await self.slots.acquire()
-                message = await self.ws.receive()
+                message = await self.receive()
                 self.idle = False
                 if message["type"] == "websocket.disconnect":
                     self.gone = True
@@ -106,7 +123,7 @@ class _Stream:
                 if len(raw) > self.settings.max_body_bytes:  # uvicorn, set up by service.__main__, does this first
                     self.close_code = TOO_BIG
                     break
-                self.metrics.stream_frames.labels(direction="in").inc()
+                self.count.frame_in.inc()
                 received = time.perf_counter()
                 self.pending.append((received, await self._submit(raw)))
                 self.ready.set()
@@ -149,13 +166,11 @@ class _Stream:
                 answer = orjson.dumps(problem.body(self.ws.scope))
             self.pending.popleft()
             try:
-                await self.ws.send({"type": "websocket.send", "text": answer.decode()})
+                await self.send({"type": "websocket.send", "text": answer.decode()})
             except _GONE:
                 return
             self.slots.release()
-            self.metrics.stream_frames.labels(direction="out").inc()
-            self.metrics.requests.labels(route=PATH, method=METHOD, status=str(status)).inc()
-            self.metrics.request_duration.labels(route=PATH, method=METHOD).observe(time.perf_counter() - received)
+            self.count.answered(status, time.perf_counter() - received)
 
 
 class Streams:
@@ -165,6 +180,7 @@ class Streams:
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
+        self.count = _Counts(metrics)
         self.draining = False
         self._open: set[_Stream] = set()
         self._closed = asyncio.Event()
@@ -181,8 +197,7 @@ class Streams:
             return
         websocket = WebSocket(scope, receive, send)
         await websocket.accept()
-        stream = _Stream(websocket, session_key(tenant_of(websocket), session_id), self.engine, self.settings,
-                         self.metrics)
+        stream = _Stream(websocket, session_key(tenant_of(websocket), session_id), self)
         self._open.add(stream)
         self.metrics.streams_open.inc()
         try:

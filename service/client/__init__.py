@@ -8,7 +8,8 @@ Every chunk is sent with the offset it starts at (the session's position as the 
 a network error or a 5xx/429 is retried with the same offset: if the server had applied the chunk, the
 retry gets the same answer back and nothing is applied twice (the README's offset rules). A 409 raises
 ``OffsetConflict`` carrying the server's ``position`` (``session.resync()`` adopts it); an expired session
-raises ``SessionNotFound``. ``AsyncClient`` is the same with ``await``.
+raises ``SessionNotFound``. ``AsyncClient`` is the same with ``await``. ``client.stream_session(id)``
+streams over the session's WebSocket instead, pipelined (``service.client.stream``).
 
 The command line that streams a CSV through a session is ``service.client.cli`` (``python -m service.client``).
 """
@@ -22,9 +23,12 @@ import re
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
+
+if TYPE_CHECKING:
+    from service.client.stream import AsyncStreamSession, StreamSession
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -75,8 +79,12 @@ def _error(response: httpx.Response) -> ServiceError:
     except ValueError:
         problem = {"status": response.status_code, "title": response.reason_phrase,
                    "detail": response.text[:500]}
+    return problem_error(response.status_code, problem)
+
+
+def problem_error(status: int, problem: dict[str, Any]) -> ServiceError:
+    """The error for a problem+json body: of an HTTP answer, or a stream's problem frame."""
     kind = str(problem.get("type", "")).rsplit("/", 1)[-1]
-    status = response.status_code
     if status == 409 and "position" in problem:
         return (ModelChanged if kind == "model-changed" else OffsetConflict)(status, problem)
     if status == 404 and kind == "session-not-found":
@@ -125,6 +133,12 @@ def _rows(values: Values) -> list[Any]:
     if not rows:
         raise ValueError("values is empty; send at least one step")
     return rows
+
+
+def _chunks(values: Values, chunk: int) -> Iterator[list[Any]]:
+    rows = _rows(values)
+    for start in range(0, len(rows), chunk):
+        yield rows[start : start + chunk]
 
 
 def _check_id(session_id: str) -> str:
@@ -206,9 +220,11 @@ def _stateless(values: Values, horizon: int) -> tuple[str, str, dict[str, Any]]:
 class _Calls:
     """What ``Client`` and ``AsyncClient`` share: the retry policy and its count, and how they connect."""
 
-    def __init__(self, retry: Retry | None):
+    def __init__(self, retry: Retry | None, api_key: str | None, timeout: float):
         self.retry = retry or Retry()
         self.stats = _Stats()
+        self._api_key = api_key
+        self._timeout = timeout
 
     @staticmethod
     def _http_options(base_url: str, api_key: str | None, timeout: float) -> dict[str, Any]:
@@ -232,11 +248,6 @@ class _SessionCalls:
         self.position = int(prediction.position or 0)
         return prediction
 
-    def _chunks(self, values: Values, chunk: int) -> Iterator[list[list[float]]]:
-        rows = _rows(values)
-        for start in range(0, len(rows), chunk):
-            yield rows[start : start + chunk]
-
 
 # -- sync --------------------------------------------------------------------------------------------
 
@@ -247,7 +258,7 @@ class Client(_Calls):
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, *,
                  timeout: float = 30.0, retry: Retry | None = None,
                  transport: httpx.BaseTransport | None = None):
-        super().__init__(retry)
+        super().__init__(retry, api_key, timeout)
         self._http = httpx.Client(**self._http_options(base_url, api_key, timeout), transport=transport)
 
     def __enter__(self) -> Client:
@@ -291,6 +302,15 @@ class Client(_Calls):
                 session.resync()
         return session
 
+    def stream_session(self, session_id: str, *, window: int = 64, resume: bool = False) -> StreamSession:
+        """The session over its WebSocket, chunks pipelined ``window`` ahead (``service.client.stream``);
+        starting at 0, or, with ``resume``, where the server has it."""
+        from service.client.stream import StreamSession  # websockets is loaded only by those who stream
+
+        position = self.session(session_id, resume=resume).position
+        return StreamSession(str(self._http.base_url), self._api_key, session_id, position=position,
+                             window=window, retry=self.retry, timeout=self._timeout)
+
 
 class Session(_SessionCalls):
     """One session: ``predict`` sends the next chunk at ``position`` and moves it by the answer."""
@@ -304,7 +324,7 @@ class Session(_SessionCalls):
 
     def stream(self, values: Values, chunk: int = 32, horizon: int = 0) -> Iterator[Prediction]:
         """The series in chunks of ``chunk`` steps, one answer per chunk."""
-        for rows in self._chunks(values, chunk):
+        for rows in _chunks(values, chunk):
             yield self.predict(rows, horizon)
 
     def info(self) -> dict[str, Any]:
@@ -334,7 +354,7 @@ class AsyncClient(_Calls):
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, *,
                  timeout: float = 30.0, retry: Retry | None = None,
                  transport: httpx.AsyncBaseTransport | None = None):
-        super().__init__(retry)
+        super().__init__(retry, api_key, timeout)
         self._http = httpx.AsyncClient(**self._http_options(base_url, api_key, timeout), transport=transport)
 
     async def __aenter__(self) -> AsyncClient:
@@ -373,6 +393,13 @@ class AsyncClient(_Calls):
                 await session.resync()
         return session
 
+    async def stream_session(self, session_id: str, *, window: int = 64, resume: bool = False) -> AsyncStreamSession:
+        from service.client.stream import AsyncStreamSession  # websockets is loaded only by those who stream
+
+        position = (await self.session(session_id, resume=resume)).position
+        return AsyncStreamSession(str(self._http.base_url), self._api_key, session_id, position=position,
+                                  window=window, retry=self.retry, timeout=self._timeout)
+
 
 class AsyncSession(_SessionCalls):
     """``Session`` for asyncio."""
@@ -385,7 +412,7 @@ class AsyncSession(_SessionCalls):
         return self._advance(await self.client.request(*self._chunk(values, horizon)))
 
     async def stream(self, values: Values, chunk: int = 32, horizon: int = 0) -> AsyncIterator[Prediction]:
-        for rows in self._chunks(values, chunk):
+        for rows in _chunks(values, chunk):
             yield await self.predict(rows, horizon)
 
     async def info(self) -> dict[str, Any]:

@@ -238,10 +238,13 @@ def _rss_bytes(pid: int) -> int:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RSS from /proc")
-def test_a_client_that_never_reads_holds_the_server_to_its_window(server_factory: ServerFactory) -> None:
+def test_a_client_that_never_reads_stops_the_server_reading_and_holds_it_to_its_window(
+    server_factory: ServerFactory,
+) -> None:
     server = server_factory(GRU_STREAM_WINDOW="4")
     frames = 3000
-    frame = _masked_text_frame(_frame(series(1024, seed=2)))  # no offset: appended, whatever the session holds
+    # long chunks, long answers: unread answers fill the socket fast, and the model keeps up with the reads
+    frame = _masked_text_frame(_frame(series(2048, seed=2)))  # no offset: appended, whatever the session holds
     before = _rss_bytes(server.process.pid)
     sent = 0
     with _raw_stream(server, new_id("deaf")) as sock:
@@ -250,13 +253,16 @@ def test_a_client_that_never_reads_holds_the_server_to_its_window(server_factory
             for _ in range(frames):
                 sock.sendall(frame)
                 sent += 1
-        samples = _metrics(server)
+        stalled = _metrics(server)
+        time.sleep(3)
+        later = _metrics(server)
         grown = _rss_bytes(server.process.pid) - before
-    taken = samples["gru_stream_frames_total{direction=in}"]
-    answered = samples["gru_stream_frames_total{direction=out}"]
+    taken = later["gru_stream_frames_total{direction=in}"]
+    answered = later["gru_stream_frames_total{direction=out}"]
     assert sent < frames / 2, "the client's sends never stalled: the server read everything"
+    assert taken == stalled["gru_stream_frames_total{direction=in}"], "the server went on reading"
     assert taken - answered <= 4, (taken, answered)
-    assert grown < (frames * len(frame)) / 2, grown  # well under what reading every frame would hold
+    assert grown < 64 * 2**20, grown
 
 
 def test_sigterm_answers_every_frame_read_and_closes_with_1001(server_factory: ServerFactory,
@@ -277,7 +283,7 @@ def test_sigterm_answers_every_frame_read_and_closes_with_1001(server_factory: S
             ws.recv(timeout=30)
     assert [a["position"] for a in answers] == [o + 400 for o, _ in chunks]
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
-    assert server.process.wait(30) == 0
+    assert server.process.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
 
 
 def test_a_peer_that_stops_answering_pings_is_dropped(server_factory: ServerFactory) -> None:

@@ -1,0 +1,258 @@
+"""Streaming sessions: chunks pipelined over the session's WebSocket (``/v1/sessions/{id}/stream``).
+
+    with Client(url) as client, client.stream_session("pump-7") as session:
+        for answer in session.stream(rows, chunk=8):
+            ...
+
+Up to ``window`` chunks are sent before their answers arrive, each with the offset it starts at. When the
+connection drops (or a frame is refused with a 429 or a 5xx) the session reconnects with backoff and
+resends every chunk not yet answered, from the last acknowledged offset: the service applies each once (the
+README's offset rules). A chunk the service had applied but whose answer was lost with the connection, and
+is not the last it applied, comes back as a 409 naming a position past it: its steps are in the session,
+its answer is gone; it is listed in ``lost`` ((offset, steps) pairs) and the stream goes on.
+``AsyncStreamSession`` is the same with ``await``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection as AsyncConnection
+from websockets.asyncio.client import connect as async_connect
+from websockets.exceptions import InvalidStatus, WebSocketException
+from websockets.sync.client import ClientConnection, connect
+
+from service.client import (
+    RETRY_STATUSES,
+    Prediction,
+    Retry,
+    ServiceError,
+    Unavailable,
+    Values,
+    _chunks,
+    problem_error,
+)
+
+DEFAULT_WINDOW = 64
+_DROPPED = (WebSocketException, OSError, TimeoutError)  # the connection failed; resend what is unanswered
+_FATAL_CLOSE = {1008: 401, 1009: 413}  # closes that a reconnect would only repeat
+
+
+@dataclass(slots=True)
+class _Sent:
+    offset: int
+    steps: int
+    frame: str
+    resent: bool = False  # sent again on a new connection: its first answer may have been lost
+
+
+class _Retryable(Exception):
+    """A problem frame that a resend may cure (429, 5xx)."""
+
+
+class _Window:
+    """What a streaming session has sent and not had answered, and how an answer moves it: the part the
+    sync and the async session share; they differ only in how they send, receive and wait."""
+
+    def __init__(self, url: str, api_key: str | None, session_id: str, position: int, window: int, retry: Retry):
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        self.url = url.replace("http://", "ws://", 1).replace("https://", "wss://", 1).rstrip("/")
+        self.url += f"/v1/sessions/{session_id}/stream"
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.id = session_id
+        self.position = position  # the session's position as the last answer reported
+        self.window = window
+        self.retry = retry
+        self.unanswered: deque[_Sent] = deque()
+        self.lost: list[tuple[int, int]] = []
+        self.reconnects = 0
+        self._next = position  # where the next chunk starts
+
+    def _frame(self, rows: list[Any], horizon: int) -> str:
+        sent = _Sent(self._next, len(rows), json.dumps({"values": rows, "offset": self._next, "horizon": horizon}))
+        self.unanswered.append(sent)
+        self._next += sent.steps
+        return sent.frame
+
+    @property
+    def _full(self) -> bool:
+        return len(self.unanswered) >= self.window
+
+    def _take(self, text: str | bytes) -> Prediction | None:
+        """The answer to the oldest unanswered chunk; None when its answer was lost with a connection."""
+        answer: dict[str, Any] = json.loads(text)
+        status = answer.get("status")
+        if status is None:
+            self.unanswered.popleft()
+            prediction = Prediction.from_json(answer)
+            self.position = int(prediction.position or 0)
+            return prediction
+        if status in RETRY_STATUSES:
+            raise _Retryable(f"problem frame {status}: {answer.get('detail', '')}")
+        sent = self.unanswered[0]
+        if status == 409 and sent.resent and int(answer.get("position", -1)) >= sent.offset + sent.steps:
+            self.unanswered.popleft()
+            self.lost.append((sent.offset, sent.steps))
+            self.position = sent.offset + sent.steps
+            return None
+        raise problem_error(int(status), answer)
+
+    def _resend(self) -> list[str]:
+        for sent in self.unanswered:
+            sent.resent = True
+        return [sent.frame for sent in self.unanswered]
+
+    def _pause(self, attempt: int, failure: BaseException) -> float:
+        """Seconds before reconnect ``attempt`` (0 first), or the error to give up with."""
+        if isinstance(failure, InvalidStatus) and failure.response.status_code not in RETRY_STATUSES:
+            response = failure.response
+            try:
+                problem = json.loads(response.body or b"{}")
+            except ValueError:
+                problem = {"detail": (response.body or b"").decode(errors="replace")[:500]}
+            raise problem_error(response.status_code, problem)
+        code = getattr(getattr(failure, "rcvd", None), "code", None)
+        if code in _FATAL_CLOSE:
+            raise ServiceError(_FATAL_CLOSE[code], {"detail": f"the service closed the stream with {code}"})
+        if attempt >= self.retry.attempts - 1:
+            raise Unavailable(None, {"detail": str(failure)},
+                              f"gave up after {self.retry.attempts} attempts; last: {failure!r}") from failure
+        self.reconnects += 1
+        return self.retry.delay(attempt, None)
+
+
+class StreamSession(_Window):
+    """A session streamed over its WebSocket, chunks pipelined up to ``window`` ahead of their answers."""
+
+    def __init__(self, url: str, api_key: str | None, session_id: str, *, position: int = 0,
+                 window: int = DEFAULT_WINDOW, retry: Retry | None = None, timeout: float = 30.0):
+        super().__init__(url, api_key, session_id, position, window, retry or Retry())
+        self.timeout = timeout
+        self._ws: ClientConnection | None = None
+
+    def __enter__(self) -> StreamSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._ws is not None:
+            self._ws.close()
+            self._ws = None
+
+    def stream(self, values: Values, chunk: int = 32, horizon: int = 0) -> Iterator[Prediction]:
+        """The series in chunks of ``chunk`` steps, one answer per chunk (none for a chunk in ``lost``)."""
+        for rows in _chunks(values, chunk):
+            while self._full:
+                yield from self._receive()
+            self._send(self._frame(rows, horizon))
+        while self.unanswered:
+            yield from self._receive()
+
+    def _send(self, frame: str) -> None:
+        try:
+            self._connection().send(frame)
+        except _DROPPED as failure:
+            self._reconnect(failure)  # which resends this frame too
+
+    def _receive(self) -> Iterator[Prediction]:
+        try:
+            prediction = self._take(self._connection().recv(timeout=self.timeout))
+        except (*_DROPPED, _Retryable) as failure:
+            self._reconnect(failure)
+            return
+        if prediction is not None:
+            yield prediction
+
+    def _connection(self) -> ClientConnection:
+        if self._ws is None:
+            self._ws = connect(self.url, additional_headers=self.headers, open_timeout=self.timeout,
+                               compression=None)
+        return self._ws
+
+    def _reconnect(self, failure: BaseException) -> None:
+        for attempt in range(self.retry.attempts):
+            time.sleep(self._pause(attempt, failure))
+            if self._ws is not None:
+                self._ws.close_socket()
+                self._ws = None
+            try:
+                ws = self._connection()
+                for frame in self._resend():
+                    ws.send(frame)
+                return
+            except _DROPPED as again:
+                failure = again
+
+
+class AsyncStreamSession(_Window):
+    """``StreamSession`` for asyncio."""
+
+    def __init__(self, url: str, api_key: str | None, session_id: str, *, position: int = 0,
+                 window: int = DEFAULT_WINDOW, retry: Retry | None = None, timeout: float = 30.0):
+        super().__init__(url, api_key, session_id, position, window, retry or Retry())
+        self.timeout = timeout
+        self._ws: AsyncConnection | None = None
+
+    async def __aenter__(self) -> AsyncStreamSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._ws is not None:
+            await self._ws.close()
+            self._ws = None
+
+    async def stream(self, values: Values, chunk: int = 32, horizon: int = 0) -> AsyncIterator[Prediction]:
+        for rows in _chunks(values, chunk):
+            while self._full:
+                if (prediction := await self._receive()) is not None:
+                    yield prediction
+            await self._send(self._frame(rows, horizon))
+        while self.unanswered:
+            if (prediction := await self._receive()) is not None:
+                yield prediction
+
+    async def _send(self, frame: str) -> None:
+        try:
+            await (await self._connection()).send(frame)
+        except _DROPPED as failure:
+            await self._reconnect(failure)
+
+    async def _receive(self) -> Prediction | None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                return self._take(await (await self._connection()).recv())
+        except (*_DROPPED, _Retryable) as failure:
+            await self._reconnect(failure)
+            return None
+
+    async def _connection(self) -> AsyncConnection:
+        if self._ws is None:
+            self._ws = await async_connect(self.url, additional_headers=self.headers, open_timeout=self.timeout,
+                                           compression=None)
+        return self._ws
+
+    async def _reconnect(self, failure: BaseException) -> None:
+        for attempt in range(self.retry.attempts):
+            await asyncio.sleep(self._pause(attempt, failure))
+            if self._ws is not None:
+                self._ws.transport.abort()
+                self._ws = None
+            try:
+                ws = await self._connection()
+                for frame in self._resend():
+                    await ws.send(frame)
+                return
+            except _DROPPED as again:
+                failure = again
