@@ -3,6 +3,7 @@ progress bar and plot):
 
     python -m service.client stream --csv series.csv --session pump-7 [--chunk 32] [--url URL]
         [--out predictions.csv] [--plot out.png] [--columns a,b] [--api-key KEY] [--reset | --resume]
+        [--transport http|ws] [--window 64]
 
 Reading the CSV in place (a header told by its cells' shape, blank or non-finite rows refused by line), a
 predictions file written as the answers come, which a stream stopped in any way (Ctrl-C, SIGTERM, SIGHUP,
@@ -19,7 +20,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -30,6 +31,7 @@ from service.client import (
     Client,
     ModelChanged,
     OffsetConflict,
+    Prediction,
     ServiceError,
     Session,
     SessionNotFound,
@@ -266,6 +268,33 @@ def plot(path: Path, names: Sequence[str], truth: Sequence[Sequence[float]],
     plt.close(fig)
 
 
+def _over_http(client: Client, session: Session, rows: Sequence[Sequence[float]],
+               args: argparse.Namespace) -> Iterator[Prediction]:
+    """One call per chunk, each answered before the next is sent."""
+    for offset in range(0, len(rows), args.chunk):
+        yield session.predict(rows[offset : offset + args.chunk])
+
+
+def _over_ws(client: Client, session: Session, rows: Sequence[Sequence[float]],
+             args: argparse.Namespace) -> Iterator[Prediction]:
+    """Chunks pipelined over the session's WebSocket, from where ``session`` is. An answer lost with a
+    dropped connection (not the last one) cannot be had again: the file stops before it, as one stopped by
+    a refusal does."""
+    with client.stream_session(session.id, window=args.window, resume=True) as stream:
+        try:
+            for answer in stream.stream(rows, args.chunk):
+                if stream.lost:
+                    break
+                yield answer
+        finally:
+            session.position = stream.position
+        if stream.lost:
+            offset, steps = stream.lost[0]
+            raise SystemExit(f"the answer to steps {offset} to {offset + steps - 1} was lost with a dropped"
+                             f" connection, and the session is past them (at {stream.position}): --out another"
+                             " file and --resume to go on")
+
+
 def stream_csv(args: argparse.Namespace) -> int:
     with Client(args.url, args.api_key, timeout=args.timeout) as client:
         model = client.model()
@@ -292,19 +321,19 @@ def stream_csv(args: argparse.Namespace) -> int:
             if progress:
                 progress.start()
                 progress.update(task, advance=len(predictions))
-            for offset in range(len(predictions), len(todo), args.chunk):
-                try:
-                    answer = session.predict(todo[offset : offset + args.chunk])
-                except ModelChanged as exc:
-                    raise SystemExit(f"{exc}\nthe session's state is from another model version: --reset to"
-                                     " start it again with this one") from None
-                except OffsetConflict as exc:
-                    raise SystemExit(f"{exc}\nthe session is at {exc.position}: --resume to continue from"
-                                     " there, --reset to start again") from None
-                out_file.append(answer.predictions)
-                predictions.extend(answer.predictions)
-                if progress:
-                    progress.update(task, advance=len(answer.predictions))
+            send = _over_ws if args.transport == "ws" else _over_http
+            try:
+                for answer in send(client, session, todo[len(predictions):], args):
+                    out_file.append(answer.predictions)
+                    predictions.extend(answer.predictions)
+                    if progress:
+                        progress.update(task, advance=len(answer.predictions))
+            except ModelChanged as exc:
+                raise SystemExit(f"{exc}\nthe session's state is from another model version: --reset to"
+                                 " start it again with this one") from None
+            except OffsetConflict as exc:
+                raise SystemExit(f"{exc}\nthe session is at {exc.position}: --resume to continue from"
+                                 " there, --reset to start again") from None
         except (ServiceError, httpx.HTTPError, SystemExit, KeyboardInterrupt):
             if out_file.end > start:  # the file has what was answered: a --resume run extends it
                 print(f"steps {start} to {out_file.end - 1} and their predictions are in {out};"
@@ -341,13 +370,16 @@ def main(argv: list[str] | None = None) -> int:
     stream.add_argument("--columns", type=lambda s: [c.strip() for c in s.split(",")],
                         help="comma-separated CSV columns to send (default: the model's feature names)")
     stream.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+    stream.add_argument("--transport", choices=("http", "ws"), default="http",
+                        help="http: one call per chunk (default); ws: pipelined over the session's WebSocket")
+    stream.add_argument("--window", type=int, default=64, help="--transport ws: chunks in flight (default 64)")
     stream.add_argument("--quiet", action="store_true", help="no progress bar")
     start = stream.add_mutually_exclusive_group()
     start.add_argument("--reset", action="store_true", help="reset the session first")
     start.add_argument("--resume", action="store_true", help="continue from the server's position")
     args = parser.parse_args(argv)
-    if args.chunk < 1:
-        parser.error("--chunk must be at least 1")
+    if args.chunk < 1 or args.window < 1:
+        parser.error("--chunk and --window must be at least 1")
     # A stop from outside (docker stop, systemd, a closed terminal) saves the answers as Ctrl-C does: a file
     # left more than a chunk behind its session could not be resumed. An ignored signal stays ignored (nohup).
     for stop in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):

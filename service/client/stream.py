@@ -174,8 +174,9 @@ class StreamSession(_Window):
 
     def _connection(self) -> ClientConnection:
         if self._ws is None:
+            # entered as a context (websockets 16+ deprecates a bare connect()); closed by close() or a reconnect
             self._ws = connect(self.url, additional_headers=self.headers, open_timeout=self.timeout,
-                               compression=None)
+                               compression=None).__enter__()
         return self._ws
 
     def _reconnect(self, failure: BaseException) -> None:

@@ -1,0 +1,156 @@
+"""service.client's streaming sessions against a real server: pipelined chunks, a dropped connection resumed
+from the last acknowledged offset, refusals raised; the CLI's --transport ws."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from bench.processes import ROOT
+from service.client import AsyncClient, Client, OffsetConflict, Prediction, Retry, ServiceError
+from tests.conftest import Server, ServerFactory
+from tests.service.helpers import new_id, position, series, stateless
+
+FAST = Retry(attempts=5, backoff=0.01, max_delay=0.05)
+
+
+class CuttingProxy:
+    """A loopback TCP proxy whose first connection is cut (both ways) once it has relayed ``budget`` bytes
+    from the server: a stream dropped mid-way, answers lost in flight. Later connections relay everything."""
+
+    def __init__(self, target: str, budget: int):
+        host, port = target.removeprefix("http://").rsplit(":", 1)
+        self._target = (host, int(port))
+        self._budget = budget
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                downstream, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self._target)
+            budget = self._budget if self.connections == 0 else None
+            self.connections += 1
+            threading.Thread(target=self._pipe, args=(downstream, upstream, None), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, downstream, budget), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket, budget: int | None) -> None:
+        try:
+            while data := source.recv(65536):
+                if budget is not None:
+                    data = data[:budget]
+                    budget -= len(data)
+                sink.sendall(data)
+                if budget == 0:
+                    break
+        except OSError:
+            pass
+        for end in (source, sink):
+            end.close()
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def _check(answers: list[Prediction], lost: list[tuple[int, int]], values: np.ndarray, chunk: int,
+           client: httpx.Client) -> None:
+    """Every chunk answered once or listed as lost, in order; every answer as a stateless pass has it."""
+    ends = sorted([a.position or 0 for a in answers] + [offset + steps for offset, steps in lost])
+    assert ends == list(range(chunk, len(values) + 1, chunk))
+    want = np.array(stateless(client, values)["predictions"])
+    for answer in answers:
+        end = answer.position or 0
+        np.testing.assert_allclose(answer.predictions, want[end - chunk : end], atol=1e-5)
+
+
+def test_a_streaming_session_pipelines_and_equals_one_stateless_pass(server: Server, client: httpx.Client) -> None:
+    values = series(400, seed=11)
+    with Client(server.url, retry=FAST) as api, api.stream_session(new_id("cs"), window=8) as session:
+        answers = list(session.stream(values, chunk=8))
+    assert [a.position for a in answers] == list(range(8, 401, 8))
+    assert session.lost == [] and session.reconnects == 0 and session.position == 400
+    _check(answers, [], values, 8, client)
+
+
+@pytest.mark.parametrize("budget", [0, 700, 5000])
+def test_a_dropped_stream_reconnects_and_resumes_from_the_last_acknowledged_offset(
+    server: Server, client: httpx.Client, budget: int
+) -> None:
+    values = series(320, seed=budget)
+    proxy = CuttingProxy(server.url, budget=200 + budget)  # the upgrade's answer, then some frames
+    session_id = new_id("cut")
+    try:
+        with Client(proxy.url, retry=FAST) as api, api.stream_session(session_id, window=16) as session:
+            answers = list(session.stream(values, chunk=8))
+    finally:
+        proxy.close()
+    assert session.reconnects >= 1 and proxy.connections >= 2
+    assert session.position == position(client, session_id) == 320
+    _check(answers, session.lost, values, 8, client)
+
+
+def test_the_async_streaming_session_resumes_the_same_way(server: Server, client: httpx.Client) -> None:
+    values = series(240, seed=7)
+    proxy = CuttingProxy(server.url, budget=1500)
+    session_id = new_id("acut")
+
+    async def run() -> tuple[list[Prediction], list[tuple[int, int]]]:
+        async with AsyncClient(proxy.url, retry=FAST) as api:
+            session = await api.stream_session(session_id, window=16)
+            async with session:
+                return [a async for a in session.stream(values, chunk=8)], session.lost
+
+    try:
+        answers, lost = asyncio.run(run())
+    finally:
+        proxy.close()
+    assert position(client, session_id) == 240
+    _check(answers, lost, values, 8, client)
+
+
+def test_a_streaming_session_raises_a_conflict_and_an_auth_refusal(server_factory: ServerFactory) -> None:
+    server = server_factory(GRU_API_KEYS="client-stream-key-0123456:acme")
+    with Client(server.url, "client-stream-key-0123456", retry=FAST) as api:
+        session_id = new_id("conf")
+        api.session(session_id).predict(series(5))
+        with api.stream_session(session_id) as stale, pytest.raises(OffsetConflict) as conflict:
+            list(stale.stream(series(8), chunk=4))  # it starts at 0; the session is at 5
+        assert conflict.value.position == 5
+    with Client(server.url, "not-the-key-000000000000", retry=FAST) as api, api.stream_session(new_id("no")) as bad:
+        with pytest.raises(ServiceError) as refused:
+            list(bad.stream(series(4)))
+        assert refused.value.status == 401 and refused.value.kind == "unauthorized"
+
+
+def test_cli_streams_a_csv_over_the_websocket(server: Server, client: httpx.Client, tmp_path: Path) -> None:
+    values = series(100, seed=9)
+    path = tmp_path / "series.csv"
+    path.write_text("x\n" + "\n".join(f"{v:.6f}" for v in values[:, 0]) + "\n")
+    session_id = new_id("cli-ws")
+    done = subprocess.run(
+        [sys.executable, "-m", "service.client", "stream", "--csv", str(path), "--session", session_id,
+         "--url", server.url, "--chunk", "7", "--transport", "ws", "--window", "4", "--quiet"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert position(client, session_id) == 100
+    rows = list(csv.reader((tmp_path / "series.predictions.csv").open()))
+    sent = np.array([[float(v) for v in row[1:2]] for row in rows[1:-1]], dtype=np.float32)
+    predicted = np.array([[float(v) for v in row[2:3]] for row in rows[2:]])
+    np.testing.assert_allclose(sent, values, atol=1e-6)
+    np.testing.assert_allclose(predicted, stateless(client, sent)["predictions"], atol=1e-5)
