@@ -250,7 +250,7 @@ async def drive(url: str, steps: int, sessions: int, duration: float, warmup: fl
 
 def _client_main(args: argparse.Namespace) -> int:
     coroutine = drive(args.client, args.chunk, args.sessions, args.duration, args.warmup, args.tag, args.pids,
-                      args.pipeline)
+                      args.pipeline or 0)
     try:
         import uvloop
 
@@ -556,8 +556,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1, help="repeat all; the table shows medians")
     parser.add_argument("--service-env", nargs="*", default=[], metavar="GRU_X=V",
                         help="extra environment for the service targets")
-    parser.add_argument("--pipeline", type=int, default=2,
-                        help="ours-stream: chunks in flight per session (with --client: 0 = HTTP)")
+    parser.add_argument("--pipeline", type=int,
+                        help="ours-stream: chunks in flight per session (default 2); with --client, streams"
+                             " over WebSockets with that many (default: HTTP)")
     parser.add_argument("--overload", type=int, nargs="*", metavar="CONNECTIONS",
                         help="measure overload instead: 200s/s at each count of connections (e.g. 8 256)")
     parser.add_argument("--wrk", action="store_true", help="drive with wrk instead (a second opinion)")
@@ -592,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     if service_env:
         console.print(f"service environment: {service_env}")
     results = measure(args.targets, args.chunks, args.sessions, args.duration, args.warmup, args.rounds,
-                      console, driver, service_env, args.pipeline)
+                      console, driver, service_env, args.pipeline or 2)
     console.print(table(results, args.sessions, args.duration))
     console.print(f"load average after: {_load()}")
     for r in results:
