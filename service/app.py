@@ -118,7 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     streams = Streams(engine, settings, metrics)
     app.state.streams = streams  # drained by service.__main__ on SIGTERM, before uvicorn closes connections
     # innermost: the predict routes and the stream skip FastAPI's per-request machinery
-    app.add_middleware(hot.HotRoutes, engine=engine, streams=streams)
+    app.add_middleware(hot.HotRoutes, engine=engine, streams=streams, patience=settings.queue_patience_seconds)
     app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes,
                        body_timeout_seconds=settings.request_timeout_seconds)
     auth.install(app, settings)  # inside Observability, so refusals are counted and logged

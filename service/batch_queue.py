@@ -8,7 +8,9 @@ theirs apart from the model:
   calls apply one at a time, in arrival order;
 - a batch waits at most ``max_batch_delay_ms`` to fill (under load the queue fills while a batch computes);
 - at ``max_queue`` waiting chunks a new one is refused at once (429), counted where it happens; a caller
-  that would rather wait (a stream) awaits ``room()``;
+  that can wait before it has parsed anything (a predict call whose body is unread, a stream) asks for a
+  place with ``reserve()``: places are handed out one at a time, in the order they were asked for, as
+  chunks leave the queue, so a crowd of waiters costs nothing and never overfills it;
 - a chunk not answered within ``timeout_seconds`` is withdrawn if still waiting, or dropped when its batch
   finishes; its caller hears so (503) and may retry with the same offset.
 
@@ -18,6 +20,7 @@ It knows no model and no store: a chunk's answer is whatever its consumer sets o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -57,6 +60,26 @@ def settle(chunk: Chunk, answer: bytes | None = None, exc: BaseException | None 
         chunk.future.set_result(answer)  # type: ignore[arg-type]
 
 
+class Place:
+    """A place in the queue, reserved for one chunk: filled by ``BatchQueue.put`` or given back."""
+
+    __slots__ = ("_held", "_queue")
+
+    def __init__(self, queue: BatchQueue):
+        self._queue = queue
+        self._held = True
+
+    def take(self) -> bool:
+        """Whether the place was still held (and is now the chunk's)."""
+        held, self._held = self._held, False
+        return held
+
+    def give_back(self) -> None:
+        """Unused (the chunk was refused before it was queued): the place goes to the next caller asking."""
+        if self.take():
+            self._queue._give_back()
+
+
 class BatchQueue:
     def __init__(self, metrics: Metrics, *, max_batch_size: int, max_batch_delay_ms: float, max_queue: int,
                  timeout_seconds: float):
@@ -67,7 +90,8 @@ class BatchQueue:
         self._timeout = timeout_seconds
         self._waiting: deque[Chunk] = deque()
         self._wake = asyncio.Event()
-        self._room = asyncio.Event()
+        self._reserved = 0  # places handed out and not yet filled by ``put``
+        self._asking: deque[asyncio.Future[None]] = deque()  # callers waiting for a place, oldest first
         self._closed = False
 
     def __len__(self) -> int:
@@ -75,22 +99,55 @@ class BatchQueue:
 
     @property
     def full(self) -> bool:
-        return len(self._waiting) >= self._max_queue
+        return len(self._waiting) + self._reserved >= self._max_queue
 
     def overloaded(self, reason: str = "queue_full") -> Overloaded:
         """The refusal of a chunk that finds the queue full, counted under ``reason`` (where it was refused)."""
         self._metrics.rejected.labels(reason=reason).inc()
         return Overloaded(f"{len(self._waiting)} chunks are already waiting; retry shortly", retry_after=1)
 
-    async def room(self) -> None:
-        """Until the queue has room for a chunk (a stream waits here instead of being refused)."""
-        while self.full:
-            self._room.clear()
-            await self._room.wait()
+    async def reserve(self, patience: float | None) -> Place | None:
+        """A place for a chunk not parsed yet: at once while there is room and nobody waits before us, else
+        the first one that frees up after theirs; None if none came within ``patience`` seconds (None:
+        wait as long as it takes)."""
+        if not self.full and not self._asking:
+            self._reserved += 1
+            return Place(self)
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._asking.append(turn)
+        try:
+            async with asyncio.timeout(patience):
+                await turn
+        except (TimeoutError, asyncio.CancelledError) as stopped:
+            if turn.done() and not turn.cancelled():
+                self._give_back()  # handed a place just as the wait ended: it goes to the next in line
+            else:
+                turn.cancel()
+                with contextlib.suppress(ValueError):  # already dropped by _hand_out
+                    self._asking.remove(turn)
+            if isinstance(stopped, TimeoutError):
+                return None
+            raise
+        return Place(self)
 
-    def put(self, chunk: Chunk) -> asyncio.Future[bytes]:
-        """Queue ``chunk`` (refused at once when the queue is full) and start its clock; its answer's future."""
-        if self.full:
+    def _give_back(self) -> None:
+        self._reserved -= 1
+        self._hand_out()
+
+    def _hand_out(self) -> None:
+        """Hand free places to the oldest callers asking for one."""
+        while self._asking and len(self._waiting) + self._reserved < self._max_queue:
+            turn = self._asking.popleft()
+            if not turn.done():
+                self._reserved += 1
+                turn.set_result(None)
+
+    def put(self, chunk: Chunk, place: Place | None = None) -> asyncio.Future[bytes]:
+        """Queue ``chunk`` (in ``place`` if given, else refused at once when the queue is full) and start its
+        clock; its answer's future."""
+        if place is not None and place.take():
+            self._reserved -= 1
+        elif self.full:
             raise self.overloaded()
         self._waiting.append(chunk)
         self._wake.set()
@@ -111,7 +168,7 @@ class BatchQueue:
         self._metrics.rejected.labels(reason="timeout").inc()
         if chunk in self._waiting:
             self._waiting.remove(chunk)
-            self._room.set()
+            self._hand_out()
         chunk.future.set_exception(TimedOut(
             f"the chunk was not computed within {self._timeout:g} s; retry with the same offset (a retry of an"
             " applied chunk returns its answer)", retry_after=1,
@@ -170,6 +227,5 @@ class BatchQueue:
                 keys.add(chunk.key)
             batch.append(chunk)
         self._waiting.extendleft(reversed(kept))
-        if batch:
-            self._room.set()
+        self._hand_out()
         return batch

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(64, ge=1, le=4096, description="chunks of distinct sessions run as one batch")
     max_batch_delay_ms: float = Field(2.0, ge=0, le=1000, description="how long a batch waits to fill")
     max_queue: int = Field(1024, ge=1, description="chunks waiting for the engine; beyond this 429")
+    queue_patience_seconds: float = Field(
+        1.0, ge=0, description="a predict call finding the queue full waits this long for a place (unread); then 429"
+    )
     request_timeout_seconds: float = Field(
         30.0, gt=0, description="a chunk not computed by then gets 503; a body not received by then, 408"
     )

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from model import Forecaster
-from service.batch_queue import BatchQueue, Chunk, settle
+from service.batch_queue import BatchQueue, Chunk, Place, settle
 from service.compute import BatchCompute, Computed
 from service.metrics import Metrics
 from service.refusals import BatchFailed, OutOfRange, ShuttingDown, StoreUnreachable, UnknownSession
@@ -85,7 +85,7 @@ class Engine:
 
     async def predict(
         self, key: str | None, values: np.ndarray, offset: int | None, horizon: int, *,
-        must_exist: bool = False, restart: bool = False,
+        must_exist: bool = False, restart: bool = False, place: Place | None = None,
     ) -> bytes:
         """The JSON answer for one chunk (a session's when ``key`` is set, else stateless).
 
@@ -95,17 +95,18 @@ class Engine:
         commit as its result, so a refused chunk (queue full, timeout, out of range) leaves the session as
         it was, which a reset followed by the chunk would not.
         """
-        return await self.enqueue(key, values, offset, horizon, must_exist=must_exist, restart=restart)
+        return await self.enqueue(key, values, offset, horizon, must_exist=must_exist, restart=restart, place=place)
 
     def enqueue(
         self, key: str | None, values: np.ndarray, offset: int | None, horizon: int, *,
-        must_exist: bool = False, restart: bool = False,
+        must_exist: bool = False, restart: bool = False, place: Place | None = None,
     ) -> asyncio.Future[bytes]:
         """``predict`` without the wait: the chunk is queued (or refused) before this returns, so a caller's
-        chunks keep the order of its calls; the future holds the answer or the refusal."""
+        chunks keep the order of its calls; the future holds the answer or the refusal. ``place``: one the
+        caller reserved (``queue.reserve``), which the chunk fills."""
         if self._stopping:
             raise ShuttingDown("the service is shutting down; retry on another replica", retry_after=1)
-        return self.queue.put(Chunk(key, values, offset, horizon, must_exist=must_exist, restart=restart))
+        return self.queue.put(Chunk(key, values, offset, horizon, must_exist=must_exist, restart=restart), place)
 
     async def session_info(self, key: str) -> tuple[Session, float]:
         """The session, and when it expires (epoch seconds) if nothing reaches it before."""

@@ -34,6 +34,7 @@ from service.schemas import (
 from service.sessions.base import session_key
 
 JSON = "application/json"
+PLACE = "gru.place"  # the queue place HotRoutes reserved for the call, in its scope
 _LOCATION = ["body", "values"]
 
 
@@ -61,13 +62,15 @@ async def predict_session(request: Request) -> Response:
             raise invalid([*wrong_id.extra["errors"], *wrong_body.extra["errors"]]) from None
         raise
     engine, body, values = await _read(request, ChunkRequest)
-    answer = await engine.predict(session_key(tenant_of(request), session_id), values, body.offset, body.horizon)
+    answer = await engine.predict(session_key(tenant_of(request), session_id), values, body.offset, body.horizon,
+                                  place=request.scope[PLACE])
     return Response(answer, media_type=JSON)
 
 
 async def predict(request: Request) -> Response:
     engine, body, values = await _read(request, StatelessRequest)
-    return Response(await engine.predict(None, values, None, body.horizon), media_type=JSON)
+    return Response(await engine.predict(None, values, None, body.horizon, place=request.scope[PLACE]),
+                    media_type=JSON)
 
 
 ROUTES = [
@@ -81,19 +84,23 @@ class HotRoutes:
     stack and router (one regex match instead of walking every route), and the stream route's WebSocket
     (``service.api.stream``); passes everything else on.
 
-    While the engine's queue is full, a predict chunk is refused here before its body is read or parsed
-    (the same 429 as the queue's, counted as ``queue_full_unread``): under overload, refusing costs next to
-    nothing and the CPU goes to the chunks that are accepted.
+    A predict call gets its place in the engine's queue here, before its body is read or parsed: at once
+    while there is room, else it waits, unread, up to ``GRU_QUEUE_PATIENCE_SECONDS`` for the first place
+    that frees up (in arrival order), and is refused after that with the queue's 429 (counted as
+    ``queue_full_unread``). Under overload a waiting call costs nothing, a refusal next to nothing, and
+    clients that re-post at once on a 429 are slowed to one refusal per patience each, so the CPU goes to
+    the chunks that are accepted.
 
     Outside it still run the body limit, auth, metrics and access log, and Starlette's server-error
     middleware; a ``Problem`` or an engine ``Refusal`` is answered here, any other exception (a client gone
     mid-body included) by ``service.middleware.ServerErrors``.
     """
 
-    def __init__(self, app: ASGIApp, engine: Engine, streams: Streams):
+    def __init__(self, app: ASGIApp, engine: Engine, streams: Streams, patience: float):
         self.app = app
         self.queue = engine.queue
         self.streams = streams
+        self.patience = patience
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -106,9 +113,14 @@ class HotRoutes:
                     if match == Match.PARTIAL:  # the path of a predict route, another method
                         raise Problem(405, "method-not-allowed", f"{scope['method']} is not allowed on"
                                       f" {scope['path']}; use POST", headers={"Allow": "POST"})
-                    if self.queue.full:
+                    place = await self.queue.reserve(self.patience)
+                    if place is None:
                         raise self.queue.overloaded("queue_full_unread")
-                    response = await route.endpoint(Request(scope, receive))
+                    scope[PLACE] = place
+                    try:
+                        response = await route.endpoint(Request(scope, receive))
+                    finally:
+                        place.give_back()  # unless its chunk took it
                 except (Problem, Refusal) as refused:
                     response = as_problem(refused).response(scope)
                 await response(scope, receive, send)

@@ -4,9 +4,10 @@ A frame holds a predict body (``values``, ``offset``, ``horizon``), validated ex
 (``service.api.bodies``); its answer is one text frame holding exactly the HTTP answer's JSON, or the
 problem+json object of a refusal, in the order the frames came. A client may send frames without waiting:
 up to ``GRU_STREAM_WINDOW`` of one stream wait for the engine, and beyond that the socket is not read
-(backpressure: the client's sends stall, nothing is refused). While the engine's queue is full the stream
-waits for room rather than answering 429. A frame over ``GRU_MAX_BODY_BYTES`` closes the stream with 1009.
-The caller's tenant is the one the upgrade request was authenticated as, for the stream's life.
+(backpressure: the client's sends stall, nothing is refused). While the engine's queue is full the
+stream waits for a place in it, however long, rather than answering 429. A frame over
+``GRU_MAX_BODY_BYTES`` closes the stream with 1009. The caller's tenant is the one the upgrade request was
+authenticated as, for the stream's life.
 
 ``Streams.drain`` (on SIGTERM, before the server closes connections) stops reading every stream, answers
 every frame already read, and closes with 1001 (going away).
@@ -137,13 +138,17 @@ class _Stream:
             self.ready.set()
 
     async def _submit(self, raw: bytes) -> asyncio.Future[bytes] | Problem:
-        """The chunk queued for the engine (after waiting for room while the queue is full), or why not."""
+        """The chunk queued for the engine (after waiting for a place while the queue is full), or why not."""
         try:
             body = parse(raw, ChunkRequest)
             values = chunk_array(body.values, body.horizon, self.engine.forecaster.num_features, self.settings,
                                  _LOCATION)
-            await self.engine.queue.room()
-            return self.engine.enqueue(self.key, values, body.offset, body.horizon)
+            place = await self.engine.queue.reserve(None)  # while the queue is full, this stream reads nothing
+            assert place is not None  # no patience limit: a place or nothing
+            try:
+                return self.engine.enqueue(self.key, values, body.offset, body.horizon, place=place)
+            finally:
+                place.give_back()  # unless the chunk took it
         except (Problem, Refusal) as refused:
             return as_problem(refused)
 

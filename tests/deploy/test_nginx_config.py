@@ -7,6 +7,7 @@ nginx.conf includes ours inside http {}) with every path under the test's tempor
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import time
@@ -16,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from websockets.sync.client import connect
 
 from bench.processes import free_port
 
@@ -103,3 +105,12 @@ def test_nginx_proxies_sessions_to_the_api_and_keeps_request_ids(proxy: str, ser
         assert second.json()["position"] == 3
         # Without one from the client, nginx makes the id the api logs and echoes.
         assert re.fullmatch(r"[0-9a-f]{32}", second.headers["x-request-id"])
+
+
+def test_nginx_passes_a_session_stream_through(proxy: str) -> None:
+    url = proxy.replace("http://", "ws://") + "/v1/sessions/deploy-nginx-stream/stream"
+    with connect(url, open_timeout=30) as ws:
+        for offset, values in ((0, [0.1, 0.2]), (2, [0.3])):
+            ws.send(json.dumps({"values": values, "offset": offset}))
+        answers = [json.loads(ws.recv(timeout=30)) for _ in range(2)]
+    assert [a["position"] for a in answers] == [2, 3]

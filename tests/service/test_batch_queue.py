@@ -184,3 +184,59 @@ def test_submit_answers_with_what_the_consumer_settles_and_records_the_wait() ->
     assert _run(scenario) == b'{"ok":true}'
     assert metrics.registry.get_sample_value("gru_batch_size_sum") == 1
     assert metrics.registry.get_sample_value("gru_queue_wait_seconds_count") == 1
+
+
+def test_places_are_handed_out_in_the_order_asked_as_chunks_leave_and_never_overfill_the_queue() -> None:
+    async def scenario() -> tuple[list[int], int, list[int]]:
+        queue = _queue(max_queue=2, max_batch_size=1)
+        held = [await queue.reserve(0), await queue.reserve(0)]  # the room there was
+        assert None not in held and queue.full
+        got: list[int] = []
+
+        async def ask(n: int) -> None:
+            place = await queue.reserve(None)
+            assert place is not None
+            got.append(n)
+            queue.put(_chunk(f"w{n}"), place)
+
+        waiters = [asyncio.ensure_future(ask(n)) for n in range(4)]
+        await asyncio.sleep(0)
+        assert await queue.reserve(0) is None  # full, and others asked first
+        for i, place in enumerate(held):
+            queue.put(_chunk(f"h{i}"), place)
+        assert got == [] and len(queue) == 2
+        await queue.next_batch()  # one chunk leaves: exactly one place is handed on
+        await asyncio.sleep(0)
+        first = list(got)
+        most = len(queue)
+        for _ in range(3):
+            await queue.next_batch()
+            await asyncio.sleep(0)
+            most = max(most, len(queue))
+        await asyncio.gather(*waiters)
+        return first, most, got
+
+    first, most, order = _run(scenario)
+    assert first == [0]
+    assert most <= 2
+    assert order == [0, 1, 2, 3]
+
+
+def test_a_place_given_back_unused_goes_to_the_next_in_line_and_patience_runs_out() -> None:
+    async def scenario() -> tuple[bool, float, bool]:
+        queue = _queue(max_queue=1)
+        place = await queue.reserve(0)
+        assert place is not None
+        began = time.perf_counter()
+        timed_out = await queue.reserve(0.05) is None
+        waited = time.perf_counter() - began
+        later = asyncio.ensure_future(queue.reserve(5))
+        await asyncio.sleep(0)
+        place.give_back()  # refused before it was queued: the place is not lost
+        place.give_back()  # twice is once
+        handed = await later
+        return timed_out, waited, handed is not None and queue.full
+
+    timed_out, waited, handed = _run(scenario)
+    assert timed_out and waited >= 0.05
+    assert handed

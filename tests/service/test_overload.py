@@ -72,7 +72,8 @@ def _until_answered(http: httpx.Client, session: str, values: np.ndarray, offset
 def test_full_queue_answers_429_at_once_and_sessions_hold_exactly_the_acknowledged_chunks(
     server_factory: ServerFactory, client: httpx.Client
 ) -> None:
-    server = server_factory(GRU_MAX_QUEUE="2", GRU_MAX_BATCH_SIZE="1", GRU_MAX_BATCH_DELAY_MS="0")
+    server = server_factory(GRU_MAX_QUEUE="2", GRU_MAX_BATCH_SIZE="1", GRU_MAX_BATCH_DELAY_MS="0",
+                            GRU_QUEUE_PATIENCE_SECONDS="0")  # no wait for a place: refused at once
     sessions = [new_id("load") for _ in range(6)]
     # per session, appended without offsets in any order; at most GRU_MAX_CHUNK_STEPS in all, so one stateless
     # call can check the lot
@@ -165,7 +166,8 @@ def test_timeout_answers_503_and_never_leaves_a_chunk_half_applied(
 
 def test_a_full_queue_refuses_a_chunk_before_its_body_is_read(server_factory: ServerFactory) -> None:
     # One chunk waits up to a second for its batch to fill, and one waiting chunk fills the queue meanwhile.
-    server = server_factory(GRU_MAX_QUEUE="1", GRU_MAX_BATCH_SIZE="64", GRU_MAX_BATCH_DELAY_MS="1000")
+    server = server_factory(GRU_MAX_QUEUE="1", GRU_MAX_BATCH_SIZE="64", GRU_MAX_BATCH_DELAY_MS="1000",
+                            GRU_QUEUE_PATIENCE_SECONDS="0")
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(httpx.post, server.url + "/v1/predict", json={"values": [0.1, 0.2]}, timeout=30)
         time.sleep(0.3)
@@ -179,3 +181,31 @@ def test_a_full_queue_refuses_a_chunk_before_its_body_is_read(server_factory: Se
     assert b"retry-after: 1\r\n" in head.lower() and b"application/problem+json" in head
     assert _metric(server, "gru_rejected_total", 'reason="queue_full_unread"') == 1
     assert httpx.get(server.url + "/v1/sessions/edge").status_code == 404
+
+
+def test_calls_that_find_the_queue_full_wait_unread_for_a_place_and_are_answered(
+    server_factory: ServerFactory, client: httpx.Client
+) -> None:
+    # one place; each chunk's batch waits 0.3 s to fill: the calls must queue up for the place
+    server = server_factory(GRU_MAX_QUEUE="1", GRU_MAX_BATCH_SIZE="64", GRU_MAX_BATCH_DELAY_MS="300",
+                            GRU_QUEUE_PATIENCE_SECONDS="30")
+    values = series(24, seed=3)
+    calls = [("/v1/predict", {"values": values[i : i + 8].tolist()}) for i in range(0, 24, 8)] * 2
+    responses = _fire(server, calls)
+    assert [r.status_code for r in responses] == [200] * 6, [r.text for r in responses]
+    for (_, body), response in zip(calls, responses, strict=True):
+        assert response.json()["predictions"] == stateless(client, np.array(body["values"]))["predictions"]
+    assert _metric(server, "gru_rejected_total", 'reason="queue_full_unread"') == 0
+    assert _metric(server, "gru_rejected_total", 'reason="queue_full"') == 0
+
+    # patience runs out: refused, unread, after waiting it
+    patient = server_factory(GRU_MAX_QUEUE="1", GRU_MAX_BATCH_SIZE="64", GRU_MAX_BATCH_DELAY_MS="1000",
+                             GRU_QUEUE_PATIENCE_SECONDS="0.2")
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(httpx.post, patient.url + "/v1/predict", json={"values": [0.1, 0.2]}, timeout=30)
+        time.sleep(0.3)
+        refused = httpx.post(patient.url + "/v1/predict", json={"values": [0.1]}, timeout=30)
+        assert waiting.result().status_code == 200
+    assert_problem(refused, 429)
+    assert 0.2 <= refused.elapsed.total_seconds() < 1.0
+    assert _metric(patient, "gru_rejected_total", 'reason="queue_full_unread"') == 1
