@@ -94,7 +94,8 @@ def test_full_queue_answers_429_at_once_and_sessions_hold_exactly_the_acknowledg
     statuses = [r.status_code for r in responses]
     assert set(statuses) <= {200, 429}, statuses
     refused = [r for r in responses if r.status_code == 429]
-    assert refused and statuses.count(200) >= 3, statuses
+    # at least the queue's two places are taken (refused unread, the rest can all come before a batch runs)
+    assert refused and statuses.count(200) >= 2, statuses
     for response in refused:
         body = assert_problem(response, 429)
         assert body["type"].endswith("/overloaded")
