@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.processes import RedisServer, free_port, wait_http
+from harness.processes import RedisServer, free_port, wait_http
 from service.sessions.base import StoreUnavailable, Write
 from tests.conftest import Server, ServerFactory, make_tiny_model, start_server
 from tests.service.conftest import start_redis
