@@ -26,7 +26,7 @@ system-deps:
 	@scripts/system-deps.sh
 
 lint: $(VENV)/.dev
-	$(VENV)/bin/ruff check model service tests bench
+	$(VENV)/bin/ruff check model service tests bench harness
 	$(VENV)/bin/mypy
 
 test: $(VENV)/.dev system-deps lint

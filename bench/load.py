@@ -49,7 +49,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.common import HIDDEN, LAYERS, bench_model, machine
-from bench.processes import Process, free_port, spawn, start_redis, start_service, wait_http
+from harness.processes import Process, free_port, spawn, start_redis, start_service, wait_http
 
 TARGETS = ("raw", "echo", "pydantic", "naive", "ours", "ours-redis")
 CHUNKS = (8, 64)

@@ -193,7 +193,8 @@ def test_build_context_holds_the_package_and_shipped_model(
 
 
 @pytest.mark.parametrize("path", [
-    ".venv/bin/python", ".git/HEAD", "tests/conftest.py", "bench/__main__.py", "docker-compose.yml",
+    ".venv/bin/python", ".git/HEAD", "tests/conftest.py", "bench/__main__.py", "harness/processes.py",
+    "docker-compose.yml",
     "deploy/k8s/base/deployment.yaml", "model/weights/experiment-3/model.safetensors",
     "service/__pycache__/app.cpython-311.pyc", ".mypy_cache/3.11/x.json", "runs/train.log",
 ])

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.processes import free_port
+from harness.processes import free_port
 
 SHIPPED = Path(__file__).resolve().parents[2] / "deploy" / "nginx" / "gru-api.conf"
 
