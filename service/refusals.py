@@ -71,7 +71,7 @@ class ShuttingDown(Refusal):
 
 
 class Overloaded(Refusal):
-    """The queue is full (GRU_MAX_QUEUE)."""
+    """The queue is full (GRU_MAX_QUEUE), or a session changed too often to be replaced by an import now."""
 
     kind = "overloaded"
 

@@ -51,6 +51,8 @@ class Written:
 
 
 class SessionStates:
+    """Export, import and fork over the (guarded) store, for the one model this service runs."""
+
     def __init__(self, store: SessionStore, model_name: str, model_version: str, state_size: int,
                  device: torch.device):
         self.store = store

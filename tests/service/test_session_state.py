@@ -323,6 +323,8 @@ def test_tenants_cannot_export_overwrite_or_fork_each_others_sessions(server_fac
     chunk = {"values": series(5, seed=46).tolist()}
     with httpx.Client(base_url=keyed.url, timeout=30) as http:
         assert_problem(_state(http, "pump-7"), 401)
+        assert_problem(_put(http, "pump-7", b"\0" * 8), 401)
+        assert_problem(http.post("/v1/sessions/pump-7/fork", json={"to": "mine"}), 401)
         assert http.post("/v1/sessions/pump-7/predict", json=chunk, headers=alice).status_code == 200
         exported = _state(http, "pump-7", **alice)
         document, tag = exported.content, exported.headers["etag"]
