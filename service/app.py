@@ -15,12 +15,13 @@ from fastapi import FastAPI
 
 from model import load_checkpoint
 from service import auth, problems
-from service.api import health, hot, v1, v2
+from service.api import health, hot, state, v1, v2
 from service.api.openapi import Limits, document_raw_routes
 from service.config import Settings
 from service.engine import Engine
 from service.metrics import Metrics
 from service.middleware import BodyLimit, Observability, RouteTemplates, ServerErrors
+from service.session_state import SessionStates
 from service.sessions import build_store
 from service.sessions.guard import GuardedStore
 from service.sessions.snapshot import SnapshotKeeper
@@ -107,10 +108,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.model_meta = meta
+    app.state.session_states = SessionStates(guarded, str(meta["name"]), engine.model_version,
+                                             forecaster.state_size, engine.device)
     app.include_router(v1.router)
+    app.include_router(state.router)
     limits = Limits(steps=settings.max_chunk_steps, horizon=settings.max_horizon, items=settings.max_batch_items,
                     features=engine.forecaster.num_features)
-    document_raw_routes(app, hot.OPERATIONS, v1.RAW_BODY_MODELS, limits)
+    document_raw_routes(app, hot.OPERATIONS, [*v1.RAW_BODY_MODELS, *state.RAW_BODY_MODELS], limits)
     app.include_router(v2.router)
     app.include_router(health.router)
     problems.install(app)

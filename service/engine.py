@@ -222,6 +222,4 @@ class Engine:
 
 
 def _unknown(key: str) -> UnknownSession:
-    session_id = session_id_of(key)
-    return UnknownSession(f"session {session_id!r} does not exist (expired, deleted or never created)",
-                          session_id=session_id)
+    return UnknownSession.gone(session_id_of(key))

@@ -140,6 +140,11 @@ def encode_answer(predictions: np.ndarray, forecast: np.ndarray | None, model_ve
     return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
+def answer_prefix(session_id: str) -> bytes:
+    """How every session answer ``encode_answer`` makes for ``session_id`` begins: its id comes first."""
+    return b'{"session_id":' + orjson.dumps(session_id) + b","
+
+
 class Problem(BaseModel):
     """RFC 9457 problem details, with extension members such as ``position`` or ``errors``."""
 
@@ -161,6 +166,13 @@ class SessionInfo(BaseModel):
     created_at: datetime
     updated_at: datetime
     expires_at: datetime
+
+
+class ForkRequest(BaseModel):
+    """Where a fork goes: a new session of the same tenant."""
+
+    model_config = ConfigDict(**_STRICT, json_schema_extra={"examples": [{"to": "pump-7-what-if"}]})
+    to: SessionId = Field(description="The new session's id; it must not exist")
 
 
 class ResetResponse(BaseModel):

@@ -31,7 +31,7 @@ from service.schemas import (
     ResetResponse,
     SessionInfo,
 )
-from service.sessions.base import session_key
+from service.sessions.base import Session, session_key
 
 router = APIRouter(prefix="/v1", tags=["v1"])
 SessionIdPath = Annotated[str, Path(pattern=SESSION_ID_PATTERN, description="Client-chosen session id")]
@@ -82,20 +82,25 @@ def _timestamp(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, UTC)
 
 
-# POST /v1/sessions/{session_id}/predict and POST /v1/predict are not here: they are answered by
-# service/api/hot.py's HotRoutes middleware before this router is reached (the hot path; docs/architecture.md,
-# "Why the predict routes bypass the router"). /docs still lists them, from hot.OPERATIONS.
-
-
-@router.get("/sessions/{session_id}", response_model=SessionInfo, summary="A session's position and age",
-            responses=problem_responses(404, 422, 503))
-async def get_session(session_id: SessionIdPath, engine: EngineDep, tenant: TenantDep) -> SessionInfo:
-    session, expires = await engine.session_info(session_key(tenant, session_id))
+def describe(session_id: str, session: Session, expires: float) -> SessionInfo:
+    """The ``GET /v1/sessions/{id}`` body of a session that expires at ``expires`` if nothing reaches it."""
     return SessionInfo(
         session_id=session_id, position=session.position, model_version=session.model_version,
         created_at=_timestamp(session.created_at), updated_at=_timestamp(session.updated_at),
         expires_at=_timestamp(expires),
     )
+
+
+# POST /v1/sessions/{session_id}/predict and POST /v1/predict are not here: they are answered by
+# service/api/hot.py's HotRoutes middleware before this router is reached (the hot path; docs/architecture.md,
+# "Why the predict routes bypass the router"). /docs still lists them, from hot.OPERATIONS. A session's state
+# (export, import, fork: GET/PUT /v1/sessions/{session_id}/state, POST .../fork) is in service/api/state.py.
+
+
+@router.get("/sessions/{session_id}", response_model=SessionInfo, summary="A session's position and age",
+            responses=problem_responses(404, 422, 503))
+async def get_session(session_id: SessionIdPath, engine: EngineDep, tenant: TenantDep) -> SessionInfo:
+    return describe(session_id, *await engine.session_info(session_key(tenant, session_id)))
 
 
 @router.post("/sessions/{session_id}/reset", response_model=ResetResponse,
