@@ -13,7 +13,7 @@ import orjson
 import pytest
 from safetensors.numpy import load, save
 
-from bench.processes import RedisServer
+from harness.processes import RedisServer
 from service.client import AsyncClient, Client, PreconditionFailed, SessionExists
 from service.client.cli import main
 from service.sessions.document import StateDocument, decode, encode
