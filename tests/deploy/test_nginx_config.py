@@ -1,8 +1,9 @@
 """The nginx config of the scale profile: `nginx -t` accepts it, and it proxies to a real service.
 
-The shipped file names the compose services (api-2, api-3), which resolve only inside compose; the tests use
-a copy with those upstreams pointed at loopback, wrapped in a minimal main config (the image's
-nginx.conf includes ours inside http {}) with every path under the test's temporary directory.
+The shipped file names the compose replicas' alias (gru-api-redis), which resolves only through Docker's DNS
+server (127.0.0.11); the tests use a copy with that name pointed at loopback and the resolver at a stand-in
+(a DNS server the test runs), wrapped in a minimal main config (the image's nginx.conf includes ours inside
+http {}) with every path under the test's temporary directory.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from bench.processes import free_port
 SHIPPED = Path(__file__).resolve().parents[2] / "deploy" / "nginx" / "gru-api.conf"
 
 
-def _test_copy(directory: Path, upstreams: list[str], listen: int) -> Path:
-    """Our server block with loopback upstreams, inside a main config that writes only to `directory`."""
+def _test_copy(directory: Path, listen: int, *, replicas: str, resolver: str = "127.0.0.1:53") -> Path:
+    """Our server block with `replicas` (host:port) in place of the compose alias and `resolver` in place of
+    Docker's DNS server, inside a main config that writes only to `directory`."""
     conf = SHIPPED.read_text()
-    servers = iter(upstreams)
-    conf, count = re.subn(r"(?m)^(\s*server\s+)(api-2|api-3):8000", lambda m: m.group(1) + next(servers), conf)
-    assert count == len(upstreams), "expected one `server` line per compose replica"
+    conf, count = re.subn(r"(?m)^(\s*set\s+\$gru_replicas\s+)gru-api-redis:8000;", rf"\g<1>{replicas};", conf)
+    assert count == 1, "expected the replicas' alias in one `set`"
+    conf, count = re.subn(r"(?m)^(\s*resolver\s+)127\.0\.0\.11 ", rf"\g<1>{resolver} ", conf)
+    assert count == 1, "expected Docker's DNS server as the resolver"
     conf, count = re.subn(r"listen 8080;", f"listen 127.0.0.1:{listen};", conf)
     assert count == 1
     (directory / "gru-api.conf").write_text(conf)
@@ -50,7 +53,7 @@ http {{
 
 
 def test_nginx_accepts_the_config(tmp_path: Path, tool: Callable[[str], str]) -> None:
-    main = _test_copy(tmp_path, ["127.0.0.1:8000", "127.0.0.1:8001"], free_port())
+    main = _test_copy(tmp_path, free_port(), replicas="gru-api-redis:8000")
     done = subprocess.run(
         [tool("nginx"), "-t", "-p", str(tmp_path), "-c", str(main), "-e", str(tmp_path / "error.log")],
         capture_output=True, text=True, timeout=30, check=False,
@@ -61,10 +64,9 @@ def test_nginx_accepts_the_config(tmp_path: Path, tool: Callable[[str], str]) ->
 
 @pytest.fixture
 def proxy(server: Any, tmp_path: Path, tool: Callable[[str], str]) -> Iterator[str]:
-    """nginx in front of the shared test server (both upstream slots point at it)."""
-    upstream = server.url.removeprefix("http://")
+    """nginx in front of the shared test server (the replicas' name replaced by its address)."""
     port = free_port()
-    main = _test_copy(tmp_path, [upstream, upstream], port)
+    main = _test_copy(tmp_path, port, replicas=server.url.removeprefix("http://"))
     process = subprocess.Popen(
         [tool("nginx"), "-p", str(tmp_path), "-c", str(main), "-e", str(tmp_path / "error.log"),
          "-g", "daemon off;"],
