@@ -148,6 +148,30 @@ def test_redis_caps_memory_and_evicts_least_recently_used_sessions(compose: Comp
     assert options["--maxmemory-policy"] == "volatile-lru"
 
 
+def test_redis_keeps_sessions_in_an_append_only_file_fsynced_every_second_on_a_named_volume(
+    compose: Compose,
+) -> None:
+    """As the prod overlay's Redis: a restart of Redis keeps every session (tests/deploy/test_redis_durability.py
+    restarts a redis-server started with these very options)."""
+    options = _redis_options(compose)
+    assert options["--appendonly"] == "yes"
+    assert options["--appendfsync"] == "everysec"
+    assert options["--save"] == ""
+    redis = compose()["services"]["redis"]
+    volumes = [v if isinstance(v, str) else f"{v['source']}:{v['target']}" for v in redis["volumes"]]
+    assert f"redis-data:{options['--dir']}" in [":".join(v.split(":")[:2]) for v in volumes]
+    assert "redis-data" in compose()["volumes"]
+
+
+def test_redis_persistence_is_the_prod_overlays(compose: Compose, repo: Path) -> None:
+    options = _redis_options(compose)
+    conf = (repo / "deploy" / "k8s" / "overlays" / "prod" / "redis.conf").read_text()
+    prod = dict(line.split(None, 1) for line in conf.splitlines() if line.strip() and not line.startswith("#"))
+    for name in ("maxmemory", "maxmemory-policy", "appendonly", "appendfsync"):
+        assert options[f"--{name}"] == prod[name], name
+    assert prod["save"] == '""' and options["--save"] == ""
+
+
 def test_nginx_fronts_the_redis_replicas_with_the_shipped_config(
     compose: Callable[..., dict[str, Any]], repo: Path
 ) -> None:
