@@ -1,8 +1,7 @@
 """The container healthcheck: ``python -m service.healthcheck`` exits 0 when this machine's service is ready.
 
 It asks ``/readyz`` on 127.0.0.1 at the port the service itself listens on (``GRU_PORT``, read through the same
-Settings), so a container started on another port stays healthy. Standard library only: slim images have no
-curl.
+Settings), so a container started on another port stays healthy. urllib, not curl: slim images have none.
 """
 
 from __future__ import annotations
