@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sysconfig
 import tomllib
 from collections.abc import Callable
 from importlib import metadata
@@ -20,6 +21,10 @@ from packaging.utils import canonicalize_name
 REPO = Path(__file__).resolve().parents[2]
 # Not in the lock: each TORCH_VARIANT is another file (tests/deploy/test_dockerfile.py), pinned in constraints.txt.
 UNLOCKED = {"torch"}
+
+# Where the environment's packages are: not the whole sys.path, where setuptools, once imported, adds the
+# dist-info of the packages it vendors (an older packaging among them).
+SITE_PACKAGES = sysconfig.get_paths()["purelib"]
 
 _ENTRY = re.compile(r"^([A-Za-z0-9._-]+)==(\S+)((?:\s*\\\n\s+--hash=\S+)+)", re.MULTILINE)
 
@@ -91,7 +96,7 @@ def test_the_runtime_lock_holds_every_dependency_of_every_dependency(
             continue
         seen.add((name, extras))
         assert name in runtime_lock or name in UNLOCKED, f"{name} is needed but not in requirements.lock"
-        distribution = metadata.distribution(name)
+        (distribution,) = metadata.distributions(name=name, path=[SITE_PACKAGES])
         if name in runtime_lock:
             assert distribution.version == runtime_lock[name][0], f"{name}: this environment is not the lock's"
         for text in distribution.requires or []:
@@ -114,7 +119,8 @@ def test_the_dev_lock_has_the_runtime_locks_versions_and_hashes(
 def test_this_environment_was_installed_from_the_dev_lock(dev_lock: dict[str, tuple[str, set[str]]]) -> None:
     """`make test` runs in .venv built from requirements-dev.lock: every locked version is the installed one
     (a run outside `make`'s environment fails here, saying which package differs)."""
-    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    installed = {canonicalize_name(d.metadata["Name"]): d.version
+                 for d in metadata.distributions(path=[SITE_PACKAGES])}
     different = {name: (version, installed.get(name)) for name, (version, _) in dev_lock.items()
                  if installed.get(name) != version}
     assert different == {}, "locked vs installed; `make lint` reinstalls from the locks"
