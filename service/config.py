@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GRU_", env_file=None, extra="ignore", frozen=True,
                                       hide_input_in_errors=True)
 
+    port: int = Field(8000, ge=1, le=65535,
+                      description="where python -m service listens (--port wins) and the image's healthcheck asks")
     model_path: Path = Field(DEFAULT_MODEL_PATH, description="checkpoint directory (config.json + model.safetensors)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when available")
     store: Literal["memory", "redis"] = Field("memory", description="where session states live")
