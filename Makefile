@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip install -q -c constraints.txt
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: serve test lint bench model system-deps clean
+.PHONY: serve test lint bench bench-lstm model system-deps clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -34,6 +34,9 @@ test: $(VENV)/.dev system-deps lint
 
 bench: $(VENV)/.dev
 	$(PY) -m bench
+
+bench-lstm: $(VENV)/.dev
+	$(PY) -m bench.gru_vs_lstm
 
 model: $(VENV)/.dev
 	$(PY) -m model.train --dataset seattle-temps --name seattle-temp --out model/weights/default --seed 0
