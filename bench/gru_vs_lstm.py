@@ -1,7 +1,7 @@
-"""Our GRU against torch's LSTM: what each costs to serve and what each learns; prints four tables.
+"""Our GRU against torch's LSTM: what each costs to serve and what each learns; prints five tables.
 
     python -m bench.gru_vs_lstm                     # the whole comparison, under five minutes on 2 cores
-    python -m bench.gru_vs_lstm --max-seconds 5 --lag-seconds 3 --lags 1 8 32 --series sf-temps
+    python -m bench.gru_vs_lstm --max-seconds 5 --lag-seconds 3 --lags 1 8 32 --series "sf-temps, daily mean"
 
 1. **Cost** at ``bench.cell``'s serving shapes: parameters, state bytes per session (the GRU carries h,
    the LSTM h and c) and µs per forward (thread CPU time, one torch thread, under ``inference_mode``;
@@ -15,8 +15,9 @@
 3. **Memory**: x_t = a·x_{t−k} + √(1 − a²)·ε_t, whose next value depends only on the value k steps back,
    for growing k; the same training with ``--lags 1`` (so the linear term cannot reach back: what is kept
    is the core's). The score is the share of the gap between forecasting the mean (no memory) and the
-   oracle a·x_{t+1−k} that the model closes on the unseen tail; a lag is kept at 0.5 or more.
-4. **Summary**: one row per model at the shipped shape, the table the README shows.
+   oracle a·x_{t+1−k} that the model closes on the unseen tail; a lag is kept at 0.5 or more. For scale, the
+   ridge autoregression on the last k differences (what ``--lags k`` gives the linear term) is scored too.
+4. **Summary**: one row per model at the first shape (the shipped one's), the table the README shows.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ from torch import Tensor, nn
 from bench.cell import BATCHES, SHAPES, STEPS, _best_median_us
 from bench.common import machine
 from bench.forecast_quality import CASES, TRAIN_FRACTION, stream
-from model.baselines import persistence
-from model.data import series_from_frame
+from model.baselines import difference_ar_predictions, fit_difference_ar, persistence
+from model.data import fit_scaler, series_from_frame
 from model.fit import TrainConfig, train
 from model.forecaster import Forecaster, ForecasterConfig
 from model.gru import GRU
@@ -52,6 +53,7 @@ LAG_ROWS = 2500
 LAG_COEFFICIENT = 0.9  # a: how much of x_{t+1} the value k steps back explains (a² of its variance)
 KEPT = 0.5  # share of the memory gap a model must close for a lag to count as kept
 CORES = ("GRU", "LSTM")  # the two Forecaster cores trained
+LINEAR = "AR on k diffs"  # the memory part's yardstick: what --lags k gives the linear term alone
 
 
 class LSTMForecaster(Forecaster):
@@ -210,7 +212,7 @@ class LagRow:
     lag: int
     no_memory: float  # tail MAE of forecasting the mean
     oracle: float  # tail MAE of a·x_{t+1−k}
-    mae: dict[str, float]  # core -> tail MAE
+    mae: dict[str, float]  # core (or LINEAR) -> tail MAE
     epochs: dict[str, str]
 
     def closed(self, core: str) -> float:
@@ -225,10 +227,14 @@ def measure_lag(lag: int, rows: int, config: TrainConfig) -> LagRow:
     oracle = LAG_COEFFICIENT * values[split - lag : rows - lag]
     row = LagRow(lag, float(np.abs(truth - values[:split].mean()).mean()), float(np.abs(truth - oracle).mean()),
                  {}, {})
+    column = values[:, None]  # (T, 1)
+    diff_scale = np.array(fit_scaler(column[:split], ("x",)).diff_scale)
+    linear = difference_ar_predictions(column, fit_difference_ar(column[:split], (lag,), diff_scale), diff_scale)
+    row.mae[LINEAR] = float(np.abs(linear[split - 1 :, 0] - truth).mean())
     frame = pd.DataFrame({"x": values})
     for core in CORES:
         model, epochs = fit(frame, core, config)
-        row.mae[core] = tail_mae(model, values[:, None])
+        row.mae[core] = tail_mae(model, column)
         row.epochs[core] = epochs
     return row
 
@@ -294,13 +300,13 @@ def mean_quality(rows: list[QualityRow], core: str) -> float:
 def lag_table(rows: list[LagRow], seconds: float, length: int) -> Table:
     out = Table(title=f"Memory: x_t = {LAG_COEFFICIENT}·x_(t−k) + noise, {length} rows, linear term 1 lag, training"
                       f" ≤ {seconds:g} s; tail MAE and share of the memory gap closed (kept at ≥ {KEPT})")
-    for column in ("k", "no memory", "oracle"):
+    for column in ("k", "no memory", "oracle", f"{LINEAR} closed"):
         out.add_column(column, justify="right")
     for core in CORES:
         for column in (f"{core} MAE", "closed", "epochs"):
             out.add_column(column, justify="right")
     for row in rows:
-        cells = [f"{row.no_memory:.3f}", f"{row.oracle:.3f}"]
+        cells = [f"{row.no_memory:.3f}", f"{row.oracle:.3f}", f"{row.closed(LINEAR):.2f}"]
         for core in CORES:
             cells += [f"{row.mae[core]:.3f}", f"{row.closed(core):.2f}", row.epochs[core]]
         out.add_row(str(row.lag), *cells)
