@@ -130,7 +130,7 @@ class Forecaster(nn.Module):
         (training starts windows from it: their first steps already have their differences)."""
         batch = prior.size(0)
         cfg = self.config
-        h = prior.new_zeros(cfg.num_layers, batch, self.core_states * cfg.hidden_size)  # (L, B, H), the GRU's
+        h = prior.new_zeros(cfg.num_layers, batch, self.core_states * cfg.hidden_size)  # (L, B, core_states·H)
         return self._join(h, prior, prior.new_ones(batch, 1))
 
     def _split(self, state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -138,7 +138,7 @@ class Forecaster(nn.Module):
         batch = state.size(0)
         width = self.core_states * cfg.hidden_size
         hidden_end = cfg.num_layers * width
-        h = state[:, :hidden_end].reshape(batch, cfg.num_layers, width).transpose(0, 1)  # (L, B, H), the GRU's
+        h = state[:, :hidden_end].reshape(batch, cfg.num_layers, width).transpose(0, 1)  # (L, B, core_states·H)
         window = state[:, hidden_end:-1].reshape(batch, cfg.lags, cfg.num_features)  # (B, K, F)
         seen = state[:, -1:]  # (B, 1)
         return h, window, seen
@@ -164,7 +164,7 @@ class Forecaster(nn.Module):
         scaled_diffs = diffs / self.diff_scale
         current = scaled_diffs[:, lags - 1 :]  # (B, T, F): d_t / σ_d
         gru_input = torch.cat([(x - self.mean) / self.scale, current], dim=2)  # (B, T, 2F)
-        out, h_n = self._recurrence(gru_input, h0.contiguous(), lengths)  # (B, T, H), (L, B, H)
+        out, h_n = self._recurrence(gru_input, h0.contiguous(), lengths)  # (B, T, H), like h0
         # (B, T, F, K) windows, newest difference last, flattened as (F·K) for the linear term
         lagged = scaled_diffs.unfold(1, lags, 1).reshape(batch, steps, features * lags)
         step = self.head(out) + self.autoregression(lagged)  # (B, T, F), in units of σ_d
@@ -178,7 +178,7 @@ class Forecaster(nn.Module):
         return prediction, self._join(h_n, next_window, torch.ones_like(seen))
 
     def _recurrence(self, x: Tensor, h0: Tensor, lengths: Tensor | list[int] | None) -> tuple[Tensor, Tensor]:
-        """The recurrent core over x (B, T, 2F) from h0 (L, B, H): out (B, T, H), h_n (L, B, H)."""
+        """The recurrent core over x (B, T, 2F) from h0 (L, B, core_states·H): out (B, T, H), h_n like h0."""
         return self.gru(x, h0, lengths)
 
     @torch.no_grad()
