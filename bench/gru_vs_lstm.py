@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
 
-from bench.cell import BATCHES, SHAPES, STEPS, _best_median_us
+from bench.cell import BATCHES, SHAPES, STEPS, best_median_us
 from bench.common import machine
 from bench.forecast_quality import CASES, TRAIN_FRACTION, stream
 from model.baselines import difference_ar_predictions, fit_difference_ar, persistence
@@ -148,7 +148,7 @@ def measure_cost(shape: tuple[int, int, int], batches: tuple[int, ...], steps: t
             for length in steps:
                 x = torch.randn(batch, length, shape[0])
                 calls = [c.call(x, layers) for c in contenders]
-                row.times_us[batch, length] = _best_median_us(calls, min_run_time, 1, rounds, time.thread_time)
+                row.times_us[batch, length] = best_median_us(calls, min_run_time, 1, rounds, time.thread_time)
     return row
 
 
@@ -156,7 +156,7 @@ def measure_cost(shape: tuple[int, int, int], batches: tuple[int, ...], steps: t
 class QualityRow:
     series: str
     rows: int
-    mae: dict[str, float]  # core -> one-step MAE on the unseen tail ÷ persistence's
+    mae: dict[str, float]  # core -> one-step MAE on the unseen tail ÷ persistence's, mean over features
     epochs: dict[str, str]  # core -> "best/run": best 0 means the linear model alone was kept
 
 
@@ -176,23 +176,26 @@ def warm_up(config: TrainConfig) -> None:
         fit(frame, core, dataclasses.replace(config, epochs=1, max_seconds=60.0))
 
 
-def tail_mae(model: Forecaster, values: np.ndarray) -> float:
-    """Mean over features of the streamed one-step MAE on the unseen tail."""
+def tail_mae(predictions: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """MAE per feature (F,) of one-step ``predictions`` (T − 1, F) of ``values`` (T, F) on the unseen tail."""
     split = int(len(values) * TRAIN_FRACTION)
-    errors = np.abs(stream(model, values)[split - 1 :] - values[split:])  # (V, F)
-    return float(errors.mean(axis=0).mean())
+    return np.abs(predictions[split - 1 :] - values[split:]).mean(axis=0)
+
+
+def relative_mae(predictions: np.ndarray, values: np.ndarray) -> float:
+    """Tail MAE ÷ persistence's, averaged over features (as bench.forecast_quality scores: each feature in
+    its own units, so a large-valued column does not outweigh the others)."""
+    return float(np.mean(tail_mae(predictions, values) / tail_mae(persistence(values), values)))
 
 
 def measure_quality(name: str, config: TrainConfig) -> QualityRow:
     case = next(c for c in CASES if c.name == name)
     frame = case.load().astype(float)
     values = frame.to_numpy()
-    split = int(len(values) * TRAIN_FRACTION)
-    naive = float(np.abs(persistence(values)[split - 1 :] - values[split:]).mean(axis=0).mean())
     row = QualityRow(name, len(values), {}, {})
     for core in CORES:
         model, epochs = fit(frame, core, config)
-        row.mae[core] = tail_mae(model, values) / naive
+        row.mae[core] = relative_mae(stream(model, values), values)
         row.epochs[core] = epochs
     return row
 
@@ -230,11 +233,11 @@ def measure_lag(lag: int, rows: int, config: TrainConfig) -> LagRow:
     column = values[:, None]  # (T, 1)
     diff_scale = np.array(fit_scaler(column[:split], ("x",)).diff_scale)
     linear = difference_ar_predictions(column, fit_difference_ar(column[:split], (lag,), diff_scale), diff_scale)
-    row.mae[LINEAR] = float(np.abs(linear[split - 1 :, 0] - truth).mean())
+    row.mae[LINEAR] = float(tail_mae(linear, column)[0])
     frame = pd.DataFrame({"x": values})
     for core in CORES:
         model, epochs = fit(frame, core, config)
-        row.mae[core] = tail_mae(model, column)
+        row.mae[core] = float(tail_mae(stream(model, column), column)[0])
         row.epochs[core] = epochs
     return row
 

@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from bench import gru_vs_lstm
-from bench.gru_vs_lstm import LagRow, LSTMForecaster, lagged_series, longest_kept, matched_hidden, parameters
+from bench.gru_vs_lstm import (
+    LagRow,
+    LSTMForecaster,
+    lagged_series,
+    longest_kept,
+    matched_hidden,
+    parameters,
+    relative_mae,
+)
 from model.data import series_from_frame
 from model.fit import TrainConfig, train
 from model.forecaster import Forecaster, ForecasterConfig
@@ -113,3 +121,10 @@ def test_the_training_loop_trains_the_model_build_makes() -> None:
     result = train(series_from_frame(frame, None, "lag 2"), config, build=LSTMForecaster)
     assert isinstance(result.model, LSTMForecaster) and result.epochs == 2
     assert result.model.state_size == 2 * 4 + 1 + 1
+
+
+def test_real_series_are_scored_per_feature_so_a_large_column_does_not_outweigh_a_small_one() -> None:
+    steps = np.arange(10.0)
+    values = np.column_stack([1000 * (-1) ** steps, steps])  # a large alternating column and a small ramp
+    predictions = np.column_stack([values[:-1, 0], values[1:, 1]])  # persistence on the first, exact on the second
+    assert relative_mae(predictions, values) == pytest.approx(0.5)  # (1 + 0) / 2; pooled MAEs would give 0.9995
