@@ -16,7 +16,7 @@ LOCK := $(VENV)/bin/uv pip compile pyproject.toml -c constraints.txt --find-link
 	--generate-hashes --no-emit-package torch --python-version 3.11 --python-platform x86_64-manylinux_2_36 \
 	--custom-compile-command 'make lock' --quiet
 
-.PHONY: serve test lint lock bench model system-deps clean
+.PHONY: serve test lint lock bench bench-lstm model system-deps clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -55,6 +55,9 @@ lock: $(VENV)/.dev
 
 bench: $(VENV)/.dev
 	$(PY) -m bench
+
+bench-lstm: $(VENV)/.dev
+	$(PY) -m bench.gru_vs_lstm
 
 model: $(VENV)/.dev
 	$(PY) -m model.train --dataset seattle-temps --name seattle-temp --out model/weights/default --seed 0
