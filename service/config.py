@@ -32,6 +32,17 @@ class Settings(BaseSettings):
                                       hide_input_in_errors=True)
 
     model_path: Path = Field(DEFAULT_MODEL_PATH, description="checkpoint directory (config.json + model.safetensors)")
+    model_repository: Path | None = Field(
+        None, description="model repository DIR/<model>/<version>/; when set, GRU_MODEL_PATH is not used"
+    )
+    default_model: str = Field("", pattern=r"^([A-Za-z0-9._-]{1,64})?$",
+                               description="the model behind the routes without /models/{model}")
+    repository_poll_seconds: float = Field(5.0, ge=0, description="look for new versions this often; 0 = off")
+    max_loaded_versions: int = Field(3, ge=1, description="loaded versions per model; beyond, the oldest goes")
+    upgrade: Literal["pin", "replay"] = Field(
+        "pin", description="pin: a session stays on its version; replay: moves to the newest on its next chunk"
+    )
+    admin_keys: str = Field("", repr=False, description="key:tenant pairs allowed the repository API")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when available")
     store: Literal["memory", "redis"] = Field("memory", description="where session states live")
     redis_url: str = Field("redis://localhost:6379/0", description="used when store=redis")
@@ -88,6 +99,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_model_path(self) -> Settings:
+        if self.model_repository is not None:
+            if not self.model_repository.is_dir():
+                raise ValueError(f"GRU_MODEL_REPOSITORY={self.model_repository} is not a directory")
+            return self
         if not self.model_path.is_dir():
             raise ValueError(f"GRU_MODEL_PATH={self.model_path} is not a directory; point it at a checkpoint")
         return self

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,8 @@ from service.schemas import encode_answer
 from service.sessions.base import Session, SessionStore, Write, session_id_of
 
 log = logging.getLogger("service.engine")
+# Where a judged chunk belongs: True when the router took it to another engine (the session's version's).
+Router = Callable[[Chunk, "Session | None"], bool]
 
 
 @dataclass(slots=True)
@@ -57,9 +60,12 @@ class Engine:
         max_batch_delay_ms: float,
         max_queue: int,
         request_timeout_seconds: float,
+        label: tuple[str, str] | None = None,
     ):
         self.forecaster = forecaster
         self.model_version = model_version
+        self.label = label  # (model name, repository version) every answer names, when served from one
+        self.router: Router | None = None  # set by the model registry when several versions are loaded
         self.store = store
         self.compute = BatchCompute(forecaster)
         self.device = self.compute.device
@@ -154,6 +160,8 @@ class Engine:
                 runs.append(_Run(chunk, None, Apply(start=0, created=False), None))
                 continue
             session = record_of.get(chunk.key)
+            if self.router is not None and self.router(chunk, session):
+                continue  # another version's engine judges it
             revision = session.revision if session is not None else None
             if chunk.restart:  # in place of whatever the session held, judged against it for the commit
                 runs.append(_Run(chunk, None, Apply(start=0, created=session is None), revision))
@@ -218,7 +226,7 @@ class Engine:
         session = None
         if chunk.key is not None:
             session = (session_id_of(chunk.key), run.verdict.start + len(chunk.values), run.verdict.created)
-        return encode_answer(predictions, forecast, self.model_version, session)
+        return encode_answer(predictions, forecast, self.model_version, session, self.label)
 
 
 def _unknown(key: str) -> UnknownSession:

@@ -43,6 +43,18 @@ class Metrics:
         )
         self.rejected = Counter("gru_rejected", "Chunks refused before running", ["reason"], registry=r)
         self.model_info = Info("gru_model", "The served model", registry=r)
+        self.model_versions = Gauge(
+            "gru_model_versions", "Loaded model versions (1 each), by state: serving or draining",
+            ["model", "version", "state"], registry=r,
+        )
+        self.versions_skipped = Counter(
+            "gru_model_versions_skipped", "Repository versions refused: damaged, half-written or incompatible",
+            ["model"], registry=r,
+        )
+        self.version_evictions = Counter(
+            "gru_model_version_evictions", "Versions unloaded beyond GRU_MAX_LOADED_VERSIONS while holding"
+            " sessions", ["model"], registry=r,
+        )
         # Labelled series exist from the first scrape, so rules and dashboards resolve before any event.
         for reason in EVICTION_REASONS:
             self.evictions.labels(reason=reason)

@@ -9,6 +9,7 @@ engine's pre-serialised JSON answered as is. The schema in /docs is the same (se
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TypeVar
 
 import numpy as np
@@ -18,6 +19,7 @@ from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.bodies import chunk_array, parse, path_session_id
+from service.api.deps import served_model
 from service.api.openapi import RawOperation
 from service.auth import tenant_of
 from service.engine import Engine
@@ -41,7 +43,7 @@ Body = TypeVar("Body", ChunkRequest, StatelessRequest)
 async def _read(request: Request, model: type[Body]) -> tuple[Engine, Body, np.ndarray]:
     """The engine, the validated body, and its values as the model's float32 input."""
     state = request.app.state
-    engine: Engine = state.engine
+    engine: Engine = served_model(request).engine
     body = parse(await request.body(), model)
     values = chunk_array(body.values, body.horizon, engine.forecaster.num_features, state.settings, _LOCATION)
     return engine, body, values
@@ -71,6 +73,8 @@ async def predict(request: Request) -> Response:
 ROUTES = [
     Route("/v1/sessions/{session_id}/predict", predict_session, methods=["POST"]),
     Route("/v1/predict", predict, methods=["POST"]),
+    Route("/v1/models/{model}/sessions/{session_id}/predict", predict_session, methods=["POST"]),
+    Route("/v1/models/{model}/predict", predict, methods=["POST"]),
 ]
 
 
@@ -105,7 +109,7 @@ class HotRoutes:
         await self.app(scope, receive, send)
 
 
-OPERATIONS = [
+_DEFAULT_OPERATIONS = [
     RawOperation(
         "/v1/sessions/{session_id}/predict", "post", "Feed a session the next chunk of its series",
         "Applies the chunk at the session's position and answers the one-step-ahead prediction after every "
@@ -118,3 +122,9 @@ OPERATIONS = [
         StatelessRequest, PredictionResponse, (400, 408, 413, 422, 429, 503),
     ),
 ]
+# The same two routes per model, under /v1/models/{model}/ (404 for an unknown model).
+OPERATIONS = [*_DEFAULT_OPERATIONS, *(
+    dataclasses.replace(op, path=op.path.replace("/v1/", "/v1/models/{model}/", 1),
+                        problems=tuple(sorted({*op.problems, 404})))
+    for op in _DEFAULT_OPERATIONS
+)]

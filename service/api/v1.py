@@ -12,13 +12,15 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 import orjson
-from fastapi import APIRouter, Path, Request, Response
+from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, JsonValue
 
 from service.api.bodies import chunk_array, parse, parse_item
-from service.api.deps import EngineDep, SettingsDep
+from service.api.deps import EngineDep, ModelDep, SettingsDep, model_path
 from service.api.openapi import body_schema, problem_responses
 from service.auth import TenantDep
+from service.models import Registry, ServedModel
 from service.problems import Problem, as_problem
 from service.refusals import Refusal
 from service.schemas import (
@@ -27,7 +29,10 @@ from service.schemas import (
     BatchItem,
     BatchRequest,
     BatchResponse,
+    ModelEntry,
     ModelInfo,
+    ModelList,
+    ModelVersionInfo,
     ResetResponse,
     SessionInfo,
 )
@@ -41,16 +46,36 @@ JSON = "application/json"
 RAW_BODY_MODELS: list[type[BaseModel]] = [BatchRequest]
 
 
-@router.get("/model", response_model=ModelInfo, summary="The served model")
-async def model_info(request: Request, engine: EngineDep) -> ModelInfo:
+def _card(model: ServedModel) -> ModelInfo:
+    engine = model.engine
     cfg = engine.forecaster.config
-    meta = request.app.state.model_meta
+    meta = model.newest.meta
     return ModelInfo(
         name=meta["name"], version=engine.model_version, input_features=cfg.num_features,
         output_features=cfg.num_features, feature_names=list(cfg.features), hidden_size=cfg.hidden_size,
         num_layers=cfg.num_layers, variant=cfg.variant, lags=cfg.lags, device=str(engine.device),
         training=meta.get("training", {}),
     )
+
+
+@router.get("/model", response_model=ModelInfo, summary="The default model's newest version")
+async def model_info(model: ModelDep) -> ModelInfo:
+    return _card(model)
+
+
+@router.get("/models", response_model=ModelList, summary="Every served model and its loaded versions",
+            responses=problem_responses(503))
+async def list_models(request: Request) -> ModelList:
+    registry: Registry = request.app.state.registry
+    entries = []
+    for model in list(registry.models.values()):
+        counts = await model.store.version_counts()
+        versions = [ModelVersionInfo(version=str(v.number), model_version=v.model_version, state=model.state_of(v),
+                                     sessions=counts.get(v.model_version, 0) if model.by_hash(v.model_version) is v
+                                     else 0)
+                    for v in sorted(model.versions.values(), key=lambda v: -v.number)]
+        entries.append(ModelEntry(name=model.name, default=model.name == registry.default, versions=versions))
+    return ModelList(models=entries)
 
 
 @router.post(
@@ -89,10 +114,12 @@ def _timestamp(seconds: float) -> datetime:
 
 @router.get("/sessions/{session_id}", response_model=SessionInfo, summary="A session's position and age",
             responses=problem_responses(404, 422, 503))
-async def get_session(session_id: SessionIdPath, engine: EngineDep, tenant: TenantDep) -> SessionInfo:
-    session, expires = await engine.session_info(session_key(tenant, session_id))
+async def get_session(session_id: SessionIdPath, model: ModelDep, tenant: TenantDep) -> SessionInfo:
+    session, expires = await model.engine.session_info(session_key(tenant, session_id))
+    pinned = model.by_hash(session.model_version)
     return SessionInfo(
         session_id=session_id, position=session.position, model_version=session.model_version,
+        model=model.name, version=str(pinned.number) if pinned is not None else None,
         created_at=_timestamp(session.created_at), updated_at=_timestamp(session.updated_at),
         expires_at=_timestamp(expires),
     )
@@ -111,3 +138,15 @@ async def reset_session(session_id: SessionIdPath, engine: EngineDep, tenant: Te
 async def delete_session(session_id: SessionIdPath, engine: EngineDep, tenant: TenantDep) -> Response:
     await engine.delete(session_key(tenant, session_id))
     return Response(status_code=204)
+
+
+# Every route above per model: /v1/models/{model}/sessions/{id}, ..., and the card at /v1/models/{model}.
+model_router = APIRouter(prefix="/v1/models/{model}", tags=["v1"], dependencies=[Depends(model_path)])
+for _route in router.routes:
+    if isinstance(_route, APIRoute) and _route.endpoint is not list_models:
+        model_router.add_api_route(
+            "" if _route.endpoint is model_info else _route.path.removeprefix("/v1"), _route.endpoint,
+            methods=list(_route.methods or ()), response_model=_route.response_model,
+            status_code=_route.status_code, summary=f"{_route.summary} (one model)",
+            responses={**_route.responses, **problem_responses(404)}, openapi_extra=_route.openapi_extra,
+        )

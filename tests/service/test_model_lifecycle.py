@@ -1,0 +1,204 @@
+"""Several models from a repository, and new versions published while sessions stream (real servers)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.repository import Repository
+from tests.conftest import ServerFactory, make_tiny_model, refused_start_log
+from tests.service.helpers import assert_problem, new_id, send, series
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def add_version(repository: Path, model: str, version: int, seed: int = 0,
+                features: tuple[str, ...] = ("x",)) -> Path:
+    return make_tiny_model(repository / model / str(version), features=features, seed=seed, name=model)
+
+
+def models(client: httpx.Client) -> dict[str, Any]:
+    response = client.get("/v1/models")
+    assert response.status_code == 200, response.text
+    return {entry["name"]: entry for entry in response.json()["models"]}
+
+
+def versions(client: httpx.Client, model: str) -> dict[str, dict[str, Any]]:
+    return {v["version"]: v for v in models(client)[model]["versions"]}
+
+
+def wait_for(condition: Any, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+def metric(client: httpx.Client, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+def test_repository_scan_lists_versions_and_ignores_what_breaks_the_layout(tmp_path: Path) -> None:
+    add_version(tmp_path, "pumps", 2)
+    add_version(tmp_path, "pumps", 10, seed=1)
+    (tmp_path / "pumps" / "0").mkdir()  # not a positive integer
+    (tmp_path / "pumps" / ".publishing-x").mkdir()  # a publication in progress
+    (tmp_path / "bad name!").mkdir()
+    (tmp_path / "empty").mkdir()
+    found = Repository(root=tmp_path).scan()
+    assert list(found) == ["pumps"]
+    assert [v.version for v in found["pumps"]] == [2, 10]
+
+
+def test_models_are_listed_and_each_has_its_own_routes_and_sessions(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    repository = tmp_path / "repo"
+    a_path = add_version(repository, "a", 1)
+    add_version(repository, "b", 1, seed=3, features=("p", "q"))
+    server = server_factory(GRU_MODEL_REPOSITORY=str(repository), GRU_DEFAULT_MODEL="a")
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        a_version = client.get("/v1/models/a").json()["version"]
+        assert client.get("/v1/model").json() == client.get("/v1/models/a").json()
+        assert client.get("/v1/models/b").json()["input_features"] == 2
+        listed = models(client)
+        assert listed["a"] == {"name": "a", "default": True, "versions": [
+            {"version": "1", "model_version": a_version, "state": "serving", "sessions": 0}]}
+        assert listed["b"]["default"] is False
+
+        session = new_id()
+        first = send(client, session, series(3), offset=0).json()
+        assert (first["model"], first["version"], first["model_version"]) == ("a", "1", a_version)
+        # today's route and the default model's route are one session
+        again = client.post(f"/v1/models/a/sessions/{session}/predict", json={"values": [0.4], "offset": 3})
+        assert again.status_code == 200 and again.json()["position"] == 4 and again.json()["created"] is False
+        info = client.get(f"/v1/sessions/{session}").json()
+        assert (info["position"], info["model"], info["version"]) == (4, "a", "1")
+        # the same id under another model is another session
+        other = client.post(f"/v1/models/b/sessions/{session}/predict", json={"values": [[0.1, 0.2]], "offset": 0})
+        assert other.status_code == 200, other.text
+        assert (other.json()["created"], other.json()["model"]) == (True, "b")
+        assert versions(client, "a")["1"]["sessions"] == 1 and versions(client, "b")["1"]["sessions"] == 1
+        stateless = client.post("/v1/models/b/predict", json={"values": [[0.1, 0.2], [0.2, 0.1]]}).json()
+        assert stateless["model"] == "b" and len(stateless["predictions"]) == 2
+        batch = client.post("/v1/models/b/predict/batch", json={"items": [
+            {"session_id": session, "values": [[0.3, 0.3]], "offset": 1}]}).json()
+        assert batch["results"][0]["position"] == 2 and batch["results"][0]["model"] == "b"
+        assert client.delete(f"/v1/models/b/sessions/{session}").status_code == 204
+        assert client.get(f"/v1/sessions/{session}").status_code == 200  # a's is untouched
+
+        for method, path in (("GET", "/v1/models/nope"), ("GET", f"/v1/models/nope/sessions/{session}"),
+                             ("POST", f"/v1/models/nope/sessions/{session}/predict"),
+                             ("POST", "/v1/models/nope/predict")):
+            body = assert_problem(client.request(method, path, json={"values": [0.1]}), 404)
+            assert "nope" in body["detail"]
+        v2 = client.get("/v2/models/b").json()
+        assert v2["name"] == "b" and v2["inputs"][0]["shape"] == [-1, 2]
+    assert a_path.exists()
+
+
+def test_several_models_and_no_default_stop_start_up_naming_them(tmp_path: Path, tiny_model: Path) -> None:
+    repository = tmp_path / "repo"
+    add_version(repository, "a", 1)
+    add_version(repository, "b", 1)
+    log = refused_start_log(tiny_model, tmp_path, {"GRU_MODEL_REPOSITORY": str(repository)})
+    assert "several models (a, b)" in log and "GRU_DEFAULT_MODEL" in log
+
+
+def test_damaged_half_written_and_incompatible_versions_are_skipped_once(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    repository = tmp_path / "repo"
+    add_version(repository, "m", 1)
+    server = server_factory(GRU_MODEL_REPOSITORY=str(repository), GRU_REPOSITORY_POLL_SECONDS="0.1")
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        damaged = add_version(repository, "m", 2, seed=1)
+        weights = damaged / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+        add_version(repository, "m", 3, seed=2, features=("x", "y"))
+        half = repository / "m" / "4"
+        half.mkdir()
+        shutil.copy(damaged / "config.json", half / "config.json")  # weights not there yet
+        wait_for(lambda: metric(client, "gru_model_versions_skipped_total", model="m") >= 3)
+        time.sleep(0.5)  # several more polls: each refusal is logged and counted once
+        assert metric(client, "gru_model_versions_skipped_total", model="m") == 3
+        log = server.log()
+        for version, why in ((2, "truncated"), (3, "features"), (4, "does not exist")):
+            lines = [line for line in log.splitlines() if f"model m version {version} skipped" in line]
+            assert len(lines) == 1 and why in lines[0], (version, lines)
+        assert list(versions(client, "m")) == ["1"]
+        assert send(client, new_id(), series(3)).json()["version"] == "1"
+        # the half-written version completes: its files changed, so it is tried again, and served
+        complete = make_tiny_model(tmp_path / "v4", seed=4, name="m")
+        shutil.copy(complete / "model.safetensors", half / "model.safetensors")
+        shutil.copy(complete / "config.json", half / "config.json")
+        wait_for(lambda: "4" in versions(client, "m"))
+        assert send(client, new_id(), series(3)).json()["version"] == "4"
+
+
+def _publish(repository: Path, csv: Path, name: str) -> subprocess.Popen[bytes]:
+    """The training CLI publishing a model compatible with the tiny one (same features and state size)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "model.train", "--csv", str(csv), "--repository", str(repository), "--name", name,
+         "--hidden", "16", "--layers", "2", "--lags", "4", "--epochs", "1", "--max-seconds", "1"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+
+
+def _training_csv(path: Path) -> Path:
+    values = series(300, seed=5)[:, 0]
+    path.write_text("x\n" + "\n".join(f"{v:.6f}" for v in values) + "\n")
+    return path
+
+
+def test_a_session_streams_through_a_published_version_and_its_version_drains_after_it(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    repository = tmp_path / "repo"
+    add_version(repository, "m", 1)
+    server = server_factory(GRU_MODEL_REPOSITORY=str(repository), GRU_REPOSITORY_POLL_SECONDS="0.2")
+    whole = series(4000, seed=11)
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        v1_alone = np.array(client.post("/v1/predict", json={"values": whole.tolist()}).json()["predictions"])
+        session, at, answers = new_id(), 0, []
+
+        def step() -> None:
+            nonlocal at
+            response = send(client, session, whole[at : at + 4], offset=at)
+            assert response.status_code == 200, response.text  # no request fails, before, during or after
+            body = response.json()
+            assert body["version"] == "1"
+            answers.append(body["predictions"])
+            at += 4
+
+        step()
+        publisher = _publish(repository, _training_csv(tmp_path / "x.csv"), "m")
+        while publisher.poll() is None:
+            step()
+            time.sleep(0.05)  # a steady client, not a flood: the series must outlast the training
+        assert publisher.returncode == 0, publisher.stderr.read() if publisher.stderr else ""
+        wait_for(lambda: "2" in versions(client, "m"))
+        for _ in range(5):
+            step()
+        listed = versions(client, "m")
+        assert (listed["2"]["state"], listed["1"]["state"], listed["1"]["sessions"]) == ("serving", "draining", 1)
+        fresh = send(client, new_id(), whole[:4]).json()
+        assert fresh["version"] == "2" and fresh["model_version"] == listed["2"]["model_version"]
+        # S answered what version 1 alone answers for the whole series
+        np.testing.assert_allclose(np.concatenate(answers), v1_alone[:at], atol=1e-6)
+        assert client.delete(f"/v1/sessions/{session}").status_code == 204
+        wait_for(lambda: list(versions(client, "m")) == ["2"])
+        assert metric(client, "gru_model_versions", model="m", version="1", state="draining") == 0
+        assert metric(client, "gru_model_versions", model="m", version="2", state="serving") == 1
