@@ -15,6 +15,7 @@ from fastapi import FastAPI
 
 from service import auth, problems
 from service.api import health, hot, v1, v2
+from service.api import repository as repository_api
 from service.api.openapi import Limits, document_raw_routes
 from service.config import Settings
 from service.metrics import Metrics
@@ -111,6 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     limits = Limits(steps=settings.max_chunk_steps, horizon=settings.max_horizon, items=settings.max_batch_items,
                     features=engine.forecaster.num_features)
     document_raw_routes(app, hot.OPERATIONS, v1.RAW_BODY_MODELS, limits)
+    app.include_router(repository_api.router)  # before v2's catch-all for unserved /v2 paths
     app.include_router(v2.router)
     app.include_router(health.router)
     problems.install(app)

@@ -93,6 +93,10 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_api_keys(self) -> Settings:
         keys = load_api_keys(self.api_keys, self.api_keys_file)  # errors name the entry, never the key
+        admin = load_api_keys(self.admin_keys, None, "GRU_ADMIN_KEYS")
+        if any(keys.get(key, tenant) != tenant for key, tenant in admin.items()):
+            raise ValueError("GRU_ADMIN_KEYS gives a key of GRU_API_KEYS another tenant; a key names one tenant")
+        keys |= admin
         if self.metrics_require_key and not keys:
             raise ValueError("GRU_METRICS_REQUIRE_KEY=true needs keys; set GRU_API_KEYS or GRU_API_KEYS_FILE")
         return self

@@ -132,7 +132,7 @@ class Registry:
         self.metrics = metrics
         self.models: dict[str, ServedModel] = {}
         self.default = ""
-        self._unloaded: set[str] = set()  # unloaded on request: polling leaves them alone until a load
+        self.unloaded: set[str] = set()  # unloaded on request: polling leaves them alone until a load
         self._lock = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
         metrics.active_sessions.set_function(self._held_sessions)
@@ -205,7 +205,7 @@ class Registry:
         async with self._lock:
             found = await asyncio.to_thread(self.repository.scan)
             for name, versions in found.items():
-                if name not in self._unloaded:
+                if name not in self.unloaded:
                     await self._load_newest(name, versions)
             await self._drain_all()
 
@@ -215,7 +215,7 @@ class Registry:
             versions = (await asyncio.to_thread(self.repository.scan)).get(name)
             if not versions:
                 raise RegistryRefusal(404, f"model {name!r} is not in the repository")
-            self._unloaded.discard(name)
+            self.unloaded.discard(name)
             if not await self._load_newest(name, versions) and name not in self.models:
                 raise RegistryRefusal(400, f"no version of model {name!r} can be loaded; the log says why")
 
@@ -228,7 +228,7 @@ class Registry:
             model = self.models.pop(name, None)
             if model is None:
                 raise RegistryRefusal(404, f"model {name!r} is not loaded")
-            self._unloaded.add(name)
+            self.unloaded.add(name)
             for version in model.versions.values():
                 await version.engine.stop()
             await model.store.close()

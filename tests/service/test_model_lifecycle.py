@@ -11,7 +11,10 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pytest
+import tritonclient.http as triton
 from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.utils import InferenceServerException
 
 from service.repository import Repository
 from tests.conftest import ServerFactory, make_tiny_model, refused_start_log
@@ -202,3 +205,48 @@ def test_a_session_streams_through_a_published_version_and_its_version_drains_af
         wait_for(lambda: list(versions(client, "m")) == ["2"])
         assert metric(client, "gru_model_versions", model="m", version="1", state="draining") == 0
         assert metric(client, "gru_model_versions", model="m", version="2", state="serving") == 1
+
+
+PLAIN, ADMIN = "plain-key-0123456789", "admin-key-0123456789"
+
+
+def test_tritonclient_indexes_loads_and_unloads_models_with_an_admin_key(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    repository = tmp_path / "repo"
+    add_version(repository, "a", 1)
+    add_version(repository, "b", 1, seed=1)
+    server = server_factory(GRU_MODEL_REPOSITORY=str(repository), GRU_DEFAULT_MODEL="a",
+                            GRU_REPOSITORY_POLL_SECONDS="0", GRU_API_KEYS=f"{PLAIN}:alice",
+                            GRU_ADMIN_KEYS=f"{ADMIN}:ops")
+    admin, plain = {"Authorization": f"Bearer {ADMIN}"}, {"Authorization": f"Bearer {PLAIN}"}
+    tc = triton.InferenceServerClient(server.url.removeprefix("http://"), connection_timeout=30, network_timeout=30)
+    try:
+        assert tc.get_model_repository_index(headers=admin) == [
+            {"name": "a", "version": "1", "state": "READY"}, {"name": "b", "version": "1", "state": "READY"}]
+        for call in (lambda: tc.get_model_repository_index(headers=plain),
+                     lambda: tc.load_model("b", headers=plain), lambda: tc.unload_model("b", headers=plain)):
+            with pytest.raises(InferenceServerException) as refused:
+                call()
+            assert refused.value.status() == "403"
+        with httpx.Client(base_url=server.url, timeout=30, headers=plain) as client:
+            assert client.post("/v2/repository/index", headers={"Authorization": ""}).status_code == 401
+            tc.unload_model("b", headers=admin)
+            assert_problem(client.get("/v1/models/b"), 404)
+            assert {"name": "b", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded on request"} in (
+                tc.get_model_repository_index(headers=admin))
+            ready = client.post("/v2/repository/index", json={"ready": True}, headers=admin)
+            assert ready.json() == [{"name": "a", "version": "1", "state": "READY"}]
+            with pytest.raises(InferenceServerException) as refused:
+                tc.unload_model("a", headers=admin)
+            assert refused.value.status() == "409" and "default model" in refused.value.message()
+            with pytest.raises(InferenceServerException) as refused:
+                tc.load_model("nope", headers=admin)
+            assert refused.value.status() == "404"
+            add_version(repository, "b", 2, seed=2)
+            tc.load_model("b", headers=admin)  # the newest valid version
+            assert list(versions(client, "b")) == ["2"]
+            assert tc.is_model_ready("b", "2", headers=plain)
+            assert send(client, new_id(), series(3)).json()["model"] == "a"
+    finally:
+        tc.close()
