@@ -27,7 +27,14 @@ from model import Forecaster
 from service.batch_queue import BatchQueue, Chunk, settle
 from service.compute import BatchCompute, Computed
 from service.metrics import Metrics
-from service.refusals import BatchFailed, OutOfRange, ShuttingDown, StoreUnreachable, UnknownSession
+from service.refusals import (
+    BatchFailed,
+    OutOfRange,
+    ShuttingDown,
+    StaleModel,
+    StoreUnreachable,
+    UnknownSession,
+)
 from service.rules import Apply, Replay, fingerprint, judge
 from service.schemas import encode_answer
 from service.sessions.base import Session, SessionStore, Write, session_id_of
@@ -46,6 +53,11 @@ class _Run:
     session: Session | None
     verdict: Apply
     revision: int | str | None
+    prior: np.ndarray | None = None  # replay: raw values run first from a fresh state, not answered
+
+    @property
+    def values(self) -> np.ndarray:
+        return self.chunk.values if self.prior is None else np.concatenate([self.prior, self.chunk.values])
 
 
 class Engine:
@@ -61,11 +73,13 @@ class Engine:
         max_queue: int,
         request_timeout_seconds: float,
         label: tuple[str, str] | None = None,
+        replay: bool = False,
     ):
         self.forecaster = forecaster
         self.model_version = model_version
         self.label = label  # (model name, repository version) every answer names, when served from one
         self.router: Router | None = None  # set by the model registry when several versions are loaded
+        self.replay = replay  # GRU_UPGRADE=replay: a session of another version is moved onto this one
         self.store = store
         self.compute = BatchCompute(forecaster)
         self.device = self.compute.device
@@ -136,7 +150,7 @@ class Engine:
         if not runs:
             return
         began = time.perf_counter()
-        computed = await self.compute.run([r.chunk.values for r in runs], [r.chunk.horizon for r in runs],
+        computed = await self.compute.run([r.values for r in runs], [r.chunk.horizon for r in runs],
                                           [r.session for r in runs], self.store.gather)
         self._metrics.forward_time.observe(time.perf_counter() - began)
         self._metrics.steps.inc(sum(len(r.chunk.values) for r in runs))
@@ -170,6 +184,11 @@ class Engine:
                 settle(chunk, exc=_unknown(chunk.key))
                 continue
             verdict = judge(chunk.key, chunk.offset, chunk.horizon, chunk.values, session, self.model_version)
+            if isinstance(verdict, StaleModel) and self.replay and session is not None:
+                verdict = judge(chunk.key, chunk.offset, chunk.horizon, chunk.values, session, session.model_version)
+                if isinstance(verdict, Apply):  # a valid next chunk: run it after the values the state keeps
+                    runs.append(_Run(chunk, None, verdict, revision, self._kept_values(session)))
+                    continue
             if isinstance(verdict, Apply):
                 runs.append(_Run(chunk, session, verdict, revision))
             elif isinstance(verdict, Replay):
@@ -226,7 +245,19 @@ class Engine:
         session = None
         if chunk.key is not None:
             session = (session_id_of(chunk.key), run.verdict.start + len(chunk.values), run.verdict.created)
-        return encode_answer(predictions, forecast, self.model_version, session, self.label)
+        if run.prior is not None:
+            predictions = predictions[len(run.prior):]
+        return encode_answer(predictions, forecast, self.model_version, session, self.label,
+                             upgraded=run.prior is not None)
+
+    def _kept_values(self, session: Session) -> np.ndarray:
+        """The raw values a session's state keeps (its last min(position, K) inputs; docs/architecture.md,
+        "State layout"), which prime this version's state in place of the other version's hidden state."""
+        cfg = self.forecaster.config
+        hidden = cfg.num_layers * cfg.hidden_size
+        state = self.store.gather([session], "cpu")[0].numpy()
+        window = state[hidden: hidden + cfg.lags * cfg.num_features].reshape(cfg.lags, cfg.num_features)
+        return np.ascontiguousarray(window[cfg.lags - min(session.position, cfg.lags):], dtype=np.float32)
 
 
 def _unknown(key: str) -> UnknownSession:

@@ -64,12 +64,13 @@ class LoadedVersion:
 class ServedModel:
     """One model: its store, its loaded versions (the highest number is the newest) and their routing."""
 
-    def __init__(self, name: str, store: SessionStore, guarded: GuardedStore, first: Loaded):
+    def __init__(self, name: str, store: SessionStore, guarded: GuardedStore, first: Loaded, replay: bool):
         self.name = name
+        self.replay = replay  # GRU_UPGRADE=replay: every chunk goes to the newest, which moves the session
         self.raw_store = store
         self.store = guarded
         self.features = first.forecaster.config.features
-        self.state_size = first.forecaster.state_size
+        self.layout = _layout(first)
         self.versions: dict[int, LoadedVersion] = {}
         self.sessions: dict[str, int] = {}  # per model version, from the last drain check
 
@@ -98,21 +99,26 @@ class ServedModel:
             return self.versions[int(reference)]
         return self.by_hash(reference)
 
+    @property
+    def state_size(self) -> int:
+        return self.newest.engine.forecaster.state_size
+
     def incompatible(self, candidate: Loaded) -> str | None:
-        """Why ``candidate`` cannot be a version of this model, or None: same features, same state size."""
+        """Why ``candidate`` cannot be a version of this model, or None: the same features, and the same
+        state layout (the sessions' store holds states of one layout; replay reads the raw values in it)."""
         config = candidate.forecaster.config
         if config.features != self.features:
             return f"features {list(config.features)} differ from the model's {list(self.features)}"
-        if candidate.forecaster.state_size != self.state_size:
-            return (f"its state holds {candidate.forecaster.state_size} values, the model's sessions"
-                    f" {self.state_size} (layers × hidden + lags × features + 1 must stay the same)")
+        if _layout(candidate) != self.layout:
+            return (f"its state layout (layers × hidden, lags) {_layout(candidate)} differs from the model's"
+                    f" {self.layout}")
         return None
 
     def route(self, engine: Engine, chunk: Chunk, session: Session | None) -> bool:
         """Called by ``engine`` as it judges ``chunk``: True when the chunk went to another version's engine
         (the one its session is pinned to; the newest for a new or restarted session)."""
         target = self.engine
-        if session is not None and not chunk.restart:
+        if session is not None and not chunk.restart and not self.replay:
             pinned = self.by_hash(session.model_version)
             if pinned is not None:
                 target = pinned.engine
@@ -267,16 +273,17 @@ class Registry:
         """A new engine for ``loaded`` beside the model's others (a new model gets its store)."""
         name = loaded.where.model
         model = self.models.get(name)
+        s = self.settings
         if model is None:
             namespace = "" if name == self.default else name  # the default's keys are today's
             store = build_store(self.settings, loaded.forecaster.state_size, self.device, self.metrics, namespace)
-            model = ServedModel(name, store, GuardedStore(store, self.metrics), loaded)
+            model = ServedModel(name, store, GuardedStore(store, self.metrics), loaded, s.upgrade == "replay")
             self.models[name] = model
-        s = self.settings
         engine = Engine(
             loaded.forecaster, loaded.model_version, model.store, self.metrics,
             max_batch_size=s.max_batch_size, max_batch_delay_ms=s.max_batch_delay_ms, max_queue=s.max_queue,
             request_timeout_seconds=s.request_timeout_seconds, label=(name, str(loaded.where.version)),
+            replay=model.replay,
         )
         engine.router = lambda chunk, session: model.route(engine, chunk, session)
         version = LoadedVersion(loaded.where.version, engine, loaded.meta)
@@ -295,8 +302,8 @@ class Registry:
             for version in list(model.versions.values()):
                 if version is model.newest:
                     continue
-                needed = model.by_hash(version.model_version) is version and model.sessions.get(
-                    version.model_version, 0) > 0
+                needed = not model.replay and model.by_hash(version.model_version) is version and (
+                    model.sessions.get(version.model_version, 0) > 0)
                 if not needed:
                     await self._unload_version(model, version, "drained")
         self._publish()
@@ -339,3 +346,9 @@ class Registry:
         for model in self.models.values():
             for version in model.versions.values():
                 gauge.labels(model=model.name, version=str(version.number), state=model.state_of(version)).set(1)
+
+
+def _layout(loaded: Loaded) -> tuple[int, int]:
+    """What places the raw values in a state: (layers × hidden size, lags)."""
+    config = loaded.forecaster.config
+    return config.num_layers * config.hidden_size, config.lags

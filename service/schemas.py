@@ -123,12 +123,16 @@ class SessionPredictResponse(PredictionResponse):
     session_id: str
     position: int = Field(description="Steps consumed by the session, this chunk included")
     created: bool = Field(description="True when this chunk started the session")
+    upgraded: bool | None = Field(None, description="GRU_UPGRADE=replay: true on the chunk that moved the"
+                                  " session onto the newest version")
 
 
 def encode_answer(predictions: np.ndarray, forecast: np.ndarray | None, model_version: str,
-                  session: tuple[str, int, bool] | None = None, label: tuple[str, str] | None = None) -> bytes:
+                  session: tuple[str, int, bool] | None = None, label: tuple[str, str] | None = None,
+                  upgraded: bool = False) -> bytes:
     """A ``PredictionResponse``, or with ``session`` (id, position, created) a ``SessionPredictResponse``;
-    ``label`` (model name, repository version) adds ``model`` and ``version``,
+    ``label`` (model name, repository version) adds ``model`` and ``version``, ``upgraded`` the flag of a
+    session moved onto this version by GRU_UPGRADE=replay,
     as the JSON bytes the engine answers and keeps for exact retries: built once, straight from the arrays
     (orjson), not through the pydantic models above, which document it."""
     body: dict[str, Any] = {}
@@ -142,6 +146,8 @@ def encode_answer(predictions: np.ndarray, forecast: np.ndarray | None, model_ve
         body["model"], body["version"] = label
     if session is not None:
         body["created"] = session[2]
+    if upgraded:
+        body["upgraded"] = True
     return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
