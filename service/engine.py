@@ -86,6 +86,9 @@ class Engine:
         self.queue = BatchQueue(metrics, max_batch_size=max_batch_size, max_batch_delay_ms=max_batch_delay_ms,
                                 max_queue=max_queue, timeout_seconds=request_timeout_seconds)
         self._metrics = metrics
+        model, version = label or ("", "")
+        self._steps = metrics.steps.labels(model=model, version=version)
+        self._forward_time = metrics.forward_time.labels(model=model, version=version)
         self._worker: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -152,8 +155,8 @@ class Engine:
         began = time.perf_counter()
         computed = await self.compute.run([r.values for r in runs], [r.chunk.horizon for r in runs],
                                           [r.session for r in runs], self.store.gather)
-        self._metrics.forward_time.observe(time.perf_counter() - began)
-        self._metrics.steps.inc(sum(len(r.chunk.values) for r in runs))
+        self._forward_time.observe(time.perf_counter() - began)
+        self._steps.inc(sum(len(r.chunk.values) for r in runs))
         await self._commit(runs, computed)
 
     async def _judge(self, batch: list[Chunk]) -> list[_Run]:

@@ -176,6 +176,8 @@ class Registry:
             for version in list(model.versions.values()):
                 await version.engine.start()
         every = self.settings.repository_poll_seconds
+        if self.repository.polls:  # before serving: the older versions the store's sessions are pinned to
+            await self.poll()
         if self.repository.polls and every > 0:
             self._poller = asyncio.create_task(self._poll_forever(every), name="gru-repository-poll")
 
@@ -213,7 +215,7 @@ class Registry:
             for name, versions in found.items():
                 if name not in self.unloaded:
                     await self._load_newest(name, versions)
-            await self._drain_all()
+            await self._drain_all(found)
 
     async def load(self, name: str) -> None:
         """The repository API's load: (re)load ``name``'s newest valid version."""
@@ -237,6 +239,7 @@ class Registry:
             self.unloaded.add(name)
             for version in model.versions.values():
                 await version.engine.stop()
+                self._forget_series(model, version)
             await model.store.close()
             log.info("model unloaded", extra={"fields": {"model": name}})
             self._publish()
@@ -290,15 +293,20 @@ class Registry:
         model.versions[version.number] = version
         return version
 
-    async def _drain_all(self) -> None:
+    async def _drain_all(self, found: dict[str, list[VersionDir]] | None = None) -> None:
+        """Count each model's sessions per version; with the repository's listing (``found``), load the
+        versions that sessions are pinned to and this replica lacks (another replica, or a restart, made
+        them); unload the versions no session needs."""
         for model in list(self.models.values()):
-            if len(model.versions) < 2:  # nothing to drain: no count needed (a Redis SCAN)
-                continue
+            if found is None and len(model.versions) < 2 and not isinstance(model.raw_store, MemoryStore):
+                continue  # nothing to drain: no Redis SCAN for a count
             try:
                 model.sessions = await model.store.version_counts()
             except Exception:  # the store is down: nothing is unloaded on a count we do not have
                 log.warning("session counts unavailable for model %s; nothing drained", model.name)
                 continue
+            if found is not None and not model.replay:
+                await self._load_pinned(model, found.get(model.name, []))
             for version in list(model.versions.values()):
                 if version is model.newest:
                     continue
@@ -307,6 +315,26 @@ class Registry:
                 if not needed:
                     await self._unload_version(model, version, "drained")
         self._publish()
+
+    async def _load_pinned(self, model: ServedModel, on_disk: list[VersionDir]) -> None:
+        """Load the newest repository version of each hash that live sessions hold and no loaded version has."""
+        missing = {h for h, n in model.sessions.items() if n > 0 and model.by_hash(h) is None}
+        for where in reversed(on_disk):
+            if not missing or len(model.versions) >= self.settings.max_loaded_versions:
+                return
+            if where.version in model.versions:
+                continue
+            declared = await asyncio.to_thread(self.repository.model_version_of, where)
+            if declared not in missing:
+                continue
+            loaded = await asyncio.to_thread(self.repository.load, where, self.device)
+            if loaded is None or model.incompatible(loaded) is not None or loaded.model_version != declared:
+                continue
+            missing.discard(declared)
+            version = self._install(loaded)
+            await version.engine.start()
+            log.info("model version loaded for its pinned sessions", extra={"fields": {
+                "model": model.name, "version": where.version, "model_version": declared}})
 
     async def _limit(self, model: ServedModel) -> None:
         """Beyond GRU_MAX_LOADED_VERSIONS the oldest draining versions go; their sessions then get 409."""
@@ -323,6 +351,7 @@ class Registry:
         """Out of the routing first (nothing new reaches it), then its engine finishes what it holds."""
         del model.versions[version.number]
         await version.engine.stop()
+        self._forget_series(model, version)
         log.info("model version unloaded", extra={"fields": {
             "model": model.name, "version": version.number, "reason": why}})
 
@@ -339,13 +368,24 @@ class Registry:
     def _held_sessions(self) -> float:
         return float(sum(len(m.raw_store) for m in self.models.values() if isinstance(m.raw_store, MemoryStore)))
 
+    def _forget_series(self, model: ServedModel, version: LoadedVersion) -> None:
+        """Only loaded versions have series: the labels stay bounded."""
+        for family in (self.metrics.steps, self.metrics.forward_time, self.metrics.version_sessions):
+            with contextlib.suppress(KeyError):
+                family.remove(model.name, str(version.number))
+
     def _publish(self) -> None:
-        """gru_model_versions{model, version, state}: 1 per loaded version (only loaded ones: bounded)."""
+        """gru_model_versions{model, version, state}: 1 per loaded version (only loaded ones: bounded), and
+        each one's sessions at the last count."""
         gauge = self.metrics.model_versions
         gauge.clear()
         for model in self.models.values():
             for version in model.versions.values():
-                gauge.labels(model=model.name, version=str(version.number), state=model.state_of(version)).set(1)
+                number = str(version.number)
+                gauge.labels(model=model.name, version=number, state=model.state_of(version)).set(1)
+                sessions = model.sessions.get(version.model_version, 0) if model.by_hash(
+                    version.model_version) is version else 0
+                self.metrics.version_sessions.labels(model=model.name, version=number).set(sessions)
 
 
 def _layout(loaded: Loaded) -> tuple[int, int]:

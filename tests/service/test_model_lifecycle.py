@@ -205,8 +205,14 @@ def test_a_session_streams_through_a_published_version_and_its_version_drains_af
         assert fresh["version"] == "2" and fresh["model_version"] == listed["2"]["model_version"]
         # S answered what version 1 alone answers for the whole series
         np.testing.assert_allclose(np.concatenate(answers), v1_alone[:at], atol=1e-6)
+        assert metric(client, "gru_model_versions", model="m", version="1", state="draining") == 1
+        wait_for(lambda: metric(client, "gru_model_version_sessions", model="m", version="1") == 1)
+        assert metric(client, "gru_steps_total", model="m", version="1") >= at
+        assert metric(client, "gru_steps_total", model="m", version="2") >= 4
         assert client.delete(f"/v1/sessions/{session}").status_code == 204
         wait_for(lambda: list(versions(client, "m")) == ["2"])
+        # an unloaded version's series are gone (the labels stay bounded)
+        assert "version=\"1\"" not in client.get("/metrics").text
         assert metric(client, "gru_model_versions", model="m", version="1", state="draining") == 0
         assert metric(client, "gru_model_versions", model="m", version="2", state="serving") == 1
 
@@ -281,3 +287,56 @@ def test_replay_moves_a_session_onto_the_new_version_within_a_bounded_error(
         # state rebuilt from the K = 4 values kept differs at first, then forgets the difference
         error = np.abs(np.concatenate(answers) - v2_alone)[:, 0].reshape(-1, 10).max(axis=1)
         assert 0 < error[0] < 1e-2 and error[5:].max() < 1e-5, error
+
+
+def test_two_replicas_on_redis_keep_a_pinned_session_across_an_update(
+    server_factory: ServerFactory, tmp_path: Path, redis_server: Any
+) -> None:
+    repository = tmp_path / "repo"
+    add_version(repository, "m", 1)
+    env = {"GRU_MODEL_REPOSITORY": str(repository), "GRU_REPOSITORY_POLL_SECONDS": "0.2", "GRU_STORE": "redis",
+           "GRU_REDIS_URL": redis_server.url}
+    first = server_factory(**env)
+    whole = series(200, seed=21)
+    with httpx.Client(base_url=first.url, timeout=30) as a:
+        v1_alone = np.array(a.post("/v1/predict", json={"values": whole.tolist()}).json()["predictions"])
+        session, answers = new_id(), []
+        for at in range(0, 40, 4):
+            answers.append(send(a, session, whole[at : at + 4], offset=at).json()["predictions"])
+        add_version(repository, "m", 2, seed=1)
+        wait_for(lambda: "2" in versions(a, "m"))
+        # a replica started now loads version 2, and version 1 too, before it serves: S is pinned to it
+        second = server_factory(**env)
+        with httpx.Client(base_url=second.url, timeout=30) as b:
+            assert set(versions(b, "m")) == {"1", "2"} and versions(b, "m")["1"]["sessions"] == 1
+            for at in range(40, 200, 4):
+                body = send(b if at % 8 else a, session, whole[at : at + 4], offset=at).json()
+                assert body["version"] == "1", body
+                answers.append(body["predictions"])
+            np.testing.assert_allclose(np.concatenate(answers), v1_alone, atol=1e-6)
+            assert send(b, new_id(), whole[:4]).json()["version"] == "2"
+            assert b.delete(f"/v1/sessions/{session}").status_code == 204
+            wait_for(lambda: list(versions(a, "m")) == ["2"] and list(versions(b, "m")) == ["2"])
+
+
+def test_beyond_max_loaded_versions_the_oldest_goes_and_its_sessions_get_409(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    repository = tmp_path / "repo"
+    add_version(repository, "m", 1)
+    server = server_factory(GRU_MODEL_REPOSITORY=str(repository), GRU_REPOSITORY_POLL_SECONDS="0.1",
+                            GRU_MAX_LOADED_VERSIONS="2")
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        on_1, on_2 = new_id(), new_id()
+        assert send(client, on_1, series(3)).json()["version"] == "1"
+        add_version(repository, "m", 2, seed=1)
+        wait_for(lambda: "2" in versions(client, "m"))
+        assert send(client, on_2, series(3)).json()["version"] == "2"
+        add_version(repository, "m", 3, seed=2)
+        wait_for(lambda: "3" in versions(client, "m"))
+        assert list(versions(client, "m")) == ["3", "2"]
+        stale = assert_problem(send(client, on_1, series(3, seed=1), offset=3), 409)
+        assert stale["type"].endswith("model-changed")
+        assert send(client, on_2, series(3, seed=1), offset=3).json()["version"] == "2"
+        assert metric(client, "gru_model_version_evictions_total", model="m") == 1
+        assert "GRU_MAX_LOADED_VERSIONS=2" in server.log()
