@@ -77,6 +77,12 @@ class Settings(BaseSettings):
     def intra_op_threads(self) -> int:
         return intra_op_threads(self.torch_threads)
 
+    @field_validator("model_repository", mode="before")
+    @classmethod
+    def _unset_when_empty(cls, value: object) -> object:
+        """GRU_MODEL_REPOSITORY= (empty, as compose passes an unset variable) means no repository."""
+        return None if value == "" else value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower(cls, value: str) -> str:
