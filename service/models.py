@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,7 @@ from service.sessions.memory import MemoryStore
 
 log = logging.getLogger("service.models")
 SERVING, DRAINING = "serving", "draining"
+MAX_PINS = 100_000  # routing hints kept per model (each a key and a reference)
 
 
 class StartupError(RuntimeError):
@@ -73,6 +75,10 @@ class ServedModel:
         self.layout = _layout(first)
         self.versions: dict[int, LoadedVersion] = {}
         self.sessions: dict[str, int] = {}  # per model version, from the last drain check
+        # Where the router last sent each pinned session: its next chunk goes there at once instead of via
+        # the newest engine (one store load and one batch instead of two). A hint only: a wrong one is
+        # routed on by the engine that gets it.
+        self._pins: OrderedDict[str, LoadedVersion] = OrderedDict()
 
     @property
     def newest(self) -> LoadedVersion:
@@ -82,6 +88,17 @@ class ServedModel:
     def engine(self) -> Engine:
         """The newest version's engine: where every chunk arrives, and new sessions start."""
         return self.newest.engine
+
+    def engine_for(self, key: str | None) -> Engine:
+        """The engine to submit a chunk of session ``key`` to: its pinned version's, as last routed, else
+        the newest (stateless chunks, new sessions, and every chunk with replay)."""
+        pinned = self._pins.get(key) if key is not None else None
+        return pinned.engine if pinned is not None else self.engine
+
+    def forget_pins(self, version: LoadedVersion) -> None:
+        """Drop the hints to an unloading version (they would keep its weights in memory)."""
+        for key in [k for k, v in self._pins.items() if v is version]:
+            del self._pins[key]
 
     def state_of(self, version: LoadedVersion) -> str:
         return SERVING if version is self.newest else DRAINING
@@ -120,8 +137,13 @@ class ServedModel:
         target = self.engine
         if session is not None and not chunk.restart and not self.replay:
             pinned = self.by_hash(session.model_version)
-            if pinned is not None:
+            if pinned is not None and pinned is not self.newest:
                 target = pinned.engine
+                self._pins[session.key] = pinned
+                if len(self._pins) > MAX_PINS:
+                    self._pins.popitem(last=False)
+        if target is self.engine and chunk.key is not None:
+            self._pins.pop(chunk.key, None)
         if target is engine:
             return False
         target.queue.hand_over(chunk)
@@ -350,6 +372,7 @@ class Registry:
     async def _unload_version(self, model: ServedModel, version: LoadedVersion, why: str) -> None:
         """Out of the routing first (nothing new reaches it), then its engine finishes what it holds."""
         del model.versions[version.number]
+        model.forget_pins(version)
         await version.engine.stop()
         self._forget_series(model, version)
         log.info("model version unloaded", extra={"fields": {

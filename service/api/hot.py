@@ -22,7 +22,7 @@ from service.api.bodies import chunk_array, parse, path_session_id
 from service.api.deps import served_model
 from service.api.openapi import RawOperation
 from service.auth import tenant_of
-from service.engine import Engine
+from service.models import ServedModel
 from service.problems import Problem, as_problem, invalid
 from service.refusals import Refusal
 from service.schemas import (
@@ -40,13 +40,13 @@ _LOCATION = ["body", "values"]
 Body = TypeVar("Body", ChunkRequest, StatelessRequest)
 
 
-async def _read(request: Request, model: type[Body]) -> tuple[Engine, Body, np.ndarray]:
-    """The engine, the validated body, and its values as the model's float32 input."""
-    state = request.app.state
-    engine: Engine = served_model(request).engine
-    body = parse(await request.body(), model)
-    values = chunk_array(body.values, body.horizon, engine.forecaster.num_features, state.settings, _LOCATION)
-    return engine, body, values
+async def _read(request: Request, schema: type[Body]) -> tuple[ServedModel, Body, np.ndarray]:
+    """The model, the validated body, and its values as the model's float32 input."""
+    model = served_model(request)
+    body = parse(await request.body(), schema)
+    features = model.engine.forecaster.num_features
+    values = chunk_array(body.values, body.horizon, features, request.app.state.settings, _LOCATION)
+    return model, body, values
 
 
 async def predict_session(request: Request) -> Response:
@@ -60,14 +60,15 @@ async def predict_session(request: Request) -> Response:
                 raise
             raise invalid([*wrong_id.extra["errors"], *wrong_body.extra["errors"]]) from None
         raise
-    engine, body, values = await _read(request, ChunkRequest)
-    answer = await engine.predict(session_key(tenant_of(request), session_id), values, body.offset, body.horizon)
+    model, body, values = await _read(request, ChunkRequest)
+    key = session_key(tenant_of(request), session_id)
+    answer = await model.engine_for(key).predict(key, values, body.offset, body.horizon)
     return Response(answer, media_type=JSON)
 
 
 async def predict(request: Request) -> Response:
-    engine, body, values = await _read(request, StatelessRequest)
-    return Response(await engine.predict(None, values, None, body.horizon), media_type=JSON)
+    model, body, values = await _read(request, StatelessRequest)
+    return Response(await model.engine.predict(None, values, None, body.horizon), media_type=JSON)
 
 
 ROUTES = [

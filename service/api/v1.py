@@ -82,20 +82,21 @@ async def list_models(request: Request) -> ModelList:
     "/predict/batch", response_model=BatchResponse, summary="Chunks of many sessions in one call",
     openapi_extra=body_schema(BatchRequest), responses=problem_responses(400, 408, 413, 422),
 )
-async def predict_batch(request: Request, engine: EngineDep, settings: SettingsDep, tenant: TenantDep) -> Response:
+async def predict_batch(request: Request, model: ModelDep, settings: SettingsDep, tenant: TenantDep) -> Response:
     body = parse(await request.body(), BatchEnvelope)
     if len(body.items) > settings.max_batch_items:
         detail = f"{len(body.items)} items, more than GRU_MAX_BATCH_ITEMS={settings.max_batch_items}; split the call"
         raise Problem(422, "invalid-request", detail,
                       errors=[{"loc": ["body", "items"], "msg": detail, "type": "too_long"}])
-    features = engine.forecaster.num_features
+    features = model.engine.forecaster.num_features
 
     async def one(index: int, raw: JsonValue) -> bytes:
         loc = ["body", "items", str(index)]
         try:
             item = parse_item(raw, BatchItem, loc)
             values = chunk_array(item.values, item.horizon, features, settings, [*loc, "values"])
-            return await engine.predict(session_key(tenant, item.session_id), values, item.offset, item.horizon)
+            key = session_key(tenant, item.session_id)
+            return await model.engine_for(key).predict(key, values, item.offset, item.horizon)
         except (Problem, Refusal) as refused:
             return orjson.dumps(as_problem(refused).body())
 

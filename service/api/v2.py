@@ -186,7 +186,7 @@ async def _infer(request: Request, model: ServedModel, engine: Engine, settings:
         if call.sequence_start:
             answer = await engine.predict(key, call.values, 0, call.horizon, restart=True)
         else:
-            answer = await _continue(engine, key, call.sequence_id, call)
+            answer = await _continue(model.engine_for(key), key, call.sequence_id, call)
         if call.sequence_end:
             await _end(engine, key)
     decoded = orjson.loads(answer)
