@@ -72,7 +72,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "name": str(meta["name"]), "version": str(meta["version"]), "device": str(device),
         "variant": engine.forecaster.config.variant,
     })
-    snapshots = SnapshotKeeper.from_settings(settings, default.raw_store, engine.model_version, default.state_size)
+    snapshots = SnapshotKeeper.from_settings(
+        settings, default.raw_store, lambda: registry.default_model.engine.model_version,
+        lambda: registry.hashes_on_disk(registry.default), default.state_size,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -228,6 +228,11 @@ class Registry:
     def default_model(self) -> ServedModel:
         return self.models[self.default]
 
+    def hashes_on_disk(self, name: str) -> set[str]:
+        """The version hashes the repository holds for model ``name`` (config.json only; disk I/O)."""
+        versions = self.repository.scan().get(name, [])
+        return {h for h in map(self.repository.model_version_of, versions) if h is not None}
+
     # -- the lifecycle ---------------------------------------------------------------------------------
 
     async def poll(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -340,3 +341,31 @@ def test_beyond_max_loaded_versions_the_oldest_goes_and_its_sessions_get_409(
         assert send(client, on_2, series(3, seed=1), offset=3).json()["version"] == "2"
         assert metric(client, "gru_model_version_evictions_total", model="m") == 1
         assert "GRU_MAX_LOADED_VERSIONS=2" in server.log()
+
+
+def test_a_snapshot_keeps_each_session_on_its_version_across_a_restart(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    repository, path = tmp_path / "repo", tmp_path / "state" / "sessions.safetensors"
+    add_version(repository, "m", 1)
+    env = {"GRU_MODEL_REPOSITORY": str(repository), "GRU_REPOSITORY_POLL_SECONDS": "0.1",
+           "GRU_SNAPSHOT_PATH": str(path)}
+    first = server_factory(**env)
+    whole = series(40, seed=31)
+    pinned, fresh = new_id(), new_id()
+    with httpx.Client(base_url=first.url, timeout=30) as client:
+        v1_alone = np.array(client.post("/v1/predict", json={"values": whole.tolist()}).json()["predictions"])
+        send(client, pinned, whole[:20], offset=0)
+        add_version(repository, "m", 2, seed=1)
+        wait_for(lambda: "2" in versions(client, "m"))
+        assert send(client, fresh, whole[:20], offset=0).json()["version"] == "2"
+    assert first.stop() in (0, -signal.SIGTERM) and "snapshot written" in first.log()
+    # the snapshot names version 2, the newest; its version 1 session is restored and version 1 loaded for it
+    second = server_factory(**env)
+    assert '"sessions":2,' in second.log().split("snapshot restored")[1].splitlines()[0]
+    with httpx.Client(base_url=second.url, timeout=30) as client:
+        assert versions(client, "m")["1"]["sessions"] == 1
+        body = send(client, pinned, whole[20:], offset=20).json()
+        assert body["version"] == "1"
+        np.testing.assert_allclose(body["predictions"], v1_alone[20:], atol=1e-6)
+        assert send(client, fresh, whole[20:], offset=20).json()["version"] == "2"
