@@ -78,7 +78,7 @@ class Engine:
         self.forecaster = forecaster
         self.model_version = model_version
         self.label = label  # (model name, repository version) every answer names, when served from one
-        self.router: Router | None = None  # set by the model registry when several versions are loaded
+        self.router: Router | None = None  # set by the model registry (service.models): where a chunk goes
         self.replay = replay  # GRU_UPGRADE=replay: a session of another version is moved onto this one
         self.store = store
         self.compute = BatchCompute(forecaster)

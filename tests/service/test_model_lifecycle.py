@@ -369,3 +369,21 @@ def test_a_snapshot_keeps_each_session_on_its_version_across_a_restart(
         assert body["version"] == "1"
         np.testing.assert_allclose(body["predictions"], v1_alone[20:], atol=1e-6)
         assert send(client, fresh, whole[20:], offset=20).json()["version"] == "2"
+
+
+def test_a_reset_moves_the_session_to_the_newest_and_its_old_version_drains(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    repository = tmp_path / "repo"
+    add_version(repository, "m", 1)
+    server = server_factory(GRU_MODEL_REPOSITORY=str(repository), GRU_REPOSITORY_POLL_SECONDS="0.1")
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        session = new_id()
+        send(client, session, series(5), offset=0)
+        add_version(repository, "m", 2, seed=1)
+        wait_for(lambda: "2" in versions(client, "m"))
+        assert versions(client, "m")["1"]["state"] == "draining"
+        assert client.post(f"/v1/sessions/{session}/reset").status_code == 200
+        wait_for(lambda: list(versions(client, "m")) == ["2"])
+        assert send(client, session, series(5), offset=0).json()["version"] == "2"
+        assert client.get(f"/v1/sessions/{session}").json()["version"] == "2"
