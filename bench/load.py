@@ -152,6 +152,7 @@ async def drive(url: str, steps: int, sessions: int, duration: float, warmup: fl
         "steps_per_s": ok * steps / duration,
         "p50_ms": float(np.percentile(latencies, 50)) if ok else float("nan"),
         "p99_ms": float(np.percentile(latencies, 99)) if ok else float("nan"),
+        "max_ms": float(latencies.max()) if ok else float("nan"),
         "ok": ok,
         "errors": {str(k): v for k, v in tally.statuses.items() if k != 200},
         "failures": tally.failures,

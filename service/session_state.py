@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from service.models import ServedModel
 from service.refusals import Overloaded, PreconditionFailed, SessionExists, StaleModel, UnknownSession
 from service.sessions.base import Session, SessionStore, Write, session_id_of
 from service.sessions.document import StateDocument
@@ -51,15 +52,14 @@ class Written:
 
 
 class SessionStates:
-    """Export, import and fork over the (guarded) store, for the one model this service runs."""
+    """Export, import and fork over one model's (guarded) store; a state belongs to the version that built it,
+    which must be loaded for an import."""
 
-    def __init__(self, store: SessionStore, model_name: str, model_version: str, state_size: int,
-                 device: torch.device):
-        self.store = store
-        self.model_name = model_name
-        self.model_version = model_version
-        self.state_size = state_size
-        self.device = device
+    def __init__(self, model: ServedModel):
+        self.model = model
+        self.store: SessionStore = model.store
+        self.state_size = model.state_size
+        self.device = model.engine.device
 
     async def export(self, key: str) -> StateDocument:
         """The session as a document; ``UnknownSession`` when there is none."""
@@ -72,11 +72,12 @@ class SessionStates:
         """Create or replace the session at ``key`` with ``document``. ``StaleModel`` for a document of
         another model version; ``PreconditionFailed`` when the precondition does not hold (the commit checks
         again, atomically, that nothing changed since)."""
-        if document.model_version != self.model_version:
+        if self.model.by_hash(document.model_version) is None:
+            newest = self.model.engine.model_version
             raise StaleModel(
-                f"the document was built with model {document.model_version!r:.80}, the service runs"
-                f" {self.model_version}; a state of one model means nothing to another",
-                session_id=session_id_of(key), position=document.position, model_version=self.model_version,
+                f"the document was built with model {document.model_version!r:.80}, which is not a loaded version"
+                f" of {self.model.name!r} (newest {newest}); a state of one model means nothing to another",
+                session_id=session_id_of(key), position=document.position, model_version=newest,
             )
         for _ in range(MAX_ATTEMPTS):
             current = await self._current_record(key)
@@ -120,7 +121,7 @@ class SessionStates:
 
     def _document(self, session: Session, state: np.ndarray) -> StateDocument:
         return StateDocument(
-            session_id=session_id_of(session.key), model_name=self.model_name, model_version=session.model_version,
+            session_id=session_id_of(session.key), model_name=self.model.name, model_version=session.model_version,
             position=session.position, last_offset=session.last_offset, fingerprint=session.fingerprint,
             answer=session.answer, created_at=session.created_at, updated_at=session.updated_at,
             state=state,

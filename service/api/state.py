@@ -14,8 +14,9 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 from pydantic import BaseModel
 
 from service.api.bodies import parse
+from service.api.deps import served_model
 from service.api.openapi import body_schema, problem_responses
-from service.api.v1 import SessionIdPath, describe
+from service.api.v1 import SessionIdPath, describe, per_model
 from service.auth import TenantDep
 from service.problems import Problem
 from service.schemas import ForkRequest, SessionInfo
@@ -35,7 +36,7 @@ _TAG = re.compile(r'(W/)?("[^"]*")')
 
 
 async def get_states(request: Request) -> SessionStates:
-    return request.app.state.session_states
+    return SessionStates(served_model(request))
 
 
 StatesDep = Annotated[SessionStates, Depends(get_states)]
@@ -59,7 +60,7 @@ def _answer(response: Response, request: Request, session_id: str, written: Writ
     response.status_code = 201 if written.created else 200
     if written.created:
         response.headers["Location"] = str(request.url_for("get_session", session_id=session_id))
-    return describe(session_id, written.session, written.session.updated_at + states.store.ttl_seconds)
+    return describe(states.model, session_id, written.session, written.session.updated_at + states.store.ttl_seconds)
 
 
 @router.get(
@@ -116,3 +117,6 @@ async def fork_session(
     body = parse(await request.body(), ForkRequest)
     written = await states.fork(session_key(tenant, session_id), session_key(tenant, body.to))
     return _answer(response, request, body.to, written, states)
+
+
+model_router = per_model(router)

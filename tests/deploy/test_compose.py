@@ -213,6 +213,19 @@ def test_every_replica_shares_the_name_prometheus_discovers(
         assert set(sd["names"]) <= set(services[name]["networks"]["default"]["aliases"]), name
 
 
+def test_every_replica_mounts_the_one_model_repository_volume(compose: Callable[..., dict[str, Any]]) -> None:
+    config = compose()
+    for name in ("api", "api-2", "api-3"):
+        volumes = config["services"][name]["volumes"]
+        mounts = [v for v in volumes if (v["target"] if isinstance(v, dict) else v.split(":")[1]) == "/models"]
+        assert len(mounts) == 1, name
+        mount = mounts[0]
+        source = mount["source"] if isinstance(mount, dict) else mount.split(":")[0]
+        read_only = mount.get("read_only") if isinstance(mount, dict) else mount.endswith(":ro")
+        assert source == "model-repository" and read_only, name
+    assert "model-repository" in config["volumes"]
+
+
 def test_prometheus_and_grafana_mount_their_own_directories(
     compose: Callable[..., dict[str, Any]], repo: Path
 ) -> None:

@@ -181,6 +181,8 @@ _NON_DEFAULT: dict[str, str] = {
     "max_queue": "11", "request_timeout_seconds": "4.5", "max_chunk_steps": "99", "max_horizon": "7",
     "max_body_bytes": "5000", "max_batch_items": "13", "api_keys": "some-long-key-0123:alice",
     "api_keys_file": "", "metrics_require_key": "true", "torch_threads": "3", "log_level": "WARNING",
+    "model_repository": "", "default_model": "pumps", "repository_poll_seconds": "0.5",
+    "max_loaded_versions": "2", "upgrade": "replay", "admin_keys": "admin-key-0123456789:ops",
 }
 
 
@@ -191,7 +193,8 @@ def test_every_setting_is_read_from_its_documented_variable(
     would silently keep its default."""
     keys_file = tmp_path / "keys"
     keys_file.write_text("file-key-0123456789 carol\n")
-    values = {**_NON_DEFAULT, "model_path": str(tiny_model), "api_keys_file": str(keys_file)}
+    values = {**_NON_DEFAULT, "model_path": str(tiny_model), "api_keys_file": str(keys_file),
+              "model_repository": str(tmp_path)}
     assert set(values) == set(Settings.model_fields)  # a new setting needs a value here
     for name, value in values.items():
         monkeypatch.setenv(f"GRU_{name.upper()}", value)
