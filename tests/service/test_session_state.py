@@ -13,6 +13,7 @@ import orjson
 import pytest
 from safetensors.numpy import load, save
 
+from harness.checkpoints import random_checkpoint
 from harness.processes import RedisServer
 from service.client import AsyncClient, Client, PreconditionFailed, SessionExists
 from service.client.cli import main
@@ -255,6 +256,33 @@ def test_a_document_of_another_model_version_is_409_model_changed(
         assert problem["type"].endswith("/model-changed")
         assert problem["model_version"] == there.get("/v1/model").json()["version"]
         assert_problem(_state(there, session), 404)
+
+
+def test_a_session_another_model_wrote_in_another_size_is_409_to_export_and_fork_and_can_be_replaced(
+    server_factory: ServerFactory, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Two models sharing one Redis, as in a rolling update: the wider model cannot read the narrower one's
+    state, so it exports and forks nothing (409, not 500), and an import replaces the session all the same."""
+    shared = {"GRU_STORE": "redis", "GRU_REDIS_URL": redis_server.url}
+    narrow = server_factory(**shared)
+    wide = server_factory(model_path=random_checkpoint(tmp_path / "wide", hidden=24, layers=2, lags=4, seed=3,
+                                                       name="tiny"), **shared)
+    session, fresh, branch = new_id("rolling"), new_id("fresh"), new_id("branch")
+    with httpx.Client(base_url=narrow.url, timeout=30) as old, httpx.Client(base_url=wide.url, timeout=30) as new:
+        _fed(old, session, series(6, seed=51), [6])
+        old_tag = _exported(old, session)[1]
+        for refused in (_state(new, session), new.post(f"/v1/sessions/{session}/fork", json={"to": branch})):
+            problem = assert_problem(refused, 409)
+            assert problem["type"].endswith("/model-changed") and problem["position"] == 6
+        assert_problem(_state(new, branch), 404)
+
+        _fed(new, fresh, series(4, seed=52), [4])
+        document = _exported(new, fresh)[0]
+        assert_problem(_put(new, session, document, **{"If-Match": old_tag}), 412)
+        assert _exported(old, session)[1] == old_tag
+        replaced = _put(new, session, document, **{"If-Match": "*"})
+        assert replaced.status_code == 200 and replaced.json()["position"] == 4
+        assert replaced.headers["etag"] == _exported(new, session)[1]
 
 
 def test_a_document_over_the_body_limit_is_413_unread(server_factory: ServerFactory) -> None:
