@@ -324,6 +324,24 @@ def test_import_with_a_stale_if_match_is_412_and_changes_nothing(client: httpx.C
     assert _put(client, absent, old, **{"If-None-Match": "*"}).status_code == 201
 
 
+def test_a_precondition_over_several_field_lines_or_with_empty_elements_is_one_list(client: httpx.Client) -> None:
+    """RFC 9110: field lines of one name are one comma-separated list, whose empty elements are ignored."""
+    session = new_id("lines")
+    _fed(client, session, series(8, seed=53), [5])
+    document, tag = _exported(client, session)
+
+    def put(*fields: tuple[str, str]) -> httpx.Response:
+        return client.put(f"/v1/sessions/{session}/state", content=document, headers=[*OCTET.items(), *fields])
+
+    assert_problem(put(("If-None-Match", '"elsewhere"'), ("If-None-Match", tag)), 412)
+    assert _exported(client, session) == (document, tag)
+    replaced = put(("If-Match", '"elsewhere"'), ("If-Match", tag))
+    assert replaced.status_code == 200, replaced.text
+    tag = replaced.headers["etag"]
+    assert put(("If-Match", f'"elsewhere", , {tag},'),).status_code == 200
+    assert_problem(put(("If-Match", '"elsewhere"'), ("If-Match", "not-a-tag")), 400)
+
+
 def test_the_etag_differs_after_delete_and_recreate_to_the_same_numbers(client: httpx.Client) -> None:
     values, session = series(6, seed=44), new_id("again")
     _fed(client, session, values, [6])
