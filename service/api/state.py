@@ -70,7 +70,7 @@ def _answer(response: Response, request: Request, session_id: str, written: Writ
     description="The session as one safetensors document: its state vector, position, model version and"
                 " the answer kept for an exact retry. `PUT` it here or on another deployment to go on exactly.",
     responses={200: {"description": "The state document", "content": _BINARY, "headers": _ETAG},
-               **problem_responses(404, 422, 503)},
+               **problem_responses(404, 409, 422, 503)},
 )
 async def export_state(session_id: SessionIdPath, states: StatesDep, tenant: TenantDep) -> Response:
     document = await states.export(session_key(tenant, session_id))

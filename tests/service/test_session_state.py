@@ -397,6 +397,7 @@ def test_openapi_describes_the_binary_bodies(client: httpx.Client) -> None:
     state = paths["/v1/sessions/{session_id}/state"]
     assert state["get"]["responses"]["200"]["content"] == {"application/octet-stream": binary}
     assert "ETag" in state["get"]["responses"]["200"]["headers"]
+    assert {"404", "409", "422", "503"} <= set(state["get"]["responses"])  # 409: another model's state
     assert state["put"]["requestBody"]["content"] == {"application/octet-stream": binary}
     assert {p["name"] for p in state["put"]["parameters"]} >= {"session_id", "if-match", "if-none-match"}
     assert {"201", "409", "412", "413", "422"} <= set(state["put"]["responses"])
