@@ -119,7 +119,7 @@ class SessionStates:
         try:
             state = self.store.gather([session], self.device)[0].cpu().numpy()  # (S,)
         except ValueError:
-            if session.model_version == self.model_version:
+            if self.model.by_hash(session.model_version) is not None:
                 raise
             return session, None
         return session, state
@@ -132,8 +132,9 @@ class SessionStates:
         if state is None:
             raise StaleModel(
                 f"session {session_id_of(key)!r} was built with model {session.model_version}, whose state this"
-                f" service (model {self.model_version}) cannot read; export it where that model runs",
-                session_id=session_id_of(key), position=session.position, model_version=self.model_version,
+                f" service (model {self.model.engine.model_version}) cannot read; export it where that model runs",
+                session_id=session_id_of(key), position=session.position,
+                model_version=self.model.engine.model_version,
             )
         return self._document(session, state)
 
