@@ -1,4 +1,5 @@
-"""Run the service:  python -m service --host 0.0.0.0 --port 8000   (settings from GRU_* variables)."""
+"""Run the service:  python -m service --host 0.0.0.0 [--port 8000]   (settings from GRU_* variables; GRU_PORT
+is the port when --port is not given)."""
 
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def _raise_open_file_limit() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=None, help="default: GRU_PORT (8000)")
     args = parser.parse_args(argv)
     try:
         settings = Settings()
@@ -63,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, RuntimeError) as exc:
         print(f"cannot start: {exc}", file=sys.stderr)
         return 2
+    # One setting for the port: the image's healthcheck (service.healthcheck) reads GRU_PORT too.
+    port = settings.port if args.port is None else args.port
     config = uvicorn.Config(
-        app, host=args.host, port=args.port, log_config=None, access_log=False, timeout_graceful_shutdown=30,
+        app, host=args.host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=30,
         # streams: a frame over the body limit closes with 1009 before it is buffered; pings find dead peers;
         # no per-message compression (small JSON frames: it would cost more CPU than it saves bytes)
         ws_max_size=settings.max_body_bytes, ws_ping_interval=settings.stream_ping_seconds,

@@ -74,6 +74,11 @@ class Place:
         held, self._held = self._held, False
         return held
 
+    def fills(self, queue: BatchQueue) -> bool:
+        """Whether the place is in ``queue`` and still held (and is now the chunk's). A place in another
+        queue (the chunk was routed elsewhere while it waited: a version changed) is left to its holder."""
+        return queue is self._queue and self.take()
+
     def give_back(self) -> None:
         """Unused (the chunk was refused before it was queued): the place goes to the next caller asking."""
         if self.take():
@@ -143,9 +148,9 @@ class BatchQueue:
                 turn.set_result(None)
 
     def put(self, chunk: Chunk, place: Place | None = None) -> asyncio.Future[bytes]:
-        """Queue ``chunk`` (in ``place`` if given, else refused at once when the queue is full) and start its
-        clock; its answer's future."""
-        if place is not None and place.take():
+        """Queue ``chunk`` (in ``place`` if given and in this queue, else refused at once when the queue is
+        full) and start its clock; its answer's future."""
+        if place is not None and place.fills(self):
             self._reserved -= 1
         elif self.full:
             raise self.overloaded()
@@ -178,6 +183,12 @@ class BatchQueue:
         """Put chunks back at the front, in their order, ahead of everything newer (a commit that lost a race
         is judged again before the session's later chunks)."""
         self._waiting.extendleft(reversed(list(chunks)))
+        self._wake.set()
+
+    def hand_over(self, chunk: Chunk) -> None:
+        """Take a chunk another queue's consumer routed here (another model version's engine), behind what
+        waits: its caller still waits on its future, under its first queue's timeout."""
+        self._waiting.append(chunk)
         self._wake.set()
 
     def close(self) -> None:

@@ -16,9 +16,9 @@ if not torch.cuda.is_available():
     # Triton reads this when the kernel is defined, so before anything imports the model.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench.common import random_checkpoint
-from bench.processes import Process as Server
-from bench.processes import start_service
+from harness.checkpoints import random_checkpoint
+from harness.processes import Process as Server
+from harness.processes import start_service
 
 
 def make_tiny_model(directory: Path, features: tuple[str, ...] = ("x",), seed: int = 0, name: str = "tiny") -> Path:

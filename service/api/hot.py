@@ -9,6 +9,7 @@ engine's pre-serialised JSON answered as is. The schema in /docs is the same (se
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TypeVar
 
 import numpy as np
@@ -18,11 +19,13 @@ from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.bodies import chunk_array, parse, path_session_id
+from service.api.deps import served_model
 from service.api.openapi import RawOperation
-from service.api.stream import ROUTE as STREAM_ROUTE
+from service.api.stream import ROUTES as STREAM_ROUTES
 from service.api.stream import Streams
 from service.auth import tenant_of
-from service.engine import Engine
+from service.batch_queue import BatchQueue
+from service.models import ServedModel
 from service.problems import Problem, as_problem, invalid
 from service.refusals import Refusal
 from service.schemas import (
@@ -41,13 +44,13 @@ _LOCATION = ["body", "values"]
 Body = TypeVar("Body", ChunkRequest, StatelessRequest)
 
 
-async def _read(request: Request, model: type[Body]) -> tuple[Engine, Body, np.ndarray]:
-    """The engine, the validated body, and its values as the model's float32 input."""
-    state = request.app.state
-    engine: Engine = state.engine
-    body = parse(await request.body(), model)
-    values = chunk_array(body.values, body.horizon, engine.forecaster.num_features, state.settings, _LOCATION)
-    return engine, body, values
+async def _read(request: Request, schema: type[Body]) -> tuple[ServedModel, Body, np.ndarray]:
+    """The model, the validated body, and its values as the model's float32 input."""
+    model = served_model(request)
+    body = parse(await request.body(), schema)
+    features = model.engine.forecaster.num_features
+    values = chunk_array(body.values, body.horizon, features, request.app.state.settings, _LOCATION)
+    return model, body, values
 
 
 async def predict_session(request: Request) -> Response:
@@ -61,21 +64,23 @@ async def predict_session(request: Request) -> Response:
                 raise
             raise invalid([*wrong_id.extra["errors"], *wrong_body.extra["errors"]]) from None
         raise
-    engine, body, values = await _read(request, ChunkRequest)
-    answer = await engine.predict(session_key(tenant_of(request), session_id), values, body.offset, body.horizon,
-                                  place=request.scope[PLACE])
+    model, body, values = await _read(request, ChunkRequest)
+    key = session_key(tenant_of(request), session_id)
+    answer = await model.engine_for(key).predict(key, values, body.offset, body.horizon, place=request.scope[PLACE])
     return Response(answer, media_type=JSON)
 
 
 async def predict(request: Request) -> Response:
-    engine, body, values = await _read(request, StatelessRequest)
-    return Response(await engine.predict(None, values, None, body.horizon, place=request.scope[PLACE]),
+    model, body, values = await _read(request, StatelessRequest)
+    return Response(await model.engine.predict(None, values, None, body.horizon, place=request.scope[PLACE]),
                     media_type=JSON)
 
 
 ROUTES = [
     Route("/v1/sessions/{session_id}/predict", predict_session, methods=["POST"]),
     Route("/v1/predict", predict, methods=["POST"]),
+    Route("/v1/models/{model}/sessions/{session_id}/predict", predict_session, methods=["POST"]),
+    Route("/v1/models/{model}/predict", predict, methods=["POST"]),
 ]
 
 
@@ -84,7 +89,8 @@ class HotRoutes:
     stack and router (one regex match instead of walking every route), and the stream route's WebSocket
     (``service.api.stream``); passes everything else on.
 
-    A predict call gets its place in the engine's queue here, before its body is read or parsed: at once
+    A predict call gets its place in the queue of the engine its chunk goes to (the model's, by
+    ``ServedModel.engine_for``) here, before its body is read or parsed: at once
     while there is room, else it waits, unread, up to ``GRU_QUEUE_PATIENCE_SECONDS`` for the first place
     that frees up (in arrival order), and is refused after that with the queue's 429 (counted as
     ``queue_full_unread``). Under overload a waiting call costs nothing, a refusal next to nothing, and
@@ -96,9 +102,8 @@ class HotRoutes:
     mid-body included) by ``service.middleware.ServerErrors``.
     """
 
-    def __init__(self, app: ASGIApp, engine: Engine, streams: Streams, patience: float):
+    def __init__(self, app: ASGIApp, streams: Streams, patience: float):
         self.app = app
-        self.queue = engine.queue
         self.streams = streams
         self.patience = patience
 
@@ -113,12 +118,14 @@ class HotRoutes:
                     if match == Match.PARTIAL:  # the path of a predict route, another method
                         raise Problem(405, "method-not-allowed", f"{scope['method']} is not allowed on"
                                       f" {scope['path']}; use POST", headers={"Allow": "POST"})
-                    place = await self.queue.reserve(self.patience)
+                    request = Request(scope, receive)
+                    queue = _queue_of(request)
+                    place = await queue.reserve(self.patience)
                     if place is None:
-                        raise self.queue.overloaded("queue_full_unread")
+                        raise queue.overloaded("queue_full_unread")
                     scope[PLACE] = place
                     try:
-                        response = await route.endpoint(Request(scope, receive))
+                        response = await route.endpoint(request)
                     finally:
                         place.give_back()  # unless its chunk took it
                 except (Problem, Refusal) as refused:
@@ -126,15 +133,25 @@ class HotRoutes:
                 await response(scope, receive, send)
                 return
         elif scope["type"] == "websocket":
-            match, child_scope = STREAM_ROUTE.matches(scope)
-            if match == Match.FULL:
-                scope.update(child_scope)
-                await self.streams.serve(scope, receive, send)
-                return
+            for stream_route in STREAM_ROUTES:
+                match, child_scope = stream_route.matches(scope)
+                if match == Match.FULL:
+                    scope.update(child_scope, route=stream_route)
+                    await self.streams.serve(scope, receive, send)
+                    return
         await self.app(scope, receive, send)
 
 
-OPERATIONS = [
+def _queue_of(request: Request) -> BatchQueue:
+    """The queue the call's chunk will go to, known from its path and key alone (404 for an unknown model);
+    the endpoint routes the chunk again once its body is read, in case a version changed meanwhile."""
+    model = served_model(request)
+    session_id = request.path_params.get("session_id")
+    key = session_key(tenant_of(request), session_id) if session_id is not None else None
+    return model.engine_for(key).queue
+
+
+_DEFAULT_OPERATIONS = [
     RawOperation(
         "/v1/sessions/{session_id}/predict", "post", "Feed a session the next chunk of its series",
         "Applies the chunk at the session's position and answers the one-step-ahead prediction after every "
@@ -147,3 +164,9 @@ OPERATIONS = [
         StatelessRequest, PredictionResponse, (400, 408, 413, 422, 429, 503),
     ),
 ]
+# The same two routes per model, under /v1/models/{model}/ (404 for an unknown model).
+OPERATIONS = [*_DEFAULT_OPERATIONS, *(
+    dataclasses.replace(op, path=op.path.replace("/v1/", "/v1/models/{model}/", 1),
+                        problems=tuple(sorted({*op.problems, 404})))
+    for op in _DEFAULT_OPERATIONS
+)]

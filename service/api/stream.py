@@ -1,4 +1,5 @@
-"""``/v1/sessions/{session_id}/stream``: a WebSocket per session, each text frame a chunk.
+"""``/v1/sessions/{session_id}/stream`` (and ``/v1/models/{model}/...``): a WebSocket per session, each text
+frame a chunk.
 
 A frame holds a predict body (``values``, ``offset``, ``horizon``), validated exactly as the POST body is
 (``service.api.bodies``); its answer is one text frame holding exactly the HTTP answer's JSON, or the
@@ -7,7 +8,8 @@ up to ``GRU_STREAM_WINDOW`` of one stream wait for the engine, and beyond that t
 (backpressure: the client's sends stall, nothing is refused). While the engine's queue is full the
 stream waits for a place in it, however long, rather than answering 429. A frame over
 ``GRU_MAX_BODY_BYTES`` closes the stream with 1009. The caller's tenant is the one the upgrade request was
-authenticated as, for the stream's life.
+authenticated as, for the stream's life. Each chunk goes to the engine the HTTP route would give it
+(``ServedModel.engine_for``: its pinned version's, else the newest).
 
 ``Streams.drain`` (on SIGTERM, before the server closes connections) stops reading every stream, answers
 every frame already read, and closes with 1001 (going away).
@@ -26,17 +28,19 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from service.api.bodies import chunk_array, parse, path_session_id
+from service.api.deps import served_model
 from service.auth import tenant_of
 from service.config import Settings
-from service.engine import Engine
 from service.http_fields import send_problem
 from service.metrics import Metrics
+from service.models import ServedModel
 from service.problems import Problem, as_problem
 from service.refusals import Refusal
 from service.schemas import ChunkRequest
 from service.sessions.base import session_key
 
 PATH = "/v1/sessions/{session_id}/stream"
+MODEL_PATH = "/v1/models/{model}/sessions/{session_id}/stream"
 METHOD = "WS"  # the method label of stream chunks in the request metrics
 GOING_AWAY = 1001
 TOO_BIG = 1009
@@ -48,35 +52,37 @@ async def _unused(websocket: WebSocket) -> None:  # ``Streams`` answers the rout
     raise NotImplementedError
 
 
-ROUTE = WebSocketRoute(PATH, _unused)
+ROUTES = [WebSocketRoute(PATH, _unused), WebSocketRoute(MODEL_PATH, _unused)]
 
 
 class _Counts:
     """The stream's metric series, looked up once (a labelled lookup per frame is a measurable cost)."""
 
-    def __init__(self, metrics: Metrics):
+    def __init__(self, metrics: Metrics, route: str):
         self.frame_in = metrics.stream_frames.labels(direction="in")
         self.frame_out = metrics.stream_frames.labels(direction="out")
-        self.latency = metrics.request_duration.labels(route=PATH, method=METHOD)
-        self.ok = metrics.requests.labels(route=PATH, method=METHOD, status="200")
+        self.latency = metrics.request_duration.labels(route=route, method=METHOD)
+        self.ok = metrics.requests.labels(route=route, method=METHOD, status="200")
         self._requests = metrics.requests
+        self._route = route
 
     def answered(self, status: int, seconds: float) -> None:
         self.frame_out.inc()
         self.latency.observe(seconds)
-        (self.ok if status == 200 else self._requests.labels(route=PATH, method=METHOD, status=str(status))).inc()
+        (self.ok if status == 200 else self._requests.labels(route=self._route, method=METHOD,
+                                                             status=str(status))).inc()
 
 
 class _Stream:
     """One open stream: a reader task takes frames while the window has room, this side answers them in
     order. The window is a semaphore taken before a frame is read and given back once it is answered."""
 
-    def __init__(self, websocket: WebSocket, key: str, streams: Streams):
+    def __init__(self, websocket: WebSocket, model: ServedModel, key: str, streams: Streams, count: _Counts):
         self.ws = websocket
+        self.model = model
         self.key = key
-        self.engine = streams.engine
         self.settings = streams.settings
-        self.count = streams.count
+        self.count = count
         self.receive, self.send = websocket.receive, websocket.send
         self.slots = asyncio.Semaphore(self.settings.stream_window)
         self.pending: deque[tuple[float, asyncio.Future[bytes] | Problem | None]] = deque()
@@ -141,12 +147,14 @@ class _Stream:
         """The chunk queued for the engine (after waiting for a place while the queue is full), or why not."""
         try:
             body = parse(raw, ChunkRequest)
-            values = chunk_array(body.values, body.horizon, self.engine.forecaster.num_features, self.settings,
-                                 _LOCATION)
-            place = await self.engine.queue.reserve(None)  # while the queue is full, this stream reads nothing
+            values = chunk_array(body.values, body.horizon, self.model.engine.forecaster.num_features,
+                                 self.settings, _LOCATION)
+            # while the queue is full, this stream reads nothing
+            place = await self.model.engine_for(self.key).queue.reserve(None)
             assert place is not None  # no patience limit: a place or nothing
             try:
-                return self.engine.enqueue(self.key, values, body.offset, body.horizon, place=place)
+                engine = self.model.engine_for(self.key)  # routed again: the versions may have changed meanwhile
+                return engine.enqueue(self.key, values, body.offset, body.horizon, place=place)
             finally:
                 place.give_back()  # unless the chunk took it
         except (Problem, Refusal) as refused:
@@ -181,28 +189,30 @@ class _Stream:
 class Streams:
     """Every open stream of the app: opens them (the upgrade checked, the tenant fixed) and drains them."""
 
-    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics):
-        self.engine = engine
+    def __init__(self, settings: Settings, metrics: Metrics):
         self.settings = settings
         self.metrics = metrics
-        self.count = _Counts(metrics)
+        self.counts = {route.path: _Counts(metrics, route.path) for route in ROUTES}
         self.draining = False
         self._open: set[_Stream] = set()
         self._closed = asyncio.Event()
 
     async def serve(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Answer an upgrade to the stream route (``scope`` holds its path parameters)."""
+        """Answer an upgrade to a stream route (``scope`` holds the route and its path parameters); an unknown
+        model is refused with 404, as on HTTP."""
+        websocket = WebSocket(scope, receive, send)
         try:
             if self.draining:
                 raise Problem(503, "shutting-down", "the service is shutting down; reconnect to another replica",
                               headers={"Retry-After": "1"})
+            model = served_model(websocket)
             session_id = path_session_id(scope["path_params"]["session_id"])
         except Problem as refused:
             await send_problem(refused, scope, send)
             return
-        websocket = WebSocket(scope, receive, send)
         await websocket.accept()
-        stream = _Stream(websocket, session_key(tenant_of(websocket), session_id), self)
+        key = session_key(tenant_of(websocket), session_id)
+        stream = _Stream(websocket, model, key, self, self.counts[scope["route"].path])
         self._open.add(stream)
         self.metrics.streams_open.inc()
         try:

@@ -240,3 +240,25 @@ def test_a_place_given_back_unused_goes_to_the_next_in_line_and_patience_runs_ou
     timed_out, waited, handed = _run(scenario)
     assert timed_out and waited >= 0.05
     assert handed
+
+
+def test_a_place_in_another_queue_is_not_filled_there_and_stays_its_holder_s() -> None:
+    """A chunk routed to another version's engine while its caller waited: that queue judges it as any other
+    caller's, and the place it waited for stays reserved until given back."""
+
+    async def scenario() -> tuple[bool, bool, bool, bool]:
+        first, second = _queue(max_queue=1), _queue(max_queue=1)
+        place = await first.reserve(0)
+        assert place is not None
+        second.put(_chunk("k0"), place)  # room in the second queue: queued, without the first's place
+        refused = False
+        try:
+            second.put(_chunk("k1"), place)
+        except Overloaded:
+            refused = True
+        still_reserved = first.full and await first.reserve(0) is None
+        place.give_back()
+        return refused, still_reserved, len(second) == 1, not first.full
+
+    refused, still_reserved, one_queued, freed = _run(scenario)
+    assert refused and still_reserved and one_queued and freed

@@ -19,15 +19,17 @@ import httpx
 import numpy as np
 import pytest
 
-from bench.processes import ROOT
+from harness.processes import ROOT
 from service.client import (
     AsyncClient,
     Client,
     ModelChanged,
     OffsetConflict,
+    PreconditionFailed,
     Retry,
     ServiceError,
     Session,
+    SessionExists,
     SessionNotFound,
     Unavailable,
 )
@@ -39,9 +41,9 @@ FAST = Retry(attempts=4, backoff=0.01, max_delay=0.05)
 
 
 class DroppingProxy:
-    """A loopback TCP proxy that can lose an answer: once armed, the next answer to a POST is not relayed
-    and the client's connection is closed. The server has answered, so the chunk was applied; the client
-    only sees a dropped connection, exactly the case a retry with the same offset must survive."""
+    """A loopback TCP proxy that can lose an answer: once armed, the next answer to a POST (or a PUT) is not
+    relayed and the client's connection is closed. The server has answered, so the chunk was applied; the
+    client only sees a dropped connection, exactly the case a retry with the same offset must survive."""
 
     def __init__(self, target: str):
         host, port = target.removeprefix("http://").rsplit(":", 1)
@@ -79,7 +81,7 @@ class DroppingProxy:
         try:
             while data := source.recv(65536):
                 if not answers and data[:8].split(b" ")[0] in (b"GET", b"POST", b"DELETE", b"PUT", b"HEAD"):
-                    asked["post"] = data.startswith(b"POST ")  # a new request (not more of a body)
+                    asked["post"] = data.startswith((b"POST ", b"PUT "))  # a new request (not more of a body)
                 if answers:
                     with self._lock:
                         drop = self._armed > 0 and asked["post"]
@@ -164,6 +166,47 @@ def test_async_retry_after_dropped_connection_applies_the_chunk_once(
 
     got = asyncio.run(run())
     np.testing.assert_allclose(got, stateless(client, values)["predictions"], atol=1e-5)
+
+
+def test_a_fork_or_conditional_import_resent_after_a_lost_answer_is_the_one_it_made(
+    proxy: DroppingProxy, client: httpx.Client
+) -> None:
+    """The resend meets what the first attempt did (409 session-exists, 412): the client takes it as its own
+    when the session holds that very state, and still refuses anyone else's."""
+    values = series(12, seed=54)
+    with Client(proxy.url, retry=FAST) as api:
+        parent, taken = api.session(new_id("parent")), api.session(new_id("taken"))
+        parent.predict(values[:7])
+        taken.predict(values[:3])
+        proxy.arm()
+        branch = parent.fork(new_id("branch"))
+        assert branch.position == 7 == position(client, branch.id) and proxy.dropped == 1
+        proxy.arm()
+        with pytest.raises(SessionExists):
+            parent.fork(taken.id)
+        assert proxy.dropped == 2 and position(client, taken.id) == 3
+
+        elsewhere = taken.export_state()  # 3 steps
+        proxy.arm()
+        assert taken.import_state(parent.export_state(), if_match=elsewhere.etag)["position"] == 7
+        assert taken.position == 7 == position(client, taken.id) and proxy.dropped == 3
+        proxy.arm()
+        with pytest.raises(PreconditionFailed):  # a stale tag, and the session holds another state
+            branch.import_state(elsewhere, if_match=elsewhere.etag)
+        assert proxy.dropped == 4 and position(client, branch.id) == 7
+        assert api.stats.retries == 4
+
+
+def test_async_fork_resent_after_a_lost_answer_is_the_one_it_made(proxy: DroppingProxy, client: httpx.Client
+                                                                   ) -> None:
+    async def run() -> int:
+        async with AsyncClient(proxy.url, retry=FAST) as api:
+            parent = await api.session(new_id("parent"))
+            await parent.predict(series(5, seed=55))
+            proxy.arm()
+            return (await parent.fork(new_id("branch"))).position
+
+    assert asyncio.run(run()) == 5 and proxy.dropped == 1
 
 
 def test_conflict_reports_the_server_position_and_resync_continues(api: Client, client: httpx.Client) -> None:

@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from bench.processes import ROOT
+from harness.processes import ROOT
 from service.client import AsyncClient, Client, OffsetConflict, Prediction, Retry, ServiceError
 from tests.conftest import Server, ServerFactory
 from tests.service.helpers import new_id, position, series, stateless
