@@ -22,7 +22,7 @@ from service.metrics import Metrics
 from service.middleware import BodyLimit, Observability, RouteTemplates, ServerErrors
 from service.models import Registry
 from service.repository import Repository
-from service.sessions.snapshot import SnapshotKeeper
+from service.snapshots import ModelSnapshots
 
 log = logging.getLogger("service")
 
@@ -72,14 +72,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "name": str(meta["name"]), "version": str(meta["version"]), "device": str(device),
         "variant": engine.forecaster.config.variant,
     })
-    snapshots = SnapshotKeeper.from_settings(
-        settings, default.raw_store, lambda: registry.default_model.engine.model_version,
-        lambda: registry.hashes_on_disk(registry.default), default.state_size,
-    )
+    snapshots = ModelSnapshots(settings, registry)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if snapshots is not None:  # restored before the first request
+        if snapshots.enabled:  # restored before the first request
             await snapshots.start()
         await registry.start()
         sweeper = asyncio.create_task(_sweep_forever(registry, min(settings.session_ttl_seconds / 4, 10.0)))
@@ -97,7 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             sweeper.cancel()
             # uvicorn answered every in-flight request; the engines drain what is left, then the snapshot
             # (after the drain: every answered chunk is in it), then the stores close.
-            await registry.stop(before_close=snapshots.stop if snapshots is not None else None)
+            await registry.stop(before_close=snapshots.stop if snapshots.enabled else None)
 
     app = FastAPI(
         **_WITHOUT_FASTAPI_TELEMETRY,
