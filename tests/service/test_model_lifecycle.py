@@ -218,6 +218,28 @@ def test_a_session_streams_through_a_published_version_and_its_version_drains_af
         assert metric(client, "gru_model_versions", model="m", version="2", state="serving") == 1
 
 
+@pytest.mark.parametrize("end", ["expiry", "eviction"])
+def test_a_version_whose_last_session_expires_or_is_evicted_is_unloaded(
+    server_factory: ServerFactory, tmp_path: Path, end: str
+) -> None:
+    repository = tmp_path / "repo"
+    add_version(repository, "m", 1)
+    limits = ({"GRU_SESSION_TTL_SECONDS": "1"} if end == "expiry"
+              else {"GRU_MAX_SESSIONS": "1", "GRU_MAX_BATCH_SIZE": "1"})
+    server = server_factory(GRU_MODEL_REPOSITORY=str(repository), GRU_REPOSITORY_POLL_SECONDS="0.1", **limits)
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        pinned = new_id()
+        assert send(client, pinned, series(4), offset=0).json()["version"] == "1"
+        add_version(repository, "m", 2, seed=1)
+        wait_for(lambda: "2" in versions(client, "m"))
+        assert versions(client, "m")["1"]["state"] == "draining"
+        if end == "eviction":  # the one place goes to a new session on version 2: the pinned one is evicted
+            assert send(client, new_id(), series(4), offset=0).json()["version"] == "2"
+        wait_for(lambda: list(versions(client, "m")) == ["2"])
+        refused = send(client, pinned, series(4), offset=4)
+        assert assert_problem(refused, 404)["type"].endswith("/session-not-found")
+
+
 PLAIN, ADMIN = "plain-key-0123456789", "admin-key-0123456789"
 
 
