@@ -15,7 +15,7 @@ import orjson
 from fastapi import APIRouter, Path, Request, Response
 from pydantic import BaseModel, JsonValue
 
-from service.api.bodies import chunk_array, parse, parse_item
+from service.api.bodies import chunk_array, parse, parse_item, unknown_item_fields
 from service.api.deps import EngineDep, SettingsDep
 from service.api.openapi import body_schema, problem_responses
 from service.auth import TenantDep
@@ -58,17 +58,19 @@ async def model_info(request: Request, engine: EngineDep) -> ModelInfo:
     openapi_extra=body_schema(BatchRequest), responses=problem_responses(400, 408, 413, 422),
 )
 async def predict_batch(request: Request, engine: EngineDep, settings: SettingsDep, tenant: TenantDep) -> Response:
-    body = parse(await request.body(), BatchEnvelope)
+    raw_body = await request.body()
+    body = parse(raw_body, BatchEnvelope)
     if len(body.items) > settings.max_batch_items:
         detail = f"{len(body.items)} items, more than GRU_MAX_BATCH_ITEMS={settings.max_batch_items}; split the call"
         raise Problem(422, "invalid-request", detail,
                       errors=[{"loc": ["body", "items"], "msg": detail, "type": "too_long"}])
     features = engine.forecaster.num_features
+    unknown = unknown_item_fields(raw_body, BatchItem) if None in body.items else {}
 
     async def one(index: int, raw: JsonValue) -> bytes:
         loc = ["body", "items", str(index)]
         try:
-            item = parse_item(raw, BatchItem, loc)
+            item = parse_item(raw, BatchItem, loc, unknown.get(index))
             values = chunk_array(item.values, item.horizon, features, settings, [*loc, "values"])
             return await engine.predict(session_key(tenant, item.session_id), values, item.offset, item.horizon)
         except (Problem, Refusal) as refused:
