@@ -43,6 +43,12 @@ class Settings(BaseSettings):
         256 * 2**20, ge=65_536,
         description="memory store: bytes of the answers kept for exact retries; least recently used sessions go beyond",
     )
+    tenant_max_sessions: int | None = Field(
+        None, ge=1, description="memory store: sessions per tenant; at it, the tenant's own least recently used goes"
+    )
+    tenant_max_answer_bytes: int | None = Field(
+        None, ge=65_536, description="memory store: bytes of kept answers per tenant; beyond, the tenant's own go"
+    )
     max_batch_size: int = Field(64, ge=1, le=4096, description="chunks of distinct sessions run as one batch")
     max_batch_delay_ms: float = Field(2.0, ge=0, le=1000, description="how long a batch waits to fill")
     max_queue: int = Field(1024, ge=1, description="chunks waiting for the engine; beyond this 429")

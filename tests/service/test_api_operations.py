@@ -33,7 +33,8 @@ def test_metrics_parse_and_pass_promtool(client: httpx.Client) -> None:
         assert name in families, name
     steps = [s.value for s in families["gru_steps"].samples if s.name == "gru_steps_total"]
     assert steps and steps[0] >= 5
-    assert {s.labels["reason"] for s in families["gru_session_evictions"].samples} == {"ttl", "capacity"}
+    reasons = {s.labels["reason"] for s in families["gru_session_evictions"].samples}
+    assert reasons == {"ttl", "capacity", "tenant_quota"}
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool is not installed (make test installs the Debian package prometheus)")
@@ -155,6 +156,8 @@ _OUT_OF_BOUNDS = [
     ("max_body_bytes", "1023", "1024"),
     ("max_batch_items", "0", "1"),
     ("torch_threads", "-1", "0"),
+    ("tenant_max_sessions", "0", "1"),
+    ("tenant_max_answer_bytes", "65535", "65536"),
 ]
 
 
@@ -174,7 +177,8 @@ def test_each_setting_is_refused_past_its_bound_and_accepted_at_it(
 _NON_DEFAULT: dict[str, str] = {
     "model_path": "", "device": "cpu", "store": "redis", "redis_url": "redis://cache:6380/2",
     "snapshot_path": "/tmp/snap.safetensors", "snapshot_interval_seconds": "7.5", "session_ttl_seconds": "61",
-    "max_sessions": "17", "max_answer_bytes": "70000", "max_batch_size": "9", "max_batch_delay_ms": "3.5",
+    "max_sessions": "17", "max_answer_bytes": "70000", "tenant_max_sessions": "5",
+    "tenant_max_answer_bytes": "65536", "max_batch_size": "9", "max_batch_delay_ms": "3.5",
     "max_queue": "11", "request_timeout_seconds": "4.5", "max_chunk_steps": "99", "max_horizon": "7",
     "max_body_bytes": "5000", "max_batch_items": "13", "api_keys": "some-long-key-0123:alice",
     "api_keys_file": "", "metrics_require_key": "true", "torch_threads": "3", "log_level": "WARNING",
@@ -259,7 +263,8 @@ def test_labelled_series_exist_from_the_first_scrape(server_factory: ServerFacto
     text = httpx.get(fresh.url + "/metrics").text
     for series_line in ('gru_rejected_total{reason="queue_full"} 0.0', 'gru_rejected_total{reason="timeout"} 0.0',
                         'gru_session_evictions_total{reason="ttl"} 0.0',
-                        'gru_session_evictions_total{reason="capacity"} 0.0'):
+                        'gru_session_evictions_total{reason="capacity"} 0.0',
+                        'gru_session_evictions_total{reason="tenant_quota"} 0.0'):
         assert series_line in text, series_line
     assert "# TYPE gru_store_errors_total counter" in text and "# TYPE gru_store_conflicts_total counter" in text
 
