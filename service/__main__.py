@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from model import CheckpointError
 from service.app import create_app
-from service.config import Settings
+from service.config import Settings, unknown_variables
 from service.logs import configure
 
 
@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
+    unknown = unknown_variables()
+    if unknown:
+        print("invalid configuration:\n" + "\n".join(f"  {line}" for line in unknown), file=sys.stderr)
+        return 2
     try:
         settings = Settings()
     except ValidationError as exc:

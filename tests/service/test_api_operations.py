@@ -212,6 +212,23 @@ def test_a_model_path_that_is_not_a_directory_is_a_configuration_error(tmp_path:
     assert "invalid configuration" in log and f"GRU_MODEL_PATH={refused} is not a directory" in log
 
 
+def test_a_misspelt_setting_stops_start_up_naming_it_and_the_closest_setting(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """GRU_SNAPSHOT_PATHS (an s too many) once started normally: no snapshot, every session lost at SIGTERM."""
+    log = refused_start_log(tiny_model, tmp_path, {"GRU_SNAPSHOT_PATHS": str(tmp_path / "snap"),
+                                                   "GRU_TENANT_MAX_SESION": "5"})
+    assert "invalid configuration" in log
+    assert "GRU_SNAPSHOT_PATHS is not a setting; did you mean GRU_SNAPSHOT_PATH?" in log
+    assert "GRU_TENANT_MAX_SESION is not a setting; did you mean GRU_TENANT_MAX_SESSIONS?" in log
+    assert "Traceback" not in log
+
+
+def test_the_client_variables_are_allowed_beside_the_settings(server_factory: ServerFactory) -> None:
+    server = server_factory(GRU_URL="http://127.0.0.1:1", GRU_API_KEY="a-client-key")
+    assert httpx.get(server.url + "/readyz").status_code == 200
+
+
 def test_default_intra_op_threads_leave_one_core_to_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(config.os, "cpu_count", lambda: 8)
     assert config.intra_op_threads(0) == 7
