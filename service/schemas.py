@@ -7,7 +7,6 @@ numbers), no NaN/Infinity, unknown fields refused.
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -16,8 +15,8 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, JsonValue, StringConstraints
 from pydantic_core import core_schema
 
-SESSION_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
-SESSION_ID = re.compile(SESSION_ID_PATTERN)  # use fullmatch: Python's $ also matches before a final "\n"
+from service.session_ids import SESSION_ID_PATTERN
+
 SessionId = Annotated[str, StringConstraints(pattern=SESSION_ID_PATTERN)]
 # fail_fast: a bad element ends the list's validation, so a 4 MiB body of `{}` costs one error, not a million
 # (each of which would be built, listed in the 422 and serialised). min_length: at least one step.

@@ -22,7 +22,6 @@ from service.auth import TenantDep
 from service.problems import Problem, as_problem
 from service.refusals import Refusal
 from service.schemas import (
-    SESSION_ID_PATTERN,
     BatchEnvelope,
     BatchItem,
     BatchRequest,
@@ -31,6 +30,7 @@ from service.schemas import (
     ResetResponse,
     SessionInfo,
 )
+from service.session_ids import SESSION_ID_PATTERN
 from service.sessions.base import session_key
 
 router = APIRouter(prefix="/v1", tags=["v1"])

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.http_fields import decimal_length
 from service.problems import Problem, describe_errors
-from service.schemas import SESSION_ID, SESSION_ID_PATTERN
+from service.session_ids import SESSION_ID, SESSION_ID_RULE
 
 INPUT = "values"
 PREDICTIONS = "predictions"
@@ -164,8 +164,7 @@ def _sequence(parameters: dict[str, Any]) -> tuple[str | int | None, str | None]
                          " it for a stateless call)")
     session_id = str(value)
     if not SESSION_ID.fullmatch(session_id):
-        raise v2_problem(400, f"parameter sequence_id {value!r} must match {SESSION_ID_PATTERN} (the v1"
-                         " session id rule)")
+        raise v2_problem(400, f"parameter sequence_id {value!r} breaks the v1 session id rule: {SESSION_ID_RULE}")
     return value, session_id
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import re
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +25,8 @@ from typing import Any
 
 import httpx
 
-SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+from service.session_ids import SESSION_ID, SESSION_ID_RULE
+
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 # Errors after which the request may or may not have reached the server: safe to resend with the offset.
 RETRY_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
@@ -129,7 +129,7 @@ def _rows(values: Values) -> list[Any]:
 
 def _check_id(session_id: str) -> str:
     if not SESSION_ID.fullmatch(session_id):
-        raise ValueError(f"session id {session_id!r} must match {SESSION_ID.pattern}")
+        raise ValueError(f"session id {session_id!r} breaks the rule: {SESSION_ID_RULE}")
     return session_id
 
 

@@ -26,7 +26,7 @@ from typing import Any, TextIO
 import httpx
 
 from service.client import (
-    SESSION_ID,
+    SESSION_ID_RULE,
     Client,
     ModelChanged,
     OffsetConflict,
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     stream = commands.add_parser("stream", help="stream a CSV through a session, write its predictions")
     stream.add_argument("--csv", type=Path, required=True, help="input series, one row a step")
-    stream.add_argument("--session", required=True, help=f"session id ({SESSION_ID.pattern})")
+    stream.add_argument("--session", required=True, help=f"session id ({SESSION_ID_RULE})")
     stream.add_argument("--chunk", type=int, default=32, help="steps per call (default 32)")
     stream.add_argument("--url", default=os.environ.get("GRU_URL", "http://127.0.0.1:8000"),
                         help="service base URL (default $GRU_URL or http://127.0.0.1:8000)")

@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
+from service.client import Client
 from tests.conftest import Server, ServerFactory, make_tiny_model
 from tests.service.helpers import assert_problem, new_id, position, send, series, stateless
 
@@ -117,6 +118,33 @@ def test_odd_session_ids_never_give_a_server_error(client: httpx.Client, session
         response = client.request(method, f"/v1/sessions/{session_id}{suffix}", json=body)
         assert 400 <= response.status_code < 500, (method, response.status_code, response.text)
         assert response.headers["content-type"].startswith("application/problem+json")
+
+
+@pytest.mark.parametrize("session_id", [".", ".."])
+def test_dot_session_ids_that_clients_normalise_away_are_refused_everywhere(
+    client: httpx.Client, session_id: str
+) -> None:
+    """"." and ".." could never be reached: curl and HTTP clients normalise them out of the path, so
+    /v1/sessions/../predict would be a stateless /v1/predict. Sent percent-encoded (as no client normalises
+    them), every route refuses them, a batch item and a v2 sequence_id too; nothing is created."""
+    encoded = session_id.replace(".", "%2E")
+    for method, suffix, body in (("POST", "/predict", {"values": [1.0], "offset": 0}), ("GET", "", None),
+                                 ("DELETE", "", None), ("POST", "/reset", None)):
+        problem = assert_problem(client.request(method, f"/v1/sessions/{encoded}{suffix}", json=body), 422)
+        assert problem["errors"][0]["loc"] == ["path", "session_id"], (method, suffix, problem)
+    batch = client.post("/v1/predict/batch", json={"items": [{"session_id": session_id, "values": [1.0]}]})
+    assert batch.json()["results"][0]["errors"][0]["loc"] == ["body", "items", "0", "session_id"]
+    name = client.get("/v1/model").json()["name"]
+    v2 = client.post(f"/v2/models/{name}/infer", json={
+        "inputs": [{"name": "values", "shape": [1, 1], "datatype": "FP32", "data": [1.0]}],
+        "parameters": {"sequence_id": session_id, "sequence_start": True}})
+    assert_problem(v2, 400)
+    assert "other than . and .." in v2.json()["error"]
+    for kept in ("...", ".a", "..a", "a."):  # only the two path segments are refused
+        assert send(client, kept.replace(".", "%2E"), series(2), offset=0).status_code == 200, kept
+        assert position(client, kept) == 2
+    with Client(client.base_url) as python_client, pytest.raises(ValueError, match=r"other than \. and \.\."):
+        python_client.session(session_id)
 
 
 def test_longest_valid_session_id_works(client: httpx.Client) -> None:
