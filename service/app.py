@@ -20,7 +20,7 @@ from service.api.openapi import Limits, document_raw_routes
 from service.config import Settings
 from service.engine import Engine
 from service.metrics import Metrics
-from service.middleware import BodyLimit, ContentEncoding, Observability, RouteTemplates, ServerErrors
+from service.middleware import BodyLimit, ContentEncoding, HeadAsGet, Observability, RouteTemplates, ServerErrors
 from service.sessions import build_store
 from service.sessions.snapshot import SnapshotKeeper
 
@@ -113,6 +113,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     problems.install(app)
     app.add_middleware(hot.HotRoutes)  # innermost: the predict routes skip FastAPI's per-request machinery
+    app.add_middleware(HeadAsGet)
     app.add_middleware(ContentEncoding, max_body_bytes=settings.max_body_bytes)  # inside the limit on the wire
     app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes,
                        body_timeout_seconds=settings.request_timeout_seconds)
