@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from model import CheckpointError
 from service.app import create_app
 from service.config import Settings, unknown_variables
+from service.head_deadline import head_deadline_protocol
 from service.logs import configure
 
 
@@ -24,10 +25,10 @@ def _configuration_errors(exc: ValidationError) -> str:
 
 
 def _raise_open_file_limit() -> None:
-    """Every connection holds a file descriptor, idle ones included (uvicorn closes a connection that never
-    sends a request only when its client does): the usual soft limit of 1,024 would let a thousand silent
-    clients lock everyone out, long before the hard limit would. Front the service with a proxy that times
-    out slow clients (deploy/nginx) where it faces the open internet."""
+    """Every connection holds a file descriptor, idle ones included (until the head deadline closes them,
+    service.head_deadline): the usual soft limit of 1,024 would let a thousand silent clients lock everyone
+    out within that time, long before the hard limit would. Front the service with a proxy that times out
+    slow clients sooner (deploy/nginx) where it faces the open internet."""
     try:
         import resource  # Unix only
     except ImportError:
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cannot start: {exc}", file=sys.stderr)
         return 2
     uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False,
-                timeout_graceful_shutdown=30)
+                timeout_graceful_shutdown=30, http=head_deadline_protocol(settings.request_timeout_seconds))
     return 0
 
 

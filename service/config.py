@@ -57,7 +57,8 @@ class Settings(BaseSettings):
     max_batch_delay_ms: float = Field(2.0, ge=0, le=1000, description="how long a batch waits to fill")
     max_queue: int = Field(1024, ge=1, description="chunks waiting for the engine; beyond this 429")
     request_timeout_seconds: float = Field(
-        30.0, gt=0, description="a chunk not computed by then gets 503; a body not received by then, 408"
+        30.0, gt=0, description="a chunk not computed by then gets 503; a body not received by then, 408; a request"
+        " head not received by then closes the connection"
     )
     max_chunk_steps: int = Field(4096, ge=1, description="most steps in one chunk")
     max_horizon: int = Field(512, ge=0, description="longest forecast")
