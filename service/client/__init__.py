@@ -18,14 +18,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
-
 from service.session_ids import SESSION_ID, SESSION_ID_RULE
+
+INSTALL = "pip install 'gru-service[client]' (in a checkout: pip install -e '.[client]')"
+
+
+def _run_with_dash_m() -> bool:
+    """Whether this process is ``python -m service.client``."""
+    argv = sys.orig_argv
+    return "-m" in argv and argv[argv.index("-m") + 1:][:1] == [__name__]
+
+
+try:
+    import httpx
+except ModuleNotFoundError as missing:
+    # python -m service.client imports this package before its __main__: one line and exit 2 there, not a
+    # traceback; an import from code gets the same words as its ImportError.
+    line = f"service.client needs the client extra ({missing.name} is missing): {INSTALL}"
+    if _run_with_dash_m():
+        print(line, file=sys.stderr)
+        raise SystemExit(2) from None
+    raise ModuleNotFoundError(line, name=missing.name) from None
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 # Errors after which the request may or may not have reached the server: safe to resend with the offset.

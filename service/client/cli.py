@@ -26,6 +26,7 @@ from typing import Any, TextIO
 import httpx
 
 from service.client import (
+    INSTALL,
     SESSION_ID_RULE,
     Client,
     ModelChanged,
@@ -348,6 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.chunk < 1:
         parser.error("--chunk must be at least 1")
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401  (only --plot needs it: checked before anything is sent)
+        except ModuleNotFoundError:
+            parser.exit(2, f"--plot needs the client extra (matplotlib is missing): {INSTALL}\n")
     # A stop from outside (docker stop, systemd, a closed terminal) saves the answers as Ctrl-C does: a file
     # left more than a chunk behind its session could not be resumed. An ignored signal stays ignored (nohup).
     for stop in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
