@@ -49,7 +49,11 @@ class MemoryStore:
         self.tenant_max_sessions = tenant_max_sessions
         self.tenant_max_answer_bytes = tenant_max_answer_bytes
         self._answer_bytes = 0  # the kept answers' total
-        self._tenants: dict[str, _Tenant] = {}  # each tenant's keys in recency order, and its answers' bytes
+        # Each tenant's keys in recency order and its answers' bytes, kept only under a tenant bound (about 90
+        # bytes a session otherwise spent for nothing).
+        self._tenants: dict[str, _Tenant] | None = (
+            {} if tenant_max_sessions is not None or tenant_max_answer_bytes is not None else None
+        )
         self._clock = clock
         self._on_evict = on_evict or (lambda reason, count: None)
         self._records: OrderedDict[str, Session] = OrderedDict()
@@ -75,35 +79,32 @@ class MemoryStore:
     def _drop(self, key: str) -> Session:
         session = self._records.pop(key)
         self._answer_bytes -= len(session.answer)
-        tenant = self._tenants[tenant_of_key(key)]
-        del tenant.keys[key]
-        tenant.answer_bytes -= len(session.answer)
-        if not tenant.keys:
-            del self._tenants[tenant_of_key(key)]
+        if self._tenants is not None:
+            tenant = self._tenants[tenant_of_key(key)]
+            del tenant.keys[key]
+            tenant.answer_bytes -= len(session.answer)
+            if not tenant.keys:
+                del self._tenants[tenant_of_key(key)]
         if session.handle:
             self._free.append(session.handle)
         return session
 
     def _insert(self, session: Session) -> None:
         self._records[session.key] = session
-        self._tenant(session.key).keys[session.key] = None
+        if self._tenants is not None:
+            self._tenants.setdefault(tenant_of_key(session.key), _Tenant()).keys[session.key] = None
         self._add_answer(session.key, len(session.answer))
-
-    def _tenant(self, key: str) -> _Tenant:
-        name = tenant_of_key(key)
-        tenant = self._tenants.get(name)
-        if tenant is None:
-            tenant = self._tenants[name] = _Tenant()
-        return tenant
 
     def _add_answer(self, key: str, change: int) -> None:
         self._answer_bytes += change
-        self._tenants[tenant_of_key(key)].answer_bytes += change
+        if self._tenants is not None:
+            self._tenants[tenant_of_key(key)].answer_bytes += change
 
     def _touch(self, key: str) -> None:
         """``key`` becomes the most recently used, in the store and in its tenant."""
         self._records.move_to_end(key)
-        self._tenants[tenant_of_key(key)].keys.move_to_end(key)
+        if self._tenants is not None:
+            self._tenants[tenant_of_key(key)].keys.move_to_end(key)
 
     def _live(self, key: str, now: float) -> Session | None:
         session = self._records.get(key)
@@ -144,7 +145,7 @@ class MemoryStore:
         the store's at the store's."""
         if key in self._records:
             return
-        tenant = self._tenants.get(tenant_of_key(key))
+        tenant = self._tenants.get(tenant_of_key(key)) if self._tenants is not None else None
         if self.tenant_max_sessions is not None and tenant is not None and len(tenant.keys) >= self.tenant_max_sessions:
             self._drop(next(iter(tenant.keys)))
             self._on_evict("tenant_quota", 1)
@@ -156,17 +157,18 @@ class MemoryStore:
         """Least recently used first, while the kept answers pass their budget (each writing tenant's own first,
         from its own sessions); never one of ``keep`` (the sessions just written: an answer over the whole
         budget is kept, alone)."""
-        if self.tenant_max_answer_bytes is not None:
+        if self.tenant_max_answer_bytes is not None and self._tenants is not None:
             evicted = 0
-            for name in {tenant_of_key(key) for key in keep} or set(self._tenants):
-                tenant = self._tenants.get(name)
+            tenants = self._tenants
+            for name in {tenant_of_key(key) for key in keep} or set(tenants):
+                tenant = tenants.get(name)
                 while tenant is not None and tenant.answer_bytes > self.tenant_max_answer_bytes:
                     key = next(iter(tenant.keys))
                     if key in keep:
                         break
                     self._drop(key)
                     evicted += 1
-                    tenant = self._tenants.get(name)
+                    tenant = tenants.get(name)
             if evicted:
                 self._on_evict("tenant_quota", evicted)
         evicted = 0

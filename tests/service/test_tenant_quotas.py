@@ -3,8 +3,12 @@ recently used sessions, never another tenant's."""
 
 from __future__ import annotations
 
-import httpx
+import asyncio
 
+import httpx
+import torch
+
+from service.sessions.memory import MemoryStore
 from tests.conftest import ServerFactory
 from tests.service.helpers import assert_problem, position, send, series
 
@@ -49,3 +53,17 @@ def test_a_tenant_keeping_large_answers_evicts_its_own_never_another_tenants(ser
         metrics = one.get("/metrics").text
     assert 'gru_session_evictions_total{reason="tenant_quota"} 3.0' in metrics
     assert 'gru_session_evictions_total{reason="capacity"} 0.0' in metrics
+
+
+def test_the_store_holds_the_tenant_bound_on_resets_and_restores_too() -> None:
+    """Resets create sessions as chunks do, and a snapshot restored under a lower bound keeps each tenant's
+    most recent sessions."""
+    evicted: list[tuple[str, int]] = []
+    store = MemoryStore(4, torch.device("cpu"), max_sessions=100, ttl_seconds=60, tenant_max_sessions=2,
+                        on_evict=lambda reason, count: evicted.append((reason, count)))
+    for key in ("t1/a", "t1/b", "t2/x", "t1/c"):
+        asyncio.run(store.reset(key, "v1"))
+    assert [s.key for s in store.records()] == ["t1/b", "t2/x", "t1/c"] and evicted == [("tenant_quota", 1)]
+    restored = MemoryStore(4, torch.device("cpu"), max_sessions=100, ttl_seconds=60, tenant_max_sessions=1)
+    restored.restore(store.records(), [-1] * 3, torch.zeros(0, 4))
+    assert [s.key for s in restored.records()] == ["t2/x", "t1/c"]
