@@ -14,7 +14,8 @@ def test_head_answers_every_get_route_with_its_status_and_headers_and_no_body(
     session = new_id("head")
     assert send(client, session, series(3), offset=0).status_code == 200
     model = client.get("/v1/model").json()
-    filled = {"{session_id}": session, "{model_name}": model["name"], "{model_version}": model["version"]}
+    filled = {"{session_id}": session, "{model_name}": model["name"], "{model_version}": model["version"],
+              "{model}": model["name"]}
     paths = ["/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"]
     for path, operations in client.get("/openapi.json").json()["paths"].items():
         if "get" in operations:
