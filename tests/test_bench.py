@@ -4,13 +4,14 @@ the load generator counts what it should, and the baseline lets it resynchronise
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import pytest
 import torch
 
 from bench import __main__ as bench_main
-from bench import cell, load, naive_server
+from bench import cell, junk, load, naive_server
 
 
 def test_cell_table_runs_and_checks_outputs(capsys: pytest.CaptureFixture[str]) -> None:
@@ -85,3 +86,12 @@ def test_naive_server_tells_a_client_that_lost_track_where_its_session_is() -> N
     again = asyncio.run(twice())
     assert again.status_code == 409
     assert again.json()["position"] == 3
+
+
+def test_junk_bodies_are_json_objects_of_unknown_keys_of_the_size_asked() -> None:
+    body = junk.junk_object(0.05)
+    parsed = json.loads(body)
+    assert 50_000 <= len(body) < 50_100
+    assert parsed.pop("values") == [0.5]
+    assert list(parsed) == [f"k{index}" for index in range(len(parsed))]
+    assert all(value == [[[[]]]] for value in parsed.values())

@@ -27,19 +27,38 @@ import contextlib
 import json
 import os
 import random
-import re
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import httpx
+from service.session_ids import SESSION_ID, SESSION_ID_RULE
+
+INSTALL = "pip install 'gru-service[client]' (in a checkout: pip install -e '.[client]')"
+
+
+def _run_with_dash_m() -> bool:
+    """Whether this process is ``python -m service.client``."""
+    argv = sys.orig_argv
+    return "-m" in argv and argv[argv.index("-m") + 1:][:1] == [__name__]
+
+
+try:
+    import httpx
+except ModuleNotFoundError as missing:
+    # python -m service.client imports this package before its __main__: one line and exit 2 there, not a
+    # traceback; an import from code gets the same words as its ImportError.
+    line = f"service.client needs the client extra ({missing.name} is missing): {INSTALL}"
+    if _run_with_dash_m():
+        print(line, file=sys.stderr)
+        raise SystemExit(2) from None
+    raise ModuleNotFoundError(line, name=missing.name) from None
 
 if TYPE_CHECKING:
     from service.client.stream import AsyncStreamSession, StreamSession
 
-SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 # Errors after which the request may or may not have reached the server: safe to resend with the offset.
 RETRY_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
@@ -164,7 +183,7 @@ def _chunks(values: Values, chunk: int) -> Iterator[list[Any]]:
 
 def _check_id(session_id: str) -> str:
     if not SESSION_ID.fullmatch(session_id):
-        raise ValueError(f"session id {session_id!r} must match {SESSION_ID.pattern}")
+        raise ValueError(f"session id {session_id!r} breaks the rule: {SESSION_ID_RULE}")
     return session_id
 
 

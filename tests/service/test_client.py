@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import csv
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -252,7 +253,7 @@ def test_refusals_raise_with_the_problem_details(api: Client) -> None:
         api.session(new_id("client")).predict([[0.1, 0.2]])  # the model takes one feature
     assert caught.value.status == 422 and caught.value.kind == "invalid-request"
     assert caught.value.problem["errors"] and "features" in caught.value.detail
-    with pytest.raises(ValueError, match="must match"):
+    with pytest.raises(ValueError, match="breaks the rule"):
         api.session("no spaces allowed")
     with pytest.raises(ValueError, match="empty"):
         api.predict([])
@@ -679,3 +680,23 @@ def test_cli_resume_does_not_extend_a_file_of_another_series(server: Server, cli
     assert resumed.returncode == 0, resumed.stderr
     assert _steps(out) == [str(step) for step in range(10, 15)]
 
+
+
+@pytest.mark.parametrize("missing", ["httpx", "matplotlib"])
+def test_the_cli_without_the_client_extra_names_the_install_command_in_one_line(
+    tmp_path: Path, missing: str
+) -> None:
+    """Without httpx (the CLI cannot start) or matplotlib (asked for --plot): one line, exit 2, no traceback."""
+    hidden = tmp_path / "hidden" / missing
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text(f'raise ModuleNotFoundError("No module named {missing}", name="{missing}")\n')
+    source = tmp_path / "series.csv"
+    source.write_text("x\n0.5\n0.6\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hidden.parent), str(ROOT)])}
+    done = subprocess.run([sys.executable, "-m", "service.client", "stream", "--csv", str(source), "--session", "s",
+                           "--url", "http://127.0.0.1:1", "--plot", str(tmp_path / "p.png")],
+                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "pip install 'gru-service[client]'" in done.stderr and missing in done.stderr
