@@ -70,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         forecaster, str(meta["version"]), guarded, metrics,
         max_batch_size=settings.max_batch_size, max_batch_delay_ms=settings.max_batch_delay_ms,
         max_queue=settings.max_queue, request_timeout_seconds=settings.request_timeout_seconds,
+        surprise_p=settings.surprise_p, model_name=str(meta["name"]),
     )
     snapshots = SnapshotKeeper.from_settings(settings, store, str(meta["version"]), forecaster.state_size)
 

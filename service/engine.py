@@ -19,12 +19,14 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from model import Forecaster
 from service.batch_queue import BatchQueue, Chunk, settle
 from service.compute import BatchCompute, Computed
+from service.extras import NO_EXTRAS, Extras
 from service.metrics import Metrics
 from service.refusals import BatchFailed, OutOfRange, ShuttingDown, StoreUnreachable, UnknownSession
 from service.rules import Apply, Replay, fingerprint, judge
@@ -57,6 +59,8 @@ class Engine:
         max_batch_delay_ms: float,
         max_queue: int,
         request_timeout_seconds: float,
+        surprise_p: float = 0.01,
+        model_name: str = "",
     ):
         self.forecaster = forecaster
         self.model_version = model_version
@@ -66,6 +70,8 @@ class Engine:
         self.queue = BatchQueue(metrics, max_batch_size=max_batch_size, max_batch_delay_ms=max_batch_delay_ms,
                                 max_queue=max_queue, timeout_seconds=request_timeout_seconds)
         self._metrics = metrics
+        self._surprise_p = surprise_p
+        self._surprises = metrics.surprises.labels(model=model_name)
         self._worker: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -85,7 +91,7 @@ class Engine:
 
     async def predict(
         self, key: str | None, values: np.ndarray, offset: int | None, horizon: int, *,
-        must_exist: bool = False, restart: bool = False,
+        must_exist: bool = False, restart: bool = False, extras: Extras = NO_EXTRAS,
     ) -> bytes:
         """The JSON answer for one chunk (a session's when ``key`` is set, else stateless).
 
@@ -94,10 +100,12 @@ class Engine:
         ``restart``: the chunk starts the session again at 0 from a fresh state, whatever it held, in the same
         commit as its result, so a refused chunk (queue full, timeout, out of range) leaves the session as
         it was, which a reset followed by the chunk would not.
+        ``extras``: intervals and scores to add to the answer (the routes refuse them without a calibration).
         """
         if self._stopping:
             raise ShuttingDown("the service is shutting down; retry on another replica", retry_after=1)
-        return await self.queue.submit(Chunk(key, values, offset, horizon, must_exist=must_exist, restart=restart))
+        return await self.queue.submit(Chunk(key, values, offset, horizon, must_exist=must_exist, restart=restart,
+                                             extras=extras))
 
     async def session_info(self, key: str) -> tuple[Session, float]:
         """The session, and when it expires (epoch seconds) if nothing reaches it before."""
@@ -131,7 +139,7 @@ class Engine:
             return
         began = time.perf_counter()
         computed = await self.compute.run([r.chunk.values for r in runs], [r.chunk.horizon for r in runs],
-                                          [r.session for r in runs], self.store.gather)
+                                          [r.session for r in runs], self.store.gather, [r.chunk.extras for r in runs])
         self._metrics.forward_time.observe(time.perf_counter() - began)
         self._metrics.steps.inc(sum(len(r.chunk.values) for r in runs))
         await self._commit(runs, computed)
@@ -161,7 +169,8 @@ class Engine:
             if session is None and chunk.must_exist:
                 settle(chunk, exc=_unknown(chunk.key))
                 continue
-            verdict = judge(chunk.key, chunk.offset, chunk.horizon, chunk.values, session, self.model_version)
+            verdict = judge(chunk.key, chunk.offset, chunk.horizon, chunk.values, session, self.model_version,
+                            chunk.extras)
             if isinstance(verdict, Apply):
                 runs.append(_Run(chunk, session, verdict, revision))
             elif isinstance(verdict, Replay):
@@ -174,7 +183,7 @@ class Engine:
         """Answer stateless chunks; compare-and-set the others and answer those that won; those that lost
         their race go back to the front of the queue."""
         writes: list[Write] = []
-        pending: list[tuple[_Run, bytes]] = []
+        pending: list[tuple[_Run, bytes, np.ndarray | None]] = []  # the run, its answer, its p-values
         for row, run in enumerate(runs):
             chunk = run.chunk
             if chunk.future.done():  # its caller timed out and was told so: it must not apply later
@@ -185,7 +194,7 @@ class Engine:
                     " range the model was trained on; nothing was changed (if every chunk of a session gets"
                     " this, an earlier chunk left such values in its state: reset it)"))
                 continue
-            answer = self._answer(run, computed.predictions[row], computed.forecasts[row])
+            answer = self._answer(run, computed.predictions[row], computed.forecasts[row], computed.extras[row])
             if chunk.key is None:
                 settle(chunk, answer)
                 continue
@@ -193,32 +202,41 @@ class Engine:
             writes.append(Write(
                 key=chunk.key, expected_revision=run.revision, position=start + len(chunk.values),
                 model_version=self.model_version, last_offset=start,
-                fingerprint=fingerprint(start, chunk.horizon, chunk.values), answer=answer, row=row,
+                fingerprint=fingerprint(start, chunk.horizon, chunk.values, chunk.extras), answer=answer, row=row,
             ))
-            pending.append((run, answer))
+            pending.append((run, answer, computed.p_values[row]))
         if not writes:
             return
         try:
             committed = await self.store.commit(writes, computed.states)
         except StoreUnreachable as refusal:
-            for run, _ in pending:
+            for run, _, _ in pending:
                 settle(run.chunk, exc=refusal)
             return
-        lost = [run.chunk for (run, _), won in zip(pending, committed, strict=True)
+        lost = [run.chunk for (run, _, _), won in zip(pending, committed, strict=True)
                 if won is None and not run.chunk.future.done()]  # timed out while committing: dropped
-        for (run, answer), won in zip(pending, committed, strict=True):
+        for (run, answer, p_values), won in zip(pending, committed, strict=True):
             if won is not None:
                 settle(run.chunk, answer)
+                self._count_surprises(p_values)
         if lost:  # the session changed under us: judge these again, ahead of everything newer
             self._metrics.store_conflicts.inc(len(lost))
             self.queue.requeue(lost)
 
-    def _answer(self, run: _Run, predictions: np.ndarray, forecast: np.ndarray | None) -> bytes:
+    def _count_surprises(self, p_values: np.ndarray | None) -> None:
+        """Values that arrived in a session with a p-value under GRU_SURPRISE_P (NaN compares false)."""
+        if p_values is not None:
+            surprising = int(np.count_nonzero(p_values < self._surprise_p))
+            if surprising:
+                self._surprises.inc(surprising)
+
+    def _answer(self, run: _Run, predictions: np.ndarray, forecast: np.ndarray | None,
+                extras: dict[str, Any] | None) -> bytes:
         chunk = run.chunk
         session = None
         if chunk.key is not None:
             session = (session_id_of(chunk.key), run.verdict.start + len(chunk.values), run.verdict.created)
-        return encode_answer(predictions, forecast, self.model_version, session)
+        return encode_answer(predictions, forecast, self.model_version, session, extras)
 
 
 def _unknown(key: str) -> UnknownSession:

@@ -43,6 +43,9 @@ class Metrics:
         )
         self.rejected = Counter("gru_rejected", "Chunks refused before running", ["reason"], registry=r)
         self.model_info = Info("gru_model", "The served model", registry=r)
+        self.surprises = Counter(
+            "gru_surprises", "Arriving session values whose p-value was under GRU_SURPRISE_P", ["model"], registry=r
+        )
         # Labelled series exist from the first scrape, so rules and dashboards resolve before any event.
         for reason in EVICTION_REASONS:
             self.evictions.labels(reason=reason)

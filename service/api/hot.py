@@ -18,6 +18,7 @@ from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.bodies import chunk_array, parse, path_session_id
+from service.api.extras import requested
 from service.api.openapi import RawOperation
 from service.auth import tenant_of
 from service.engine import Engine
@@ -59,13 +60,16 @@ async def predict_session(request: Request) -> Response:
             raise invalid([*wrong_id.extra["errors"], *wrong_body.extra["errors"]]) from None
         raise
     engine, body, values = await _read(request, ChunkRequest)
-    answer = await engine.predict(session_key(tenant_of(request), session_id), values, body.offset, body.horizon)
+    extras = requested(body.levels, body.scores, engine.forecaster, ["body"])
+    answer = await engine.predict(session_key(tenant_of(request), session_id), values, body.offset, body.horizon,
+                                  extras=extras)
     return Response(answer, media_type=JSON)
 
 
 async def predict(request: Request) -> Response:
     engine, body, values = await _read(request, StatelessRequest)
-    return Response(await engine.predict(None, values, None, body.horizon), media_type=JSON)
+    extras = requested(body.levels, body.scores, engine.forecaster, ["body"])
+    return Response(await engine.predict(None, values, None, body.horizon, extras=extras), media_type=JSON)
 
 
 ROUTES = [

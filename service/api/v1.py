@@ -17,6 +17,7 @@ from pydantic import BaseModel, JsonValue
 
 from service.api.bodies import chunk_array, parse, parse_item
 from service.api.deps import EngineDep, SettingsDep
+from service.api.extras import requested
 from service.api.openapi import body_schema, problem_responses
 from service.auth import TenantDep
 from service.problems import Problem, as_problem
@@ -70,7 +71,9 @@ async def predict_batch(request: Request, engine: EngineDep, settings: SettingsD
         try:
             item = parse_item(raw, BatchItem, loc)
             values = chunk_array(item.values, item.horizon, features, settings, [*loc, "values"])
-            return await engine.predict(session_key(tenant, item.session_id), values, item.offset, item.horizon)
+            extras = requested(item.levels, item.scores, engine.forecaster, loc)
+            return await engine.predict(session_key(tenant, item.session_id), values, item.offset, item.horizon,
+                                        extras=extras)
         except (Problem, Refusal) as refused:
             return orjson.dumps(as_problem(refused).body())
 
