@@ -13,8 +13,8 @@ an autoregression on differences, the strong classical baseline; the GRU learns 
 
 The state carried between chunks is one flat vector per series, opaque to whoever stores it:
 ``[h (L·H) | last K raw values (K·F) | seen (1)]``, and with a calibration (model.conformal) also
-``[last one-step prediction (F) | log-scales (F·A)]``: what scoring the next value and the online
-adaptation of its intervals need.
+``[values seen, up to K + 1 (1) | last one-step prediction (F) | log-scales (F·A)]``: what scoring the
+next value and the online adaptation of its intervals need.
 """
 
 from __future__ import annotations
@@ -139,10 +139,10 @@ class Forecaster(nn.Module):
 
     @property
     def _tail_size(self) -> int:
-        """Floats after ``seen``: the last prediction and the log-scales, only with a calibration."""
+        """Floats after ``seen``: the count, the last prediction and the log-scales, only with a calibration."""
         if self.calibration is None:
             return 0
-        return self.num_features * (1 + len(self.calibration.anchors))
+        return 1 + self.num_features * (1 + len(self.calibration.anchors))
 
     def initial_state(self, batch: int) -> Tensor:
         """The state of a series that has seen nothing: (B, S) zeros."""
@@ -163,7 +163,7 @@ class Forecaster(nn.Module):
         h = state[:, :hidden_end].reshape(batch, cfg.num_layers, cfg.hidden_size).transpose(0, 1)  # (L, B, H)
         window = state[:, hidden_end:seen_at].reshape(batch, cfg.lags, cfg.num_features)  # (B, K, F)
         seen = state[:, seen_at : seen_at + 1]  # (B, 1)
-        tail = state[:, seen_at + 1 :]  # (B, F + F·A), or (B, 0) without a calibration
+        tail = state[:, seen_at + 1 :]  # (B, 1 + F + F·A), or (B, 0) without a calibration
         return h, window, seen, tail
 
     def _join(self, h: Tensor, window: Tensor, seen: Tensor, tail: Tensor) -> Tensor:
@@ -198,33 +198,34 @@ class Forecaster(nn.Module):
             ends = torch.as_tensor(lengths, device=x.device).view(batch, 1, 1)
             index = (ends + torch.arange(lags, device=x.device).view(1, lags, 1)).expand(-1, -1, features)
             next_window = series.gather(1, index)  # (B, K, F): each row's last K values
-        if tail.size(1):  # the prediction after each row's last step, for scoring the next value
-            ends = torch.as_tensor(lengths if lengths is not None else [steps] * batch, device=x.device) - 1
-            last = prediction[torch.arange(batch, device=x.device), ends]  # (B, F)
-            tail = torch.cat([last, tail[:, features:]], dim=1)
+        if tail.size(1):  # values seen, and the prediction after each row's last step, for scoring the next value
+            counts = torch.as_tensor(lengths if lengths is not None else [steps] * batch, device=x.device)
+            last = prediction[torch.arange(batch, device=x.device), counts - 1]  # (B, F)
+            seen_count = (tail[:, :1] + counts[:, None]).clamp(max=lags + 1)  # exact in float32
+            tail = torch.cat([seen_count, last, tail[:, 1 + features :]], dim=1)
         return prediction, self._join(h_n, next_window, torch.ones_like(seen), tail)
 
     @torch.no_grad()
     def observe(self, x: Tensor, state: Tensor, lengths: list[int] | None = None) -> Observation:
         """``predict``, and with a calibration: each arriving value's p-value against the one-step
-        prediction made before it (the state's for the first step; none for a series' first value), and
-        the online adaptation of the log-scales, written into the new state."""
+        prediction made before it (the state's for the first step), and the online adaptation of the
+        log-scales, written into the new state. A series' first K + 1 values get none and adapt nothing: the
+        predictions before them had no full lag window, unlike every one the calibration scored."""
         predictions, states = self.predict(x, state, lengths)
         calibration = self.calibration
         if calibration is None:
             return Observation(predictions, states, None, None)
         batch, steps, features = x.shape
-        _, _, seen, tail = self._split(state)
-        before = torch.cat([tail[:, None, :features], predictions[:, :-1]], dim=1)  # (B, T, F)
+        _, _, _, tail = self._split(state)
+        before = torch.cat([tail[:, None, 1 : 1 + features], predictions[:, :-1]], dim=1)  # (B, T, F)
         scores = ((x - before).abs() / self.diff_scale).cpu().numpy()
-        scores[:, 0][seen[:, 0].cpu().numpy() == 0] = np.nan
-        if lengths is not None:
-            scores[np.arange(steps)[None, :] >= np.asarray(lengths)[:, None]] = np.nan
+        index = tail[:, :1].cpu().numpy() + np.arange(steps)[None, :]  # (B, T): values the series saw before
+        ends = np.asarray(lengths if lengths is not None else [steps] * batch)
+        scores[(index <= self.config.lags) | (np.arange(steps)[None, :] >= ends[:, None])] = np.nan
         anchors = len(calibration.anchors)
-        log_scales = tail[:, features:].reshape(batch, features, anchors).cpu().numpy()
+        log_scales = tail[:, 1 + features :].reshape(batch, features, anchors).cpu().numpy()
         path = calibration.adapt(scores, log_scales)  # (B, T, F, A)
-        ends = np.asarray(lengths if lengths is not None else [steps] * batch) - 1
-        final = torch.from_numpy(path[np.arange(batch), ends].reshape(batch, -1)).to(states.device)
+        final = torch.from_numpy(path[np.arange(batch), ends - 1].reshape(batch, -1)).to(states.device)
         states = torch.cat([states[:, : states.size(1) - final.size(1)], final], dim=1)
         return Observation(predictions, states, calibration.p_values(scores), path)
 

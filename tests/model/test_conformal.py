@@ -125,7 +125,7 @@ def test_calibrate_scores_each_forecast_step_from_every_origin(calibrated: tuple
     calibration = model.calibration
     assert calibration is not None
     assert calibration.counts == (200, 199, 198, 197, 196, 195)
-    assert model.state_size == 8 + 3 + 1 + 1 + len(ANCHORS)
+    assert model.state_size == 8 + 3 + 1 + 1 + 1 + len(ANCHORS)  # h, window, seen | count, last, log-scales
     # the one-step scores are the model's own one-step errors over the tail, in units of σ_d
     uncalibrated = Forecaster(model.config)
     uncalibrated.load_state_dict(model.state_dict())
@@ -149,7 +149,7 @@ def test_checkpoint_keeps_the_calibration_in_its_version(
     assert save_checkpoint(bare, tmp_path / "without", name="c") != version
     assert load_checkpoint(tmp_path / "without")[0].calibration is None
     assert "calibration" not in json.loads((tmp_path / "without" / "config.json").read_text())
-    assert bare.state_size == model.state_size - 1 - len(ANCHORS)  # an uncalibrated layout is unchanged
+    assert bare.state_size == model.state_size - 2 - len(ANCHORS)  # an uncalibrated layout is unchanged
 
 
 def test_a_calibration_of_another_width_stops_loading(
