@@ -47,6 +47,7 @@ def test_dashboard_provider_reads_the_directory_compose_mounts() -> None:
     (("batch size",), "gru_batch_size_bucket"),
     (("queue wait", "p50", "p99"), "gru_queue_wait_seconds_bucket"),
     (("forward time", "p50", "p99"), "gru_forward_seconds_bucket"),
+    (("surprising", "share"), "gru_surprises_total"),
 ])
 def test_dashboard_has_a_panel_for(
     title_words: tuple[str, ...], metric: str, dashboard: dict[str, Any], promql: SimpleNamespace

@@ -152,6 +152,8 @@ _OUT_OF_BOUNDS = [
     ("request_timeout_seconds", "0", "0.001"),
     ("max_chunk_steps", "0", "1"),
     ("max_horizon", "-1", "0"),
+    ("surprise_p", "0", "0.001"),
+    ("surprise_p", "1", "0.999"),
     ("max_body_bytes", "1023", "1024"),
     ("max_batch_items", "0", "1"),
     ("torch_threads", "-1", "0"),
@@ -178,6 +180,7 @@ _NON_DEFAULT: dict[str, str] = {
     "max_queue": "11", "request_timeout_seconds": "4.5", "max_chunk_steps": "99", "max_horizon": "7",
     "max_body_bytes": "5000", "max_batch_items": "13", "api_keys": "some-long-key-0123:alice",
     "api_keys_file": "", "metrics_require_key": "true", "torch_threads": "3", "log_level": "WARNING",
+    "surprise_p": "0.05",
 }
 
 
