@@ -25,7 +25,7 @@ ANCHORS = (50.0, 80.0, 90.0, 95.0, 99.0)  # levels (%) whose log-scale each seri
 GRID = 257  # order statistics kept per forecast step and feature
 LOG_SCALE_LIMIT = 5.0  # |log-scale| cap: a long flat stretch cannot shrink intervals beyond recovery
 DEFAULT_STEPS = 24
-DEFAULT_ADAPT_RATE = 0.05
+DEFAULT_ADAPT_RATE = 0.1
 
 
 @dataclass(frozen=True)
