@@ -3,6 +3,7 @@
     python -m bench.intervals                       # every series, 45 s of training each
     python -m bench.intervals --max-seconds 10 --only wind
     python -m bench.intervals --cost                  # what scoring and adapting add to a batch's compute
+    python -m bench.intervals --rates 0.01,0.05,0.1   # the adaptation rate: each one, computed in-process
 
 Per series (real data shipped inside installed packages, none of them the shipped model's): train with
 ``python -m model.train`` on the first 80% (it calibrates on the last fifth of those rows), start the
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import logging
 import signal
@@ -97,7 +99,8 @@ def arima_intervals(values: np.ndarray, split: int, season: int) -> dict[int, tu
     return {level: (out[f"fitted-lo-{level}"][1:], out[f"fitted-hi-{level}"][1:]) for level in LEVELS}
 
 
-def evaluate(case: Case, max_seconds: float, workdir: Path) -> dict[str, object]:
+def _trained(case: Case, max_seconds: float, workdir: Path) -> tuple[np.ndarray, int, Path]:
+    """The series, its split, and a checkpoint the CLI trained (and calibrated) on the rows before it."""
     frame = case.load().astype(float)
     values = frame.to_numpy()
     split = int(len(values) * TRAIN_FRACTION)
@@ -108,6 +111,34 @@ def evaluate(case: Case, max_seconds: float, workdir: Path) -> dict[str, object]
         status = train_main(["--csv", str(csv), "--out", str(out), "--max-seconds", str(max_seconds)])
     if status != 0:
         raise RuntimeError(f"{case.name}: training failed with status {status}")
+    return values, split, out
+
+
+def rates(case: Case, max_seconds: float, workdir: Path, candidates: list[float]) -> list[str]:
+    """Per adaptation rate, "coverage 80 | 95; score 80 | 95 ÷ AutoARIMA's", from one-step intervals
+    computed in-process (``Forecaster.observe`` over the whole series) with the calibration's rate replaced."""
+    values, split, out = _trained(case, max_seconds, workdir)
+    forecaster, _ = load_checkpoint(out)
+    assert forecaster.calibration is not None
+    truth, series = values[split:, 0], torch.tensor(values[None], dtype=torch.float32)
+    arima = {level: score(truth, lower[split - 1 :], upper[split - 1 :], level)
+             for level, (lower, upper) in arima_intervals(values[:, 0], split, case.season).items()}
+    cells = []
+    for rate in candidates:
+        forecaster.calibration = dataclasses.replace(forecaster.calibration, adapt_rate=rate)
+        observed = forecaster.observe(series, forecaster.initial_state(1))
+        assert observed.log_scales is not None
+        middle = observed.predictions[0, split - 1 : -1, 0].numpy()
+        widths = forecaster.calibration.half_widths(np.array(LEVELS), observed.log_scales[0, split - 1 : -1],
+                                                    np.array(forecaster.config.diff_scale))[:, :, 0]
+        scored = [score(truth, middle - w, middle + w, level) for level, w in zip(LEVELS, widths, strict=True)]
+        cells.append(f"{scored[0].coverage:.1%} | {scored[1].coverage:.1%};"
+                     f" {scored[0].winkler / arima[80].winkler:.2f} | {scored[1].winkler / arima[95].winkler:.2f}")
+    return cells
+
+
+def evaluate(case: Case, max_seconds: float, workdir: Path) -> dict[str, object]:
+    values, split, out = _trained(case, max_seconds, workdir)
     truth = values[split:, 0]
     tail = slice(split - 1, None)  # intervals for rows split .. T − 1
     row: dict[str, object] = {"name": case.name, "tail": len(truth)}
@@ -149,9 +180,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-seconds", type=float, default=45.0, help="training budget per series")
     parser.add_argument("--only", default="", help="run the series whose name contains this text")
     parser.add_argument("--cost", action="store_true", help="time scoring and adapting instead")
+    parser.add_argument("--rates", default="", help="compare these adaptation rates (comma-separated) instead")
     args = parser.parse_args(argv)
     if args.cost:
         cost()
+        return
+    if args.rates:
+        candidates = [float(rate) for rate in args.rates.split(",")]
+        table = Table(title="Coverage of the 80% | 95% one-step intervals; Winkler score ÷ AutoARIMA's")
+        for column in ("series", *(f"rate {rate:g}" for rate in candidates)):
+            table.add_column(column)
+        for case in CASES:
+            if args.only in case.name:
+                with tempfile.TemporaryDirectory() as workdir:
+                    table.add_row(case.name, *rates(case, args.max_seconds, Path(workdir), candidates))
+        Console(width=200).print(table)
         return
     logging.getLogger("statsforecast").setLevel(logging.ERROR)
     table = Table(title="One-step intervals on the unseen last 20%: model (calibrated, adapted per session)"
