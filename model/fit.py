@@ -141,13 +141,17 @@ def train(
         best = start
     model.load_state_dict(best.weights)
     model.eval()
-    calibration = calibrate(model, values, split, config.calibration_steps, config.adapt_rate)
-    if config.refit:
-        _refit_linear(model, values, orders)
-    model.calibration = calibration
     if not np.isfinite(best.predictions).all():  # values within float32 whose sums and spreads are not
         raise DataError("the model's predictions on these values are not finite numbers: they are too large"
                         " for float32 arithmetic; rescale the columns")
+    try:
+        calibration = calibrate(model, values, split, config.calibration_steps, config.adapt_rate)
+    except ValueError as exc:  # forecasts rolled out past float32 range
+        raise DataError(f"the model's forecasts on the validation rows cannot be calibrated ({exc}); rescale"
+                        " the columns") from None
+    if config.refit:
+        _refit_linear(model, values, orders)
+    model.calibration = calibration
     seconds = time.monotonic() - started
     return TrainResult(model, split, orders, best.predictions, best.epoch, epoch, seconds, stopped_by, history)
 
