@@ -1,12 +1,14 @@
-# syntax=docker/dockerfile:1
-# The GRU sequence-prediction service: python -m service on :8000, shipped model baked in.
+# The GRU sequence-prediction service: python -m service on :8000 (GRU_PORT), shipped model baked in.
 #
 #   docker build -t gru-service .                                  # CPU torch (default)
 #   docker build -t gru-service:cuda --build-arg TORCH_VARIANT=cu128 .   # a CUDA build of torch
 #
-# TORCH_VARIANT names a wheel index under https://download.pytorch.org/whl/ (cpu, cu126, cu128, ...);
-# it must carry the torch version pinned in constraints.txt. CUDA wheels bundle their CUDA runtime, so the
-# same slim base serves both; the host only needs the NVIDIA driver and container toolkit.
+# Every dependency but torch comes from requirements.lock: one version each, hash-checked (`make lock`
+# refreshes it). torch comes from the wheel index TORCH_VARIANT names under https://download.pytorch.org/whl/
+# (cpu, cu126, cu128, ...), at the version constraints.txt pins: each variant is a different file, so no one
+# hash serves them all; a CUDA torch adds the nvidia-* and triton wheels it pins exactly itself. CUDA wheels
+# bundle their CUDA runtime, so the same slim base serves both; the host only needs the NVIDIA driver and
+# container toolkit.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -19,17 +21,24 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 WORKDIR /src
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:${PATH}
-# torch first, from the chosen index and at the version constraints.txt pins; everything else comes from
-# pyproject.toml (PyPI), with torch already satisfied.
-COPY constraints.txt ./
+COPY requirements.lock constraints.txt ./
+RUN pip install --no-cache-dir --require-hashes --no-deps -r requirements.lock
+# torch's own dependencies are already there, at the lock's versions, so pip takes only torch (and, for CUDA,
+# its pinned wheels) from the variant's index.
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" \
         "torch==$(sed -n 's/^torch==//p' constraints.txt)"
 COPY pyproject.toml README.md ./
 COPY model ./model
 COPY service ./service
 # Not editable: model/ and service/ land in site-packages, the shipped weights with them (package data).
-RUN pip install --no-cache-dir -c constraints.txt ".[redis]" \
-    && python -c "from service.config import Settings; print('model at', Settings().model_path)"
+# The build backend is the lock's setuptools (no isolation, so nothing unlocked is fetched); pip check proves
+# the environment whole.
+RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
+    && pip check
+# The installed package must find and load its model: checked from / in isolated mode (-I), where /src is
+# not importable, so weights missing from site-packages fail the build.
+WORKDIR /
+RUN python -I -c "from model import load_checkpoint; from service.config import Settings; path = Settings().model_path; load_checkpoint(path); print('model at', path)"
 
 # -------------------------------------------------------------------------------------------- runtime
 FROM ${PYTHON_IMAGE} AS runtime
@@ -46,9 +55,10 @@ RUN if [ "${TORCH_VARIANT}" != "cpu" ]; then \
         && apt-get install -y --no-install-recommends gcc libc6-dev \
         && rm -rf /var/lib/apt/lists/*; \
     fi
-# A real passwd entry for uid 10001: some libraries (getpass, torch's caches) look the user up.
-RUN groupadd --system --gid 10001 gru \
-    && useradd --system --uid 10001 --gid 10001 --home-dir /home/gru --create-home --shell /usr/sbin/nologin gru \
+# A real passwd entry for uid 10001: some libraries (getpass, torch's caches) look the user up. A regular
+# (not --system) account: 10001 is above SYS_UID_MAX, where useradd --system warns.
+RUN groupadd --gid 10001 gru \
+    && useradd --uid 10001 --gid 10001 --no-log-init --home-dir /home/gru --create-home --shell /usr/sbin/nologin gru \
     && mkdir -p /data \
     && chown 10001:10001 /data
 COPY --from=build /opt/venv /opt/venv
@@ -61,8 +71,8 @@ ENV PATH=/opt/venv/bin:${PATH} \
 WORKDIR /home/gru
 USER 10001:10001
 EXPOSE 8000
-# Slim images have no curl: ask /readyz with the standard library (non-2xx raises, exit code 1).
+# The port is GRU_PORT (default 8000), read by the service and by this check alike: set it, not --port, to move.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=2)"]
+    CMD ["python", "-m", "service.healthcheck"]
 ENTRYPOINT ["python", "-m", "service"]
-CMD ["--host", "0.0.0.0", "--port", "8000"]
+CMD ["--host", "0.0.0.0"]

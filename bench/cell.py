@@ -74,7 +74,7 @@ class Row:
         return self.times_us["nn.GRU"]
 
 
-def _best_median_us(fns: list[Callable[[], object]], min_run_time: float, threads: int,
+def best_median_us(fns: list[Callable[[], object]], min_run_time: float, threads: int,
                     rounds: int, clock: Callable[[], float]) -> list[float]:
     """Per function, the lowest of ``rounds`` medians, the functions interleaved round by round."""
     timers = []
@@ -128,7 +128,7 @@ def measure(shape: tuple[int, int, int], batch: int, steps: int, min_run_time: f
     with torch.inference_mode():
         max_diff = max(_max_diff(ours_torch(x, h0), reference(x, h0)),
                        _max_diff(ours_seed(x, h0), naive_loop(ours_seed, x, h0)))
-        times = _best_median_us(list(contenders.values()), min_run_time, threads, rounds, clock)
+        times = best_median_us(list(contenders.values()), min_run_time, threads, rounds, clock)
     return Row(shape, batch, steps, dict(zip(contenders, times, strict=True)), max_diff)
 
 

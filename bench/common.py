@@ -1,4 +1,4 @@
-"""What the bench parts share: the machine line and the model they serve (processes: bench/processes.py)."""
+"""What the bench parts share: the machine line and the model they serve (processes: harness/processes.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness.checkpoints import random_checkpoint
+from harness.processes import ROOT
+
 DEFAULT_WEIGHTS = ROOT / "model" / "weights" / "default"
 # The serving sizes of the issue: one feature, hidden 64, two layers.
 HIDDEN, LAYERS = 64, 2
@@ -63,23 +65,3 @@ def bench_model(directory: Path | None = None) -> tuple[Path, str]:
     directory = random_checkpoint(directory or Path(tempfile.mkdtemp(prefix="gru-bench-model-")), hidden=HIDDEN,
                                   layers=LAYERS, lags=12, name="bench")
     return directory, f"random model, hidden {HIDDEN}, {LAYERS} layers (no model/weights/default yet)"
-
-
-def random_checkpoint(directory: Path, *, hidden: int, layers: int, lags: int, features: tuple[str, ...] = ("x",),
-                      seed: int = 0, name: str) -> Path:
-    """A random forecaster saved as a checkpoint (the tests' tiny models, the benchmarks' stand-in), with a
-    head and autoregression loud enough that a wrong state changes the numbers; seeds give versions."""
-    import torch
-
-    from model import Forecaster, ForecasterConfig, save_checkpoint
-
-    torch.manual_seed(seed)
-    count = len(features)
-    config = ForecasterConfig(features=features, hidden_size=hidden, num_layers=layers, lags=lags,
-                              mean=(0.5,) * count, scale=(0.3,) * count, diff_scale=(0.1,) * count)
-    forecaster = Forecaster(config)
-    with torch.no_grad():
-        forecaster.head.weight.normal_(0, 0.5)
-        forecaster.autoregression.weight.normal_(0, 0.2)
-    save_checkpoint(forecaster, directory, name=name)
-    return directory

@@ -32,6 +32,7 @@ from vega_datasets import local_data
 
 from model.baselines import persistence, seasonal_naive
 from model.checkpoint import load_checkpoint
+from model.forecaster import Forecaster
 from model.train import main as train_main
 
 TRAIN_FRACTION = 0.8
@@ -113,9 +114,8 @@ def aic_difference_ar(train: np.ndarray, values: np.ndarray, longest: int = 24) 
     return values[:-1] + coef[0] + rows @ coef[1:]
 
 
-def stream(checkpoint: Path, values: np.ndarray) -> np.ndarray:
+def stream(forecaster: Forecaster, values: np.ndarray) -> np.ndarray:
     """One-step predictions (T − 1, F) of a session fed the series chunk by chunk from its first row."""
-    forecaster, _ = load_checkpoint(checkpoint)
     state = forecaster.initial_state(1)
     whole = torch.tensor(values, dtype=torch.float32)[None]  # (1, T, F)
     outputs = []
@@ -142,7 +142,7 @@ def evaluate(case: Case, max_seconds: float, workdir: Path) -> dict[str, float]:
         raise RuntimeError(f"{case.name}: training failed with status {status}")
     truth = values[split:]
     forecasts = {
-        "model": stream(out, values),
+        "model": stream(load_checkpoint(out)[0], values),
         "persistence": persistence(values),
         "seasonal": seasonal_naive(values, case.season),
         "ar": np.column_stack([aic_difference_ar(values[:split, j], values[:, j]) for j in range(frame.shape[1])]),

@@ -36,7 +36,7 @@ from rich.table import Table
 from vega_datasets import local_data
 
 from bench.forecast_quality import CHUNK, TRAIN_FRACTION, Case, _goog_daily, _sample_prices
-from bench.processes import start_service
+from harness.processes import start_service
 from model.checkpoint import load_checkpoint
 from model.train import main as train_main
 from service.config import DEFAULT_MODEL_PATH

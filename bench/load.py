@@ -49,7 +49,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.common import HIDDEN, LAYERS, bench_model, machine
-from bench.processes import Process, free_port, spawn, start_redis, start_service, wait_http
+from harness.processes import Process, free_port, spawn, start_redis, start_service, wait_http
 
 TARGETS = ("raw", "echo", "pydantic", "naive", "ours", "ours-redis")
 CHUNKS = (8, 64)
@@ -152,6 +152,7 @@ async def drive(url: str, steps: int, sessions: int, duration: float, warmup: fl
         "steps_per_s": ok * steps / duration,
         "p50_ms": float(np.percentile(latencies, 50)) if ok else float("nan"),
         "p99_ms": float(np.percentile(latencies, 99)) if ok else float("nan"),
+        "max_ms": float(latencies.max()) if ok else float("nan"),
         "ok": ok,
         "errors": {str(k): v for k, v in tally.statuses.items() if k != 200},
         "failures": tally.failures,

@@ -46,7 +46,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.common import bench_model, machine
-from bench.processes import start_service
+from harness.processes import start_service
 
 KEYS = {"soak-tenant-a-0123456789abcdef": "tenant-a", "soak-tenant-b-0123456789abcdef": "tenant-b"}
 MAX_CHUNK_STEPS = 256

@@ -9,6 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +29,9 @@ from model.forecaster import Forecaster, ForecasterConfig
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT = "gru-forecaster/1"
+# A model repository (Triton's layout): ROOT/<model>/<version>/, version directories positive integers.
+MODEL_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+VERSION_DIR = re.compile(r"^[1-9][0-9]{0,8}$")
 
 
 class CheckpointError(ValueError):
@@ -151,3 +161,44 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
             " the files come from different checkpoints"
         )
     return forecaster.to(device).eval(), meta
+
+
+def versions_in(model_dir: Path) -> list[int]:
+    """The version numbers under a model's directory of a repository, ascending (none if it is absent)."""
+    try:
+        return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and VERSION_DIR.fullmatch(p.name))
+    except FileNotFoundError:
+        return []
+
+
+@dataclass
+class Publication:
+    staging: Path  # where to write the checkpoint
+    published: Path | None = None  # repository/name/<version>, once renamed into place
+
+
+@contextmanager
+def publishing(repository: Path, name: str) -> Iterator[Publication]:
+    """A temporary directory to write a checkpoint into, renamed to ``repository/name/<next version>/``
+    when the block ends without an error (removed otherwise): a polling service never sees half of it.
+    The rename fails rather than replace a version another publisher took first; the next number is tried."""
+    if not MODEL_NAME.fullmatch(name):
+        raise ValueError(f"model name {name!r} must match {MODEL_NAME.pattern}")
+    model_dir = repository / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    # In the model's directory: the same file system, so the rename is atomic; the dot keeps scanners off it.
+    publication = Publication(Path(tempfile.mkdtemp(prefix=".publishing-", dir=model_dir)))
+    try:
+        yield publication
+        publication.staging.chmod(0o755)  # mkdtemp's 0700 would hide it from a service running as another user
+        while publication.published is None:
+            target = model_dir / str((versions_in(model_dir) or [0])[-1] + 1)
+            try:
+                os.rename(publication.staging, target)  # fails on an existing non-empty directory
+                publication.published = target
+            except OSError:
+                if not target.exists():
+                    raise
+    except BaseException:
+        shutil.rmtree(publication.staging, ignore_errors=True)
+        raise

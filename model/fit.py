@@ -73,9 +73,16 @@ class TrainResult:
 
 
 def train(
-    series: Series, config: TrainConfig, on_epoch: Callable[[int, float, float], None] | None = None
+    series: Series,
+    config: TrainConfig,
+    on_epoch: Callable[[int, float, float], None] | None = None,
+    build: Callable[[ForecasterConfig], Forecaster] = Forecaster,
 ) -> TrainResult:
-    """Fit a Forecaster to ``series``; ``on_epoch(epoch, train_loss, val_mae)`` reports progress."""
+    """Fit a Forecaster to ``series``; ``on_epoch(epoch, train_loss, val_mae)`` reports progress.
+
+    ``build`` makes the model from its config: a Forecaster subclass with another recurrent core trains
+    through the same loop, so that cores can be compared (the CLI and the service know only the GRU).
+    """
     started = time.monotonic()
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
@@ -88,7 +95,7 @@ def train(
                         f" has {split} (the other {len(values) - split} validate): lower --lags")
     given = (config.lags,) * len(series.features) if config.lags else None
     orders = given or choose_orders(values, split, LAG_CANDIDATES, diff_scale)
-    model = Forecaster(
+    model = build(
         ForecasterConfig(
             features=series.features,
             hidden_size=config.hidden_size,

@@ -102,6 +102,9 @@ class Forecaster(nn.Module):
     mean: Tensor  # buffers, (F,) each: the scaler fitted at training
     scale: Tensor
     diff_scale: Tensor
+    # Vectors of H floats per layer that the recurrent core carries between calls: the GRU's h. A subclass
+    # with another core (bench.gru_vs_lstm's LSTM: h and c) sets its own count and overrides _recurrence.
+    core_states = 1
 
     def __init__(self, config: ForecasterConfig, calibration: Calibration | None = None):
         super().__init__()
@@ -135,7 +138,8 @@ class Forecaster(nn.Module):
     def state_size(self) -> int:
         """S: floats carried per series between calls."""
         cfg = self.config
-        return cfg.num_layers * cfg.hidden_size + cfg.lags * cfg.num_features + 1 + self._tail_size
+        return (cfg.num_layers * self.core_states * cfg.hidden_size + cfg.lags * cfg.num_features + 1
+                + self._tail_size)
 
     @property
     def _tail_size(self) -> int:
@@ -152,15 +156,17 @@ class Forecaster(nn.Module):
         """The state of a series that has seen the K values ``prior`` (B, K, F), with the GRU still at zeros
         (training starts windows from it: their first steps already have their differences)."""
         batch = prior.size(0)
-        h = prior.new_zeros(self.config.num_layers, batch, self.config.hidden_size)  # (L, B, H)
+        cfg = self.config
+        h = prior.new_zeros(cfg.num_layers, batch, self.core_states * cfg.hidden_size)  # (L, B, core_states·H)
         return self._join(h, prior, prior.new_ones(batch, 1), prior.new_zeros(batch, self._tail_size))
 
     def _split(self, state: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         cfg = self.config
         batch = state.size(0)
-        hidden_end = cfg.num_layers * cfg.hidden_size
+        width = self.core_states * cfg.hidden_size
+        hidden_end = cfg.num_layers * width
         seen_at = hidden_end + cfg.lags * cfg.num_features
-        h = state[:, :hidden_end].reshape(batch, cfg.num_layers, cfg.hidden_size).transpose(0, 1)  # (L, B, H)
+        h = state[:, :hidden_end].reshape(batch, cfg.num_layers, width).transpose(0, 1)  # (L, B, core_states·H)
         window = state[:, hidden_end:seen_at].reshape(batch, cfg.lags, cfg.num_features)  # (B, K, F)
         seen = state[:, seen_at : seen_at + 1]  # (B, 1)
         tail = state[:, seen_at + 1 :]  # (B, 1 + F + F·A), or (B, 0) without a calibration
@@ -187,7 +193,7 @@ class Forecaster(nn.Module):
         scaled_diffs = diffs / self.diff_scale
         current = scaled_diffs[:, lags - 1 :]  # (B, T, F): d_t / σ_d
         gru_input = torch.cat([(x - self.mean) / self.scale, current], dim=2)  # (B, T, 2F)
-        out, h_n = self.gru(gru_input, h0.contiguous(), lengths)  # (B, T, H), (L, B, H)
+        out, h_n = self._recurrence(gru_input, h0.contiguous(), lengths)  # (B, T, H), like h0
         # (B, T, F, K) windows, newest difference last, flattened as (F·K) for the linear term
         lagged = scaled_diffs.unfold(1, lags, 1).reshape(batch, steps, features * lags)
         step = self.head(out) + self.autoregression(lagged)  # (B, T, F), in units of σ_d
@@ -228,6 +234,10 @@ class Forecaster(nn.Module):
         final = torch.from_numpy(path[np.arange(batch), ends - 1].reshape(batch, -1)).to(states.device)
         states = torch.cat([states[:, : states.size(1) - final.size(1)], final], dim=1)
         return Observation(predictions, states, calibration.p_values(scores), path)
+
+    def _recurrence(self, x: Tensor, h0: Tensor, lengths: Tensor | list[int] | None) -> tuple[Tensor, Tensor]:
+        """The recurrent core over x (B, T, 2F) from h0 (L, B, core_states·H): out (B, T, H), h_n like h0."""
+        return self.gru(x, h0, lengths)
 
     @torch.no_grad()
     def rollout(self, state: Tensor, last: Tensor, steps: int) -> Tensor:

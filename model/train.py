@@ -2,6 +2,7 @@
 
     python -m model.train --csv data.csv --out runs/pump --columns flow,pressure --max-seconds 45
     python -m model.train --dataset seattle-temps --name seattle-temp --out model/weights/default --seed 0
+    python -m model.train --csv data.csv --repository models --name pumps   # publishes models/pumps/<next>/
 
 The training itself is ``model.fit``; this module reads the data, reports progress, prints the validation
 MAE of the model against persistence, seasonal naive and the autoregression it started from, and writes
@@ -28,7 +29,7 @@ from model.baselines import (
     strongest_period,
 )
 from model.cell import VARIANTS
-from model.checkpoint import save_checkpoint
+from model.checkpoint import MODEL_NAME, publishing, save_checkpoint
 from model.data import DataError, Series, load_dataset, read_table, series_from_frame
 from model.fit import TrainConfig, TrainResult, train
 from model.report import Scores, plot_validation, print_table, score
@@ -56,7 +57,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--csv", type=Path, help="CSV file with a header row; one row per time step")
     source.add_argument("--dataset", help="a dataset shipped with vega_datasets, e.g. seattle-temps")
-    parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", type=Path, help="checkpoint directory to write")
+    target.add_argument("--repository", type=Path,
+                        help="model repository to publish into, as --name's next version (atomically)")
     parser.add_argument("--columns", help="comma-separated columns to model (default: every numeric one)")
     parser.add_argument("--name", help="model name stored in the checkpoint (default: the file's stem)")
     defaults = TrainConfig()
@@ -78,8 +82,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{name} must be at least 1, got {value}")
     if args.max_seconds <= 0:
         parser.error(f"--max-seconds must be positive, got {args.max_seconds}")
-    if args.out.exists() and not args.out.is_dir():  # say so now, not after minutes of training
+    if args.out is not None and args.out.exists() and not args.out.is_dir():  # now, not after minutes of training
         parser.error(f"--out {args.out} is a file; give a directory for the checkpoint")
+    if args.repository is not None and (args.name is None or not MODEL_NAME.fullmatch(args.name)):
+        parser.error(f"--repository needs --name matching {MODEL_NAME.pattern} (the model's directory)")
     return args
 
 
@@ -134,23 +140,33 @@ def main(argv: list[str] | None = None) -> int:
     print_table(scores, console)
     name = args.name or default_name
     split = result.split
-    try:
+
+    def write(directory: Path) -> str:
         version = save_checkpoint(
-            result.model, args.out, name=name, training=_summary(args, series, result, scores, season)
+            result.model, directory, name=name, training=_summary(args, series, result, scores, season)
         )
         plot_validation(
-            args.out / "validation.png",
+            directory / "validation.png",
             series.values[split:],
             result.predictions[split - 1 :],
             series.features,
             f"{name}: validation one-step prediction (MAE {scores.relative('model'):.2f} × persistence)",
         )
+        return version
+
+    try:
+        if args.repository is None:
+            written, version = args.out, write(args.out)
+        else:
+            with publishing(args.repository, name) as publication:
+                version = write(publication.staging)
+            written = publication.published
     except OSError as exc:
-        print(f"error: cannot write the checkpoint to {args.out}: {exc}", file=sys.stderr)
+        print(f"error: cannot write the checkpoint to {args.out or args.repository}: {exc}", file=sys.stderr)
         return 2
     console.print(
         f"best epoch {result.best_epoch} of {result.epochs} (stopped by {result.stopped_by},"
-        f" {result.seconds:.1f} s); wrote {args.out} version {version} and validation.png"
+        f" {result.seconds:.1f} s); wrote {written} version {version} and validation.png"
     )
     return 0
 

@@ -1,4 +1,5 @@
-"""Run the service:  python -m service --host 0.0.0.0 --port 8000   (settings from GRU_* variables)."""
+"""Run the service:  python -m service --host 0.0.0.0 [--port 8000]   (settings from GRU_* variables; GRU_PORT
+is the port when --port is not given)."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def _raise_open_file_limit() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=None, help="default: GRU_PORT (8000)")
     args = parser.parse_args(argv)
     try:
         settings = Settings()
@@ -61,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, RuntimeError) as exc:
         print(f"cannot start: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False,
+    # One setting for the port: the image's healthcheck (service.healthcheck) reads GRU_PORT too.
+    port = settings.port if args.port is None else args.port
+    uvicorn.run(app, host=args.host, port=port, log_config=None, access_log=False,
                 timeout_graceful_shutdown=30)
     return 0
 

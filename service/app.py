@@ -13,16 +13,15 @@ from typing import Any
 import torch
 from fastapi import FastAPI
 
-from model import load_checkpoint
 from service import auth, problems
-from service.api import health, hot, v1, v2
+from service.api import health, hot, state, v1, v2
+from service.api import repository as repository_api
 from service.api.openapi import Limits, document_raw_routes
 from service.config import Settings
-from service.engine import Engine
 from service.metrics import Metrics
 from service.middleware import BodyLimit, Observability, RouteTemplates, ServerErrors
-from service.sessions import build_store
-from service.sessions.guard import GuardedStore
+from service.models import Registry
+from service.repository import Repository
 from service.sessions.snapshot import SnapshotKeeper
 
 log = logging.getLogger("service")
@@ -45,56 +44,60 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-async def _sweep_forever(store: object, every: float) -> None:
-    sweep = getattr(store, "sweep", None)
-    if sweep is None:  # stores with their own expiry (Redis TTLs)
-        return
+async def _sweep_forever(registry: Registry, every: float) -> None:
+    """Expire idle sessions of stores without their own expiry (Redis has TTLs), then drain: a version
+    whose last session expired is unloaded."""
     while True:
         await asyncio.sleep(every)
-        sweep()
+        for model in list(registry.models.values()):
+            sweep = getattr(model.raw_store, "sweep", None)
+            if sweep is not None:
+                sweep()
+        await registry.refresh_counts()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     torch.set_num_threads(settings.intra_op_threads)
     device = resolve_device(settings.device)
-    forecaster, meta = load_checkpoint(settings.model_path, device)
     metrics = Metrics()
+    on_skip = lambda model, version: metrics.versions_skipped.labels(model=model).inc()  # noqa: E731
+    repository = (Repository(root=settings.model_repository, on_skip=on_skip) if settings.model_repository
+                  else Repository(single=settings.model_path, on_skip=on_skip))
+    registry = Registry(settings, repository, device, metrics)
+    registry.open()
+    default = registry.default_model
+    engine, meta = default.engine, default.newest.meta
     metrics.model_info.info({
         "name": str(meta["name"]), "version": str(meta["version"]), "device": str(device),
-        "variant": forecaster.config.variant,
+        "variant": engine.forecaster.config.variant,
     })
-    store = build_store(settings, forecaster.state_size, device, metrics)
-    guarded = GuardedStore(store, metrics)
-    engine = Engine(
-        forecaster, str(meta["version"]), guarded, metrics,
-        max_batch_size=settings.max_batch_size, max_batch_delay_ms=settings.max_batch_delay_ms,
-        max_queue=settings.max_queue, request_timeout_seconds=settings.request_timeout_seconds,
-        surprise_p=settings.surprise_p, model_name=str(meta["name"]),
+    snapshots = SnapshotKeeper.from_settings(
+        settings, default.raw_store, lambda: registry.default_model.engine.model_version,
+        lambda: registry.hashes_on_disk(registry.default), default.state_size,
     )
-    snapshots = SnapshotKeeper.from_settings(settings, store, str(meta["version"]), forecaster.state_size)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if snapshots is not None:  # restored before the first request
             await snapshots.start()
-        await engine.start()
-        sweeper = asyncio.create_task(_sweep_forever(store, min(settings.session_ttl_seconds / 4, 10.0)))
+        await registry.start()
+        sweeper = asyncio.create_task(_sweep_forever(registry, min(settings.session_ttl_seconds / 4, 10.0)))
         # Everything imported and loaded so far (torch, FastAPI, pydantic: ~200k objects) lives as long as the
         # process; left to the collector, each full collection walked them all for nothing, 100-300 ms
         # whole-process stalls that made the p99. Frozen, they are never scanned again.
         gc.collect()
         gc.freeze()
-        log.info("serving", extra={"fields": {"model": meta["name"], "version": meta["version"],
-                                              "device": str(device), "store": settings.store}})
+        log.info("serving", extra={"fields": {"models": sorted(registry.models), "default": registry.default,
+                                              "version": meta["version"], "device": str(device),
+                                              "store": settings.store}})
         try:
             yield
         finally:
             sweeper.cancel()
-            await engine.stop()  # uvicorn answered every in-flight request; the engine drains what is left
-            if snapshots is not None:  # after the drain: every answered chunk is in the snapshot
-                await snapshots.stop()
-            await guarded.close()
+            # uvicorn answered every in-flight request; the engines drain what is left, then the snapshot
+            # (after the drain: every answered chunk is in it), then the stores close.
+            await registry.stop(before_close=snapshots.stop if snapshots is not None else None)
 
     app = FastAPI(
         **_WITHOUT_FASTAPI_TELEMETRY,
@@ -105,13 +108,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redirect_slashes=False,  # /v1/predict/batch/ is a 404 problem, as on the hot routes, not an empty 307
     )
     app.state.settings = settings
-    app.state.engine = engine
+    app.state.registry = registry
     app.state.metrics = metrics
-    app.state.model_meta = meta
     app.include_router(v1.router)
+    app.include_router(v1.model_router)
+    app.include_router(state.router)
+    app.include_router(state.model_router)
     limits = Limits(steps=settings.max_chunk_steps, horizon=settings.max_horizon, items=settings.max_batch_items,
                     features=engine.forecaster.num_features)
-    document_raw_routes(app, hot.OPERATIONS, v1.RAW_BODY_MODELS, limits)
+    document_raw_routes(app, hot.OPERATIONS, [*v1.RAW_BODY_MODELS, *state.RAW_BODY_MODELS], limits)
+    app.include_router(repository_api.router)  # before v2's catch-all for unserved /v2 paths
     app.include_router(v2.router)
     app.include_router(health.router)
     problems.install(app)

@@ -61,18 +61,26 @@ TenantDep = Annotated[str, Depends(get_tenant)]
 
 
 class KeyRing:
-    """Tenant by key, matched in constant time: only digests are kept, every one is compared."""
+    """Tenant by key, matched in constant time: only digests are kept, every one is compared. ``admin``
+    keys (GRU_ADMIN_KEYS) are keys too, and also open the model repository API."""
 
-    def __init__(self, keys: Mapping[str, str]):
-        self._entries = [(hashlib.sha256(key.encode()).digest(), tenant) for key, tenant in keys.items()]
+    def __init__(self, keys: Mapping[str, str], admin: Mapping[str, str] | None = None):
+        admin = admin or {}
+        self._entries = [(hashlib.sha256(key.encode()).digest(), tenant, key in admin)
+                         for key, tenant in {**keys, **admin}.items()]
 
-    def tenant(self, presented: bytes) -> str | None:
+    def lookup(self, presented: bytes) -> tuple[str, bool] | None:
+        """(tenant, whether the key is an admin key), or None for an unknown key."""
         digest = hashlib.sha256(presented).digest()  # fixed length: compare_digest then leaks no lengths
         found = None
-        for known, tenant in self._entries:  # no break: the time is the same wherever the match is
+        for known, tenant, admin in self._entries:  # no break: the time is the same wherever the match is
             if hmac.compare_digest(digest, known):
-                found = tenant
+                found = (tenant, admin)
         return found
+
+    def tenant(self, presented: bytes) -> str | None:
+        found = self.lookup(presented)
+        return found[0] if found is not None else None
 
 
 def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
@@ -115,14 +123,15 @@ class ApiKeyAuth:
             await self.app(scope, receive, send)
             return
         presented = presented_key(scope["headers"])
-        tenant = self.keys.tenant(presented) if presented is not None else None
-        if tenant is None:
+        found = self.keys.lookup(presented) if presented is not None else None
+        if found is None:
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})
                 return
             await _refusal(missing=presented is None).response(scope)(scope, receive, send)
             return
-        scope.setdefault("state", {})["tenant"] = tenant
+        state = scope.setdefault("state", {})
+        state["tenant"], state["admin"] = found
         await self.app(scope, receive, send)
 
 
@@ -163,17 +172,26 @@ def _document(app: FastAPI, open_paths: frozenset[str]) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+def require_admin(request: Request) -> None:
+    """403 unless the caller holds an admin key (GRU_ADMIN_KEYS); without keys configured, anyone may."""
+    if request.app.state.keys_required and not request.scope.get("state", {}).get("admin", False):
+        raise Problem(403, "forbidden", "this endpoint needs an admin key (GRU_ADMIN_KEYS); this key is not one")
+
+
 def install(app: FastAPI, settings: Settings) -> None:
     """Guard every route but the open ones with the configured keys; without keys, do nothing."""
     keys = load_api_keys(settings.api_keys, settings.api_keys_file)
-    if not keys:
+    admin = load_api_keys(settings.admin_keys, None, "GRU_ADMIN_KEYS")
+    app.state.keys_required = bool(keys or admin)
+    if not keys and not admin:
         return
+    keys |= admin
     urls = (app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url)
     open_paths = {"/healthz", "/readyz", *(url for url in urls if url)}
     if not settings.metrics_require_key:
         open_paths.add("/metrics")
     frozen = frozenset(open_paths)
-    app.add_middleware(ApiKeyAuth, keys=KeyRing(keys), open_paths=frozen)
+    app.add_middleware(ApiKeyAuth, keys=KeyRing(keys, admin), open_paths=frozen)
     _document(app, frozen)
     weak = sorted({tenant for key, tenant in keys.items() if len(key) < WEAK_KEY_LENGTH})
     if weak:

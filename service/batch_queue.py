@@ -106,6 +106,12 @@ class BatchQueue:
         self._waiting.extendleft(reversed(list(chunks)))
         self._wake.set()
 
+    def hand_over(self, chunk: Chunk) -> None:
+        """Take a chunk another queue's consumer routed here (another model version's engine), behind what
+        waits: its caller still waits on its future, under its first queue's timeout."""
+        self._waiting.append(chunk)
+        self._wake.set()
+
     def close(self) -> None:
         """Stop waiting for batches to fill; ``next_batch`` drains what waits, then returns None."""
         self._closed = True

@@ -49,10 +49,12 @@ class BatchCompute:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._warm_up)
 
     async def run(self, values: Sequence[np.ndarray], horizons: Sequence[int], sessions: Sequence[Session | None],
-                  gather: Gather, extras: Sequence[Extras]) -> Computed:
-        """Chunk i's ``values`` from the state of ``sessions[i]`` (a fresh one for None), on the compute thread."""
+                  gather: Gather, extras: Sequence[Extras], primed: Sequence[int]) -> Computed:
+        """Chunk i's ``values`` from the state of ``sessions[i]`` (a fresh one for None), on the compute thread;
+        its first ``primed[i]`` values only prime the state (a replayed upgrade): nothing is answered for them."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._compute, values, horizons, sessions, gather, extras)
+        return await loop.run_in_executor(self._executor, self._compute, values, horizons, sessions, gather, extras,
+                                          primed)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -81,7 +83,7 @@ class BatchCompute:
                 self.forecaster.rollout(state, y[:, -1], 2)
 
     def _compute(self, values: Sequence[np.ndarray], horizons: Sequence[int], sessions: Sequence[Session | None],
-                 gather: Gather, extras: Sequence[Extras]) -> Computed:
+                 gather: Gather, extras: Sequence[Extras], primed: Sequence[int]) -> Computed:
         count = len(values)
         order = sorted(range(count), key=lambda i: -len(values[i]))  # longest first
         lengths = [len(values[i]) for i in order]
@@ -113,10 +115,11 @@ class BatchCompute:
         p_values: list[np.ndarray | None] = [None] * count
         log_scales: list[np.ndarray | None] = [None] * count
         for row, i in enumerate(order):
-            predictions[i] = np.ascontiguousarray(y_host[row, : lengths[row]])
+            answered = slice(primed[i], lengths[row])
+            predictions[i] = np.ascontiguousarray(y_host[row, answered])
             if observed.p_values is not None and observed.log_scales is not None:
-                p_values[i] = observed.p_values[row, : lengths[row]]
-                log_scales[i] = observed.log_scales[row, : lengths[row]]
+                p_values[i] = observed.p_values[row, answered]
+                log_scales[i] = observed.log_scales[row, answered]
         for picked, row in enumerate(wanting):
             forecasts[order[row]] = np.ascontiguousarray(forecast_host[picked, : sorted_horizons[row]])
         asked = [self._extras(extras[i], predictions[i], forecasts[i], p_values[i], log_scales[i]) if extras[i]

@@ -31,7 +31,20 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GRU_", env_file=None, extra="ignore", frozen=True,
                                       hide_input_in_errors=True)
 
+    port: int = Field(8000, ge=1, le=65535,
+                      description="where python -m service listens (--port wins) and the image's healthcheck asks")
     model_path: Path = Field(DEFAULT_MODEL_PATH, description="checkpoint directory (config.json + model.safetensors)")
+    model_repository: Path | None = Field(
+        None, description="model repository DIR/<model>/<version>/; when set, GRU_MODEL_PATH is not used"
+    )
+    default_model: str = Field("", pattern=r"^([A-Za-z0-9._-]{1,64})?$",
+                               description="the model behind the routes without /models/{model}")
+    repository_poll_seconds: float = Field(5.0, ge=0, description="look for new versions this often; 0 = off")
+    max_loaded_versions: int = Field(3, ge=1, description="loaded versions per model; beyond, the oldest goes")
+    upgrade: Literal["pin", "replay"] = Field(
+        "pin", description="pin: a session stays on its version; replay: moves to the newest on its next chunk"
+    )
+    admin_keys: str = Field("", repr=False, description="key:tenant pairs allowed the repository API")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when available")
     store: Literal["memory", "redis"] = Field("memory", description="where session states live")
     redis_url: str = Field("redis://localhost:6379/0", description="used when store=redis")
@@ -69,6 +82,12 @@ class Settings(BaseSettings):
     def intra_op_threads(self) -> int:
         return intra_op_threads(self.torch_threads)
 
+    @field_validator("model_repository", mode="before")
+    @classmethod
+    def _unset_when_empty(cls, value: object) -> object:
+        """GRU_MODEL_REPOSITORY= (empty, as compose passes an unset variable) means no repository."""
+        return None if value == "" else value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower(cls, value: str) -> str:
@@ -85,12 +104,20 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_api_keys(self) -> Settings:
         keys = load_api_keys(self.api_keys, self.api_keys_file)  # errors name the entry, never the key
+        admin = load_api_keys(self.admin_keys, None, "GRU_ADMIN_KEYS")
+        if any(keys.get(key, tenant) != tenant for key, tenant in admin.items()):
+            raise ValueError("GRU_ADMIN_KEYS gives a key of GRU_API_KEYS another tenant; a key names one tenant")
+        keys |= admin
         if self.metrics_require_key and not keys:
             raise ValueError("GRU_METRICS_REQUIRE_KEY=true needs keys; set GRU_API_KEYS or GRU_API_KEYS_FILE")
         return self
 
     @model_validator(mode="after")
     def _check_model_path(self) -> Settings:
+        if self.model_repository is not None:
+            if not self.model_repository.is_dir():
+                raise ValueError(f"GRU_MODEL_REPOSITORY={self.model_repository} is not a directory")
+            return self
         if not self.model_path.is_dir():
             raise ValueError(f"GRU_MODEL_PATH={self.model_path} is not a directory; point it at a checkpoint")
         return self

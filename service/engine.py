@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,12 +29,21 @@ from service.batch_queue import BatchQueue, Chunk, settle
 from service.compute import BatchCompute, Computed
 from service.extras import NO_EXTRAS, Extras
 from service.metrics import Metrics
-from service.refusals import BatchFailed, OutOfRange, ShuttingDown, StoreUnreachable, UnknownSession
+from service.refusals import (
+    BatchFailed,
+    OutOfRange,
+    ShuttingDown,
+    StaleModel,
+    StoreUnreachable,
+    UnknownSession,
+)
 from service.rules import Apply, Replay, fingerprint, judge
 from service.schemas import encode_answer
 from service.sessions.base import Session, SessionStore, Write, session_id_of
 
 log = logging.getLogger("service.engine")
+# Where a judged chunk belongs: True when the router took it to another engine (the session's version's).
+Router = Callable[[Chunk, "Session | None"], bool]
 
 
 @dataclass(slots=True)
@@ -45,6 +55,16 @@ class _Run:
     session: Session | None
     verdict: Apply
     revision: int | str | None
+    prior: np.ndarray | None = None  # replay: raw values run first from a fresh state, not answered
+
+    @property
+    def values(self) -> np.ndarray:
+        return self.chunk.values if self.prior is None else np.concatenate([self.prior, self.chunk.values])
+
+    @property
+    def primed(self) -> int:
+        """Leading rows of ``values`` that are not the chunk's: computed, not answered."""
+        return 0 if self.prior is None else len(self.prior)
 
 
 class Engine:
@@ -59,19 +79,26 @@ class Engine:
         max_batch_delay_ms: float,
         max_queue: int,
         request_timeout_seconds: float,
+        label: tuple[str, str] | None = None,
+        replay: bool = False,
         surprise_p: float = 0.01,
-        model_name: str = "",
     ):
         self.forecaster = forecaster
         self.model_version = model_version
+        self.label = label  # (model name, repository version) every answer names, when served from one
+        self.router: Router | None = None  # set by the model registry (service.models): where a chunk goes
+        self.replay = replay  # GRU_UPGRADE=replay: a session of another version is moved onto this one
         self.store = store
         self.compute = BatchCompute(forecaster)
         self.device = self.compute.device
         self.queue = BatchQueue(metrics, max_batch_size=max_batch_size, max_batch_delay_ms=max_batch_delay_ms,
                                 max_queue=max_queue, timeout_seconds=request_timeout_seconds)
         self._metrics = metrics
+        model, version = label or ("", "")
+        self._steps = metrics.steps.labels(model=model, version=version)
+        self._forward_time = metrics.forward_time.labels(model=model, version=version)
         self._surprise_p = surprise_p
-        self._surprises = metrics.surprises.labels(model=model_name)
+        self._surprises = metrics.surprises.labels(model=model)
         self._worker: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -138,10 +165,11 @@ class Engine:
         if not runs:
             return
         began = time.perf_counter()
-        computed = await self.compute.run([r.chunk.values for r in runs], [r.chunk.horizon for r in runs],
-                                          [r.session for r in runs], self.store.gather, [r.chunk.extras for r in runs])
-        self._metrics.forward_time.observe(time.perf_counter() - began)
-        self._metrics.steps.inc(sum(len(r.chunk.values) for r in runs))
+        computed = await self.compute.run([r.values for r in runs], [r.chunk.horizon for r in runs],
+                                          [r.session for r in runs], self.store.gather, [r.chunk.extras for r in runs],
+                                          [r.primed for r in runs])
+        self._forward_time.observe(time.perf_counter() - began)
+        self._steps.inc(sum(len(r.chunk.values) for r in runs))
         await self._commit(runs, computed)
 
     async def _judge(self, batch: list[Chunk]) -> list[_Run]:
@@ -162,6 +190,8 @@ class Engine:
                 runs.append(_Run(chunk, None, Apply(start=0, created=False), None))
                 continue
             session = record_of.get(chunk.key)
+            if self.router is not None and self.router(chunk, session):
+                continue  # another version's engine judges it
             revision = session.revision if session is not None else None
             if chunk.restart:  # in place of whatever the session held, judged against it for the commit
                 runs.append(_Run(chunk, None, Apply(start=0, created=session is None), revision))
@@ -171,6 +201,14 @@ class Engine:
                 continue
             verdict = judge(chunk.key, chunk.offset, chunk.horizon, chunk.values, session, self.model_version,
                             chunk.extras)
+            if isinstance(verdict, StaleModel) and self.replay and session is not None:
+                replayed = judge(chunk.key, chunk.offset, chunk.horizon, chunk.values, session,
+                                 session.model_version, chunk.extras)
+                if not isinstance(replayed, Apply):
+                    verdict = replayed
+                elif (kept := self._kept_values(session)) is not None:  # run it after the values the state keeps
+                    runs.append(_Run(chunk, None, replayed, revision, kept))
+                    continue
             if isinstance(verdict, Apply):
                 runs.append(_Run(chunk, session, verdict, revision))
             elif isinstance(verdict, Replay):
@@ -236,10 +274,22 @@ class Engine:
         session = None
         if chunk.key is not None:
             session = (session_id_of(chunk.key), run.verdict.start + len(chunk.values), run.verdict.created)
-        return encode_answer(predictions, forecast, self.model_version, session, extras)
+        return encode_answer(predictions, forecast, self.model_version, session, self.label, extras,
+                             upgraded=run.prior is not None)
+
+    def _kept_values(self, session: Session) -> np.ndarray | None:
+        """The raw values a session's state keeps (its last min(position, K) inputs; docs/architecture.md,
+        "State layout"), which prime this version's state in place of the other version's hidden state; None
+        for a state of another size (an earlier model's layout), which cannot be read and stays a 409."""
+        cfg = self.forecaster.config
+        hidden = cfg.num_layers * cfg.hidden_size
+        try:
+            state = self.store.gather([session], "cpu")[0].numpy()
+        except ValueError:
+            return None
+        window = state[hidden: hidden + cfg.lags * cfg.num_features].reshape(cfg.lags, cfg.num_features)
+        return np.ascontiguousarray(window[cfg.lags - min(session.position, cfg.lags):], dtype=np.float32)
 
 
 def _unknown(key: str) -> UnknownSession:
-    session_id = session_id_of(key)
-    return UnknownSession(f"session {session_id!r} does not exist (expired, deleted or never created)",
-                          session_id=session_id)
+    return UnknownSession.gone(session_id_of(key))

@@ -14,14 +14,14 @@ TENANT_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,512}$")
 
 
-def _pairs_from_env(text: str) -> Iterable[tuple[str, str, str]]:
+def _pairs_from_env(text: str, variable: str) -> Iterable[tuple[str, str, str]]:
     """(key, tenant, where) from ``key:tenant,key:tenant``; tenants cannot hold ":", keys may."""
     for number, entry in enumerate(text.split(","), start=1):
         entry = entry.strip()
         if not entry:
             continue  # a trailing comma
         key, colon, tenant = entry.rpartition(":")
-        where = f"GRU_API_KEYS entry {number}"
+        where = f"{variable} entry {number}"
         if not colon or not key:
             raise ValueError(f"{where} is not KEY:TENANT; list keys as key:tenant,key:tenant")
         yield key.strip(), tenant.strip(), where
@@ -45,10 +45,11 @@ def _pairs_from_file(path: Path) -> Iterable[tuple[str, str, str]]:
         yield parts[0], parts[1], where
 
 
-def load_api_keys(keys: str, keys_file: Path | None) -> dict[str, str]:
-    """Tenant by key from both sources; ValueError on anything malformed (naming where, never the key)."""
+def load_api_keys(keys: str, keys_file: Path | None, variable: str = "GRU_API_KEYS") -> dict[str, str]:
+    """Tenant by key from both sources; ValueError on anything malformed (naming where, never the key).
+    ``variable`` names the source of ``keys`` in errors (GRU_ADMIN_KEYS has the same format)."""
     tenants: dict[str, str] = {}
-    pairs = [*_pairs_from_env(keys), *(_pairs_from_file(keys_file) if keys_file is not None else ())]
+    pairs = [*_pairs_from_env(keys, variable), *(_pairs_from_file(keys_file) if keys_file is not None else ())]
     for key, tenant, where in pairs:
         if not _KEY_PATTERN.fullmatch(key):
             raise ValueError(f"{where}: the key must be 1-512 visible ASCII characters (no spaces or commas)")

@@ -27,7 +27,8 @@ class Metrics:
         )
         self.active_sessions = Gauge("gru_active_sessions", "Sessions currently held", registry=r)
         self.evictions = Counter("gru_session_evictions", "Sessions dropped", ["reason"], registry=r)
-        self.steps = Counter("gru_steps", "Time steps run through the model", registry=r)
+        # model and version labels: only loaded versions (a version's series go when it is unloaded)
+        self.steps = Counter("gru_steps", "Time steps run through the model", ["model", "version"], registry=r)
         self.batch_size = Histogram(
             "gru_batch_size", "Chunks per engine batch", buckets=BATCH_BUCKETS, registry=r
         )
@@ -35,7 +36,12 @@ class Metrics:
             "gru_queue_wait_seconds", "Time a chunk waits before its batch runs", buckets=LATENCY_BUCKETS, registry=r
         )
         self.forward_time = Histogram(
-            "gru_forward_seconds", "Model time per engine batch", buckets=LATENCY_BUCKETS, registry=r
+            "gru_forward_seconds", "Model time per engine batch", ["model", "version"], buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.version_sessions = Gauge(
+            "gru_model_version_sessions", "Sessions whose state belongs to a loaded version (at the last check)",
+            ["model", "version"], registry=r,
         )
         self.store_errors = Counter("gru_store_errors", "Session store failures", ["operation"], registry=r)
         self.store_conflicts = Counter(
@@ -45,6 +51,18 @@ class Metrics:
         self.model_info = Info("gru_model", "The served model", registry=r)
         self.surprises = Counter(
             "gru_surprises", "Arriving session values whose p-value was under GRU_SURPRISE_P", ["model"], registry=r
+        )
+        self.model_versions = Gauge(
+            "gru_model_versions", "Loaded model versions (1 each), by state: serving or draining",
+            ["model", "version", "state"], registry=r,
+        )
+        self.versions_skipped = Counter(
+            "gru_model_versions_skipped", "Repository versions refused: damaged, half-written or incompatible",
+            ["model"], registry=r,
+        )
+        self.version_evictions = Counter(
+            "gru_model_version_evictions", "Versions unloaded beyond GRU_MAX_LOADED_VERSIONS while holding"
+            " sessions", ["model"], registry=r,
         )
         # Labelled series exist from the first scrape, so rules and dashboards resolve before any event.
         for reason in EVICTION_REASONS:

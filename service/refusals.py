@@ -28,6 +28,12 @@ class UnknownSession(Refusal):
 
     kind = "session-not-found"
 
+    @classmethod
+    def gone(cls, session_id: str) -> UnknownSession:
+        """The refusal of a call on a session that is not there (expired, deleted, never created)."""
+        return cls(f"session {session_id!r} does not exist (expired, deleted or never created)",
+                   session_id=session_id)
+
 
 class StaleModel(Refusal):
     """The session's state was built by another model version than the one now served."""
@@ -39,6 +45,18 @@ class OffsetMismatch(Refusal):
     """The chunk's offset is neither the session's position nor an exact retry of its last chunk."""
 
     kind = "offset-mismatch"
+
+
+class SessionExists(Refusal):
+    """A fork's target session exists already; nothing was changed."""
+
+    kind = "session-exists"
+
+
+class PreconditionFailed(Refusal):
+    """An import's ``If-Match`` or ``If-None-Match`` does not hold for the session as it is now."""
+
+    kind = "precondition-failed"
 
 
 class OutOfRange(Refusal):
@@ -53,7 +71,7 @@ class ShuttingDown(Refusal):
 
 
 class Overloaded(Refusal):
-    """The queue is full (GRU_MAX_QUEUE)."""
+    """The queue is full (GRU_MAX_QUEUE), or a session changed too often to be replaced by an import now."""
 
     kind = "overloaded"
 

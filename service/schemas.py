@@ -128,6 +128,8 @@ class PredictionResponse(BaseModel):
         None, description="Only with scores: T × F p-values of the arriving values; null where none"
     )
     model_version: str
+    model: str | None = Field(None, description="The model that answered (GET /v1/models)")
+    version: str | None = Field(None, description="Its version in the model repository")
 
 
 class SessionPredictResponse(PredictionResponse):
@@ -148,11 +150,16 @@ class SessionPredictResponse(PredictionResponse):
     session_id: str
     position: int = Field(description="Steps consumed by the session, this chunk included")
     created: bool = Field(description="True when this chunk started the session")
+    upgraded: bool | None = Field(None, description="GRU_UPGRADE=replay: true on the chunk that moved the"
+                                  " session onto the newest version")
 
 
 def encode_answer(predictions: np.ndarray, forecast: np.ndarray | None, model_version: str,
-                  session: tuple[str, int, bool] | None = None, extras: dict[str, Any] | None = None) -> bytes:
-    """A ``PredictionResponse``, or with ``session`` (id, position, created) a ``SessionPredictResponse``,
+                  session: tuple[str, int, bool] | None = None, label: tuple[str, str] | None = None,
+                  extras: dict[str, Any] | None = None, upgraded: bool = False) -> bytes:
+    """A ``PredictionResponse``, or with ``session`` (id, position, created) a ``SessionPredictResponse``;
+    ``label`` (model name, repository version) adds ``model`` and ``version``, ``upgraded`` the flag of a
+    session moved onto this version by GRU_UPGRADE=replay,
     as the JSON bytes the engine answers and keeps for exact retries: built once, straight from the arrays
     (orjson; NaN, a score with nothing to score against, is written null), not through the pydantic models
     above, which document it. ``extras``: the intervals and scores asked for, after the forecast."""
@@ -165,9 +172,18 @@ def encode_answer(predictions: np.ndarray, forecast: np.ndarray | None, model_ve
     if extras:
         body.update(extras)
     body["model_version"] = model_version
+    if label is not None:
+        body["model"], body["version"] = label
     if session is not None:
         body["created"] = session[2]
+    if upgraded:
+        body["upgraded"] = True
     return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def answer_prefix(session_id: str) -> bytes:
+    """How every session answer ``encode_answer`` makes for ``session_id`` begins: its id comes first."""
+    return b'{"session_id":' + orjson.dumps(session_id) + b","
 
 
 class Problem(BaseModel):
@@ -188,15 +204,41 @@ class SessionInfo(BaseModel):
     session_id: str
     position: int
     model_version: str
+    model: str = Field(description="The session's model")
+    version: str | None = Field(description="The loaded version its state belongs to; null: none is loaded")
     created_at: datetime
     updated_at: datetime
     expires_at: datetime
+
+
+class ForkRequest(BaseModel):
+    """Where a fork goes: a new session of the same tenant."""
+
+    model_config = ConfigDict(**_STRICT, json_schema_extra={"examples": [{"to": "pump-7-what-if"}]})
+    to: SessionId = Field(description="The new session's id; it must not exist")
 
 
 class ResetResponse(BaseModel):
     session_id: str
     position: int = 0
     created: bool = Field(description="True when the session did not exist before")
+
+
+class ModelVersionInfo(BaseModel):
+    version: str = Field(description="The version's number in the model repository")
+    model_version: str = Field(description="Hash of its weights and config")
+    state: str = Field(description="serving: new sessions start here; draining: kept for its pinned sessions")
+    sessions: int = Field(description="Sessions whose state belongs to this version")
+
+
+class ModelEntry(BaseModel):
+    name: str
+    default: bool = Field(description="True for the model behind the routes without /models/{model}")
+    versions: list[ModelVersionInfo]
+
+
+class ModelList(BaseModel):
+    models: list[ModelEntry]
 
 
 class ModelInfo(BaseModel):

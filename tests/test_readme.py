@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.processes import ROOT
+from harness.processes import ROOT
 from service.config import Settings
 
 README = (ROOT / "README.md").read_text()

@@ -9,6 +9,7 @@ engine's pre-serialised JSON answered as is. The schema in /docs is the same (se
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TypeVar
 
 import numpy as np
@@ -18,10 +19,11 @@ from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.bodies import chunk_array, parse, path_session_id
+from service.api.deps import served_model
 from service.api.extras import requested
 from service.api.openapi import RawOperation
 from service.auth import tenant_of
-from service.engine import Engine
+from service.models import ServedModel
 from service.problems import Problem, as_problem, invalid
 from service.refusals import Refusal
 from service.schemas import (
@@ -39,13 +41,13 @@ _LOCATION = ["body", "values"]
 Body = TypeVar("Body", ChunkRequest, StatelessRequest)
 
 
-async def _read(request: Request, model: type[Body]) -> tuple[Engine, Body, np.ndarray]:
-    """The engine, the validated body, and its values as the model's float32 input."""
-    state = request.app.state
-    engine: Engine = state.engine
-    body = parse(await request.body(), model)
-    values = chunk_array(body.values, body.horizon, engine.forecaster.num_features, state.settings, _LOCATION)
-    return engine, body, values
+async def _read(request: Request, schema: type[Body]) -> tuple[ServedModel, Body, np.ndarray]:
+    """The model, the validated body, and its values as the model's float32 input."""
+    model = served_model(request)
+    body = parse(await request.body(), schema)
+    features = model.engine.forecaster.num_features
+    values = chunk_array(body.values, body.horizon, features, request.app.state.settings, _LOCATION)
+    return model, body, values
 
 
 async def predict_session(request: Request) -> Response:
@@ -59,22 +61,25 @@ async def predict_session(request: Request) -> Response:
                 raise
             raise invalid([*wrong_id.extra["errors"], *wrong_body.extra["errors"]]) from None
         raise
-    engine, body, values = await _read(request, ChunkRequest)
+    model, body, values = await _read(request, ChunkRequest)
+    key = session_key(tenant_of(request), session_id)
+    engine = model.engine_for(key)
     extras = requested(body.levels, body.scores, engine.forecaster, ["body"])
-    answer = await engine.predict(session_key(tenant_of(request), session_id), values, body.offset, body.horizon,
-                                  extras=extras)
+    answer = await engine.predict(key, values, body.offset, body.horizon, extras=extras)
     return Response(answer, media_type=JSON)
 
 
 async def predict(request: Request) -> Response:
-    engine, body, values = await _read(request, StatelessRequest)
-    extras = requested(body.levels, body.scores, engine.forecaster, ["body"])
-    return Response(await engine.predict(None, values, None, body.horizon, extras=extras), media_type=JSON)
+    model, body, values = await _read(request, StatelessRequest)
+    extras = requested(body.levels, body.scores, model.engine.forecaster, ["body"])
+    return Response(await model.engine.predict(None, values, None, body.horizon, extras=extras), media_type=JSON)
 
 
 ROUTES = [
     Route("/v1/sessions/{session_id}/predict", predict_session, methods=["POST"]),
     Route("/v1/predict", predict, methods=["POST"]),
+    Route("/v1/models/{model}/sessions/{session_id}/predict", predict_session, methods=["POST"]),
+    Route("/v1/models/{model}/predict", predict, methods=["POST"]),
 ]
 
 
@@ -109,7 +114,7 @@ class HotRoutes:
         await self.app(scope, receive, send)
 
 
-OPERATIONS = [
+_DEFAULT_OPERATIONS = [
     RawOperation(
         "/v1/sessions/{session_id}/predict", "post", "Feed a session the next chunk of its series",
         "Applies the chunk at the session's position and answers the one-step-ahead prediction after every "
@@ -122,3 +127,9 @@ OPERATIONS = [
         StatelessRequest, PredictionResponse, (400, 408, 413, 422, 429, 503),
     ),
 ]
+# The same two routes per model, under /v1/models/{model}/ (404 for an unknown model).
+OPERATIONS = [*_DEFAULT_OPERATIONS, *(
+    dataclasses.replace(op, path=op.path.replace("/v1/", "/v1/models/{model}/", 1),
+                        problems=tuple(sorted({*op.problems, 404})))
+    for op in _DEFAULT_OPERATIONS
+)]

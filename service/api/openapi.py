@@ -71,11 +71,17 @@ class RawOperation:
             "operationId": f"{self.method}_{self.path.strip('/').replace('/', '_').replace('{', '').replace('}', '')}",
             **body_schema(self.body), "responses": responses,
         }
+        parameters = []
+        if "{model}" in self.path:
+            parameters.append({"name": "model", "in": "path", "required": True, "schema": {"type": "string"},
+                               "description": "A model's name, as GET /v1/models lists it"})
         if self.session_path:
-            operation["parameters"] = [{
+            parameters.append({
                 "name": "session_id", "in": "path", "required": True, "description": "Client-chosen session id",
                 "schema": {"type": "string", "pattern": SESSION_ID_PATTERN},
-            }]
+            })
+        if parameters:
+            operation["parameters"] = parameters
         return operation
 
 

@@ -12,14 +12,16 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 import orjson
-from fastapi import APIRouter, Path, Request, Response
+from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, JsonValue
 
 from service.api.bodies import chunk_array, parse, parse_item
-from service.api.deps import EngineDep, SettingsDep
+from service.api.deps import EngineDep, ModelDep, SettingsDep, model_path
 from service.api.extras import requested
 from service.api.openapi import body_schema, problem_responses
 from service.auth import TenantDep
+from service.models import Registry, ServedModel
 from service.problems import Problem, as_problem
 from service.refusals import Refusal
 from service.schemas import (
@@ -28,11 +30,14 @@ from service.schemas import (
     BatchItem,
     BatchRequest,
     BatchResponse,
+    ModelEntry,
     ModelInfo,
+    ModelList,
+    ModelVersionInfo,
     ResetResponse,
     SessionInfo,
 )
-from service.sessions.base import session_key
+from service.sessions.base import Session, session_key
 
 router = APIRouter(prefix="/v1", tags=["v1"])
 SessionIdPath = Annotated[str, Path(pattern=SESSION_ID_PATTERN, description="Client-chosen session id")]
@@ -42,10 +47,10 @@ JSON = "application/json"
 RAW_BODY_MODELS: list[type[BaseModel]] = [BatchRequest]
 
 
-@router.get("/model", response_model=ModelInfo, summary="The served model")
-async def model_info(request: Request, engine: EngineDep) -> ModelInfo:
+def _card(model: ServedModel) -> ModelInfo:
+    engine = model.engine
     cfg = engine.forecaster.config
-    meta = request.app.state.model_meta
+    meta = model.newest.meta
     return ModelInfo(
         name=meta["name"], version=engine.model_version, input_features=cfg.num_features,
         output_features=cfg.num_features, feature_names=list(cfg.features), hidden_size=cfg.hidden_size,
@@ -54,26 +59,47 @@ async def model_info(request: Request, engine: EngineDep) -> ModelInfo:
     )
 
 
+@router.get("/model", response_model=ModelInfo, summary="The default model's newest version")
+async def model_info(model: ModelDep) -> ModelInfo:
+    return _card(model)
+
+
+@router.get("/models", response_model=ModelList, summary="Every served model and its loaded versions",
+            responses=problem_responses(503))
+async def list_models(request: Request) -> ModelList:
+    registry: Registry = request.app.state.registry
+    entries = []
+    for model in list(registry.models.values()):
+        counts = await model.store.version_counts()
+        versions = [ModelVersionInfo(version=str(v.number), model_version=v.model_version, state=model.state_of(v),
+                                     sessions=counts.get(v.model_version, 0) if model.by_hash(v.model_version) is v
+                                     else 0)
+                    for v in sorted(model.versions.values(), key=lambda v: -v.number)]
+        entries.append(ModelEntry(name=model.name, default=model.name == registry.default, versions=versions))
+    return ModelList(models=entries)
+
+
 @router.post(
     "/predict/batch", response_model=BatchResponse, summary="Chunks of many sessions in one call",
     openapi_extra=body_schema(BatchRequest), responses=problem_responses(400, 408, 413, 422),
 )
-async def predict_batch(request: Request, engine: EngineDep, settings: SettingsDep, tenant: TenantDep) -> Response:
+async def predict_batch(request: Request, model: ModelDep, settings: SettingsDep, tenant: TenantDep) -> Response:
     body = parse(await request.body(), BatchEnvelope)
     if len(body.items) > settings.max_batch_items:
         detail = f"{len(body.items)} items, more than GRU_MAX_BATCH_ITEMS={settings.max_batch_items}; split the call"
         raise Problem(422, "invalid-request", detail,
                       errors=[{"loc": ["body", "items"], "msg": detail, "type": "too_long"}])
-    features = engine.forecaster.num_features
+    features = model.engine.forecaster.num_features
 
     async def one(index: int, raw: JsonValue) -> bytes:
         loc = ["body", "items", str(index)]
         try:
             item = parse_item(raw, BatchItem, loc)
             values = chunk_array(item.values, item.horizon, features, settings, [*loc, "values"])
+            key = session_key(tenant, item.session_id)
+            engine = model.engine_for(key)
             extras = requested(item.levels, item.scores, engine.forecaster, loc)
-            return await engine.predict(session_key(tenant, item.session_id), values, item.offset, item.horizon,
-                                        extras=extras)
+            return await engine.predict(key, values, item.offset, item.horizon, extras=extras)
         except (Problem, Refusal) as refused:
             return orjson.dumps(as_problem(refused).body())
 
@@ -85,20 +111,27 @@ def _timestamp(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, UTC)
 
 
+def describe(model: ServedModel, session_id: str, session: Session, expires: float) -> SessionInfo:
+    """The ``GET /v1/sessions/{id}`` body of a session that expires at ``expires`` if nothing reaches it."""
+    pinned = model.by_hash(session.model_version)
+    return SessionInfo(
+        session_id=session_id, position=session.position, model_version=session.model_version,
+        model=model.name, version=str(pinned.number) if pinned is not None else None,
+        created_at=_timestamp(session.created_at), updated_at=_timestamp(session.updated_at),
+        expires_at=_timestamp(expires),
+    )
+
+
 # POST /v1/sessions/{session_id}/predict and POST /v1/predict are not here: they are answered by
 # service/api/hot.py's HotRoutes middleware before this router is reached (the hot path; docs/architecture.md,
-# "Why the predict routes bypass the router"). /docs still lists them, from hot.OPERATIONS.
+# "Why the predict routes bypass the router"). /docs still lists them, from hot.OPERATIONS. A session's state
+# (export, import, fork: GET/PUT /v1/sessions/{session_id}/state, POST .../fork) is in service/api/state.py.
 
 
 @router.get("/sessions/{session_id}", response_model=SessionInfo, summary="A session's position and age",
             responses=problem_responses(404, 422, 503))
-async def get_session(session_id: SessionIdPath, engine: EngineDep, tenant: TenantDep) -> SessionInfo:
-    session, expires = await engine.session_info(session_key(tenant, session_id))
-    return SessionInfo(
-        session_id=session_id, position=session.position, model_version=session.model_version,
-        created_at=_timestamp(session.created_at), updated_at=_timestamp(session.updated_at),
-        expires_at=_timestamp(expires),
-    )
+async def get_session(session_id: SessionIdPath, model: ModelDep, tenant: TenantDep) -> SessionInfo:
+    return describe(model, session_id, *await model.engine.session_info(session_key(tenant, session_id)))
 
 
 @router.post("/sessions/{session_id}/reset", response_model=ResetResponse,
@@ -114,3 +147,23 @@ async def reset_session(session_id: SessionIdPath, engine: EngineDep, tenant: Te
 async def delete_session(session_id: SessionIdPath, engine: EngineDep, tenant: TenantDep) -> Response:
     await engine.delete(session_key(tenant, session_id))
     return Response(status_code=204)
+
+
+def per_model(source: APIRouter) -> APIRouter:
+    """Every route of ``source`` again under ``/v1/models/{model}/...``, serving that model (the card,
+    ``/v1/model``, at ``/v1/models/{model}``; the list of models has no per-model form)."""
+    routes = APIRouter(prefix="/v1/models/{model}", tags=["v1"], dependencies=[Depends(model_path)])
+    for route in source.routes:
+        if not isinstance(route, APIRoute) or route.path == "/v1/models":
+            continue
+        path = route.path.removeprefix("/v1")
+        routes.add_api_route(
+            "" if path == "/model" else path, route.endpoint,
+            methods=list(route.methods or ()), response_model=route.response_model, response_class=route.response_class,
+            status_code=route.status_code, summary=f"{route.summary} (one model)", description=route.description,
+            responses={**route.responses, **problem_responses(404)}, openapi_extra=route.openapi_extra,
+        )
+    return routes
+
+
+model_router = per_model(router)

@@ -45,6 +45,7 @@ from service.auth import TenantDep
 from service.config import Settings
 from service.engine import Engine
 from service.extras import Extras
+from service.models import Registry, ServedModel
 from service.problems import describe_errors, route_path
 from service.refusals import Refusal, StaleModel, UnknownSession
 from service.sessions.base import session_key
@@ -74,22 +75,25 @@ class _V2Route(APIRoute):
 # and the store).
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"], route_class=_V2Route,
                    responses=problem_responses(400, 404, 408, 409, 413, 415, 422, 429, 503))
-ModelName = Annotated[str, Path(description="The model name that GET /v1/model reports")]
-ModelVersion = Annotated[str, Path(description="The model version (hash) that GET /v1/model reports")]
+ModelName = Annotated[str, Path(description="A model's name, as GET /v1/models lists it")]
+ModelVersion = Annotated[str, Path(description="A loaded version: its number (\"2\") or its hash (model_version)")]
 
 
-def _model_name(request: Request) -> str:
-    return str(request.app.state.model_meta["name"])
-
-
-def _check_model(request: Request, engine: Engine, name: str, version: str | None) -> None:
-    served = _model_name(request)
-    if name != served:
-        raise v2_problem(404, f"unknown model {name!r}; this server serves {served!r}",
+def _served(request: Request, name: str, version: str | None) -> tuple[ServedModel, Engine]:
+    """The model and the engine of ``version`` (its number or hash; the newest when None), or a 404."""
+    registry: Registry = request.app.state.registry
+    model = registry.model(name)
+    if model is None:
+        raise v2_problem(404, f"unknown model {name!r}; this server serves {', '.join(sorted(registry.models))}",
                          kind="model-not-found")
-    if version is not None and version != engine.model_version:
-        raise v2_problem(404, f"model {name!r} has no version {version!r}; the served version is"
-                         f" {engine.model_version!r}", kind="model-not-found")
+    if version is None:
+        return model, model.engine
+    loaded = model.find(version)
+    if loaded is None:
+        served = ", ".join(f"{v.number} ({v.model_version})" for v in model.versions.values())
+        raise v2_problem(404, f"model {name!r} has no version {version!r} loaded; loaded: {served}",
+                         kind="model-not-found")
+    return model, loaded.engine
 
 
 # -- server and model status -------------------------------------------------------------------------
@@ -112,12 +116,12 @@ async def ready(engine: EngineDep) -> dict[str, bool]:
     return {"ready": True}
 
 
-def _metadata(request: Request, engine: Engine) -> dict[str, Any]:
+def _metadata(model: ServedModel, engine: Engine, versions: list[str]) -> dict[str, Any]:
     features = engine.forecaster.num_features
     cfg = engine.forecaster.config
     return {
-        "name": _model_name(request),
-        "versions": [engine.model_version],
+        "name": model.name,
+        "versions": versions,
         "platform": "pytorch",
         "inputs": [{"name": INPUT, "datatype": FP32, "shape": [-1, features]}],
         "outputs": [{"name": name, "datatype": FP32, "shape": [-1, features]} for name in OUTPUTS],
@@ -126,31 +130,32 @@ def _metadata(request: Request, engine: Engine) -> dict[str, Any]:
     }
 
 
-@router.get("/models/{model_name}", summary="Model metadata: tensors and versions")
-async def model_metadata(model_name: ModelName, request: Request, engine: EngineDep) -> dict[str, Any]:
-    _check_model(request, engine, model_name, None)
-    return _metadata(request, engine)
+@router.get("/models/{model_name}", summary="Model metadata: tensors and loaded versions (hashes, newest first)")
+async def model_metadata(model_name: ModelName, request: Request) -> dict[str, Any]:
+    model, engine = _served(request, model_name, None)
+    hashes = [model.versions[n].model_version for n in sorted(model.versions, reverse=True)]
+    return _metadata(model, engine, list(dict.fromkeys(hashes)))
 
 
 @router.get("/models/{model_name}/versions/{model_version}", summary="Model metadata of one version")
 async def model_version_metadata(
-    model_name: ModelName, model_version: ModelVersion, request: Request, engine: EngineDep
+    model_name: ModelName, model_version: ModelVersion, request: Request
 ) -> dict[str, Any]:
-    _check_model(request, engine, model_name, model_version)
-    return _metadata(request, engine)
+    model, engine = _served(request, model_name, model_version)
+    return _metadata(model, engine, [engine.model_version])
 
 
 @router.get("/models/{model_name}/ready", summary="Model readiness")
-async def model_ready(model_name: ModelName, request: Request, engine: EngineDep) -> dict[str, Any]:
-    _check_model(request, engine, model_name, None)
+async def model_ready(model_name: ModelName, request: Request) -> dict[str, Any]:
+    _served(request, model_name, None)
     return {"name": model_name, "ready": True}
 
 
 @router.get("/models/{model_name}/versions/{model_version}/ready", summary="Model version readiness")
 async def model_version_ready(
-    model_name: ModelName, model_version: ModelVersion, request: Request, engine: EngineDep
+    model_name: ModelName, model_version: ModelVersion, request: Request
 ) -> dict[str, Any]:
-    _check_model(request, engine, model_name, model_version)
+    _served(request, model_name, model_version)
     return {"name": model_name, "ready": True}
 
 
@@ -169,7 +174,7 @@ _INFER_DOC: dict[str, Any] = {
 }
 
 
-async def _infer(request: Request, engine: Engine, settings: Settings, tenant: str) -> Response:
+async def _infer(request: Request, model: ServedModel, engine: Engine, settings: Settings, tenant: str) -> Response:
     body = decode_body(await request.body(), request.headers.get("content-encoding"), settings.max_body_bytes)
     call = parse_infer(
         body, request.headers.get(HEADER_LENGTH), features=engine.forecaster.num_features,
@@ -184,13 +189,13 @@ async def _infer(request: Request, engine: Engine, settings: Settings, tenant: s
         if call.sequence_start:
             answer = await engine.predict(key, call.values, 0, call.horizon, restart=True, extras=extras)
         else:
-            answer = await _continue(engine, key, call.sequence_id, call, extras)
+            answer = await _continue(model.engine_for(key), key, call.sequence_id, call, extras)
         if call.sequence_end:
             await _end(engine, key)
     decoded = orjson.loads(answer)
     if call.session_id is not None:
         parameters = {"sequence_id": call.sequence_id, "sequence_position": decoded["position"]}
-    encoded = encode_infer(call, _model_name(request), decoded, parameters)
+    encoded = encode_infer(call, model.name, decoded, parameters)
     return Response(encoded.body, media_type=encoded.media_type, headers=encoded.headers)
 
 
@@ -222,21 +227,18 @@ async def _end(engine: Engine, key: str) -> None:
 
 @router.post("/models/{model_name}/infer", summary="Inference (JSON or binary tensors, sequences)",
              openapi_extra=_INFER_DOC)
-async def infer(
-    model_name: ModelName, request: Request, engine: EngineDep, settings: SettingsDep, tenant: TenantDep
-) -> Response:
-    _check_model(request, engine, model_name, None)
-    return await _infer(request, engine, settings, tenant)
+async def infer(model_name: ModelName, request: Request, settings: SettingsDep, tenant: TenantDep) -> Response:
+    model, engine = _served(request, model_name, None)
+    return await _infer(request, model, engine, settings, tenant)
 
 
 @router.post("/models/{model_name}/versions/{model_version}/infer", summary="Inference on one model version",
              openapi_extra=_INFER_DOC)
 async def infer_version(
-    model_name: ModelName, model_version: ModelVersion, request: Request, engine: EngineDep,
-    settings: SettingsDep, tenant: TenantDep,
+    model_name: ModelName, model_version: ModelVersion, request: Request, settings: SettingsDep, tenant: TenantDep,
 ) -> Response:
-    _check_model(request, engine, model_name, model_version)
-    return await _infer(request, engine, settings, tenant)
+    model, engine = _served(request, model_name, model_version)
+    return await _infer(request, model, engine, settings, tenant)
 
 
 @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)

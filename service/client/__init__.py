@@ -10,6 +10,10 @@ retry gets the same answer back and nothing is applied twice (the README's offse
 ``OffsetConflict`` carrying the server's ``position`` (``session.resync()`` adopts it); an expired session
 raises ``SessionNotFound``. ``AsyncClient`` is the same with ``await``.
 
+A session's state moves as one document: ``session.export_state()`` gives its bytes and ETag,
+``other.import_state(state)`` creates or replaces a session with it (here or on another deployment), and
+``session.fork("what-if")`` copies it to a new id.
+
 The command line that streams a CSV through a session is ``service.client.cli`` (``python -m service.client``).
 """
 
@@ -17,11 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import re
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -63,6 +69,14 @@ class SessionNotFound(ServiceError):
     """404: the session expired, was deleted or never existed; its state is gone."""
 
 
+class SessionExists(ServiceError):
+    """409: a fork's target session exists already; nothing was changed."""
+
+
+class PreconditionFailed(ServiceError):
+    """412: the session changed since the ETag an import was conditioned on; nothing was changed."""
+
+
 class Unavailable(ServiceError):
     """Every attempt failed with a network error, a 5xx or a 429; the last failure is the ``__cause__``."""
 
@@ -81,6 +95,10 @@ def _error(response: httpx.Response) -> ServiceError:
         return (ModelChanged if kind == "model-changed" else OffsetConflict)(status, problem)
     if status == 404 and kind == "session-not-found":
         return SessionNotFound(status, problem)
+    if status == 409 and kind == "session-exists":
+        return SessionExists(status, problem)
+    if status == 412:
+        return PreconditionFailed(status, problem)
     return ServiceError(status, problem)
 
 
@@ -137,11 +155,40 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-def _answer(response: httpx.Response) -> dict[str, Any]:
+def _checked(response: httpx.Response) -> httpx.Response:
     if response.status_code >= 400:
         raise _error(response)
+    return response
+
+
+def _answer(response: httpx.Response) -> dict[str, Any]:
     body: dict[str, Any] = response.json() if response.content else {}
     return body
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    """A session's exported state: the document (safetensors bytes) and its ETag."""
+
+    document: bytes
+    etag: str
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        Path(path).write_bytes(self.document)
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One HTTP call of the API, as both clients send it."""
+
+    method: str
+    path: str
+    body: dict[str, Any] | None = None
+    content: bytes | None = None
+    headers: dict[str, str] | None = None
+
+    def options(self) -> dict[str, Any]:
+        return {"json": self.body, "content": self.content, "headers": self.headers}
 
 
 @dataclass
@@ -199,8 +246,8 @@ class _Tries:
                            + (f" ({problem.get('detail')})" if response is not None else ""))
 
 
-def _stateless(values: Values, horizon: int) -> tuple[str, str, dict[str, Any]]:
-    return "POST", "/v1/predict", {"values": _rows(values), "horizon": horizon}
+def _stateless(values: Values, horizon: int) -> _Call:
+    return _Call("POST", "/v1/predict", {"values": _rows(values), "horizon": horizon})
 
 
 class _Calls:
@@ -223,9 +270,28 @@ class _SessionCalls:
         self.position = position
         self._path = f"/v1/sessions/{session_id}"
 
-    def _chunk(self, values: Values, horizon: int) -> tuple[str, str, dict[str, Any]]:
+    def _chunk(self, values: Values, horizon: int) -> _Call:
         body = {"values": _rows(values), "offset": self.position, "horizon": horizon}
-        return "POST", f"{self._path}/predict", body
+        return _Call("POST", f"{self._path}/predict", body)
+
+    def _export(self) -> _Call:
+        return _Call("GET", f"{self._path}/state")
+
+    def _import(self, state: State | bytes, if_match: str | None) -> _Call:
+        document = state.document if isinstance(state, State) else state
+        headers = {"Content-Type": "application/octet-stream", **({"If-Match": if_match} if if_match else {})}
+        return _Call("PUT", f"{self._path}/state", content=document, headers=headers)
+
+    def _fork(self, to: str) -> _Call:
+        return _Call("POST", f"{self._path}/fork", {"to": _check_id(to)})
+
+    def _exported(self, response: httpx.Response) -> State:
+        return State(response.content, response.headers.get("etag", ""))
+
+    def _imported(self, response: httpx.Response) -> dict[str, Any]:
+        description = _answer(response)
+        self.position = int(description["position"])
+        return description
 
     def _advance(self, answer: dict[str, Any]) -> Prediction:
         prediction = Prediction.from_json(answer)
@@ -262,17 +328,21 @@ class Client(_Calls):
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         """One call, resent with the same body after network errors, 5xx and 429; the JSON answer or a
         ``ServiceError``. Only use it for calls that are safe to repeat (every call of this API is)."""
+        return _answer(self.send(_Call(method, path, body)))
+
+    def send(self, call: _Call) -> httpx.Response:
+        """``request`` for any body and answer: the response, once it is final and not an error."""
         tries = _Tries(self.retry, self.stats)
         for pause in tries:
             if pause:
                 time.sleep(pause)
             try:
-                response = self._http.request(method, path, json=body)
+                response = self._http.request(call.method, call.path, **call.options())
             except RETRY_ERRORS as exc:
                 tries.failed(exc)
                 continue
             if tries.settled(response):
-                return _answer(response)
+                return _checked(response)
         raise tries.give_up() from tries.error
 
     def model(self) -> dict[str, Any]:
@@ -280,7 +350,7 @@ class Client(_Calls):
 
     def predict(self, values: Values, horizon: int = 0) -> Prediction:
         """A whole series from a fresh state; nothing is kept."""
-        return Prediction.from_json(self.request(*_stateless(values, horizon)))
+        return Prediction.from_json(_answer(self.send(_stateless(values, horizon))))
 
     def session(self, session_id: str, *, resume: bool = False) -> Session:
         """A session handle starting at position 0, or, with ``resume``, where the server has it (0 if
@@ -300,7 +370,7 @@ class Session(_SessionCalls):
         self.client = client
 
     def predict(self, values: Values, horizon: int = 0) -> Prediction:
-        return self._advance(self.client.request(*self._chunk(values, horizon)))
+        return self._advance(_answer(self.client.send(self._chunk(values, horizon))))
 
     def stream(self, values: Values, chunk: int = 32, horizon: int = 0) -> Iterator[Prediction]:
         """The series in chunks of ``chunk`` steps, one answer per chunk."""
@@ -323,6 +393,20 @@ class Session(_SessionCalls):
         with contextlib.suppress(SessionNotFound):  # a retried delete whose first try went through
             self.client.request("DELETE", self._path)
         self.position = 0
+
+    def export_state(self) -> State:
+        """The session's state document and its ETag."""
+        return self._exported(self.client.send(self._export()))
+
+    def import_state(self, state: State | bytes, if_match: str | None = None) -> dict[str, Any]:
+        """Create or replace this session with an exported state; its description (the handle moves to its
+        position). ``if_match`` (an ETag): only over that very state, else ``PreconditionFailed``."""
+        return self._imported(self.client.send(self._import(state, if_match)))
+
+    def fork(self, to: str) -> Session:
+        """A copy of this session as the new session ``to`` (``SessionExists`` if it exists), as a handle."""
+        description = _answer(self.client.send(self._fork(to)))
+        return Session(self.client, to, int(description["position"]))
 
 
 # -- async -------------------------------------------------------------------------------------------
@@ -347,24 +431,27 @@ class AsyncClient(_Calls):
         await self._http.aclose()
 
     async def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        return _answer(await self.send(_Call(method, path, body)))
+
+    async def send(self, call: _Call) -> httpx.Response:
         tries = _Tries(self.retry, self.stats)
         for pause in tries:
             if pause:
                 await asyncio.sleep(pause)
             try:
-                response = await self._http.request(method, path, json=body)
+                response = await self._http.request(call.method, call.path, **call.options())
             except RETRY_ERRORS as exc:
                 tries.failed(exc)
                 continue
             if tries.settled(response):
-                return _answer(response)
+                return _checked(response)
         raise tries.give_up() from tries.error
 
     async def model(self) -> dict[str, Any]:
         return await self.request("GET", "/v1/model")
 
     async def predict(self, values: Values, horizon: int = 0) -> Prediction:
-        return Prediction.from_json(await self.request(*_stateless(values, horizon)))
+        return Prediction.from_json(_answer(await self.send(_stateless(values, horizon))))
 
     async def session(self, session_id: str, *, resume: bool = False) -> AsyncSession:
         session = AsyncSession(self, _check_id(session_id))
@@ -382,7 +469,7 @@ class AsyncSession(_SessionCalls):
         self.client = client
 
     async def predict(self, values: Values, horizon: int = 0) -> Prediction:
-        return self._advance(await self.client.request(*self._chunk(values, horizon)))
+        return self._advance(_answer(await self.client.send(self._chunk(values, horizon))))
 
     async def stream(self, values: Values, chunk: int = 32, horizon: int = 0) -> AsyncIterator[Prediction]:
         for rows in self._chunks(values, chunk):
@@ -403,3 +490,13 @@ class AsyncSession(_SessionCalls):
         with contextlib.suppress(SessionNotFound):
             await self.client.request("DELETE", self._path)
         self.position = 0
+
+    async def export_state(self) -> State:
+        return self._exported(await self.client.send(self._export()))
+
+    async def import_state(self, state: State | bytes, if_match: str | None = None) -> dict[str, Any]:
+        return self._imported(await self.client.send(self._import(state, if_match)))
+
+    async def fork(self, to: str) -> AsyncSession:
+        description = _answer(await self.client.send(self._fork(to)))
+        return AsyncSession(self.client, to, int(description["position"]))

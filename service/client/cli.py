@@ -1,8 +1,11 @@
 """The command line: stream a CSV through a session, write its predictions (needs the ``client`` extra for the
-progress bar and plot):
+progress bar and plot); export, import and fork a session's state:
 
     python -m service.client stream --csv series.csv --session pump-7 [--chunk 32] [--url URL]
         [--out predictions.csv] [--plot out.png] [--columns a,b] [--api-key KEY] [--reset | --resume]
+    python -m service.client export --session pump-7 --out pump-7.state
+    python -m service.client import --session pump-7 --file pump-7.state [--if-match ETAG]
+    python -m service.client fork --session pump-7 --to pump-7-what-if
 
 Reading the CSV in place (a header told by its cells' shape, blank or non-finite rows refused by line), a
 predictions file written as the answers come, which a stream stopped in any way (Ctrl-C, SIGTERM, SIGHUP,
@@ -324,28 +327,73 @@ def stream_csv(args: argparse.Namespace) -> int:
     return 0
 
 
+def export_state(args: argparse.Namespace) -> int:
+    with Client(args.url, args.api_key, timeout=args.timeout) as client:
+        state = client.session(args.session).export_state()
+    out = args.out or Path(f"{args.session}.state")
+    state.save(out)
+    print(f"session {args.session}: {len(state.document)} bytes in {out}, ETag {state.etag}", file=sys.stderr)
+    return 0
+
+
+def import_state(args: argparse.Namespace) -> int:
+    with Client(args.url, args.api_key, timeout=args.timeout) as client:
+        described = client.session(args.session).import_state(args.file.read_bytes(), args.if_match)
+    print(f"session {args.session} at position {described['position']} from {args.file}", file=sys.stderr)
+    return 0
+
+
+def fork(args: argparse.Namespace) -> int:
+    with Client(args.url, args.api_key, timeout=args.timeout) as client:
+        forked = client.session(args.session).fork(args.to)
+    print(f"session {args.to} forked from {args.session} at position {forked.position}", file=sys.stderr)
+    return 0
+
+
+def _connection() -> argparse.ArgumentParser:
+    """The options every command takes: where the service is, the key, how long a call may take."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--url", default=os.environ.get("GRU_URL", "http://127.0.0.1:8000"),
+                         help="service base URL (default $GRU_URL or http://127.0.0.1:8000)")
+    options.add_argument("--api-key", default=os.environ.get("GRU_API_KEY"), help="default $GRU_API_KEY")
+    options.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+    options.add_argument("--session", required=True, help=f"session id ({SESSION_ID.pattern})")
+    return options
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.client", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    stream = commands.add_parser("stream", help="stream a CSV through a session, write its predictions")
+    common = [_connection()]
+    stream = commands.add_parser("stream", parents=common,
+                                 help="stream a CSV through a session, write its predictions")
     stream.add_argument("--csv", type=Path, required=True, help="input series, one row a step")
-    stream.add_argument("--session", required=True, help=f"session id ({SESSION_ID.pattern})")
     stream.add_argument("--chunk", type=int, default=32, help="steps per call (default 32)")
-    stream.add_argument("--url", default=os.environ.get("GRU_URL", "http://127.0.0.1:8000"),
-                        help="service base URL (default $GRU_URL or http://127.0.0.1:8000)")
-    stream.add_argument("--api-key", default=os.environ.get("GRU_API_KEY"), help="default $GRU_API_KEY")
     stream.add_argument("--out", type=Path, help="predictions CSV (default FILE.predictions.csv);"
                         " --resume extends it when it ends where the session is")
     stream.add_argument("--plot", type=Path, help="also draw truth vs prediction to this PNG")
     stream.add_argument("--columns", type=lambda s: [c.strip() for c in s.split(",")],
                         help="comma-separated CSV columns to send (default: the model's feature names)")
-    stream.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
     stream.add_argument("--quiet", action="store_true", help="no progress bar")
+    exporting = commands.add_parser("export", parents=common, help="save a session's state document to a file")
+    exporting.add_argument("--out", type=Path, help="the file (default SESSION.state)")
+    importing = commands.add_parser("import", parents=common,
+                                    help="create or replace a session from a state document")
+    importing.add_argument("--file", type=Path, required=True, help="a document `export` saved")
+    importing.add_argument("--if-match", help="only over the session at this ETag (export prints it)")
+    forking = commands.add_parser("fork", parents=common, help="copy a session to a new session id")
+    forking.add_argument("--to", required=True, help="the new session's id")
     start = stream.add_mutually_exclusive_group()
     start.add_argument("--reset", action="store_true", help="reset the session first")
     start.add_argument("--resume", action="store_true", help="continue from the server's position")
     args = parser.parse_args(argv)
+    if args.command != "stream":
+        try:
+            return {"export": export_state, "import": import_state, "fork": fork}[args.command](args)
+        except (ServiceError, ValueError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     if args.chunk < 1:
         parser.error("--chunk must be at least 1")
     # A stop from outside (docker stop, systemd, a closed terminal) saves the answers as Ctrl-C does: a file

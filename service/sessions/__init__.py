@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from service.config import Settings
@@ -10,15 +12,16 @@ from service.sessions.base import SessionStore
 from service.sessions.memory import MemoryStore
 
 
-def build_store(settings: Settings, state_size: int, device: torch.device, metrics: Metrics) -> SessionStore:
-    """The store GRU_STORE names, wired to the eviction metrics."""
+def build_store(settings: Settings, state_size: int, device: torch.device, metrics: Metrics,
+                namespace: str = "") -> SessionStore:
+    """The store GRU_STORE names, wired to the eviction metrics; ``namespace`` keeps a non-default model's
+    Redis keys apart (a memory store is one model's already)."""
     if settings.store == "memory":
         store = MemoryStore(
             state_size, device, settings.max_sessions, settings.session_ttl_seconds,
             on_evict=lambda reason, count: metrics.evictions.labels(reason=reason).inc(count),
             max_answer_bytes=settings.max_answer_bytes,
         )
-        metrics.active_sessions.set_function(lambda: len(store))
         return store
     if settings.store == "redis":
         # Imported here so the memory store never needs the redis package.
@@ -29,7 +32,8 @@ def build_store(settings: Settings, state_size: int, device: torch.device, metri
                                " 'gru-service[redis]'") from exc
         # The sessions live in Redis, shared by every replica, which expires and evicts them itself: this
         # replica has no count to give, and a gauge stuck at 0 would read as "no sessions" on a dashboard.
-        metrics.registry.unregister(metrics.active_sessions)
-        metrics.registry.unregister(metrics.evictions)
-        return RedisStore(settings.redis_url, state_size, settings.session_ttl_seconds)
+        for shared in (metrics.active_sessions, metrics.evictions):
+            with contextlib.suppress(KeyError):  # the second model's store: already gone
+                metrics.registry.unregister(shared)
+        return RedisStore(settings.redis_url, state_size, settings.session_ttl_seconds, namespace=namespace)
     raise ValueError(f"GRU_STORE={settings.store!r} is not available in this build")

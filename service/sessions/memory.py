@@ -13,7 +13,7 @@ loop; ``gather`` may run on the engine's compute thread and only reads.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -223,6 +223,10 @@ class MemoryStore:
             picked = states[torch.tensor(list(slot_rows.values()), device=states.device)]  # (n, S)
             self._states.index_copy_(0, index, picked.to(self._states))
         self._trim_answers(set())  # a snapshot from a larger budget: its oldest go
+
+    async def version_counts(self) -> dict[str, int]:
+        now = self._clock()
+        return dict(Counter(s.model_version for s in self._records.values() if not self._expired(s, now)))
 
     async def ping(self) -> bool:
         return True

@@ -1,6 +1,7 @@
 """Redis session store: any replica serves any session, and a restart of a replica loses nothing.
 
-One hash per session, key ``gru:s:{tenant}/{session_id}``, with a TTL refreshed on every use:
+One hash per session, key ``gru:s:{tenant}/{session_id}`` (the default model's; another model's sessions
+are ``gru:s:{model}:{tenant}/{session_id}``: tenants hold no ":"), with a TTL refreshed on every use:
 
     state    the Forecaster's state vector, S little-endian float32 (absent after a reset: zeros)
     pos      steps consumed              ver      model version the state was built with
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -118,8 +120,10 @@ class RedisStore:
         socket_timeout: float = 2.0,
         connect_timeout: float = 1.0,
         clock: Callable[[], float] = time.time,
+        namespace: str = "",
     ):
         self.ttl_seconds = ttl_seconds
+        self._prefix = KEY_PREFIX + (f"{namespace}:" if namespace else "")
         self.state_size = state_size
         self._ttl_ms = max(1, round(ttl_seconds * 1000))
         self._clock = clock
@@ -136,9 +140,8 @@ class RedisStore:
         self._commit = self._redis.register_script(_COMMIT)
         self._reset = self._redis.register_script(_RESET)
 
-    @staticmethod
-    def redis_key(key: str) -> str:
-        return KEY_PREFIX + key
+    def redis_key(self, key: str) -> str:
+        return self._prefix + key
 
     async def _call(self, operation: Awaitable[_T]) -> _T:
         try:
@@ -223,6 +226,32 @@ class RedisStore:
         ))
         session = Session(key, 0, model_version, revision, created_at=float(created), updated_at=now)
         return session, not existed
+
+    async def version_counts(self) -> dict[str, int]:
+        """A SCAN of this namespace's keys and one pipelined HGET each: O(sessions), for the registry's
+        periodic drain check, never the hot path."""
+        counts: Counter[str] = Counter()
+        batch: list[bytes] = []
+
+        async def tally() -> None:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key in batch:
+                    pipe.hget(key, "ver")
+                for version in await pipe.execute():
+                    if version is not None:
+                        counts[version.decode()] += 1
+            batch.clear()
+
+        async def scan() -> None:
+            async for key in self._redis.scan_iter(match=self._prefix + "*", count=1000):
+                if ":" not in key[len(self._prefix):].split(b"/", 1)[0].decode():  # not another model's
+                    batch.append(key)
+                if len(batch) >= 1000:
+                    await tally()
+            await tally()
+
+        await self._call(scan())
+        return dict(counts)
 
     async def ping(self) -> bool:
         try:

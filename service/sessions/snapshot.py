@@ -13,8 +13,10 @@ row (-1: fresh state)]``. The index is a tensor, not header metadata, because sa
 
 Written on shutdown after the engine has drained (every answered chunk is in the store) and every
 ``GRU_SNAPSHOT_INTERVAL_SECONDS``; read once at start, before the first request. A file that cannot be read,
-or was written for another model version or state size, is renamed ``<path>.corrupt-<time>`` or
-``<path>.incompatible-<time>`` with a warning, and the service starts empty: a snapshot never stops a start.
+or was written for a model version or state size the service does not have, is renamed
+``<path>.corrupt-<time>`` or ``<path>.incompatible-<time>`` with a warning, and the service starts empty: a
+snapshot never stops a start. With a model repository a snapshot holds sessions of several versions (each
+record names its own); a session of a version the repository no longer has is left out, counted in the log.
 
 The store changes only on the event loop, so a snapshot is captured there in one go (the records' fields
 and one ``index_select`` of the states) and serialised and written on a worker thread.
@@ -28,7 +30,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,14 +128,15 @@ async def save(store: MemoryStore, path: Path, model_version: str) -> int:
     return len(captured.records)
 
 
-def _read(path: Path, model_version: str, state_size: int) -> tuple[list[Session], list[int], Tensor]:
+def _read(path: Path, model_versions: set[str], state_size: int) -> tuple[list[Session], list[int], Tensor]:
     """Every record of the snapshot and its state row, validated in full before anything is restored."""
     with safe_open(str(path), framework="pt") as file:
         metadata = file.metadata() or {}
         if metadata.get("format") != FORMAT:
             raise ValueError(f"format {metadata.get('format')!r}, expected {FORMAT!r}")
-        if metadata.get("model_version") != model_version:
-            raise _Incompatible(f"written for model {metadata.get('model_version')}, serving {model_version}")
+        if metadata.get("model_version") not in model_versions:
+            raise _Incompatible(f"written for model {metadata.get('model_version')}, serving"
+                                f" {', '.join(sorted(model_versions))}")
         if metadata.get("state_size") != str(state_size):
             raise _Incompatible(f"state size {metadata.get('state_size')}, the model carries {state_size}")
         states = file.get_tensor("states")
@@ -161,14 +164,16 @@ def _read(path: Path, model_version: str, state_size: int) -> tuple[list[Session
     return sessions, rows, states
 
 
-def restore(store: MemoryStore, path: Path, model_version: str, state_size: int,
+def restore(store: MemoryStore, path: Path, model_versions: str | Collection[str], state_size: int,
             clock: Callable[[], float] = time.time) -> int:
-    """Load the snapshot at ``path`` into an empty store; returns the sessions restored (0 when set aside)."""
+    """Load the snapshot at ``path`` into an empty store; returns the sessions restored (0 when set aside).
+    ``model_versions``: the versions whose sessions can be served (the repository's); others are left out."""
+    known = {model_versions} if isinstance(model_versions, str) else set(model_versions)
     if not path.exists():
         log.info("no snapshot to restore; starting empty", extra={"fields": {"path": str(path)}})
         return 0
     try:
-        sessions, rows, states = _read(path, model_version, state_size)
+        sessions, rows, states = _read(path, known, state_size)
     except Exception as exc:  # any unreadable file: set it aside, never fail the start
         reason = "incompatible" if isinstance(exc, _Incompatible) else "corrupt"
         aside = path.with_name(f"{path.name}.{reason}-{time.strftime('%Y%m%dT%H%M%S')}")
@@ -178,11 +183,13 @@ def restore(store: MemoryStore, path: Path, model_version: str, state_size: int,
                     extra={"fields": {"path": str(path), "moved_to": str(aside), "reason": reason}})
         return 0
     now = clock()
-    fresh = [i for i, s in enumerate(sessions) if now - s.updated_at <= store.ttl_seconds]
+    servable = [i for i, s in enumerate(sessions) if s.model_version in known]
+    fresh = [i for i in servable if now - sessions[i].updated_at <= store.ttl_seconds]
     live = fresh[-store.max_sessions:]  # least recently used first: keep the newest
     store.restore([sessions[i] for i in live], [rows[i] for i in live], states)
     log.info("snapshot restored", extra={"fields": {
-        "path": str(path), "sessions": len(store), "expired": len(sessions) - len(fresh),
+        "path": str(path), "sessions": len(store), "expired": len(servable) - len(fresh),
+        "unknown_version": len(sessions) - len(servable),
         "over_capacity": len(fresh) - len(store)}})  # GRU_MAX_SESSIONS or GRU_MAX_ANSWER_BYTES
     return len(store)  # the newest that fit GRU_MAX_SESSIONS and the answers' budget
 
@@ -201,20 +208,25 @@ def _check_writable(path: Path) -> None:
 
 
 class SnapshotKeeper:
-    """Restore at start, save every ``interval`` seconds (0: never) and once more at shutdown."""
+    """Restore at start, save every ``interval`` seconds (0: never) and once more at shutdown.
 
-    def __init__(self, store: MemoryStore, path: Path, model_version: str, state_size: int, interval: float):
+    ``model_version`` gives the version the header names (the newest, when saving); ``known_versions`` the
+    versions whose sessions are restored (every version in the repository, read at start)."""
+
+    def __init__(self, store: MemoryStore, path: Path, model_version: Callable[[], str],
+                 known_versions: Callable[[], set[str]], state_size: int, interval: float):
         self.store = store
         self.path = path
         self.model_version = model_version
+        self.known_versions = known_versions
         self.state_size = state_size
         self.interval = interval
         self._periodic: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
     @classmethod
-    def from_settings(cls, settings: Settings, store: SessionStore, model_version: str,
-                      state_size: int) -> SnapshotKeeper | None:
+    def from_settings(cls, settings: Settings, store: SessionStore, model_version: Callable[[], str],
+                      known_versions: Callable[[], set[str]], state_size: int) -> SnapshotKeeper | None:
         """The keeper GRU_SNAPSHOT_PATH asks for; None when unset, or with a store that persists itself."""
         if settings.snapshot_path is None:
             return None
@@ -224,17 +236,18 @@ class SnapshotKeeper:
             return None
         _check_writable(settings.snapshot_path)
         interval = settings.snapshot_interval_seconds
-        return cls(store, settings.snapshot_path, model_version, state_size, interval)
+        return cls(store, settings.snapshot_path, model_version, known_versions, state_size, interval)
 
     async def start(self) -> None:
         """Restore the snapshot (before any request is served), then save every interval."""
-        restore(self.store, self.path, self.model_version, self.state_size)
+        known = await asyncio.to_thread(self.known_versions)
+        restore(self.store, self.path, known | {self.model_version()}, self.state_size)
         if self.interval > 0:
             self._periodic = asyncio.create_task(self._every_interval(), name="gru-snapshot")
 
     async def save(self) -> int:
         async with self._lock:  # one writer at a time: the periodic one and the final one never interleave
-            return await save(self.store, self.path, self.model_version)
+            return await save(self.store, self.path, self.model_version())
 
     async def _every_interval(self) -> None:
         while True:

@@ -96,8 +96,8 @@ def test_api_builds_here_serves_8000_restarts_and_checks_readyz(compose: Compose
     assert api["build"]["args"]["TORCH_VARIANT"] == "cpu"
     assert (8000, 8000) in _published(api)
     assert api["restart"] in ("unless-stopped", "always", "on-failure")
-    check = " ".join(api["healthcheck"]["test"])
-    assert "http://127.0.0.1:8000/readyz" in check
+    # The image's check, which asks /readyz on GRU_PORT (tests/deploy/test_healthcheck.py runs it).
+    assert api["healthcheck"]["test"] == ["CMD", "python", "-m", "service.healthcheck"]
     env = _env(api)
     assert env["GRU_STORE"] == "memory"
     assert all(key.startswith("GRU_") for key in env)
@@ -133,13 +133,43 @@ def test_scale_profile_balances_only_replicas_on_redis_whatever_the_environment(
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
-def test_redis_caps_memory_and_evicts_least_recently_used_sessions(
-    compose: Callable[..., dict[str, Any]],
-) -> None:
+def _redis_options(compose: Compose) -> dict[str, str]:
     command = compose()["services"]["redis"]["command"]
     words = command if isinstance(command, list) else command.split()
-    assert words[words.index("--maxmemory") + 1] == "512mb"
-    assert words[words.index("--maxmemory-policy") + 1] == "volatile-lru"
+    assert words[0] == "redis-server"
+    options = dict(zip(words[1::2], words[2::2], strict=True))
+    assert all(name.startswith("--") for name in options), words
+    return options
+
+
+def test_redis_caps_memory_and_evicts_least_recently_used_sessions(compose: Compose) -> None:
+    options = _redis_options(compose)
+    assert options["--maxmemory"] == "512mb"
+    assert options["--maxmemory-policy"] == "volatile-lru"
+
+
+def test_redis_keeps_sessions_in_an_append_only_file_fsynced_every_second_on_a_named_volume(
+    compose: Compose,
+) -> None:
+    """As the prod overlay's Redis: a restart of Redis keeps every session (tests/deploy/test_redis_durability.py
+    restarts a redis-server started with these very options)."""
+    options = _redis_options(compose)
+    assert options["--appendonly"] == "yes"
+    assert options["--appendfsync"] == "everysec"
+    assert options["--save"] == ""
+    redis = compose()["services"]["redis"]
+    volumes = [v if isinstance(v, str) else f"{v['source']}:{v['target']}" for v in redis["volumes"]]
+    assert f"redis-data:{options['--dir']}" in [":".join(v.split(":")[:2]) for v in volumes]
+    assert "redis-data" in compose()["volumes"]
+
+
+def test_redis_persistence_is_the_prod_overlays(compose: Compose, repo: Path) -> None:
+    options = _redis_options(compose)
+    conf = (repo / "deploy" / "k8s" / "overlays" / "prod" / "redis.conf").read_text()
+    prod = dict(line.split(None, 1) for line in conf.splitlines() if line.strip() and not line.startswith("#"))
+    for name in ("maxmemory", "maxmemory-policy", "appendonly", "appendfsync"):
+        assert options[f"--{name}"] == prod[name], name
+    assert prod["save"] == '""' and options["--save"] == ""
 
 
 def test_nginx_fronts_the_redis_replicas_with_the_shipped_config(
@@ -151,9 +181,24 @@ def test_nginx_fronts_the_redis_replicas_with_the_shipped_config(
     target = f"{repo}/deploy/nginx/gru-api.conf:/etc/nginx/conf.d/default.conf"
     assert any(m.startswith(target) for m in mounts)
     conf = (repo / "deploy" / "nginx" / "gru-api.conf").read_text()
-    servers = re.findall(r"^\s*server\s+([\w.-]+:\d+)", conf, re.MULTILINE)
-    assert sorted(servers) == ["api-2:8000", "api-3:8000"]
+    # The name nginx resolves is the alias of exactly the Redis replicas, never of `api` (memory store).
+    (target,) = re.findall(r"^\s*set\s+\$gru_replicas\s+([\w.-]+):(\d+);", conf, re.MULTILINE)
+    services = compose()["services"]
+    named = {name for name, service in services.items()
+             if target[0] in service.get("networks", {}).get("default", {}).get("aliases", [])}
+    assert named == {"api-2", "api-3"}
+    assert all(_env(services[name])["GRU_STORE"] == "redis" for name in named)
+    assert target[1] == "8000"
     assert set(nginx["depends_on"]) == {"api-2", "api-3"}
+
+
+def test_nginx_resolves_the_replicas_through_dockers_dns_at_request_time(repo: Path) -> None:
+    """A name in a variable is resolved with `resolver` when a request needs it; one written straight into
+    proxy_pass or an upstream block would be resolved once, at start (a re-created replica then gets 502s)."""
+    conf = (repo / "deploy" / "nginx" / "gru-api.conf").read_text()
+    assert re.search(r"^\s*resolver\s+127\.0\.0\.11\s+valid=\d+s", conf, re.MULTILINE)
+    assert re.findall(r"^\s*proxy_pass\s+(\S+);", conf, re.MULTILINE) == ["http://$gru_replicas"]
+    assert not re.search(r"^\s*upstream\s", conf, re.MULTILINE)
 
 
 def test_every_replica_shares_the_name_prometheus_discovers(
@@ -165,7 +210,20 @@ def test_every_replica_shares_the_name_prometheus_discovers(
     (sd,) = job["dns_sd_configs"]
     assert sd["port"] == 8000
     for name in ("api", "api-2", "api-3"):
-        assert sd["names"] == services[name]["networks"]["default"]["aliases"], name
+        assert set(sd["names"]) <= set(services[name]["networks"]["default"]["aliases"]), name
+
+
+def test_every_replica_mounts_the_one_model_repository_volume(compose: Callable[..., dict[str, Any]]) -> None:
+    config = compose()
+    for name in ("api", "api-2", "api-3"):
+        volumes = config["services"][name]["volumes"]
+        mounts = [v for v in volumes if (v["target"] if isinstance(v, dict) else v.split(":")[1]) == "/models"]
+        assert len(mounts) == 1, name
+        mount = mounts[0]
+        source = mount["source"] if isinstance(mount, dict) else mount.split(":")[0]
+        read_only = mount.get("read_only") if isinstance(mount, dict) else mount.endswith(":ro")
+        assert source == "model-repository" and read_only, name
+    assert "model-repository" in config["volumes"]
 
 
 def test_prometheus_and_grafana_mount_their_own_directories(

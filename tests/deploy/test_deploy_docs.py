@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from pathlib import Path
+
+import yaml
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "deploy.md"
 
@@ -46,3 +49,10 @@ def test_redis_memory_cap_in_the_guide_is_the_one_compose_sets(repo: Path) -> No
     compose = (repo / "docker-compose.yml").read_text()
     assert "`--maxmemory 512mb --maxmemory-policy volatile-lru`" in DOC.read_text()
     assert re.search(r"- --maxmemory\n\s+- 512mb\n\s+- --maxmemory-policy\n\s+- volatile-lru", compose)
+
+
+def test_the_redis_command_in_the_durability_doc_is_compose_s(repo: Path) -> None:
+    compose = yaml.safe_load((repo / "docker-compose.yml").read_text())["services"]["redis"]["command"]
+    lines = [line.strip() for line in (repo / "docs" / "durability.md").read_text().splitlines()
+             if line.strip().startswith("redis-server --maxmemory") and "--appendonly" in line]
+    assert [shlex.split(line) for line in lines] == [compose]

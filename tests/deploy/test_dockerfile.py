@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -14,43 +15,13 @@ from pathlib import Path
 
 import pytest
 
-Instruction = tuple[int, str, str]  # (stage index, INSTRUCTION, arguments)
-
-
-def _instructions(dockerfile: Path) -> list[Instruction]:
-    """The Dockerfile's instructions with continuation lines joined, numbered by build stage."""
-    logical: list[str] = []
-    pending = ""
-    for raw in dockerfile.read_text().splitlines():
-        line = raw.strip()
-        if not pending and (not line or line.startswith("#")):
-            continue
-        if line.startswith("#"):  # a comment inside a continued instruction
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        logical.append(pending + line)
-        pending = ""
-    stage = -1
-    out = []
-    for line in logical:
-        keyword, _, args = line.partition(" ")
-        keyword = keyword.upper()
-        if keyword == "FROM":
-            stage += 1
-        out.append((stage, keyword, args.strip()))
-    return out
+from service.healthcheck import TIMEOUT_SECONDS
+from tests.deploy.dockerfile import Instruction, final, read_instructions
 
 
 @pytest.fixture(scope="module")
 def instructions(repo: Path) -> list[Instruction]:
-    return _instructions(repo / "Dockerfile")
-
-
-def _final(instructions: list[Instruction], keyword: str) -> list[str]:
-    last = max(stage for stage, _, _ in instructions)
-    return [args for stage, kw, args in instructions if stage == last and kw == keyword]
+    return read_instructions(repo / "Dockerfile")
 
 
 def test_dockerfile_passes_hadolint_at_warning_threshold(repo: Path, tool: Callable[[str], str]) -> None:
@@ -73,36 +44,55 @@ def test_image_is_built_in_stages_on_slim_python_311(instructions: list[Instruct
     images = [expand(f.split()[0]) for f in froms]
     assert all(re.fullmatch(r"python:3\.11-slim(-\w+)?", image) for image in images), images
     # The runtime stage takes the installed environment from the build stage, not from a fresh pip install.
-    assert any(a.startswith("--from=build") for a in _final(instructions, "COPY"))
-    assert not any("pip install" in a for a in _final(instructions, "RUN"))
+    assert any(a.startswith("--from=build") for a in final(instructions, "COPY"))
+    assert not any("pip install" in a for a in final(instructions, "RUN"))
 
 
-def test_dependencies_come_from_pyproject_with_cpu_torch_by_default(
+def _runs(instructions: list[Instruction]) -> list[str]:
+    return [args for _, kw, args in instructions if kw == "RUN"]
+
+
+def test_dependencies_come_from_the_lock_hash_checked_before_torch_and_the_package(
+    instructions: list[Instruction],
+) -> None:
+    runs = _runs(instructions)
+    lock = next(i for i, r in enumerate(runs) if "-r requirements.lock" in r)
+    assert re.fullmatch(r"pip install --no-cache-dir --require-hashes --no-deps -r requirements\.lock", runs[lock])
+    torch = next(i for i, r in enumerate(runs) if '--index-url "${TORCH_INDEX_URL}"' in r)
+    package = next(i for i, r in enumerate(runs) if re.search(r"pip install .* \.( |$)", r))
+    # torch after the lock: its own dependencies are then the lock's versions, not whatever its index has.
+    assert lock < torch < package
+    # The package itself adds nothing: no dependency, no build environment fetched; pip check proves it whole.
+    assert "--no-deps" in runs[package] and "--no-build-isolation" in runs[package]
+    assert "-e " not in runs[package], "non-editable, so model/ and its weights land in site-packages"
+    assert "pip check" in runs[package]
+    assert "requirements.lock constraints.txt ./" in [a for _, kw, a in instructions if kw == "COPY"]
+
+
+def test_torch_is_the_cpu_build_by_default_at_the_constraints_version(
     instructions: list[Instruction], repo: Path
 ) -> None:
     args = {a.split("=", 1)[0]: a.split("=", 1)[1] for _, kw, a in instructions if kw == "ARG" and "=" in a}
     assert args["TORCH_VARIANT"] == "cpu"
     assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/${TORCH_VARIANT}"
-    runs = [a for _, kw, a in instructions if kw == "RUN"]
-    torch_install = next(r for r in runs if '--index-url "${TORCH_INDEX_URL}"' in r)
-    # The torch version is read from constraints.txt at build time: check that the expression finds it.
-    assert "sed -n 's/^torch==//p' constraints.txt" in torch_install
+    torch_install = next(r for r in _runs(instructions) if '--index-url "${TORCH_INDEX_URL}"' in r)
+    # The torch version is read from constraints.txt at build time: run the very expression on the file.
+    (expression,) = re.findall(r"\$\((sed [^)]*)\)", torch_install)
+    done = subprocess.run(["sh", "-c", expression], cwd=repo, capture_output=True, text=True, check=True)
     pinned = [line.split("==", 1)[1] for line in (repo / "constraints.txt").read_text().splitlines()
               if line.startswith("torch==")]
     assert len(pinned) == 1 and re.fullmatch(r"\d+\.\d+\.\d+", pinned[0])
-    package_install = next(r for r in runs if "-c constraints.txt" in r)
-    assert re.search(r'pip install .*"\.\[redis\]"', package_install), "install the package (pyproject.toml)"
-    assert "-e " not in package_install, "non-editable, so model/ and its weights land in site-packages"
+    assert done.stdout.strip() == pinned[0]
 
 
 def test_cuda_images_get_the_c_compiler_triton_builds_its_launcher_with(instructions: list[Instruction]) -> None:
     # ARGs are scoped to their stage: the runtime stage must declare TORCH_VARIANT to see the build arg.
-    assert "TORCH_VARIANT=cpu" in _final(instructions, "ARG")
-    (install,) = [run for run in _final(instructions, "RUN") if "gcc" in run]
+    assert "TORCH_VARIANT=cpu" in final(instructions, "ARG")
+    (install,) = [run for run in final(instructions, "RUN") if "gcc" in run]
     assert re.search(r'if \[ "\$\{TORCH_VARIANT\}" != "cpu" \]; then', install), "CPU images stay without gcc"
     assert "libc6-dev" in install and "rm -rf /var/lib/apt/lists/*" in install
     # Its kernel cache must be writable where the root filesystem is read-only (the k8s manifests): /tmp.
-    env = " ".join(_final(instructions, "ENV"))
+    env = " ".join(final(instructions, "ENV"))
     assert re.search(r"\bTRITON_CACHE_DIR=/tmp/", env), env
 
 
@@ -111,28 +101,91 @@ def test_shipped_model_is_baked_in_as_package_data(instructions: list[Instructio
     assert "model ./model" in copies and "service ./service" in copies
     pyproject = (repo / "pyproject.toml").read_text()
     assert 'model = ["weights/default/*"]' in pyproject, "the weights must be package data to be installed"
-    # The build fails when the installed package cannot find its model.
-    assert any("Settings().model_path" in a for _, kw, a in instructions if kw == "RUN")
+
+
+def _build_check(instructions: list[Instruction]) -> tuple[str, str]:
+    """(working directory, command) of the build stage's check that the installed service loads its model."""
+    workdir = "/"
+    for stage, kw, args in instructions:
+        if stage == 0 and kw == "WORKDIR":
+            workdir = args
+        if stage == 0 and kw == "RUN" and "Settings().model_path" in args:
+            return workdir, args
+    raise AssertionError("no build-time check of the installed model")
+
+
+def test_build_check_runs_where_the_source_tree_is_not_importable(instructions: list[Instruction]) -> None:
+    workdir, command = _build_check(instructions)
+    copied_to = {args.split()[-1].removeprefix("./") for stage, kw, args in instructions
+                 if stage == 0 and kw == "COPY" and not args.startswith("--from")}
+    assert workdir not in ("/src", "/src/"), "in /src, `import service` finds the source tree, not site-packages"
+    assert {"model", "service"} <= copied_to
+    assert re.match(r"python -I -c ", command), "isolated mode: neither the directory nor PYTHONPATH is searched"
+
+
+def test_build_check_fails_when_only_the_source_tree_has_the_model(
+    instructions: list[Instruction], tmp_path: Path
+) -> None:
+    """The check's own code, run from a directory whose `service` and `model` are decoys that fail to import:
+    it passes by importing the installed package (here: the venv's), and the same code without -I, as the
+    check once ran in /src, picks up the decoys. So a build whose site-packages lacked the model would fail."""
+    _, command = _build_check(instructions)
+    code = shlex.split(command)[3]
+    for package in ("service", "model"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("raise ImportError('imported from the working directory')\n")
+    isolated = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120, check=False)
+    assert isolated.returncode == 0, isolated.stderr
+    assert isolated.stdout.startswith("model at ")
+    plain = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=120, check=False)
+    assert plain.returncode != 0 and "imported from the working directory" in plain.stderr
 
 
 def test_runs_python_m_service_as_a_numeric_non_root_user(instructions: list[Instruction]) -> None:
-    users = _final(instructions, "USER")
+    users = final(instructions, "USER")
     assert users, "the runtime stage must switch user"
     uid, _, gid = users[-1].partition(":")
     assert uid.isdigit() and int(uid) >= 1000 and (not gid or gid.isdigit()), users[-1]
-    assert json.loads(_final(instructions, "ENTRYPOINT")[-1]) == ["python", "-m", "service"]
-    cmd = json.loads(_final(instructions, "CMD")[-1])
-    assert cmd == ["--host", "0.0.0.0", "--port", "8000"]
-    assert "8000" in _final(instructions, "EXPOSE")
+    assert json.loads(final(instructions, "ENTRYPOINT")[-1]) == ["python", "-m", "service"]
+    assert "8000" in final(instructions, "EXPOSE")
 
 
-def test_healthcheck_asks_readyz_with_the_standard_library(instructions: list[Instruction]) -> None:
-    (check,) = _final(instructions, "HEALTHCHECK")
+def test_the_account_is_a_regular_one_since_its_uid_is_above_the_system_range(
+    instructions: list[Instruction],
+) -> None:
+    """useradd --system with uid 10001 warns (SYS_UID_MAX is 999): the account is created as a regular one."""
+    users = final(instructions, "USER")
+    uid, _, gid = users[-1].partition(":")
+    (create,) = [run for run in final(instructions, "RUN") if "useradd" in run]
+    assert "--system" not in create
+    assert re.search(rf"useradd .*--uid {uid} --gid {gid} ", create)
+    assert re.search(rf"groupadd --gid {gid} ", create)
+
+
+def test_the_port_is_left_to_gru_port_so_the_healthcheck_reads_the_same(instructions: list[Instruction]) -> None:
+    """The image passes no --port: the service then listens on GRU_PORT, the setting the healthcheck reads, so
+    a container started with another GRU_PORT is still healthy (tests/deploy/test_healthcheck.py runs it)."""
+    cmd = json.loads(final(instructions, "CMD")[-1])
+    assert cmd == ["--host", "0.0.0.0"]
+    (check,) = final(instructions, "HEALTHCHECK")
     assert re.search(r"--start-period=\d+s", check)
-    command = json.loads(check[check.index("CMD") + 3:].strip())
-    assert command[:2] == ["python", "-c"]
-    assert "urllib.request.urlopen('http://127.0.0.1:8000/readyz'" in command[2]
-    compile(command[2], "<healthcheck>", "exec")
+    timeout = int(re.search(r"--timeout=(\d+)s", check).group(1))  # type: ignore[union-attr]
+    assert json.loads(check[check.index("CMD") + 3:].strip()) == ["python", "-m", "service.healthcheck"]
+    assert timeout > TIMEOUT_SECONDS, "the check must give up before Docker kills it"
+
+
+def test_no_syntax_directive_so_the_build_fetches_no_frontend_image(repo: Path) -> None:
+    first = (repo / "Dockerfile").read_text().splitlines()[0]
+    assert not re.match(r"#\s*syntax\s*=", first, re.IGNORECASE), first
+
+
+def test_the_docs_name_the_base_image_the_dockerfile_uses(instructions: list[Instruction], repo: Path) -> None:
+    (default,) = [a.split("=", 1)[1] for _, kw, a in instructions if kw == "ARG" and a.startswith("PYTHON_IMAGE=")]
+    for doc in ("README.md", "docs/deploy.md"):
+        named = set(re.findall(r"`(python:3\.11[\w.-]*)`", (repo / doc).read_text()))
+        assert named == {default}, f"{doc} names {named}"
 
 
 # --- .dockerignore ------------------------------------------------------------------------------------
@@ -193,7 +246,8 @@ def test_build_context_holds_the_package_and_shipped_model(
 
 
 @pytest.mark.parametrize("path", [
-    ".venv/bin/python", ".git/HEAD", "tests/conftest.py", "bench/__main__.py", "docker-compose.yml",
+    ".venv/bin/python", ".git/HEAD", "tests/conftest.py", "bench/__main__.py", "harness/processes.py",
+    "docker-compose.yml",
     "deploy/k8s/base/deployment.yaml", "model/weights/experiment-3/model.safetensors",
     "service/__pycache__/app.cpython-311.pyc", ".mypy_cache/3.11/x.json", "runs/train.log",
 ])

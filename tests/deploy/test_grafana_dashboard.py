@@ -48,6 +48,9 @@ def test_dashboard_provider_reads_the_directory_compose_mounts() -> None:
     (("queue wait", "p50", "p99"), "gru_queue_wait_seconds_bucket"),
     (("forward time", "p50", "p99"), "gru_forward_seconds_bucket"),
     (("surprising", "share"), "gru_surprises_total"),
+    (("loaded model versions",), "gru_model_versions"),
+    (("sessions by model version",), "gru_model_version_sessions"),
+    (("steps/s", "model", "version"), "gru_steps_total"),
 ])
 def test_dashboard_has_a_panel_for(
     title_words: tuple[str, ...], metric: str, dashboard: dict[str, Any], promql: SimpleNamespace
@@ -90,3 +93,12 @@ def test_dashboard_is_provisioned_read_only_with_a_stable_uid(dashboard: dict[st
     assert dashboard["uid"] == "gru-service"
     assert "id" not in dashboard or dashboard["id"] is None
     assert dashboard["editable"] is False
+
+
+def test_model_selector_filters_the_per_model_panels(dashboard: dict[str, Any]) -> None:
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert "gru_model_versions" in variables["model"]["query"]["query"] and variables["model"]["includeAll"]
+    per_model = [p for p in dashboard["panels"] if "version" in p["title"].lower() or "forward" in p["title"].lower()]
+    assert len(per_model) == 4
+    for panel in per_model:
+        assert all('model=~"$model"' in target["expr"] for target in panel["targets"]), panel["title"]

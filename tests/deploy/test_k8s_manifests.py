@@ -318,3 +318,20 @@ def test_overlay_namespace_enforces_the_restricted_pod_security_standard(
     for r in resources:
         if r["kind"] != "Namespace":
             assert r["metadata"]["namespace"] == namespace["metadata"]["name"], r["kind"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_overlay_mounts_a_model_repository_read_only_at_models(overlay: str, kustomize: Render) -> None:
+    deployment = _api(kustomize(overlay))
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    (mount,) = [m for m in _container(deployment)["volumeMounts"] if m["mountPath"] == "/models"]
+    assert mount["readOnly"] and mount["name"] in volumes
+
+
+def test_prod_replicas_share_one_model_repository_claim(kustomize: Render) -> None:
+    resources = kustomize("overlays/prod")
+    volumes = {v["name"]: v for v in _api(resources)["spec"]["template"]["spec"]["volumes"]}
+    repository = volumes["model-repository"]
+    assert "emptyDir" not in repository
+    claim = _one(resources, "PersistentVolumeClaim", repository["persistentVolumeClaim"]["claimName"])
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]

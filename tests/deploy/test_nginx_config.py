@@ -1,14 +1,18 @@
 """The nginx config of the scale profile: `nginx -t` accepts it, and it proxies to a real service.
 
-The shipped file names the compose services (api-2, api-3), which resolve only inside compose; the tests use
-a copy with those upstreams pointed at loopback, wrapped in a minimal main config (the image's
-nginx.conf includes ours inside http {}) with every path under the test's temporary directory.
+The shipped file names the compose replicas' alias (gru-api-redis), which resolves only through Docker's DNS
+server (127.0.0.11); the tests use a copy with that name pointed at loopback and the resolver at a stand-in
+(a DNS server the test runs), wrapped in a minimal main config (the image's nginx.conf includes ours inside
+http {}) with every path under the test's temporary directory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import re
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,18 +20,22 @@ from typing import Any
 
 import httpx
 import pytest
+from dnslib import QTYPE, RCODE, RR, A, DNSRecord
+from dnslib.server import BaseResolver, DNSServer
 
-from bench.processes import free_port
+from harness.processes import free_port
 
 SHIPPED = Path(__file__).resolve().parents[2] / "deploy" / "nginx" / "gru-api.conf"
 
 
-def _test_copy(directory: Path, upstreams: list[str], listen: int) -> Path:
-    """Our server block with loopback upstreams, inside a main config that writes only to `directory`."""
+def _test_copy(directory: Path, listen: int, *, replicas: str, resolver: str = "127.0.0.1:53") -> Path:
+    """Our server block with `replicas` (host:port) in place of the compose alias and `resolver` in place of
+    Docker's DNS server, inside a main config that writes only to `directory`."""
     conf = SHIPPED.read_text()
-    servers = iter(upstreams)
-    conf, count = re.subn(r"(?m)^(\s*server\s+)(api-2|api-3):8000", lambda m: m.group(1) + next(servers), conf)
-    assert count == len(upstreams), "expected one `server` line per compose replica"
+    conf, count = re.subn(r"(?m)^(\s*set\s+\$gru_replicas\s+)gru-api-redis:8000;", rf"\g<1>{replicas};", conf)
+    assert count == 1, "expected the replicas' alias in one `set`"
+    conf, count = re.subn(r"(?m)^(\s*resolver\s+)127\.0\.0\.11 ", rf"\g<1>{resolver} ", conf)
+    assert count == 1, "expected Docker's DNS server as the resolver"
     conf, count = re.subn(r"listen 8080;", f"listen 127.0.0.1:{listen};", conf)
     assert count == 1
     (directory / "gru-api.conf").write_text(conf)
@@ -50,7 +58,7 @@ http {{
 
 
 def test_nginx_accepts_the_config(tmp_path: Path, tool: Callable[[str], str]) -> None:
-    main = _test_copy(tmp_path, ["127.0.0.1:8000", "127.0.0.1:8001"], free_port())
+    main = _test_copy(tmp_path, free_port(), replicas="gru-api-redis:8000")
     done = subprocess.run(
         [tool("nginx"), "-t", "-p", str(tmp_path), "-c", str(main), "-e", str(tmp_path / "error.log")],
         capture_output=True, text=True, timeout=30, check=False,
@@ -61,10 +69,9 @@ def test_nginx_accepts_the_config(tmp_path: Path, tool: Callable[[str], str]) ->
 
 @pytest.fixture
 def proxy(server: Any, tmp_path: Path, tool: Callable[[str], str]) -> Iterator[str]:
-    """nginx in front of the shared test server (both upstream slots point at it)."""
-    upstream = server.url.removeprefix("http://")
+    """nginx in front of the shared test server (the replicas' name replaced by its address)."""
     port = free_port()
-    main = _test_copy(tmp_path, [upstream, upstream], port)
+    main = _test_copy(tmp_path, port, replicas=server.url.removeprefix("http://"))
     process = subprocess.Popen(
         [tool("nginx"), "-p", str(tmp_path), "-c", str(main), "-e", str(tmp_path / "error.log"),
          "-g", "daemon off;"],
@@ -103,3 +110,97 @@ def test_nginx_proxies_sessions_to_the_api_and_keeps_request_ids(proxy: str, ser
         assert second.json()["position"] == 3
         # Without one from the client, nginx makes the id the api logs and echoes.
         assert re.fullmatch(r"[0-9a-f]{32}", second.headers["x-request-id"])
+
+
+# --- request-time resolution -------------------------------------------------------------------------
+
+
+class _Names(BaseResolver):  # type: ignore[misc]
+    """A DNS server's answers, changed by the test as Docker's change when a container is re-created."""
+
+    def __init__(self) -> None:
+        self.addresses: dict[str, list[str]] = {}
+
+    def resolve(self, request: DNSRecord, handler: Any) -> DNSRecord:
+        reply = request.reply()
+        name = str(request.q.qname).rstrip(".")
+        if request.q.qtype == QTYPE.A:
+            for address in self.addresses.get(name, []):
+                reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A(address), ttl=1))
+        if name not in self.addresses:
+            reply.header.rcode = RCODE.NXDOMAIN
+        return reply
+
+
+class _Whoami(http.server.BaseHTTPRequestHandler):
+    """A replica stand-in that answers every GET with its own address."""
+
+    def do_GET(self) -> None:
+        body = self.server.server_address[0].encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _replica(address: str, port: int) -> Iterator[None]:
+    server = http.server.ThreadingHTTPServer((address, port), _Whoami)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_nginx_finds_a_recreated_replica_at_its_new_address_without_a_reload(
+    tmp_path: Path, tool: Callable[[str], str]
+) -> None:
+    """The replicas' alias answers with whatever addresses the DNS server has now: nginx asks again once its
+    answer is `valid` old (1 s here), so a replica re-created elsewhere is reached by the same nginx process,
+    and two replicas behind the alias both get requests."""
+    names = _Names()
+    dns_port, port, listen = free_port(), free_port(), free_port()
+    dns = DNSServer(names, address="127.0.0.1", port=dns_port)
+    dns.start_thread()
+    main = _test_copy(tmp_path, listen, replicas=f"gru-api-redis:{port}", resolver=f"127.0.0.1:{dns_port}")
+    conf = tmp_path / "gru-api.conf"
+    conf.write_text(re.sub(r"valid=\d+s", "valid=1s", conf.read_text()))
+    names.addresses["gru-api-redis"] = ["127.0.0.2"]
+    nginx = subprocess.Popen([tool("nginx"), "-p", str(tmp_path), "-c", str(main), "-e", str(tmp_path / "error.log"),
+                              "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{listen}/"
+
+    def answered_by(address: str) -> None:
+        deadline = time.monotonic() + 15
+        while True:
+            assert nginx.poll() is None, (tmp_path / "error.log").read_text()
+            try:
+                answer = httpx.get(url, timeout=2)
+                if answer.status_code == 200 and answer.text == address:
+                    return
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"nginx never reached {address}"
+            time.sleep(0.1)
+
+    try:
+        with _replica("127.0.0.2", port):
+            answered_by("127.0.0.2")
+        names.addresses["gru-api-redis"] = ["127.0.0.3"]  # the replica is gone, re-created at another address
+        with _replica("127.0.0.3", port):
+            answered_by("127.0.0.3")
+            with _replica("127.0.0.4", port):  # a second replica behind the same alias
+                names.addresses["gru-api-redis"] = ["127.0.0.3", "127.0.0.4"]
+                answered_by("127.0.0.4")
+                seen = {httpx.get(url, timeout=2).text for _ in range(6)}
+                assert seen == {"127.0.0.3", "127.0.0.4"}, "round robin over every address of the alias"
+    finally:
+        nginx.terminate()
+        nginx.wait(10)
+        dns.stop()

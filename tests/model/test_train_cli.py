@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.processes import ROOT
+from harness.processes import ROOT
 from model import load_checkpoint
 from tests.model.conftest import CsvWriter, seasonal_series
 

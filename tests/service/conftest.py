@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-import bench.processes
-from bench.processes import RedisServer
+import harness.processes
+from harness.processes import RedisServer
 
 
 def start_redis(directory: Path) -> RedisServer:
@@ -17,7 +17,7 @@ def start_redis(directory: Path) -> RedisServer:
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server, or `make system-deps`)")
     pytest.importorskip("redis")
-    return bench.processes.start_redis(directory)
+    return harness.processes.start_redis(directory)
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
+from harness.processes import free_port
 from service import config
 from service.config import Settings
 from tests.conftest import Server, ServerFactory, refused_start_log
@@ -157,6 +158,8 @@ _OUT_OF_BOUNDS = [
     ("max_body_bytes", "1023", "1024"),
     ("max_batch_items", "0", "1"),
     ("torch_threads", "-1", "0"),
+    ("port", "0", "1"),
+    ("port", "65536", "65535"),
 ]
 
 
@@ -174,13 +177,15 @@ def test_each_setting_is_refused_past_its_bound_and_accepted_at_it(
 
 
 _NON_DEFAULT: dict[str, str] = {
-    "model_path": "", "device": "cpu", "store": "redis", "redis_url": "redis://cache:6380/2",
+    "port": "9001", "model_path": "", "device": "cpu", "store": "redis", "redis_url": "redis://cache:6380/2",
     "snapshot_path": "/tmp/snap.safetensors", "snapshot_interval_seconds": "7.5", "session_ttl_seconds": "61",
     "max_sessions": "17", "max_answer_bytes": "70000", "max_batch_size": "9", "max_batch_delay_ms": "3.5",
     "max_queue": "11", "request_timeout_seconds": "4.5", "max_chunk_steps": "99", "max_horizon": "7",
     "max_body_bytes": "5000", "max_batch_items": "13", "api_keys": "some-long-key-0123:alice",
     "api_keys_file": "", "metrics_require_key": "true", "torch_threads": "3", "log_level": "WARNING",
     "surprise_p": "0.05",
+    "model_repository": "", "default_model": "pumps", "repository_poll_seconds": "0.5",
+    "max_loaded_versions": "2", "upgrade": "replay", "admin_keys": "admin-key-0123456789:ops",
 }
 
 
@@ -191,7 +196,8 @@ def test_every_setting_is_read_from_its_documented_variable(
     would silently keep its default."""
     keys_file = tmp_path / "keys"
     keys_file.write_text("file-key-0123456789 carol\n")
-    values = {**_NON_DEFAULT, "model_path": str(tiny_model), "api_keys_file": str(keys_file)}
+    values = {**_NON_DEFAULT, "model_path": str(tiny_model), "api_keys_file": str(keys_file),
+              "model_repository": str(tmp_path)}
     assert set(values) == set(Settings.model_fields)  # a new setting needs a value here
     for name, value in values.items():
         monkeypatch.setenv(f"GRU_{name.upper()}", value)
@@ -200,6 +206,15 @@ def test_every_setting_is_read_from_its_documented_variable(
     for name in values:
         assert getattr(settings, name) != getattr(defaults, name), f"GRU_{name.upper()} was not read"
     assert settings.log_level == "warning"  # GRU_LOG_LEVEL is case-insensitive
+
+
+def test_the_port_flag_wins_over_gru_port(server_factory: ServerFactory) -> None:
+    """`make serve` and the Kubernetes manifests pass --port; GRU_PORT is the port only without it (the image)."""
+    flag, variable = free_port(), free_port()
+    server = server_factory(port=flag, GRU_PORT=str(variable))
+    assert server.port == flag and httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{variable}/readyz", timeout=5)
 
 
 def test_a_model_path_that_is_not_a_directory_is_a_configuration_error(tmp_path: Path) -> None:

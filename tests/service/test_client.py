@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 
-from bench.processes import ROOT
+from harness.processes import ROOT
 from service.client import (
     AsyncClient,
     Client,

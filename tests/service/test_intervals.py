@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from bench.processes import RedisServer, wait_http
+from harness.processes import RedisServer, wait_http
 from model.data import load_dataset, series_from_frame
 from service.config import DEFAULT_MODEL_PATH
 from service.refusals import StaleModel
@@ -101,8 +101,9 @@ def test_intervals_surround_the_predictions_and_widen_with_the_level(http: httpx
     values = _seattle(7100, 120)
     plain = http.post("/v1/predict", json={"values": values.tolist(), "horizon": 30})
     asked = _post(http, "/v1/predict", {"values": values.tolist(), "horizon": 30, "levels": [95, 80.0, 99.5]})
-    assert list(plain.json()) == ["predictions", "forecast", "model_version"]  # as it always was
-    assert list(asked) == ["predictions", "forecast", "intervals", "forecast_intervals", "model_version"]
+    assert list(plain.json()) == ["predictions", "forecast", "model_version", "model", "version"]  # as it was
+    assert list(asked) == ["predictions", "forecast", "intervals", "forecast_intervals", "model_version", "model",
+                           "version"]
     assert asked["predictions"] == plain.json()["predictions"] and asked["forecast"] == plain.json()["forecast"]
     assert list(asked["intervals"]) == list(asked["forecast_intervals"]) == ["95", "80", "99.5"]
     for key, centre in (("intervals", "predictions"), ("forecast_intervals", "forecast")):

@@ -34,7 +34,7 @@ def _wait_idle(server: Server, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     last, still = -1.0, 0
     while time.monotonic() < deadline and still < 3:
-        steps = _metric(server, "gru_steps_total", "")
+        steps = _metric(server, "gru_steps_total", 'model="tiny",version="1"')
         still = still + 1 if steps == last else 0
         last = steps
         time.sleep(0.2)

@@ -1,4 +1,5 @@
-"""The Redis store against a real redis-server: compare-and-set in the store, then two replicas sharing it."""
+"""The Redis store against a real redis-server: the scenarios every store passes (tests/service/stores.py) and
+Redis's own (TTL, lost replies, outages), then two replicas sharing it."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,22 +18,18 @@ import numpy as np
 import pytest
 import torch
 
-from bench.processes import RedisServer, free_port, wait_http
-from service.sessions.base import StoreUnavailable, Write
+from harness.processes import RedisServer, free_port, wait_http
+from service.sessions.base import StoreUnavailable
 from tests.conftest import Server, ServerFactory, make_tiny_model, start_server
+from tests.service import stores
 from tests.service.conftest import start_redis
 from tests.service.helpers import assert_problem, new_id, position, send, series, stateless
+from tests.service.stores import STATE, write
 
 pytest.importorskip("redis")
 from service.sessions.redis import RedisStore
 
-STATE = 5
 CONFLICTS = "gru_store_conflicts_total"
-
-
-def _write(key: str, expected: Any, position: int, row: int = 0, answer: bytes = b"{}") -> Write:
-    return Write(key=key, expected_revision=expected, position=position, model_version="v1",
-                 last_offset=0, fingerprint=b"f" * 16, answer=answer, row=row)
 
 
 def _run(coroutine: Any) -> Any:
@@ -42,70 +39,33 @@ def _run(coroutine: Any) -> Any:
 # -- the store itself ----------------------------------------------------------------------------------
 
 
-def test_commit_is_compare_and_set_on_the_revision(redis_server: RedisServer) -> None:
-    async def scenario() -> None:
-        store = RedisStore(redis_server.url, STATE, ttl_seconds=60)
-        states = torch.arange(2 * STATE, dtype=torch.float32).view(2, STATE)
-        first, = await store.commit([_write("t/a", None, 3, row=1)], states)
-        assert first is not None and first.position == 3
-        again, = await store.commit([_write("t/a", None, 4)], states)  # "must not exist" loses
-        assert again is None
-        loaded, = await store.load(["t/a"])
-        assert loaded is not None and loaded.revision == first.revision and loaded.position == 3
-        expected = torch.stack([states[1], torch.zeros(STATE)])
-        torch.testing.assert_close(store.gather([loaded, None], "cpu"), expected)
-        second, = await store.commit([_write("t/a", loaded.revision, 7)], states)
-        assert second is not None and second.revision != first.revision
-        stale, = await store.commit([_write("t/a", loaded.revision, 9)], states)  # judged against an old one
-        assert stale is None
-        assert (await store.get("t/a")).position == 7  # type: ignore[union-attr]
+async def _on_redis(redis_server: RedisServer, scenario: Callable[[RedisStore], Awaitable[None]]) -> None:
+    store = RedisStore(redis_server.url, STATE, ttl_seconds=60)
+    try:
+        await scenario(store)
+    finally:
         await store.close()
 
-    _run(scenario())
+
+def test_commit_is_compare_and_set_on_the_revision(redis_server: RedisServer) -> None:
+    _run(_on_redis(redis_server, stores.commit_is_compare_and_set))
 
 
 def test_delete_and_recreate_at_the_same_position_fails_a_stale_write(redis_server: RedisServer) -> None:
-    async def scenario() -> None:
-        store = RedisStore(redis_server.url, STATE, ttl_seconds=60)
-        states = torch.ones(1, STATE)
-        old, = await store.commit([_write("t/b", None, 3)], states)
-        assert old is not None and await store.delete("t/b")
-        assert not await store.delete("t/b")
-        recreated, = await store.commit([_write("t/b", None, 3)], states)
-        assert recreated is not None and recreated.position == old.position
-        lost, = await store.commit([_write("t/b", old.revision, 6)], states)
-        assert lost is None  # position 3 again, but a new revision: the write judged against `old` is refused
-        reset, created = await store.reset("t/b", "v1")
-        assert not created and reset.position == 0 and reset.revision != recreated.revision
-        lost, = await store.commit([_write("t/b", recreated.revision, 6)], states)
-        assert lost is None
-        loaded, = await store.load(["t/b"])
-        assert loaded is not None and loaded.position == 0 and loaded.created_at == recreated.created_at
-        assert torch.equal(store.gather([loaded], "cpu"), torch.zeros(1, STATE))  # reset: the fresh state
-        _, created = await store.reset("t/new", "v1")
-        assert created
-        await store.close()
-
-    _run(scenario())
+    _run(_on_redis(redis_server, stores.delete_and_recreate_fails_a_stale_write))
 
 
-def test_batch_commit_wins_and_loses_per_session_and_refreshes_ttl(redis_server: RedisServer) -> None:
+def test_batch_commit_wins_and_loses_per_session(redis_server: RedisServer) -> None:
+    _run(_on_redis(redis_server, stores.batch_commit_wins_and_loses_per_session))
+
+
+def test_a_load_refreshes_the_ttl(redis_server: RedisServer) -> None:
     async def scenario() -> None:
         store = RedisStore(redis_server.url, STATE, ttl_seconds=30)
-        states = torch.randn(3, STATE)
-        seeded, = await store.commit([_write("t/x", None, 1)], states)
-        results = await store.commit(
-            [_write("t/x", "not-the-revision", 2, row=0), _write("t/y", None, 2, row=1),
-             _write("t/z", None, 2, row=2)], states)
-        assert results[0] is None and results[1] is not None and results[2] is not None
-        loaded = await store.load(["t/y", "t/z", "t/missing"])
-        assert loaded[2] is None
-        expected = torch.stack([states[1], states[2], torch.zeros(STATE)])
-        torch.testing.assert_close(store.gather(loaded, "cpu"), expected)
+        assert (await store.commit([write("t/y", None, 1)], torch.zeros(1, STATE)))[0] is not None
         redis_server.client().pexpire("gru:s:t/y", 500)
         await store.load(["t/y"])
         assert redis_server.client().pttl("gru:s:t/y") > 25_000  # use refreshes the TTL
-        assert seeded is not None
         await store.close()
 
     _run(scenario())
@@ -133,7 +93,7 @@ def test_unreachable_redis_is_store_unavailable_and_not_ready() -> None:
         with pytest.raises(StoreUnavailable):
             await store.load(["t/a"])
         with pytest.raises(StoreUnavailable):
-            await store.commit([_write("t/a", None, 1)], torch.zeros(1, STATE))
+            await store.commit([write("t/a", None, 1)], torch.zeros(1, STATE))
         with pytest.raises(StoreUnavailable):
             await store.reset("t/a", "v1")
         await store.close()
@@ -346,7 +306,7 @@ def test_hung_redis_is_waited_out_once_then_sessions_get_503_at_once_and_statele
 def test_sessions_expire_by_their_redis_ttl(redis_server: RedisServer) -> None:
     async def scenario() -> None:
         store = RedisStore(redis_server.url, STATE, ttl_seconds=0.3)
-        assert (await store.commit([_write("t/e", None, 2)], torch.zeros(1, STATE)))[0] is not None
+        assert (await store.commit([write("t/e", None, 2)], torch.zeros(1, STATE)))[0] is not None
         assert 0 < redis_server.client().pttl("gru:s:t/e") <= 300
         await asyncio.sleep(0.5)
         assert await store.load(["t/e"]) == [None] and await store.get("t/e") is None

@@ -1,4 +1,7 @@
-"""Snapshots of the memory store: the file format in process, then graceful and hard restarts of a server."""
+"""Snapshots of the memory store: the file format in process, then graceful and hard restarts of a server.
+
+The memory store itself is tested in test_memory_store.py.
+"""
 
 from __future__ import annotations
 
@@ -23,13 +26,7 @@ from service.sessions.memory import MemoryStore
 from service.sessions.snapshot import restore, save
 from tests.conftest import ServerFactory, refused_start_log
 from tests.service.helpers import Clock, assert_problem, new_id, position, send, series, stateless
-
-STATE = 6
-
-
-def _store(**kwargs: Any) -> MemoryStore:
-    return MemoryStore(STATE, torch.device("cpu"), kwargs.pop("max_sessions", 100), kwargs.pop("ttl", 3600.0),
-                       initial_capacity=2, **kwargs)
+from tests.service.stores import STATE, memory_store, write
 
 
 def _fill(store: MemoryStore) -> torch.Tensor:
@@ -47,12 +44,12 @@ def _fill(store: MemoryStore) -> torch.Tensor:
 
 
 def test_snapshot_round_trip_keeps_every_record_and_state(tmp_path: Path) -> None:
-    store = _store()
+    store = memory_store()
     states = _fill(store)
     path = tmp_path / "sessions.safetensors"
     assert asyncio.run(save(store, path, "v1")) == 4
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
-    restored = _store()
+    restored = memory_store()
     assert restore(restored, path, "v1", STATE) == 4
     assert [s.key for s in restored.records()] == [s.key for s in store.records()]  # recency order kept
     for before, after in zip(store.records(), restored.records(), strict=True):
@@ -66,36 +63,48 @@ def test_snapshot_round_trip_keeps_every_record_and_state(tmp_path: Path) -> Non
 def test_snapshot_of_an_empty_store_round_trips(tmp_path: Path) -> None:
     """No sessions means no answer bytes at all: still a valid snapshot (a fresh service stopped at once)."""
     path = tmp_path / "sessions.safetensors"
-    assert asyncio.run(save(_store(), path, "v1")) == 0
-    restored = _store()
+    assert asyncio.run(save(memory_store(), path, "v1")) == 0
+    restored = memory_store()
     assert restore(restored, path, "v1", STATE) == 0
     assert restored.records() == []
 
 
 def test_restore_drops_expired_sessions_and_keeps_the_newest_at_capacity(tmp_path: Path) -> None:
-    store = _store()
+    store = memory_store()
     _fill(store)
     path = tmp_path / "snap"
     asyncio.run(save(store, path, "v1"))
-    small = _store(max_sessions=2)
+    small = memory_store(max_sessions=2)
     assert restore(small, path, "v1", STATE) == 2
     assert [s.key for s in small.records()] == ["t/s2", "t/fresh"]
-    later = _store(ttl=10.0)
+    later = memory_store(ttl_seconds=10.0)
     assert restore(later, path, "v1", STATE, clock=lambda: time.time() + 60) == 0
+
+
+def test_restore_from_a_larger_answer_budget_keeps_the_newest_within_it(tmp_path: Path) -> None:
+    """A snapshot written under a larger GRU_MAX_ANSWER_BYTES loses its least recently used on restore."""
+    big = memory_store()
+    for key in ("t/x", "t/y", "t/z"):
+        asyncio.run(big.commit([write(key, None, 1, answer=b"a" * 40)], torch.zeros(1, STATE)))
+    path = tmp_path / "snap"
+    asyncio.run(save(big, path, "v1"))
+    small = memory_store(max_answer_bytes=100)
+    assert restore(small, path, "v1", STATE) == 2
+    assert [s.key for s in small.records()] == ["t/y", "t/z"]
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
 def test_corrupt_snapshot_is_set_aside_with_a_log_line(
     tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    store = _store()
+    store = memory_store()
     _fill(store)
     path = tmp_path / "snap"
     asyncio.run(save(store, path, "v1"))
     data = path.read_bytes()
     damaged = {"garbage": b"\x00not a snapshot" * 50, "truncated": data[: len(data) - 40], "empty": b""}
     path.write_bytes(damaged[damage])
-    fresh = _store()
+    fresh = memory_store()
     with caplog.at_level(logging.WARNING, "service.snapshot"):
         assert restore(fresh, path, "v1", STATE) == 0
     assert len(fresh) == 0 and not path.exists()
@@ -105,7 +114,7 @@ def test_corrupt_snapshot_is_set_aside_with_a_log_line(
 
 @pytest.mark.parametrize(("version", "state_size"), [("other-model", STATE), ("v1", STATE + 1)])
 def test_snapshot_of_other_model_or_size_is_set_aside(tmp_path: Path, version: str, state_size: int) -> None:
-    store = _store()
+    store = memory_store()
     _fill(store)
     path = tmp_path / "snap"
     asyncio.run(save(store, path, "v1"))
@@ -250,75 +259,6 @@ def test_a_snapshot_path_that_cannot_be_written_stops_start_up(tiny_model: Path,
     assert tmp_path.is_dir()  # not set aside as a "corrupt snapshot"
 
 
-def test_kept_answers_past_their_budget_evict_the_least_recently_used_sessions(tmp_path: Path) -> None:
-    """One client's long chunks keep answers of tens of KB each (53 KB at 4,096 steps, horizon 512): counted
-    in sessions only, 20,000 of them took a 1 Gi pod's memory. Never the session just written, even alone
-    over the budget; a snapshot from a larger budget loses its oldest on restore."""
-    evicted: list[tuple[str, int]] = []
-    store = _store(on_evict=lambda reason, count: evicted.append((reason, count)), max_answer_bytes=100)
-
-    async def write(key: str, size: int) -> None:
-        assert all(await store.commit([Write(key, None, 1, "v1", 0, b"f", b"a" * size, 0)], torch.zeros(1, STATE)))
-
-    for key in ("t/a", "t/b", "t/c"):
-        asyncio.run(write(key, 40))
-    assert [s.key for s in store.records()] == ["t/b", "t/c"] and evicted == [("capacity", 1)]
-    asyncio.run(write("t/huge", 500))
-    assert [s.key for s in store.records()] == ["t/huge"]
-    path = tmp_path / "snap"
-    big = _store()
-    for key in ("t/x", "t/y", "t/z"):
-        asyncio.run(big.commit([Write(key, None, 1, "v1", 0, b"f", b"a" * 40, 0)], torch.zeros(1, STATE)))
-    asyncio.run(save(big, path, "v1"))
-    small = _store(max_answer_bytes=100)
-    assert restore(small, path, "v1", STATE) == 2
-    assert [s.key for s in small.records()] == ["t/y", "t/z"]
-
-
-def test_a_session_evicted_by_its_own_commit_reports_a_lost_write(tmp_path: Path) -> None:
-    """GRU_MAX_SESSIONS below the batch: the third new session evicts the first, written by the same commit.
-    It was reported as won, and its freed slot, taken by the third, got two rows in one copy."""
-    store = _store(max_sessions=2)
-    states = torch.arange(3 * STATE, dtype=torch.float32).reshape(3, STATE)
-    writes = [Write(f"t/{name}", None, 1, "v1", 0, b"f", b"{}", row) for row, name in enumerate("abc")]
-    results = asyncio.run(store.commit(writes, states))
-    assert [r.key if r is not None else None for r in results] == [None, "t/b", "t/c"]
-    torch.testing.assert_close(store.gather(store.records()), states[1:])
-
-
-def _write_at(key: str, position: int, expected: Any = None) -> Write:
-    return Write(key, expected, position, "v1", 0, b"f" * 16, b"{}", 0)
-
-
-def test_a_session_loaded_for_a_batch_is_not_the_one_its_batch_evicts() -> None:
-    """Loading refreshes recency: with a and b stored, a the older, a batch that loads a and creates c must
-    evict b (evicting a would make a's own write in that batch lose, and its chunk be judged as unknown)."""
-    store = _store(max_sessions=2)
-
-    async def scenario() -> None:
-        for key in ("t/a", "t/b"):
-            assert (await store.commit([_write_at(key, 1)], torch.zeros(1, STATE)))[0] is not None
-        await store.load(["t/a", "t/c"])
-        assert (await store.commit([_write_at("t/c", 1)], torch.zeros(1, STATE)))[0] is not None
-        assert [s.key for s in store.records()] == ["t/a", "t/c"]
-
-    asyncio.run(scenario())
-
-
-def test_a_session_found_expired_on_access_is_counted_as_a_ttl_eviction() -> None:
-    """Not only the sweeper counts TTL evictions: so does the access that finds a session expired."""
-    clock, evicted = Clock(), []
-    store = _store(ttl=60, clock=clock, on_evict=lambda reason, count: evicted.append((reason, count)))
-
-    async def scenario() -> None:
-        await store.commit([_write_at("t/old", 1)], torch.zeros(1, STATE))
-        clock.now += 61
-        assert await store.load(["t/old"]) == [None]
-
-    asyncio.run(scenario())
-    assert evicted == [("ttl", 1)]
-
-
 def _rewrite(path: Path, **replace: torch.Tensor) -> None:
     with safe_open(str(path), framework="pt") as file:
         metadata = file.metadata()
@@ -330,7 +270,7 @@ def _rewrite(path: Path, **replace: torch.Tensor) -> None:
 def test_a_snapshot_with_a_bad_state_or_row_is_set_aside_as_corrupt(tmp_path: Path, damage: str) -> None:
     """A NaN state restored as is fails every chunk of its session; a row one past the last passed the bound
     check and then stopped the start with an IndexError (a snapshot must never stop a start)."""
-    store = _store()
+    store = memory_store()
     states = _fill(store)
     path = tmp_path / "snap"
     asyncio.run(save(store, path, "v1"))
@@ -342,7 +282,7 @@ def test_a_snapshot_with_a_bad_state_or_row_is_set_aside_as_corrupt(tmp_path: Pa
             entries = orjson.loads(file.get_tensor("index").numpy().tobytes())
         entries[0][9] = len(states)
         _rewrite(path, index=torch.frombuffer(bytearray(orjson.dumps(entries)), dtype=torch.uint8))
-    fresh = _store()
+    fresh = memory_store()
     assert restore(fresh, path, "v1", STATE) == 0
     assert len(fresh) == 0 and [p.name.split("-")[0] for p in tmp_path.iterdir()] == ["snap.corrupt"]
 
@@ -351,18 +291,19 @@ def test_restore_keeps_a_session_created_long_ago_but_used_recently(tmp_path: Pa
     """Expiry on restore counts from the last use, as everywhere else: a deploy must not drop every session
     older than the TTL."""
     clock = Clock(0.0)
-    store = _store(ttl=10.0, clock=clock)
+    store = memory_store(ttl_seconds=10.0, clock=clock)
 
     async def fill() -> None:
-        first, = await store.commit([_write_at("t/old", 1)], torch.zeros(1, STATE))
+        first, = await store.commit([write("t/old", None, 1)], torch.zeros(1, STATE))
         assert first is not None
         clock.now = 8.0
-        assert (await store.commit([_write_at("t/old", 2, first.revision)], torch.zeros(1, STATE)))[0] is not None
+        assert (await store.commit([write("t/old", first.revision, 2)], torch.zeros(1, STATE)))[0] is not None
 
     asyncio.run(fill())
     path = tmp_path / "snap"
     asyncio.run(save(store, path, "v1"))
-    assert restore(_store(ttl=10.0), path, "v1", STATE, clock=lambda: 15.0) == 1  # used 7 s ago, made 15 s ago
+    later = memory_store(ttl_seconds=10.0)
+    assert restore(later, path, "v1", STATE, clock=lambda: 15.0) == 1  # used 7 s ago, made 15 s ago
 
 
 def test_sigterm_writes_a_final_snapshot_when_an_interval_is_set(server_factory: ServerFactory,

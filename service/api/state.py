@@ -1,0 +1,122 @@
+"""A session's state over HTTP: export (GET), import (PUT) and fork (POST) (README, "Session state").
+
+The document is binary (``application/octet-stream``, the safetensors file of ``service.sessions.document``),
+so these routes read and answer raw bytes, and describe them in the OpenAPI schema themselves. ``ETag`` on
+every answer; ``If-Match`` / ``If-None-Match`` on an import make it a compare-and-set (412).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Request, Response
+from pydantic import BaseModel
+
+from service.api.bodies import parse
+from service.api.deps import served_model
+from service.api.openapi import body_schema, problem_responses
+from service.api.v1 import SessionIdPath, describe, per_model
+from service.auth import TenantDep
+from service.problems import Problem
+from service.schemas import ForkRequest, SessionInfo
+from service.session_state import Precondition, SessionStates, Written
+from service.sessions.base import session_key
+from service.sessions.document import DocumentError, decode, encode
+
+router = APIRouter(prefix="/v1", tags=["v1"])
+OCTET = "application/octet-stream"
+RAW_BODY_MODELS: list[type[BaseModel]] = [ForkRequest]
+_BINARY = {OCTET: {"schema": {"type": "string", "format": "binary"}}}
+_ETAG = {"ETag": {"description": "Changes whenever the session does; send it as If-Match to import only"
+                  " over this very state", "schema": {"type": "string"}}}
+# A list of entity tags (RFC 9110 section 8.8.3), each maybe weak; or "*".
+_TAG_LIST = re.compile(r'\s*(?:\*|(?:W/)?"[^"]*"\s*(?:,\s*(?:W/)?"[^"]*"\s*)*)')
+_TAG = re.compile(r'(W/)?("[^"]*")')
+
+
+async def get_states(request: Request) -> SessionStates:
+    return SessionStates(served_model(request))
+
+
+StatesDep = Annotated[SessionStates, Depends(get_states)]
+
+
+def _tags(value: str | None, header: str, *, weak: bool) -> list[str] | None:
+    """The entity tags of a precondition header (None: absent); ``weak``: W/ tags compare too
+    (If-None-Match), else they never match (If-Match compares strongly)."""
+    if value is None:
+        return None
+    if not _TAG_LIST.fullmatch(value):
+        raise Problem(400, "invalid-precondition", f"{header} is not '*' or a list of quoted entity tags")
+    if value.strip() == "*":
+        return ["*"]
+    return [tag for prefix, tag in _TAG.findall(value) if weak or not prefix]
+
+
+def _answer(response: Response, request: Request, session_id: str, written: Written, states: SessionStates,
+            ) -> SessionInfo:
+    response.headers["ETag"] = written.tag
+    response.status_code = 201 if written.created else 200
+    if written.created:
+        response.headers["Location"] = str(request.url_for("get_session", session_id=session_id))
+    return describe(states.model, session_id, written.session, written.session.updated_at + states.store.ttl_seconds)
+
+
+@router.get(
+    "/sessions/{session_id}/state", response_class=Response, summary="Export a session's state",
+    description="The session as one safetensors document: its state vector, position, model version and"
+                " the answer kept for an exact retry. `PUT` it here or on another deployment to go on exactly.",
+    responses={200: {"description": "The state document", "content": _BINARY, "headers": _ETAG},
+               **problem_responses(404, 422, 503)},
+)
+async def export_state(session_id: SessionIdPath, states: StatesDep, tenant: TenantDep) -> Response:
+    document = await states.export(session_key(tenant, session_id))
+    return Response(encode(document), media_type=OCTET, headers={"ETag": document.tag()})
+
+
+_IF_MATCH_DOC = "Import only over the session at one of these entity tags (412 otherwise); `*`: only if it exists"
+_IF_NONE_MATCH_DOC = "`*`: import only if the session does not exist (412 otherwise)"
+
+
+@router.put(
+    "/sessions/{session_id}/state", response_model=SessionInfo, summary="Import a session's state",
+    description="Creates (201) or replaces (200) the session with an exported document. A document of another"
+                " model version is a 409 `model-changed`; a damaged one a 422 `invalid-state`. Either way"
+                " nothing is changed.",
+    openapi_extra={"requestBody": {"required": True, "content": _BINARY}},
+    responses={200: {"description": "Replaced", "headers": _ETAG},
+               201: {"description": "Created", "model": SessionInfo, "headers": _ETAG},
+               **problem_responses(400, 408, 409, 412, 413, 422, 429, 503)},
+)
+async def import_state(
+    session_id: SessionIdPath, request: Request, response: Response, states: StatesDep, tenant: TenantDep,
+    if_match: Annotated[str | None, Header(description=_IF_MATCH_DOC)] = None,
+    if_none_match: Annotated[str | None, Header(description=_IF_NONE_MATCH_DOC)] = None,
+) -> SessionInfo:
+    precondition = Precondition(_tags(if_match, "If-Match", weak=False),
+                                _tags(if_none_match, "If-None-Match", weak=True))
+    try:
+        document = decode(await request.body(), states.state_size)
+    except DocumentError as exc:
+        raise Problem(422, "invalid-state", f"not an importable state document: {exc}; nothing was changed"
+                      ) from None
+    written = await states.put(session_key(tenant, session_id), document, precondition)
+    return _answer(response, request, session_id, written, states)
+
+
+@router.post(
+    "/sessions/{session_id}/fork", response_model=SessionInfo, status_code=201,
+    summary="Copy a session to a new id; the two then live independently",
+    openapi_extra=body_schema(ForkRequest),
+    responses={201: {"description": "Created", "headers": _ETAG}, **problem_responses(400, 404, 409, 413, 422, 503)},
+)
+async def fork_session(
+    session_id: SessionIdPath, request: Request, response: Response, states: StatesDep, tenant: TenantDep
+) -> SessionInfo:
+    body = parse(await request.body(), ForkRequest)
+    written = await states.fork(session_key(tenant, session_id), session_key(tenant, body.to))
+    return _answer(response, request, body.to, written, states)
+
+
+model_router = per_model(router)

@@ -1,0 +1,423 @@
+"""The model registry: every served model, one engine per loaded version, and the lifecycle between them.
+
+Each model has its own session store (sessions are per model; a memory store's rows are one model's state
+size) and one ``Engine`` per loaded version, each with its own Forecaster, queue and compute thread. The
+routes hand a chunk to the model's newest engine; the engines' router (``ServedModel.route``) sends a chunk
+on to the engine of the version its session's state was built with (pinned), so a live session keeps
+answering exactly as its version would while new sessions start on the newest. A version that no session
+needs any more is unloaded (draining); ``GRU_MAX_LOADED_VERSIONS`` bounds how many stay loaded.
+
+New versions come from the repository (``service.repository``), polled every
+``GRU_REPOSITORY_POLL_SECONDS`` or loaded on request; reading and warming a version happens on worker
+threads, never on the event loop. docs/architecture.md, "Models and versions", has the whole picture.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from service.batch_queue import Chunk
+from service.config import Settings
+from service.engine import Engine
+from service.metrics import Metrics
+from service.repository import Loaded, Repository, VersionDir
+from service.sessions import build_store
+from service.sessions.base import Session, SessionStore
+from service.sessions.guard import GuardedStore
+from service.sessions.memory import MemoryStore
+
+log = logging.getLogger("service.models")
+SERVING, DRAINING = "serving", "draining"
+MAX_PINS = 100_000  # routing hints kept per model (each a key and a reference)
+
+
+class StartupError(RuntimeError):
+    """The repository cannot start the service (no model, or no default among several)."""
+
+
+class RegistryRefusal(Exception):
+    """A repository request the registry will not carry out: ``status`` and why."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+@dataclass(slots=True)
+class LoadedVersion:
+    number: int
+    engine: Engine
+    meta: dict[str, Any]
+
+    @property
+    def model_version(self) -> str:
+        return self.engine.model_version
+
+
+class ServedModel:
+    """One model: its store, its loaded versions (the highest number is the newest) and their routing."""
+
+    def __init__(self, name: str, store: SessionStore, guarded: GuardedStore, first: Loaded, replay: bool):
+        self.name = name
+        self.replay = replay  # GRU_UPGRADE=replay: every chunk goes to the newest, which moves the session
+        self.raw_store = store
+        self.store = guarded
+        self.features = first.forecaster.config.features
+        self.layout = _layout(first)
+        self.versions: dict[int, LoadedVersion] = {}
+        self.sessions: dict[str, int] = {}  # per model version, from the last drain check
+        # Where the router last sent each pinned session: its next chunk goes there at once instead of via
+        # the newest engine (one store load and one batch instead of two). A hint only: a wrong one is
+        # routed on by the engine that gets it.
+        self._pins: OrderedDict[str, LoadedVersion] = OrderedDict()
+
+    @property
+    def newest(self) -> LoadedVersion:
+        return self.versions[max(self.versions)]
+
+    @property
+    def engine(self) -> Engine:
+        """The newest version's engine: where every chunk arrives, and new sessions start."""
+        return self.newest.engine
+
+    def engine_for(self, key: str | None) -> Engine:
+        """The engine to submit a chunk of session ``key`` to: its pinned version's, as last routed, else
+        the newest (stateless chunks, new sessions, and every chunk with replay)."""
+        pinned = self._pins.get(key) if key is not None else None
+        return pinned.engine if pinned is not None else self.engine
+
+    def forget_pins(self, version: LoadedVersion) -> None:
+        """Drop the hints to an unloading version (they would keep its weights in memory)."""
+        for key in [k for k, v in self._pins.items() if v is version]:
+            del self._pins[key]
+
+    def state_of(self, version: LoadedVersion) -> str:
+        return SERVING if version is self.newest else DRAINING
+
+    def by_hash(self, model_version: str) -> LoadedVersion | None:
+        """The newest loaded version with these weights (a roll-back republishes a version's weights)."""
+        for number in sorted(self.versions, reverse=True):
+            if self.versions[number].model_version == model_version:
+                return self.versions[number]
+        return None
+
+    def find(self, reference: str) -> LoadedVersion | None:
+        """A loaded version by its number ("2") or its hash."""
+        if reference.isdigit() and int(reference) in self.versions:
+            return self.versions[int(reference)]
+        return self.by_hash(reference)
+
+    @property
+    def state_size(self) -> int:
+        return self.newest.engine.forecaster.state_size
+
+    def incompatible(self, candidate: Loaded) -> str | None:
+        """Why ``candidate`` cannot be a version of this model, or None: the same features, and the same
+        state layout (the sessions' store holds states of one layout; replay reads the raw values in it)."""
+        config = candidate.forecaster.config
+        if config.features != self.features:
+            return f"features {list(config.features)} differ from the model's {list(self.features)}"
+        if _layout(candidate) != self.layout:
+            return (f"its state layout (layers × hidden, lags, floats per session) {_layout(candidate)} differs"
+                    f" from the model's {self.layout} (a calibration adds floats: calibrate every version or none)")
+        return None
+
+    def route(self, engine: Engine, chunk: Chunk, session: Session | None) -> bool:
+        """Called by ``engine`` as it judges ``chunk``: True when the chunk went to another version's engine
+        (the one its session is pinned to; the newest for a new or restarted session)."""
+        target = self.engine
+        if session is not None and not chunk.restart and not self.replay:
+            pinned = self.by_hash(session.model_version)
+            if pinned is not None and pinned is not self.newest:
+                target = pinned.engine
+                self._pins[session.key] = pinned
+                if len(self._pins) > MAX_PINS:
+                    self._pins.popitem(last=False)
+        if target is self.engine and chunk.key is not None:
+            self._pins.pop(chunk.key, None)
+        if target is engine:
+            return False
+        target.queue.hand_over(chunk)
+        return True
+
+
+class Registry:
+    """Every served model; loads, routes, drains and unloads their versions."""
+
+    def __init__(self, settings: Settings, repository: Repository, device: torch.device, metrics: Metrics):
+        self.settings = settings
+        self.repository = repository
+        self.device = device
+        self.metrics = metrics
+        self.models: dict[str, ServedModel] = {}
+        self.default = ""
+        self.unloaded: set[str] = set()  # unloaded on request: polling leaves them alone until a load
+        self._lock = asyncio.Lock()
+        self._poller: asyncio.Task[None] | None = None
+        metrics.active_sessions.set_function(self._held_sessions)
+
+    # -- start and stop --------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Load every model's newest valid version (start-up, before the event loop serves) and pick the
+        default model; StartupError when there is nothing to serve or no default among several."""
+        found = self.repository.scan()
+        wanted = self.settings.default_model
+        if wanted and wanted not in found:
+            raise StartupError(f"GRU_DEFAULT_MODEL={wanted} is not in the repository; it holds"
+                               f" {', '.join(sorted(found)) or 'no model'}")
+        if not wanted and len(found) > 1:
+            raise StartupError(f"the repository holds several models ({', '.join(sorted(found))}); name the"
+                               " one behind /v1/... with GRU_DEFAULT_MODEL")
+        if not found:
+            raise StartupError(f"{self.repository.root} holds no model: a repository holds DIR/<model>/<version>/"
+                               "{config.json, model.safetensors}")
+        self.default = wanted or next(iter(found))
+        for versions in found.values():
+            for where in reversed(versions):
+                loaded = self.repository.load(where, self.device)
+                if loaded is not None:
+                    self._install(loaded)
+                    break
+        if self.default not in self.models:
+            raise StartupError(f"no version of the default model {self.default} can be loaded: see the lines"
+                               " above for each version skipped")
+        self._publish()
+
+    async def start(self) -> None:
+        for model in list(self.models.values()):
+            for version in list(model.versions.values()):
+                await version.engine.start()
+        every = self.settings.repository_poll_seconds
+        if self.repository.polls:  # before serving: the older versions the store's sessions are pinned to
+            await self.poll()
+        if self.repository.polls and every > 0:
+            self._poller = asyncio.create_task(self._poll_forever(every), name="gru-repository-poll")
+
+    async def stop(self, before_close: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Stop polling, let every engine finish what it accepted, run ``before_close`` (the final
+        snapshot), then close the stores."""
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        async with self._lock:
+            for model in self.models.values():
+                for version in model.versions.values():
+                    await version.engine.stop()
+            if before_close is not None:
+                await before_close()
+            for model in self.models.values():
+                await model.store.close()
+
+    # -- lookups for the routes ------------------------------------------------------------------------
+
+    def model(self, name: str | None = None) -> ServedModel | None:
+        return self.models.get(name if name is not None else self.default)
+
+    @property
+    def default_model(self) -> ServedModel:
+        return self.models[self.default]
+
+    def hashes_on_disk(self, name: str) -> set[str]:
+        """The version hashes the repository holds for model ``name`` (config.json only; disk I/O)."""
+        versions = self.repository.scan().get(name, [])
+        return {h for h in map(self.repository.model_version_of, versions) if h is not None}
+
+    # -- the lifecycle ---------------------------------------------------------------------------------
+
+    async def poll(self) -> None:
+        """Load what is new in the repository (a newer version, a new model), then unload what drained."""
+        async with self._lock:
+            found = await asyncio.to_thread(self.repository.scan)
+            for name, versions in found.items():
+                if name not in self.unloaded:
+                    await self._load_newest(name, versions)
+            await self._drain_all(found)
+
+    async def load(self, name: str) -> None:
+        """The repository API's load: (re)load ``name``'s newest valid version."""
+        async with self._lock:
+            versions = (await asyncio.to_thread(self.repository.scan)).get(name)
+            if not versions:
+                raise RegistryRefusal(404, f"model {name!r} is not in the repository")
+            self.unloaded.discard(name)
+            if not await self._load_newest(name, versions) and name not in self.models:
+                raise RegistryRefusal(400, f"no version of model {name!r} can be loaded; the log says why")
+
+    async def unload(self, name: str) -> None:
+        """The repository API's unload: every version of ``name``; the default model cannot be."""
+        async with self._lock:
+            if name == self.default:
+                raise RegistryRefusal(409, f"model {name!r} is the default model (GRU_DEFAULT_MODEL); it"
+                                      " cannot be unloaded")
+            model = self.models.pop(name, None)
+            if model is None:
+                raise RegistryRefusal(404, f"model {name!r} is not loaded")
+            self.unloaded.add(name)
+            for version in model.versions.values():
+                await version.engine.stop()
+                self._forget_series(model, version)
+            await model.store.close()
+            log.info("model unloaded", extra={"fields": {"model": name}})
+            self._publish()
+
+    async def refresh_counts(self) -> None:
+        """Sessions per version, for GET /v1/models, and unload the versions no session needs."""
+        async with self._lock:
+            await self._drain_all()
+
+    async def _load_newest(self, name: str, versions: list[VersionDir]) -> bool:
+        """Load the newest valid version newer than what is loaded; True when one was."""
+        model = self.models.get(name)
+        loaded_up_to = max(model.versions) if model is not None else 0
+        for where in reversed(versions):
+            if where.version <= loaded_up_to:
+                return False
+            loaded = await asyncio.to_thread(self.repository.load, where, self.device)
+            if loaded is None:
+                continue
+            reason = model.incompatible(loaded) if model is not None else None
+            if reason is not None:
+                self.repository.skip(where, reason)
+                continue
+            version = self._install(loaded)
+            await version.engine.start()  # warms up on the version's own compute thread
+            log.info("model version loaded", extra={"fields": {
+                "model": name, "version": where.version, "model_version": loaded.model_version}})
+            await self._limit(self.models[name])
+            self._publish()
+            return True
+        return False
+
+    def _install(self, loaded: Loaded) -> LoadedVersion:
+        """A new engine for ``loaded`` beside the model's others (a new model gets its store)."""
+        name = loaded.where.model
+        model = self.models.get(name)
+        s = self.settings
+        if model is None:
+            namespace = "" if name == self.default else name  # the default's keys are today's
+            store = build_store(self.settings, loaded.forecaster.state_size, self.device, self.metrics, namespace)
+            model = ServedModel(name, store, GuardedStore(store, self.metrics), loaded, s.upgrade == "replay")
+            self.models[name] = model
+        engine = Engine(
+            loaded.forecaster, loaded.model_version, model.store, self.metrics,
+            max_batch_size=s.max_batch_size, max_batch_delay_ms=s.max_batch_delay_ms, max_queue=s.max_queue,
+            request_timeout_seconds=s.request_timeout_seconds, label=(name, str(loaded.where.version)),
+            replay=model.replay, surprise_p=s.surprise_p,
+        )
+        engine.router = lambda chunk, session: model.route(engine, chunk, session)
+        version = LoadedVersion(loaded.where.version, engine, loaded.meta)
+        model.versions[version.number] = version
+        return version
+
+    async def _drain_all(self, found: dict[str, list[VersionDir]] | None = None) -> None:
+        """Count each model's sessions per version; with the repository's listing (``found``), load the
+        versions that sessions are pinned to and this replica lacks (another replica, or a restart, made
+        them); unload the versions no session needs."""
+        for model in list(self.models.values()):
+            if found is None and len(model.versions) < 2 and not isinstance(model.raw_store, MemoryStore):
+                continue  # nothing to drain: no Redis SCAN for a count
+            try:
+                model.sessions = await model.store.version_counts()
+            except Exception:  # the store is down: nothing is unloaded on a count we do not have
+                log.warning("session counts unavailable for model %s; nothing drained", model.name)
+                continue
+            if found is not None and not model.replay:
+                await self._load_pinned(model, found.get(model.name, []))
+            for version in list(model.versions.values()):
+                if version is model.newest:
+                    continue
+                needed = not model.replay and model.by_hash(version.model_version) is version and (
+                    model.sessions.get(version.model_version, 0) > 0)
+                if not needed:
+                    await self._unload_version(model, version, "drained")
+        self._publish()
+
+    async def _load_pinned(self, model: ServedModel, on_disk: list[VersionDir]) -> None:
+        """Load the newest repository version of each hash that live sessions hold and no loaded version has."""
+        missing = {h for h, n in model.sessions.items() if n > 0 and model.by_hash(h) is None}
+        for where in reversed(on_disk):
+            if not missing or len(model.versions) >= self.settings.max_loaded_versions:
+                return
+            if where.version in model.versions:
+                continue
+            declared = await asyncio.to_thread(self.repository.model_version_of, where)
+            if declared not in missing:
+                continue
+            loaded = await asyncio.to_thread(self.repository.load, where, self.device)
+            if loaded is None or model.incompatible(loaded) is not None or loaded.model_version != declared:
+                continue
+            missing.discard(declared)
+            version = self._install(loaded)
+            await version.engine.start()
+            log.info("model version loaded for its pinned sessions", extra={"fields": {
+                "model": model.name, "version": where.version, "model_version": declared}})
+
+    async def _limit(self, model: ServedModel) -> None:
+        """Beyond GRU_MAX_LOADED_VERSIONS the oldest draining versions go; their sessions then get 409."""
+        while len(model.versions) > self.settings.max_loaded_versions:
+            oldest = model.versions[min(model.versions)]
+            pinned = model.sessions.get(oldest.model_version, 0)
+            self.metrics.version_evictions.labels(model=model.name).inc()
+            log.warning("model %s version %d unloaded beyond GRU_MAX_LOADED_VERSIONS=%d; its %d sessions now"
+                        " get 409 model-changed", model.name, oldest.number, self.settings.max_loaded_versions,
+                        pinned)
+            await self._unload_version(model, oldest, "limit")
+
+    async def _unload_version(self, model: ServedModel, version: LoadedVersion, why: str) -> None:
+        """Out of the routing first (nothing new reaches it), then its engine finishes what it holds."""
+        del model.versions[version.number]
+        model.forget_pins(version)
+        await version.engine.stop()
+        self._forget_series(model, version)
+        log.info("model version unloaded", extra={"fields": {
+            "model": model.name, "version": version.number, "reason": why}})
+
+    async def _poll_forever(self, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self.poll()
+            except Exception:  # a bug or a full disk must not end polling
+                log.exception("model repository poll failed")
+
+    # -- metrics ---------------------------------------------------------------------------------------
+
+    def _held_sessions(self) -> float:
+        return float(sum(len(m.raw_store) for m in self.models.values() if isinstance(m.raw_store, MemoryStore)))
+
+    def _forget_series(self, model: ServedModel, version: LoadedVersion) -> None:
+        """Only loaded versions have series: the labels stay bounded."""
+        for family in (self.metrics.steps, self.metrics.forward_time, self.metrics.version_sessions):
+            with contextlib.suppress(KeyError):
+                family.remove(model.name, str(version.number))
+
+    def _publish(self) -> None:
+        """gru_model_versions{model, version, state}: 1 per loaded version (only loaded ones: bounded), and
+        each one's sessions at the last count."""
+        gauge = self.metrics.model_versions
+        gauge.clear()
+        for model in self.models.values():
+            for version in model.versions.values():
+                number = str(version.number)
+                gauge.labels(model=model.name, version=number, state=model.state_of(version)).set(1)
+                sessions = model.sessions.get(version.model_version, 0) if model.by_hash(
+                    version.model_version) is version else 0
+                self.metrics.version_sessions.labels(model=model.name, version=number).set(sessions)
+
+
+def _layout(loaded: Loaded) -> tuple[int, int, int]:
+    """What places the raw values in a state, and its size: (layers × hidden size, lags, floats); the size
+    differs with a calibration's interval adaptation at the end (docs/architecture.md, "State layout")."""
+    config = loaded.forecaster.config
+    return config.num_layers * config.hidden_size, config.lags, loaded.forecaster.state_size

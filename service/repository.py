@@ -1,0 +1,146 @@
+"""The model repository: which checkpoints exist, read from disk (Triton's layout), never served from here.
+
+``GRU_MODEL_REPOSITORY=DIR`` holds ``DIR/<model>/<version>/{config.json, model.safetensors}``: model names
+match ``MODEL_NAME``, versions are positive integers and the highest is the newest. ``GRU_MODEL_PATH`` is a
+repository of one model (named by its checkpoint, else ``default``) with one version, 1.
+
+Scanning only lists directories; ``Repository.load`` reads and checks one version (``model.load_checkpoint``)
+and remembers a failure by the files' sizes and times, so a damaged or half-copied version is logged and
+counted once, skipped, and tried again only when its files change. Every call here does disk I/O or loads
+weights: the service calls it on a worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model import CheckpointError, Forecaster, load_checkpoint
+from model.checkpoint import CONFIG_FILE, MODEL_NAME, VERSION_DIR, WEIGHTS_FILE
+
+FALLBACK_NAME = "default"
+log = logging.getLogger("service.repository")
+
+
+@dataclass(frozen=True, slots=True)
+class VersionDir:
+    """One version's directory in the repository."""
+
+    model: str
+    version: int
+    path: Path
+
+
+@dataclass(slots=True)
+class Loaded:
+    """A version read and checked: the forecaster on its device and its config.json."""
+
+    where: VersionDir
+    forecaster: Forecaster
+    meta: dict[str, Any]
+
+    @property
+    def model_version(self) -> str:
+        return str(self.meta["version"])
+
+
+class Repository:
+    """The versions on disk: ``GRU_MODEL_REPOSITORY`` (``root``) or one checkpoint (``single``)."""
+
+    def __init__(self, *, root: Path | None = None, single: Path | None = None,
+                 on_skip: Callable[[str, int], None] | None = None) -> None:
+        if (root is None) == (single is None):
+            raise ValueError("a repository is either a directory of models or one checkpoint")
+        self.root = root
+        self.single = single
+        self._on_skip = on_skip or (lambda model, version: None)
+        self._failed: dict[Path, tuple[tuple[int, int], ...]] = {}  # version dir -> its files' (size, mtime)
+        self._single_name = _checkpoint_name(single) if single is not None else ""
+
+    @property
+    def polls(self) -> bool:
+        """Whether new versions can appear (a directory of models; one checkpoint is fixed)."""
+        return self.root is not None
+
+    def scan(self) -> dict[str, list[VersionDir]]:
+        """Every model's version directories, oldest first; names that break the layout are ignored."""
+        if self.single is not None:
+            return {self._single_name: [VersionDir(self._single_name, 1, self.single)]}
+        assert self.root is not None
+        found: dict[str, list[VersionDir]] = {}
+        try:
+            models = sorted(p for p in self.root.iterdir() if p.is_dir() and MODEL_NAME.fullmatch(p.name))
+        except OSError as exc:
+            log.warning("model repository %s cannot be read: %s", self.root, exc)
+            return {}
+        for model_dir in models:
+            try:
+                versions = [VersionDir(model_dir.name, int(p.name), p) for p in model_dir.iterdir()
+                            if p.is_dir() and VERSION_DIR.fullmatch(p.name)]
+            except OSError:
+                continue
+            if versions:
+                found[model_dir.name] = sorted(versions, key=lambda v: v.version)
+        return found
+
+    def load(self, where: VersionDir, device: torch.device) -> Loaded | None:
+        """The version loaded on ``device``; None (logged and counted once per state of its files) when it
+        is damaged, half-written or not a checkpoint."""
+        signature = _signature(where.path)
+        if self._failed.get(where.path) == signature:
+            return None
+        try:
+            forecaster, meta = load_checkpoint(where.path, device)
+        except (CheckpointError, OSError) as exc:
+            if self.single is not None:  # GRU_MODEL_PATH: a broken checkpoint stops start-up, as it always did
+                raise CheckpointError(str(exc)) from exc
+            self.skip(where, str(exc), signature)
+            return None
+        self._failed.pop(where.path, None)
+        return Loaded(where, forecaster, meta)
+
+    def model_version_of(self, where: VersionDir) -> str | None:
+        """The version hash its config.json declares (read without loading the weights); None if unreadable."""
+        try:
+            meta = json.loads((where.path / CONFIG_FILE).read_text())
+            version = meta.get("version") if isinstance(meta, dict) else None
+            return version if isinstance(version, str) else None
+        except (OSError, ValueError):
+            return None
+
+    def skip(self, where: VersionDir, reason: str, signature: tuple[tuple[int, int], ...] | None = None) -> None:
+        """Refuse a version until its files change: one log line naming it, one count."""
+        signature = signature if signature is not None else _signature(where.path)
+        if self._failed.get(where.path) == signature:
+            return
+        self._failed[where.path] = signature
+        log.warning("model %s version %d skipped: %s", where.model, where.version, reason,
+                    extra={"fields": {"model": where.model, "version": where.version, "path": str(where.path)}})
+        self._on_skip(where.model, where.version)
+
+
+def _signature(directory: Path) -> tuple[tuple[int, int], ...]:
+    """Sizes and modification times of a version's files: what changes when it is rewritten."""
+    out = []
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        try:
+            stat = (directory / name).stat()
+            out.append((stat.st_size, stat.st_mtime_ns))
+        except OSError:
+            out.append((-1, -1))
+    return tuple(out)
+
+
+def _checkpoint_name(path: Path) -> str:
+    """The model name of a lone checkpoint: its config's name where that is a valid model name."""
+    try:
+        name = json.loads((path / CONFIG_FILE).read_text()).get("name")
+    except (OSError, ValueError, AttributeError):
+        return FALLBACK_NAME
+    return name if isinstance(name, str) and MODEL_NAME.fullmatch(name) else FALLBACK_NAME

@@ -1,0 +1,139 @@
+"""A session's state as a first-class object: export it, import it (create or replace), fork it.
+
+Export reads the record and its state vector in one load from the store; import and fork write with the
+store's compare-and-set, so they take their place between a session's chunks like any chunk does: a chunk
+judged against the record an import replaced loses its commit and is judged again against the new one.
+Preconditions (``If-Match``, ``If-None-Match``) compare entity tags computed from the whole document
+(``StateDocument.tag``), so they hold for a memory store whose revisions are a counter that starts again
+with the process. No HTTP here: the routes (``service.api.state``) parse and answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from service.models import ServedModel
+from service.refusals import Overloaded, PreconditionFailed, SessionExists, StaleModel, UnknownSession
+from service.sessions.base import Session, SessionStore, Write, session_id_of
+from service.sessions.document import StateDocument
+
+MAX_ATTEMPTS = 8  # an import losing its commit this often in a row: the session is too busy to replace now
+
+
+@dataclass(frozen=True, slots=True)
+class Precondition:
+    """Entity tags of ``If-Match`` and ``If-None-Match`` (``"*"``: any existing session); None: no header."""
+
+    if_match: Sequence[str] | None = None
+    if_none_match: Sequence[str] | None = None
+
+    def holds(self, current: str | None) -> bool:
+        """Whether it holds for the session whose tag is ``current`` (None: no such session)."""
+        if self.if_match is not None and (current is None or not {"*", current} & set(self.if_match)):
+            return False
+        return self.if_none_match is None or current is None or not {"*", current} & set(self.if_none_match)
+
+    @property
+    def given(self) -> bool:
+        return self.if_match is not None or self.if_none_match is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """A session as an import or a fork left it: its record, whether it is new, its entity tag."""
+
+    session: Session
+    created: bool
+    tag: str
+
+
+class SessionStates:
+    """Export, import and fork over one model's (guarded) store; a state belongs to the version that built it,
+    which must be loaded for an import."""
+
+    def __init__(self, model: ServedModel):
+        self.model = model
+        self.store: SessionStore = model.store
+        self.state_size = model.state_size
+        self.device = model.engine.device
+
+    async def export(self, key: str) -> StateDocument:
+        """The session as a document; ``UnknownSession`` when there is none."""
+        document = await self._current(key)
+        if document is None:
+            raise UnknownSession.gone(session_id_of(key))
+        return document
+
+    async def put(self, key: str, document: StateDocument, precondition: Precondition) -> Written:
+        """Create or replace the session at ``key`` with ``document``. ``StaleModel`` for a document of
+        another model version; ``PreconditionFailed`` when the precondition does not hold (the commit checks
+        again, atomically, that nothing changed since)."""
+        if self.model.by_hash(document.model_version) is None:
+            newest = self.model.engine.model_version
+            raise StaleModel(
+                f"the document was built with model {document.model_version!r:.80}, which is not a loaded version"
+                f" of {self.model.name!r} (newest {newest}); a state of one model means nothing to another",
+                session_id=session_id_of(key), position=document.position, model_version=newest,
+            )
+        for _ in range(MAX_ATTEMPTS):
+            current = await self._current_record(key)
+            tag = self._document(*current).tag() if current is not None else None
+            if not precondition.holds(tag):
+                raise PreconditionFailed(
+                    f"session {session_id_of(key)!r} is {'at entity tag ' + tag if tag else 'absent'}, which"
+                    " the If-Match / If-None-Match of this import excludes; nothing was changed",
+                    session_id=session_id_of(key))
+            written = await self._write(key, document, current[0].revision if current is not None else None)
+            if written is not None:
+                return written
+            if precondition.given:  # the session changed between the check and the write
+                raise PreconditionFailed(f"session {session_id_of(key)!r} changed while it was being"
+                                         " replaced; nothing was changed", session_id=session_id_of(key))
+        raise Overloaded(f"session {session_id_of(key)!r} changed {MAX_ATTEMPTS} times while it was being"
+                         " replaced; nothing was changed, retry", retry_after=1)
+
+    async def fork(self, key: str, to: str) -> Written:
+        """A new session ``to`` with the state and position of ``key``; ``SessionExists`` when ``to`` exists."""
+        parent = await self.export(key)
+        target = session_id_of(to)
+        refusal = SessionExists(f"session {target!r} exists; fork to a new id, or delete it first",
+                                session_id=target)
+        if await self.store.get(to) is not None:
+            raise refusal
+        written = await self._write(to, parent, None)
+        if written is None:  # created in between
+            raise refusal
+        return written
+
+    async def _current_record(self, key: str) -> tuple[Session, np.ndarray] | None:
+        session, = await self.store.load([key])
+        if session is None:
+            return None
+        return session, self.store.gather([session], self.device)[0].cpu().numpy()  # (S,)
+
+    async def _current(self, key: str) -> StateDocument | None:
+        current = await self._current_record(key)
+        return self._document(*current) if current is not None else None
+
+    def _document(self, session: Session, state: np.ndarray) -> StateDocument:
+        return StateDocument(
+            session_id=session_id_of(session.key), model_name=self.model.name, model_version=session.model_version,
+            position=session.position, last_offset=session.last_offset, fingerprint=session.fingerprint,
+            answer=session.answer, created_at=session.created_at, updated_at=session.updated_at,
+            state=state,
+        )
+
+    async def _write(self, key: str, document: StateDocument, expected: int | str | None) -> Written | None:
+        """Compare-and-set ``document`` at ``key`` (``expected``: the revision replaced; None: must not exist)."""
+        document = document.renamed(session_id_of(key))
+        write = Write(key=key, expected_revision=expected, position=document.position,
+                      model_version=document.model_version, last_offset=document.last_offset,
+                      fingerprint=document.fingerprint, answer=document.answer, row=0)
+        session, = await self.store.commit([write], torch.from_numpy(document.state.copy()).view(1, -1))
+        if session is None:
+            return None
+        return Written(session, expected is None, self._document(session, document.state).tag())

@@ -1,0 +1,177 @@
+"""The memory store in process: the scenarios every store passes (tests/service/stores.py), expiry, then what
+is its own: slots in one state tensor, capacity in sessions and in kept answer bytes, eviction counts."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import torch
+
+from service.sessions.memory import MemoryStore
+from tests.service import stores
+from tests.service.helpers import Clock
+from tests.service.stores import STATE, memory_store, write
+
+
+def _run(coroutine: Any) -> Any:
+    return asyncio.run(coroutine)
+
+
+def _counting(**options: Any) -> tuple[MemoryStore, list[tuple[str, int]]]:
+    """A store and the evictions it reports, as (reason, count)."""
+    evicted: list[tuple[str, int]] = []
+    return memory_store(on_evict=lambda reason, count: evicted.append((reason, count)), **options), evicted
+
+
+# -- what the Redis store does too (tests/service/test_redis_store.py) --------------------------------------
+
+
+def test_commit_is_compare_and_set_on_the_revision() -> None:
+    _run(stores.commit_is_compare_and_set(memory_store()))
+
+
+def test_delete_and_recreate_at_the_same_position_fails_a_stale_write() -> None:
+    _run(stores.delete_and_recreate_fails_a_stale_write(memory_store()))
+
+
+def test_batch_commit_wins_and_loses_per_session() -> None:
+    _run(stores.batch_commit_wins_and_loses_per_session(memory_store()))
+
+
+def test_sessions_expire_after_their_ttl_counted_from_the_last_commit() -> None:
+    clock = Clock()
+    store = memory_store(ttl_seconds=30, clock=clock)
+
+    async def scenario() -> None:
+        first, = await store.commit([write("t/e", None, 2)], torch.zeros(1, STATE))
+        assert first is not None
+        clock.now += 20
+        assert (await store.commit([write("t/e", first.revision, 4)], torch.zeros(1, STATE)))[0] is not None
+        clock.now += 29  # 49 s since it was made, 29 s since its last commit
+        assert (await store.get("t/e")).position == 4  # type: ignore[union-attr]
+        clock.now += 2
+        assert await store.load(["t/e"]) == [None] and await store.get("t/e") is None
+        assert not await store.delete("t/e")
+
+    _run(scenario())
+
+
+# -- the memory store's own: slots, capacity, eviction ------------------------------------------------------
+
+
+def test_states_grow_past_the_initial_capacity_up_to_max_sessions_and_keep_every_state() -> None:
+    """Two slots at first, doubled when full, never past max_sessions + 1 rows (row 0 is the fresh state)."""
+    store, evicted = _counting(max_sessions=5)
+    states = torch.randn(7, STATE)
+
+    async def scenario() -> None:
+        for row in range(7):
+            assert (await store.commit([write(f"t/{row}", None, 1, row=row)], states))[0] is not None
+        kept = await store.load([f"t/{row}" for row in range(7)])
+        assert [s is not None for s in kept] == [False, False, True, True, True, True, True]
+        torch.testing.assert_close(store.gather(kept[2:]), states[2:])
+
+    _run(scenario())
+    assert store.states.shape == (6, STATE) and len(store) == 5
+    assert evicted == [("capacity", 1), ("capacity", 1)]
+
+
+def test_a_deleted_session_frees_its_slot_for_the_next_without_an_eviction() -> None:
+    store, evicted = _counting(max_sessions=2)
+    states = torch.randn(3, STATE)
+
+    async def scenario() -> None:
+        await store.commit([write("t/a", None, 1, row=0), write("t/b", None, 1, row=1)], states)
+        assert await store.delete("t/a")
+        assert (await store.commit([write("t/c", None, 1, row=2)], states))[0] is not None
+        torch.testing.assert_close(store.gather(await store.load(["t/b", "t/c"])), states[1:])
+
+    _run(scenario())
+    assert store.states.shape == (3, STATE) and evicted == []
+
+
+def test_reset_of_a_new_session_at_capacity_evicts_the_least_recently_used() -> None:
+    store, evicted = _counting(max_sessions=2)
+
+    async def scenario() -> None:
+        for key in ("t/a", "t/b"):
+            await store.commit([write(key, None, 1)], torch.zeros(1, STATE))
+        await store.reset("t/b", "v1")  # an existing session: nothing to make room for
+        assert evicted == []
+        _, created = await store.reset("t/c", "v1")
+        assert created and [s.key for s in store.records()] == ["t/b", "t/c"]
+
+    _run(scenario())
+    assert evicted == [("capacity", 1)]
+
+
+def test_sweep_drops_the_expired_sessions_and_counts_them_as_ttl_evictions() -> None:
+    clock = Clock(0.0)
+    store, evicted = _counting(ttl_seconds=15, clock=clock)
+
+    async def scenario() -> None:
+        for key in ("t/a", "t/b", "t/c"):
+            await store.commit([write(key, None, 1)], torch.zeros(1, STATE))
+            clock.now += 10  # made at 0, 10 and 20
+
+    _run(scenario())
+    assert store.sweep() == 2  # at 30: a and b idle over 15 s
+    assert [s.key for s in store.records()] == ["t/c"] and evicted == [("ttl", 2)]
+    assert store.sweep() == 0 and evicted == [("ttl", 2)]
+
+
+def test_kept_answers_past_their_budget_evict_the_least_recently_used_sessions() -> None:
+    """One client's long chunks keep answers of tens of KB each (53 KB at 4,096 steps, horizon 512): counted
+    in sessions only, 20,000 of them took a 1 Gi pod's memory. Never the session just written, even alone
+    over the budget."""
+    store, evicted = _counting(max_answer_bytes=100)
+
+    async def commit(key: str, size: int) -> None:
+        assert all(await store.commit([write(key, None, 1, answer=b"a" * size)], torch.zeros(1, STATE)))
+
+    for key in ("t/a", "t/b", "t/c"):
+        _run(commit(key, 40))
+    assert [s.key for s in store.records()] == ["t/b", "t/c"] and evicted == [("capacity", 1)]
+    _run(commit("t/huge", 500))
+    assert [s.key for s in store.records()] == ["t/huge"]
+
+
+def test_a_session_evicted_by_its_own_commit_reports_a_lost_write() -> None:
+    """GRU_MAX_SESSIONS below the batch: the third new session evicts the first, written by the same commit.
+    It was reported as won, and its freed slot, taken by the third, got two rows in one copy."""
+    store = memory_store(max_sessions=2)
+    states = torch.arange(3 * STATE, dtype=torch.float32).reshape(3, STATE)
+    writes = [write(f"t/{name}", None, 1, row=row) for row, name in enumerate("abc")]
+    results = _run(store.commit(writes, states))
+    assert [r.key if r is not None else None for r in results] == [None, "t/b", "t/c"]
+    torch.testing.assert_close(store.gather(store.records()), states[1:])
+
+
+def test_a_session_loaded_for_a_batch_is_not_the_one_its_batch_evicts() -> None:
+    """Loading refreshes recency: with a and b stored, a the older, a batch that loads a and creates c must
+    evict b (evicting a would make a's own write in that batch lose, and its chunk be judged as unknown)."""
+    store = memory_store(max_sessions=2)
+
+    async def scenario() -> None:
+        for key in ("t/a", "t/b"):
+            assert (await store.commit([write(key, None, 1)], torch.zeros(1, STATE)))[0] is not None
+        await store.load(["t/a", "t/c"])
+        assert (await store.commit([write("t/c", None, 1)], torch.zeros(1, STATE)))[0] is not None
+        assert [s.key for s in store.records()] == ["t/a", "t/c"]
+
+    _run(scenario())
+
+
+def test_a_session_found_expired_on_access_is_counted_as_a_ttl_eviction() -> None:
+    """Not only the sweeper counts TTL evictions: so does the access that finds a session expired."""
+    clock = Clock()
+    store, evicted = _counting(ttl_seconds=60, clock=clock)
+
+    async def scenario() -> None:
+        await store.commit([write("t/old", None, 1)], torch.zeros(1, STATE))
+        clock.now += 61
+        assert await store.load(["t/old"]) == [None]
+
+    _run(scenario())
+    assert evicted == [("ttl", 1)]

@@ -1,0 +1,391 @@
+"""Several models from a repository, and new versions published while sessions stream (real servers)."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.utils import InferenceServerException
+
+from service.repository import Repository
+from tests.conftest import ServerFactory, make_tiny_model, refused_start_log
+from tests.service.helpers import assert_problem, new_id, send, series
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def add_version(repository: Path, model: str, version: int, seed: int = 0,
+                features: tuple[str, ...] = ("x",), error_scale: float | None = None) -> Path:
+    """A tiny model as ``repository/model/version``, written aside and renamed in: a poll sees all or nothing;
+    calibrated (``make_tiny_model``) when ``error_scale`` is given."""
+    (repository / model).mkdir(parents=True, exist_ok=True)
+    staging = make_tiny_model(repository.parent / f"staging-{model}-{version}", features=features, seed=seed,
+                              name=model, error_scale=error_scale)
+    return staging.rename(repository / model / str(version))
+
+
+def models(client: httpx.Client) -> dict[str, Any]:
+    response = client.get("/v1/models")
+    assert response.status_code == 200, response.text
+    return {entry["name"]: entry for entry in response.json()["models"]}
+
+
+def versions(client: httpx.Client, model: str) -> dict[str, dict[str, Any]]:
+    return {v["version"]: v for v in models(client)[model]["versions"]}
+
+
+def wait_for(condition: Any, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+def metric(client: httpx.Client, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+def test_repository_scan_lists_versions_and_ignores_what_breaks_the_layout(tmp_path: Path) -> None:
+    add_version(tmp_path, "pumps", 2)
+    add_version(tmp_path, "pumps", 10, seed=1)
+    (tmp_path / "pumps" / "0").mkdir()  # not a positive integer
+    (tmp_path / "pumps" / ".publishing-x").mkdir()  # a publication in progress
+    (tmp_path / "bad name!").mkdir()
+    (tmp_path / "empty").mkdir()
+    found = Repository(root=tmp_path).scan()
+    assert list(found) == ["pumps"]
+    assert [v.version for v in found["pumps"]] == [2, 10]
+
+
+def test_models_are_listed_and_each_has_its_own_routes_and_sessions(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    repository = tmp_path / "repo"
+    a_path = add_version(repository, "a", 1)
+    add_version(repository, "b", 1, seed=3, features=("p", "q"))
+    server = server_factory(GRU_MODEL_REPOSITORY=str(repository), GRU_DEFAULT_MODEL="a")
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        a_version = client.get("/v1/models/a").json()["version"]
+        assert client.get("/v1/model").json() == client.get("/v1/models/a").json()
+        assert client.get("/v1/models/b").json()["input_features"] == 2
+        listed = models(client)
+        assert listed["a"] == {"name": "a", "default": True, "versions": [
+            {"version": "1", "model_version": a_version, "state": "serving", "sessions": 0}]}
+        assert listed["b"]["default"] is False
+
+        session = new_id()
+        first = send(client, session, series(3), offset=0).json()
+        assert (first["model"], first["version"], first["model_version"]) == ("a", "1", a_version)
+        # today's route and the default model's route are one session
+        again = client.post(f"/v1/models/a/sessions/{session}/predict", json={"values": [0.4], "offset": 3})
+        assert again.status_code == 200 and again.json()["position"] == 4 and again.json()["created"] is False
+        info = client.get(f"/v1/sessions/{session}").json()
+        assert (info["position"], info["model"], info["version"]) == (4, "a", "1")
+        # the same id under another model is another session
+        other = client.post(f"/v1/models/b/sessions/{session}/predict", json={"values": [[0.1, 0.2]], "offset": 0})
+        assert other.status_code == 200, other.text
+        assert (other.json()["created"], other.json()["model"]) == (True, "b")
+        assert versions(client, "a")["1"]["sessions"] == 1 and versions(client, "b")["1"]["sessions"] == 1
+        stateless = client.post("/v1/models/b/predict", json={"values": [[0.1, 0.2], [0.2, 0.1]]}).json()
+        assert stateless["model"] == "b" and len(stateless["predictions"]) == 2
+        batch = client.post("/v1/models/b/predict/batch", json={"items": [
+            {"session_id": session, "values": [[0.3, 0.3]], "offset": 1}]}).json()
+        assert batch["results"][0]["position"] == 2 and batch["results"][0]["model"] == "b"
+        assert client.delete(f"/v1/models/b/sessions/{session}").status_code == 204
+        assert client.get(f"/v1/sessions/{session}").status_code == 200  # a's is untouched
+
+        for method, path in (("GET", "/v1/models/nope"), ("GET", f"/v1/models/nope/sessions/{session}"),
+                             ("POST", f"/v1/models/nope/sessions/{session}/predict"),
+                             ("POST", "/v1/models/nope/predict")):
+            body = assert_problem(client.request(method, path, json={"values": [0.1]}), 404)
+            assert "nope" in body["detail"]
+        v2 = client.get("/v2/models/b").json()
+        assert v2["name"] == "b" and v2["inputs"][0]["shape"] == [-1, 2]
+    assert a_path.exists()
+
+
+def test_several_models_and_no_default_stop_start_up_naming_them(tmp_path: Path, tiny_model: Path) -> None:
+    repository = tmp_path / "repo"
+    add_version(repository, "a", 1)
+    add_version(repository, "b", 1)
+    log = refused_start_log(tiny_model, tmp_path, {"GRU_MODEL_REPOSITORY": str(repository)})
+    assert "several models (a, b)" in log and "GRU_DEFAULT_MODEL" in log
+
+
+def test_damaged_half_written_and_incompatible_versions_are_skipped_once(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    repository = tmp_path / "repo"
+    add_version(repository, "m", 1)
+    server = server_factory(GRU_MODEL_REPOSITORY=str(repository), GRU_REPOSITORY_POLL_SECONDS="0.1")
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        damaged = add_version(repository, "m", 2, seed=1)
+        weights = damaged / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+        add_version(repository, "m", 3, seed=2, features=("x", "y"))
+        half = repository / "m" / "4"
+        half.mkdir()
+        shutil.copy(damaged / "config.json", half / "config.json")  # weights not there yet
+        wait_for(lambda: metric(client, "gru_model_versions_skipped_total", model="m") >= 3)
+        time.sleep(0.5)  # several more polls: each refusal is logged and counted once
+        assert metric(client, "gru_model_versions_skipped_total", model="m") == 3
+        log = server.log()
+        for version, why in ((2, "truncated"), (3, "features"), (4, "does not exist")):
+            lines = [line for line in log.splitlines() if f"model m version {version} skipped" in line]
+            assert len(lines) == 1 and why in lines[0], (version, lines)
+        assert list(versions(client, "m")) == ["1"]
+        assert send(client, new_id(), series(3)).json()["version"] == "1"
+        # the half-written version completes: its files changed, so it is tried again, and served
+        complete = make_tiny_model(tmp_path / "v4", seed=4, name="m")
+        shutil.copy(complete / "model.safetensors", half / "model.safetensors")
+        shutil.copy(complete / "config.json", half / "config.json")
+        wait_for(lambda: "4" in versions(client, "m"))
+        assert send(client, new_id(), series(3)).json()["version"] == "4"
+
+
+def _publish(repository: Path, csv: Path, name: str) -> subprocess.Popen[bytes]:
+    """The training CLI publishing a model compatible with the tiny calibrated one (same features and state
+    size: the CLI calibrates every model it writes)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "model.train", "--csv", str(csv), "--repository", str(repository), "--name", name,
+         "--hidden", "16", "--layers", "2", "--lags", "4", "--epochs", "1", "--max-seconds", "1"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+
+
+def _training_csv(path: Path) -> Path:
+    values = series(300, seed=5)[:, 0]
+    path.write_text("x\n" + "\n".join(f"{v:.6f}" for v in values) + "\n")
+    return path
+
+
+def test_a_session_streams_through_a_published_version_and_its_version_drains_after_it(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    repository = tmp_path / "repo"
+    add_version(repository, "m", 1, error_scale=1.0)
+    server = server_factory(GRU_MODEL_REPOSITORY=str(repository), GRU_REPOSITORY_POLL_SECONDS="0.2")
+    whole = series(4000, seed=11)
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        v1_alone = np.array(client.post("/v1/predict", json={"values": whole.tolist()}).json()["predictions"])
+        session, at, answers = new_id(), 0, []
+
+        def step() -> None:
+            nonlocal at
+            response = send(client, session, whole[at : at + 4], offset=at)
+            assert response.status_code == 200, response.text  # no request fails, before, during or after
+            body = response.json()
+            assert body["version"] == "1"
+            answers.append(body["predictions"])
+            at += 4
+
+        step()
+        publisher = _publish(repository, _training_csv(tmp_path / "x.csv"), "m")
+        while publisher.poll() is None:
+            step()
+            time.sleep(0.05)  # a steady client, not a flood: the series must outlast the training
+        assert publisher.returncode == 0, publisher.stderr.read() if publisher.stderr else ""
+        wait_for(lambda: "2" in versions(client, "m"))
+        for _ in range(5):
+            step()
+        listed = versions(client, "m")
+        assert (listed["2"]["state"], listed["1"]["state"], listed["1"]["sessions"]) == ("serving", "draining", 1)
+        fresh = send(client, new_id(), whole[:4]).json()
+        assert fresh["version"] == "2" and fresh["model_version"] == listed["2"]["model_version"]
+        # S answered what version 1 alone answers for the whole series
+        np.testing.assert_allclose(np.concatenate(answers), v1_alone[:at], atol=1e-6)
+        assert metric(client, "gru_model_versions", model="m", version="1", state="draining") == 1
+        wait_for(lambda: metric(client, "gru_model_version_sessions", model="m", version="1") == 1)
+        assert metric(client, "gru_steps_total", model="m", version="1") >= at
+        assert metric(client, "gru_steps_total", model="m", version="2") >= 4
+        assert client.delete(f"/v1/sessions/{session}").status_code == 204
+        wait_for(lambda: list(versions(client, "m")) == ["2"])
+        # an unloaded version's series are gone (the labels stay bounded)
+        assert "version=\"1\"" not in client.get("/metrics").text
+        assert metric(client, "gru_model_versions", model="m", version="1", state="draining") == 0
+        assert metric(client, "gru_model_versions", model="m", version="2", state="serving") == 1
+
+
+PLAIN, ADMIN = "plain-key-0123456789", "admin-key-0123456789"
+
+
+def test_tritonclient_indexes_loads_and_unloads_models_with_an_admin_key(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    repository = tmp_path / "repo"
+    add_version(repository, "a", 1)
+    add_version(repository, "b", 1, seed=1)
+    server = server_factory(GRU_MODEL_REPOSITORY=str(repository), GRU_DEFAULT_MODEL="a",
+                            GRU_REPOSITORY_POLL_SECONDS="0", GRU_API_KEYS=f"{PLAIN}:alice",
+                            GRU_ADMIN_KEYS=f"{ADMIN}:ops")
+    admin, plain = {"Authorization": f"Bearer {ADMIN}"}, {"Authorization": f"Bearer {PLAIN}"}
+    tc = triton.InferenceServerClient(server.url.removeprefix("http://"), connection_timeout=30, network_timeout=30)
+    try:
+        assert tc.get_model_repository_index(headers=admin) == [
+            {"name": "a", "version": "1", "state": "READY"}, {"name": "b", "version": "1", "state": "READY"}]
+        for call in (lambda: tc.get_model_repository_index(headers=plain),
+                     lambda: tc.load_model("b", headers=plain), lambda: tc.unload_model("b", headers=plain)):
+            with pytest.raises(InferenceServerException) as refused:
+                call()
+            assert refused.value.status() == "403"
+        with httpx.Client(base_url=server.url, timeout=30, headers=plain) as client:
+            assert client.post("/v2/repository/index", headers={"Authorization": ""}).status_code == 401
+            tc.unload_model("b", headers=admin)
+            assert_problem(client.get("/v1/models/b"), 404)
+            assert {"name": "b", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded on request"} in (
+                tc.get_model_repository_index(headers=admin))
+            ready = client.post("/v2/repository/index", json={"ready": True}, headers=admin)
+            assert ready.json() == [{"name": "a", "version": "1", "state": "READY"}]
+            with pytest.raises(InferenceServerException) as refused:
+                tc.unload_model("a", headers=admin)
+            assert refused.value.status() == "409" and "default model" in refused.value.message()
+            with pytest.raises(InferenceServerException) as refused:
+                tc.load_model("nope", headers=admin)
+            assert refused.value.status() == "404"
+            add_version(repository, "b", 2, seed=2)
+            tc.load_model("b", headers=admin)  # the newest valid version
+            assert list(versions(client, "b")) == ["2"]
+            assert tc.is_model_ready("b", "2", headers=plain)
+            assert send(client, new_id(), series(3)).json()["model"] == "a"
+    finally:
+        tc.close()
+
+
+def test_replay_moves_a_session_onto_the_new_version_within_a_bounded_error(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    repository = tmp_path / "repo"
+    add_version(repository, "m", 1)
+    server = server_factory(GRU_MODEL_REPOSITORY=str(repository), GRU_REPOSITORY_POLL_SECONDS="0.1",
+                            GRU_UPGRADE="replay")
+    whole = series(300, seed=12)
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        session = new_id()
+        for at in range(0, 100, 10):
+            assert send(client, session, whole[at : at + 10], offset=at).json()["version"] == "1"
+        add_version(repository, "m", 2, seed=1)
+        wait_for(lambda: list(versions(client, "m")) == ["2"])  # nothing is pinned: version 1 goes at once
+        answers = []
+        for at in range(100, 300, 10):
+            body = send(client, session, whole[at : at + 10], offset=at).json()
+            upgraded = True if at == 100 else None  # only the chunk that moved it says so
+            assert (body["version"], body["position"], body.get("upgraded")) == ("2", at + 10, upgraded)
+            answers.append(body["predictions"])
+        v2_alone = np.array(client.post("/v1/predict", json={"values": whole.tolist()}).json()["predictions"])[100:]
+        # per chunk, the largest distance to what version 2 answers having seen the whole series: the hidden
+        # state rebuilt from the K = 4 values kept differs at first, then forgets the difference
+        error = np.abs(np.concatenate(answers) - v2_alone)[:, 0].reshape(-1, 10).max(axis=1)
+        assert 0 < error[0] < 1e-2 and error[5:].max() < 1e-5, error
+
+
+def test_two_replicas_on_redis_keep_a_pinned_session_across_an_update(
+    server_factory: ServerFactory, tmp_path: Path, redis_server: Any
+) -> None:
+    repository = tmp_path / "repo"
+    add_version(repository, "m", 1)
+    env = {"GRU_MODEL_REPOSITORY": str(repository), "GRU_REPOSITORY_POLL_SECONDS": "0.2", "GRU_STORE": "redis",
+           "GRU_REDIS_URL": redis_server.url}
+    first = server_factory(**env)
+    whole = series(200, seed=21)
+    with httpx.Client(base_url=first.url, timeout=30) as a:
+        v1_alone = np.array(a.post("/v1/predict", json={"values": whole.tolist()}).json()["predictions"])
+        session, answers = new_id(), []
+        for at in range(0, 40, 4):
+            answers.append(send(a, session, whole[at : at + 4], offset=at).json()["predictions"])
+        add_version(repository, "m", 2, seed=1)
+        wait_for(lambda: "2" in versions(a, "m"))
+        # a replica started now loads version 2, and version 1 too, before it serves: S is pinned to it
+        second = server_factory(**env)
+        with httpx.Client(base_url=second.url, timeout=30) as b:
+            assert set(versions(b, "m")) == {"1", "2"} and versions(b, "m")["1"]["sessions"] == 1
+            for at in range(40, 200, 4):
+                body = send(b if at % 8 else a, session, whole[at : at + 4], offset=at).json()
+                assert body["version"] == "1", body
+                answers.append(body["predictions"])
+            np.testing.assert_allclose(np.concatenate(answers), v1_alone, atol=1e-6)
+            assert send(b, new_id(), whole[:4]).json()["version"] == "2"
+            assert b.delete(f"/v1/sessions/{session}").status_code == 204
+            wait_for(lambda: list(versions(a, "m")) == ["2"] and list(versions(b, "m")) == ["2"])
+
+
+def test_beyond_max_loaded_versions_the_oldest_goes_and_its_sessions_get_409(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    repository = tmp_path / "repo"
+    add_version(repository, "m", 1)
+    server = server_factory(GRU_MODEL_REPOSITORY=str(repository), GRU_REPOSITORY_POLL_SECONDS="0.1",
+                            GRU_MAX_LOADED_VERSIONS="2")
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        on_1, on_2 = new_id(), new_id()
+        assert send(client, on_1, series(3)).json()["version"] == "1"
+        add_version(repository, "m", 2, seed=1)
+        wait_for(lambda: "2" in versions(client, "m"))
+        assert send(client, on_2, series(3)).json()["version"] == "2"
+        add_version(repository, "m", 3, seed=2)
+        wait_for(lambda: "3" in versions(client, "m"))
+        assert list(versions(client, "m")) == ["3", "2"]
+        stale = assert_problem(send(client, on_1, series(3, seed=1), offset=3), 409)
+        assert stale["type"].endswith("model-changed")
+        assert send(client, on_2, series(3, seed=1), offset=3).json()["version"] == "2"
+        assert metric(client, "gru_model_version_evictions_total", model="m") == 1
+        assert "GRU_MAX_LOADED_VERSIONS=2" in server.log()
+
+
+def test_a_snapshot_keeps_each_session_on_its_version_across_a_restart(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    repository, path = tmp_path / "repo", tmp_path / "state" / "sessions.safetensors"
+    add_version(repository, "m", 1)
+    env = {"GRU_MODEL_REPOSITORY": str(repository), "GRU_REPOSITORY_POLL_SECONDS": "0.1",
+           "GRU_SNAPSHOT_PATH": str(path)}
+    first = server_factory(**env)
+    whole = series(40, seed=31)
+    pinned, fresh = new_id(), new_id()
+    with httpx.Client(base_url=first.url, timeout=30) as client:
+        v1_alone = np.array(client.post("/v1/predict", json={"values": whole.tolist()}).json()["predictions"])
+        send(client, pinned, whole[:20], offset=0)
+        add_version(repository, "m", 2, seed=1)
+        wait_for(lambda: "2" in versions(client, "m"))
+        assert send(client, fresh, whole[:20], offset=0).json()["version"] == "2"
+    assert first.stop() in (0, -signal.SIGTERM) and "snapshot written" in first.log()
+    # the snapshot names version 2, the newest; its version 1 session is restored and version 1 loaded for it
+    second = server_factory(**env)
+    assert '"sessions":2,' in second.log().split("snapshot restored")[1].splitlines()[0]
+    with httpx.Client(base_url=second.url, timeout=30) as client:
+        assert versions(client, "m")["1"]["sessions"] == 1
+        body = send(client, pinned, whole[20:], offset=20).json()
+        assert body["version"] == "1"
+        np.testing.assert_allclose(body["predictions"], v1_alone[20:], atol=1e-6)
+        assert send(client, fresh, whole[20:], offset=20).json()["version"] == "2"
+
+
+def test_a_reset_moves_the_session_to_the_newest_and_its_old_version_drains(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    repository = tmp_path / "repo"
+    add_version(repository, "m", 1)
+    server = server_factory(GRU_MODEL_REPOSITORY=str(repository), GRU_REPOSITORY_POLL_SECONDS="0.1")
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        session = new_id()
+        send(client, session, series(5), offset=0)
+        add_version(repository, "m", 2, seed=1)
+        wait_for(lambda: "2" in versions(client, "m"))
+        assert versions(client, "m")["1"]["state"] == "draining"
+        assert client.post(f"/v1/sessions/{session}/reset").status_code == 200
+        wait_for(lambda: list(versions(client, "m")) == ["2"])
+        assert send(client, session, series(5), offset=0).json()["version"] == "2"
+        assert client.get(f"/v1/sessions/{session}").json()["version"] == "2"

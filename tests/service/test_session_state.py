@@ -1,0 +1,424 @@
+"""A session's state as a document (README, "Session state"): export, import and fork against real servers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+from safetensors.numpy import load, save
+
+from harness.processes import RedisServer
+from service.client import AsyncClient, Client, PreconditionFailed, SessionExists
+from service.client.cli import main
+from service.sessions.document import StateDocument, decode, encode
+from tests.conftest import Server, ServerFactory, make_tiny_model
+from tests.service.helpers import assert_problem, new_id, position, send, series, stateless
+
+OCTET = {"Content-Type": "application/octet-stream"}
+ALICE, BOB = "alice-0123456789abcdef", "bob-0123456789abcdef0"
+
+
+def _state(http: httpx.Client, session_id: str, **headers: str) -> httpx.Response:
+    return http.get(f"/v1/sessions/{session_id}/state", headers=headers)
+
+
+def _put(http: httpx.Client, session_id: str, document: bytes, **headers: str) -> httpx.Response:
+    return http.put(f"/v1/sessions/{session_id}/state", content=document, headers={**OCTET, **headers})
+
+
+def _exported(http: httpx.Client, session_id: str) -> tuple[bytes, str]:
+    response = _state(http, session_id)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/octet-stream"
+    return response.content, response.headers["etag"]
+
+
+def _fed(http: httpx.Client, session_id: str, values: np.ndarray, cuts: list[int]) -> list[httpx.Response]:
+    """``values`` sent in chunks of ``cuts`` steps from offset 0; every answer."""
+    answers, start = [], 0
+    for size in cuts:
+        answers.append(send(http, session_id, values[start : start + size], offset=start))
+        assert answers[-1].status_code == 200, answers[-1].text
+        start += size
+    return answers
+
+
+# -- export, import, continue ------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["memory", "redis"])
+def other_process(request: pytest.FixtureRequest, server_factory: ServerFactory) -> Server:
+    """A second service process, with the store the test is parametrised by."""
+    if request.param == "memory":
+        return server_factory()
+    redis: RedisServer = request.getfixturevalue("redis_server")
+    return server_factory(GRU_STORE="redis", GRU_REDIS_URL=redis.url)
+
+
+def test_a_state_imported_into_another_process_continues_exactly_and_replays_its_kept_answer(
+    client: httpx.Client, other_process: Server
+) -> None:
+    values, session = series(30, seed=31), new_id("moved")
+    first, second = _fed(client, session, values, [10, 8])
+    document, _ = _exported(client, session)
+    with httpx.Client(base_url=other_process.url, timeout=30) as there:
+        imported = _put(there, session, document)
+        assert imported.status_code == 201, imported.text
+        assert imported.json()["session_id"] == session and imported.json()["position"] == 18
+        assert imported.headers["location"].endswith(f"/v1/sessions/{session}")
+        assert imported.headers["etag"] == _exported(there, session)[1]
+
+        retry = send(there, session, values[10:18], offset=10)  # the exact retry of the last chunk
+        assert retry.status_code == 200 and retry.content == second.content
+
+        rest = send(there, session, values[18:], offset=18)
+        assert rest.status_code == 200 and rest.json()["position"] == 30
+    got = first.json()["predictions"] + second.json()["predictions"] + rest.json()["predictions"]
+    np.testing.assert_allclose(got, stateless(client, values)["predictions"], atol=1e-5)
+
+
+def test_an_import_replaces_a_session_and_answers_200(client: httpx.Client) -> None:
+    values, session, other = series(20, seed=32), new_id("replaced"), new_id("other")
+    _fed(client, session, values, [6])
+    document, _ = _exported(client, session)
+    _fed(client, session, values, [6, 9])
+    _fed(client, other, series(5, seed=33), [5])
+    replaced = _put(client, session, document)
+    assert replaced.status_code == 200 and replaced.json()["position"] == 6
+    under_another_id = _put(client, other, document)  # a copy: the kept answer now names the new id
+    assert under_another_id.status_code == 200 and under_another_id.json()["session_id"] == other
+    retry = send(client, other, values[:6], offset=0)
+    assert retry.json()["session_id"] == other and retry.json()["position"] == 6
+    np.testing.assert_allclose(send(client, session, values[6:], offset=6).json()["predictions"],
+                               stateless(client, values)["predictions"][6:], atol=1e-5)
+
+
+def test_the_document_holds_what_the_session_needs_to_go_on(client: httpx.Client, server: Server) -> None:
+    session = new_id("doc")
+    *_, last = _fed(client, session, series(9, seed=34), [4, 5])
+    raw, _ = _exported(client, session)
+    document = decode(raw, state_size=load(raw)["state"].size)
+    model = client.get("/v1/model").json()
+    assert (document.session_id, document.model_name, document.model_version) == (session, model["name"],
+                                                                                   model["version"])
+    assert (document.position, document.last_offset, document.answer) == (9, 4, last.content)
+    assert len(document.fingerprint) == 16 and np.isfinite(document.state).all()
+    assert document.updated_at >= document.created_at > 1.7e9
+
+
+# -- fork --------------------------------------------------------------------------------------------
+
+
+def test_a_fork_answers_like_its_parent_then_diverges_on_its_own(client: httpx.Client) -> None:
+    values, other = series(24, seed=35), series(24, seed=36)
+    parent, child = new_id("parent"), new_id("child")
+    _, last = _fed(client, parent, values, [8, 4])
+    forked = client.post(f"/v1/sessions/{parent}/fork", json={"to": child})
+    assert forked.status_code == 201, forked.text
+    assert (forked.json()["session_id"], forked.json()["position"]) == (child, 12)
+    assert forked.headers["location"].endswith(f"/v1/sessions/{child}")
+    assert forked.headers["etag"] == _exported(client, child)[1] != _exported(client, parent)[1]
+
+    retry = send(client, child, values[8:12], offset=8)  # the parent's kept answer, as the child's own
+    assert retry.content == last.content.replace(parent.encode(), child.encode())
+
+    same = [send(client, s, values[12:16], offset=12).json() for s in (parent, child)]
+    np.testing.assert_allclose(same[0]["predictions"], same[1]["predictions"], atol=1e-6)
+    child_rest = send(client, child, other[16:], offset=16).json()
+    parent_rest = send(client, parent, values[16:], offset=16).json()
+    assert (position(client, parent), position(client, child)) == (24, 24)
+    np.testing.assert_allclose(parent_rest["predictions"], stateless(client, values)["predictions"][16:],
+                               atol=1e-5)
+    branch = np.concatenate([values[:16], other[16:]])
+    np.testing.assert_allclose(child_rest["predictions"], stateless(client, branch)["predictions"][16:],
+                               atol=1e-5)
+
+
+def test_a_fork_onto_an_existing_session_is_409_and_changes_neither(client: httpx.Client) -> None:
+    parent, taken = new_id("parent"), new_id("taken")
+    _fed(client, parent, series(6, seed=37), [6])
+    _fed(client, taken, series(3, seed=38), [3])
+    before = [_exported(client, s) for s in (parent, taken)]
+    assert assert_problem(client.post(f"/v1/sessions/{parent}/fork", json={"to": taken}), 409)["type"].endswith(
+        "/session-exists")
+    assert_problem(client.post(f"/v1/sessions/{parent}/fork", json={"to": parent}), 409)
+    assert [_exported(client, s) for s in (parent, taken)] == before
+
+
+@pytest.mark.parametrize(("body", "status"), [
+    (b'{"to": "a b"}', 422), (b'{"to": "x", "also": 1}', 422), (b"{}", 422), (b"", 400), (b"to=x", 400),
+])
+def test_a_bad_fork_body_is_refused_and_creates_nothing(client: httpx.Client, body: bytes, status: int) -> None:
+    parent = new_id("parent")
+    _fed(client, parent, series(3, seed=39), [3])
+    assert_problem(client.post(f"/v1/sessions/{parent}/fork", content=body), status)
+    assert_problem(_state(client, "x"), 404)
+
+
+def test_a_fork_of_an_unknown_session_is_404(client: httpx.Client) -> None:
+    target = new_id("orphan")
+    assert_problem(client.post(f"/v1/sessions/{new_id('nobody')}/fork", json={"to": target}), 404)
+    assert_problem(_state(client, target), 404)
+
+
+# -- damaged documents ---------------------------------------------------------------------------------
+
+
+def _rebuilt(raw: bytes, tensors: dict[str, np.ndarray] | None = None, **metadata: str) -> bytes:
+    """``raw`` with some tensors or metadata replaced."""
+    length = int.from_bytes(raw[:8], "little")
+    meta = orjson.loads(raw[8 : 8 + length])["__metadata__"]
+    return save({**load(raw), **(tensors or {})}, metadata={**meta, **metadata})
+
+
+def _state_of(raw: bytes) -> np.ndarray:
+    return load(raw)["state"]
+
+
+DAMAGES: dict[str, Callable[[bytes], bytes]] = {
+    "empty": lambda raw: b"",
+    "truncated": lambda raw: raw[:-7],
+    "only-the-length": lambda raw: raw[:8],
+    "not-safetensors": lambda raw: b'{"values": [1, 2, 3]}',
+    "huge-header": lambda raw: (2**40).to_bytes(8, "little") + raw[8:],
+    "header-not-json": lambda raw: (8).to_bytes(8, "little") + b"{{{{{{{{" + raw[16:],
+    "state-too-long": lambda raw: _rebuilt(raw, {"state": np.append(_state_of(raw), np.float32(0))}),
+    "state-too-short": lambda raw: _rebuilt(raw, {"state": _state_of(raw)[:-1]}),
+    "state-2d": lambda raw: _rebuilt(raw, {"state": _state_of(raw)[None]}),
+    "nan-state": lambda raw: _rebuilt(raw, {"state": np.where(np.arange(_state_of(raw).size) == 3, np.nan,
+                                                              _state_of(raw)).astype(np.float32)}),
+    "infinite-state": lambda raw: _rebuilt(raw, {"state": np.full_like(_state_of(raw), np.inf)}),
+    "float64-state": lambda raw: _rebuilt(raw, {"state": _state_of(raw).astype(np.float64)}),
+    "float32-answer": lambda raw: _rebuilt(raw, {"answer": np.zeros(4, np.float32)}),
+    "missing-state": lambda raw: save({k: v for k, v in load(raw).items() if k != "state"},
+                                      metadata={"format": "gru-session-state", "format_version": "1"}),
+    "unknown-tensor": lambda raw: _rebuilt(raw, {"adaptation": np.zeros(3, np.float32)}),
+    "newer-format-version": lambda raw: _rebuilt(raw, format_version="2"),
+    "unknown-format": lambda raw: _rebuilt(raw, format="gru-session-snapshot"),
+    "no-metadata": lambda raw: save(load(raw)),
+    "position-not-a-number": lambda raw: _rebuilt(raw, position="1e3"),
+    "negative-position": lambda raw: _rebuilt(raw, position="-1"),
+    "last-offset-past-position": lambda raw: _rebuilt(raw, last_offset="9"),
+    "nan-timestamp": lambda raw: _rebuilt(raw, updated_at="nan"),
+    "bad-session-id": lambda raw: _rebuilt(raw, session_id="a/b"),
+    "short-fingerprint": lambda raw: _rebuilt(raw, {"fingerprint": np.zeros(3, np.uint8)}),
+    "answer-of-another-session": lambda raw: _rebuilt(raw, session_id="someone-else"),
+    "answer-not-json": lambda raw: _rebuilt(raw, {"answer": np.frombuffer(
+        bytes(load(raw)["answer"])[:-2], np.uint8)}),
+}
+
+
+@pytest.fixture(scope="module")
+def victim(server: Server) -> tuple[str, bytes]:
+    """A session of the shared server and its document, which the damage tests must leave as it is."""
+    session = new_id("victim")
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        _fed(http, session, series(9, seed=40), [5, 4])
+        return session, _exported(http, session)[0]
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_each_damaged_import_is_a_422_and_changes_nothing(client: httpx.Client, victim: tuple[str, bytes],
+                                                          damage: str) -> None:
+    session, document = victim
+    before = _exported(client, session)
+    damaged = DAMAGES[damage](document)
+    assert damaged != document
+    problem = assert_problem(_put(client, session, damaged), 422)
+    assert problem["type"].endswith("/invalid-state") and "nothing was changed" in problem["detail"]
+    assert _exported(client, session) == before
+    absent = new_id("absent")
+    assert_problem(_put(client, absent, damaged), 422)
+    assert_problem(_state(client, absent), 404)
+
+
+def test_the_damage_cases_start_from_a_document_that_imports(client: httpx.Client, victim: tuple[str, bytes]
+                                                             ) -> None:
+    imported = _put(client, new_id("whole"), victim[1])
+    assert imported.status_code == 201, imported.text
+
+
+def test_a_document_of_another_model_version_is_409_model_changed(
+    client: httpx.Client, server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    session = new_id("stale")
+    _fed(client, session, series(4, seed=41), [4])
+    other_model = server_factory(model_path=make_tiny_model(tmp_path / "other", seed=1))
+    with httpx.Client(base_url=other_model.url, timeout=30) as there:
+        problem = assert_problem(_put(there, session, _exported(client, session)[0]), 409)
+        assert problem["type"].endswith("/model-changed")
+        assert problem["model_version"] == there.get("/v1/model").json()["version"]
+        assert_problem(_state(there, session), 404)
+
+
+def test_a_document_over_the_body_limit_is_413_unread(server_factory: ServerFactory) -> None:
+    small = server_factory(GRU_MAX_BODY_BYTES="1024")
+    session = new_id("big")
+    with httpx.Client(base_url=small.url, timeout=30) as http:
+        assert send(http, session, series(5, seed=42), horizon=80).status_code == 200  # a long kept answer
+        document, tag = _exported(http, session)
+        assert len(document) > 1024
+        assert_problem(_put(http, session, document), 413)
+        assert _exported(http, session) == (document, tag)
+
+
+# -- preconditions and entity tags -------------------------------------------------------------------
+
+
+def test_import_with_a_stale_if_match_is_412_and_changes_nothing(client: httpx.Client) -> None:
+    values, session = series(12, seed=43), new_id("cas")
+    _fed(client, session, values, [5])
+    old, old_tag = _exported(client, session)
+    send(client, session, values[5:], offset=5)
+    now, tag = _exported(client, session)
+    assert tag != old_tag
+
+    problem = assert_problem(_put(client, session, old, **{"If-Match": old_tag}), 412)
+    assert problem["type"].endswith("/precondition-failed")
+    assert _exported(client, session) == (now, tag)
+    assert_problem(_put(client, session, old, **{"If-None-Match": "*"}), 412)
+    assert_problem(_put(client, session, old, **{"If-Match": f"W/{tag}"}), 412)  # If-Match compares strongly
+    assert_problem(_put(client, session, old, **{"If-Match": "not-a-tag"}), 400)
+    assert _exported(client, session) == (now, tag)
+
+    replaced = _put(client, session, old, **{"If-Match": f'"elsewhere", {tag}'})
+    assert replaced.status_code == 200 and replaced.json()["position"] == 5
+    assert replaced.headers["etag"] == _exported(client, session)[1] not in (tag, old_tag)
+
+    absent = new_id("absent")
+    assert_problem(_put(client, absent, old, **{"If-Match": "*"}), 412)
+    assert _put(client, absent, old, **{"If-None-Match": "*"}).status_code == 201
+
+
+def test_the_etag_differs_after_delete_and_recreate_to_the_same_numbers(client: httpx.Client) -> None:
+    values, session = series(6, seed=44), new_id("again")
+    _fed(client, session, values, [6])
+    document, tag = _exported(client, session)
+    assert client.delete(f"/v1/sessions/{session}").status_code == 204
+    _fed(client, session, values, [6])
+    again, new_tag = _exported(client, session)
+    assert load(again)["state"].tobytes() == load(document)["state"].tobytes()
+    assert new_tag != tag
+    assert_problem(_put(client, session, document, **{"If-Match": tag}), 412)
+
+
+def test_the_etag_is_the_same_while_the_session_is_unchanged(client: httpx.Client) -> None:
+    session = new_id("still")
+    _fed(client, session, series(4, seed=45), [4])
+    assert _exported(client, session) == _exported(client, session)
+
+
+# -- tenants -------------------------------------------------------------------------------------------
+
+
+def test_tenants_cannot_export_overwrite_or_fork_each_others_sessions(server_factory: ServerFactory) -> None:
+    keyed = server_factory(GRU_API_KEYS=f"{ALICE}:alice,{BOB}:bob")
+    alice, bob = {"X-API-Key": ALICE}, {"X-API-Key": BOB}
+    chunk = {"values": series(5, seed=46).tolist()}
+    with httpx.Client(base_url=keyed.url, timeout=30) as http:
+        assert_problem(_state(http, "pump-7"), 401)
+        assert_problem(_put(http, "pump-7", b"\0" * 8), 401)
+        assert_problem(http.post("/v1/sessions/pump-7/fork", json={"to": "mine"}), 401)
+        assert http.post("/v1/sessions/pump-7/predict", json=chunk, headers=alice).status_code == 200
+        exported = _state(http, "pump-7", **alice)
+        document, tag = exported.content, exported.headers["etag"]
+
+        assert_problem(_state(http, "pump-7", **bob), 404)
+        assert_problem(http.post("/v1/sessions/pump-7/fork", json={"to": "mine"}, headers=bob), 404)
+        assert_problem(_put(http, "pump-7", document, **bob, **{"If-Match": tag}), 412)  # bob has no pump-7
+        assert _put(http, "pump-7", document, **bob).status_code == 201  # bob's own pump-7, a copy
+        assert http.post("/v1/sessions/pump-7/predict", json=chunk, headers=bob).json()["position"] == 10
+
+        mine = _state(http, "pump-7", **alice)
+        assert (mine.content, mine.headers["etag"]) == (document, tag)
+        assert http.post("/v1/sessions/pump-7/fork", json={"to": "branch"}, headers=alice).status_code == 201
+        assert_problem(_state(http, "branch", **bob), 404)
+        assert http.get("/v1/sessions/pump-7", headers=alice).json()["position"] == 5
+
+
+# -- OpenAPI, client, command line ---------------------------------------------------------------------
+
+
+def test_openapi_describes_the_binary_bodies(client: httpx.Client) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    binary = {"schema": {"type": "string", "format": "binary"}}
+    state = paths["/v1/sessions/{session_id}/state"]
+    assert state["get"]["responses"]["200"]["content"] == {"application/octet-stream": binary}
+    assert "ETag" in state["get"]["responses"]["200"]["headers"]
+    assert state["put"]["requestBody"]["content"] == {"application/octet-stream": binary}
+    assert {p["name"] for p in state["put"]["parameters"]} >= {"session_id", "if-match", "if-none-match"}
+    assert {"201", "409", "412", "413", "422"} <= set(state["put"]["responses"])
+    fork = paths["/v1/sessions/{session_id}/fork"]["post"]
+    assert fork["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ForkRequest"}
+
+
+def test_client_exports_imports_and_forks(server: Server, client: httpx.Client) -> None:
+    values = series(20, seed=48)
+    with Client(server.url) as api:
+        session = api.session(new_id("api"))
+        list(session.stream(values[:8], chunk=4))
+        state = session.export_state()
+        assert state.etag == _exported(client, session.id)[1]
+        copy = api.session(new_id("api-copy"))
+        assert copy.import_state(state)["position"] == 8 and copy.position == 8
+        with pytest.raises(PreconditionFailed):
+            copy.import_state(state, if_match=state.etag)  # the copy's tag is its own
+        branch = session.fork(new_id("api-branch"))
+        assert branch.position == 8
+        with pytest.raises(SessionExists):
+            session.fork(copy.id)
+        answers = [s.predict(values[8:]).predictions for s in (copy, branch)]
+    expected = stateless(client, values)["predictions"][8:]
+    for got in answers:
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_async_client_exports_imports_and_forks(server: Server, client: httpx.Client) -> None:
+    values = series(10, seed=49)
+
+    async def scenario() -> list[Any]:
+        async with AsyncClient(server.url) as api:
+            session = await api.session(new_id("async"))
+            await session.predict(values[:6])
+            copy = await api.session(new_id("async-copy"))
+            await copy.import_state(await session.export_state())
+            branch = await session.fork(new_id("async-branch"))
+            return [(await s.predict(values[6:])).predictions for s in (copy, branch)]
+
+    for got in asyncio.run(scenario()):
+        np.testing.assert_allclose(got, stateless(client, values)["predictions"][6:], atol=1e-5)
+
+
+def test_cli_exports_imports_and_forks(server: Server, client: httpx.Client, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    session, copy, branch = new_id("cli"), new_id("cli-copy"), new_id("cli-branch")
+    _fed(client, session, series(7, seed=50), [7])
+    out = tmp_path / "saved.state"
+    url = ["--url", server.url]
+    assert main(["export", *url, "--session", session, "--out", str(out)]) == 0
+    assert out.read_bytes() == _exported(client, session)[0]
+    assert _exported(client, session)[1] in capsys.readouterr().err
+    assert main(["import", *url, "--session", copy, "--file", str(out)]) == 0
+    assert position(client, copy) == 7
+    assert main(["import", *url, "--session", copy, "--file", str(out), "--if-match", '"stale"']) == 1
+    assert "412" in capsys.readouterr().err
+    assert main(["fork", *url, "--session", session, "--to", branch]) == 0
+    assert position(client, branch) == 7
+    assert main(["fork", *url, "--session", session, "--to", branch]) == 1
+    assert f"session {branch!r} exists" in capsys.readouterr().err
+
+
+def test_document_round_trip_and_tag() -> None:
+    document = StateDocument("s", "tiny", "v1", 3, 0, b"f" * 16, b'{"session_id":"s","position":3}', 1.0, 2.0,
+                             np.arange(5, dtype=np.float32))
+    again = decode(encode(document), 5)
+    assert again.tag() == document.tag() and again.answer == document.answer
+    renamed = again.renamed("t")
+    assert renamed.answer == b'{"session_id":"t","position":3}' and renamed.tag() != document.tag()
