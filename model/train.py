@@ -30,8 +30,8 @@ from model.baselines import (
 )
 from model.cell import VARIANTS
 from model.checkpoint import MODEL_NAME, publishing, save_checkpoint
-from model.data import DataError, Series, load_dataset, read_table, series_from_frame
-from model.fit import TrainConfig, TrainResult, train
+from model.data import DataError, Series, fit_scaler, load_dataset, read_table, series_from_frame, split_point
+from model.fit import MIN_TRAIN_ROWS, MIN_VALIDATION_ROWS, TrainConfig, TrainResult, train
 from model.report import Scores, plot_validation, print_table, score
 
 
@@ -82,6 +82,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{name} must be at least 1, got {value}")
     if args.max_seconds <= 0:
         parser.error(f"--max-seconds must be positive, got {args.max_seconds}")
+    if not 0.0 < args.val_fraction < 1.0:
+        parser.error(f"--val-fraction must lie strictly between 0 and 1, got {args.val_fraction}")
     if args.out is not None and args.out.exists() and not args.out.is_dir():  # now, not after minutes of training
         parser.error(f"--out {args.out} is a file; give a directory for the checkpoint")
     if args.repository is not None and (args.name is None or not MODEL_NAME.fullmatch(args.name)):
@@ -119,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"column {column!r} left out: it says when, not what (name it in --columns to model it)")
         for column, count in series.filled.items():
             console.print(f"column {column!r}: {count} missing values filled by linear interpolation")
+        # What training would refuse at once (too few rows, a constant column), refused before the bar shows.
+        split = split_point(len(series.values), config.val_fraction, MIN_TRAIN_ROWS, MIN_VALIDATION_ROWS)
+        fit_scaler(series.values[:split], series.features)
         with Progress(
             TextColumn("epoch {task.completed:.0f}/{task.total:.0f}"),
             BarColumn(),

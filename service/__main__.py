@@ -11,7 +11,8 @@ from pydantic import ValidationError
 
 from model import CheckpointError
 from service.app import create_app
-from service.config import Settings
+from service.config import Settings, unknown_variables
+from service.head_deadline import head_deadline_protocol
 from service.logs import configure
 
 
@@ -25,10 +26,10 @@ def _configuration_errors(exc: ValidationError) -> str:
 
 
 def _raise_open_file_limit() -> None:
-    """Every connection holds a file descriptor, idle ones included (uvicorn closes a connection that never
-    sends a request only when its client does): the usual soft limit of 1,024 would let a thousand silent
-    clients lock everyone out, long before the hard limit would. Front the service with a proxy that times
-    out slow clients (deploy/nginx) where it faces the open internet."""
+    """Every connection holds a file descriptor, idle ones included (until the head deadline closes them,
+    service.head_deadline): the usual soft limit of 1,024 would let a thousand silent clients lock everyone
+    out within that time, long before the hard limit would. Front the service with a proxy that times out
+    slow clients sooner (deploy/nginx) where it faces the open internet."""
     try:
         import resource  # Unix only
     except ImportError:
@@ -50,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=None, help="default: GRU_PORT (8000)")
     args = parser.parse_args(argv)
+    unknown = unknown_variables()
+    if unknown:
+        print("invalid configuration:\n" + "\n".join(f"  {line}" for line in unknown), file=sys.stderr)
+        return 2
     try:
         settings = Settings()
     except ValidationError as exc:
@@ -65,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     # One setting for the port: the image's healthcheck (service.healthcheck) reads GRU_PORT too.
     port = settings.port if args.port is None else args.port
     uvicorn.run(app, host=args.host, port=port, log_config=None, access_log=False,
-                timeout_graceful_shutdown=30)
+                timeout_graceful_shutdown=30, http=head_deadline_protocol(settings.request_timeout_seconds))
     return 0
 
 

@@ -14,15 +14,15 @@ import torch
 from fastapi import FastAPI
 
 from service import auth, problems
-from service.api import health, hot, state, v1, v2
+from service.api import docs, health, hot, state, v1, v2
 from service.api import repository as repository_api
 from service.api.openapi import Limits, document_raw_routes
 from service.config import Settings
 from service.metrics import Metrics
-from service.middleware import BodyLimit, Observability, RouteTemplates, ServerErrors
+from service.middleware import BodyLimit, ContentEncoding, HeadAsGet, Observability, RouteTemplates, ServerErrors
 from service.models import Registry
 from service.repository import Repository
-from service.sessions.snapshot import SnapshotKeeper
+from service.snapshots import ModelSnapshots
 
 log = logging.getLogger("service")
 
@@ -72,14 +72,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "name": str(meta["name"]), "version": str(meta["version"]), "device": str(device),
         "variant": engine.forecaster.config.variant,
     })
-    snapshots = SnapshotKeeper.from_settings(
-        settings, default.raw_store, lambda: registry.default_model.engine.model_version,
-        lambda: registry.hashes_on_disk(registry.default), default.state_size,
-    )
+    snapshots = ModelSnapshots(settings, registry)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if snapshots is not None:  # restored before the first request
+        if snapshots.enabled:  # restored before the first request
             await snapshots.start()
         await registry.start()
         sweeper = asyncio.create_task(_sweep_forever(registry, min(settings.session_ttl_seconds / 4, 10.0)))
@@ -97,7 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             sweeper.cancel()
             # uvicorn answered every in-flight request; the engines drain what is left, then the snapshot
             # (after the drain: every answered chunk is in it), then the stores close.
-            await registry.stop(before_close=snapshots.stop if snapshots is not None else None)
+            await registry.stop(before_close=snapshots.stop if snapshots.enabled else None)
 
     app = FastAPI(
         **_WITHOUT_FASTAPI_TELEMETRY,
@@ -106,6 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Stream a time series in chunks; the service keeps each session's GRU state between calls.",
         lifespan=lifespan,
         redirect_slashes=False,  # /v1/predict/batch/ is a 404 problem, as on the hot routes, not an empty 307
+        docs_url=None,  # FastAPI's /docs loads Swagger UI from a CDN: service.api.docs serves it from a package
     )
     app.state.settings = settings
     app.state.registry = registry
@@ -120,13 +118,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(repository_api.router)  # before v2's catch-all for unserved /v2 paths
     app.include_router(v2.router)
     app.include_router(health.router)
+    docs.install(app)
     problems.install(app)
     app.add_middleware(hot.HotRoutes)  # innermost: the predict routes skip FastAPI's per-request machinery
+    app.add_middleware(HeadAsGet)
+    app.add_middleware(ContentEncoding, max_body_bytes=settings.max_body_bytes)  # inside the limit on the wire
     app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes,
                        body_timeout_seconds=settings.request_timeout_seconds)
     auth.install(app, settings)  # inside Observability, so refusals are counted and logged
     app.add_middleware(ServerErrors)  # inside Observability, so the 500/503/499 it answers are counted
-    templates = [*app.openapi()["paths"], *(url for url in (app.openapi_url, app.docs_url, app.redoc_url,
-                                                              app.swagger_ui_oauth2_redirect_url) if url)]
+    templates = [*app.openapi()["paths"], *docs.PATHS, *(url for url in (app.openapi_url, app.redoc_url) if url)]
     app.add_middleware(Observability, metrics=metrics, templates=RouteTemplates(templates))
     return app

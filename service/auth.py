@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import Depends, FastAPI, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.api import docs
 from service.keys import load_api_keys
 from service.problems import PROBLEM_JSON, Problem, route_path
 
@@ -186,8 +187,8 @@ def install(app: FastAPI, settings: Settings) -> None:
     if not keys and not admin:
         return
     keys |= admin
-    urls = (app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url)
-    open_paths = {"/healthz", "/readyz", *(url for url in urls if url)}
+    urls = (app.redoc_url, app.openapi_url)
+    open_paths = {"/healthz", "/readyz", *docs.PATHS, *(url for url in urls if url)}
     if not settings.metrics_require_key:
         open_paths.add("/metrics")
     frozen = frozenset(open_paths)

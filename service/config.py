@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -13,6 +15,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from service.keys import load_api_keys
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
+# GRU_ variables that are not the service's settings, allowed beside them: python -m service.client's.
+CLIENT_VARIABLES = ("GRU_URL", "GRU_API_KEY")
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "model" / "weights" / "default"
 
 
@@ -56,11 +60,18 @@ class Settings(BaseSettings):
         256 * 2**20, ge=65_536,
         description="memory store: bytes of the answers kept for exact retries; least recently used sessions go beyond",
     )
+    tenant_max_sessions: int | None = Field(
+        None, ge=1, description="memory store: sessions per tenant; at it, the tenant's own least recently used goes"
+    )
+    tenant_max_answer_bytes: int | None = Field(
+        None, ge=65_536, description="memory store: bytes of kept answers per tenant; beyond, the tenant's own go"
+    )
     max_batch_size: int = Field(64, ge=1, le=4096, description="chunks of distinct sessions run as one batch")
     max_batch_delay_ms: float = Field(2.0, ge=0, le=1000, description="how long a batch waits to fill")
     max_queue: int = Field(1024, ge=1, description="chunks waiting for the engine; beyond this 429")
     request_timeout_seconds: float = Field(
-        30.0, gt=0, description="a chunk not computed by then gets 503; a body not received by then, 408"
+        30.0, gt=0, description="a chunk not computed by then gets 503; a body not received by then, 408; a request"
+        " head not received by then closes the connection"
     )
     max_chunk_steps: int = Field(4096, ge=1, description="most steps in one chunk")
     max_horizon: int = Field(512, ge=0, description="longest forecast")
@@ -121,3 +132,17 @@ class Settings(BaseSettings):
         if not self.model_path.is_dir():
             raise ValueError(f"GRU_MODEL_PATH={self.model_path} is not a directory; point it at a checkpoint")
         return self
+
+
+def unknown_variables(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """One line per ``GRU_`` variable that is no setting, naming the closest setting: a misspelt one would
+    otherwise be ignored (GRU_SNAPSHOT_PATHS: no snapshot, every session lost at the next SIGTERM)."""
+    known = [f"GRU_{name.upper()}" for name in Settings.model_fields]
+    lines = []
+    for name in sorted(environ):
+        upper = name.upper()  # pydantic-settings reads the names case-insensitively
+        if upper.startswith("GRU_") and upper not in known and upper not in CLIENT_VARIABLES:
+            close = difflib.get_close_matches(upper, known, n=1)
+            hint = f"; did you mean {close[0]}?" if close else "; see the configuration table in the README"
+            lines.append(f"{name} is not a setting{hint}")
+    return lines

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 # in quantiles rather than only in +Inf: 0.5 ms .. 60 s.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-EVICTION_REASONS = ("ttl", "capacity")
+EVICTION_REASONS = ("ttl", "capacity", "tenant_quota")
 disable_created_metrics()  # *_created series double the exposition and no dashboard or rule reads them
 
 

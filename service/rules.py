@@ -3,7 +3,8 @@ replica judges alike.
 
 - offset == position: apply. No offset: append at the current position.
 - offset and fingerprint of the last applied chunk: its answer again (exact retry), nothing changes.
-- any other offset: 409 with the current position.
+- any other offset: 409 with the current position (at the last chunk's offset, saying a different chunk was
+  applied there).
 - unknown session: created when offset is absent or 0; otherwise 404 (expired or never there).
 - a session built with another model version: 409, reset to continue.
 """
@@ -67,10 +68,13 @@ def judge(
         )
     if offset is None or offset == session.position:
         return Apply(start=session.position, created=False)
-    if offset == session.last_offset and session.fingerprint == fingerprint(offset, horizon, values, extras):
-        return Replay(session.answer)
-    return OffsetMismatch(
-        f"offset {offset} does not match session {session_id!r} at position {session.position}; resend from"
-        f" offset {session.position}",
-        session_id=session_id, position=session.position,
-    )
+    if offset == session.last_offset:
+        if session.fingerprint == fingerprint(offset, horizon, values, extras):
+            return Replay(session.answer)
+        detail = (f"a different chunk (other values, horizon, levels or scores) was applied at offset {offset} of"
+                  f" session {session_id!r}, now at position {session.position}; this is not a retry of it: send the"
+                  f" next chunk from offset {session.position}, or reset the session")
+    else:
+        detail = (f"offset {offset} does not match session {session_id!r} at position {session.position}; resend"
+                  f" from offset {session.position}")
+    return OffsetMismatch(detail, session_id=session_id, position=session.position)

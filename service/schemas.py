@@ -7,16 +7,16 @@ numbers), no NaN/Infinity, unknown fields refused.
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from typing import Annotated, Any
 
 import numpy as np
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, JsonValue, StringConstraints
+from pydantic_core import core_schema
 
-SESSION_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
-SESSION_ID = re.compile(SESSION_ID_PATTERN)  # use fullmatch: Python's $ also matches before a final "\n"
+from service.session_ids import SESSION_ID_PATTERN
+
 SessionId = Annotated[str, StringConstraints(pattern=SESSION_ID_PATTERN)]
 # fail_fast: a bad element ends the list's validation, so a 4 MiB body of `{}` costs one error, not a million
 # (each of which would be built, listed in the 422 and serialised). min_length: at least one step.
@@ -99,13 +99,24 @@ class BatchRequest(BaseModel):
     items: list[BatchItem] = Field(min_length=1, description="Chunks of any sessions; each is judged on its own")
 
 
+class _ScreenedItem:
+    """A batch item as the envelope reads it: an object of ``BatchItem``'s fields (values not yet judged), or
+    None for anything else, an object with an unknown field included. Screened in pydantic-core, stopping at
+    the first unknown key, so an item of 150,000 unknown fields never becomes 150,000 Python objects."""
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        known = core_schema.dict_schema(keys_schema=core_schema.literal_schema(sorted(BatchItem.model_fields)),
+                                        values_schema=core_schema.any_schema(), fail_fast=True)
+        return core_schema.with_default_schema(known, on_error="default", default=None)
+
+
 class BatchEnvelope(BaseModel):
-    """How the batch route reads its body (documented as ``BatchRequest``): the items are only parsed here,
+    """How the batch route reads its body (documented as ``BatchRequest``): the items are only screened here,
     then each is validated as a ``BatchItem`` on its own, so a bad item gets its own problem in ``results``
     and the others are still answered."""
 
     model_config = ConfigDict(**_STRICT)
-    items: list[JsonValue] = Field(min_length=1)
+    items: list[Annotated[dict[str, JsonValue] | None, _ScreenedItem()]] = Field(min_length=1)
 
 
 class Band(BaseModel):

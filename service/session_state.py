@@ -22,6 +22,7 @@ from service.sessions.base import Session, SessionStore, Write, session_id_of
 from service.sessions.document import StateDocument
 
 MAX_ATTEMPTS = 8  # an import losing its commit this often in a row: the session is too busy to replace now
+UNREADABLE_TAG = "(none: another model's state)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +82,7 @@ class SessionStates:
             )
         for _ in range(MAX_ATTEMPTS):
             current = await self._current_record(key)
-            tag = self._document(*current).tag() if current is not None else None
+            tag = self._tag(*current) if current is not None else None
             if not precondition.holds(tag):
                 raise PreconditionFailed(
                     f"session {session_id_of(key)!r} is {'at entity tag ' + tag if tag else 'absent'}, which"
@@ -109,15 +110,38 @@ class SessionStates:
             raise refusal
         return written
 
-    async def _current_record(self, key: str) -> tuple[Session, np.ndarray] | None:
+    async def _current_record(self, key: str) -> tuple[Session, np.ndarray | None] | None:
+        """The record and its (S,) state; the state None where another model wrote it in another size (a
+        replica of that model sharing the store, as in a rolling update): it is not this model's to read."""
         session, = await self.store.load([key])
         if session is None:
             return None
-        return session, self.store.gather([session], self.device)[0].cpu().numpy()  # (S,)
+        try:
+            state = self.store.gather([session], self.device)[0].cpu().numpy()  # (S,)
+        except ValueError:
+            if self.model.by_hash(session.model_version) is not None:
+                raise
+            return session, None
+        return session, state
 
     async def _current(self, key: str) -> StateDocument | None:
         current = await self._current_record(key)
-        return self._document(*current) if current is not None else None
+        if current is None:
+            return None
+        session, state = current
+        if state is None:
+            raise StaleModel(
+                f"session {session_id_of(key)!r} was built with model {session.model_version}, whose state this"
+                f" service (model {self.model.engine.model_version}) cannot read; export it where that model runs",
+                session_id=session_id_of(key), position=session.position,
+                model_version=self.model.engine.model_version,
+            )
+        return self._document(session, state)
+
+    def _tag(self, session: Session, state: np.ndarray | None) -> str:
+        """The session's entity tag; for a state this model cannot read, one that no quoted tag equals (only
+        ``If-Match: *`` holds for it)."""
+        return self._document(session, state).tag() if state is not None else UNREADABLE_TAG
 
     def _document(self, session: Session, state: np.ndarray) -> StateDocument:
         return StateDocument(

@@ -4,6 +4,7 @@ the load generator counts what it should, and the baseline lets it resynchronise
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from bench import __main__ as bench_main
-from bench import cell, load, naive_server
+from bench import cell, junk, load, naive_server
 
 
 def test_cell_table_runs_and_checks_outputs(capsys: pytest.CaptureFixture[str]) -> None:
@@ -94,3 +95,12 @@ def test_interval_score_adds_two_over_alpha_times_each_miss_to_the_width() -> No
     scored = score(np.array([0.0, 5.0, -3.0]), np.full(3, -1.0), np.full(3, 1.0), level=80)
     assert scored.coverage == 1 / 3 and scored.width == 2.0
     assert scored.winkler == pytest.approx((2 + (2 + 10 * 4) + (2 + 10 * 2)) / 3)
+
+
+def test_junk_bodies_are_json_objects_of_unknown_keys_of_the_size_asked() -> None:
+    body = junk.junk_object(0.05)
+    parsed = json.loads(body)
+    assert 50_000 <= len(body) < 50_100
+    assert parsed.pop("values") == [0.5]
+    assert list(parsed) == [f"k{index}" for index in range(len(parsed))]
+    assert all(value == [[[[]]]] for value in parsed.values())

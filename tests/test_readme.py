@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from bench.common import DEFAULT_WEIGHTS
 from harness.processes import ROOT
 from service.config import Settings
+from tests.conftest import Server, start_server
 
 README = (ROOT / "README.md").read_text()
 
@@ -20,3 +34,80 @@ def test_every_setting_is_in_the_configuration_table() -> None:
 
 def test_ci_runs_the_readme_test_command() -> None:
     assert (ROOT / ".ci" / "run").read_text().strip().endswith("make test")
+
+
+# -- the README's examples, run against the shipped model ------------------------------------------------------
+
+_CURL = re.compile(r"curl -s (?:-X (?P<method>\w+) )?localhost:8000(?P<path>\S+)(?P<rest>.*)")
+_MEMBER = re.compile(r'"(\w+)":(\[\[[^]]*(?:\],\[[^]]*)*\]\]|"[^"]*"|-?[\d.]+|true|false)')
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    running = start_server(DEFAULT_WEIGHTS, tmp_path_factory.mktemp("readme"))
+    yield running
+    running.stop(signal.SIGKILL)
+
+
+def _curl_section() -> list[tuple[str, str, bytes | None, str]]:
+    """Each curl of "A session in curl": method, path, body, and the sample answer in the comment below it."""
+    block = README.split("## A session in curl", 1)[1].split("\n## ", 1)[0]
+    lines = block.replace("\\\n", " ").splitlines()
+    calls = []
+    for index, line in enumerate(lines):
+        found = _CURL.search(line)
+        if found is None:
+            continue
+        body = re.search(r"-d '([^']*)'", found["rest"])
+        method = found["method"] or ("POST" if body else "GET")
+        sample = "".join(more.strip().lstrip("#") for more in lines[index + 1:index + 4]
+                         if more.strip().startswith("# ") and ('"' in more))
+        calls.append((method, found["path"], body[1].encode() if body else None, sample))
+    return calls
+
+
+def _rounded(value: Any) -> Any:
+    if not isinstance(value, list):
+        return value
+    return [[None if x is None else round(x, 2) for x in row] for row in value]
+
+
+def _members(answer: Any) -> list[tuple[str, Any]]:
+    """Every member of the answer that is not an object, depth first in order: an interval's ``lower`` of
+    level 80 comes before level 95's, as the README prints them."""
+    found: list[tuple[str, Any]] = []
+    for name, value in answer.items():
+        found += _members(value) if isinstance(value, dict) else [(name, value)]
+    return found
+
+
+def test_the_curl_session_answers_what_the_readme_shows(shipped: Server) -> None:
+    """Every member the README prints in full (not elided with ...) is what the shipped model answers,
+    numbers to the two decimals shown."""
+    calls = _curl_section()
+    assert len(calls) == 9 and sum(bool(sample) for *_, sample in calls) == 3
+    checked = 0
+    with httpx.Client(base_url=shipped.url) as http:
+        for method, path, body, sample in calls:
+            answer = http.request(method, path, content=body)
+            assert answer.status_code < 500, answer.text
+            members = iter(_members(answer.json()) if sample else [])
+            for name, shown in _MEMBER.findall(sample):
+                actual = next(value for member, value in members if member == name)
+                if "..." in shown or "…" in shown:
+                    continue
+                assert _rounded(actual) == json.loads(shown), (
+                    f"{method} {path}: README shows {name}={shown}, the shipped model answers {actual}")
+                checked += 1
+    assert checked == 17  # six members of the first answer, three of the 409, eight with intervals and scores
+
+
+def test_the_python_example_runs_twice_and_prints_what_the_readme_shows(shipped: Server) -> None:
+    block = README.split("from service.client import Client\n", 1)[1].split("\n\n", 1)[0]
+    code = "from service.client import Client\n" + textwrap.dedent(block)
+    shown = next(line.split("# ", 1)[1] for line in code.splitlines() if line.lstrip().startswith("# "))
+    first, again = shown.split("run again, it goes on:")
+    runs = [subprocess.run([sys.executable, "-c", code.replace("http://localhost:8000", shipped.url)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60) for _ in range(2)]
+    assert [run.returncode for run in runs] == [0, 0], [run.stderr for run in runs]
+    assert [run.stdout.strip() for run in runs] == [first.strip(), again.strip()]

@@ -16,8 +16,8 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from service.problems import PROBLEM_JSON
-from service.schemas import SESSION_ID_PATTERN
 from service.schemas import Problem as ProblemModel
+from service.session_ids import SESSION_ID_PATTERN
 
 REF_TEMPLATE = "#/components/schemas/{model}"
 

@@ -30,8 +30,9 @@ RAW_BODY_MODELS: list[type[BaseModel]] = [ForkRequest]
 _BINARY = {OCTET: {"schema": {"type": "string", "format": "binary"}}}
 _ETAG = {"ETag": {"description": "Changes whenever the session does; send it as If-Match to import only"
                   " over this very state", "schema": {"type": "string"}}}
-# A list of entity tags (RFC 9110 section 8.8.3), each maybe weak; or "*".
-_TAG_LIST = re.compile(r'\s*(?:\*|(?:W/)?"[^"]*"\s*(?:,\s*(?:W/)?"[^"]*"\s*)*)')
+# A list of entity tags (RFC 9110 section 8.8.3), each maybe weak, empty elements ignored (section 5.6.1.2);
+# or "*".
+_TAG_LIST = re.compile(r'\s*(?:\*|(?:,\s*)*(?:W/)?"[^"]*"(?:\s*,(?:\s*(?:W/)?"[^"]*")?)*)\s*')
 _TAG = re.compile(r'(W/)?("[^"]*")')
 
 
@@ -42,11 +43,13 @@ async def get_states(request: Request) -> SessionStates:
 StatesDep = Annotated[SessionStates, Depends(get_states)]
 
 
-def _tags(value: str | None, header: str, *, weak: bool) -> list[str] | None:
-    """The entity tags of a precondition header (None: absent); ``weak``: W/ tags compare too
-    (If-None-Match), else they never match (If-Match compares strongly)."""
-    if value is None:
+def _tags(lines: list[str] | None, header: str, *, weak: bool) -> list[str] | None:
+    """The entity tags of a precondition header (None: absent), over all its field lines, which are one
+    comma-separated list (RFC 9110 section 5.3); ``weak``: W/ tags compare too (If-None-Match), else they
+    never match (If-Match compares strongly)."""
+    if not lines:
         return None
+    value = ", ".join(lines)
     if not _TAG_LIST.fullmatch(value):
         raise Problem(400, "invalid-precondition", f"{header} is not '*' or a list of quoted entity tags")
     if value.strip() == "*":
@@ -68,7 +71,7 @@ def _answer(response: Response, request: Request, session_id: str, written: Writ
     description="The session as one safetensors document: its state vector, position, model version and"
                 " the answer kept for an exact retry. `PUT` it here or on another deployment to go on exactly.",
     responses={200: {"description": "The state document", "content": _BINARY, "headers": _ETAG},
-               **problem_responses(404, 422, 503)},
+               **problem_responses(404, 409, 422, 503)},
 )
 async def export_state(session_id: SessionIdPath, states: StatesDep, tenant: TenantDep) -> Response:
     document = await states.export(session_key(tenant, session_id))
@@ -91,8 +94,8 @@ _IF_NONE_MATCH_DOC = "`*`: import only if the session does not exist (412 otherw
 )
 async def import_state(
     session_id: SessionIdPath, request: Request, response: Response, states: StatesDep, tenant: TenantDep,
-    if_match: Annotated[str | None, Header(description=_IF_MATCH_DOC)] = None,
-    if_none_match: Annotated[str | None, Header(description=_IF_NONE_MATCH_DOC)] = None,
+    if_match: Annotated[list[str] | None, Header(description=_IF_MATCH_DOC)] = None,  # every field line
+    if_none_match: Annotated[list[str] | None, Header(description=_IF_NONE_MATCH_DOC)] = None,
 ) -> SessionInfo:
     precondition = Precondition(_tags(if_match, "If-Match", weak=False),
                                 _tags(if_none_match, "If-None-Match", weak=True))

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, JsonValue
 
-from service.api.bodies import chunk_array, parse, parse_item
+from service.api.bodies import chunk_array, parse, parse_item, unknown_item_fields
 from service.api.deps import EngineDep, ModelDep, SettingsDep, model_path
 from service.api.extras import requested
 from service.api.openapi import body_schema, problem_responses
@@ -25,7 +25,6 @@ from service.models import Registry, ServedModel
 from service.problems import Problem, as_problem
 from service.refusals import Refusal
 from service.schemas import (
-    SESSION_ID_PATTERN,
     BatchEnvelope,
     BatchItem,
     BatchRequest,
@@ -37,6 +36,7 @@ from service.schemas import (
     ResetResponse,
     SessionInfo,
 )
+from service.session_ids import SESSION_ID_PATTERN
 from service.sessions.base import Session, session_key
 
 router = APIRouter(prefix="/v1", tags=["v1"])
@@ -84,17 +84,19 @@ async def list_models(request: Request) -> ModelList:
     openapi_extra=body_schema(BatchRequest), responses=problem_responses(400, 408, 413, 422),
 )
 async def predict_batch(request: Request, model: ModelDep, settings: SettingsDep, tenant: TenantDep) -> Response:
-    body = parse(await request.body(), BatchEnvelope)
+    raw_body = await request.body()
+    body = parse(raw_body, BatchEnvelope)
     if len(body.items) > settings.max_batch_items:
         detail = f"{len(body.items)} items, more than GRU_MAX_BATCH_ITEMS={settings.max_batch_items}; split the call"
         raise Problem(422, "invalid-request", detail,
                       errors=[{"loc": ["body", "items"], "msg": detail, "type": "too_long"}])
     features = model.engine.forecaster.num_features
+    unknown = unknown_item_fields(raw_body, BatchItem) if None in body.items else {}
 
     async def one(index: int, raw: JsonValue) -> bytes:
         loc = ["body", "items", str(index)]
         try:
-            item = parse_item(raw, BatchItem, loc)
+            item = parse_item(raw, BatchItem, loc, unknown.get(index))
             values = chunk_array(item.values, item.horizon, features, settings, [*loc, "values"])
             key = session_key(tenant, item.session_id)
             engine = model.engine_for(key)

@@ -36,7 +36,6 @@ from service.api.v2_codec import (
     INPUT,
     OUTPUTS,
     InferRequest,
-    decode_body,
     encode_infer,
     parse_infer,
     v2_problem,
@@ -175,9 +174,8 @@ _INFER_DOC: dict[str, Any] = {
 
 
 async def _infer(request: Request, model: ServedModel, engine: Engine, settings: Settings, tenant: str) -> Response:
-    body = decode_body(await request.body(), request.headers.get("content-encoding"), settings.max_body_bytes)
     call = parse_infer(
-        body, request.headers.get(HEADER_LENGTH), features=engine.forecaster.num_features,
+        await request.body(), request.headers.get(HEADER_LENGTH), features=engine.forecaster.num_features,
         max_steps=settings.max_chunk_steps, max_horizon=settings.max_horizon,
     )
     parameters: dict[str, Any] = {}

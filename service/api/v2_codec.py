@@ -22,7 +22,6 @@ KServe "Open Inference Protocol" REST spec and Triton's ``binary_data.md`` and `
 from __future__ import annotations
 
 import itertools
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from service.extras import level_key
 from service.http_fields import decimal_length
 from service.problems import Problem, describe_errors
-from service.schemas import SESSION_ID, SESSION_ID_PATTERN
+from service.session_ids import SESSION_ID, SESSION_ID_RULE
 
 INPUT = "values"
 PREDICTIONS = "predictions"
@@ -95,25 +94,6 @@ class InferRequest:
 
 
 # -- the body ------------------------------------------------------------------------------------------
-
-
-def decode_body(raw: bytes, encoding: str | None, limit: int) -> bytes:
-    """The body after ``Content-Encoding`` (tritonclient may gzip or deflate), inflated up to ``limit``."""
-    if not encoding or encoding.lower() == "identity":
-        return raw
-    wbits = {"gzip": 31, "deflate": 15}.get(encoding.lower())
-    if wbits is None:
-        detail = f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or an uncompressed body"
-        raise Problem(415, "unsupported-encoding", detail)
-    inflater = zlib.decompressobj(wbits)
-    try:
-        body = inflater.decompress(raw, limit + 1)
-    except zlib.error as exc:
-        raise v2_problem(400, f"the body is not valid {encoding} data ({exc})") from None
-    if len(body) > limit or inflater.unconsumed_tail:
-        detail = f"the decompressed body is over GRU_MAX_BODY_BYTES={limit} bytes; send smaller chunks"
-        raise Problem(413, "body-too-large", detail)
-    return body
 
 
 def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
@@ -198,8 +178,7 @@ def _sequence(parameters: dict[str, Any]) -> tuple[str | int | None, str | None]
                          " it for a stateless call)")
     session_id = str(value)
     if not SESSION_ID.fullmatch(session_id):
-        raise v2_problem(400, f"parameter sequence_id {value!r} must match {SESSION_ID_PATTERN} (the v1"
-                         " session id rule)")
+        raise v2_problem(400, f"parameter sequence_id {value!r} breaks the v1 session id rule: {SESSION_ID_RULE}")
     return value, session_id
 
 
@@ -293,7 +272,7 @@ def _requested(request: _InferRequest, horizon: int, levels: list[float] | None,
 def parse_infer(
     body: bytes, header_length: str | None, *, features: int, max_steps: int, max_horizon: int
 ) -> InferRequest:
-    """Decode and check one v2 inference request (after ``decode_body``)."""
+    """Decode and check one v2 inference request (its Content-Encoding already undone by the middleware)."""
     header, binary = _split(body, header_length)
     request = _load(header)
     names = [tensor.name for tensor in request.inputs]

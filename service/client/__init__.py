@@ -12,7 +12,9 @@ raises ``SessionNotFound``. ``AsyncClient`` is the same with ``await``.
 
 A session's state moves as one document: ``session.export_state()`` gives its bytes and ETag,
 ``other.import_state(state)`` creates or replaces a session with it (here or on another deployment), and
-``session.fork("what-if")`` copies it to a new id.
+``session.fork("what-if")`` copies it to a new id. Resent after a lost answer, a fork or an ``if_match``
+import meets what its first attempt did (409, 412); the client takes that as done when the session holds
+that very state, and raises otherwise.
 
 The command line that streams a CSV through a session is ``service.client.cli`` (``python -m service.client``).
 """
@@ -21,18 +23,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
-import re
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
+from service.session_ids import SESSION_ID, SESSION_ID_RULE
 
-SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+INSTALL = "pip install 'gru-service[client]' (in a checkout: pip install -e '.[client]')"
+
+
+def _run_with_dash_m() -> bool:
+    """Whether this process is ``python -m service.client``."""
+    argv = sys.orig_argv
+    return "-m" in argv and argv[argv.index("-m") + 1:][:1] == [__name__]
+
+
+try:
+    import httpx
+except ModuleNotFoundError as missing:
+    # python -m service.client imports this package before its __main__: one line and exit 2 there, not a
+    # traceback; an import from code gets the same words as its ImportError.
+    line = f"service.client needs the client extra ({missing.name} is missing): {INSTALL}"
+    if _run_with_dash_m():
+        print(line, file=sys.stderr)
+        raise SystemExit(2) from None
+    raise ModuleNotFoundError(line, name=missing.name) from None
+
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 # Errors after which the request may or may not have reached the server: safe to resend with the offset.
 RETRY_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
@@ -147,7 +169,7 @@ def _rows(values: Values) -> list[Any]:
 
 def _check_id(session_id: str) -> str:
     if not SESSION_ID.fullmatch(session_id):
-        raise ValueError(f"session id {session_id!r} must match {SESSION_ID.pattern}")
+        raise ValueError(f"session id {session_id!r} breaks the rule: {SESSION_ID_RULE}")
     return session_id
 
 
@@ -175,6 +197,25 @@ class State:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         Path(path).write_bytes(self.document)
+
+
+def _same_session(document: bytes, other: bytes) -> bool:
+    """Whether two state documents hold the same session whatever its id and times: model version,
+    position, last chunk and state. A fork or conditional import resent after a lost answer meets what its
+    first attempt did (409, 412): this tells that apart from someone else's session."""
+    try:
+        return _contents(document) == _contents(other)
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
+def _contents(document: bytes) -> tuple[Any, ...]:
+    length = int.from_bytes(document[:8], "little")
+    header = json.loads(document[8 : 8 + length])
+    data = document[8 + length :]
+    meta = header["__metadata__"]
+    tensors = [data[slice(*header[name]["data_offsets"])] for name in ("state", "fingerprint")]
+    return meta["model_version"], meta["position"], meta["last_offset"], *tensors
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,11 +442,26 @@ class Session(_SessionCalls):
     def import_state(self, state: State | bytes, if_match: str | None = None) -> dict[str, Any]:
         """Create or replace this session with an exported state; its description (the handle moves to its
         position). ``if_match`` (an ETag): only over that very state, else ``PreconditionFailed``."""
-        return self._imported(self.client.send(self._import(state, if_match)))
+        resends = self.client.stats.retries
+        try:
+            return self._imported(self.client.send(self._import(state, if_match)))
+        except PreconditionFailed:
+            document = state.document if isinstance(state, State) else state
+            if self.client.stats.retries == resends or not _same_session(document, self.export_state().document):
+                raise
+        return self._imported(self.client.send(_Call("GET", self._path)))  # a lost answer's import: ours
 
     def fork(self, to: str) -> Session:
         """A copy of this session as the new session ``to`` (``SessionExists`` if it exists), as a handle."""
-        description = _answer(self.client.send(self._fork(to)))
+        resends = self.client.stats.retries
+        try:
+            description = _answer(self.client.send(self._fork(to)))
+        except SessionExists:
+            copy = Session(self.client, to)
+            if self.client.stats.retries == resends or not _same_session(self.export_state().document,
+                                                                         copy.export_state().document):
+                raise
+            description = self.client.request("GET", copy._path)  # a lost answer's fork: ours
         return Session(self.client, to, int(description["position"]))
 
 
@@ -495,8 +551,24 @@ class AsyncSession(_SessionCalls):
         return self._exported(await self.client.send(self._export()))
 
     async def import_state(self, state: State | bytes, if_match: str | None = None) -> dict[str, Any]:
-        return self._imported(await self.client.send(self._import(state, if_match)))
+        resends = self.client.stats.retries
+        try:
+            return self._imported(await self.client.send(self._import(state, if_match)))
+        except PreconditionFailed:
+            document = state.document if isinstance(state, State) else state
+            if self.client.stats.retries == resends or not _same_session(document,
+                                                                         (await self.export_state()).document):
+                raise
+        return self._imported(await self.client.send(_Call("GET", self._path)))
 
     async def fork(self, to: str) -> AsyncSession:
-        description = _answer(await self.client.send(self._fork(to)))
+        resends = self.client.stats.retries
+        try:
+            description = _answer(await self.client.send(self._fork(to)))
+        except SessionExists:
+            copy = AsyncSession(self.client, to)
+            if self.client.stats.retries == resends or not _same_session((await self.export_state()).document,
+                                                                         (await copy.export_state()).document):
+                raise
+            description = await self.client.request("GET", copy._path)
         return AsyncSession(self.client, to, int(description["position"]))

@@ -29,7 +29,8 @@ from typing import Any, TextIO
 import httpx
 
 from service.client import (
-    SESSION_ID,
+    INSTALL,
+    SESSION_ID_RULE,
     Client,
     ModelChanged,
     OffsetConflict,
@@ -357,7 +358,7 @@ def _connection() -> argparse.ArgumentParser:
                          help="service base URL (default $GRU_URL or http://127.0.0.1:8000)")
     options.add_argument("--api-key", default=os.environ.get("GRU_API_KEY"), help="default $GRU_API_KEY")
     options.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
-    options.add_argument("--session", required=True, help=f"session id ({SESSION_ID.pattern})")
+    options.add_argument("--session", required=True, help=f"session id ({SESSION_ID_RULE})")
     return options
 
 
@@ -396,6 +397,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     if args.chunk < 1:
         parser.error("--chunk must be at least 1")
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401  (only --plot needs it: checked before anything is sent)
+        except ModuleNotFoundError:
+            parser.exit(2, f"--plot needs the client extra (matplotlib is missing): {INSTALL}\n")
     # A stop from outside (docker stop, systemd, a closed terminal) saves the answers as Ctrl-C does: a file
     # left more than a chunk behind its session could not be resumed. An ignored signal stays ignored (nohup).
     for stop in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):

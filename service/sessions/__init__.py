@@ -20,7 +20,8 @@ def build_store(settings: Settings, state_size: int, device: torch.device, metri
         store = MemoryStore(
             state_size, device, settings.max_sessions, settings.session_ttl_seconds,
             on_evict=lambda reason, count: metrics.evictions.labels(reason=reason).inc(count),
-            max_answer_bytes=settings.max_answer_bytes,
+            max_answer_bytes=settings.max_answer_bytes, tenant_max_sessions=settings.tenant_max_sessions,
+            tenant_max_answer_bytes=settings.tenant_max_answer_bytes,
         )
         return store
     if settings.store == "redis":

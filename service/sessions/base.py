@@ -94,3 +94,7 @@ def session_key(tenant: str, session_id: str) -> str:
 
 def session_id_of(key: str) -> str:
     return key.split("/", 1)[1]
+
+
+def tenant_of_key(key: str) -> str:
+    return key.partition("/")[0]

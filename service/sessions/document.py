@@ -29,7 +29,8 @@ import orjson
 from safetensors import SafetensorError
 from safetensors.numpy import load, save
 
-from service.schemas import SESSION_ID, answer_prefix
+from service.schemas import answer_prefix
+from service.session_ids import SESSION_ID
 
 FORMAT = "gru-session-state"
 FORMAT_VERSION = 1

@@ -6,8 +6,11 @@ rows. Records sit in an ``OrderedDict`` kept in recency order: the least recentl
 capacity, and idle ones expire after ``ttl_seconds`` (checked on access and by ``sweep()``). Capacity is
 counted in sessions and, with ``max_answer_bytes``, in the bytes of the answers kept for exact retries: an
 answer grows with its chunk and horizon (53 KB at 4,096 steps and a horizon of 512), so a session count alone
-would let one client's long chunks take a pod's memory. Every mutation of the records happens on the event
-loop; ``gather`` may run on the engine's compute thread and only reads.
+would let one client's long chunks take a pod's memory. With ``tenant_max_sessions`` and
+``tenant_max_answer_bytes`` a tenant at its own bound evicts its own least recently used sessions first, so one
+tenant creating sessions fast cannot push out another's (the store-wide bounds still hold over everyone).
+Every mutation of the records happens on the event loop; ``gather`` may run on the engine's compute thread and
+only reads.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ from __future__ import annotations
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from service.sessions.base import Session, Write
+from service.sessions.base import Session, Write, tenant_of_key
 
 EvictionHook = Callable[[str, int], None]  # (reason, count)
 
@@ -36,11 +40,20 @@ class MemoryStore:
         initial_capacity: int = 1024,
         clock: Callable[[], float] = time.time,
         max_answer_bytes: int | None = None,
+        tenant_max_sessions: int | None = None,
+        tenant_max_answer_bytes: int | None = None,
     ):
         self.ttl_seconds = ttl_seconds
         self.max_sessions = max_sessions
         self.max_answer_bytes = max_answer_bytes
+        self.tenant_max_sessions = tenant_max_sessions
+        self.tenant_max_answer_bytes = tenant_max_answer_bytes
         self._answer_bytes = 0  # the kept answers' total
+        # Each tenant's keys in recency order and its answers' bytes, kept only under a tenant bound (about 90
+        # bytes a session otherwise spent for nothing).
+        self._tenants: dict[str, _Tenant] | None = (
+            {} if tenant_max_sessions is not None or tenant_max_answer_bytes is not None else None
+        )
         self._clock = clock
         self._on_evict = on_evict or (lambda reason, count: None)
         self._records: OrderedDict[str, Session] = OrderedDict()
@@ -66,9 +79,32 @@ class MemoryStore:
     def _drop(self, key: str) -> Session:
         session = self._records.pop(key)
         self._answer_bytes -= len(session.answer)
+        if self._tenants is not None:
+            tenant = self._tenants[tenant_of_key(key)]
+            del tenant.keys[key]
+            tenant.answer_bytes -= len(session.answer)
+            if not tenant.keys:
+                del self._tenants[tenant_of_key(key)]
         if session.handle:
             self._free.append(session.handle)
         return session
+
+    def _insert(self, session: Session) -> None:
+        self._records[session.key] = session
+        if self._tenants is not None:
+            self._tenants.setdefault(tenant_of_key(session.key), _Tenant()).keys[session.key] = None
+        self._add_answer(session.key, len(session.answer))
+
+    def _add_answer(self, key: str, change: int) -> None:
+        self._answer_bytes += change
+        if self._tenants is not None:
+            self._tenants[tenant_of_key(key)].answer_bytes += change
+
+    def _touch(self, key: str) -> None:
+        """``key`` becomes the most recently used, in the store and in its tenant."""
+        self._records.move_to_end(key)
+        if self._tenants is not None:
+            self._tenants[tenant_of_key(key)].keys.move_to_end(key)
 
     def _live(self, key: str, now: float) -> Session | None:
         session = self._records.get(key)
@@ -105,13 +141,36 @@ class MemoryStore:
         return self._free.pop()
 
     def _make_room(self, key: str) -> None:
-        if key not in self._records and len(self._records) >= self.max_sessions:
+        """Room for ``key`` if it is new: its tenant's least recently used session at the tenant's bound, else
+        the store's at the store's."""
+        if key in self._records:
+            return
+        tenant = self._tenants.get(tenant_of_key(key)) if self._tenants is not None else None
+        if self.tenant_max_sessions is not None and tenant is not None and len(tenant.keys) >= self.tenant_max_sessions:
+            self._drop(next(iter(tenant.keys)))
+            self._on_evict("tenant_quota", 1)
+        elif len(self._records) >= self.max_sessions:
             self._drop(next(iter(self._records)))
             self._on_evict("capacity", 1)
 
     def _trim_answers(self, keep: set[str]) -> None:
-        """Least recently used first, while the kept answers pass their budget; never one of ``keep`` (the
-        sessions just written: an answer over the whole budget is kept, alone)."""
+        """Least recently used first, while the kept answers pass their budget (each writing tenant's own first,
+        from its own sessions); never one of ``keep`` (the sessions just written: an answer over the whole
+        budget is kept, alone)."""
+        if self.tenant_max_answer_bytes is not None and self._tenants is not None:
+            evicted = 0
+            tenants = self._tenants
+            for name in {tenant_of_key(key) for key in keep} or set(tenants):
+                tenant = tenants.get(name)
+                while tenant is not None and tenant.answer_bytes > self.tenant_max_answer_bytes:
+                    key = next(iter(tenant.keys))
+                    if key in keep:
+                        break
+                    self._drop(key)
+                    evicted += 1
+                    tenant = tenants.get(name)
+            if evicted:
+                self._on_evict("tenant_quota", evicted)
         evicted = 0
         while self.max_answer_bytes is not None and self._answer_bytes > self.max_answer_bytes:
             key = next(iter(self._records))
@@ -128,7 +187,7 @@ class MemoryStore:
         for key in keys:
             session = self._live(key, now)
             if session is not None:
-                self._records.move_to_end(key)
+                self._touch(key)
             found.append(session)
         return found
 
@@ -148,18 +207,18 @@ class MemoryStore:
             if current is None:
                 self._make_room(write.key)
                 current = Session(write.key, 0, write.model_version, 0, created_at=now, updated_at=now)
-                self._records[write.key] = current
+                self._insert(current)
             if not current.handle:
                 current.handle = self._allocate_slot()
             current.position = write.position
             current.model_version = write.model_version
             current.last_offset = write.last_offset
             current.fingerprint = write.fingerprint
-            self._answer_bytes += len(write.answer) - len(current.answer)
+            self._add_answer(write.key, len(write.answer) - len(current.answer))
             current.answer = bytes(memoryview(write.answer))  # exact size: orjson's buffer holds ~4 KiB
             current.updated_at = now
             current.revision = self._next_revision()
-            self._records.move_to_end(write.key)
+            self._touch(write.key)
             won.append((len(results), current, write.row))
             results.append(current)
         # At a GRU_MAX_SESSIONS below the batch size, a new session can evict one this same commit wrote: that
@@ -196,7 +255,7 @@ class MemoryStore:
             self._make_room(key)
         created_at = current.created_at if current is not None else now
         session = Session(key, 0, model_version, self._next_revision(), created_at=created_at, updated_at=now)
-        self._records[key] = session
+        self._insert(session)
         return session, current is None
 
     def records(self) -> list[Session]:
@@ -216,8 +275,7 @@ class MemoryStore:
             if row >= 0:
                 session.handle = self._allocate_slot()
                 slot_rows[session.handle] = row
-            self._records[session.key] = session
-            self._answer_bytes += len(session.answer)
+            self._insert(session)
         if slot_rows:
             index = torch.tensor(list(slot_rows), device=self._states.device)
             picked = states[torch.tensor(list(slot_rows.values()), device=states.device)]  # (n, S)
@@ -233,3 +291,9 @@ class MemoryStore:
 
     async def close(self) -> None:
         return None
+
+
+@dataclass(slots=True)
+class _Tenant:
+    keys: OrderedDict[str, None] = field(default_factory=OrderedDict)  # least recently used first
+    answer_bytes: int = 0

@@ -226,17 +226,20 @@ class SnapshotKeeper:
 
     @classmethod
     def from_settings(cls, settings: Settings, store: SessionStore, model_version: Callable[[], str],
-                      known_versions: Callable[[], set[str]], state_size: int) -> SnapshotKeeper | None:
-        """The keeper GRU_SNAPSHOT_PATH asks for; None when unset, or with a store that persists itself."""
+                      known_versions: Callable[[], set[str]], state_size: int, *, path: Path | None = None,
+                      periodic: bool = True) -> SnapshotKeeper | None:
+        """The keeper GRU_SNAPSHOT_PATH asks for (at ``path`` instead, where given); None when unset, or with a
+        store that persists itself. ``periodic``: it saves every GRU_SNAPSHOT_INTERVAL_SECONDS itself."""
         if settings.snapshot_path is None:
             return None
         if not isinstance(store, MemoryStore):
             log.warning("GRU_SNAPSHOT_PATH is ignored: snapshots are for the memory store, and"
                         f" GRU_STORE={settings.store} keeps sessions outside the process")
             return None
-        _check_writable(settings.snapshot_path)
-        interval = settings.snapshot_interval_seconds
-        return cls(store, settings.snapshot_path, model_version, known_versions, state_size, interval)
+        path = path or settings.snapshot_path
+        _check_writable(path)
+        interval = settings.snapshot_interval_seconds if periodic else 0.0
+        return cls(store, path, model_version, known_versions, state_size, interval)
 
     async def start(self) -> None:
         """Restore the snapshot (before any request is served), then save every interval."""

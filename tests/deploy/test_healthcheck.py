@@ -79,6 +79,17 @@ def test_healthcheck_passes_for_a_container_on_a_port_other_than_8000(
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.parametrize("variable", ["http_proxy", "HTTP_PROXY"])
+def test_healthcheck_asks_the_service_directly_whatever_proxy_the_environment_names(
+    variable: str, container: Process, container_env: dict[str, str]
+) -> None:
+    """Docker hands its client's proxy settings to containers as HTTP_PROXY; no proxy reaches the container's
+    loopback (here: one where nothing listens), so the check must not go through it."""
+    env = {k: v for k, v in container_env.items() if k.lower() not in ("no_proxy", "http_proxy")}
+    done = _check(_dockerfile_healthcheck(), {**env, variable: f"http://127.0.0.1:{free_port()}"})
+    assert done.returncode == 0, done.stderr
+
+
 @pytest.mark.parametrize("command", [_dockerfile_healthcheck(), _compose_healthcheck()], ids=["Dockerfile", "compose"])
 def test_healthcheck_fails_where_nothing_answers_on_gru_port(
     command: list[str], container: Process, container_env: dict[str, str]

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from harness.processes import free_port
 from service import config
 from service.config import Settings
+from service.session_ids import SESSION_ID_PATTERN
 from tests.conftest import Server, ServerFactory, refused_start_log
 from tests.service.helpers import new_id, send, series
 
@@ -34,7 +35,8 @@ def test_metrics_parse_and_pass_promtool(client: httpx.Client) -> None:
         assert name in families, name
     steps = [s.value for s in families["gru_steps"].samples if s.name == "gru_steps_total"]
     assert steps and steps[0] >= 5
-    assert {s.labels["reason"] for s in families["gru_session_evictions"].samples} == {"ttl", "capacity"}
+    reasons = {s.labels["reason"] for s in families["gru_session_evictions"].samples}
+    assert reasons == {"ttl", "capacity", "tenant_quota"}
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool is not installed (make test installs the Debian package prometheus)")
@@ -160,6 +162,8 @@ _OUT_OF_BOUNDS = [
     ("torch_threads", "-1", "0"),
     ("port", "0", "1"),
     ("port", "65536", "65535"),
+    ("tenant_max_sessions", "0", "1"),
+    ("tenant_max_answer_bytes", "65535", "65536"),
 ]
 
 
@@ -179,7 +183,8 @@ def test_each_setting_is_refused_past_its_bound_and_accepted_at_it(
 _NON_DEFAULT: dict[str, str] = {
     "port": "9001", "model_path": "", "device": "cpu", "store": "redis", "redis_url": "redis://cache:6380/2",
     "snapshot_path": "/tmp/snap.safetensors", "snapshot_interval_seconds": "7.5", "session_ttl_seconds": "61",
-    "max_sessions": "17", "max_answer_bytes": "70000", "max_batch_size": "9", "max_batch_delay_ms": "3.5",
+    "max_sessions": "17", "max_answer_bytes": "70000", "tenant_max_sessions": "5",
+    "tenant_max_answer_bytes": "65536", "max_batch_size": "9", "max_batch_delay_ms": "3.5",
     "max_queue": "11", "request_timeout_seconds": "4.5", "max_chunk_steps": "99", "max_horizon": "7",
     "max_body_bytes": "5000", "max_batch_items": "13", "api_keys": "some-long-key-0123:alice",
     "api_keys_file": "", "metrics_require_key": "true", "torch_threads": "3", "log_level": "WARNING",
@@ -224,6 +229,23 @@ def test_a_model_path_that_is_not_a_directory_is_a_configuration_error(tmp_path:
     refused.write_bytes(b"")
     log = refused_start_log(refused, tmp_path, {})
     assert "invalid configuration" in log and f"GRU_MODEL_PATH={refused} is not a directory" in log
+
+
+def test_a_misspelt_setting_stops_start_up_naming_it_and_the_closest_setting(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """GRU_SNAPSHOT_PATHS (an s too many) once started normally: no snapshot, every session lost at SIGTERM."""
+    log = refused_start_log(tiny_model, tmp_path, {"GRU_SNAPSHOT_PATHS": str(tmp_path / "snap"),
+                                                   "GRU_TENANT_MAX_SESION": "5"})
+    assert "invalid configuration" in log
+    assert "GRU_SNAPSHOT_PATHS is not a setting; did you mean GRU_SNAPSHOT_PATH?" in log
+    assert "GRU_TENANT_MAX_SESION is not a setting; did you mean GRU_TENANT_MAX_SESSIONS?" in log
+    assert "Traceback" not in log
+
+
+def test_the_client_variables_are_allowed_beside_the_settings(server_factory: ServerFactory) -> None:
+    server = server_factory(GRU_URL="http://127.0.0.1:1", GRU_API_KEY="a-client-key")
+    assert httpx.get(server.url + "/readyz").status_code == 200
 
 
 def test_default_intra_op_threads_leave_one_core_to_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -277,7 +299,8 @@ def test_labelled_series_exist_from_the_first_scrape(server_factory: ServerFacto
     text = httpx.get(fresh.url + "/metrics").text
     for series_line in ('gru_rejected_total{reason="queue_full"} 0.0', 'gru_rejected_total{reason="timeout"} 0.0',
                         'gru_session_evictions_total{reason="ttl"} 0.0',
-                        'gru_session_evictions_total{reason="capacity"} 0.0'):
+                        'gru_session_evictions_total{reason="capacity"} 0.0',
+                        'gru_session_evictions_total{reason="tenant_quota"} 0.0'):
         assert series_line in text, series_line
     assert "# TYPE gru_store_errors_total counter" in text and "# TYPE gru_store_conflicts_total counter" in text
 
@@ -301,4 +324,4 @@ def test_docs_state_every_limit_and_the_session_id_rule(client: httpx.Client) ->
     for path in ("/v1/sessions/{session_id}/predict", "/v1/sessions/{session_id}"):
         for operation in schemas["paths"][path].values():
             parameter, = [p for p in operation["parameters"] if p["name"] == "session_id"]
-            assert parameter["schema"]["pattern"] == "^[A-Za-z0-9._:-]{1,128}$", path
+            assert parameter["schema"]["pattern"] == SESSION_ID_PATTERN, path

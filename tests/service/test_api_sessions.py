@@ -227,3 +227,19 @@ def test_idle_sessions_are_swept_without_being_touched(server_factory: ServerFac
             assert time.monotonic() < deadline, "the idle session was never swept"
             time.sleep(0.2)
     assert 'gru_session_evictions_total{reason="ttl"} 1.0' in metrics
+
+
+def test_a_different_chunk_at_the_last_offset_is_told_apart_from_a_wrong_offset(client: httpx.Client) -> None:
+    """Resending the last chunk with another horizon (or other values) is no retry: the 409 says a different
+    chunk was applied at that offset, not that the offset is wrong; nothing changes."""
+    session = new_id()
+    values = series(3)
+    assert send(client, session, values, offset=0).status_code == 200
+    other_horizon = assert_problem(send(client, session, values, offset=0, horizon=2), 409)
+    assert other_horizon["detail"].startswith(
+        "a different chunk (other values, horizon, levels or scores) was applied at offset 0")
+    assert other_horizon["position"] == 3
+    assert "a different chunk" in assert_problem(send(client, session, values + 1, offset=0), 409)["detail"]
+    wrong = assert_problem(send(client, session, values, offset=1), 409)
+    assert wrong["detail"].startswith("offset 1 does not match")
+    assert position(client, session) == 3

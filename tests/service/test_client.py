@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import csv
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -25,9 +26,11 @@ from service.client import (
     Client,
     ModelChanged,
     OffsetConflict,
+    PreconditionFailed,
     Retry,
     ServiceError,
     Session,
+    SessionExists,
     SessionNotFound,
     Unavailable,
 )
@@ -39,9 +42,9 @@ FAST = Retry(attempts=4, backoff=0.01, max_delay=0.05)
 
 
 class DroppingProxy:
-    """A loopback TCP proxy that can lose an answer: once armed, the next answer to a POST is not relayed
-    and the client's connection is closed. The server has answered, so the chunk was applied; the client
-    only sees a dropped connection, exactly the case a retry with the same offset must survive."""
+    """A loopback TCP proxy that can lose an answer: once armed, the next answer to a POST (or a PUT) is not
+    relayed and the client's connection is closed. The server has answered, so the chunk was applied; the
+    client only sees a dropped connection, exactly the case a retry with the same offset must survive."""
 
     def __init__(self, target: str):
         host, port = target.removeprefix("http://").rsplit(":", 1)
@@ -79,7 +82,7 @@ class DroppingProxy:
         try:
             while data := source.recv(65536):
                 if not answers and data[:8].split(b" ")[0] in (b"GET", b"POST", b"DELETE", b"PUT", b"HEAD"):
-                    asked["post"] = data.startswith(b"POST ")  # a new request (not more of a body)
+                    asked["post"] = data.startswith((b"POST ", b"PUT "))  # a new request (not more of a body)
                 if answers:
                     with self._lock:
                         drop = self._armed > 0 and asked["post"]
@@ -166,6 +169,47 @@ def test_async_retry_after_dropped_connection_applies_the_chunk_once(
     np.testing.assert_allclose(got, stateless(client, values)["predictions"], atol=1e-5)
 
 
+def test_a_fork_or_conditional_import_resent_after_a_lost_answer_is_the_one_it_made(
+    proxy: DroppingProxy, client: httpx.Client
+) -> None:
+    """The resend meets what the first attempt did (409 session-exists, 412): the client takes it as its own
+    when the session holds that very state, and still refuses anyone else's."""
+    values = series(12, seed=54)
+    with Client(proxy.url, retry=FAST) as api:
+        parent, taken = api.session(new_id("parent")), api.session(new_id("taken"))
+        parent.predict(values[:7])
+        taken.predict(values[:3])
+        proxy.arm()
+        branch = parent.fork(new_id("branch"))
+        assert branch.position == 7 == position(client, branch.id) and proxy.dropped == 1
+        proxy.arm()
+        with pytest.raises(SessionExists):
+            parent.fork(taken.id)
+        assert proxy.dropped == 2 and position(client, taken.id) == 3
+
+        elsewhere = taken.export_state()  # 3 steps
+        proxy.arm()
+        assert taken.import_state(parent.export_state(), if_match=elsewhere.etag)["position"] == 7
+        assert taken.position == 7 == position(client, taken.id) and proxy.dropped == 3
+        proxy.arm()
+        with pytest.raises(PreconditionFailed):  # a stale tag, and the session holds another state
+            branch.import_state(elsewhere, if_match=elsewhere.etag)
+        assert proxy.dropped == 4 and position(client, branch.id) == 7
+        assert api.stats.retries == 4
+
+
+def test_async_fork_resent_after_a_lost_answer_is_the_one_it_made(proxy: DroppingProxy, client: httpx.Client
+                                                                   ) -> None:
+    async def run() -> int:
+        async with AsyncClient(proxy.url, retry=FAST) as api:
+            parent = await api.session(new_id("parent"))
+            await parent.predict(series(5, seed=55))
+            proxy.arm()
+            return (await parent.fork(new_id("branch"))).position
+
+    assert asyncio.run(run()) == 5 and proxy.dropped == 1
+
+
 def test_conflict_reports_the_server_position_and_resync_continues(api: Client, client: httpx.Client) -> None:
     values = series(20, seed=24)
     session_id = new_id("client")
@@ -209,7 +253,7 @@ def test_refusals_raise_with_the_problem_details(api: Client) -> None:
         api.session(new_id("client")).predict([[0.1, 0.2]])  # the model takes one feature
     assert caught.value.status == 422 and caught.value.kind == "invalid-request"
     assert caught.value.problem["errors"] and "features" in caught.value.detail
-    with pytest.raises(ValueError, match="must match"):
+    with pytest.raises(ValueError, match="breaks the rule"):
         api.session("no spaces allowed")
     with pytest.raises(ValueError, match="empty"):
         api.predict([])
@@ -636,3 +680,23 @@ def test_cli_resume_does_not_extend_a_file_of_another_series(server: Server, cli
     assert resumed.returncode == 0, resumed.stderr
     assert _steps(out) == [str(step) for step in range(10, 15)]
 
+
+
+@pytest.mark.parametrize("missing", ["httpx", "matplotlib"])
+def test_the_cli_without_the_client_extra_names_the_install_command_in_one_line(
+    tmp_path: Path, missing: str
+) -> None:
+    """Without httpx (the CLI cannot start) or matplotlib (asked for --plot): one line, exit 2, no traceback."""
+    hidden = tmp_path / "hidden" / missing
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text(f'raise ModuleNotFoundError("No module named {missing}", name="{missing}")\n')
+    source = tmp_path / "series.csv"
+    source.write_text("x\n0.5\n0.6\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hidden.parent), str(ROOT)])}
+    done = subprocess.run([sys.executable, "-m", "service.client", "stream", "--csv", str(source), "--session", "s",
+                           "--url", "http://127.0.0.1:1", "--plot", str(tmp_path / "p.png")],
+                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "pip install 'gru-service[client]'" in done.stderr and missing in done.stderr

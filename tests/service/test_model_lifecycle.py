@@ -220,6 +220,28 @@ def test_a_session_streams_through_a_published_version_and_its_version_drains_af
         assert metric(client, "gru_model_versions", model="m", version="2", state="serving") == 1
 
 
+@pytest.mark.parametrize("end", ["expiry", "eviction"])
+def test_a_version_whose_last_session_expires_or_is_evicted_is_unloaded(
+    server_factory: ServerFactory, tmp_path: Path, end: str
+) -> None:
+    repository = tmp_path / "repo"
+    add_version(repository, "m", 1)
+    limits = ({"GRU_SESSION_TTL_SECONDS": "1"} if end == "expiry"
+              else {"GRU_MAX_SESSIONS": "1", "GRU_MAX_BATCH_SIZE": "1"})
+    server = server_factory(GRU_MODEL_REPOSITORY=str(repository), GRU_REPOSITORY_POLL_SECONDS="0.1", **limits)
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        pinned = new_id()
+        assert send(client, pinned, series(4), offset=0).json()["version"] == "1"
+        add_version(repository, "m", 2, seed=1)
+        wait_for(lambda: "2" in versions(client, "m"))
+        assert versions(client, "m")["1"]["state"] == "draining"
+        if end == "eviction":  # the one place goes to a new session on version 2: the pinned one is evicted
+            assert send(client, new_id(), series(4), offset=0).json()["version"] == "2"
+        wait_for(lambda: list(versions(client, "m")) == ["2"])
+        refused = send(client, pinned, series(4), offset=4)
+        assert assert_problem(refused, 404)["type"].endswith("/session-not-found")
+
+
 PLAIN, ADMIN = "plain-key-0123456789", "admin-key-0123456789"
 
 
@@ -371,6 +393,34 @@ def test_a_snapshot_keeps_each_session_on_its_version_across_a_restart(
         assert body["version"] == "1"
         np.testing.assert_allclose(body["predictions"], v1_alone[20:], atol=1e-6)
         assert send(client, fresh, whole[20:], offset=20).json()["version"] == "2"
+
+
+def test_a_snapshot_keeps_every_models_sessions_across_a_restart(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """One file per model: the default's at GRU_SNAPSHOT_PATH, another's beside it with its name."""
+    repository, path = tmp_path / "repo", tmp_path / "state" / "sessions.safetensors"
+    add_version(repository, "a", 1)
+    add_version(repository, "b", 1, seed=3, features=("p", "q"))
+    env = {"GRU_MODEL_REPOSITORY": str(repository), "GRU_DEFAULT_MODEL": "a", "GRU_SNAPSHOT_PATH": str(path)}
+    first = server_factory(**env)
+    on_a, on_b = series(30, seed=5), np.stack([series(30, seed=6)[:, 0], series(30, seed=7)[:, 0]], axis=1)
+    with httpx.Client(base_url=first.url, timeout=30) as client:
+        whole = {"a": client.post("/v1/predict", json={"values": on_a.tolist()}).json()["predictions"],
+                 "b": client.post("/v1/models/b/predict", json={"values": on_b.tolist()}).json()["predictions"]}
+        send(client, "s", on_a[:12], offset=0)
+        assert client.post("/v1/models/b/sessions/s/predict",
+                           json={"values": on_b[:12].tolist(), "offset": 0}).status_code == 200
+    assert first.stop() in (0, -signal.SIGTERM)
+    assert path.exists() and (tmp_path / "state" / "sessions.b.safetensors").exists()
+    second = server_factory(**env)
+    with httpx.Client(base_url=second.url, timeout=30) as client:
+        body_a = send(client, "s", on_a[12:], offset=12).json()
+        body_b = client.post("/v1/models/b/sessions/s/predict", json={"values": on_b[12:].tolist(), "offset": 12})
+        assert body_b.status_code == 200, body_b.text
+    assert body_a["position"] == 30 and body_b.json()["position"] == 30
+    np.testing.assert_allclose(body_a["predictions"], whole["a"][12:], atol=1e-6)
+    np.testing.assert_allclose(body_b.json()["predictions"], whole["b"][12:], atol=1e-6)
 
 
 def test_a_reset_moves_the_session_to_the_newest_and_its_old_version_drains(

@@ -13,6 +13,7 @@ import orjson
 import pytest
 from safetensors.numpy import load, save
 
+from harness.checkpoints import random_checkpoint
 from harness.processes import RedisServer
 from service.client import AsyncClient, Client, PreconditionFailed, SessionExists
 from service.client.cli import main
@@ -257,6 +258,33 @@ def test_a_document_of_another_model_version_is_409_model_changed(
         assert_problem(_state(there, session), 404)
 
 
+def test_a_session_another_model_wrote_in_another_size_is_409_to_export_and_fork_and_can_be_replaced(
+    server_factory: ServerFactory, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Two models sharing one Redis, as in a rolling update: the wider model cannot read the narrower one's
+    state, so it exports and forks nothing (409, not 500), and an import replaces the session all the same."""
+    shared = {"GRU_STORE": "redis", "GRU_REDIS_URL": redis_server.url}
+    narrow = server_factory(**shared)
+    wide = server_factory(model_path=random_checkpoint(tmp_path / "wide", hidden=24, layers=2, lags=4, seed=3,
+                                                       name="tiny"), **shared)
+    session, fresh, branch = new_id("rolling"), new_id("fresh"), new_id("branch")
+    with httpx.Client(base_url=narrow.url, timeout=30) as old, httpx.Client(base_url=wide.url, timeout=30) as new:
+        _fed(old, session, series(6, seed=51), [6])
+        old_tag = _exported(old, session)[1]
+        for refused in (_state(new, session), new.post(f"/v1/sessions/{session}/fork", json={"to": branch})):
+            problem = assert_problem(refused, 409)
+            assert problem["type"].endswith("/model-changed") and problem["position"] == 6
+        assert_problem(_state(new, branch), 404)
+
+        _fed(new, fresh, series(4, seed=52), [4])
+        document = _exported(new, fresh)[0]
+        assert_problem(_put(new, session, document, **{"If-Match": old_tag}), 412)
+        assert _exported(old, session)[1] == old_tag
+        replaced = _put(new, session, document, **{"If-Match": "*"})
+        assert replaced.status_code == 200 and replaced.json()["position"] == 4
+        assert replaced.headers["etag"] == _exported(new, session)[1]
+
+
 def test_a_document_over_the_body_limit_is_413_unread(server_factory: ServerFactory) -> None:
     small = server_factory(GRU_MAX_BODY_BYTES="1024")
     session = new_id("big")
@@ -294,6 +322,24 @@ def test_import_with_a_stale_if_match_is_412_and_changes_nothing(client: httpx.C
     absent = new_id("absent")
     assert_problem(_put(client, absent, old, **{"If-Match": "*"}), 412)
     assert _put(client, absent, old, **{"If-None-Match": "*"}).status_code == 201
+
+
+def test_a_precondition_over_several_field_lines_or_with_empty_elements_is_one_list(client: httpx.Client) -> None:
+    """RFC 9110: field lines of one name are one comma-separated list, whose empty elements are ignored."""
+    session = new_id("lines")
+    _fed(client, session, series(8, seed=53), [5])
+    document, tag = _exported(client, session)
+
+    def put(*fields: tuple[str, str]) -> httpx.Response:
+        return client.put(f"/v1/sessions/{session}/state", content=document, headers=[*OCTET.items(), *fields])
+
+    assert_problem(put(("If-None-Match", '"elsewhere"'), ("If-None-Match", tag)), 412)
+    assert _exported(client, session) == (document, tag)
+    replaced = put(("If-Match", '"elsewhere"'), ("If-Match", tag))
+    assert replaced.status_code == 200, replaced.text
+    tag = replaced.headers["etag"]
+    assert put(("If-Match", f'"elsewhere", , {tag},'),).status_code == 200
+    assert_problem(put(("If-Match", '"elsewhere"'), ("If-Match", "not-a-tag")), 400)
 
 
 def test_the_etag_differs_after_delete_and_recreate_to_the_same_numbers(client: httpx.Client) -> None:
@@ -351,6 +397,7 @@ def test_openapi_describes_the_binary_bodies(client: httpx.Client) -> None:
     state = paths["/v1/sessions/{session_id}/state"]
     assert state["get"]["responses"]["200"]["content"] == {"application/octet-stream": binary}
     assert "ETag" in state["get"]["responses"]["200"]["headers"]
+    assert {"404", "409", "422", "503"} <= set(state["get"]["responses"])  # 409: another model's state
     assert state["put"]["requestBody"]["content"] == {"application/octet-stream": binary}
     assert {p["name"] for p in state["put"]["parameters"]} >= {"session_id", "if-match", "if-none-match"}
     assert {"201", "409", "412", "413", "422"} <= set(state["put"]["responses"])

@@ -21,7 +21,8 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from service.api.v2_codec import decode_body, parse_infer
+from service.api.v2_codec import parse_infer
+from service.http_fields import decode_body
 from service.problems import Problem
 from tests.conftest import Server, ServerFactory
 from tests.service.helpers import PROBLEM_JSON, new_id, position, series, stateless
@@ -460,7 +461,7 @@ def test_a_compression_bomb_is_refused_without_inflating_it() -> None:
     tracemalloc.start()
     try:
         with pytest.raises(Problem) as refused:
-            decode_body(bomb, "gzip", 1024 * 1024)
+            decode_body(bomb, b"gzip", 1024 * 1024)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

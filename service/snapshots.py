@@ -1,0 +1,79 @@
+"""Snapshots of every served model's sessions: one snapshot file per model (``service.sessions.snapshot``).
+
+The default model's file is ``GRU_SNAPSHOT_PATH`` itself, as with one model; another model's sits beside it
+with the model's name before the suffix (``sessions.safetensors`` -> ``sessions.pumps.safetensors``). Each
+file is restored at start onto the model of its name, for the versions its repository holds; a model the
+repository no longer has leaves its file where it is. Models that appear while the service runs are
+snapshotted from then on, periodically and at shutdown, and restored at the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+from service.config import Settings
+from service.models import Registry, ServedModel
+from service.sessions.snapshot import SnapshotKeeper
+
+log = logging.getLogger("service.snapshot")
+
+
+def snapshot_path(base: Path, model: str, default: bool) -> Path:
+    """Where model ``model``'s snapshot lives, given GRU_SNAPSHOT_PATH ``base``."""
+    return base if default else base.with_name(f"{base.stem}.{model}{base.suffix}")
+
+
+class ModelSnapshots:
+    def __init__(self, settings: Settings, registry: Registry):
+        self._settings = settings
+        self._registry = registry
+        self._keepers: dict[str, SnapshotKeeper | None] = {}
+        self._periodic: asyncio.Task[None] | None = None
+        if self.enabled:  # a path no snapshot can be written to stops start-up here, not at the first save
+            self._current()
+
+    @property
+    def enabled(self) -> bool:
+        return self._settings.snapshot_path is not None
+
+    def _keeper(self, model: ServedModel) -> SnapshotKeeper | None:
+        if model.name not in self._keepers:
+            base = self._settings.snapshot_path
+            assert base is not None
+            self._keepers[model.name] = SnapshotKeeper.from_settings(
+                self._settings, model.raw_store, lambda: model.engine.model_version,
+                lambda: self._registry.hashes_on_disk(model.name), model.state_size,
+                path=snapshot_path(base, model.name, model.name == self._registry.default), periodic=False,
+            )
+        return self._keepers[model.name]
+
+    def _current(self) -> list[SnapshotKeeper]:
+        return [k for m in list(self._registry.models.values()) if (k := self._keeper(m)) is not None]
+
+    async def start(self) -> None:
+        """Restore each model's snapshot (before any request is served), then save every interval."""
+        for keeper in self._current():
+            await keeper.start()
+        if self._settings.snapshot_interval_seconds > 0 and self._keepers:
+            self._periodic = asyncio.create_task(self._every_interval(), name="gru-snapshots")
+
+    async def _every_interval(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.snapshot_interval_seconds)
+            for keeper in self._current():
+                try:  # shielded: a shutdown waits for a write in progress instead of racing the final one
+                    await asyncio.shield(keeper.save())
+                except Exception:  # a full disk must not stop the service; the next interval tries again
+                    log.exception("snapshot failed", extra={"fields": {"path": str(keeper.path)}})
+
+    async def stop(self) -> None:
+        """Stop the periodic saves, then write every model's final snapshot (after the engines drained)."""
+        if self._periodic is not None:
+            self._periodic.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._periodic
+        for keeper in self._current():
+            await keeper.stop()

@@ -1,0 +1,60 @@
+"""A connection whose request head has not arrived within GRU_REQUEST_TIMEOUT_SECONDS is closed, whether the
+client sends nothing or trickles the head in, the first request's or a later one's; a head sent in time is
+answered as usual."""
+
+from __future__ import annotations
+
+import select
+import socket
+import time
+from urllib.parse import urlsplit
+
+from tests.conftest import Server, ServerFactory
+
+
+def _connect(server: Server) -> socket.socket:
+    address = urlsplit(server.url)
+    return socket.create_connection((address.hostname, address.port))
+
+
+def _closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"") -> float | None:
+    """Seconds until the server closed the connection (None if it did not within ``seconds``), sending one
+    byte of ``trickle`` every 0.2 s meanwhile; anything the server sends is a failure."""
+    began = time.monotonic()
+    sent = 0
+    while time.monotonic() - began < seconds:
+        readable, _, _ = select.select([sock], [], [], 0.2)
+        if readable:
+            try:
+                data = sock.recv(4096)
+            except ConnectionResetError:
+                return time.monotonic() - began
+            assert data == b"", data[:200]
+            return time.monotonic() - began
+        if sent < len(trickle):
+            try:
+                sock.sendall(trickle[sent:sent + 1])
+            except (BrokenPipeError, ConnectionResetError):
+                return time.monotonic() - began
+            sent += 1
+    return None
+
+
+def test_a_connection_that_sends_nothing_or_trickles_its_head_is_closed(server_factory: ServerFactory) -> None:
+    server = server_factory(GRU_REQUEST_TIMEOUT_SECONDS="1")
+    with _connect(server) as silent:
+        closed = _closed_within(silent, 6)
+    assert closed is not None and 0.8 < closed < 3, closed
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: " + b"a" * 200 + b"\r\n\r\n"
+    with _connect(server) as trickling:
+        closed = _closed_within(trickling, 6, trickle=head)
+    assert closed is not None and 0.8 < closed < 3, closed
+    with _connect(server) as prompt:  # a head in time is answered; the next one trickled in is closed
+        prompt.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        prompt.settimeout(5)
+        answer = b""
+        while not answer.endswith(b'{"status":"ok"}'):  # the head and the body may come in two reads
+            answer += prompt.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 200")
+        closed = _closed_within(prompt, 6, trickle=head)
+    assert closed is not None and 0.8 < closed < 3, closed

@@ -1,0 +1,69 @@
+"""Per-tenant bounds: a tenant at its GRU_TENANT_MAX_SESSIONS or GRU_TENANT_MAX_ANSWER_BYTES evicts its own least
+recently used sessions, never another tenant's."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import torch
+
+from service.sessions.memory import MemoryStore
+from tests.conftest import ServerFactory
+from tests.service.helpers import assert_problem, position, send, series
+
+KEYS = {"t1": "key-of-tenant-one-0123456789", "t2": "key-of-tenant-two-0123456789"}
+API_KEYS = ",".join(f"{key}:{tenant}" for tenant, key in KEYS.items())
+
+
+def _client(url: str, tenant: str) -> httpx.Client:
+    return httpx.Client(base_url=url, timeout=60, headers={"X-API-Key": KEYS[tenant]})
+
+
+def test_a_tenant_creating_sessions_evicts_its_own_never_another_tenants(server_factory: ServerFactory) -> None:
+    server = server_factory(GRU_API_KEYS=API_KEYS, GRU_MAX_SESSIONS="50", GRU_TENANT_MAX_SESSIONS="10")
+    with _client(server.url, "t1") as one, _client(server.url, "t2") as two:
+        assert send(one, "kept", series(4), offset=0).status_code == 200
+        for index in range(50):
+            assert send(two, f"s{index}", series(1), offset=0).status_code == 200
+        assert send(one, "kept", series(2), offset=4).status_code == 200  # not a 404: t1's session is there
+        assert position(one, "kept") == 6
+        assert [position(two, f"s{index}") for index in range(40, 50)] == [1] * 10
+        assert_problem(two.get("/v1/sessions/s39"), 404)  # t2's least recently used went, its own
+        metrics = one.get("/metrics").text
+    assert 'gru_session_evictions_total{reason="tenant_quota"} 40.0' in metrics
+    assert 'gru_session_evictions_total{reason="capacity"} 0.0' in metrics
+    assert "gru_active_sessions 11.0" in metrics
+
+
+def test_a_tenant_keeping_large_answers_evicts_its_own_never_another_tenants(server_factory: ServerFactory) -> None:
+    """An answer of 3,000 steps and a horizon of 512 is ~42 KB: four of them pass the store's 128 KiB, which
+    without a tenant bound evicts the least recently used session of all, t1's."""
+    server = server_factory(GRU_API_KEYS=API_KEYS, GRU_MAX_ANSWER_BYTES="131072",
+                            GRU_TENANT_MAX_ANSWER_BYTES="65536")
+    with _client(server.url, "t1") as one, _client(server.url, "t2") as two:
+        assert send(one, "small", series(2), offset=0).status_code == 200
+        for index in range(4):
+            answer = send(two, f"long-{index}", series(3000, seed=5), offset=0, horizon=512)
+            assert answer.status_code == 200 and len(answer.content) > 40_000
+        assert position(one, "small") == 2
+        assert position(two, "long-3") == 3000
+        for index in range(3):
+            assert_problem(two.get(f"/v1/sessions/long-{index}"), 404)
+        metrics = one.get("/metrics").text
+    assert 'gru_session_evictions_total{reason="tenant_quota"} 3.0' in metrics
+    assert 'gru_session_evictions_total{reason="capacity"} 0.0' in metrics
+
+
+def test_the_store_holds_the_tenant_bound_on_resets_and_restores_too() -> None:
+    """Resets create sessions as chunks do, and a snapshot restored under a lower bound keeps each tenant's
+    most recent sessions."""
+    evicted: list[tuple[str, int]] = []
+    store = MemoryStore(4, torch.device("cpu"), max_sessions=100, ttl_seconds=60, tenant_max_sessions=2,
+                        on_evict=lambda reason, count: evicted.append((reason, count)))
+    for key in ("t1/a", "t1/b", "t2/x", "t1/c"):
+        asyncio.run(store.reset(key, "v1"))
+    assert [s.key for s in store.records()] == ["t1/b", "t2/x", "t1/c"] and evicted == [("tenant_quota", 1)]
+    restored = MemoryStore(4, torch.device("cpu"), max_sessions=100, ttl_seconds=60, tenant_max_sessions=1)
+    restored.restore(store.records(), [-1] * 3, torch.zeros(0, 4))
+    assert [s.key for s in restored.records()] == ["t2/x", "t1/c"]
