@@ -1,4 +1,5 @@
-"""Checkpoints: ``model.safetensors`` (weights) + ``config.json`` (sizes, scaler, training summary, version).
+"""Checkpoints: ``model.safetensors`` (weights) + ``config.json`` (sizes, scaler, calibration, training
+summary, version).
 
 Never pickle: a checkpoint is data, and loading one must not run code. The version is a hash of the
 weights and the config, so a service can tell two models apart and refuse to mix their session states.
@@ -22,6 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from model.conformal import Calibration
 from model.forecaster import Forecaster, ForecasterConfig
 
 WEIGHTS_FILE = "model.safetensors"
@@ -37,8 +39,11 @@ class CheckpointError(ValueError):
 
 
 def model_version(forecaster: Forecaster) -> str:
-    """12 hex digits of SHA-256 over the config and every weight, in name order."""
+    """12 hex digits of SHA-256 over the config, the calibration if any (it sets the state's layout), and
+    every weight, in name order."""
     digest = hashlib.sha256(json.dumps(forecaster.config.to_dict(), sort_keys=True).encode())
+    if forecaster.calibration is not None:
+        digest.update(json.dumps(forecaster.calibration.to_dict(), sort_keys=True).encode())
     for name, tensor in sorted(forecaster.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -64,6 +69,8 @@ def save_checkpoint(
         "model": forecaster.config.to_dict(),
         "training": training or {},
     }
+    if forecaster.calibration is not None:
+        meta["calibration"] = forecaster.calibration.to_dict()
     (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return version
 
@@ -72,7 +79,7 @@ def _shapes(shapes: dict[str, tuple[int, ...]]) -> str:
     return ", ".join(f"{name} {list(shape)}" for name, shape in sorted(shapes.items()))
 
 
-def _read_config(config_path: Path) -> tuple[dict[str, Any], ForecasterConfig]:
+def _read_config(config_path: Path) -> tuple[dict[str, Any], ForecasterConfig, Calibration | None]:
     try:
         meta = json.loads(config_path.read_text())
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -80,7 +87,12 @@ def _read_config(config_path: Path) -> tuple[dict[str, Any], ForecasterConfig]:
             raise CheckpointError(f"{config_path}: format {found!r} is not {FORMAT!r}")
         if not isinstance(meta.get("name"), str) or not meta["name"] or not isinstance(meta.get("model"), dict):
             raise CheckpointError(f"{config_path} needs a \"name\" (text) and a \"model\" (an object)")
-        return meta, ForecasterConfig.from_dict(meta["model"])
+        config = ForecasterConfig.from_dict(meta["model"])
+        calibration = Calibration.from_dict(meta["calibration"]) if "calibration" in meta else None
+        if calibration is not None and calibration.features != config.num_features:
+            raise CheckpointError(f"{config_path}: the calibration has {calibration.features} features, the"
+                                  f" model {config.num_features}")
+        return meta, config, calibration
     except CheckpointError:
         raise
     except (ValueError, KeyError, TypeError, OSError) as exc:
@@ -124,7 +136,7 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
             raise CheckpointError(
                 f"{path} does not exist: a checkpoint is a directory with {CONFIG_FILE} and {WEIGHTS_FILE}"
             )
-    meta, config = _read_config(config_path)
+    meta, config, calibration = _read_config(config_path)
     stored = _stored_shapes(weights_path)
     # Every layer has tensors of its own: more layers than the file has tensors cannot match, and even the
     # meta-device model of millions of layers takes minutes to build.
@@ -140,7 +152,7 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     for name, tensor in weights.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"{weights_path}: {name} holds values that are not finite numbers")
-    forecaster = Forecaster(config)
+    forecaster = Forecaster(config, calibration)
     forecaster.load_state_dict(weights, strict=True)
     version = model_version(forecaster)
     if meta.get("version") != version:

@@ -13,7 +13,9 @@
    session would see it, and the validation tail is scored. Training stops after ``patience`` epochs
    without improvement, after ``epochs``, or at ``max_seconds``. The best epoch is kept if it beats
    the linear start clearly (paired t over validation steps), else the linear model alone.
-5. Finally the linear term is refitted on every row, validation included, around the GRU's part.
+5. The kept model is calibrated on the validation tail (model.conformal): its errors there, per forecast
+   step, before the refit below has seen those rows.
+6. Finally the linear term is refitted on every row, validation included, around the GRU's part.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 
 from model.baselines import DifferenceAR, choose_orders, fit_difference_ar, lagged_differences
 from model.cell import Variant
+from model.conformal import DEFAULT_ADAPT_RATE, DEFAULT_STEPS, calibrate
 from model.data import DataError, Series, fit_scaler, sample_windows, split_point
 from model.forecaster import Forecaster, ForecasterConfig
 
@@ -52,6 +55,8 @@ class TrainConfig:
     refit: bool = True  # refit the linear term on every row at the end (see _refit_linear)
     level_jitter: float = 0.5  # windows shift by N(0, this · σ): see _shifted
     min_t: float = 1.0  # how clearly the GRU must beat the linear start on validation to be kept
+    calibration_steps: int = DEFAULT_STEPS  # forecast steps calibrated (at most half the validation rows)
+    adapt_rate: float = DEFAULT_ADAPT_RATE  # γ of each session's online adaptation of its intervals
 
 
 @dataclass
@@ -142,12 +147,18 @@ def train(
     if not best.clearly_better_than(start, config.min_t):
         best = start
     model.load_state_dict(best.weights)
-    if config.refit:
-        _refit_linear(model, values, orders)
     model.eval()
     if not np.isfinite(best.predictions).all():  # values within float32 whose sums and spreads are not
         raise DataError("the model's predictions on these values are not finite numbers: they are too large"
                         " for float32 arithmetic; rescale the columns")
+    try:
+        calibration = calibrate(model, values, split, config.calibration_steps, config.adapt_rate)
+    except ValueError as exc:  # forecasts rolled out past float32 range
+        raise DataError(f"the model's forecasts on the validation rows cannot be calibrated ({exc}); rescale"
+                        " the columns") from None
+    if config.refit:
+        _refit_linear(model, values, orders)
+    model.calibration = calibration
     seconds = time.monotonic() - started
     return TrainResult(model, split, orders, best.predictions, best.epoch, epoch, seconds, stopped_by, history)
 

@@ -12,7 +12,9 @@ untrained head already equals "tomorrow equals today" (persistence). At step t, 
 an autoregression on differences, the strong classical baseline; the GRU learns what it misses.
 
 The state carried between chunks is one flat vector per series, opaque to whoever stores it:
-``[h (L·H) | last K raw values (K·F) | seen (1)]``.
+``[h (L·H) | last K raw values (K·F) | seen (1)]``, and with a calibration (model.conformal) also
+``[values seen, up to K + 1 (1) | last one-step prediction (F) | log-scales (F·A)]``: what scoring the
+next value and the online adaptation of its intervals need.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from model.cell import Variant
+from model.conformal import Calibration
 from model.gru import GRU
 
 _FLOAT32_MAX = torch.finfo(torch.float32).max
@@ -80,8 +84,20 @@ class ForecasterConfig:
         return cls(**values)  # type: ignore[arg-type]
 
 
+@dataclass(slots=True)
+class Observation:
+    """What ``observe`` makes of a batch: predictions and states as ``predict``'s, and with a calibration
+    the p-value of every arriving value and the log-scales after each step (host arrays)."""
+
+    predictions: Tensor  # (B, T, F)
+    states: Tensor  # (B, S)
+    p_values: np.ndarray | None  # (B, T, F) float32; NaN: nothing to score against, or past the row's end
+    log_scales: np.ndarray | None  # (B, T, F, A) float32
+
+
 class Forecaster(nn.Module):
-    """predict(x (B, T, F), state (B, S)) -> (ŷ (B, T, F), state'); rollout(state, last, n) -> (B, n, F)."""
+    """predict(x (B, T, F), state (B, S)) -> (ŷ (B, T, F), state'); rollout(state, last, n) -> (B, n, F);
+    observe(x, state): predict, plus scores and adaptation when the model carries a calibration."""
 
     mean: Tensor  # buffers, (F,) each: the scaler fitted at training
     scale: Tensor
@@ -90,10 +106,13 @@ class Forecaster(nn.Module):
     # with another core (bench.gru_vs_lstm's LSTM: h and c) sets its own count and overrides _recurrence.
     core_states = 1
 
-    def __init__(self, config: ForecasterConfig):
+    def __init__(self, config: ForecasterConfig, calibration: Calibration | None = None):
         super().__init__()
         features = config.num_features
         self.config = config
+        if calibration is not None and calibration.features != features:
+            raise ValueError(f"calibration has {calibration.features} features, the model {features}")
+        self.calibration = calibration
         self.gru = GRU(2 * features, config.hidden_size, config.num_layers, config.variant)
         self.head = nn.Linear(config.hidden_size, features)
         self.autoregression = nn.Linear(config.lags * features, features, bias=False)
@@ -119,7 +138,15 @@ class Forecaster(nn.Module):
     def state_size(self) -> int:
         """S: floats carried per series between calls."""
         cfg = self.config
-        return cfg.num_layers * self.core_states * cfg.hidden_size + cfg.lags * cfg.num_features + 1
+        return (cfg.num_layers * self.core_states * cfg.hidden_size + cfg.lags * cfg.num_features + 1
+                + self._tail_size)
+
+    @property
+    def _tail_size(self) -> int:
+        """Floats after ``seen``: the count, the last prediction and the log-scales, only with a calibration."""
+        if self.calibration is None:
+            return 0
+        return 1 + self.num_features * (1 + len(self.calibration.anchors))
 
     def initial_state(self, batch: int) -> Tensor:
         """The state of a series that has seen nothing: (B, S) zeros."""
@@ -131,21 +158,23 @@ class Forecaster(nn.Module):
         batch = prior.size(0)
         cfg = self.config
         h = prior.new_zeros(cfg.num_layers, batch, self.core_states * cfg.hidden_size)  # (L, B, core_states·H)
-        return self._join(h, prior, prior.new_ones(batch, 1))
+        return self._join(h, prior, prior.new_ones(batch, 1), prior.new_zeros(batch, self._tail_size))
 
-    def _split(self, state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _split(self, state: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         cfg = self.config
         batch = state.size(0)
         width = self.core_states * cfg.hidden_size
         hidden_end = cfg.num_layers * width
+        seen_at = hidden_end + cfg.lags * cfg.num_features
         h = state[:, :hidden_end].reshape(batch, cfg.num_layers, width).transpose(0, 1)  # (L, B, core_states·H)
-        window = state[:, hidden_end:-1].reshape(batch, cfg.lags, cfg.num_features)  # (B, K, F)
-        seen = state[:, -1:]  # (B, 1)
-        return h, window, seen
+        window = state[:, hidden_end:seen_at].reshape(batch, cfg.lags, cfg.num_features)  # (B, K, F)
+        seen = state[:, seen_at : seen_at + 1]  # (B, 1)
+        tail = state[:, seen_at + 1 :]  # (B, 1 + F + F·A), or (B, 0) without a calibration
+        return h, window, seen, tail
 
-    def _join(self, h: Tensor, window: Tensor, seen: Tensor) -> Tensor:
+    def _join(self, h: Tensor, window: Tensor, seen: Tensor, tail: Tensor) -> Tensor:
         batch = window.size(0)
-        return torch.cat([h.transpose(0, 1).reshape(batch, -1), window.reshape(batch, -1), seen], dim=1)
+        return torch.cat([h.transpose(0, 1).reshape(batch, -1), window.reshape(batch, -1), seen, tail], dim=1)
 
     def predict(
         self, x: Tensor, state: Tensor, lengths: Tensor | list[int] | None = None
@@ -156,7 +185,7 @@ class Forecaster(nn.Module):
         """
         batch, steps, features = x.shape
         lags = self.config.lags
-        h0, window, seen = self._split(state)
+        h0, window, seen, tail = self._split(state)
         # A series' first value has no predecessor: pretend it was always there, so its difference is 0.
         window = torch.where(seen[:, :, None] > 0, window, x[:, :1].expand(-1, lags, -1))
         series = torch.cat([window, x], dim=1)  # (B, K + T, F)
@@ -175,7 +204,36 @@ class Forecaster(nn.Module):
             ends = torch.as_tensor(lengths, device=x.device).view(batch, 1, 1)
             index = (ends + torch.arange(lags, device=x.device).view(1, lags, 1)).expand(-1, -1, features)
             next_window = series.gather(1, index)  # (B, K, F): each row's last K values
-        return prediction, self._join(h_n, next_window, torch.ones_like(seen))
+        if tail.size(1):  # values seen, and the prediction after each row's last step, for scoring the next value
+            counts = torch.as_tensor(lengths if lengths is not None else [steps] * batch, device=x.device)
+            last = prediction[torch.arange(batch, device=x.device), counts - 1]  # (B, F)
+            seen_count = (tail[:, :1] + counts[:, None]).clamp(max=lags + 1)  # exact in float32
+            tail = torch.cat([seen_count, last, tail[:, 1 + features :]], dim=1)
+        return prediction, self._join(h_n, next_window, torch.ones_like(seen), tail)
+
+    @torch.no_grad()
+    def observe(self, x: Tensor, state: Tensor, lengths: list[int] | None = None) -> Observation:
+        """``predict``, and with a calibration: each arriving value's p-value against the one-step
+        prediction made before it (the state's for the first step), and the online adaptation of the
+        log-scales, written into the new state. A series' first K + 1 values get none and adapt nothing: the
+        predictions before them had no full lag window, unlike every one the calibration scored."""
+        predictions, states = self.predict(x, state, lengths)
+        calibration = self.calibration
+        if calibration is None:
+            return Observation(predictions, states, None, None)
+        batch, steps, features = x.shape
+        _, _, _, tail = self._split(state)
+        before = torch.cat([tail[:, None, 1 : 1 + features], predictions[:, :-1]], dim=1)  # (B, T, F)
+        scores = ((x - before).abs() / self.diff_scale).cpu().numpy()
+        index = tail[:, :1].cpu().numpy() + np.arange(steps)[None, :]  # (B, T): values the series saw before
+        ends = np.asarray(lengths if lengths is not None else [steps] * batch)
+        scores[(index <= self.config.lags) | (np.arange(steps)[None, :] >= ends[:, None])] = np.nan
+        anchors = len(calibration.anchors)
+        log_scales = tail[:, 1 + features :].reshape(batch, features, anchors).cpu().numpy()
+        path = calibration.adapt(scores, log_scales)  # (B, T, F, A)
+        final = torch.from_numpy(path[np.arange(batch), ends - 1].reshape(batch, -1)).to(states.device)
+        states = torch.cat([states[:, : states.size(1) - final.size(1)], final], dim=1)
+        return Observation(predictions, states, calibration.p_values(scores), path)
 
     def _recurrence(self, x: Tensor, h0: Tensor, lengths: Tensor | list[int] | None) -> tuple[Tensor, Tensor]:
         """The recurrent core over x (B, T, 2F) from h0 (L, B, core_states·H): out (B, T, H), h_n like h0."""

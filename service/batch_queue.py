@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from service.extras import NO_EXTRAS, Extras
 from service.metrics import Metrics
 from service.refusals import Overloaded, TimedOut
 
@@ -46,6 +47,7 @@ class Chunk:
     horizon: int
     must_exist: bool = False  # refuse (404) rather than create an unknown session, judged atomically (v2)
     restart: bool = False  # start the session again from a fresh state at 0, in one commit (v2 sequence_start)
+    extras: Extras = NO_EXTRAS  # intervals and scores asked for
     future: asyncio.Future[bytes] = field(default_factory=_new_future)  # its answer (JSON bytes) or refusal
     enqueued: float = field(default_factory=time.perf_counter)
 

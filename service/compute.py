@@ -2,7 +2,9 @@
 
 A batch is a few large torch calls, no per-step Python: chunks sorted longest first and padded (the GRU's
 batch shrinks as short chunks end), states gathered from the store by row, one forward, one roll-out for the
-rows that asked for a forecast, one copy back to the host. Few calls per batch matter on the CPU: the
+rows that asked for a forecast, one copy back to the host. A calibrated model also scores every arriving
+value and adapts each row's intervals (``Forecaster.observe``); the intervals and scores a chunk asked for
+are built here too, off the event loop. Few calls per batch matter on the CPU: the
 compute thread and the event loop share the GIL, and each torch call is a chance to hand it over.
 """
 
@@ -20,6 +22,7 @@ import torch
 from torch import Tensor
 
 from model import Forecaster
+from service.extras import Extras, level_key
 from service.sessions.base import Session
 
 log = logging.getLogger("service.engine")
@@ -32,6 +35,8 @@ class Computed:
     forecasts: list[np.ndarray | None]  # per chunk, (horizon, F) float32; None without a horizon
     states: Tensor  # (B, S), row i = chunk i
     finite: list[bool]  # per chunk: predictions, forecast and new state all finite
+    p_values: list[np.ndarray | None]  # per chunk, (T, F) float32, NaN where unscored; None: no calibration
+    extras: list[dict[str, Any] | None]  # per chunk, the answer's intervals and scores where it asked
 
 
 class BatchCompute:
@@ -44,10 +49,12 @@ class BatchCompute:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._warm_up)
 
     async def run(self, values: Sequence[np.ndarray], horizons: Sequence[int], sessions: Sequence[Session | None],
-                  gather: Gather) -> Computed:
-        """Chunk i's ``values`` from the state of ``sessions[i]`` (a fresh one for None), on the compute thread."""
+                  gather: Gather, extras: Sequence[Extras], primed: Sequence[int]) -> Computed:
+        """Chunk i's ``values`` from the state of ``sessions[i]`` (a fresh one for None), on the compute thread;
+        its first ``primed[i]`` values only prime the state (a replayed upgrade): nothing is answered for them."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._compute, values, horizons, sessions, gather)
+        return await loop.run_in_executor(self._executor, self._compute, values, horizons, sessions, gather, extras,
+                                          primed)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -76,7 +83,7 @@ class BatchCompute:
                 self.forecaster.rollout(state, y[:, -1], 2)
 
     def _compute(self, values: Sequence[np.ndarray], horizons: Sequence[int], sessions: Sequence[Session | None],
-                 gather: Gather) -> Computed:
+                 gather: Gather, extras: Sequence[Extras], primed: Sequence[int]) -> Computed:
         count = len(values)
         order = sorted(range(count), key=lambda i: -len(values[i]))  # longest first
         lengths = [len(values[i]) for i in order]
@@ -89,7 +96,8 @@ class BatchCompute:
             x = torch.from_numpy(padded).to(self.device)
             states = gather([sessions[i] for i in order], self.device)  # (B, S)
             same_length = lengths[0] == lengths[-1]
-            y, new_states = self.forecaster.predict(x, states, None if same_length else lengths)
+            observed = self.forecaster.observe(x, states, None if same_length else lengths)
+            y, new_states = observed.predictions, observed.states
             ends = torch.tensor(lengths, device=self.device) - 1
             last = y[torch.arange(count, device=self.device), ends]  # (B, F): prediction after each last step
             wanting = [row for row, horizon in enumerate(sorted_horizons) if horizon]  # rows asking a forecast
@@ -104,12 +112,45 @@ class BatchCompute:
             finite_states: list[bool] = torch.isfinite(states_out).all(dim=1).tolist()
         predictions: list[np.ndarray] = [np.empty(0)] * count
         forecasts: list[np.ndarray | None] = [None] * count
+        p_values: list[np.ndarray | None] = [None] * count
+        log_scales: list[np.ndarray | None] = [None] * count
         for row, i in enumerate(order):
-            predictions[i] = np.ascontiguousarray(y_host[row, : lengths[row]])
+            answered = slice(primed[i], lengths[row])
+            predictions[i] = np.ascontiguousarray(y_host[row, answered])
+            if observed.p_values is not None and observed.log_scales is not None:
+                p_values[i] = observed.p_values[row, answered]
+                log_scales[i] = observed.log_scales[row, answered]
         for picked, row in enumerate(wanting):
             forecasts[order[row]] = np.ascontiguousarray(forecast_host[picked, : sorted_horizons[row]])
+        asked = [self._extras(extras[i], predictions[i], forecasts[i], p_values[i], log_scales[i]) if extras[i]
+                 else None for i in range(count)]
         finite = [state_ok and _all_finite(predictions[i], forecasts[i]) for i, state_ok in enumerate(finite_states)]
-        return Computed(predictions, forecasts, states_out, finite)
+        return Computed(predictions, forecasts, states_out, finite, p_values, asked)
+
+    def _extras(self, extras: Extras, predictions: np.ndarray, forecast: np.ndarray | None,
+                p_values: np.ndarray | None, log_scales: np.ndarray | None) -> dict[str, Any]:
+        """The answer's ``intervals``, ``forecast_intervals`` and ``scores`` a chunk asked for (the routes
+        refuse them for a model without calibration, so here there is one)."""
+        calibration = self.forecaster.calibration
+        assert calibration is not None and p_values is not None and log_scales is not None
+        out: dict[str, Any] = {}
+        if extras.levels:
+            levels = np.array(extras.levels)
+            diff_scale = self.forecaster.diff_scale.cpu().numpy()
+            widths = calibration.half_widths(levels, log_scales, diff_scale)
+            out["intervals"] = _bands(extras.levels, predictions, widths)
+            if forecast is not None:
+                widths = calibration.half_widths(levels, log_scales[-1], diff_scale, steps=len(forecast))
+                out["forecast_intervals"] = _bands(extras.levels, forecast, widths)
+        if extras.scores:
+            out["scores"] = p_values
+        return out
+
+
+def _bands(levels: Sequence[float], centre: np.ndarray, half_widths: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+    """{"80": {"lower": T × F, "upper": T × F}, ...} around ``centre`` (T, F); half_widths (L, T, F)."""
+    return {level_key(level): {"lower": centre - width, "upper": centre + width}
+            for level, width in zip(levels, half_widths, strict=True)}
 
 
 def _all_finite(*arrays: np.ndarray | None) -> bool:

@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         0, ge=0, description="intra-op threads for the model; 0 = cores - 1 (one for the event loop)"
     )
+    surprise_p: float = Field(
+        0.01, gt=0, lt=1, description="an arriving value whose p-value is below this counts in gru_surprises_total"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @property

@@ -20,12 +20,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from model import Forecaster
 from service.batch_queue import BatchQueue, Chunk, Place, settle
 from service.compute import BatchCompute, Computed
+from service.extras import NO_EXTRAS, Extras
 from service.metrics import Metrics
 from service.refusals import (
     BatchFailed,
@@ -59,6 +61,11 @@ class _Run:
     def values(self) -> np.ndarray:
         return self.chunk.values if self.prior is None else np.concatenate([self.prior, self.chunk.values])
 
+    @property
+    def primed(self) -> int:
+        """Leading rows of ``values`` that are not the chunk's: computed, not answered."""
+        return 0 if self.prior is None else len(self.prior)
+
 
 class Engine:
     def __init__(
@@ -74,6 +81,7 @@ class Engine:
         request_timeout_seconds: float,
         label: tuple[str, str] | None = None,
         replay: bool = False,
+        surprise_p: float = 0.01,
     ):
         self.forecaster = forecaster
         self.model_version = model_version
@@ -89,6 +97,8 @@ class Engine:
         model, version = label or ("", "")
         self._steps = metrics.steps.labels(model=model, version=version)
         self._forward_time = metrics.forward_time.labels(model=model, version=version)
+        self._surprise_p = surprise_p
+        self._surprises = metrics.surprises.labels(model=model)
         self._worker: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -108,7 +118,7 @@ class Engine:
 
     async def predict(
         self, key: str | None, values: np.ndarray, offset: int | None, horizon: int, *,
-        must_exist: bool = False, restart: bool = False, place: Place | None = None,
+        must_exist: bool = False, restart: bool = False, extras: Extras = NO_EXTRAS, place: Place | None = None,
     ) -> bytes:
         """The JSON answer for one chunk (a session's when ``key`` is set, else stateless).
 
@@ -117,19 +127,22 @@ class Engine:
         ``restart``: the chunk starts the session again at 0 from a fresh state, whatever it held, in the same
         commit as its result, so a refused chunk (queue full, timeout, out of range) leaves the session as
         it was, which a reset followed by the chunk would not.
+        ``extras``: intervals and scores to add to the answer (the routes refuse them without a calibration).
         """
-        return await self.enqueue(key, values, offset, horizon, must_exist=must_exist, restart=restart, place=place)
+        return await self.enqueue(key, values, offset, horizon, must_exist=must_exist, restart=restart,
+                                  extras=extras, place=place)
 
     def enqueue(
         self, key: str | None, values: np.ndarray, offset: int | None, horizon: int, *,
-        must_exist: bool = False, restart: bool = False, place: Place | None = None,
+        must_exist: bool = False, restart: bool = False, extras: Extras = NO_EXTRAS, place: Place | None = None,
     ) -> asyncio.Future[bytes]:
         """``predict`` without the wait: the chunk is queued (or refused) before this returns, so a caller's
         chunks keep the order of its calls; the future holds the answer or the refusal. ``place``: one the
         caller reserved (``queue.reserve``), which the chunk fills."""
         if self._stopping:
             raise ShuttingDown("the service is shutting down; retry on another replica", retry_after=1)
-        return self.queue.put(Chunk(key, values, offset, horizon, must_exist=must_exist, restart=restart), place)
+        return self.queue.put(Chunk(key, values, offset, horizon, must_exist=must_exist, restart=restart,
+                                    extras=extras), place)
 
     async def session_info(self, key: str) -> tuple[Session, float]:
         """The session, and when it expires (epoch seconds) if nothing reaches it before."""
@@ -163,7 +176,8 @@ class Engine:
             return
         began = time.perf_counter()
         computed = await self.compute.run([r.values for r in runs], [r.chunk.horizon for r in runs],
-                                          [r.session for r in runs], self.store.gather)
+                                          [r.session for r in runs], self.store.gather, [r.chunk.extras for r in runs],
+                                          [r.primed for r in runs])
         self._forward_time.observe(time.perf_counter() - began)
         self._steps.inc(sum(len(r.chunk.values) for r in runs))
         await self._commit(runs, computed)
@@ -195,11 +209,15 @@ class Engine:
             if session is None and chunk.must_exist:
                 settle(chunk, exc=_unknown(chunk.key))
                 continue
-            verdict = judge(chunk.key, chunk.offset, chunk.horizon, chunk.values, session, self.model_version)
+            verdict = judge(chunk.key, chunk.offset, chunk.horizon, chunk.values, session, self.model_version,
+                            chunk.extras)
             if isinstance(verdict, StaleModel) and self.replay and session is not None:
-                verdict = judge(chunk.key, chunk.offset, chunk.horizon, chunk.values, session, session.model_version)
-                if isinstance(verdict, Apply):  # a valid next chunk: run it after the values the state keeps
-                    runs.append(_Run(chunk, None, verdict, revision, self._kept_values(session)))
+                replayed = judge(chunk.key, chunk.offset, chunk.horizon, chunk.values, session,
+                                 session.model_version, chunk.extras)
+                if not isinstance(replayed, Apply):
+                    verdict = replayed
+                elif (kept := self._kept_values(session)) is not None:  # run it after the values the state keeps
+                    runs.append(_Run(chunk, None, replayed, revision, kept))
                     continue
             if isinstance(verdict, Apply):
                 runs.append(_Run(chunk, session, verdict, revision))
@@ -213,7 +231,7 @@ class Engine:
         """Answer stateless chunks; compare-and-set the others and answer those that won; those that lost
         their race go back to the front of the queue."""
         writes: list[Write] = []
-        pending: list[tuple[_Run, bytes]] = []
+        pending: list[tuple[_Run, bytes, np.ndarray | None]] = []  # the run, its answer, its p-values
         for row, run in enumerate(runs):
             chunk = run.chunk
             if chunk.future.done():  # its caller timed out and was told so: it must not apply later
@@ -224,7 +242,7 @@ class Engine:
                     " range the model was trained on; nothing was changed (if every chunk of a session gets"
                     " this, an earlier chunk left such values in its state: reset it)"))
                 continue
-            answer = self._answer(run, computed.predictions[row], computed.forecasts[row])
+            answer = self._answer(run, computed.predictions[row], computed.forecasts[row], computed.extras[row])
             if chunk.key is None:
                 settle(chunk, answer)
                 continue
@@ -232,42 +250,53 @@ class Engine:
             writes.append(Write(
                 key=chunk.key, expected_revision=run.revision, position=start + len(chunk.values),
                 model_version=self.model_version, last_offset=start,
-                fingerprint=fingerprint(start, chunk.horizon, chunk.values), answer=answer, row=row,
+                fingerprint=fingerprint(start, chunk.horizon, chunk.values, chunk.extras), answer=answer, row=row,
             ))
-            pending.append((run, answer))
+            pending.append((run, answer, computed.p_values[row]))
         if not writes:
             return
         try:
             committed = await self.store.commit(writes, computed.states)
         except StoreUnreachable as refusal:
-            for run, _ in pending:
+            for run, _, _ in pending:
                 settle(run.chunk, exc=refusal)
             return
-        lost = [run.chunk for (run, _), won in zip(pending, committed, strict=True)
+        lost = [run.chunk for (run, _, _), won in zip(pending, committed, strict=True)
                 if won is None and not run.chunk.future.done()]  # timed out while committing: dropped
-        for (run, answer), won in zip(pending, committed, strict=True):
+        for (run, answer, p_values), won in zip(pending, committed, strict=True):
             if won is not None:
                 settle(run.chunk, answer)
+                self._count_surprises(p_values)
         if lost:  # the session changed under us: judge these again, ahead of everything newer
             self._metrics.store_conflicts.inc(len(lost))
             self.queue.requeue(lost)
 
-    def _answer(self, run: _Run, predictions: np.ndarray, forecast: np.ndarray | None) -> bytes:
+    def _count_surprises(self, p_values: np.ndarray | None) -> None:
+        """Values that arrived in a session with a p-value under GRU_SURPRISE_P (NaN compares false)."""
+        if p_values is not None:
+            surprising = int(np.count_nonzero(p_values < self._surprise_p))
+            if surprising:
+                self._surprises.inc(surprising)
+
+    def _answer(self, run: _Run, predictions: np.ndarray, forecast: np.ndarray | None,
+                extras: dict[str, Any] | None) -> bytes:
         chunk = run.chunk
         session = None
         if chunk.key is not None:
             session = (session_id_of(chunk.key), run.verdict.start + len(chunk.values), run.verdict.created)
-        if run.prior is not None:
-            predictions = predictions[len(run.prior):]
-        return encode_answer(predictions, forecast, self.model_version, session, self.label,
+        return encode_answer(predictions, forecast, self.model_version, session, self.label, extras,
                              upgraded=run.prior is not None)
 
-    def _kept_values(self, session: Session) -> np.ndarray:
+    def _kept_values(self, session: Session) -> np.ndarray | None:
         """The raw values a session's state keeps (its last min(position, K) inputs; docs/architecture.md,
-        "State layout"), which prime this version's state in place of the other version's hidden state."""
+        "State layout"), which prime this version's state in place of the other version's hidden state; None
+        for a state of another size (an earlier model's layout), which cannot be read and stays a 409."""
         cfg = self.forecaster.config
         hidden = cfg.num_layers * cfg.hidden_size
-        state = self.store.gather([session], "cpu")[0].numpy()
+        try:
+            state = self.store.gather([session], "cpu")[0].numpy()
+        except ValueError:
+            return None
         window = state[hidden: hidden + cfg.lags * cfg.num_features].reshape(cfg.lags, cfg.num_features)
         return np.ascontiguousarray(window[cfg.lags - min(session.position, cfg.lags):], dtype=np.float32)
 

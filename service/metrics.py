@@ -56,6 +56,9 @@ class Metrics:
             registry=r,
         )
         self.model_info = Info("gru_model", "The served model", registry=r)
+        self.surprises = Counter(
+            "gru_surprises", "Arriving session values whose p-value was under GRU_SURPRISE_P", ["model"], registry=r
+        )
         self.model_versions = Gauge(
             "gru_model_versions", "Loaded model versions (1 each), by state: serving or draining",
             ["model", "version", "state"], registry=r,

@@ -127,8 +127,8 @@ class ServedModel:
         if config.features != self.features:
             return f"features {list(config.features)} differ from the model's {list(self.features)}"
         if _layout(candidate) != self.layout:
-            return (f"its state layout (layers × hidden, lags) {_layout(candidate)} differs from the model's"
-                    f" {self.layout}")
+            return (f"its state layout (layers × hidden, lags, floats per session) {_layout(candidate)} differs"
+                    f" from the model's {self.layout} (a calibration adds floats: calibrate every version or none)")
         return None
 
     def route(self, engine: Engine, chunk: Chunk, session: Session | None) -> bool:
@@ -313,7 +313,7 @@ class Registry:
             loaded.forecaster, loaded.model_version, model.store, self.metrics,
             max_batch_size=s.max_batch_size, max_batch_delay_ms=s.max_batch_delay_ms, max_queue=s.max_queue,
             request_timeout_seconds=s.request_timeout_seconds, label=(name, str(loaded.where.version)),
-            replay=model.replay,
+            replay=model.replay, surprise_p=s.surprise_p,
         )
         engine.router = lambda chunk, session: model.route(engine, chunk, session)
         version = LoadedVersion(loaded.where.version, engine, loaded.meta)
@@ -416,7 +416,8 @@ class Registry:
                 self.metrics.version_sessions.labels(model=model.name, version=number).set(sessions)
 
 
-def _layout(loaded: Loaded) -> tuple[int, int]:
-    """What places the raw values in a state: (layers × hidden size, lags)."""
+def _layout(loaded: Loaded) -> tuple[int, int, int]:
+    """What places the raw values in a state, and its size: (layers × hidden size, lags, floats); the size
+    differs with a calibration's interval adaptation at the end (docs/architecture.md, "State layout")."""
     config = loaded.forecaster.config
-    return config.num_layers * config.hidden_size, config.lags
+    return config.num_layers * config.hidden_size, config.lags, loaded.forecaster.state_size

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.extras import NO_EXTRAS, Extras
 from service.refusals import OffsetMismatch, Refusal, StaleModel, UnknownSession
 from service.sessions.base import Session, session_id_of
 
@@ -34,16 +35,21 @@ class Replay:
 Verdict = Apply | Replay | Refusal
 
 
-def fingerprint(offset: int, horizon: int, values: np.ndarray) -> bytes:
-    """16 bytes identifying a chunk as applied: where it started, its horizon and its exact values."""
+def fingerprint(offset: int, horizon: int, values: np.ndarray, extras: Extras = NO_EXTRAS) -> bytes:
+    """16 bytes identifying a chunk as applied: where it started, its horizon, its exact values, and the
+    levels and scores it asked for (only when it asked: without them the fingerprint is what it was)."""
     digest = hashlib.blake2b(digest_size=16)
     digest.update(np.array([offset, horizon, *values.shape], dtype=np.int64).tobytes())
     digest.update(np.ascontiguousarray(values, dtype=np.float32).tobytes())
+    if extras:
+        digest.update(np.array([extras.scores, len(extras.levels)], dtype=np.int64).tobytes())
+        digest.update(np.array(extras.levels, dtype=np.float64).tobytes())
     return digest.digest()
 
 
 def judge(
-    key: str, offset: int | None, horizon: int, values: np.ndarray, session: Session | None, model_version: str
+    key: str, offset: int | None, horizon: int, values: np.ndarray, session: Session | None, model_version: str,
+    extras: Extras = NO_EXTRAS,
 ) -> Verdict:
     session_id = session_id_of(key)
     if session is None:
@@ -63,11 +69,11 @@ def judge(
     if offset is None or offset == session.position:
         return Apply(start=session.position, created=False)
     if offset == session.last_offset:
-        if session.fingerprint == fingerprint(offset, horizon, values):
+        if session.fingerprint == fingerprint(offset, horizon, values, extras):
             return Replay(session.answer)
-        detail = (f"a different chunk (other values or horizon) was applied at offset {offset} of session"
-                  f" {session_id!r}, now at position {session.position}; this is not a retry of it: send the next"
-                  f" chunk from offset {session.position}, or reset the session")
+        detail = (f"a different chunk (other values, horizon, levels or scores) was applied at offset {offset} of"
+                  f" session {session_id!r}, now at position {session.position}; this is not a retry of it: send the"
+                  f" next chunk from offset {session.position}, or reset the session")
     else:
         detail = (f"offset {offset} does not match session {session_id!r} at position {session.position}; resend"
                   f" from offset {session.position}")

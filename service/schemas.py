@@ -35,6 +35,15 @@ _OFFSET_DOC = (
     "offset with the same values and horizon: that answer again (safe retry). Otherwise 409. Omitted: appended."
 )
 _HORIZON_DOC = "Steps to forecast past the chunk by feeding predictions back; never moves the session."
+_LEVELS_DOC = (
+    "Interval levels in percent, each strictly between 0 and 100, distinct, 1 to 4: adds `intervals` around the"
+    " predictions (and `forecast_intervals` around a forecast). Needs a calibrated model (else 422)."
+)
+_SCORES_DOC = (
+    "true adds `scores`: each value's conformal p-value against the prediction made before it arrived (1"
+    " ordinary, near 0 surprising; null for a series' first value). Needs a calibrated model (else 422)."
+)
+Levels = Annotated[list[Annotated[float, Field(gt=0, lt=100)]], Field(min_length=1, max_length=4)]
 
 
 class ChunkRequest(BaseModel):
@@ -47,6 +56,8 @@ class ChunkRequest(BaseModel):
     values: Values = Field(description=_VALUES_DOC)
     offset: int | None = Field(None, ge=0, description=_OFFSET_DOC)
     horizon: int = Field(0, ge=0, description=_HORIZON_DOC)
+    levels: Levels | None = Field(None, description=_LEVELS_DOC)
+    scores: bool = Field(False, description=_SCORES_DOC)
 
 
 class StatelessRequest(BaseModel):
@@ -57,6 +68,8 @@ class StatelessRequest(BaseModel):
     )
     values: Values = Field(description=_VALUES_DOC)
     horizon: int = Field(0, ge=0, description=_HORIZON_DOC)
+    levels: Levels | None = Field(None, description=_LEVELS_DOC)
+    scores: bool = Field(False, description=_SCORES_DOC)
 
 
 class BatchItem(ChunkRequest):
@@ -106,10 +119,24 @@ class BatchEnvelope(BaseModel):
     items: list[Annotated[dict[str, JsonValue] | None, _ScreenedItem()]] = Field(min_length=1)
 
 
+class Band(BaseModel):
+    lower: list[list[float]]
+    upper: list[list[float]]
+
+
 class PredictionResponse(BaseModel):
     predictions: list[list[float]] = Field(description="One-step-ahead prediction after each step, T × F_out")
     forecast: list[list[float]] | None = Field(
         None, description="Only with horizon > 0: horizon × F_out; forecast[0] is the last prediction"
+    )
+    intervals: dict[str, Band] | None = Field(
+        None, description="Only with levels: per level (keyed as format(level, 'g')), bounds around predictions"
+    )
+    forecast_intervals: dict[str, Band] | None = Field(
+        None, description="Only with levels and horizon > 0: per level, bounds around the forecast"
+    )
+    scores: list[list[float | None]] | None = Field(
+        None, description="Only with scores: T × F p-values of the arriving values; null where none"
     )
     model_version: str
     model: str | None = Field(None, description="The model that answered (GET /v1/models)")
@@ -140,18 +167,21 @@ class SessionPredictResponse(PredictionResponse):
 
 def encode_answer(predictions: np.ndarray, forecast: np.ndarray | None, model_version: str,
                   session: tuple[str, int, bool] | None = None, label: tuple[str, str] | None = None,
-                  upgraded: bool = False) -> bytes:
+                  extras: dict[str, Any] | None = None, upgraded: bool = False) -> bytes:
     """A ``PredictionResponse``, or with ``session`` (id, position, created) a ``SessionPredictResponse``;
     ``label`` (model name, repository version) adds ``model`` and ``version``, ``upgraded`` the flag of a
     session moved onto this version by GRU_UPGRADE=replay,
     as the JSON bytes the engine answers and keeps for exact retries: built once, straight from the arrays
-    (orjson), not through the pydantic models above, which document it."""
+    (orjson; NaN, a score with nothing to score against, is written null), not through the pydantic models
+    above, which document it. ``extras``: the intervals and scores asked for, after the forecast."""
     body: dict[str, Any] = {}
     if session is not None:
         body["session_id"], body["position"] = session[0], session[1]
     body["predictions"] = predictions
     if forecast is not None:
         body["forecast"] = forecast
+    if extras:
+        body.update(extras)
     body["model_version"] = model_version
     if label is not None:
         body["model"], body["version"] = label

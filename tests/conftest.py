@@ -21,9 +21,12 @@ from harness.processes import Process as Server
 from harness.processes import start_service
 
 
-def make_tiny_model(directory: Path, features: tuple[str, ...] = ("x",), seed: int = 0, name: str = "tiny") -> Path:
-    """A small random forecaster: fast to load, different outputs for different seeds (so, versions)."""
-    return random_checkpoint(directory, hidden=16, layers=2, lags=4, features=features, seed=seed, name=name)
+def make_tiny_model(directory: Path, features: tuple[str, ...] = ("x",), seed: int = 0, name: str = "tiny",
+                    error_scale: float | None = None) -> Path:
+    """A small random forecaster: fast to load, different outputs for different seeds (so, versions);
+    calibrated with errors spread over [0, error_scale] when that is given."""
+    return random_checkpoint(directory, hidden=16, layers=2, lags=4, features=features, seed=seed, name=name,
+                             error_scale=error_scale)
 
 
 @pytest.fixture(scope="session")

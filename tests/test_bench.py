@@ -7,6 +7,7 @@ import asyncio
 import json
 
 import httpx
+import numpy as np
 import pytest
 import torch
 
@@ -86,6 +87,14 @@ def test_naive_server_tells_a_client_that_lost_track_where_its_session_is() -> N
     again = asyncio.run(twice())
     assert again.status_code == 409
     assert again.json()["position"] == 3
+
+
+def test_interval_score_adds_two_over_alpha_times_each_miss_to_the_width() -> None:
+    from bench.intervals import score
+
+    scored = score(np.array([0.0, 5.0, -3.0]), np.full(3, -1.0), np.full(3, 1.0), level=80)
+    assert scored.coverage == 1 / 3 and scored.width == 2.0
+    assert scored.winkler == pytest.approx((2 + (2 + 10 * 4) + (2 + 10 * 2)) / 3)
 
 
 def test_junk_bodies_are_json_objects_of_unknown_keys_of_the_size_asked() -> None:

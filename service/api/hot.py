@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.bodies import chunk_array, parse, path_session_id
 from service.api.deps import served_model
+from service.api.extras import requested
 from service.api.openapi import RawOperation
 from service.api.stream import ROUTES as STREAM_ROUTES
 from service.api.stream import Streams
@@ -66,14 +67,17 @@ async def predict_session(request: Request) -> Response:
         raise
     model, body, values = await _read(request, ChunkRequest)
     key = session_key(tenant_of(request), session_id)
-    answer = await model.engine_for(key).predict(key, values, body.offset, body.horizon, place=request.scope[PLACE])
+    engine = model.engine_for(key)
+    extras = requested(body.levels, body.scores, engine.forecaster, ["body"])
+    answer = await engine.predict(key, values, body.offset, body.horizon, extras=extras, place=request.scope[PLACE])
     return Response(answer, media_type=JSON)
 
 
 async def predict(request: Request) -> Response:
     model, body, values = await _read(request, StatelessRequest)
-    return Response(await model.engine.predict(None, values, None, body.horizon, place=request.scope[PLACE]),
-                    media_type=JSON)
+    extras = requested(body.levels, body.scores, model.engine.forecaster, ["body"])
+    answer = await model.engine.predict(None, values, None, body.horizon, extras=extras, place=request.scope[PLACE])
+    return Response(answer, media_type=JSON)
 
 
 ROUTES = [

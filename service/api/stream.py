@@ -1,14 +1,14 @@
 """``/v1/sessions/{session_id}/stream`` (and ``/v1/models/{model}/...``): a WebSocket per session, each text
 frame a chunk.
 
-A frame holds a predict body (``values``, ``offset``, ``horizon``), validated exactly as the POST body is
-(``service.api.bodies``); its answer is one text frame holding exactly the HTTP answer's JSON, or the
-problem+json object of a refusal, in the order the frames came. A client may send frames without waiting:
-up to ``GRU_STREAM_WINDOW`` of one stream wait for the engine, and beyond that the socket is not read
-(backpressure: the client's sends stall, nothing is refused). While the engine's queue is full the
-stream waits for a place in it, however long, rather than answering 429. A frame over
-``GRU_MAX_BODY_BYTES`` closes the stream with 1009. The caller's tenant is the one the upgrade request was
-authenticated as, for the stream's life. Each chunk goes to the engine the HTTP route would give it
+A frame holds a predict body (``values``, ``offset``, ``horizon``, ``levels``, ``scores``), validated exactly
+as the POST body is (``service.api.bodies``, ``service.api.extras``); its answer is one text frame holding
+exactly the HTTP answer's JSON, or the problem+json object of a refusal, in the order the frames came. A
+client may send frames without waiting: up to ``GRU_STREAM_WINDOW`` of one stream wait for the engine, and
+beyond that the socket is not read (backpressure: the client's sends stall, nothing is refused). While the
+engine's queue is full the stream waits for a place in it, however long, rather than answering 429. A frame
+over ``GRU_MAX_BODY_BYTES`` closes the stream with 1009. The caller's tenant is the one the upgrade request
+was authenticated as, for the stream's life. Each chunk goes to the engine the HTTP route would give it
 (``ServedModel.engine_for``: its pinned version's, else the newest).
 
 ``Streams.drain`` (on SIGTERM, before the server closes connections) stops reading every stream, answers
@@ -29,6 +29,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from service.api.bodies import chunk_array, parse, path_session_id
 from service.api.deps import served_model
+from service.api.extras import requested
 from service.auth import tenant_of
 from service.config import Settings
 from service.http_fields import send_problem
@@ -149,12 +150,13 @@ class _Stream:
             body = parse(raw, ChunkRequest)
             values = chunk_array(body.values, body.horizon, self.model.engine.forecaster.num_features,
                                  self.settings, _LOCATION)
-            # while the queue is full, this stream reads nothing
-            place = await self.model.engine_for(self.key).queue.reserve(None)
+            engine = self.model.engine_for(self.key)
+            extras = requested(body.levels, body.scores, engine.forecaster, ["body"])
+            place = await engine.queue.reserve(None)  # while the queue is full, this stream reads nothing
             assert place is not None  # no patience limit: a place or nothing
             try:
                 engine = self.model.engine_for(self.key)  # routed again: the versions may have changed meanwhile
-                return engine.enqueue(self.key, values, body.offset, body.horizon, place=place)
+                return engine.enqueue(self.key, values, body.offset, body.horizon, extras=extras, place=place)
             finally:
                 place.give_back()  # unless the chunk took it
         except (Problem, Refusal) as refused:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, JsonValue
 
 from service.api.bodies import chunk_array, parse, parse_item, unknown_item_fields
 from service.api.deps import EngineDep, ModelDep, SettingsDep, model_path
+from service.api.extras import requested
 from service.api.openapi import body_schema, problem_responses
 from service.auth import TenantDep
 from service.models import Registry, ServedModel
@@ -98,7 +99,9 @@ async def predict_batch(request: Request, model: ModelDep, settings: SettingsDep
             item = parse_item(raw, BatchItem, loc, unknown.get(index))
             values = chunk_array(item.values, item.horizon, features, settings, [*loc, "values"])
             key = session_key(tenant, item.session_id)
-            return await model.engine_for(key).predict(key, values, item.offset, item.horizon)
+            engine = model.engine_for(key)
+            extras = requested(item.levels, item.scores, engine.forecaster, loc)
+            return await engine.predict(key, values, item.offset, item.horizon, extras=extras)
         except (Problem, Refusal) as refused:
             return orjson.dumps(as_problem(refused).body())
 

@@ -27,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
 from service.api.deps import EngineDep, SettingsDep
+from service.api.extras import requested
 from service.api.health import require_ready
 from service.api.openapi import problem_responses
 from service.api.v2_codec import (
@@ -42,6 +43,7 @@ from service.api.v2_codec import (
 from service.auth import TenantDep
 from service.config import Settings
 from service.engine import Engine
+from service.extras import Extras
 from service.models import Registry, ServedModel
 from service.problems import describe_errors, route_path
 from service.refusals import Refusal, StaleModel, UnknownSession
@@ -177,14 +179,15 @@ async def _infer(request: Request, model: ServedModel, engine: Engine, settings:
         max_steps=settings.max_chunk_steps, max_horizon=settings.max_horizon,
     )
     parameters: dict[str, Any] = {}
+    extras = requested(call.levels, call.scores, engine.forecaster, ["parameters"])
     if call.session_id is None:
-        answer = await engine.predict(None, call.values, None, call.horizon)
+        answer = await engine.predict(None, call.values, None, call.horizon, extras=extras)
     else:
         key = session_key(tenant, call.session_id)
         if call.sequence_start:
-            answer = await engine.predict(key, call.values, 0, call.horizon, restart=True)
+            answer = await engine.predict(key, call.values, 0, call.horizon, restart=True, extras=extras)
         else:
-            answer = await _continue(model.engine_for(key), key, call.sequence_id, call)
+            answer = await _continue(model.engine_for(key), key, call.sequence_id, call, extras)
         if call.sequence_end:
             await _end(engine, key)
     decoded = orjson.loads(answer)
@@ -194,11 +197,11 @@ async def _infer(request: Request, model: ServedModel, engine: Engine, settings:
     return Response(encoded.body, media_type=encoded.media_type, headers=encoded.headers)
 
 
-async def _continue(engine: Engine, key: str, sequence_id: object, call: InferRequest) -> bytes:
+async def _continue(engine: Engine, key: str, sequence_id: object, call: InferRequest, extras: Extras) -> bytes:
     """A chunk after the first: the sequence must exist (Triton refuses an unknown correlation id too).
     Both refusals say what to do in v2's terms: a sequence starts again with ``sequence_start``."""
     try:
-        return await engine.predict(key, call.values, call.offset, call.horizon, must_exist=True)
+        return await engine.predict(key, call.values, call.offset, call.horizon, must_exist=True, extras=extras)
     except UnknownSession:
         raise v2_problem(404, f"sequence {sequence_id!r} is not active (never started, ended or expired);"
                          " send its first chunk with sequence_start=true", kind="sequence-not-found",

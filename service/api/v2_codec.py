@@ -9,6 +9,11 @@ Both tensor encodings of the protocol, in requests and answers:
   answered in binary when its request entry says ``"binary_data": true`` or, with no outputs listed, when
   the request parameter ``binary_data_output`` is true.
 
+Intervals and scores (README, "Intervals and surprise scores") are asked for with the request parameters
+``levels`` (1 to 4 percentages) and ``scores`` (true), and answered as extra FP32 outputs: ``lower_<level>``
+and ``upper_<level>`` (T × F) around the predictions, ``forecast_lower_<level>`` and ``forecast_upper_<level>``
+around a forecast, and ``scores`` (T × F, NaN where a value has nothing to be scored against; null in JSON).
+
 Every failure here is a ``Problem`` (400, the protocol's "bad request"; 413 or 415 for the body's size
 or encoding) carrying the protocol's ``error`` member, so tritonclient shows our message. References: the
 KServe "Open Inference Protocol" REST spec and Triton's ``binary_data.md`` and ``sequence_extension`` docs.
@@ -24,6 +29,7 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from service.extras import level_key
 from service.http_fields import decimal_length
 from service.problems import Problem, describe_errors
 from service.session_ids import SESSION_ID, SESSION_ID_RULE
@@ -32,6 +38,8 @@ INPUT = "values"
 PREDICTIONS = "predictions"
 FORECAST = "forecast"
 OUTPUTS = (PREDICTIONS, FORECAST)
+SCORES = "scores"
+MAX_LEVELS = 4
 FP32 = "FP32"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 UINT64_MAX = 2**64 - 1
@@ -81,6 +89,8 @@ class InferRequest:
     horizon: int
     offset: int | None  # our extension: the v1 offset, for safe retries
     outputs: dict[str, bool]  # output name -> answer it in binary
+    levels: list[float] | None  # interval levels asked for (percent)
+    scores: bool  # the p-values of the arriving values asked for
 
 
 # -- the body ------------------------------------------------------------------------------------------
@@ -130,6 +140,30 @@ def _count(parameters: dict[str, Any], name: str, maximum: int, limit_name: str)
     if value > maximum:
         raise v2_problem(400, f"parameter {name}={value} is over {limit_name}={maximum}")
     return value
+
+
+def _levels(parameters: dict[str, Any]) -> list[float] | None:
+    """``levels``: 1 to 4 distinct numbers strictly between 0 and 100 (percent)."""
+    value = parameters.get("levels")
+    if value is None:
+        return None
+    if (not isinstance(value, list) or not 1 <= len(value) <= MAX_LEVELS
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < 100 for v in value)):
+        raise v2_problem(400, f"parameter levels must be a list of 1 to {MAX_LEVELS} numbers strictly between 0"
+                         f" and 100 (percent), got {value!r}")
+    if len(set(value)) != len(value):
+        raise v2_problem(400, f"parameter levels {value} repeats a level; ask for each once")
+    return [float(v) for v in value]
+
+
+def _interval_outputs(levels: list[float] | None, horizon: int) -> list[str]:
+    names = []
+    for level in levels or ():
+        key = level_key(level)
+        names += [f"lower_{key}", f"upper_{key}"]
+        if horizon:
+            names += [f"forecast_lower_{key}", f"forecast_upper_{key}"]
+    return names
 
 
 def _sequence(parameters: dict[str, Any]) -> tuple[str | int | None, str | None]:
@@ -213,15 +247,17 @@ def _input_array(tensor: _Tensor, binary: bytes, features: int, max_steps: int) 
     return array, taken
 
 
-def _requested(request: _InferRequest, horizon: int) -> dict[str, bool]:
+def _requested(request: _InferRequest, horizon: int, levels: list[float] | None, scores: bool) -> dict[str, bool]:
     binary_default = _flag(request.parameters, "binary_data_output")
+    extra = [*_interval_outputs(levels, horizon), *([SCORES] if scores else [])]
     if not request.outputs:
         names = [PREDICTIONS, FORECAST] if horizon else [PREDICTIONS]
-        return dict.fromkeys(names, binary_default)
+        return dict.fromkeys([*names, *extra], binary_default)
     outputs: dict[str, bool] = {}
     for output in request.outputs:
-        if output.name not in OUTPUTS:
-            raise v2_problem(400, f"unknown output {output.name!r}; the model answers {', '.join(OUTPUTS)}")
+        if output.name not in (*OUTPUTS, *extra):
+            raise v2_problem(400, f"unknown output {output.name!r}; the model answers {', '.join(OUTPUTS)} (and"
+                             " with the parameters levels and scores, their intervals and scores)")
         if output.name == FORECAST and not horizon:
             raise v2_problem(400, "output forecast needs the request parameter horizon > 0")
         if output.parameters.get("classification"):
@@ -258,10 +294,11 @@ def parse_infer(
     if sequence_start and offset:  # a start is at 0 by definition
         raise v2_problem(400, f"parameter offset is {offset}, but sequence_start puts the chunk at 0; omit the"
                          " offset or send 0")
+    levels, scores = _levels(parameters), _flag(parameters, SCORES)
     return InferRequest(
         id=request.id, values=values, batched=len(request.inputs[0].shape) == 3, sequence_id=sequence_id,
         session_id=session_id, sequence_start=sequence_start, sequence_end=sequence_end, horizon=horizon,
-        offset=offset, outputs=_requested(request, horizon),
+        offset=offset, outputs=_requested(request, horizon, levels, scores), levels=levels, scores=scores,
     )
 
 
@@ -282,7 +319,7 @@ def encode_infer(
     outputs: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for name, binary in request.outputs.items():
-        array = np.asarray(answer[name], dtype=np.float32)  # (T, F_out) or (horizon, F_out)
+        array = np.asarray(_output(answer, name), dtype=np.float32)  # (T, F_out) or (horizon, F_out)
         shape = [1, *array.shape] if request.batched else list(array.shape)
         tensor: dict[str, Any] = {"name": name, "datatype": FP32, "shape": shape}
         if binary:
@@ -302,3 +339,13 @@ def encode_infer(
     if not blobs:
         return Encoded(header, {}, "application/json")
     return Encoded(b"".join([header, *blobs]), {HEADER_LENGTH: str(len(header))}, "application/octet-stream")
+
+
+def _output(answer: dict[str, Any], name: str) -> Any:
+    """An output's data in the engine's v1 answer (a null score becomes NaN): ``forecast_lower_80`` is
+    ``forecast_intervals["80"]["lower"]``."""
+    if name in (*OUTPUTS, SCORES):
+        return answer[name]
+    band, _, key = name.rpartition("_")
+    where, _, side = band.rpartition("_")
+    return answer["forecast_intervals" if where == "forecast" else "intervals"][key][side]

@@ -155,8 +155,21 @@ class RedisStore:
         if not keys:
             return []
         found = await self._call(self._load(keys=[self.redis_key(k) for k in keys], args=[self._ttl_ms]))
-        return [_session(key, dict(zip(flat[::2], flat[1::2], strict=True)))
-                for key, flat in zip(keys, found, strict=True)]
+        sessions = [_session(key, dict(zip(flat[::2], flat[1::2], strict=True)))
+                    for key, flat in zip(keys, found, strict=True)]
+        for session in sessions:
+            self._mark_other_layout(session)
+        return sessions
+
+    def _mark_other_layout(self, session: Session | None) -> None:
+        """A state of another size (written by a model whose state is laid out otherwise) cannot be
+        continued: its record names that layout as part of its model version, so the chunk is judged a
+        409 model-changed that says to reset the session, instead of failing when its state is gathered."""
+        if session is None or not session.handle:
+            return
+        floats = len(session.handle) // _STATE_DTYPE.itemsize
+        if floats != self.state_size:
+            session.model_version = f"{session.model_version} (a state of {floats} floats, not {self.state_size})"
 
     def gather(self, sessions: Sequence[Session | None], device: Any) -> Tensor:
         states = np.zeros((len(sessions), self.state_size), dtype=np.float32)  # (B, S)

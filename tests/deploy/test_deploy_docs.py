@@ -22,22 +22,27 @@ def test_every_path_the_deploy_guide_names_exists(repo: Path) -> None:
         assert list(repo.glob(path.rstrip("/"))), f"docs/deploy.md names {path}, which does not exist"
 
 
-def _shipped_sizes(repo: Path) -> tuple[int, int, int, int]:
-    """(L, H, K, F) of the shipped model, or of ForecasterConfig's defaults until the weights are there."""
+def _shipped_sizes(repo: Path) -> tuple[int, int, int, int, int]:
+    """(L, H, K, F, A) of the shipped model (A: its calibration's anchor levels), or of ForecasterConfig's
+    defaults until the weights are there."""
+    from model.conformal import ANCHORS
     from model.forecaster import ForecasterConfig
 
     config_file = repo / "model" / "weights" / "default" / "config.json"
     if config_file.is_file():
-        config = ForecasterConfig.from_dict(json.loads(config_file.read_text())["model"])
+        meta = json.loads(config_file.read_text())
+        config = ForecasterConfig.from_dict(meta["model"])
+        anchors = len(meta.get("calibration", {}).get("anchors", ANCHORS))
     else:
-        config = ForecasterConfig(features=("x",))
-    return config.num_layers, config.hidden_size, config.lags, config.num_features
+        config, anchors = ForecasterConfig(features=("x",)), len(ANCHORS)
+    return config.num_layers, config.hidden_size, config.lags, config.num_features, anchors
 
 
 def test_redis_state_size_in_the_guide_is_the_shipped_models(repo: Path) -> None:
-    layers, hidden, lags, features = _shipped_sizes(repo)
-    state_bytes = (layers * hidden + lags * features + 1) * 4
-    assert f"({layers}·{hidden} + {lags}·{features} + 1)·4 = {state_bytes}" in DOC.read_text()
+    layers, hidden, lags, features, anchors = _shipped_sizes(repo)
+    state_bytes = (layers * hidden + lags * features + 1 + 1 + features * (1 + anchors)) * 4
+    text = DOC.read_text()
+    assert f"({layers}·{hidden} + {lags}·{features} + 1 + 1 + {features}·(1 + {anchors}))·4 = {state_bytes}" in text
 
 
 def test_redis_memory_cap_in_the_guide_is_the_one_compose_sets(repo: Path) -> None:

@@ -49,6 +49,7 @@ def test_dashboard_provider_reads_the_directory_compose_mounts() -> None:
     (("forward time", "p50", "p99"), "gru_forward_seconds_bucket"),
     (("open streams",), "gru_streams_open"),
     (("stream frames",), "gru_stream_frames_total"),
+    (("surprising", "share"), "gru_surprises_total"),
     (("loaded model versions",), "gru_model_versions"),
     (("sessions by model version",), "gru_model_version_sessions"),
     (("steps/s", "model", "version"), "gru_steps_total"),

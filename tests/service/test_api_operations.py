@@ -155,6 +155,8 @@ _OUT_OF_BOUNDS = [
     ("request_timeout_seconds", "0", "0.001"),
     ("max_chunk_steps", "0", "1"),
     ("max_horizon", "-1", "0"),
+    ("surprise_p", "0", "0.001"),
+    ("surprise_p", "1", "0.999"),
     ("max_body_bytes", "1023", "1024"),
     ("max_batch_items", "0", "1"),
     ("torch_threads", "-1", "0"),
@@ -187,6 +189,7 @@ _NON_DEFAULT: dict[str, str] = {
     "max_horizon": "7", "max_body_bytes": "5000", "stream_window": "7", "stream_ping_seconds": "3",
     "max_batch_items": "13", "api_keys": "some-long-key-0123:alice",
     "api_keys_file": "", "metrics_require_key": "true", "torch_threads": "3", "log_level": "WARNING",
+    "surprise_p": "0.05",
     "model_repository": "", "default_model": "pumps", "repository_poll_seconds": "0.5",
     "max_loaded_versions": "2", "upgrade": "replay", "admin_keys": "admin-key-0123456789:ops",
 }

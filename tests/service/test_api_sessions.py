@@ -236,7 +236,8 @@ def test_a_different_chunk_at_the_last_offset_is_told_apart_from_a_wrong_offset(
     values = series(3)
     assert send(client, session, values, offset=0).status_code == 200
     other_horizon = assert_problem(send(client, session, values, offset=0, horizon=2), 409)
-    assert other_horizon["detail"].startswith("a different chunk (other values or horizon) was applied at offset 0")
+    assert other_horizon["detail"].startswith(
+        "a different chunk (other values, horizon, levels or scores) was applied at offset 0")
     assert other_horizon["position"] == 3
     assert "a different chunk" in assert_problem(send(client, session, values + 1, offset=0), 409)["detail"]
     wrong = assert_problem(send(client, session, values, offset=1), 409)

@@ -30,11 +30,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def add_version(repository: Path, model: str, version: int, seed: int = 0,
-                features: tuple[str, ...] = ("x",)) -> Path:
-    """A tiny model as ``repository/model/version``, written aside and renamed in: a poll sees all or nothing."""
+                features: tuple[str, ...] = ("x",), error_scale: float | None = None) -> Path:
+    """A tiny model as ``repository/model/version``, written aside and renamed in: a poll sees all or nothing;
+    calibrated (``make_tiny_model``) when ``error_scale`` is given."""
     (repository / model).mkdir(parents=True, exist_ok=True)
     staging = make_tiny_model(repository.parent / f"staging-{model}-{version}", features=features, seed=seed,
-                              name=model)
+                              name=model, error_scale=error_scale)
     return staging.rename(repository / model / str(version))
 
 
@@ -162,7 +163,8 @@ def test_damaged_half_written_and_incompatible_versions_are_skipped_once(
 
 
 def _publish(repository: Path, csv: Path, name: str) -> subprocess.Popen[bytes]:
-    """The training CLI publishing a model compatible with the tiny one (same features and state size)."""
+    """The training CLI publishing a model compatible with the tiny calibrated one (same features and state
+    size: the CLI calibrates every model it writes)."""
     return subprocess.Popen(
         [sys.executable, "-m", "model.train", "--csv", str(csv), "--repository", str(repository), "--name", name,
          "--hidden", "16", "--layers", "2", "--lags", "4", "--epochs", "1", "--max-seconds", "1"],
@@ -180,7 +182,7 @@ def test_a_session_streams_through_a_published_version_and_its_version_drains_af
     server_factory: ServerFactory, tmp_path: Path
 ) -> None:
     repository = tmp_path / "repo"
-    add_version(repository, "m", 1)
+    add_version(repository, "m", 1, error_scale=1.0)
     server = server_factory(GRU_MODEL_REPOSITORY=str(repository), GRU_REPOSITORY_POLL_SECONDS="0.2")
     whole = series(4000, seed=11)
     with httpx.Client(base_url=server.url, timeout=30) as client:

@@ -1,0 +1,182 @@
+"""Calibrated intervals and surprise scores: split conformal prediction, adapted online per series.
+
+At training (``calibrate``) the model streams the validation tail as a session would and, from every row
+of it as a rolling origin, forecasts ``steps`` ahead; the absolute errors in units of σ_d, per forecast step
+and feature, become the calibration scores. A checkpoint keeps their order statistics on a fixed grid of
+ranks (``GRID`` values, linear between them), so any level can be asked for later.
+
+While serving, each series keeps a log-scale per feature and per anchor level in its state, updated with
+every arriving value by adaptive conformal inference in its quantile-tracking form (Gibbs & Candès 2021;
+Angelopoulos, Candès & Tibshirani 2023): a miss widens that level's intervals, a hit narrows them a little,
+so the long-run miss rate of each anchor holds at its nominal value even when the series turns noisier than
+the validation tail. docs/model.md, "Intervals and surprise scores", has the rules.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+ANCHORS = (50.0, 80.0, 90.0, 95.0, 99.0)  # levels (%) whose log-scale each series adapts
+GRID = 257  # order statistics kept per forecast step and feature
+LOG_SCALE_LIMIT = 5.0  # |log-scale| cap: a long flat stretch cannot shrink intervals beyond recovery
+DEFAULT_STEPS = 24
+DEFAULT_ADAPT_RATE = 0.1
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What a checkpoint stores to turn predictions into intervals and arriving values into p-values."""
+
+    counts: tuple[int, ...]  # N_h: calibration scores of forecast step h = 1..H
+    quantiles: tuple[tuple[tuple[float, ...], ...], ...]  # H × F × GRID order statistics, evenly spaced in rank
+    adapt_rate: float = DEFAULT_ADAPT_RATE  # γ of the online update
+    anchors: tuple[float, ...] = ANCHORS
+    _table: np.ndarray = field(init=False, repr=False, compare=False)  # (H, F, GRID) float64
+    _anchor_q: np.ndarray = field(init=False, repr=False, compare=False)  # (F, A) one-step quantiles, float32
+
+    def __post_init__(self) -> None:
+        """Refuse what a hostile or hand-edited config.json could hold: the checkpoint's values are input."""
+        counts, anchors = self.counts, self.anchors
+        if not counts or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in counts):
+            raise ValueError(f"calibration counts must be whole numbers >= 1, one per forecast step, got {counts!r}")
+        try:
+            table = np.array(self.quantiles, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"calibration quantiles must be steps × features × {GRID} numbers: {exc}") from None
+        if table.ndim != 3 or table.shape[0] != len(counts) or table.shape[2] != GRID or table.shape[1] < 1:
+            raise ValueError(f"calibration quantiles have shape {list(table.shape)}, expected"
+                             f" [{len(counts)}, F, {GRID}]")
+        if not np.isfinite(table).all() or (table < 0).any() or (np.diff(table, axis=2) < 0).any():
+            raise ValueError("calibration quantiles must be finite, >= 0 and non-decreasing along the ranks")
+        rate = self.adapt_rate
+        if not isinstance(rate, float | int) or isinstance(rate, bool) or not 0 < rate <= 1:
+            raise ValueError(f"calibration adapt_rate must be in (0, 1], got {rate!r}")
+        if not anchors or list(anchors) != sorted(set(anchors)) or not all(0 < a < 100 for a in anchors):
+            raise ValueError(f"calibration anchors must be increasing levels in (0, 100), got {anchors!r}")
+        object.__setattr__(self, "_table", table)
+        object.__setattr__(self, "_anchor_q", self.quantile(np.array(anchors), 0).T.astype(np.float32))
+
+    @property
+    def steps(self) -> int:
+        return len(self.counts)
+
+    @property
+    def features(self) -> int:
+        return int(self._table.shape[1])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"counts": list(self.counts), "quantiles": [[list(f) for f in h] for h in self.quantiles],
+                "adapt_rate": self.adapt_rate, "anchors": list(self.anchors)}
+
+    @classmethod
+    def from_dict(cls, raw: object) -> Calibration:
+        if not isinstance(raw, dict) or set(raw) - {"counts", "quantiles", "adapt_rate", "anchors"}:
+            raise ValueError("calibration must be an object with counts, quantiles, adapt_rate and anchors")
+
+        def nested(value: Any) -> Any:
+            return tuple(nested(v) for v in value) if isinstance(value, list) else value
+
+        return cls(**{name: nested(value) for name, value in raw.items()})
+
+    # -- the conformal quantities ----------------------------------------------------------------------
+
+    def quantile(self, levels: np.ndarray, step: int) -> np.ndarray:
+        """(L, F) conformal quantiles of forecast step ``step`` (0: one step ahead) at ``levels`` (%):
+        the ⌈(N + 1)·level⌉-th smallest score, the largest where that rank passes N."""
+        count = self.counts[step]
+        rank = np.minimum(np.ceil((count + 1) * np.asarray(levels, dtype=np.float64) / 100), count)  # 1-based
+        position = (rank - 1) / max(count - 1, 1) * (GRID - 1)  # on the grid of kept order statistics
+        grid = np.arange(GRID)
+        return np.stack([np.interp(position, grid, row) for row in self._table[step]], axis=1)
+
+    def p_values(self, scores: np.ndarray) -> np.ndarray:
+        """Conformal p-values (1 + #{calibration scores ≥ s}) / (N + 1) of one-step scores (..., F);
+        NaN (no prediction to score against) stays NaN."""
+        count = self.counts[0]
+        out = np.full(scores.shape, np.nan, dtype=np.float32)
+        grid = np.arange(GRID) / (GRID - 1) * (count - 1)  # 0-based rank of each kept order statistic
+        for f in range(self.features):
+            row = self._table[0, f]
+            s = scores[..., f].astype(np.float64)
+            below = np.where(s > row[-1], count, np.interp(s, row, grid))  # scores under s, interpolated
+            out[..., f] = np.where(np.isnan(s), np.nan, (1 + count - below) / (count + 1))
+        return out
+
+    def adapt(self, scores: np.ndarray, log_scales: np.ndarray) -> np.ndarray:
+        """The log-scales after each step: scores (B, T, F) float32, NaN where nothing is scored (no earlier
+        prediction, or past a row's end); log_scales (B, F, A) before the first step -> (B, T, F, A).
+
+        Per anchor a of miss rate α_a: miss = score > q_a · exp(λ); λ += γ (miss − α_a), kept within ±LIMIT.
+        In float32 throughout, so a series streamed in chunks adapts bit for bit as in one call."""
+        rate = np.float32(self.adapt_rate)
+        miss_rate = (1 - np.asarray(self.anchors, dtype=np.float32) / 100)  # (A,)
+        limit = np.float32(LOG_SCALE_LIMIT)
+        current = log_scales.astype(np.float32, copy=True)
+        path = np.empty((*scores.shape, current.shape[-1]), dtype=np.float32)  # (B, T, F, A)
+        scored = ~np.isnan(scores)
+        for t in range(scores.shape[1]):
+            missed = scores[:, t, :, None] > self._anchor_q * np.exp(current)  # (B, F, A)
+            step = rate * (missed.astype(np.float32) - miss_rate)
+            current = np.clip(current + np.where(scored[:, t, :, None], step, np.float32(0)), -limit, limit)
+            path[:, t] = current
+        return path
+
+    def half_widths(self, levels: np.ndarray, log_scales: np.ndarray, diff_scale: np.ndarray,
+                    steps: int | None = None) -> np.ndarray:
+        """Interval half-widths in the data's units, (L, T, F).
+
+        ``steps`` None: one-step intervals, log_scales (T, F, A) the adaptation after each step. Else a
+        forecast of ``steps`` steps from log_scales (F, A): step h uses its own calibration, past the
+        calibrated steps the last one's, widened by √(h / H) as a random walk's spread grows.
+        """
+        levels = np.asarray(levels, dtype=np.float64)
+        scale = np.exp(self._log_scale_at(levels, log_scales))  # (L, T, F) or (L, F)
+        if steps is None:
+            return (self.quantile(levels, 0)[:, None, :] * scale * diff_scale).astype(np.float32)
+        calibrated = self.steps
+        base = np.stack([self.quantile(levels, min(h, calibrated) - 1) * math.sqrt(max(h / calibrated, 1.0))
+                         for h in range(1, steps + 1)], axis=1)  # (L, steps, F)
+        return (base * scale[:, None, :] * diff_scale).astype(np.float32)
+
+    def _log_scale_at(self, levels: np.ndarray, log_scales: np.ndarray) -> np.ndarray:
+        """Each level's log-scale, linear in the level between the two anchors around it (the nearest
+        anchor's outside them): (..., F, A) -> (L, ..., F)."""
+        anchors = np.asarray(self.anchors)
+        flat = log_scales.reshape(-1, len(anchors)).astype(np.float64)
+        out = np.stack([[np.interp(level, anchors, row) for row in flat] for level in levels])  # (L, n)
+        return out.reshape(len(levels), *log_scales.shape[:-1])
+
+
+@torch.no_grad()
+def calibrate(model: Any, values: np.ndarray, split: int, steps: int = DEFAULT_STEPS,
+              adapt_rate: float = DEFAULT_ADAPT_RATE) -> Calibration:
+    """Scores of ``model`` (a Forecaster) on the rows from ``split`` on: every validation row is an origin,
+    its state the one a session streamed from the first row holds; forecast step h from origin o is scored
+    against row o + h. ``steps`` is capped at half the validation rows."""
+    rows = len(values)
+    horizon = max(1, min(steps, (rows - split) // 2))
+    whole = torch.tensor(values, dtype=torch.float32)
+    _, state = model.predict(whole[None, : split - 1], model.initial_state(1))
+    states, lasts = [], []
+    for origin in range(split - 1, rows - 1):  # the state and one-step prediction after each origin
+        prediction, state = model.predict(whole[None, origin : origin + 1], state)
+        states.append(state)
+        lasts.append(prediction[:, 0])
+    forecast = model.rollout(torch.cat(states), torch.cat(lasts), horizon).double().numpy()  # (O, H, F)
+    targets = values.astype(np.float64)
+    diff_scale = np.asarray(model.config.diff_scale or [1.0] * values.shape[1], dtype=np.float64)
+    counts, table = [], []
+    for h in range(1, horizon + 1):
+        usable = rows - split - h + 1  # origins o = split − 1 + i with o + h ≤ rows − 1
+        errors = np.abs(forecast[:usable, h - 1] - targets[split - 1 + h : split - 1 + h + usable]) / diff_scale
+        ordered = np.sort(errors, axis=0)  # (N_h, F)
+        positions = np.linspace(0, usable - 1, GRID)
+        counts.append(usable)
+        table.append(tuple(tuple(float(f"{q:.6g}") for q in np.interp(positions, np.arange(usable), column))
+                           for column in ordered.T))
+    return Calibration(tuple(counts), tuple(table), adapt_rate)

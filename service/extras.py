@@ -1,0 +1,26 @@
+"""What a predict request may ask beyond the predictions: intervals at some levels, and surprise scores.
+
+It travels with the chunk from the route to the engine, the compute thread and the answer, and is part of
+the exact-retry fingerprint. Requests without it keep today's answers byte for byte.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Extras:
+    levels: tuple[float, ...] = ()  # interval levels in percent, each in (0, 100), distinct, at most 4
+    scores: bool = False  # the p-value of every arriving value
+
+    def __bool__(self) -> bool:
+        return bool(self.levels) or self.scores
+
+
+NO_EXTRAS = Extras()
+
+
+def level_key(level: float) -> str:
+    """How a level names its interval in an answer: 80 and 80.0 are "80", 99.5 is "99.5"."""
+    return format(level, "g")

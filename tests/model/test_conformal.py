@@ -1,0 +1,164 @@
+"""Calibration: conformal quantiles and p-values, the online adaptation, and the checkpoint that carries them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model import Forecaster, ForecasterConfig, load_checkpoint, save_checkpoint
+from model.checkpoint import CheckpointError
+from model.conformal import ANCHORS, GRID, LOG_SCALE_LIMIT, Calibration, calibrate
+
+
+def _calibration(scores: np.ndarray, adapt_rate: float = 0.05) -> Calibration:
+    """From one-step scores (N,) of one feature, as ``calibrate`` stores them."""
+    ordered = np.sort(scores)
+    grid = np.interp(np.linspace(0, len(ordered) - 1, GRID), np.arange(len(ordered)), ordered)
+    return Calibration((len(ordered),), ((tuple(float(q) for q in grid),),), adapt_rate)
+
+
+def test_quantile_is_the_conformal_order_statistic() -> None:
+    """Scores 1..19: the 80% quantile is the ⌈20 · 0.8⌉ = 16th smallest; past rank N, the largest."""
+    calibration = _calibration(np.arange(1.0, 20.0))
+    assert calibration.quantile(np.array([80.0, 50.0, 99.0]), 0)[:, 0].tolist() == [16.0, 10.0, 19.0]
+
+
+def test_p_values_count_the_calibration_scores_at_least_as_large() -> None:
+    """(1 + #{s_i ≥ s}) / (N + 1) with scores 1..19; nothing to score (NaN) stays NaN."""
+    calibration = _calibration(np.arange(1.0, 20.0))
+    p = calibration.p_values(np.array([[0.5], [19.0], [25.0], [np.nan]], dtype=np.float32))
+    np.testing.assert_allclose(p[:3, 0], [1.0, 2 / 20, 1 / 20], rtol=1e-6)
+    assert np.isnan(p[3, 0])
+
+
+def test_adaptation_holds_coverage_when_the_series_turns_three_times_noisier() -> None:
+    """Calibrated on N(0, 1) errors, served N(0, 3): unadapted, the 80% interval covers about 26%; the
+    adapted one comes back to its level over 4000 steps, for both anchor levels the bench reports."""
+    rng = np.random.default_rng(0)
+    calibration = _calibration(np.abs(rng.standard_normal(2000)))
+    served = np.abs(3 * rng.standard_normal(4000)).astype(np.float32)[None, :, None]  # (B, T, F)
+    path = calibration.adapt(served, np.zeros((1, 1, len(ANCHORS)), dtype=np.float32))  # (1, T, 1, A)
+    before = np.concatenate([np.zeros((1, 1, len(ANCHORS)), np.float32), path[0, :-1]])  # scale before each value
+    for level in (80.0, 95.0):
+        a = ANCHORS.index(level)
+        width = calibration.quantile(np.array([level]), 0)[0, 0]
+        fixed = np.mean(served[0, :, 0] <= width)
+        adapted = np.mean(served[0, :, 0] <= width * np.exp(before[:, 0, a]))
+        assert fixed < level / 100 - 0.15
+        assert abs(adapted - level / 100) < 0.015, (level, adapted)
+    assert (path[0, -1, 0] > 0.7).all()  # every anchor widened, towards log 3 = 1.1
+
+
+def test_adaptation_skips_unscored_steps_and_stays_within_its_limit() -> None:
+    calibration = _calibration(np.ones(100))
+    scores = np.full((1, 500, 1), 1e9, dtype=np.float32)
+    scores[0, :10] = np.nan
+    path = calibration.adapt(scores, np.zeros((1, 1, len(ANCHORS)), dtype=np.float32))
+    assert (path[0, :10] == 0).all()
+    assert (path[0, -1] == np.float32(LOG_SCALE_LIMIT)).all()
+
+
+def test_adaptation_in_two_chunks_equals_one_call_bit_for_bit() -> None:
+    rng = np.random.default_rng(1)
+    calibration = _calibration(np.abs(rng.standard_normal(300)))
+    scores = np.abs(2 * rng.standard_normal((2, 90, 1))).astype(np.float32)
+    start = np.zeros((2, 1, len(ANCHORS)), dtype=np.float32)
+    whole = calibration.adapt(scores, start)
+    first = calibration.adapt(scores[:, :37], start)
+    second = calibration.adapt(scores[:, 37:], first[:, -1])
+    assert np.array_equal(np.concatenate([first, second], axis=1), whole)
+
+
+def test_levels_between_anchors_interpolate_and_widths_grow_with_the_level() -> None:
+    rng = np.random.default_rng(2)
+    calibration = _calibration(np.abs(rng.standard_normal(500)))
+    log_scales = np.array([[[0.0, 0.2, 0.3, 0.4, 0.6]]], dtype=np.float32)  # (T=1, F=1, A)
+    levels = np.array([30.0, 80.0, 87.5, 95.0, 99.9])
+    widths = calibration.half_widths(levels, log_scales, np.array([2.0]))[:, 0, 0]
+    expected_log = [0.0, 0.2, 0.275, 0.4, 0.6]
+    base = calibration.quantile(levels, 0)[:, 0] * 2.0
+    np.testing.assert_allclose(widths, base * np.exp(expected_log), rtol=1e-5)
+    assert (np.diff(widths) > 0).all()
+
+
+def test_forecast_widths_past_the_calibrated_steps_grow_as_a_random_walk() -> None:
+    rng = np.random.default_rng(3)
+    steps = [tuple(float(q) for q in np.sort(np.abs(rng.standard_normal(GRID))) * (h + 1)) for h in range(3)]
+    calibration = Calibration((GRID,) * 3, tuple((s,) for s in steps))
+    widths = calibration.half_widths(np.array([90.0]), np.zeros((1, len(ANCHORS)), np.float32), np.ones(1), steps=12)
+    third = calibration.quantile(np.array([90.0]), 2)[0, 0]
+    np.testing.assert_allclose(widths[0, [2, 11], 0], [third, third * np.sqrt(12 / 3)], rtol=1e-5)
+    assert widths[0, 0, 0] < widths[0, 1, 0] < widths[0, 2, 0]
+
+
+@pytest.mark.parametrize("damage", [
+    {"counts": []}, {"counts": [0]}, {"quantiles": [[[1.0, 0.5] + [2.0] * (GRID - 2)]]},
+    {"quantiles": [[[float("nan")] * GRID]]}, {"quantiles": [[[1.0] * 3]]}, {"adapt_rate": 0},
+    {"anchors": [95, 80]}, {"anchors": [0, 50]}, {"surprise": 1},
+])
+def test_a_damaged_calibration_is_refused(damage: dict[str, object]) -> None:
+    good = _calibration(np.arange(1.0, 20.0)).to_dict()
+    with pytest.raises(ValueError, match="calibration"):
+        Calibration.from_dict({**good, **damage})
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Forecaster, np.ndarray]:
+    """A small random forecaster calibrated on a real series' last 200 rows."""
+    torch.manual_seed(0)
+    from model.data import load_dataset, series_from_frame
+
+    values = series_from_frame(load_dataset("seattle-weather"), ["temp_max"], "seattle-weather").values[:600]
+    config = ForecasterConfig(features=("temp_max",), hidden_size=8, num_layers=1, lags=3,
+                              mean=(16.0,), scale=(7.0,), diff_scale=(3.0,))
+    model = Forecaster(config).eval()
+    model.calibration = calibrate(model, values, 400, steps=6)
+    return model, values
+
+
+def test_calibrate_scores_each_forecast_step_from_every_origin(calibrated: tuple[Forecaster, np.ndarray]) -> None:
+    model, values = calibrated
+    calibration = model.calibration
+    assert calibration is not None
+    assert calibration.counts == (200, 199, 198, 197, 196, 195)
+    assert model.state_size == 8 + 3 + 1 + 1 + 1 + len(ANCHORS)  # h, window, seen | count, last, log-scales
+    # the one-step scores are the model's own one-step errors over the tail, in units of σ_d
+    uncalibrated = Forecaster(model.config)
+    uncalibrated.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        y, _ = uncalibrated.eval().predict(torch.tensor(values[None, :-1], dtype=torch.float32),
+                                           uncalibrated.initial_state(1))
+    errors = np.sort(np.abs(y[0, 399:, 0].double().numpy() - values[400:, 0]) / 3.0)
+    np.testing.assert_allclose([calibration.quantiles[0][0][0], calibration.quantiles[0][0][-1]],
+                               [errors[0], errors[-1]], rtol=1e-5)
+
+
+def test_checkpoint_keeps_the_calibration_in_its_version(
+    calibrated: tuple[Forecaster, np.ndarray], tmp_path: Path
+) -> None:
+    model, _ = calibrated
+    version = save_checkpoint(model, tmp_path / "with", name="c")
+    loaded, meta = load_checkpoint(tmp_path / "with")
+    assert loaded.calibration == model.calibration and meta["version"] == version
+    bare = Forecaster(model.config)
+    bare.load_state_dict(model.state_dict())
+    assert save_checkpoint(bare, tmp_path / "without", name="c") != version
+    assert load_checkpoint(tmp_path / "without")[0].calibration is None
+    assert "calibration" not in json.loads((tmp_path / "without" / "config.json").read_text())
+    assert bare.state_size == model.state_size - 2 - len(ANCHORS)  # an uncalibrated layout is unchanged
+
+
+def test_a_calibration_of_another_width_stops_loading(
+    calibrated: tuple[Forecaster, np.ndarray], tmp_path: Path
+) -> None:
+    model, _ = calibrated
+    save_checkpoint(model, tmp_path, name="c")
+    meta = json.loads((tmp_path / "config.json").read_text())
+    meta["calibration"]["quantiles"] = [[row[0], row[0]] for row in meta["calibration"]["quantiles"]]
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="2 features, the model 1"):
+        load_checkpoint(tmp_path)

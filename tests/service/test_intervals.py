@@ -1,0 +1,289 @@
+"""Intervals and surprise scores through the API, on the shipped (calibrated) model and real data."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from websockets.sync.client import connect
+
+from harness.processes import RedisServer, wait_http
+from model.data import load_dataset, series_from_frame
+from service.config import DEFAULT_MODEL_PATH
+from service.refusals import StaleModel
+from service.rules import judge
+from service.sessions.base import Write
+from tests.conftest import Server, ServerFactory, start_server
+from tests.service.helpers import assert_problem, new_id, position, send
+
+LAGS = 52  # the shipped model's lag window: a spike stays in it for this many steps
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    running = start_server(DEFAULT_MODEL_PATH, tmp_path_factory.mktemp("calibrated"))
+    yield running
+    running.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def http(calibrated: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=calibrated.url, timeout=60) as client:
+        yield client
+
+
+def _seattle(start: int, rows: int) -> np.ndarray:
+    """Hourly Seattle temperatures (vega_datasets), the shipped model's series, (rows, 1) float32."""
+    values = series_from_frame(load_dataset("seattle-temps"), None, "seattle-temps").values
+    return values[start : start + rows].astype(np.float32)
+
+
+def _noisier(values: np.ndarray, seed: int = 0) -> np.ndarray:
+    """The series with noise several times the model's validation errors: its intervals must adapt."""
+    rng = np.random.default_rng(seed)
+    return (values + rng.normal(0, 0.3, values.shape)).astype(np.float32)
+
+
+def _post(client: httpx.Client, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    response = client.post(path, json=body)
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def _surprises(client: httpx.Client) -> float:
+    found = re.search(r'^gru_surprises_total\{model="seattle-temp"\} (\S+)$', client.get("/metrics").text, re.M)
+    assert found, "gru_surprises_total is not exported"
+    return float(found.group(1))
+
+
+def test_spikes_rank_above_every_ordinary_step_and_score_alike_in_chunks_and_in_one_call(
+    http: httpx.Client,
+) -> None:
+    """Spikes of 2 °F in a stretch of the real series: each one's p-value is below every ordinary step's
+    (AUC 1). The warm-up (the first K steps from a fresh state) and the K steps after a spike, which still
+    hold it in the lag window (echoes), are neither. Streamed in chunks of 37 or sent whole, the scores agree;
+    the first K + 1 values, predicted without a full lag window, have none."""
+    values = _seattle(2000, 1000)
+    rng = np.random.default_rng(0)
+    spikes = np.arange(100, 950, 80) + rng.integers(0, 20, 11)
+    values[spikes, 0] += rng.choice([-2.0, 2.0], len(spikes))
+    whole = np.array(_post(http, "/v1/predict", {"values": values.tolist(), "scores": True})["scores"],
+                     dtype=np.float64)[:, 0]  # null -> nan
+    assert np.isnan(whole[: LAGS + 1]).all() and not np.isnan(whole[LAGS + 1 :]).any()
+    ordinary = np.ones(len(values), bool)
+    ordinary[: LAGS + 1] = False
+    for spike in spikes:
+        ordinary[spike : spike + LAGS + 1] = False
+    spiked, calm = whole[spikes], whole[ordinary]
+    auc = np.mean([(calm > s).mean() + 0.5 * (calm == s).mean() for s in spiked])
+    assert auc == 1.0, (spiked.max(), calm.min())
+    assert calm.size > 300
+
+    before, session, streamed = _surprises(http), new_id(), []
+    for start in range(0, len(values), 37):
+        answer = _post(http, f"/v1/sessions/{session}/predict",
+                       {"values": values[start : start + 37].tolist(), "offset": start, "scores": True})
+        streamed += [row[0] for row in answer["scores"]]
+    streamed_scores = np.array(streamed, dtype=np.float64)
+    np.testing.assert_allclose(streamed_scores, whole, atol=2e-4, equal_nan=True)  # float32 rounding only
+    # every spike counts; the stateless call before counted nothing (it is not a session's arriving value)
+    assert _surprises(http) - before == np.count_nonzero(streamed_scores < 0.01) >= len(spikes)
+
+
+def test_intervals_surround_the_predictions_and_widen_with_the_level(http: httpx.Client) -> None:
+    values = _seattle(7100, 120)
+    plain = http.post("/v1/predict", json={"values": values.tolist(), "horizon": 30})
+    asked = _post(http, "/v1/predict", {"values": values.tolist(), "horizon": 30, "levels": [95, 80.0, 99.5]})
+    assert list(plain.json()) == ["predictions", "forecast", "model_version", "model", "version"]  # as it was
+    assert list(asked) == ["predictions", "forecast", "intervals", "forecast_intervals", "model_version", "model",
+                           "version"]
+    assert asked["predictions"] == plain.json()["predictions"] and asked["forecast"] == plain.json()["forecast"]
+    assert list(asked["intervals"]) == list(asked["forecast_intervals"]) == ["95", "80", "99.5"]
+    for key, centre in (("intervals", "predictions"), ("forecast_intervals", "forecast")):
+        middle = np.array(asked[centre])
+        widths = []
+        for level in ("80", "95", "99.5"):
+            lower, upper = (np.array(asked[key][level][side]) for side in ("lower", "upper"))
+            assert lower.shape == upper.shape == middle.shape
+            assert (lower < middle).all() and (middle < upper).all()
+            np.testing.assert_allclose(upper - middle, middle - lower, rtol=1e-4)
+            widths.append(upper - lower)
+        assert (widths[0] < widths[1]).all() and (widths[1] < widths[2]).all()
+    band = asked["forecast_intervals"]["95"]
+    width = np.array(band["upper"])[:, 0] - np.array(band["lower"])[:, 0]
+    assert width[-1] > 2 * width[0]  # a forecast band widens with the step, as the real errors did
+    assert band["lower"][0] == asked["intervals"]["95"]["lower"][-1]  # forecast[0] is the last prediction
+
+
+def test_exact_retries_repeat_levels_and_scores_and_other_fields_are_another_chunk(http: httpx.Client) -> None:
+    values, session = _seattle(3000, 40), new_id()
+    fields = {"levels": [80, 95], "scores": True, "horizon": 3}
+    first = send(http, session, values[:20], offset=0, **fields)
+    second = send(http, session, values[20:], offset=20, **fields)
+    assert first.status_code == second.status_code == 200
+    again = send(http, session, values[20:], offset=20, **fields)
+    assert again.status_code == 200 and again.content == second.content
+    for other in ({"levels": [80], "scores": True, "horizon": 3}, {"scores": True, "horizon": 3},
+                  {"levels": [80, 95], "horizon": 3}, {"horizon": 3}):
+        assert_problem(send(http, session, values[20:], offset=20, **other), 409)
+    assert position(http, session) == 40
+
+
+_BAD_LEVELS = {
+    "zero": b'[0]', "a hundred": b'[100]', "over a hundred": b'[150]', "a string": b'["95"]',
+    "five levels": b'[50, 60, 70, 80, 90]', "NaN": b'[NaN]', "a repeat": b'[80, 80.0]', "none": b'[]',
+    "not a list": b'95',
+}
+
+
+@pytest.mark.parametrize("levels", _BAD_LEVELS.values(), ids=_BAD_LEVELS.keys())
+def test_bad_levels_are_422_on_every_route_and_change_nothing(http: httpx.Client, levels: bytes) -> None:
+    session, values = new_id(), _seattle(0, 5)
+    assert send(http, session, values[:2]).status_code == 200
+    chunk = json.dumps(values[2:].tolist()).encode()
+    body = b'{"values": ' + chunk + b', "offset": 2, "levels": ' + levels + b"}"
+    problem = assert_problem(http.post(f"/v1/sessions/{session}/predict", content=body), 422)
+    assert any(e["loc"][:2] == ["body", "levels"] for e in problem["errors"]), problem
+    assert_problem(http.post("/v1/predict", content=b'{"values": ' + chunk + b', "levels": ' + levels + b"}"), 422)
+    item = b'{"session_id": "' + session.encode() + b'", "values": ' + chunk + b', "offset": 2, "levels": ' + levels
+    batch = http.post("/v1/predict/batch", content=b'{"items": [' + item + b"}]}")
+    assert batch.status_code == 200 and batch.json()["results"][0]["status"] == 422, batch.text
+    assert position(http, session) == 2
+    assert send(http, session, values[2:], offset=2).status_code == 200  # the session is where it was
+
+
+def test_scores_must_be_true_or_false(http: httpx.Client) -> None:
+    assert_problem(http.post("/v1/predict", json={"values": [1.0, 2.0], "scores": "yes"}), 422)
+    assert_problem(http.post("/v1/predict", json={"values": [1.0, 2.0], "scores": 1}), 422)
+
+
+def test_a_model_without_calibration_says_how_to_add_it_and_changes_nothing(client: httpx.Client) -> None:
+    session = new_id()
+    for fields in ({"levels": [90]}, {"scores": True}):
+        problem = assert_problem(send(client, session, np.ones((3, 1), np.float32), **fields), 422)
+        assert problem["type"].endswith("/not-calibrated") and "python -m model.train" in problem["detail"]
+        assert_problem(client.post("/v1/predict", json={"values": [1.0, 2.0], **fields}), 422)
+    assert_problem(client.get(f"/v1/sessions/{session}"), 404)
+    assert send(client, session, np.ones((3, 1), np.float32)).status_code == 200  # without them: served
+
+
+def _stream(client: httpx.Client, session: str, values: np.ndarray, start: int, stop: int,
+            size: int = 50) -> dict[str, Any]:
+    answer: dict[str, Any] = {}
+    for at in range(start, stop, size):
+        answer = _post(client, f"/v1/sessions/{session}/predict",
+                       {"values": values[at : min(at + size, stop)].tolist(), "offset": at, "levels": [80, 95]})
+    return answer
+
+
+def _assert_adapted(last: dict[str, Any], client: httpx.Client, values: np.ndarray, tail: int) -> None:
+    """The last chunk's intervals are those of one stateless pass over the whole series, and not those
+    of a fresh state: what the session adapted before the break carried over."""
+    whole = _post(client, "/v1/predict", {"values": values.tolist(), "levels": [80, 95]})["intervals"]
+    fresh = _post(client, "/v1/predict", {"values": values[-tail:].tolist(), "levels": [80, 95]})["intervals"]
+    for level in ("80", "95"):
+        got = np.array(last["intervals"][level]["upper"]) - np.array(last["predictions"])
+        np.testing.assert_allclose(got, np.array(whole[level]["upper"])[-tail:] - np.array(
+            _post(client, "/v1/predict", {"values": values.tolist()})["predictions"])[-tail:], rtol=1e-4)
+        assert not np.allclose(np.array(fresh[level]["upper"]), np.array(last["intervals"][level]["upper"]),
+                               rtol=1e-2)
+
+
+def test_adaptation_survives_a_snapshot_restart(server_factory: ServerFactory, tmp_path: Path) -> None:
+    values, session = _noisier(_seattle(4000, 600)), new_id()
+    snapshot = str(tmp_path / "sessions.safetensors")
+    first = server_factory(model_path=DEFAULT_MODEL_PATH, GRU_SNAPSHOT_PATH=snapshot)
+    with httpx.Client(base_url=first.url, timeout=60) as client:
+        before = _stream(client, session, values, 0, 550)
+    assert np.mean(np.array(before["intervals"]["95"]["upper"]) - np.array(before["predictions"])) > 0.3  # widened
+    assert first.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
+    second = server_factory(model_path=DEFAULT_MODEL_PATH, GRU_SNAPSHOT_PATH=snapshot)
+    with httpx.Client(base_url=second.url, timeout=60) as client:
+        _assert_adapted(_stream(client, session, values, 550, 600), client, values, 50)
+
+
+def test_adaptation_survives_a_redis_round_trip(server_factory: ServerFactory, redis_server: RedisServer) -> None:
+    settings = {"GRU_STORE": "redis", "GRU_REDIS_URL": redis_server.url}
+    pair = [server_factory(model_path=DEFAULT_MODEL_PATH, wait=False, **settings) for _ in range(2)]
+    for server in pair:
+        wait_http(server, "/readyz")
+    values, session = _noisier(_seattle(5000, 600), seed=1), new_id()
+    with httpx.Client(base_url=pair[0].url, timeout=60) as a, httpx.Client(base_url=pair[1].url, timeout=60) as b:
+        _stream(a, session, values, 0, 550)
+        _assert_adapted(_stream(b, session, values, 550, 600), b, values, 50)
+
+
+def test_v2_answers_intervals_and_scores_as_output_tensors(http: httpx.Client, client: httpx.Client) -> None:
+    values = _seattle(6000, 30)
+    v1 = _post(http, "/v1/predict", {"values": values.tolist(), "horizon": 4, "levels": [90], "scores": True})
+    body = {"inputs": [{"name": "values", "shape": [30, 1], "datatype": "FP32", "data": values.ravel().tolist()}],
+            "parameters": {"horizon": 4, "levels": [90], "scores": True}}
+    answer = _post(http, "/v2/models/seattle-temp/infer", body)
+    outputs = {o["name"]: o for o in answer["outputs"]}
+    assert list(outputs) == ["predictions", "forecast", "lower_90", "upper_90", "forecast_lower_90",
+                             "forecast_upper_90", "scores"]
+    assert outputs["lower_90"]["shape"] == [30, 1] and outputs["forecast_upper_90"]["shape"] == [4, 1]
+    assert outputs["lower_90"]["data"] == [row[0] for row in v1["intervals"]["90"]["lower"]]
+    assert outputs["forecast_upper_90"]["data"] == [row[0] for row in v1["forecast_intervals"]["90"]["upper"]]
+    assert outputs["scores"]["data"] == [row[0] for row in v1["scores"]]  # the first is null in both
+    picked = _post(http, "/v2/models/seattle-temp/infer", {**body, "outputs": [{"name": "upper_90"}]})
+    assert [o["name"] for o in picked["outputs"]] == ["upper_90"]
+    for parameters in ({"levels": [100]}, {"levels": "90"}, {"levels": [90, 90]}, {"levels": [1, 2, 3, 4, 5]},
+                       {"scores": "yes"}):
+        response = http.post("/v2/models/seattle-temp/infer", json={**body, "parameters": parameters})
+        assert_problem(response, 400)
+    tiny = client.get("/v1/model").json()["name"]
+    bare = {**body, "parameters": {"scores": True}}
+    assert_problem(client.post(f"/v2/models/{tiny}/infer", json=bare), 422)
+
+
+def test_a_redis_state_of_another_layout_is_a_409_that_says_to_reset(redis_server: RedisServer) -> None:
+    """A record written with another state size (an older layout under the same version) is judged a
+    changed model, never gathered into a batch, where it would fail every chunk beside it."""
+    from service.sessions.redis import RedisStore  # needs the redis client, which start_redis checked
+
+    async def scenario() -> None:
+        import torch
+
+        old, new = RedisStore(redis_server.url, 181, 60), RedisStore(redis_server.url, 187, 60)
+        write = Write(key="t/s", expected_revision=None, position=3, model_version="v1", last_offset=0,
+                      fingerprint=b"", answer=b"{}", row=0)
+        assert (await old.commit([write], torch.zeros(1, 181)))[0] is not None
+        session = (await new.load(["t/s"]))[0]
+        verdict = judge("t/s", 3, 0, np.ones((1, 1), np.float32), session, "v1")
+        assert isinstance(verdict, StaleModel) and "181 floats" in verdict.detail
+        await old.close()
+        await new.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_stream_frame_asks_for_intervals_and_scores_as_a_post_does(calibrated: Server, http: httpx.Client) -> None:
+    values = _noisier(_seattle(100, 120), seed=4)
+    fields = {"levels": [80, 95], "scores": True}
+    streamed, posted = new_id("ws"), new_id("http")
+    url = calibrated.url.replace("http://", "ws://") + f"/v1/sessions/{streamed}/stream"
+    with connect(url, open_timeout=30) as ws:
+        for at in (0, 60):
+            ws.send(json.dumps({"values": values[at : at + 60].tolist(), "offset": at, **fields}))
+        answers = [json.loads(ws.recv(timeout=60)) for _ in range(2)]
+        ws.send(json.dumps({"values": [[1.0], [1.0]], "offset": 120, "levels": [90, 90]}))
+        repeated = json.loads(ws.recv(timeout=60))
+    for at, answer in zip((0, 60), answers, strict=True):
+        expected = _post(http, f"/v1/sessions/{posted}/predict",
+                         {"values": values[at : at + 60].tolist(), "offset": at, **fields})
+        assert answer.keys() == expected.keys() and {"intervals", "scores"} <= answer.keys()
+        got, want = np.array(answer["scores"], dtype=float), np.array(expected["scores"], dtype=float)
+        np.testing.assert_allclose(got, want, rtol=1e-6)  # None (no full lag window yet) as NaN, in place
+        for level in ("80", "95"):
+            np.testing.assert_allclose(answer["intervals"][level]["upper"], expected["intervals"][level]["upper"],
+                                       rtol=1e-6)
+    assert repeated["status"] == 422 and position(http, streamed) == 120
