@@ -73,13 +73,7 @@ class SessionStates:
         """Create or replace the session at ``key`` with ``document``. ``StaleModel`` for a document of
         another model version; ``PreconditionFailed`` when the precondition does not hold (the commit checks
         again, atomically, that nothing changed since)."""
-        if self.model.by_hash(document.model_version) is None:
-            newest = self.model.engine.model_version
-            raise StaleModel(
-                f"the document was built with model {document.model_version!r:.80}, which is not a loaded version"
-                f" of {self.model.name!r} (newest {newest}); a state of one model means nothing to another",
-                session_id=session_id_of(key), position=document.position, model_version=newest,
-            )
+        self.require_loaded(key, document.model_version, document.position)
         for _ in range(MAX_ATTEMPTS):
             current = await self._current_record(key)
             tag = self._tag(*current) if current is not None else None
@@ -96,6 +90,18 @@ class SessionStates:
                                          " replaced; nothing was changed", session_id=session_id_of(key))
         raise Overloaded(f"session {session_id_of(key)!r} changed {MAX_ATTEMPTS} times while it was being"
                          " replaced; nothing was changed, retry", retry_after=1)
+
+    def require_loaded(self, key: str, model_version: str, position: int | None = None) -> None:
+        """``StaleModel`` unless ``model_version`` is a loaded version of this model: a state of another model,
+        or of a version no longer loaded, means nothing here."""
+        if self.model.by_hash(model_version) is None:
+            newest = self.model.engine.model_version
+            raise StaleModel(
+                f"the document was built with model {model_version!r:.80}, which is not a loaded version of"
+                f" {self.model.name!r} (newest {newest}); a state of one model means nothing to another",
+                session_id=session_id_of(key), model_version=newest,
+                **({"position": position} if position is not None else {}),
+            )
 
     async def fork(self, key: str, to: str) -> Written:
         """A new session ``to`` with the state and position of ``key``; ``SessionExists`` when ``to`` exists."""

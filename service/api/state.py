@@ -22,7 +22,7 @@ from service.problems import Problem
 from service.schemas import ForkRequest, SessionInfo
 from service.session_state import Precondition, SessionStates, Written
 from service.sessions.base import session_key
-from service.sessions.document import DocumentError, decode, encode
+from service.sessions.document import DocumentError, built_by, decode, encode
 
 router = APIRouter(prefix="/v1", tags=["v1"])
 OCTET = "application/octet-stream"
@@ -99,8 +99,11 @@ async def import_state(
 ) -> SessionInfo:
     precondition = Precondition(_tags(if_match, "If-Match", weak=False),
                                 _tags(if_none_match, "If-None-Match", weak=True))
+    raw = await request.body()
+    if (version := built_by(raw)) is not None:  # another model's document: 409 before its sizes are judged
+        states.require_loaded(session_key(tenant, session_id), version)
     try:
-        document = decode(await request.body(), states.state_size)
+        document = decode(raw, states.state_size)
     except DocumentError as exc:
         raise Problem(422, "invalid-state", f"not an importable state document: {exc}; nothing was changed"
                       ) from None

@@ -146,6 +146,14 @@ def decode(raw: bytes, state_size: int) -> StateDocument:
     return document
 
 
+def built_by(raw: bytes) -> str | None:
+    """The model version a document names, read from its header alone; None where there is none to read."""
+    try:
+        return _metadata(raw).get("model_version")
+    except DocumentError:
+        return None
+
+
 def _metadata(raw: bytes) -> dict[str, str]:
     """The header's metadata, read before the tensors so that a header can never cost more than its cap."""
     if len(raw) < 8:

@@ -247,6 +247,33 @@ def test_a_version_whose_last_session_expires_or_is_evicted_is_unloaded(
         assert assert_problem(refused, 404)["type"].endswith("/session-not-found")
 
 
+def test_state_export_import_and_fork_are_per_model(server_factory: ServerFactory, tmp_path: Path) -> None:
+    repository = tmp_path / "repo"
+    add_version(repository, "a", 1)
+    add_version(repository, "b", 1, seed=3, features=("p", "q"))
+    server = server_factory(GRU_MODEL_REPOSITORY=str(repository), GRU_DEFAULT_MODEL="a")
+    values = np.stack([series(20, seed=8)[:, 0], series(20, seed=9)[:, 0]], axis=1)
+    octet = {"Content-Type": "application/octet-stream"}
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        whole = client.post("/v1/models/b/predict", json={"values": values.tolist()}).json()["predictions"]
+        first = client.post("/v1/models/b/sessions/s/predict", json={"values": values[:8].tolist(), "offset": 0})
+        assert first.status_code == 200, first.text
+        exported = client.get("/v1/models/b/sessions/s/state")
+        assert exported.status_code == 200 and exported.headers["etag"]
+        assert client.get("/v1/sessions/s/state").status_code == 404  # the default model's "s" is another session
+        refused = client.put("/v1/sessions/s/state", content=exported.content, headers=octet)
+        assert assert_problem(refused, 409)["type"].endswith("/model-changed")  # b's state means nothing to a
+        forked = client.post("/v1/models/b/sessions/s/fork", json={"to": "t"})
+        assert forked.status_code == 201 and forked.json()["model"] == "b"
+        imported = client.put("/v1/models/b/sessions/u/state", content=exported.content, headers=octet)
+        assert imported.status_code == 201 and imported.json()["position"] == 8
+        for session in ("s", "t", "u"):
+            body = client.post(f"/v1/models/b/sessions/{session}/predict",
+                               json={"values": values[8:].tolist(), "offset": 8})
+            assert body.status_code == 200, body.text
+            np.testing.assert_allclose(body.json()["predictions"], whole[8:], atol=1e-6)
+
+
 PLAIN, ADMIN = "plain-key-0123456789", "admin-key-0123456789"
 
 
