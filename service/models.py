@@ -163,7 +163,7 @@ class Registry:
         self.unloaded: set[str] = set()  # unloaded on request: polling leaves them alone until a load
         self._lock = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
-        metrics.active_sessions.set_function(self._held_sessions)
+        metrics.active_sessions.set_function(lambda: _held_sessions(self.models))
 
     # -- start and stop --------------------------------------------------------------------------------
 
@@ -191,7 +191,7 @@ class Registry:
         if self.default not in self.models:
             raise StartupError(f"no version of the default model {self.default} can be loaded: see the lines"
                                " above for each version skipped")
-        self._publish()
+        _publish(self.metrics, self.models)
 
     async def start(self) -> None:
         for model in list(self.models.values()):
@@ -266,10 +266,10 @@ class Registry:
             self.unloaded.add(name)
             for version in model.versions.values():
                 await version.engine.stop()
-                self._forget_series(model, version)
+                _forget_series(self.metrics, model, version)
             await model.store.close()
             log.info("model unloaded", extra={"fields": {"model": name}})
-            self._publish()
+            _publish(self.metrics, self.models)
 
     async def refresh_counts(self) -> None:
         """Sessions per version, for GET /v1/models, and unload the versions no session needs."""
@@ -295,7 +295,7 @@ class Registry:
             log.info("model version loaded", extra={"fields": {
                 "model": name, "version": where.version, "model_version": loaded.model_version}})
             await self._limit(self.models[name])
-            self._publish()
+            _publish(self.metrics, self.models)
             return True
         return False
 
@@ -341,7 +341,7 @@ class Registry:
                     model.sessions.get(version.model_version, 0) > 0)
                 if not needed:
                     await self._unload_version(model, version, "drained")
-        self._publish()
+        _publish(self.metrics, self.models)
 
     async def _load_pinned(self, model: ServedModel, on_disk: list[VersionDir]) -> None:
         """Load the newest repository version of each hash that live sessions hold and no loaded version has."""
@@ -379,7 +379,7 @@ class Registry:
         del model.versions[version.number]
         model.forget_pins(version)
         await version.engine.stop()
-        self._forget_series(model, version)
+        _forget_series(self.metrics, model, version)
         log.info("model version unloaded", extra={"fields": {
             "model": model.name, "version": version.number, "reason": why}})
 
@@ -391,33 +391,37 @@ class Registry:
             except Exception:  # a bug or a full disk must not end polling
                 log.exception("model repository poll failed")
 
-    # -- metrics ---------------------------------------------------------------------------------------
-
-    def _held_sessions(self) -> float:
-        return float(sum(len(m.raw_store) for m in self.models.values() if isinstance(m.raw_store, MemoryStore)))
-
-    def _forget_series(self, model: ServedModel, version: LoadedVersion) -> None:
-        """Only loaded versions have series: the labels stay bounded."""
-        for family in (self.metrics.steps, self.metrics.forward_time, self.metrics.version_sessions):
-            with contextlib.suppress(KeyError):
-                family.remove(model.name, str(version.number))
-
-    def _publish(self) -> None:
-        """gru_model_versions{model, version, state}: 1 per loaded version (only loaded ones: bounded), and
-        each one's sessions at the last count."""
-        gauge = self.metrics.model_versions
-        gauge.clear()
-        for model in self.models.values():
-            for version in model.versions.values():
-                number = str(version.number)
-                gauge.labels(model=model.name, version=number, state=model.state_of(version)).set(1)
-                sessions = model.sessions.get(version.model_version, 0) if model.by_hash(
-                    version.model_version) is version else 0
-                self.metrics.version_sessions.labels(model=model.name, version=number).set(sessions)
-
 
 def _layout(loaded: Loaded) -> tuple[int, int, int]:
     """What places the raw values in a state, and its size: (layers × hidden size, lags, floats); the size
     differs with a calibration's interval adaptation at the end (docs/architecture.md, "State layout")."""
     config = loaded.forecaster.config
     return config.num_layers * config.hidden_size, config.lags, loaded.forecaster.state_size
+
+
+# -- metrics: module functions, so the registry's class stays about the lifecycle ----------------------------
+
+
+def _held_sessions(models: dict[str, ServedModel]) -> float:
+    return float(sum(len(m.raw_store) for m in models.values() if isinstance(m.raw_store, MemoryStore)))
+
+
+def _forget_series(metrics: Metrics, model: ServedModel, version: LoadedVersion) -> None:
+    """Only loaded versions have series: the labels stay bounded."""
+    for family in (metrics.steps, metrics.forward_time, metrics.version_sessions):
+        with contextlib.suppress(KeyError):
+            family.remove(model.name, str(version.number))
+
+
+def _publish(metrics: Metrics, models: dict[str, ServedModel]) -> None:
+    """gru_model_versions{model, version, state}: 1 per loaded version (only loaded ones: bounded), and each
+    one's sessions at the last count."""
+    gauge = metrics.model_versions
+    gauge.clear()
+    for model in models.values():
+        for version in model.versions.values():
+            number = str(version.number)
+            gauge.labels(model=model.name, version=number, state=model.state_of(version)).set(1)
+            sessions = model.sessions.get(version.model_version, 0) if model.by_hash(
+                version.model_version) is version else 0
+            metrics.version_sessions.labels(model=model.name, version=number).set(sessions)

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from pathlib import Path
 
 from service.config import Settings
 from service.models import Registry, ServedModel
-from service.sessions.snapshot import SnapshotKeeper
-
-log = logging.getLogger("service.snapshot")
+from service.sessions.snapshot import SnapshotKeeper, save_every
 
 
 def snapshot_path(base: Path, model: str, default: bool) -> Path:
@@ -58,16 +55,8 @@ class ModelSnapshots:
         for keeper in self._current():
             await keeper.start()
         if self._settings.snapshot_interval_seconds > 0 and self._keepers:
-            self._periodic = asyncio.create_task(self._every_interval(), name="gru-snapshots")
-
-    async def _every_interval(self) -> None:
-        while True:
-            await asyncio.sleep(self._settings.snapshot_interval_seconds)
-            for keeper in self._current():
-                try:  # shielded: a shutdown waits for a write in progress instead of racing the final one
-                    await asyncio.shield(keeper.save())
-                except Exception:  # a full disk must not stop the service; the next interval tries again
-                    log.exception("snapshot failed", extra={"fields": {"path": str(keeper.path)}})
+            self._periodic = asyncio.create_task(save_every(self._settings.snapshot_interval_seconds, self._current),
+                                                 name="gru-snapshots")
 
     async def stop(self) -> None:
         """Stop the periodic saves, then write every model's final snapshot (after the engines drained)."""

@@ -57,9 +57,7 @@ class MemoryStore:
         self._clock = clock
         self._on_evict = on_evict or (lambda reason, count: None)
         self._records: OrderedDict[str, Session] = OrderedDict()
-        rows = min(initial_capacity, max_sessions) + 1
-        self._states = torch.zeros(rows, state_size, device=device)  # (capacity + 1, S), row 0 fresh
-        self._free: list[int] = list(range(rows - 1, 0, -1))
+        self._slots = _Slots(state_size, device, min(initial_capacity, max_sessions), max_sessions)
         self._revision = 0
 
     def __len__(self) -> int:
@@ -67,7 +65,7 @@ class MemoryStore:
 
     @property
     def states(self) -> Tensor:
-        return self._states
+        return self._slots.states
 
     def _next_revision(self) -> int:
         self._revision += 1
@@ -86,7 +84,7 @@ class MemoryStore:
             if not tenant.keys:
                 del self._tenants[tenant_of_key(key)]
         if session.handle:
-            self._free.append(session.handle)
+            self._slots.release(session.handle)
         return session
 
     def _insert(self, session: Session) -> None:
@@ -129,16 +127,6 @@ class MemoryStore:
         if expired:
             self._on_evict("ttl", expired)
         return expired
-
-    def _allocate_slot(self) -> int:
-        if not self._free:
-            old = self._states
-            rows = min(2 * (old.size(0) - 1), self.max_sessions) + 1
-            grown = old.new_zeros(rows, old.size(1))
-            grown[: old.size(0)] = old
-            self._free = list(range(rows - 1, old.size(0) - 1, -1))
-            self._states = grown
-        return self._free.pop()
 
     def _make_room(self, key: str) -> None:
         """Room for ``key`` if it is new: its tenant's least recently used session at the tenant's bound, else
@@ -192,8 +180,7 @@ class MemoryStore:
         return found
 
     def gather(self, sessions: Sequence[Session | None], device: Any = None) -> Tensor:
-        slots = [(s.handle or 0) if s is not None else 0 for s in sessions]  # 0: fresh state
-        return self._states.index_select(0, torch.tensor(slots, device=self._states.device))  # (B, S)
+        return self._slots.read([(s.handle or 0) if s is not None else 0 for s in sessions])  # 0: fresh state
 
     async def commit(self, writes: Sequence[Write], states: Tensor) -> list[Session | None]:
         now = self._clock()
@@ -209,7 +196,7 @@ class MemoryStore:
                 current = Session(write.key, 0, write.model_version, 0, created_at=now, updated_at=now)
                 self._insert(current)
             if not current.handle:
-                current.handle = self._allocate_slot()
+                current.handle = self._slots.allocate()
             current.position = write.position
             current.model_version = write.model_version
             current.last_offset = write.last_offset
@@ -232,8 +219,7 @@ class MemoryStore:
             else:
                 results[at] = None
         if rows:
-            index = torch.tensor(slots, device=self._states.device)
-            self._states.index_copy_(0, index, states[torch.tensor(rows, device=states.device)].to(self._states))
+            self._slots.write(slots, states[torch.tensor(rows, device=states.device)])
         self._trim_answers({write.key for write in writes})
         return results
 
@@ -273,13 +259,11 @@ class MemoryStore:
             session.revision = self._next_revision()
             session.handle = None
             if row >= 0:
-                session.handle = self._allocate_slot()
+                session.handle = self._slots.allocate()
                 slot_rows[session.handle] = row
             self._insert(session)
         if slot_rows:
-            index = torch.tensor(list(slot_rows), device=self._states.device)
-            picked = states[torch.tensor(list(slot_rows.values()), device=states.device)]  # (n, S)
-            self._states.index_copy_(0, index, picked.to(self._states))
+            self._slots.write(list(slot_rows), states[torch.tensor(list(slot_rows.values()), device=states.device)])
         self._trim_answers(set())  # a snapshot from a larger budget: its oldest go
 
     async def version_counts(self) -> dict[str, int]:
@@ -297,3 +281,33 @@ class MemoryStore:
 class _Tenant:
     keys: OrderedDict[str, None] = field(default_factory=OrderedDict)  # least recently used first
     answer_bytes: int = 0
+
+
+class _Slots:
+    """The states, one row a session: a tensor on the model's device that doubles when full, up to
+    ``max_rows`` sessions; row 0 is the fresh (all-zero) state and never handed out."""
+
+    def __init__(self, state_size: int, device: torch.device, rows: int, max_rows: int):
+        self.states = torch.zeros(rows + 1, state_size, device=device)  # (capacity + 1, S)
+        self._max_rows = max_rows
+        self._free: list[int] = list(range(rows, 0, -1))
+
+    def allocate(self) -> int:
+        if not self._free:
+            old = self.states
+            rows = min(2 * (old.size(0) - 1), self._max_rows) + 1
+            grown = old.new_zeros(rows, old.size(1))
+            grown[: old.size(0)] = old
+            self._free = list(range(rows - 1, old.size(0) - 1, -1))
+            self.states = grown
+        return self._free.pop()
+
+    def release(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def read(self, slots: Sequence[int]) -> Tensor:
+        return self.states.index_select(0, torch.tensor(slots, device=self.states.device))  # (B, S)
+
+    def write(self, slots: Sequence[int], states: Tensor) -> None:
+        """Row i of ``states`` into slot ``slots[i]``, in one call."""
+        self.states.index_copy_(0, torch.tensor(slots, device=self.states.device), states.to(self.states))

@@ -30,7 +30,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -246,19 +246,12 @@ class SnapshotKeeper:
         known = await asyncio.to_thread(self.known_versions)
         restore(self.store, self.path, known | {self.model_version()}, self.state_size)
         if self.interval > 0:
-            self._periodic = asyncio.create_task(self._every_interval(), name="gru-snapshot")
+            self._periodic = asyncio.create_task(save_every(self.interval, lambda: [self]), name="gru-snapshot")
 
     async def save(self) -> int:
         async with self._lock:  # one writer at a time: the periodic one and the final one never interleave
             return await save(self.store, self.path, self.model_version())
 
-    async def _every_interval(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:  # shielded: a shutdown waits for a write in progress instead of racing it with the final one
-                await asyncio.shield(self.save())
-            except Exception:  # a full disk must not stop the service; the next interval tries again
-                log.exception("snapshot failed", extra={"fields": {"path": str(self.path)}})
 
     async def stop(self) -> None:
         """Stop the periodic saves, then write the final snapshot (call after the engine has drained)."""
@@ -271,3 +264,14 @@ class SnapshotKeeper:
         except Exception:
             log.exception("final snapshot failed; the sessions of this run are lost on restart",
                           extra={"fields": {"path": str(self.path)}})
+
+
+async def save_every(interval: float, keepers: Callable[[], Iterable[SnapshotKeeper]]) -> None:
+    """Every ``interval`` seconds, each of ``keepers()`` saves; a failure is logged and tried again next time."""
+    while True:
+        await asyncio.sleep(interval)
+        for keeper in keepers():
+            try:  # shielded: a shutdown waits for a write in progress instead of racing it with the final one
+                await asyncio.shield(keeper.save())
+            except Exception:  # a full disk must not stop the service; the next interval tries again
+                log.exception("snapshot failed", extra={"fields": {"path": str(keeper.path)}})
