@@ -229,14 +229,6 @@ def _masked_text_frame(text: str) -> bytes:
     return bytes([0x81, 0x80 | 126]) + len(payload).to_bytes(2, "big") + b"\0\0\0\0" + payload
 
 
-def _rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RSS from /proc")
 def test_a_client_that_never_reads_stops_the_server_reading_and_holds_it_to_its_window(
     server_factory: ServerFactory,
