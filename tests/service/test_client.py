@@ -37,46 +37,38 @@ from service.client import (
 from service.client.cli import PredictionsFile, _earlier_rows, read_csv
 from tests.conftest import Server
 from tests.service.helpers import new_id, position, series, stateless
+from tests.service.proxy import LoopbackProxy
 
 FAST = Retry(attempts=4, backoff=0.01, max_delay=0.05)
 
 
-class DroppingProxy:
+class DroppingProxy(LoopbackProxy):
     """A loopback TCP proxy that can lose an answer: once armed, the next answer to a POST (or a PUT) is not
     relayed and the client's connection is closed. The server has answered, so the chunk was applied; the
     client only sees a dropped connection, exactly the case a retry with the same offset must survive."""
 
     def __init__(self, target: str):
-        host, port = target.removeprefix("http://").rsplit(":", 1)
-        self._target = (host, int(port))
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        super().__init__(target)
         self._lock = threading.Lock()
         self._armed = 0
         self.dropped = 0
         self._sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.start()
 
     def arm(self, count: int = 1) -> None:
         with self._lock:
             self._armed += count
 
     def close(self) -> None:
-        self._listener.close()
+        super().close()
         for sock in self._sockets:
             sock.close()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                downstream, _ = self._listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self._target)
-            self._sockets += [downstream, upstream]
-            asked = {"post": False}  # what the connection's request in flight is
-            threading.Thread(target=self._pipe, args=(downstream, upstream, False, asked), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, downstream, True, asked), daemon=True).start()
+    def _relay(self, downstream: socket.socket, upstream: socket.socket) -> None:
+        self._sockets += [downstream, upstream]
+        asked = {"post": False}  # what the connection's request in flight is
+        threading.Thread(target=self._pipe, args=(downstream, upstream, False, asked), daemon=True).start()
+        threading.Thread(target=self._pipe, args=(upstream, downstream, True, asked), daemon=True).start()
 
     def _pipe(self, source: socket.socket, sink: socket.socket, answers: bool, asked: dict[str, bool]) -> None:
         try:

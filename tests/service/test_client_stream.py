@@ -19,34 +19,26 @@ from harness.processes import ROOT
 from service.client import AsyncClient, Client, OffsetConflict, Prediction, Retry, ServiceError
 from tests.conftest import Server, ServerFactory
 from tests.service.helpers import new_id, position, series, stateless
+from tests.service.proxy import LoopbackProxy
 
 FAST = Retry(attempts=5, backoff=0.01, max_delay=0.05)
 
 
-class CuttingProxy:
+class CuttingProxy(LoopbackProxy):
     """A loopback TCP proxy whose first connection is cut (both ways) once it has relayed ``budget`` bytes
     from the server: a stream dropped mid-way, answers lost in flight. Later connections relay everything."""
 
     def __init__(self, target: str, budget: int):
-        host, port = target.removeprefix("http://").rsplit(":", 1)
-        self._target = (host, int(port))
+        super().__init__(target)
         self._budget = budget
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
         self.connections = 0
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.start()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                downstream, _ = self._listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self._target)
-            budget = self._budget if self.connections == 0 else None
-            self.connections += 1
-            threading.Thread(target=self._pipe, args=(downstream, upstream, None), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, downstream, budget), daemon=True).start()
+    def _relay(self, downstream: socket.socket, upstream: socket.socket) -> None:
+        budget = self._budget if self.connections == 0 else None
+        self.connections += 1
+        threading.Thread(target=self._pipe, args=(downstream, upstream, None), daemon=True).start()
+        threading.Thread(target=self._pipe, args=(upstream, downstream, budget), daemon=True).start()
 
     @staticmethod
     def _pipe(source: socket.socket, sink: socket.socket, budget: int | None) -> None:
@@ -62,9 +54,6 @@ class CuttingProxy:
             pass
         for end in (source, sink):
             end.close()
-
-    def close(self) -> None:
-        self._listener.close()
 
 
 def _check(answers: list[Prediction], lost: list[tuple[int, int]], values: np.ndarray, chunk: int,
