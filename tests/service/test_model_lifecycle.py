@@ -22,6 +22,7 @@ from tritonclient.utils import InferenceServerException
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
+from harness.processes import Process as Server
 from service.repository import Repository
 from tests.conftest import ServerFactory, make_tiny_model, refused_start_log
 from tests.service.helpers import assert_problem, new_id, send, series
@@ -37,6 +38,14 @@ def add_version(repository: Path, model: str, version: int, seed: int = 0,
     staging = make_tiny_model(repository.parent / f"staging-{model}-{version}", features=features, seed=seed,
                               name=model, error_scale=error_scale)
     return staging.rename(repository / model / str(version))
+
+
+def polled_repository(server_factory: ServerFactory, tmp_path: Path, **env: str) -> tuple[Path, Server]:
+    """A repository holding model ``m`` version 1, and a server polling it every 0.1 s with ``env`` added."""
+    repository = tmp_path / "repo"
+    add_version(repository, "m", 1)
+    server = server_factory(GRU_MODEL_REPOSITORY=str(repository), GRU_REPOSITORY_POLL_SECONDS="0.1", **env)
+    return repository, server
 
 
 def models(client: httpx.Client) -> dict[str, Any]:
@@ -134,9 +143,7 @@ def test_several_models_and_no_default_stop_start_up_naming_them(tmp_path: Path,
 def test_damaged_half_written_and_incompatible_versions_are_skipped_once(
     server_factory: ServerFactory, tmp_path: Path
 ) -> None:
-    repository = tmp_path / "repo"
-    add_version(repository, "m", 1)
-    server = server_factory(GRU_MODEL_REPOSITORY=str(repository), GRU_REPOSITORY_POLL_SECONDS="0.1")
+    repository, server = polled_repository(server_factory, tmp_path)
     with httpx.Client(base_url=server.url, timeout=30) as client:
         damaged = add_version(repository, "m", 2, seed=1)
         weights = damaged / "model.safetensors"
@@ -229,11 +236,9 @@ def test_a_session_streams_through_a_published_version_and_its_version_drains_af
 def test_a_version_whose_last_session_expires_or_is_evicted_is_unloaded(
     server_factory: ServerFactory, tmp_path: Path, end: str
 ) -> None:
-    repository = tmp_path / "repo"
-    add_version(repository, "m", 1)
     limits = ({"GRU_SESSION_TTL_SECONDS": "1"} if end == "expiry"
               else {"GRU_MAX_SESSIONS": "1", "GRU_MAX_BATCH_SIZE": "1"})
-    server = server_factory(GRU_MODEL_REPOSITORY=str(repository), GRU_REPOSITORY_POLL_SECONDS="0.1", **limits)
+    repository, server = polled_repository(server_factory, tmp_path, **limits)
     with httpx.Client(base_url=server.url, timeout=30) as client:
         pinned = new_id()
         assert send(client, pinned, series(4), offset=0).json()["version"] == "1"
@@ -322,10 +327,7 @@ def test_tritonclient_indexes_loads_and_unloads_models_with_an_admin_key(
 def test_replay_moves_a_session_onto_the_new_version_within_a_bounded_error(
     server_factory: ServerFactory, tmp_path: Path
 ) -> None:
-    repository = tmp_path / "repo"
-    add_version(repository, "m", 1)
-    server = server_factory(GRU_MODEL_REPOSITORY=str(repository), GRU_REPOSITORY_POLL_SECONDS="0.1",
-                            GRU_UPGRADE="replay")
+    repository, server = polled_repository(server_factory, tmp_path, GRU_UPGRADE="replay")
     whole = series(300, seed=12)
     with httpx.Client(base_url=server.url, timeout=30) as client:
         session = new_id()
@@ -379,10 +381,7 @@ def test_two_replicas_on_redis_keep_a_pinned_session_across_an_update(
 def test_beyond_max_loaded_versions_the_oldest_goes_and_its_sessions_get_409(
     server_factory: ServerFactory, tmp_path: Path
 ) -> None:
-    repository = tmp_path / "repo"
-    add_version(repository, "m", 1)
-    server = server_factory(GRU_MODEL_REPOSITORY=str(repository), GRU_REPOSITORY_POLL_SECONDS="0.1",
-                            GRU_MAX_LOADED_VERSIONS="2")
+    repository, server = polled_repository(server_factory, tmp_path, GRU_MAX_LOADED_VERSIONS="2")
     with httpx.Client(base_url=server.url, timeout=30) as client:
         on_1, on_2 = new_id(), new_id()
         assert send(client, on_1, series(3)).json()["version"] == "1"
@@ -458,9 +457,7 @@ def test_a_snapshot_keeps_every_models_sessions_across_a_restart(
 def test_a_reset_moves_the_session_to_the_newest_and_its_old_version_drains(
     server_factory: ServerFactory, tmp_path: Path
 ) -> None:
-    repository = tmp_path / "repo"
-    add_version(repository, "m", 1)
-    server = server_factory(GRU_MODEL_REPOSITORY=str(repository), GRU_REPOSITORY_POLL_SECONDS="0.1")
+    repository, server = polled_repository(server_factory, tmp_path)
     with httpx.Client(base_url=server.url, timeout=30) as client:
         session = new_id()
         send(client, session, series(5), offset=0)
