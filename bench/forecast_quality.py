@@ -18,9 +18,10 @@ import contextlib
 import io
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import matplotlib
 import numpy as np
@@ -126,8 +127,9 @@ def stream(forecaster: Forecaster, values: np.ndarray) -> np.ndarray:
     return torch.cat(outputs)[:-1].numpy().astype(np.float64)
 
 
-def evaluate(case: Case, max_seconds: float, workdir: Path) -> dict[str, float]:
-    """Mean over features of MAE / persistence MAE for each forecast, and the training time."""
+def train(case: Case, max_seconds: float, workdir: Path) -> tuple[np.ndarray, int, Path, float]:
+    """The series, its split, a checkpoint the CLI trained (and calibrated) on the rows before it, and the
+    seconds the training took."""
     frame = case.load().astype(float)
     values = frame.to_numpy()
     split = int(len(values) * TRAIN_FRACTION)
@@ -140,12 +142,18 @@ def evaluate(case: Case, max_seconds: float, workdir: Path) -> dict[str, float]:
     seconds = time.monotonic() - started
     if status != 0:
         raise RuntimeError(f"{case.name}: training failed with status {status}")
+    return values, split, out, seconds
+
+
+def evaluate(case: Case, max_seconds: float, workdir: Path) -> dict[str, float]:
+    """Mean over features of MAE / persistence MAE for each forecast, and the training time."""
+    values, split, out, seconds = train(case, max_seconds, workdir)
     truth = values[split:]
     forecasts = {
         "model": stream(load_checkpoint(out)[0], values),
         "persistence": persistence(values),
         "seasonal": seasonal_naive(values, case.season),
-        "ar": np.column_stack([aic_difference_ar(values[:split, j], values[:, j]) for j in range(frame.shape[1])]),
+        "ar": np.column_stack([aic_difference_ar(values[:split, j], values[:, j]) for j in range(values.shape[1])]),
     }
     mae = {name: np.abs(p[split - 1 :] - truth).mean(axis=0) for name, p in forecasts.items()}
     row = {name: float(np.mean(m / mae["persistence"])) for name, m in mae.items()}
@@ -153,20 +161,36 @@ def evaluate(case: Case, max_seconds: float, workdir: Path) -> dict[str, float]:
     return row
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def series_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of a bench that trains a model per series: the training budget and which series to run."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--max-seconds", type=float, default=45.0, help="training budget per series")
     parser.add_argument("--only", default="", help="run the series whose name contains this text")
+    return parser
+
+
+Result = TypeVar("Result")
+
+
+def each_case(cases: Iterable[Case], only: str, max_seconds: float,
+              run: Callable[[Case, float, Path], Result]) -> Iterator[tuple[Case, Result]]:
+    """Each case whose name contains ``only``, with what ``run`` makes of it in a work directory of its own
+    (removed before the next case starts)."""
+    for case in cases:
+        if only in case.name:
+            with tempfile.TemporaryDirectory() as workdir:
+                result = run(case, max_seconds, Path(workdir))
+            yield case, result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = series_parser(__doc__)
     args = parser.parse_args(argv)
     table = Table(title=f"One-step MAE on the last 20% ÷ persistence MAE (training ≤ {args.max_seconds:g} s)")
     for column in ("series", "T", "F", "model", "seasonal naive", "AR (AIC)", "train s"):
         table.add_column(column, justify="left" if column == "series" else "right")
     rows = []
-    for case in CASES:
-        if args.only not in case.name:
-            continue
-        with tempfile.TemporaryDirectory() as workdir:
-            row = evaluate(case, args.max_seconds, Path(workdir))
+    for case, row in each_case(CASES, args.only, args.max_seconds, evaluate):
         rows.append(row)
         cells = [f"{row[k]:.3f}" for k in ("model", "seasonal", "ar")]
         table.add_row(case.name, str(row["rows"]), str(row["features"]), *cells, f"{row['seconds']:.0f}")

@@ -16,13 +16,10 @@ the same 80% and run one step ahead over the tail with its parameters fixed (its
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
-import io
+import functools
 import logging
 import signal
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -35,10 +32,9 @@ from rich.console import Console
 from rich.table import Table
 from vega_datasets import local_data
 
-from bench.forecast_quality import CHUNK, TRAIN_FRACTION, Case, _goog_daily, _sample_prices
+from bench.forecast_quality import CHUNK, Case, _goog_daily, _sample_prices, each_case, series_parser, train
 from harness.processes import start_service
 from model.checkpoint import load_checkpoint
-from model.train import main as train_main
 from service.config import DEFAULT_MODEL_PATH
 
 LEVELS = (80, 95)
@@ -99,25 +95,10 @@ def arima_intervals(values: np.ndarray, split: int, season: int) -> dict[int, tu
     return {level: (out[f"fitted-lo-{level}"][1:], out[f"fitted-hi-{level}"][1:]) for level in LEVELS}
 
 
-def _trained(case: Case, max_seconds: float, workdir: Path) -> tuple[np.ndarray, int, Path]:
-    """The series, its split, and a checkpoint the CLI trained (and calibrated) on the rows before it."""
-    frame = case.load().astype(float)
-    values = frame.to_numpy()
-    split = int(len(values) * TRAIN_FRACTION)
-    csv = workdir / "train.csv"
-    frame.iloc[:split].to_csv(csv, index=False)
-    out = workdir / "model"
-    with contextlib.redirect_stdout(io.StringIO()):
-        status = train_main(["--csv", str(csv), "--out", str(out), "--max-seconds", str(max_seconds)])
-    if status != 0:
-        raise RuntimeError(f"{case.name}: training failed with status {status}")
-    return values, split, out
-
-
 def rates(case: Case, max_seconds: float, workdir: Path, candidates: list[float]) -> list[str]:
     """Per adaptation rate, "coverage 80 | 95; score 80 | 95 ÷ AutoARIMA's", from one-step intervals
     computed in-process (``Forecaster.observe`` over the whole series) with the calibration's rate replaced."""
-    values, split, out = _trained(case, max_seconds, workdir)
+    values, split, out, _ = train(case, max_seconds, workdir)
     forecaster, _ = load_checkpoint(out)
     assert forecaster.calibration is not None
     truth, series = values[split:, 0], torch.tensor(values[None], dtype=torch.float32)
@@ -138,7 +119,7 @@ def rates(case: Case, max_seconds: float, workdir: Path, candidates: list[float]
 
 
 def evaluate(case: Case, max_seconds: float, workdir: Path) -> dict[str, object]:
-    values, split, out = _trained(case, max_seconds, workdir)
+    values, split, out, _ = train(case, max_seconds, workdir)
     truth = values[split:, 0]
     tail = slice(split - 1, None)  # intervals for rows split .. T − 1
     row: dict[str, object] = {"name": case.name, "tail": len(truth)}
@@ -176,9 +157,7 @@ def cost(repeats: int = 200) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--max-seconds", type=float, default=45.0, help="training budget per series")
-    parser.add_argument("--only", default="", help="run the series whose name contains this text")
+    parser = series_parser(__doc__)
     parser.add_argument("--cost", action="store_true", help="time scoring and adapting instead")
     parser.add_argument("--rates", default="", help="compare these adaptation rates (comma-separated) instead")
     args = parser.parse_args(argv)
@@ -190,10 +169,9 @@ def main(argv: list[str] | None = None) -> None:
         table = Table(title="Coverage of the 80% | 95% one-step intervals; Winkler score ÷ AutoARIMA's")
         for column in ("series", *(f"rate {rate:g}" for rate in candidates)):
             table.add_column(column)
-        for case in CASES:
-            if args.only in case.name:
-                with tempfile.TemporaryDirectory() as workdir:
-                    table.add_row(case.name, *rates(case, args.max_seconds, Path(workdir), candidates))
+        compare = functools.partial(rates, candidates=candidates)
+        for case, cells in each_case(CASES, args.only, args.max_seconds, compare):
+            table.add_row(case.name, *cells)
         Console(width=200).print(table)
         return
     logging.getLogger("statsforecast").setLevel(logging.ERROR)
@@ -202,11 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     for column in ("series", "tail", "cover 80", "cover 95", "width 80", "width 95", "score 80", "score 95"):
         table.add_column(column, justify="left" if column == "series" else "right")
     verdicts = []
-    for case in CASES:
-        if args.only not in case.name:
-            continue
-        with tempfile.TemporaryDirectory() as workdir:
-            row = evaluate(case, args.max_seconds, Path(workdir))
+    for _, row in each_case(CASES, args.only, args.max_seconds, evaluate):
         cells = []
         for attribute, form in (("coverage", "{:.1%}"), ("width", "{:.3g}"), ("winkler", "{:.3g}")):
             for level in LEVELS:
