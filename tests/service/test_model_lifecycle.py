@@ -48,6 +48,17 @@ def polled_repository(server_factory: ServerFactory, tmp_path: Path, **env: str)
     return repository, server
 
 
+def two_models(server_factory: ServerFactory, tmp_path: Path, b_seed: int = 3,
+               b_features: tuple[str, ...] = ("p", "q"), **env: str) -> tuple[Path, Server]:
+    """A repository holding models ``a`` (the default) and ``b`` at version 1, and a server on it with ``env``
+    added."""
+    repository = tmp_path / "repo"
+    add_version(repository, "a", 1)
+    add_version(repository, "b", 1, seed=b_seed, features=b_features)
+    server = server_factory(GRU_MODEL_REPOSITORY=str(repository), GRU_DEFAULT_MODEL="a", **env)
+    return repository, server
+
+
 def models(client: httpx.Client) -> dict[str, Any]:
     response = client.get("/v1/models")
     assert response.status_code == 200, response.text
@@ -88,10 +99,8 @@ def test_repository_scan_lists_versions_and_ignores_what_breaks_the_layout(tmp_p
 def test_models_are_listed_and_each_has_its_own_routes_and_sessions(
     server_factory: ServerFactory, tmp_path: Path
 ) -> None:
-    repository = tmp_path / "repo"
-    a_path = add_version(repository, "a", 1)
-    add_version(repository, "b", 1, seed=3, features=("p", "q"))
-    server = server_factory(GRU_MODEL_REPOSITORY=str(repository), GRU_DEFAULT_MODEL="a")
+    repository, server = two_models(server_factory, tmp_path)
+    a_path = repository / "a" / "1"
     with httpx.Client(base_url=server.url, timeout=30) as client:
         a_version = client.get("/v1/models/a").json()["version"]
         assert client.get("/v1/model").json() == client.get("/v1/models/a").json()
@@ -253,10 +262,7 @@ def test_a_version_whose_last_session_expires_or_is_evicted_is_unloaded(
 
 
 def test_state_export_import_and_fork_are_per_model(server_factory: ServerFactory, tmp_path: Path) -> None:
-    repository = tmp_path / "repo"
-    add_version(repository, "a", 1)
-    add_version(repository, "b", 1, seed=3, features=("p", "q"))
-    server = server_factory(GRU_MODEL_REPOSITORY=str(repository), GRU_DEFAULT_MODEL="a")
+    _, server = two_models(server_factory, tmp_path)
     values = np.stack([series(20, seed=8)[:, 0], series(20, seed=9)[:, 0]], axis=1)
     octet = {"Content-Type": "application/octet-stream"}
     with httpx.Client(base_url=server.url, timeout=30) as client:
@@ -285,12 +291,9 @@ PLAIN, ADMIN = "plain-key-0123456789", "admin-key-0123456789"
 def test_tritonclient_indexes_loads_and_unloads_models_with_an_admin_key(
     server_factory: ServerFactory, tmp_path: Path
 ) -> None:
-    repository = tmp_path / "repo"
-    add_version(repository, "a", 1)
-    add_version(repository, "b", 1, seed=1)
-    server = server_factory(GRU_MODEL_REPOSITORY=str(repository), GRU_DEFAULT_MODEL="a",
-                            GRU_REPOSITORY_POLL_SECONDS="0", GRU_API_KEYS=f"{PLAIN}:alice",
-                            GRU_ADMIN_KEYS=f"{ADMIN}:ops")
+    repository, server = two_models(server_factory, tmp_path, b_seed=1, b_features=("x",),
+                                    GRU_REPOSITORY_POLL_SECONDS="0", GRU_API_KEYS=f"{PLAIN}:alice",
+                                    GRU_ADMIN_KEYS=f"{ADMIN}:ops")
     admin, plain = {"Authorization": f"Bearer {ADMIN}"}, {"Authorization": f"Bearer {PLAIN}"}
     tc = triton.InferenceServerClient(server.url.removeprefix("http://"), connection_timeout=30, network_timeout=30)
     try:
@@ -477,11 +480,7 @@ def _stream(server: Any, path: str) -> ClientConnection:
 def test_a_model_s_stream_serves_its_sessions_and_a_pinned_session_streams_on_its_version(
     server_factory: ServerFactory, tmp_path: Path
 ) -> None:
-    repository = tmp_path / "repo"
-    add_version(repository, "a", 1)
-    add_version(repository, "b", 1, seed=3, features=("p", "q"))
-    server = server_factory(GRU_MODEL_REPOSITORY=str(repository), GRU_DEFAULT_MODEL="a",
-                            GRU_REPOSITORY_POLL_SECONDS="0.1")
+    repository, server = two_models(server_factory, tmp_path, GRU_REPOSITORY_POLL_SECONDS="0.1")
     values = series(12, seed=5).reshape(6, 2)
     with httpx.Client(base_url=server.url, timeout=30) as client:
         streamed, posted = new_id("ws"), new_id("http")
@@ -519,12 +518,9 @@ def test_a_model_s_stream_serves_its_sessions_and_a_pinned_session_streams_on_it
 def test_a_full_queue_of_one_model_refuses_its_chunks_unread_and_not_another_model_s(
     server_factory: ServerFactory, tmp_path: Path
 ) -> None:
-    repository = tmp_path / "repo"
-    add_version(repository, "a", 1)
-    add_version(repository, "b", 1, seed=3)
     # b's one place is taken by a chunk whose batch waits a second to fill
-    server = server_factory(GRU_MODEL_REPOSITORY=str(repository), GRU_DEFAULT_MODEL="a", GRU_MAX_QUEUE="1",
-                            GRU_MAX_BATCH_SIZE="64", GRU_MAX_BATCH_DELAY_MS="1000", GRU_QUEUE_PATIENCE_SECONDS="0")
+    _, server = two_models(server_factory, tmp_path, b_features=("x",), GRU_MAX_QUEUE="1", GRU_MAX_BATCH_SIZE="64",
+                           GRU_MAX_BATCH_DELAY_MS="1000", GRU_QUEUE_PATIENCE_SECONDS="0")
     with ThreadPoolExecutor(2) as pool:
         waiting = pool.submit(httpx.post, server.url + "/v1/models/b/predict", json={"values": [0.1]}, timeout=30)
         time.sleep(0.3)
