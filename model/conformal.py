@@ -163,14 +163,15 @@ class Calibration:
         In float32 throughout, so a series streamed in chunks adapts bit for bit as in one call."""
         rate = np.float32(self.adapt_rate)
         miss_rate = (1 - np.asarray(self.anchors, dtype=np.float32) / 100)  # (A,)
+        widen, narrow = rate * (np.float32(1) - miss_rate), rate * (np.float32(0) - miss_rate)  # per miss, hit
         limit = np.float32(LOG_SCALE_LIMIT)
         current = log_scales.astype(np.float32, copy=True)
         path = np.empty((*scores.shape, current.shape[-1]), dtype=np.float32)  # (B, T, F, A)
-        scored = ~np.isnan(scores)
+        unscored = np.isnan(scores)[..., None]  # (B, T, F, 1)
         for t in range(scores.shape[1]):
             missed = scores[:, t, :, None] > self._anchor_q * np.exp(current)  # (B, F, A)
-            step = rate * (missed.astype(np.float32) - miss_rate)
-            current = np.clip(current + np.where(scored[:, t, :, None], step, np.float32(0)), -limit, limit)
+            step = np.where(unscored[:, t], np.float32(0), np.where(missed, widen, narrow))
+            current = np.minimum(np.maximum(current + step, -limit), limit)
             path[:, t] = current
         return path
 
@@ -204,15 +205,16 @@ def level_path(scores: np.ndarray, log_level: np.ndarray, rate: float, start: np
     """log u after each step (B, T, F) from scores (B, T, F) and log u before them (B, F):
     u ← (1 − β)·u + β·min(s / s₀, CLIP·u), unscored (NaN) steps keep u; log u within ±LIMIT. In float32 with
     the state's log u as the only carry, so chunks give what one call gives, bit for bit."""
-    beta, keep, clip = np.float32(rate), np.float32(1 - rate), np.float32(SCALE_CLIP)
-    limit = np.float32(LOG_SCALE_LIMIT)
-    relative = scores / start  # (B, T, F)
+    beta, keep = np.float32(rate), np.float32(1 - rate)
+    beta_clip, limit = beta * np.float32(SCALE_CLIP), np.float32(LOG_SCALE_LIMIT)
+    pulls = beta * (scores / start)  # (B, T, F): β·s/s₀, NaN where unscored
+    unscored = np.isnan(pulls)
     current = log_level.astype(np.float32, copy=True)
     path = np.empty(scores.shape, dtype=np.float32)
     for t in range(scores.shape[1]):
         level = np.exp(current)
-        moved = np.log(keep * level + beta * np.minimum(relative[:, t], clip * level))
-        current = np.where(np.isnan(relative[:, t]), current, np.clip(moved, -limit, limit))
+        moved = np.log(keep * level + np.minimum(pulls[:, t], beta_clip * level))  # β·min(s/s₀, CLIP·u)
+        current = np.where(unscored[:, t], current, np.minimum(np.maximum(moved, -limit), limit))
         path[:, t] = current
     return path
 
