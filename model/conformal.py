@@ -5,6 +5,11 @@ of it as a rolling origin, forecasts ``steps`` ahead; the absolute errors in uni
 and feature, become the calibration scores. A checkpoint keeps their order statistics on a fixed grid of
 ranks (``GRID`` values, linear between them), so any level can be asked for later.
 
+With a ``scale_rate`` (every calibration the training CLI writes) the scores are normalised: each series
+tracks its recent error level, a running mean u of its scores relative to the validation tail's mean, and
+a score is counted in units of the u known before it arrived. Intervals then widen and narrow with the
+series' noise at once, as a volatility model's do, and the calibration measures what is left.
+
 While serving, each series keeps a log-scale per feature and per anchor level in its state, updated with
 every arriving value by adaptive conformal inference in its quantile-tracking form (Gibbs & Candès 2021;
 Angelopoulos, Candès & Tibshirani 2023): a miss widens that level's intervals, a hit narrows them a little,
@@ -20,12 +25,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 ANCHORS = (50.0, 80.0, 90.0, 95.0, 99.0)  # levels (%) whose log-scale each series adapts
 GRID = 257  # order statistics kept per forecast step and feature
 LOG_SCALE_LIMIT = 5.0  # |log-scale| cap: a long flat stretch cannot shrink intervals beyond recovery
 DEFAULT_STEPS = 24
 DEFAULT_ADAPT_RATE = 0.1
+DEFAULT_SCALE_RATE = 0.05  # β of the running error level: a memory of about 1/β values
+SCALE_CLIP = 5.0  # one score moves the running level by at most this many times the level
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,8 @@ class Calibration:
     quantiles: tuple[tuple[tuple[float, ...], ...], ...]  # H × F × GRID order statistics, evenly spaced in rank
     adapt_rate: float = DEFAULT_ADAPT_RATE  # γ of the online update
     anchors: tuple[float, ...] = ANCHORS
+    scale_rate: float = 0.0  # β of the running error level; 0: scores are not normalised (older checkpoints)
+    scale_start: tuple[float, ...] = ()  # per feature, the validation tail's mean score: where u = 1
     _table: np.ndarray = field(init=False, repr=False, compare=False)  # (H, F, GRID) float64
     _anchor_q: np.ndarray = field(init=False, repr=False, compare=False)  # (F, A) one-step quantiles, float32
 
@@ -58,6 +68,14 @@ class Calibration:
             raise ValueError(f"calibration adapt_rate must be in (0, 1], got {rate!r}")
         if not anchors or list(anchors) != sorted(set(anchors)) or not all(0 < a < 100 for a in anchors):
             raise ValueError(f"calibration anchors must be increasing levels in (0, 100), got {anchors!r}")
+        beta, start = self.scale_rate, self.scale_start
+        if not isinstance(beta, float | int) or isinstance(beta, bool) or not 0 <= beta < 1:
+            raise ValueError(f"calibration scale_rate must be in [0, 1), got {beta!r}")
+        wanted = table.shape[1] if beta else 0
+        if len(start) != wanted or not all(isinstance(v, float | int) and not isinstance(v, bool)
+                                           and math.isfinite(v) and v > 0 for v in start):
+            raise ValueError(f"calibration scale_start must be {wanted} finite numbers > 0 (one per feature with"
+                             f" a scale_rate, none without), got {start!r}")
         object.__setattr__(self, "_table", table)
         object.__setattr__(self, "_anchor_q", self.quantile(np.array(anchors), 0).T.astype(np.float32))
 
@@ -69,14 +87,25 @@ class Calibration:
     def features(self) -> int:
         return int(self._table.shape[1])
 
+    @property
+    def normalised(self) -> bool:
+        """Whether scores are counted in units of each series' running error level."""
+        return self.scale_rate > 0
+
     def to_dict(self) -> dict[str, Any]:
-        return {"counts": list(self.counts), "quantiles": [[list(f) for f in h] for h in self.quantiles],
-                "adapt_rate": self.adapt_rate, "anchors": list(self.anchors)}
+        """The checkpoint's form; an unnormalised calibration writes what older versions wrote (same hash)."""
+        out = {"counts": list(self.counts), "quantiles": [[list(f) for f in h] for h in self.quantiles],
+               "adapt_rate": self.adapt_rate, "anchors": list(self.anchors)}
+        if self.normalised:
+            out |= {"scale_rate": self.scale_rate, "scale_start": list(self.scale_start)}
+        return out
 
     @classmethod
     def from_dict(cls, raw: object) -> Calibration:
-        if not isinstance(raw, dict) or set(raw) - {"counts", "quantiles", "adapt_rate", "anchors"}:
-            raise ValueError("calibration must be an object with counts, quantiles, adapt_rate and anchors")
+        if not isinstance(raw, dict) or set(raw) - {"counts", "quantiles", "adapt_rate", "anchors", "scale_rate",
+                                                     "scale_start"}:
+            raise ValueError("calibration must be an object with counts, quantiles, adapt_rate and anchors"
+                             " (and scale_rate, scale_start)")
 
         def nested(value: Any) -> Any:
             return tuple(nested(v) for v in value) if isinstance(value, list) else value
@@ -107,6 +136,25 @@ class Calibration:
             out[..., f] = np.where(np.isnan(s), np.nan, (1 + count - below) / (count + 1))
         return out
 
+    def follow(self, scores: np.ndarray, carry: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A batch's arriving values through the session's adaptation. scores (B, T, F) float32 in units of
+        σ_d, NaN where unscored; carry (B, F·A [+ F]) the state's log-scales [and log u] before them.
+        Returns the scores as p-values and the adaptation count them (normalised by the u known before each
+        value), each step's interval log-scales (B, T, F, A), u's included, and the carry after each step
+        (B, T, F·A [+ F])."""
+        batch, steps, features = scores.shape
+        anchors = len(self.anchors)
+        log_scales = carry[:, : features * anchors].reshape(batch, features, anchors)
+        if not self.normalised:
+            path = self.adapt(scores, log_scales)
+            return scores, path, path.reshape(batch, steps, -1)
+        before = carry[:, features * anchors :]  # (B, F)
+        levels = level_path(scores, before, self.scale_rate, np.asarray(self.scale_start, dtype=np.float32))
+        scores = scores / np.exp(np.concatenate([before[:, None], levels[:, :-1]], axis=1))
+        path = self.adapt(scores, log_scales)
+        carried = np.concatenate([path.reshape(batch, steps, -1), levels], axis=2)
+        return scores, path + levels[..., None], carried
+
     def adapt(self, scores: np.ndarray, log_scales: np.ndarray) -> np.ndarray:
         """The log-scales after each step: scores (B, T, F) float32, NaN where nothing is scored (no earlier
         prediction, or past a row's end); log_scales (B, F, A) before the first step -> (B, T, F, A).
@@ -115,14 +163,15 @@ class Calibration:
         In float32 throughout, so a series streamed in chunks adapts bit for bit as in one call."""
         rate = np.float32(self.adapt_rate)
         miss_rate = (1 - np.asarray(self.anchors, dtype=np.float32) / 100)  # (A,)
+        widen, narrow = rate * (np.float32(1) - miss_rate), rate * (np.float32(0) - miss_rate)  # per miss, hit
         limit = np.float32(LOG_SCALE_LIMIT)
         current = log_scales.astype(np.float32, copy=True)
         path = np.empty((*scores.shape, current.shape[-1]), dtype=np.float32)  # (B, T, F, A)
-        scored = ~np.isnan(scores)
+        unscored = np.isnan(scores)[..., None]  # (B, T, F, 1)
         for t in range(scores.shape[1]):
             missed = scores[:, t, :, None] > self._anchor_q * np.exp(current)  # (B, F, A)
-            step = rate * (missed.astype(np.float32) - miss_rate)
-            current = np.clip(current + np.where(scored[:, t, :, None], step, np.float32(0)), -limit, limit)
+            step = np.where(unscored[:, t], np.float32(0), np.where(missed, widen, narrow))
+            current = np.minimum(np.maximum(current + step, -limit), limit)
             path[:, t] = current
         return path
 
@@ -152,15 +201,50 @@ class Calibration:
         return out.reshape(len(levels), *log_scales.shape[:-1])
 
 
+def level_path(scores: np.ndarray, log_level: np.ndarray, rate: float, start: np.ndarray) -> np.ndarray:
+    """log u after each step (B, T, F) from scores (B, T, F) and log u before them (B, F):
+    u ← (1 − β)·u + β·min(s / s₀, CLIP·u), unscored (NaN) steps keep u; log u within ±LIMIT. In float32 with
+    the state's log u as the only carry, so chunks give what one call gives, bit for bit."""
+    beta, keep = np.float32(rate), np.float32(1 - rate)
+    beta_clip, limit = beta * np.float32(SCALE_CLIP), np.float32(LOG_SCALE_LIMIT)
+    pulls = beta * (scores / start)  # (B, T, F): β·s/s₀, NaN where unscored
+    unscored = np.isnan(pulls)
+    current = log_level.astype(np.float32, copy=True)
+    path = np.empty(scores.shape, dtype=np.float32)
+    for t in range(scores.shape[1]):
+        level = np.exp(current)
+        moved = np.log(keep * level + np.minimum(pulls[:, t], beta_clip * level))  # β·min(s/s₀, CLIP·u)
+        current = np.where(unscored[:, t], current, np.minimum(np.maximum(moved, -limit), limit))
+        path[:, t] = current
+    return path
+
+
+def _level_before_each_row(model: Any, values: np.ndarray, whole: Tensor, rate: float,
+                           split: int) -> tuple[np.ndarray, np.ndarray]:
+    """The scale start s₀ (F,) and log u before each row (rows, F) of a session streamed from the first
+    row, scored as ``Forecaster.observe`` scores: rows 0..K have no score."""
+    predictions, _ = model.predict(whole[None, :-1], model.initial_state(1))
+    diff_scale = np.asarray(model.config.diff_scale or [1.0] * values.shape[1], dtype=np.float32)
+    scores = np.abs(values[1:] - predictions[0].numpy()).astype(np.float32) / diff_scale  # row t + 1's score
+    scores[: model.config.lags] = np.nan
+    mean = np.nanmean(scores[split - 1 :], axis=0).astype(np.float64)
+    start = np.array([float(f"{v:.6g}") if math.isfinite(v) and v > 0 else 1.0 for v in mean])  # as kept
+    after = level_path(scores[None], np.zeros((1, values.shape[1]), np.float32), rate, start.astype(np.float32))
+    return start, np.concatenate([np.zeros((2, values.shape[1]), np.float32), after[0, :-1]])
+
+
 @torch.no_grad()
 def calibrate(model: Any, values: np.ndarray, split: int, steps: int = DEFAULT_STEPS,
-              adapt_rate: float = DEFAULT_ADAPT_RATE) -> Calibration:
+              adapt_rate: float = DEFAULT_ADAPT_RATE, scale_rate: float = DEFAULT_SCALE_RATE) -> Calibration:
     """Scores of ``model`` (a Forecaster) on the rows from ``split`` on: every validation row is an origin,
     its state the one a session streamed from the first row holds; forecast step h from origin o is scored
-    against row o + h. ``steps`` is capped at half the validation rows."""
+    against row o + h, in units of the running error level u after row o when ``scale_rate`` > 0. ``steps``
+    is capped at half the validation rows."""
     rows = len(values)
     horizon = max(1, min(steps, (rows - split) // 2))
     whole = torch.tensor(values, dtype=torch.float32)
+    start, log_level = (_level_before_each_row(model, values, whole, scale_rate, split) if scale_rate
+                        else (np.ones(values.shape[1]), np.zeros(values.shape, np.float32)))
     _, state = model.predict(whole[None, : split - 1], model.initial_state(1))
     states, lasts = [], []
     for origin in range(split - 1, rows - 1):  # the state and one-step prediction after each origin
@@ -174,9 +258,11 @@ def calibrate(model: Any, values: np.ndarray, split: int, steps: int = DEFAULT_S
     for h in range(1, horizon + 1):
         usable = rows - split - h + 1  # origins o = split − 1 + i with o + h ≤ rows − 1
         errors = np.abs(forecast[:usable, h - 1] - targets[split - 1 + h : split - 1 + h + usable]) / diff_scale
+        errors /= np.exp(log_level[split : split + usable].astype(np.float64))  # u after each origin
         ordered = np.sort(errors, axis=0)  # (N_h, F)
         positions = np.linspace(0, usable - 1, GRID)
         counts.append(usable)
         table.append(tuple(tuple(float(f"{q:.6g}") for q in np.interp(positions, np.arange(usable), column))
                            for column in ordered.T))
-    return Calibration(tuple(counts), tuple(table), adapt_rate)
+    kept_start = tuple(float(v) for v in start) if scale_rate else ()
+    return Calibration(tuple(counts), tuple(table), adapt_rate, scale_rate=scale_rate, scale_start=kept_start)

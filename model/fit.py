@@ -29,7 +29,7 @@ import torch
 
 from model.baselines import DifferenceAR, choose_orders, fit_difference_ar, lagged_differences
 from model.cell import Variant
-from model.conformal import DEFAULT_ADAPT_RATE, DEFAULT_STEPS, calibrate
+from model.conformal import DEFAULT_ADAPT_RATE, DEFAULT_SCALE_RATE, DEFAULT_STEPS, calibrate
 from model.data import DataError, Series, fit_scaler, sample_windows, split_point
 from model.forecaster import Forecaster, ForecasterConfig
 
@@ -57,6 +57,7 @@ class TrainConfig:
     min_t: float = 1.0  # how clearly the GRU must beat the linear start on validation to be kept
     calibration_steps: int = DEFAULT_STEPS  # forecast steps calibrated (at most half the validation rows)
     adapt_rate: float = DEFAULT_ADAPT_RATE  # γ of each session's online adaptation of its intervals
+    scale_rate: float = DEFAULT_SCALE_RATE  # β of each session's running error level (0: none)
 
 
 @dataclass
@@ -152,7 +153,8 @@ def train(
         raise DataError("the model's predictions on these values are not finite numbers: they are too large"
                         " for float32 arithmetic; rescale the columns")
     try:
-        calibration = calibrate(model, values, split, config.calibration_steps, config.adapt_rate)
+        calibration = calibrate(model, values, split, config.calibration_steps, config.adapt_rate,
+                                config.scale_rate)
     except ValueError as exc:  # forecasts rolled out past float32 range
         raise DataError(f"the model's forecasts on the validation rows cannot be calibrated ({exc}); rescale"
                         " the columns") from None

@@ -13,8 +13,9 @@ an autoregression on differences, the strong classical baseline; the GRU learns 
 
 The state carried between chunks is one flat vector per series, opaque to whoever stores it:
 ``[h (L·H) | last K raw values (K·F) | seen (1)]``, and with a calibration (model.conformal) also
-``[values seen, up to K + 1 (1) | last one-step prediction (F) | log-scales (F·A)]``: what scoring the
-next value and the online adaptation of its intervals need.
+``[values seen, up to K + 1 (1) | last one-step prediction (F) | log-scales (F·A)]``, and when it
+normalises its scores ``[log running error level (F)]``: what scoring the next value and the online
+adaptation of its intervals need.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class Observation:
     predictions: Tensor  # (B, T, F)
     states: Tensor  # (B, S)
     p_values: np.ndarray | None  # (B, T, F) float32; NaN: nothing to score against, or past the row's end
-    log_scales: np.ndarray | None  # (B, T, F, A) float32
+    log_scales: np.ndarray | None  # (B, T, F, A) float32: an interval's log-scale, the running level's included
 
 
 class Forecaster(nn.Module):
@@ -143,10 +144,12 @@ class Forecaster(nn.Module):
 
     @property
     def _tail_size(self) -> int:
-        """Floats after ``seen``: the count, the last prediction and the log-scales, only with a calibration."""
-        if self.calibration is None:
+        """Floats after ``seen``, only with a calibration: the count, the last prediction, the log-scales
+        and, when it normalises, the log running error level."""
+        calibration = self.calibration
+        if calibration is None:
             return 0
-        return 1 + self.num_features * (1 + len(self.calibration.anchors))
+        return 1 + self.num_features * (1 + len(calibration.anchors) + calibration.normalised)
 
     def initial_state(self, batch: int) -> Tensor:
         """The state of a series that has seen nothing: (B, S) zeros."""
@@ -169,7 +172,7 @@ class Forecaster(nn.Module):
         h = state[:, :hidden_end].reshape(batch, cfg.num_layers, width).transpose(0, 1)  # (L, B, core_states·H)
         window = state[:, hidden_end:seen_at].reshape(batch, cfg.lags, cfg.num_features)  # (B, K, F)
         seen = state[:, seen_at : seen_at + 1]  # (B, 1)
-        tail = state[:, seen_at + 1 :]  # (B, 1 + F + F·A), or (B, 0) without a calibration
+        tail = state[:, seen_at + 1 :]  # (B, 1 + F + F·A [+ F]), or (B, 0) without a calibration
         return h, window, seen, tail
 
     def _join(self, h: Tensor, window: Tensor, seen: Tensor, tail: Tensor) -> Tensor:
@@ -228,10 +231,8 @@ class Forecaster(nn.Module):
         index = tail[:, :1].cpu().numpy() + np.arange(steps)[None, :]  # (B, T): values the series saw before
         ends = np.asarray(lengths if lengths is not None else [steps] * batch)
         scores[(index <= self.config.lags) | (np.arange(steps)[None, :] >= ends[:, None])] = np.nan
-        anchors = len(calibration.anchors)
-        log_scales = tail[:, 1 + features :].reshape(batch, features, anchors).cpu().numpy()
-        path = calibration.adapt(scores, log_scales)  # (B, T, F, A)
-        final = torch.from_numpy(path[np.arange(batch), ends - 1].reshape(batch, -1)).to(states.device)
+        scores, path, carried = calibration.follow(scores, tail[:, 1 + features :].cpu().numpy())
+        final = torch.from_numpy(carried[np.arange(batch), ends - 1]).to(states.device)
         states = torch.cat([states[:, : states.size(1) - final.size(1)], final], dim=1)
         return Observation(predictions, states, calibration.p_values(scores), path)
 

@@ -128,7 +128,8 @@ class ServedModel:
             return f"features {list(config.features)} differ from the model's {list(self.features)}"
         if _layout(candidate) != self.layout:
             return (f"its state layout (layers × hidden, lags, floats per session) {_layout(candidate)} differs"
-                    f" from the model's {self.layout} (a calibration adds floats: calibrate every version or none)")
+                    f" from the model's {self.layout} (a calibration adds floats, a normalised one more:"
+                    " calibrate every version alike)")
         return None
 
     def route(self, engine: Engine, chunk: Chunk, session: Session | None) -> bool:

@@ -63,6 +63,7 @@ RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 # Errors after which the request may or may not have reached the server: safe to resend with the offset.
 RETRY_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 Values = Sequence[Sequence[float]] | Sequence[float] | Any  # lists, or anything with .tolist() (numpy)
+Band = dict[str, list[list[float]]]  # {"lower": rows × F, "upper": rows × F}
 
 
 # -- errors ------------------------------------------------------------------------------------------
@@ -137,7 +138,8 @@ def problem_error(status: int, problem: dict[str, Any]) -> ServiceError:
 
 @dataclass(frozen=True, slots=True)
 class Prediction:
-    """One answer: the one-step-ahead prediction after every step sent, and the forecast if asked for."""
+    """One answer: the one-step-ahead prediction after every step sent, and the forecast, intervals and
+    scores if asked for."""
 
     predictions: list[list[float]]  # T × F_out
     forecast: list[list[float]] | None  # horizon × F_out
@@ -145,11 +147,15 @@ class Prediction:
     position: int | None = None  # sessions only: steps consumed, this chunk included
     created: bool | None = None  # sessions only: this chunk started the session
     session_id: str | None = None
+    intervals: dict[str, Band] | None = None  # per level ("80"): lower and upper, T × F_out
+    forecast_intervals: dict[str, Band] | None = None  # per level: horizon × F_out
+    scores: list[list[float | None]] | None = None  # T × F: each value's p-value; None: unscored
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> Prediction:
         return cls(body["predictions"], body.get("forecast"), body["model_version"], body.get("position"),
-                   body.get("created"), body.get("session_id"))
+                   body.get("created"), body.get("session_id"), body.get("intervals"),
+                   body.get("forecast_intervals"), body.get("scores"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,8 +307,14 @@ class _Tries:
                            + (f" ({problem.get('detail')})" if response is not None else ""))
 
 
-def _stateless(values: Values, horizon: int) -> _Call:
-    return _Call("POST", "/v1/predict", {"values": _rows(values), "horizon": horizon})
+def chunk_fields(horizon: int, levels: Sequence[float], scores: bool) -> dict[str, Any]:
+    """A predict body's fields besides values and offset; levels and scores only when asked, so a body
+    that asks for neither is what it always was (an exact retry compares them)."""
+    return {"horizon": horizon, **({"levels": list(levels)} if levels else {}), **({"scores": True} if scores else {})}
+
+
+def _stateless(values: Values, horizon: int, levels: Sequence[float], scores: bool) -> _Call:
+    return _Call("POST", "/v1/predict", {"values": _rows(values), **chunk_fields(horizon, levels, scores)})
 
 
 class _Calls:
@@ -327,8 +339,8 @@ class _SessionCalls:
         self.position = position
         self._path = f"/v1/sessions/{session_id}"
 
-    def _chunk(self, values: Values, horizon: int) -> _Call:
-        body = {"values": _rows(values), "offset": self.position, "horizon": horizon}
+    def _chunk(self, values: Values, horizon: int, levels: Sequence[float], scores: bool) -> _Call:
+        body = {"values": _rows(values), "offset": self.position, **chunk_fields(horizon, levels, scores)}
         return _Call("POST", f"{self._path}/predict", body)
 
     def _export(self) -> _Call:
@@ -400,9 +412,11 @@ class Client(_Calls):
     def model(self) -> dict[str, Any]:
         return self.request("GET", "/v1/model")
 
-    def predict(self, values: Values, horizon: int = 0) -> Prediction:
-        """A whole series from a fresh state; nothing is kept."""
-        return Prediction.from_json(_answer(self.send(_stateless(values, horizon))))
+    def predict(self, values: Values, horizon: int = 0, *, levels: Sequence[float] = (),
+                scores: bool = False) -> Prediction:
+        """A whole series from a fresh state; nothing is kept. ``levels`` (percent) adds intervals,
+        ``scores`` each value's p-value (a calibrated model only)."""
+        return Prediction.from_json(_answer(self.send(_stateless(values, horizon, levels, scores))))
 
     def session(self, session_id: str, *, resume: bool = False) -> Session:
         """A session handle starting at position 0, or, with ``resume``, where the server has it (0 if
@@ -430,13 +444,15 @@ class Session(_SessionCalls):
         super().__init__(session_id, position)
         self.client = client
 
-    def predict(self, values: Values, horizon: int = 0) -> Prediction:
-        return self._advance(_answer(self.client.send(self._chunk(values, horizon))))
+    def predict(self, values: Values, horizon: int = 0, *, levels: Sequence[float] = (),
+                scores: bool = False) -> Prediction:
+        return self._advance(_answer(self.client.send(self._chunk(values, horizon, levels, scores))))
 
-    def stream(self, values: Values, chunk: int = 32, horizon: int = 0) -> Iterator[Prediction]:
+    def stream(self, values: Values, chunk: int = 32, horizon: int = 0, *, levels: Sequence[float] = (),
+               scores: bool = False) -> Iterator[Prediction]:
         """The series in chunks of ``chunk`` steps, one answer per chunk."""
         for rows in _chunks(values, chunk):
-            yield self.predict(rows, horizon)
+            yield self.predict(rows, horizon, levels=levels, scores=scores)
 
     def info(self) -> dict[str, Any]:
         return self.client.request("GET", self._path)
@@ -526,8 +542,9 @@ class AsyncClient(_Calls):
     async def model(self) -> dict[str, Any]:
         return await self.request("GET", "/v1/model")
 
-    async def predict(self, values: Values, horizon: int = 0) -> Prediction:
-        return Prediction.from_json(_answer(await self.send(_stateless(values, horizon))))
+    async def predict(self, values: Values, horizon: int = 0, *, levels: Sequence[float] = (),
+                      scores: bool = False) -> Prediction:
+        return Prediction.from_json(_answer(await self.send(_stateless(values, horizon, levels, scores))))
 
     async def session(self, session_id: str, *, resume: bool = False) -> AsyncSession:
         session = AsyncSession(self, _check_id(session_id))
@@ -551,12 +568,14 @@ class AsyncSession(_SessionCalls):
         super().__init__(session_id, position)
         self.client = client
 
-    async def predict(self, values: Values, horizon: int = 0) -> Prediction:
-        return self._advance(_answer(await self.client.send(self._chunk(values, horizon))))
+    async def predict(self, values: Values, horizon: int = 0, *, levels: Sequence[float] = (),
+                      scores: bool = False) -> Prediction:
+        return self._advance(_answer(await self.client.send(self._chunk(values, horizon, levels, scores))))
 
-    async def stream(self, values: Values, chunk: int = 32, horizon: int = 0) -> AsyncIterator[Prediction]:
+    async def stream(self, values: Values, chunk: int = 32, horizon: int = 0, *, levels: Sequence[float] = (),
+                     scores: bool = False) -> AsyncIterator[Prediction]:
         for rows in _chunks(values, chunk):
-            yield await self.predict(rows, horizon)
+            yield await self.predict(rows, horizon, levels=levels, scores=scores)
 
     async def info(self) -> dict[str, Any]:
         return await self.client.request("GET", self._path)

@@ -19,7 +19,7 @@ import asyncio
 import json
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,7 @@ from service.client import (
     Unavailable,
     Values,
     _chunks,
+    chunk_fields,
     problem_error,
 )
 
@@ -75,8 +76,8 @@ class _Window:
         self.reconnects = 0
         self._next = position  # where the next chunk starts
 
-    def _frame(self, rows: list[Any], horizon: int) -> str:
-        sent = _Sent(self._next, len(rows), json.dumps({"values": rows, "offset": self._next, "horizon": horizon}))
+    def _frame(self, rows: list[Any], fields: dict[str, Any]) -> str:
+        sent = _Sent(self._next, len(rows), json.dumps({"values": rows, "offset": self._next, **fields}))
         self.unanswered.append(sent)
         self._next += sent.steps
         return sent.frame
@@ -148,12 +149,15 @@ class StreamSession(_Window):
             self._ws.close()
             self._ws = None
 
-    def stream(self, values: Values, chunk: int = 32, horizon: int = 0) -> Iterator[Prediction]:
-        """The series in chunks of ``chunk`` steps, one answer per chunk (none for a chunk in ``lost``)."""
+    def stream(self, values: Values, chunk: int = 32, horizon: int = 0, *, levels: Sequence[float] = (),
+               scores: bool = False) -> Iterator[Prediction]:
+        """The series in chunks of ``chunk`` steps, one answer per chunk (none for a chunk in ``lost``);
+        ``levels`` and ``scores`` as ``Session.predict`` takes them."""
+        fields = chunk_fields(horizon, levels, scores)
         for rows in _chunks(values, chunk):
             while self._full:
                 yield from self._receive()
-            self._send(self._frame(rows, horizon))
+            self._send(self._frame(rows, fields))
         while self.unanswered:
             yield from self._receive()
 
@@ -214,12 +218,14 @@ class AsyncStreamSession(_Window):
             await self._ws.close()
             self._ws = None
 
-    async def stream(self, values: Values, chunk: int = 32, horizon: int = 0) -> AsyncIterator[Prediction]:
+    async def stream(self, values: Values, chunk: int = 32, horizon: int = 0, *, levels: Sequence[float] = (),
+                     scores: bool = False) -> AsyncIterator[Prediction]:
+        fields = chunk_fields(horizon, levels, scores)
         for rows in _chunks(values, chunk):
             while self._full:
                 if (prediction := await self._receive()) is not None:
                     yield prediction
-            await self._send(self._frame(rows, horizon))
+            await self._send(self._frame(rows, fields))
         while self.unanswered:
             if (prediction := await self._receive()) is not None:
                 yield prediction

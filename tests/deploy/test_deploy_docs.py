@@ -22,10 +22,10 @@ def test_every_path_the_deploy_guide_names_exists(repo: Path) -> None:
         assert list(repo.glob(path.rstrip("/"))), f"docs/deploy.md names {path}, which does not exist"
 
 
-def _shipped_sizes(repo: Path) -> tuple[int, int, int, int, int]:
-    """(L, H, K, F, A) of the shipped model (A: its calibration's anchor levels), or of ForecasterConfig's
-    defaults until the weights are there."""
-    from model.conformal import ANCHORS
+def _shipped_sizes(repo: Path) -> tuple[int, int, int, int, int, int]:
+    """(L, H, K, F, A, N) of the shipped model (A: its calibration's anchor levels, N: 1 when it normalises
+    its scores), or of ForecasterConfig's defaults until the weights are there."""
+    from model.conformal import ANCHORS, DEFAULT_SCALE_RATE
     from model.forecaster import ForecasterConfig
 
     config_file = repo / "model" / "weights" / "default" / "config.json"
@@ -33,16 +33,19 @@ def _shipped_sizes(repo: Path) -> tuple[int, int, int, int, int]:
         meta = json.loads(config_file.read_text())
         config = ForecasterConfig.from_dict(meta["model"])
         anchors = len(meta.get("calibration", {}).get("anchors", ANCHORS))
+        normalised = int(meta.get("calibration", {}).get("scale_rate", DEFAULT_SCALE_RATE) > 0)
     else:
-        config, anchors = ForecasterConfig(features=("x",)), len(ANCHORS)
-    return config.num_layers, config.hidden_size, config.lags, config.num_features, anchors
+        config, anchors, normalised = ForecasterConfig(features=("x",)), len(ANCHORS), 1
+    return config.num_layers, config.hidden_size, config.lags, config.num_features, anchors, normalised
 
 
 def test_redis_state_size_in_the_guide_is_the_shipped_models(repo: Path) -> None:
-    layers, hidden, lags, features, anchors = _shipped_sizes(repo)
-    state_bytes = (layers * hidden + lags * features + 1 + 1 + features * (1 + anchors)) * 4
+    layers, hidden, lags, features, anchors, normalised = _shipped_sizes(repo)
+    per_feature = 1 + normalised  # the last prediction [and the running error level], besides the log-scales
+    state_bytes = (layers * hidden + lags * features + 1 + 1 + features * (per_feature + anchors)) * 4
     text = DOC.read_text()
-    assert f"({layers}·{hidden} + {lags}·{features} + 1 + 1 + {features}·(1 + {anchors}))·4 = {state_bytes}" in text
+    assert (f"({layers}·{hidden} + {lags}·{features} + 1 + 1 + {features}·({per_feature} + {anchors}))·4"
+            f" = {state_bytes}") in text
 
 
 def test_redis_memory_cap_in_the_guide_is_the_one_compose_sets(repo: Path) -> None:

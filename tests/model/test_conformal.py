@@ -11,7 +11,7 @@ import torch
 
 from model import Forecaster, ForecasterConfig, load_checkpoint, save_checkpoint
 from model.checkpoint import CheckpointError
-from model.conformal import ANCHORS, GRID, LOG_SCALE_LIMIT, Calibration, calibrate
+from model.conformal import ANCHORS, GRID, LOG_SCALE_LIMIT, SCALE_CLIP, Calibration, calibrate, level_path
 
 
 def _calibration(scores: np.ndarray, adapt_rate: float = 0.05) -> Calibration:
@@ -95,10 +95,55 @@ def test_forecast_widths_past_the_calibrated_steps_grow_as_a_random_walk() -> No
     assert widths[0, 0, 0] < widths[0, 1, 0] < widths[0, 2, 0]
 
 
+def test_running_level_follows_a_noisier_series_and_one_spike_moves_it_by_a_bounded_step() -> None:
+    """Scores 3 times the start's level: u goes to 3 within a few 1/β; a score of 10⁶ right after moves u
+    by at most the clip's factor 1 + β (CLIP − 1); NaN steps keep u; chunks give one call's path bit for bit."""
+    rng = np.random.default_rng(4)
+    scores = np.abs(3 * rng.standard_normal((1, 600, 1))).astype(np.float32) * np.float32(np.sqrt(np.pi / 2))
+    scores[0, 300] = 1e6
+    scores[0, 10:20] = np.nan
+    start = np.array([1.0], np.float32)
+    path = level_path(scores, np.zeros((1, 1), np.float32), 0.05, start)[0, :, 0]
+    assert (path[10:20] == path[9]).all()
+    assert abs(np.exp(np.median(path[200:300])) - 3) < 0.6
+    assert path[300] - path[299] <= np.log1p(0.05 * (SCALE_CLIP - 1)) + 1e-6
+    first = level_path(scores[:, :337], np.zeros((1, 1), np.float32), 0.05, start)
+    second = level_path(scores[:, 337:], first[:, -1], 0.05, start)
+    whole = level_path(scores, np.zeros((1, 1), np.float32), 0.05, start)
+    assert np.array_equal(np.concatenate([first, second], axis=1), whole)
+
+
+def test_normalised_scores_widen_intervals_as_the_noise_grows_and_keep_coverage() -> None:
+    """A forecaster of a random walk (persistence) calibrated on unit steps, served steps 4 times larger
+    from row 500: within 100 rows the 80% interval is about 4 times wider, and covers about 80% after."""
+    torch.manual_seed(0)
+    config = ForecasterConfig(features=("x",), hidden_size=4, num_layers=1, lags=2, mean=(0.0,), scale=(1.0,),
+                              diff_scale=(1.0,))
+    model = Forecaster(config).eval()
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+        model.autoregression.weight.zero_()
+    rng = np.random.default_rng(5)
+    steps = rng.standard_normal(2000)
+    steps[500:] *= 4
+    values = np.cumsum(steps)[:, None]
+    model.calibration = calibrate(model, values[:500], 300, steps=2)
+    observed = model.observe(torch.tensor(values[None], dtype=torch.float32), model.initial_state(1))
+    assert observed.log_scales is not None
+    widths = model.calibration.half_widths(np.array([80.0]), observed.log_scales[0], np.ones(1))[0, :, 0]
+    assert 3 < widths[600] / widths[450] < 5.5
+    inside = np.abs(values[601:, 0] - values[600:-1, 0]) <= widths[600:-1]
+    assert abs(inside.mean() - 0.8) < 0.03
+
+
 @pytest.mark.parametrize("damage", [
     {"counts": []}, {"counts": [0]}, {"quantiles": [[[1.0, 0.5] + [2.0] * (GRID - 2)]]},
     {"quantiles": [[[float("nan")] * GRID]]}, {"quantiles": [[[1.0] * 3]]}, {"adapt_rate": 0},
-    {"anchors": [95, 80]}, {"anchors": [0, 50]}, {"surprise": 1},
+    {"anchors": [95, 80]}, {"anchors": [0, 50]}, {"surprise": 1}, {"scale_rate": 1.0},
+    {"scale_rate": -0.1}, {"scale_rate": 0.05}, {"scale_rate": 0.05, "scale_start": [1.0, 2.0]},
+    {"scale_rate": 0.05, "scale_start": [0.0]}, {"scale_rate": 0.05, "scale_start": [float("inf")]},
+    {"scale_start": [1.0]},
 ])
 def test_a_damaged_calibration_is_refused(damage: dict[str, object]) -> None:
     good = _calibration(np.arange(1.0, 20.0)).to_dict()
@@ -125,16 +170,28 @@ def test_calibrate_scores_each_forecast_step_from_every_origin(calibrated: tuple
     calibration = model.calibration
     assert calibration is not None
     assert calibration.counts == (200, 199, 198, 197, 196, 195)
-    assert model.state_size == 8 + 3 + 1 + 1 + 1 + len(ANCHORS)  # h, window, seen | count, last, log-scales
-    # the one-step scores are the model's own one-step errors over the tail, in units of σ_d
+    # h, window, seen | count, last, log-scales, log running level
+    assert model.state_size == 8 + 3 + 1 + 1 + 1 + len(ANCHORS) + 1
+    # the one-step scores are the model's own one-step errors over the tail in units of σ_d, each divided by
+    # the running level u the session held before that value arrived (unscored: the first K + 1 rows)
     uncalibrated = Forecaster(model.config)
     uncalibrated.load_state_dict(model.state_dict())
     with torch.no_grad():
         y, _ = uncalibrated.eval().predict(torch.tensor(values[None, :-1], dtype=torch.float32),
                                            uncalibrated.initial_state(1))
-    errors = np.sort(np.abs(y[0, 399:, 0].double().numpy() - values[400:, 0]) / 3.0)
+    raw = np.abs(y[0, :, 0].double().numpy() - values[1:, 0]) / 3.0  # row t + 1's score
+    np.testing.assert_allclose(calibration.scale_start, [raw[399:].mean()], rtol=1e-5)
+    scored = raw.astype(np.float32)[None, :, None].copy()
+    scored[0, :3] = np.nan
+    after = level_path(scored, np.zeros((1, 1), np.float32), calibration.scale_rate,
+                       np.array(calibration.scale_start, np.float32))[0, :, 0]
+    errors = np.sort(raw[399:] / np.exp(after[398:-1]))
     np.testing.assert_allclose([calibration.quantiles[0][0][0], calibration.quantiles[0][0][-1]],
-                               [errors[0], errors[-1]], rtol=1e-5)
+                               [errors[0], errors[-1]], rtol=1e-4)
+    plain = calibrate(model, values, 400, steps=6, scale_rate=0.0)
+    np.testing.assert_allclose([plain.quantiles[0][0][0], plain.quantiles[0][0][-1]],
+                               [np.sort(raw[399:])[0], np.sort(raw[399:])[-1]], rtol=1e-5)
+    assert "scale_rate" not in plain.to_dict() and not plain.normalised
 
 
 def test_checkpoint_keeps_the_calibration_in_its_version(
@@ -149,7 +206,7 @@ def test_checkpoint_keeps_the_calibration_in_its_version(
     assert save_checkpoint(bare, tmp_path / "without", name="c") != version
     assert load_checkpoint(tmp_path / "without")[0].calibration is None
     assert "calibration" not in json.loads((tmp_path / "without" / "config.json").read_text())
-    assert bare.state_size == model.state_size - 2 - len(ANCHORS)  # an uncalibrated layout is unchanged
+    assert bare.state_size == model.state_size - 3 - len(ANCHORS)  # an uncalibrated layout is unchanged
 
 
 def test_a_calibration_of_another_width_stops_loading(
@@ -159,6 +216,7 @@ def test_a_calibration_of_another_width_stops_loading(
     save_checkpoint(model, tmp_path, name="c")
     meta = json.loads((tmp_path / "config.json").read_text())
     meta["calibration"]["quantiles"] = [[row[0], row[0]] for row in meta["calibration"]["quantiles"]]
+    meta["calibration"]["scale_start"] *= 2
     (tmp_path / "config.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="2 features, the model 1"):
         load_checkpoint(tmp_path)

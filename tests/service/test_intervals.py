@@ -17,6 +17,7 @@ from websockets.sync.client import connect
 
 from harness.processes import RedisServer, wait_http
 from model.data import load_dataset, series_from_frame
+from service.client import Client
 from service.config import DEFAULT_MODEL_PATH
 from service.refusals import StaleModel
 from service.rules import judge
@@ -287,3 +288,29 @@ def test_a_stream_frame_asks_for_intervals_and_scores_as_a_post_does(calibrated:
             np.testing.assert_allclose(answer["intervals"][level]["upper"], expected["intervals"][level]["upper"],
                                        rtol=1e-6)
     assert repeated["status"] == 422 and position(http, streamed) == 120
+
+
+def test_the_client_asks_for_intervals_and_scores_over_http_and_the_stream(calibrated: Server,
+                                                                           http: httpx.Client) -> None:
+    """Client.predict, Session.stream and StreamSession.stream with levels and scores answer what a post with
+    those fields answers; without them a Prediction has none."""
+    values = _noisier(_seattle(300, 111), seed=5)
+    fields = {"levels": [80, 95], "scores": True}
+    whole = _post(http, "/v1/predict", {"values": values.tolist(), "horizon": 3, **fields})
+    with Client(calibrated.url) as api:
+        stateless = api.predict(values, 3, levels=[80, 95], scores=True)
+        plain = api.predict(values, 3)
+        chunked = list(api.session(new_id("client")).stream(values, chunk=37, levels=[80, 95], scores=True))
+        with api.stream_session(new_id("client-ws"), window=2) as session:
+            streamed = list(session.stream(values, chunk=37, levels=[80, 95], scores=True))
+    assert (stateless.intervals, stateless.forecast_intervals, stateless.scores) == (
+        whole["intervals"], whole["forecast_intervals"], whole["scores"])
+    assert plain.intervals is plain.forecast_intervals is plain.scores is None
+    want_scores = np.array(whole["scores"], dtype=float)
+    for answers in (chunked, streamed):
+        assert [a.position for a in answers] == [37, 74, 111]
+        scores = np.array([row for a in answers for row in a.scores or []], dtype=float)
+        np.testing.assert_allclose(scores, want_scores, atol=2e-4)  # float32 rounding only; None as NaN
+        for level in ("80", "95"):
+            upper = [row for a in answers for row in (a.intervals or {})[level]["upper"]]
+            np.testing.assert_allclose(upper, whole["intervals"][level]["upper"], rtol=1e-5)
