@@ -29,7 +29,8 @@ from model.baselines import (
     strongest_period,
 )
 from model.cell import VARIANTS
-from model.checkpoint import MODEL_NAME, publishing, save_checkpoint
+from model.checkpoint import MODEL_NAME, CheckpointError, publishing, read_calibration, save_checkpoint, versions_in
+from model.conformal import DEFAULT_SCALE_RATE
 from model.data import DataError, Series, fit_scaler, load_dataset, read_table, series_from_frame, split_point
 from model.fit import MIN_TRAIN_ROWS, MIN_VALIDATION_ROWS, TrainConfig, TrainResult, train
 from model.report import Scores, plot_validation, print_table, score
@@ -75,6 +76,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction)
     parser.add_argument("--season", type=int, help="seasonal-naive baseline's period (default: inferred)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--scale-rate", type=float,
+                        help=f"β of each session's running error level, by which interval scores are normalised;"
+                             f" 0: raw scores, the state layout of versions calibrated before it existed (default"
+                             f" {DEFAULT_SCALE_RATE}, or 0 when publishing next to such a version)")
     args = parser.parse_args(argv)
     for name in ("hidden", "layers", "epochs", "lags", "season"):
         value = getattr(args, name)
@@ -88,7 +93,28 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--out {args.out} is a file; give a directory for the checkpoint")
     if args.repository is not None and (args.name is None or not MODEL_NAME.fullmatch(args.name)):
         parser.error(f"--repository needs --name matching {MODEL_NAME.pattern} (the model's directory)")
+    if args.scale_rate is not None and not 0.0 <= args.scale_rate < 1.0:
+        parser.error(f"--scale-rate must lie in [0, 1), got {args.scale_rate}")
     return args
+
+
+def _scale_rate(args: argparse.Namespace, console: Console) -> float:
+    """--scale-rate, else normalised scores, unless the model ``--repository`` publishes into has a newest
+    version calibrated on raw scores: a normalised version's larger state would not fit its sessions' store."""
+    if args.scale_rate is not None:
+        return float(args.scale_rate)
+    if args.repository is not None:
+        model_dir = args.repository / args.name
+        published = versions_in(model_dir) if model_dir.is_dir() else []
+        try:
+            newest = read_calibration(model_dir / str(published[-1])) if published else None
+        except CheckpointError:
+            newest = None
+        if newest is not None and not newest.normalised:
+            console.print(f"{args.name} version {published[-1]} scores raw errors: calibrating alike"
+                          " (--scale-rate 0), so the two share a state layout")
+            return 0.0
+    return DEFAULT_SCALE_RATE
 
 
 def _load(args: argparse.Namespace) -> tuple[Series, str]:
@@ -114,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         max_seconds=args.max_seconds,
         val_fraction=args.val_fraction,
         seed=args.seed,
+        scale_rate=_scale_rate(args, console),
     )
     try:
         series, default_name = _load(args)

@@ -120,9 +120,10 @@ def test_the_training_loop_trains_the_model_build_makes() -> None:
     config = TrainConfig(hidden_size=4, num_layers=1, epochs=2, lags=1)
     result = train(series_from_frame(frame, None, "lag 2"), config, build=LSTMForecaster)
     assert isinstance(result.model, LSTMForecaster) and result.epochs == 2
-    # h and c, the lag window, seen; then the calibration's tail: values seen, last prediction, 5 log-scales
+    # h and c, the lag window, seen; then the calibration's tail: values seen, last prediction, 5 log-scales,
+    # the running error level
     assert result.model.calibration is not None
-    assert result.model.state_size == 2 * 4 + 1 + 1 + (1 + 1 + 5)
+    assert result.model.state_size == 2 * 4 + 1 + 1 + (1 + 1 + 5 + 1)
 
 
 def test_real_series_are_scored_per_feature_so_a_large_column_does_not_outweigh_a_small_one() -> None:

@@ -13,6 +13,7 @@ import pytest
 
 from harness.processes import ROOT
 from model import load_checkpoint
+from tests.conftest import make_tiny_model
 from tests.model.conftest import CsvWriter, seasonal_series
 
 FAST = ["--hidden", "8", "--layers", "1", "--epochs", "3", "--max-seconds", "20"]
@@ -97,6 +98,33 @@ def test_a_validation_fraction_outside_0_to_1_exits_2_before_any_progress(
     assert result.returncode == 2
     assert f"--val-fraction must lie strictly between 0 and 1, got {float(fraction)}" in result.stderr
     assert "val MAE" not in result.stderr and "Traceback" not in result.stderr  # no progress line
+
+
+@pytest.mark.parametrize("rate", ["1", "-0.1", "1.5"])
+def test_a_scale_rate_outside_0_to_1_exits_2_before_training(write_csv: CsvWriter, tmp_path: Path, rate: str) -> None:
+    path = write_csv(a=seasonal_series(60))
+    result = run_cli("--csv", path, "--out", tmp_path / "out", *FAST, "--scale-rate", rate)
+    assert result.returncode == 2 and f"--scale-rate must lie in [0, 1), got {float(rate)}" in result.stderr
+
+
+def test_scores_are_normalised_unless_the_published_model_scores_raw_errors(write_csv: CsvWriter,
+                                                                             tmp_path: Path) -> None:
+    """By default a checkpoint normalises its scores (β 0.05); --scale-rate 0 keeps raw ones; published next
+    to a version calibrated on raw scores, a new version is calibrated alike, so the two share a layout."""
+    path = write_csv(a=seasonal_series(120))
+    for extra, rate in (((), 0.05), (("--scale-rate", "0"), 0.0), (("--scale-rate", "0.2"), 0.2)):
+        out = tmp_path / f"out-{rate}"
+        assert run_cli("--csv", path, "--out", out, *FAST, *extra).returncode == 0
+        calibration = load_checkpoint(out)[0].calibration
+        assert calibration is not None and calibration.scale_rate == rate
+    repository = tmp_path / "repo"
+    make_tiny_model(repository / "m" / "1", name="m", error_scale=1.0)  # raw scores, as before normalising
+    result = run_cli("--csv", path, "--repository", repository, "--name", "m", *FAST,
+                     "--hidden", "16", "--layers", "2", "--lags", "4")  # the tiny model's shape
+    assert result.returncode == 0 and "m version 1 scores raw errors: calibrating alike" in result.stdout
+    raw, newest = load_checkpoint(repository / "m" / "1")[0], load_checkpoint(repository / "m" / "2")[0]
+    assert newest.calibration is not None and not newest.calibration.normalised
+    assert newest.state_size == raw.state_size
 
 
 def test_out_that_is_a_file_is_refused_before_training(write_csv: CsvWriter, tmp_path: Path) -> None:
