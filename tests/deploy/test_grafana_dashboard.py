@@ -104,3 +104,12 @@ def test_model_selector_filters_the_per_model_panels(dashboard: dict[str, Any]) 
     assert len(per_model) == 4
     for panel in per_model:
         assert all('model=~"$model"' in target["expr"] for target in panel["targets"]), panel["title"]
+
+
+def test_a_panel_in_a_per_second_unit_plots_rates(dashboard: dict[str, Any]) -> None:
+    """A unit like reqps on a gauge (sessions, versions) would label a count as a rate."""
+    for panel in _panels(dashboard):
+        unit = panel.get("fieldConfig", {}).get("defaults", {}).get("unit", "")
+        if unit.endswith("ps"):
+            for target in panel.get("targets", []):
+                assert "rate(" in target["expr"], (panel["title"], unit, target["expr"])
