@@ -119,13 +119,20 @@ class BatchQueue:
         self._metrics.rejected.labels(reason=reason).inc()
         return Overloaded(f"{len(self._waiting)} chunks are already waiting; retry shortly", retry_after=1)
 
+    def try_reserve(self) -> Place | None:
+        """A place at once while there is room and nobody waits before us, else None (``reserve`` waits)."""
+        if self.full or self._asking:
+            return None
+        self._reserved += 1
+        return Place(self)
+
     async def reserve(self, patience: float | None) -> Place | None:
         """A place for a chunk not parsed yet: at once while there is room and nobody waits before us, else
         the first one that frees up after theirs; None if none came within ``patience`` seconds (None:
         wait as long as it takes)."""
-        if not self.full and not self._asking:
-            self._reserved += 1
-            return Place(self)
+        place = self.try_reserve()
+        if place is not None:
+            return place
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._asking.append(turn)
         try:
