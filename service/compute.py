@@ -89,27 +89,31 @@ class BatchCompute:
         order = sorted(range(count), key=lambda i: -len(values[i]))  # longest first
         lengths = [len(values[i]) for i in order]
         features = self.forecaster.num_features
-        padded = np.zeros((count, lengths[0], features), dtype=np.float32)  # (B, T_max, F)
-        for row, i in enumerate(order):
-            padded[row, : lengths[row]] = values[i]
+        same_length = lengths[0] == lengths[-1]  # then ``order`` is the request order (a stable sort)
+        if same_length:
+            padded = np.stack(values).astype(np.float32, copy=False)  # (B, T, F)
+        else:
+            padded = np.zeros((count, lengths[0], features), dtype=np.float32)  # (B, T_max, F)
+            for row, i in enumerate(order):
+                padded[row, : lengths[row]] = values[i]
         sorted_horizons = [horizons[i] for i in order]
         with torch.inference_mode():
             x = torch.from_numpy(padded).to(self.device)
             states = gather([sessions[i] for i in order], self.device)  # (B, S)
-            same_length = lengths[0] == lengths[-1]
             observed = self.forecaster.observe(x, states, None if same_length else lengths)
             y, new_states = observed.predictions, observed.states
-            ends = torch.tensor(lengths, device=self.device) - 1
-            last = y[torch.arange(count, device=self.device), ends]  # (B, F): prediction after each last step
             wanting = [row for row, horizon in enumerate(sorted_horizons) if horizon]  # rows asking a forecast
             forecast_host = np.empty((0, 0, features), dtype=np.float32)
             if wanting:  # only those rows roll out, as far as the longest horizon among them
                 pick = torch.tensor(wanting, device=self.device)
-                forecast = self.forecaster.rollout(new_states[pick], last[pick], max(sorted_horizons))  # (b, h, F)
+                ends = torch.tensor([lengths[row] - 1 for row in wanting], device=self.device)
+                last = y[pick, ends]  # (b, F): the prediction after each of those rows' last step
+                forecast = self.forecaster.rollout(new_states[pick], last, max(sorted_horizons))  # (b, h, F)
                 forecast_host = forecast.cpu().numpy()
-            inverse = torch.tensor(np.argsort(order), device=self.device)
             y_host = np.ascontiguousarray(y.cpu().numpy())  # so each row's slice is C-contiguous too
-            states_out = new_states.index_select(0, inverse)  # back to request order
+            states_out = new_states  # back in request order:
+            if not same_length:
+                states_out = new_states.index_select(0, torch.tensor(np.argsort(order), device=self.device))
             finite_states: list[bool] = torch.isfinite(states_out).all(dim=1).tolist()
         predictions: list[np.ndarray] = [np.empty(0)] * count
         forecasts: list[np.ndarray | None] = [None] * count
