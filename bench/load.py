@@ -18,7 +18,8 @@ Targets, in the order they run:
 - ``naive``: the baseline (bench/naive_server.py): FastAPI + nn.GRU + dict of states behind a lock;
 - ``ours``: ``python -m service`` with its default settings and logging (the JSON access line included);
 - ``ours-stream``: the same service, each session streamed over its WebSocket (``/v1/sessions/{id}/stream``,
-  raw frames on the same asyncio streams), ``--pipeline`` chunks in flight per session;
+  raw frames on the same asyncio streams), ``--pipeline`` chunks in flight per session (default 1: the one
+  request in flight an HTTP connection has, so every target is offered the same concurrency);
 - ``ours-redis``: the same with ``GRU_STORE=redis`` on a redis-server the bench starts.
 
 ``--service-env GRU_MAX_BATCH_SIZE=16 ...`` sets variables for the ``ours`` targets (to try a setting).
@@ -464,7 +465,7 @@ def _short(numbers: dict[str, Any]) -> str:
 
 def measure(targets: list[str], chunks: list[int], sessions: int, duration: float, warmup: float, rounds: int,
             console: Console, driver: Callable[..., dict[str, Any]] = run_client,
-            service_env: dict[str, str] | None = None, pipeline: int = 2) -> list[Result]:
+            service_env: dict[str, str] | None = None, pipeline: int = 1) -> list[Result]:
     """Every target alone, one after the other, ``rounds`` times over (interleaved, so a busy minute on the
     machine does not land on one target only)."""
     log_dir = Path(tempfile.mkdtemp(prefix="gru-bench-load-"))
@@ -558,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--service-env", nargs="*", default=[], metavar="GRU_X=V",
                         help="extra environment for the service targets")
     parser.add_argument("--pipeline", type=int,
-                        help="ours-stream: chunks in flight per session (default 2); with --client, streams"
+                        help="ours-stream: chunks in flight per session (default 1); with --client, streams"
                              " over WebSockets with that many (default: HTTP)")
     parser.add_argument("--overload", type=int, nargs="*", metavar="CONNECTIONS",
                         help="measure overload instead: 200s/s at each count of connections (e.g. 8 256)")
@@ -594,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     if service_env:
         console.print(f"service environment: {service_env}")
     results = measure(args.targets, args.chunks, args.sessions, args.duration, args.warmup, args.rounds,
-                      console, driver, service_env, args.pipeline or 2)
+                      console, driver, service_env, args.pipeline or 1)
     console.print(table(results, args.sessions, args.duration))
     console.print(f"load average after: {_load()}")
     for r in results:

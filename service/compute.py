@@ -35,13 +35,14 @@ class Computed:
     forecasts: list[np.ndarray | None]  # per chunk, (horizon, F) float32; None without a horizon
     states: Tensor  # (B, S), row i = chunk i
     finite: list[bool]  # per chunk: predictions, forecast and new state all finite
-    p_values: list[np.ndarray | None]  # per chunk, (T, F) float32, NaN where unscored; None: no calibration
+    surprises: list[int]  # per chunk, its answered values with a p-value under ``surprise_p`` (0: no calibration)
     extras: list[dict[str, Any] | None]  # per chunk, the answer's intervals and scores where it asked
 
 
 class BatchCompute:
-    def __init__(self, forecaster: Forecaster):
+    def __init__(self, forecaster: Forecaster, surprise_p: float = 0.01):
         self.forecaster = forecaster
+        self.surprise_p = surprise_p  # a value whose p-value is under it counts as a surprise
         self.device = next(forecaster.parameters()).device
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gru-compute")
 
@@ -88,44 +89,54 @@ class BatchCompute:
         order = sorted(range(count), key=lambda i: -len(values[i]))  # longest first
         lengths = [len(values[i]) for i in order]
         features = self.forecaster.num_features
-        padded = np.zeros((count, lengths[0], features), dtype=np.float32)  # (B, T_max, F)
-        for row, i in enumerate(order):
-            padded[row, : lengths[row]] = values[i]
+        same_length = lengths[0] == lengths[-1]  # then ``order`` is the request order (a stable sort)
+        if same_length:
+            padded = np.stack(values).astype(np.float32, copy=False)  # (B, T, F)
+        else:
+            padded = np.zeros((count, lengths[0], features), dtype=np.float32)  # (B, T_max, F)
+            for row, i in enumerate(order):
+                padded[row, : lengths[row]] = values[i]
         sorted_horizons = [horizons[i] for i in order]
         with torch.inference_mode():
             x = torch.from_numpy(padded).to(self.device)
             states = gather([sessions[i] for i in order], self.device)  # (B, S)
-            same_length = lengths[0] == lengths[-1]
             observed = self.forecaster.observe(x, states, None if same_length else lengths)
             y, new_states = observed.predictions, observed.states
-            ends = torch.tensor(lengths, device=self.device) - 1
-            last = y[torch.arange(count, device=self.device), ends]  # (B, F): prediction after each last step
             wanting = [row for row, horizon in enumerate(sorted_horizons) if horizon]  # rows asking a forecast
             forecast_host = np.empty((0, 0, features), dtype=np.float32)
             if wanting:  # only those rows roll out, as far as the longest horizon among them
                 pick = torch.tensor(wanting, device=self.device)
-                forecast = self.forecaster.rollout(new_states[pick], last[pick], max(sorted_horizons))  # (b, h, F)
+                ends = torch.tensor([lengths[row] - 1 for row in wanting], device=self.device)
+                last = y[pick, ends]  # (b, F): the prediction after each of those rows' last step
+                forecast = self.forecaster.rollout(new_states[pick], last, max(sorted_horizons))  # (b, h, F)
                 forecast_host = forecast.cpu().numpy()
-            inverse = torch.tensor(np.argsort(order), device=self.device)
-            y_host = y.cpu().numpy()
-            states_out = new_states.index_select(0, inverse)  # back to request order
+            y_host = np.ascontiguousarray(y.cpu().numpy())  # so each row's slice is C-contiguous too
+            states_out = new_states  # back in request order:
+            if not same_length:
+                states_out = new_states.index_select(0, torch.tensor(np.argsort(order), device=self.device))
             finite_states: list[bool] = torch.isfinite(states_out).all(dim=1).tolist()
         predictions: list[np.ndarray] = [np.empty(0)] * count
         forecasts: list[np.ndarray | None] = [None] * count
-        p_values: list[np.ndarray | None] = [None] * count
-        log_scales: list[np.ndarray | None] = [None] * count
         for row, i in enumerate(order):
-            answered = slice(primed[i], lengths[row])
-            predictions[i] = np.ascontiguousarray(y_host[row, answered])
-            if observed.p_values is not None and observed.log_scales is not None:
-                p_values[i] = observed.p_values[row, answered]
-                log_scales[i] = observed.log_scales[row, answered]
+            predictions[i] = y_host[row, primed[i]: lengths[row]]
         for picked, row in enumerate(wanting):
             forecasts[order[row]] = np.ascontiguousarray(forecast_host[picked, : sorted_horizons[row]])
-        asked = [self._extras(extras[i], predictions[i], forecasts[i], p_values[i], log_scales[i]) if extras[i]
-                 else None for i in range(count)]
-        finite = [state_ok and _all_finite(predictions[i], forecasts[i]) for i, state_ok in enumerate(finite_states)]
-        return Computed(predictions, forecasts, states_out, finite, p_values, asked)
+        surprises = [0] * count
+        asked: list[dict[str, Any] | None] = [None] * count
+        if observed.p_values is not None and observed.log_scales is not None:
+            surprising = _surprises(observed.p_values, self.surprise_p, [primed[i] for i in order])
+            for row, i in enumerate(order):
+                surprises[i] = surprising[row]
+                if extras[i]:
+                    answered = slice(primed[i], lengths[row])
+                    asked[i] = self._extras(extras[i], predictions[i], forecasts[i], observed.p_values[row, answered],
+                                            observed.log_scales[row, answered])
+        # One check of the whole batch; only a batch with a value that is not finite (rare) is checked by row.
+        if np.isfinite(y_host).all() and np.isfinite(forecast_host).all():
+            finite = finite_states
+        else:
+            finite = [ok and _all_finite(predictions[i], forecasts[i]) for i, ok in enumerate(finite_states)]
+        return Computed(predictions, forecasts, states_out, finite, surprises, asked)
 
     def _extras(self, extras: Extras, predictions: np.ndarray, forecast: np.ndarray | None,
                 p_values: np.ndarray | None, log_scales: np.ndarray | None) -> dict[str, Any]:
@@ -151,6 +162,17 @@ def _bands(levels: Sequence[float], centre: np.ndarray, half_widths: np.ndarray)
     """{"80": {"lower": T × F, "upper": T × F}, ...} around ``centre`` (T, F); half_widths (L, T, F)."""
     return {level_key(level): {"lower": centre - width, "upper": centre + width}
             for level, width in zip(levels, half_widths, strict=True)}
+
+
+def _surprises(p_values: np.ndarray, below: float, primed: Sequence[int]) -> list[int]:
+    """Per row of ``p_values`` (B, T, F; NaN where unscored or past the row's end), its values from
+    ``primed[row]`` on with a p-value under ``below`` (NaN compares false)."""
+    per_step = np.count_nonzero(p_values < below, axis=2).cumsum(axis=1)  # (B, T): running count
+    counts = per_step[:, -1]
+    if any(primed):
+        starts = np.asarray(primed)
+        counts = counts - np.where(starts > 0, per_step[np.arange(len(starts)), np.maximum(starts - 1, 0)], 0)
+    return counts.tolist()
 
 
 def _all_finite(*arrays: np.ndarray | None) -> bool:

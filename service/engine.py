@@ -89,7 +89,7 @@ class Engine:
         self.router: Router | None = None  # set by the model registry (service.models): where a chunk goes
         self.replay = replay  # GRU_UPGRADE=replay: a session of another version is moved onto this one
         self.store = store
-        self.compute = BatchCompute(forecaster)
+        self.compute = BatchCompute(forecaster, surprise_p)
         self.device = self.compute.device
         self.queue = BatchQueue(metrics, max_batch_size=max_batch_size, max_batch_delay_ms=max_batch_delay_ms,
                                 max_queue=max_queue, timeout_seconds=request_timeout_seconds)
@@ -97,7 +97,6 @@ class Engine:
         model, version = label or ("", "")
         self._steps = metrics.steps.labels(model=model, version=version)
         self._forward_time = metrics.forward_time.labels(model=model, version=version)
-        self._surprise_p = surprise_p
         self._surprises = metrics.surprises.labels(model=model)
         self._worker: asyncio.Task[None] | None = None
         self._stopping = False
@@ -231,7 +230,7 @@ class Engine:
         """Answer stateless chunks; compare-and-set the others and answer those that won; those that lost
         their race go back to the front of the queue."""
         writes: list[Write] = []
-        pending: list[tuple[_Run, bytes, np.ndarray | None]] = []  # the run, its answer, its p-values
+        pending: list[tuple[_Run, bytes, int]] = []  # the run, its answer, its surprises
         for row, run in enumerate(runs):
             chunk = run.chunk
             if chunk.future.done():  # its caller timed out and was told so: it must not apply later
@@ -252,7 +251,7 @@ class Engine:
                 model_version=self.model_version, last_offset=start,
                 fingerprint=fingerprint(start, chunk.horizon, chunk.values, chunk.extras), answer=answer, row=row,
             ))
-            pending.append((run, answer, computed.p_values[row]))
+            pending.append((run, answer, computed.surprises[row]))
         if not writes:
             return
         try:
@@ -263,20 +262,16 @@ class Engine:
             return
         lost = [run.chunk for (run, _, _), won in zip(pending, committed, strict=True)
                 if won is None and not run.chunk.future.done()]  # timed out while committing: dropped
-        for (run, answer, p_values), won in zip(pending, committed, strict=True):
+        surprising = 0  # values that arrived in a session with a p-value under GRU_SURPRISE_P
+        for (run, answer, surprises), won in zip(pending, committed, strict=True):
             if won is not None:
                 settle(run.chunk, answer)
-                self._count_surprises(p_values)
+                surprising += surprises
+        if surprising:
+            self._surprises.inc(surprising)
         if lost:  # the session changed under us: judge these again, ahead of everything newer
             self._metrics.store_conflicts.inc(len(lost))
             self.queue.requeue(lost)
-
-    def _count_surprises(self, p_values: np.ndarray | None) -> None:
-        """Values that arrived in a session with a p-value under GRU_SURPRISE_P (NaN compares false)."""
-        if p_values is not None:
-            surprising = int(np.count_nonzero(p_values < self._surprise_p))
-            if surprising:
-                self._surprises.inc(surprising)
 
     def _answer(self, run: _Run, predictions: np.ndarray, forecast: np.ndarray | None,
                 extras: dict[str, Any] | None) -> bytes:

@@ -135,15 +135,17 @@ class ServedModel:
     def route(self, engine: Engine, chunk: Chunk, session: Session | None) -> bool:
         """Called by ``engine`` as it judges ``chunk``: True when the chunk went to another version's engine
         (the one its session is pinned to; the newest for a new or restarted session)."""
-        target = self.engine
-        if session is not None and not chunk.restart and not self.replay:
+        newest = self.newest
+        target = newest.engine
+        if (session is not None and not chunk.restart and not self.replay
+                and session.model_version != newest.model_version):  # the newest's own sessions stay on it
             pinned = self.by_hash(session.model_version)
-            if pinned is not None and pinned is not self.newest:
+            if pinned is not None and pinned is not newest:
                 target = pinned.engine
                 self._pins[session.key] = pinned
                 if len(self._pins) > MAX_PINS:
                     self._pins.popitem(last=False)
-        if target is self.engine and chunk.key is not None:
+        if target is newest.engine and chunk.key is not None:
             self._pins.pop(chunk.key, None)
         if target is engine:
             return False

@@ -12,6 +12,7 @@ replica judges alike.
 from __future__ import annotations
 
 import hashlib
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,8 +40,8 @@ def fingerprint(offset: int, horizon: int, values: np.ndarray, extras: Extras = 
     """16 bytes identifying a chunk as applied: where it started, its horizon, its exact values, and the
     levels and scores it asked for (only when it asked: without them the fingerprint is what it was)."""
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(np.array([offset, horizon, *values.shape], dtype=np.int64).tobytes())
-    digest.update(np.ascontiguousarray(values, dtype=np.float32).tobytes())
+    digest.update(struct.pack(f"={2 + values.ndim}q", offset, horizon, *values.shape))  # native int64s, as numpy's
+    digest.update(np.ascontiguousarray(values, dtype=np.float32).data)
     if extras:
         digest.update(np.array([extras.scores, len(extras.levels)], dtype=np.int64).tobytes())
         digest.update(np.array(extras.levels, dtype=np.float64).tobytes())

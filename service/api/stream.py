@@ -78,13 +78,14 @@ class _Stream:
     """One open stream: a reader task takes frames while the window has room, this side answers them in
     order. The window is a semaphore taken before a frame is read and given back once it is answered."""
 
-    def __init__(self, websocket: WebSocket, model: ServedModel, key: str, streams: Streams, count: _Counts):
+    def __init__(self, websocket: WebSocket, model: ServedModel, key: str, streams: Streams, count: _Counts,
+                 receive: Receive, send: Send):
         self.ws = websocket
         self.model = model
         self.key = key
         self.settings = streams.settings
         self.count = count
-        self.receive, self.send = websocket.receive, websocket.send
+        self.receive, self.send = receive, send  # the server's own, once accepted: no wrapper's checks per frame
         self.slots = asyncio.Semaphore(self.settings.stream_window)
         self.pending: deque[tuple[float, asyncio.Future[bytes] | Problem | None]] = deque()
         self.ready = asyncio.Event()
@@ -152,10 +153,12 @@ class _Stream:
                                  self.settings, _LOCATION)
             engine = self.model.engine_for(self.key)
             extras = requested(body.levels, body.scores, engine.forecaster, ["body"])
-            place = await engine.queue.reserve(None)  # while the queue is full, this stream reads nothing
-            assert place is not None  # no patience limit: a place or nothing
-            try:
+            place = engine.queue.try_reserve()
+            if place is None:  # the queue is full: this stream reads nothing until a place frees up
+                place = await engine.queue.reserve(None)
+                assert place is not None  # no patience limit: a place or nothing
                 engine = self.model.engine_for(self.key)  # routed again: the versions may have changed meanwhile
+            try:
                 return engine.enqueue(self.key, values, body.offset, body.horizon, extras=extras, place=place)
             finally:
                 place.give_back()  # unless the chunk took it
@@ -214,7 +217,7 @@ class Streams:
             return
         await websocket.accept()
         key = session_key(tenant_of(websocket), session_id)
-        stream = _Stream(websocket, model, key, self, self.counts[scope["route"].path])
+        stream = _Stream(websocket, model, key, self, self.counts[scope["route"].path], receive, send)
         self._open.add(stream)
         self.metrics.streams_open.inc()
         try:

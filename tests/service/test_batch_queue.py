@@ -132,6 +132,29 @@ def test_a_chunk_timed_out_in_a_running_batch_keeps_its_refusal_when_settled_lat
     _run(scenario)
 
 
+def test_chunks_queued_at_different_times_each_time_out_at_their_own_deadline() -> None:
+    """One timer serves the queue: after the oldest chunk expires it waits for the next one's deadline, and
+    a chunk answered meanwhile is never refused."""
+
+    async def scenario() -> None:
+        queue = _queue(timeout_seconds=0.2)
+        first = asyncio.ensure_future(queue.submit(_chunk("a")))
+        await asyncio.sleep(0.1)
+        answered = asyncio.ensure_future(queue.submit(_chunk("b")))
+        second = asyncio.ensure_future(queue.submit(_chunk("c")))
+        await asyncio.sleep(0)
+        batch = await queue.next_batch()
+        assert batch is not None and _names(batch) == [("a", None), ("b", None), ("c", None)]
+        settle(batch[1], b"done")  # b is answered; a and c stay in the "running" batch, never settled
+        await asyncio.sleep(0.15)  # 0.25 s after a, 0.15 s after c
+        assert isinstance(first.exception(), TimedOut) and not second.done()
+        assert await answered == b"done"
+        with pytest.raises(TimedOut):
+            await asyncio.wait_for(second, 1)
+
+    _run(scenario)
+
+
 def test_a_batch_waits_up_to_the_delay_to_fill_and_no_longer() -> None:
     async def scenario() -> tuple[float, int, float, int]:
         queue = _queue(max_batch_size=3, max_batch_delay_ms=100)

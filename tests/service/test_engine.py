@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from model import load_checkpoint
+from service.compute import _surprises
 from service.engine import Engine
 from service.metrics import Metrics
 from service.problems import REFUSAL_STATUS, as_problem
-from service.refusals import OffsetMismatch, Overloaded, Refusal, StaleModel, TimedOut, UnknownSession
+from service.refusals import OffsetMismatch, OutOfRange, Overloaded, Refusal, StaleModel, TimedOut, UnknownSession
 from service.sessions.base import session_key
 from service.sessions.memory import MemoryStore
 from tests.conftest import make_tiny_model
@@ -123,6 +124,46 @@ def test_a_chunk_that_timed_out_while_computing_never_applies_after_the_client_m
         assert await engine.store.get(gone) is None
 
     asyncio.run(scenario())
+
+
+def test_a_chunk_whose_outputs_are_not_finite_is_refused_alone_in_its_batch(tiny_model: Path) -> None:
+    """The batch's outputs are checked whole; a value that is not finite sends the check row by row, so the
+    chunks beside the refused one are answered as they would be alone."""
+    engine = _engine(tiny_model, max_batch_delay_ms=50)
+    extreme = np.array([[3e38], [-3e38]], dtype=np.float32)
+    keys = [session_key("t", f"row{i}") for i in range(3)]
+
+    async def scenario() -> list[bytes | BaseException]:
+        await engine.start()
+        try:
+            chunks = [series(2, seed=1), extreme, series(2, seed=2)]
+            calls = [engine.predict(key, values, 0, 4) for key, values in zip(keys, chunks, strict=True)]
+            return await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            await engine.stop()
+
+    first, refused, last = asyncio.run(scenario())
+    assert isinstance(refused, OutOfRange)
+    alone = asyncio.run(_feed(_engine(tiny_model), {"row0": [series(2, seed=1)], "row2": [series(2, seed=2)]}))
+    for answer, name in ((first, "row0"), (last, "row2")):  # _feed asks a horizon of 4 of 2-step chunks
+        assert isinstance(answer, bytes)
+        got = orjson.loads(answer)
+        np.testing.assert_allclose(got["predictions"], alone[name][0]["predictions"], atol=1e-6)
+        np.testing.assert_allclose(got["forecast"], alone[name][0]["forecast"], atol=1e-6)
+
+
+def test_surprises_count_only_the_values_a_chunk_is_answered_for() -> None:
+    """Per row: p-values under the bound from its first answered step (after the replayed ones) on; NaN (no
+    score, or past the row's end) never counts."""
+    nan = np.nan
+    p_values = np.array([
+        [[0.001], [0.5], [0.002], [nan]],  # 2 under 0.01
+        [[0.001], [0.003], [0.004], [0.2]],  # the first 2 steps primed: 1 counts
+        [[nan], [nan], [nan], [nan]],
+        [[0.009], [0.005], [0.01], [0.0]],  # 0.01 is not under 0.01; the first step primed: 2 count
+    ], dtype=np.float32)
+    assert _surprises(p_values, 0.01, [0, 2, 0, 1]) == [2, 1, 0, 2]
+    assert _surprises(p_values, 0.01, [0, 0, 0, 0]) == [2, 3, 0, 3]
 
 
 @pytest.mark.cuda
