@@ -18,8 +18,8 @@ Targets, in the order they run:
 - ``naive``: the baseline (bench/naive_server.py): FastAPI + nn.GRU + dict of states behind a lock;
 - ``ours``: ``python -m service`` with its default settings and logging (the JSON access line included);
 - ``ours-stream``: the same service, each session streamed over its WebSocket (``/v1/sessions/{id}/stream``,
-  raw frames on the same asyncio streams), ``--pipeline`` chunks in flight per session (default 1: the one
-  request in flight an HTTP connection has, so every target is offered the same concurrency);
+  raw frames on the same asyncio streams), at each ``--pipeline`` depth: chunks in flight per session
+  (default 1 and 2: one is the concurrency an HTTP connection has, one request in flight; two pipelines);
 - ``ours-redis``: the same with ``GRU_STORE=redis`` on a redis-server the bench starts.
 
 ``--service-env GRU_MAX_BATCH_SIZE=16 ...`` sets variables for the ``ours`` targets (to try a setting).
@@ -44,7 +44,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -252,7 +252,7 @@ async def drive(url: str, steps: int, sessions: int, duration: float, warmup: fl
 
 def _client_main(args: argparse.Namespace) -> int:
     coroutine = drive(args.client, args.chunk, args.sessions, args.duration, args.warmup, args.tag, args.pids,
-                      args.pipeline or 0)
+                      args.pipeline[0] if args.pipeline else 0)
     try:
         import uvloop
 
@@ -446,7 +446,7 @@ def table(results: list[Result], sessions: int, duration: float) -> Table:
             if naive and r.target.startswith("ours"):
                 ratio = f"{n['requests_per_s'] / naive['requests_per_s']:.1f}x"
                 p99_ratio = f"{n['p99_ms'] / naive['p99_ms']:.2f}x"
-            if http and r.target == "ours-stream":
+            if http and r.target.startswith("ours-stream"):
                 over_http = f"{n['requests_per_s'] / http['requests_per_s']:.1f}x"
             out.add_row(str(steps), r.target, f"{n['requests_per_s']:,.0f}", f"{n['steps_per_s']:,.0f}",
                         f"{n['p50_ms']:.1f}", f"{n['p99_ms']:.1f}", str(errors), ratio, p99_ratio, over_http,
@@ -465,9 +465,9 @@ def _short(numbers: dict[str, Any]) -> str:
 
 def measure(targets: list[str], chunks: list[int], sessions: int, duration: float, warmup: float, rounds: int,
             console: Console, driver: Callable[..., dict[str, Any]] = run_client,
-            service_env: dict[str, str] | None = None, pipeline: int = 1) -> list[Result]:
+            service_env: dict[str, str] | None = None, pipelines: Sequence[int] = (1, 2)) -> list[Result]:
     """Every target alone, one after the other, ``rounds`` times over (interleaved, so a busy minute on the
-    machine does not land on one target only)."""
+    machine does not land on one target only); ``ours-stream`` at each depth in ``pipelines``, a row each."""
     log_dir = Path(tempfile.mkdtemp(prefix="gru-bench-load-"))
     model_path, description = bench_model(log_dir / "model")
     hidden, layers = _model_sizes(model_path)
@@ -492,23 +492,31 @@ def measure(targets: list[str], chunks: list[int], sessions: int, duration: floa
                     console.print(f"{target} serves on {_service_device(proc.url)}")
                 pids = [proc.process.pid, *([proc.redis.process.pid] if proc.redis and proc.redis.process else [])]
                 for steps in chunks:
-                    with console.status(f"{target}: chunks of {steps}, {warmup:g} + {duration:g} s"):
-                        streamed = {"pipeline": pipeline} if target == "ours-stream" else {}
-                        numbers = driver(proc.url, steps, sessions, duration, warmup, f"{target}{round_}", pids,
-                                         **streamed)
-                    runs.setdefault((target, steps), []).append(numbers)
-                    console.print(f"round {round_ + 1} {target:>10} chunk {steps:>3}: {_short(numbers)}")
+                    for label, streamed in _variants(target, pipelines):
+                        with console.status(f"{label}: chunks of {steps}, {warmup:g} + {duration:g} s"):
+                            tag = f"{label.replace(' ', '')}-{round_}"  # sessions of their own per depth
+                            numbers = driver(proc.url, steps, sessions, duration, warmup, tag, pids, **streamed)
+                        runs.setdefault((label, steps), []).append(numbers)
+                        console.print(f"round {round_ + 1} {label:>14} chunk {steps:>3}: {_short(numbers)}")
             finally:
                 proc.stop()
     results = []
     for steps in chunks:
         for target in targets:
-            if target in notes:
-                results.append(Result(target, steps, None, notes[target]))
-            else:
-                got = runs[(target, steps)]
-                results.append(Result(target, steps, _median_round(got), rounds=len(got)))
+            for label, _ in _variants(target, pipelines):
+                if target in notes:
+                    results.append(Result(label, steps, None, notes[target]))
+                else:
+                    got = runs[(label, steps)]
+                    results.append(Result(label, steps, _median_round(got), rounds=len(got)))
     return results
+
+
+def _variants(target: str, pipelines: Sequence[int]) -> list[tuple[str, dict[str, int]]]:
+    """The rows one target gives: the stream's one per pipeline depth ("ours-stream x2"), others one."""
+    if target != "ours-stream":
+        return [(target, {})]
+    return [(f"{target} x{depth}", {"pipeline": depth}) for depth in pipelines]
 
 
 OVERLOAD_STEPS = 256
@@ -558,9 +566,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1, help="repeat all; the table shows medians")
     parser.add_argument("--service-env", nargs="*", default=[], metavar="GRU_X=V",
                         help="extra environment for the service targets")
-    parser.add_argument("--pipeline", type=int,
-                        help="ours-stream: chunks in flight per session (default 1); with --client, streams"
-                             " over WebSockets with that many (default: HTTP)")
+    parser.add_argument("--pipeline", type=int, nargs="+",
+                        help="ours-stream: chunks in flight per session, a row per depth (default 1 2); with"
+                             " --client, streams over WebSockets with the first (default: HTTP)")
     parser.add_argument("--overload", type=int, nargs="*", metavar="CONNECTIONS",
                         help="measure overload instead: 200s/s at each count of connections (e.g. 8 256)")
     parser.add_argument("--wrk", action="store_true", help="drive with wrk instead (a second opinion)")
@@ -595,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     if service_env:
         console.print(f"service environment: {service_env}")
     results = measure(args.targets, args.chunks, args.sessions, args.duration, args.warmup, args.rounds,
-                      console, driver, service_env, args.pipeline or 1)
+                      console, driver, service_env, args.pipeline or (1, 2))
     console.print(table(results, args.sessions, args.duration))
     console.print(f"load average after: {_load()}")
     for r in results:
