@@ -30,6 +30,7 @@ class Session:
     fingerprint: bytes = b""  # of the last applied chunk: offset, horizon, values
     answer: bytes = b""  # the last applied chunk's response body, returned again to an exact retry
     handle: Any = None  # store-private: a slot index, or the state bytes
+    seen_at: float = 0.0  # the memory store's: its last load, if after updated_at (expiry counts from the later)
 
 
 @dataclass(slots=True)

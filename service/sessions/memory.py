@@ -3,7 +3,9 @@
 Row 0 is the fresh (all-zero) state, shared by every session that has not stored a state yet, so a batch
 gathers new and old sessions with one ``index_select``. The tensor doubles when full, up to ``max_sessions+1``
 rows. Records sit in an ``OrderedDict`` kept in recency order: the least recently used session is evicted at
-capacity, and idle ones expire after ``ttl_seconds`` (checked on access and by ``sweep()``). Capacity is
+capacity, and idle ones expire after ``ttl_seconds`` (checked on access and by ``sweep()``). A load for a
+batch counts as use, as a write does (the Redis store's load refreshes the key's TTL too), so recency order
+is expiry order and the sweep stops at the first live session. Capacity is
 counted in sessions and, with ``max_answer_bytes``, in the bytes of the answers kept for exact retries: an
 answer grows with its chunk and horizon (53 KB at 4,096 steps and a horizon of 512), so a session count alone
 would let one client's long chunks take a pod's memory. With ``tenant_max_sessions`` and
@@ -72,7 +74,7 @@ class MemoryStore:
         return self._revision
 
     def _expired(self, session: Session, now: float) -> bool:
-        return now - session.updated_at > self.ttl_seconds
+        return now - max(session.updated_at, session.seen_at) > self.ttl_seconds
 
     def _drop(self, key: str) -> Session:
         session = self._records.pop(key)
@@ -175,6 +177,7 @@ class MemoryStore:
         for key in keys:
             session = self._live(key, now)
             if session is not None:
+                session.seen_at = now
                 self._touch(key)
             found.append(session)
         return found

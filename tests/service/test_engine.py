@@ -255,6 +255,8 @@ def test_a_reset_or_delete_while_a_chunk_computes_makes_its_commit_lose(tiny_mod
 
 
 def test_expires_at_counts_from_the_last_use_not_from_creation(tiny_model: Path) -> None:
+    """A chunk that loads the session uses it, applied or refused (as the Redis store's load refreshes the
+    key's TTL); updated_at stays the last applied chunk's."""
     clock = Clock()
     forecaster, _ = load_checkpoint(tiny_model, "cpu")
     engine = _engine(tiny_model, store=MemoryStore(forecaster.state_size, torch.device("cpu"), 100,
@@ -270,6 +272,11 @@ def test_expires_at_counts_from_the_last_use_not_from_creation(tiny_model: Path)
             session, expires = await engine.session_info(key)
             assert session.created_at == 1_000 and session.updated_at == 1_050
             assert expires == 1_050 + 60
+            clock.now += 20
+            with pytest.raises(OffsetMismatch):
+                await engine.predict(key, series(2), 0, 0)
+            session, expires = await engine.session_info(key)
+            assert session.updated_at == 1_050 and expires == 1_070 + 60
         finally:
             await engine.stop()
 

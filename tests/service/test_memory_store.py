@@ -121,6 +121,28 @@ def test_sweep_drops_the_expired_sessions_and_counts_them_as_ttl_evictions() -> 
     assert store.sweep() == 0 and evicted == [("ttl", 2)]
 
 
+def test_a_load_counts_as_use_so_the_sweep_meets_sessions_in_the_order_they_expire() -> None:
+    """a made at 0, b at 10, a loaded at 25 (its chunk judged, applied or not): at 45 b has expired and a has
+    not; at 56 a has. Were a load no use, a would expire at 31 behind b, live until 40, and linger."""
+    clock = Clock(0.0)
+    store, evicted = _counting(ttl_seconds=30, clock=clock)
+
+    async def scenario() -> None:
+        await store.commit([write("t/a", None, 1)], torch.zeros(1, STATE))
+        clock.now = 10
+        await store.commit([write("t/b", None, 1)], torch.zeros(1, STATE))
+        clock.now = 25
+        assert [s.key if s else None for s in await store.load(["t/a"])] == ["t/a"]
+        clock.now = 45
+        assert store.sweep() == 1 and [s.key for s in store.records()] == ["t/a"]
+        assert (await store.get("t/a")) is not None
+        clock.now = 56
+        assert store.sweep() == 1 and store.records() == []
+
+    _run(scenario())
+    assert evicted == [("ttl", 1), ("ttl", 1)]
+
+
 def test_kept_answers_past_their_budget_evict_the_least_recently_used_sessions() -> None:
     """One client's long chunks keep answers of tens of KB each (53 KB at 4,096 steps, horizon 512): counted
     in sessions only, 20,000 of them took a 1 Gi pod's memory. Never the session just written, even alone
