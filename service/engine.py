@@ -148,7 +148,7 @@ class Engine:
         session = await self.store.get(key)
         if session is None:
             raise _unknown(key)
-        return session, max(session.updated_at, session.seen_at) + self.store.ttl_seconds
+        return session, session.last_used + self.store.ttl_seconds
 
     async def delete(self, key: str) -> None:
         if not await self.store.delete(key):

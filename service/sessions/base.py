@@ -30,7 +30,13 @@ class Session:
     fingerprint: bytes = b""  # of the last applied chunk: offset, horizon, values
     answer: bytes = b""  # the last applied chunk's response body, returned again to an exact retry
     handle: Any = None  # store-private: a slot index, or the state bytes
-    seen_at: float = 0.0  # the memory store's: its last load, if after updated_at (expiry counts from the later)
+    seen_at: float = 0.0  # the memory store's: its last load (0 elsewhere)
+
+    @property
+    def last_used(self) -> float:
+        """The later of its last write and the last load recorded (the memory store records loads; Redis
+        refreshes the key's TTL itself): its expiry counts from here."""
+        return max(self.updated_at, self.seen_at)
 
 
 @dataclass(slots=True)

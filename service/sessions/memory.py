@@ -74,7 +74,7 @@ class MemoryStore:
         return self._revision
 
     def _expired(self, session: Session, now: float) -> bool:
-        return now - max(session.updated_at, session.seen_at) > self.ttl_seconds
+        return now - session.last_used > self.ttl_seconds
 
     def _drop(self, key: str) -> Session:
         session = self._records.pop(key)
