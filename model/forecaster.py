@@ -228,10 +228,11 @@ class Forecaster(nn.Module):
         _, _, _, tail = self._split(state)
         before = torch.cat([tail[:, None, 1 : 1 + features], predictions[:, :-1]], dim=1)  # (B, T, F)
         scores = ((x - before).abs() / self.diff_scale).cpu().numpy()
-        index = tail[:, :1].cpu().numpy() + np.arange(steps)[None, :]  # (B, T): values the series saw before
+        host_tail = tail.cpu().numpy()  # one copy off the device for the count and the adaptation
+        index = host_tail[:, :1] + np.arange(steps)[None, :]  # (B, T): values the series saw before
         ends = np.asarray(lengths if lengths is not None else [steps] * batch)
         scores[(index <= self.config.lags) | (np.arange(steps)[None, :] >= ends[:, None])] = np.nan
-        scores, path, carried = calibration.follow(scores, tail[:, 1 + features :].cpu().numpy())
+        scores, path, carried = calibration.follow(scores, host_tail[:, 1 + features :])
         final = torch.from_numpy(carried[np.arange(batch), ends - 1]).to(states.device)
         states = torch.cat([states[:, : states.size(1) - final.size(1)], final], dim=1)
         return Observation(predictions, states, calibration.p_values(scores), path)
