@@ -86,17 +86,17 @@ def test_linear_term_is_refitted_on_every_row() -> None:
     series = _series()
     result = train(series, dataclasses.replace(SMALL, min_t=1e9))  # the GRU silent: the refit is plain AR
     diff_scale = np.array(result.model.config.diff_scale)
-    whole = fit_difference_ar(series.values, result.orders, diff_scale)
+    whole = fit_difference_ar(series.values, result.lags, diff_scale)
     np.testing.assert_allclose(result.model.autoregression.weight.detach().double().numpy(), whole.coef, atol=1e-4)
 
 
 def test_refit_leaves_a_persistence_features_trained_bias() -> None:
-    """A feature left at persistence (order 0) has no autoregression to refit: its bias is the GRU's."""
+    """A feature left at persistence (no lags) has no autoregression to refit: its bias is the GRU's."""
     model = make_forecaster(features=2, lags=4)
     with torch.no_grad():
         model.head.bias.copy_(torch.tensor([0.2, 0.3]))
     values = np.column_stack([seasonal_series(80), seasonal_series(80, seed=5)])
-    _refit_linear(model, values, (4, 0))
+    _refit_linear(model, values, ((1, 2, 3, 4), ()))
     assert model.head.bias[1].item() == pytest.approx(0.3)
     assert model.head.bias[0].item() != pytest.approx(0.2)  # the AR feature's drift was refitted
 
