@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.baselines import fit_difference_ar
-from model.data import DataError, Series
+from model.baselines import fit_difference_ar, newest
+from model.data import DataError, Series, load_dataset
 from model.fit import TrainConfig, _Candidate, _refit_linear, _shifted, train
 from tests.model.conftest import make_forecaster, seasonal_series
 
@@ -75,6 +75,37 @@ def test_history_is_the_validation_mae_of_the_predictions() -> None:
     diff_scale = np.array(result.model.config.diff_scale)
     errors = np.abs(result.predictions[result.split - 1 :] - series.values[result.split :]) / diff_scale
     assert result.history[result.best_epoch] == pytest.approx(errors.mean(), rel=1e-5)
+
+
+def _daily_profile(steps: int) -> Series:
+    """Differences that repeat 0.9 of the one 24 steps before, plus noise (a seasonal AR), no dates."""
+    diffs = np.random.default_rng(6).normal(size=steps)
+    for t in range(24, steps):
+        diffs[t] += 0.9 * diffs[t - 24]
+    return Series(np.cumsum(diffs)[:, None], ("a",), {}, None)
+
+
+def test_a_clear_inferred_season_gives_the_autoregression_its_seasonal_lag() -> None:
+    result = train(_daily_profile(600), SMALL)
+    assert result.season == 24 and result.lags == ((1, 24),)
+    assert result.model.config.lags == 24
+
+
+def test_no_seasonal_lag_where_the_inferred_period_is_noise_or_lags_are_given() -> None:
+    """Seattle's daily highs without their dates: the differences' ACF peaks at 21 days, inside the white
+    noise band, where (1, 2, 3, 21) would win on validation by chance (and did, before the band)."""
+    frame = load_dataset("seattle-weather")
+    highs = frame["temp_max"].to_numpy(dtype=float)[: int(len(frame) * 0.8), None]
+    noise = train(Series(highs, ("temp_max",), {}, None), SMALL)
+    assert noise.season == 21 and noise.lags == (newest(3),)
+    given = train(_daily_profile(600), dataclasses.replace(SMALL, lags=3))
+    assert given.lags == (newest(3),)
+
+
+def test_a_stated_season_is_the_one_tried_and_reported() -> None:
+    result = train(_daily_profile(600), dataclasses.replace(SMALL, season=12))
+    assert result.season == 12  # a set with a lag beyond its run 1..K can only have taken 12, not 24
+    assert all(own == newest(len(own)) or own[-1] == 12 for own in result.lags)
 
 
 def test_training_stops_after_patience_epochs_without_improvement() -> None:
