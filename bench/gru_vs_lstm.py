@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from bench.cell import BATCHES, SHAPES, STEPS, best_median_us
 from bench.common import machine
 from bench.forecast_quality import CASES, TRAIN_FRACTION, stream
-from model.baselines import difference_ar_predictions, fit_difference_ar, persistence
+from model.baselines import difference_ar_predictions, fit_difference_ar, newest, persistence
 from model.data import fit_scaler, series_from_frame
 from model.fit import TrainConfig, train
 from model.forecaster import Forecaster, ForecasterConfig
@@ -232,7 +232,8 @@ def measure_lag(lag: int, rows: int, config: TrainConfig) -> LagRow:
                  {}, {})
     column = values[:, None]  # (T, 1)
     diff_scale = np.array(fit_scaler(column[:split], ("x",)).diff_scale)
-    linear = difference_ar_predictions(column, fit_difference_ar(column[:split], (lag,), diff_scale), diff_scale)
+    linear_fit = fit_difference_ar(column[:split], (newest(lag),), diff_scale)
+    linear = difference_ar_predictions(column, linear_fit, diff_scale)
     row.mae[LINEAR] = float(tail_mae(linear, column)[0])
     frame = pd.DataFrame({"x": values})
     for core in CORES:

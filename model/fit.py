@@ -2,9 +2,10 @@
 
 1. The last ``val_fraction`` of the rows validate; scaling is fitted on the rest (``model.data``).
 2. The Forecaster's linear term starts as a ridge least-squares autoregression on differences, each
-   feature on its own past with its own lag count chosen on the validation tail (persistence included);
-   the GRU's head starts at zero. Training starts where the classical baseline ends: the GRU only has
-   to learn what the autoregression misses.
+   feature on its own past with its own lag set chosen on the validation tail (persistence, the newest K
+   differences, or those and the seasonal lag where the series has a clear season); the GRU's head starts
+   at zero. Training starts where the classical baseline ends: the GRU only has to learn what the
+   autoregression misses.
 3. Truncated backprop through time over random windows (Williams & Peng 1990): each window's state holds
    the values before it, exactly as a session streamed from the first row would, and only the hidden
    state starts cold. Each window is shifted by a random level, so that the GRU does not extrapolate
@@ -27,7 +28,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from model.baselines import DifferenceAR, choose_orders, fit_difference_ar, lagged_differences
+from model.baselines import (
+    DifferenceAR,
+    Lags,
+    choose_lags,
+    clear_period,
+    fit_difference_ar,
+    lagged_differences,
+    newest,
+    strongest_period,
+)
 from model.cell import Variant
 from model.conformal import DEFAULT_ADAPT_RATE, DEFAULT_SCALE_RATE, DEFAULT_STEPS, calibrate
 from model.data import DataError, Series, fit_scaler, sample_windows, split_point
@@ -44,6 +54,7 @@ class TrainConfig:
     num_layers: int = 2
     variant: Variant = "seed"
     lags: int | None = None  # None: each feature's best on the validation tail, from LAG_CANDIDATES
+    season: int | None = None  # None: the dates' period, else inferred
     epochs: int = 200  # an epoch is enough windows to cover the training rows once (at least 4 batches)
     max_seconds: float = 600.0
     val_fraction: float = 0.2
@@ -64,7 +75,8 @@ class TrainConfig:
 class TrainResult:
     model: Forecaster
     split: int  # first validation row
-    orders: tuple[int, ...]  # lags of each feature's autoregression (0: persistence)
+    lags: tuple[Lags, ...]  # lag set of each feature's autoregression ((): persistence)
+    season: int  # the series' period: given, from its dates, or inferred
     predictions: np.ndarray  # (T − 1, F) one-step predictions of the best model over the whole series
     best_epoch: int  # 0: the autoregression it started from was never beaten
     epochs: int
@@ -94,15 +106,18 @@ def train(
     if config.lags and 2 * config.lags >= split:  # fewer rows than twice the coefficients: nothing to fit
         raise DataError(f"--lags {config.lags} needs at least {2 * config.lags + 1} training rows; this series"
                         f" has {split} (the other {len(values) - split} validate): lower --lags")
-    given = (config.lags,) * len(series.features) if config.lags else None
-    orders = given or choose_orders(values, split, LAG_CANDIDATES, diff_scale)
+    known_season = config.season or series.season
+    season = known_season or strongest_period(values[:split])
+    given = (newest(config.lags),) * len(series.features) if config.lags else None
+    seasonal = season if known_season or clear_period(values[:split], season) else 0
+    lags = given or choose_lags(values, split, LAG_CANDIDATES, diff_scale, seasonal)
     model = build(
         ForecasterConfig(
             features=series.features,
             hidden_size=config.hidden_size,
             num_layers=config.num_layers,
             variant=config.variant,
-            lags=max(*orders, 1),
+            lags=max((own[-1] for own in lags if own), default=1),
             mean=scaler.mean,
             scale=scaler.scale,
             diff_scale=scaler.diff_scale,
@@ -110,7 +125,7 @@ def train(
     )
     with torch.no_grad():
         model.head.weight.zero_()  # the GRU starts silent: epoch 0 is the linear model alone
-    _set_linear(model, fit_difference_ar(values[:split], orders, diff_scale))
+    _set_linear(model, fit_difference_ar(values[:split], lags, diff_scale))
 
     whole = torch.tensor(values, dtype=torch.float32)
     train_rows = whole[:split]
@@ -159,10 +174,11 @@ def train(
         raise DataError(f"the model's forecasts on the validation rows cannot be calibrated ({exc}); rescale"
                         " the columns") from None
     if config.refit:
-        _refit_linear(model, values, orders)
+        _refit_linear(model, values, lags)
     model.calibration = calibration
     seconds = time.monotonic() - started
-    return TrainResult(model, split, orders, best.predictions, best.epoch, epoch, seconds, stopped_by, history)
+    return TrainResult(model, split, lags, season, best.predictions, best.epoch, epoch, seconds, stopped_by,
+                       history)
 
 
 @dataclass(frozen=True)
@@ -225,7 +241,7 @@ def _set_linear(model: Forecaster, ar: DifferenceAR) -> None:
 
 
 @torch.no_grad()
-def _refit_linear(model: Forecaster, values: np.ndarray, orders: tuple[int, ...]) -> None:
+def _refit_linear(model: Forecaster, values: np.ndarray, lags: tuple[Lags, ...]) -> None:
     """Refit the linear term on every row, validation included, around what the trained GRU predicts.
 
     Early stopping needed the validation tail held out; the linear term, the part that extrapolates a
@@ -238,7 +254,7 @@ def _refit_linear(model: Forecaster, values: np.ndarray, orders: tuple[int, ...]
     design, _ = lagged_differences(values, model.config.lags, diff_scale)  # (T − 1, F, K)
     linear = design.reshape(len(design), -1) @ model.autoregression.weight.double().numpy().T
     known = step - linear - model.head.bias.double().numpy()  # the GRU's part: W_o h_t
-    ar = fit_difference_ar(values, orders, diff_scale, known=known)
+    ar = fit_difference_ar(values, lags, diff_scale, known=known)
     # A feature left at persistence has no autoregression to refit; its trained bias belongs to the GRU.
-    intercept = np.where(np.array(orders) > 0, ar.intercept, model.head.bias.double().numpy())
+    intercept = np.where([bool(own) for own in lags], ar.intercept, model.head.bias.double().numpy())
     _set_linear(model, DifferenceAR(ar.coef, intercept))

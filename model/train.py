@@ -21,13 +21,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from model.baselines import (
-    difference_ar_predictions,
-    fit_difference_ar,
-    persistence,
-    seasonal_naive,
-    strongest_period,
-)
+from model.baselines import describe, difference_ar_predictions, fit_difference_ar, persistence, seasonal_naive
 from model.cell import VARIANTS
 from model.checkpoint import MODEL_NAME, CheckpointError, publishing, read_calibration, save_checkpoint, versions_in
 from model.conformal import DEFAULT_SCALE_RATE
@@ -36,16 +30,16 @@ from model.fit import MIN_TRAIN_ROWS, MIN_VALIDATION_ROWS, TrainConfig, TrainRes
 from model.report import Scores, plot_validation, print_table, score
 
 
-def baseline_scores(series: Series, result: TrainResult, season: int) -> Scores:
+def baseline_scores(series: Series, result: TrainResult) -> Scores:
     """Validation MAE of the model, persistence, seasonal naive and the autoregression it started from."""
     values, split = series.values, result.split
     diff_scale = np.array(result.model.config.diff_scale)
-    ar = fit_difference_ar(values[:split], result.orders, diff_scale)
+    ar = fit_difference_ar(values[:split], result.lags, diff_scale)
     forecasts = {
         "model": result.predictions,
         "persistence": persistence(values),
-        f"seasonal naive m={season}": seasonal_naive(values, season),
-        f"AR on diffs K={'/'.join(map(str, sorted(set(result.orders))))}": difference_ar_predictions(
+        f"seasonal naive m={result.season}": seasonal_naive(values, result.season),
+        f"AR on diffs lags {'/'.join(sorted(set(map(describe, result.lags))))}": difference_ar_predictions(
             values, ar, diff_scale
         ),
     }
@@ -74,7 +68,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--max-seconds", type=float, default=defaults.max_seconds)
     parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction)
-    parser.add_argument("--season", type=int, help="seasonal-naive baseline's period (default: inferred)")
+    parser.add_argument("--season", type=int, help="the seasonal lag the autoregression may take and the seasonal"
+                        " naive baseline's period (default: from the dates, else inferred)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--scale-rate", type=float,
                         help=f"β of each session's running error level, by which interval scores are normalised;"
@@ -140,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         max_seconds=args.max_seconds,
         val_fraction=args.val_fraction,
         seed=args.seed,
+        season=args.season,
         scale_rate=_scale_rate(args, console),
     )
     try:
@@ -167,15 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    season = args.season or series.season or strongest_period(series.values[: result.split])
-    scores = baseline_scores(series, result, season)
+    scores = baseline_scores(series, result)
     print_table(scores, console)
     name = args.name or default_name
     split = result.split
 
     def write(directory: Path) -> str:
         version = save_checkpoint(
-            result.model, directory, name=name, training=_summary(args, series, result, scores, season)
+            result.model, directory, name=name, training=_summary(args, series, result, scores)
         )
         plot_validation(
             directory / "validation.png",
@@ -204,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _summary(
-    args: argparse.Namespace, series: Series, result: TrainResult, scores: Scores, season: int
+    args: argparse.Namespace, series: Series, result: TrainResult, scores: Scores
 ) -> dict[str, object]:
     """What config.json records about the run, so a checkpoint says where it came from and how good it is."""
     return {
@@ -215,9 +210,9 @@ def _summary(
         "seed": args.seed,
         "epochs": result.epochs,
         "best_epoch": result.best_epoch,
-        "autoregression_orders": dict(zip(series.features, result.orders, strict=True)),
+        "autoregression_lags": {f: list(own) for f, own in zip(series.features, result.lags, strict=True)},
         "stopped_by": result.stopped_by,
-        "season": season,
+        "season": result.season,
         "validation_mae": scores.as_dict(),
     }
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.baselines import fit_difference_ar
-from model.data import DataError, Series
+from model.baselines import fit_difference_ar, newest
+from model.data import DataError, Series, load_dataset
 from model.fit import TrainConfig, _Candidate, _refit_linear, _shifted, train
 from tests.model.conftest import make_forecaster, seasonal_series
 
@@ -77,6 +77,37 @@ def test_history_is_the_validation_mae_of_the_predictions() -> None:
     assert result.history[result.best_epoch] == pytest.approx(errors.mean(), rel=1e-5)
 
 
+def _daily_profile(steps: int) -> Series:
+    """Differences that repeat 0.9 of the one 24 steps before, plus noise (a seasonal AR), no dates."""
+    diffs = np.random.default_rng(6).normal(size=steps)
+    for t in range(24, steps):
+        diffs[t] += 0.9 * diffs[t - 24]
+    return Series(np.cumsum(diffs)[:, None], ("a",), {}, None)
+
+
+def test_a_clear_inferred_season_gives_the_autoregression_its_seasonal_lag() -> None:
+    result = train(_daily_profile(600), SMALL)
+    assert result.season == 24 and result.lags == ((1, 24),)
+    assert result.model.config.lags == 24
+
+
+def test_no_seasonal_lag_where_the_inferred_period_is_noise_or_lags_are_given() -> None:
+    """Seattle's daily highs without their dates: the differences' ACF peaks at 21 days, inside the white
+    noise band, where (1, 2, 3, 21) would win on validation by chance (and did, before the band)."""
+    frame = load_dataset("seattle-weather")
+    highs = frame["temp_max"].to_numpy(dtype=float)[: int(len(frame) * 0.8), None]
+    noise = train(Series(highs, ("temp_max",), {}, None), SMALL)
+    assert noise.season == 21 and noise.lags == (newest(3),)
+    given = train(_daily_profile(600), dataclasses.replace(SMALL, lags=3))
+    assert given.lags == (newest(3),)
+
+
+def test_a_stated_season_is_the_one_tried_and_reported() -> None:
+    result = train(_daily_profile(600), dataclasses.replace(SMALL, season=12))
+    assert result.season == 12  # a set with a lag beyond its run 1..K can only have taken 12, not 24
+    assert all(own == newest(len(own)) or own[-1] == 12 for own in result.lags)
+
+
 def test_training_stops_after_patience_epochs_without_improvement() -> None:
     result = train(_series(), dataclasses.replace(SMALL, epochs=50, learning_rate=0.0, patience=2))
     assert result.stopped_by == "patience" and result.epochs == 2 and result.best_epoch == 0
@@ -86,17 +117,17 @@ def test_linear_term_is_refitted_on_every_row() -> None:
     series = _series()
     result = train(series, dataclasses.replace(SMALL, min_t=1e9))  # the GRU silent: the refit is plain AR
     diff_scale = np.array(result.model.config.diff_scale)
-    whole = fit_difference_ar(series.values, result.orders, diff_scale)
+    whole = fit_difference_ar(series.values, result.lags, diff_scale)
     np.testing.assert_allclose(result.model.autoregression.weight.detach().double().numpy(), whole.coef, atol=1e-4)
 
 
 def test_refit_leaves_a_persistence_features_trained_bias() -> None:
-    """A feature left at persistence (order 0) has no autoregression to refit: its bias is the GRU's."""
+    """A feature left at persistence (no lags) has no autoregression to refit: its bias is the GRU's."""
     model = make_forecaster(features=2, lags=4)
     with torch.no_grad():
         model.head.bias.copy_(torch.tensor([0.2, 0.3]))
     values = np.column_stack([seasonal_series(80), seasonal_series(80, seed=5)])
-    _refit_linear(model, values, (4, 0))
+    _refit_linear(model, values, ((1, 2, 3, 4), ()))
     assert model.head.bias[1].item() == pytest.approx(0.3)
     assert model.head.bias[0].item() != pytest.approx(0.2)  # the AR feature's drift was refitted
 

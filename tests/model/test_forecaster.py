@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model import Forecaster, ForecasterConfig
-from model.baselines import difference_ar_predictions, fit_difference_ar, persistence
+from model.baselines import difference_ar_predictions, fit_difference_ar, newest, persistence
 from tests.model.conftest import make_forecaster, seasonal_series
 
 
@@ -74,7 +74,7 @@ def test_fresh_forecaster_with_silent_head_is_persistence() -> None:
 def test_linear_term_computes_the_difference_autoregression() -> None:
     values = np.stack([seasonal_series(80, seed=1), seasonal_series(80, seed=2)], axis=1)
     diff_scale = np.diff(values, axis=0).std(axis=0)
-    ar = fit_difference_ar(values, (4, 2), diff_scale)
+    ar = fit_difference_ar(values, (newest(4), newest(2)), diff_scale)
     forecaster = Forecaster(
         ForecasterConfig(features=("a", "b"), hidden_size=4, lags=4, diff_scale=tuple(diff_scale.tolist()))
     )

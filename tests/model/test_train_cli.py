@@ -45,9 +45,11 @@ def test_cli_writes_a_loadable_checkpoint_a_plot_and_the_table(write_csv: CsvWri
     training = meta["training"]
     assert training["rows"] == 150 and training["validation_rows"] == 30
     assert training["filled_missing"] == {"level": 3}
+    lags = training["autoregression_lags"]  # per feature, the differences its autoregression weighs
+    assert list(lags) == ["level", "flow"] and all(own == sorted(set(own)) for own in lags.values())
     maes = training["validation_mae"]
     assert list(maes)[:2] == ["model", "persistence"]
-    assert list(maes)[2].startswith("seasonal naive m=") and list(maes)[3].startswith("AR on diffs K=")
+    assert list(maes)[2].startswith("seasonal naive m=") and list(maes)[3].startswith("AR on diffs lags ")
     assert maes["model"]["level"] < maes["persistence"]["level"]  # a season is easy to beat persistence on
     assert (out / "validation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "config.json").read_text())["version"] == meta["version"]
