@@ -34,6 +34,8 @@ DEFAULT_STEPS = 24
 DEFAULT_ADAPT_RATE = 0.1
 DEFAULT_SCALE_RATE = 0.05  # β of the running error level: a memory of about 1/β values
 SCALE_CLIP = 5.0  # one score moves the running level by at most this many times the level
+SCALE_FLOOR = 0.9  # the running level narrows intervals by at most this factor (the state keeps u itself)
+_LOG_FLOOR = np.float32(math.log(SCALE_FLOOR))
 
 
 @dataclass(frozen=True)
@@ -150,10 +152,10 @@ class Calibration:
             return scores, path, path.reshape(batch, steps, -1)
         before = carry[:, features * anchors :]  # (B, F)
         levels = level_path(scores, before, self.scale_rate, np.asarray(self.scale_start, dtype=np.float32))
-        scores = scores / np.exp(np.concatenate([before[:, None], levels[:, :-1]], axis=1))
+        scores = scores / np.exp(floored(np.concatenate([before[:, None], levels[:, :-1]], axis=1)))
         path = self.adapt(scores, log_scales)
         carried = np.concatenate([path.reshape(batch, steps, -1), levels], axis=2)
-        return scores, path + levels[..., None], carried
+        return scores, path + floored(levels)[..., None], carried
 
     def adapt(self, scores: np.ndarray, log_scales: np.ndarray) -> np.ndarray:
         """The log-scales after each step: scores (B, T, F) float32, NaN where nothing is scored (no earlier
@@ -199,6 +201,12 @@ class Calibration:
         flat = log_scales.reshape(-1, len(anchors)).astype(np.float64)
         out = np.stack([[np.interp(level, anchors, row) for row in flat] for level in levels])  # (L, n)
         return out.reshape(len(levels), *log_scales.shape[:-1])
+
+
+def floored(log_level: np.ndarray) -> np.ndarray:
+    """log u as scores and intervals use it: at least log SCALE_FLOOR, so a calm stretch narrows intervals
+    by at most that factor (a quantised series' errors sit on its steps: narrower misses them all)."""
+    return np.maximum(log_level, _LOG_FLOOR)
 
 
 def level_path(scores: np.ndarray, log_level: np.ndarray, rate: float, start: np.ndarray) -> np.ndarray:
@@ -258,7 +266,7 @@ def calibrate(model: Any, values: np.ndarray, split: int, steps: int = DEFAULT_S
     for h in range(1, horizon + 1):
         usable = rows - split - h + 1  # origins o = split − 1 + i with o + h ≤ rows − 1
         errors = np.abs(forecast[:usable, h - 1] - targets[split - 1 + h : split - 1 + h + usable]) / diff_scale
-        errors /= np.exp(log_level[split : split + usable].astype(np.float64))  # u after each origin
+        errors /= np.exp(floored(log_level[split : split + usable]).astype(np.float64))  # u after each origin
         ordered = np.sort(errors, axis=0)  # (N_h, F)
         positions = np.linspace(0, usable - 1, GRID)
         counts.append(usable)

@@ -11,7 +11,16 @@ import torch
 
 from model import Forecaster, ForecasterConfig, load_checkpoint, save_checkpoint
 from model.checkpoint import CheckpointError
-from model.conformal import ANCHORS, GRID, LOG_SCALE_LIMIT, SCALE_CLIP, Calibration, calibrate, level_path
+from model.conformal import (
+    ANCHORS,
+    GRID,
+    LOG_SCALE_LIMIT,
+    SCALE_CLIP,
+    SCALE_FLOOR,
+    Calibration,
+    calibrate,
+    level_path,
+)
 
 
 def _calibration(scores: np.ndarray, adapt_rate: float = 0.05) -> Calibration:
@@ -137,6 +146,22 @@ def test_normalised_scores_widen_intervals_as_the_noise_grows_and_keep_coverage(
     assert abs(inside.mean() - 0.8) < 0.03
 
 
+def test_a_calmer_series_narrows_intervals_through_its_running_level_by_at_most_the_floor() -> None:
+    """Values ten times calmer than the validation tail: the state's running level u follows them down, but
+    scores are counted, and intervals scaled, in units of max(u, SCALE_FLOOR)."""
+    base = _calibration(np.random.default_rng(3).exponential(size=400))
+    calibration = Calibration(base.counts, base.quantiles, 0.1, scale_rate=0.05, scale_start=(1.0,))
+    anchors = len(calibration.anchors)
+    scores = np.full((1, 200, 1), 0.1, np.float32)
+    normalised, log_scales, carried = calibration.follow(scores, np.zeros((1, anchors + 1), np.float32))
+    state_level = carried[0, :, -1]  # log u after each step, as the state keeps it
+    assert np.exp(state_level[-1]) < 0.2
+    used = np.maximum(np.exp(np.concatenate([[0.0], state_level[:-1]])), SCALE_FLOOR)
+    np.testing.assert_allclose(normalised[0, :, 0], 0.1 / used, rtol=1e-6)
+    from_level = log_scales[0, :, 0, :] - carried[0, :, :anchors]  # the interval's log-scale less the λ's
+    np.testing.assert_allclose(from_level[-1], np.log(SCALE_FLOOR), atol=1e-6)
+
+
 @pytest.mark.parametrize("damage", [
     {"counts": []}, {"counts": [0]}, {"quantiles": [[[1.0, 0.5] + [2.0] * (GRID - 2)]]},
     {"quantiles": [[[float("nan")] * GRID]]}, {"quantiles": [[[1.0] * 3]]}, {"adapt_rate": 0},
@@ -173,7 +198,7 @@ def test_calibrate_scores_each_forecast_step_from_every_origin(calibrated: tuple
     # h, window, seen | count, last, log-scales, log running level
     assert model.state_size == 8 + 3 + 1 + 1 + 1 + len(ANCHORS) + 1
     # the one-step scores are the model's own one-step errors over the tail in units of σ_d, each divided by
-    # the running level u the session held before that value arrived (unscored: the first K + 1 rows)
+    # the running level u the session held before that value arrived, floored (unscored: the first K + 1 rows)
     uncalibrated = Forecaster(model.config)
     uncalibrated.load_state_dict(model.state_dict())
     with torch.no_grad():
@@ -185,7 +210,7 @@ def test_calibrate_scores_each_forecast_step_from_every_origin(calibrated: tuple
     scored[0, :3] = np.nan
     after = level_path(scored, np.zeros((1, 1), np.float32), calibration.scale_rate,
                        np.array(calibration.scale_start, np.float32))[0, :, 0]
-    errors = np.sort(raw[399:] / np.exp(after[398:-1]))
+    errors = np.sort(raw[399:] / np.maximum(np.exp(after[398:-1]), SCALE_FLOOR))
     np.testing.assert_allclose([calibration.quantiles[0][0][0], calibration.quantiles[0][0][-1]],
                                [errors[0], errors[-1]], rtol=1e-4)
     plain = calibrate(model, values, 400, steps=6, scale_rate=0.0)
