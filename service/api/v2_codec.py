@@ -29,7 +29,7 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.extras import level_key
+from service.extras import level_key, repeats_a_level
 from service.http_fields import decimal_length
 from service.problems import Problem, describe_errors
 from service.session_ids import SESSION_ID, SESSION_ID_RULE
@@ -151,8 +151,9 @@ def _levels(parameters: dict[str, Any]) -> list[float] | None:
             or not all(isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < 100 for v in value)):
         raise v2_problem(400, f"parameter levels must be a list of 1 to {MAX_LEVELS} numbers strictly between 0"
                          f" and 100 (percent), got {value!r}")
-    if len(set(value)) != len(value):
-        raise v2_problem(400, f"parameter levels {value} repeats a level; ask for each once")
+    if repeats_a_level(value):
+        raise v2_problem(400, f"parameter levels {value} repeats a level (outputs are named by format(level, 'g'),"
+                         " 6 significant digits); ask for each once")
     return [float(v) for v in value]
 
 
