@@ -15,6 +15,7 @@ import signal
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,7 +26,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from tests.conftest import Server, ServerFactory
-from tests.service.helpers import new_id, series, stateless
+from tests.service.helpers import new_id, send, series, stateless
+from tests.service.test_model_lifecycle import add_version, polled_repository, versions, wait_for
 
 KEYS = "stream-key-acme-0123456789:acme,stream-key-other-012345678:other"
 
@@ -134,6 +136,34 @@ def test_reconnecting_and_resending_from_the_last_acknowledged_offset_resumes_ex
     want = np.array(stateless(client, values)["predictions"])
     for end, answer in answered.items():
         np.testing.assert_allclose(answer["predictions"], want[end - 8 : end], atol=1e-5)
+
+
+def test_a_pinned_session_streamed_as_a_new_version_arrives_applies_its_chunks_in_order(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """The first frames go to the newest version, which hands them on one by one to the version the session
+    is pinned to; the frames read after that go there directly and must not overtake them (values appended
+    out of order; 409s for a client that sends offsets)."""
+    repository, server = polled_repository(server_factory, tmp_path)
+    values = series(2 + 2 * 200, seed=6)
+    chunks = _chunks(values[2:], [2] * 200)
+    appended, placed = new_id("append"), new_id("offsets")
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        for session in (appended, placed):
+            assert send(client, session, values[:2], offset=0).json()["version"] == "1"
+        add_version(repository, "m", 2, seed=1)
+        wait_for(lambda: "2" in versions(client, "m"))
+    answers = {}
+    for session, frames in ((appended, [_frame(c) for _, c in chunks]),
+                            (placed, [_frame(c, 2 + o) for o, c in chunks])):
+        with _open(server, session) as ws:
+            sender = threading.Thread(target=lambda ws=ws, frames=frames: [ws.send(f) for f in frames])
+            sender.start()
+            answers[session] = [_answer(ws) for _ in frames]
+            sender.join()
+        assert [a.get("position") for a in answers[session]] == [4 + o for o, _ in chunks]
+        assert {a["version"] for a in answers[session]} == {"1"}
+    assert [a["predictions"] for a in answers[appended]] == [a["predictions"] for a in answers[placed]]
 
 
 def test_refused_frames_get_problem_frames_and_the_stream_stays_usable(server: Server) -> None:
