@@ -229,6 +229,18 @@ def test_an_invalid_session_id_refuses_the_upgrade_with_422(server: Server) -> N
     assert refused.value.response.status_code == 422
 
 
+@pytest.mark.parametrize("path", ["/v1/sessions/s-1/predict", "/v1/sessions//stream", "/v1/sessions/s-1/stream/",
+                                  "/nope"])
+def test_an_upgrade_to_a_path_without_a_stream_is_refused_404_with_a_problem(server: Server, path: str) -> None:
+    with pytest.raises(InvalidStatus) as refused:
+        connect(server.url.replace("http://", "ws://") + path, open_timeout=30)
+    response = refused.value.response
+    assert response.status_code == 404
+    assert response.headers["Content-Type"].startswith("application/problem+json")
+    problem = json.loads(response.body)
+    assert problem["type"].endswith("/not-found") and "/v1/sessions/{session_id}/stream" in problem["detail"]
+
+
 def _rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/status") as status:
         for line in status:
