@@ -271,6 +271,18 @@ def _masked_text_frame(text: str) -> bytes:
     return bytes([0x81, 0x80 | 126]) + len(payload).to_bytes(2, "big") + b"\0\0\0\0" + payload
 
 
+def test_a_text_frame_of_invalid_utf8_closes_with_1007_and_logs_no_error(server_factory: ServerFactory) -> None:
+    """RFC 6455 fails such a connection with 1007; it is the client's fault, so a warning, not an error."""
+    server = server_factory()
+    payload = b'{"values": [0.5], "x": "\xff"}'
+    with _raw_stream(server, new_id("utf8")) as sock:
+        sock.sendall(bytes([0x81, 0x80 | len(payload)]) + b"\0\0\0\0" + payload)  # masked with a zero key
+        head = sock.recv(4)
+    assert head[0] == 0x88 and int.from_bytes(head[2:4], "big") == 1007  # a close frame, 1007
+    assert "Invalid UTF-8" in server.log()
+    assert not [line for line in server.log().splitlines() if '"level":"error"' in line or "Traceback" in line]
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RSS from /proc")
 def test_a_client_that_never_reads_stops_the_server_reading_and_holds_it_to_its_window(
     server_factory: ServerFactory,
