@@ -240,7 +240,8 @@ def _input_array(tensor: _Tensor, binary: bytes, features: int, max_steps: int) 
                              f" {count}")
         if not all(type(item) is float or type(item) is int for item in flat):
             raise v2_problem(400, f"input {INPUT} data must be numbers only (no strings, booleans or null)")
-        array = np.array(flat, dtype=np.float32)
+        with np.errstate(over="ignore"):  # beyond FP32 becomes inf, refused below (no warning in the log)
+            array = np.array(flat, dtype=np.float32)
         taken = 0
     array = array.reshape(steps, width)  # (T, F)
     if not np.isfinite(array).all():
