@@ -178,9 +178,10 @@ class StreamSession(_Window):
 
     def _connection(self) -> ClientConnection:
         if self._ws is None:
-            # entered as a context (websockets 16+ deprecates a bare connect()); closed by close() or a reconnect
+            # entered as a context (websockets 16+ deprecates a bare connect()); closed by close() or a reconnect;
+            # no frame limit: an answer with intervals is many times its chunk, as large as the service makes it
             self._ws = connect(self.url, additional_headers=self.headers, open_timeout=self.timeout,
-                               compression=None).__enter__()
+                               compression=None, max_size=None).__enter__()
         return self._ws
 
     def _reconnect(self, failure: BaseException) -> None:
@@ -247,7 +248,7 @@ class AsyncStreamSession(_Window):
     async def _connection(self) -> AsyncConnection:
         if self._ws is None:
             self._ws = await async_connect(self.url, additional_headers=self.headers, open_timeout=self.timeout,
-                                           compression=None)
+                                           compression=None, max_size=None)
         return self._ws
 
     async def _reconnect(self, failure: BaseException) -> None:

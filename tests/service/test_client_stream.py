@@ -17,7 +17,7 @@ import pytest
 
 from harness.processes import ROOT
 from service.client import AsyncClient, Client, OffsetConflict, Prediction, Retry, ServiceError
-from tests.conftest import Server, ServerFactory
+from tests.conftest import Server, ServerFactory, make_tiny_model
 from tests.service.helpers import new_id, position, series, stateless
 from tests.service.proxy import LoopbackProxy
 
@@ -143,3 +143,29 @@ def test_cli_streams_a_csv_over_the_websocket(server: Server, client: httpx.Clie
     predicted = np.array([[float(v) for v in row[2:3]] for row in rows[2:]])
     np.testing.assert_allclose(sent, values, atol=1e-6)
     np.testing.assert_allclose(predicted, stateless(client, sent)["predictions"], atol=1e-5)
+
+
+def test_a_streaming_session_takes_answers_over_a_mebibyte_as_http_does(server_factory: ServerFactory,
+                                                                         tmp_path: Path) -> None:
+    """Intervals at four levels and scores make an answer about ten times its chunk: 4096 steps of three
+    features answer over the WebSocket client's default 1 MiB frame limit, and the service sends them."""
+    server = server_factory(make_tiny_model(tmp_path / "wide", features=("p", "q", "r"), error_scale=1.0))
+    values = series(4096, seed=8, features=3)
+    fields = {"levels": [80, 90, 95, 99], "scores": True}
+
+    async def streamed_async() -> list[Prediction]:
+        async with AsyncClient(server.url, retry=FAST) as api:
+            session = await api.stream_session(new_id("aws"))
+            async with session:
+                return [a async for a in session.stream(values, chunk=4096, **fields)]
+
+    with Client(server.url, retry=FAST) as api:
+        posted = api.session(new_id("http")).predict(values, **fields)
+        with api.stream_session(new_id("ws")) as session:
+            streamed = list(session.stream(values, chunk=4096, **fields))
+    assert len(httpx.post(server.url + "/v1/predict", json={"values": values.tolist(), **fields},
+                          timeout=60).content) > 2**20
+    for answers in (streamed, asyncio.run(streamed_async())):
+        assert [answer.position for answer in answers] == [4096]
+        assert (answers[0].predictions, answers[0].intervals, answers[0].scores) == (
+            posted.predictions, posted.intervals, posted.scores)
