@@ -229,6 +229,15 @@ class BatchQueue:
         self._waiting.append(chunk)
         self._wake.set()
 
+    def withdraw(self, key: str) -> list[Chunk]:
+        """Take every waiting chunk of session ``key`` out, in their order (to follow one of them handed to
+        another queue, so that no later chunk of the session overtakes it there)."""
+        taken = [chunk for chunk in self._waiting if chunk.key == key]
+        if taken:
+            self._waiting = deque(chunk for chunk in self._waiting if chunk.key != key)
+            self._hand_out()
+        return taken
+
     def close(self) -> None:
         """Stop waiting for batches to fill; ``next_batch`` drains what waits, then returns None."""
         self._closed = True

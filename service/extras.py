@@ -6,6 +6,7 @@ the exact-retry fingerprint. Requests without it keep today's answers byte for b
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -24,3 +25,9 @@ NO_EXTRAS = Extras()
 def level_key(level: float) -> str:
     """How a level names its interval in an answer: 80 and 80.0 are "80", 99.5 is "99.5"."""
     return format(level, "g")
+
+
+def repeats_a_level(levels: Sequence[float]) -> bool:
+    """Whether two of ``levels`` name the same interval: 80 and 80.0, and also 80 and 80.0000001 (both
+    "80"), whose second interval would replace the first in the answer."""
+    return len({level_key(level) for level in levels}) != len(levels)

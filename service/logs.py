@@ -24,6 +24,17 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry).decode()
 
 
+class _ClientFaults(logging.Filter):
+    """uvicorn logs a WebSocket text frame of invalid UTF-8 as an error with a traceback, though it answers it
+    as RFC 6455 says (close 1007): the client's fault, so a warning without the traceback here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "Invalid UTF-8 sequence received from client.":
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def configure(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
@@ -35,3 +46,4 @@ def configure(level: str) -> None:
         logger.handlers[:] = []
         logger.propagate = True
     logging.getLogger("uvicorn.access").disabled = True  # our access line replaces it
+    logging.getLogger("uvicorn.error").addFilter(_ClientFaults())

@@ -150,6 +150,11 @@ class ServedModel:
         if target is engine:
             return False
         target.queue.hand_over(chunk)
+        # The session's later chunks waiting here follow it, in order: the pin just set sends its next chunks
+        # straight to ``target``, where they must not overtake these (a stream pipelines them).
+        if chunk.key is not None:
+            for later in engine.queue.withdraw(chunk.key):
+                target.queue.hand_over(later)
         return True
 
 

@@ -140,7 +140,8 @@ def chunk_array(
             f"horizon {horizon} is over GRU_MAX_HORIZON={settings.max_horizon}", [*loc[:-1], "horizon"]
         )
     try:
-        array = np.array(values, dtype=np.float32)
+        with np.errstate(over="ignore"):  # beyond float32 becomes inf, refused below (no warning in the log)
+            array = np.array(values, dtype=np.float32)
     except ValueError:  # ragged rows
         array = np.empty((steps, 0, 0), dtype=np.float32)
     if array.ndim == 1:

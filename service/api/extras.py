@@ -4,7 +4,7 @@ that carries a calibration to answer them with."""
 from __future__ import annotations
 
 from model import Forecaster
-from service.extras import NO_EXTRAS, Extras
+from service.extras import NO_EXTRAS, Extras, repeats_a_level
 from service.problems import Problem
 
 NOT_CALIBRATED = (
@@ -19,8 +19,9 @@ def requested(levels: list[float] | None, scores: bool, forecaster: Forecaster, 
     the request's fields sit (["body"], a batch item's)."""
     if not levels and not scores:
         return NO_EXTRAS
-    if levels and len(set(levels)) != len(levels):
-        detail = f"levels {levels} repeat a level; each interval is asked for once"
+    if levels and repeats_a_level(levels):
+        detail = (f"levels {levels} repeat a level (intervals are named by format(level, 'g'), 6 significant"
+                  " digits); each interval is asked for once")
         raise Problem(422, "invalid-request", detail,
                       errors=[{"loc": [*loc, "levels"], "msg": detail, "type": "value_error"}])
     if forecaster.calibration is None:

@@ -22,10 +22,13 @@ from service.api.bodies import chunk_array, parse, path_session_id
 from service.api.deps import served_model
 from service.api.extras import requested
 from service.api.openapi import RawOperation
+from service.api.stream import MODEL_PATH as STREAM_MODEL_PATH
+from service.api.stream import PATH as STREAM_PATH
 from service.api.stream import ROUTES as STREAM_ROUTES
 from service.api.stream import Streams
 from service.auth import tenant_of
 from service.batch_queue import BatchQueue
+from service.http_fields import send_problem
 from service.models import ServedModel
 from service.problems import Problem, as_problem, invalid
 from service.refusals import Refusal
@@ -91,7 +94,7 @@ ROUTES = [
 class HotRoutes:
     """Innermost user middleware: answers the predict routes before FastAPI's exception middleware, exit
     stack and router (one regex match instead of walking every route), and the stream route's WebSocket
-    (``service.api.stream``); passes everything else on.
+    (``service.api.stream``; any other upgrade is a 404 problem); passes everything else on.
 
     A predict call gets its place in the queue of the engine its chunk goes to (the model's, by
     ``ServedModel.engine_for``) here, before its body is read or parsed: at once
@@ -143,6 +146,10 @@ class HotRoutes:
                     scope.update(child_scope, route=stream_route)
                     await self.streams.serve(scope, receive, send)
                     return
+            # the streams are the only WebSocket routes: any other upgrade gets the HTTP 404's problem
+            await send_problem(Problem(404, "not-found", f"no WebSocket route {scope['path']}; streams are at"
+                                       f" {STREAM_PATH} and {STREAM_MODEL_PATH}"), scope, send)
+            return
         await self.app(scope, receive, send)
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.extras import level_key
+from service.extras import level_key, repeats_a_level
 from service.http_fields import decimal_length
 from service.problems import Problem, describe_errors
 from service.session_ids import SESSION_ID, SESSION_ID_RULE
@@ -151,8 +151,9 @@ def _levels(parameters: dict[str, Any]) -> list[float] | None:
             or not all(isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < 100 for v in value)):
         raise v2_problem(400, f"parameter levels must be a list of 1 to {MAX_LEVELS} numbers strictly between 0"
                          f" and 100 (percent), got {value!r}")
-    if len(set(value)) != len(value):
-        raise v2_problem(400, f"parameter levels {value} repeats a level; ask for each once")
+    if repeats_a_level(value):
+        raise v2_problem(400, f"parameter levels {value} repeats a level (outputs are named by format(level, 'g'),"
+                         " 6 significant digits); ask for each once")
     return [float(v) for v in value]
 
 
@@ -239,7 +240,8 @@ def _input_array(tensor: _Tensor, binary: bytes, features: int, max_steps: int) 
                              f" {count}")
         if not all(type(item) is float or type(item) is int for item in flat):
             raise v2_problem(400, f"input {INPUT} data must be numbers only (no strings, booleans or null)")
-        array = np.array(flat, dtype=np.float32)
+        with np.errstate(over="ignore"):  # beyond FP32 becomes inf, refused below (no warning in the log)
+            array = np.array(flat, dtype=np.float32)
         taken = 0
     array = array.reshape(steps, width)  # (T, F)
     if not np.isfinite(array).all():

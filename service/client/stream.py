@@ -6,10 +6,11 @@
 
 Up to ``window`` chunks are sent before their answers arrive, each with the offset it starts at. When the
 connection drops (or a frame is refused with a 429 or a 5xx) the session reconnects with backoff and
-resends every chunk not yet answered, from the last acknowledged offset: the service applies each once (the
-README's offset rules). A chunk the service had applied but whose answer was lost with the connection, and
-is not the last it applied, comes back as a 409 naming a position past it: its steps are in the session,
-its answer is gone; it is listed in ``lost`` ((offset, steps) pairs) and the stream goes on.
+resends every chunk not yet answered, from the last acknowledged offset (``Unavailable`` once
+``retry.attempts`` tries in a row have had no answer): the service applies each once (the README's offset
+rules). A chunk the service had applied but whose answer was lost with the connection, and is not the last
+it applied, comes back as a 409 naming a position past it: its steps are in the session, its answer is
+gone; it is listed in ``lost`` ((offset, steps) pairs) and the stream goes on.
 ``AsyncStreamSession`` is the same with ``await``.
 """
 
@@ -74,6 +75,7 @@ class _Window:
         self.unanswered: deque[_Sent] = deque()
         self.lost: list[tuple[int, int]] = []
         self.reconnects = 0
+        self._failures = 0  # failures since the last answer: a reconnect that goes through is no progress
         self._next = position  # where the next chunk starts
 
     def _frame(self, rows: list[Any], fields: dict[str, Any]) -> str:
@@ -92,6 +94,7 @@ class _Window:
         status = answer.get("status")
         if status is None:
             self.unanswered.popleft()
+            self._failures = 0
             prediction = Prediction.from_json(answer)
             self.position = int(prediction.position or 0)
             return prediction
@@ -100,6 +103,7 @@ class _Window:
         sent = self.unanswered[0]
         if status == 409 and sent.resent and int(answer.get("position", -1)) >= sent.offset + sent.steps:
             self.unanswered.popleft()
+            self._failures = 0
             self.lost.append((sent.offset, sent.steps))
             self.position = sent.offset + sent.steps
             return None
@@ -110,8 +114,9 @@ class _Window:
             sent.resent = True
         return [sent.frame for sent in self.unanswered]
 
-    def _pause(self, attempt: int, failure: BaseException) -> float:
-        """Seconds before reconnect ``attempt`` (0 first), or the error to give up with."""
+    def _pause(self, failure: BaseException) -> float:
+        """Seconds before the next reconnect, or the error to give up with once ``retry.attempts`` tries in a
+        row have had no answer."""
         if isinstance(failure, InvalidStatus) and failure.response.status_code not in RETRY_STATUSES:
             response = failure.response
             try:
@@ -122,6 +127,8 @@ class _Window:
         code = getattr(getattr(failure, "rcvd", None), "code", None)
         if code in _FATAL_CLOSE:
             raise ServiceError(_FATAL_CLOSE[code], {"detail": f"the service closed the stream with {code}"})
+        attempt = self._failures
+        self._failures += 1
         if attempt >= self.retry.attempts - 1:
             raise Unavailable(None, {"detail": str(failure)},
                               f"gave up after {self.retry.attempts} attempts; last: {failure!r}") from failure
@@ -178,14 +185,15 @@ class StreamSession(_Window):
 
     def _connection(self) -> ClientConnection:
         if self._ws is None:
-            # entered as a context (websockets 16+ deprecates a bare connect()); closed by close() or a reconnect
+            # entered as a context (websockets 16+ deprecates a bare connect()); closed by close() or a reconnect;
+            # no frame limit: an answer with intervals is many times its chunk, as large as the service makes it
             self._ws = connect(self.url, additional_headers=self.headers, open_timeout=self.timeout,
-                               compression=None).__enter__()
+                               compression=None, max_size=None).__enter__()
         return self._ws
 
     def _reconnect(self, failure: BaseException) -> None:
-        for attempt in range(self.retry.attempts):
-            time.sleep(self._pause(attempt, failure))
+        while True:  # until a reconnect goes through, or ``_pause`` gives up
+            time.sleep(self._pause(failure))
             if self._ws is not None:
                 self._ws.close_socket()
                 self._ws = None
@@ -247,12 +255,12 @@ class AsyncStreamSession(_Window):
     async def _connection(self) -> AsyncConnection:
         if self._ws is None:
             self._ws = await async_connect(self.url, additional_headers=self.headers, open_timeout=self.timeout,
-                                           compression=None)
+                                           compression=None, max_size=None)
         return self._ws
 
     async def _reconnect(self, failure: BaseException) -> None:
-        for attempt in range(self.retry.attempts):
-            await asyncio.sleep(self._pause(attempt, failure))
+        while True:  # until a reconnect goes through, or ``_pause`` gives up
+            await asyncio.sleep(self._pause(failure))
             if self._ws is not None:
                 self._ws.transport.abort()
                 self._ws = None

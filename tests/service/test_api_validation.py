@@ -68,6 +68,15 @@ def test_bad_stateless_call_gets_a_problem(client: httpx.Client, case: str, body
     assert_problem(client.post("/v1/predict", content=body), status)
 
 
+def test_values_beyond_float32_are_refused_and_the_log_stays_json_lines(server_factory: ServerFactory) -> None:
+    server = server_factory()
+    assert_problem(httpx.post(server.url + "/v1/predict", content=b'{"values": [1e39]}'), 422)
+    tensor = {"name": "values", "shape": [1, 1], "datatype": "FP32", "data": [1e39]}
+    assert_problem(httpx.post(server.url + "/v2/models/tiny/infer", json={"inputs": [tensor]}), 400)
+    for line in server.log().splitlines():
+        json.loads(line)  # numpy's overflow warning would be two lines of plain text
+
+
 def test_errors_name_the_field(client: httpx.Client) -> None:
     problem = assert_problem(client.post("/v1/predict", json={"values": [1.0], "horizon": -1}), 422)
     assert ["body", "horizon"] in [error["loc"] for error in problem["errors"]]

@@ -4,6 +4,7 @@ from the last acknowledged offset, refusals raised; the CLI's --transport ws."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import socket
 import subprocess
@@ -16,8 +17,8 @@ import numpy as np
 import pytest
 
 from harness.processes import ROOT
-from service.client import AsyncClient, Client, OffsetConflict, Prediction, Retry, ServiceError
-from tests.conftest import Server, ServerFactory
+from service.client import AsyncClient, Client, OffsetConflict, Prediction, Retry, ServiceError, Unavailable
+from tests.conftest import Server, ServerFactory, make_tiny_model
 from tests.service.helpers import new_id, position, series, stateless
 from tests.service.proxy import LoopbackProxy
 
@@ -25,17 +26,19 @@ FAST = Retry(attempts=5, backoff=0.01, max_delay=0.05)
 
 
 class CuttingProxy(LoopbackProxy):
-    """A loopback TCP proxy whose first connection is cut (both ways) once it has relayed ``budget`` bytes
-    from the server: a stream dropped mid-way, answers lost in flight. Later connections relay everything."""
+    """A loopback TCP proxy whose first connection (``every``: each one) is cut (both ways) once it has
+    relayed ``budget`` bytes from the server: a stream dropped mid-way, answers lost in flight. Later
+    connections relay everything."""
 
-    def __init__(self, target: str, budget: int):
+    def __init__(self, target: str, budget: int, every: bool = False):
         super().__init__(target)
         self._budget = budget
+        self._every = every
         self.connections = 0
         self.start()
 
     def _relay(self, downstream: socket.socket, upstream: socket.socket) -> None:
-        budget = self._budget if self.connections == 0 else None
+        budget = self._budget if self.connections == 0 or self._every else None
         self.connections += 1
         threading.Thread(target=self._pipe, args=(downstream, upstream, None), daemon=True).start()
         threading.Thread(target=self._pipe, args=(upstream, downstream, budget), daemon=True).start()
@@ -52,7 +55,9 @@ class CuttingProxy(LoopbackProxy):
                     break
         except OSError:
             pass
-        for end in (source, sink):
+        for end in (source, sink):  # shut down first: a close alone waits for the other direction's recv
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
             end.close()
 
 
@@ -112,6 +117,19 @@ def test_the_async_streaming_session_resumes_the_same_way(server: Server, client
     _check(answers, lost, values, 8, client)
 
 
+def test_a_streaming_session_whose_answers_never_arrive_gives_up_after_its_attempts(server: Server) -> None:
+    """Every reconnect goes through, every answer is cut: the attempts count until an answer arrives, so
+    the session raises instead of reconnecting for ever."""
+    proxy = CuttingProxy(server.url, budget=1024, every=True)  # the upgrade's 101, then part of an answer
+    try:
+        with (Client(proxy.url, retry=FAST) as api, api.stream_session(new_id("never")) as session,
+              pytest.raises(Unavailable)):
+            list(session.stream(series(400, seed=3), chunk=400))
+    finally:
+        proxy.close()
+    assert session.reconnects == FAST.attempts - 1 and proxy.connections == FAST.attempts
+
+
 def test_a_streaming_session_raises_a_conflict_and_an_auth_refusal(server_factory: ServerFactory) -> None:
     server = server_factory(GRU_API_KEYS="client-stream-key-0123456:acme")
     with Client(server.url, "client-stream-key-0123456", retry=FAST) as api:
@@ -143,3 +161,29 @@ def test_cli_streams_a_csv_over_the_websocket(server: Server, client: httpx.Clie
     predicted = np.array([[float(v) for v in row[2:3]] for row in rows[2:]])
     np.testing.assert_allclose(sent, values, atol=1e-6)
     np.testing.assert_allclose(predicted, stateless(client, sent)["predictions"], atol=1e-5)
+
+
+def test_a_streaming_session_takes_answers_over_a_mebibyte_as_http_does(server_factory: ServerFactory,
+                                                                         tmp_path: Path) -> None:
+    """Intervals at four levels and scores make an answer about ten times its chunk: 4096 steps of three
+    features answer over the WebSocket client's default 1 MiB frame limit, and the service sends them."""
+    server = server_factory(make_tiny_model(tmp_path / "wide", features=("p", "q", "r"), error_scale=1.0))
+    values = series(4096, seed=8, features=3)
+    fields = {"levels": [80, 90, 95, 99], "scores": True}
+
+    async def streamed_async() -> list[Prediction]:
+        async with AsyncClient(server.url, retry=FAST) as api:
+            session = await api.stream_session(new_id("aws"))
+            async with session:
+                return [a async for a in session.stream(values, chunk=4096, **fields)]
+
+    with Client(server.url, retry=FAST) as api:
+        posted = api.session(new_id("http")).predict(values, **fields)
+        with api.stream_session(new_id("ws")) as session:
+            streamed = list(session.stream(values, chunk=4096, **fields))
+    assert len(httpx.post(server.url + "/v1/predict", json={"values": values.tolist(), **fields},
+                          timeout=60).content) > 2**20
+    for answers in (streamed, asyncio.run(streamed_async())):
+        assert [answer.position for answer in answers] == [4096]
+        assert (answers[0].predictions, answers[0].intervals, answers[0].scores) == (
+            posted.predictions, posted.intervals, posted.scores)

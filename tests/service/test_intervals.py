@@ -141,7 +141,7 @@ def test_exact_retries_repeat_levels_and_scores_and_other_fields_are_another_chu
 _BAD_LEVELS = {
     "zero": b'[0]', "a hundred": b'[100]', "over a hundred": b'[150]', "a string": b'["95"]',
     "five levels": b'[50, 60, 70, 80, 90]', "NaN": b'[NaN]', "a repeat": b'[80, 80.0]', "none": b'[]',
-    "not a list": b'95',
+    "not a list": b'95', "two levels one key": b'[80, 80.0000001]',  # both would answer as intervals["80"]
 }
 
 
@@ -238,7 +238,7 @@ def test_v2_answers_intervals_and_scores_as_output_tensors(http: httpx.Client, c
     picked = _post(http, "/v2/models/seattle-temp/infer", {**body, "outputs": [{"name": "upper_90"}]})
     assert [o["name"] for o in picked["outputs"]] == ["upper_90"]
     for parameters in ({"levels": [100]}, {"levels": "90"}, {"levels": [90, 90]}, {"levels": [1, 2, 3, 4, 5]},
-                       {"scores": "yes"}):
+                       {"levels": [90, 90.0000001]}, {"scores": "yes"}):
         response = http.post("/v2/models/seattle-temp/infer", json={**body, "parameters": parameters})
         assert_problem(response, 400)
     tiny = client.get("/v1/model").json()["name"]

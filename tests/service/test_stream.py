@@ -15,6 +15,7 @@ import signal
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,7 +26,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from tests.conftest import Server, ServerFactory
-from tests.service.helpers import new_id, series, stateless
+from tests.service.helpers import new_id, send, series, stateless
+from tests.service.test_model_lifecycle import add_version, polled_repository, versions, wait_for
 
 KEYS = "stream-key-acme-0123456789:acme,stream-key-other-012345678:other"
 
@@ -136,6 +138,34 @@ def test_reconnecting_and_resending_from_the_last_acknowledged_offset_resumes_ex
         np.testing.assert_allclose(answer["predictions"], want[end - 8 : end], atol=1e-5)
 
 
+def test_a_pinned_session_streamed_as_a_new_version_arrives_applies_its_chunks_in_order(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """The first frames go to the newest version, which hands them on one by one to the version the session
+    is pinned to; the frames read after that go there directly and must not overtake them (values appended
+    out of order; 409s for a client that sends offsets)."""
+    repository, server = polled_repository(server_factory, tmp_path)
+    values = series(2 + 2 * 200, seed=6)
+    chunks = _chunks(values[2:], [2] * 200)
+    appended, placed = new_id("append"), new_id("offsets")
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        for session in (appended, placed):
+            assert send(client, session, values[:2], offset=0).json()["version"] == "1"
+        add_version(repository, "m", 2, seed=1)
+        wait_for(lambda: "2" in versions(client, "m"))
+    answers = {}
+    for session, frames in ((appended, [_frame(c) for _, c in chunks]),
+                            (placed, [_frame(c, 2 + o) for o, c in chunks])):
+        with _open(server, session) as ws:
+            sender = threading.Thread(target=lambda ws=ws, frames=frames: [ws.send(f) for f in frames])
+            sender.start()
+            answers[session] = [_answer(ws) for _ in frames]
+            sender.join()
+        assert [a.get("position") for a in answers[session]] == [4 + o for o, _ in chunks]
+        assert {a["version"] for a in answers[session]} == {"1"}
+    assert [a["predictions"] for a in answers[appended]] == [a["predictions"] for a in answers[placed]]
+
+
 def test_refused_frames_get_problem_frames_and_the_stream_stays_usable(server: Server) -> None:
     session = new_id("bad")
     values = series(10, seed=1)
@@ -199,6 +229,18 @@ def test_an_invalid_session_id_refuses_the_upgrade_with_422(server: Server) -> N
     assert refused.value.response.status_code == 422
 
 
+@pytest.mark.parametrize("path", ["/v1/sessions/s-1/predict", "/v1/sessions//stream", "/v1/sessions/s-1/stream/",
+                                  "/nope"])
+def test_an_upgrade_to_a_path_without_a_stream_is_refused_404_with_a_problem(server: Server, path: str) -> None:
+    with pytest.raises(InvalidStatus) as refused:
+        connect(server.url.replace("http://", "ws://") + path, open_timeout=30)
+    response = refused.value.response
+    assert response.status_code == 404
+    assert response.headers["Content-Type"].startswith("application/problem+json")
+    problem = json.loads(response.body)
+    assert problem["type"].endswith("/not-found") and "/v1/sessions/{session_id}/stream" in problem["detail"]
+
+
 def _rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/status") as status:
         for line in status:
@@ -227,6 +269,18 @@ def _masked_text_frame(text: str) -> bytes:
     payload = text.encode()
     assert len(payload) < 65536
     return bytes([0x81, 0x80 | 126]) + len(payload).to_bytes(2, "big") + b"\0\0\0\0" + payload
+
+
+def test_a_text_frame_of_invalid_utf8_closes_with_1007_and_logs_no_error(server_factory: ServerFactory) -> None:
+    """RFC 6455 fails such a connection with 1007; it is the client's fault, so a warning, not an error."""
+    server = server_factory()
+    payload = b'{"values": [0.5], "x": "\xff"}'
+    with _raw_stream(server, new_id("utf8")) as sock:
+        sock.sendall(bytes([0x81, 0x80 | len(payload)]) + b"\0\0\0\0" + payload)  # masked with a zero key
+        head = sock.recv(4)
+    assert head[0] == 0x88 and int.from_bytes(head[2:4], "big") == 1007  # a close frame, 1007
+    assert "Invalid UTF-8" in server.log()
+    assert not [line for line in server.log().splitlines() if '"level":"error"' in line or "Traceback" in line]
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RSS from /proc")
