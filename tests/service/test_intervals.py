@@ -25,7 +25,7 @@ from service.sessions.base import Write
 from tests.conftest import Server, ServerFactory, start_server
 from tests.service.helpers import assert_problem, new_id, position, send
 
-LAGS = 52  # the shipped model's lag window: a spike stays in it for this many steps
+LAGS = json.loads((DEFAULT_MODEL_PATH / "config.json").read_text())["model"]["lags"]  # a spike stays this long in view
 
 
 @pytest.fixture(scope="module")
