@@ -94,6 +94,21 @@ def test_levels_between_anchors_interpolate_and_widths_grow_with_the_level() -> 
     assert (np.diff(widths) > 0).all()
 
 
+def test_intervals_are_nested_when_the_anchors_adapted_apart() -> None:
+    """A run of misses at 95% only (λ₉₅ up) and of hits at 99% (λ₉₉ down): the 99.5% interval, scaled by
+    λ₉₉, would be narrower than the 95%; each level's interval holds every lower anchor's, the same whichever
+    other levels are asked, one step ahead and in a forecast."""
+    calibration = _calibration(np.random.default_rng(4).exponential(size=500))
+    log_scales = np.zeros((1, 1, len(ANCHORS)), np.float32)
+    log_scales[..., ANCHORS.index(95.0)], log_scales[..., ANCHORS.index(99.0)] = 1.0, -1.0
+    unit = np.ones(1)
+    for args in ((log_scales, unit), (log_scales[0], unit, 3)):
+        both = calibration.half_widths(np.array([95.0, 99.5]), *args)
+        assert (both[1] >= both[0]).all()
+        np.testing.assert_array_equal(calibration.half_widths(np.array([99.5]), *args)[0], both[1])
+        np.testing.assert_array_equal(calibration.half_widths(np.array([95.0]), *args)[0], both[0])
+
+
 def test_forecast_widths_past_the_calibrated_steps_grow_as_a_random_walk() -> None:
     rng = np.random.default_rng(3)
     steps = [tuple(float(q) for q in np.sort(np.abs(rng.standard_normal(GRID))) * (h + 1)) for h in range(3)]
