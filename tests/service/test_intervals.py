@@ -70,8 +70,8 @@ def test_spikes_rank_above_every_ordinary_step_and_score_alike_in_chunks_and_in_
 ) -> None:
     """Spikes of 2 °F in a stretch of the real series: each one's p-value is below every ordinary step's
     (AUC 1). The warm-up (the first K steps from a fresh state) and the K + 1 steps after a spike, whose lag
-    window still holds one of the two differences it made (echoes), are neither. Streamed in chunks of 37 or sent whole, the scores agree;
-    the first K + 1 values, predicted without a full lag window, have none."""
+    window still holds one of the two differences it made (echoes), are neither. Streamed in chunks of 37 or
+    sent whole, the scores agree; the first K + 1 values, predicted without a full lag window, have none."""
     values = _seattle(2000, 1000)
     rng = np.random.default_rng(0)
     spikes = np.arange(100, 950, 80) + rng.integers(0, 20, 11)
