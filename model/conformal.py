@@ -186,24 +186,24 @@ class Calibration:
         calibrated steps the last one's, widened by √(h / H) as a random walk's spread grows.
         """
         levels = np.asarray(levels, dtype=np.float64)
-        anchors = np.asarray(self.anchors)
-        own = self._widths(levels, np.exp(self._log_scale_at(levels, log_scales)), steps)  # (L, T, F)
-        at_anchors = self._widths(anchors, np.exp(np.moveaxis(log_scales.astype(np.float64), -1, 0)), steps)
-        # Nested: each anchor adapts its own λ, so two anchors' widths can cross (a run of misses at 95% only);
-        # a level's interval is at least that of every anchor at or below it, whichever levels were asked.
-        below = (anchors[None, :] <= levels[:, None]).reshape(len(levels), len(anchors), *[1] * (own.ndim - 1))
+        asked, anchors = len(levels), np.asarray(self.anchors)
+        # The anchors' own widths come along (one pass over the quantiles): each anchor adapts its own λ, so
+        # two anchors' widths can cross (a run of misses at 95% only), and a level's interval is nested: at
+        # least that of every anchor at or below it, whichever levels were asked.
+        every = np.concatenate([levels, anchors])
+        scale = np.exp(np.concatenate([self._log_scale_at(levels, log_scales),
+                                       np.moveaxis(log_scales.astype(np.float64), -1, 0)]))  # (L + A, [T,] F)
+        if steps is None:
+            widths = self.quantile(every, 0)[:, None, :] * scale  # (L + A, T, F)
+        else:
+            calibrated = self.steps
+            base = np.stack([self.quantile(every, min(h, calibrated) - 1) * math.sqrt(max(h / calibrated, 1.0))
+                             for h in range(1, steps + 1)], axis=1)  # (L + A, steps, F)
+            widths = base * scale[:, None, :]
+        own, at_anchors = widths[:asked], widths[asked:]
+        below = (anchors[None, :] <= levels[:, None]).reshape(asked, len(anchors), *[1] * (own.ndim - 1))
         nested = np.maximum(own, np.where(below, at_anchors[None], 0.0).max(axis=1))
         return (nested * diff_scale).astype(np.float32)
-
-    def _widths(self, levels: np.ndarray, scale: np.ndarray, steps: int | None) -> np.ndarray:
-        """Half-widths in units of σ_d at ``levels`` from their scales (L, T, F) or (L, F): ``half_widths``
-        before nesting."""
-        if steps is None:
-            return self.quantile(levels, 0)[:, None, :] * scale
-        calibrated = self.steps
-        base = np.stack([self.quantile(levels, min(h, calibrated) - 1) * math.sqrt(max(h / calibrated, 1.0))
-                         for h in range(1, steps + 1)], axis=1)  # (L, steps, F)
-        return base * scale[:, None, :]
 
     def _log_scale_at(self, levels: np.ndarray, log_scales: np.ndarray) -> np.ndarray:
         """Each level's log-scale, linear in the level between the two anchors around it (the nearest

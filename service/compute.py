@@ -139,11 +139,11 @@ class BatchCompute:
         return Computed(predictions, forecasts, states_out, finite, surprises, asked)
 
     def _extras(self, extras: Extras, predictions: np.ndarray, forecast: np.ndarray | None,
-                p_values: np.ndarray | None, log_scales: np.ndarray | None) -> dict[str, Any]:
+                p_values: np.ndarray, log_scales: np.ndarray) -> dict[str, Any]:
         """The answer's ``intervals``, ``forecast_intervals`` and ``scores`` a chunk asked for (the routes
         refuse them for a model without calibration, so here there is one)."""
         calibration = self.forecaster.calibration
-        assert calibration is not None and p_values is not None and log_scales is not None
+        assert calibration is not None
         out: dict[str, Any] = {}
         if extras.levels:
             levels = np.array(extras.levels)
