@@ -8,7 +8,9 @@ ranks (``GRID`` values, linear between them), so any level can be asked for late
 With a ``scale_rate`` (every calibration the training CLI writes) the scores are normalised: each series
 tracks its recent error level, a running mean u of its scores relative to the validation tail's mean, and
 a score is counted in units of the u known before it arrived. Intervals then widen and narrow with the
-series' noise at once, as a volatility model's do, and the calibration measures what is left.
+series' noise at once, as a volatility model's do, and the calibration measures what is left. A score is
+also divided by the level factor g(x) = 1 + w·(x − c) of the value x its prediction was made at, a line
+fitted on the training rows' errors: a price moves more when it is high, a temperature in the warm season.
 
 While serving, each series keeps a log-scale per feature and per anchor level in its state, updated with
 every arriving value by adaptive conformal inference in its quantile-tracking form (Gibbs & Candès 2021;
@@ -31,11 +33,14 @@ ANCHORS = (50.0, 80.0, 90.0, 95.0, 99.0)  # levels (%) whose log-scale each seri
 GRID = 257  # order statistics kept per forecast step and feature
 LOG_SCALE_LIMIT = 5.0  # |log-scale| cap: a long flat stretch cannot shrink intervals beyond recovery
 DEFAULT_STEPS = 24
-DEFAULT_ADAPT_RATE = 0.1
+DEFAULT_ADAPT_RATE = 0.02
 DEFAULT_SCALE_RATE = 0.05  # β of the running error level: a memory of about 1/β values
 SCALE_CLIP = 5.0  # one score moves the running level by at most this many times the level
 SCALE_FLOOR = 0.9  # the running level narrows intervals by at most this factor (the state keeps u itself)
 _LOG_FLOOR = np.float32(math.log(SCALE_FLOOR))
+LEVEL_FLOOR = 0.25  # the level factor g(x) narrows intervals by at most this factor; it widens them up to e^5
+_LOG_LEVEL_FLOOR = math.log(LEVEL_FLOOR)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,8 @@ class Calibration:
     anchors: tuple[float, ...] = ANCHORS
     scale_rate: float = 0.0  # β of the running error level; 0: scores are not normalised (older checkpoints)
     scale_start: tuple[float, ...] = ()  # per feature, the validation tail's mean score: where u = 1
+    level_centre: tuple[float, ...] = ()  # per feature, c of the level factor g(x) = 1 + w·(x − c); () : g = 1
+    level_slope: tuple[float, ...] = ()  # per feature, w of the level factor
     _table: np.ndarray = field(init=False, repr=False, compare=False)  # (H, F, GRID) float64
     _anchor_q: np.ndarray = field(init=False, repr=False, compare=False)  # (F, A) one-step quantiles, float32
 
@@ -78,6 +85,13 @@ class Calibration:
                                            and math.isfinite(v) and v > 0 for v in start):
             raise ValueError(f"calibration scale_start must be {wanted} finite numbers > 0 (one per feature with"
                              f" a scale_rate, none without), got {start!r}")
+        centre, slope = self.level_centre, self.level_slope
+        wanted = table.shape[1] if slope else 0
+        if not beta and slope or len(centre) != wanted or len(slope) != wanted or not all(
+                isinstance(v, float | int) and not isinstance(v, bool) and abs(v) <= _FLOAT32_MAX
+                for v in (*centre, *slope)):
+            raise ValueError(f"calibration level_centre and level_slope must be {wanted or 'F'} finite float32"
+                             f" numbers each (one per feature, only with a scale_rate), got {centre!r}, {slope!r}")
         object.__setattr__(self, "_table", table)
         object.__setattr__(self, "_anchor_q", self.quantile(np.array(anchors), 0).T.astype(np.float32))
 
@@ -94,20 +108,28 @@ class Calibration:
         """Whether scores are counted in units of each series' running error level."""
         return self.scale_rate > 0
 
+    @property
+    def level_scaled(self) -> bool:
+        """Whether scores are also counted in units of the level factor g(x)."""
+        return bool(self.level_slope)
+
     def to_dict(self) -> dict[str, Any]:
-        """The checkpoint's form; an unnormalised calibration writes what older versions wrote (same hash)."""
+        """The checkpoint's form; a calibration without β or without g writes what older versions wrote
+        (same hash)."""
         out = {"counts": list(self.counts), "quantiles": [[list(f) for f in h] for h in self.quantiles],
                "adapt_rate": self.adapt_rate, "anchors": list(self.anchors)}
         if self.normalised:
             out |= {"scale_rate": self.scale_rate, "scale_start": list(self.scale_start)}
+        if self.level_scaled:
+            out |= {"level_centre": list(self.level_centre), "level_slope": list(self.level_slope)}
         return out
 
     @classmethod
     def from_dict(cls, raw: object) -> Calibration:
         if not isinstance(raw, dict) or set(raw) - {"counts", "quantiles", "adapt_rate", "anchors", "scale_rate",
-                                                     "scale_start"}:
+                                                     "scale_start", "level_centre", "level_slope"}:
             raise ValueError("calibration must be an object with counts, quantiles, adapt_rate and anchors"
-                             " (and scale_rate, scale_start)")
+                             " (and scale_rate, scale_start, level_centre, level_slope)")
 
         def nested(value: Any) -> Any:
             return tuple(nested(v) for v in value) if isinstance(value, list) else value
@@ -138,24 +160,34 @@ class Calibration:
             out[..., f] = np.where(np.isnan(s), np.nan, (1 + count - below) / (count + 1))
         return out
 
-    def follow(self, scores: np.ndarray, carry: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def follow(self, scores: np.ndarray, carry: np.ndarray,
+               series: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A batch's arriving values through the session's adaptation. scores (B, T, F) float32 in units of
-        σ_d, NaN where unscored; carry (B, F·A [+ F]) the state's log-scales [and log u] before them.
+        σ_d, NaN where unscored; carry (B, F·A [+ F]) the state's log-scales [and log u] before them; series
+        (B, T + 1, F) the value before the first step, then each step's value (for the level factor).
         Returns the scores as p-values and the adaptation count them (normalised by the u known before each
-        value), each step's interval log-scales (B, T, F, A), u's included, and the carry after each step
-        (B, T, F·A [+ F])."""
+        value and g of the value before it), each step's interval log-scales (B, T, F, A), u's and g's
+        included, and the carry after each step (B, T, F·A [+ F])."""
         batch, steps, features = scores.shape
         anchors = len(self.anchors)
         log_scales = carry[:, : features * anchors].reshape(batch, features, anchors)
         if not self.normalised:
             path = self.adapt(scores, log_scales)
             return scores, path, path.reshape(batch, steps, -1)
+        log_factor = self.log_level_factor(series)  # (B, T + 1, F)
+        scores = scores / np.exp(log_factor[:, :-1])
         before = carry[:, features * anchors :]  # (B, F)
         levels = level_path(scores, before, self.scale_rate, np.asarray(self.scale_start, dtype=np.float32))
         scores = scores / np.exp(floored(np.concatenate([before[:, None], levels[:, :-1]], axis=1)))
         path = self.adapt(scores, log_scales)
         carried = np.concatenate([path.reshape(batch, steps, -1), levels], axis=2)
-        return scores, path + floored(levels)[..., None], carried
+        return scores, path + (floored(levels) + log_factor[:, 1:])[..., None], carried
+
+    def log_level_factor(self, values: np.ndarray) -> np.ndarray:
+        """log g(x) of each value (..., F), float32; 0 for a calibration without a level fit."""
+        if not self.level_scaled:
+            return np.zeros(values.shape, dtype=np.float32)
+        return log_level_factor(values, np.asarray(self.level_centre), np.asarray(self.level_slope))
 
     def adapt(self, scores: np.ndarray, log_scales: np.ndarray) -> np.ndarray:
         """The log-scales after each step: scores (B, T, F) float32, NaN where nothing is scored (no earlier
@@ -220,6 +252,29 @@ def floored(log_level: np.ndarray) -> np.ndarray:
     return np.maximum(log_level, _LOG_FLOOR)
 
 
+def log_level_factor(values: np.ndarray, centre: np.ndarray, slope: np.ndarray) -> np.ndarray:
+    """log g(x) = log max(1 + w·(x − c), LEVEL_FLOOR), at most LOG_SCALE_LIMIT, per value (..., F) in float32:
+    each value's alone, so chunks give what one call gives. In float64 first: w·x may pass float32's range."""
+    factor = 1 + slope * (values.astype(np.float64) - centre)
+    return np.minimum(np.log(np.maximum(factor, LEVEL_FLOOR)), LOG_SCALE_LIMIT).astype(np.float32)
+
+
+def fit_level(values: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per feature, the level factor's c and w (kept to 6 digits): the least-squares line of the scores
+    (N, F; NaN where unscored) on the values their predictions were made at (N, F), c the values' mean and
+    w the line's slope over its height at c. w = 0 where there is no line to fit."""
+    centre, slope = [], []
+    for x, s in zip(values.T.astype(np.float64), scores.T.astype(np.float64), strict=True):
+        kept = np.isfinite(s)
+        x, s = x[kept], s[kept]
+        mean_x = float(x.mean()) if len(x) else 0.0
+        spread, height = (float(x.var()), float(s.mean())) if len(x) >= 2 else (0.0, 0.0)
+        fitted = float(np.mean((x - mean_x) * (s - height))) / spread / height if spread > 0 and height > 0 else 0.0
+        centre.append(float(f"{mean_x:.6g}"))
+        slope.append(float(f"{fitted:.6g}") if math.isfinite(fitted) else 0.0)
+    return np.array(centre), np.array(slope)
+
+
 def level_path(scores: np.ndarray, log_level: np.ndarray, rate: float, start: np.ndarray) -> np.ndarray:
     """log u after each step (B, T, F) from scores (B, T, F) and log u before them (B, F):
     u ← (1 − β)·u + β·min(s / s₀, CLIP·u), unscored (NaN) steps keep u; log u within ±LIMIT. In float32 with
@@ -238,18 +293,35 @@ def level_path(scores: np.ndarray, log_level: np.ndarray, rate: float, start: np
     return path
 
 
-def _level_before_each_row(model: Any, values: np.ndarray, whole: Tensor, rate: float,
-                           split: int) -> tuple[np.ndarray, np.ndarray]:
-    """The scale start s₀ (F,) and log u before each row (rows, F) of a session streamed from the first
-    row, scored as ``Forecaster.observe`` scores: rows 0..K have no score."""
-    predictions, _ = model.predict(whole[None, :-1], model.initial_state(1))
-    diff_scale = np.asarray(model.config.diff_scale or [1.0] * values.shape[1], dtype=np.float32)
-    scores = np.abs(values[1:] - predictions[0].numpy()).astype(np.float32) / diff_scale  # row t + 1's score
-    scores[: model.config.lags] = np.nan
-    mean = np.nanmean(scores[split - 1 :], axis=0).astype(np.float64)
-    start = np.array([float(f"{v:.6g}") if math.isfinite(v) and v > 0 else 1.0 for v in mean])  # as kept
-    after = level_path(scores[None], np.zeros((1, values.shape[1]), np.float32), rate, start.astype(np.float32))
-    return start, np.concatenate([np.zeros((2, values.shape[1]), np.float32), after[0, :-1]])
+@dataclass(frozen=True)
+class _Normaliser:
+    """What normalises a calibration's scores, fitted on the rows before the validation tail and streamed
+    over every row: s₀ and the level factor's c and w (F,) as kept, log u before each row and log g of each
+    row's value (rows, F)."""
+
+    start: np.ndarray
+    centre: np.ndarray
+    slope: np.ndarray
+    log_level: np.ndarray
+    log_factor: np.ndarray
+
+    @classmethod
+    def fit(cls, model: Any, values: np.ndarray, whole: Tensor, rate: float, split: int) -> _Normaliser:
+        """Scored as ``Forecaster.observe`` scores a session streamed from the first row: rows 0..K have no
+        score; the level factor is the line through the training rows' scores (before ``split``)."""
+        predictions, _ = model.predict(whole[None, :-1], model.initial_state(1))
+        diff_scale = np.asarray(model.config.diff_scale or [1.0] * values.shape[1], dtype=np.float32)
+        scores = np.abs(values[1:] - predictions[0].numpy()).astype(np.float32) / diff_scale  # row t + 1's score
+        scores[: model.config.lags] = np.nan
+        centre, slope = fit_level(values[: split - 1], scores[: split - 1])
+        log_factor = log_level_factor(values, centre, slope)
+        scores /= np.exp(log_factor[:-1])  # in units of g of the value each prediction was made at
+        mean = np.nanmean(scores[split - 1 :], axis=0).astype(np.float64)
+        start = np.array([float(f"{v:.6g}") if math.isfinite(v) and v > 0 else 1.0 for v in mean])  # as kept
+        after = level_path(scores[None], np.zeros((1, values.shape[1]), np.float32), rate,
+                           start.astype(np.float32))
+        log_level = np.concatenate([np.zeros((2, values.shape[1]), np.float32), after[0, :-1]])
+        return cls(start, centre, slope, log_level, log_factor)
 
 
 @torch.no_grad()
@@ -257,13 +329,12 @@ def calibrate(model: Any, values: np.ndarray, split: int, steps: int = DEFAULT_S
               adapt_rate: float = DEFAULT_ADAPT_RATE, scale_rate: float = DEFAULT_SCALE_RATE) -> Calibration:
     """Scores of ``model`` (a Forecaster) on the rows from ``split`` on: every validation row is an origin,
     its state the one a session streamed from the first row holds; forecast step h from origin o is scored
-    against row o + h, in units of the running error level u after row o when ``scale_rate`` > 0. ``steps``
-    is capped at half the validation rows."""
+    against row o + h, when ``scale_rate`` > 0 in units of the running error level u after row o and of the
+    level factor g of row o's value. ``steps`` is capped at half the validation rows."""
     rows = len(values)
     horizon = max(1, min(steps, (rows - split) // 2))
     whole = torch.tensor(values, dtype=torch.float32)
-    start, log_level = (_level_before_each_row(model, values, whole, scale_rate, split) if scale_rate
-                        else (np.ones(values.shape[1]), np.zeros(values.shape, np.float32)))
+    normaliser = _Normaliser.fit(model, values, whole, scale_rate, split) if scale_rate else None
     _, state = model.predict(whole[None, : split - 1], model.initial_state(1))
     states, lasts = [], []
     for origin in range(split - 1, rows - 1):  # the state and one-step prediction after each origin
@@ -277,11 +348,17 @@ def calibrate(model: Any, values: np.ndarray, split: int, steps: int = DEFAULT_S
     for h in range(1, horizon + 1):
         usable = rows - split - h + 1  # origins o = split − 1 + i with o + h ≤ rows − 1
         errors = np.abs(forecast[:usable, h - 1] - targets[split - 1 + h : split - 1 + h + usable]) / diff_scale
-        errors /= np.exp(floored(log_level[split : split + usable]).astype(np.float64))  # u after each origin
+        if normaliser is not None:  # u after each origin, g of its value
+            errors /= np.exp(floored(normaliser.log_level[split : split + usable]).astype(np.float64)
+                             + normaliser.log_factor[split - 1 : split - 1 + usable])
         ordered = np.sort(errors, axis=0)  # (N_h, F)
         positions = np.linspace(0, usable - 1, GRID)
         counts.append(usable)
         table.append(tuple(tuple(float(f"{q:.6g}") for q in np.interp(positions, np.arange(usable), column))
                            for column in ordered.T))
-    kept_start = tuple(float(v) for v in start) if scale_rate else ()
-    return Calibration(tuple(counts), tuple(table), adapt_rate, scale_rate=scale_rate, scale_start=kept_start)
+    if normaliser is None:
+        return Calibration(tuple(counts), tuple(table), adapt_rate)
+    return Calibration(tuple(counts), tuple(table), adapt_rate, scale_rate=scale_rate,
+                       scale_start=tuple(float(v) for v in normaliser.start),
+                       level_centre=tuple(float(v) for v in normaliser.centre),
+                       level_slope=tuple(float(v) for v in normaliser.slope))

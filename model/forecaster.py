@@ -93,7 +93,7 @@ class Observation:
     predictions: Tensor  # (B, T, F)
     states: Tensor  # (B, S)
     p_values: np.ndarray | None  # (B, T, F) float32; NaN: nothing to score against, or past the row's end
-    log_scales: np.ndarray | None  # (B, T, F, A) float32: an interval's log-scale, the running level's included
+    log_scales: np.ndarray | None  # (B, T, F, A) float32: an interval's log-scale, u's and g's included
 
 
 class Forecaster(nn.Module):
@@ -225,14 +225,15 @@ class Forecaster(nn.Module):
         if calibration is None:
             return Observation(predictions, states, None, None)
         batch, steps, features = x.shape
-        _, _, _, tail = self._split(state)
+        _, window, _, tail = self._split(state)
         before = torch.cat([tail[:, None, 1 : 1 + features], predictions[:, :-1]], dim=1)  # (B, T, F)
         scores = ((x - before).abs() / self.diff_scale).cpu().numpy()
         host_tail = tail.cpu().numpy()  # one copy off the device for the count and the adaptation
         index = host_tail[:, :1] + np.arange(steps)[None, :]  # (B, T): values the series saw before
         ends = np.asarray(lengths if lengths is not None else [steps] * batch)
         scores[(index <= self.config.lags) | (np.arange(steps)[None, :] >= ends[:, None])] = np.nan
-        scores, path, carried = calibration.follow(scores, host_tail[:, 1 + features :])
+        series = torch.cat([window[:, -1:], x], dim=1).cpu().numpy()  # (B, T + 1, F): the value before each
+        scores, path, carried = calibration.follow(scores, host_tail[:, 1 + features :], series)
         final = torch.from_numpy(carried[np.arange(batch), ends - 1]).to(states.device)
         states = torch.cat([states[:, : states.size(1) - final.size(1)], final], dim=1)
         return Observation(predictions, states, calibration.p_values(scores), path)

@@ -14,6 +14,7 @@ from model.checkpoint import CheckpointError
 from model.conformal import (
     ANCHORS,
     GRID,
+    LEVEL_FLOOR,
     LOG_SCALE_LIMIT,
     SCALE_CLIP,
     SCALE_FLOOR,
@@ -168,7 +169,8 @@ def test_a_calmer_series_narrows_intervals_through_its_running_level_by_at_most_
     calibration = Calibration(base.counts, base.quantiles, 0.1, scale_rate=0.05, scale_start=(1.0,))
     anchors = len(calibration.anchors)
     scores = np.full((1, 200, 1), 0.1, np.float32)
-    normalised, log_scales, carried = calibration.follow(scores, np.zeros((1, anchors + 1), np.float32))
+    normalised, log_scales, carried = calibration.follow(scores, np.zeros((1, anchors + 1), np.float32),
+                                                         np.zeros((1, 201, 1), np.float32))
     state_level = carried[0, :, -1]  # log u after each step, as the state keeps it
     assert np.exp(state_level[-1]) < 0.2
     used = np.maximum(np.exp(np.concatenate([[0.0], state_level[:-1]])), SCALE_FLOOR)
@@ -213,13 +215,22 @@ def test_calibrate_scores_each_forecast_step_from_every_origin(calibrated: tuple
     # h, window, seen | count, last, log-scales, log running level
     assert model.state_size == 8 + 3 + 1 + 1 + 1 + len(ANCHORS) + 1
     # the one-step scores are the model's own one-step errors over the tail in units of σ_d, each divided by
-    # the running level u the session held before that value arrived, floored (unscored: the first K + 1 rows)
+    # the level factor g of the value its prediction was made at, g(x) = 1 + w (x − c) with c, w the least-
+    # squares line of the training rows' scores (before row 400) over its height at c, and by the running
+    # level u the session held before that value arrived, floored (unscored: the first K + 1 rows)
     uncalibrated = Forecaster(model.config)
     uncalibrated.load_state_dict(model.state_dict())
     with torch.no_grad():
         y, _ = uncalibrated.eval().predict(torch.tensor(values[None, :-1], dtype=torch.float32),
                                            uncalibrated.initial_state(1))
     raw = np.abs(y[0, :, 0].double().numpy() - values[1:, 0]) / 3.0  # row t + 1's score
+    slope, height = np.polyfit(values[3:399, 0], raw[3:399], 1)
+    centre = values[3:399, 0].mean()
+    np.testing.assert_allclose(calibration.level_centre, [centre], rtol=1e-5)
+    np.testing.assert_allclose(calibration.level_slope, [slope / (height + slope * centre)], rtol=1e-5)
+    factor = np.maximum(1 + calibration.level_slope[0] * (values[:-1, 0] - calibration.level_centre[0]), LEVEL_FLOOR)
+    assert factor.min() < 0.8 and factor.max() > 1.2  # temp_max's errors grow with the temperature
+    raw /= factor
     np.testing.assert_allclose(calibration.scale_start, [raw[399:].mean()], rtol=1e-5)
     scored = raw.astype(np.float32)[None, :, None].copy()
     scored[0, :3] = np.nan
@@ -229,9 +240,10 @@ def test_calibrate_scores_each_forecast_step_from_every_origin(calibrated: tuple
     np.testing.assert_allclose([calibration.quantiles[0][0][0], calibration.quantiles[0][0][-1]],
                                [errors[0], errors[-1]], rtol=1e-4)
     plain = calibrate(model, values, 400, steps=6, scale_rate=0.0)
+    raw *= factor
     np.testing.assert_allclose([plain.quantiles[0][0][0], plain.quantiles[0][0][-1]],
                                [np.sort(raw[399:])[0], np.sort(raw[399:])[-1]], rtol=1e-5)
-    assert "scale_rate" not in plain.to_dict() and not plain.normalised
+    assert "scale_rate" not in plain.to_dict() and "level_slope" not in plain.to_dict() and not plain.normalised
 
 
 def test_checkpoint_keeps_the_calibration_in_its_version(
@@ -257,6 +269,8 @@ def test_a_calibration_of_another_width_stops_loading(
     meta = json.loads((tmp_path / "config.json").read_text())
     meta["calibration"]["quantiles"] = [[row[0], row[0]] for row in meta["calibration"]["quantiles"]]
     meta["calibration"]["scale_start"] *= 2
+    meta["calibration"]["level_centre"] *= 2
+    meta["calibration"]["level_slope"] *= 2
     (tmp_path / "config.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="2 features, the model 1"):
         load_checkpoint(tmp_path)
