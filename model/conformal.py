@@ -87,7 +87,7 @@ class Calibration:
                              f" a scale_rate, none without), got {start!r}")
         centre, slope = self.level_centre, self.level_slope
         wanted = table.shape[1] if slope else 0
-        if not beta and slope or len(centre) != wanted or len(slope) != wanted or not all(
+        if (not beta and slope) or len(centre) != wanted or len(slope) != wanted or not all(
                 isinstance(v, float | int) and not isinstance(v, bool) and abs(v) <= _FLOAT32_MAX
                 for v in (*centre, *slope)):
             raise ValueError(f"calibration level_centre and level_slope must be {wanted or 'F'} finite float32"
