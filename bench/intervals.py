@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("statsforecast").setLevel(logging.ERROR)
     table = Table(title="One-step intervals on the unseen last 20%: model (calibrated, adapted per session)"
                         " | AutoARIMA")
-    for column in ("series", "tail", "cover 80", "cover 95", "width 80", "width 95", "score 80", "score 95"):
+    for column in ("series", "tail", "cover 80", "cover 95", "width 80", "width 95", "score 80", "score 95",
+                   "score ÷ ARIMA's"):
         table.add_column(column, justify="left" if column == "series" else "right")
     verdicts = []
     for _, row in each_case(CASES, args.only, args.max_seconds, evaluate):
@@ -194,12 +195,14 @@ def main(argv: list[str] | None = None) -> None:
             for level in LEVELS:
                 model, arima = row[f"model{level}"], row[f"arima{level}"]
                 cells.append(f"{form.format(getattr(model, attribute))} | {form.format(getattr(arima, attribute))}")
-        table.add_row(str(row["name"]), str(row["tail"]), *cells)
+        ratios = []
         for level in LEVELS:
             model, arima = row[f"model{level}"], row[f"arima{level}"]
             assert isinstance(model, Scored) and isinstance(arima, Scored)
             verdicts.append((abs(model.coverage - level / 100) <= 0.03, model.winkler <= arima.winkler))
-    Console(width=160).print(table)
+            ratios.append(f"{model.winkler / arima.winkler:.3f}")
+        table.add_row(str(row["name"]), str(row["tail"]), *cells, " | ".join(ratios))
+    Console(width=180).print(table)
     print(f"coverage within 3 points of nominal: {sum(v[0] for v in verdicts)} of {len(verdicts)};"
           f" interval score no worse than AutoARIMA: {sum(v[1] for v in verdicts)} of {len(verdicts)}")
 
