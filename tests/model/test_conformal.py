@@ -179,13 +179,44 @@ def test_a_calmer_series_narrows_intervals_through_its_running_level_by_at_most_
     np.testing.assert_allclose(from_level[-1], np.log(SCALE_FLOOR), atol=1e-6)
 
 
+def test_the_level_factor_scales_each_score_by_the_value_before_it_and_each_interval_by_the_value_after() -> None:
+    """g(x) = max(1 + w (x − c), LEVEL_FLOOR), at most e^LIMIT: a score is divided by g of the value its
+    prediction was made at, the interval after a value is scaled by g of that value; each value's alone, so
+    a series in chunks gives what one call gives."""
+    base = _calibration(np.random.default_rng(4).exponential(size=400))
+    calibration = Calibration(base.counts, base.quantiles, 0.02, scale_rate=0.05, scale_start=(1.0,),
+                              level_centre=(10.0,), level_slope=(0.5,))
+    values = np.array([10.0, 12.0, 8.0, 11.0, -30.0, 1e30, 10.0], np.float32)  # g: 1, 2, 0.25 (floor), 1.5, ...
+    factor = np.array([1.0, 2.0, 0.25, 1.5, LEVEL_FLOOR, np.exp(LOG_SCALE_LIMIT), 1.0], np.float32)
+    np.testing.assert_allclose(np.exp(calibration.log_level_factor(values[:, None]))[:, 0], factor, rtol=1e-6)
+    scores = np.ones((1, 6, 1), np.float32)
+    carry = np.zeros((1, len(calibration.anchors) + 1), np.float32)
+    series = values[None, :, None]
+    normalised, log_scales, carried = calibration.follow(scores, carry, series)
+    plain = Calibration(base.counts, base.quantiles, 0.02, scale_rate=0.05, scale_start=(1.0,))
+    unscaled, plain_scales, _ = plain.follow(scores / factor[None, :-1, None], carry, series)
+    np.testing.assert_allclose(normalised, unscaled, rtol=1e-6)
+    np.testing.assert_allclose(log_scales - plain_scales, np.log(factor[None, 1:, None, None]).repeat(5, axis=3),
+                               atol=1e-6)
+    first = calibration.follow(scores[:, :2], carry, series[:, :3])
+    second = calibration.follow(scores[:, 2:], first[2][:, -1], series[:, 2:])
+    assert np.array_equal(np.concatenate([first[1], second[1]], axis=1), log_scales)
+    assert np.array_equal(np.concatenate([first[2], second[2]], axis=1), carried)
+    assert "level_slope" not in plain.to_dict()  # a calibration without g writes what it wrote before
+
+
 @pytest.mark.parametrize("damage", [
     {"counts": []}, {"counts": [0]}, {"quantiles": [[[1.0, 0.5] + [2.0] * (GRID - 2)]]},
     {"quantiles": [[[float("nan")] * GRID]]}, {"quantiles": [[[1.0] * 3]]}, {"adapt_rate": 0},
     {"anchors": [95, 80]}, {"anchors": [0, 50]}, {"surprise": 1}, {"scale_rate": 1.0},
     {"scale_rate": -0.1}, {"scale_rate": 0.05}, {"scale_rate": 0.05, "scale_start": [1.0, 2.0]},
     {"scale_rate": 0.05, "scale_start": [0.0]}, {"scale_rate": 0.05, "scale_start": [float("inf")]},
-    {"scale_start": [1.0]},
+    {"scale_start": [1.0]}, {"level_centre": [1.0], "level_slope": [0.1]},
+    {"scale_rate": 0.05, "scale_start": [1.0], "level_centre": [1.0]},
+    {"scale_rate": 0.05, "scale_start": [1.0], "level_centre": [1.0], "level_slope": [float("nan")]},
+    {"scale_rate": 0.05, "scale_start": [1.0], "level_centre": [1.0], "level_slope": [1e39]},
+    {"scale_rate": 0.05, "scale_start": [1.0], "level_centre": [1.0, 2.0], "level_slope": [0.1, 0.2]},
+    {"scale_rate": 0.05, "scale_start": [1.0], "level_centre": ["1"], "level_slope": [0.1]},
 ])
 def test_a_damaged_calibration_is_refused(damage: dict[str, object]) -> None:
     good = _calibration(np.arange(1.0, 20.0)).to_dict()
