@@ -15,6 +15,8 @@ Targets, in the order they run:
 
 - ``raw``: an asyncio server answering a fixed 200, no framework: the load generator's ceiling here;
 - ``echo``: FastAPI answering the body it got; ``pydantic``: FastAPI + pydantic models, no model;
+- ``ws-echo``: the same FastAPI app streamed like ``ours-stream``, each frame answered with itself: the
+  ceiling uvicorn's WebSocket protocol and Starlette leave a stream chunk here, at each ``--pipeline`` depth;
 - ``naive``: the baseline (bench/naive_server.py): FastAPI + nn.GRU + dict of states behind a lock;
 - ``ours``: ``python -m service`` with its default settings and logging (the JSON access line included);
 - ``ours-stream``: the same service, each session streamed over its WebSocket (``/v1/sessions/{id}/stream``,
@@ -58,7 +60,7 @@ from rich.table import Table
 from bench.common import HIDDEN, LAYERS, bench_model, machine
 from harness.processes import Process, free_port, spawn, start_redis, start_service, wait_http
 
-TARGETS = ("raw", "echo", "pydantic", "naive", "ours", "ours-stream", "ours-redis")
+TARGETS = ("raw", "echo", "ws-echo", "pydantic", "naive", "ours", "ours-stream", "ours-redis")
 CHUNKS = (8, 64)
 _BODIES = 1024  # distinct random chunks, shared by the connections, cycled
 
@@ -378,9 +380,10 @@ def run_wrk(url: str, steps: int, sessions: int, duration: float, warmup: float,
 
 def _start(target: str, model_path: Path, log_dir: Path, env: dict[str, str]) -> Process:
     naive = [sys.executable, "-m", "bench.naive_server", "--host", "127.0.0.1"]
-    if target in ("raw", "echo", "pydantic", "naive"):
+    if target in ("raw", "echo", "ws-echo", "pydantic", "naive"):
         port = free_port()
-        proc = spawn(target, [*naive, "--port", str(port), "--mode", target, "--hidden", str(HIDDEN),
+        mode = "echo" if target == "ws-echo" else target
+        proc = spawn(target, [*naive, "--port", str(port), "--mode", mode, "--hidden", str(HIDDEN),
                               "--layers", str(LAYERS)], port, log_dir)
         wait_http(proc, "/", ready_status=None)
         return proc
@@ -513,8 +516,8 @@ def measure(targets: list[str], chunks: list[int], sessions: int, duration: floa
 
 
 def _variants(target: str, pipelines: Sequence[int]) -> list[tuple[str, dict[str, int]]]:
-    """The rows one target gives: the stream's one per pipeline depth ("ours-stream x2"), others one."""
-    if target != "ours-stream":
+    """The rows one target gives: a stream's one per pipeline depth ("ours-stream x2"), others one."""
+    if target not in ("ours-stream", "ws-echo"):
         return [(target, {})]
     return [(f"{target} x{depth}", {"pipeline": depth}) for depth in pipelines]
 
@@ -590,9 +593,10 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"load average after: {_load()}")
         return 0
     driver: Callable[..., dict[str, Any]] = run_client
-    if args.wrk and "ours-stream" in args.targets:
-        console.print("--wrk drives HTTP only: ours-stream is left out")
-        args.targets.remove("ours-stream")
+    streams = [target for target in args.targets if target in ("ours-stream", "ws-echo")]
+    if args.wrk and streams:
+        console.print(f"--wrk drives HTTP only: {', '.join(streams)} left out")
+        args.targets = [target for target in args.targets if target not in streams]
     if args.wrk:
         if shutil.which("wrk") is None:
             console.print("--wrk: wrk is not installed (apt-get install wrk)")

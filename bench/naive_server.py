@@ -1,7 +1,7 @@
 """The baseline servers the load bench compares the service with; each runs as its own process.
 
     python -m bench.naive_server --port 8001                  # the naive GRU server (the baseline)
-    python -m bench.naive_server --port 8001 --mode echo      # FastAPI answering the body it got
+    python -m bench.naive_server --port 8001 --mode echo      # FastAPI answering the body (or frame) it got
     python -m bench.naive_server --port 8001 --mode pydantic  # FastAPI + pydantic models, no model
     python -m bench.naive_server --port 8001 --mode raw       # asyncio, a fixed answer: the client's ceiling
 
@@ -21,7 +21,7 @@ import threading
 
 import torch
 import uvicorn
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from torch import nn
@@ -75,11 +75,22 @@ def naive_app(hidden: int, layers: int) -> FastAPI:
 
 
 def echo_app() -> FastAPI:
+    """Each body, and each text frame of a session's stream, answered with itself: what the framework and
+    the server's protocol cost a chunk, HTTP or WebSocket, before any of the service's work."""
     app = FastAPI()
 
     @app.post("/v1/sessions/{session_id}/predict")
     async def echo(session_id: str, request: Request) -> Response:
         return Response(await request.body(), media_type="application/json")
+
+    @app.websocket("/v1/sessions/{session_id}/stream")
+    async def echo_stream(session_id: str, websocket: WebSocket) -> None:
+        await websocket.accept()
+        try:
+            while True:
+                await websocket.send_text(await websocket.receive_text())
+        except WebSocketDisconnect:
+            pass
 
     return app
 

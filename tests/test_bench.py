@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -72,6 +73,19 @@ def test_load_generator_counts_every_answer_that_arrives_in_the_window() -> None
 
     numbers = asyncio.run(measure())
     assert numbers["ok"] == 8, numbers
+
+
+def test_ws_echo_answers_every_pipelined_frame_of_a_session_stream(tmp_path: Path) -> None:
+    """The stream's ceiling (``ws-echo``): the echo app started as the bench starts it, driven as
+    ``ours-stream`` is, two frames in flight per session; every frame answered, none refused."""
+    proc = load._start("ws-echo", tmp_path, tmp_path, {})
+    try:
+        numbers = asyncio.run(load.drive(proc.url, 8, sessions=4, duration=0.5, warmup=0.2, tag="t", pids=[],
+                                         pipeline=2))
+    finally:
+        proc.stop()
+    assert numbers["ok"] > 0 and numbers["errors"] == {} and numbers["failures"] == 0, numbers
+    assert [label for label, _ in load._variants("ws-echo", (1, 2))] == ["ws-echo x1", "ws-echo x2"]
 
 
 def test_naive_server_tells_a_client_that_lost_track_where_its_session_is() -> None:
