@@ -71,12 +71,12 @@ def test_spikes_rank_above_every_ordinary_step_and_score_alike_in_chunks_and_in_
     http: httpx.Client,
 ) -> None:
     """Spikes of 2 °F in a stretch of the real series: each one's p-value is the smallest there is, 1/(N + 1)
-    (a score beyond every calibration error), and no ordinary step's is smaller. One ordinary step ties
+    (a score beyond every calibration error), and no ordinary step's is smaller. One ordinary step may tie
     with them: hour 2,491, a real fall (53.6, 51.6, 50.0 °F) beyond every calibration error too (about 1 in
-    N + 1 ordinary steps is); ties count half, so the AUC is 1 − 0.5 / (ordinary steps). The warm-up (the first K steps from a
-    fresh state) and the K + 1 steps after a spike, whose lag window still holds one of the two differences
-    it made (echoes), are neither. Streamed in chunks of 37 or sent whole, the scores agree; the first K + 1
-    values, predicted without a full lag window, have none."""
+    N + 1 ordinary steps is); ties count half, so the AUC is at least 1 − 0.5 / (ordinary steps). The
+    warm-up (the first K steps from a fresh state) and the K + 1 steps after a spike, whose lag window still
+    holds one of the two differences it made (echoes), are neither. Streamed in chunks of 37 or sent whole,
+    the scores agree; the first K + 1 values, predicted without a full lag window, have none."""
     values = _seattle(2000, 1000)
     rng = np.random.default_rng(0)
     spikes = np.arange(100, 950, 80) + rng.integers(0, 20, 11)
