@@ -39,7 +39,6 @@ SCALE_CLIP = 5.0  # one score moves the running level by at most this many times
 SCALE_FLOOR = 0.9  # the running level narrows intervals by at most this factor (the state keeps u itself)
 _LOG_FLOOR = np.float32(math.log(SCALE_FLOOR))
 LEVEL_FLOOR = 0.25  # the level factor g(x) narrows intervals by at most this factor; it widens them up to e^5
-_LOG_LEVEL_FLOOR = math.log(LEVEL_FLOOR)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -262,7 +261,8 @@ def log_level_factor(values: np.ndarray, centre: np.ndarray, slope: np.ndarray) 
 def fit_level(values: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per feature, the level factor's c and w (kept to 6 digits): the least-squares line of the scores
     (N, F; NaN where unscored) on the values their predictions were made at (N, F), c the values' mean and
-    w the line's slope over its height at c. w = 0 where there is no line to fit."""
+    w the line's slope over its height at c. w = 0 where there is no line to fit (values or scores all
+    alike, or values so nearly alike that w would pass float32's range)."""
     centre, slope = [], []
     for x, s in zip(values.T.astype(np.float64), scores.T.astype(np.float64), strict=True):
         kept = np.isfinite(s)
@@ -271,7 +271,7 @@ def fit_level(values: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.nd
         spread, height = (float(x.var()), float(s.mean())) if len(x) >= 2 else (0.0, 0.0)
         fitted = float(np.mean((x - mean_x) * (s - height))) / spread / height if spread > 0 and height > 0 else 0.0
         centre.append(float(f"{mean_x:.6g}"))
-        slope.append(float(f"{fitted:.6g}") if math.isfinite(fitted) else 0.0)
+        slope.append(float(f"{fitted:.6g}") if abs(fitted) <= _FLOAT32_MAX else 0.0)  # NaN compares false
     return np.array(centre), np.array(slope)
 
 

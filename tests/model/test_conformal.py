@@ -20,6 +20,7 @@ from model.conformal import (
     SCALE_FLOOR,
     Calibration,
     calibrate,
+    fit_level,
     level_path,
 )
 
@@ -203,6 +204,21 @@ def test_the_level_factor_scales_each_score_by_the_value_before_it_and_each_inte
     assert np.array_equal(np.concatenate([first[1], second[1]], axis=1), log_scales)
     assert np.array_equal(np.concatenate([first[2], second[2]], axis=1), carried)
     assert "level_slope" not in plain.to_dict()  # a calibration without g writes what it wrote before
+
+
+def test_the_level_line_is_flat_where_there_is_none_to_fit() -> None:
+    """w = 0 for values all alike, scores all unscored, or values so nearly alike that the slope would pass
+    float32's range (a checkpoint could not hold it); a real slope is kept."""
+    scores = np.abs(np.random.default_rng(6).normal(size=(50, 1)))
+    scores[3] = 100.0
+    nearly = np.zeros((50, 1))
+    nearly[3] = 1e-45
+    for values, their_scores in ((np.ones((50, 1)), scores), (np.arange(50.0)[:, None], np.full((50, 1), np.nan)),
+                                 (nearly, scores)):
+        assert fit_level(values, their_scores)[1].tolist() == [0.0]
+    rising = np.arange(50.0)[:, None]
+    centre, slope = fit_level(rising, 1 + rising / 49)  # scores 1 at x = 0, 2 at x = 49: height 1.5 at c = 24.5
+    assert centre.tolist() == [24.5] and slope[0] == pytest.approx(1 / 49 / 1.5, rel=1e-5)  # kept to 6 digits
 
 
 @pytest.mark.parametrize("damage", [
