@@ -72,8 +72,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         " naive baseline's period (default: from the dates, else inferred)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--scale-rate", type=float,
-                        help=f"β of each session's running error level, by which interval scores are normalised;"
-                             f" 0: raw scores, the state layout of versions calibrated before it existed (default"
+                        help=f"β of each session's running error level, by which interval scores are normalised"
+                             f" (with the level factor); 0: raw scores, no level factor, the state layout of"
+                             f" versions calibrated before it existed (default"
                              f" {DEFAULT_SCALE_RATE}, or 0 when publishing next to such a version)")
     args = parser.parse_args(argv)
     for name in ("hidden", "layers", "epochs", "lags", "season"):
