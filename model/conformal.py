@@ -186,7 +186,8 @@ class Calibration:
         """log g(x) of each value (..., F), float32; 0 for a calibration without a level fit."""
         if not self.level_scaled:
             return np.zeros(values.shape, dtype=np.float32)
-        return log_level_factor(values, np.asarray(self.level_centre), np.asarray(self.level_slope))
+        return log_level_factor(values, np.asarray(self.level_centre, dtype=np.float64),
+                                np.asarray(self.level_slope, dtype=np.float64))  # ints past int64: no object array
 
     def adapt(self, scores: np.ndarray, log_scales: np.ndarray) -> np.ndarray:
         """The log-scales after each step: scores (B, T, F) float32, NaN where nothing is scored (no earlier

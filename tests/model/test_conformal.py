@@ -221,6 +221,16 @@ def test_the_level_line_is_flat_where_there_is_none_to_fit() -> None:
     assert centre.tolist() == [24.5] and slope[0] == pytest.approx(1 / 49 / 1.5, rel=1e-5)  # kept to 6 digits
 
 
+def test_a_level_line_of_whole_numbers_past_int64_works_as_their_floats() -> None:
+    """config.json may write c and w as whole numbers; one past int64 (10**20, within float32's range) is
+    accepted at load, so it must give the level factor its float gives, not fail at the first request."""
+    good = {**_calibration(np.arange(1.0, 20.0)).to_dict(), "scale_rate": 0.05, "scale_start": [1.0]}
+    whole = Calibration.from_dict(json.loads(json.dumps({**good, "level_centre": [0], "level_slope": [10**20]})))
+    as_float = Calibration.from_dict({**good, "level_centre": [0.0], "level_slope": [1e20]})
+    values = np.array([[-1.0], [0.0], [1e-30], [1.0]], np.float32)
+    assert np.array_equal(whole.log_level_factor(values), as_float.log_level_factor(values))
+
+
 @pytest.mark.parametrize("damage", [
     {"counts": []}, {"counts": [0]}, {"quantiles": [[[1.0, 0.5] + [2.0] * (GRID - 2)]]},
     {"quantiles": [[[float("nan")] * GRID]]}, {"quantiles": [[[1.0] * 3]]}, {"adapt_rate": 0},
