@@ -174,10 +174,11 @@ class Calibration:
             path = self.adapt(scores, log_scales)
             return scores, path, path.reshape(batch, steps, -1)
         log_factor = self.log_level_factor(series)  # (B, T + 1, F)
-        scores = scores / np.exp(log_factor[:, :-1])
         before = carry[:, features * anchors :]  # (B, F)
-        levels = level_path(scores, before, self.scale_rate, np.asarray(self.scale_start, dtype=np.float32))
-        scores = scores / np.exp(floored(np.concatenate([before[:, None], levels[:, :-1]], axis=1)))
+        with np.errstate(over="ignore"):  # a score past float32 becomes inf, past every calibration score
+            scores = scores / np.exp(log_factor[:, :-1])
+            levels = level_path(scores, before, self.scale_rate, np.asarray(self.scale_start, dtype=np.float32))
+            scores = scores / np.exp(floored(np.concatenate([before[:, None], levels[:, :-1]], axis=1)))
         path = self.adapt(scores, log_scales)
         carried = np.concatenate([path.reshape(batch, steps, -1), levels], axis=2)
         return scores, path + (floored(levels) + log_factor[:, 1:])[..., None], carried

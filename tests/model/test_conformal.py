@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -204,6 +205,25 @@ def test_the_level_factor_scales_each_score_by_the_value_before_it_and_each_inte
     assert np.array_equal(np.concatenate([first[1], second[1]], axis=1), log_scales)
     assert np.array_equal(np.concatenate([first[2], second[2]], axis=1), carried)
     assert "level_slope" not in plain.to_dict()  # a calibration without g writes what it wrote before
+
+
+def test_a_score_past_float32_counts_as_beyond_every_calibration_score_without_a_warning() -> None:
+    """A jump from 1e38 to −1e38 is a score near float32's limit, and g < 1 of the value before it (or a
+    scale start under 1) carries it past: inf, the smallest p-value and a miss at every anchor, with no
+    numpy warning in the service's log."""
+    base = _calibration(np.random.default_rng(4).exponential(size=400))
+    calibration = Calibration(base.counts, base.quantiles, 0.02, scale_rate=0.05, scale_start=(0.5,),
+                              level_centre=(10.0,), level_slope=(-0.5,))
+    scores = np.array([[[1.0], [3e38], [3e38]]], np.float32)
+    series = np.array([[[10.0], [10.0], [1e38], [-1e38]]], np.float32)  # g: 1, 1, 0.25 (floor), e^5
+    carry = np.zeros((1, len(calibration.anchors) + 1), np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        normalised, log_scales, carried = calibration.follow(scores, carry, series)
+        p_values = calibration.p_values(normalised)
+    assert p_values[0, 1:, 0].tolist() == pytest.approx([1 / 401] * 2)
+    assert np.isfinite(log_scales).all() and np.isfinite(carried).all()
+    assert (np.diff(carried[0, :, :-1], axis=0) > 0).all()  # both missed every anchor: each λ grew
 
 
 def test_the_level_line_is_flat_where_there_is_none_to_fit() -> None:

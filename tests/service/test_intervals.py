@@ -133,6 +133,22 @@ def test_intervals_surround_the_predictions_and_widen_with_the_level(http: httpx
     assert band["lower"][0] == asked["intervals"]["95"]["lower"][-1]  # forecast[0] is the last prediction
 
 
+def test_a_jump_across_float32_is_answered_with_finite_intervals_and_no_warning_in_the_log(
+    calibrated: Server, http: httpx.Client,
+) -> None:
+    """1e38 then −1e38 after a day of real values: the predictions stay finite, so it is a 200 whose
+    intervals are numbers (never null) and whose last two scores are the smallest p-value; the second
+    score passes float32's range once divided by g(1e38) < 1, and no numpy warning reaches the log."""
+    values = np.concatenate([_seattle(3000, LAGS + 2)[:, 0], [1e38, -1e38]]).astype(np.float32)
+    asked = _post(http, "/v1/predict", {"values": values.tolist(), "horizon": 3, "levels": [50, 99],
+                                        "scores": True})
+    for key in ("intervals", "forecast_intervals"):
+        for band in asked[key].values():
+            assert np.isfinite(np.array([band["lower"], band["upper"]], dtype=np.float64)).all(), band
+    np.testing.assert_allclose(asked["scores"][-2:], [[1 / (CALIBRATION_COUNT + 1)]] * 2, rtol=1e-6)
+    assert "RuntimeWarning" not in calibrated.log()
+
+
 def test_exact_retries_repeat_levels_and_scores_and_other_fields_are_another_chunk(http: httpx.Client) -> None:
     values, session = _seattle(3000, 40), new_id()
     fields = {"levels": [80, 95], "scores": True, "horizon": 3}
