@@ -261,10 +261,11 @@ def log_level_factor(values: np.ndarray, centre: np.ndarray, slope: np.ndarray) 
 
 
 def fit_level(values: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per feature, the level factor's c and w (kept to 6 digits): the least-squares line of the scores
-    (N, F; NaN where unscored) on the values their predictions were made at (N, F), c the values' mean and
-    w the line's slope over its height at c. w = 0 where there is no line to fit (values or scores all
-    alike, or values so nearly alike that w would pass float32's range)."""
+    """Per feature, the level factor's c and w: the least-squares line of the scores (N, F; NaN where
+    unscored) on the values their predictions were made at (N, F), c the values' mean (every digit: a series
+    far from 0 next to its spread needs them) and w the line's slope over its height at c (6 digits). w = 0
+    where there is no line to fit (values or scores all alike, or values so nearly alike that w would pass
+    float32's range)."""
     centre, slope = [], []
     for x, s in zip(values.T.astype(np.float64), scores.T.astype(np.float64), strict=True):
         kept = np.isfinite(s)
@@ -272,7 +273,7 @@ def fit_level(values: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.nd
         mean_x = float(x.mean()) if len(x) else 0.0
         spread, height = (float(x.var()), float(s.mean())) if len(x) >= 2 else (0.0, 0.0)
         fitted = float(np.mean((x - mean_x) * (s - height))) / spread / height if spread > 0 and height > 0 else 0.0
-        centre.append(float(f"{mean_x:.6g}"))
+        centre.append(mean_x)
         slope.append(float(f"{fitted:.6g}") if abs(fitted) <= _FLOAT32_MAX else 0.0)  # NaN compares false
     return np.array(centre), np.array(slope)
 

@@ -23,6 +23,7 @@ from model.conformal import (
     calibrate,
     fit_level,
     level_path,
+    log_level_factor,
 )
 
 
@@ -236,6 +237,10 @@ def test_the_level_line_is_flat_where_there_is_none_to_fit() -> None:
     for values, their_scores in ((np.ones((50, 1)), scores), (np.arange(50.0)[:, None], np.full((50, 1), np.nan)),
                                  (nearly, scores)):
         assert fit_level(values, their_scores)[1].tolist() == [0.0]
+    far = 1e6 + np.linspace(0.3, 0.5, 50)[:, None]  # far from 0 next to its spread: c must keep every digit
+    centre, slope = fit_level(far, 1 + 3 * (far - 1e6))
+    assert np.exp(log_level_factor(far.mean(axis=0), centre, slope)) == pytest.approx(1, abs=1e-6)
+    assert slope[0] == pytest.approx(3 / 2.2, rel=1e-5)
     rising = np.arange(50.0)[:, None]
     centre, slope = fit_level(rising, 1 + rising / 49)  # scores 1 at x = 0, 2 at x = 49: height 1.5 at c = 24.5
     assert centre.tolist() == [24.5] and slope[0] == pytest.approx(1 / 49 / 1.5, rel=1e-5)  # kept to 6 digits
