@@ -40,6 +40,7 @@ SCALE_FLOOR = 0.9  # the running level narrows intervals by at most this factor 
 _LOG_FLOOR = np.float32(math.log(SCALE_FLOOR))
 LEVEL_FLOOR = 0.25  # the level factor g(x) narrows intervals by at most this factor; it widens them up to e^5
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32: a divisor that stays > 0
 
 
 @dataclass(frozen=True)
@@ -81,9 +82,9 @@ class Calibration:
             raise ValueError(f"calibration scale_rate must be in [0, 1), got {beta!r}")
         wanted = table.shape[1] if beta else 0
         if len(start) != wanted or not all(isinstance(v, float | int) and not isinstance(v, bool)
-                                           and math.isfinite(v) and v > 0 for v in start):
-            raise ValueError(f"calibration scale_start must be {wanted} finite numbers > 0 (one per feature with"
-                             f" a scale_rate, none without), got {start!r}")
+                                           and _FLOAT32_TINY <= v <= _FLOAT32_MAX for v in start):
+            raise ValueError(f"calibration scale_start must be {wanted} finite float32 numbers > 0 (one per feature"
+                             f" with a scale_rate, none without), got {start!r}")
         centre, slope = self.level_centre, self.level_slope
         wanted = table.shape[1] if slope else 0
         if (not beta and slope) or len(centre) != wanted or len(slope) != wanted or not all(

@@ -262,6 +262,8 @@ def test_a_level_line_of_whole_numbers_past_int64_works_as_their_floats() -> Non
     {"anchors": [95, 80]}, {"anchors": [0, 50]}, {"surprise": 1}, {"scale_rate": 1.0},
     {"scale_rate": -0.1}, {"scale_rate": 0.05}, {"scale_rate": 0.05, "scale_start": [1.0, 2.0]},
     {"scale_rate": 0.05, "scale_start": [0.0]}, {"scale_rate": 0.05, "scale_start": [float("inf")]},
+    {"scale_rate": 0.05, "scale_start": [10**400]}, {"scale_rate": 0.05, "scale_start": [3.5e38]},
+    {"scale_rate": 0.05, "scale_start": [1e-320]},
     {"scale_start": [1.0]}, {"level_centre": [1.0], "level_slope": [0.1]},
     {"scale_rate": 0.05, "scale_start": [1.0], "level_centre": [1.0]},
     {"scale_rate": 0.05, "scale_start": [1.0], "level_centre": [1.0], "level_slope": [float("nan")]},
