@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from model import float32
+
 ANCHORS = (50.0, 80.0, 90.0, 95.0, 99.0)  # levels (%) whose log-scale each series adapts
 GRID = 257  # order statistics kept per forecast step and feature
 LOG_SCALE_LIMIT = 5.0  # |log-scale| cap: a long flat stretch cannot shrink intervals beyond recovery
@@ -39,8 +41,6 @@ SCALE_CLIP = 5.0  # one score moves the running level by at most this many times
 SCALE_FLOOR = 0.9  # the running level narrows intervals by at most this factor (the state keeps u itself)
 _LOG_FLOOR = np.float32(math.log(SCALE_FLOOR))
 LEVEL_FLOOR = 0.25  # the level factor g(x) narrows intervals by at most this factor; it widens them up to e^5
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
-_FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32: a divisor that stays > 0
 
 
 @dataclass(frozen=True)
@@ -73,23 +73,21 @@ class Calibration:
         if not np.isfinite(table).all() or (table < 0).any() or (np.diff(table, axis=2) < 0).any():
             raise ValueError("calibration quantiles must be finite, >= 0 and non-decreasing along the ranks")
         rate = self.adapt_rate
-        if not isinstance(rate, float | int) or isinstance(rate, bool) or not 0 < rate <= 1:
+        if not float32.holds(rate) or not 0 < rate <= 1:
             raise ValueError(f"calibration adapt_rate must be in (0, 1], got {rate!r}")
         if not anchors or list(anchors) != sorted(set(anchors)) or not all(0 < a < 100 for a in anchors):
             raise ValueError(f"calibration anchors must be increasing levels in (0, 100), got {anchors!r}")
         beta, start = self.scale_rate, self.scale_start
-        if not isinstance(beta, float | int) or isinstance(beta, bool) or not 0 <= beta < 1:
+        if not float32.holds(beta) or not 0 <= beta < 1:
             raise ValueError(f"calibration scale_rate must be in [0, 1), got {beta!r}")
         wanted = table.shape[1] if beta else 0
-        if len(start) != wanted or not all(isinstance(v, float | int) and not isinstance(v, bool)
-                                           and _FLOAT32_TINY <= v <= _FLOAT32_MAX for v in start):
+        if len(start) != wanted or not all(float32.holds(v, positive=True) for v in start):
             raise ValueError(f"calibration scale_start must be {wanted} finite float32 numbers > 0 (one per feature"
                              f" with a scale_rate, none without), got {start!r}")
         centre, slope = self.level_centre, self.level_slope
         wanted = table.shape[1] if slope else 0
         if (not beta and slope) or len(centre) != wanted or len(slope) != wanted or not all(
-                isinstance(v, float | int) and not isinstance(v, bool) and abs(v) <= _FLOAT32_MAX
-                for v in (*centre, *slope)):
+                float32.holds(v) for v in (*centre, *slope)):
             raise ValueError(f"calibration level_centre and level_slope must be {wanted or 'F'} finite float32"
                              f" numbers each (one per feature, only with a scale_rate), got {centre!r}, {slope!r}")
         object.__setattr__(self, "_table", table)
@@ -275,7 +273,7 @@ def fit_level(values: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.nd
         spread, height = (float(x.var()), float(s.mean())) if len(x) >= 2 else (0.0, 0.0)
         fitted = float(np.mean((x - mean_x) * (s - height))) / spread / height if spread > 0 and height > 0 else 0.0
         centre.append(mean_x)
-        slope.append(float(f"{fitted:.6g}") if abs(fitted) <= _FLOAT32_MAX else 0.0)  # NaN compares false
+        slope.append(float(f"{fitted:.6g}") if float32.holds(fitted) else 0.0)
     return np.array(centre), np.array(slope)
 
 

@@ -16,6 +16,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from model import float32
+
 # Seasonal-naive needs a period; the time column's spacing names the usual one (days -> a week, ...).
 _PERIOD_BY_SPACING_DAYS = ((1 / 24 * 1.5, 24), (1.5, 7), (8, 52), (32, 12), (100, 4))
 
@@ -27,7 +29,6 @@ _TIME_NAMES = frozenset(
 )
 
 
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class DataError(ValueError):
@@ -134,7 +135,7 @@ def _numeric_column(column: pd.Series, name: str, source: str) -> tuple[np.ndarr
     array = numbers.to_numpy(dtype=float)
     if not np.isfinite(array[~np.isnan(array)]).all():
         raise DataError(f"{source}: column {name!r} holds an infinite value")
-    huge = np.abs(array) > FLOAT32_MAX  # the model and the service compute in float32
+    huge = np.abs(array) > float32.MAX  # the model and the service compute in float32
     if huge.any():
         row = int(np.flatnonzero(huge)[0])
         raise DataError(f"{source}: column {name!r}, row {row + 1}: {array[row]:g} is beyond float32 range"

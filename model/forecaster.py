@@ -27,12 +27,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from model import float32
 from model.cell import Variant
 from model.conformal import Calibration
 from model.gru import GRU
-
-_FLOAT32_MAX = torch.finfo(torch.float32).max
-_FLOAT32_TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32
 
 
 @dataclass(frozen=True)
@@ -62,11 +60,9 @@ class ForecasterConfig:
             if values and len(values) != len(self.features):
                 raise ValueError(f"{name} has {len(values)} values for {len(self.features)} features")
             for value in values:
-                # Judged as the float32 the buffers hold: 1e-300 is > 0 but stored as 0, a division by zero.
-                number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-                if number is None or not abs(number) <= _FLOAT32_MAX or (positive and not number >= _FLOAT32_TINY):
+                if not float32.holds(value, positive=positive):  # judged as the float32 the buffers hold
                     raise ValueError(f"{name} values must be finite float32 numbers"
-                                     f"{f' of at least {_FLOAT32_TINY:.3g}' if positive else ''}, got {value!r}")
+                                     f"{f' of at least {float32.TINY:.3g}' if positive else ''}, got {value!r}")
 
     @property
     def num_features(self) -> int:
