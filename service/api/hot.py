@@ -94,7 +94,8 @@ ROUTES = [
 class HotRoutes:
     """Innermost user middleware: answers the predict routes before FastAPI's exception middleware, exit
     stack and router (one regex match instead of walking every route), and the stream route's WebSocket
-    (``service.api.stream``; any other upgrade is a 404 problem); passes everything else on.
+    (``service.api.stream``; any other upgrade is a 404 problem, a plain HTTP request to a stream path a 426);
+    passes everything else on.
 
     A predict call gets its place in the queue of the engine its chunk goes to (the model's, by
     ``ServedModel.engine_for``) here, before its body is read or parsed: at once
@@ -139,6 +140,15 @@ class HotRoutes:
                     response = as_problem(refused).response(scope)
                 await response(scope, receive, send)
                 return
+            as_upgrade = {**scope, "type": "websocket"}  # a WebSocketRoute matches only an upgrade's scope
+            for stream_route in STREAM_ROUTES:
+                if stream_route.matches(as_upgrade)[0] == Match.FULL:
+                    scope["route"] = stream_route  # the template, for metrics and logs
+                    await send_problem(Problem(
+                        426, "upgrade-required", f"{scope['path']} is a WebSocket stream: connect with an"
+                        " upgrade request (GET, Upgrade: websocket), one text frame per chunk",
+                        headers={"Upgrade": "websocket", "Connection": "Upgrade"}), scope, send)
+                    return
         elif scope["type"] == "websocket":
             for stream_route in STREAM_ROUTES:
                 match, child_scope = stream_route.matches(scope)

@@ -241,6 +241,21 @@ def test_an_upgrade_to_a_path_without_a_stream_is_refused_404_with_a_problem(ser
     assert problem["type"].endswith("/not-found") and "/v1/sessions/{session_id}/stream" in problem["detail"]
 
 
+@pytest.mark.parametrize("method", ["GET", "POST", "DELETE"])
+@pytest.mark.parametrize("path", ["/v1/sessions/s-1/stream", "/v1/models/seattle-temp/sessions/s-1/stream"])
+def test_a_plain_http_request_to_a_stream_path_is_answered_426_upgrade_required(
+    server: Server, path: str, method: str
+) -> None:
+    answer = httpx.request(method, server.url + path, json={"values": [1.0]}, timeout=30)
+    assert answer.status_code == 426
+    assert answer.headers["Upgrade"] == "websocket"
+    assert answer.headers["Content-Type"].startswith("application/problem+json")
+    problem = answer.json()
+    assert problem["type"].endswith("/upgrade-required") and problem["status"] == 426
+    assert path in problem["detail"]
+    assert httpx.get(server.url + "/v1/sessions/s-1", timeout=30).status_code == 404  # nothing was created
+
+
 def _rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/status") as status:
         for line in status:
