@@ -27,8 +27,12 @@ class Scores:
     mae: dict[str, np.ndarray]  # forecast name -> (F,)
 
     def relative(self, name: str) -> float:
-        """Mean over features of MAE / persistence MAE: below 1 beats persistence."""
-        return float(np.mean(self.mae[name] / self.mae["persistence"]))
+        """Mean over features of MAE / persistence MAE: below 1 beats persistence. A feature persistence
+        predicts exactly (a constant validation tail) counts 1 where this forecast is exact too, else inf."""
+        mae, base = self.mae[name], self.mae["persistence"]
+        with np.errstate(divide="ignore", invalid="ignore"):  # the zeros are decided by ``where``
+            ratios = np.where(base > 0, mae / base, np.where(mae > 0, np.inf, 1.0))
+        return float(np.mean(ratios))
 
     def as_dict(self) -> dict[str, dict[str, float]]:
         return {name: dict(zip(self.features, e.tolist(), strict=True)) for name, e in self.mae.items()}
