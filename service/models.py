@@ -298,8 +298,7 @@ class Registry:
             if reason is not None:
                 self.repository.skip(where, reason)
                 continue
-            version = self._install(loaded)
-            await version.engine.start()  # warms up on the version's own compute thread
+            await self._bring_in(loaded)
             log.info("model version loaded", extra={"fields": {
                 "model": name, "version": where.version, "model_version": loaded.model_version}})
             await self._limit(self.models[name])
@@ -308,7 +307,33 @@ class Registry:
         return False
 
     def _install(self, loaded: Loaded) -> LoadedVersion:
-        """A new engine for ``loaded`` beside the model's others (a new model gets its store)."""
+        """A new engine for ``loaded`` beside the model's others, routed to at once (start-up: the engines
+        start before anything is served)."""
+        model, version = self._prepare(loaded)
+        self._enter(model, version)
+        return version
+
+    async def _bring_in(self, loaded: Loaded) -> None:
+        """A new engine for ``loaded``, warmed up before it enters the listing and the routing: a version is
+        listed only once it serves, and the caller's ``_limit`` runs with no await after its entry, so no
+        request and no listing ever sees more than GRU_MAX_LOADED_VERSIONS versions."""
+        model, version = self._prepare(loaded)
+        try:
+            await version.engine.start()  # warms up on the version's own compute thread
+        except BaseException:  # not entered: a later poll tries again, so nothing may be left behind
+            await version.engine.stop()
+            if model is not self.models.get(model.name):
+                await model.store.close()
+            raise
+        self._enter(model, version)
+
+    def _enter(self, model: ServedModel, version: LoadedVersion) -> None:
+        """Into the listing and the routing (a new model with it)."""
+        self.models.setdefault(model.name, model)
+        model.versions[version.number] = version
+
+    def _prepare(self, loaded: Loaded) -> tuple[ServedModel, LoadedVersion]:
+        """An engine for ``loaded``, not routed to yet, and its model (a new model, unlisted, gets its store)."""
         name = loaded.where.model
         model = self.models.get(name)
         s = self.settings
@@ -316,7 +341,6 @@ class Registry:
             namespace = "" if name == self.default else name  # the default's keys are today's
             store = build_store(self.settings, loaded.forecaster.state_size, self.device, self.metrics, namespace)
             model = ServedModel(name, store, GuardedStore(store, self.metrics), loaded, s.upgrade == "replay")
-            self.models[name] = model
         engine = Engine(
             loaded.forecaster, loaded.model_version, model.store, self.metrics,
             max_batch_size=s.max_batch_size, max_batch_delay_ms=s.max_batch_delay_ms, max_queue=s.max_queue,
@@ -324,9 +348,7 @@ class Registry:
             replay=model.replay, surprise_p=s.surprise_p,
         )
         engine.router = lambda chunk, session: model.route(engine, chunk, session)
-        version = LoadedVersion(loaded.where.version, engine, loaded.meta)
-        model.versions[version.number] = version
-        return version
+        return model, LoadedVersion(loaded.where.version, engine, loaded.meta)
 
     async def _drain_all(self, found: dict[str, list[VersionDir]] | None = None) -> None:
         """Count each model's sessions per version; with the repository's listing (``found``), load the
@@ -366,8 +388,7 @@ class Registry:
             if loaded is None or model.incompatible(loaded) is not None or loaded.model_version != declared:
                 continue
             missing.discard(declared)
-            version = self._install(loaded)
-            await version.engine.start()
+            await self._bring_in(loaded)
             log.info("model version loaded for its pinned sessions", extra={"fields": {
                 "model": model.name, "version": where.version, "model_version": declared}})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import signal
@@ -16,6 +17,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import torch
 import tritonclient.http as triton
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
@@ -23,6 +25,9 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from harness.processes import Process as Server
+from service.config import Settings
+from service.metrics import Metrics
+from service.models import Registry
 from service.repository import Repository
 from tests.conftest import ServerFactory, make_tiny_model, refused_start_log
 from tests.service.helpers import assert_problem, new_id, send, series
@@ -399,6 +404,38 @@ def test_beyond_max_loaded_versions_the_oldest_goes_and_its_sessions_get_409(
         assert send(client, on_2, series(3, seed=1), offset=3).json()["version"] == "2"
         assert metric(client, "gru_model_version_evictions_total", model="m") == 1
         assert "GRU_MAX_LOADED_VERSIONS=2" in server.log()
+
+
+def test_a_new_version_is_listed_only_once_warmed_with_the_oldest_beyond_the_limit_already_gone(
+    tmp_path: Path,
+) -> None:
+    """In-process, the versions every step of the event loop sees while a poll loads version 2 under
+    GRU_MAX_LOADED_VERSIONS=1: a watcher steps at each of the poll's awaits, as a request or a listing would.
+    Listed while it warmed up, version 2 stood beside version 1 (one more than the limit) and took requests
+    it could not answer yet."""
+    repository = tmp_path / "repo"
+    add_version(repository, "m", 1)
+    settings = Settings(model_repository=repository, max_loaded_versions=1, repository_poll_seconds=0, device="cpu")
+    metrics = Metrics()
+    registry = Registry(settings, Repository(root=repository), torch.device("cpu"), metrics)
+    registry.open()
+
+    async def scenario() -> list[list[int]]:
+        await registry.start()
+        add_version(repository, "m", 2, seed=1)
+        seen: list[list[int]] = []
+        polling = asyncio.ensure_future(registry.poll())
+        while not polling.done():
+            listed = sorted(registry.models["m"].versions)
+            if not seen or seen[-1] != listed:
+                seen.append(listed)
+            await asyncio.sleep(0)
+        await polling
+        await registry.stop()
+        return seen
+
+    assert asyncio.run(scenario()) == [[1], [2]]
+    assert metrics.registry.get_sample_value("gru_model_version_evictions_total", {"model": "m"}) == 1
 
 
 def test_a_snapshot_keeps_each_session_on_its_version_across_a_restart(
