@@ -16,6 +16,7 @@ from service.app import create_app
 from service.config import Settings, unknown_variables
 from service.head_deadline import head_deadline_protocol
 from service.logs import configure
+from service.ws_flow import FlowControlledWebSockets
 
 
 def _configuration_errors(exc: ValidationError) -> str:
@@ -75,9 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         app, host=args.host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=30,
         http=head_deadline_protocol(settings.request_timeout_seconds),
         # streams: a frame over the body limit closes with 1009 before it is buffered; pings find dead peers;
-        # no per-message compression (small JSON frames: it would cost more CPU than it saves bytes)
-        ws_max_size=settings.max_body_bytes, ws_ping_interval=settings.stream_ping_seconds,
-        ws_ping_timeout=settings.stream_ping_seconds, ws_per_message_deflate=False,
+        # no per-message compression (small JSON frames: it would cost more CPU than it saves bytes); pings
+        # from a peer that does not read its pongs stop the reading (service.ws_flow)
+        ws=FlowControlledWebSockets, ws_max_size=settings.max_body_bytes,
+        ws_ping_interval=settings.stream_ping_seconds, ws_ping_timeout=settings.stream_ping_seconds,
+        ws_per_message_deflate=False,
     )
     _DrainingServer(config, app.state.streams).run()
     return 0

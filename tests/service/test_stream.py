@@ -359,3 +359,25 @@ def test_a_peer_that_stops_answering_pings_is_dropped(server_factory: ServerFact
     while _metrics(server)["gru_streams_open{}"] != 0:
         assert time.monotonic() < deadline
         time.sleep(0.1)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RSS from /proc")
+def test_a_peer_that_pings_and_never_reads_stops_the_server_reading_and_holds_it_to_a_buffer(
+    server_factory: ServerFactory,
+) -> None:
+    """Every ping is answered with a pong: a peer that floods pings and never reads its pongs must stall, as a
+    peer that never reads its answers does, rather than grow the server's write buffer by what it sends."""
+    server = server_factory()
+    flood = bytes([0x89, 0x80 | 125]) + b"\0\0\0\0" + b"p" * 125  # a masked ping, the longest allowed
+    batch, batches = flood * 2048, 256  # 256 KiB a batch, 64 MiB in all
+    before = _rss_bytes(server.process.pid)
+    sent = 0
+    with _raw_stream(server, new_id("pinger")) as sock:
+        sock.settimeout(5)  # a send blocked this long: the server has stopped reading
+        with contextlib.suppress(TimeoutError):
+            for _ in range(batches):
+                sock.sendall(batch)
+                sent += 1
+        grown = _rss_bytes(server.process.pid) - before
+    assert sent < batches / 2, "the peer's pings never stalled: the server read everything"
+    assert grown < 32 * 2**20, grown
