@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         http=head_deadline_protocol(settings.request_timeout_seconds),
         # streams: a frame over the body limit closes with 1009 before it is buffered; pings find dead peers;
         # no per-message compression (small JSON frames: it would cost more CPU than it saves bytes); pings
-        # from a peer that does not read its pongs stop the reading (service.ws_flow)
+        # from a peer that does not read stop the reading, and shutdown cuts it off (service.ws_flow)
         ws=FlowControlledWebSockets, ws_max_size=settings.max_body_bytes,
         ws_ping_interval=settings.stream_ping_seconds, ws_ping_timeout=settings.stream_ping_seconds,
         ws_per_message_deflate=False,

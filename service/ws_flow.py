@@ -1,10 +1,13 @@
-"""uvicorn's WebSocket protocol, reading a peer's pings only while the peer reads the pongs they get.
+"""uvicorn's WebSocket protocol, for peers that do not read what the service writes them.
 
-uvicorn writes the pong for each ping at once, whatever its write buffer holds: a peer that sent pings and
-never read grew the server's buffer by as much as it sent (190 MB in 10 s on loopback), without limit. Here
-a ping that finds the buffer over its high-water mark stops reading the socket until the buffer drains, so
-such a peer's sends stall and it costs at most that buffer and one read, as one that never reads its
-answers already does (the app's sends wait for the buffer; service.api.stream's window bounds the rest).
+- Pings: uvicorn writes the pong for each ping at once, whatever its write buffer holds, so a peer that sent
+  pings and never read grew the server by as much as it sent (190 MB in 10 s on loopback), without limit.
+  Here a ping that finds the buffer over its high-water mark stops reading the socket until the buffer
+  drains: such a peer's sends stall, as those of one that never reads its answers already do.
+- Shutdown: uvicorn closes each connection once ``service.api.stream``'s drain is over, and waits for it to
+  go; a close waits for the write buffer to drain, which for such a peer is never, so a SIGTERM took another
+  30 s (61 s in all, past the grace periods of docker-compose.yml and deploy/k8s: the SIGKILL came before
+  the snapshot). Here a connection whose buffer is still full then is cut at once.
 """
 
 from __future__ import annotations
@@ -24,3 +27,8 @@ class FlowControlledWebSockets(WebSocketsSansIOProtocol):
         super().resume_writing()
         if not self.read_paused:  # uvicorn's own pause (a message waits for the app) stays until taken
             self.transport.resume_reading()
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        if not self.writable.is_set():  # the peer reads nothing: its close would wait for ever
+            self.transport.abort()

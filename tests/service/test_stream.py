@@ -381,3 +381,25 @@ def test_a_peer_that_pings_and_never_reads_stops_the_server_reading_and_holds_it
         grown = _rss_bytes(server.process.pid) - before
     assert sent < batches / 2, "the peer's pings never stalled: the server read everything"
     assert grown < 32 * 2**20, grown
+
+
+def test_sigterm_with_a_peer_that_never_reads_ends_within_one_drain_and_writes_the_snapshot(
+    server_factory: ServerFactory, tmp_path: Path,
+) -> None:
+    """A stream whose answers cannot go out holds the drain to its 30 s bound, and no more: its connection,
+    whose write buffer will never drain, is cut rather than waited for again (which took 61 s, past Docker's
+    45 s and Kubernetes' 60 s grace, so the SIGKILL came before the snapshot)."""
+    snapshot = tmp_path / "sessions.snapshot"
+    server = server_factory(GRU_SNAPSHOT_PATH=str(snapshot))
+    frame = _masked_text_frame(_frame(series(2048, seed=7)))
+    with _raw_stream(server, new_id("deaf-term")) as sock:
+        sock.settimeout(5)
+        with contextlib.suppress(TimeoutError):
+            while True:  # until the server stops reading: its answers fill every buffer
+                sock.sendall(frame)
+        server.process.send_signal(signal.SIGTERM)
+        status = server.process.wait(45)  # docker-compose.yml's stop_grace_period
+    assert status in (0, -signal.SIGTERM)
+    assert snapshot.exists()
+    errors = [line for line in server.log().splitlines() if '"level":"error"' in line]
+    assert not errors, errors
