@@ -192,6 +192,22 @@ def test_refused_frames_get_problem_frames_and_the_stream_stays_usable(server: S
         assert problem["title"] and problem["detail"]
 
 
+def test_a_binary_frame_of_json_is_read_as_the_same_text_frame(server: Server) -> None:
+    values = series(9, seed=4)
+    answers = []
+    for session, as_bytes in ((new_id("text"), False), (new_id("binary"), True)):
+        with _open(server, session) as ws:
+            for frame in (_frame(values[:5], 0), _frame(values[5:], 5), b"\xff{", _frame(values[5:], 5)):
+                ws.send(frame.encode() if as_bytes and isinstance(frame, str) else frame)
+            answers.append([_answer(ws) for _ in range(4)])
+    text, binary = answers
+    assert [a.get("status", 200) for a in binary] == [200, 200, 400, 200]  # the last an exact retry
+    assert binary[2]["type"].endswith("/malformed-json")
+    for a, b in zip(text[:2], binary[:2], strict=True):
+        assert a["position"] == b["position"] and a["predictions"] == b["predictions"]
+    assert binary[3] == binary[1]
+
+
 def test_a_frame_over_the_body_limit_closes_the_stream_with_1009(server_factory: ServerFactory) -> None:
     server = server_factory(GRU_MAX_BODY_BYTES="2048")
     with _open(server, new_id("big")) as ws:
