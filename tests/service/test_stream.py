@@ -314,6 +314,18 @@ def test_a_text_frame_of_invalid_utf8_closes_with_1007_and_logs_no_error(server_
     assert not [line for line in server.log().splitlines() if '"level":"error"' in line or "Traceback" in line]
 
 
+def _send_until_stalled(sock: socket.socket, payload: bytes, most: int) -> int:
+    """Send ``payload`` up to ``most`` times; how many went before one send blocked 5 s (the server stopped
+    reading)."""
+    sock.settimeout(5)
+    sent = 0
+    with contextlib.suppress(TimeoutError):
+        while sent < most:
+            sock.sendall(payload)
+            sent += 1
+    return sent
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RSS from /proc")
 def test_a_client_that_never_reads_stops_the_server_reading_and_holds_it_to_its_window(
     server_factory: ServerFactory,
@@ -323,13 +335,8 @@ def test_a_client_that_never_reads_stops_the_server_reading_and_holds_it_to_its_
     # long chunks, long answers: unread answers fill the socket fast, and the model keeps up with the reads
     frame = _masked_text_frame(_frame(series(2048, seed=2)))  # no offset: appended, whatever the session holds
     before = _rss_bytes(server.process.pid)
-    sent = 0
     with _raw_stream(server, new_id("deaf")) as sock:
-        sock.settimeout(5)  # a send blocked this long: the server has stopped reading
-        with contextlib.suppress(TimeoutError):
-            for _ in range(frames):
-                sock.sendall(frame)
-                sent += 1
+        sent = _send_until_stalled(sock, frame, frames)
         stalled = _metrics(server)
         time.sleep(3)
         later = _metrics(server)
@@ -387,13 +394,8 @@ def test_a_peer_that_pings_and_never_reads_stops_the_server_reading_and_holds_it
     flood = bytes([0x89, 0x80 | 125]) + b"\0\0\0\0" + b"p" * 125  # a masked ping, the longest allowed
     batch, batches = flood * 2048, 256  # 256 KiB a batch, 64 MiB in all
     before = _rss_bytes(server.process.pid)
-    sent = 0
     with _raw_stream(server, new_id("pinger")) as sock:
-        sock.settimeout(5)  # a send blocked this long: the server has stopped reading
-        with contextlib.suppress(TimeoutError):
-            for _ in range(batches):
-                sock.sendall(batch)
-                sent += 1
+        sent = _send_until_stalled(sock, batch, batches)
         grown = _rss_bytes(server.process.pid) - before
     assert sent < batches / 2, "the peer's pings never stalled: the server read everything"
     assert grown < 32 * 2**20, grown
@@ -409,10 +411,7 @@ def test_sigterm_with_a_peer_that_never_reads_ends_within_one_drain_and_writes_t
     server = server_factory(GRU_SNAPSHOT_PATH=str(snapshot))
     frame = _masked_text_frame(_frame(series(2048, seed=7)))
     with _raw_stream(server, new_id("deaf-term")) as sock:
-        sock.settimeout(5)
-        with contextlib.suppress(TimeoutError):
-            while True:  # until the server stops reading: its answers fill every buffer
-                sock.sendall(frame)
+        assert _send_until_stalled(sock, frame, 100_000) < 100_000  # its answers fill every buffer
         server.process.send_signal(signal.SIGTERM)
         status = server.process.wait(45)  # docker-compose.yml's stop_grace_period
     assert status in (0, -signal.SIGTERM)
