@@ -50,6 +50,9 @@ _UNAVAILABLE = (
     rexc.ConnectionError, rexc.TimeoutError, rexc.OutOfMemoryError, rexc.ReadOnlyError, rexc.ClusterDownError,
     rexc.TryAgainError, OSError,
 )
+# Replies redis-py leaves as a plain ResponseError that mean the same: Redis refuses writes it cannot persist
+# (MISCONF: a failed RDB save or AOF write, a full disk) or another client's script holds it (BUSY).
+_UNAVAILABLE_REPLIES = ("MISCONF ", "BUSY ")
 
 # KEYS: the batch's session hashes.  ARGV[1]: ttl (ms).  Returns each hash's fields (flat; empty when
 # absent) and refreshes the TTL of those that exist.
@@ -148,6 +151,10 @@ class RedisStore:
             return await operation
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"redis: {exc.__class__.__name__}: {exc}") from exc
+        except rexc.ResponseError as exc:
+            if str(exc).startswith(_UNAVAILABLE_REPLIES):
+                raise StoreUnavailable(f"redis: {exc}") from exc
+            raise
 
     # -- the protocol ----------------------------------------------------------------------------------
 

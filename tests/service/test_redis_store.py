@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import re
+import shutil
 import signal
 import threading
 import time
@@ -27,6 +29,8 @@ from tests.service.helpers import assert_problem, new_id, position, send, series
 from tests.service.stores import STATE, write
 
 pytest.importorskip("redis")
+from redis.exceptions import ResponseError
+
 from service.sessions.redis import RedisStore
 
 CONFLICTS = "gru_store_conflicts_total"
@@ -347,3 +351,80 @@ def test_a_new_model_refuses_the_old_ones_sessions_in_each_protocols_terms(
         started = http.post(f"/v2/models/{name}/infer", json={
             "inputs": [tensor], "parameters": {"sequence_id": session, "sequence_start": True}})
         assert started.status_code == 200 and started.json()["parameters"]["sequence_position"] == 6
+
+
+# -- what else Redis may hold or answer ----------------------------------------------------------------
+
+
+def _wait_until(condition: Callable[[], bool], what: str, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_redis_refusing_writes_it_cannot_persist_is_503_then_recovers(
+    server_factory: ServerFactory, redis_server: RedisServer
+) -> None:
+    """A Redis whose RDB save fails (a full or vanished disk) refuses writes with MISCONF until it can save
+    again: that is the store being unavailable (503, Retry-After, not ready), not a 500."""
+    server = server_factory(GRU_STORE="redis", GRU_REDIS_URL=redis_server.url)
+    redis = redis_server.client()
+    values, session = series(10, seed=42), new_id("misconf")
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        assert send(http, session, values[:5], offset=0).status_code == 200
+        redis.config_set("save", "3600 1")
+        shutil.rmtree(redis_server.directory)  # the save's temporary file cannot be created
+        redis.bgsave()
+        _wait_until(lambda: redis.info("persistence")["rdb_last_bgsave_status"] == "err", "the save did not fail")
+        refused = send(http, session, values[5:], offset=5)
+        assert_problem(refused, 503)["type"].endswith("/store-unavailable")
+        assert int(refused.headers["retry-after"]) > 0
+        assert_problem(http.post(f"/v1/sessions/{session}/reset"), 503)
+        assert_problem(http.get("/readyz"), 503)
+        redis.config_set("save", "")  # nothing to persist: Redis takes writes again
+        _wait_until(lambda: http.get("/readyz").status_code == 200, "not ready again")
+        applied = send(http, session, values[5:], offset=5)
+        assert applied.status_code == 200 and applied.json()["position"] == 10, applied.text
+    assert "Traceback" not in server.log()
+
+
+def test_redis_busy_with_another_clients_script_is_503_then_recovers(
+    server_factory: ServerFactory, redis_server: RedisServer
+) -> None:
+    """A script of another client that runs past busy-reply-threshold makes Redis answer BUSY to everyone
+    until it ends: 503 while it lasts, not a 500."""
+    server = server_factory(GRU_STORE="redis", GRU_REDIS_URL=redis_server.url)
+    redis = redis_server.client()
+    redis.config_set("busy-reply-threshold", 50)
+    values, session = series(10, seed=43), new_id("busy")
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        assert send(http, session, values[:5], offset=0).status_code == 200
+        blocker = redis_server.client()
+
+        def spin() -> None:
+            with contextlib.suppress(ResponseError):  # "Script killed by user"
+                blocker.eval("while true do end", 0)
+
+        spinning = threading.Thread(target=spin)
+        spinning.start()
+
+        def busy() -> bool:
+            try:
+                redis.ping()
+            except ResponseError as exc:
+                return str(exc).startswith("BUSY")
+            return False
+
+        try:
+            _wait_until(busy, "the script did not make Redis busy")
+            refused = send(http, session, values[5:], offset=5)
+            assert_problem(refused, 503)["type"].endswith("/store-unavailable")
+            assert int(refused.headers["retry-after"]) > 0
+        finally:
+            redis.script_kill()
+            spinning.join(10)
+        _wait_until(lambda: http.get("/readyz").status_code == 200, "not ready again")
+        applied = send(http, session, values[5:], offset=5)
+        assert applied.status_code == 200 and applied.json()["position"] == 10, applied.text
+    assert "Traceback" not in server.log()
