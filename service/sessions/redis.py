@@ -43,6 +43,7 @@ from service.sessions.base import Session, StoreUnavailable, Write
 
 KEY_PREFIX = "gru:s:"
 _STATE_DTYPE = np.dtype("<f4")
+_UNREADABLE = b"\0"  # a damaged record's state: of no model's size, so never read as one
 _T = TypeVar("_T")
 
 # Failures that mean "Redis cannot take this now", not "we sent nonsense": answered 503, retried later.
@@ -54,13 +55,32 @@ _UNAVAILABLE = (
 # (MISCONF: a failed RDB save or AOF write, a full disk) or another client's script holds it (BUSY).
 _UNAVAILABLE_REPLIES = ("MISCONF ", "BUSY ")
 
+# Each script first asks a key's TYPE: a key under the prefix that is not a hash (written by something else)
+# reads as a session whose revision is '!' and its type, so it is judged a damaged record, and a write or a
+# reset judged against it replaces it, instead of every command on it failing with WRONGTYPE.
+_REVISION = """
+local function revision(key)
+  local kind = redis.call('TYPE', key)['ok']
+  if kind == 'hash' then return redis.call('HGET', key, 'rev') end
+  if kind == 'none' then return false end
+  return '!' .. kind
+end
+"""
+
 # KEYS: the batch's session hashes.  ARGV[1]: ttl (ms).  Returns each hash's fields (flat; empty when
 # absent) and refreshes the TTL of those that exist.
-_LOAD = """
+_LOAD = _REVISION + """
 local found = {}
 for i, key in ipairs(KEYS) do
-  found[i] = redis.call('HGETALL', key)
-  if #found[i] > 0 then redis.call('PEXPIRE', key, ARGV[1]) end
+  local current = revision(key)
+  if not current then
+    found[i] = {}
+  elseif current:sub(1, 1) == '!' then
+    found[i] = {'rev', current}
+  else
+    found[i] = redis.call('HGETALL', key)
+    redis.call('PEXPIRE', key, ARGV[1])
+  end
 end
 return found
 """
@@ -69,18 +89,22 @@ return found
 # revision ('' = must not exist), new revision, position, model version, last offset, fingerprint, answer,
 # state bytes.  Returns per write the record's created_at, or false where the revision did not match.
 # A write finding its own new revision already stored has run before (a retry after a lost reply): won.
-_COMMIT = """
+_COMMIT = _REVISION + """
 local now, ttl = ARGV[1], ARGV[2]
 local results = {}
 for i, key in ipairs(KEYS) do
   local a = 2 + (i - 1) * 8
-  local expected, revision = ARGV[a + 1], ARGV[a + 2]
-  local current = redis.call('HGET', key, 'rev')
-  if current == revision then
+  local expected, new = ARGV[a + 1], ARGV[a + 2]
+  local current = revision(key)
+  if current == new then
     results[i] = redis.call('HGET', key, 'created')
   elseif (expected == '' and not current) or (current and current == expected) then
-    local created = redis.call('HGET', key, 'created') or now
-    redis.call('HSET', key, 'rev', revision, 'pos', ARGV[a + 3], 'ver', ARGV[a + 4], 'loff', ARGV[a + 5],
+    local created = current and current:sub(1, 1) ~= '!' and redis.call('HGET', key, 'created')
+    if not tonumber(created) then
+      created = now
+      redis.call('DEL', key)
+    end
+    redis.call('HSET', key, 'rev', new, 'pos', ARGV[a + 3], 'ver', ARGV[a + 4], 'loff', ARGV[a + 5],
                'fp', ARGV[a + 6], 'ans', ARGV[a + 7], 'state', ARGV[a + 8], 'created', created, 'updated', now)
     redis.call('PEXPIRE', key, ttl)
     results[i] = created
@@ -93,12 +117,13 @@ return results
 
 # KEYS[1] session hash.  ARGV: new revision, model version, now (unix s), ttl (ms).
 # Returns {existed (0/1), created_at}. The state field is dropped: no state means the fresh (zero) state.
-_RESET = """
-local current = redis.call('HMGET', KEYS[1], 'rev', 'created')
+_RESET = _REVISION + """
+local current = {revision(KEYS[1]), false}
+if current[1] and current[1]:sub(1, 1) ~= '!' then current[2] = redis.call('HGET', KEYS[1], 'created') end
 if current[1] == ARGV[1] then
   return {0, current[2]}
 end
-local created = current[2] or ARGV[3]
+local created = tonumber(current[2]) and current[2] or ARGV[3]
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'rev', ARGV[1], 'pos', 0, 'ver', ARGV[2], 'loff', -1, 'fp', '', 'ans', '',
            'created', created, 'updated', ARGV[3])
@@ -172,7 +197,7 @@ class RedisStore:
         """A state of another size (written by a model whose state is laid out otherwise) cannot be
         continued: its record names that layout as part of its model version, so the chunk is judged a
         409 model-changed that says to reset the session, instead of failing when its state is gathered."""
-        if session is None or not session.handle:
+        if session is None or not session.handle or session.handle is _UNREADABLE:
             return
         floats = len(session.handle) // _STATE_DTYPE.itemsize
         if floats != self.state_size:
@@ -219,7 +244,13 @@ class RedisStore:
         return results
 
     async def get(self, key: str) -> Session | None:
-        values: list[Any] = await self._call(self._redis.hmget(self.redis_key(key), list(_INFO_FIELDS)))
+        try:
+            values: list[Any] = await self._call(self._redis.hmget(self.redis_key(key), list(_INFO_FIELDS)))
+        except rexc.ResponseError as exc:
+            if not str(exc).startswith("WRONGTYPE"):
+                raise
+            kind: Any = await self._call(self._redis.type(self.redis_key(key)))  # b"string", b"list", ...
+            return _session(key, {b"rev": b"!" + kind})
         return _session(key, dict(zip((f.encode() for f in _INFO_FIELDS), values, strict=True)))
 
     async def delete(self, key: str) -> bool:
@@ -244,9 +275,9 @@ class RedisStore:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for key in batch:
                     pipe.hget(key, "ver")
-                for version in await pipe.execute():
-                    if version is not None:
-                        counts[version.decode()] += 1
+                for version in await pipe.execute(raise_on_error=False):
+                    if isinstance(version, bytes):  # not None (gone), nor the error of a key of another type
+                        counts[version.decode(errors="replace")] += 1
             batch.clear()
 
         async def scan() -> None:
@@ -271,19 +302,29 @@ class RedisStore:
 
 
 def _session(key: str, fields: dict[bytes, bytes | None]) -> Session | None:
-    """A record from its hash fields (HGETALL: bytes keys); None for a missing key."""
+    """A record from its hash fields (HGETALL: bytes keys); None for a missing key. A record this service
+    cannot read (a key of another type, a field that does not parse: garbage, or another program's) is
+    named a damaged record in its model version, so a chunk on it is a 409 that says to reset it, and its
+    state is one no model reads (an export is a 409 too)."""
     revision = fields.get(b"rev")
     if not revision:
         return None
-    return Session(
-        key,
-        position=int(fields.get(b"pos") or 0),
-        model_version=(fields.get(b"ver") or b"").decode(),
-        revision=revision.decode(),
-        created_at=float(fields.get(b"created") or 0),
-        updated_at=float(fields.get(b"updated") or 0),
-        last_offset=int(fields.get(b"loff") or -1),
-        fingerprint=fields.get(b"fp") or b"",
-        answer=fields.get(b"ans") or b"",
-        handle=fields.get(b"state"),
-    )
+    try:
+        if revision.startswith(b"!"):
+            raise ValueError(f"a Redis {revision[1:].decode()}, not a hash")
+        return Session(
+            key,
+            position=int(fields.get(b"pos") or 0),
+            model_version=(fields.get(b"ver") or b"").decode(),
+            revision=revision.decode(),
+            created_at=float(fields.get(b"created") or 0),
+            updated_at=float(fields.get(b"updated") or 0),
+            last_offset=int(fields.get(b"loff") or -1),
+            fingerprint=fields.get(b"fp") or b"",
+            answer=fields.get(b"ans") or b"",
+            handle=fields.get(b"state"),
+        )
+    except ValueError as exc:  # UnicodeDecodeError included
+        return Session(key, position=0, model_version=f"(a damaged record in Redis: {exc})",
+                       revision=revision.decode(errors="replace"), created_at=0.0, updated_at=0.0,
+                       handle=_UNREADABLE)

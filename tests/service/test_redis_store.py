@@ -363,6 +363,37 @@ def _wait_until(condition: Callable[[], bool], what: str, seconds: float = 10) -
         time.sleep(0.05)
 
 
+def test_damaged_records_under_the_prefix_are_409s_to_reset_never_500s(
+    server_factory: ServerFactory, redis_server: RedisServer
+) -> None:
+    """A key under the service's prefix that is not a hash, or a hash whose fields do not parse (garbage, or
+    another program's), is a damaged session: a chunk or an export on it is a 409 that says so, and a reset,
+    an import or a delete replaces it. Before, every call on it failed with WRONGTYPE or ValueError: a 500
+    (the batch it was in failing whole), and /v1/models failed on a string key."""
+    server = server_factory(GRU_STORE="redis", GRU_REDIS_URL=redis_server.url)
+    redis = redis_server.client()
+    damaged = {"string": new_id("str"), "pos": new_id("pos"), "ver": new_id("ver"), "created": new_id("created")}
+    redis.set(f"gru:s:default/{damaged['string']}", "garbage")
+    redis.hset(f"gru:s:default/{damaged['pos']}", mapping={"rev": "r", "pos": "abc"})
+    redis.hset(f"gru:s:default/{damaged['ver']}", mapping={"rev": "r", "pos": 1, "ver": b"\xff\xfe"})
+    redis.hset(f"gru:s:default/{damaged['created']}", mapping={"rev": "r", "pos": 1, "created": "zz"})
+    values = series(3, seed=41)
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        for session in damaged.values():
+            refused = assert_problem(send(http, session, values, offset=1), 409)
+            assert refused["type"].endswith("/model-changed") and "damaged record" in refused["detail"]
+            assert "damaged record" in http.get(f"/v1/sessions/{session}").json()["model_version"]
+            assert_problem(http.get(f"/v1/sessions/{session}/state"), 409)
+        assert http.get("/v1/models").status_code == 200
+        for session in (damaged["string"], damaged["created"]):
+            assert http.post(f"/v1/sessions/{session}/reset").json()["position"] == 0
+            started = send(http, session, values, offset=0)
+            assert started.status_code == 200 and started.json()["position"] == 3, started.text
+        assert http.delete(f"/v1/sessions/{damaged['pos']}").status_code == 204
+        assert send(http, damaged["pos"], values, offset=0).json()["created"] is True
+    assert "Traceback" not in server.log()
+
+
 def test_redis_refusing_writes_it_cannot_persist_is_503_then_recovers(
     server_factory: ServerFactory, redis_server: RedisServer
 ) -> None:
