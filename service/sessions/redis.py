@@ -9,12 +9,14 @@ are ``gru:s:{model}:{tenant}/{session_id}``: tenants hold no ":"), with a TTL re
     loff     offset of the last applied chunk (-1: none)
     fp, ans  the last applied chunk's fingerprint and answer, for exact retries
     created, updated   unix seconds (the writing replica's clock)
+    past     the revisions it had before, newest first (``PAST_REVISIONS``), for a retried write's check
 
 Every write runs inside a Lua script, so it is atomic: it checks the revision the chunk was judged against
 and either writes every field or nothing. A revision is random, never a counter, so a delete or a reset
 that brings the session back to the same position still fails a stale write (position alone would be
-fooled). The scripts are idempotent: a write whose own new revision is already stored reports success, so
-a client-side retry after a lost reply never turns an applied append into a conflict (and a second append).
+fooled). The scripts are idempotent: a write whose own new revision is already stored, or among the
+record's ``past`` (another replica wrote after it before the retry came), reports success, so a client-side
+retry after a lost reply never turns an applied append into a conflict (and a second append).
 
 A batch costs two round trips, one script call each: one reads every record of the batch (and refreshes
 their TTLs), one commits every write; redis-py's per-command cost, not Redis, is what a pipeline of
@@ -54,16 +56,40 @@ _UNAVAILABLE = (
 # Replies redis-py leaves as a plain ResponseError that mean the same: Redis refuses writes it cannot persist
 # (MISCONF: a failed RDB save or AOF write, a full disk) or another client's script holds it (BUSY).
 _UNAVAILABLE_REPLIES = ("MISCONF ", "BUSY ")
+PAST_REVISIONS = 4  # a record's revisions kept before its own, for retries that another write followed
 
 # Each script first asks a key's TYPE: a key under the prefix that is not a hash (written by something else)
 # reads as a session whose revision is '!' and its type, so it is judged a damaged record, and a write or a
 # reset judged against it replaces it, instead of every command on it failing with WRONGTYPE.
-_REVISION = """
+_REVISION = f"local PAST_REVISIONS = {PAST_REVISIONS}\n" + """
 local function revision(key)
   local kind = redis.call('TYPE', key)['ok']
   if kind == 'hash' then return redis.call('HGET', key, 'rev') end
   if kind == 'none' then return false end
   return '!' .. kind
+end
+
+-- Whether a write (or reset) whose new revision is ``new`` has already run on this record: ``new`` is its
+-- revision, or one of the last it had (``past``): a retry after a lost reply, which another replica's write
+-- may have followed before it arrived. Without ``past`` that retry would read as a lost race, and the engine
+-- would judge its chunk again: an append applied twice.
+local function applied(key, current, new)
+  if current == new then return true end
+  if not current or current:sub(1, 1) == '!' then return false end
+  local past = redis.call('HGET', key, 'past')
+  return past ~= false and string.find(' ' .. past .. ' ', ' ' .. new .. ' ', 1, true) ~= nil
+end
+
+-- The ``past`` of the record that replaces one whose revision is ``current``: that revision, then the
+-- newest of its own past, PAST_REVISIONS in all.
+local function history(key, current)
+  if not current or current:sub(1, 1) == '!' then return '' end
+  local kept = {current}
+  for earlier in string.gmatch(redis.call('HGET', key, 'past') or '', '%S+') do
+    if #kept >= PAST_REVISIONS then break end
+    kept[#kept + 1] = earlier
+  end
+  return table.concat(kept, ' ')
 end
 """
 
@@ -88,7 +114,8 @@ return found
 # KEYS: one session hash per write.  ARGV[1] now (unix s), ARGV[2] ttl (ms), then 8 per write: expected
 # revision ('' = must not exist), new revision, position, model version, last offset, fingerprint, answer,
 # state bytes.  Returns per write the record's created_at, or false where the revision did not match.
-# A write finding its own new revision already stored has run before (a retry after a lost reply): won.
+# A write finding its own new revision stored, now or among the record's last (``applied``), has run before
+# (a retry after a lost reply): won.
 _COMMIT = _REVISION + """
 local now, ttl = ARGV[1], ARGV[2]
 local results = {}
@@ -96,16 +123,18 @@ for i, key in ipairs(KEYS) do
   local a = 2 + (i - 1) * 8
   local expected, new = ARGV[a + 1], ARGV[a + 2]
   local current = revision(key)
-  if current == new then
+  if applied(key, current, new) then
     results[i] = redis.call('HGET', key, 'created')
   elseif (expected == '' and not current) or (current and current == expected) then
     local created = current and current:sub(1, 1) ~= '!' and redis.call('HGET', key, 'created')
+    local past = history(key, current)
     if not tonumber(created) then
       created = now
       redis.call('DEL', key)
     end
     redis.call('HSET', key, 'rev', new, 'pos', ARGV[a + 3], 'ver', ARGV[a + 4], 'loff', ARGV[a + 5],
-               'fp', ARGV[a + 6], 'ans', ARGV[a + 7], 'state', ARGV[a + 8], 'created', created, 'updated', now)
+               'fp', ARGV[a + 6], 'ans', ARGV[a + 7], 'state', ARGV[a + 8], 'created', created, 'updated', now,
+               'past', past)
     redis.call('PEXPIRE', key, ttl)
     results[i] = created
   else
@@ -120,13 +149,14 @@ return results
 _RESET = _REVISION + """
 local current = {revision(KEYS[1]), false}
 if current[1] and current[1]:sub(1, 1) ~= '!' then current[2] = redis.call('HGET', KEYS[1], 'created') end
-if current[1] == ARGV[1] then
+if applied(KEYS[1], current[1], ARGV[1]) then
   return {0, current[2]}
 end
 local created = tonumber(current[2]) and current[2] or ARGV[3]
+local past = history(KEYS[1], current[1])
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'rev', ARGV[1], 'pos', 0, 'ver', ARGV[2], 'loff', -1, 'fp', '', 'ans', '',
-           'created', created, 'updated', ARGV[3])
+           'created', created, 'updated', ARGV[3], 'past', past)
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 if current[1] then return {1, created} end
 return {0, created}

@@ -31,7 +31,7 @@ from tests.service.stores import STATE, write
 pytest.importorskip("redis")
 from redis.exceptions import ResponseError
 
-from service.sessions.redis import RedisStore
+from service.sessions.redis import PAST_REVISIONS, RedisStore
 
 CONFLICTS = "gru_store_conflicts_total"
 
@@ -85,6 +85,39 @@ def test_commit_retried_after_a_lost_reply_is_not_a_conflict(redis_server: Redis
         first = await store._commit(keys=["gru:s:t/r", "gru:s:t/other"], args=args)
         retried = await store._commit(keys=["gru:s:t/r", "gru:s:t/other"], args=args)
         assert first == retried == [b"1.0", None]  # the won write stays won, the lost one stays lost
+        await store.close()
+
+    _run(scenario())
+
+
+def test_commit_or_reset_retried_after_other_writes_followed_it_is_won_not_run_again(
+    redis_server: RedisServer,
+) -> None:
+    """The script runs, its reply is lost, other replicas write the session before the client's retry arrives:
+    the retry must still read as won (a lost race would have the engine apply an append a second time), and
+    a reset's retry must not wipe what was written after it."""
+
+    async def scenario() -> None:
+        store = RedisStore(redis_server.url, STATE, ttl_seconds=60)
+        state = b"\0" * 4 * STATE
+
+        async def run(expected: str, new: str, position: int) -> Any:
+            args = ["1.0", 60_000, expected, new, position, "v1", 0, b"f", b"{}", state]
+            return (await store._commit(keys=["gru:s:t/p"], args=args))[0]
+
+        assert await run("", "rev-1", 4) == b"1.0"
+        for n in range(2, 2 + PAST_REVISIONS):  # PAST_REVISIONS writes after it, each judged on the one before
+            assert await run(f"rev-{n - 1}", f"rev-{n}", 4 * n) == b"1.0"
+        assert await run("", "rev-1", 4) == b"1.0"  # its retry: won, and nothing written
+        assert redis_server.client().hget("gru:s:t/p", "pos") == str(4 * (1 + PAST_REVISIONS)).encode()
+        assert await run(f"rev-{1 + PAST_REVISIONS}", "rev-next", 99) == b"1.0"
+        assert await run("", "rev-1", 4) is None  # one write more: beyond what a record keeps, a lost race
+
+        existed, _ = await store._reset(keys=["gru:s:t/p"], args=["rev-reset", "v1", "2.0", 60_000])
+        assert existed == 1
+        assert await run("rev-reset", "rev-after", 8) == b"1.0"
+        await store._reset(keys=["gru:s:t/p"], args=["rev-reset", "v1", "3.0", 60_000])  # the reset's retry
+        assert redis_server.client().hget("gru:s:t/p", "pos") == b"8"  # the write after the reset stays
         await store.close()
 
     _run(scenario())
