@@ -5,11 +5,14 @@ One safetensors file, written atomically (temporary file, fsync, rename), holdin
     states    (N, S) float32   the state rows of the sessions that have one
     answers   (A,)   uint8     every session's last answer, concatenated
     index     (J,)   uint8     UTF-8 JSON: one entry per session, least recently used first
+    seen      (J,)   float64   when each session was last reached (a chunk answered 409 or as an exact retry
+                               refreshes its TTL without writing it); older snapshots lack it: 0, never
 
 and in the header metadata the format, the model version and S. An index entry is ``[key, position,
 model_version, created_at, updated_at, last_offset, fingerprint (hex), answer start, answer length, state
 row (-1: fresh state)]``. The index is a tensor, not header metadata, because safetensors caps its header
-(100 MB) and a full store's index can outgrow it.
+(100 MB) and a full store's index can outgrow it. ``seen`` is a tensor of its own, not an eleventh index
+field, so that a reader without it (a roll-back) still reads the file, and this one reads theirs.
 
 Written on shutdown after the engine has drained (every answered chunk is in the store) and every
 ``GRU_SNAPSHOT_INTERVAL_SECONDS``; read once at start, before the first request. A file that cannot be read,
@@ -54,7 +57,7 @@ class _Incompatible(Exception):
 
 @dataclass(slots=True)
 class _Captured:
-    records: list[tuple[str, int, str, float, float, int, bytes, bytes, int | None]]  # the fields, slot last
+    records: list[tuple[str, int, str, float, float, float, int, bytes, bytes, int | None]]  # the fields, slot last
     states: Tensor  # (capacity + 1, S): a copy of the store's whole state tensor, on its device
     model_version: str
 
@@ -65,8 +68,8 @@ def capture(store: MemoryStore, model_version: str) -> _Captured:
     Kept to two cheap steps (references to the records' immutable field values, one copy of the state
     tensor); picking the rows and building the JSON happen on the writer thread.
     """
-    records = [(s.key, s.position, s.model_version, s.created_at, s.updated_at, s.last_offset, s.fingerprint,
-                s.answer, s.handle) for s in store.records()]
+    records = [(s.key, s.position, s.model_version, s.created_at, s.updated_at, s.seen_at, s.last_offset,
+                s.fingerprint, s.answer, s.handle) for s in store.records()]
     return _Captured(records, store.states.clone(), model_version)
 
 
@@ -74,7 +77,7 @@ def _write(captured: _Captured, path: Path) -> None:
     entries: list[list[object]] = []
     slots: list[int] = []
     start = 0
-    for key, position, version, created, updated, last_offset, fingerprint, answer, slot in captured.records:
+    for key, position, version, created, updated, _, last_offset, fingerprint, answer, slot in captured.records:
         row = -1
         if slot:
             row = len(slots)
@@ -86,8 +89,9 @@ def _write(captured: _Captured, path: Path) -> None:
     states = captured.states.index_select(0, index).to("cpu", torch.float32)  # (N, S)
     tensors = {
         "states": states.contiguous(),
-        "answers": _bytes_tensor(bytearray().join(r[7] for r in captured.records)),
+        "answers": _bytes_tensor(bytearray().join(r[8] for r in captured.records)),
         "index": _bytes_tensor(bytearray(orjson.dumps(entries))),
+        "seen": torch.tensor([r[5] for r in captured.records], dtype=torch.float64),  # (J,)
     }
     metadata = {"format": FORMAT, "model_version": captured.model_version,
                 "state_size": str(states.size(1)), "sessions": str(len(entries))}
@@ -142,14 +146,19 @@ def _read(path: Path, model_versions: set[str], state_size: int) -> tuple[list[S
         states = file.get_tensor("states")
         answers = file.get_tensor("answers").numpy().tobytes()
         entries = orjson.loads(file.get_tensor("index").numpy().tobytes())
+        seen = file.get_tensor("seen") if "seen" in file.keys() else None  # noqa: SIM118
     if states.dtype != torch.float32 or states.dim() != 2 or states.size(1) != state_size:
         raise ValueError(f"states tensor {tuple(states.shape)} {states.dtype}, expected (N, {state_size})"
                          " float32")
     if not torch.isfinite(states).all():
         raise ValueError("states tensor holds NaN or infinity")
+    if seen is None:
+        seen = torch.zeros(len(entries), dtype=torch.float64)
+    if seen.dtype != torch.float64 or tuple(seen.shape) != (len(entries),) or not torch.isfinite(seen).all():
+        raise ValueError(f"seen tensor {tuple(seen.shape)} {seen.dtype}, expected ({len(entries)},) finite float64")
     sessions: list[Session] = []
     rows: list[int] = []
-    for entry in entries:
+    for entry, seen_at in zip(entries, seen.tolist(), strict=True):
         key, position, version, created, updated, last_offset, fingerprint, start, length, row = entry
         if not (isinstance(key, str) and "/" in key and isinstance(position, int) and position >= 0
                 and isinstance(start, int) and isinstance(length, int) and 0 <= start <= start + length
@@ -157,7 +166,8 @@ def _read(path: Path, model_versions: set[str], state_size: int) -> tuple[list[S
             raise ValueError(f"malformed index entry {entry!r:.200}")
         sessions.append(Session(key, position, str(version), 0, created_at=float(created),
                                 updated_at=float(updated), last_offset=int(last_offset),
-                                fingerprint=bytes.fromhex(fingerprint), answer=answers[start : start + length]))
+                                fingerprint=bytes.fromhex(fingerprint), answer=answers[start : start + length],
+                                seen_at=seen_at))
         rows.append(row)
     if len(sessions) != int(metadata.get("sessions", -1)):
         raise ValueError(f"{len(sessions)} index entries, the header says {metadata.get('sessions')}")
@@ -184,7 +194,7 @@ def restore(store: MemoryStore, path: Path, model_versions: str | Collection[str
         return 0
     now = clock()
     servable = [i for i, s in enumerate(sessions) if s.model_version in known]
-    fresh = [i for i in servable if now - sessions[i].updated_at <= store.ttl_seconds]
+    fresh = [i for i in servable if now - sessions[i].last_used <= store.ttl_seconds]
     live = fresh[-store.max_sessions:]  # least recently used first: keep the newest
     store.restore([sessions[i] for i in live], [rows[i] for i in live], states)
     log.info("snapshot restored", extra={"fields": {

@@ -306,6 +306,41 @@ def test_restore_keeps_a_session_created_long_ago_but_used_recently(tmp_path: Pa
     assert restore(later, path, "v1", STATE, clock=lambda: 15.0) == 1  # used 7 s ago, made 15 s ago
 
 
+def test_restore_keeps_a_session_kept_alive_by_chunks_that_wrote_nothing(tmp_path: Path) -> None:
+    """A 409 or an exact retry refreshes a session's TTL without writing it (docs/durability.md, "Expiry
+    detail"); a restart within the TTL of that refresh must keep the session, and its expiry with it."""
+    clock = Clock(0.0)
+    store = memory_store(ttl_seconds=10.0, clock=clock)
+
+    async def fill() -> None:
+        assert (await store.commit([write("t/kept", None, 1)], torch.zeros(1, STATE)))[0] is not None
+        clock.now = 8.0
+        await store.load(["t/kept"])  # a chunk judged 409 or an exact retry: read, not written
+
+    asyncio.run(fill())
+    path = tmp_path / "snap"
+    asyncio.run(save(store, path, "v1"))
+    later = memory_store(ttl_seconds=10.0, clock=lambda: 15.0)
+    assert restore(later, path, "v1", STATE, clock=lambda: 15.0) == 1  # written 15 s ago, reached 7 s ago
+    assert [s.last_used for s in later.records()] == [8.0]  # it expires at 18, as it would have without the restart
+
+
+def test_a_snapshot_written_before_seen_times_were_kept_still_restores(tmp_path: Path) -> None:
+    """A file without the ``seen`` tensor (the previous release's) is read, its sessions last used when
+    last written: a deploy of this release keeps every session."""
+    store = memory_store()
+    _fill(store)
+    path = tmp_path / "snap"
+    asyncio.run(save(store, path, "v1"))
+    with safe_open(str(path), framework="pt") as file:
+        metadata = file.metadata()
+        tensors = {name: file.get_tensor(name) for name in file.keys() if name != "seen"}  # noqa: SIM118
+    save_file(tensors, str(path), metadata=metadata)
+    restored = memory_store()
+    assert restore(restored, path, "v1", STATE) == 4
+    assert [s.last_used for s in restored.records()] == [s.updated_at for s in store.records()]
+
+
 def test_sigterm_writes_a_final_snapshot_when_an_interval_is_set(server_factory: ServerFactory,
                                                                   tmp_path: Path) -> None:
     """With periodic snapshots on, chunks acknowledged after the last one still survive a graceful restart."""
