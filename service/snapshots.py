@@ -19,8 +19,11 @@ from service.sessions.snapshot import SnapshotKeeper, save_every
 
 
 def snapshot_path(base: Path, model: str, default: bool) -> Path:
-    """Where model ``model``'s snapshot lives, given GRU_SNAPSHOT_PATH ``base``."""
-    return base if default else base.with_name(f"{base.stem}.{model}{base.suffix}")
+    """Where model ``model``'s snapshot lives, given GRU_SNAPSHOT_PATH ``base``. Links are followed: a
+    snapshot is renamed over its path, which would replace a link (into a volume, say) with a file beside
+    the link instead of writing where it points."""
+    base = base.resolve()
+    return base if default else base.with_name(f"{base.stem}.{model}{base.suffix}").resolve()
 
 
 class ModelSnapshots:

@@ -353,3 +353,25 @@ def test_sigterm_writes_a_final_snapshot_when_an_interval_is_set(server_factory:
     second = server_factory(GRU_SNAPSHOT_PATH=str(path))
     with httpx.Client(base_url=second.url, timeout=30) as http:
         assert position(http, session) == 5
+
+
+def test_a_snapshot_path_that_is_a_symlink_is_written_through_to_its_target(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """GRU_SNAPSHOT_PATH a link into a volume (the container's own file system is lost with it): the rename
+    replaced the link with a file beside it, so the volume never got a snapshot and a new pod lost every
+    session."""
+    volume, image = tmp_path / "volume", tmp_path / "image"
+    volume.mkdir()
+    image.mkdir()
+    link = image / "sessions.safetensors"
+    link.symlink_to(volume / "sessions.safetensors")
+    first = server_factory(GRU_SNAPSHOT_PATH=str(link))
+    session = new_id()
+    with httpx.Client(base_url=first.url, timeout=30) as http:
+        assert send(http, session, series(5), offset=0).status_code == 200
+    assert first.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
+    assert link.is_symlink()
+    second = server_factory(GRU_SNAPSHOT_PATH=str(volume / "sessions.safetensors"))  # a new pod, the same volume
+    with httpx.Client(base_url=second.url, timeout=30) as http:
+        assert position(http, session) == 5
