@@ -138,9 +138,6 @@ def _read(path: Path, model_versions: set[str], state_size: int) -> tuple[list[S
         metadata = file.metadata() or {}
         if metadata.get("format") != FORMAT:
             raise ValueError(f"format {metadata.get('format')!r}, expected {FORMAT!r}")
-        if metadata.get("model_version") not in model_versions:
-            raise _Incompatible(f"written for model {metadata.get('model_version')}, serving"
-                                f" {', '.join(sorted(model_versions))}")
         if metadata.get("state_size") != str(state_size):
             raise _Incompatible(f"state size {metadata.get('state_size')}, the model carries {state_size}")
         states = file.get_tensor("states")
@@ -171,6 +168,12 @@ def _read(path: Path, model_versions: set[str], state_size: int) -> tuple[list[S
         rows.append(row)
     if len(sessions) != int(metadata.get("sessions", -1)):
         raise ValueError(f"{len(sessions)} index entries, the header says {metadata.get('sessions')}")
+    # The header names the newest version when written; a repository may have lost that one since (a bad
+    # version taken out) and still serve the others, whose sessions stay.
+    if metadata.get("model_version") not in model_versions and not any(s.model_version in model_versions
+                                                                       for s in sessions):
+        raise _Incompatible(f"written for model {metadata.get('model_version')}, serving"
+                            f" {', '.join(sorted(model_versions))}")
     return sessions, rows, states
 
 

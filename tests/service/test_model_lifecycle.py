@@ -466,6 +466,37 @@ def test_a_snapshot_keeps_each_session_on_its_version_across_a_restart(
         assert send(client, fresh, whole[20:], offset=20).json()["version"] == "2"
 
 
+def test_a_snapshot_whose_newest_version_was_removed_keeps_the_sessions_of_the_others(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """Version 2 deleted from the repository while the service was down (a bad model taken out): its
+    sessions are left out, as the records of a version the repository no longer has are; version 1's stay.
+    The header names the newest, version 2, and set the whole file aside as another model's."""
+    repository, path = tmp_path / "repo", tmp_path / "state" / "sessions.safetensors"
+    add_version(repository, "m", 1)
+    env = {"GRU_MODEL_REPOSITORY": str(repository), "GRU_REPOSITORY_POLL_SECONDS": "0.1",
+           "GRU_SNAPSHOT_PATH": str(path)}
+    first = server_factory(**env)
+    whole = series(40, seed=32)
+    pinned, fresh = new_id(), new_id()
+    with httpx.Client(base_url=first.url, timeout=30) as client:
+        v1_alone = np.array(client.post("/v1/predict", json={"values": whole.tolist()}).json()["predictions"])
+        send(client, pinned, whole[:20], offset=0)
+        add_version(repository, "m", 2, seed=1)
+        wait_for(lambda: "2" in versions(client, "m"))
+        assert send(client, fresh, whole[:20], offset=0).json()["version"] == "2"
+    assert first.stop() in (0, -signal.SIGTERM) and "snapshot written" in first.log()
+    shutil.rmtree(repository / "m" / "2")
+    second = server_factory(**env)
+    restored = second.log().split("snapshot restored")[1].splitlines()[0]
+    assert '"sessions":1,' in restored and '"unknown_version":1' in restored
+    with httpx.Client(base_url=second.url, timeout=30) as client:
+        body = send(client, pinned, whole[20:], offset=20).json()
+        assert body["version"] == "1" and body["position"] == 40
+        np.testing.assert_allclose(body["predictions"], v1_alone[20:], atol=1e-6)
+        assert_problem(send(client, fresh, whole[20:], offset=20), 404)
+
+
 def test_a_snapshot_keeps_every_models_sessions_across_a_restart(
     server_factory: ServerFactory, tmp_path: Path
 ) -> None:
