@@ -39,7 +39,7 @@ from pathlib import Path
 
 import orjson
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -98,7 +98,10 @@ def _write(captured: _Captured, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
     try:
-        save_file(tensors, temporary, metadata=metadata)
+        try:
+            save_file(tensors, temporary, metadata=metadata)
+        except SafetensorError as exc:  # its I/O errors (a full disk) come as this; the tensors are ours
+            raise OSError(f"{temporary}: {exc}") from exc
         with temporary.open("rb") as written:
             os.fsync(written.fileno())
         os.replace(temporary, path)  # atomic: a reader sees the old snapshot or the new one, never half
@@ -274,9 +277,8 @@ class SnapshotKeeper:
                 await self._periodic
         try:
             await self.save()
-        except Exception:
-            log.exception("final snapshot failed; the sessions of this run are lost on restart",
-                          extra={"fields": {"path": str(self.path)}})
+        except Exception as exc:
+            _failed("final snapshot failed; a restart restores the last one written, if any", self.path, exc)
 
 
 async def save_every(interval: float, keepers: Callable[[], Iterable[SnapshotKeeper]]) -> None:
@@ -286,5 +288,15 @@ async def save_every(interval: float, keepers: Callable[[], Iterable[SnapshotKee
         for keeper in keepers():
             try:  # shielded: a shutdown waits for a write in progress instead of racing it with the final one
                 await asyncio.shield(keeper.save())
-            except Exception:  # a full disk must not stop the service; the next interval tries again
-                log.exception("snapshot failed", extra={"fields": {"path": str(keeper.path)}})
+            except Exception as exc:  # a full disk must not stop the service; the next interval tries again
+                _failed("snapshot failed", keeper.path, exc)
+
+
+def _failed(what: str, path: Path, exc: Exception) -> None:
+    """Log a failed save: one line saying why for an I/O error (a full disk, a lost mount: conditions a
+    service meets), the traceback for anything else (a bug)."""
+    fields = {"fields": {"path": str(path)}}
+    if isinstance(exc, OSError):
+        log.error(f"{what}: {exc}", extra=fields)
+    else:
+        log.error(what, exc_info=exc, extra=fields)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 import threading
 import time
@@ -375,3 +376,30 @@ def test_a_snapshot_path_that_is_a_symlink_is_written_through_to_its_target(
     second = server_factory(GRU_SNAPSHOT_PATH=str(volume / "sessions.safetensors"))  # a new pod, the same volume
     with httpx.Client(base_url=second.url, timeout=30) as http:
         assert position(http, session) == 5
+
+
+def test_a_full_disk_at_shutdown_is_one_error_line_and_the_last_snapshot_stays(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """A full disk (here the file size limit, which fails writes as a full disk does) is a condition a
+    service meets, not a bug: one line says so, without a traceback, and the snapshot written before stays
+    whole for the restart."""
+    path = tmp_path / "sessions.safetensors"
+    first = server_factory(GRU_SNAPSHOT_PATH=str(path))
+    kept, lost = new_id(), new_id()
+    with httpx.Client(base_url=first.url, timeout=30) as http:
+        assert send(http, kept, series(5), offset=0).status_code == 200
+    assert first.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
+    second = server_factory(GRU_SNAPSHOT_PATH=str(path))
+    with httpx.Client(base_url=second.url, timeout=30) as http:
+        for i in range(100):  # a snapshot of some 100 KB
+            assert send(http, f"{lost}-{i}", series(64, seed=i), offset=0).status_code == 200
+    limit = second.log_path.stat().st_size + 16_384  # room for the log, none for the snapshot
+    resource.prlimit(second.process.pid, resource.RLIMIT_FSIZE, (limit, limit))
+    assert second.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
+    failed = [line for line in second.log().splitlines() if "final snapshot failed" in line]
+    assert len(failed) == 1 and "Traceback" not in failed[0], second.log_tail()
+    assert [p.name for p in tmp_path.glob("sessions.safetensors*")] == [path.name]  # no temporary file left
+    third = server_factory(GRU_SNAPSHOT_PATH=str(path))
+    with httpx.Client(base_url=third.url, timeout=30) as http:
+        assert position(http, kept) == 5
