@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from pathlib import Path
 
 from service.config import Settings
 from service.models import Registry, ServedModel
 from service.sessions.snapshot import SnapshotKeeper, save_every
+
+log = logging.getLogger("service.snapshot")
 
 
 def snapshot_path(base: Path, model: str, default: bool) -> Path:
@@ -33,25 +36,35 @@ class ModelSnapshots:
         self._keepers: dict[str, SnapshotKeeper | None] = {}
         self._periodic: asyncio.Task[None] | None = None
         if self.enabled:  # a path no snapshot can be written to stops start-up here, not at the first save
-            self._current()
+            self._current(refuse=True)
 
     @property
     def enabled(self) -> bool:
         return self._settings.snapshot_path is not None
 
-    def _keeper(self, model: ServedModel) -> SnapshotKeeper | None:
+    def _keeper(self, model: ServedModel, refuse: bool) -> SnapshotKeeper | None:
+        """``model``'s keeper, made at its first use. ``refuse``: a path no snapshot can be written to raises
+        (start-up); for a model that appeared while serving it costs that model's snapshots only, with one
+        error line, never the others' (the periodic save and the final one go on)."""
         if model.name not in self._keepers:
             base = self._settings.snapshot_path
             assert base is not None
-            self._keepers[model.name] = SnapshotKeeper.from_settings(
-                self._settings, model.raw_store, lambda: model.engine.model_version,
-                lambda: self._registry.hashes_on_disk(model.name), model.state_size,
-                path=snapshot_path(base, model.name, model.name == self._registry.default), periodic=False,
-            )
+            try:
+                self._keepers[model.name] = SnapshotKeeper.from_settings(
+                    self._settings, model.raw_store, lambda: model.engine.model_version,
+                    lambda: self._registry.hashes_on_disk(model.name), model.state_size,
+                    path=snapshot_path(base, model.name, model.name == self._registry.default), periodic=False,
+                )
+            except RuntimeError as exc:
+                if refuse:
+                    raise
+                log.error(f"model {model.name}'s sessions will not be snapshotted: {exc}",
+                          extra={"fields": {"model": model.name}})
+                self._keepers[model.name] = None
         return self._keepers[model.name]
 
-    def _current(self) -> list[SnapshotKeeper]:
-        return [k for m in list(self._registry.models.values()) if (k := self._keeper(m)) is not None]
+    def _current(self, refuse: bool = False) -> list[SnapshotKeeper]:
+        return [k for m in list(self._registry.models.values()) if (k := self._keeper(m, refuse)) is not None]
 
     async def start(self) -> None:
         """Restore each model's snapshot (before any request is served), then save every interval."""

@@ -525,6 +525,32 @@ def test_a_snapshot_keeps_every_models_sessions_across_a_restart(
     np.testing.assert_allclose(body_b.json()["predictions"], whole["b"][12:], atol=1e-6)
 
 
+def test_a_model_added_while_serving_whose_snapshot_cannot_be_written_costs_only_its_own(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """A path no snapshot can be written to stops a start; met for a model that appears while serving, it
+    raised from the periodic save (ending it) and from the shutdown's, before any model's final snapshot
+    was written: every session of every model went back to the last periodic snapshot."""
+    repository, path = tmp_path / "repo", tmp_path / "state" / "sessions.safetensors"
+    add_version(repository, "a", 1)
+    (tmp_path / "state" / "sessions.b.safetensors").mkdir(parents=True)  # b's snapshot path is taken
+    env = {"GRU_MODEL_REPOSITORY": str(repository), "GRU_DEFAULT_MODEL": "a", "GRU_REPOSITORY_POLL_SECONDS": "0.1",
+           "GRU_SNAPSHOT_PATH": str(path), "GRU_SNAPSHOT_INTERVAL_SECONDS": "0.1"}
+    first = server_factory(**env)
+    with httpx.Client(base_url=first.url, timeout=30) as client:
+        add_version(repository, "b", 1, seed=3)
+        wait_for(lambda: "b" in models(client))
+        wait_for(lambda: "sessions.b.safetensors" in first.log())  # the periodic save met it
+        assert send(client, "s", series(12), offset=0).status_code == 200
+    assert first.stop() in (0, -signal.SIGTERM)
+    refused = [line for line in first.log().splitlines() if "sessions.b.safetensors" in line]
+    assert len(refused) == 1 and '"level":"error"' in refused[0] and "Traceback" not in refused[0]
+    (tmp_path / "state" / "sessions.b.safetensors").rmdir()  # else the next start is refused, as it should be
+    second = server_factory(**{**env, "GRU_SNAPSHOT_INTERVAL_SECONDS": "0"})
+    with httpx.Client(base_url=second.url, timeout=30) as client:
+        assert client.get("/v1/sessions/s").json()["position"] == 12
+
+
 def test_a_reset_moves_the_session_to_the_newest_and_its_old_version_drains(
     server_factory: ServerFactory, tmp_path: Path
 ) -> None:
