@@ -370,6 +370,60 @@ def test_sigterm_answers_every_frame_read_and_closes_with_1001(server_factory: S
     assert server.process.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
 
 
+def test_sigterm_while_clients_keep_sending_loses_no_answer_of_a_chunk_applied(
+    server_factory: ServerFactory, tmp_path: Path,
+) -> None:
+    """Streams that keep four chunks in flight when SIGTERM comes: the frames the service read are answered,
+    and its close must not reset the connection under those answers (closing a socket with the client's
+    unread frames in it sends a reset, which can discard what the client had not read yet). After a restart
+    from the snapshot each session holds exactly the chunks its client got answers for."""
+    snapshot = {"GRU_SNAPSHOT_PATH": str(tmp_path / "sessions.safetensors")}
+    server = server_factory(**snapshot)
+    step = 8
+    values = series(step * 5000, seed=8)
+    sessions = [new_id(f"busy{n}") for n in range(16)]
+    acknowledged = dict.fromkeys(sessions, 0)
+    codes: dict[str, int | None] = {}
+    started = threading.Barrier(len(sessions) + 1)
+
+    def stream(session: str) -> None:
+        sent = 0
+
+        def take_answer() -> None:
+            position = _answer(ws)["position"]
+            assert position == acknowledged[session] + step  # in order, none missing
+            acknowledged[session] = position
+
+        with _open(server, session) as ws:
+            started.wait()
+            with contextlib.suppress(ConnectionClosed):  # a send after the close: read what came before it
+                while True:
+                    while sent - acknowledged[session] < 4 * step:
+                        ws.send(_frame(values[sent : sent + step], sent))
+                        sent += step
+                    take_answer()
+            try:
+                while True:
+                    take_answer()
+            except ConnectionClosed as closed:
+                codes[session] = closed.rcvd.code if closed.rcvd is not None else None
+
+    threads = [threading.Thread(target=stream, args=(s,)) for s in sessions]
+    for thread in threads:
+        thread.start()
+    started.wait()
+    time.sleep(1.0)
+    server.process.send_signal(signal.SIGTERM)
+    for thread in threads:
+        thread.join(60)
+    assert server.process.wait(45) in (0, -signal.SIGTERM)
+    assert codes == dict.fromkeys(sessions, 1001)
+    restarted = server_factory(**snapshot)
+    with httpx.Client(base_url=restarted.url, timeout=30) as http:
+        held = {s: http.get(f"/v1/sessions/{s}").json()["position"] for s in sessions}
+    assert held == acknowledged
+
+
 def test_a_peer_that_stops_answering_pings_is_dropped(server_factory: ServerFactory) -> None:
     server = server_factory(GRU_STREAM_PING_SECONDS="0.5")
     with _raw_stream(server, new_id("mute")) as sock:
