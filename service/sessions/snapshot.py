@@ -180,6 +180,16 @@ def _read(path: Path, model_versions: set[str], state_size: int) -> tuple[list[S
     return sessions, rows, states
 
 
+def _free_name(path: Path) -> Path:
+    """``path``, or ``path`` with ``-2``, ``-3``, ... where it is taken: a second file set aside within the same
+    second (a restart loop) must not replace the first, which may be the only copy of its sessions."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
+
+
 def restore(store: MemoryStore, path: Path, model_versions: str | Collection[str], state_size: int,
             clock: Callable[[], float] = time.time) -> int:
     """Load the snapshot at ``path`` into an empty store; returns the sessions restored (0 when set aside).
@@ -192,7 +202,7 @@ def restore(store: MemoryStore, path: Path, model_versions: str | Collection[str
         sessions, rows, states = _read(path, known, state_size)
     except Exception as exc:  # any unreadable file: set it aside, never fail the start
         reason = "incompatible" if isinstance(exc, _Incompatible) else "corrupt"
-        aside = path.with_name(f"{path.name}.{reason}-{time.strftime('%Y%m%dT%H%M%S')}")
+        aside = _free_name(path.with_name(f"{path.name}.{reason}-{time.strftime('%Y%m%dT%H%M%S')}"))
         with contextlib.suppress(OSError):
             os.replace(path, aside)
         log.warning(f"snapshot is {reason}, set aside; starting with no sessions: {exc}",

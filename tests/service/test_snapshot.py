@@ -238,6 +238,15 @@ def test_periodic_snapshot_survives_a_hard_kill(server_factory: ServerFactory, t
         np.testing.assert_allclose(np.array(got), stateless(http, values)["predictions"], atol=1e-5)
 
 
+def test_files_set_aside_within_one_second_are_all_kept(tmp_path: Path) -> None:
+    path = tmp_path / "sessions.safetensors"
+    for n in range(3):  # a restart loop: each start finds a damaged file and sets it aside
+        path.write_bytes(b"not a snapshot %d" % n)
+        assert restore(memory_store(), path, "v1", STATE) == 0
+    kept = sorted(p.read_bytes() for p in tmp_path.glob("sessions.safetensors.corrupt-*"))
+    assert kept == [b"not a snapshot 0", b"not a snapshot 1", b"not a snapshot 2"]
+
+
 def test_corrupt_snapshot_file_starts_empty_with_log_line(
     server_factory: ServerFactory, tmp_path: Path
 ) -> None:
