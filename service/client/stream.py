@@ -11,12 +11,16 @@ resends every chunk not yet answered, from the last acknowledged offset (``Unava
 rules). A chunk the service had applied but whose answer was lost with the connection, and is not the last
 it applied, comes back as a 409 naming a position past it: its steps are in the session, its answer is
 gone; it is listed in ``lost`` ((offset, steps) pairs) and the stream goes on.
+A send that fails (the service closed the stream: a drain's 1001) does not reconnect at once: the answers the
+connection had already received would go with it, and their chunks, resent, would come back as ``lost``. The
+frame stays unanswered; the next receive reads what the old connection holds, then fails on it and reconnects.
 ``AsyncStreamSession`` is the same with ``await``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections import deque
@@ -170,9 +174,12 @@ class StreamSession(_Window):
 
     def _send(self, frame: str) -> None:
         try:
-            self._connection().send(frame)
+            ws = self._connection()
         except _DROPPED as failure:
-            self._reconnect(failure)  # which resends this frame too
+            self._reconnect(failure)  # which sends this frame too
+            return
+        with contextlib.suppress(*_DROPPED):  # the stream failed under it: the next receive resends it
+            ws.send(frame)
 
     def _receive(self) -> Iterator[Prediction]:
         try:
@@ -240,9 +247,12 @@ class AsyncStreamSession(_Window):
 
     async def _send(self, frame: str) -> None:
         try:
-            await (await self._connection()).send(frame)
+            ws = await self._connection()
         except _DROPPED as failure:
-            await self._reconnect(failure)
+            await self._reconnect(failure)  # which sends this frame too
+            return
+        with contextlib.suppress(*_DROPPED):  # the stream failed under it: the next receive resends it
+            await ws.send(frame)
 
     async def _receive(self) -> Prediction | None:
         try:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -115,6 +117,55 @@ def test_the_async_streaming_session_resumes_the_same_way(server: Server, client
         proxy.close()
     assert position(client, session_id) == 240
     _check(answers, lost, values, 8, client)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_answers_received_before_a_drain_closes_the_stream_reach_the_caller(
+    server_factory: ServerFactory, tmp_path: Path, asynchronous: bool
+) -> None:
+    """SIGTERM mid-stream: the service answers every frame it read, then closes with 1001. A send that fails
+    on the closed stream must not throw away the answers already received: every chunk the service applied
+    is one the caller got an answer for (none listed in ``lost``), as a restart from the snapshot shows."""
+    snapshot = {"GRU_SNAPSHOT_PATH": str(tmp_path / "sessions.safetensors")}
+    server = server_factory(**snapshot)
+    values = series(8 * 20_000, seed=12)
+    session_id = new_id("drain")
+    answers: list[Prediction] = []
+    lost: list[tuple[int, int]] = []
+
+    def run_sync() -> None:
+        with Client(server.url, retry=FAST) as api, api.stream_session(session_id, window=16) as session:
+            with contextlib.suppress(Unavailable):
+                for answer in session.stream(values, chunk=8):
+                    answers.append(answer)
+                    if len(answers) == 200:
+                        server.process.send_signal(signal.SIGTERM)
+                    if len(answers) >= 200:  # a slow consumer: the answers and the close wait, queued, for it
+                        time.sleep(0.05)
+            lost.extend(session.lost)
+
+    async def run_async() -> None:
+        async with AsyncClient(server.url, retry=FAST) as api:
+            session = await api.stream_session(session_id, window=16)
+            async with session:
+                with contextlib.suppress(Unavailable):
+                    async for answer in session.stream(values, chunk=8):
+                        answers.append(answer)
+                        if len(answers) == 200:
+                            server.process.send_signal(signal.SIGTERM)
+                        if len(answers) >= 200:
+                            await asyncio.sleep(0.05)
+                lost.extend(session.lost)
+
+    if asynchronous:
+        asyncio.run(run_async())
+    else:
+        run_sync()
+    assert server.process.wait(45) in (0, -signal.SIGTERM)
+    assert lost == [] and [a.position for a in answers] == list(range(8, 8 * len(answers) + 1, 8))
+    restarted = server_factory(**snapshot)
+    with httpx.Client(base_url=restarted.url, timeout=30) as http:
+        assert position(http, session_id) == answers[-1].position
 
 
 def test_a_streaming_session_whose_answers_never_arrive_gives_up_after_its_attempts(server: Server) -> None:
