@@ -321,7 +321,7 @@ def encode_infer(
     outputs: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for name, binary in request.outputs.items():
-        array = np.asarray(_output(answer, name), dtype=np.float32)  # (T, F_out) or (horizon, F_out)
+        array = _output(answer, name)  # (T, F_out) or (horizon, F_out)
         shape = [1, *array.shape] if request.batched else list(array.shape)
         tensor: dict[str, Any] = {"name": name, "datatype": FP32, "shape": shape}
         if binary:
@@ -331,6 +331,8 @@ def encode_infer(
         else:
             tensor["data"] = array.reshape(-1)  # row-major, flat
         outputs.append(tensor)
+    if not isinstance(answer.get("model_version"), str):
+        raise _unreplayable("model_version")
     document: dict[str, Any] = {"model_name": model_name, "model_version": answer["model_version"]}
     if request.id is not None:
         document["id"] = request.id
@@ -343,11 +345,26 @@ def encode_infer(
     return Encoded(b"".join([header, *blobs]), {HEADER_LENGTH: str(len(header))}, "application/octet-stream")
 
 
-def _output(answer: dict[str, Any], name: str) -> Any:
-    """An output's data in the engine's v1 answer (a null score becomes NaN): ``forecast_lower_80`` is
-    ``forecast_intervals["80"]["lower"]``."""
-    if name in (*OUTPUTS, SCORES):
-        return answer[name]
-    band, _, key = name.rpartition("_")
-    where, _, side = band.rpartition("_")
-    return answer["forecast_intervals" if where == "forecast" else "intervals"][key][side]
+def _output(answer: dict[str, Any], name: str) -> np.ndarray:
+    """An output's rows in the engine's v1 answer (a null score becomes NaN): ``forecast_lower_80`` is
+    ``forecast_intervals["80"]["lower"]``. The answer to an exact retry is the one kept with the session,
+    which an imported state document may have forged: one without the output as rows of numbers is refused."""
+    try:
+        if name in (*OUTPUTS, SCORES):
+            data = answer[name]
+        else:
+            band, _, key = name.rpartition("_")
+            where, _, side = band.rpartition("_")
+            data = answer["forecast_intervals" if where == "forecast" else "intervals"][key][side]
+        array = np.asarray(data, dtype=np.float32)
+    except (KeyError, TypeError, ValueError):
+        raise _unreplayable(name) from None
+    if array.ndim != 2:
+        raise _unreplayable(name)
+    return array
+
+
+def _unreplayable(member: str) -> Problem:
+    return v2_problem(422, f"the answer kept for this resent chunk (from an imported state document) has no valid"
+                      f" {member}, so it cannot be answered again; start the sequence again with"
+                      " sequence_start=true, or import an exported document", kind="invalid-state")

@@ -19,6 +19,7 @@ import numpy as np
 import orjson
 import pytest
 import tritonclient.http as triton
+from safetensors.numpy import load, save
 from tritonclient.utils import InferenceServerException
 
 from service.api.v2_codec import parse_infer
@@ -226,6 +227,28 @@ def test_offset_parameter_makes_a_resent_chunk_safe(model: dict[str, Any], clien
     stale = _assert_v2_error(_infer(client, model["name"], {**second, "parameters": {"sequence_id": session,
                                                                                       "offset": 3}}), 409)
     assert stale["position"] == 10
+
+
+def test_a_resent_chunk_whose_imported_kept_answer_lacks_its_outputs_is_422_not_500(
+    model: dict[str, Any], client: httpx.Client
+) -> None:
+    """An imported document carries the answer an exact retry gets again; one forged to hold no
+    ``predictions`` (its prefix and position as the import checks them) is refused on replay, not a 500."""
+    session, values = new_id("v2"), series(4, seed=9)
+    start = {"inputs": [_values_tensor(values)], "parameters": {"sequence_id": session, "sequence_start": True}}
+    assert _infer(client, model["name"], start).status_code == 200
+    raw = client.get(f"/v1/sessions/{session}/state").content
+    length = int.from_bytes(raw[:8], "little")
+    skeleton = orjson.dumps({"session_id": session, "position": 4})
+    forged = save({**load(raw), "answer": np.frombuffer(skeleton, np.uint8)},
+                  metadata=orjson.loads(raw[8 : 8 + length])["__metadata__"])
+    imported = client.put(f"/v1/sessions/{session}/state", content=forged,
+                          headers={"content-type": "application/octet-stream"})
+    assert imported.status_code == 200, imported.text
+    resent = {**start, "parameters": {"sequence_id": session, "offset": 0}}
+    refused = _assert_v2_error(_infer(client, model["name"], resent), 422)
+    assert refused["type"].endswith("/invalid-state") and "predictions" in refused["detail"]
+    assert position(client, session) == 4
 
 
 def test_tenants_sequences_with_one_id_are_separate(server_factory: ServerFactory) -> None:
