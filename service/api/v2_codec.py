@@ -187,7 +187,8 @@ def _sequence(parameters: dict[str, Any]) -> tuple[str | int | None, str | None]
 
 
 def _flatten(data: Any, depth: int) -> list[Any]:
-    """Row-major elements of ``data``, flat or nested up to ``depth`` levels."""
+    """Row-major elements of ``data``, flat or nested up to ``depth`` levels; a nesting level's lists all
+    have one length (ragged rows whose total happens to fit the shape are not that shape)."""
     if not isinstance(data, list):
         raise v2_problem(400, f"input {INPUT} data must be a list of numbers (flat or nested), got"
                          f" {type(data).__name__}")
@@ -197,6 +198,9 @@ def _flatten(data: Any, depth: int) -> list[Any]:
             break
         if not all(isinstance(item, list) for item in flat):
             raise v2_problem(400, f"input {INPUT} data mixes numbers and lists; nest it evenly or flat")
+        if len({len(item) for item in flat}) > 1:
+            raise v2_problem(400, f"input {INPUT} data is ragged (lists of different lengths at one level);"
+                             " nest it evenly to the tensor's shape or send it flat")
         flat = list(itertools.chain.from_iterable(flat))
     return flat
 

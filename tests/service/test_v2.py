@@ -369,6 +369,8 @@ def _bad_requests(features: int) -> list[tuple[str, dict[str, Any]]]:
         ("boolean data", {"inputs": [{**good, "data": [True] * (2 * features)}]}),
         ("null data", {"inputs": [{**good, "data": None}]}),
         ("ragged nesting", {"inputs": [{**good, "data": [[0.5] * features, 0.5]}]}),
+        ("ragged rows of the right total",
+         {"inputs": [{**good, "data": [[0.5] * (2 * features), []]}]}),
         ("beyond FP32", {"inputs": [{**good, "data": [1e39] * (2 * features)}]}),
         ("shape of strings", {"inputs": [{**good, "shape": ["2", str(features)]}]}),
         ("too many steps",
