@@ -174,8 +174,9 @@ _INFER_DOC: dict[str, Any] = {
 
 
 async def _infer(request: Request, model: ServedModel, engine: Engine, settings: Settings, tenant: str) -> Response:
+    lengths = request.headers.getlist(HEADER_LENGTH)  # several lines are one list, which no length parses as
     call = parse_infer(
-        await request.body(), request.headers.get(HEADER_LENGTH), features=engine.forecaster.num_features,
+        await request.body(), ", ".join(lengths) if lengths else None, features=engine.forecaster.num_features,
         max_steps=settings.max_chunk_steps, max_horizon=settings.max_horizon,
     )
     parameters: dict[str, Any] = {}

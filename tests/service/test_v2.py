@@ -438,6 +438,24 @@ def test_malformed_bodies_are_400(model: dict[str, Any], client: httpx.Client) -
         _assert_v2_error(response, 400)
 
 
+def test_two_different_header_lengths_are_400_not_the_first_one_believed(
+    model: dict[str, Any], client: httpx.Client
+) -> None:
+    """Two Inference-Header-Content-Length lines that disagree say two things about where the JSON ends; a
+    proxy may believe the other one, so neither is taken."""
+    session = new_id("v2")
+    start = {"inputs": [_values_tensor(series(2))], "parameters": {"sequence_id": session, "sequence_start": True}}
+    assert _infer(client, model["name"], start).status_code == 200
+    header = orjson.dumps({"inputs": [{"name": "values", "shape": [1, 1], "datatype": "FP32",
+                                       "parameters": {"binary_data_size": 4}}],
+                           "parameters": {"sequence_id": session}})
+    body = header + np.array([0.5], "<f4").tobytes()
+    response = client.post(f"/v2/models/{model['name']}/infer", content=body,
+                           headers=[(HEADER, str(len(header))), (HEADER, str(len(header) - 4))])
+    _assert_v2_error(response, 400)
+    assert position(client, session) == 2
+
+
 def test_refusals_from_outside_the_v2_code_carry_the_error_member(
     server: Server, model: dict[str, Any], client: httpx.Client
 ) -> None:
