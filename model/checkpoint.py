@@ -79,9 +79,18 @@ def _shapes(shapes: dict[str, tuple[int, ...]]) -> str:
     return ", ".join(f"{name} {list(shape)}" for name, shape in sorted(shapes.items()))
 
 
+def read_config_json(config_path: Path) -> Any:
+    """config.json parsed; CheckpointError when it cannot be: unreadable, not UTF-8, not JSON, or nested
+    deeper than the parser descends (a RecursionError otherwise, which no caller expects of a data file)."""
+    try:
+        return json.loads(config_path.read_text())
+    except (ValueError, OSError, RecursionError) as exc:
+        raise CheckpointError(f"{config_path} is not a valid model config: {exc}") from exc
+
+
 def _read_config(config_path: Path) -> tuple[dict[str, Any], ForecasterConfig, Calibration | None]:
     try:
-        meta = json.loads(config_path.read_text())
+        meta = read_config_json(config_path)
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
             raise CheckpointError(f"{config_path}: format {found!r} is not {FORMAT!r}")

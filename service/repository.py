@@ -12,7 +12,6 @@ weights: the service calls it on a worker thread, never on the event loop.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 
 from model import CheckpointError, Forecaster, load_checkpoint
-from model.checkpoint import CONFIG_FILE, MODEL_NAME, VERSION_DIR, WEIGHTS_FILE
+from model.checkpoint import CONFIG_FILE, MODEL_NAME, VERSION_DIR, WEIGHTS_FILE, read_config_json
 
 FALLBACK_NAME = "default"
 log = logging.getLogger("service.repository")
@@ -108,11 +107,11 @@ class Repository:
     def model_version_of(self, where: VersionDir) -> str | None:
         """The version hash its config.json declares (read without loading the weights); None if unreadable."""
         try:
-            meta = json.loads((where.path / CONFIG_FILE).read_text())
-            version = meta.get("version") if isinstance(meta, dict) else None
-            return version if isinstance(version, str) else None
-        except (OSError, ValueError):
+            meta = read_config_json(where.path / CONFIG_FILE)
+        except CheckpointError:
             return None
+        version = meta.get("version") if isinstance(meta, dict) else None
+        return version if isinstance(version, str) else None
 
     def skip(self, where: VersionDir, reason: str, signature: tuple[tuple[int, int], ...] | None = None) -> None:
         """Refuse a version until its files change: one log line naming it, one count."""
@@ -140,7 +139,7 @@ def _signature(directory: Path) -> tuple[tuple[int, int], ...]:
 def _checkpoint_name(path: Path) -> str:
     """The model name of a lone checkpoint: its config's name where that is a valid model name."""
     try:
-        name = json.loads((path / CONFIG_FILE).read_text()).get("name")
-    except (OSError, ValueError, AttributeError):
+        name = read_config_json(path / CONFIG_FILE).get("name")
+    except (CheckpointError, AttributeError):
         return FALLBACK_NAME
     return name if isinstance(name, str) and MODEL_NAME.fullmatch(name) else FALLBACK_NAME

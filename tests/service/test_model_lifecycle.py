@@ -183,6 +183,25 @@ def test_damaged_half_written_and_incompatible_versions_are_skipped_once(
         assert send(client, new_id(), series(3)).json()["version"] == "4"
 
 
+def test_a_deeply_nested_config_is_skipped_once_and_the_poll_goes_on_to_the_next_model(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    repository, server = polled_repository(server_factory, tmp_path)
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        nested = add_version(repository, "m", 2, seed=1)
+        (nested / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+        add_version(repository, "n", 1, seed=2)  # polled after m's version 2 in the same pass
+        wait_for(lambda: "n" in models(client))
+        time.sleep(0.5)  # several more polls: the refusal is logged and counted once
+        assert metric(client, "gru_model_versions_skipped_total", model="m") == 1
+        log = server.log()
+        lines = [line for line in log.splitlines() if "model m version 2 skipped" in line]
+        assert len(lines) == 1 and "not a valid model config" in lines[0], lines
+        assert "Traceback" not in log and "poll failed" not in log
+        assert list(versions(client, "m")) == ["1"]
+        assert send(client, new_id(), series(3)).json()["version"] == "1"
+
+
 def _publish(repository: Path, csv: Path, name: str) -> subprocess.Popen[bytes]:
     """The training CLI publishing a model compatible with the tiny calibrated one (same features and state
     size: the CLI calibrates every model it writes)."""
