@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +33,8 @@ FORMAT = "gru-forecaster/1"
 # A model repository (Triton's layout): ROOT/<model>/<version>/, version directories positive integers.
 MODEL_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 VERSION_DIR = re.compile(r"^[1-9][0-9]{0,8}$")
+# Far above any real config.json (a calibration of 100 features × 48 steps writes about 30 MB).
+MAX_CONFIG_BYTES = 64 << 20
 
 
 class CheckpointError(ValueError):
@@ -80,10 +83,19 @@ def _shapes(shapes: dict[str, tuple[int, ...]]) -> str:
 
 
 def read_config_json(config_path: Path) -> Any:
-    """config.json parsed; CheckpointError when it cannot be: unreadable, not UTF-8, not JSON, or nested
-    deeper than the parser descends (a RecursionError otherwise, which no caller expects of a data file)."""
+    """config.json parsed; CheckpointError when it cannot be: not a regular file (a FIFO would block the
+    reader for good, a device never end), over MAX_CONFIG_BYTES (read whole, it could exhaust memory),
+    unreadable, not UTF-8, not JSON, or nested deeper than the parser descends."""
     try:
-        return json.loads(config_path.read_text())
+        if not stat.S_ISREG(config_path.stat().st_mode):
+            raise CheckpointError(f"{config_path} is not a regular file")
+        with config_path.open("rb") as file:
+            raw = file.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise CheckpointError(f"{config_path} is larger than {MAX_CONFIG_BYTES >> 20} MiB: not a model config")
+        return json.loads(raw.decode())
+    except CheckpointError:
+        raise
     except (ValueError, OSError, RecursionError) as exc:
         raise CheckpointError(f"{config_path} is not a valid model config: {exc}") from exc
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import signal
 import socket
@@ -25,6 +26,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from harness.processes import Process as Server
+from model.checkpoint import MAX_CONFIG_BYTES
 from service.config import Settings
 from service.metrics import Metrics
 from service.models import Registry
@@ -188,8 +190,9 @@ def test_a_deeply_nested_config_is_skipped_once_and_the_poll_goes_on_to_the_next
 ) -> None:
     repository, server = polled_repository(server_factory, tmp_path)
     with httpx.Client(base_url=server.url, timeout=30) as client:
-        nested = add_version(repository, "m", 2, seed=1)
+        nested = make_tiny_model(tmp_path / "nested", seed=1, name="m")  # made aside, then renamed in
         (nested / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+        nested.rename(repository / "m" / "2")
         add_version(repository, "n", 1, seed=2)  # polled after m's version 2 in the same pass
         wait_for(lambda: "n" in models(client))
         time.sleep(0.5)  # several more polls: the refusal is logged and counted once
@@ -198,6 +201,30 @@ def test_a_deeply_nested_config_is_skipped_once_and_the_poll_goes_on_to_the_next
         lines = [line for line in log.splitlines() if "model m version 2 skipped" in line]
         assert len(lines) == 1 and "not a valid model config" in lines[0], lines
         assert "Traceback" not in log and "poll failed" not in log
+        assert list(versions(client, "m")) == ["1"]
+        assert send(client, new_id(), series(3)).json()["version"] == "1"
+
+
+def test_a_config_over_the_size_limit_or_not_a_regular_file_is_skipped_unread(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    repository, server = polled_repository(server_factory, tmp_path)
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        huge = make_tiny_model(tmp_path / "huge", seed=1, name="m")  # each made aside, then renamed in
+        config = (huge / "config.json").read_text()
+        (huge / "config.json").write_text(config.ljust(MAX_CONFIG_BYTES + 1))  # valid JSON, padded past the limit
+        huge.rename(repository / "m" / "2")
+        fifo = make_tiny_model(tmp_path / "fifo", seed=2, name="m")
+        (fifo / "config.json").unlink()
+        os.mkfifo(fifo / "config.json")  # opened for reading, it would wait for a writer for good
+        fifo.rename(repository / "m" / "3")
+        add_version(repository, "n", 1, seed=3)
+        wait_for(lambda: "n" in models(client))
+        assert metric(client, "gru_model_versions_skipped_total", model="m") == 2
+        log = server.log()
+        for version, why in ((2, "larger than 64 MiB"), (3, "not a regular file")):
+            lines = [line for line in log.splitlines() if f"model m version {version} skipped" in line]
+            assert len(lines) == 1 and why in lines[0], (version, lines)
         assert list(versions(client, "m")) == ["1"]
         assert send(client, new_id(), series(3)).json()["version"] == "1"
 
