@@ -82,13 +82,18 @@ def _shapes(shapes: dict[str, tuple[int, ...]]) -> str:
     return ", ".join(f"{name} {list(shape)}" for name, shape in sorted(shapes.items()))
 
 
+def _require_regular_file(path: Path) -> None:
+    """CheckpointError unless ``path`` is a regular file: opening a FIFO waits for a writer for good, and a
+    device never ends."""
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise CheckpointError(f"{path} is not a regular file")
+
+
 def read_config_json(config_path: Path) -> Any:
-    """config.json parsed; CheckpointError when it cannot be: not a regular file (a FIFO would block the
-    reader for good, a device never end), over MAX_CONFIG_BYTES (read whole, it could exhaust memory),
-    unreadable, not UTF-8, not JSON, or nested deeper than the parser descends."""
+    """config.json parsed; CheckpointError when it cannot be: not a regular file, over MAX_CONFIG_BYTES (read
+    whole, it could exhaust memory), unreadable, not UTF-8, not JSON, or nested deeper than the parser descends."""
     try:
-        if not stat.S_ISREG(config_path.stat().st_mode):
-            raise CheckpointError(f"{config_path} is not a regular file")
+        _require_regular_file(config_path)
         with config_path.open("rb") as file:
             raw = file.read(MAX_CONFIG_BYTES + 1)
         if len(raw) > MAX_CONFIG_BYTES:
@@ -127,6 +132,7 @@ def _not_safetensors(path: Path, exc: Exception) -> CheckpointError:
 def _stored_shapes(weights_path: Path) -> dict[str, tuple[int, ...]]:
     """The tensors' shapes, from the file's header: nothing is loaded."""
     try:
+        _require_regular_file(weights_path)
         with safe_open(str(weights_path), framework="pt") as file:
             names = file.keys()  # safe_open is not iterable itself
             return {name: tuple(file.get_slice(name).get_shape()) for name in names}

@@ -205,7 +205,7 @@ def test_a_deeply_nested_config_is_skipped_once_and_the_poll_goes_on_to_the_next
         assert send(client, new_id(), series(3)).json()["version"] == "1"
 
 
-def test_a_config_over_the_size_limit_or_not_a_regular_file_is_skipped_unread(
+def test_a_version_with_a_config_over_the_size_limit_or_a_file_not_regular_is_skipped_unread(
     server_factory: ServerFactory, tmp_path: Path
 ) -> None:
     repository, server = polled_repository(server_factory, tmp_path)
@@ -218,11 +218,16 @@ def test_a_config_over_the_size_limit_or_not_a_regular_file_is_skipped_unread(
         (fifo / "config.json").unlink()
         os.mkfifo(fifo / "config.json")  # opened for reading, it would wait for a writer for good
         fifo.rename(repository / "m" / "3")
-        add_version(repository, "n", 1, seed=3)
+        weights_fifo = make_tiny_model(tmp_path / "weights-fifo", seed=3, name="m")
+        (weights_fifo / "model.safetensors").unlink()
+        os.mkfifo(weights_fifo / "model.safetensors")
+        weights_fifo.rename(repository / "m" / "4")
+        add_version(repository, "n", 1, seed=4)
         wait_for(lambda: "n" in models(client))
-        assert metric(client, "gru_model_versions_skipped_total", model="m") == 2
+        assert metric(client, "gru_model_versions_skipped_total", model="m") == 3
         log = server.log()
-        for version, why in ((2, "larger than 64 MiB"), (3, "not a regular file")):
+        for version, why in ((2, "larger than 64 MiB"), (3, "config.json is not a regular file"),
+                             (4, "model.safetensors is not a regular file")):
             lines = [line for line in log.splitlines() if f"model m version {version} skipped" in line]
             assert len(lines) == 1 and why in lines[0], (version, lines)
         assert list(versions(client, "m")) == ["1"]
