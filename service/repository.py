@@ -61,6 +61,7 @@ class Repository:
         self._on_skip = on_skip or (lambda model, version: None)
         self._failed: dict[Path, tuple[tuple[int, int], ...]] = {}  # version dir -> its files' (size, mtime)
         self._single_name = _checkpoint_name(single) if single is not None else ""
+        self._unreadable = False  # the last scan found the root unreadable (logged once, until it is back)
 
     @property
     def polls(self) -> bool:
@@ -76,8 +77,14 @@ class Repository:
         try:
             models = sorted(p for p in self.root.iterdir() if p.is_dir() and MODEL_NAME.fullmatch(p.name))
         except OSError as exc:
-            log.warning("model repository %s cannot be read: %s", self.root, exc)
+            if not self._unreadable:  # once per outage, not once per poll
+                log.warning("model repository %s cannot be read: %s; the loaded versions go on serving",
+                            self.root, exc)
+            self._unreadable = True
             return {}
+        if self._unreadable:
+            log.info("model repository %s can be read again", self.root)
+            self._unreadable = False
         for model_dir in models:
             try:
                 versions = [VersionDir(model_dir.name, int(p.name), p) for p in model_dir.iterdir()

@@ -234,6 +234,24 @@ def test_a_version_with_a_config_over_the_size_limit_or_a_file_not_regular_is_sk
         assert send(client, new_id(), series(3)).json()["version"] == "1"
 
 
+def test_a_repository_that_vanishes_is_logged_once_serves_on_and_is_polled_again_when_back(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    repository, server = polled_repository(server_factory, tmp_path)
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        away = repository.rename(tmp_path / "away")
+        wait_for(lambda: "cannot be read" in server.log())
+        time.sleep(0.5)  # several more polls of the missing repository
+        assert send(client, new_id(), series(3)).json()["version"] == "1"
+        assert list(versions(client, "m")) == ["1"]
+        away.rename(repository)
+        add_version(repository, "m", 2, seed=1)
+        wait_for(lambda: "2" in versions(client, "m"))
+        log = server.log()
+        assert log.count("cannot be read") == 1 and log.count("can be read again") == 1
+        assert send(client, new_id(), series(3)).json()["version"] == "2"
+
+
 def _publish(repository: Path, csv: Path, name: str) -> subprocess.Popen[bytes]:
     """The training CLI publishing a model compatible with the tiny calibrated one (same features and state
     size: the CLI calibrates every model it writes)."""
