@@ -24,6 +24,7 @@ from model import CheckpointError, Forecaster, load_checkpoint
 from model.checkpoint import CONFIG_FILE, MODEL_NAME, VERSION_DIR, WEIGHTS_FILE, read_config_json
 
 FALLBACK_NAME = "default"
+MAX_REASON = 1000  # characters of why a version is skipped that its log line quotes
 log = logging.getLogger("service.repository")
 
 
@@ -126,6 +127,8 @@ class Repository:
         if self._failed.get(where.path) == signature:
             return
         self._failed[where.path] = signature
+        if len(reason) > MAX_REASON:  # a reason quotes the config's values, which can be megabytes of them
+            reason = f"{reason[:MAX_REASON]}… ({len(reason) - MAX_REASON} more characters)"
         log.warning("model %s version %d skipped: %s", where.model, where.version, reason,
                     extra={"fields": {"model": where.model, "version": where.version, "path": str(where.path)}})
         self._on_skip(where.model, where.version)

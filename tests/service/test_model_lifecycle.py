@@ -252,6 +252,23 @@ def test_a_repository_that_vanishes_is_logged_once_serves_on_and_is_polled_again
         assert send(client, new_id(), series(3)).json()["version"] == "2"
 
 
+def test_a_skipped_version_s_log_line_quotes_a_bounded_part_of_a_huge_config_value(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    repository, server = polled_repository(server_factory, tmp_path)
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        duplicated = make_tiny_model(tmp_path / "duplicated", seed=1, name="m")  # made aside, then renamed in
+        meta = json.loads((duplicated / "config.json").read_text())
+        meta["model"]["features"] = ["x"] * 200_000  # refused, and quoted in the reason
+        (duplicated / "config.json").write_text(json.dumps(meta))
+        duplicated.rename(repository / "m" / "2")
+        wait_for(lambda: metric(client, "gru_model_versions_skipped_total", model="m") == 1)
+        lines = [line for line in server.log().splitlines() if "model m version 2 skipped" in line]
+        assert len(lines) == 1 and "features must be distinct" in lines[0]
+        assert len(lines[0]) < 2000
+        assert list(versions(client, "m")) == ["1"]
+
+
 def _publish(repository: Path, csv: Path, name: str) -> subprocess.Popen[bytes]:
     """The training CLI publishing a model compatible with the tiny calibrated one (same features and state
     size: the CLI calibrates every model it writes)."""
