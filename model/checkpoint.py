@@ -213,7 +213,8 @@ class Publication:
 def publishing(repository: Path, name: str) -> Iterator[Publication]:
     """A temporary directory to write a checkpoint into, renamed to ``repository/name/<next version>/``
     when the block ends without an error (removed otherwise): a polling service never sees half of it.
-    The rename fails rather than replace a version another publisher took first; the next number is tried."""
+    The rename fails rather than replace a version another publisher took first, or any other entry with
+    that name (a stray file, a dangling link); the next number is tried."""
     if not MODEL_NAME.fullmatch(name):
         raise ValueError(f"model name {name!r} must match {MODEL_NAME.pattern}")
     model_dir = repository / name
@@ -223,13 +224,15 @@ def publishing(repository: Path, name: str) -> Iterator[Publication]:
     try:
         yield publication
         publication.staging.chmod(0o755)  # mkdtemp's 0700 would hide it from a service running as another user
+        taken = 0  # the highest number found taken: a stray file is no version, yet recounting would reach it
         while publication.published is None:
-            target = model_dir / str((versions_in(model_dir) or [0])[-1] + 1)
+            taken = max((versions_in(model_dir) or [0])[-1], taken) + 1
+            target = model_dir / str(taken)
             try:
-                os.rename(publication.staging, target)  # fails on an existing non-empty directory
+                os.rename(publication.staging, target)  # fails on an existing non-empty directory, or a file
                 publication.published = target
             except OSError:
-                if not target.exists():
+                if not os.path.lexists(target):
                     raise
     except BaseException:
         shutil.rmtree(publication.staging, ignore_errors=True)

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model import CheckpointError, Forecaster, load_checkpoint, save_checkpoint
-from model.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, publishing
 
 
 @pytest.fixture
@@ -157,3 +157,16 @@ def test_checkpoint_of_another_format_is_refused(forecaster: Forecaster, tmp_pat
     (tmp_path / CONFIG_FILE).write_text(json.dumps(meta | {"format": "gru-forecaster/2"}))
     with pytest.raises(CheckpointError, match="format 'gru-forecaster/2' is not 'gru-forecaster/1'"):
         load_checkpoint(tmp_path)
+
+
+def test_publishing_goes_past_numbers_taken_by_a_stray_file_or_a_dangling_link(
+    forecaster: Forecaster, tmp_path: Path
+) -> None:
+    save_checkpoint(forecaster, tmp_path / "m" / "1")
+    (tmp_path / "m" / "2").symlink_to(tmp_path / "gone")  # no version, yet its name is taken
+    (tmp_path / "m" / "3").write_text("not a version")
+    with publishing(tmp_path, "m") as publication:
+        save_checkpoint(forecaster, publication.staging, name="m")
+    assert publication.published == tmp_path / "m" / "4"
+    assert load_checkpoint(publication.published)[1]["name"] == "m"
+    assert (tmp_path / "m" / "3").read_text() == "not a version"
