@@ -524,15 +524,18 @@ def test_a_new_version_is_listed_only_once_warmed_with_the_oldest_beyond_the_lim
     assert metrics.registry.get_sample_value("gru_model_version_evictions_total", {"model": "m"}) == 1
 
 
-def test_a_snapshot_keeps_each_session_on_its_version_across_a_restart(
-    server_factory: ServerFactory, tmp_path: Path
-) -> None:
+def _stopped_with_two_versions(
+    server_factory: ServerFactory, tmp_path: Path, seed: int
+) -> tuple[Path, dict[str, str], np.ndarray, str, str, np.ndarray]:
+    """A server with snapshots on model m: a session pinned to version 1 and one fresh on version 2, 20 of
+    40 steps each, then stopped (the snapshot written). The repository, the environment, the series, the
+    two session ids, and version 1's predictions of the whole series alone."""
     repository, path = tmp_path / "repo", tmp_path / "state" / "sessions.safetensors"
     add_version(repository, "m", 1)
     env = {"GRU_MODEL_REPOSITORY": str(repository), "GRU_REPOSITORY_POLL_SECONDS": "0.1",
            "GRU_SNAPSHOT_PATH": str(path)}
     first = server_factory(**env)
-    whole = series(40, seed=31)
+    whole = series(40, seed=seed)
     pinned, fresh = new_id(), new_id()
     with httpx.Client(base_url=first.url, timeout=30) as client:
         v1_alone = np.array(client.post("/v1/predict", json={"values": whole.tolist()}).json()["predictions"])
@@ -541,6 +544,13 @@ def test_a_snapshot_keeps_each_session_on_its_version_across_a_restart(
         wait_for(lambda: "2" in versions(client, "m"))
         assert send(client, fresh, whole[:20], offset=0).json()["version"] == "2"
     assert first.stop() in (0, -signal.SIGTERM) and "snapshot written" in first.log()
+    return repository, env, whole, pinned, fresh, v1_alone
+
+
+def test_a_snapshot_keeps_each_session_on_its_version_across_a_restart(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    _, env, whole, pinned, fresh, v1_alone = _stopped_with_two_versions(server_factory, tmp_path, seed=31)
     # the snapshot names version 2, the newest; its version 1 session is restored and version 1 loaded for it
     second = server_factory(**env)
     assert '"sessions":2,' in second.log().split("snapshot restored")[1].splitlines()[0]
@@ -558,20 +568,7 @@ def test_a_snapshot_whose_newest_version_was_removed_keeps_the_sessions_of_the_o
     """Version 2 deleted from the repository while the service was down (a bad model taken out): its
     sessions are left out, as the records of a version the repository no longer has are; version 1's stay.
     The header names the newest, version 2, and set the whole file aside as another model's."""
-    repository, path = tmp_path / "repo", tmp_path / "state" / "sessions.safetensors"
-    add_version(repository, "m", 1)
-    env = {"GRU_MODEL_REPOSITORY": str(repository), "GRU_REPOSITORY_POLL_SECONDS": "0.1",
-           "GRU_SNAPSHOT_PATH": str(path)}
-    first = server_factory(**env)
-    whole = series(40, seed=32)
-    pinned, fresh = new_id(), new_id()
-    with httpx.Client(base_url=first.url, timeout=30) as client:
-        v1_alone = np.array(client.post("/v1/predict", json={"values": whole.tolist()}).json()["predictions"])
-        send(client, pinned, whole[:20], offset=0)
-        add_version(repository, "m", 2, seed=1)
-        wait_for(lambda: "2" in versions(client, "m"))
-        assert send(client, fresh, whole[:20], offset=0).json()["version"] == "2"
-    assert first.stop() in (0, -signal.SIGTERM) and "snapshot written" in first.log()
+    repository, env, whole, pinned, fresh, v1_alone = _stopped_with_two_versions(server_factory, tmp_path, seed=32)
     shutil.rmtree(repository / "m" / "2")
     second = server_factory(**env)
     restored = second.log().split("snapshot restored")[1].splitlines()[0]
