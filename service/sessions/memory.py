@@ -29,6 +29,10 @@ from torch import Tensor
 from service.sessions.base import Session, Write, tenant_of_key
 
 EvictionHook = Callable[[str, int], None]  # (reason, count)
+# The most the store allocates before its first session: 1,024 rows of a state of a few hundred floats, but
+# only a handful of a state of a million (a checkpoint with huge lags), which would otherwise be gigabytes at
+# load; the tensor doubles as sessions arrive either way.
+INITIAL_STATE_BYTES = 4 << 20
 
 
 class MemoryStore:
@@ -59,7 +63,8 @@ class MemoryStore:
         self._clock = clock
         self._on_evict = on_evict or (lambda reason, count: None)
         self._records: OrderedDict[str, Session] = OrderedDict()
-        self._slots = _Slots(state_size, device, min(initial_capacity, max_sessions), max_sessions)
+        rows = min(initial_capacity, max_sessions, max(1, INITIAL_STATE_BYTES // (4 * max(state_size, 1))))
+        self._slots = _Slots(state_size, device, rows, max_sessions)
         self._revision = 0
 
     def __len__(self) -> int:

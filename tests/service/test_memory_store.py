@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from service.sessions.memory import MemoryStore
+from service.sessions.memory import INITIAL_STATE_BYTES, MemoryStore
 from tests.service import stores
 from tests.service.helpers import Clock
 from tests.service.stores import STATE, memory_store, write
@@ -75,6 +75,24 @@ def test_states_grow_past_the_initial_capacity_up_to_max_sessions_and_keep_every
     _run(scenario())
     assert store.states.shape == (6, STATE) and len(store) == 5
     assert evicted == [("capacity", 1), ("capacity", 1)]
+
+
+def test_a_huge_state_starts_with_few_rows_and_grows_as_sessions_arrive() -> None:
+    """1,024 rows of a state of a million floats would be 4 GB before the first session: the store starts
+    within INITIAL_STATE_BYTES instead, and still takes every session up to max_sessions."""
+    size = 1_000_000
+    store = MemoryStore(size, torch.device("cpu"), max_sessions=100, ttl_seconds=60)
+    assert store.states.numel() * 4 <= INITIAL_STATE_BYTES + size * 4  # its rows, and row 0's fresh state
+    assert memory_store(initial_capacity=1024).states.shape == (101, STATE)  # a small state: as before
+
+    async def scenario() -> None:
+        for n in range(3):
+            state = torch.full((1, size), float(n))
+            assert (await store.commit([write(f"t/{n}", None, 1)], state))[0] is not None
+        torch.testing.assert_close(store.gather(await store.load(["t/0", "t/1", "t/2"]))[:, :3],
+                                   torch.tensor([[0.0] * 3, [1.0] * 3, [2.0] * 3]))
+
+    _run(scenario())
 
 
 def test_a_deleted_session_frees_its_slot_for_the_next_without_an_eviction() -> None:
