@@ -108,6 +108,12 @@ class Unavailable(ServiceError):
     """Every attempt failed with a network error, a 5xx or a 429; the last failure is the ``__cause__``."""
 
 
+class BadAnswer(ServiceError):
+    """An answer that is no refusal yet cannot be used: not JSON, without the call's fields, a position that
+    does not follow the chunk sent, a redirect, a body that cannot be decoded. Never taken as success: a
+    position believed from it would skip or repeat steps."""
+
+
 def _error(response: httpx.Response) -> ServiceError:
     try:
         problem = response.json()
@@ -122,7 +128,7 @@ def _error(response: httpx.Response) -> ServiceError:
 def problem_error(status: int, problem: dict[str, Any]) -> ServiceError:
     """The error for a problem+json body: of an HTTP answer, or a stream's problem frame."""
     kind = str(problem.get("type", "")).rsplit("/", 1)[-1]
-    if status == 409 and "position" in problem:
+    if status == 409 and type(problem.get("position")) is int:  # a position to resync to, or no conflict
         return (ModelChanged if kind == "model-changed" else OffsetConflict)(status, problem)
     if status == 404 and kind == "session-not-found":
         return SessionNotFound(status, problem)
@@ -200,12 +206,53 @@ def _headers(api_key: str | None) -> dict[str, str]:
 def _checked(response: httpx.Response) -> httpx.Response:
     if response.status_code >= 400:
         raise _error(response)
+    if response.status_code >= 300:  # no route of the API redirects: a proxy or a wrong URL does
+        location = response.headers.get("location", "nowhere")
+        raise _bad(response, f"a redirect to {location}; the client follows none: give it the service's URL")
     return response
 
 
+def _bad(response: httpx.Response, why: str) -> BadAnswer:
+    problem = {"status": response.status_code, "title": response.reason_phrase, "detail": why}
+    return BadAnswer(response.status_code, problem, f"{response.status_code} answer to"
+                     f" {response.request.method} {response.request.url.path} unusable: {why}")
+
+
 def _answer(response: httpx.Response) -> dict[str, Any]:
-    body: dict[str, Any] = response.json() if response.content else {}
+    if not response.content:
+        return {}
+    try:
+        body = response.json()
+    except ValueError:
+        raise _bad(response, f"not JSON: {response.text[:200]!r}") from None
+    if not isinstance(body, dict):
+        raise _bad(response, f"JSON {type(body).__name__}, not an object")
     return body
+
+
+def _position(response: httpx.Response, body: dict[str, Any]) -> int:
+    """The ``position`` of a session's answer, a count of steps."""
+    position = body.get("position")
+    if type(position) is not int or position < 0:
+        raise _bad(response, f"position {position!r} is not a count of steps")
+    return position
+
+
+def _prediction(response: httpx.Response, call: _Call) -> Prediction:
+    """The answer to a chunk ``call`` sent: one prediction a step, and for a session's chunk (sent with its
+    offset) the position just past it."""
+    sent = call.body or {}
+    steps, offset = len(sent["values"]), sent.get("offset")
+    body = _answer(response)
+    predictions = body.get("predictions")
+    if not isinstance(predictions, list) or len(predictions) != steps:
+        raise _bad(response, f"predictions {str(predictions)[:80]} are not {steps} row(s), one a step sent")
+    if not isinstance(body.get("model_version"), str):
+        raise _bad(response, "no model_version")
+    if offset is not None and _position(response, body) != offset + steps:
+        raise _bad(response, f"position {body['position']} after {steps} step(s) sent at offset {offset};"
+                   f" the session should be at {offset + steps}")
+    return Prediction.from_json(body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +307,12 @@ class _Stats:
     def note(self, why: str) -> None:
         self.retries += 1
         self.failures = [*self.failures[-19:], why]
+
+
+def _unsent(call: _Call, error: httpx.HTTPError) -> ServiceError:
+    """A call that no retry can help (a URL without http://, a body that cannot be decoded), as our error."""
+    why = f"{type(error).__name__}: {error}"
+    return ServiceError(None, {"detail": why}, f"{call.method} {call.path} failed: {why}")
 
 
 def _why(error: Exception | None, response: httpx.Response | None) -> str:
@@ -343,6 +396,9 @@ class _SessionCalls:
         body = {"values": _rows(values), "offset": self.position, **chunk_fields(horizon, levels, scores)}
         return _Call("POST", f"{self._path}/predict", body)
 
+    def _describe(self) -> _Call:
+        return _Call("GET", self._path)
+
     def _export(self) -> _Call:
         return _Call("GET", f"{self._path}/state")
 
@@ -357,14 +413,16 @@ class _SessionCalls:
     def _exported(self, response: httpx.Response) -> State:
         return State(response.content, response.headers.get("etag", ""))
 
-    def _imported(self, response: httpx.Response) -> dict[str, Any]:
+    def _adopt(self, response: httpx.Response) -> dict[str, Any]:
+        """The session description in ``response``; the handle moves to its position."""
         description = _answer(response)
-        self.position = int(description["position"])
+        self.position = _position(response, description)
         return description
 
-    def _advance(self, answer: dict[str, Any]) -> Prediction:
-        prediction = Prediction.from_json(answer)
-        self.position = int(prediction.position or 0)
+    def _advance(self, response: httpx.Response, call: _Call) -> Prediction:
+        prediction = _prediction(response, call)
+        assert prediction.position is not None  # _prediction saw it follow the chunk
+        self.position = prediction.position
         return prediction
 
 
@@ -405,6 +463,8 @@ class Client(_Calls):
             except RETRY_ERRORS as exc:
                 tries.failed(exc)
                 continue
+            except httpx.HTTPError as exc:
+                raise _unsent(call, exc) from exc
             if tries.settled(response):
                 return _checked(response)
         raise tries.give_up() from tries.error
@@ -416,7 +476,8 @@ class Client(_Calls):
                 scores: bool = False) -> Prediction:
         """A whole series from a fresh state; nothing is kept. ``levels`` (percent) adds intervals,
         ``scores`` each value's p-value (a calibrated model only)."""
-        return Prediction.from_json(_answer(self.send(_stateless(values, horizon, levels, scores))))
+        call = _stateless(values, horizon, levels, scores)
+        return _prediction(self.send(call), call)
 
     def session(self, session_id: str, *, resume: bool = False) -> Session:
         """A session handle starting at position 0, or, with ``resume``, where the server has it (0 if
@@ -446,7 +507,8 @@ class Session(_SessionCalls):
 
     def predict(self, values: Values, horizon: int = 0, *, levels: Sequence[float] = (),
                 scores: bool = False) -> Prediction:
-        return self._advance(_answer(self.client.send(self._chunk(values, horizon, levels, scores))))
+        call = self._chunk(values, horizon, levels, scores)
+        return self._advance(self.client.send(call), call)
 
     def stream(self, values: Values, chunk: int = 32, horizon: int = 0, *, levels: Sequence[float] = (),
                scores: bool = False) -> Iterator[Prediction]:
@@ -459,7 +521,7 @@ class Session(_SessionCalls):
 
     def resync(self) -> int:
         """Adopt the server's position (after an ``OffsetConflict``, say) and return it."""
-        self.position = int(self.info()["position"])
+        self._adopt(self.client.send(self._describe()))
         return self.position
 
     def reset(self) -> None:
@@ -480,25 +542,25 @@ class Session(_SessionCalls):
         position). ``if_match`` (an ETag): only over that very state, else ``PreconditionFailed``."""
         resends = self.client.stats.retries
         try:
-            return self._imported(self.client.send(self._import(state, if_match)))
+            return self._adopt(self.client.send(self._import(state, if_match)))
         except PreconditionFailed:
             document = state.document if isinstance(state, State) else state
             if self.client.stats.retries == resends or not _same_session(document, self.export_state().document):
                 raise
-        return self._imported(self.client.send(_Call("GET", self._path)))  # a lost answer's import: ours
+        return self._adopt(self.client.send(self._describe()))  # a lost answer's import: ours
 
     def fork(self, to: str) -> Session:
         """A copy of this session as the new session ``to`` (``SessionExists`` if it exists), as a handle."""
         resends = self.client.stats.retries
+        copy = Session(self.client, to)
         try:
-            description = _answer(self.client.send(self._fork(to)))
+            copy._adopt(self.client.send(self._fork(to)))
         except SessionExists:
-            copy = Session(self.client, to)
             if self.client.stats.retries == resends or not _same_session(self.export_state().document,
                                                                          copy.export_state().document):
                 raise
-            description = self.client.request("GET", copy._path)  # a lost answer's fork: ours
-        return Session(self.client, to, int(description["position"]))
+            copy.resync()  # a lost answer's fork: ours
+        return copy
 
 
 # -- async -------------------------------------------------------------------------------------------
@@ -535,6 +597,8 @@ class AsyncClient(_Calls):
             except RETRY_ERRORS as exc:
                 tries.failed(exc)
                 continue
+            except httpx.HTTPError as exc:
+                raise _unsent(call, exc) from exc
             if tries.settled(response):
                 return _checked(response)
         raise tries.give_up() from tries.error
@@ -544,7 +608,8 @@ class AsyncClient(_Calls):
 
     async def predict(self, values: Values, horizon: int = 0, *, levels: Sequence[float] = (),
                       scores: bool = False) -> Prediction:
-        return Prediction.from_json(_answer(await self.send(_stateless(values, horizon, levels, scores))))
+        call = _stateless(values, horizon, levels, scores)
+        return _prediction(await self.send(call), call)
 
     async def session(self, session_id: str, *, resume: bool = False) -> AsyncSession:
         session = AsyncSession(self, _check_id(session_id))
@@ -570,7 +635,8 @@ class AsyncSession(_SessionCalls):
 
     async def predict(self, values: Values, horizon: int = 0, *, levels: Sequence[float] = (),
                       scores: bool = False) -> Prediction:
-        return self._advance(_answer(await self.client.send(self._chunk(values, horizon, levels, scores))))
+        call = self._chunk(values, horizon, levels, scores)
+        return self._advance(await self.client.send(call), call)
 
     async def stream(self, values: Values, chunk: int = 32, horizon: int = 0, *, levels: Sequence[float] = (),
                      scores: bool = False) -> AsyncIterator[Prediction]:
@@ -581,7 +647,7 @@ class AsyncSession(_SessionCalls):
         return await self.client.request("GET", self._path)
 
     async def resync(self) -> int:
-        self.position = int((await self.info())["position"])
+        self._adopt(await self.client.send(self._describe()))
         return self.position
 
     async def reset(self) -> None:
@@ -599,22 +665,22 @@ class AsyncSession(_SessionCalls):
     async def import_state(self, state: State | bytes, if_match: str | None = None) -> dict[str, Any]:
         resends = self.client.stats.retries
         try:
-            return self._imported(await self.client.send(self._import(state, if_match)))
+            return self._adopt(await self.client.send(self._import(state, if_match)))
         except PreconditionFailed:
             document = state.document if isinstance(state, State) else state
             if self.client.stats.retries == resends or not _same_session(document,
                                                                          (await self.export_state()).document):
                 raise
-        return self._imported(await self.client.send(_Call("GET", self._path)))
+        return self._adopt(await self.client.send(self._describe()))
 
     async def fork(self, to: str) -> AsyncSession:
         resends = self.client.stats.retries
+        copy = AsyncSession(self.client, to)
         try:
-            description = _answer(await self.client.send(self._fork(to)))
+            copy._adopt(await self.client.send(self._fork(to)))
         except SessionExists:
-            copy = AsyncSession(self.client, to)
             if self.client.stats.retries == resends or not _same_session((await self.export_state()).document,
                                                                          (await copy.export_state()).document):
                 raise
-            description = await self.client.request("GET", copy._path)
-        return AsyncSession(self.client, to, int(description["position"]))
+            await copy.resync()
+        return copy
