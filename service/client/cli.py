@@ -66,9 +66,12 @@ def read_csv(
 
     Columns: ``columns`` if given; else the model's feature names when the header has them all; else the
     numeric columns, if there are as many as the model takes features."""
-    with path.open(newline="", encoding="utf-8-sig") as file:  # a spreadsheet's byte-order mark is no text
-        reader = csv.reader(file)
-        table = [(reader.line_num, row) for row in reader]
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as file:  # a spreadsheet's byte-order mark is no text
+            reader = csv.reader(file)
+            table = [(reader.line_num, row) for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise SystemExit(f"{path}: cannot read it as a UTF-8 CSV: {exc}") from None
     while table and _blank(table[-1][1]):  # blank lines at the end are no rows
         table.pop()
     if not table:
@@ -244,7 +247,7 @@ def _recover_lost_answer(session: Session, path: Path, earlier: Sequence[list[st
 def _at_zero(session: Session) -> bool:
     """Whether the service has the session at position 0 or not at all: where a plain run starts."""
     try:
-        return int(session.info()["position"]) == 0
+        return session.info().get("position") == 0
     except SessionNotFound:
         return True
 
@@ -299,10 +302,18 @@ def _over_ws(client: Client, session: Session, rows: Sequence[Sequence[float]],
                              " file and --resume to go on")
 
 
+def _features(model: dict[str, Any]) -> list[str]:
+    """The model's feature names, as GET /v1/model gives them: the columns a CSV must have."""
+    names = model.get("feature_names")
+    if not isinstance(names, list) or not names or not all(isinstance(name, str) for name in names):
+        raise SystemExit(f"GET /v1/model answered feature_names {names!r}, not a list of names: is --url the"
+                         " service?")
+    return names
+
+
 def stream_csv(args: argparse.Namespace) -> int:
     with Client(args.url, args.api_key, timeout=args.timeout) as client:
-        model = client.model()
-        names, rows = read_csv(args.csv, model["feature_names"], args.columns)
+        names, rows = read_csv(args.csv, _features(client.model()), args.columns)
         session = client.session(args.session, resume=args.resume)
         if args.reset:
             session.reset()
@@ -429,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     if args.chunk < 1 or args.window < 1:
         parser.error("--chunk and --window must be at least 1")
+    for option, path in (("--out", args.out), ("--plot", args.plot)):  # refused before anything is sent
+        if path is not None and not os.access(path.parent, os.W_OK):
+            parser.error(f"{option} {path}: {path.parent} is not a directory this user can write in")
     if args.plot is not None:
         try:
             import matplotlib  # noqa: F401  (only --plot needs it: checked before anything is sent)
@@ -441,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(stop, _interrupt)
     try:
         return stream_csv(args)
-    except (ServiceError, ValueError) as exc:
+    except (ServiceError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as stop:  # what was answered is saved (stream_csv said where): no traceback

@@ -1,16 +1,22 @@
-"""service.client against a server that answers badly: each answer ends in the client's own typed error,
-never a success or a traceback."""
+"""service.client against a server that answers badly, and its command line against inputs it cannot use:
+each ends in the client's own typed error or one line and a non-zero exit, never a success or a traceback."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
+from harness.processes import ROOT
 from service.client import BadAnswer, Client, OffsetConflict, Retry, ServiceError
+from tests.conftest import Server
+from tests.service.helpers import new_id
 
 FAST = Retry(attempts=2, backoff=0.01, max_delay=0.05)
 Answer = tuple[int, dict[str, str], bytes]  # status, headers, body
@@ -124,3 +130,69 @@ def test_a_body_that_cannot_be_inflated_raises_a_service_error(hostile: _Scripte
 def test_a_url_without_its_scheme_raises_a_service_error() -> None:
     with Client("127.0.0.1:9", retry=FAST) as client, pytest.raises(ServiceError, match="http://"):
         client.model()
+
+
+# -- the command line --------------------------------------------------------------------------------
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "service.client", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+
+
+def _refused_in_one_line(run: subprocess.CompletedProcess[str], words: str) -> None:
+    assert run.returncode != 0
+    assert "Traceback" not in run.stderr
+    assert words in run.stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def csv_file(tmp_path: Path) -> Path:
+    source = tmp_path / "series.csv"
+    source.write_text("x\n0.1\n0.2\n0.3\n")
+    return source
+
+
+def test_cli_names_a_csv_it_cannot_open(server: Server, tmp_path: Path) -> None:
+    for missing in (tmp_path / "nowhere.csv", tmp_path):
+        run = _cli("stream", "--csv", str(missing), "--session", new_id("cli"), "--url", server.url, "--quiet")
+        _refused_in_one_line(run, f"{missing}: cannot read it")
+
+
+def test_cli_refuses_a_csv_field_past_the_csv_module_limit(server: Server, tmp_path: Path) -> None:
+    source = tmp_path / "huge-cell.csv"
+    source.write_text("x\n0.1\n" + "2" * 200_000 + "\n")
+    run = _cli("stream", "--csv", str(source), "--session", new_id("cli"), "--url", server.url, "--quiet")
+    _refused_in_one_line(run, "field larger than field limit")
+
+
+@pytest.mark.parametrize("option", ["--out", "--plot"])
+def test_cli_refuses_an_output_it_cannot_write_before_sending(server: Server, csv_file: Path,
+                                                              option: str) -> None:
+    session = new_id("cli")
+    target = csv_file.parent / "no-such-dir" / "out"
+    run = _cli("stream", "--csv", str(csv_file), "--session", session, "--url", server.url, "--quiet",
+               option, str(target))
+    _refused_in_one_line(run, f"{option} {target}")
+    assert run.returncode == 2
+    with Client(server.url) as client:
+        assert client.session(session, resume=True).position == 0  # nothing was sent
+
+
+def test_cli_explains_a_url_without_its_scheme(csv_file: Path) -> None:
+    for command in (["stream", "--csv", str(csv_file), "--quiet"], ["export"]):
+        run = _cli(*command, "--session", "s", "--url", "127.0.0.1:9")
+        _refused_in_one_line(run, "http://")
+
+
+@pytest.mark.parametrize(("body", "words"), [
+    (b"{}", "feature_names None"),
+    (b'{"feature_names": "x"}', "feature_names 'x'"),
+    (b'{"feature_names": ["x"]}', "unusable: predictions None"),
+], ids=["no-features", "features-not-a-list", "no-position"])
+def test_cli_against_a_server_without_the_fields_it_needs_exits_in_one_line(
+        hostile: _ScriptedServer, csv_file: Path, body: bytes, words: str) -> None:
+    hostile.answer = (200, {}, body)  # every call, /v1/model and the session's description included
+    run = _cli("stream", "--csv", str(csv_file), "--session", "s", "--url", _url(hostile), "--quiet")
+    _refused_in_one_line(run, words)
+    assert run.returncode == 1
