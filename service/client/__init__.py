@@ -309,6 +309,21 @@ class _Stats:
         self.failures = [*self.failures[-19:], why]
 
 
+def _in_time(response: httpx.Response, deadline: float, timeout: float) -> None:
+    """Raise a timeout, retried like any other, once an answer's body runs past its call's ``timeout``:
+    httpx bounds each read only, so a body that trickles in or never ends would hold the call forever."""
+    if time.monotonic() > deadline:
+        raise httpx.ReadTimeout(f"the answer's body took over {timeout} s", request=response.request)
+
+
+def _whole(response: httpx.Response, body: bytes) -> httpx.Response:
+    """``response`` with its body as read in time, decoded already (no Content-Encoding left to undo)."""
+    headers = [(name, value) for name, value in response.headers.multi_items()
+               if name.lower() not in ("content-encoding", "content-length")]
+    return httpx.Response(response.status_code, headers=headers, content=body, request=response.request,
+                          extensions=response.extensions)
+
+
 def _unsent(call: _Call, error: httpx.HTTPError) -> ServiceError:
     """A call that no retry can help (a URL without http://, a body that cannot be decoded), as our error."""
     why = f"{type(error).__name__}: {error}"
@@ -459,7 +474,7 @@ class Client(_Calls):
             if pause:
                 time.sleep(pause)
             try:
-                response = self._http.request(call.method, call.path, **call.options())
+                response = self._fetch(call)
             except RETRY_ERRORS as exc:
                 tries.failed(exc)
                 continue
@@ -468,6 +483,15 @@ class Client(_Calls):
             if tries.settled(response):
                 return _checked(response)
         raise tries.give_up() from tries.error
+
+    def _fetch(self, call: _Call) -> httpx.Response:
+        deadline = time.monotonic() + self._timeout
+        with self._http.stream(call.method, call.path, **call.options()) as response:
+            body = bytearray()
+            for piece in response.iter_bytes():
+                _in_time(response, deadline, self._timeout)
+                body += piece
+        return _whole(response, bytes(body))
 
     def model(self) -> dict[str, Any]:
         return self.request("GET", "/v1/model")
@@ -593,7 +617,7 @@ class AsyncClient(_Calls):
             if pause:
                 await asyncio.sleep(pause)
             try:
-                response = await self._http.request(call.method, call.path, **call.options())
+                response = await self._fetch(call)
             except RETRY_ERRORS as exc:
                 tries.failed(exc)
                 continue
@@ -602,6 +626,15 @@ class AsyncClient(_Calls):
             if tries.settled(response):
                 return _checked(response)
         raise tries.give_up() from tries.error
+
+    async def _fetch(self, call: _Call) -> httpx.Response:
+        deadline = time.monotonic() + self._timeout
+        async with self._http.stream(call.method, call.path, **call.options()) as response:
+            body = bytearray()
+            async for piece in response.aiter_bytes():
+                _in_time(response, deadline, self._timeout)
+                body += piece
+        return _whole(response, bytes(body))
 
     async def model(self) -> dict[str, Any]:
         return await self.request("GET", "/v1/model")

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from harness.processes import ROOT
-from service.client import BadAnswer, Client, OffsetConflict, Retry, ServiceError
+from service.client import BadAnswer, Client, OffsetConflict, Retry, ServiceError, Unavailable
 from tests.conftest import Server
 from tests.service.helpers import new_id
 
@@ -130,6 +131,36 @@ def test_a_body_that_cannot_be_inflated_raises_a_service_error(hostile: _Scripte
 def test_a_url_without_its_scheme_raises_a_service_error() -> None:
     with Client("127.0.0.1:9", retry=FAST) as client, pytest.raises(ServiceError, match="http://"):
         client.model()
+
+
+class _Trickling(_Scripted):
+    """Answers a chunk correctly, but its body a byte every 0.1 s behind 30 spaces: each read is quick,
+    the whole takes 3 s."""
+
+    def _reply(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(200)
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        for piece in [b" "] * 30 + [_chunk_answer()]:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            self.wfile.flush()
+            time.sleep(0.1)
+        self.wfile.write(b"0\r\n\r\n")
+
+    do_POST = _reply
+
+
+def test_a_body_trickling_past_the_timeout_is_a_timeout_not_an_answer() -> None:
+    trickling = _ScriptedServer(("127.0.0.1", 0), _Trickling)
+    threading.Thread(target=trickling.serve_forever, daemon=True).start()
+    try:
+        with Client(_url(trickling), retry=FAST, timeout=1.0) as client, \
+                pytest.raises(Unavailable, match=r"took over 1\.0 s"):
+            client.session("s").predict([1.0])
+    finally:
+        trickling.shutdown()
+        trickling.server_close()
 
 
 # -- the command line --------------------------------------------------------------------------------
