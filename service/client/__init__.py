@@ -445,7 +445,8 @@ class _SessionCalls:
 
 
 class Client(_Calls):
-    """The service at ``base_url``; ``api_key`` is sent as ``Authorization: Bearer``."""
+    """The service at ``base_url``; ``api_key`` is sent as ``Authorization: Bearer``. ``timeout`` bounds each
+    attempt of a call, its whole answer included (a body that trickles in is a timeout, retried)."""
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, *,
                  timeout: float = 30.0, retry: Retry | None = None,
