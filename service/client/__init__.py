@@ -238,20 +238,31 @@ def _position(response: httpx.Response, body: dict[str, Any]) -> int:
     return position
 
 
-def _prediction(response: httpx.Response, call: _Call) -> Prediction:
-    """The answer to a chunk ``call`` sent: one prediction a step, and for a session's chunk (sent with its
-    offset) the position just past it."""
-    sent = call.body or {}
-    steps, offset = len(sent["values"]), sent.get("offset")
-    body = _answer(response)
+def unusable_answer(body: dict[str, Any], steps: int, offset: int | None) -> str | None:
+    """Why ``body`` is no answer to a chunk of ``steps`` sent at ``offset`` (None: stateless), or None when it
+    is one: one prediction a step, a model version, and for a session's chunk the position just past it.
+    The HTTP calls and the streaming sessions hold answers to the same rule."""
     predictions = body.get("predictions")
     if not isinstance(predictions, list) or len(predictions) != steps:
-        raise _bad(response, f"predictions {str(predictions)[:80]} are not {steps} row(s), one a step sent")
+        return f"predictions {str(predictions)[:80]} are not {steps} row(s), one a step sent"
     if not isinstance(body.get("model_version"), str):
-        raise _bad(response, "no model_version")
-    if offset is not None and _position(response, body) != offset + steps:
-        raise _bad(response, f"position {body['position']} after {steps} step(s) sent at offset {offset};"
-                   f" the session should be at {offset + steps}")
+        return "no model_version"
+    if offset is not None:
+        position = body.get("position")
+        if type(position) is not int or position < 0:
+            return f"position {position!r} is not a count of steps"
+        if position != offset + steps:
+            return (f"position {position} after {steps} step(s) sent at offset {offset}; the session should be at"
+                    f" {offset + steps}")
+    return None
+
+
+def _prediction(response: httpx.Response, call: _Call) -> Prediction:
+    """The answer to a chunk ``call`` sent (``unusable_answer``'s rule)."""
+    sent = call.body or {}
+    body = _answer(response)
+    if (why := unusable_answer(body, len(sent["values"]), sent.get("offset"))) is not None:
+        raise _bad(response, why)
     return Prediction.from_json(body)
 
 

@@ -14,6 +14,7 @@ gone; it is listed in ``lost`` ((offset, steps) pairs) and the stream goes on.
 A send that fails (the service closed the stream: a drain's 1001) does not reconnect at once: the answers the
 connection had already received would go with it, and their chunks, resent, would come back as ``lost``. The
 frame stays unanswered; the next receive reads what the old connection holds, then fails on it and reconnects.
+Each answer frame is held to the HTTP calls' rule (``unusable_answer``): one that breaks it is a ``BadAnswer``.
 ``AsyncStreamSession`` is the same with ``await``.
 """
 
@@ -35,6 +36,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from service.client import (
     RETRY_STATUSES,
+    BadAnswer,
     Prediction,
     Retry,
     ServiceError,
@@ -43,6 +45,7 @@ from service.client import (
     _chunks,
     chunk_fields,
     problem_error,
+    unusable_answer,
 )
 
 DEFAULT_WINDOW = 64
@@ -94,13 +97,21 @@ class _Window:
 
     def _take(self, text: str | bytes) -> Prediction | None:
         """The answer to the oldest unanswered chunk; None when its answer was lost with a connection."""
-        answer: dict[str, Any] = json.loads(text)
+        try:
+            answer = json.loads(text)
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise BadAnswer(None, {"detail": f"not a JSON object: {text[:200]!r}"}, "stream answer unusable")
         status = answer.get("status")
         if status is None:
+            sent = self.unanswered[0]
+            if (why := unusable_answer(answer, sent.steps, sent.offset)) is not None:
+                raise BadAnswer(None, {"detail": why}, f"stream answer unusable: {why}")
             self.unanswered.popleft()
             self._failures = 0
             prediction = Prediction.from_json(answer)
-            self.position = int(prediction.position or 0)
+            self.position = sent.offset + sent.steps
             return prediction
         if status in RETRY_STATUSES:
             raise _Retryable(f"problem frame {status}: {answer.get('detail', '')}")

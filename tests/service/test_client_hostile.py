@@ -3,6 +3,7 @@ each ends in the client's own typed error or one line and a non-zero exit, never
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -13,9 +14,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from websockets.sync.server import ServerConnection, serve
 
 from harness.processes import ROOT
-from service.client import BadAnswer, Client, OffsetConflict, Retry, ServiceError, Unavailable
+from service.client import AsyncClient, BadAnswer, Client, OffsetConflict, Retry, ServiceError, Unavailable
 from tests.conftest import Server
 from tests.service.helpers import new_id
 
@@ -85,6 +87,38 @@ def test_an_unusable_answer_to_a_chunk_raises_bad_answer_and_keeps_the_position(
             client.predict([1.0])
     assert raised.value.status == answer[0]
     assert session.position == 0
+
+
+@pytest.mark.parametrize("frame", [
+    "<html>maintenance</html>",
+    "[[0.5]]",
+    json.dumps({"predictions": [[0.5]], "model_version": "v"}),
+    json.dumps({"predictions": [[0.5]], "model_version": "v", "position": 7}),
+    json.dumps({"predictions": [[0.5], [0.6]], "model_version": "v", "position": 1}),
+], ids=["not-json", "a-list", "no-position", "a-position-past-the-chunk", "a-row-too-many"])
+def test_an_unusable_stream_answer_raises_bad_answer_sync_and_async(frame: str) -> None:
+    """The streaming sessions hold each answer frame to the rule the HTTP calls hold an answer to."""
+    def answer_badly(connection: ServerConnection) -> None:
+        for _ in connection:
+            connection.send(frame)
+
+    with serve(answer_badly, "127.0.0.1", 0) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.socket.getsockname()[1]}"
+        with Client(url, retry=FAST) as client, client.stream_session("s") as session:
+            with pytest.raises(BadAnswer, match="unusable"):
+                list(session.stream([[1.0]], chunk=1))
+            assert session.position == 0
+
+        async def run() -> None:
+            async with AsyncClient(url, retry=FAST) as client:
+                session = await client.stream_session("s")
+                async with session:
+                    with pytest.raises(BadAnswer, match="unusable"):
+                        _ = [answer async for answer in session.stream([[1.0]], chunk=1)]
+                    assert session.position == 0
+
+        asyncio.run(run())
 
 
 @pytest.mark.parametrize("position", [7, 0, None, "1", -1, True])
