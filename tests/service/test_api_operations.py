@@ -51,6 +51,22 @@ def test_request_latency_is_labelled_by_route_template(client: httpx.Client) -> 
     assert 'le="0.0005"' in text  # millisecond-scale buckets
 
 
+def test_methods_outside_the_standard_ones_share_one_metric_label(server_factory: ServerFactory) -> None:
+    """uvicorn passes some 35 methods (WebDAV's, SSDP's): as labels, any caller could multiply the series of
+    every route by them. Past the standard methods they are counted as "other"."""
+    fresh = server_factory()
+    exotic = ["PROPFIND", "MKCOL", "M-SEARCH", "SUBSCRIBE", "PURGE", "LINK", "REPORT", "QUERY"]
+    for method in exotic:
+        assert httpx.request(method, fresh.url + "/v1/model").status_code == 405
+    httpx.request("OPTIONS", fresh.url + "/v1/model")
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(fresh.url + "/metrics").text)}
+    counts = {(s.labels["method"], s.labels["status"]): s.value for s in families["gru_requests"].samples
+              if s.name == "gru_requests_total" and s.labels["route"] == "/v1/model"}
+    assert counts == {("other", "405"): len(exotic), ("OPTIONS", "405"): 1}
+    methods = {s.labels["method"] for s in families["gru_request_duration_seconds"].samples}
+    assert methods == {"GET", "OPTIONS", "WS", "other"}  # WS: the streams' chunks
+
+
 def test_request_id_is_honoured_and_echoed(client: httpx.Client) -> None:
     response = client.get("/v1/model", headers={"X-Request-ID": "trace-123"})
     assert response.headers["x-request-id"] == "trace-123"
