@@ -35,6 +35,18 @@ class _ClientFaults(logging.Filter):
         return True
 
 
+class _NoQueryStrings(logging.Filter):
+    """uvicorn logs each WebSocket upgrade with its path and query string, and a query string is where a
+    browser, which cannot set headers on a WebSocket, puts an API key (``?api_key=...``): keys are never
+    logged, so these lines keep the path alone."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if str(record.msg).startswith('%s - "WebSocket %s"') and isinstance(args, tuple) and len(args) > 1:
+            record.args = (args[0], str(args[1]).partition("?")[0], *args[2:])
+        return True
+
+
 def configure(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
@@ -47,3 +59,4 @@ def configure(level: str) -> None:
         logger.propagate = True
     logging.getLogger("uvicorn.access").disabled = True  # our access line replaces it
     logging.getLogger("uvicorn.error").addFilter(_ClientFaults())
+    logging.getLogger("uvicorn.error").addFilter(_NoQueryStrings())

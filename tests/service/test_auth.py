@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import signal
 import time
 from collections.abc import Iterator
@@ -18,6 +19,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 from service import auth
 from service.auth import ApiKeyAuth, KeyRing, presented_key
@@ -334,6 +337,26 @@ def test_keys_never_reach_the_log(keyed: Server) -> None:
     assert '"status":401' in log and '"status":200' in log  # the requests were logged...
     for key in (ALICE, BOB, CAROL, "0123456789abcdef"):
         assert key not in log  # ...without their keys
+
+
+def test_keys_in_a_stream_query_string_never_reach_the_log(keyed: Server) -> None:
+    """A browser cannot set headers on a WebSocket, so keys get put in its query string; uvicorn logs each
+    upgrade's path, and that line must not carry them."""
+    session = new_id("ws-query")
+    url = keyed.url.replace("http://", "ws://") + f"/v1/sessions/{session}/stream"
+    with pytest.raises(InvalidStatus) as refused:
+        connect(f"{url}?api_key={ALICE}")
+    assert refused.value.response.status_code == 401
+    with connect(f"{url}?token={BOB}", additional_headers=_as(BOB)) as stream:
+        stream.send(json.dumps({"values": [0.1], "offset": 0}))
+        assert json.loads(stream.recv())["position"] == 1
+    deadline = time.monotonic() + 5
+    while len(lines := [line for line in keyed.log().splitlines() if f"{session}/stream" in line]) < 2:
+        assert time.monotonic() < deadline, lines
+        time.sleep(0.05)
+    assert len(lines) == 2 and all(f"/v1/sessions/{session}/stream" in line for line in lines)
+    for key in (ALICE, BOB, "0123456789abcdef"):
+        assert key not in keyed.log()
 
 
 def test_default_tenant_without_keys_keeps_the_v1_contract(client: httpx.Client) -> None:
