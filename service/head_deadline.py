@@ -1,5 +1,7 @@
-"""uvicorn's HTTP protocol with a deadline for request heads: a connection whose request head has not arrived
-within GRU_REQUEST_TIMEOUT_SECONDS of its opening, or of the first byte of a later request's head, is closed.
+"""uvicorn's HTTP protocol with bounds on request heads: a deadline, and a size.
+
+A connection whose request head has not arrived within GRU_REQUEST_TIMEOUT_SECONDS of its opening, or of the
+first byte of a later request's head, is closed.
 
 uvicorn closes an idle connection only after an answer (``timeout_keep_alive``), and stops that clock at the
 first byte of the next request: a client that opens connections and sends nothing, or trickles a head a byte
@@ -7,6 +9,12 @@ at a time, held each connection and its file descriptor for ever. The body has i
 ``BodyLimit`` middleware's 408); this one covers what comes before any ASGI request exists, so the connection
 is closed without an answer, as nginx does past ``client_header_timeout``. Between requests an idle connection
 stays uvicorn's (closed 5 s after its last answer), so a short timeout never races a client reusing it.
+
+A head (request line and header fields) over ``MAX_HEAD_BYTES`` is answered 431 problem+json and the
+connection closed. httptools has no bound of its own (h11, uvicorn's other parser, stops at 16 KiB): it
+buffered a 64 MB header whole before any middleware ran, so keyless clients could take the memory of the
+process. A head still arriving is counted chunk by chunk (the chunk it began in uncounted, so at most one
+read, 256 KiB, is held past the bound); a complete one is measured exactly.
 """
 
 from __future__ import annotations
@@ -14,7 +22,18 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from service.problems import PROBLEM_JSON, Problem
+
+MAX_HEAD_BYTES = 64 * 1024  # nginx's default buffers take 32 KiB; keys, ids and entity tags are short
+_TOO_LARGE = Problem(431, "header-too-large", f"the request line and headers take more than {MAX_HEAD_BYTES}"
+                     " bytes; send only the headers this service reads (a key, ids and entity tags are short)")
+
+
+class _HeadTooLarge(Exception):
+    """Raised from the parser's callback to stop parsing a head that was answered 431."""
 
 
 class _HeadDeadlineProtocol(HttpToolsProtocol):
@@ -24,6 +43,10 @@ class _HeadDeadlineProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._head_deadline: asyncio.TimerHandle | None = None
         self._awaiting_head = True  # no request in progress: the next bytes are a head
+        self._heads = 0  # heads begun on this connection
+        self._in_head = False  # a head begun and not yet complete
+        self._head_bytes = 0  # of the head in progress, in the reads after the one it began in
+        self._refused = False
 
     def _arm(self) -> None:
         self._disarm()
@@ -50,12 +73,48 @@ class _HeadDeadlineProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._awaiting_head and self._head_deadline is None:  # the first bytes of a later request's head
             self._arm()
+        if self._refused:  # answered 431: the rest is read and dropped (see _refuse_head)
+            return
+        in_head, heads = self._in_head, self._heads
         super().data_received(data)
+        if in_head and self._in_head and heads == self._heads:  # the whole read was of one unfinished head
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES and not self._refused:
+                self._refuse_head()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._heads += 1
+        self._in_head = True
+        self._head_bytes = 0
 
     def on_headers_complete(self) -> None:
         self._disarm()
         self._awaiting_head = False
+        self._in_head = False
+        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)  # ": ", CRLF
+        if size > MAX_HEAD_BYTES:
+            self._refuse_head()
+            raise _HeadTooLarge  # stops the parser; uvicorn takes it for a malformed request (see below)
         super().on_headers_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        if not self._refused:  # else the parser stopped at _HeadTooLarge, already answered 431
+            super().send_400_response(msg)
+
+    def _refuse_head(self) -> None:
+        """Answer 431 problem+json and end our side; what the client still sends is read and dropped until
+        it closes or the head deadline does. Closing at once would leave its bytes unread, and the kernel
+        answers those with a reset, which can destroy the 431 before the client reads it."""
+        self._refused = True
+        body = orjson.dumps(_TOO_LARGE.body())
+        head = [b"HTTP/1.1 431 Request Header Fields Too Large\r\n"]
+        head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
+        head += [b"content-type: " + PROBLEM_JSON.encode() + b"\r\n",
+                 b"content-length: " + str(len(body)).encode() + b"\r\n", b"connection: close\r\n\r\n"]
+        self.transport.write(b"".join(head) + body)
+        self.transport.write_eof()
+        self._arm()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # an idle connection is uvicorn's: closed after timeout_keep_alive

@@ -4,10 +4,13 @@ answered as usual."""
 
 from __future__ import annotations
 
+import json
 import select
 import socket
 import time
 from urllib.parse import urlsplit
+
+import httpx
 
 from tests.conftest import Server, ServerFactory
 
@@ -58,3 +61,36 @@ def test_a_connection_that_sends_nothing_or_trickles_its_head_is_closed(server_f
         assert answer.startswith(b"HTTP/1.1 200")
         closed = _closed_within(prompt, 6, trickle=head)
     assert closed is not None and 0.8 < closed < 3, closed
+
+
+def _answer(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    sock.settimeout(10)
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    return answer
+
+
+def test_a_head_over_64_kib_is_answered_431_whole_or_unfinished(server: Server) -> None:
+    """httptools has no bound on heads: a 64 MB header was held in memory before any middleware ran."""
+    head = b"GET /v1/model HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Pad: "
+    with _connect(server) as fits:
+        fits.sendall(head + b"a" * 60_000 + b"\r\n\r\n")
+        assert _answer(fits).startswith(b"HTTP/1.1 200")
+    for pieces in (1, 40):  # the head complete in one read, and arriving over many
+        padded = head + b"a" * 66_000 + b"\r\n\r\n"
+        with _connect(server) as large:
+            for start in range(0, len(padded), len(padded) // pieces):
+                large.sendall(padded[start:start + len(padded) // pieces])
+            answer = _answer(large)
+        status, _, body = answer.partition(b"\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 431") and b"content-type: application/problem+json" in status
+        problem = json.loads(body)
+        assert (problem["status"], problem["type"]) == (431, "https://gru-service.dev/problems/header-too-large")
+    with _connect(server) as endless:  # refused once past the bound, the rest of the head never awaited
+        endless.sendall(head)
+        for _ in range(16):
+            endless.sendall(b"a" * 16_384)
+        assert _answer(endless).startswith(b"HTTP/1.1 431")
+    assert httpx.get(server.url + "/healthz").status_code == 200
