@@ -14,7 +14,7 @@ import torch
 from fastapi import FastAPI
 
 from service import auth, problems
-from service.api import docs, health, hot, state, v1, v2
+from service.api import docs, health, hot, state, stream, v1, v2
 from service.api import repository as repository_api
 from service.api.openapi import Limits, document_raw_routes
 from service.api.stream import Streams
@@ -131,6 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        body_timeout_seconds=settings.request_timeout_seconds)
     auth.install(app, settings)  # inside Observability, so refusals are counted and logged
     app.add_middleware(ServerErrors)  # inside Observability, so the 500/503/499 it answers are counted
-    templates = [*app.openapi()["paths"], *docs.PATHS, *(url for url in (app.openapi_url, app.redoc_url) if url)]
+    templates = [*app.openapi()["paths"], *docs.PATHS, *(url for url in (app.openapi_url, app.redoc_url) if url),
+                 *(route.path for route in stream.ROUTES)]  # not in OpenAPI, which has no WebSockets
     app.add_middleware(Observability, metrics=metrics, templates=RouteTemplates(templates))
     return app

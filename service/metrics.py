@@ -11,6 +11,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 EVICTION_REASONS = ("ttl", "capacity", "tenant_quota")
 # queue_full: refused by the queue; queue_full_unread: refused at the edge, before the body was read
 REJECT_REASONS = ("queue_full", "queue_full_unread", "timeout")
+STREAM_METHOD = "WS"  # the method label of stream upgrades refused and of stream chunks
 disable_created_metrics()  # *_created series double the exposition and no dashboard or rule reads them
 
 

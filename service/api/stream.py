@@ -33,7 +33,7 @@ from service.api.extras import requested
 from service.auth import tenant_of
 from service.config import Settings
 from service.http_fields import send_problem
-from service.metrics import Metrics
+from service.metrics import STREAM_METHOD, Metrics
 from service.models import ServedModel
 from service.problems import Problem, as_problem
 from service.refusals import Refusal
@@ -42,7 +42,6 @@ from service.sessions.base import session_key
 
 PATH = "/v1/sessions/{session_id}/stream"
 MODEL_PATH = "/v1/models/{model}/sessions/{session_id}/stream"
-METHOD = "WS"  # the method label of stream chunks in the request metrics
 GOING_AWAY = 1001
 TOO_BIG = 1009
 _LOCATION = ["body", "values"]
@@ -62,15 +61,15 @@ class _Counts:
     def __init__(self, metrics: Metrics, route: str):
         self.frame_in = metrics.stream_frames.labels(direction="in")
         self.frame_out = metrics.stream_frames.labels(direction="out")
-        self.latency = metrics.request_duration.labels(route=route, method=METHOD)
-        self.ok = metrics.requests.labels(route=route, method=METHOD, status="200")
+        self.latency = metrics.request_duration.labels(route=route, method=STREAM_METHOD)
+        self.ok = metrics.requests.labels(route=route, method=STREAM_METHOD, status="200")
         self._requests = metrics.requests
         self._route = route
 
     def answered(self, status: int, seconds: float) -> None:
         self.frame_out.inc()
         self.latency.observe(seconds)
-        (self.ok if status == 200 else self._requests.labels(route=self._route, method=METHOD,
+        (self.ok if status == 200 else self._requests.labels(route=self._route, method=STREAM_METHOD,
                                                              status=str(status))).inc()
 
 

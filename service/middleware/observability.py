@@ -1,9 +1,10 @@
 """``Observability``: the request id (``X-Request-ID`` honoured and echoed, else a new one), request count and
 latency by route template and status, and one JSON access-log line per request. A request refused before
 routing (auth, body limit) is counted under the template its path matches, so a 401 or 413 on a predict
-route is counted there. Every label is from a bounded set: a method outside RFC 9110's and PATCH is counted
-as ``other`` (uvicorn passes any of some 35 methods, which took an anonymous caller's 1,100 requests from
-1,400 series to 22,700). Never logs bodies, values or keys."""
+route is counted there, and so is a refused WebSocket upgrade, under method ``WS`` (an accepted stream's
+chunks are counted as they are answered, ``service.api.stream``). Every label is from a bounded set: a
+method outside RFC 9110's and PATCH is counted as ``other`` (uvicorn passes any of some 35 methods, which
+took an anonymous caller's 1,100 requests from 1,400 series to 22,700). Never logs bodies, values or keys."""
 
 from __future__ import annotations
 
@@ -17,13 +18,13 @@ from typing import Any
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.metrics import Metrics
+from service.metrics import STREAM_METHOD, Metrics
 from service.problems import route_path
 
 access_log = logging.getLogger("service.access")
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
-# RFC 9110's methods and PATCH: the method label's values, any other method being "other"
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+# the method label's values (RFC 9110's methods, PATCH, and streams'), any other method being "other"
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", STREAM_METHOD})
 _SCOPE_KEY = "gru.request_id"  # where the inner layers (ServerErrors' log line) find the request id
 
 
@@ -49,7 +50,7 @@ class Observability:
         self.templates = templates or RouteTemplates(())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
         began = time.perf_counter()
@@ -59,7 +60,7 @@ class Observability:
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
-            if message["type"] == "http.response.start":
+            if message["type"] in ("http.response.start", "websocket.http.response.start"):
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
             await send(message)
@@ -67,7 +68,8 @@ class Observability:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            self._record(scope, request_id, status or 500, time.perf_counter() - began)  # 0: uvicorn sends a 500
+            if scope["type"] == "http" or status:  # an upgrade only when refused: answered over HTTP
+                self._record(scope, request_id, status or 500, time.perf_counter() - began)  # 0: uvicorn sends a 500
 
     def _record(self, scope: Scope, request_id: bytes, status: int, elapsed: float) -> None:
         route = scope.get("route")
@@ -75,7 +77,7 @@ class Observability:
             template, params = route.path, scope.get("path_params", {})
         else:
             template, params = self.templates.match(route_path(scope))
-        method = scope["method"]
+        method = scope.get("method", STREAM_METHOD)  # a WebSocket upgrade's scope has none
         label = method if method in _METHODS else "other"
         self.metrics.requests.labels(route=template, method=label, status=str(status)).inc()
         self.metrics.request_duration.labels(route=template, method=label).observe(elapsed)

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -357,6 +358,32 @@ def test_keys_in_a_stream_query_string_never_reach_the_log(keyed: Server) -> Non
     assert len(lines) == 2 and all(f"/v1/sessions/{session}/stream" in line for line in lines)
     for key in (ALICE, BOB, "0123456789abcdef"):
         assert key not in keyed.log()
+
+
+def test_a_refused_stream_upgrade_is_counted_and_logged_like_any_refusal(keyed: Server) -> None:
+    """Keys guessed over WebSocket upgrades show where keys guessed over HTTP do: gru_requests_total and the
+    access log, under the stream's route template and method WS."""
+    route = "/v1/sessions/{session_id}/stream"
+
+    def refusals() -> float:
+        families = {f.name: f for f in text_string_to_metric_families(httpx.get(keyed.url + "/metrics").text)}
+        return sum(s.value for s in families["gru_requests"].samples if s.name == "gru_requests_total"
+                   and s.labels == {"route": route, "method": "WS", "status": "401"})
+
+    before = refusals()
+    url = keyed.url.replace("http://", "ws://") + "/v1/sessions/guessing/stream"
+    for request_id, headers in (("ws-guess-1", {}), ("ws-guess-2", _as("wrong-" + ALICE))):
+        with pytest.raises(InvalidStatus) as refused:
+            connect(url, additional_headers={"X-Request-ID": request_id, **headers})
+        assert refused.value.response.status_code == 401
+        assert refused.value.response.headers["x-request-id"] == request_id
+    assert refusals() == before + 2
+    deadline = time.monotonic() + 5
+    while not (lines := [json.loads(line) for line in keyed.log().splitlines() if '"ws-guess-2"' in line]):
+        assert time.monotonic() < deadline, "no access line for the refused upgrade"
+        time.sleep(0.05)
+    assert [(line["route"], line["method"], line["status"], line["session"]) for line in lines] == [
+        (route, "WS", 401, "guessing")]
 
 
 def test_default_tenant_without_keys_keeps_the_v1_contract(client: httpx.Client) -> None:
