@@ -1,20 +1,14 @@
-"""uvicorn's WebSocket protocol, for peers that do not read what the service writes them, and for a close
-that must not reset the connection under the answers before it.
+"""uvicorn's WebSocket protocol with three changes for peers that do not read, and for a clean close.
 
-- Pings: uvicorn writes the pong for each ping at once, whatever its write buffer holds, so a peer that sent
-  pings and never read grew the server by as much as it sent (190 MB in 10 s on loopback), without limit.
-  Here a ping that finds the buffer over its high-water mark stops reading the socket until the buffer
-  drains: such a peer's sends stall, as those of one that never reads its answers already do.
-- Shutdown: uvicorn closes each connection once ``service.api.stream``'s drain is over, and waits for it to
-  go; a close waits for the write buffer to drain, which for such a peer is never, so a SIGTERM took another
-  30 s (61 s in all, past the grace periods of docker-compose.yml and deploy/k8s: the SIGKILL came before
-  the snapshot). Here a connection whose buffer is still full then is cut at once.
-- The drain's close: a drained stream has sent its last answers and its 1001 close frame, and uvicorn waits
-  for the peer's close reply (reading and dropping the chunks the peer sent meanwhile). uvicorn's shutdown
-  then closed the socket at once, with those chunks still unread in it: the kernel answers that with a reset,
-  and a client whose reply to the close then failed lost the answers it had not yet handed to its
-  application (the websockets library drops the events of a read whose reply cannot be sent). Here a
-  connection awaiting that reply is left to it, or to uvicorn's close timeout (10 s).
+- Pings: uvicorn writes a pong for every ping whatever its write buffer holds, so a peer that pings and never
+  reads grew the server without limit. A ping that finds the buffer full stops reading the socket until it
+  drains, as an unread answer already does.
+- Shutdown, a peer that reads nothing: a close waits for the write buffer to drain, which then is never, and
+  a SIGTERM waited a second 30 s (past the grace periods of docker-compose.yml and deploy/k8s). Such a
+  connection is cut at once.
+- Shutdown, a drained stream awaiting the peer's reply to its 1001 close: closing the socket then, with the
+  chunks the peer kept sending unread in it, makes the kernel reset the connection under the last answers.
+  It is left to the reply, or to uvicorn's close timeout (docs/durability.md).
 """
 
 from __future__ import annotations
