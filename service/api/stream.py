@@ -84,7 +84,9 @@ class _Stream:
         self.key = key
         self.settings = streams.settings
         self.count = count
-        self.receive, self.send = receive, send  # the server's own, once accepted: no wrapper's checks per frame
+        # the ASGI receive and send, once accepted (send under Observability's one check a message), not
+        # Starlette's WebSocket, whose state checks ran on every frame
+        self.receive, self.send = receive, send
         self.slots = asyncio.Semaphore(self.settings.stream_window)
         self.pending: deque[tuple[float, asyncio.Future[bytes] | Problem | None]] = deque()
         self.ready = asyncio.Event()
