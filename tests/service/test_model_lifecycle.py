@@ -185,6 +185,17 @@ def test_damaged_half_written_and_incompatible_versions_are_skipped_once(
         assert send(client, new_id(), series(3)).json()["version"] == "4"
 
 
+def _skipped_once(log: str, version: int, why: str) -> None:
+    """Model m's ``version`` was skipped with one log line, saying ``why``."""
+    lines = [line for line in log.splitlines() if f"model m version {version} skipped" in line]
+    assert len(lines) == 1 and why in lines[0], (version, lines)
+
+
+def _serves_version_1_alone(client: httpx.Client) -> None:
+    assert list(versions(client, "m")) == ["1"]
+    assert send(client, new_id(), series(3)).json()["version"] == "1"
+
+
 def test_a_deeply_nested_config_is_skipped_once_and_the_poll_goes_on_to_the_next_model(
     server_factory: ServerFactory, tmp_path: Path
 ) -> None:
@@ -197,12 +208,9 @@ def test_a_deeply_nested_config_is_skipped_once_and_the_poll_goes_on_to_the_next
         wait_for(lambda: "n" in models(client))
         time.sleep(0.5)  # several more polls: the refusal is logged and counted once
         assert metric(client, "gru_model_versions_skipped_total", model="m") == 1
-        log = server.log()
-        lines = [line for line in log.splitlines() if "model m version 2 skipped" in line]
-        assert len(lines) == 1 and "not a valid model config" in lines[0], lines
-        assert "Traceback" not in log and "poll failed" not in log
-        assert list(versions(client, "m")) == ["1"]
-        assert send(client, new_id(), series(3)).json()["version"] == "1"
+        _skipped_once(server.log(), 2, "not a valid model config")
+        assert "Traceback" not in server.log() and "poll failed" not in server.log()
+        _serves_version_1_alone(client)
 
 
 def test_a_version_with_a_config_over_the_size_limit_or_a_file_not_regular_is_skipped_unread(
@@ -225,13 +233,10 @@ def test_a_version_with_a_config_over_the_size_limit_or_a_file_not_regular_is_sk
         add_version(repository, "n", 1, seed=4)
         wait_for(lambda: "n" in models(client))
         assert metric(client, "gru_model_versions_skipped_total", model="m") == 3
-        log = server.log()
         for version, why in ((2, "larger than 64 MiB"), (3, "config.json is not a regular file"),
                              (4, "model.safetensors is not a regular file")):
-            lines = [line for line in log.splitlines() if f"model m version {version} skipped" in line]
-            assert len(lines) == 1 and why in lines[0], (version, lines)
-        assert list(versions(client, "m")) == ["1"]
-        assert send(client, new_id(), series(3)).json()["version"] == "1"
+            _skipped_once(server.log(), version, why)
+        _serves_version_1_alone(client)
 
 
 def test_a_repository_that_vanishes_is_logged_once_serves_on_and_is_polled_again_when_back(
