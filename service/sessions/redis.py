@@ -115,7 +115,8 @@ return found
 # revision ('' = must not exist), new revision, position, model version, last offset, fingerprint, answer,
 # state bytes.  Returns per write the record's created_at, or false where the revision did not match.
 # A write finding its own new revision stored, now or among the record's last (``applied``), has run before
-# (a retry after a lost reply): won.
+# (a retry after a lost reply): won. ``past`` is read only when the revision is neither: a record still at
+# the expected revision has never had the write's, so the usual commit reads it once, for ``history``.
 _COMMIT = _REVISION + """
 local now, ttl = ARGV[1], ARGV[2]
 local results = {}
@@ -123,7 +124,7 @@ for i, key in ipairs(KEYS) do
   local a = 2 + (i - 1) * 8
   local expected, new = ARGV[a + 1], ARGV[a + 2]
   local current = revision(key)
-  if applied(key, current, new) then
+  if current == new then
     results[i] = redis.call('HGET', key, 'created')
   elseif (expected == '' and not current) or (current and current == expected) then
     local created = current and current:sub(1, 1) ~= '!' and redis.call('HGET', key, 'created')
@@ -137,6 +138,8 @@ for i, key in ipairs(KEYS) do
                'past', past)
     redis.call('PEXPIRE', key, ttl)
     results[i] = created
+  elseif applied(key, current, new) then
+    results[i] = redis.call('HGET', key, 'created')
   else
     results[i] = false
   end
