@@ -156,6 +156,18 @@ def test_several_models_and_no_default_stop_start_up_naming_them(tmp_path: Path,
     assert "several models (a, b)" in log and "GRU_DEFAULT_MODEL" in log
 
 
+def _skipped_once(log: str, version: int, why: str) -> str:
+    """Model m's ``version`` was skipped with one log line, saying ``why``: that line."""
+    lines = [line for line in log.splitlines() if f"model m version {version} skipped" in line]
+    assert len(lines) == 1 and why in lines[0], (version, lines)
+    return lines[0]
+
+
+def _serves_version_1_alone(client: httpx.Client) -> None:
+    assert list(versions(client, "m")) == ["1"]
+    assert send(client, new_id(), series(3)).json()["version"] == "1"
+
+
 def test_damaged_half_written_and_incompatible_versions_are_skipped_once(
     server_factory: ServerFactory, tmp_path: Path
 ) -> None:
@@ -171,29 +183,15 @@ def test_damaged_half_written_and_incompatible_versions_are_skipped_once(
         wait_for(lambda: metric(client, "gru_model_versions_skipped_total", model="m") >= 3)
         time.sleep(0.5)  # several more polls: each refusal is logged and counted once
         assert metric(client, "gru_model_versions_skipped_total", model="m") == 3
-        log = server.log()
         for version, why in ((2, "truncated"), (3, "features"), (4, "does not exist")):
-            lines = [line for line in log.splitlines() if f"model m version {version} skipped" in line]
-            assert len(lines) == 1 and why in lines[0], (version, lines)
-        assert list(versions(client, "m")) == ["1"]
-        assert send(client, new_id(), series(3)).json()["version"] == "1"
+            _skipped_once(server.log(), version, why)
+        _serves_version_1_alone(client)
         # the half-written version completes: its files changed, so it is tried again, and served
         complete = make_tiny_model(tmp_path / "v4", seed=4, name="m")
         shutil.copy(complete / "model.safetensors", half / "model.safetensors")
         shutil.copy(complete / "config.json", half / "config.json")
         wait_for(lambda: "4" in versions(client, "m"))
         assert send(client, new_id(), series(3)).json()["version"] == "4"
-
-
-def _skipped_once(log: str, version: int, why: str) -> None:
-    """Model m's ``version`` was skipped with one log line, saying ``why``."""
-    lines = [line for line in log.splitlines() if f"model m version {version} skipped" in line]
-    assert len(lines) == 1 and why in lines[0], (version, lines)
-
-
-def _serves_version_1_alone(client: httpx.Client) -> None:
-    assert list(versions(client, "m")) == ["1"]
-    assert send(client, new_id(), series(3)).json()["version"] == "1"
 
 
 def test_a_deeply_nested_config_is_skipped_once_and_the_poll_goes_on_to_the_next_model(
@@ -268,9 +266,7 @@ def test_a_skipped_version_s_log_line_quotes_a_bounded_part_of_a_huge_config_val
         (duplicated / "config.json").write_text(json.dumps(meta))
         duplicated.rename(repository / "m" / "2")
         wait_for(lambda: metric(client, "gru_model_versions_skipped_total", model="m") == 1)
-        lines = [line for line in server.log().splitlines() if "model m version 2 skipped" in line]
-        assert len(lines) == 1 and "features must be distinct" in lines[0]
-        assert len(lines[0]) < 2000
+        assert len(_skipped_once(server.log(), 2, "features must be distinct")) < 2000
         assert list(versions(client, "m")) == ["1"]
 
 
