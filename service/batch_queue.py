@@ -3,9 +3,12 @@
 The queue's rules, as Ray Serve's ``_BatchQueue`` and Text Generation Inference's ``State::next_batch`` keep
 theirs apart from the model:
 
-- a batch holds up to ``max_batch_size`` chunks of *distinct* sessions, oldest first; a second chunk of a
-  session waits for a later batch and keeps its place ahead of that session's newer chunks, so one session's
-  calls apply one at a time, in arrival order;
+- a batch holds up to ``max_batch_size`` chunks of *distinct* sessions, oldest first; one session's calls
+  apply in arrival order. A session's later chunks that continue its chunk in the batch (each starting where
+  the one before ends: no offset, or the next offset; only the last may ask a forecast) join it as one *run*
+  of at most ``max_run_steps`` steps, computed as one row and committed once (a stream's pipelined chunks,
+  a backlog after a reconnect); any other keeps its place for a later batch, ahead of the session's newer
+  chunks. The engine checks the offsets the queue cannot know (a run's first chunk without one);
 - a batch waits at most ``max_batch_delay_ms`` to fill (under load the queue fills while a batch computes);
 - at ``max_queue`` waiting chunks a new one is refused at once (429), counted where it happens; a caller
   that can wait before it has parsed anything (a predict call whose body is unread, a stream) asks for a
@@ -54,6 +57,16 @@ class Chunk:
     extras: Extras = NO_EXTRAS  # intervals and scores asked for
     future: asyncio.Future[bytes] = field(default_factory=_new_future)  # its answer (JSON bytes) or refusal
     enqueued: float = field(default_factory=time.perf_counter)
+    joined: tuple[Chunk, ...] = ()  # taken in a batch: the session's next chunks, run after this one
+    alone: bool = False  # never part of a run (its run's outputs were not finite: each chunk is judged alone)
+
+    def continued_by(self, later: Chunk) -> bool:
+        """Whether ``later`` (the same session's next chunk) may run right after this one in one run: this
+        one asks no forecast, ``later`` does not start the session again, and its offset, where both have
+        one (a restart's is 0), is where this one ends."""
+        start = 0 if self.restart else self.offset
+        return (not self.horizon and not later.restart and not later.alone
+                and (later.offset is None or start is None or later.offset == start + len(self.values)))
 
 
 def settle(chunk: Chunk, answer: bytes | None = None, exc: BaseException | None = None) -> None:
@@ -93,9 +106,10 @@ class Place:
 
 class BatchQueue:
     def __init__(self, metrics: Metrics, *, max_batch_size: int, max_batch_delay_ms: float, max_queue: int,
-                 timeout_seconds: float):
+                 timeout_seconds: float, max_run_steps: int = 0):
         self._metrics = metrics
         self._max_batch = max_batch_size
+        self._max_run = max_run_steps  # 0: every chunk runs alone
         self._delay = max_batch_delay_ms / 1000
         self._max_queue = max_queue
         self._timeout = timeout_seconds
@@ -219,14 +233,15 @@ class BatchQueue:
 
     def requeue(self, chunks: Iterable[Chunk]) -> None:
         """Put chunks back at the front, in their order, ahead of everything newer (a commit that lost a race
-        is judged again before the session's later chunks)."""
-        self._waiting.extendleft(reversed(list(chunks)))
+        is judged again before the session's later chunks); a run's chunks go back one by one."""
+        self._waiting.extendleft(reversed(_unrun(chunks)))
         self._wake.set()
 
     def hand_over(self, chunk: Chunk) -> None:
         """Take a chunk another queue's consumer routed here (another model version's engine), behind what
-        waits: its caller still waits on its future, under its first queue's timeout."""
-        self._waiting.append(chunk)
+        waits, with the chunks of its run after it: its caller still waits on its future, under its first
+        queue's timeout."""
+        self._waiting.extend(_unrun([chunk]))
         self._wake.set()
 
     def withdraw(self, key: str) -> list[Chunk]:
@@ -254,9 +269,12 @@ class BatchQueue:
         await self._fill()
         batch = self._take()
         now = time.perf_counter()
-        for chunk in batch:
-            self._metrics.queue_wait.observe(now - chunk.enqueued)
-        self._metrics.batch_size.observe(len(batch))
+        count = 0
+        for first in batch:
+            for chunk in (first, *first.joined):
+                self._metrics.queue_wait.observe(now - chunk.enqueued)
+                count += 1
+        self._metrics.batch_size.observe(count)
         return batch
 
     async def _fill(self) -> None:
@@ -272,18 +290,50 @@ class BatchQueue:
                 return
 
     def _take(self) -> list[Chunk]:
-        """Up to max_batch chunks of distinct sessions, oldest first; the rest keep their order."""
+        """Up to max_batch chunks of distinct sessions, oldest first, each with the chunks of its session that
+        continue it within ``max_run_steps`` joined to it (``Chunk.joined``); the rest keep their order."""
         batch: list[Chunk] = []
-        keys: set[str] = set()
+        runs: dict[str, tuple[Chunk, Chunk, int] | None] = {}  # key -> (first, last, steps); None: it ended
+        growing = 0  # runs that may still take a chunk
         kept: deque[Chunk] = deque()
-        while self._waiting and len(batch) < self._max_batch:
-            chunk = self._waiting.popleft()
-            if chunk.key is not None and chunk.key in keys:
+        waiting = self._waiting
+        while waiting and (len(batch) < self._max_batch or growing):
+            chunk = waiting.popleft()
+            key = chunk.key
+            if key is not None and key in runs:
+                run = runs[key]
+                if run is not None:
+                    first, last, steps = run
+                    steps += len(chunk.values)
+                    if steps <= self._max_run and last.continued_by(chunk):
+                        first.joined += (chunk,)
+                        runs[key] = (first, chunk, steps)
+                        continue
+                    runs[key] = None  # the run ends here: the session's later chunks wait for a later batch
+                    growing -= 1
                 kept.append(chunk)
                 continue
-            if chunk.key is not None:
-                keys.add(chunk.key)
+            if len(batch) >= self._max_batch:
+                kept.append(chunk)
+                if key is not None:
+                    runs[key] = None
+                continue
             batch.append(chunk)
-        self._waiting.extendleft(reversed(kept))
+            if key is not None:
+                steps = len(chunk.values)
+                runs[key] = (chunk, chunk, steps) if self._max_run and not chunk.alone else None
+                growing += runs[key] is not None
+        waiting.extendleft(reversed(kept))
         self._hand_out()
         return batch
+
+
+def _unrun(chunks: Iterable[Chunk]) -> list[Chunk]:
+    """The chunks with each one's run after it, one by one (the runs undone: formed again when taken)."""
+    out: list[Chunk] = []
+    for chunk in chunks:
+        out.append(chunk)
+        if chunk.joined:
+            out.extend(chunk.joined)
+            chunk.joined = ()
+    return out

@@ -36,7 +36,7 @@ class Computed:
     states: Tensor  # (B, S), row i = chunk i
     finite: list[bool]  # per chunk: predictions, forecast and new state all finite
     surprises: list[int]  # per chunk, its answered values with a p-value under ``surprise_p`` (0: no calibration)
-    extras: list[dict[str, Any] | None]  # per chunk, the answer's intervals and scores where it asked
+    extras: list[list[dict[str, Any] | None]]  # per chunk, per part: the answer's intervals and scores where it asked
 
 
 class BatchCompute:
@@ -50,11 +50,13 @@ class BatchCompute:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._warm_up)
 
     async def run(self, values: Sequence[np.ndarray], horizons: Sequence[int], sessions: Sequence[Session | None],
-                  gather: Gather, extras: Sequence[Extras], primed: Sequence[int]) -> Computed:
+                  gather: Gather, parts: Sequence[Sequence[tuple[int, Extras]]], primed: Sequence[int]) -> Computed:
         """Chunk i's ``values`` from the state of ``sessions[i]`` (a fresh one for None), on the compute thread;
-        its first ``primed[i]`` values only prime the state (a replayed upgrade): nothing is answered for them."""
+        its first ``primed[i]`` values only prime the state (a replayed upgrade): nothing is answered for them.
+        The rest are answered in ``parts[i]``, (steps, extras asked) each: one for a chunk, one per chunk of a
+        run (``service.batch_queue``), whose intervals and scores are each part's own."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._compute, values, horizons, sessions, gather, extras,
+        return await loop.run_in_executor(self._executor, self._compute, values, horizons, sessions, gather, parts,
                                           primed)
 
     def close(self) -> None:
@@ -84,7 +86,7 @@ class BatchCompute:
                 self.forecaster.rollout(state, y[:, -1], 2)
 
     def _compute(self, values: Sequence[np.ndarray], horizons: Sequence[int], sessions: Sequence[Session | None],
-                 gather: Gather, extras: Sequence[Extras], primed: Sequence[int]) -> Computed:
+                 gather: Gather, parts: Sequence[Sequence[tuple[int, Extras]]], primed: Sequence[int]) -> Computed:
         count = len(values)
         order = sorted(range(count), key=lambda i: -len(values[i]))  # longest first
         lengths = [len(values[i]) for i in order]
@@ -122,15 +124,20 @@ class BatchCompute:
         for picked, row in enumerate(wanting):
             forecasts[order[row]] = np.ascontiguousarray(forecast_host[picked, : sorted_horizons[row]])
         surprises = [0] * count
-        asked: list[dict[str, Any] | None] = [None] * count
+        asked: list[list[dict[str, Any] | None]] = [[None] * len(p) for p in parts]
         if observed.p_values is not None and observed.log_scales is not None:
             surprising = _surprises(observed.p_values, self.surprise_p, [primed[i] for i in order])
             for row, i in enumerate(order):
                 surprises[i] = surprising[row]
-                if extras[i]:
-                    answered = slice(primed[i], lengths[row])
-                    asked[i] = self._extras(extras[i], predictions[i], forecasts[i], observed.p_values[row, answered],
-                                            observed.log_scales[row, answered])
+                start = primed[i]
+                for part, (steps, wanted) in enumerate(parts[i]):
+                    if wanted:
+                        answered = slice(start, start + steps)
+                        ends_run = part == len(parts[i]) - 1  # only a run's last chunk may ask a forecast
+                        asked[i][part] = self._extras(
+                            wanted, y_host[row, answered], forecasts[i] if ends_run else None,
+                            observed.p_values[row, answered], observed.log_scales[row, answered])
+                    start += steps
         # One check of the whole batch; only a batch with a value that is not finite (rare) is checked by row.
         if np.isfinite(y_host).all() and np.isfinite(forecast_host).all():
             finite = finite_states

@@ -10,7 +10,9 @@ its own module (docs/architecture.md draws them):
 
 One worker task takes a batch, loads its sessions, judges each chunk, computes every chunk to apply as one
 batch, then commits with compare-and-set; a chunk whose session changed meanwhile (reset, delete, another
-replica) goes back to the front of the queue and is judged again.
+replica) goes back to the front of the queue and is judged again. A run (a chunk with the session's next
+chunks joined to it by the queue) is judged by its first chunk, computed as one row and committed as one
+write, as if its chunks had applied one after another: each gets the answer it would have got alone.
 """
 
 from __future__ import annotations
@@ -48,18 +50,30 @@ Router = Callable[[Chunk, "Session | None"], bool]
 
 @dataclass(slots=True)
 class _Run:
-    """A chunk judged to apply: the record its state starts from (None: a fresh state), the verdict, and
-    the revision its commit expects (the record judged against; None: the session must not exist)."""
+    """Chunks judged to apply, one after another (one chunk, or a run of one session's): the record their
+    state starts from (None: a fresh state), the first one's verdict, and the revision the commit expects
+    (the record judged against; None: the session must not exist)."""
 
-    chunk: Chunk
+    chunks: list[Chunk]
     session: Session | None
     verdict: Apply
     revision: int | str | None
     prior: np.ndarray | None = None  # replay: raw values run first from a fresh state, not answered
 
     @property
+    def chunk(self) -> Chunk:
+        """The last chunk: the one whose fingerprint and answer the session keeps."""
+        return self.chunks[-1]
+
+    @property
     def values(self) -> np.ndarray:
-        return self.chunk.values if self.prior is None else np.concatenate([self.prior, self.chunk.values])
+        if self.prior is None and len(self.chunks) == 1:
+            return self.chunks[0].values
+        return np.concatenate([*([] if self.prior is None else [self.prior]), *(c.values for c in self.chunks)])
+
+    @property
+    def steps(self) -> int:
+        return sum(len(c.values) for c in self.chunks)
 
     @property
     def primed(self) -> int:
@@ -79,6 +93,7 @@ class Engine:
         max_batch_delay_ms: float,
         max_queue: int,
         request_timeout_seconds: float,
+        max_run_steps: int = 0,
         label: tuple[str, str] | None = None,
         replay: bool = False,
         surprise_p: float = 0.01,
@@ -92,7 +107,8 @@ class Engine:
         self.compute = BatchCompute(forecaster, surprise_p)
         self.device = self.compute.device
         self.queue = BatchQueue(metrics, max_batch_size=max_batch_size, max_batch_delay_ms=max_batch_delay_ms,
-                                max_queue=max_queue, timeout_seconds=request_timeout_seconds)
+                                max_queue=max_queue, timeout_seconds=request_timeout_seconds,
+                                max_run_steps=max_run_steps)
         self._metrics = metrics
         model, version = label or ("", "")
         self._steps = metrics.steps.labels(model=model, version=version)
@@ -175,14 +191,16 @@ class Engine:
             return
         began = time.perf_counter()
         computed = await self.compute.run([r.values for r in runs], [r.chunk.horizon for r in runs],
-                                          [r.session for r in runs], self.store.gather, [r.chunk.extras for r in runs],
+                                          [r.session for r in runs], self.store.gather,
+                                          [[(len(c.values), c.extras) for c in r.chunks] for r in runs],
                                           [r.primed for r in runs])
         self._forward_time.observe(time.perf_counter() - began)
-        self._steps.inc(sum(len(r.chunk.values) for r in runs))
+        self._steps.inc(sum(r.steps for r in runs))
         await self._commit(runs, computed)
 
     async def _judge(self, batch: list[Chunk]) -> list[_Run]:
-        """Load the batch's sessions and judge each chunk: the runs to compute; the others are answered."""
+        """Load the batch's sessions and judge each chunk: the runs to compute; the others are answered, and
+        the chunks of a run that do not continue what applies go back to the queue, to be judged alone."""
         stateful = [c for c in batch if c.key is not None]
         sessions: list[Session | None] = []
         if stateful:
@@ -190,97 +208,132 @@ class Engine:
                 sessions = await self.store.load([c.key for c in stateful])  # type: ignore[misc]
             except StoreUnreachable as refusal:
                 for chunk in stateful:
-                    settle(chunk, exc=refusal)
+                    for part in (chunk, *chunk.joined):
+                        settle(part, exc=refusal)
+                    chunk.joined = ()
                 batch = [c for c in batch if c.key is None]
         record_of = dict(zip((c.key for c in stateful), sessions, strict=False))
         runs: list[_Run] = []
+        back: list[Chunk] = []  # joined chunks that do not run now: judged again, first, in the next batch
         for chunk in batch:
             if chunk.key is None:
-                runs.append(_Run(chunk, None, Apply(start=0, created=False), None))
+                runs.append(_Run([chunk], None, Apply(start=0, created=False), None))
                 continue
             session = record_of.get(chunk.key)
             if self.router is not None and self.router(chunk, session):
-                continue  # another version's engine judges it
-            revision = session.revision if session is not None else None
-            if chunk.restart:  # in place of whatever the session held, judged against it for the commit
-                runs.append(_Run(chunk, None, Apply(start=0, created=session is None), revision))
-                continue
-            if session is None and chunk.must_exist:
-                settle(chunk, exc=_unknown(chunk.key))
-                continue
-            verdict = judge(chunk.key, chunk.offset, chunk.horizon, chunk.values, session, self.model_version,
-                            chunk.extras)
-            if isinstance(verdict, StaleModel) and self.replay and session is not None:
-                replayed = judge(chunk.key, chunk.offset, chunk.horizon, chunk.values, session,
-                                 session.model_version, chunk.extras)
-                if not isinstance(replayed, Apply):
-                    verdict = replayed
-                elif (kept := self._kept_values(session)) is not None:  # run it after the values the state keeps
-                    runs.append(_Run(chunk, None, replayed, revision, kept))
-                    continue
-            if isinstance(verdict, Apply):
-                runs.append(_Run(chunk, session, verdict, revision))
-            elif isinstance(verdict, Replay):
-                settle(chunk, verdict.answer)
-            else:
-                settle(chunk, exc=verdict)
+                continue  # another version's engine judges it, and the chunks joined to it
+            later, chunk.joined = chunk.joined, ()
+            run = self._judge_first(chunk, session)
+            taken = _continue(run, later) if run is not None else 0
+            if run is not None:
+                runs.append(run)
+            back.extend(c for c in later[taken:] if not c.future.done())
+        if back:
+            self.queue.requeue(back)
         return runs
+
+    def _judge_first(self, chunk: Chunk, session: Session | None) -> _Run | None:
+        """The run ``chunk`` starts if it applies to ``session``; None when it is answered (an exact retry)
+        or refused."""
+        assert chunk.key is not None
+        revision = session.revision if session is not None else None
+        if chunk.restart:  # in place of whatever the session held, judged against it for the commit
+            return _Run([chunk], None, Apply(start=0, created=session is None), revision)
+        if session is None and chunk.must_exist:
+            settle(chunk, exc=_unknown(chunk.key))
+            return None
+        verdict = judge(chunk.key, chunk.offset, chunk.horizon, chunk.values, session, self.model_version,
+                        chunk.extras)
+        if isinstance(verdict, StaleModel) and self.replay and session is not None:
+            replayed = judge(chunk.key, chunk.offset, chunk.horizon, chunk.values, session,
+                             session.model_version, chunk.extras)
+            if not isinstance(replayed, Apply):
+                verdict = replayed
+            elif (kept := self._kept_values(session)) is not None:  # run it after the values the state keeps
+                return _Run([chunk], None, replayed, revision, kept)
+        if isinstance(verdict, Apply):
+            return _Run([chunk], session, verdict, revision)
+        if isinstance(verdict, Replay):
+            settle(chunk, verdict.answer)
+        else:
+            settle(chunk, exc=verdict)
+        return None
 
     async def _commit(self, runs: list[_Run], computed: Computed) -> None:
         """Answer stateless chunks; compare-and-set the others and answer those that won; those that lost
         their race go back to the front of the queue."""
         writes: list[Write] = []
-        pending: list[tuple[_Run, bytes, int]] = []  # the run, its answer, its surprises
+        pending: list[tuple[_Run, list[bytes], int]] = []  # the run, its chunks' answers, its surprises
+        again: list[Chunk] = []  # runs not to commit now, their chunks judged again
         for row, run in enumerate(runs):
-            chunk = run.chunk
-            if chunk.future.done():  # its caller timed out and was told so: it must not apply later
+            chunks = run.chunks
+            if any(c.future.done() for c in chunks):  # a caller timed out and was told so: it must not apply later
+                again.extend(c for c in chunks if not c.future.done())
                 continue
             if not computed.finite[row]:
-                settle(chunk, exc=OutOfRange(
+                if len(chunks) > 1:  # which chunk is at fault is unknown: each is judged and computed alone
+                    for chunk in chunks:
+                        chunk.alone = True
+                    again.extend(chunks)
+                    continue
+                settle(chunks[0], exc=OutOfRange(
                     "the model's outputs for this chunk are not finite numbers: its values lie far outside the"
                     " range the model was trained on; nothing was changed (if every chunk of a session gets"
                     " this, an earlier chunk left such values in its state: reset it)"))
                 continue
-            answer = self._answer(run, computed.predictions[row], computed.forecasts[row], computed.extras[row])
-            if chunk.key is None:
-                settle(chunk, answer)
+            answers = self._answers(run, computed.predictions[row], computed.forecasts[row], computed.extras[row])
+            last = run.chunk
+            if last.key is None:
+                settle(last, answers[0])
                 continue
-            start = run.verdict.start
+            start = run.verdict.start + run.steps - len(last.values)  # where the last chunk applies
             writes.append(Write(
-                key=chunk.key, expected_revision=run.revision, position=start + len(chunk.values),
+                key=last.key, expected_revision=run.revision, position=start + len(last.values),
                 model_version=self.model_version, last_offset=start,
-                fingerprint=fingerprint(start, chunk.horizon, chunk.values, chunk.extras), answer=answer, row=row,
+                fingerprint=fingerprint(start, last.horizon, last.values, last.extras), answer=answers[-1], row=row,
             ))
-            pending.append((run, answer, computed.surprises[row]))
-        if not writes:
-            return
-        try:
-            committed = await self.store.commit(writes, computed.states)
-        except StoreUnreachable as refusal:
-            for run, _, _ in pending:
-                settle(run.chunk, exc=refusal)
-            return
-        lost = [run.chunk for (run, _, _), won in zip(pending, committed, strict=True)
-                if won is None and not run.chunk.future.done()]  # timed out while committing: dropped
-        surprising = 0  # values that arrived in a session with a p-value under GRU_SURPRISE_P
-        for (run, answer, surprises), won in zip(pending, committed, strict=True):
-            if won is not None:
-                settle(run.chunk, answer)
-                surprising += surprises
-        if surprising:
-            self._surprises.inc(surprising)
-        if lost:  # the session changed under us: judge these again, ahead of everything newer
-            self._metrics.store_conflicts.inc(len(lost))
-            self.queue.requeue(lost)
+            pending.append((run, answers, computed.surprises[row]))
+        if writes:
+            try:
+                committed = await self.store.commit(writes, computed.states)
+            except StoreUnreachable as refusal:
+                for run, _, _ in pending:
+                    for chunk in run.chunks:
+                        settle(chunk, exc=refusal)
+                pending, committed = [], []
+            lost = [chunk for (run, _, _), won in zip(pending, committed, strict=True) if won is None
+                    for chunk in run.chunks if not chunk.future.done()]  # timed out while committing: dropped
+            surprising = 0  # values that arrived in a session with a p-value under GRU_SURPRISE_P
+            for (run, answers, surprises), won in zip(pending, committed, strict=True):
+                if won is not None:
+                    for chunk, answer in zip(run.chunks, answers, strict=True):
+                        settle(chunk, answer)
+                    surprising += surprises
+            if surprising:
+                self._surprises.inc(surprising)
+            if lost:  # the session changed under us: judge these again
+                self._metrics.store_conflicts.inc(len({c.key for c in lost}))
+                again.extend(lost)
+        if again:  # ahead of everything newer
+            self.queue.requeue(again)
 
-    def _answer(self, run: _Run, predictions: np.ndarray, forecast: np.ndarray | None,
-                extras: dict[str, Any] | None) -> bytes:
-        chunk = run.chunk
-        session = None
-        if chunk.key is not None:
-            session = (session_id_of(chunk.key), run.verdict.start + len(chunk.values), run.verdict.created)
-        return encode_answer(predictions, forecast, self.model_version, session, self.label, extras,
-                             upgraded=run.prior is not None)
+    def _answers(self, run: _Run, predictions: np.ndarray, forecast: np.ndarray | None,
+                 extras: list[dict[str, Any] | None]) -> list[bytes]:
+        """Each chunk's answer, as if it had applied alone: its own predictions and position; the forecast
+        is the last chunk's, the first's alone may have created (or upgraded) the session."""
+        answers: list[bytes] = []
+        at, start, count = 0, run.verdict.start, len(run.chunks)
+        for part, chunk in enumerate(run.chunks):
+            steps = len(chunk.values)
+            session = None
+            if chunk.key is not None:
+                session = (session_id_of(chunk.key), start + steps, run.verdict.created and part == 0)
+            answers.append(encode_answer(
+                predictions if count == 1 else predictions[at: at + steps], forecast if part == count - 1 else None,
+                self.model_version, session, self.label, extras[part], upgraded=run.prior is not None and part == 0))
+            at += steps
+            start += steps
+        return answers
 
     def _kept_values(self, session: Session) -> np.ndarray | None:
         """The raw values a session's state keeps (its last min(position, K) inputs; docs/architecture.md,
@@ -294,6 +347,18 @@ class Engine:
             return None
         window = state[hidden: hidden + cfg.lags * cfg.num_features].reshape(cfg.lags, cfg.num_features)
         return np.ascontiguousarray(window[cfg.lags - min(session.position, cfg.lags):], dtype=np.float32)
+
+
+def _continue(run: _Run, later: tuple[Chunk, ...]) -> int:
+    """Join to ``run`` the chunks of ``later`` that continue it (each at the position where the one before
+    ends, its caller still waiting); how many, from the first."""
+    end = run.verdict.start + run.steps
+    for count, chunk in enumerate(later):
+        if chunk.future.done() or (chunk.offset is not None and chunk.offset != end):
+            return count
+        run.chunks.append(chunk)
+        end += len(chunk.values)
+    return len(later)
 
 
 def _unknown(key: str) -> UnknownSession:

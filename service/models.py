@@ -344,8 +344,8 @@ class Registry:
         engine = Engine(
             loaded.forecaster, loaded.model_version, model.store, self.metrics,
             max_batch_size=s.max_batch_size, max_batch_delay_ms=s.max_batch_delay_ms, max_queue=s.max_queue,
-            request_timeout_seconds=s.request_timeout_seconds, label=(name, str(loaded.where.version)),
-            replay=model.replay, surprise_p=s.surprise_p,
+            request_timeout_seconds=s.request_timeout_seconds, max_run_steps=s.max_run_steps,
+            label=(name, str(loaded.where.version)), replay=model.replay, surprise_p=s.surprise_p,
         )
         engine.router = lambda chunk, session: model.route(engine, chunk, session)
         return model, LoadedVersion(loaded.where.version, engine, loaded.meta)

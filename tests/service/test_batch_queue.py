@@ -285,3 +285,50 @@ def test_a_place_in_another_queue_is_not_filled_there_and_stays_its_holder_s() -
 
     refused, still_reserved, one_queued, freed = _run(scenario)
     assert refused and still_reserved and one_queued and freed
+
+
+def _run_names(batch: list[Chunk] | None) -> list[list[tuple[str | None, int | None]]]:
+    """Each chunk of the batch with the chunks joined to it (its run)."""
+    assert batch is not None
+    return [_names([c, *c.joined]) for c in batch]
+
+
+def test_a_session_s_chunks_that_continue_each_other_join_its_run_even_past_a_full_batch() -> None:
+    """Runs form from the whole queue, the batch's sessions only: a session that missed the full batch keeps
+    all its chunks, in order, for the next one; stateless chunks never join; a restart, a chunk after one
+    asking a forecast, or at another offset ends its session's run; max_run_steps bounds it."""
+    async def scenario() -> tuple[list[Any], list[Any], list[Any]]:
+        queue = _queue(max_batch_size=2, max_run_steps=3)
+        forecast = Chunk("b", _NO_VALUES, 1, 4)
+        restart = Chunk("a", _NO_VALUES, None, 0, restart=True)
+        chunks = [_chunk("a", 0), _chunk("b", 0), _chunk("c", 0), _chunk("a", 1), forecast, _chunk("c", 1),
+                  _chunk("b", 2), _chunk("a", None), restart, _chunk(None), _chunk("a", 9), _chunk(None)]
+        tasks = await _submit_all(queue, chunks)
+        batches = [_run_names(await queue.next_batch()) for _ in range(3)]
+        for task in tasks:
+            task.cancel()
+        return batches[0], batches[1], batches[2]
+
+    first, second, third = _run(scenario)
+    assert first == [[("a", 0), ("a", 1), ("a", None)], [("b", 0), ("b", 1)]]
+    assert second == [[("c", 0), ("c", 1)], [("b", 2)]]
+    assert third == [[("a", None)], [(None, None)]]  # the restart, then a stateless chunk
+
+
+def test_a_run_goes_back_to_the_queue_chunk_by_chunk_and_forms_again() -> None:
+    async def scenario() -> tuple[list[Any], list[Any]]:
+        queue = _queue(max_run_steps=10)
+        tasks = await _submit_all(queue, [_chunk("a", 0), _chunk("a", 1), _chunk("a", 2)])
+        first = await queue.next_batch()
+        assert first is not None
+        queue.requeue(first)
+        again = await queue.next_batch()
+        assert again is not None and not any(c.joined for c in first[1:])
+        queue.hand_over(again[0])
+        handed = await queue.next_batch()
+        for task in tasks:
+            task.cancel()
+        return _run_names(again), _run_names(handed)
+
+    again, handed = _run(scenario)
+    assert again == handed == [[("a", 0), ("a", 1), ("a", 2)]]
