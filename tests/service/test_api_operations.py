@@ -203,7 +203,7 @@ _NON_DEFAULT: dict[str, str] = {
     "tenant_max_answer_bytes": "65536", "max_batch_size": "9", "max_batch_delay_ms": "3.5",
     "max_queue": "11", "queue_patience_seconds": "2.5", "request_timeout_seconds": "4.5", "max_chunk_steps": "99",
     "max_horizon": "7", "max_body_bytes": "5000", "stream_window": "7", "stream_ping_seconds": "3",
-    "max_batch_items": "13", "api_keys": "some-long-key-0123:alice",
+    "max_batch_items": "13", "max_run_steps": "0", "api_keys": "some-long-key-0123:alice",
     "api_keys_file": "", "metrics_require_key": "true", "torch_threads": "3", "log_level": "WARNING",
     "surprise_p": "0.05",
     "model_repository": "", "default_model": "pumps", "repository_poll_seconds": "0.5",
