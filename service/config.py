@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(64, ge=1, le=4096, description="chunks of distinct sessions run as one batch")
     max_batch_delay_ms: float = Field(2.0, ge=0, le=1000, description="how long a batch waits to fill")
     max_run_steps: int = Field(
-        256, ge=0, description="a session's queued chunks that continue each other run as one, up to this many steps;"
+        64, ge=0, description="a session's queued chunks that continue each other run as one, up to this many steps;"
         " 0 = one chunk at a time"
     )
     max_queue: int = Field(1024, ge=1, description="chunks waiting for the engine; beyond this 429")
