@@ -59,6 +59,10 @@ class _Run:
     verdict: Apply
     revision: int | str | None
     prior: np.ndarray | None = None  # replay: raw values run first from a fresh state, not answered
+    steps: int = 0  # of the chunks, together
+
+    def __post_init__(self) -> None:
+        self.steps = len(self.chunks[0].values)
 
     @property
     def chunk(self) -> Chunk:
@@ -71,9 +75,10 @@ class _Run:
             return self.chunks[0].values
         return np.concatenate([*([] if self.prior is None else [self.prior]), *(c.values for c in self.chunks)])
 
-    @property
-    def steps(self) -> int:
-        return sum(len(c.values) for c in self.chunks)
+    def join(self, chunk: Chunk) -> None:
+        """Run ``chunk`` after the others."""
+        self.chunks.append(chunk)
+        self.steps += len(chunk.values)
 
     @property
     def primed(self) -> int:
@@ -224,10 +229,11 @@ class Engine:
                 continue  # another version's engine judges it, and the chunks joined to it
             later, chunk.joined = chunk.joined, ()
             run = self._judge_first(chunk, session)
-            taken = _continue(run, later) if run is not None else 0
             if run is not None:
                 runs.append(run)
-            back.extend(c for c in later[taken:] if not c.future.done())
+            if later:
+                taken = _continue(run, later) if run is not None else 0
+                back.extend(c for c in later[taken:] if not c.future.done())
         if back:
             self.queue.requeue(back)
         return runs
@@ -267,9 +273,9 @@ class Engine:
         again: list[Chunk] = []  # runs not to commit now, their chunks judged again
         for row, run in enumerate(runs):
             chunks = run.chunks
-            if any(c.future.done() for c in chunks):  # a caller timed out and was told so: it must not apply later
-                again.extend(c for c in chunks if not c.future.done())
-                continue
+            if chunks[0].future.done() or (len(chunks) > 1 and any(c.future.done() for c in chunks)):
+                again.extend(c for c in chunks if not c.future.done())  # a caller timed out and was told so:
+                continue  # its chunk must not apply later
             if not computed.finite[row]:
                 if len(chunks) > 1:  # which chunk is at fault is unknown: each is judged and computed alone
                     for chunk in chunks:
@@ -282,7 +288,7 @@ class Engine:
                     " this, an earlier chunk left such values in its state: reset it)"))
                 continue
             answers = self._answers(run, computed.predictions[row], computed.forecasts[row], computed.extras[row])
-            last = run.chunk
+            last = chunks[-1]
             if last.key is None:
                 settle(last, answers[0])
                 continue
@@ -301,19 +307,21 @@ class Engine:
                     for chunk in run.chunks:
                         settle(chunk, exc=refusal)
                 pending, committed = [], []
-            lost = [chunk for (run, _, _), won in zip(pending, committed, strict=True) if won is None
-                    for chunk in run.chunks if not chunk.future.done()]  # timed out while committing: dropped
             surprising = 0  # values that arrived in a session with a p-value under GRU_SURPRISE_P
+            conflicts = 0
             for (run, answers, surprises), won in zip(pending, committed, strict=True):
-                if won is not None:
-                    for chunk, answer in zip(run.chunks, answers, strict=True):
-                        settle(chunk, answer)
-                    surprising += surprises
+                if won is None:  # the session changed under us: judge these again (those timed out are dropped)
+                    retried = [chunk for chunk in run.chunks if not chunk.future.done()]
+                    again.extend(retried)
+                    conflicts += bool(retried)
+                    continue
+                for chunk, answer in zip(run.chunks, answers, strict=True):
+                    settle(chunk, answer)
+                surprising += surprises
             if surprising:
                 self._surprises.inc(surprising)
-            if lost:  # the session changed under us: judge these again
-                self._metrics.store_conflicts.inc(len({c.key for c in lost}))
-                again.extend(lost)
+            if conflicts:
+                self._metrics.store_conflicts.inc(conflicts)
         if again:  # ahead of everything newer
             self.queue.requeue(again)
 
@@ -322,17 +330,16 @@ class Engine:
         """Each chunk's answer, as if it had applied alone: its own predictions and position; the forecast
         is the last chunk's, the first's alone may have created (or upgraded) the session."""
         answers: list[bytes] = []
-        at, start, count = 0, run.verdict.start, len(run.chunks)
+        at, start, last = 0, run.verdict.start, len(run.chunks) - 1
+        created, upgraded = run.verdict.created, run.prior is not None
         for part, chunk in enumerate(run.chunks):
             steps = len(chunk.values)
-            session = None
-            if chunk.key is not None:
-                session = (session_id_of(chunk.key), start + steps, run.verdict.created and part == 0)
-            answers.append(encode_answer(
-                predictions if count == 1 else predictions[at: at + steps], forecast if part == count - 1 else None,
-                self.model_version, session, self.label, extras[part], upgraded=run.prior is not None and part == 0))
+            session = None if chunk.key is None else (session_id_of(chunk.key), start + steps, created)
+            answers.append(encode_answer(predictions[at: at + steps], forecast if part == last else None,
+                                         self.model_version, session, self.label, extras[part], upgraded=upgraded))
             at += steps
             start += steps
+            created = upgraded = False  # the first chunk alone created or moved the session
         return answers
 
     def _kept_values(self, session: Session) -> np.ndarray | None:
@@ -356,7 +363,7 @@ def _continue(run: _Run, later: tuple[Chunk, ...]) -> int:
     for count, chunk in enumerate(later):
         if chunk.future.done() or (chunk.offset is not None and chunk.offset != end):
             return count
-        run.chunks.append(chunk)
+        run.join(chunk)
         end += len(chunk.values)
     return len(later)
 
