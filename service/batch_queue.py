@@ -9,7 +9,8 @@ theirs apart from the model:
   of at most ``max_run_steps`` steps, computed as one row and committed once (a stream's pipelined chunks,
   a backlog after a reconnect); any other keeps its place for a later batch, ahead of the session's newer
   chunks. The engine checks the offsets the queue cannot know (a run's first chunk without one);
-- a batch waits at most ``max_batch_delay_ms`` to fill (under load the queue fills while a batch computes);
+- a batch waits at most ``max_batch_delay_ms`` to fill (under load the queue fills while a batch computes):
+  with runs, until ``max_batch_size`` sessions wait, or their runs are full;
 - at ``max_queue`` waiting chunks a new one is refused at once (429), counted where it happens; a caller
   that can wait before it has parsed anything (a predict call whose body is unread, a stream) asks for a
   place with ``reserve()``: places are handed out one at a time, in the order they were asked for, as
@@ -279,7 +280,7 @@ class BatchQueue:
 
     async def _fill(self) -> None:
         deadline = time.perf_counter() + self._delay
-        while len(self._waiting) < self._max_batch and not self._closed:
+        while self._batch_room() and not self._closed:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 return
@@ -288,6 +289,18 @@ class BatchQueue:
                 await asyncio.wait_for(self._wake.wait(), remaining)
             except TimeoutError:
                 return
+
+    def _batch_room(self) -> bool:
+        """Whether the next batch could take more than waits: fewer chunks wait than it holds or, with runs,
+        fewer sessions (a session's second chunk, arriving just after its first, joins its run instead of
+        waiting a batch for it) whose runs are not full either (a backlog of few sessions starts at once)."""
+        waiting = self._waiting
+        if len(waiting) < self._max_batch:
+            return True
+        if not self._max_run:
+            return False
+        sessions = len({c.key if c.key is not None else id(c) for c in waiting})
+        return sessions < self._max_batch and sum(len(c.values) for c in waiting) < sessions * self._max_run
 
     def _take(self) -> list[Chunk]:
         """Up to max_batch chunks of distinct sessions, oldest first, each with the chunks of its session that

@@ -332,3 +332,27 @@ def test_a_run_goes_back_to_the_queue_chunk_by_chunk_and_forms_again() -> None:
 
     again, handed = _run(scenario)
     assert again == handed == [[("a", 0), ("a", 1), ("a", 2)]]
+
+
+def test_with_runs_a_batch_waits_for_as_many_sessions_unless_their_runs_are_full() -> None:
+    """Two chunks of one session do not fill a batch of two: it waits for a second session (whose chunk
+    arrives later) or the delay; chunks enough to fill the waiting sessions' runs start it at once."""
+    async def scenario() -> tuple[float, list[Any], float, list[Any]]:
+        queue = _queue(max_batch_size=2, max_batch_delay_ms=5000, max_run_steps=3)
+        tasks = await _submit_all(queue, [_chunk("a", 0), _chunk("a", 1)])
+        asyncio.get_running_loop().call_later(0.05, lambda: tasks.append(asyncio.ensure_future(
+            queue.submit(_chunk("b", 0)))))
+        began = time.perf_counter()
+        first = _run_names(await queue.next_batch())
+        waited_first = time.perf_counter() - began
+        tasks += await _submit_all(queue, [_chunk("c", k) for k in range(4)])  # a backlog: c's run is full
+        began = time.perf_counter()
+        backlog = _run_names(await queue.next_batch())
+        waited_backlog = time.perf_counter() - began
+        for task in tasks:
+            task.cancel()
+        return waited_first, first, waited_backlog, backlog
+
+    waited_first, first, waited_backlog, backlog = _run(scenario)
+    assert first == [[("a", 0), ("a", 1)], [("b", 0)]] and 0.04 <= waited_first < 4
+    assert backlog == [[("c", 0), ("c", 1), ("c", 2)]] and waited_backlog < 1
