@@ -79,10 +79,22 @@ class ServedModel:
         # the newest engine (one store load and one batch instead of two). A hint only: a wrong one is
         # routed on by the engine that gets it.
         self._pins: OrderedDict[str, LoadedVersion] = OrderedDict()
+        self._newest: LoadedVersion | None = None  # kept by add and remove: every chunk asks for it
 
     @property
     def newest(self) -> LoadedVersion:
-        return self.versions[max(self.versions)]
+        assert self._newest is not None, "a served model has a version"
+        return self._newest
+
+    def add(self, version: LoadedVersion) -> None:
+        """Into the listing and the routing."""
+        self.versions[version.number] = version
+        self._newest = self.versions[max(self.versions)]
+
+    def remove(self, version: LoadedVersion) -> None:
+        """Out of the listing and the routing: nothing new reaches it."""
+        del self.versions[version.number]
+        self._newest = self.versions[max(self.versions)] if self.versions else None
 
     @property
     def engine(self) -> Engine:
@@ -330,7 +342,7 @@ class Registry:
     def _enter(self, model: ServedModel, version: LoadedVersion) -> None:
         """Into the listing and the routing (a new model with it)."""
         self.models.setdefault(model.name, model)
-        model.versions[version.number] = version
+        model.add(version)
 
     def _prepare(self, loaded: Loaded) -> tuple[ServedModel, LoadedVersion]:
         """An engine for ``loaded``, not routed to yet, and its model (a new model, unlisted, gets its store)."""
@@ -405,7 +417,7 @@ class Registry:
 
     async def _unload_version(self, model: ServedModel, version: LoadedVersion, why: str) -> None:
         """Out of the routing first (nothing new reaches it), then its engine finishes what it holds."""
-        del model.versions[version.number]
+        model.remove(version)
         model.forget_pins(version)
         await version.engine.stop()
         _forget_series(self.metrics, model, version)

@@ -125,6 +125,9 @@ def _shape_problem(detail: str, loc: list[str]) -> Problem:
     return Problem(422, "invalid-request", detail, errors=[{"loc": loc, "msg": detail, "type": "value_error"}])
 
 
+_WITHIN_FLOAT32 = 3.4e38  # below float32's largest value (3.4028e38): the cast of a smaller one is finite
+
+
 def chunk_array(
     values: list[list[float]] | list[float], horizon: int, features: int, settings: Settings, loc: list[str]
 ) -> np.ndarray:
@@ -140,10 +143,9 @@ def chunk_array(
             f"horizon {horizon} is over GRU_MAX_HORIZON={settings.max_horizon}", [*loc[:-1], "horizon"]
         )
     try:
-        with np.errstate(over="ignore"):  # beyond float32 becomes inf, refused below (no warning in the log)
-            array = np.array(values, dtype=np.float32)
+        array = np.array(values, dtype=np.float64)  # the parsed numbers, exactly (Python floats)
     except ValueError:  # ragged rows
-        array = np.empty((steps, 0, 0), dtype=np.float32)
+        array = np.empty((steps, 0, 0))
     if array.ndim == 1:
         if features != 1:
             raise _shape_problem(f"{where} is a flat list but the model takes {features} features per step;"
@@ -152,6 +154,10 @@ def chunk_array(
     elif array.ndim != 2 or array.shape[1] != features:
         raise _shape_problem(f"{where} must be T × {features} (the model's input_features); got rows of"
                              f" {sorted({len(r) for r in values if isinstance(r, list)})} values", loc)
-    if not np.isfinite(array).all():
+    if np.abs(array).max() < _WITHIN_FLOAT32:  # T × F, F >= 1: never empty
+        return array.astype(np.float32)
+    with np.errstate(over="ignore"):  # near float32's limit: a value beyond it becomes inf, refused below
+        narrowed = array.astype(np.float32)
+    if not np.isfinite(narrowed).all():
         raise _shape_problem(f"{where} holds numbers beyond float32 range (|x| > 3.4e38)", loc)
-    return array
+    return narrowed

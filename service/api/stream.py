@@ -150,9 +150,8 @@ class _Stream:
         """The chunk queued for the engine (after waiting for a place while the queue is full), or why not."""
         try:
             body = parse(raw, ChunkRequest)
-            values = chunk_array(body.values, body.horizon, self.model.engine.forecaster.num_features,
-                                 self.settings, _LOCATION)
             engine = self.model.engine_for(self.key)
+            values = chunk_array(body.values, body.horizon, engine.forecaster.num_features, self.settings, _LOCATION)
             extras = requested(body.levels, body.scores, engine.forecaster, ["body"])
             place = engine.queue.try_reserve()
             if place is None:  # the queue is full: this stream reads nothing until a place frees up

@@ -11,7 +11,10 @@ import httpx
 import numpy as np
 import pytest
 
+from service.api.bodies import chunk_array
 from service.client import Client
+from service.config import Settings
+from service.problems import Problem
 from tests.conftest import Server, ServerFactory, make_tiny_model
 from tests.service.helpers import assert_problem, new_id, position, send, series, stateless
 
@@ -296,6 +299,22 @@ def test_client_that_hangs_up_mid_body_is_a_499_not_a_server_error(server: Serve
     assert f'gru_requests_total{{method="POST",route="{path}",status="499"}}' in metrics
     assert f'route="{path}",status="500"' not in metrics
     assert "ClientDisconnect" not in server.log()
+
+
+@pytest.mark.parametrize("value", [3.4028234663852886e38, -3.4028234663852886e38, 3.4e38, 3.3e38, 1e-45, 0.1])
+def test_every_value_within_float32_is_taken_exactly_as_float32_rounds_it(value: float) -> None:
+    """Values well inside float32's range are cast without a check, those near its limit with the exact
+    one: either way the value float32 rounds it to, its largest value included."""
+    got = chunk_array([value, 1.0], 0, 1, Settings(), ["body", "values"])
+    assert got.dtype == np.float32 and got.shape == (2, 1)
+    assert got[0, 0] == np.float32(value)
+
+
+@pytest.mark.parametrize("value", [3.40283e38, -3.5e38, 1e39, 1.7e308])
+def test_a_value_beyond_float32_is_refused_however_close(value: float) -> None:
+    with pytest.raises(Problem) as refused:
+        chunk_array([[0.5], [value]], 0, 1, Settings(), ["body", "values"])
+    assert refused.value.status == 422 and "beyond float32 range" in refused.value.detail
 
 
 def test_values_that_drive_the_model_past_float32_are_refused_and_change_nothing(client: httpx.Client) -> None:
