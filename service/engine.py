@@ -183,11 +183,12 @@ class Engine:
 
     async def _run(self) -> None:
         while (batch := await self.queue.next_batch()) is not None:
+            taken = [part for chunk in batch for part in (chunk, *chunk.joined)]  # _judge unjoins the runs
             try:
                 await self._process(batch)
-            except Exception:  # a bug: fail this batch's requests, keep serving the others
+            except Exception:  # a bug: fail this batch's requests (its runs' too), keep serving the others
                 log.exception("engine batch failed")
-                for chunk in batch:
+                for chunk in taken:
                     settle(chunk, exc=BatchFailed("the batch failed; it has been logged"))
 
     async def _process(self, batch: list[Chunk]) -> None:

@@ -22,7 +22,7 @@ from model import load_checkpoint
 from service.engine import Engine
 from service.extras import NO_EXTRAS, Extras
 from service.metrics import Metrics
-from service.refusals import OffsetMismatch, OutOfRange
+from service.refusals import BatchFailed, OffsetMismatch, OutOfRange
 from service.sessions.base import session_key
 from service.sessions.memory import MemoryStore
 from tests.conftest import ServerFactory, make_tiny_model
@@ -38,11 +38,11 @@ def calibrated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("calibrated"), error_scale=1.0)
 
 
-def _engine(model_dir: Path, max_run_steps: int) -> Engine:
+def _engine(model_dir: Path, max_run_steps: int, timeout: float = 30.0) -> Engine:
     forecaster, meta = load_checkpoint(model_dir, "cpu")
     store = MemoryStore(forecaster.state_size, torch.device("cpu"), max_sessions=100, ttl_seconds=600)
     return Engine(forecaster, meta["version"], store, Metrics(), max_batch_size=64, max_batch_delay_ms=0,
-                  max_queue=1000, request_timeout_seconds=30.0, max_run_steps=max_run_steps)
+                  max_queue=1000, request_timeout_seconds=timeout, max_run_steps=max_run_steps)
 
 
 def _batches(engine: Engine) -> tuple[int, int]:
@@ -165,6 +165,24 @@ def test_a_run_holds_at_most_max_run_steps(tiny_model: Path) -> None:
     together, alone, engine = _both(tiny_model, steps, max_run_steps=8)
     _assert_same(together, alone)
     assert _batches(engine) == (3, 5)  # 4 + 4, 4 + 4, 4
+
+
+def test_a_batch_that_fails_answers_every_chunk_of_its_runs_at_once(tiny_model: Path) -> None:
+    """A batch that raises (a bug, a device error; here a chunk of the wrong width, which the routes refuse
+    before it is queued) fails each of its chunks with a 500, the chunks joined to a run included: none is
+    left to wait out the request timeout (a stream answers in order: it would stall behind it)."""
+    engine = _engine(tiny_model, 256, timeout=1.0)
+
+    async def scenario() -> list[Any]:
+        await engine.start()
+        try:
+            futures = [engine.enqueue(KEY, series(4), 0, 0), engine.enqueue(KEY, series(4, features=2), 4, 0)]
+            return list(await asyncio.gather(*futures, return_exceptions=True))
+        finally:
+            await engine.stop()
+
+    answers = asyncio.run(scenario())
+    assert [type(a) for a in answers] == [BatchFailed, BatchFailed], answers
 
 
 def test_a_stream_s_pipelined_chunks_on_redis_run_together_and_match_a_stateless_pass(
