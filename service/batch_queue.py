@@ -293,14 +293,16 @@ class BatchQueue:
     def _batch_room(self) -> bool:
         """Whether the next batch could take more than waits: fewer chunks wait than it holds or, with runs,
         fewer sessions (a session's second chunk, arriving just after its first, joins its run instead of
-        waiting a batch for it) whose runs are not full either (a backlog of few sessions starts at once)."""
+        waiting a batch for it) whose runs are not full either (a backlog of few sessions starts at once; a
+        chunk asking a forecast ends its run, so it counts as a full one)."""
         waiting = self._waiting
         if len(waiting) < self._max_batch:
             return True
         if not self._max_run:
             return False
         sessions = len({c.key if c.key is not None else id(c) for c in waiting})
-        return sessions < self._max_batch and sum(len(c.values) for c in waiting) < sessions * self._max_run
+        steps = sum(self._max_run if c.horizon else len(c.values) for c in waiting)
+        return sessions < self._max_batch and steps < sessions * self._max_run
 
     def _take(self) -> list[Chunk]:
         """Up to max_batch chunks of distinct sessions, oldest first, each with the chunks of its session that

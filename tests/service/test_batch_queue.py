@@ -336,7 +336,8 @@ def test_a_run_goes_back_to_the_queue_chunk_by_chunk_and_forms_again() -> None:
 
 def test_with_runs_a_batch_waits_for_as_many_sessions_unless_their_runs_are_full() -> None:
     """Two chunks of one session do not fill a batch of two: it waits for a second session (whose chunk
-    arrives later) or the delay; chunks enough to fill the waiting sessions' runs start it at once."""
+    arrives later) or the delay; chunks enough to fill the waiting sessions' runs start it at once, and so
+    do chunks asking forecasts (each ends its run)."""
     async def scenario() -> tuple[float, list[Any], float, list[Any]]:
         queue = _queue(max_batch_size=2, max_batch_delay_ms=5000, max_run_steps=3)
         tasks = await _submit_all(queue, [_chunk("a", 0), _chunk("a", 1)])
@@ -349,10 +350,16 @@ def test_with_runs_a_batch_waits_for_as_many_sessions_unless_their_runs_are_full
         began = time.perf_counter()
         backlog = _run_names(await queue.next_batch())
         waited_backlog = time.perf_counter() - began
+        other = _queue(max_batch_size=3, max_batch_delay_ms=5000, max_run_steps=3)
+        asking = [Chunk("d", _NO_VALUES, 0, 2), Chunk("d", _NO_VALUES, 1, 2), Chunk("e", _NO_VALUES, 0, 2)]
+        tasks += await _submit_all(other, asking)  # each asks a forecast: no run can grow
+        began = time.perf_counter()
+        forecasts = _run_names(await other.next_batch())
+        waited_forecasts = time.perf_counter() - began
         for task in tasks:
             task.cancel()
-        return waited_first, first, waited_backlog, backlog
+        return waited_first, first, max(waited_backlog, waited_forecasts), [*backlog, *forecasts]
 
-    waited_first, first, waited_backlog, backlog = _run(scenario)
+    waited_first, first, waited_full, full = _run(scenario)
     assert first == [[("a", 0), ("a", 1)], [("b", 0)]] and 0.04 <= waited_first < 4
-    assert backlog == [[("c", 0), ("c", 1), ("c", 2)]] and waited_backlog < 1
+    assert full == [[("c", 0), ("c", 1), ("c", 2)], [("d", 0)], [("e", 0)]] and waited_full < 1
