@@ -23,6 +23,8 @@ from service.problems import route_path
 
 access_log = logging.getLogger("service.access")
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+# The messages that start an answer, which carries the request id: HTTP's, a refused upgrade's, an accepted one's.
+_STARTS = frozenset(("http.response.start", "websocket.http.response.start", "websocket.accept"))
 # the method label's values (RFC 9110's methods, PATCH, and streams'), any other method being "other"
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", STREAM_METHOD})
 _SCOPE_KEY = "gru.request_id"  # where the inner layers (ServerErrors' log line) find the request id
@@ -60,8 +62,8 @@ class Observability:
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
-            if message["type"] in ("http.response.start", "websocket.http.response.start"):
-                status = message["status"]
+            if message["type"] in _STARTS:
+                status = message.get("status", 0)  # an accepted upgrade (101) is counted by its frames instead
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
             await send(message)
 

@@ -239,6 +239,15 @@ def test_an_upgrade_without_a_valid_key_is_refused_401_and_a_stream_keeps_its_te
     assert other.status_code == 404
 
 
+def test_an_accepted_stream_echoes_its_request_id_or_gets_one(server: Server) -> None:
+    """The 101 carries X-Request-ID as every HTTP answer and refused upgrade does, so a stream's log lines
+    can be traced to the client's."""
+    with _open(server, new_id("traced"), additional_headers={"X-Request-ID": "gateway-7-stream"}) as ws:
+        assert ws.response is not None and ws.response.headers["X-Request-ID"] == "gateway-7-stream"
+    with _open(server, new_id("traced")) as ws:
+        assert ws.response is not None and len(ws.response.headers["X-Request-ID"]) == 32
+
+
 def test_an_invalid_session_id_refuses_the_upgrade_with_422(server: Server) -> None:
     with pytest.raises(InvalidStatus) as refused:
         _open(server, "x" * 200)
