@@ -54,7 +54,12 @@ class Write:
 
 
 class StoreUnavailable(Exception):
-    """The store cannot be reached; the request is answered 503 and nothing is written."""
+    """The store cannot be reached; the request is answered 503 and nothing is written. ``reason`` is what
+    the client is told (the message, which may name the store's address, goes to the log)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 class SessionStore(Protocol):

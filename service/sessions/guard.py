@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -21,6 +22,7 @@ from service.refusals import StoreUnreachable
 from service.sessions.base import Session, SessionStore, StoreUnavailable, Write
 
 STORE_PROBE_SECONDS = 0.5  # while the store is down, how often it is pinged
+log = logging.getLogger("service.store")
 _T = TypeVar("_T")
 
 
@@ -60,6 +62,8 @@ class GuardedStore:
         """An answer ends an outage; a failure is counted, so an outage shows in the store error rate
         throughout, not only at its first failed call."""
         if await self.inner.ping():
+            if self._down is not None:
+                log.info("session store reachable again")
             self._down = None
             return True
         self._metrics.store_errors.labels(operation="ping").inc()
@@ -80,6 +84,8 @@ class GuardedStore:
             return await call
         except StoreUnavailable as exc:
             self._metrics.store_errors.labels(operation=operation).inc()
+            if self._down is None:  # the outage's cause, once: the clients' 503 does not name the store's address
+                log.warning("session store unreachable; session calls get 503 until a ping answers: %s", exc)
             self._down = exc
             if self._probe is None or self._probe.done():
                 self._probe = asyncio.create_task(self._await_store(), name="gru-store-probe")
@@ -90,6 +96,6 @@ class GuardedStore:
             await asyncio.sleep(STORE_PROBE_SECONDS)
 
 
-def _unreachable(exc: Exception) -> StoreUnreachable:
-    return StoreUnreachable(f"the session store is unreachable ({exc}); nothing was changed, retry shortly",
+def _unreachable(exc: StoreUnavailable) -> StoreUnreachable:
+    return StoreUnreachable(f"the session store is unreachable ({exc.reason}); nothing was changed, retry shortly",
                             retry_after=2)

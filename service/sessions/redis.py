@@ -208,10 +208,11 @@ class RedisStore:
         try:
             return await operation
         except _UNAVAILABLE as exc:
-            raise StoreUnavailable(f"redis: {exc.__class__.__name__}: {exc}") from exc
+            kind = f"redis: {exc.__class__.__name__}"
+            raise StoreUnavailable(f"{kind}: {exc}", kind) from exc
         except rexc.ResponseError as exc:
             if str(exc).startswith(_UNAVAILABLE_REPLIES):
-                raise StoreUnavailable(f"redis: {exc}") from exc
+                raise StoreUnavailable(f"redis: {exc}", f"redis: {str(exc).split(maxsplit=1)[0]}") from exc
             raise
 
     # -- the protocol ----------------------------------------------------------------------------------

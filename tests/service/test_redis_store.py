@@ -289,6 +289,7 @@ def test_redis_down_is_503_and_not_ready_then_correct_after_it_returns(
         redis_server.stop(save=True)  # dump.rdb, so the restarted Redis has the session again
         down = assert_problem(send(cb, session, values[10:20], offset=10), 503)
         assert "store" in down["type"]
+        assert str(redis_server.port) not in down["detail"]  # the store's address is for the log, not clients
         assert int(send(ca, session, values[10:20]).headers["retry-after"]) > 0
         not_ready = ca.get("/readyz")
         assert assert_problem(not_ready, 503)["type"].endswith("/not-ready")
@@ -301,6 +302,9 @@ def test_redis_down_is_503_and_not_ready_then_correct_after_it_returns(
             assert time.monotonic() < deadline, "the replicas did not become ready again"
             time.sleep(0.1)
         assert position(cb, session) == 10  # nothing half-written while Redis was away
+        outage = [line for line in b.log().splitlines() if "session store unreachable" in line]
+        assert len(outage) == 1 and str(redis_server.port) in outage[0]  # once, with the cause
+        assert "session store reachable again" in b.log()
         second, third = send(cb, session, values[10:20], offset=10), send(ca, session, values[20:], offset=20)
         assert second.status_code == third.status_code == 200, (second.text, third.text)
         got = first.json()["predictions"] + second.json()["predictions"] + third.json()["predictions"]
