@@ -11,10 +11,11 @@ import httpx
 import numpy as np
 import pytest
 
-from service.api.bodies import chunk_array
+from service.api.bodies import chunk_array, parse
 from service.client import Client
 from service.config import Settings
 from service.problems import Problem
+from service.schemas import ChunkRequest
 from tests.conftest import Server, ServerFactory, make_tiny_model
 from tests.service.helpers import assert_problem, new_id, position, send, series, stateless
 
@@ -69,6 +70,31 @@ def test_bad_stateless_call_gets_a_problem(client: httpx.Client, case: str, body
     if case.endswith("offset"):
         status = 422  # stateless calls take no offset at all
     assert_problem(client.post("/v1/predict", content=body), status)
+
+
+_ORDER_CASES = [(case, body) for case, body, status in BAD_BODIES if status == 422] + [
+    ("valid", b'{"values": [[0.5], [0.25]], "offset": 3, "horizon": 2, "levels": [80], "scores": true}'),
+    ("unknown fields and a bad value", b'{"values": ["x"], "k": 1, "j": [NaN]}'),
+    ("a bad value, then unknown fields", b'{"offset": -1, "k": 1, "j": 2}'),
+]
+
+
+@pytest.mark.parametrize(("case", "body"), _ORDER_CASES, ids=[c for c, _ in _ORDER_CASES])
+def test_a_small_body_is_refused_as_a_large_one_is(case: str, body: bytes) -> None:
+    """A body of at most 2 KiB is validated before it is looked at for unknown keys (a valid chunk is parsed
+    once); a refused one gets the problem the other order gives, as the same body padded past 2 KiB does."""
+
+    def outcome(raw: bytes) -> dict[str, object]:
+        try:
+            return parse(raw, ChunkRequest).model_dump()  # refused later (the model's limits): the same body
+        except Problem as refused:
+            return refused.body()
+
+    small = outcome(body)
+    assert small == outcome(body + b" " * 2048), case
+    if b'"k"' in body:  # the first unknown key alone, before any bad value
+        assert small["errors"] == [{"loc": ["body", "k"], "msg": "Extra inputs are not permitted",
+                                    "type": "extra_forbidden"}]
 
 
 def test_values_beyond_float32_are_refused_and_the_log_stays_json_lines(server_factory: ServerFactory) -> None:
