@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 # Millisecond-scale work, up to past GRU_REQUEST_TIMEOUT_SECONDS' default (30 s), so a stalled queue shows
 # in quantiles rather than only in +Inf: 0.5 ms .. 60 s.
@@ -13,6 +17,24 @@ EVICTION_REASONS = ("ttl", "capacity", "tenant_quota")
 REJECT_REASONS = ("queue_full", "queue_full_unread", "timeout")
 STREAM_METHOD = "WS"  # the method label of stream upgrades refused and of stream chunks
 disable_created_metrics()  # *_created series double the exposition and no dashboard or rule reads them
+
+
+class FrameCounts(Collector):
+    """``gru_stream_frames_total``: stream frames received (in) and answered (out), kept as plain numbers that
+    the event loop adds to and a scrape reads; a labelled counter's lock and calls, twice a frame, were a
+    measurable share of a stream chunk's cost (docs/bench.md part 10)."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.answered = 0
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "gru_stream_frames", "WebSocket stream frames, received (in) and answered (out)", labels=["direction"]
+        )
+        family.add_metric(["in"], self.received)
+        family.add_metric(["out"], self.answered)
+        yield family
 
 
 class Metrics:
@@ -52,10 +74,8 @@ class Metrics:
         )
         self.rejected = Counter("gru_rejected", "Chunks refused before running", ["reason"], registry=r)
         self.streams_open = Gauge("gru_streams_open", "WebSocket streams open", registry=r)
-        self.stream_frames = Counter(
-            "gru_stream_frames", "WebSocket stream frames, received (in) and answered (out)", ["direction"],
-            registry=r,
-        )
+        self.stream_frames = FrameCounts()
+        r.register(self.stream_frames)
         self.model_info = Info("gru_model", "The served model", registry=r)
         self.surprises = Counter(
             "gru_surprises", "Arriving session values whose p-value was under GRU_SURPRISE_P", ["model"], registry=r
@@ -75,7 +95,5 @@ class Metrics:
         # Labelled series exist from the first scrape, so rules and dashboards resolve before any event.
         for reason in EVICTION_REASONS:
             self.evictions.labels(reason=reason)
-        for direction in ("in", "out"):
-            self.stream_frames.labels(direction=direction)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason=reason)

@@ -22,6 +22,7 @@ import contextlib
 import time
 from collections import deque
 
+import numpy as np
 import orjson
 from starlette.routing import WebSocketRoute
 from starlette.types import Receive, Scope, Send
@@ -32,6 +33,8 @@ from service.api.deps import served_model
 from service.api.extras import requested
 from service.auth import tenant_of
 from service.config import Settings
+from service.engine import Engine
+from service.extras import Extras
 from service.http_fields import send_problem
 from service.metrics import STREAM_METHOD, Metrics
 from service.models import ServedModel
@@ -59,15 +62,14 @@ class _Counts:
     """The stream's metric series, looked up once (a labelled lookup per frame is a measurable cost)."""
 
     def __init__(self, metrics: Metrics, route: str):
-        self.frame_in = metrics.stream_frames.labels(direction="in")
-        self.frame_out = metrics.stream_frames.labels(direction="out")
+        self.frames = metrics.stream_frames
         self.latency = metrics.request_duration.labels(route=route, method=STREAM_METHOD)
         self.ok = metrics.requests.labels(route=route, method=STREAM_METHOD, status="200")
         self._requests = metrics.requests
         self._route = route
 
     def answered(self, status: int, seconds: float) -> None:
-        self.frame_out.inc()
+        self.frames.answered += 1
         self.latency.observe(seconds)
         (self.ok if status == 200 else self._requests.labels(route=self._route, method=STREAM_METHOD,
                                                              status=str(status))).inc()
@@ -75,7 +77,8 @@ class _Counts:
 
 class _Stream:
     """One open stream: a reader task takes frames while the window has room, this side answers them in
-    order. The window is a semaphore taken before a frame is read and given back once it is answered."""
+    order. The window is a count of the frames that may still be read, taken before a frame is read and given
+    back once it is answered (a semaphore's two awaited calls a frame cost more than the count's arithmetic)."""
 
     def __init__(self, websocket: WebSocket, model: ServedModel, key: str, streams: Streams, count: _Counts,
                  receive: Receive, send: Send):
@@ -87,7 +90,8 @@ class _Stream:
         # the ASGI receive and send, once accepted (send under Observability's one check a message), not
         # Starlette's WebSocket, whose state checks ran on every frame
         self.receive, self.send = receive, send
-        self.slots = asyncio.Semaphore(self.settings.stream_window)
+        self.room = self.settings.stream_window  # frames the window still takes
+        self.freed = asyncio.Event()  # set when an answer gives the window a place back
         self.pending: deque[tuple[float, asyncio.Future[bytes] | Problem | None]] = deque()
         self.ready = asyncio.Event()
         self.close_code: int | None = None  # set when this side ends the stream
@@ -121,7 +125,10 @@ class _Stream:
         try:
             while not self.draining:
                 self.idle = True
-                await self.slots.acquire()
+                while not self.room:
+                    self.freed.clear()
+                    await self.freed.wait()
+                self.room -= 1
                 message = await self.receive()
                 self.idle = False
                 if message["type"] == "websocket.disconnect":
@@ -133,9 +140,23 @@ class _Stream:
                 if len(raw) > self.settings.max_body_bytes:  # uvicorn, set up by service.__main__, does this first
                     self.close_code = TOO_BIG
                     break
-                self.count.frame_in.inc()
+                self.count.frames.received += 1
                 received = time.perf_counter()
-                self.pending.append((received, await self._submit(raw)))
+                try:
+                    engine, body, values, extras = self._chunk(raw)
+                    place = engine.queue.try_reserve()
+                    if place is None:  # the queue is full: this stream reads nothing until a place frees up
+                        place = await engine.queue.reserve(None)
+                        assert place is not None  # no patience limit: a place or nothing
+                        engine = self.model.engine_for(self.key)  # routed again: the versions may have changed
+                    try:
+                        item: asyncio.Future[bytes] | Problem = engine.enqueue(
+                            self.key, values, body.offset, body.horizon, extras=extras, place=place)
+                    finally:
+                        place.give_back()  # unless the chunk took it
+                except (Problem, Refusal) as refused:
+                    item = as_problem(refused)
+                self.pending.append((received, item))
                 self.ready.set()
         except asyncio.CancelledError:
             pass
@@ -146,24 +167,12 @@ class _Stream:
             self.pending.append((0.0, None))  # the end
             self.ready.set()
 
-    async def _submit(self, raw: bytes) -> asyncio.Future[bytes] | Problem:
-        """The chunk queued for the engine (after waiting for a place while the queue is full), or why not."""
-        try:
-            body = parse(raw, ChunkRequest)
-            engine = self.model.engine_for(self.key)
-            values = chunk_array(body.values, body.horizon, engine.forecaster.num_features, self.settings, _LOCATION)
-            extras = requested(body.levels, body.scores, engine.forecaster, ["body"])
-            place = engine.queue.try_reserve()
-            if place is None:  # the queue is full: this stream reads nothing until a place frees up
-                place = await engine.queue.reserve(None)
-                assert place is not None  # no patience limit: a place or nothing
-                engine = self.model.engine_for(self.key)  # routed again: the versions may have changed meanwhile
-            try:
-                return engine.enqueue(self.key, values, body.offset, body.horizon, extras=extras, place=place)
-            finally:
-                place.give_back()  # unless the chunk took it
-        except (Problem, Refusal) as refused:
-            return as_problem(refused)
+    def _chunk(self, raw: bytes) -> tuple[Engine, ChunkRequest, np.ndarray, Extras]:
+        """A frame's chunk, validated as the POST body is, and the engine it goes to; a Problem if refused."""
+        body = parse(raw, ChunkRequest)
+        engine = self.model.engine_for(self.key)
+        values = chunk_array(body.values, body.horizon, engine.forecaster.num_features, self.settings, _LOCATION)
+        return engine, body, values, requested(body.levels, body.scores, engine.forecaster, ["body"])
 
     async def _answer(self) -> None:
         while True:
@@ -187,7 +196,8 @@ class _Stream:
                 await self.send({"type": "websocket.send", "text": answer.decode()})
             except _GONE:
                 return
-            self.slots.release()
+            self.room += 1
+            self.freed.set()
             self.count.answered(status, time.perf_counter() - received)
 
 
