@@ -245,6 +245,10 @@ class BatchQueue:
         self._waiting.extend(_unrun([chunk]))
         self._wake.set()
 
+    def keys(self) -> set[str]:
+        """The sessions with chunks waiting here (a waiting chunk has no run: runs form as a batch is taken)."""
+        return {chunk.key for chunk in self._waiting if chunk.key is not None}
+
     def withdraw(self, key: str) -> list[Chunk]:
         """Take every waiting chunk of session ``key`` out, in their order (to follow one of them handed to
         another queue, so that no later chunk of the session overtakes it there)."""

@@ -120,6 +120,7 @@ class Engine:
         self._forward_time = metrics.forward_time.labels(model=model, version=version)
         self._surprises = metrics.surprises.labels(model=model)
         self._worker: asyncio.Task[None] | None = None
+        self._running: list[Chunk] = []  # the batch being judged, computed and committed, its runs' chunks too
         self._stopping = False
 
     async def start(self) -> None:
@@ -164,6 +165,11 @@ class Engine:
         return self.queue.put(Chunk(key, values, offset, horizon, must_exist=must_exist, restart=restart,
                                     extras=extras), place)
 
+    def keys_in_flight(self) -> set[str]:
+        """The sessions with chunks here, waiting or in the batch at work: a chunk of theirs sent to another
+        engine now could be judged before those (``ServedModel.add``)."""
+        return self.queue.keys() | {chunk.key for chunk in self._running if chunk.key is not None}
+
     async def session_info(self, key: str) -> tuple[Session, float]:
         """The session, and when it expires (epoch seconds) if nothing reaches it before."""
         session = await self.store.get(key)
@@ -183,13 +189,15 @@ class Engine:
 
     async def _run(self) -> None:
         while (batch := await self.queue.next_batch()) is not None:
-            taken = [part for chunk in batch for part in (chunk, *chunk.joined)]  # _judge unjoins the runs
+            taken = self._running = [part for chunk in batch for part in (chunk, *chunk.joined)]  # _judge unjoins
             try:
                 await self._process(batch)
             except Exception:  # a bug: fail this batch's requests (its runs' too), keep serving the others
                 log.exception("engine batch failed")
                 for chunk in taken:
                     settle(chunk, exc=BatchFailed("the batch failed; it has been logged"))
+            finally:
+                self._running = []
 
     async def _process(self, batch: list[Chunk]) -> None:
         runs = await self._judge(batch)

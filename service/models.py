@@ -87,9 +87,17 @@ class ServedModel:
         return self._newest
 
     def add(self, version: LoadedVersion) -> None:
-        """Into the listing and the routing."""
+        """Into the listing and the routing. A session with chunks still at the engine that was the newest
+        is pinned to it: its next chunks queue there behind them and are routed on in their order, where
+        sent straight to the new newest they could be judged first (a stream appending without offsets
+        would apply them out of order; a new session's first chunk could lose its creation to its second)."""
+        previous = self._newest
         self.versions[version.number] = version
         self._newest = self.versions[max(self.versions)]
+        if previous is not None and previous is not self._newest:
+            for key in previous.engine.keys_in_flight():
+                if key not in self._pins:
+                    self._pin(key, previous)
 
     def remove(self, version: LoadedVersion) -> None:
         """Out of the listing and the routing: nothing new reaches it."""
@@ -106,6 +114,11 @@ class ServedModel:
         the newest (stateless chunks, new sessions, and every chunk with replay)."""
         pinned = self._pins.get(key) if key is not None else None
         return pinned.engine if pinned is not None else self.engine
+
+    def _pin(self, key: str, version: LoadedVersion) -> None:
+        self._pins[key] = version
+        if len(self._pins) > MAX_PINS:
+            self._pins.popitem(last=False)
 
     def forget_pins(self, version: LoadedVersion) -> None:
         """Drop the hints to an unloading version (they would keep its weights in memory)."""
@@ -154,9 +167,7 @@ class ServedModel:
             pinned = self.by_hash(session.model_version)
             if pinned is not None and pinned is not newest:
                 target = pinned.engine
-                self._pins[session.key] = pinned
-                if len(self._pins) > MAX_PINS:
-                    self._pins.popitem(last=False)
+                self._pin(session.key, pinned)
         if target is newest.engine and chunk.key is not None:
             self._pins.pop(chunk.key, None)
         if target is engine:

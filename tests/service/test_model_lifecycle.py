@@ -525,6 +525,47 @@ def test_a_new_version_is_listed_only_once_warmed_with_the_oldest_beyond_the_lim
     assert metrics.registry.get_sample_value("gru_model_version_evictions_total", {"model": "m"}) == 1
 
 
+@pytest.mark.parametrize("upgrade", ["pin", "replay"])
+@pytest.mark.parametrize("at_work", [False, True], ids=["waiting", "computing"])
+def test_a_session_s_chunks_keep_their_order_across_the_listing_of_a_version(
+    tmp_path: Path, upgrade: str, at_work: bool
+) -> None:
+    """In-process, a new session appending without offsets: its chunks wait at version 1's engine (or the
+    first, long, is computing there) as version 2 is listed, and the next one is sent after. Each applies in
+    the order it was sent. The last went straight to version 2's engine and was judged first: the others were
+    routed there behind it, or lost the session's creation to it (positions 16, 24, 8). The session is now
+    pinned to the engine that holds its chunks until they move on."""
+    repository = tmp_path / "repo"
+    add_version(repository, "m", 1)
+    settings = Settings(model_repository=repository, repository_poll_seconds=0, device="cpu", upgrade=upgrade)
+    registry = Registry(settings, Repository(root=repository), torch.device("cpu"), Metrics())
+    registry.open()
+    values = series(4008 if at_work else 24, seed=5)
+    chunks = [values[:-8], values[-8:]] if at_work else list(values.reshape(3, 8, 1))
+
+    async def scenario() -> list[bytes]:
+        await registry.start()
+        model = registry.models["m"]
+        first = model.engine
+        add_version(repository, "m", 2, seed=1)
+        loaded = registry.repository.load(registry.repository.scan()["m"][-1], torch.device("cpu"))
+        assert loaded is not None
+        _, version = registry._prepare(loaded)
+        await version.engine.start()
+        early = [first.enqueue("t/s", chunk, None, 0) for chunk in chunks[:-1]]
+        while at_work and first.queue:  # taken: the 4000 steps take tens of milliseconds to compute
+            await asyncio.sleep(0.0005)
+        # No await from here until the last is queued.
+        registry._enter(model, version)
+        late = model.engine_for("t/s").enqueue("t/s", chunks[-1], None, 0)
+        answers = await asyncio.gather(*early, late)
+        await registry.stop()
+        return answers
+
+    ends = np.cumsum([len(chunk) for chunk in chunks]).tolist()
+    assert [json.loads(answer)["position"] for answer in asyncio.run(scenario())] == ends
+
+
 def _stopped_with_two_versions(
     server_factory: ServerFactory, tmp_path: Path, seed: int
 ) -> tuple[Path, dict[str, str], np.ndarray, str, str, np.ndarray]:
