@@ -127,9 +127,18 @@ class Engine:
         await self.compute.warm_up()
         self._worker = asyncio.create_task(self._run(), name="gru-engine")
 
+    def refuse_new(self) -> None:
+        """Refuse new chunks (503); those queued and those other engines hand over are still taken."""
+        self._stopping = True
+
+    @property
+    def busy(self) -> bool:
+        """Whether chunks wait here or a batch is at work."""
+        return bool(self.queue) or bool(self._running)
+
     async def stop(self) -> None:
         """Refuse new work, finish every chunk already accepted, then release the compute thread."""
-        self._stopping = True
+        self.refuse_new()
         self.queue.close()
         if self._worker is not None:
             await self._worker

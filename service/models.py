@@ -36,6 +36,7 @@ from service.sessions.memory import MemoryStore
 
 log = logging.getLogger("service.models")
 SERVING, DRAINING = "serving", "draining"
+_DRAIN_POLL_SECONDS = 0.005  # at shutdown, how often to look whether every engine has finished its chunks
 MAX_PINS = 100_000  # routing hints kept per model (each a key and a reference)
 
 
@@ -242,9 +243,15 @@ class Registry:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
         async with self._lock:
-            for model in self.models.values():
-                for version in model.versions.values():
-                    await version.engine.stop()
+            engines = [version.engine for model in self.models.values() for version in model.versions.values()]
+            for engine in engines:
+                engine.refuse_new()
+            # Until no engine holds a chunk, none stops: a chunk one engine hands to another (its session's
+            # version) must find it taking chunks, where a stopped one would leave it to its timeout.
+            while any(engine.busy for engine in engines):
+                await asyncio.sleep(_DRAIN_POLL_SECONDS)
+            for engine in engines:
+                await engine.stop()
             if before_close is not None:
                 await before_close()
             for model in self.models.values():

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -525,6 +526,26 @@ def test_a_new_version_is_listed_only_once_warmed_with_the_oldest_beyond_the_lim
     assert metrics.registry.get_sample_value("gru_model_version_evictions_total", {"model": "m"}) == 1
 
 
+def _in_process_registry(tmp_path: Path, **settings: Any) -> Registry:
+    """A registry (not started) on a repository holding model ``m`` version 1."""
+    repository = tmp_path / "repo"
+    add_version(repository, "m", 1)
+    registry = Registry(Settings(model_repository=repository, repository_poll_seconds=0, device="cpu", **settings),
+                        Repository(root=repository), torch.device("cpu"), Metrics())
+    registry.open()
+    return registry
+
+
+async def _warm_version_2(registry: Registry) -> Callable[[], None]:
+    """Version 2 of ``m``, loaded and warmed up; what lists it (the step a poll takes, with no await)."""
+    add_version(registry.repository.root, "m", 2, seed=1)
+    loaded = registry.repository.load(registry.repository.scan()["m"][-1], torch.device("cpu"))
+    assert loaded is not None
+    model, version = registry._prepare(loaded)
+    await version.engine.start()
+    return lambda: registry._enter(model, version)
+
+
 @pytest.mark.parametrize("upgrade", ["pin", "replay"])
 @pytest.mark.parametrize("at_work", [False, True], ids=["waiting", "computing"])
 def test_a_session_s_chunks_keep_their_order_across_the_listing_of_a_version(
@@ -535,11 +556,7 @@ def test_a_session_s_chunks_keep_their_order_across_the_listing_of_a_version(
     the order it was sent. The last went straight to version 2's engine and was judged first: the others were
     routed there behind it, or lost the session's creation to it (positions 16, 24, 8). The session is now
     pinned to the engine that holds its chunks until they move on."""
-    repository = tmp_path / "repo"
-    add_version(repository, "m", 1)
-    settings = Settings(model_repository=repository, repository_poll_seconds=0, device="cpu", upgrade=upgrade)
-    registry = Registry(settings, Repository(root=repository), torch.device("cpu"), Metrics())
-    registry.open()
+    registry = _in_process_registry(tmp_path, upgrade=upgrade)
     values = series(4008 if at_work else 24, seed=5)
     chunks = [values[:-8], values[-8:]] if at_work else list(values.reshape(3, 8, 1))
 
@@ -547,16 +564,11 @@ def test_a_session_s_chunks_keep_their_order_across_the_listing_of_a_version(
         await registry.start()
         model = registry.models["m"]
         first = model.engine
-        add_version(repository, "m", 2, seed=1)
-        loaded = registry.repository.load(registry.repository.scan()["m"][-1], torch.device("cpu"))
-        assert loaded is not None
-        _, version = registry._prepare(loaded)
-        await version.engine.start()
+        list_version_2 = await _warm_version_2(registry)
         early = [first.enqueue("t/s", chunk, None, 0) for chunk in chunks[:-1]]
         while at_work and first.queue:  # taken: the 4000 steps take tens of milliseconds to compute
             await asyncio.sleep(0.0005)
-        # No await from here until the last is queued.
-        registry._enter(model, version)
+        list_version_2()  # no await from here until the last chunk is queued
         late = model.engine_for("t/s").enqueue("t/s", chunks[-1], None, 0)
         answers = await asyncio.gather(*early, late)
         await registry.stop()
@@ -564,6 +576,28 @@ def test_a_session_s_chunks_keep_their_order_across_the_listing_of_a_version(
 
     ends = np.cumsum([len(chunk) for chunk in chunks]).tolist()
     assert [json.loads(answer)["position"] for answer in asyncio.run(scenario())] == ends
+
+
+def test_at_shutdown_a_chunk_handed_to_its_session_s_version_is_answered(tmp_path: Path) -> None:
+    """In-process: a session on version 1 sends a chunk to the newest, version 2, just as the service stops.
+    Version 2's engine hands it to version 1's, which must still be taking chunks: the engines stopped one
+    after another, and version 1's, stopped first, left it waiting for its timeout (503)."""
+    registry = _in_process_registry(tmp_path, request_timeout_seconds=5)
+    chunks = series(16, seed=6).reshape(2, 8, 1)
+
+    async def scenario() -> tuple[bytes, float]:
+        await registry.start()
+        model = registry.models["m"]
+        await model.engine.predict("t/s", chunks[0], 0, 0)  # the session lives on version 1
+        (await _warm_version_2(registry))()
+        pending = model.engine.enqueue("t/s", chunks[1], 8, 0)  # the newest's engine, as a route sends it
+        began = time.perf_counter()
+        await registry.stop()
+        return await pending, time.perf_counter() - began
+
+    answer, seconds = asyncio.run(scenario())
+    assert json.loads(answer)["position"] == 16
+    assert seconds < 2, seconds
 
 
 def _stopped_with_two_versions(
