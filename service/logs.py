@@ -9,6 +9,9 @@ from typing import Any
 
 import orjson
 
+# Where a stream leaves, in its ASGI scope, what its access line adds (frames, close code) as it ends.
+STREAM_SUMMARY = "gru.stream"
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:

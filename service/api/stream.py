@@ -36,6 +36,7 @@ from service.config import Settings
 from service.engine import Engine
 from service.extras import Extras
 from service.http_fields import send_problem
+from service.logs import STREAM_SUMMARY
 from service.metrics import STREAM_METHOD, Metrics
 from service.models import ServedModel
 from service.problems import Problem, as_problem
@@ -95,6 +96,9 @@ class _Stream:
         self.pending: deque[tuple[float, asyncio.Future[bytes] | Problem | None]] = deque()
         self.ready = asyncio.Event()
         self.close_code: int | None = None  # set when this side ends the stream
+        self.peer_code: int | None = None  # the client's close code, when it ended the stream
+        self.frames_in = 0  # read
+        self.frames_out = 0  # answered
         self.draining = False
         self.gone = False  # the peer closed: nothing more can be sent
         self.idle = False  # the reader waits for a slot or a frame: safe to cancel, nothing read is lost
@@ -133,6 +137,7 @@ class _Stream:
                 self.idle = False
                 if message["type"] == "websocket.disconnect":
                     self.gone = True
+                    self.peer_code = message.get("code", 1005)  # 1005: none given
                     break
                 raw = message.get("bytes")
                 if raw is None:
@@ -141,6 +146,7 @@ class _Stream:
                     self.close_code = TOO_BIG
                     break
                 self.count.frames.received += 1
+                self.frames_in += 1
                 received = time.perf_counter()
                 try:
                     engine, body, values, extras = self._chunk(raw)
@@ -199,6 +205,15 @@ class _Stream:
             self.room += 1
             self.freed.set()
             self.count.answered(status, time.perf_counter() - received)
+            self.frames_out += 1
+
+    def summary(self) -> dict[str, int | str | None]:
+        """What the stream's access line adds: frames read and answered, and who closed it with what code
+        (None: the connection was lost, or the stream ended by an error)."""
+        closed_by = "service" if self.close_code is not None else "client" if self.peer_code is not None else None
+        return {"frames_in": self.frames_in, "frames_out": self.frames_out,
+                "close_code": self.close_code if self.close_code is not None else self.peer_code,
+                "closed_by": closed_by}
 
 
 class Streams:
@@ -233,6 +248,7 @@ class Streams:
         try:
             await stream.run()
         finally:
+            scope[STREAM_SUMMARY] = stream.summary()
             self._open.discard(stream)
             self.metrics.streams_open.dec()
             if not self._open:

@@ -1,8 +1,9 @@
 """``Observability``: the request id (``X-Request-ID`` honoured and echoed, else a new one), request count and
-latency by route template and status, and one JSON access-log line per request. A request refused before
-routing (auth, body limit) is counted under the template its path matches, so a 401 or 413 on a predict
-route is counted there, and so is a refused WebSocket upgrade, under method ``WS`` (an accepted stream's
-chunks are counted as they are answered, ``service.api.stream``). Every label is from a bounded set: a
+latency by route template and status, and one JSON access-log line per request (a stream's as it ends, with
+its frames and close code). A request refused before routing (auth, body limit) is counted under the
+template its path matches, so a 401 or 413 on a predict route is counted there, and so is a refused
+WebSocket upgrade, under method ``WS`` (an accepted stream's chunks are counted as they are answered,
+``service.api.stream``). Every label is from a bounded set: a
 method outside RFC 9110's and PATCH is counted as ``other`` (uvicorn passes any of some 35 methods, which
 took an anonymous caller's 1,100 requests from 1,400 series to 22,700). Never logs bodies, values or keys."""
 
@@ -18,6 +19,7 @@ from typing import Any
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.logs import STREAM_SUMMARY
 from service.metrics import STREAM_METHOD, Metrics
 from service.problems import route_path
 
@@ -28,6 +30,7 @@ _STARTS = frozenset(("http.response.start", "websocket.http.response.start", "we
 # the method label's values (RFC 9110's methods, PATCH, and streams'), any other method being "other"
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", STREAM_METHOD})
 _SCOPE_KEY = "gru.request_id"  # where the inner layers (ServerErrors' log line) find the request id
+SWITCHED = 101  # an accepted upgrade's status
 
 
 class RouteTemplates:
@@ -59,39 +62,54 @@ class Observability:
         request_id = _request_id(scope)
         scope[_SCOPE_KEY] = request_id
         status = 0  # no response started yet
+        accepted = False  # a WebSocket upgrade accepted: a stream
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, accepted
             if message["type"] in _STARTS:
                 status = message.get("status", 0)  # an accepted upgrade (101) is counted by its frames instead
+                accepted = message["type"] == "websocket.accept"
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            elapsed = time.perf_counter() - began
             if scope["type"] == "http" or status:  # an upgrade only when refused: answered over HTTP
-                self._record(scope, request_id, status or 500, time.perf_counter() - began)  # 0: uvicorn sends a 500
+                self._record(scope, request_id, status or 500, elapsed)  # 0: uvicorn sends a 500
+            elif accepted:  # a stream: logged as it ends, with what it did (service.api.stream)
+                _log(request_id, STREAM_METHOD, *self._template(scope), SWITCHED, elapsed, scope.get(STREAM_SUMMARY))
 
     def _record(self, scope: Scope, request_id: bytes, status: int, elapsed: float) -> None:
-        route = scope.get("route")
-        if route is not None:
-            template, params = route.path, scope.get("path_params", {})
-        else:
-            template, params = self.templates.match(route_path(scope))
+        template, params = self._template(scope)
         method = scope.get("method", STREAM_METHOD)  # a WebSocket upgrade's scope has none
         label = method if method in _METHODS else "other"
         self.metrics.requests.labels(route=template, method=label, status=str(status)).inc()
         self.metrics.request_duration.labels(route=template, method=label).observe(elapsed)
-        if access_log.isEnabledFor(logging.INFO):
-            entry: dict[str, Any] = {
-                "request_id": request_id.decode(), "method": method, "route": template,
-                "status": status, "latency_ms": round(elapsed * 1000, 3),
-            }
-            session = params.get("session_id")
-            if session is not None:
-                entry["session"] = session[:128]
-            access_log.info("request", extra={"fields": entry})
+        _log(request_id, method, template, params, status, elapsed)
+
+    def _template(self, scope: Scope) -> tuple[str, dict[str, str]]:
+        route = scope.get("route")
+        if route is not None:
+            return route.path, scope.get("path_params", {})
+        return self.templates.match(route_path(scope))
+
+
+def _log(request_id: bytes, method: str, template: str, params: dict[str, str], status: int, elapsed: float,
+         more: dict[str, Any] | None = None) -> None:
+    """The access-log line: a request's when answered; a stream's when it ends (status 101, its life as the
+    latency, ``more``: its frames and close code)."""
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    entry: dict[str, Any] = {
+        "request_id": request_id.decode(), "method": method, "route": template,
+        "status": status, "latency_ms": round(elapsed * 1000, 3),
+    }
+    session = params.get("session_id")
+    if session is not None:
+        entry["session"] = session[:128]
+    access_log.info("request", extra={"fields": entry | (more or {})})
 
 
 def request_id_of(scope: Scope) -> str | None:

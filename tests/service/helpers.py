@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import json
+import time
 import uuid
 from typing import Any
 
 import httpx
 import numpy as np
 
+from harness.processes import Process
+
 PROBLEM_JSON = "application/problem+json"
+
+
+def access_line(server: Process, request_id: str) -> dict[str, Any]:
+    """The one log line of a request: written just after its answer is sent (a stream's as it ends), so
+    waited for."""
+    deadline = time.monotonic() + 5
+    while not (lines := [json.loads(line) for line in server.log().splitlines() if request_id in line]):
+        assert time.monotonic() < deadline, f"no log line for {request_id}"
+        time.sleep(0.05)
+    assert len(lines) == 1, lines
+    return lines[0]  # type: ignore[no-any-return]
 
 
 def new_id(prefix: str = "s") -> str:

@@ -7,9 +7,7 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -22,7 +20,7 @@ from service import config
 from service.config import Settings
 from service.session_ids import SESSION_ID_PATTERN
 from tests.conftest import Server, ServerFactory, refused_start_log
-from tests.service.helpers import new_id, send, series
+from tests.service.helpers import access_line, new_id, send, series
 
 
 def test_metrics_parse_and_pass_promtool(client: httpx.Client) -> None:
@@ -76,21 +74,11 @@ def test_request_id_is_honoured_and_echoed(client: httpx.Client) -> None:
     assert hostile != "bad id\twith spaces"
 
 
-def _access_line(server: Server, request_id: str) -> dict[str, Any]:
-    """The one log line of a request: written just after its answer is sent, so waited for."""
-    deadline = time.monotonic() + 5
-    while not (lines := [json.loads(line) for line in server.log().splitlines() if request_id in line]):
-        assert time.monotonic() < deadline, f"no log line for {request_id}"
-        time.sleep(0.05)
-    assert len(lines) == 1, lines
-    return lines[0]  # type: ignore[no-any-return]
-
-
 def test_one_json_log_line_per_request_without_values(server: Server, client: httpx.Client) -> None:
     session = new_id("logged")
     client.post(f"/v1/sessions/{session}/predict", json={"values": [123.456, 654.321]},
                 headers={"X-Request-ID": "log-check-1", "Authorization": "Bearer secret-key-xyz"})
-    entry = _access_line(server, "log-check-1")
+    entry = access_line(server, "log-check-1")
     assert entry["route"] == "/v1/sessions/{session_id}/predict"
     assert entry["session"] == session and entry["status"] == 200 and entry["latency_ms"] > 0
     raw = json.dumps(entry)
@@ -324,7 +312,7 @@ def test_labelled_series_exist_from_the_first_scrape(server_factory: ServerFacto
 
 def test_log_lines_carry_timestamp_level_and_logger(server: Server, client: httpx.Client) -> None:
     client.get("/v1/model", headers={"X-Request-ID": "log-shape-1"})
-    entry = _access_line(server, "log-shape-1")
+    entry = access_line(server, "log-shape-1")
     assert entry["level"] == "info" and entry["logger"] and entry["msg"] == "request"
     assert entry["ts"].endswith("Z") and entry["method"] == "GET" and entry["route"] == "/v1/model"
 

@@ -26,7 +26,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from tests.conftest import Server, ServerFactory
-from tests.service.helpers import new_id, send, series, stateless
+from tests.service.helpers import access_line, new_id, send, series, stateless
 from tests.service.test_model_lifecycle import add_version, polled_repository, versions, wait_for
 
 KEYS = "stream-key-acme-0123456789:acme,stream-key-other-012345678:other"
@@ -246,6 +246,25 @@ def test_an_accepted_stream_echoes_its_request_id_or_gets_one(server: Server) ->
         assert ws.response is not None and ws.response.headers["X-Request-ID"] == "gateway-7-stream"
     with _open(server, new_id("traced")) as ws:
         assert ws.response is not None and len(ws.response.headers["X-Request-ID"]) == 32
+
+
+def test_a_stream_gets_one_access_line_as_it_ends(server: Server) -> None:
+    """As an HTTP request's, without values: status 101, its life as the latency, its frames read and
+    answered, and who closed it with what code."""
+    session = new_id("logged")
+    with _open(server, session, additional_headers={"X-Request-ID": "stream-log-1"}) as ws:
+        for offset, chunk in _chunks(series(12, seed=7), [4, 4, 4]):
+            ws.send(_frame(chunk, offset))
+        for _ in range(3):
+            _answer(ws)
+        ws.send(b"{bad")
+        _answer(ws)
+    entry = access_line(server, "stream-log-1")
+    assert {key: entry[key] for key in ("method", "route", "status", "session", "frames_in", "frames_out",
+                                        "close_code", "closed_by")} == {
+        "method": "WS", "route": "/v1/sessions/{session_id}/stream", "status": 101, "session": session,
+        "frames_in": 4, "frames_out": 4, "close_code": 1000, "closed_by": "client"}
+    assert entry["latency_ms"] > 0
 
 
 def test_an_invalid_session_id_refuses_the_upgrade_with_422(server: Server) -> None:
