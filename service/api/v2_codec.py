@@ -226,6 +226,8 @@ def _input_array(tensor: _Tensor, binary: bytes, features: int, max_steps: int) 
                          " split it into several calls of one sequence")
     count = steps * width
     size = tensor.parameters.get("binary_data_size")
+    if size is not None and tensor.data is not None:  # which holds the values? refused rather than guessed
+        raise v2_problem(400, f"input {INPUT} has both data and a binary_data_size parameter; send one of them")
     if size is not None:
         if isinstance(size, bool) or not isinstance(size, int) or size != count * 4:
             raise v2_problem(400, f"input {INPUT} binary_data_size is {size!r}; shape {shape} of {FP32} is"

@@ -432,9 +432,11 @@ def test_malformed_bodies_are_400(model: dict[str, Any], client: httpx.Client) -
     _assert_v2_error(client.post(url, content=b"{}", headers={"content-encoding": "br"}), 415)
     header = orjson.dumps({"inputs": [{"name": "values", "shape": [1, 1], "datatype": "FP32",
                                        "parameters": {"binary_data_size": 4}}]})
-    nan, extra = np.array([np.nan], "<f4").tobytes(), np.array([0.5, 0.5], "<f4").tobytes()
-    for tail in (nan, extra):
-        response = client.post(url, content=header + tail, headers={HEADER: str(len(header))})
+    both = orjson.dumps({"inputs": [{"name": "values", "shape": [1, 1], "datatype": "FP32", "data": [0.25],
+                                     "parameters": {"binary_data_size": 4}}]})  # which one holds the values?
+    nan, extra, half = (np.array(v, "<f4").tobytes() for v in ([np.nan], [0.5, 0.5], [0.5]))
+    for head, tail in ((header, nan), (header, extra), (both, half)):
+        response = client.post(url, content=head + tail, headers={HEADER: str(len(head))})
         _assert_v2_error(response, 400)
 
 
