@@ -6,8 +6,8 @@ repository of one model (named by its checkpoint, else ``default``) with one ver
 
 Scanning only lists directories; ``Repository.load`` reads and checks one version (``model.load_checkpoint``)
 and remembers a failure by the files' sizes and times, so a damaged or half-copied version is logged and
-counted once, skipped, and tried again only when its files change. Every call here does disk I/O or loads
-weights: the service calls it on a worker thread, never on the event loop.
+counted once, skipped, and tried again only when its files change (their permissions included). Every
+call here does disk I/O or loads weights: the service calls it on a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from model import CheckpointError, Forecaster, load_checkpoint
 from model.checkpoint import CONFIG_FILE, MODEL_NAME, VERSION_DIR, WEIGHTS_FILE, read_config_json
 
 FALLBACK_NAME = "default"
+_Signature = tuple[tuple[int, int, int], ...]  # per file of a version: size, mtime, ctime (ns)
 MAX_REASON = 1000  # characters of why a version is skipped that its log line quotes
 log = logging.getLogger("service.repository")
 
@@ -60,7 +61,7 @@ class Repository:
         self.root = root
         self.single = single
         self._on_skip = on_skip or (lambda model, version: None)
-        self._failed: dict[Path, tuple[tuple[int, int], ...]] = {}  # version dir -> its files' (size, mtime)
+        self._failed: dict[Path, _Signature] = {}  # version dir -> its files' (size, mtime, ctime)
         self._single_name = _checkpoint_name(single) if single is not None else ""
         self._unreadable = False  # the last scan found the root unreadable (logged once, until it is back)
 
@@ -121,7 +122,7 @@ class Repository:
         version = meta.get("version") if isinstance(meta, dict) else None
         return version if isinstance(version, str) else None
 
-    def skip(self, where: VersionDir, reason: str, signature: tuple[tuple[int, int], ...] | None = None) -> None:
+    def skip(self, where: VersionDir, reason: str, signature: _Signature | None = None) -> None:
         """Refuse a version until its files change: one log line naming it, one count."""
         signature = signature if signature is not None else _signature(where.path)
         if self._failed.get(where.path) == signature:
@@ -134,15 +135,16 @@ class Repository:
         self._on_skip(where.model, where.version)
 
 
-def _signature(directory: Path) -> tuple[tuple[int, int], ...]:
-    """Sizes and modification times of a version's files: what changes when it is rewritten."""
+def _signature(directory: Path) -> _Signature:
+    """Sizes, modification and status-change times of a version's files: what changes when it is rewritten,
+    and when only its permissions or owner are fixed (a chmod moves the ctime alone)."""
     out = []
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         try:
             stat = (directory / name).stat()
-            out.append((stat.st_size, stat.st_mtime_ns))
+            out.append((stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
         except OSError:
-            out.append((-1, -1))
+            out.append((-1, -1, -1))
     return tuple(out)
 
 

@@ -104,6 +104,24 @@ def test_repository_scan_lists_versions_and_ignores_what_breaks_the_layout(tmp_p
     assert [v.version for v in found["pumps"]] == [2, 10]
 
 
+def test_a_skipped_version_is_tried_again_when_only_its_permissions_change(tmp_path: Path) -> None:
+    """A version refused for its files is logged and counted once per state of its files. Making an
+    unreadable file readable (chmod, chown) moves its ctime alone, and is a change: it is tried again."""
+    repository = tmp_path / "repo"
+    weights = add_version(repository, "m", 1) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    skipped: list[int] = []
+    versions_on_disk = Repository(root=repository, on_skip=lambda model, version: skipped.append(version))
+    where = versions_on_disk.scan()["m"][0]
+    for _ in range(2):
+        assert versions_on_disk.load(where, torch.device("cpu")) is None
+    assert skipped == [1]
+    time.sleep(0.05)  # past the file system's timestamp granularity
+    weights.chmod(0o600)
+    assert versions_on_disk.load(where, torch.device("cpu")) is None  # still damaged: tried, refused again
+    assert skipped == [1, 1]
+
+
 def test_models_are_listed_and_each_has_its_own_routes_and_sessions(
     server_factory: ServerFactory, tmp_path: Path
 ) -> None:
