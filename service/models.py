@@ -278,8 +278,13 @@ class Registry:
         async with self._lock:
             found = await asyncio.to_thread(self.repository.scan)
             for name, versions in found.items():
-                if name not in self.unloaded:
+                if name in self.unloaded:
+                    continue
+                try:
                     await self._load_newest(name, versions)
+                except Exception:  # what a version's files do not explain (a GPU out of memory): the others go on
+                    log.exception("loading model %s failed; the next poll tries again", name,
+                                  extra={"fields": {"model": name}})
             await self._drain_all(found)
 
     async def load(self, name: str) -> None:

@@ -122,6 +122,41 @@ def test_a_skipped_version_is_tried_again_when_only_its_permissions_change(tmp_p
     assert skipped == [1, 1]
 
 
+def test_a_version_that_fails_to_load_holds_up_no_other_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process: loading model a's new version raises what its files do not explain, a GPU out of memory
+    (raised by hand: there is no GPU here). The poll goes on to model b's new version and the drain; the next
+    poll tries a's again. The first failure ended the poll, and every poll after it while it lasted."""
+    repository = tmp_path / "repo"
+    for name in ("a", "b"):
+        add_version(repository, name, 1)
+    settings = Settings(model_repository=repository, default_model="a", repository_poll_seconds=0, device="cpu")
+    registry = Registry(settings, Repository(root=repository), torch.device("cpu"), Metrics())
+    registry.open()
+    for name in ("a", "b"):
+        add_version(repository, name, 2, seed=1)
+    full = [True]
+    load = Repository.load
+
+    def load_on_a_full_gpu(self: Repository, where: Any, device: torch.device) -> Any:
+        if where.model == "a" and full[0]:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (raised by the test)")
+        return load(self, where, device)
+
+    monkeypatch.setattr(Repository, "load", load_on_a_full_gpu)
+
+    async def scenario() -> list[dict[str, list[int]]]:
+        await registry.start()
+        listed = []
+        for _ in range(2):
+            await registry.poll()
+            listed.append({name: sorted(model.versions) for name, model in registry.models.items()})
+            full[0] = False
+        await registry.stop()
+        return listed
+
+    assert asyncio.run(scenario()) == [{"a": [1], "b": [2]}, {"a": [2], "b": [2]}]  # version 1s drained: no sessions
+
+
 def test_models_are_listed_and_each_has_its_own_routes_and_sessions(
     server_factory: ServerFactory, tmp_path: Path
 ) -> None:
