@@ -638,19 +638,16 @@ def test_at_shutdown_a_chunk_handed_to_its_session_s_version_is_answered(tmp_pat
     registry = _in_process_registry(tmp_path, request_timeout_seconds=5)
     chunks = series(16, seed=6).reshape(2, 8, 1)
 
-    async def scenario() -> tuple[bytes, float]:
+    async def scenario() -> bytes:
         await registry.start()
         model = registry.models["m"]
         await model.engine.predict("t/s", chunks[0], 0, 0)  # the session lives on version 1
         (await _warm_version_2(registry))()
         pending = model.engine.enqueue("t/s", chunks[1], 8, 0)  # the newest's engine, as a route sends it
-        began = time.perf_counter()
         await registry.stop()
-        return await pending, time.perf_counter() - began
+        return await pending  # TimedOut (503) where it waited at a stopped engine
 
-    answer, seconds = asyncio.run(scenario())
-    assert json.loads(answer)["position"] == 16
-    assert seconds < 2, seconds
+    assert json.loads(asyncio.run(scenario()))["position"] == 16
 
 
 def _stopped_with_two_versions(
