@@ -101,9 +101,12 @@ class ServedModel:
                     self._pin(key, previous)
 
     def remove(self, version: LoadedVersion) -> None:
-        """Out of the listing and the routing: nothing new reaches it."""
+        """Out of the listing and the routing: nothing new reaches it, and no hint to it is kept (the hints
+        would keep its weights in memory)."""
         del self.versions[version.number]
         self._newest = self.versions[max(self.versions)] if self.versions else None
+        for key in [k for k, v in self._pins.items() if v is version]:
+            del self._pins[key]
 
     @property
     def engine(self) -> Engine:
@@ -120,11 +123,6 @@ class ServedModel:
         self._pins[key] = version
         if len(self._pins) > MAX_PINS:
             self._pins.popitem(last=False)
-
-    def forget_pins(self, version: LoadedVersion) -> None:
-        """Drop the hints to an unloading version (they would keep its weights in memory)."""
-        for key in [k for k, v in self._pins.items() if v is version]:
-            del self._pins[key]
 
     def state_of(self, version: LoadedVersion) -> str:
         return SERVING if version is self.newest else DRAINING
@@ -441,7 +439,6 @@ class Registry:
     async def _unload_version(self, model: ServedModel, version: LoadedVersion, why: str) -> None:
         """Out of the routing first (nothing new reaches it), then its engine finishes what it holds."""
         model.remove(version)
-        model.forget_pins(version)
         await version.engine.stop()
         _forget_series(self.metrics, model, version)
         log.info("model version unloaded", extra={"fields": {
