@@ -233,9 +233,17 @@ def _answer(response: httpx.Response) -> dict[str, Any]:
 def _position(response: httpx.Response, body: dict[str, Any]) -> int:
     """The ``position`` of a session's answer, a count of steps."""
     position = body.get("position")
-    if type(position) is not int or position < 0:
-        raise _bad(response, f"position {position!r} is not a count of steps")
+    if (why := _not_a_count(position)) is not None:
+        raise _bad(response, why)
+    assert isinstance(position, int)  # _not_a_count saw to it
     return position
+
+
+def _not_a_count(position: Any) -> str | None:
+    """Why ``position`` (from an answer) is no count of steps; None when it is one."""
+    if type(position) is not int or position < 0:
+        return f"position {position!r} is not a count of steps"
+    return None
 
 
 def unusable_answer(body: dict[str, Any], steps: int, offset: int | None) -> str | None:
@@ -249,8 +257,8 @@ def unusable_answer(body: dict[str, Any], steps: int, offset: int | None) -> str
         return "no model_version"
     if offset is not None:
         position = body.get("position")
-        if type(position) is not int or position < 0:
-            return f"position {position!r} is not a count of steps"
+        if (why := _not_a_count(position)) is not None:
+            return why
         if position != offset + steps:
             return (f"position {position} after {steps} step(s) sent at offset {offset}; the session should be at"
                     f" {offset + steps}")
