@@ -3,9 +3,9 @@ latency by route template and status, and one JSON access-log line per request (
 its frames and close code). A request refused before routing (auth, body limit) is counted under the
 template its path matches, so a 401 or 413 on a predict route is counted there, and so is a refused
 WebSocket upgrade, under method ``WS`` (an accepted stream's chunks are counted as they are answered,
-``service.api.stream``). Every label is from a bounded set: a
-method outside RFC 9110's and PATCH is counted as ``other`` (uvicorn passes any of some 35 methods, which
-took an anonymous caller's 1,100 requests from 1,400 series to 22,700). Never logs bodies, values or keys."""
+``service.api.stream``). Every label is from a bounded set: a method outside RFC 9110's and PATCH is counted
+as ``other`` (uvicorn passes any of some 35 methods, which took an anonymous caller's 1,100 requests from
+1,400 series to 22,700). Never logs bodies, values or keys."""
 
 from __future__ import annotations
 
