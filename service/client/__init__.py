@@ -188,9 +188,13 @@ def _rows(values: Values) -> list[Any]:
 
 
 def _chunks(values: Values, chunk: int) -> Iterator[list[Any]]:
-    rows = _rows(values)
-    for start in range(0, len(rows), chunk):
-        yield rows[start : start + chunk]
+    """``values`` a chunk at a time, each made a list as it is sent: a long series is never copied whole."""
+    if not (hasattr(values, "__len__") and hasattr(values, "__getitem__")):  # an iterator: taken whole
+        values = _rows(values)
+    if not len(values):
+        raise ValueError("values is empty; send at least one step")
+    for start in range(0, len(values), chunk):
+        yield _rows(values[start : start + chunk])
 
 
 def _check_id(session_id: str) -> str:

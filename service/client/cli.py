@@ -18,14 +18,16 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import itertools
 import math
 import os
 import re
 import signal
 import sys
+from array import array
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, overload
 
 import httpx
 
@@ -59,35 +61,82 @@ def _shape(cell: str) -> str:
     return re.sub(r"[0-9]+", "9", re.sub(r"[^\W\d_]+", "a", cell.strip()))
 
 
-def read_csv(
-    path: Path, features: Sequence[str], columns: Sequence[str] | None
-) -> tuple[list[str], list[list[float]]]:
-    """(column names, rows) of the model's inputs from a CSV, with or without a header row.
+class Rows(Sequence[list[float]]):
+    """A CSV's rows of floats in one flat array of doubles: 8 bytes a value where a list of floats takes
+    about 32, and the cells' strings several times that, so a long series fits in memory. Slices are views;
+    ``tolist()`` is what the client sends."""
+
+    def __init__(self, values: array[float], width: int, start: int = 0, stop: int | None = None):
+        self._values, self._width = values, width
+        self._start = start
+        self._stop = len(values) // width if stop is None else stop
+
+    def __len__(self) -> int:
+        return self._stop - self._start
+
+    @overload
+    def __getitem__(self, index: int) -> list[float]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Rows: ...
+
+    def __getitem__(self, index: int | slice) -> list[float] | Rows:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                raise ValueError("rows are sliced with step 1 only")
+            return Rows(self._values, self._width, self._start + start, self._start + max(start, stop))
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"row {index} of {len(self)}")
+        at = (self._start + index % len(self)) * self._width
+        return self._values[at : at + self._width].tolist()
+
+    def tolist(self) -> list[list[float]]:
+        return [self[i] for i in range(len(self))]
+
+
+def _filled(path: Path, reader: Any) -> Iterator[tuple[int, list[str]]]:
+    """(line, cells) of each row; blank lines at the end are no rows, one before a row is refused: skipping
+    it would shift every later step against the file's time axis."""
+    blank: int | None = None
+    for row in reader:
+        if _blank(row):
+            blank = blank or reader.line_num
+            continue
+        if blank is not None:
+            raise SystemExit(f"{path}:{blank}: empty row; fill or remove it (the service takes evenly spaced"
+                             " steps)")
+        yield reader.line_num, row
+
+
+def read_csv(path: Path, features: Sequence[str], columns: Sequence[str] | None) -> tuple[list[str], Rows]:
+    """(column names, rows) of the model's inputs from a CSV, with or without a header row, read one row at a
+    time: only the picked columns' numbers are kept.
 
     Columns: ``columns`` if given; else the model's feature names when the header has them all; else the
     numeric columns, if there are as many as the model takes features."""
     try:
         with path.open(newline="", encoding="utf-8-sig") as file:  # a spreadsheet's byte-order mark is no text
-            reader = csv.reader(file)
-            table = [(reader.line_num, row) for row in reader]
+            return _read_rows(path, csv.reader(file), features, columns)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise SystemExit(f"{path}: cannot read it as a UTF-8 CSV: {exc}") from None
-    while table and _blank(table[-1][1]):  # blank lines at the end are no rows
-        table.pop()
-    if not table:
+
+
+def _read_rows(path: Path, reader: Any, features: Sequence[str],
+               columns: Sequence[str] | None) -> tuple[list[str], Rows]:
+    filled = _filled(path, reader)
+    head = list(itertools.islice(filled, 2))
+    if not head:
         raise SystemExit(f"{path} is empty")
-    blank = next((line for line, row in table if _blank(row)), None)
-    if blank is not None:  # skipping it would shift every later step against the file's time axis
-        raise SystemExit(f"{path}:{blank}: empty row; fill or remove it (the service takes evenly spaced steps)")
-    first = table[0][1]
-    second = table[1][1] if len(table) > 1 else []
+    first = head[0][1]
+    second = head[1][1] if len(head) > 1 else []
     # A header: a cell that is not a number over one that is, or over text of another shape (a column named
     # "date" over 2020-01-01; a headerless date column has one shape in every row). One row: any text.
     has_header = (any(_number(a) is None and (_number(b) is not None or _shape(a) != _shape(b))
                       for a, b in zip(first, second, strict=False))
                   if second else any(_number(cell) is None for cell in first))
     header = [cell.strip() for cell in first] if has_header else [f"column{i}" for i in range(len(first))]
-    data = table[1:] if has_header else table
+    data = head[1:] if has_header else head
     if not data:
         raise SystemExit(f"{path} has a header and no rows")
     if columns:
@@ -104,17 +153,17 @@ def read_csv(
         raise SystemExit(f"the model takes {len(features)} feature(s) ({', '.join(features)}); {path} has"
                          f" {len(picked)} numeric column(s) ({', '.join(header[i] for i in picked)}): choose"
                          " with --columns")
-    rows: list[list[float]] = []
-    for line, row in data:
+    values = array("d")
+    for line, row in itertools.chain(data, filled):
         try:
-            values = [float(row[i]) for i in picked]
+            numbers = [float(row[i]) for i in picked]
         except (ValueError, IndexError):
-            values = []
-        if len(values) != len(picked) or not all(map(math.isfinite, values)):
+            numbers = []
+        if len(numbers) != len(picked) or not all(map(math.isfinite, numbers)):
             where = ", ".join(header[i] for i in picked)
             raise SystemExit(f"{path}:{line}: not a finite number in column(s) {where}")
-        rows.append(values)
-    return [header[i] for i in picked], rows
+        values.extend(numbers)
+    return [header[i] for i in picked], Rows(values, len(picked))
 
 
 def _progress() -> Any:
@@ -340,7 +389,8 @@ def stream_csv(args: argparse.Namespace) -> int:
             try:
                 for answer in send(client, session, todo[len(predictions):], args):
                     out_file.append(answer.predictions)
-                    predictions.extend(answer.predictions)
+                    if args.plot:  # only the plot needs them all: the file has them
+                        predictions.extend(answer.predictions)
                     if progress:
                         progress.update(task, advance=len(answer.predictions))
             except ModelChanged as exc:

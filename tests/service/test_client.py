@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from array import array
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from service.client import (
     SessionNotFound,
     Unavailable,
 )
-from service.client.cli import PredictionsFile, _earlier_rows, read_csv
+from service.client.cli import PredictionsFile, Rows, _earlier_rows, read_csv
 from tests.conftest import Server
 from tests.service.helpers import new_id, position, series, stateless
 from tests.service.proxy import LoopbackProxy
@@ -365,15 +366,21 @@ def test_cli_explains_a_csv_it_cannot_use(server: Server, tmp_path: Path) -> Non
     assert (tmp_path / "b.csv").read_text().splitlines()[0] == "step,b,predicted_b"
 
 
+def _read(path: Path) -> tuple[list[str], list[list[float]]]:
+    """``read_csv`` for a one-feature model ("temp"), its rows as lists."""
+    names, rows = read_csv(path, ["temp"], None)
+    return names, rows.tolist()
+
+
 def test_csv_rows_are_read_in_place_or_refused_by_line(tmp_path: Path) -> None:
     """A row skipped or taken for a header would shift every later step against the file's time axis."""
     path = tmp_path / "s.csv"
     path.write_text("2020-01-01,52.0\n2020-01-02,52.5\n\n\n")  # no header; blank lines at the end only
-    assert read_csv(path, ["temp"], None) == (["column1"], [[52.0], [52.5]])
+    assert _read(path) == (["column1"], [[52.0], [52.5]])
     path.write_text("date,1001\n2020-01-01,5\n2020-01-02,6\n")  # a header whose column name is a number
-    assert read_csv(path, ["temp"], None) == (["1001"], [[5.0], [6.0]])
+    assert _read(path) == (["1001"], [[5.0], [6.0]])
     path.write_text("\ufefftemp\n1.5\n", encoding="utf-8")  # a spreadsheet's byte-order mark
-    assert read_csv(path, ["temp"], None) == (["temp"], [[1.5]])
+    assert _read(path) == (["temp"], [[1.5]])
     path.write_text("time,temp\n1,52.0\n\n3,53.0\n")
     with pytest.raises(SystemExit, match=r"s\.csv:3: empty row"):
         read_csv(path, ["temp"], None)
@@ -613,10 +620,29 @@ def test_cli_resume_does_not_extend_a_file_of_other_columns(server: Server, tmp_
     assert _steps(out) == [str(step) for step in range(10, 15)]  # a new file, not y's rows under x's header
 
 
+def test_rows_index_and_slice_as_the_lists_they_hold() -> None:
+    """The CLI's rows are one flat array: every index and slice (views, and slices of them) reads as the
+    same on a list of lists."""
+    table = [[float(i), float(-i)] for i in range(7)]
+    rows = Rows(array("d", [v for row in table for v in row]), 2)
+    bounds = [None, *range(-9, 10)]
+    for start in bounds:
+        for stop in bounds:
+            view, expected = rows[start:stop], table[start:stop]
+            assert view.tolist() == expected and len(view) == len(expected)
+            assert [view[i] for i in range(-len(view), len(view))] == expected + expected
+            assert view[1:-1].tolist() == expected[1:-1]
+    for outside in (7, -8):
+        with pytest.raises(IndexError):
+            rows[outside]
+    with pytest.raises(ValueError, match="step 1"):
+        rows[::2]
+
+
 def test_model_feature_picked_by_name_among_other_numeric_columns(tmp_path: Path) -> None:
     path = tmp_path / "s.csv"
     path.write_text("pressure,temp\n1.0,52.0\n2.0,52.5\n")
-    assert read_csv(path, ["temp"], None) == (["temp"], [[52.0], [52.5]])
+    assert _read(path) == (["temp"], [[52.0], [52.5]])
 
 
 def test_cli_killed_before_its_first_answer_leaves_a_file_resume_completes(
