@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -38,6 +39,9 @@ log = logging.getLogger("service.models")
 SERVING, DRAINING = "serving", "draining"
 _DRAIN_POLL_SECONDS = 0.005  # at shutdown, how often to look whether every engine has finished its chunks
 MAX_PINS = 100_000  # routing hints kept per model (each a key and a reference)
+# A version number as a reference may spell it: ASCII digits ("²" is a digit to str.isdigit, not to int), and
+# few enough that int() takes them (it refuses over 4,300)
+_VERSION_NUMBER = re.compile(r"[0-9]{1,18}")
 
 
 class StartupError(RuntimeError):
@@ -136,7 +140,7 @@ class ServedModel:
 
     def find(self, reference: str) -> LoadedVersion | None:
         """A loaded version by its number ("2") or its hash."""
-        if reference.isdigit() and int(reference) in self.versions:
+        if _VERSION_NUMBER.fullmatch(reference) and int(reference) in self.versions:
             return self.versions[int(reference)]
         return self.by_hash(reference)
 
@@ -241,15 +245,7 @@ class Registry:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
         async with self._lock:
-            engines = [version.engine for model in self.models.values() for version in model.versions.values()]
-            for engine in engines:
-                engine.refuse_new()
-            # Until no engine holds a chunk, none stops: a chunk one engine hands to another (its session's
-            # version) must find it taking chunks, where a stopped one would leave it to its timeout.
-            while any(engine.busy for engine in engines):
-                await asyncio.sleep(_DRAIN_POLL_SECONDS)
-            for engine in engines:
-                await engine.stop()
+            await _finish([version.engine for model in self.models.values() for version in model.versions.values()])
             if before_close is not None:
                 await before_close()
             for model in self.models.values():
@@ -305,8 +301,8 @@ class Registry:
             if model is None:
                 raise RegistryRefusal(404, f"model {name!r} is not loaded")
             self.unloaded.add(name)
+            await _finish([version.engine for version in model.versions.values()])
             for version in model.versions.values():
-                await version.engine.stop()
                 _forget_series(self.metrics, model, version)
             await model.store.close()
             log.info("model unloaded", extra={"fields": {"model": name}})
@@ -400,9 +396,11 @@ class Registry:
             for version in list(model.versions.values()):
                 if version is model.newest:
                     continue
-                needed = not model.replay and model.by_hash(version.model_version) is version and (
+                # A version still holding chunks is needed too: the counts miss a session its first chunk is
+                # creating, and its pins keep a session's later chunks behind the ones it holds.
+                has_sessions = not model.replay and model.by_hash(version.model_version) is version and (
                     model.sessions.get(version.model_version, 0) > 0)
-                if not needed:
+                if not has_sessions and not version.engine.busy:
                     await self._unload_version(model, version, "drained")
         _publish(self.metrics, self.models)
 
@@ -451,6 +449,18 @@ class Registry:
                 await self.poll()
             except Exception:  # a bug or a full disk must not end polling
                 log.exception("model repository poll failed")
+
+
+async def _finish(engines: list[Engine]) -> None:
+    """Let ``engines`` answer every chunk they hold, then stop them. Each refuses new chunks at once, but
+    none stops while another holds a chunk: a chunk one hands to another (its session's version) must find
+    it taking chunks, where a stopped one would leave it to its timeout."""
+    for engine in engines:
+        engine.refuse_new()
+    while any(engine.busy for engine in engines):
+        await asyncio.sleep(_DRAIN_POLL_SECONDS)
+    for engine in engines:
+        await engine.stop()
 
 
 def _layout(loaded: Loaded) -> tuple[int, int, int]:

@@ -33,7 +33,9 @@ class ModelSnapshots:
     def __init__(self, settings: Settings, registry: Registry):
         self._settings = settings
         self._registry = registry
-        self._keepers: dict[str, SnapshotKeeper | None] = {}
+        # per model name, the keeper of the ServedModel it serves: a model unloaded and loaded again is a new
+        # ServedModel with a new store, and gets a new keeper
+        self._keepers: dict[str, tuple[ServedModel, SnapshotKeeper | None]] = {}
         self._periodic: asyncio.Task[None] | None = None
         if self.enabled:  # a path no snapshot can be written to stops start-up here, not at the first save
             self._current(refuse=True)
@@ -43,14 +45,17 @@ class ModelSnapshots:
         return self._settings.snapshot_path is not None
 
     def _keeper(self, model: ServedModel, refuse: bool) -> SnapshotKeeper | None:
-        """``model``'s keeper, made at its first use. ``refuse``: a path no snapshot can be written to raises
-        (start-up); for a model that appeared while serving it costs that model's snapshots only, with one
-        error line, never the others' (the periodic save and the final one go on)."""
-        if model.name not in self._keepers:
+        """``model``'s keeper, made at its first use (a model unloaded and loaded again is a new one, with a new
+        store). ``refuse``: a path no snapshot can be written to raises (start-up); for a model that appeared
+        while serving it costs that model's snapshots only, with one error line, never the others' (the
+        periodic save and the final one go on)."""
+        kept = self._keepers.get(model.name)
+        if kept is None or kept[0] is not model:
             base = self._settings.snapshot_path
             assert base is not None
+            keeper: SnapshotKeeper | None = None
             try:
-                self._keepers[model.name] = SnapshotKeeper.from_settings(
+                keeper = SnapshotKeeper.from_settings(
                     self._settings, model.raw_store, lambda: model.engine.model_version,
                     lambda: self._registry.hashes_on_disk(model.name), model.state_size,
                     path=snapshot_path(base, model.name, model.name == self._registry.default), periodic=False,
@@ -60,8 +65,8 @@ class ModelSnapshots:
                     raise
                 log.error(f"model {model.name}'s sessions will not be snapshotted: {exc}",
                           extra={"fields": {"model": model.name}})
-                self._keepers[model.name] = None
-        return self._keepers[model.name]
+            kept = self._keepers[model.name] = (model, keeper)
+        return kept[1]
 
     def _current(self, refuse: bool = False) -> list[SnapshotKeeper]:
         return [k for m in list(self._registry.models.values()) if (k := self._keeper(m, refuse)) is not None]

@@ -173,10 +173,15 @@ _INFER_DOC: dict[str, Any] = {
 }
 
 
-async def _infer(request: Request, model: ServedModel, engine: Engine, settings: Settings, tenant: str) -> Response:
+async def _infer(request: Request, name: str, version: str | None, settings: Settings, tenant: str) -> Response:
+    _served(request, name, version)  # an unknown model or version is refused before its body is read
+    body = await request.body()
+    # Looked up again once the body is in: while it arrived, a new version may have become the newest and the
+    # one looked up been drained, its engine stopped (a stopped engine refuses chunks as at shutdown).
+    model, engine = _served(request, name, version)
     lengths = request.headers.getlist(HEADER_LENGTH)  # several lines are one list, which no length parses as
     call = parse_infer(
-        await request.body(), ", ".join(lengths) if lengths else None, features=engine.forecaster.num_features,
+        body, ", ".join(lengths) if lengths else None, features=engine.forecaster.num_features,
         max_steps=settings.max_chunk_steps, max_horizon=settings.max_horizon,
     )
     parameters: dict[str, Any] = {}
@@ -185,8 +190,9 @@ async def _infer(request: Request, model: ServedModel, engine: Engine, settings:
         answer = await engine.predict(None, call.values, None, call.horizon, extras=extras)
     else:
         key = session_key(tenant, call.session_id)
-        if call.sequence_start:
-            answer = await engine.predict(key, call.values, 0, call.horizon, restart=True, extras=extras)
+        if call.sequence_start:  # queued behind the session's chunks sent before it, wherever they wait
+            answer = await model.engine_for(key).predict(key, call.values, 0, call.horizon, restart=True,
+                                                         extras=extras)
         else:
             answer = await _continue(model.engine_for(key), key, call.sequence_id, call, extras)
         if call.sequence_end:
@@ -227,8 +233,7 @@ async def _end(engine: Engine, key: str) -> None:
 @router.post("/models/{model_name}/infer", summary="Inference (JSON or binary tensors, sequences)",
              openapi_extra=_INFER_DOC)
 async def infer(model_name: ModelName, request: Request, settings: SettingsDep, tenant: TenantDep) -> Response:
-    model, engine = _served(request, model_name, None)
-    return await _infer(request, model, engine, settings, tenant)
+    return await _infer(request, model_name, None, settings, tenant)
 
 
 @router.post("/models/{model_name}/versions/{model_version}/infer", summary="Inference on one model version",
@@ -236,8 +241,7 @@ async def infer(model_name: ModelName, request: Request, settings: SettingsDep, 
 async def infer_version(
     model_name: ModelName, model_version: ModelVersion, request: Request, settings: SettingsDep, tenant: TenantDep,
 ) -> Response:
-    model, engine = _served(request, model_name, model_version)
-    return await _infer(request, model, engine, settings, tenant)
+    return await _infer(request, model_name, model_version, settings, tenant)
 
 
 @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)

@@ -31,6 +31,7 @@ from model.checkpoint import MAX_CONFIG_BYTES
 from service.config import Settings
 from service.metrics import Metrics
 from service.models import Registry
+from service.refusals import Refusal
 from service.repository import Repository
 from tests.conftest import ServerFactory, make_tiny_model, refused_start_log
 from tests.service.helpers import assert_problem, new_id, send, series
@@ -650,6 +651,152 @@ def test_at_shutdown_a_chunk_handed_to_its_session_s_version_is_answered(tmp_pat
     assert json.loads(asyncio.run(scenario()))["position"] == 16
 
 
+LONG = 200_000  # steps: a chunk that keeps version 1's compute thread busy while a poll loads version 2
+
+
+def _position_or_refusal(future: asyncio.Future[bytes]) -> Any:
+    try:
+        return json.loads(future.result())["position"]
+    except Refusal as refused:
+        return f"{type(refused).__name__}: {refused}"
+
+
+def test_a_session_whose_first_chunk_computes_as_a_version_is_listed_keeps_its_version(tmp_path: Path) -> None:
+    """In-process: a new session's first chunk is computing on version 1 as a poll lists version 2. The
+    poll's drain counted no session on version 1 (the chunk had not committed) and unloaded it; its engine,
+    finishing, created the session on version 1's weights, and the session's next chunk got 409
+    model-changed. A version still holding chunks is not drained."""
+    registry = _in_process_registry(tmp_path)
+    values = series(LONG + 8, seed=3)
+
+    async def scenario() -> Any:
+        await registry.start()
+        model = registry.models["m"]
+        first = model.engine.enqueue("t/s", values[:LONG], None, 0)
+        while model.engine.queue:  # taken into a batch: computing
+            await asyncio.sleep(0.001)
+        add_version(registry.repository.root, "m", 2, seed=1)
+        await registry.poll()  # lists version 2 and drains
+        await first
+        second = model.engine_for("t/s").enqueue("t/s", values[LONG:], LONG, 0)
+        await asyncio.wait({second})
+        await registry.stop()
+        return _position_or_refusal(second)
+
+    assert asyncio.run(scenario()) == LONG + 8
+
+
+def test_a_new_session_s_chunks_keep_their_order_when_a_poll_lists_a_version_and_drains(tmp_path: Path) -> None:
+    """In-process: a new session appending without offsets has its first chunk waiting at version 1 (busy
+    with another session's long chunk) as a poll lists version 2, and sends its second once version 1 is no
+    longer the newest. ``ServedModel.add`` pinned the session to version 1; the same poll's drain unloaded
+    version 1 and took the pin with it, so the second chunk went to version 2, created the session there and
+    the first was applied after it (positions 16, 8)."""
+    registry = _in_process_registry(tmp_path)
+    busy = series(LONG, seed=4)
+    chunks = series(16, seed=5).reshape(2, 8, 1)
+
+    async def scenario() -> list[Any]:
+        await registry.start()
+        model = registry.models["m"]
+        other = model.engine.enqueue("t/other", busy, None, 0)
+        while model.engine.queue:  # taken: computing
+            await asyncio.sleep(0.001)
+        early = model.engine_for("t/s").enqueue("t/s", chunks[0], None, 0)  # waits behind it at version 1
+        add_version(registry.repository.root, "m", 2, seed=1)
+        polling = asyncio.ensure_future(registry.poll())
+        while model.newest.number == 1 and not polling.done():
+            await asyncio.sleep(0.001)
+        late = model.engine_for("t/s").enqueue("t/s", chunks[1], None, 0)
+        await asyncio.wait({other, early, late, polling})
+        await registry.stop()
+        return [_position_or_refusal(early), _position_or_refusal(late)]
+
+    assert asyncio.run(scenario()) == [8, 16]
+
+
+def test_unloading_a_model_answers_a_chunk_its_newest_version_hands_to_an_older_one(tmp_path: Path) -> None:
+    """In-process: the repository API unloads model b while a chunk of a session pinned to version 1 waits at
+    the newest, version 2. ``Registry.unload`` stopped the versions one after another, and version 2's engine
+    handed the chunk to version 1's, already stopped: it waited for its timeout (503) after unload returned.
+    Unload now lets every version finish before any stops, as shutdown does."""
+    repository = tmp_path / "repo"
+    add_version(repository, "a", 1)
+    add_version(repository, "b", 1, seed=3)
+    registry = Registry(Settings(model_repository=repository, default_model="a", repository_poll_seconds=0,
+                                 device="cpu", request_timeout_seconds=5),
+                        Repository(root=repository), torch.device("cpu"), Metrics())
+    registry.open()
+    chunks = series(16, seed=6).reshape(2, 8, 1)
+
+    async def scenario() -> tuple[bool, Any]:
+        await registry.start()
+        model = registry.models["b"]
+        await model.engine.predict("t/s", chunks[0], 0, 0)  # the session lives on version 1
+        add_version(repository, "b", 2, seed=1)
+        await registry.poll()  # version 2 serves; version 1 keeps its session
+        assert sorted(model.versions) == [1, 2]
+        pending = model.engine.enqueue("t/s", chunks[1], 8, 0)  # at the newest, as a route sends it
+        await registry.unload("b")
+        answered = pending.done()
+        await asyncio.wait({pending})
+        await registry.stop()
+        return answered, _position_or_refusal(pending)
+
+    assert asyncio.run(scenario()) == (True, 16)
+
+
+def test_a_v2_sequence_start_does_not_overtake_the_chunk_sent_before_it(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """Session s lives on version 1 as version 2 serves. It appends (no offset) while version 1 computes
+    another session's long chunk, then starts its sequence again over v2. The restart went to the newest
+    engine and was judged first, and the append sent before it applied on top: position 16, where the
+    restart, sent last, leaves 8. It now queues behind the append, wherever that waits."""
+    repository, server = polled_repository(server_factory, tmp_path, GRU_MAX_CHUNK_STEPS=str(LONG),
+                                           GRU_MAX_BODY_BYTES=str(16 * 1024 * 1024))
+    busy = series(LONG, seed=4)
+    chunks = series(24, seed=5).reshape(3, 8, 1)
+    s, other = new_id(), new_id()
+    restart = {"inputs": [{"name": "values", "shape": [8, 1], "datatype": "FP32", "data": chunks[2].ravel().tolist()}],
+               "parameters": {"sequence_id": s, "sequence_start": True}}
+    with httpx.Client(base_url=server.url, timeout=60) as client, ThreadPoolExecutor(2) as pool:
+        send(client, s, chunks[0], offset=0)
+        send(client, other, busy[:8], offset=0)
+        add_version(repository, "m", 2, seed=1)
+        wait_for(lambda: "2" in versions(client, "m"))  # version 1 stays for its two sessions
+        long = pool.submit(client.post, f"/v1/sessions/{other}/predict",
+                           json={"values": busy[8:].tolist(), "offset": 8})
+        time.sleep(0.5)  # version 1 computes it: seconds
+        append = pool.submit(client.post, f"/v1/sessions/{s}/predict", json={"values": chunks[1].tolist()})
+        time.sleep(0.2)  # the append waits at version 1
+        restarted = client.post("/v2/models/m/infer", json=restart)
+        assert restarted.status_code == 200, restarted.text
+        assert long.result().status_code == append.result().status_code == 200
+        assert client.get(f"/v1/sessions/{s}").json()["position"] == 8
+
+
+def test_a_v2_infer_whose_body_arrives_as_its_version_is_drained_is_answered(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """A stateless v2 infer sends its headers and part of its body; version 2 is published and version 1,
+    with no session, drained; then the rest of the body arrives. The route had taken version 1's engine
+    before reading the body, and the stopped engine refused the chunk as at shutdown (503)."""
+    repository, server = polled_repository(server_factory, tmp_path)
+    body = json.dumps({"inputs": [{"name": "values", "shape": [3, 1], "datatype": "FP32",
+                                   "data": [0.1, 0.2, 0.3]}]}).encode()
+    with httpx.Client(base_url=server.url, timeout=30) as client, \
+            socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"POST /v2/models/m/infer HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\n\r\n" % len(body) + body[:10])
+        time.sleep(0.3)  # the route waits for the rest of its body
+        add_version(repository, "m", 2, seed=1)
+        wait_for(lambda: list(versions(client, "m")) == ["2"])
+        sock.sendall(body[10:])
+        head = sock.recv(65536)
+    assert head.startswith(b"HTTP/1.1 200 "), head.decode(errors="replace")
+
+
 def _stopped_with_two_versions(
     server_factory: ServerFactory, tmp_path: Path, seed: int
 ) -> tuple[Path, dict[str, str], np.ndarray, str, str, np.ndarray]:
@@ -732,6 +879,36 @@ def test_a_snapshot_keeps_every_models_sessions_across_a_restart(
     assert body_a["position"] == 30 and body_b.json()["position"] == 30
     np.testing.assert_allclose(body_a["predictions"], whole["a"][12:], atol=1e-6)
     np.testing.assert_allclose(body_b.json()["predictions"], whole["b"][12:], atol=1e-6)
+
+
+def test_a_model_unloaded_and_loaded_again_has_its_new_sessions_snapshotted(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """Model b is unloaded and loaded again through the repository API: a new store. The snapshots kept the
+    keeper made for the first one, so the final snapshot wrote the unloaded store: the sessions made since
+    were lost at the restart, and the unloaded model's session came back."""
+    repository, path = tmp_path / "repo", tmp_path / "state" / "sessions.safetensors"
+    add_version(repository, "a", 1)
+    add_version(repository, "b", 1, seed=3)
+    env = {"GRU_MODEL_REPOSITORY": str(repository), "GRU_DEFAULT_MODEL": "a", "GRU_SNAPSHOT_PATH": str(path),
+           "GRU_REPOSITORY_POLL_SECONDS": "0"}
+    first = server_factory(**env)
+    with httpx.Client(base_url=first.url, timeout=30) as client:
+        def start_on_b(session: str, steps: int) -> None:
+            answer = client.post(f"/v1/models/b/sessions/{session}/predict",
+                                 json={"values": series(steps).tolist(), "offset": 0})
+            assert answer.status_code == 200, answer.text
+
+        start_on_b("old", 4)
+        assert client.post("/v2/repository/models/b/unload").status_code == 200
+        assert client.post("/v2/repository/models/b/load").status_code == 200
+        assert client.get("/v1/models/b/sessions/old").status_code == 404  # its sessions went with it
+        start_on_b("new", 5)
+    assert first.stop() in (0, -signal.SIGTERM)
+    second = server_factory(**env)
+    with httpx.Client(base_url=second.url, timeout=30) as client:
+        found = {s: client.get(f"/v1/models/b/sessions/{s}").status_code for s in ("old", "new")}
+    assert found == {"old": 404, "new": 200}
 
 
 def test_a_model_added_while_serving_whose_snapshot_cannot_be_written_costs_only_its_own(

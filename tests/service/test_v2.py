@@ -110,6 +110,17 @@ def test_unknown_model_or_version_is_404_that_tritonclient_reads(
     _assert_v2_error(client.get(f"/v2/models/{model['name']}/config"), 404)  # not served, still readable
 
 
+def test_a_version_reference_that_only_looks_like_a_number_is_a_404(
+    model: dict[str, Any], client: httpx.Client
+) -> None:
+    """A version is looked up by number when its reference is all digits: "²" is a digit to ``str.isdigit``
+    but not to ``int()``, nor is a number of 5,000 digits (over Python's limit): both were a 500."""
+    for reference in ("%C2%B2", "9" * 5000):
+        for method, suffix in (("GET", ""), ("GET", "/ready"), ("POST", "/infer")):
+            answer = client.request(method, f"/v2/models/{model['name']}/versions/{reference}{suffix}", json={})
+            _assert_v2_error(answer, 404)
+
+
 def test_served_path_with_another_method_is_405_naming_the_methods(client: httpx.Client,
                                                                    model: dict[str, Any]) -> None:
     """The catch-all for unserved /v2 paths matched these too, answering 404 "not served here" for a GET
