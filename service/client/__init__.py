@@ -188,8 +188,9 @@ def _rows(values: Values) -> list[Any]:
 
 
 def _chunks(values: Values, chunk: int) -> Iterator[list[Any]]:
-    """``values`` a chunk at a time, each made a list as it is sent: a long series is never copied whole."""
-    if not (hasattr(values, "__len__") and hasattr(values, "__getitem__")):  # an iterator: taken whole
+    """``values`` a chunk at a time, each made a list as it is sent: a long series (a list, a numpy array, the
+    CLI's rows) is never copied whole. Anything else (an iterator, a deque) is listed first."""
+    if not isinstance(values, list | tuple) and not hasattr(values, "tolist"):
         values = _rows(values)
     if not len(values):
         raise ValueError("values is empty; send at least one step")

@@ -10,12 +10,14 @@ progress bar and plot); export, import and fork a session's state:
 
 Reading the CSV in place (a header told by its cells' shape, blank or non-finite rows refused by line), a
 predictions file written as the answers come, which a stream stopped in any way (Ctrl-C, SIGTERM, SIGHUP,
-SIGKILL) leaves whole and ``--resume`` extends.
+SIGKILL) leaves whole and ``--resume`` extends (over the WebSocket a SIGKILL can leave up to ``--window``
+chunks without their answers: docs/interop.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import itertools
@@ -27,7 +29,7 @@ import sys
 from array import array
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, TextIO, overload
+from typing import TYPE_CHECKING, Any, TextIO, overload
 
 import httpx
 
@@ -42,6 +44,9 @@ from service.client import (
     Session,
     SessionNotFound,
 )
+
+if TYPE_CHECKING:  # websockets, which the stream needs, is loaded only by those who stream
+    from service.client.stream import StreamSession
 
 
 def _number(text: str) -> float | None:
@@ -179,28 +184,41 @@ def _header(names: Sequence[str]) -> list[str]:
     return ["step", *names, *(f"predicted_{n}" for n in names)]
 
 
-def _earlier_rows(path: Path, names: Sequence[str], truth: Sequence[Sequence[float]]) -> list[list[str]]:
-    """The rows of an earlier run's predictions file for this series; none if there is no such file, or it
-    was written for other columns or a series whose values differ from ``truth``."""
-    if not path.exists():
-        return []
+def _complete_lines(file: TextIO) -> Iterator[str]:
+    """The file's lines that end where a line ends: a row cut short (a crash mid-write) is no row."""
+    for line in file:
+        if line.endswith("\n"):
+            yield line
+
+
+def _earlier_rows(path: Path, names: Sequence[str]) -> Iterator[tuple[int, list[str]]]:
+    """(step, cells) of each row of an earlier run's predictions file for columns ``names``, read a row at a
+    time; nothing for a file with another header. ValueError for a row that is not a step's."""
     with path.open(newline="") as file:
-        text = file.read()
-    text = text[: text.rfind("\n") + 1]  # a row cut short (a crash mid-write) is no row
-    earlier = list(csv.reader(io.StringIO(text)))
-    if not earlier or earlier[0] != _header(names):
-        return []
-    for row in earlier[1:]:
-        if len(row) != len(earlier[0]) or not row[0].isdigit():
-            return []
-        step, actual = int(row[0]), row[1 : 1 + len(names)]
-        if any(actual):  # blank in the last row of a run: the step after its series
-            try:
-                if step >= len(truth) or [float(cell) for cell in actual] != list(truth[step]):
-                    return []
-            except ValueError:
-                return []
-    return earlier[1:]
+        rows = csv.reader(_complete_lines(file))
+        if next(rows, None) != _header(names):
+            return
+        for row in rows:
+            if len(row) != 1 + 2 * len(names) or not row[0].isdigit():
+                raise ValueError(f"not a row of steps: {row[:4]}")
+            yield int(row[0]), row
+
+
+def _earlier_end(path: Path, names: Sequence[str], truth: Sequence[Sequence[float]]) -> int | None:
+    """The last step of an earlier run's predictions file for this series; None if there is no such file, or
+    it was written for other columns or a series whose values differ from ``truth``."""
+    if not path.exists():
+        return None
+    end = None
+    try:
+        for step, row in _earlier_rows(path, names):
+            actual = row[1 : 1 + len(names)]
+            if any(actual) and (step >= len(truth) or [float(cell) for cell in actual] != list(truth[step])):
+                return None  # blank in the last row of a run: the step after its series
+            end = step
+    except ValueError:
+        return None
+    return end
 
 
 class PredictionsFile:
@@ -216,10 +234,11 @@ class PredictionsFile:
     """
 
     def __init__(self, path: Path, names: Sequence[str], truth: Sequence[Sequence[float]], start: int,
-                 earlier: Sequence[list[str]] = ()):
-        """``earlier``: the rows of the file a resumed stream extends (``_earlier_rows``)."""
+                 extends: bool = False):
+        """``extends``: the file at ``path`` is an earlier run's for this series (``_earlier_end``), which a
+        resumed stream extends."""
         self.path, self.names, self.truth, self.start = path, names, truth, start
-        self.earlier = earlier
+        self.extends = extends
         self.end = start  # the step of the last row written
         self._file: TextIO | None = None
 
@@ -231,19 +250,12 @@ class PredictionsFile:
         """Write the head of the file: the header, the run before's rows, the row for ``start``."""
         if self._file is not None:
             return
-        kept: list[list[str]] = []
-        carried: Sequence[Any] = [""] * len(self.names)  # the prediction for step ``start``, made by the run before
-        if self.start > 0:
-            earlier = [row for row in self.earlier if int(row[0]) <= self.start]
-            if earlier and int(earlier[-1][0]) == self.start:
-                kept, carried = earlier[:-1], earlier[-1][1 + len(self.names):]
         written = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         file = written.open("w", newline="")
         try:
             writer = csv.writer(file)
             writer.writerow(_header(self.names))
-            writer.writerows(kept)
-            writer.writerow(self._row(self.start, carried))
+            writer.writerow(self._row(self.start, self._kept(file, writer)))
             file.flush()
             os.replace(written, self.path)
         except BaseException:
@@ -251,6 +263,27 @@ class PredictionsFile:
             written.unlink(missing_ok=True)
             raise
         self._file = file
+
+    def _kept(self, file: TextIO, writer: Any) -> Sequence[Any]:
+        """The earlier run's rows before ``start``, copied a row at a time after the header; its prediction for
+        step ``start``, which the row written next carries. Where the earlier file has no row at ``start``
+        none is kept (the prediction for it is blank)."""
+        carried: Sequence[Any] = [""] * len(self.names)
+        if not self.extends or self.start == 0:
+            return carried
+        previous: list[str] | None = None
+        for step, row in _earlier_rows(self.path, self.names):
+            if step > self.start:
+                continue
+            if previous is not None:
+                writer.writerow(previous)
+            previous = row
+        if previous is not None and int(previous[0]) == self.start:
+            return previous[1 + len(self.names) :]
+        file.seek(0)  # no row at ``start``: the copied rows go
+        file.truncate()
+        writer.writerow(_header(self.names))
+        return carried
 
     def append(self, predictions: Sequence[Sequence[float]]) -> None:
         """The rows of the steps after the last one written, each with its prediction."""
@@ -267,7 +300,7 @@ class PredictionsFile:
             self._file.close()
 
 
-def _recover_lost_answer(session: Session, path: Path, earlier: Sequence[list[str]],
+def _recover_lost_answer(session: Session, path: Path, end: int | None,
                          rows: Sequence[Sequence[float]], chunk: int) -> tuple[int, list[list[float]]]:
     """Where a resumed stream's file starts again, and the answers it lacks up to the session's position.
 
@@ -276,11 +309,11 @@ def _recover_lost_answer(session: Session, path: Path, earlier: Sequence[list[st
     the file never got its answer. Sent again as it was (same offset, same values) it is an exact retry,
     which the service answers again; tried from the file's end, then from one chunk before the session.
     Anything else (more than the last chunk missing) cannot be asked for again: refused rather than leave
-    a gap in the file or overwrite it.
+    a gap in the file or overwrite it. ``end``: the last step of the file (``_earlier_end``).
     """
-    if not earlier or int(earlier[-1][0]) >= session.position:
+    if end is None or end >= session.position:
         return session.position, []
-    end, position = int(earlier[-1][0]), session.position
+    position = session.position
     for begin in dict.fromkeys((end, position - chunk)):
         if 0 <= begin <= end:
             session.position = begin
@@ -333,10 +366,12 @@ def _over_http(client: Client, session: Session, rows: Sequence[Sequence[float]]
 
 def _over_ws(client: Client, session: Session, rows: Sequence[Sequence[float]],
              args: argparse.Namespace) -> Iterator[Prediction]:
-    """Chunks pipelined over the session's WebSocket, from where ``session`` is. An answer lost with a
-    dropped connection (not the last one) cannot be had again: the file stops before it, as one stopped by
-    a refusal does."""
-    with client.stream_session(session.id, window=args.window, resume=True) as stream:
+    """Chunks pipelined over the session's WebSocket, from where ``session`` is (the service's position only
+    with ``--resume``: a plain run starts at 0, as over HTTP). An answer lost with a dropped connection (not
+    the last one) cannot be had again: the file stops before it, as one stopped by a refusal does."""
+    if not len(rows):  # a resumed run that has nothing left to send
+        return
+    with client.stream_session(session.id, window=args.window, resume=args.resume) as stream, _finishing(stream):
         try:
             for answer in stream.stream(rows, args.chunk):
                 if stream.lost:
@@ -349,6 +384,33 @@ def _over_ws(client: Client, session: Session, rows: Sequence[Sequence[float]],
             raise SystemExit(f"the answer to steps {offset} to {offset + steps - 1} was lost with a dropped"
                              f" connection, and the session is past them (at {stream.position}): --out another"
                              " file and --resume to go on")
+
+
+@contextlib.contextmanager
+def _finishing(stream: StreamSession) -> Iterator[None]:
+    """While chunks are pipelined, the first SIGINT, SIGTERM or SIGHUP stops the sending only: the answers of
+    the chunks already sent (which the service applies whatever the client does) still come and are
+    written, so the file ends where the session is and --resume goes on from it. A second one stops at once
+    (the file then ends up to ``--window`` chunks behind its session). An ignored signal stays ignored."""
+    stopped: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        if stopped:
+            raise _Stopped(signum)
+        stopped.append(signum)
+        stream.stop()
+
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, stop)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+    if stopped:
+        raise _Stopped(stopped[0])
 
 
 def _features(model: dict[str, Any]) -> list[str]:
@@ -370,11 +432,11 @@ def stream_csv(args: argparse.Namespace) -> int:
             raise SystemExit(f"session {args.session} is at position {session.position}, past the {len(rows)}"
                              f" rows of {args.csv}")
         out = args.out or args.csv.with_name(args.csv.stem + ".predictions.csv")
-        earlier = _earlier_rows(out, names, rows) if args.resume else []
-        start, predictions = (_recover_lost_answer(session, out, earlier, rows, args.chunk) if args.resume
+        end = _earlier_end(out, names, rows) if args.resume else None
+        start, predictions = (_recover_lost_answer(session, out, end, rows, args.chunk) if args.resume
                               else (0, []))
         todo = rows[start:]
-        out_file = PredictionsFile(out, names, rows, start, earlier)
+        out_file = PredictionsFile(out, names, rows, start, end is not None)
         progress = _progress() if not args.quiet else None
         task = progress.add_task(f"session {args.session}", total=len(todo)) if progress else None
         try:

@@ -84,6 +84,15 @@ class _Window:
         self.reconnects = 0
         self._failures = 0  # failures since the last answer: a reconnect that goes through is no progress
         self._next = position  # where the next chunk starts
+        # No answer yet, so the session's position is only assumed: one chunk goes alone until one comes. A
+        # window of chunks sent at a wrong start would have the one whose offset meets the session applied.
+        self._confirmed = False
+        self.stopping = False  # ``stop()``: no more chunks are sent
+
+    def stop(self) -> None:
+        """Send no more chunks: ``stream`` ends once those already sent are answered (the CLI, stopped by a
+        signal, so keeps the answer of every chunk the service applied). Safe from a signal handler."""
+        self.stopping = True
 
     def _frame(self, rows: list[Any], fields: dict[str, Any]) -> str:
         sent = _Sent(self._next, len(rows), json.dumps({"values": rows, "offset": self._next, **fields}))
@@ -93,7 +102,7 @@ class _Window:
 
     @property
     def _full(self) -> bool:
-        return len(self.unanswered) >= self.window
+        return len(self.unanswered) >= (self.window if self._confirmed else 1)
 
     def _take(self, text: str | bytes) -> Prediction | None:
         """The answer to the oldest unanswered chunk; None when its answer was lost with a connection."""
@@ -104,25 +113,30 @@ class _Window:
         if not isinstance(answer, dict):
             raise BadAnswer(None, {"detail": f"not a JSON object: {text[:200]!r}"}, "stream answer unusable")
         status = answer.get("status")
+        sent = self.unanswered[0]
         if status is None:
-            sent = self.unanswered[0]
             if (why := unusable_answer(answer, sent.steps, sent.offset)) is not None:
                 raise BadAnswer(None, {"detail": why}, f"stream answer unusable: {why}")
-            self.unanswered.popleft()
-            self._failures = 0
             prediction = Prediction.from_json(answer)
-            self.position = sent.offset + sent.steps
+            self._answered()
             return prediction
+        if type(status) is not int:
+            raise BadAnswer(None, {"detail": f"problem frame status {status!r}"}, "stream answer unusable")
         if status in RETRY_STATUSES:
             raise _Retryable(f"problem frame {status}: {answer.get('detail', '')}")
-        sent = self.unanswered[0]
-        if status == 409 and sent.resent and int(answer.get("position", -1)) >= sent.offset + sent.steps:
-            self.unanswered.popleft()
-            self._failures = 0
+        position = answer.get("position")
+        if status == 409 and sent.resent and type(position) is int and position >= sent.offset + sent.steps:
+            self._answered()
             self.lost.append((sent.offset, sent.steps))
-            self.position = sent.offset + sent.steps
             return None
-        raise problem_error(int(status), answer)
+        raise problem_error(status, answer)
+
+    def _answered(self) -> None:
+        """The oldest chunk is done with: the session is past it."""
+        sent = self.unanswered.popleft()
+        self._failures = 0
+        self._confirmed = True
+        self.position = sent.offset + sent.steps
 
     def _resend(self) -> list[str]:
         for sent in self.unanswered:
@@ -179,6 +193,8 @@ class StreamSession(_Window):
         for rows in _chunks(values, chunk):
             while self._full:
                 yield from self._receive()
+            if self.stopping:
+                break
             self._send(self._frame(rows, fields))
         while self.unanswered:
             yield from self._receive()
@@ -251,6 +267,8 @@ class AsyncStreamSession(_Window):
             while self._full:
                 if (prediction := await self._receive()) is not None:
                     yield prediction
+            if self.stopping:
+                break
             await self._send(self._frame(rows, fields))
         while self.unanswered:
             if (prediction := await self._receive()) is not None:

@@ -13,7 +13,9 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 from array import array
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,9 +37,9 @@ from service.client import (
     SessionNotFound,
     Unavailable,
 )
-from service.client.cli import PredictionsFile, Rows, _earlier_rows, read_csv
+from service.client.cli import PredictionsFile, Rows, _earlier_end, read_csv
 from tests.conftest import Server
-from tests.service.helpers import new_id, position, series, stateless
+from tests.service.helpers import new_id, position, send, series, stateless
 from tests.service.proxy import LoopbackProxy
 
 FAST = Retry(attempts=4, backoff=0.01, max_delay=0.05)
@@ -470,19 +472,23 @@ def test_cli_resume_refuses_to_overwrite_a_file_it_cannot_complete(
     assert position(client, session) == 20
 
 
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["Ctrl-C", "SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize(("stop", "transport"), [
+    (signal.SIGINT, "http"), (signal.SIGTERM, "http"), (signal.SIGKILL, "http"), (signal.SIGINT, "ws"),
+    (signal.SIGTERM, "ws")], ids=["Ctrl-C", "SIGTERM", "SIGKILL", "Ctrl-C-ws", "SIGTERM-ws"])
 def test_cli_stopped_in_any_way_leaves_a_file_that_resumes(
-    server: Server, client: httpx.Client, tmp_path: Path, stop: signal.Signals
+    server: Server, client: httpx.Client, tmp_path: Path, stop: signal.Signals, transport: str
 ) -> None:
     """SIGTERM (docker stop, systemd) used to end the client without saving, and SIGKILL (the OOM killer)
     still did when the file was written only at the end: it stayed where the run before left it, more than
-    a chunk behind the session, and could not be resumed. Ctrl-C and SIGTERM also end without a traceback."""
+    a chunk behind the session, and could not be resumed. Ctrl-C and SIGTERM also end without a traceback.
+    Over the WebSocket a stop ended with up to a window of chunks applied past the file's end, which
+    --resume could not complete: the chunks already sent are now answered and written first."""
     values = series(3000, seed=30)
     source, out = tmp_path / "series.csv", tmp_path / "out.csv"
     _write_csv(source, values)
     session = new_id("cli")
     argv = [sys.executable, "-m", "service.client", "stream", "--csv", str(source), "--session", session,
-            "--chunk", "1", "--url", server.url, "--out", str(out), "--quiet"]
+            "--chunk", "1", "--url", server.url, "--out", str(out), "--quiet", "--transport", transport]
     # A test run started in the background of a shell without job control ignores SIGINT, and a child
     # inherits an ignored signal: handled here for the moment of the start, the child gets the default.
     inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -517,19 +523,21 @@ def test_predictions_file_interrupted_mid_write_keeps_the_old_one(tmp_path: Path
     real_writer = csv.writer
 
     class Interrupted:
+        """A writer stopped by Ctrl-C at its 50th row: the earlier rows are copied one at a time."""
+
         def __init__(self, file: object) -> None:
             self.rows = real_writer(file)  # type: ignore[arg-type]
+            self.written = 0
 
         def writerow(self, row: list[object]) -> None:
+            self.written += 1
+            if self.written == 50:
+                raise KeyboardInterrupt
             self.rows.writerow(row)
-
-        def writerows(self, rows: list[list[object]]) -> None:
-            self.rows.writerows(rows[:10])
-            raise KeyboardInterrupt
 
     monkeypatch.setattr(csv, "writer", Interrupted)
     with pytest.raises(KeyboardInterrupt):
-        PredictionsFile(out, ["x"], truth, 100, _earlier_rows(out, ["x"], truth)).append([[0.5]] * 5)
+        PredictionsFile(out, ["x"], truth, 100, _earlier_end(out, ["x"], truth) == 100).append([[0.5]] * 5)
     assert out.read_bytes() == before
     assert [path.name for path in tmp_path.iterdir()] == ["out.csv"]
 
@@ -542,7 +550,17 @@ def test_a_row_cut_short_is_no_row(tmp_path: Path) -> None:
     whole.close()
     with out.open("a") as file:
         file.write("3,3.0,0.12")
-    assert [row[0] for row in _earlier_rows(out, ["x"], [[1.0], [2.0], [3.0]])] == ["0", "1", "2"]
+    assert _earlier_end(out, ["x"], [[1.0], [2.0], [3.0]]) == 2
+
+
+def test_a_session_streams_a_deque_and_an_iterator(server: Server, client: httpx.Client) -> None:
+    """Values are sliced a chunk at a time where they can be; a deque (a Sequence that cannot be sliced) was
+    refused with a TypeError once slicing came in."""
+    values = series(12, seed=4)[:, 0].tolist()
+    with Client(server.url, retry=FAST) as api:
+        for given in (deque(values), iter(values)):
+            answers = list(api.session(new_id("client")).stream(given, chunk=5))
+            assert [answer.position for answer in answers] == [5, 10, 12]
 
 
 def test_retry_after_is_honoured_up_to_max_delay() -> None:
@@ -561,6 +579,64 @@ def test_async_reset_moves_the_handle_to_zero(server: Server, client: httpx.Clie
             assert session.position == 0
             return (await session.predict(series(3))).position
     assert asyncio.run(run()) == 3
+
+
+@pytest.mark.parametrize("transport", ["http", "ws"])
+def test_cli_without_resume_leaves_a_session_that_is_not_at_zero_as_it_is(
+    server: Server, client: httpx.Client, tmp_path: Path, transport: str
+) -> None:
+    """A plain run starts at step 0; a session elsewhere is refused (409, exit 1) and needs --resume or
+    --reset. Over the WebSocket the CLI used to start where the service had the session, and wrote the CSV
+    on top of its 10 steps; a window of chunks sent at once would also have had the one whose offset met
+    the session applied, so a stream sends its first chunk alone until an answer confirms where it is."""
+    session = new_id("cli")
+    send(client, session, series(10, seed=1), offset=0)
+    source, out = tmp_path / "series.csv", tmp_path / "out.csv"
+    _write_csv(source, series(20, seed=2))
+    done = _cli("stream", "--csv", str(source), "--session", session, "--url", server.url, "--out", str(out),
+                "--quiet", "--chunk", "5", "--transport", transport)
+    assert position(client, session) == 10
+    assert done.returncode == 1 and "--resume" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("transport", ["http", "ws"])
+def test_cli_resume_with_nothing_left_to_send_succeeds(
+    server: Server, client: httpx.Client, tmp_path: Path, transport: str
+) -> None:
+    """Over the WebSocket an empty rest of the CSV was sent as a stream of no values: refused, exit 1."""
+    session = new_id("cli")
+    source, out = tmp_path / "series.csv", tmp_path / "out.csv"
+    _write_csv(source, series(10, seed=3))
+    first = _cli("stream", "--csv", str(source), "--session", session, "--url", server.url, "--out", str(out),
+                 "--quiet", "--chunk", "5")
+    assert first.returncode == 0, first.stderr
+    again = _cli("stream", "--csv", str(source), "--session", session, "--url", server.url, "--out", str(out),
+                 "--quiet", "--chunk", "5", "--resume", "--transport", transport)
+    assert again.returncode == 0, again.stderr
+    assert position(client, session) == 10 and _steps(out) == [str(step) for step in range(11)]
+
+
+def test_resume_reads_the_earlier_predictions_a_row_at_a_time(tmp_path: Path) -> None:
+    """--resume read the earlier predictions file whole (every cell a str in a list per row) and copied it
+    again: memory grew with the series. It is now read and copied a row at a time."""
+    steps = 200_000
+    truth = Rows(array("d", range(steps)), 1)
+    out = tmp_path / "out.csv"
+    whole = PredictionsFile(out, ["x"], truth, 0)
+    whole.append([[0.123456789]] * (steps - 1))
+    whole.close()
+    before = out.read_bytes()
+    tracemalloc.start()
+    try:
+        end = _earlier_end(out, ["x"], truth)
+        resumed = PredictionsFile(out, ["x"], truth, steps - 1, end == steps - 1)
+        resumed.open()
+        resumed.close()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out.read_bytes() == before  # the same rows, copied
+    assert peak < 2**20, f"peak {peak / 2**20:.1f} MiB"
 
 
 def test_cli_reset_starts_the_session_again(server: Server, client: httpx.Client, tmp_path: Path) -> None:

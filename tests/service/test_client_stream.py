@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import json
 import signal
 import socket
 import subprocess
@@ -13,10 +14,12 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+from websockets.sync.server import ServerConnection, serve
 
 from harness.processes import ROOT
 from service.client import AsyncClient, Client, OffsetConflict, Prediction, Retry, ServiceError, Unavailable
@@ -193,6 +196,61 @@ def test_a_streaming_session_raises_a_conflict_and_an_auth_refusal(server_factor
         with pytest.raises(ServiceError) as refused:
             list(bad.stream(series(4)))
         assert refused.value.status == 401 and refused.value.kind == "unauthorized"
+
+
+def _scripted_stream(first: str | None, then: str) -> Any:
+    """A WebSocket server: on its first connection it answers every frame with ``first`` (None: closes
+    unanswered), on later ones with ``then``."""
+    connections = [0]
+
+    def handler(connection: ServerConnection) -> None:
+        connections[0] += 1
+        frame = first if connections[0] == 1 else then
+        for _ in connection:
+            if frame is None:
+                connection.close()
+                return
+            connection.send(frame)
+
+    return serve(handler, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize(("first", "then"), [
+    (None, json.dumps({"type": "x/offset-mismatch", "status": 409, "position": None})),  # after a reconnect
+    (None, json.dumps({"type": "x/offset-mismatch", "status": 409, "position": "abc"})),
+    (json.dumps({"status": "teapot", "detail": "?"}), ""),
+    (json.dumps({"status": [503], "detail": "?"}), ""),
+], ids=["resent-409-null-position", "resent-409-text-position", "status-text", "status-list"])
+def test_a_problem_frame_the_stream_cannot_read_raises_a_service_error(first: str | None, then: str) -> None:
+    """A problem frame with a status or a position that is no number crashed the stream with a TypeError
+    or a ValueError (a traceback from the CLI)."""
+    with _scripted_stream(first, then) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.socket.getsockname()[1]}"
+        with Client(url, retry=FAST) as api, api.stream_session("s") as session, pytest.raises(ServiceError):
+            list(session.stream([[1.0]], chunk=1))
+
+
+def test_a_stream_sends_its_first_chunk_alone_until_an_answer_confirms_where_the_session_is() -> None:
+    """A stream starting at 0 on a session the service has at 10 sent a window of chunks at once (offsets 0,
+    5, 10, 15) and the one at 10 was applied on top of the session. Its first chunk now goes alone: the 409
+    comes back before anything else is sent."""
+    received: list[int] = []
+
+    def handler(connection: ServerConnection) -> None:
+        for message in connection:
+            received.append(json.loads(message)["offset"])
+            if len(received) == 1:
+                time.sleep(0.2)  # what the client sends meanwhile arrives before the answer
+                connection.send(json.dumps({"type": "x/offset-mismatch", "status": 409, "position": 10,
+                                            "detail": "the session is at 10"}))
+
+    with serve(handler, "127.0.0.1", 0) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.socket.getsockname()[1]}"
+        with Client(url, retry=FAST) as api, api.stream_session("s") as session, pytest.raises(OffsetConflict):
+            list(session.stream([[1.0]] * 20, chunk=5))
+    assert received == [0]
 
 
 def test_cli_streams_a_csv_over_the_websocket(server: Server, client: httpx.Client, tmp_path: Path) -> None:
