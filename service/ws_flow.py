@@ -6,6 +6,8 @@
 - Shutdown, a peer that reads nothing: a close waits for the write buffer to drain, which then is never, and
   a SIGTERM waited a second 30 s (past the grace periods of docker-compose.yml and deploy/k8s). Such a
   connection is cut at once.
+- A dead peer (no pong in time) with answers still buffered for it: the same close waited for ever, and the
+  connection, its stream and ``gru_streams_open`` stayed. It is cut at once too.
 - Shutdown, a drained stream awaiting the peer's reply to its 1001 close: closing the socket then, with the
   chunks the peer kept sending unread in it, makes the kernel reset the connection under the last answers.
   It is left to the reply, or to uvicorn's close timeout (docs/durability.md).
@@ -28,6 +30,11 @@ class FlowControlledWebSockets(WebSocketsSansIOProtocol):
         super().resume_writing()
         if not self.read_paused:  # uvicorn's own pause (a message waits for the app) stays until taken
             self.transport.resume_reading()
+
+    def keepalive_timeout(self) -> None:
+        super().keepalive_timeout()
+        if self.transport.get_write_buffer_size():  # a dead peer reads nothing: its close would wait for ever
+            self.transport.abort()
 
     def shutdown(self) -> None:
         if self.close_sent and self.close_timer is not None and self.writable.is_set():

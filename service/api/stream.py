@@ -46,10 +46,14 @@ from service.sessions.base import session_key
 
 PATH = "/v1/sessions/{session_id}/stream"
 MODEL_PATH = "/v1/models/{model}/sessions/{session_id}/stream"
+WINDOW_HEADER = b"x-stream-window"  # on the 101 answer: GRU_STREAM_WINDOW
 GOING_AWAY = 1001
 TOO_BIG = 1009
 _LOCATION = ["body", "values"]
 _GONE = (WebSocketDisconnect, OSError)  # OSError: uvicorn's ClientDisconnected, a send to a closed peer
+# Close codes with which uvicorn's protocol fails a connection for what the peer sent (a protocol error, text
+# that is not UTF-8, a frame over the size limit), never sent by a peer to this service: the service's close.
+_PROTOCOL_FAILURES = frozenset({1002, 1007, TOO_BIG})
 
 
 async def _unused(websocket: WebSocket) -> None:  # ``Streams`` answers the route; the route only matches
@@ -137,7 +141,11 @@ class _Stream:
                 self.idle = False
                 if message["type"] == "websocket.disconnect":
                     self.gone = True
-                    self.peer_code = message.get("code", 1005)  # 1005: none given
+                    code = message.get("code", 1005)  # 1005: none given
+                    if code in _PROTOCOL_FAILURES:  # uvicorn failed the connection for the peer's frame
+                        self.close_code = code
+                    else:
+                        self.peer_code = code
                     break
                 raw = message.get("bytes")
                 if raw is None:
@@ -151,10 +159,13 @@ class _Stream:
                 try:
                     engine, body, values, extras = self._chunk(raw)
                     place = engine.queue.try_reserve()
-                    if place is None:  # the queue is full: this stream reads nothing until a place frees up
+                    while place is None:  # the queue is full: this stream reads nothing until a place frees up
                         place = await engine.queue.reserve(None)
                         assert place is not None  # no patience limit: a place or nothing
-                        engine = self.model.engine_for(self.key)  # routed again: the versions may have changed
+                        routed = self.model.engine_for(self.key)  # the versions may have changed meanwhile
+                        if routed is not engine:  # the place is in the queue the chunk no longer goes to
+                            place.give_back()
+                            engine, place = routed, routed.queue.try_reserve()
                     try:
                         item: asyncio.Future[bytes] | Problem = engine.enqueue(
                             self.key, values, body.offset, body.horizon, extras=extras, place=place)
@@ -240,7 +251,9 @@ class Streams:
         except Problem as refused:
             await send_problem(refused, scope, send)
             return
-        await websocket.accept()
+        # The window, for the client to keep no more chunks in flight: one that sends past it while it does not
+        # read (a blocked send stops websockets' readers) waits for the service, which waits for it to read.
+        await websocket.accept(headers=[(WINDOW_HEADER, str(self.settings.stream_window).encode())])
         key = session_key(tenant_of(websocket), session_id)
         stream = _Stream(websocket, model, key, self, self.counts[scope["route"].path], receive, send)
         self._open.add(stream)

@@ -32,6 +32,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection as AsyncConnection
 from websockets.asyncio.client import connect as async_connect
 from websockets.exceptions import InvalidStatus, WebSocketException
+from websockets.http11 import Response
 from websockets.sync.client import ClientConnection, connect
 
 from service.client import (
@@ -138,6 +139,14 @@ class _Window:
         self._confirmed = True
         self.position = sent.offset + sent.steps
 
+    def _fit(self, response: Response | None) -> None:
+        """Keep no more chunks in flight than the service reads ahead (its 101 answer's ``X-Stream-Window``):
+        past it the service stops reading, and a send blocked on that stops this side's reading too (the
+        sync connection's reader waits for the send; the async one pauses at 16 frames): both would wait."""
+        announced = response.headers.get("X-Stream-Window", "") if response is not None else ""
+        if announced.isascii() and announced.isdigit() and int(announced) > 0:
+            self.window = min(self.window, int(announced))
+
     def _resend(self) -> list[str]:
         for sent in self.unanswered:
             sent.resent = True
@@ -223,6 +232,7 @@ class StreamSession(_Window):
             # no frame limit: an answer with intervals is many times its chunk, as large as the service makes it
             self._ws = connect(self.url, additional_headers=self.headers, open_timeout=self.timeout,
                                compression=None, max_size=None).__enter__()
+            self._fit(self._ws.response)
         return self._ws
 
     def _reconnect(self, failure: BaseException) -> None:
@@ -295,6 +305,7 @@ class AsyncStreamSession(_Window):
         if self._ws is None:
             self._ws = await async_connect(self.url, additional_headers=self.headers, open_timeout=self.timeout,
                                            compression=None, max_size=None)
+            self._fit(self._ws.response)
         return self._ws
 
     async def _reconnect(self, failure: BaseException) -> None:

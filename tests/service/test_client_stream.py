@@ -253,6 +253,36 @@ def test_a_stream_sends_its_first_chunk_alone_until_an_answer_confirms_where_the
     assert received == [0]
 
 
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_client_window_over_the_service_s_takes_every_answer(
+    server_factory: ServerFactory, tmp_path: Path, asynchronous: bool
+) -> None:
+    """A client sending past the service's window with large frames hung: the service stopped reading, and
+    the client, blocked in its send, stopped reading answers (the sync connection's reader waits for the
+    send; the async one pauses at 16 frames). The client keeps to the window the 101 answer announces."""
+    server = server_factory(make_tiny_model(tmp_path / "wide", features=("p", "q", "r"), error_scale=1.0),
+                            GRU_STREAM_WINDOW="1")
+    chunks, got = 96, []
+    values, fields = series(4096 * chunks, seed=8, features=3), {"levels": [80, 90, 95, 99], "scores": True}
+
+    def streamed() -> None:
+        with Client(server.url, retry=FAST) as api, api.stream_session(new_id("ws"), window=chunks) as session:
+            got.extend(answer.position for answer in session.stream(values, chunk=4096, **fields))
+
+    async def streamed_async() -> None:
+        async with AsyncClient(server.url, retry=FAST) as api:
+            session = await api.stream_session(new_id("aws"), window=chunks)
+            async with session:
+                got.extend([answer.position async for answer in session.stream(values, chunk=4096, **fields)])
+
+    thread = threading.Thread(target=(lambda: asyncio.run(streamed_async())) if asynchronous else streamed,
+                              daemon=True)
+    thread.start()
+    thread.join(120)
+    assert not thread.is_alive(), f"the client hangs with {len(got)} answers"
+    assert got == [4096 * (i + 1) for i in range(chunks)]
+
+
 def test_cli_streams_a_csv_over_the_websocket(server: Server, client: httpx.Client, tmp_path: Path) -> None:
     values = series(100, seed=9)
     path = tmp_path / "series.csv"

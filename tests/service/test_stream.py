@@ -209,14 +209,63 @@ def test_a_binary_frame_of_json_is_read_as_the_same_text_frame(server: Server) -
 
 
 def test_a_frame_over_the_body_limit_closes_the_stream_with_1009(server_factory: ServerFactory) -> None:
+    """uvicorn's protocol closes it as the frame's length arrives (nothing of it is buffered); its access line
+    said the client had closed the stream."""
     server = server_factory(GRU_MAX_BODY_BYTES="2048")
-    with _open(server, new_id("big")) as ws:
+    with _open(server, new_id("big"), additional_headers={"X-Request-ID": "stream-too-big"}) as ws:
         ws.send(_frame(np.zeros(10, dtype=np.float32), 0))
         assert _answer(ws)["position"] == 10
         ws.send(json.dumps({"values": [0.125] * 1000}))
         with pytest.raises(ConnectionClosed) as closed:
             ws.recv(timeout=30)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+    wait_for(lambda: "stream-too-big" in server.log())
+    line = access_line(server, "stream-too-big")
+    assert (line["close_code"], line["closed_by"]) == (1009, "service")
+
+
+def test_a_dead_peer_with_answers_buffered_for_it_is_dropped(server_factory: ServerFactory) -> None:
+    """A peer that neither reads nor answers pings, its answers filling the buffers: uvicorn's close after
+    the missed pong waited for them to drain, that is for ever; the connection and its stream stayed."""
+    server = server_factory(GRU_STREAM_WINDOW="4", GRU_STREAM_PING_SECONDS="5")
+    frame = _masked_text_frame(_frame(series(2048, seed=2)))
+    with _raw_stream(server, new_id("dead")) as sock:
+        sock.settimeout(1)
+        with contextlib.suppress(TimeoutError, ConnectionError):  # the service stops reading, or drops it
+            for _ in range(3000):
+                sock.sendall(frame)
+        wait_for(lambda: _metrics(server)["gru_streams_open{}"] == 0, seconds=20)
+
+
+def test_a_stream_waiting_for_a_place_as_a_version_is_listed_is_not_refused(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """A stream waits for a place when the queue is full, never answered 429. One waiting at version 1's queue
+    as version 2 was listed went to version 2 with version 1's place, which version 2's full queue refused."""
+    repository, server = polled_repository(server_factory, tmp_path, GRU_MAX_QUEUE="1", GRU_MAX_BATCH_SIZE="2",
+                                           GRU_MAX_BATCH_DELAY_MS="500", GRU_QUEUE_PATIENCE_SECONDS="60")
+    stop = threading.Event()
+
+    def flood() -> None:  # keeps every queue full, with callers waiting for places
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            while not stop.is_set():
+                client.post(f"/v1/sessions/{new_id('flood')}/predict", json={"values": [0.5], "offset": 0})
+
+    flooders = [threading.Thread(target=flood, daemon=True) for _ in range(6)]
+    for flooder in flooders:
+        flooder.start()
+    try:
+        time.sleep(1.0)
+        with _open(server, new_id("waits")) as ws, httpx.Client(base_url=server.url, timeout=30) as client:
+            ws.send(json.dumps({"values": [0.5], "offset": 0}))  # waits seconds for a place at version 1
+            add_version(repository, "m", 2, seed=1)
+            wait_for(lambda: "2" in versions(client, "m"))
+            answer = _answer(ws)
+    finally:
+        stop.set()
+        for flooder in flooders:
+            flooder.join(60)
+    assert answer.get("status", 200) == 200, answer
 
 
 def test_an_upgrade_without_a_valid_key_is_refused_401_and_a_stream_keeps_its_tenant(
