@@ -54,8 +54,10 @@ _UNAVAILABLE = (
     rexc.TryAgainError, OSError,
 )
 # Replies redis-py leaves as a plain ResponseError that mean the same: Redis refuses writes it cannot persist
-# (MISCONF: a failed RDB save or AOF write, a full disk) or another client's script holds it (BUSY).
-_UNAVAILABLE_REPLIES = ("MISCONF ", "BUSY ")
+# (MISCONF: a failed RDB save or AOF write, a full disk) or cannot replicate (NOREPLICAS: fewer replicas than
+# min-replicas-to-write; MASTERDOWN: a replica that lost its primary), or another client's script holds it
+# (BUSY).
+_UNAVAILABLE_REPLIES = ("MISCONF ", "NOREPLICAS ", "MASTERDOWN ", "BUSY ")
 PAST_REVISIONS = 4  # a record's revisions kept before its own, for retries that another write followed
 
 # Each script first asks a key's TYPE: a key under the prefix that is not a hash (written by something else)
@@ -111,13 +113,18 @@ end
 return found
 """
 
+# The scripts that write declare it (``#!lua``, Redis 7): Redis then refuses one whole, before it writes
+# anything, when it is out of memory under noeviction (OOM) or short of replicas. Undeclared, the first write
+# decides, and a DEL (which Redis lets through when full) let the rest of the script write past maxmemory.
+_WRITES = "#!lua\n"
+
 # KEYS: one session hash per write.  ARGV[1] now (unix s), ARGV[2] ttl (ms), then 8 per write: expected
 # revision ('' = must not exist), new revision, position, model version, last offset, fingerprint, answer,
 # state bytes.  Returns per write the record's created_at, or false where the revision did not match.
 # A write finding its own new revision stored, now or among the record's last (``applied``), has run before
 # (a retry after a lost reply): won. ``past`` is read only when the revision is neither: a record still at
 # the expected revision has never had the write's, so the usual commit reads it once, for ``history``.
-_COMMIT = _REVISION + """
+_COMMIT = _WRITES + _REVISION + """
 local now, ttl = ARGV[1], ARGV[2]
 local results = {}
 for i, key in ipairs(KEYS) do
@@ -149,7 +156,7 @@ return results
 
 # KEYS[1] session hash.  ARGV: new revision, model version, now (unix s), ttl (ms).
 # Returns {existed (0/1), created_at}. The state field is dropped: no state means the fresh (zero) state.
-_RESET = _REVISION + """
+_RESET = _WRITES + _REVISION + """
 local current = {revision(KEYS[1]), false}
 if current[1] and current[1]:sub(1, 1) ~= '!' then current[2] = redis.call('HGET', KEYS[1], 'created') end
 if applied(KEYS[1], current[1], ARGV[1]) then
@@ -165,7 +172,18 @@ if current[1] then return {1, created} end
 return {0, created}
 """
 
+# KEYS[1] session hash.  ARGV[1]: the revision it had when the delete began.  Deletes it only if it still has
+# it: a retry after a lost reply must not delete a session another write created since.
+_DELETE = _WRITES + _REVISION + """
+if revision(KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"""
+
+# KEYS[1] session hash: its revision ('!' and its type for a key of another type), or false.
+_REVISION_OF = _REVISION + "return revision(KEYS[1])"
+
 _INFO_FIELDS = ("rev", "pos", "ver", "created", "updated", "loff")
+_LAST_TIME = 253402300799.0  # 9999-12-31T23:59:59Z, the last second a datetime holds
 
 
 class RedisStore:
@@ -200,6 +218,8 @@ class RedisStore:
         self._load = self._redis.register_script(_LOAD)
         self._commit = self._redis.register_script(_COMMIT)
         self._reset = self._redis.register_script(_RESET)
+        self._delete = self._redis.register_script(_DELETE)
+        self._revision_of = self._redis.register_script(_REVISION_OF)
 
     def redis_key(self, key: str) -> str:
         return self._prefix + key
@@ -288,7 +308,14 @@ class RedisStore:
         return _session(key, dict(zip((f.encode() for f in _INFO_FIELDS), values, strict=True)))
 
     async def delete(self, key: str) -> bool:
-        return bool(await self._call(self._redis.delete(self.redis_key(key))))
+        """Whether there was a session to delete. Two steps, each safe to retry (the connections retry once
+        after a lost reply): the session's revision, then a delete of that revision only."""
+        redis_key = self.redis_key(key)
+        revision = await self._call(self._revision_of(keys=[redis_key]))
+        if revision is None:
+            return False
+        await self._call(self._delete(keys=[redis_key], args=[revision]))
+        return True
 
     async def reset(self, key: str, model_version: str) -> tuple[Session, bool]:
         now = self._clock()
@@ -316,7 +343,7 @@ class RedisStore:
 
         async def scan() -> None:
             async for key in self._redis.scan_iter(match=self._prefix + "*", count=1000):
-                if ":" not in key[len(self._prefix):].split(b"/", 1)[0].decode():  # not another model's
+                if b":" not in key[len(self._prefix):].split(b"/", 1)[0]:  # not another model's (any bytes)
                     batch.append(key)
                 if len(batch) >= 1000:
                     await tally()
@@ -351,8 +378,8 @@ def _session(key: str, fields: dict[bytes, bytes | None]) -> Session | None:
             position=int(fields.get(b"pos") or 0),
             model_version=(fields.get(b"ver") or b"").decode(),
             revision=revision.decode(),
-            created_at=float(fields.get(b"created") or 0),
-            updated_at=float(fields.get(b"updated") or 0),
+            created_at=_timestamp(fields.get(b"created")),
+            updated_at=_timestamp(fields.get(b"updated")),
             last_offset=int(fields.get(b"loff") or -1),
             fingerprint=fields.get(b"fp") or b"",
             answer=fields.get(b"ans") or b"",
@@ -362,3 +389,11 @@ def _session(key: str, fields: dict[bytes, bytes | None]) -> Session | None:
         return Session(key, position=0, model_version=f"(a damaged record in Redis: {exc})",
                        revision=revision.decode(errors="replace"), created_at=0.0, updated_at=0.0,
                        handle=_UNREADABLE)
+
+
+def _timestamp(raw: bytes | None) -> float:
+    """A record's time (unix seconds); ValueError for one that is no time a date can hold (nan, inf, 1e300)."""
+    value = float(raw or 0)
+    if not 0 <= value <= _LAST_TIME:  # NaN compares false
+        raise ValueError(f"a time of {value!r}")
+    return value

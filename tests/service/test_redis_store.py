@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import hashlib
 import re
 import shutil
 import signal
@@ -31,7 +32,7 @@ from tests.service.stores import STATE, write
 pytest.importorskip("redis")
 from redis.exceptions import ResponseError
 
-from service.sessions.redis import PAST_REVISIONS, RedisStore
+from service.sessions.redis import _DELETE, PAST_REVISIONS, RedisStore
 
 CONFLICTS = "gru_store_conflicts_total"
 
@@ -496,3 +497,138 @@ def test_redis_busy_with_another_clients_script_is_503_then_recovers(
         applied = send(http, session, values[5:], offset=5)
         assert applied.status_code == 200 and applied.json()["position"] == 10, applied.text
     assert "Traceback" not in server.log()
+
+
+# A primary with min-replicas-to-write whose replicas are gone refuses writes with NOREPLICAS, as a
+#    Redis that cannot persist refuses them with MISCONF: the store is unavailable (503), not a bug (500).
+def test_redis_refusing_writes_for_want_of_replicas_is_503_not_500(
+    server_factory: ServerFactory, redis_server: RedisServer
+) -> None:
+    server = server_factory(GRU_STORE="redis", GRU_REDIS_URL=redis_server.url)
+    redis = redis_server.client()
+    values, session = series(10, seed=71), new_id("norepl")
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        assert send(http, session, values[:5], offset=0).status_code == 200
+        redis.config_set("min-replicas-to-write", 1)  # no replica is connected: every write is refused
+        refused = send(http, session, values[5:], offset=5)
+        assert_problem(refused, 503)  # got: 500 internal-error (ResponseError NOREPLICAS escaped)
+        assert_problem(http.post(f"/v1/sessions/{session}/reset"), 503)
+
+
+# docs/durability.md: "With noeviction, every chunk gets 503 (nothing written) while memory is full." The
+#    commit and reset scripts DEL the key before HSET for a new session; DEL is a write without the deny-oom
+#    flag, after which Redis lets the rest of the script write past maxmemory.
+def test_a_full_noeviction_redis_writes_nothing_new_sessions_and_resets_included(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        store = RedisStore(redis_server.url, STATE, ttl_seconds=60)
+        redis = redis_server.client()
+        try:
+            old, = await store.commit([write("t/old", None, 1)], torch.ones(1, STATE))
+            assert old is not None
+            redis.config_set("maxmemory-policy", "noeviction")
+            redis.config_set("maxmemory", 1)  # full
+            with pytest.raises(StoreUnavailable):  # an existing session alone: refused, as documented
+                await store.commit([write("t/old", old.revision, 2)], torch.ones(1, STATE))
+            with pytest.raises(StoreUnavailable):  # both were written, 400 KB past maxmemory
+                await store.commit([write("t/new", None, 1, answer=b"x" * 200_000),
+                                    write("t/old", old.revision, 2, row=1, answer=b"y" * 200_000)],
+                                   torch.ones(2, STATE))
+            with pytest.raises(StoreUnavailable):
+                await store.reset("t/other", "v1")
+            redis.config_set("maxmemory", 0)
+            assert [s.position if s else None for s in await store.load(["t/new", "t/old", "t/other"])] == [
+                None, 1, None]
+        finally:
+            redis.config_set("maxmemory", 0)
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+# A key under the prefix whose name is not UTF-8 (another program's garbage) makes version_counts raise
+#    UnicodeDecodeError: GET /v1/models is a 500, and the registry's drain never counts sessions again.
+def test_a_key_under_the_prefix_with_a_non_utf8_name_does_not_break_the_model_list(
+    server_factory: ServerFactory, redis_server: RedisServer
+) -> None:
+    server = server_factory(GRU_STORE="redis", GRU_REDIS_URL=redis_server.url)
+    redis_server.client().hset(b"gru:s:\xff\xfe/x", mapping={"rev": "r", "ver": "v"})
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        listed = http.get("/v1/models")
+        assert listed.status_code == 200, listed.text  # got: 500
+    assert "Traceback" not in server.log()
+
+
+# A damaged record whose timestamp parses as a float but is not a time (nan, inf, 1e300) reads as a valid
+#    session: GET /v1/sessions/{id} is a 500 (datetime.fromtimestamp), where a damaged record is a 409.
+def test_a_record_with_a_nan_timestamp_is_no_500(server_factory: ServerFactory, redis_server: RedisServer) -> None:
+    server = server_factory(GRU_STORE="redis", GRU_REDIS_URL=redis_server.url)
+    session = new_id("nan")
+    redis_server.client().hset(f"gru:s:default/{session}",
+                               mapping={"rev": "r", "pos": 1, "ver": "v", "created": "nan", "updated": "1e300"})
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        info = http.get(f"/v1/sessions/{session}")
+        assert info.status_code in (200, 409), info.text  # got: 500
+    assert "Traceback" not in server.log()
+
+
+# The store's connections retry a command once after a lost reply ("the scripts are idempotent"), but
+#    delete is a bare DEL: run, reply lost, and the retry deletes whatever was written in between. Here a
+#    chunk creates the session again (and would be answered 200) before the DEL's retry arrives: the retry
+#    wipes that acknowledged chunk. (A reset's or a commit's retry is guarded by the record's ``past``.)
+def test_a_delete_retried_after_a_lost_reply_does_not_delete_a_session_created_since(
+    redis_server: RedisServer,
+) -> None:
+    key, target = "t/d", b"gru:s:t/d"
+    deleting = hashlib.sha1(_DELETE.encode()).hexdigest()  # how the delete's command names its script
+
+    async def scenario() -> None:
+        direct = RedisStore(redis_server.url, STATE, ttl_seconds=60)  # another replica
+        created: list[object] = []
+
+        async def recreate() -> None:  # the other replica's chunk at offset 0, committed and answered
+            session, = await direct.commit([write(key, None, 3)], torch.ones(1, STATE))
+            created.append(session)
+
+        dropped = asyncio.Event()
+
+        async def relay(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+            server_r, server_w = await asyncio.open_connection("127.0.0.1", redis_server.port)
+            sent_del = asyncio.Event()
+
+            async def up() -> None:
+                while data := await client_r.read(65536):
+                    if (b"DEL" in data or deleting.encode() in data) and target in data and not dropped.is_set():
+                        sent_del.set()  # a bare DEL, as before, or the delete script by its SHA1
+                    server_w.write(data)
+                    await server_w.drain()
+                server_w.close()
+
+            async def down() -> None:
+                while data := await server_r.read(65536):
+                    if sent_del.is_set() and not dropped.is_set() and data.startswith(b":1"):  # it ran; reply lost
+                        dropped.set()
+                        await recreate()
+                        client_w.transport.abort()
+                        server_w.close()
+                        return
+                    client_w.write(data)
+                    await client_w.drain()
+                client_w.close()
+
+            await asyncio.gather(up(), down(), return_exceptions=True)
+
+        proxy = await asyncio.start_server(relay, "127.0.0.1", 0)
+        port = proxy.sockets[0].getsockname()[1]
+        store = RedisStore(f"redis://127.0.0.1:{port}/0", STATE, ttl_seconds=60)
+        try:
+            assert (await store.commit([write(key, None, 1)], torch.ones(1, STATE)))[0] is not None
+            await store.delete(key)  # the client's DELETE, answered 204 (or 404): either way it is done
+            assert dropped.is_set() and created and created[0] is not None  # the new session was acknowledged
+            alive, = await direct.load([key])
+            assert alive is not None and alive.position == 3  # got: None, the retried DEL removed it
+        finally:
+            await store.close()
+            await direct.close()
+            proxy.close()
+
+    asyncio.run(scenario())
