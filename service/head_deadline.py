@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from service.middleware.observability import request_id_from
 from service.problems import PROBLEM_JSON, Problem
 
 MAX_HEAD_BYTES = 64 * 1024  # nginx's default buffers take 32 KiB; keys, ids and entity tags are short
@@ -110,6 +111,7 @@ class _HeadDeadlineProtocol(HttpToolsProtocol):
         body = orjson.dumps(_TOO_LARGE.body())
         head = [b"HTTP/1.1 431 Request Header Fields Too Large\r\n"]
         head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
+        head.append(b"x-request-id: " + request_id_from(self.headers) + b"\r\n")  # the head's so far
         head += [b"content-type: " + PROBLEM_JSON.encode() + b"\r\n",
                  b"content-length: " + str(len(body)).encode() + b"\r\n", b"connection: close\r\n\r\n"]
         self.transport.write(b"".join(head) + body)

@@ -26,13 +26,12 @@ class ContentEncoding:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        for name, value in scope["headers"]:
-            if name == b"content-encoding":
-                coding = value.strip().lower()
-                break
-        else:
+        # Several Content-Encoding lines are one list (RFC 9110), as on one line: more than one coding is a 415
+        lines = [value for name, value in scope["headers"] if name == b"content-encoding"]
+        if not lines:
             await self.app(scope, receive, send)
             return
+        coding = b",".join(lines).strip().lower()
         if coding in (b"", b"identity"):
             await self.app(scope, receive, send)
             return

@@ -59,7 +59,7 @@ class Observability:
             await self.app(scope, receive, send)
             return
         began = time.perf_counter()
-        request_id = _request_id(scope)
+        request_id = request_id_from(scope["headers"])
         scope[_SCOPE_KEY] = request_id
         status = 0  # no response started yet
         accepted = False  # a WebSocket upgrade accepted: a stream
@@ -118,8 +118,10 @@ def request_id_of(scope: Scope) -> str | None:
     return None if request_id is None else request_id.decode()
 
 
-def _request_id(scope: Scope) -> bytes:
-    for name, value in scope["headers"]:
-        if name == b"x-request-id" and _REQUEST_ID.fullmatch(value):
+def request_id_from(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """The request's id: its X-Request-ID where that is a sane one (``_REQUEST_ID``), else a new one. Also for
+    the answers written below the app (``service.head_deadline``'s 431)."""
+    for name, value in headers:
+        if name.lower() == b"x-request-id" and _REQUEST_ID.fullmatch(value):
             return bytes(value)
     return uuid.uuid4().hex.encode()

@@ -94,3 +94,19 @@ def test_a_head_over_64_kib_is_answered_431_whole_or_unfinished(server: Server) 
             endless.sendall(b"a" * 16_384)
         assert _answer(endless).startswith(b"HTTP/1.1 431")
     assert httpx.get(server.url + "/healthz").status_code == 200
+
+
+def test_the_431_for_a_large_head_carries_a_request_id(server: Server) -> None:
+    """README: every HTTP answer echoes X-Request-ID (or carries a new one); the 431 carried none."""
+    address = urlsplit(server.url)
+    head = (b"GET /v1/model HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Request-ID: trace-431\r\nX-Pad: "
+            + b"a" * 66_000 + b"\r\n\r\n")
+    with socket.create_connection((address.hostname, address.port)) as sock:
+        sock.sendall(head)
+        sock.settimeout(10)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    status, _, _ = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 431"), status
+    assert b"x-request-id: trace-431" in status.lower(), status.decode()
