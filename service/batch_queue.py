@@ -16,9 +16,12 @@ theirs apart from the model:
   place with ``reserve()``: places are handed out one at a time, in the order they were asked for, as
   chunks leave the queue, so a crowd of waiters costs nothing and never overfills it;
 - a chunk not answered within ``timeout_seconds`` is withdrawn if still waiting, or dropped when its batch
-  finishes; its caller hears so (503) and may retry with the same offset. Every chunk has the same timeout,
-  so their deadlines come in the order they were queued: one timer, for the oldest unanswered, serves them
-  all (a timer and a done-callback per chunk were a measurable share of a short chunk's cost).
+  finishes; its caller hears so (503) and may retry with the same offset. One whose batch is writing it to
+  the store when its time is up gets the write's outcome instead: the write may apply it, and a run keeps
+  only its last chunk's answer, so a 503 for an earlier chunk of it could not be retried for its answer.
+  Every chunk has the same timeout, so their deadlines come in the order they were queued: one timer, for
+  the oldest unanswered, serves them all (a timer and a done-callback per chunk were a measurable share of
+  a short chunk's cost).
 
 It knows no model and no store: a chunk's answer is whatever its consumer sets on its future.
 """
@@ -39,6 +42,7 @@ from service.metrics import Metrics
 from service.refusals import Overloaded, TimedOut
 
 _TIMER_SLACK = 0.001  # seconds: uvloop's timers and clock tick in milliseconds, so one may fire a tick early
+_COMMIT_RECHECK = 0.01  # seconds: how often a chunk past its deadline whose batch is writing it is looked at
 
 
 def _new_future() -> asyncio.Future[bytes]:
@@ -58,6 +62,8 @@ class Chunk:
     extras: Extras = NO_EXTRAS  # intervals and scores asked for
     future: asyncio.Future[bytes] = field(default_factory=_new_future)  # its answer (JSON bytes) or refusal
     enqueued: float = field(default_factory=time.perf_counter)
+    # its batch is writing it to the store: its deadline waits for the write, which applies it or not
+    committing: bool = False
     joined: tuple[Chunk, ...] = ()  # taken in a batch: the session's next chunks, run after this one
     alone: bool = False  # never part of a run (its run's outputs were not finite: each chunk is judged alone)
 
@@ -210,6 +216,9 @@ class BatchQueue:
             if not chunk.future.done():
                 if deadline > now:
                     self._timer = loop.call_at(deadline, self._expire_due)
+                    return
+                if chunk.committing:  # answered when the write returns; expired after it if it goes back
+                    self._timer = loop.call_at(now + _COMMIT_RECHECK, self._expire_due)
                     return
                 self._expire(chunk)
             clocked.popleft()

@@ -318,6 +318,9 @@ class Engine:
             ))
             pending.append((run, answers, computed.surprises[row]))
         if writes:
+            committing = [chunk for run, _, _ in pending for chunk in run.chunks]
+            for chunk in committing:  # past its deadline from here on, a chunk waits for the write's outcome
+                chunk.committing = True
             try:
                 committed = await self.store.commit(writes, computed.states)
             except StoreUnreachable as refusal:
@@ -325,6 +328,9 @@ class Engine:
                     for chunk in run.chunks:
                         settle(chunk, exc=refusal)
                 pending, committed = [], []
+            finally:
+                for chunk in committing:
+                    chunk.committing = False
             surprising = 0  # values that arrived in a session with a p-value under GRU_SURPRISE_P
             conflicts = 0
             for (run, answers, surprises), won in zip(pending, committed, strict=True):
@@ -367,7 +373,7 @@ class Engine:
         cfg = self.forecaster.config
         hidden = cfg.num_layers * cfg.hidden_size
         try:
-            state = self.store.gather([session], "cpu")[0].numpy()
+            state = self.store.gather([session], "cpu")[0].cpu().numpy()  # a memory store keeps its device
         except ValueError:
             return None
         window = state[hidden: hidden + cfg.lags * cfg.num_features].reshape(cfg.lags, cfg.num_features)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -16,7 +18,7 @@ from service.engine import Engine
 from service.metrics import Metrics
 from service.problems import REFUSAL_STATUS, as_problem
 from service.refusals import OffsetMismatch, OutOfRange, Overloaded, Refusal, StaleModel, TimedOut, UnknownSession
-from service.sessions.base import session_key
+from service.sessions.base import Session, Write, session_key
 from service.sessions.memory import MemoryStore
 from tests.conftest import make_tiny_model
 from tests.service.helpers import Clock, series
@@ -124,6 +126,71 @@ def test_a_chunk_that_timed_out_while_computing_never_applies_after_the_client_m
         assert await engine.store.get(gone) is None
 
     asyncio.run(scenario())
+
+
+class _SlowCommitStore(MemoryStore):
+    """A memory store whose commit takes a round trip, as Redis's script call does."""
+
+    commit_delay = 0.0
+
+    async def commit(self, writes: Sequence[Write], states: torch.Tensor) -> list[Session | None]:
+        await asyncio.sleep(self.commit_delay)
+        return await super().commit(writes, states)
+
+
+def test_a_chunk_whose_deadline_passes_while_its_run_is_written_gets_the_write_s_answer(tiny_model: Path) -> None:
+    """A run of two chunks is written as the first one's deadline passes. The first was told it timed out
+    (503: retry with the same offset), yet the write applied it, and a run keeps only its last chunk's
+    answer: its retry was a 409, its answer lost. A chunk being written now waits for the write."""
+    forecaster, _ = load_checkpoint(tiny_model, "cpu")
+    store = _SlowCommitStore(forecaster.state_size, torch.device("cpu"), max_sessions=100, ttl_seconds=600)
+    store.commit_delay = 0.6  # the write ends 0.6 s to 1.2 s in: past the first deadline (1.0 s), not the second's
+    engine = _engine(tiny_model, store, max_batch_delay_ms=600, request_timeout_seconds=1.0, max_run_steps=256)
+    key = session_key("t", "slow-commit")
+    values = series(8, seed=5)
+
+    async def scenario() -> list[bytes | BaseException]:
+        await engine.start()
+        try:
+            first = engine.enqueue(key, values[:4], 0, 0)
+            await asyncio.sleep(0.5)  # joins the first one's run: the batch waits 600 ms to fill
+            second = engine.enqueue(key, values[4:], 4, 0)
+            return await asyncio.gather(first, second, return_exceptions=True)
+        finally:
+            await engine.stop()
+
+    answers = asyncio.run(scenario())
+    assert [orjson.loads(a)["position"] if isinstance(a, bytes) else a for a in answers] == [4, 8]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_replay_reads_the_values_a_memory_store_keeps_on_any_device(tmp_path: Path, device: str) -> None:
+    """GRU_UPGRADE=replay primes the new version with the raw values the session's state keeps. The memory
+    store keeps its states on the model's device, so on a GPU reading them as numpy raised a TypeError and
+    failed the whole batch (500) for every chunk of a session from an older version."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    old_model, old_meta = load_checkpoint(make_tiny_model(tmp_path / "a", seed=1), device)
+    new_model, new_meta = load_checkpoint(make_tiny_model(tmp_path / "b", seed=2), device)
+    store = MemoryStore(old_model.state_size, torch.device(device), max_sessions=10, ttl_seconds=600)
+    options: dict[str, Any] = {"max_batch_size": 8, "max_batch_delay_ms": 0, "max_queue": 100,
+                               "request_timeout_seconds": 30.0}
+    old = Engine(old_model, old_meta["version"], store, Metrics(), **options)
+    new = Engine(new_model, new_meta["version"], store, Metrics(), replay=True, **options)
+    key, values = session_key("t", "moved"), series(12, seed=3)
+
+    async def scenario() -> dict[str, Any]:
+        await old.start()
+        await new.start()
+        try:
+            await old.predict(key, values[:8], 0, 0)
+            return orjson.loads(await new.predict(key, values[8:], 8, 0))
+        finally:
+            await old.stop()
+            await new.stop()
+
+    answer = asyncio.run(scenario())
+    assert (answer["position"], answer["upgraded"]) == (12, True)
 
 
 def test_a_chunk_whose_outputs_are_not_finite_is_refused_alone_in_its_batch(tiny_model: Path) -> None:
