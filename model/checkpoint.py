@@ -121,8 +121,8 @@ def _read_config(config_path: Path) -> tuple[dict[str, Any], ForecasterConfig, C
         return meta, config, calibration
     except CheckpointError:
         raise
-    except (ValueError, KeyError, TypeError, OSError) as exc:
-        raise CheckpointError(f"{config_path} is not a valid model config: {exc}") from exc
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError, OSError) as exc:
+        raise CheckpointError(f"{config_path} is not a valid model config: {str(exc)[:500]}") from exc
 
 
 def _not_safetensors(path: Path, exc: Exception) -> CheckpointError:
@@ -181,9 +181,12 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
         weights = load_file(str(weights_path))
     except (SafetensorError, OSError) as exc:
         raise _not_safetensors(weights_path, exc) from exc
-    for name, tensor in weights.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(f"{weights_path}: {name} holds values that are not finite numbers")
+    for name, tensor in weights.items():  # judged as the float32 the model computes in: 1e300 is inf there
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{weights_path}: {name} is {tensor.dtype}, not floating point numbers")
+        weights[name] = tensor = tensor.to(torch.float32)
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{weights_path}: {name} holds values that are not finite numbers in float32")
     forecaster = Forecaster(config, calibration)
     forecaster.load_state_dict(weights, strict=True)
     version = model_version(forecaster)

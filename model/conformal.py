@@ -70,8 +70,9 @@ class Calibration:
         if table.ndim != 3 or table.shape[0] != len(counts) or table.shape[2] != GRID or table.shape[1] < 1:
             raise ValueError(f"calibration quantiles have shape {list(table.shape)}, expected"
                              f" [{len(counts)}, F, {GRID}]")
-        if not np.isfinite(table).all() or (table < 0).any() or (np.diff(table, axis=2) < 0).any():
-            raise ValueError("calibration quantiles must be finite, >= 0 and non-decreasing along the ranks")
+        if not (np.abs(table) <= float32.MAX).all() or (table < 0).any() or (np.diff(table, axis=2) < 0).any():
+            raise ValueError("calibration quantiles must be finite float32 numbers, >= 0 and non-decreasing along"
+                             " the ranks")
         rate = self.adapt_rate
         if not float32.holds(rate) or not 0 < rate <= 1:
             raise ValueError(f"calibration adapt_rate must be in (0, 1], got {rate!r}")

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model import CheckpointError, Forecaster, load_checkpoint, save_checkpoint
-from model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, publishing
+from model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, _read_config, model_version, publishing
+from tests.conftest import make_tiny_model
 
 
 @pytest.fixture
@@ -170,3 +171,70 @@ def test_publishing_goes_past_numbers_taken_by_a_stray_file_or_a_dangling_link(
     assert publication.published == tmp_path / "m" / "4"
     assert load_checkpoint(publication.published)[1]["name"] == "m"
     assert (tmp_path / "m" / "3").read_text() == "not a version"
+
+
+def _restamp(directory: Path) -> None:
+    """Write the version the loader will compute, as a crafted checkpoint's author can."""
+    meta = json.loads((directory / CONFIG_FILE).read_text())
+    _, config, calibration = _read_config(directory / CONFIG_FILE)
+    forecaster = Forecaster(config, calibration)
+    forecaster.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
+    meta["version"] = model_version(forecaster)
+    (directory / CONFIG_FILE).write_text(json.dumps(meta))
+
+
+def _edit_calibration(directory: Path, **fields: Any) -> None:
+    meta = json.loads((directory / CONFIG_FILE).read_text())
+    meta["calibration"] |= fields
+    (directory / CONFIG_FILE).write_text(json.dumps(meta))
+
+
+def test_float64_weights_past_float32_are_refused(tmp_path: Path) -> None:
+    """The finite check ran on the file's float64 tensor; loading then cast 1e300 to an inf the model served."""
+    ckpt = make_tiny_model(tmp_path / "ckpt")
+    weights = {name: t.double() for name, t in load_file(str(ckpt / WEIGHTS_FILE)).items()}
+    weights["head.bias"][0] = 1e300
+    save_file(weights, str(ckpt / WEIGHTS_FILE))
+    _restamp(ckpt)
+    with pytest.raises(CheckpointError, match=r"head\.bias"):
+        load_checkpoint(ckpt)
+
+
+def test_float8_weights_are_a_checkpoint_error(tmp_path: Path) -> None:
+    """A NotImplementedError (no isfinite for float8) escaped the skip-once handling: at start-up it stopped
+    the service even with an older good version there."""
+    ckpt = make_tiny_model(tmp_path / "ckpt")
+    weights = {name: t.to(torch.float8_e4m3fn) for name, t in load_file(str(ckpt / WEIGHTS_FILE)).items()}
+    save_file(weights, str(ckpt / WEIGHTS_FILE))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(ckpt)
+
+
+def test_calibration_count_past_float_is_a_checkpoint_error(tmp_path: Path) -> None:
+    """An OverflowError escaped: a polled version was retried and logged with a traceback at every poll."""
+    ckpt = make_tiny_model(tmp_path / "ckpt", error_scale=1.0)
+    steps = len(json.loads((ckpt / CONFIG_FILE).read_text())["calibration"]["counts"])
+    _edit_calibration(ckpt, counts=[10**400] * steps)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(ckpt)
+
+
+def test_deeply_nested_calibration_quantiles_are_a_checkpoint_error(tmp_path: Path) -> None:
+    """600 levels parse (json.loads' limit is the recursion limit), but Calibration.from_dict's nested()
+    takes two frames a level."""
+    ckpt = make_tiny_model(tmp_path / "ckpt", error_scale=1.0)
+    text = json.dumps(json.loads((ckpt / CONFIG_FILE).read_text()))
+    start = text.index('"quantiles": ') + len('"quantiles": ')
+    end = text.index('"adapt_rate"')
+    (ckpt / CONFIG_FILE).write_text(text[:start] + "[" * 600 + "]" * 600 + ", " + text[end:])
+    with pytest.raises(CheckpointError):
+        load_checkpoint(ckpt)
+
+
+def test_calibration_quantiles_past_float32_are_refused(tmp_path: Path) -> None:
+    """Checked finite in float64, they became inf in float32, and every interval was answered null."""
+    ckpt = make_tiny_model(tmp_path / "ckpt", error_scale=1.0)
+    quantiles = json.loads((ckpt / CONFIG_FILE).read_text())["calibration"]["quantiles"]
+    _edit_calibration(ckpt, quantiles=[[[1e300] * len(f) for f in h] for h in quantiles])
+    with pytest.raises(CheckpointError, match="float32"):
+        load_checkpoint(ckpt)
