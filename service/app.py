@@ -109,6 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.registry = registry
     app.state.metrics = metrics
+    app.state.snapshots = snapshots  # an unloaded model's file goes with its sessions (service.api.repository)
     app.include_router(v1.router)
     app.include_router(v1.model_router)
     app.include_router(state.router)

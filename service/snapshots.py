@@ -68,6 +68,14 @@ class ModelSnapshots:
             kept = self._keepers[model.name] = (model, keeper)
         return kept[1]
 
+    def forget(self, name: str) -> None:
+        """Model ``name`` was unloaded, its sessions with it: its snapshot goes too, or the next start (which
+        loads every model of the repository) would restore them."""
+        self._keepers.pop(name, None)
+        if self.enabled and name != self._registry.default:
+            assert self._settings.snapshot_path is not None
+            snapshot_path(self._settings.snapshot_path, name, default=False).unlink(missing_ok=True)
+
     def _current(self, refuse: bool = False) -> list[SnapshotKeeper]:
         return [k for m in list(self._registry.models.values()) if (k := self._keeper(m, refuse)) is not None]
 

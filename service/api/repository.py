@@ -79,4 +79,6 @@ async def load(model_name: ModelName, request: Request) -> Response:
 @router.post("/models/{model_name}/unload", summary="Unload every version of a model (not the default)")
 async def unload(model_name: ModelName, request: Request) -> Response:
     registry: Registry = request.app.state.registry
-    return await _carry_out(registry.unload(model_name))
+    answer = await _carry_out(registry.unload(model_name))
+    request.app.state.snapshots.forget(model_name)  # its sessions went: a restart must not bring them back
+    return answer

@@ -110,3 +110,12 @@ def session_id_of(key: str) -> str:
 
 def tenant_of_key(key: str) -> str:
     return key.partition("/")[0]
+
+
+LAST_TIME = 253402300799.0  # 9999-12-31T23:59:59Z, the last second a datetime holds
+
+
+def is_unix_time(value: object) -> bool:
+    """Whether a stored record's time (read from Redis or a snapshot) is unix seconds: a time of nan, inf or
+    1e300 fails every date conversion, and would make its session never expire."""
+    return isinstance(value, float | int) and not isinstance(value, bool) and 0 <= value <= LAST_TIME

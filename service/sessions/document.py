@@ -219,3 +219,5 @@ def _check_retry(document: StateDocument) -> None:
             and answer.get("position") == document.position):
         raise DocumentError(f"the kept answer is not session {document.session_id!r}'s answer at position"
                             f" {document.position}")
+    if len(document.answer) > len(orjson.dumps(answer)):  # padded: kept bytes the service never wrote
+        raise DocumentError("the kept answer is padded; the service writes its answers compact")

@@ -149,19 +149,18 @@ class MemoryStore:
             self._on_evict("capacity", 1)
 
     def _trim_answers(self, keep: set[str]) -> None:
-        """Least recently used first, while the kept answers pass their budget (each writing tenant's own first,
-        from its own sessions); never one of ``keep`` (the sessions just written: an answer over the whole
-        budget is kept, alone)."""
+        """Least recently used first, while the kept answers pass their budget: each writing tenant's own first,
+        from its own sessions, down to one (those just written too: a tenant whose one batch passes its
+        budget must not make the store evict another's); then the store's, never one of ``keep`` (the
+        sessions just written: an answer over the whole budget is kept, alone)."""
         if self.tenant_max_answer_bytes is not None and self._tenants is not None:
             evicted = 0
             tenants = self._tenants
             for name in {tenant_of_key(key) for key in keep} or set(tenants):
                 tenant = tenants.get(name)
-                while tenant is not None and tenant.answer_bytes > self.tenant_max_answer_bytes:
-                    key = next(iter(tenant.keys))
-                    if key in keep:
-                        break
-                    self._drop(key)
+                while (tenant is not None and tenant.answer_bytes > self.tenant_max_answer_bytes
+                       and len(tenant.keys) > 1):
+                    self._drop(next(iter(tenant.keys)))
                     evicted += 1
                     tenant = tenants.get(name)
             if evicted:

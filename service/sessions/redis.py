@@ -41,7 +41,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from torch import Tensor
 
-from service.sessions.base import Session, StoreUnavailable, Write
+from service.sessions.base import Session, StoreUnavailable, Write, is_unix_time
 
 KEY_PREFIX = "gru:s:"
 _STATE_DTYPE = np.dtype("<f4")
@@ -183,7 +183,6 @@ return 1
 _REVISION_OF = _REVISION + "return revision(KEYS[1])"
 
 _INFO_FIELDS = ("rev", "pos", "ver", "created", "updated", "loff")
-_LAST_TIME = 253402300799.0  # 9999-12-31T23:59:59Z, the last second a datetime holds
 
 
 class RedisStore:
@@ -394,6 +393,6 @@ def _session(key: str, fields: dict[bytes, bytes | None]) -> Session | None:
 def _timestamp(raw: bytes | None) -> float:
     """A record's time (unix seconds); ValueError for one that is no time a date can hold (nan, inf, 1e300)."""
     value = float(raw or 0)
-    if not 0 <= value <= _LAST_TIME:  # NaN compares false
+    if not is_unix_time(value):
         raise ValueError(f"a time of {value!r}")
     return value

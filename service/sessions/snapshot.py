@@ -44,11 +44,12 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from service.config import Settings
-from service.sessions.base import Session, SessionStore
+from service.sessions.base import Session, SessionStore, is_unix_time
 from service.sessions.memory import MemoryStore
 
 log = logging.getLogger("service.snapshot")
 FORMAT = "gru-session-snapshot/1"
+_CLOCK_SLIP = 86400.0  # seconds a session's time may lie ahead of this host's clock (another host's)
 
 
 class _Incompatible(Exception):
@@ -135,7 +136,8 @@ async def save(store: MemoryStore, path: Path, model_version: str) -> int:
     return len(captured.records)
 
 
-def _read(path: Path, model_versions: set[str], state_size: int) -> tuple[list[Session], list[int], Tensor]:
+def _read(path: Path, model_versions: set[str], state_size: int,
+          latest: float) -> tuple[list[Session], list[int], Tensor]:
     """Every record of the snapshot and its state row, validated in full before anything is restored."""
     with safe_open(str(path), framework="pt") as file:
         metadata = file.metadata() or {}
@@ -162,7 +164,8 @@ def _read(path: Path, model_versions: set[str], state_size: int) -> tuple[list[S
         key, position, version, created, updated, last_offset, fingerprint, start, length, row = entry
         if not (isinstance(key, str) and "/" in key and isinstance(position, int) and position >= 0
                 and isinstance(start, int) and isinstance(length, int) and 0 <= start <= start + length
-                <= len(answers) and isinstance(row, int) and -1 <= row < states.size(0)):
+                <= len(answers) and isinstance(row, int) and -1 <= row < states.size(0)
+                and is_unix_time(created) and is_unix_time(updated) and max(created, updated) <= latest):
             raise ValueError(f"malformed index entry {entry!r:.200}")
         sessions.append(Session(key, position, str(version), 0, created_at=float(created),
                                 updated_at=float(updated), last_offset=int(last_offset),
@@ -199,7 +202,9 @@ def restore(store: MemoryStore, path: Path, model_versions: str | Collection[str
         log.info("no snapshot to restore; starting empty", extra={"fields": {"path": str(path)}})
         return 0
     try:
-        sessions, rows, states = _read(path, known, state_size)
+        # a session's times: unix seconds, and none past now by more than a clock's slip (one far ahead would
+        # never expire, and the sweep, oldest first, would stop at it)
+        sessions, rows, states = _read(path, known, state_size, clock() + _CLOCK_SLIP)
     except Exception as exc:  # any unreadable file: set it aside, never fail the start
         reason = "incompatible" if isinstance(exc, _Incompatible) else "corrupt"
         aside = _free_name(path.with_name(f"{path.name}.{reason}-{time.strftime('%Y%m%dT%H%M%S')}"))

@@ -1060,3 +1060,27 @@ def test_a_polled_version_with_a_count_past_float_is_skipped_once(server_factory
         log = server.log()
         assert metric(client, "gru_model_versions_skipped_total", model="m") == 1
         assert log.count("model m version 2 skipped") == 1 and "Traceback" not in log
+
+
+def test_a_model_unloaded_before_a_restart_does_not_get_its_sessions_back(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """The repository API's unload drops a model's sessions, but its snapshot file was neither removed nor
+    rewritten: the next start, which loads every model, restored the unloaded sessions."""
+    repository, path = tmp_path / "repo", tmp_path / "state" / "sessions.safetensors"
+    add_version(repository, "a", 1)
+    add_version(repository, "b", 1, seed=3)
+    env = {"GRU_MODEL_REPOSITORY": str(repository), "GRU_DEFAULT_MODEL": "a", "GRU_SNAPSHOT_PATH": str(path),
+           "GRU_REPOSITORY_POLL_SECONDS": "0", "GRU_SNAPSHOT_INTERVAL_SECONDS": "0.2"}
+    b_file = tmp_path / "state" / "sessions.b.safetensors"
+    first = server_factory(**env)
+    with httpx.Client(base_url=first.url, timeout=30) as client:
+        answer = client.post("/v1/models/b/sessions/old/predict", json={"values": series(4).tolist(), "offset": 0})
+        assert answer.status_code == 200, answer.text
+        written = b_file.stat().st_mtime_ns if b_file.exists() else 0
+        wait_for(lambda: b_file.exists() and b_file.stat().st_mtime_ns != written)  # a periodic save holds it
+        assert client.post("/v2/repository/models/b/unload").status_code == 200
+    assert first.stop() in (0, -signal.SIGTERM)
+    second = server_factory(**env)
+    with httpx.Client(base_url=second.url, timeout=30) as client:
+        assert client.get("/v1/models/b/sessions/old").status_code == 404  # it went with the unload

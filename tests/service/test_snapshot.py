@@ -11,6 +11,7 @@ import resource
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -412,3 +413,34 @@ def test_a_full_disk_at_shutdown_is_one_error_line_and_the_last_snapshot_stays(
     third = server_factory(GRU_SNAPSHOT_PATH=str(path))
     with httpx.Client(base_url=third.url, timeout=30) as http:
         assert position(http, kept) == 5
+
+
+def _rewrite_index(path: Path, edit: Callable[[list[Any]], None]) -> None:
+    with safe_open(str(path), framework="pt") as file:
+        metadata = file.metadata()
+        tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
+    entries = orjson.loads(tensors["index"].numpy().tobytes())
+    edit(entries)
+    tensors["index"] = torch.frombuffer(bytearray(orjson.dumps(entries)), dtype=torch.uint8)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize("when", [1e300, float("inf"), "nan", time.time() + 7 * 86400])
+def test_a_snapshot_whose_times_are_no_times_is_set_aside(tmp_path: Path, when: Any) -> None:
+    """The index's times went through float() unchecked (1e300, "inf", "nan" all passed): such a session never
+    expired, and being least recently used it stopped the sweep before every expired session behind it. A
+    time past now by more than a day is no time either."""
+    store = memory_store()
+    for key in ("t/a", "t/b", "t/c"):
+        assert asyncio.run(store.commit([write(key, None, 1)], torch.zeros(1, STATE)))[0] is not None
+    path = tmp_path / "snap"
+    asyncio.run(save(store, path, "v1"))
+
+    def future(entries: list) -> None:
+        entries[0][4] = when  # t/a's updated_at
+
+    _rewrite_index(path, future)
+    clock = Clock(time.time())
+    restored = memory_store(ttl_seconds=10.0, clock=clock)
+    assert restore(restored, path, "v1", STATE, clock=clock) == 0
+    assert [p.name.split("-")[0] for p in tmp_path.iterdir()] == ["snap.corrupt"]

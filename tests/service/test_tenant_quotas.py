@@ -67,3 +67,50 @@ def test_the_store_holds_the_tenant_bound_on_resets_and_restores_too() -> None:
     restored = MemoryStore(4, torch.device("cpu"), max_sessions=100, ttl_seconds=60, tenant_max_sessions=1)
     restored.restore(store.records(), [-1] * 3, torch.zeros(0, 4))
     assert [s.key for s in restored.records()] == ["t2/x", "t1/c"]
+
+
+def test_a_batch_of_large_answers_never_evicts_another_tenants_session(server_factory: ServerFactory) -> None:
+    """As test_a_tenant_keeping_large_answers_evicts_its_own_never_another_tenants, but t2's four ~42 KB
+    answers arrive in one /v1/predict/batch call, one store commit: the tenant's trim stopped at the sessions
+    just written, and the store's then evicted t1's."""
+    server = server_factory(GRU_API_KEYS=API_KEYS, GRU_MAX_ANSWER_BYTES="131072",
+                            GRU_TENANT_MAX_ANSWER_BYTES="65536", GRU_MAX_BATCH_DELAY_MS="200")
+    with _client(server.url, "t1") as one, _client(server.url, "t2") as two:
+        assert send(one, "small", series(2), offset=0).status_code == 200
+        values = series(3000, seed=5).tolist()
+        items = [{"session_id": f"long-{i}", "values": values, "offset": 0, "horizon": 512} for i in range(4)]
+        answer = two.post("/v1/predict/batch", json={"items": items})
+        assert answer.status_code == 200
+        assert all("position" in r for r in answer.json()["results"]), answer.text[:300]
+        assert position(one, "small") == 2  # t1's session survives t2's answers
+
+
+def test_an_imported_padded_answer_is_refused_and_evicts_no_one(server_factory: ServerFactory) -> None:
+    """A state document's kept answer was bounded only by GRU_MAX_BODY_BYTES: one import of a 200 KB answer
+    (valid JSON padded with whitespace) from t2 evicted t1's session. The service writes its answers compact:
+    a padded one is a damaged document (422)."""
+    import dataclasses
+
+    from service.sessions.document import decode, encode
+
+    server = server_factory(GRU_API_KEYS=API_KEYS, GRU_MAX_ANSWER_BYTES="131072",
+                            GRU_TENANT_MAX_ANSWER_BYTES="65536")
+    with _client(server.url, "t1") as one, _client(server.url, "t2") as two:
+        assert send(one, "small", series(2), offset=0).status_code == 200
+        assert send(two, "mine", series(2), offset=0).status_code == 200
+        exported = two.get("/v1/sessions/mine/state")
+        assert exported.status_code == 200
+        probe = exported.content
+        document = None
+        for size in range(1, 1 << 16):  # the state size, as decode needs it
+            try:
+                document = decode(probe, size)
+                break
+            except Exception:
+                continue
+        assert document is not None
+        padded = dataclasses.replace(document, answer=document.answer + b" " * 200_000)
+        imported = two.put("/v1/sessions/mine/state", content=encode(padded),
+                           headers={"Content-Type": "application/octet-stream"})
+        assert_problem(imported, 422)
+        assert position(one, "small") == 2
