@@ -99,7 +99,7 @@ def test_the_curl_session_answers_what_the_readme_shows(shipped: Server) -> None
                 assert _rounded(actual) == json.loads(shown), (
                     f"{method} {path}: README shows {name}={shown}, the shipped model answers {actual}")
                 checked += 1
-    assert checked == 17  # six members of the first answer, three of the 409, eight with intervals and scores
+    assert checked == 19  # eight members of the first answer, three of the 409, eight with intervals and scores
 
 
 def test_the_python_example_runs_twice_and_prints_what_the_readme_shows(shipped: Server) -> None:

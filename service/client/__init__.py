@@ -173,7 +173,7 @@ class Retry:
     max_delay: float = 5.0
 
     def delay(self, attempt: int, response: httpx.Response | None) -> float:
-        wait = self.backoff * 2**attempt * random.uniform(0.5, 1.0)
+        wait = self.backoff * 2.0 ** min(attempt, 64) * random.uniform(0.5, 1.0)  # 2**1100 is past float
         if response is not None:
             with contextlib.suppress(ValueError):
                 wait = max(wait, float(response.headers.get("retry-after", 0)))
@@ -190,6 +190,8 @@ def _rows(values: Values) -> list[Any]:
 def _chunks(values: Values, chunk: int) -> Iterator[list[Any]]:
     """``values`` a chunk at a time, each made a list as it is sent: a long series (a list, a numpy array, the
     CLI's rows) is never copied whole. Anything else (an iterator, a deque) is listed first."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1 step, got {chunk}")
     if not isinstance(values, list | tuple) and not hasattr(values, "tolist"):
         values = _rows(values)
     if not len(values):
@@ -251,10 +253,14 @@ def _not_a_count(position: Any) -> str | None:
     return None
 
 
-def unusable_answer(body: dict[str, Any], steps: int, offset: int | None) -> str | None:
-    """Why ``body`` is no answer to a chunk of ``steps`` sent at ``offset`` (None: stateless), or None when it
-    is one: one prediction a step, a model version, and for a session's chunk the position just past it.
-    The HTTP calls and the streaming sessions hold answers to the same rule."""
+def unusable_answer(body: dict[str, Any], steps: int, offset: int | None,
+                    session_id: str | None = None) -> str | None:
+    """Why ``body`` is no answer to a chunk of ``steps`` sent at ``offset`` (None: stateless) of session
+    ``session_id``, or None when it is one: one prediction a step, a model version, and for a session's chunk
+    its session's id where it names one (a proxy that mixes answers up is caught) and the position just
+    past it. The HTTP calls and the streaming sessions hold answers to the same rule."""
+    if session_id is not None and body.get("session_id", session_id) != session_id:
+        return f"an answer for session {str(body.get('session_id'))[:80]!r}, not {session_id!r}"
     predictions = body.get("predictions")
     if not isinstance(predictions, list) or len(predictions) != steps:
         return f"predictions {str(predictions)[:80]} are not {steps} row(s), one a step sent"
@@ -270,11 +276,11 @@ def unusable_answer(body: dict[str, Any], steps: int, offset: int | None) -> str
     return None
 
 
-def _prediction(response: httpx.Response, call: _Call) -> Prediction:
+def _prediction(response: httpx.Response, call: _Call, session_id: str | None = None) -> Prediction:
     """The answer to a chunk ``call`` sent (``unusable_answer``'s rule)."""
     sent = call.body or {}
     body = _answer(response)
-    if (why := unusable_answer(body, len(sent["values"]), sent.get("offset"))) is not None:
+    if (why := unusable_answer(body, len(sent["values"]), sent.get("offset"), session_id)) is not None:
         raise _bad(response, why)
     return Prediction.from_json(body)
 
@@ -455,11 +461,15 @@ class _SessionCalls:
     def _adopt(self, response: httpx.Response) -> dict[str, Any]:
         """The session description in ``response``; the handle moves to its position."""
         description = _answer(response)
-        self.position = _position(response, description)
+        position = _position(response, description)
+        if description.get("session_id", self.id) != self.id:
+            raise _bad(response, f"a description of session {str(description.get('session_id'))[:80]!r}, not"
+                                 f" {self.id!r}")
+        self.position = position
         return description
 
     def _advance(self, response: httpx.Response, call: _Call) -> Prediction:
-        prediction = _prediction(response, call)
+        prediction = _prediction(response, call, self.id)
         assert prediction.position is not None  # _prediction saw it follow the chunk
         self.position = prediction.position
         return prediction

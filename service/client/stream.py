@@ -116,7 +116,7 @@ class _Window:
         status = answer.get("status")
         sent = self.unanswered[0]
         if status is None:
-            if (why := unusable_answer(answer, sent.steps, sent.offset)) is not None:
+            if (why := unusable_answer(answer, sent.steps, sent.offset, self.id)) is not None:
                 raise BadAnswer(None, {"detail": why}, f"stream answer unusable: {why}")
             prediction = Prediction.from_json(answer)
             self._answered()

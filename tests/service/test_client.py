@@ -26,6 +26,8 @@ import pytest
 from harness.processes import ROOT
 from service.client import (
     AsyncClient,
+    AsyncSession,
+    BadAnswer,
     Client,
     ModelChanged,
     OffsetConflict,
@@ -794,3 +796,66 @@ def test_the_cli_without_the_client_extra_names_the_install_command_in_one_line(
     assert "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "pip install 'gru-service[client]'" in done.stderr and missing in done.stderr
+
+
+def _other_session(request: httpx.Request) -> httpx.Response:
+    """A proxy or load balancer answering with another session's answer, well formed otherwise."""
+    return httpx.Response(200, json={"session_id": "someone-else", "position": 1, "predictions": [[0.0]],
+                                     "model_version": "v", "created": True})
+
+
+def test_an_answer_for_another_session_is_not_taken_as_success_sync() -> None:
+    """Neither the sync nor the async client compared an answer's session id with the handle's."""
+    with Client("http://service", retry=FAST, transport=httpx.MockTransport(_other_session)) as api:
+        session = Session(api, "mine")
+        with pytest.raises(BadAnswer):
+            session.predict([0.1])
+        assert session.position == 0
+
+
+def test_an_answer_for_another_session_is_not_taken_as_success_async() -> None:
+    async def run() -> None:
+        async with AsyncClient("http://service", retry=FAST, transport=httpx.MockTransport(_other_session)) as api:
+            session = AsyncSession(api, "mine")
+            with pytest.raises(BadAnswer):
+                await session.predict([0.1])
+            assert session.position == 0
+    asyncio.run(run())
+
+
+def test_a_description_of_another_session_is_not_adopted() -> None:
+    def handle(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"session_id": "someone-else", "position": 40, "model_version": "v"})
+    with Client("http://service", retry=FAST, transport=httpx.MockTransport(handle)) as api:
+        session = Session(api, "mine")
+        with pytest.raises(BadAnswer):
+            session.resync()
+        assert session.position == 0
+
+
+def test_many_attempts_give_up_with_unavailable_not_overflow() -> None:
+    """Retrying for a long time: past 1024 attempts ``backoff * 2**attempt`` overflowed a float."""
+    calls = 0
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        return httpx.Response(503, json={"status": 503, "detail": "busy"})
+    retry = Retry(attempts=1100, backoff=0.0, max_delay=0.0)
+    with Client("http://service", retry=retry, transport=httpx.MockTransport(handle)) as api, \
+            pytest.raises(Unavailable):
+        Session(api, "s").predict([0.1])
+
+
+def test_a_negative_chunk_size_is_refused_not_a_stream_that_sends_nothing() -> None:
+    """``range(0, n, -1)`` is empty: the series was silently not sent."""
+    sent: list[bytes] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        sent.append(request.content)
+        return httpx.Response(200, json={"session_id": "s", "position": 3, "predictions": [[0.0]] * 3,
+                                         "model_version": "v"})
+    with Client("http://service", retry=FAST, transport=httpx.MockTransport(handle)) as api, \
+            pytest.raises(ValueError):
+        list(Session(api, "s").stream([0.1, 0.2, 0.3], chunk=-1))
+    assert sent == []
