@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bench import __main__ as bench_main
-from bench import cell, junk, load, naive_server
+from bench import cell, cli_csv, junk, load, naive_server
 
 
 def test_cell_table_runs_and_checks_outputs(capsys: pytest.CaptureFixture[str]) -> None:
@@ -118,3 +118,12 @@ def test_junk_bodies_are_json_objects_of_unknown_keys_of_the_size_asked() -> Non
     assert parsed.pop("values") == [0.5]
     assert list(parsed) == [f"k{index}" for index in range(len(parsed))]
     assert all(value == [[[[]]]] for value in parsed.values())
+
+
+def test_the_cli_csv_bench_reads_a_series_and_prints_its_table(capsys: pytest.CaptureFixture[str]) -> None:
+    """``bench.cli_csv`` on a small series: every row read, cut into chunks of 32, in one table."""
+    measured = cli_csv.measure(100)
+    assert (measured["rows"], measured["chunks"]) == (100, 4)
+    assert 0 < measured["imported_kib"] <= measured["peak_kib"]
+    assert cli_csv.main(["--rows", "100"]) == 0
+    assert "CLI CSV reading" in capsys.readouterr().out
