@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     port = settings.port if args.port is None else args.port
     config = uvicorn.Config(
         app, host=args.host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=30,
-        http=head_deadline_protocol(settings.request_timeout_seconds),
+        http=head_deadline_protocol(settings.request_timeout_seconds, app.state.metrics),
         # streams: a frame over the body limit closes with 1009 before it is buffered; pings find dead peers;
         # no per-message compression (small JSON frames: it would cost more CPU than it saves bytes); pings
         # from a peer that does not read stop the reading, and shutdown cuts it off (service.ws_flow)

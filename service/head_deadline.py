@@ -14,18 +14,22 @@ A head (request line and header fields) over ``MAX_HEAD_BYTES`` is answered 431 
 connection closed. httptools has no bound of its own (h11, uvicorn's other parser, stops at 16 KiB): it
 buffered a 64 MB header whole before any middleware ran, so keyless clients could take the memory of the
 process. A head still arriving is counted chunk by chunk (the chunk it began in uncounted, so at most one
-read, 256 KiB, is held past the bound); a complete one is measured exactly.
+read, 256 KiB, is held past the bound); a complete one is measured exactly. The 431 is counted and
+access-logged as ``Observability`` does the app's answers, under route ``unmatched`` (no route is looked at),
+its latency from the head's first byte.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service.middleware.observability import request_id_from
+from service.metrics import Metrics
+from service.middleware.observability import UNMATCHED, record, request_id_from
 from service.problems import PROBLEM_JSON, Problem
 
 MAX_HEAD_BYTES = 64 * 1024  # nginx's default buffers take 32 KiB; keys, ids and entity tags are short
@@ -39,6 +43,7 @@ class _HeadTooLarge(Exception):
 
 class _HeadDeadlineProtocol(HttpToolsProtocol):
     head_timeout: float = 30.0
+    metrics: Metrics  # the app's, where the 431 is counted
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -47,6 +52,7 @@ class _HeadDeadlineProtocol(HttpToolsProtocol):
         self._heads = 0  # heads begun on this connection
         self._in_head = False  # a head begun and not yet complete
         self._head_bytes = 0  # of the head in progress, in the reads after the one it began in
+        self._head_began = 0.0  # perf_counter() at the head's first byte
         self._refused = False
 
     def _arm(self) -> None:
@@ -88,6 +94,7 @@ class _HeadDeadlineProtocol(HttpToolsProtocol):
         self._heads += 1
         self._in_head = True
         self._head_bytes = 0
+        self._head_began = time.perf_counter()
 
     def on_headers_complete(self) -> None:
         self._disarm()
@@ -111,12 +118,15 @@ class _HeadDeadlineProtocol(HttpToolsProtocol):
         body = orjson.dumps(_TOO_LARGE.body())
         head = [b"HTTP/1.1 431 Request Header Fields Too Large\r\n"]
         head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
-        head.append(b"x-request-id: " + request_id_from(self.headers) + b"\r\n")  # the head's so far
+        request_id = request_id_from(self.headers)  # the head's so far
+        head.append(b"x-request-id: " + request_id + b"\r\n")
         head += [b"content-type: " + PROBLEM_JSON.encode() + b"\r\n",
                  b"content-length: " + str(len(body)).encode() + b"\r\n", b"connection: close\r\n\r\n"]
         self.transport.write(b"".join(head) + body)
         self.transport.write_eof()
         self._arm()
+        method = self.parser.get_method().decode("ascii", "replace")
+        record(self.metrics, request_id, method, UNMATCHED, {}, 431, time.perf_counter() - self._head_began)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # an idle connection is uvicorn's: closed after timeout_keep_alive
@@ -124,6 +134,7 @@ class _HeadDeadlineProtocol(HttpToolsProtocol):
             self._awaiting_head = True
 
 
-def head_deadline_protocol(timeout: float) -> type[HttpToolsProtocol]:
-    """The protocol class to give ``uvicorn.run(http=...)``: heads must arrive within ``timeout`` seconds."""
-    return type("HeadDeadlineProtocol", (_HeadDeadlineProtocol,), {"head_timeout": timeout})
+def head_deadline_protocol(timeout: float, metrics: Metrics) -> type[HttpToolsProtocol]:
+    """The protocol class to give ``uvicorn.run(http=...)``: heads must arrive within ``timeout`` seconds; a
+    431 is counted in ``metrics`` (the app's)."""
+    return type("HeadDeadlineProtocol", (_HeadDeadlineProtocol,), {"head_timeout": timeout, "metrics": metrics})

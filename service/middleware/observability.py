@@ -5,7 +5,8 @@ template its path matches, so a 401 or 413 on a predict route is counted there, 
 WebSocket upgrade, under method ``WS`` (an accepted stream's chunks are counted as they are answered,
 ``service.api.stream``). Every label is from a bounded set: a method outside RFC 9110's and PATCH is counted
 as ``other`` (uvicorn passes any of some 35 methods, which took an anonymous caller's 1,100 requests from
-1,400 series to 22,700). Never logs bodies, values or keys."""
+1,400 series to 22,700). A head too large for the app to see (``service.head_deadline``'s 431) is counted
+and logged by the protocol with ``record``, under route ``unmatched``. Never logs bodies, values or keys."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ _STARTS = frozenset(("http.response.start", "websocket.http.response.start", "we
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", STREAM_METHOD})
 _SCOPE_KEY = "gru.request_id"  # where the inner layers (ServerErrors' log line) find the request id
 SWITCHED = 101  # an accepted upgrade's status
+UNMATCHED = "unmatched"  # the route label of a path that matches no template, and of a head too large
 
 
 class RouteTemplates:
@@ -45,7 +47,7 @@ class RouteTemplates:
         for regex, template in self._compiled:
             if found := regex.match(path):
                 return template, found.groupdict()
-        return "unmatched", {}
+        return UNMATCHED, {}
 
 
 class Observability:
@@ -84,16 +86,23 @@ class Observability:
     def _record(self, scope: Scope, request_id: bytes, status: int, elapsed: float) -> None:
         template, params = self._template(scope)
         method = scope.get("method", STREAM_METHOD)  # a WebSocket upgrade's scope has none
-        label = method if method in _METHODS else "other"
-        self.metrics.requests.labels(route=template, method=label, status=str(status)).inc()
-        self.metrics.request_duration.labels(route=template, method=label).observe(elapsed)
-        _log(request_id, method, template, params, status, elapsed)
+        record(self.metrics, request_id, method, template, params, status, elapsed)
 
     def _template(self, scope: Scope) -> tuple[str, dict[str, str]]:
         route = scope.get("route")
         if route is not None:
             return route.path, scope.get("path_params", {})
         return self.templates.match(route_path(scope))
+
+
+def record(metrics: Metrics, request_id: bytes, method: str, template: str, params: dict[str, str], status: int,
+           elapsed: float) -> None:
+    """Count an answer and write its access-log line: ``Observability``'s, and the protocol's for the answers
+    written below the app (``service.head_deadline``'s 431, under ``UNMATCHED``: no route is looked at)."""
+    label = method if method in _METHODS else "other"
+    metrics.requests.labels(route=template, method=label, status=str(status)).inc()
+    metrics.request_duration.labels(route=template, method=label).observe(elapsed)
+    _log(request_id, method, template, params, status, elapsed)
 
 
 def _log(request_id: bytes, method: str, template: str, params: dict[str, str], status: int, elapsed: float,

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from tests.conftest import Server, ServerFactory
+from tests.service.helpers import access_line
 
 
 def _connect(server: Server) -> socket.socket:
@@ -110,3 +111,24 @@ def test_the_431_for_a_large_head_carries_a_request_id(server: Server) -> None:
     status, _, _ = answer.partition(b"\r\n\r\n")
     assert status.startswith(b"HTTP/1.1 431"), status
     assert b"x-request-id: trace-431" in status.lower(), status.decode()
+
+
+def test_the_431_for_a_large_head_is_logged_and_counted(server_factory: ServerFactory) -> None:
+    """Every answer gets one access-log line and a gru_requests_total count, as a 413 or 400 does; the 431,
+    written below the app, got neither. Counted under "unmatched": no route is looked at."""
+    server = server_factory()
+    head = b"POST /v1/sessions/s-1/predict HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Request-ID: "
+    for request_id, pieces in (("trace-431-whole", 1), ("trace-431-arriving", 40)):
+        padded = head + request_id.encode() + b"\r\nX-Pad: " + b"a" * 66_000 + b"\r\n\r\n"
+        with _connect(server) as large:
+            for start in range(0, len(padded), len(padded) // pieces):
+                large.sendall(padded[start:start + len(padded) // pieces])
+            assert _answer(large).startswith(b"HTTP/1.1 431")
+        entry = access_line(server, request_id)
+        assert (entry["msg"], entry["method"], entry["route"], entry["status"]) == ("request", "POST", "unmatched",
+                                                                                   431), entry
+        assert entry["latency_ms"] >= 0 and "session" not in entry, entry
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'gru_requests_total{method="POST",route="unmatched",status="431"} 2.0' in metrics, \
+        [line for line in metrics.splitlines() if line.startswith("gru_requests_total")]
+    assert 'gru_request_duration_seconds_count{method="POST",route="unmatched"} 2.0' in metrics
