@@ -16,7 +16,8 @@ buffered a 64 MB header whole before any middleware ran, so keyless clients coul
 process. A head still arriving is counted chunk by chunk (the chunk it began in uncounted, so at most one
 read, 256 KiB, is held past the bound); a complete one is measured exactly. The 431 is counted and
 access-logged as ``Observability`` does the app's answers, under route ``unmatched`` (no route is looked at),
-its latency from the head's first byte.
+its latency from the head's first byte. So is the 400 problem+json that replaces uvicorn's text/plain one for
+a request httptools cannot parse.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import asyncio
 import time
 from typing import Any
 
+import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -35,6 +37,10 @@ from service.problems import PROBLEM_JSON, Problem
 MAX_HEAD_BYTES = 64 * 1024  # nginx's default buffers take 32 KiB; keys, ids and entity tags are short
 _TOO_LARGE = Problem(431, "header-too-large", f"the request line and headers take more than {MAX_HEAD_BYTES}"
                      " bytes; send only the headers this service reads (a key, ids and entity tags are short)")
+
+
+_MALFORMED = Problem(400, "malformed-request", "the request is not valid HTTP/1.1: its request line, a header"
+                     " or its chunked body could not be parsed")
 
 
 class _HeadTooLarge(Exception):
@@ -107,26 +113,50 @@ class _HeadDeadlineProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def send_400_response(self, msg: str) -> None:
-        if not self._refused:  # else the parser stopped at _HeadTooLarge, already answered 431
-            super().send_400_response(msg)
+        """httptools could not parse the request; uvicorn's own answer is a text/plain 400 with no request
+        id, neither logged nor counted. A head is answered 400 problem+json instead, counted and logged as a
+        431 is. A chunked body that breaks off mid-way gets the same answer unless the app has begun its
+        own, and the connection is closed: the app, which has the request, hears a disconnect and logs it."""
+        if self._refused:  # the parser stopped at _HeadTooLarge, already answered 431
+            return
+        if self._in_head:
+            self._answer_below_app(_MALFORMED, b"400 Bad Request")
+            return
+        if not (self.cycle is not None and self.cycle.response_started):
+            self.transport.write(self._problem_answer(_MALFORMED, b"400 Bad Request")[0])
+        self.transport.close()
 
     def _refuse_head(self) -> None:
-        """Answer 431 problem+json and end our side; what the client still sends is read and dropped until
-        it closes or the head deadline does. Closing at once would leave its bytes unread, and the kernel
-        answers those with a reset, which can destroy the 431 before the client reads it."""
+        self._answer_below_app(_TOO_LARGE, b"431 Request Header Fields Too Large")
+
+    def _answer_below_app(self, problem: Problem, status_line: bytes) -> None:
+        """Answer a head with ``problem``, count and access-log it (route ``unmatched``: no route is looked
+        at), and end our side. What the client still sends is read and dropped until it closes or the head
+        deadline does: closing at once would leave its bytes unread, and the kernel answers those with a
+        reset, which can destroy the answer before the client reads it."""
         self._refused = True
-        body = orjson.dumps(_TOO_LARGE.body())
-        head = [b"HTTP/1.1 431 Request Header Fields Too Large\r\n"]
+        answer, request_id = self._problem_answer(problem, status_line)
+        self.transport.write(answer)
+        self.transport.write_eof()
+        self._arm()
+        try:
+            method = self.parser.get_method().decode("ascii", "replace")
+        except httptools.HttpParserError:  # the request line itself was malformed
+            method = ""
+        record(self.metrics, request_id, method, UNMATCHED, {}, problem.status,
+               time.perf_counter() - self._head_began)
+
+    def _problem_answer(self, problem: Problem, status_line: bytes) -> tuple[bytes, bytes]:
+        """The problem+json answer that closes the connection, with the request id of the head read so far
+        (or a new one); and that id."""
+        body = orjson.dumps(problem.body())
+        head = [b"HTTP/1.1 " + status_line + b"\r\n"]
         head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
-        request_id = request_id_from(self.headers)  # the head's so far
+        request_id = request_id_from(self.headers)
         head.append(b"x-request-id: " + request_id + b"\r\n")
         head += [b"content-type: " + PROBLEM_JSON.encode() + b"\r\n",
                  b"content-length: " + str(len(body)).encode() + b"\r\n", b"connection: close\r\n\r\n"]
-        self.transport.write(b"".join(head) + body)
-        self.transport.write_eof()
-        self._arm()
-        method = self.parser.get_method().decode("ascii", "replace")
-        record(self.metrics, request_id, method, UNMATCHED, {}, 431, time.perf_counter() - self._head_began)
+        return b"".join(head) + body, request_id
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # an idle connection is uvicorn's: closed after timeout_keep_alive

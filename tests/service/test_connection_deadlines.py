@@ -132,3 +132,39 @@ def test_the_431_for_a_large_head_is_logged_and_counted(server_factory: ServerFa
     assert 'gru_requests_total{method="POST",route="unmatched",status="431"} 2.0' in metrics, \
         [line for line in metrics.splitlines() if line.startswith("gru_requests_total")]
     assert 'gru_request_duration_seconds_count{method="POST",route="unmatched"} 2.0' in metrics
+
+
+def test_a_malformed_request_is_answered_400_problem_json_logged_and_counted(server_factory: ServerFactory) -> None:
+    """README: every error is problem+json and every answer echoes X-Request-ID. httptools' parse errors got
+    uvicorn's text/plain 400, with no request id, no access-log line and no count; a chunked body that breaks
+    off mid-way got the same text."""
+    server = server_factory()
+    malformed = {
+        # httptools hands a header over as the next one begins: the id is known when a later one is malformed
+        "trace-bad-header": b"GET /v1/model HTTP/1.1\r\nHost: x\r\nX-Request-ID: trace-bad-header\r\nAccept: */*\r\n"
+                            b"Bad Name: 1\r\n\r\n",
+        "trace-bad-length": b"POST /v1/sessions/s-1/predict HTTP/1.1\r\nHost: x\r\nX-Request-ID: trace-bad-length\r\n"
+                            b"Content-Length: twelve\r\n\r\n",
+    }
+    for request_id, request in malformed.items():
+        with _connect(server) as sock:
+            sock.sendall(request)
+            head, _, body = _answer(sock).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400"), head
+        assert b"content-type: application/problem+json" in head.lower(), head
+        assert f"x-request-id: {request_id}".encode() in head.lower(), head
+        problem = json.loads(body)
+        assert (problem["status"], problem["type"].rsplit("/", 1)[1]) == (400, "malformed-request"), problem
+        entry = access_line(server, request_id)
+        assert (entry["route"], entry["status"]) == ("unmatched", 400), entry
+    with _connect(server) as sock:  # the head is the app's; its chunked body is not HTTP
+        sock.sendall(b"POST /v1/sessions/s-1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"val\r\nzz\r\n")
+        head, _, body = _answer(sock).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"application/problem+json" in head.lower(), head
+    assert json.loads(body)["type"].endswith("/malformed-request")
+    metrics = httpx.get(server.url + "/metrics").text
+    counted = [line for line in metrics.splitlines() if line.startswith("gru_requests_total") and "unmatched" in line]
+    assert 'gru_requests_total{method="GET",route="unmatched",status="400"} 1.0' in counted, counted
+    assert 'gru_requests_total{method="POST",route="unmatched",status="400"} 1.0' in counted, counted
+    assert httpx.get(server.url + "/healthz").status_code == 200
