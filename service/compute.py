@@ -34,7 +34,7 @@ class Computed:
     predictions: list[np.ndarray]  # per chunk, (T, F) float32
     forecasts: list[np.ndarray | None]  # per chunk, (horizon, F) float32; None without a horizon
     states: Tensor  # (B, S), row i = chunk i
-    finite: list[bool]  # per chunk: predictions, forecast and new state all finite
+    finite: list[bool]  # per chunk: predictions, forecast, intervals and new state all finite
     surprises: list[int]  # per chunk, its answered values with a p-value under ``surprise_p`` (0: no calibration)
     extras: list[list[dict[str, Any] | None]]  # per chunk, per part: the answer's intervals and scores where it asked
 
@@ -143,6 +143,9 @@ class BatchCompute:
             finite = finite_states
         else:
             finite = [ok and _all_finite(predictions[i], forecasts[i]) for i, ok in enumerate(finite_states)]
+        # Intervals too: their half-widths scale by exp of the state's log-scales, which a finite state can hold
+        # past float32's range (an imported document); orjson would answer their inf as null.
+        finite = [ok and all(_bands_finite(extras) for extras in asked[i]) for i, ok in enumerate(finite)]
         return Computed(predictions, forecasts, states_out, finite, surprises, asked)
 
     def _extras(self, extras: Extras, predictions: np.ndarray, forecast: np.ndarray | None,
@@ -184,3 +187,12 @@ def _surprises(p_values: np.ndarray, below: float, primed: Sequence[int]) -> lis
 
 def _all_finite(*arrays: np.ndarray | None) -> bool:
     return all(array is None or bool(np.isfinite(array).all()) for array in arrays)
+
+
+def _bands_finite(extras: dict[str, Any] | None) -> bool:
+    """Whether every bound of a part's ``intervals`` and ``forecast_intervals`` is finite (its scores are
+    p-values: NaN, written null, where a value has nothing to be scored against)."""
+    if not extras:
+        return True
+    return all(_all_finite(band["lower"], band["upper"]) for key in ("intervals", "forecast_intervals")
+               for band in extras.get(key, {}).values())

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from safetensors.numpy import load, save
 from websockets.sync.client import connect
 
 from harness.processes import RedisServer, wait_http
@@ -147,6 +148,39 @@ def test_a_jump_across_float32_is_answered_with_finite_intervals_and_no_warning_
             assert np.isfinite(np.array([band["lower"], band["upper"]], dtype=np.float64)).all(), band
     np.testing.assert_allclose(asked["scores"][-2:], [[1 / (CALIBRATION_COUNT + 1)]] * 2, rtol=1e-6)
     assert "RuntimeWarning" not in calibrated.log()
+
+
+def test_an_imported_state_whose_intervals_pass_float32_is_refused_like_outputs_that_do(http: httpx.Client) -> None:
+    """A state document is checked for finite numbers only, so one can carry a running error level log u
+    of 100 (e^100 is past float32). Before the lag window is full nothing is scored, u is not updated, and
+    the interval half-widths are infinite while the predictions are finite: that chunk is the 422
+    out-of-range a chunk whose predictions are not finite gets, never an answer with null bounds, and
+    nothing changes. A chunk that asks no intervals goes on as before."""
+    session = new_id("lifted")
+    values = _seattle(5000, LAGS + 8)[:, 0]
+    assert send(http, session, values[:5], offset=0).status_code == 200
+    exported = http.get(f"/v1/sessions/{session}/state")
+    assert exported.status_code == 200, exported.text
+    raw = exported.content
+    length = int.from_bytes(raw[:8], "little")
+    tensors = load(raw)
+    state = tensors["state"].copy()
+    state[-1] = 100.0  # log u of the only feature, the state's last value
+    lifted = save({**tensors, "state": state}, metadata=json.loads(raw[8 : 8 + length])["__metadata__"])
+    imported = http.put(f"/v1/sessions/{session}/state", content=lifted,
+                        headers={"Content-Type": "application/octet-stream"})
+    assert imported.status_code == 200, imported.text
+    for body in ({"levels": [80]}, {"levels": [50, 99], "horizon": 3, "scores": True}):
+        response = send(http, session, values[5:6], offset=5, **body)
+        assert response.status_code != 200 or np.isfinite(np.array(
+            [band[edge] for key in ("intervals", "forecast_intervals") for band in response.json().get(key, {}).values()
+             for edge in ("lower", "upper")], dtype=np.float64)).all(), response.text
+        problem = assert_problem(response, 422)
+        assert problem["type"].endswith("/out-of-range")
+        assert position(http, session) == 5
+    plain = send(http, session, values[5:], offset=5)
+    assert plain.status_code == 200, plain.text
+    assert np.isfinite(np.array(plain.json()["predictions"], dtype=np.float64)).all()
 
 
 def test_exact_retries_repeat_levels_and_scores_and_other_fields_are_another_chunk(http: httpx.Client) -> None:
