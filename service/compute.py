@@ -125,6 +125,9 @@ class BatchCompute:
             forecasts[order[row]] = np.ascontiguousarray(forecast_host[picked, : sorted_horizons[row]])
         surprises = [0] * count
         asked: list[list[dict[str, Any] | None]] = [[None] * len(p) for p in parts]
+        # Intervals are checked too: their half-widths scale by exp of the state's log-scales, which a finite
+        # state can hold past float32's range (an imported document); orjson would answer their inf as null.
+        unbounded: set[int] = set()  # chunks with an interval bound that is not finite
         if observed.p_values is not None and observed.log_scales is not None:
             surprising = _surprises(observed.p_values, self.surprise_p, [primed[i] for i in order])
             for row, i in enumerate(order):
@@ -134,18 +137,19 @@ class BatchCompute:
                     if wanted:
                         answered = slice(start, start + steps)
                         ends_run = part == len(parts[i]) - 1  # only a run's last chunk may ask a forecast
-                        asked[i][part] = self._extras(
+                        extras = asked[i][part] = self._extras(
                             wanted, y_host[row, answered], forecasts[i] if ends_run else None,
                             observed.p_values[row, answered], observed.log_scales[row, answered])
+                        if not _bands_finite(extras):
+                            unbounded.add(i)
                     start += steps
         # One check of the whole batch; only a batch with a value that is not finite (rare) is checked by row.
         if np.isfinite(y_host).all() and np.isfinite(forecast_host).all():
             finite = finite_states
         else:
             finite = [ok and _all_finite(predictions[i], forecasts[i]) for i, ok in enumerate(finite_states)]
-        # Intervals too: their half-widths scale by exp of the state's log-scales, which a finite state can hold
-        # past float32's range (an imported document); orjson would answer their inf as null.
-        finite = [ok and all(_bands_finite(extras) for extras in asked[i]) for i, ok in enumerate(finite)]
+        if unbounded:
+            finite = [ok and i not in unbounded for i, ok in enumerate(finite)]
         return Computed(predictions, forecasts, states_out, finite, surprises, asked)
 
     def _extras(self, extras: Extras, predictions: np.ndarray, forecast: np.ndarray | None,
@@ -189,10 +193,8 @@ def _all_finite(*arrays: np.ndarray | None) -> bool:
     return all(array is None or bool(np.isfinite(array).all()) for array in arrays)
 
 
-def _bands_finite(extras: dict[str, Any] | None) -> bool:
+def _bands_finite(extras: dict[str, Any]) -> bool:
     """Whether every bound of a part's ``intervals`` and ``forecast_intervals`` is finite (its scores are
     p-values: NaN, written null, where a value has nothing to be scored against)."""
-    if not extras:
-        return True
     return all(_all_finite(band["lower"], band["upper"]) for key in ("intervals", "forecast_intervals")
                for band in extras.get(key, {}).values())
