@@ -236,7 +236,8 @@ class Calibration:
         own, at_anchors = widths[:asked], widths[asked:]
         below = (anchors[None, :] <= levels[:, None]).reshape(asked, len(anchors), *[1] * (own.ndim - 1))
         nested = np.maximum(own, np.where(below, at_anchors[None], 0.0).max(axis=1))
-        return (nested * diff_scale).astype(np.float32)
+        with np.errstate(over="ignore"):  # past float32 (a state from outside): inf, which the service refuses
+            return (nested * diff_scale).astype(np.float32)
 
     def _log_scale_at(self, levels: np.ndarray, log_scales: np.ndarray) -> np.ndarray:
         """Each level's log-scale, linear in the level between the two anchors around it (the nearest

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from model import float32
 from model.cell import Variant
-from model.conformal import Calibration
+from model.conformal import LOG_SCALE_LIMIT, Calibration
 from model.gru import GRU
 
 
@@ -146,6 +146,19 @@ class Forecaster(nn.Module):
         if calibration is None:
             return 0
         return 1 + self.num_features * (1 + len(calibration.anchors) + calibration.normalised)
+
+    def unreachable(self, state: np.ndarray) -> str | None:
+        """Why ``state`` (S,), finite, is not one this model's updates can reach in the part its answers
+        exponentiate (the calibration's log-scales and log level, kept within ±LOG_SCALE_LIMIT: past it an
+        interval passes float32's range); None when it is fine. For states from outside, such as an import."""
+        if not self._tail_size:
+            return None
+        carry = state[-(self._tail_size - 1 - self.num_features):]  # after the count and the last prediction
+        largest = float(np.abs(carry).max())
+        if largest > LOG_SCALE_LIMIT:
+            return (f"its interval log-scales reach {largest:.6g}, beyond the ±{LOG_SCALE_LIMIT:g} this model"
+                    " keeps them within")
+        return None
 
     def initial_state(self, batch: int) -> Tensor:
         """The state of a series that has seen nothing: (B, S) zeros."""

@@ -19,7 +19,7 @@ import torch
 from service.models import ServedModel
 from service.refusals import Overloaded, PreconditionFailed, SessionExists, StaleModel, UnknownSession
 from service.sessions.base import Session, SessionStore, Write, session_id_of
-from service.sessions.document import StateDocument
+from service.sessions.document import DocumentError, StateDocument
 
 MAX_ATTEMPTS = 8  # an import losing its commit this often in a row: the session is too busy to replace now
 UNREADABLE_TAG = "(none: another model's state)"
@@ -102,6 +102,13 @@ class SessionStates:
                 session_id=session_id_of(key), model_version=newest,
                 **({"position": position} if position is not None else {}),
             )
+
+    def check(self, document: StateDocument) -> None:
+        """``DocumentError`` when the document's state is one its version could never have written (see
+        ``Forecaster.unreachable``); a version not loaded is ``put``'s to refuse."""
+        loaded = self.model.by_hash(document.model_version)
+        if loaded is not None and (why := loaded.engine.forecaster.unreachable(document.state)) is not None:
+            raise DocumentError(why)
 
     async def fork(self, key: str, to: str) -> Written:
         """A new session ``to`` with the state and position of ``key``; ``SessionExists`` when ``to`` exists."""

@@ -104,6 +104,7 @@ async def import_state(
         states.require_loaded(session_key(tenant, session_id), version)
     try:
         document = decode(raw, states.state_size)
+        states.check(document)
     except DocumentError as exc:
         raise Problem(422, "invalid-state", f"not an importable state document: {exc}; nothing was changed"
                       ) from None

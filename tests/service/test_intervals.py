@@ -150,12 +150,18 @@ def test_a_jump_across_float32_is_answered_with_finite_intervals_and_no_warning_
     assert "RuntimeWarning" not in calibrated.log()
 
 
-def test_an_imported_state_whose_intervals_pass_float32_is_refused_like_outputs_that_do(http: httpx.Client) -> None:
-    """A state document is checked for finite numbers only, so one can carry a running error level log u
-    of 100 (e^100 is past float32). Before the lag window is full nothing is scored, u is not updated, and
-    the interval half-widths are infinite while the predictions are finite: that chunk is the 422
-    out-of-range a chunk whose predictions are not finite gets, never an answer with null bounds, and
-    nothing changes. A chunk that asks no intervals goes on as before."""
+def _lifted(state: np.ndarray) -> np.ndarray:
+    """``state`` with its running error level log u (the shipped model's last value: one feature, normalised
+    scores) at 100: finite, but e^100 is past float32, and nothing before the lag window is full clips it."""
+    lifted = state.copy()
+    lifted[-1] = 100.0
+    return lifted
+
+
+def test_an_imported_state_beyond_the_models_log_scale_limit_is_refused(http: httpx.Client) -> None:
+    """A state document was checked for finite numbers only, so one could carry log u = 100. Before the lag
+    window is full nothing is scored and u is not updated, so the intervals of the next chunks were infinite
+    and answered as null bounds. Such a document is not one the service writes: a 422, nothing changed."""
     session = new_id("lifted")
     values = _seattle(5000, LAGS + 8)[:, 0]
     assert send(http, session, values[:5], offset=0).status_code == 200
@@ -164,23 +170,57 @@ def test_an_imported_state_whose_intervals_pass_float32_is_refused_like_outputs_
     raw = exported.content
     length = int.from_bytes(raw[:8], "little")
     tensors = load(raw)
-    state = tensors["state"].copy()
-    state[-1] = 100.0  # log u of the only feature, the state's last value
-    lifted = save({**tensors, "state": state}, metadata=json.loads(raw[8 : 8 + length])["__metadata__"])
+    lifted = save({**tensors, "state": _lifted(tensors["state"])},
+                  metadata=json.loads(raw[8 : 8 + length])["__metadata__"])
     imported = http.put(f"/v1/sessions/{session}/state", content=lifted,
                         headers={"Content-Type": "application/octet-stream"})
-    assert imported.status_code == 200, imported.text
-    for body in ({"levels": [80]}, {"levels": [50, 99], "horizon": 3, "scores": True}):
-        response = send(http, session, values[5:6], offset=5, **body)
-        assert response.status_code != 200 or np.isfinite(np.array(
-            [band[edge] for key in ("intervals", "forecast_intervals") for band in response.json().get(key, {}).values()
-             for edge in ("lower", "upper")], dtype=np.float64)).all(), response.text
-        problem = assert_problem(response, 422)
-        assert problem["type"].endswith("/out-of-range")
-        assert position(http, session) == 5
-    plain = send(http, session, values[5:], offset=5)
-    assert plain.status_code == 200, plain.text
-    assert np.isfinite(np.array(plain.json()["predictions"], dtype=np.float64)).all()
+    problem = assert_problem(imported, 422)
+    assert problem["type"].endswith("/invalid-state") and "log-scales reach 100" in problem["detail"], problem
+    assert http.get(f"/v1/sessions/{session}/state").content == raw
+    answer = send(http, session, values[5:6], offset=5, levels=[80])  # on the state the export had
+    assert answer.status_code == 200 and np.isfinite(np.array(answer.json()["intervals"]["80"]["upper"])).all()
+
+
+def test_a_stored_state_whose_intervals_pass_float32_is_refused_like_outputs_that_do() -> None:
+    """The engine's own check, behind the import's: a chunk whose interval bounds are not finite (a stored
+    state with log u = 100, as a snapshot or a Redis record from outside could hold) is the 422
+    out-of-range a chunk whose predictions are not finite gets, never an answer with null bounds, and
+    nothing changes; a chunk that asks no intervals goes on."""
+    import torch
+
+    from model import load_checkpoint
+    from service.engine import Engine
+    from service.extras import Extras
+    from service.metrics import Metrics
+    from service.refusals import OutOfRange
+    from service.sessions.base import session_key
+    from service.sessions.memory import MemoryStore
+
+    forecaster, meta = load_checkpoint(DEFAULT_MODEL_PATH, "cpu")
+    store = MemoryStore(forecaster.state_size, torch.device("cpu"), max_sessions=10, ttl_seconds=600)
+    engine = Engine(forecaster, meta["version"], store, Metrics(), max_batch_size=8, max_batch_delay_ms=1,
+                    max_queue=10, request_timeout_seconds=30)
+    values, key = _seattle(5000, LAGS + 8), session_key("t", "lifted")
+
+    async def scenario() -> None:
+        await engine.start()
+        try:
+            await engine.predict(key, values[:5], 0, 0)
+            session = (await store.load([key]))[0]
+            assert session is not None
+            state = torch.from_numpy(_lifted(store.gather([session], "cpu")[0].numpy()))[None]
+            await store.commit([Write(key, session.revision, 5, session.model_version, session.last_offset,
+                                      session.fingerprint, session.answer, 0)], state)
+            for extras, horizon in ((Extras(levels=(80.0,)), 0), (Extras(levels=(50.0, 99.0), scores=True), 3)):
+                with pytest.raises(OutOfRange):
+                    await engine.predict(key, values[5:6], 5, horizon, extras=extras)
+                assert (await store.load([key]))[0].position == 5  # type: ignore[union-attr]
+            plain = json.loads(await engine.predict(key, values[5:], 5, 0))
+            assert plain["position"] == LAGS + 8 and np.isfinite(np.array(plain["predictions"])).all()
+        finally:
+            await engine.stop()
+
+    asyncio.run(scenario())
 
 
 def test_exact_retries_repeat_levels_and_scores_and_other_fields_are_another_chunk(http: httpx.Client) -> None:
