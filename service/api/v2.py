@@ -195,12 +195,14 @@ async def _infer(request: Request, name: str, version: str | None, settings: Set
                                                          extras=extras)
         else:
             answer = await _continue(model.engine_for(key), key, call.sequence_id, call, extras)
-        if call.sequence_end:
-            await _end(engine, key)
     decoded = orjson.loads(answer)
     if call.session_id is not None:
         parameters = {"sequence_id": call.sequence_id, "sequence_position": decoded["position"]}
+    # Encoded before the sequence ends: an answer that cannot be built (a resent chunk's kept answer, from
+    # an imported document, without the outputs asked for) is a 422 that must leave the sequence as it was.
     encoded = encode_infer(call, model.name, decoded, parameters)
+    if call.session_id is not None and call.sequence_end:
+        await _end(engine, session_key(tenant, call.session_id))
     return Response(encoded.body, media_type=encoded.media_type, headers=encoded.headers)
 
 

@@ -240,11 +240,8 @@ def test_offset_parameter_makes_a_resent_chunk_safe(model: dict[str, Any], clien
     assert stale["position"] == 10
 
 
-def test_a_resent_chunk_whose_imported_kept_answer_lacks_its_outputs_is_422_not_500(
-    model: dict[str, Any], client: httpx.Client
-) -> None:
-    """An imported document carries the answer an exact retry gets again; one forged to hold no
-    ``predictions`` (its prefix and position as the import checks them) is refused on replay, not a 500."""
+def _started_with_a_forged_kept_answer(model: dict[str, Any], client: httpx.Client) -> tuple[str, dict[str, Any]]:
+    """A sequence of 4 steps whose kept answer (imported) holds no ``predictions``; its id and first chunk."""
     session, values = new_id("v2"), series(4, seed=9)
     start = {"inputs": [_values_tensor(values)], "parameters": {"sequence_id": session, "sequence_start": True}}
     assert _infer(client, model["name"], start).status_code == 200
@@ -256,9 +253,29 @@ def test_a_resent_chunk_whose_imported_kept_answer_lacks_its_outputs_is_422_not_
     imported = client.put(f"/v1/sessions/{session}/state", content=forged,
                           headers={"content-type": "application/octet-stream"})
     assert imported.status_code == 200, imported.text
+    return session, start
+
+
+def test_a_resent_chunk_whose_imported_kept_answer_lacks_its_outputs_is_422_not_500(
+    model: dict[str, Any], client: httpx.Client
+) -> None:
+    """An imported document carries the answer an exact retry gets again; one forged to hold no
+    ``predictions`` (its prefix and position as the import checks them) is refused on replay, not a 500."""
+    session, start = _started_with_a_forged_kept_answer(model, client)
     resent = {**start, "parameters": {"sequence_id": session, "offset": 0}}
     refused = _assert_v2_error(_infer(client, model["name"], resent), 422)
     assert refused["type"].endswith("/invalid-state") and "predictions" in refused["detail"]
+    assert position(client, session) == 4
+
+
+def test_a_refused_resent_chunk_with_sequence_end_does_not_end_the_sequence(
+    model: dict[str, Any], client: httpx.Client
+) -> None:
+    """The same refused replay with ``sequence_end``: the sequence was deleted before the answer was built,
+    so the 422, which says to start again or import, had ended the sequence it left "as it was"."""
+    session, start = _started_with_a_forged_kept_answer(model, client)
+    resent = {**start, "parameters": {"sequence_id": session, "offset": 0, "sequence_end": True}}
+    _assert_v2_error(_infer(client, model["name"], resent), 422)
     assert position(client, session) == 4
 
 
