@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 from typing import Any
+from urllib.parse import unquote
 
 import httptools
 import orjson
@@ -149,7 +150,7 @@ class _HeadDeadlineProtocol(HttpToolsProtocol):
     def _problem_answer(self, problem: Problem, status_line: bytes) -> tuple[bytes, bytes]:
         """The problem+json answer that closes the connection, with the request id of the head read so far
         (or a new one); and that id."""
-        body = orjson.dumps(problem.body())
+        body = orjson.dumps(problem.body(self._target()))
         head = [b"HTTP/1.1 " + status_line + b"\r\n"]
         head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
         request_id = request_id_from(self.headers)
@@ -157,6 +158,19 @@ class _HeadDeadlineProtocol(HttpToolsProtocol):
         head += [b"content-type: " + PROBLEM_JSON.encode() + b"\r\n",
                  b"content-length: " + str(len(body)).encode() + b"\r\n", b"connection: close\r\n\r\n"]
         return b"".join(head) + body, request_id
+
+    def _target(self) -> dict[str, str]:
+        """As much of a scope as ``Problem.body`` reads: the path of the request line read so far (empty when
+        none is), so that a problem under /v2 carries the protocol's ``error`` as the app's do."""
+        url: bytes = getattr(self, "url", b"")  # set once a request line begins
+        target = url.partition(b"?")[0].partition(b"#")[0]  # by hand: parse_url refuses URLs over 64 KiB
+        if not target.startswith(b"/"):  # the absolute form (http://host/path), or no request line
+            try:
+                target = httptools.parse_url(url).path or b""
+            except httptools.HttpParserInvalidURLError:
+                target = b""
+        path = unquote(target.decode("ascii", "replace"))  # as uvicorn decodes the scope's path
+        return {"path": self.root_path + path, "root_path": self.root_path}
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # an idle connection is uvicorn's: closed after timeout_keep_alive

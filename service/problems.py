@@ -64,7 +64,8 @@ class Problem(Exception):
 
     def body(self, scope: Scope | None = None) -> dict[str, Any]:
         """The members; answering a request under /v2 also the Open Inference Protocol's ``error`` (all that
-        tritonclient reads), whichever layer refused: body limit, auth, routing, the engine or v2 itself."""
+        tritonclient reads), whichever layer refused: the HTTP parser (service.head_deadline), body limit,
+        auth, routing, the engine or v2 itself."""
         body = {"type": TYPE_BASE + self.kind, "title": self.title, "status": self.status, "detail": self.detail}
         path = route_path(scope) if scope is not None else ""
         if path == "/v2" or path.startswith("/v2/"):

@@ -505,6 +505,33 @@ def test_refusals_from_outside_the_v2_code_carry_the_error_member(
     assert problem["error"] == problem["detail"]
 
 
+def _answer_to_raw(server: Server, request: bytes) -> tuple[bytes, dict[str, Any]]:
+    """The status line and the problem of the answer to ``request``, sent as is; the server closes after it."""
+    address = urlsplit(server.url)
+    with socket.create_connection((address.hostname, address.port)) as sock:
+        sock.sendall(request)
+        sock.settimeout(5)
+        answer = b"".join(iter(lambda: sock.recv(65536), b""))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0], orjson.loads(body)
+
+
+def test_refusals_from_below_the_app_carry_the_error_member(server: Server, model: dict[str, Any]) -> None:
+    """A head over 64 KiB (431) and a request httptools cannot parse (400) are answered by the HTTP protocol,
+    before any route: their problems had no ``error`` under /v2, which promises it on every problem."""
+    url = f"/v2/models/{model['name']}/infer".encode()
+    too_large = b"POST " + url + b" HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"
+    malformed = (b"POST " + url + b" HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"zz\r\nabc\r\n0\r\n\r\n")  # "zz" is no chunk size
+    long_url = b"GET /v2?pad=" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"  # past parse_url's 64 KiB
+    for request, status in ((too_large, b"431"), (malformed, b"400"), (long_url, b"431")):
+        line, problem = _answer_to_raw(server, request)
+        assert line.startswith(b"HTTP/1.1 " + status), line
+        assert problem["error"] == problem["detail"], problem
+    line, problem = _answer_to_raw(server, too_large.replace(url, b"/v1/predict"))  # v1 keeps RFC 9457 alone
+    assert line.startswith(b"HTTP/1.1 431") and "error" not in problem
+
+
 def test_error_reaches_tritonclient_with_our_message(tc: triton.InferenceServerClient,
                                                      model: dict[str, Any]) -> None:
     wrong = triton.InferInput("values", [3, 1], "FP64")
