@@ -61,8 +61,9 @@ def _answer(response: Response, request: Request, session_id: str, written: Writ
             ) -> SessionInfo:
     response.headers["ETag"] = written.tag
     response.status_code = 201 if written.created else 200
-    if written.created:
-        response.headers["Location"] = str(request.url_for("get_session", session_id=session_id))
+    if written.created:  # under /v1/models/{model}/..., that model's session (the same id is another's at /v1)
+        scope = {"model": request.path_params["model"]} if "model" in request.path_params else {}
+        response.headers["Location"] = str(request.url_for("get_session", **scope, session_id=session_id))
     return describe(states.model, session_id, written.session, written.session.updated_at + states.store.ttl_seconds)
 
 

@@ -434,6 +434,28 @@ def test_state_export_import_and_fork_are_per_model(server_factory: ServerFactor
             np.testing.assert_allclose(body.json()["predictions"], whole[8:], atol=1e-6)
 
 
+
+def test_a_per_model_import_or_fork_answers_the_location_of_that_models_session(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """The Location of a session created under /v1/models/b/... names b's session, not the default model's
+    session of the same id (which is another session, or none)."""
+    _, server = two_models(server_factory, tmp_path)
+    values = np.stack([series(8, seed=8)[:, 0], series(8, seed=9)[:, 0]], axis=1)
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        first = client.post("/v1/models/b/sessions/s/predict", json={"values": values.tolist(), "offset": 0})
+        assert first.status_code == 200, first.text
+        exported = client.get("/v1/models/b/sessions/s/state")
+        forked = client.post("/v1/models/b/sessions/s/fork", json={"to": "t"})
+        imported = client.put("/v1/models/b/sessions/u/state", content=exported.content,
+                              headers={"Content-Type": "application/octet-stream"})
+        for created, session in ((forked, "t"), (imported, "u")):
+            assert created.status_code == 201, created.text
+            assert created.headers["location"].endswith(f"/v1/models/b/sessions/{session}")
+            described = client.get(created.headers["location"])
+            assert described.status_code == 200 and described.json()["model"] == "b"
+
+
 PLAIN, ADMIN = "plain-key-0123456789", "admin-key-0123456789"
 
 
