@@ -137,7 +137,7 @@ def decode(raw: bytes, state_size: int) -> StateDocument:
         raise DocumentError("the state holds NaN or infinity")
     document = StateDocument(
         session_id=_session_id(metadata), model_name=metadata.get("model", ""),
-        model_version=metadata.get("model_version", ""), position=_integer(metadata, "position"),
+        model_version=_model_version(metadata), position=_integer(metadata, "position"),
         last_offset=_integer(metadata, "last_offset"), fingerprint=tensors["fingerprint"].tobytes(),
         answer=tensors["answer"].tobytes(), created_at=_time(metadata, "created_at"),
         updated_at=_time(metadata, "updated_at"), state=state,
@@ -149,7 +149,7 @@ def decode(raw: bytes, state_size: int) -> StateDocument:
 def built_by(raw: bytes) -> str | None:
     """The model version a document names, read from its header alone; None where there is none to read."""
     try:
-        return _metadata(raw).get("model_version")
+        return _metadata(raw).get("model_version") or None  # none: a damaged document, for decode to say so
     except DocumentError:
         return None
 
@@ -188,6 +188,14 @@ def _time(metadata: dict[str, str], name: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise DocumentError(f"{name} {metadata.get(name)!r:.40} is not unix seconds")
     return value
+
+
+def _model_version(metadata: dict[str, str]) -> str:
+    """The version that built the state: a document without one is damaged, not another model's."""
+    model_version = metadata.get("model_version", "")
+    if not model_version:
+        raise DocumentError("model_version is missing: the state belongs to no model")
+    return model_version
 
 
 def _session_id(metadata: dict[str, str]) -> str:

@@ -182,6 +182,13 @@ def _state_of(raw: bytes) -> np.ndarray:
     return load(raw)["state"]
 
 
+def _without(raw: bytes, name: str) -> bytes:
+    """``raw`` with the metadata ``name`` left out."""
+    length = int.from_bytes(raw[:8], "little")
+    meta = orjson.loads(raw[8 : 8 + length])["__metadata__"]
+    return save(load(raw), metadata={k: v for k, v in meta.items() if k != name})
+
+
 DAMAGES: dict[str, Callable[[bytes], bytes]] = {
     "empty": lambda raw: b"",
     "truncated": lambda raw: raw[:-7],
@@ -208,6 +215,8 @@ DAMAGES: dict[str, Callable[[bytes], bytes]] = {
     "last-offset-past-position": lambda raw: _rebuilt(raw, last_offset="9"),
     "nan-timestamp": lambda raw: _rebuilt(raw, updated_at="nan"),
     "bad-session-id": lambda raw: _rebuilt(raw, session_id="a/b"),
+    "no-model-version": lambda raw: _without(raw, "model_version"),
+    "empty-model-version": lambda raw: _rebuilt(raw, model_version=""),
     "short-fingerprint": lambda raw: _rebuilt(raw, {"fingerprint": np.zeros(3, np.uint8)}),
     "answer-of-another-session": lambda raw: _rebuilt(raw, session_id="someone-else"),
     "answer-not-json": lambda raw: _rebuilt(raw, {"answer": np.frombuffer(
