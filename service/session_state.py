@@ -56,11 +56,15 @@ class SessionStates:
     """Export, import and fork over one model's (guarded) store; a state belongs to the version that built it,
     which must be loaded for an import."""
 
-    def __init__(self, model: ServedModel):
+    def __init__(self, model: ServedModel, max_answer_bytes: int | None = None):
         self.model = model
         self.store: SessionStore = model.store
         self.state_size = model.state_size
         self.device = model.engine.device
+        # The most one session's kept answer may hold: a memory store's answer budget, its tenant's where it
+        # has one. A chunk's answer is bounded by the chunk limits; an imported one only by the body limit,
+        # and kept alone over the budget it made the store evict other tenants' sessions for it.
+        self.max_answer_bytes = max_answer_bytes
 
     async def export(self, key: str) -> StateDocument:
         """The session as a document; ``UnknownSession`` when there is none."""

@@ -18,6 +18,7 @@ from service.api.deps import served_model
 from service.api.openapi import body_schema, problem_responses
 from service.api.v1 import SessionIdPath, describe, per_model
 from service.auth import TenantDep
+from service.config import Settings
 from service.problems import Problem
 from service.schemas import ForkRequest, SessionInfo
 from service.session_state import Precondition, SessionStates, Written
@@ -37,7 +38,9 @@ _TAG = re.compile(r'(W/)?("[^"]*")')
 
 
 async def get_states(request: Request) -> SessionStates:
-    return SessionStates(served_model(request))
+    settings: Settings = request.app.state.settings
+    budgets = [settings.max_answer_bytes, settings.tenant_max_answer_bytes] if settings.store == "memory" else []
+    return SessionStates(served_model(request), min((b for b in budgets if b is not None), default=None))
 
 
 StatesDep = Annotated[SessionStates, Depends(get_states)]
@@ -104,7 +107,7 @@ async def import_state(
     if (version := built_by(raw)) is not None:  # another model's document: 409 before its sizes are judged
         states.require_loaded(session_key(tenant, session_id), version)
     try:
-        document = decode(raw, states.state_size)
+        document = decode(raw, states.state_size, states.max_answer_bytes)
         states.check(document)
     except DocumentError as exc:
         raise Problem(422, "invalid-state", f"not an importable state document: {exc}; nothing was changed"

@@ -106,8 +106,9 @@ def _sorted_header(raw: bytes) -> bytes:
     return raw[:8] + header.ljust(length) + raw[8 + length :]
 
 
-def decode(raw: bytes, state_size: int) -> StateDocument:
-    """The document in ``raw``, checked in full; ``DocumentError`` saying what is wrong otherwise."""
+def decode(raw: bytes, state_size: int, max_answer_bytes: int | None = None) -> StateDocument:
+    """The document in ``raw``, checked in full; ``DocumentError`` saying what is wrong otherwise.
+    ``max_answer_bytes``: the most a kept answer may hold (the store's bound on one session's)."""
     metadata = _metadata(raw)
     if metadata.get("format") != FORMAT:
         raise DocumentError(f"format {metadata.get('format')!r:.80} is not {FORMAT!r}; send a document that"
@@ -143,6 +144,9 @@ def decode(raw: bytes, state_size: int) -> StateDocument:
         updated_at=_time(metadata, "updated_at"), state=state,
     )
     _check_retry(document)
+    if max_answer_bytes is not None and len(document.answer) > max_answer_bytes:
+        raise DocumentError(f"the kept answer has {len(document.answer)} bytes, more than this service keeps for"
+                            f" one session ({max_answer_bytes})")
     return document
 
 

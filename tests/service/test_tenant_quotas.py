@@ -114,3 +114,36 @@ def test_an_imported_padded_answer_is_refused_and_evicts_no_one(server_factory: 
                            headers={"Content-Type": "application/octet-stream"})
         assert_problem(imported, 422)
         assert position(one, "small") == 2
+
+
+def test_an_imported_compact_answer_larger_than_the_tenants_budget_evicts_no_one(
+    server_factory: ServerFactory,
+) -> None:
+    """The padded answer's compact cousin: a kept answer of 200 KB with no whitespace in it (one long member)
+    passes the padding check. Kept, it is alone over the tenant's budget, and the store's pass then evicted
+    t1's session for it. An answer no chunk of this service keeps is refused (422), and evicts no one."""
+    import dataclasses
+
+    import numpy as np
+    import orjson
+    from safetensors.numpy import load
+
+    from service.sessions.document import decode, encode
+
+    server = server_factory(GRU_API_KEYS=API_KEYS, GRU_MAX_ANSWER_BYTES="131072",
+                            GRU_TENANT_MAX_ANSWER_BYTES="65536")
+    with _client(server.url, "t1") as one, _client(server.url, "t2") as two:
+        assert send(one, "small", series(2), offset=0).status_code == 200
+        assert send(two, "mine", series(2), offset=0).status_code == 200
+        exported = two.get("/v1/sessions/mine/state")
+        assert exported.status_code == 200
+        document = decode(exported.content, load(exported.content)["state"].size)
+        answer = orjson.loads(document.answer)
+        answer["note"] = "x" * 200_000
+        large = dataclasses.replace(document, answer=orjson.dumps(answer))
+        assert np.frombuffer(large.answer, np.uint8).size > 200_000
+        imported = two.put("/v1/sessions/mine/state", content=encode(large),
+                           headers={"Content-Type": "application/octet-stream"})
+        assert_problem(imported, 422)
+        assert position(one, "small") == 2
+        assert position(two, "mine") == 2
