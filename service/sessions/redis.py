@@ -173,9 +173,11 @@ return {0, created}
 """
 
 # KEYS[1] session hash.  ARGV[1]: the revision it had when the delete began.  Deletes it only if it still has
-# it: a retry after a lost reply must not delete a session another write created since.
+# it or had it lately (``applied``: a chunk committed in between is the same session, and deleted with it); a
+# retry after a lost reply must not delete a session another write created since (its past is its own).
 _DELETE = _WRITES + _REVISION + """
-if revision(KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+local current = revision(KEYS[1])
+if current and applied(KEYS[1], current, ARGV[1]) then redis.call('DEL', KEYS[1]) end
 return 1
 """
 

@@ -632,3 +632,32 @@ def test_a_delete_retried_after_a_lost_reply_does_not_delete_a_session_created_s
             proxy.close()
 
     asyncio.run(scenario())
+
+
+def test_a_delete_deletes_the_session_a_chunk_wrote_while_it_ran(redis_server: RedisServer) -> None:
+    """Delete reads the revision, then deletes that revision only. A chunk of the same session committed in
+    between (another replica's) changed the revision, so the DELETE was answered 204 and the session lived
+    on at its new position."""
+    key = "t/race"
+
+    async def scenario() -> None:
+        store = RedisStore(redis_server.url, STATE, ttl_seconds=60)
+        other = RedisStore(redis_server.url, STATE, ttl_seconds=60)  # another replica
+        try:
+            first, = await store.commit([write(key, None, 1)], torch.ones(1, STATE))
+            assert first is not None
+            read_revision = store._revision_of
+
+            async def then_a_chunk(**arguments: Any) -> Any:  # the revision is read, then a chunk commits
+                revision = await read_revision(**arguments)
+                assert (await other.commit([write(key, first.revision, 2)], torch.ones(1, STATE)))[0] is not None
+                return revision
+
+            store._revision_of = then_a_chunk  # type: ignore[assignment]
+            assert await store.delete(key)
+            assert (await other.load([key]))[0] is None  # got: the session at position 2
+        finally:
+            await store.close()
+            await other.close()
+
+    asyncio.run(scenario())
