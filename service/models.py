@@ -125,8 +125,23 @@ class ServedModel:
 
     def _pin(self, key: str, version: LoadedVersion) -> None:
         self._pins[key] = version
+        self._pins.move_to_end(key)  # least recently routed first out
         if len(self._pins) > MAX_PINS:
-            self._pins.popitem(last=False)
+            self._unpin_one(key)
+
+    def _unpin_one(self, pinned: str) -> None:
+        """Drop the least recently routed pin, but ``pinned`` (its chunk is on its way there), whose session
+        has no chunk at its version's engine: for such a session a pin is only a shortcut. One with chunks
+        there keeps its next chunks behind them (sent to the newest, a new session's next chunk would create
+        it there first, and a restart be judged first), so it stays, past the cap if need be: as many as the
+        sessions with chunks in flight, which the queues bound."""
+        held: dict[int, set[str]] = {}  # per version: its engine's sessions in flight, looked up once
+        for key, version in self._pins.items():
+            if version.number not in held:
+                held[version.number] = version.engine.keys_in_flight()
+            if key != pinned and key not in held[version.number]:
+                del self._pins[key]
+                return
 
     def state_of(self, version: LoadedVersion) -> str:
         return SERVING if version is self.newest else DRAINING
