@@ -62,6 +62,10 @@ class LoadedVersion:
     number: int
     engine: Engine
     meta: dict[str, Any]
+    # State imports onto it (``SessionStates.put``): under way, and finished. The drain keeps a version one
+    # is writing to, or wrote to since its count of sessions (which may not hold the session imported).
+    importing: int = 0
+    imported: int = 0
 
     @property
     def model_version(self) -> str:
@@ -401,6 +405,7 @@ class Registry:
         for model in list(self.models.values()):
             if found is None and len(model.versions) < 2 and not isinstance(model.raw_store, MemoryStore):
                 continue  # nothing to drain: no Redis SCAN for a count
+            imported = {number: version.imported for number, version in model.versions.items()}
             try:
                 model.sessions = await model.store.version_counts()
             except Exception:  # the store is down: nothing is unloaded on a count we do not have
@@ -412,10 +417,12 @@ class Registry:
                 if version is model.newest:
                     continue
                 # A version still holding chunks is needed too: the counts miss a session its first chunk is
-                # creating, and its pins keep a session's later chunks behind the ones it holds.
+                # creating, and its pins keep a session's later chunks behind the ones it holds. So is one a
+                # state import writes to, or wrote to after the count began: the count may miss its session.
                 has_sessions = not model.replay and model.by_hash(version.model_version) is version and (
                     model.sessions.get(version.model_version, 0) > 0)
-                if not has_sessions and not version.engine.busy:
+                importing = version.importing > 0 or version.imported != imported.get(version.number, version.imported)
+                if not has_sessions and not importing and not version.engine.busy:
                     await self._unload_version(model, version, "drained")
         _publish(self.metrics, self.models)
 

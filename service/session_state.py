@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from service.models import ServedModel
+from service.models import LoadedVersion, ServedModel
 from service.refusals import Overloaded, PreconditionFailed, SessionExists, StaleModel, UnknownSession
 from service.sessions.base import Session, SessionStore, Write, session_id_of
 from service.sessions.document import DocumentError, StateDocument
@@ -77,7 +77,15 @@ class SessionStates:
         """Create or replace the session at ``key`` with ``document``. ``StaleModel`` for a document of
         another model version; ``PreconditionFailed`` when the precondition does not hold (the commit checks
         again, atomically, that nothing changed since)."""
-        self.require_loaded(key, document.model_version, document.position)
+        version = self.require_loaded(key, document.model_version, document.position)
+        version.importing += 1  # with no await since the check: the drain keeps the version from here on
+        try:
+            return await self._put(key, document, precondition)
+        finally:
+            version.importing -= 1
+            version.imported += 1
+
+    async def _put(self, key: str, document: StateDocument, precondition: Precondition) -> Written:
         for _ in range(MAX_ATTEMPTS):
             current = await self._current_record(key)
             tag = self._tag(*current) if current is not None else None
@@ -95,10 +103,11 @@ class SessionStates:
         raise Overloaded(f"session {session_id_of(key)!r} changed {MAX_ATTEMPTS} times while it was being"
                          " replaced; nothing was changed, retry", retry_after=1)
 
-    def require_loaded(self, key: str, model_version: str, position: int | None = None) -> None:
-        """``StaleModel`` unless ``model_version`` is a loaded version of this model: a state of another model,
-        or of a version no longer loaded, means nothing here."""
-        if self.model.by_hash(model_version) is None:
+    def require_loaded(self, key: str, model_version: str, position: int | None = None) -> LoadedVersion:
+        """The loaded version of this model with ``model_version``; ``StaleModel`` when none is: a state of
+        another model, or of a version no longer loaded, means nothing here."""
+        version = self.model.by_hash(model_version)
+        if version is None:
             newest = self.model.engine.model_version
             raise StaleModel(
                 f"the document was built with model {model_version!r:.80}, which is not a loaded version of"
@@ -106,6 +115,7 @@ class SessionStates:
                 session_id=session_id_of(key), model_version=newest,
                 **({"position": position} if position is not None else {}),
             )
+        return version
 
     def check(self, document: StateDocument) -> None:
         """``DocumentError`` when the document's state is one its version could never have written (see

@@ -1,4 +1,4 @@
-"""Pins to older versions, and their cap (in-process, the real registry and engines)."""
+"""Pins to older versions, and state imports against the drain (in-process, the real registry and engines)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ from typing import Any
 import pytest
 
 import service.models
+from service.refusals import StaleModel
+from service.session_state import Precondition, SessionStates
 from tests.service.helpers import series
 from tests.service.test_model_lifecycle import (
     LONG,
     _in_process_registry,
     _position_or_refusal,
     _warm_version_2,
+    add_version,
 )
 
 
@@ -55,3 +58,70 @@ def test_a_pin_that_keeps_chunks_in_order_is_not_evicted_by_the_pins_cap(
                 *(_position_or_refusal(f) for f in routed)]
 
     assert asyncio.run(scenario()) == [8, 16, 16, 16, 16]
+
+
+def test_an_import_onto_a_draining_version_during_a_drain_keeps_that_version(tmp_path: Path) -> None:
+    """Versions 1 and 2 drain (no session) while 3 serves. The drain counts sessions, then unloads version 1
+    (an await: its engine finishes) and then version 2 on the same count. A state document of version 2 is
+    imported (PUT .../state) in between: version 2 was unloaded under the session just imported, answered
+    201, whose next chunk then got 409 model-changed. A version an import wrote to since the count is kept
+    for the next count."""
+    registry = _in_process_registry(tmp_path, max_loaded_versions=3)
+    chunks = series(16, seed=5).reshape(2, 8, 1)
+
+    async def scenario() -> Any:
+        await registry.start()
+        model = registry.models["m"]
+        await model.engine.predict("t/one", chunks[0], 0, 0)  # keeps version 1 loaded until deleted
+        (await _warm_version_2(registry))()
+        await model.engine.predict("t/s", chunks[0], 0, 0)  # on version 2
+        document = await SessionStates(model).export("t/s")
+        add_version(registry.repository.root, "m", 3, seed=2)
+        await registry.poll()
+        assert sorted(model.versions) == [1, 2, 3]
+        await model.store.delete("t/one")
+        await model.store.delete("t/s")
+        draining = asyncio.ensure_future(registry.refresh_counts())
+        while 1 in model.versions and not draining.done():  # counted; version 1 going
+            await asyncio.sleep(0)
+        assert not draining.done()
+        written = await SessionStates(model).put("t/s", document, Precondition())
+        assert written.created
+        await draining
+        listed = sorted(model.versions)
+        chunk = model.engine_for("t/s").enqueue("t/s", chunks[1], 8, 0)
+        await asyncio.wait({chunk})
+        await registry.stop()
+        return listed, _position_or_refusal(chunk)
+
+    assert asyncio.run(scenario()) == ([2, 3], 16)
+
+
+def test_an_import_of_a_version_no_longer_loaded_is_refused_with_409(tmp_path: Path) -> None:
+    """The other order: once the drain unloaded version 2, its document is refused (409), nothing imported."""
+    registry = _in_process_registry(tmp_path, max_loaded_versions=3)
+    chunks = series(8, seed=5).reshape(1, 8, 1)
+
+    async def scenario() -> Any:
+        await registry.start()
+        model = registry.models["m"]
+        (await _warm_version_2(registry))()
+        await model.engine.predict("t/s", chunks[0], 0, 0)
+        document = await SessionStates(model).export("t/s")
+        add_version(registry.repository.root, "m", 3, seed=2)
+        await registry.poll()
+        await model.store.delete("t/s")
+        await registry.refresh_counts()
+        assert sorted(model.versions) == [3]
+        try:
+            await SessionStates(model).put("t/s", document, Precondition())
+        except StaleModel as refused:
+            outcome: Any = refused.status if hasattr(refused, "status") else "StaleModel"
+        else:
+            outcome = "imported"
+        present = await model.store.get("t/s")
+        await registry.stop()
+        return outcome, present
+
+    outcome, present = asyncio.run(scenario())
+    assert outcome != "imported" and present is None
