@@ -1,23 +1,29 @@
-"""Pins to older versions, and state imports against the drain (in-process, the real registry and engines)."""
+"""Pins to older versions, one loaded version, state imports against the drain (in-process and real servers)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 import service.models
 from service.refusals import StaleModel
 from service.session_state import Precondition, SessionStates
-from tests.service.helpers import series
+from tests.conftest import ServerFactory
+from tests.service.helpers import assert_problem, new_id, send, series
 from tests.service.test_model_lifecycle import (
     LONG,
     _in_process_registry,
     _position_or_refusal,
     _warm_version_2,
     add_version,
+    polled_repository,
+    versions,
+    wait_for,
 )
 
 
@@ -58,6 +64,55 @@ def test_a_pin_that_keeps_chunks_in_order_is_not_evicted_by_the_pins_cap(
                 *(_position_or_refusal(f) for f in routed)]
 
     assert asyncio.run(scenario()) == [8, 16, 16, 16, 16]
+
+
+def test_with_one_loaded_version_a_new_version_gives_the_old_sessions_409_model_changed(tmp_path: Path) -> None:
+    """GRU_MAX_LOADED_VERSIONS=1: version 2 replaces version 1 at once. A session on version 1, including one
+    with a chunk waiting at version 1's engine as it goes, gets 409 model-changed (README, "Pin"), no 500, no
+    hang, no silent restart; a reset then starts it on version 2."""
+    registry = _in_process_registry(tmp_path, max_loaded_versions=1)
+    busy = series(LONG, seed=4)
+    chunks = series(16, seed=5).reshape(2, 8, 1)
+
+    async def scenario() -> list[Any]:
+        await registry.start()
+        model = registry.models["m"]
+        first = model.engine
+        await first.predict("t/a", chunks[0], 0, 0)
+        await first.predict("t/b", chunks[0], 0, 0)
+        other = first.enqueue("t/busy", busy, 0, 0)
+        while first.queue:
+            await asyncio.sleep(0.001)
+        waiting = first.enqueue("t/b", chunks[1], 8, 0)  # at version 1 as it is unloaded
+        add_version(registry.repository.root, "m", 2, seed=1)
+        await asyncio.wait_for(registry.poll(), 60)
+        assert sorted(model.versions) == [2]
+        after = model.engine_for("t/a").enqueue("t/a", chunks[1], 8, 0)
+        await asyncio.wait({other, waiting, after}, timeout=60)
+        await model.engine.reset("t/a")
+        again = await model.engine_for("t/a").predict("t/a", chunks[0], 0, 0)
+        await registry.stop()
+        return [_position_or_refusal(waiting), _position_or_refusal(after), json.loads(again)["version"]]
+
+    waiting, after, version = asyncio.run(scenario())
+    for outcome in (waiting, after):
+        assert isinstance(outcome, str) and outcome.startswith("StaleModel"), outcome
+    assert version == "2"
+
+
+def test_with_one_loaded_version_a_served_session_gets_409_then_resets_onto_the_new_one(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    repository, server = polled_repository(server_factory, tmp_path, GRU_MAX_LOADED_VERSIONS="1")
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        session = new_id()
+        assert send(client, session, series(3)).json()["version"] == "1"
+        add_version(repository, "m", 2, seed=1)
+        wait_for(lambda: list(versions(client, "m")) == ["2"])
+        stale = assert_problem(send(client, session, series(3, seed=1), offset=3), 409)
+        assert stale["type"].endswith("model-changed") and "reset" in stale["detail"]
+        assert client.post(f"/v1/sessions/{session}/reset").status_code in (200, 201)
+        assert send(client, session, series(3, seed=1), offset=0).json()["version"] == "2"
 
 
 def test_an_import_onto_a_draining_version_during_a_drain_keeps_that_version(tmp_path: Path) -> None:
