@@ -238,12 +238,15 @@ class Engine:
         record_of = dict(zip((c.key for c in stateful), sessions, strict=False))
         runs: list[_Run] = []
         back: list[Chunk] = []  # joined chunks that do not run now: judged again, first, in the next batch
+        routed: set[int] = set()  # the chunks gone to another engine: no longer in flight here
         for chunk in batch:
             if chunk.key is None:
                 runs.append(_Run([chunk], None, Apply(start=0, created=False), None))
                 continue
             session = record_of.get(chunk.key)
+            parts = (chunk, *chunk.joined)
             if self.router is not None and self.router(chunk, session):
+                routed.update(map(id, parts))
                 continue  # another version's engine judges it, and the chunks joined to it
             later, chunk.joined = chunk.joined, ()
             run = self._judge_first(chunk, session)
@@ -252,6 +255,8 @@ class Engine:
             if later:
                 taken = _continue(run, later) if run is not None else 0
                 back.extend(c for c in later[taken:] if not c.future.done())
+        if routed:
+            self._running = [chunk for chunk in self._running if id(chunk) not in routed]
         if back:
             self.queue.requeue(back)
         return runs

@@ -88,6 +88,9 @@ class ServedModel:
         # the newest engine (one store load and one batch instead of two). A hint only: a wrong one is
         # routed on by the engine that gets it.
         self._pins: OrderedDict[str, LoadedVersion] = OrderedDict()
+        # Engines of versions unloaded while they held chunks (GRU_MAX_LOADED_VERSIONS unloads whatever a
+        # version holds), until they finish: a session's later chunk queues behind the ones it has there.
+        self._leaving: list[Engine] = []
         self._newest: LoadedVersion | None = None  # kept by add and remove: every chunk asks for it
 
     @property
@@ -115,6 +118,19 @@ class ServedModel:
         self._newest = self.versions[max(self.versions)] if self.versions else None
         for key in [k for k, v in self._pins.items() if v is version]:
             del self._pins[key]
+        if version.engine.busy:
+            self._leaving.append(version.engine)
+
+    def left(self, version: LoadedVersion) -> None:
+        """``version``'s engine, removed, has finished what it held."""
+        with contextlib.suppress(ValueError):
+            self._leaving.remove(version.engine)
+
+    def _leaving_with(self, key: str | None, engine: Engine) -> Engine | None:
+        """An unloaded version's engine, other than ``engine``, still holding chunks of session ``key``."""
+        if key is None:
+            return None
+        return next((e for e in self._leaving if e is not engine and key in e.keys_in_flight()), None)
 
     @property
     def engine(self) -> Engine:
@@ -184,7 +200,9 @@ class ServedModel:
         (the one its session is pinned to; the newest for a new or restarted session)."""
         newest = self.newest
         target = newest.engine
-        if (session is not None and not chunk.restart and not self.replay
+        if (leaving := self._leaving_with(chunk.key, engine)) is not None:
+            target = leaving  # behind the session's chunks there, which it routes on first (then this one)
+        elif (session is not None and not chunk.restart and not self.replay
                 and session.model_version != newest.model_version):  # the newest's own sessions stay on it
             pinned = self.by_hash(session.model_version)
             if pinned is not None and pinned is not newest:
@@ -459,7 +477,10 @@ class Registry:
     async def _unload_version(self, model: ServedModel, version: LoadedVersion, why: str) -> None:
         """Out of the routing first (nothing new reaches it), then its engine finishes what it holds."""
         model.remove(version)
-        await version.engine.stop()
+        try:
+            await version.engine.stop()
+        finally:
+            model.left(version)
         _forget_series(self.metrics, model, version)
         log.info("model version unloaded", extra={"fields": {
             "model": model.name, "version": version.number, "reason": why}})

@@ -180,3 +180,49 @@ def test_an_import_of_a_version_no_longer_loaded_is_refused_with_409(tmp_path: P
 
     outcome, present = asyncio.run(scenario())
     assert outcome != "imported" and present is None
+
+
+@pytest.mark.parametrize("at_work", [False, True], ids=["waiting", "computing"])
+def test_with_one_loaded_version_a_new_session_s_chunks_keep_their_order_across_an_update(
+    tmp_path: Path, at_work: bool
+) -> None:
+    """GRU_MAX_LOADED_VERSIONS=1: a new session appending without offsets has its first chunk at version 1
+    (waiting behind another session's long chunk, or computing) as a poll lists version 2, which unloads
+    version 1 at once; the session sends its second chunk once version 2 serves. The second went to
+    version 2 and created the session there, and the first applied on top of it (positions 16, 8; the
+    computing one lost its creation, was judged again and applied after). Now the second queues behind the
+    first wherever it is: waiting, both move on to version 2 in order; computing, the first creates the
+    session on version 1 as it goes (GRU_MAX_LOADED_VERSIONS unloads whatever a version holds) and the
+    second gets 409 model-changed, as that version's sessions do."""
+    registry = _in_process_registry(tmp_path, max_loaded_versions=1)
+    busy = series(LONG, seed=4)
+    chunks = series(LONG + 8 if at_work else 16, seed=5)
+    first_chunk, second_chunk = chunks[:-8], chunks[-8:]
+
+    async def scenario() -> list[Any]:
+        await registry.start()
+        model = registry.models["m"]
+        first = model.engine
+        waits = []
+        if not at_work:
+            waits.append(first.enqueue("t/busy", busy, None, 0))
+            while first.queue:
+                await asyncio.sleep(0.001)
+        early = first.enqueue("t/s", first_chunk, None, 0)
+        while at_work and first.queue:
+            await asyncio.sleep(0.001)
+        add_version(registry.repository.root, "m", 2, seed=1)
+        polling = asyncio.ensure_future(registry.poll())
+        while model.newest.number == 1 and not polling.done():
+            await asyncio.sleep(0.001)
+        late = model.engine_for("t/s").enqueue("t/s", second_chunk, None, 0)
+        await asyncio.wait({*waits, early, late, polling})
+        await registry.stop()
+        return [_position_or_refusal(early), _position_or_refusal(late)]
+
+    early, late = asyncio.run(scenario())
+    assert early == len(first_chunk)
+    if at_work:
+        assert isinstance(late, str) and late.startswith("StaleModel"), late
+    else:
+        assert late == len(chunks)
