@@ -128,7 +128,7 @@ class ServedModel:
 
     def _leaving_with(self, key: str | None, engine: Engine) -> Engine | None:
         """An unloaded version's engine, other than ``engine``, still holding chunks of session ``key``."""
-        if key is None:
+        if key is None or not self._leaving:  # every chunk asks: the usual answer costs one look
             return None
         return next((e for e in self._leaving if e is not engine and key in e.keys_in_flight()), None)
 
