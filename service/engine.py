@@ -244,11 +244,11 @@ class Engine:
                 runs.append(_Run([chunk], None, Apply(start=0, created=False), None))
                 continue
             session = record_of.get(chunk.key)
-            parts = (chunk, *chunk.joined)
+            joined = chunk.joined  # the router hands them over with it
             if self.router is not None and self.router(chunk, session):
-                routed.update(map(id, parts))
+                routed.update(map(id, (chunk, *joined)))
                 continue  # another version's engine judges it, and the chunks joined to it
-            later, chunk.joined = chunk.joined, ()
+            later, chunk.joined = joined, ()
             run = self._judge_first(chunk, session)
             if run is not None:
                 runs.append(run)
