@@ -49,7 +49,16 @@ def load_api_keys(keys: str, keys_file: Path | None, variable: str = "GRU_API_KE
     """Tenant by key from both sources; ValueError on anything malformed (naming where, never the key).
     ``variable`` names the source of ``keys`` in errors (GRU_ADMIN_KEYS has the same format)."""
     tenants: dict[str, str] = {}
-    pairs = [*_pairs_from_env(keys, variable), *(_pairs_from_file(keys_file) if keys_file is not None else ())]
+    from_env = list(_pairs_from_env(keys, variable))
+    from_file = list(_pairs_from_file(keys_file)) if keys_file is not None else []
+    # Set, yet naming no key (separators only; a file of comments): without keys nothing is checked, so this
+    # would open every route. Only an empty variable (or no file) means "no keys".
+    if keys.strip() and not from_env:
+        raise ValueError(f"{variable} lists no key; list keys as key:tenant,key:tenant, or leave it empty")
+    if keys_file is not None and not from_file:
+        raise ValueError(f"GRU_API_KEYS_FILE={keys_file} holds no key; write one 'KEY TENANT' pair a line,"
+                         " or unset GRU_API_KEYS_FILE")
+    pairs = [*from_env, *from_file]
     for key, tenant, where in pairs:
         if not _KEY_PATTERN.fullmatch(key):
             raise ValueError(f"{where}: the key must be 1-512 visible ASCII characters (no spaces or commas)")

@@ -101,6 +101,19 @@ def test_service_refuses_to_start_with_malformed_keys(tiny_model: Path, tmp_path
     assert "s3cret-value" not in log
 
 
+def test_a_keys_setting_that_lists_no_key_stops_the_service(tiny_model: Path, tmp_path: Path) -> None:
+    """A keys file of comments only (a secret mounted before its keys were written), or GRU_API_KEYS of
+    separators only, named keys but gave none: the service started with no check at all, every route open
+    (the repository API too). It must fail closed, as any other malformed key setting does."""
+    keys_file = tmp_path / "api-keys"
+    keys_file.write_text("# keys to come\n\n")
+    log = refused_start_log(tiny_model, tmp_path, {"GRU_API_KEYS_FILE": str(keys_file)})
+    assert f"GRU_API_KEYS_FILE={keys_file} holds no key" in log
+    log = refused_start_log(tiny_model, tmp_path, {"GRU_API_KEYS": " , "})
+    assert "GRU_API_KEYS lists no key" in log
+    assert load_api_keys("", None) == {} and load_api_keys("  ", None) == {}  # empty: no keys, as documented
+
+
 # -- the check, in process -----------------------------------------------------------------------------------
 
 
