@@ -152,7 +152,8 @@ class MemoryStore:
         """Least recently used first, while the kept answers pass their budget: each writing tenant's own first,
         from its own sessions, down to one (those just written too: a tenant whose one batch passes its
         budget must not make the store evict another's); then the store's, never one of ``keep`` (the
-        sessions just written: an answer over the whole budget is kept, alone)."""
+        sessions just written: an answer over the whole budget is kept, alone), and not for what a tenant
+        holds beyond its own budget (``_overshoot``)."""
         if self.tenant_max_answer_bytes is not None and self._tenants is not None:
             evicted = 0
             tenants = self._tenants
@@ -166,7 +167,8 @@ class MemoryStore:
             if evicted:
                 self._on_evict("tenant_quota", evicted)
         evicted = 0
-        while self.max_answer_bytes is not None and self._answer_bytes > self.max_answer_bytes:
+        while (self.max_answer_bytes is not None and self._answer_bytes > self.max_answer_bytes
+               and self._answer_bytes - self._overshoot() > self.max_answer_bytes):
             key = next(iter(self._records))
             if key in keep:
                 break
@@ -174,6 +176,16 @@ class MemoryStore:
             evicted += 1
         if evicted:
             self._on_evict("capacity", evicted)
+
+    def _overshoot(self) -> int:
+        """The bytes by which tenants pass their own answer budgets: each such tenant is down to one session
+        (its trim above), whose answer alone passes the budget (a chunk's answer is bounded by the chunk limits
+        and the model's features, not by any budget). That is the tenant's own doing, so the store's bound does
+        not count it: another tenant's sessions are never evicted to make room for it."""
+        if self.tenant_max_answer_bytes is None or self._tenants is None:
+            return 0
+        budget = self.tenant_max_answer_bytes
+        return sum(tenant.answer_bytes - budget for tenant in self._tenants.values() if tenant.answer_bytes > budget)
 
     async def load(self, keys: Sequence[str]) -> list[Session | None]:
         now = self._clock()
