@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
+import os
 import re
 import subprocess
 import threading
@@ -42,7 +43,12 @@ def _test_copy(directory: Path, listen: int, *, replicas: str, resolver: str = "
     assert count == 1
     (directory / "gru-api.conf").write_text(conf)
     main = directory / "nginx.conf"
+    # Started as root, nginx runs its workers as nobody, who cannot write a large body's temporary file
+    # under pytest's private (0700) directory: they keep root's user here (as in the nginx image, whose
+    # workers can write theirs).
+    user = "user root;" if os.geteuid() == 0 else ""
     main.write_text(f"""
+{user}
 worker_processes 1;
 pid {directory}/nginx.pid;
 events {{ worker_connections 64; }}
@@ -123,6 +129,25 @@ def test_nginx_passes_a_session_stream_through(proxy: str, prefix: str) -> None:
             ws.send(json.dumps({"values": values, "offset": offset}))
         answers = [json.loads(ws.recv(timeout=30)) for _ in range(2)]
     assert [a["position"] for a in answers] == [2, 3]
+
+
+@pytest.mark.parametrize("excess", [1, 2**16, 2**19, 2**20 - 2**16])
+def test_nginx_answers_a_body_over_the_api_limit_with_a_413_problem(proxy: str, excess: int) -> None:
+    """A body over GRU_MAX_BODY_BYTES (the default, 4 MiB, as compose and the manifests set it) gets 413 with
+    the api's problem body, whatever its size: the api answers 413 unread and closes, so a body nginx passes
+    on (client_max_body_size above the api's limit) failed nginx's write upstream and came back 502."""
+    from service.config import Settings
+
+    limit = Settings.model_fields["max_body_bytes"].default
+    body = b"0" * (limit + excess)
+    with httpx.Client(base_url=proxy, timeout=30) as http:
+        for _ in range(3):  # the write fails or not by a race with the api's close: a few tries
+            answer = http.post("/v1/sessions/deploy-nginx-large/predict", content=body,
+                               headers={"Content-Type": "application/json"})
+            assert answer.status_code == 413, (answer.status_code, answer.text[:200])
+            assert answer.headers["content-type"] == "application/problem+json"
+            problem = answer.json()
+            assert problem["status"] == 413 and problem["type"].endswith("/body-too-large"), problem
 
 
 # --- request-time resolution -------------------------------------------------------------------------
