@@ -335,3 +335,54 @@ def test_prod_replicas_share_one_model_repository_claim(kustomize: Render) -> No
     assert "emptyDir" not in repository
     claim = _one(resources, "PersistentVolumeClaim", repository["persistentVolumeClaim"]["claimName"])
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+# docs/deploy.md, "Memory store sizing", measured with the shipped model: the process before any session, each
+# session's state and records (the kept answers on top, capped by GRU_MAX_ANSWER_BYTES), a full
+# /v1/predict/batch call's working memory, and what writing a snapshot needs beyond the file itself.
+_SIZING = {"process": ("~330 MB before any", 330e6), "session": ("1,300 + 12·F", 1300),
+           "batch call": ("steps) about 440 MB", 440e6), "snapshot": ("file's size plus 130 MB", 130e6),
+           "snapshot session": ("file of about\n`900 + 12", 900)}
+_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "K": 1e3, "M": 1e6, "G": 1e9, "": 1}
+
+
+def _bytes(quantity: str) -> float:
+    number, unit = re.fullmatch(r"([\d.]+)([A-Za-z]*)", quantity).groups()  # type: ignore[union-attr]
+    return float(number) * _UNITS[unit]
+
+
+def _api_containers(kustomize: Render) -> Iterator[tuple[str, dict[str, Any], dict[str, str]]]:
+    """Every container that runs the service, with the GRU_ settings it gets (defaults for the rest)."""
+    for overlay in OVERLAYS:
+        resources = kustomize(overlay)
+        yield overlay, _container(_api(resources)), _settings(resources)
+    (runtime,) = [r for r in kustomize("kserve") if r["kind"] == "ServingRuntime"]
+    (container,) = runtime["spec"]["containers"]
+    yield "kserve", container, {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
+def test_the_memory_limit_holds_the_memory_store_at_its_bounds_and_a_full_batch_call(
+    repo: Path, kustomize: Render
+) -> None:
+    """A memory store at GRU_MAX_SESSIONS with its kept answers at GRU_MAX_ANSWER_BYTES, plus a full batch call
+    (or a snapshot being written), fits the container's memory limit: over it, the kernel kills the pod and
+    every session in it is lost."""
+    from service.config import Settings
+
+    guide = (repo / "docs" / "deploy.md").read_text()
+    for name, (text, _) in _SIZING.items():
+        assert text in guide, f"docs/deploy.md no longer gives the {name} figure this test uses: {text!r}"
+    size = {name: value for name, (_, value) in _SIZING.items()}
+    for where, container, env in _api_containers(kustomize):
+        settings = Settings(**{k.removeprefix("GRU_").lower(): v for k, v in env.items()
+                               if k not in ("GRU_DEVICE", "GRU_REDIS_URL")})
+        held = size["process"]
+        snapshot = 0.0
+        if settings.store == "memory":
+            held += settings.max_sessions * size["session"] + settings.max_answer_bytes
+            if settings.snapshot_path is not None:
+                snapshot = settings.max_sessions * size["snapshot session"] + settings.max_answer_bytes
+                snapshot += size["snapshot"]
+        need = held + max(size["batch call"], snapshot)
+        limit = _bytes(container["resources"]["limits"]["memory"])
+        assert need <= limit, f"{where}: {need / 2**20:.0f} MiB at the bounds, over the {limit / 2**20:.0f} MiB limit"
