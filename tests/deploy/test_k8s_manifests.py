@@ -386,3 +386,44 @@ def test_the_memory_limit_holds_the_memory_store_at_its_bounds_and_a_full_batch_
         need = held + max(size["batch call"], snapshot)
         limit = _bytes(container["resources"]["limits"]["memory"])
         assert need <= limit, f"{where}: {need / 2**20:.0f} MiB at the bounds, over the {limit / 2**20:.0f} MiB limit"
+
+
+def _service_links(resources: list[dict[str, Any]]) -> dict[str, str]:
+    """The variables the kubelet puts in every container for each Service of the pod's namespace that has a
+    cluster IP, unless the pod sets enableServiceLinks: false (Docker-link style: NAME_SERVICE_HOST,
+    NAME_SERVICE_PORT[_PORTNAME], NAME_PORT, NAME_PORT_<port>_<PROTO>[_PROTO|_PORT|_ADDR])."""
+    env = {}
+    for service in (r for r in resources if r["kind"] == "Service"):
+        if service["spec"].get("clusterIP") == "None":
+            continue
+        prefix = service["metadata"]["name"].upper().replace("-", "_")
+        ip = "10.96.0.10"
+        env[f"{prefix}_SERVICE_HOST"] = ip
+        for i, port in enumerate(service["spec"]["ports"]):
+            number, proto = port["port"], port.get("protocol", "TCP")
+            if i == 0:
+                env[f"{prefix}_SERVICE_PORT"] = str(number)
+                env[f"{prefix}_PORT"] = f"{proto.lower()}://{ip}:{number}"
+            if "name" in port:
+                env[f"{prefix}_SERVICE_PORT_{port['name'].upper().replace('-', '_')}"] = str(number)
+            link = f"{prefix}_PORT_{number}_{proto}"
+            env[link] = f"{proto.lower()}://{ip}:{number}"
+            env |= {f"{link}_PROTO": proto.lower(), f"{link}_PORT": str(number), f"{link}_ADDR": ip}
+    return env
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_api_container_gets_no_gru_variable_the_service_refuses(overlay: str, kustomize: Render) -> None:
+    """The service stops at start (exit 2) on a GRU_ variable that is no setting; the kubelet's service links
+    for the gru-api Service (GRU_API_SERVICE_HOST, GRU_API_PORT, ...) are such variables, so every pod
+    started once the Service existed would crash-loop."""
+    from service.config import unknown_variables
+
+    resources = kustomize(overlay)
+    deployment = _api(resources)
+    container = _container(deployment)
+    env = dict(_settings(resources))
+    env |= {e["name"]: e.get("value", "set from a Secret") for e in container.get("env", [])}
+    if deployment["spec"]["template"]["spec"].get("enableServiceLinks", True):
+        env |= _service_links(resources)
+    assert unknown_variables(env) == []
