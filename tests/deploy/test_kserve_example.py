@@ -90,3 +90,24 @@ def test_inferenceservice_selects_the_runtime_and_its_model_format(kserve: KServ
         assert env.get("GRU_STORE") == "redis"
     assert service["metadata"]["namespace"] == runtime["metadata"]["namespace"]
 
+
+
+def test_the_predictor_gets_no_service_link_the_service_refuses(kserve: KServe, kustomize: Render) -> None:
+    """The kubelet gives a pod NAME_SERVICE_HOST, NAME_PORT, ... for each Service of its namespace with a
+    cluster IP unless enableServiceLinks is false: here KServe's own <name>-predictor Service (RawDeployment)
+    and, in the same namespace, the prod overlay's gru-api. Named GRU_..., those are variables the service
+    refuses at start (exit 2), so the predictor would crash-loop."""
+    from service.config import unknown_variables
+
+    service = kserve["InferenceService"]
+    namespace = service["metadata"]["namespace"]
+    names = [f"{service['metadata']['name']}-predictor"]
+    names += [r["metadata"]["name"] for r in kustomize("overlays/prod")
+              if r["kind"] == "Service" and r["metadata"]["namespace"] == namespace
+              and r["spec"].get("clusterIP") != "None"]
+    links = {}
+    for name in names:
+        prefix = name.upper().replace("-", "_")
+        links |= {f"{prefix}_SERVICE_HOST": "10.96.0.10", f"{prefix}_PORT": "tcp://10.96.0.10:80"}
+    if service["spec"]["predictor"].get("enableServiceLinks", True):
+        assert unknown_variables(links) == []
