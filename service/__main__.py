@@ -4,11 +4,14 @@ is the port when --port is not given)."""
 from __future__ import annotations
 
 import argparse
+import math
 import socket
 import sys
+import time
 
 import uvicorn
 from pydantic import ValidationError
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from model import CheckpointError
 from service.api.stream import Streams
@@ -88,7 +91,12 @@ def main(argv: list[str] | None = None) -> int:
 
 class _DrainingServer(uvicorn.Server):
     """uvicorn's server, which on SIGTERM first drains the WebSocket streams (every frame read is answered,
-    then each closes with 1001): uvicorn's own shutdown would cut them off with 1012 at once."""
+    then each closes with 1001): uvicorn's own shutdown would cut them off with 1012 at once.
+
+    Meanwhile no HTTP connection takes a new request (one at work finishes), as uvicorn's shutdown has them
+    do, and the drain and uvicorn's wait for the requests at work share one ``timeout_graceful_shutdown``:
+    before, a request arriving on a keep-alive connection during a 30 s drain was served, and uvicorn then
+    waited up to 30 s more for it, past Docker's 45 s grace."""
 
     def __init__(self, config: uvicorn.Config, streams: Streams):
         super().__init__(config)
@@ -97,7 +105,13 @@ class _DrainingServer(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for server in self.servers:  # no new connections meanwhile
             server.close()
-        await self.streams.drain(self.config.timeout_graceful_shutdown or 30)
+        for connection in list(self.server_state.connections):
+            if isinstance(connection, HttpToolsProtocol):  # not a stream: those are drained
+                connection.shutdown()
+        budget = self.config.timeout_graceful_shutdown or 30
+        began = time.monotonic()
+        await self.streams.drain(budget)
+        self.config.timeout_graceful_shutdown = max(math.ceil(budget - (time.monotonic() - began)), 0)  # int, as typed
         await super().shutdown(sockets)
 
 
