@@ -179,6 +179,7 @@ async def _stream_connection(host: str, port: int, path: str, steps: int, first:
     position = 0  # where the next chunk starts
     count = first
     sent: list[float] = []  # send times of the chunks in flight, oldest first
+    stale = 0  # chunks in flight sent before the last resync: refused too, their position not to be taken
     while True:
         while len(sent) < pipeline and time.perf_counter() < clock["end"]:
             body = b'{"values":' + bodies[count % _BODIES] + b',"offset":' + str(position).encode() + b"}"
@@ -196,11 +197,14 @@ async def _stream_connection(host: str, port: int, path: str, steps: int, first:
             return
         ended, began = time.perf_counter(), sent.pop(0)
         status = 200
+        behind_resync = stale > 0
+        stale -= behind_resync
         if answer.startswith(b'{"type"'):  # a problem frame: take the position it reports
             problem = json.loads(answer)
             status = int(problem.get("status", 0))
-            if "position" in problem and not sent:
+            if "position" in problem and not behind_resync:
                 position = int(problem["position"])
+                stale = len(sent)  # their offsets counted on the refused chunk: each is refused in turn
         if clock["start"] <= ended <= clock["end"]:
             tally.statuses[status] = tally.statuses.get(status, 0) + 1
             if status == 200:

@@ -127,3 +127,61 @@ def test_the_cli_csv_bench_reads_a_series_and_prints_its_table(capsys: pytest.Ca
     assert 0 < measured["imported_kib"] <= measured["peak_kib"]
     assert cli_csv.main(["--rows", "100"]) == 0
     assert "CLI CSV reading" in capsys.readouterr().out
+
+
+async def _ws_server_frames(reader: asyncio.StreamReader) -> bytes:
+    """The payload of the next (masked) client frame; a close frame ends the stream."""
+    first, second = await reader.readexactly(2)
+    size = second & 0x7F
+    if size == 126:
+        size = int.from_bytes(await reader.readexactly(2), "big")
+    elif size == 127:
+        size = int.from_bytes(await reader.readexactly(8), "big")
+    mask = await reader.readexactly(4)
+    payload = await reader.readexactly(size)
+    if first & 0x0F == 0x8:
+        raise ConnectionError("closed")
+    return bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def _ws_server_frame(payload: bytes) -> bytes:
+    size = len(payload)
+    head = bytes([0x81, size]) if size < 126 else bytes([0x81, 126]) + size.to_bytes(2, "big")
+    return head + payload
+
+
+def test_a_pipelined_stream_resynchronises_after_a_refused_frame() -> None:
+    """A stream server that checks offsets as the service does and refuses the very first frame once (a 503
+    with the session's position, the chunk not taken): the frame in flight behind it is refused too (its
+    offset counted on the first), and then the session must go on from the position reported. Resyncing only
+    when no frame was in flight never happens two deep, so every later frame was refused: 0 chunks/s."""
+
+    async def stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\r\n")
+        position, refused = 0, False
+        try:
+            while True:
+                frame = json.loads(await _ws_server_frames(reader))
+                steps = len(frame["values"])
+                if not refused or frame["offset"] != position:
+                    refused = True
+                    status = 503 if frame["offset"] == position else 409
+                    answer = {"type": "x", "status": status, "position": position}
+                else:
+                    position += steps
+                    answer = {"position": position}
+                writer.write(_ws_server_frame(json.dumps(answer).encode()))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def measure() -> dict[str, object]:
+        server = await asyncio.start_server(stream, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            return await load.drive(f"http://127.0.0.1:{port}", 8, sessions=1, duration=0.3, warmup=0.0,
+                                    tag="t", pids=[], pipeline=2)
+
+    numbers = asyncio.run(measure())
+    assert numbers["ok"] > 10 and numbers["errors"] == {"503": 1, "409": 1}, numbers
+
