@@ -185,3 +185,36 @@ def test_a_pipelined_stream_resynchronises_after_a_refused_frame() -> None:
     numbers = asyncio.run(measure())
     assert numbers["ok"] > 10 and numbers["errors"] == {"503": 1, "409": 1}, numbers
 
+
+def test_connection_failures_in_the_warm_up_are_not_counted_in_the_window() -> None:
+    """The first connection of each session is dropped by the server during the warm-up; the generator
+    reconnects. The measured window saw no failure, so its non-200 count must be 0."""
+    dropped: set[int] = set()
+
+    async def flaky(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        session = int(head.split(b" ", 2)[1].split(b"/")[3].rsplit(b"-", 1)[1])
+        if session not in dropped:
+            dropped.add(session)
+            writer.close()
+            return
+        while True:
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                writer.close()
+                return
+
+    async def measure() -> dict[str, object]:
+        server = await asyncio.start_server(flaky, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            return await load.drive(f"http://127.0.0.1:{port}", 8, sessions=2, duration=0.2, warmup=0.2,
+                                    tag="t", pids=[])
+
+    numbers = asyncio.run(measure())
+    assert len(dropped) == 2 and numbers["ok"] > 0, numbers
+    assert numbers["failures"] == 0, numbers
