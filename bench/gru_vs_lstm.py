@@ -17,7 +17,8 @@
    is the core's). The score is the share of the gap between forecasting the mean (no memory) and the
    oracle a·x_{t+1−k} that the model closes on the unseen tail; a lag is kept at 0.5 or more. For scale, the
    ridge autoregression on the last k differences (what ``--lags k`` gives the linear term) is scored too.
-4. **Summary**: one row per model at the first shape (the shipped one's), the table the README shows.
+4. **Summary**: one row per model at the first shape (the shipped model's size; it reads one input where the
+   shipped GRU reads two, a feature and its difference), the table the README shows.
 """
 
 from __future__ import annotations
