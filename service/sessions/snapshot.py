@@ -158,6 +158,8 @@ def _read(path: Path, model_versions: set[str], state_size: int,
         seen = torch.zeros(len(entries), dtype=torch.float64)
     if seen.dtype != torch.float64 or tuple(seen.shape) != (len(entries),) or not torch.isfinite(seen).all():
         raise ValueError(f"seen tensor {tuple(seen.shape)} {seen.dtype}, expected ({len(entries)},) finite float64")
+    if len(seen) and not (seen.min().item() >= 0 and seen.max().item() <= latest):  # session times, as updated_at
+        raise ValueError(f"seen tensor holds a time that is no unix time or lies ahead: {seen.max().item()!r}")
     sessions: list[Session] = []
     rows: list[int] = []
     for entry, seen_at in zip(entries, seen.tolist(), strict=True):

@@ -444,3 +444,23 @@ def test_a_snapshot_whose_times_are_no_times_is_set_aside(tmp_path: Path, when: 
     restored = memory_store(ttl_seconds=10.0, clock=clock)
     assert restore(restored, path, "v1", STATE, clock=clock) == 0
     assert [p.name.split("-")[0] for p in tmp_path.iterdir()] == ["snap.corrupt"]
+
+
+def test_a_snapshot_whose_seen_time_lies_far_ahead_is_set_aside(tmp_path: Path) -> None:
+    """A session's ``seen`` time is a session time like ``updated_at``: one a week ahead of the clock made the
+    session live a week past its TTL, and, least recently used, stopped the sweep before every expired one."""
+    store = memory_store()
+    for key in ("t/a", "t/b", "t/c"):
+        assert asyncio.run(store.commit([write(key, None, 1)], torch.zeros(1, STATE)))[0] is not None
+    path = tmp_path / "snap"
+    asyncio.run(save(store, path, "v1"))
+    with safe_open(str(path), framework="pt") as file:
+        metadata = file.metadata()
+        tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
+    tensors["seen"][0] = time.time() + 7 * 86400  # t/a's
+    save_file(tensors, str(path), metadata=metadata)
+    clock = Clock(time.time())
+    restored = memory_store(ttl_seconds=10.0, clock=clock)
+    assert restore(restored, path, "v1", STATE, clock=clock) == 0
+    assert [p.name.split("-")[0] for p in tmp_path.iterdir()] == ["snap.corrupt"]
+
