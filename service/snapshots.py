@@ -68,10 +68,13 @@ class ModelSnapshots:
             kept = self._keepers[model.name] = (model, keeper)
         return kept[1]
 
-    def forget(self, name: str) -> None:
+    async def forget(self, name: str) -> None:
         """Model ``name`` was unloaded, its sessions with it: its snapshot goes too, or the next start (which
-        loads every model of the repository) would restore them."""
-        self._keepers.pop(name, None)
+        loads every model of the repository) would restore them. Its keeper is retired first, so that neither
+        a write in progress nor a periodic save that listed it before the unload puts the file back."""
+        kept = self._keepers.pop(name, None)
+        if kept is not None and kept[1] is not None:
+            await kept[1].retire()
         if self.enabled and name != self._registry.default:
             assert self._settings.snapshot_path is not None
             snapshot_path(self._settings.snapshot_path, name, default=False).unlink(missing_ok=True)

@@ -80,5 +80,5 @@ async def load(model_name: ModelName, request: Request) -> Response:
 async def unload(model_name: ModelName, request: Request) -> Response:
     registry: Registry = request.app.state.registry
     answer = await _carry_out(registry.unload(model_name))
-    request.app.state.snapshots.forget(model_name)  # its sessions went: a restart must not bring them back
+    await request.app.state.snapshots.forget(model_name)  # its sessions went: a restart must not bring them back
     return answer

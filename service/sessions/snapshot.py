@@ -256,6 +256,7 @@ class SnapshotKeeper:
         self.interval = interval
         self._periodic: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._retired = False  # its model was unloaded: it never writes again
 
     @classmethod
     def from_settings(cls, settings: Settings, store: SessionStore, model_version: Callable[[], str],
@@ -283,8 +284,15 @@ class SnapshotKeeper:
 
     async def save(self) -> int:
         async with self._lock:  # one writer at a time: the periodic one and the final one never interleave
+            if self._retired:
+                return 0
             return await save(self.store, self.path, self.model_version())
 
+    async def retire(self) -> None:
+        """Its model was unloaded: wait for a write in progress, and write no more (a periodic save that
+        listed this keeper before the unload would write the unloaded sessions back)."""
+        async with self._lock:
+            self._retired = True
 
     async def stop(self) -> None:
         """Stop the periodic saves, then write the final snapshot (call after the engine has drained)."""

@@ -34,6 +34,7 @@ from service.metrics import Metrics
 from service.models import Registry
 from service.refusals import Refusal
 from service.repository import Repository
+from service.snapshots import ModelSnapshots
 from tests.conftest import ServerFactory, make_tiny_model, refused_start_log
 from tests.model.test_checkpoint import _edit_calibration
 from tests.service.helpers import assert_problem, new_id, send, series
@@ -1106,3 +1107,35 @@ def test_a_model_unloaded_before_a_restart_does_not_get_its_sessions_back(
     second = server_factory(**env)
     with httpx.Client(base_url=second.url, timeout=30) as client:
         assert client.get("/v1/models/b/sessions/old").status_code == 404  # it went with the unload
+
+
+def test_a_periodic_save_in_progress_at_an_unload_does_not_write_the_unloaded_models_file_back(
+    tmp_path: Path
+) -> None:
+    """In-process: the periodic save takes the list of keepers, then saves each in turn, awaiting each write.
+    Model b unloaded meanwhile (its file removed by ``forget``) was still on that list, and its save wrote
+    the unloaded store's sessions back: the next start restored them."""
+    repository, path = tmp_path / "repo", tmp_path / "state" / "sessions.safetensors"
+    add_version(repository, "a", 1)
+    add_version(repository, "b", 1, seed=3)
+    settings = Settings(model_repository=repository, default_model="a", repository_poll_seconds=0, device="cpu",
+                        snapshot_path=path, snapshot_interval_seconds=0)
+    registry = Registry(settings, Repository(root=repository), torch.device("cpu"), Metrics())
+    registry.open()
+    snapshots = ModelSnapshots(settings, registry)
+    b_file = tmp_path / "state" / "sessions.b.safetensors"
+
+    async def scenario() -> None:
+        await snapshots.start()
+        await registry.start()
+        await registry.models["b"].engine.predict("t/s", series(8, seed=6), 0, 0)
+        keepers = snapshots._current()  # what the periodic save iterates, over its awaits
+        await keepers[0].save()  # the default model's, while the unload below comes in
+        await registry.unload("b")
+        await snapshots.forget("b")
+        for keeper in keepers[1:]:
+            await keeper.save()
+        await registry.stop(before_close=snapshots.stop)
+
+    asyncio.run(scenario())
+    assert not b_file.exists()
