@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import logging
 import os
 import tempfile
@@ -240,6 +241,17 @@ def _check_writable(path: Path) -> None:
         raise RuntimeError(f"GRU_SNAPSHOT_PATH={path}: no snapshot can be written there ({exc})") from exc
 
 
+def _remove_leftovers(path: Path) -> None:
+    """Remove the temporary files of writes cut short (a process killed while it wrote: an OOM kill, likeliest
+    then, as the write is the peak of its memory). Each is as large as a snapshot, and left there one crash
+    after another they would fill the disk. At start, before this process writes any."""
+    for leftover in path.parent.glob(f"{glob.escape(path.name)}.tmp-*"):
+        with contextlib.suppress(OSError):
+            leftover.unlink()
+            log.info("removed the temporary file of a snapshot write cut short",
+                     extra={"fields": {"path": str(leftover)}})
+
+
 class SnapshotKeeper:
     """Restore at start, save every ``interval`` seconds (0: never) and once more at shutdown.
 
@@ -277,6 +289,7 @@ class SnapshotKeeper:
 
     async def start(self) -> None:
         """Restore the snapshot (before any request is served), then save every interval."""
+        _remove_leftovers(self.path)
         known = await asyncio.to_thread(self.known_versions)
         restore(self.store, self.path, known | {self.model_version()}, self.state_size)
         if self.interval > 0:

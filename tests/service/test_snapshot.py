@@ -464,3 +464,26 @@ def test_a_snapshot_whose_seen_time_lies_far_ahead_is_set_aside(tmp_path: Path) 
     assert restore(restored, path, "v1", STATE, clock=clock) == 0
     assert [p.name.split("-")[0] for p in tmp_path.iterdir()] == ["snap.corrupt"]
 
+
+
+def test_a_write_cut_short_by_a_hard_kill_leaves_no_temporary_file_past_the_restart(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """A process killed while it writes a periodic snapshot (an OOM kill, likeliest then: the write is the
+    peak of its memory) leaves the temporary file, as large as a snapshot. Nothing removed it: each such
+    crash left another on the volume, until the disk was full and no snapshot could be written."""
+    path = tmp_path / "sessions.safetensors"
+    first = server_factory(GRU_SNAPSHOT_PATH=str(path), GRU_SNAPSHOT_INTERVAL_SECONDS="0.05")
+    values = series(2048, seed=1)
+    with httpx.Client(base_url=first.url, timeout=30) as http:
+        for i in range(120):  # a snapshot of some 6 MB, long enough to write to be caught at it
+            assert send(http, f"s{i}", values, offset=0, horizon=256).status_code == 200
+    deadline = time.monotonic() + 20
+    while not list(tmp_path.glob("sessions.safetensors.tmp-*")):
+        assert time.monotonic() < deadline, first.log_tail()
+    first.stop(signal.SIGKILL)
+    assert list(tmp_path.glob("sessions.safetensors.tmp-*"))  # what the killed write left
+    second = server_factory(GRU_SNAPSHOT_PATH=str(path))
+    with httpx.Client(base_url=second.url, timeout=30) as http:
+        assert http.get("/readyz").status_code == 200
+    assert list(tmp_path.glob("sessions.safetensors.tmp-*")) == []
