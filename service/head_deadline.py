@@ -50,7 +50,7 @@ class _HeadTooLarge(Exception):
 
 class _HeadDeadlineProtocol(HttpToolsProtocol):
     head_timeout: float = 30.0
-    metrics: Metrics  # the app's, where the 431 is counted
+    metrics: Metrics  # the app's, where the answers written here are counted
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -179,6 +179,6 @@ class _HeadDeadlineProtocol(HttpToolsProtocol):
 
 
 def head_deadline_protocol(timeout: float, metrics: Metrics) -> type[HttpToolsProtocol]:
-    """The protocol class to give ``uvicorn.run(http=...)``: heads must arrive within ``timeout`` seconds; a
-    431 is counted in ``metrics`` (the app's)."""
+    """The protocol class to give ``uvicorn.run(http=...)``: heads must arrive within ``timeout`` seconds; the
+    431s and 400s it answers itself are counted in ``metrics`` (the app's)."""
     return type("HeadDeadlineProtocol", (_HeadDeadlineProtocol,), {"head_timeout": timeout, "metrics": metrics})
