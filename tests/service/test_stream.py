@@ -537,55 +537,31 @@ def test_sigterm_with_a_peer_that_never_reads_ends_within_one_drain_and_writes_t
 ) -> None:
     """A stream whose answers cannot go out holds the drain to its 30 s bound, and no more: its connection,
     whose write buffer will never drain, is cut rather than waited for again (which took 61 s, past Docker's
-    45 s and Kubernetes' 60 s grace, so the SIGKILL came before the snapshot)."""
+    45 s and Kubernetes' 60 s grace, so the SIGKILL came before the snapshot). Meanwhile an HTTP keep-alive
+    connection takes no new request: one was served during the drain, and uvicorn's shutdown after it waited
+    up to 30 s more for it (one at work finishes; the drain and that wait now share one 30 s)."""
     snapshot = tmp_path / "sessions.snapshot"
     server = server_factory(GRU_SNAPSHOT_PATH=str(snapshot))
     frame = _masked_text_frame(_frame(series(2048, seed=7)))
+    request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     with _raw_stream(server, new_id("deaf-term")) as sock:
         assert _send_until_stalled(sock, frame, 100_000) < 100_000  # its answers fill every buffer
-        server.process.send_signal(signal.SIGTERM)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as http:
+            http.sendall(request)  # kept alive for uvicorn's 5 s from its answer
+            assert http.recv(65536).startswith(b"HTTP/1.1 200")
+            server.process.send_signal(signal.SIGTERM)
+            time.sleep(1)
+            assert server.process.poll() is None  # the deaf stream holds the drain
+            with contextlib.suppress(OSError):
+                http.sendall(request)
+            try:
+                later = http.recv(65536)
+            except ConnectionResetError:
+                later = b""
+            assert later == b"", later[:80]  # got: HTTP/1.1 200 OK, served during the drain
         status = server.process.wait(45)  # docker-compose.yml's stop_grace_period
     assert status in (0, -signal.SIGTERM)
     assert snapshot.exists()
     errors = [line for line in server.log().splitlines() if '"level":"error"' in line]
     assert not errors, errors
 
-
-def _one_http_answer(sock: socket.socket) -> bytes:
-    """One answer with a Content-Length read off a keep-alive connection."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += sock.recv(65536)
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                  if line.lower().startswith(b"content-length"))
-    while len(body) < length:
-        body += sock.recv(65536)
-    return head
-
-
-def test_after_sigterm_a_keep_alive_connection_takes_no_new_request_while_streams_drain(
-    server_factory: ServerFactory,
-) -> None:
-    """The streams' drain (up to 30 s) came before uvicorn's own shutdown, which alone stops HTTP keep-alive
-    connections: a request arriving meanwhile on one was served, so one could start as the drain ended and
-    take a request timeout more, about 60 s in all, past Docker's 45 s grace. From SIGTERM on, an HTTP
-    connection takes no new request (one at work finishes), and the drain and uvicorn's wait share one 30 s."""
-    server = server_factory()
-    request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-    with _raw_stream(server, new_id("deaf-keep-alive")) as sock:
-        assert _send_until_stalled(sock, _masked_text_frame(_frame(series(2048, seed=8))), 100_000) < 100_000
-        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as http:
-            http.sendall(request)  # kept alive for uvicorn's 5 s from its answer
-            assert _one_http_answer(http).startswith(b"HTTP/1.1 200")
-            server.process.send_signal(signal.SIGTERM)
-            time.sleep(1)
-            assert server.process.poll() is None  # the deaf stream holds the drain
-            with contextlib.suppress(OSError):
-                http.sendall(request)
-            http.settimeout(5)
-            try:
-                later = http.recv(65536)
-            except ConnectionResetError:
-                later = b""
-            assert later == b"", later[:80]  # got: HTTP/1.1 200 OK, served during the drain
