@@ -143,16 +143,21 @@ def _ws_frame(payload: bytes, opcode: int = 0x1) -> bytes:
     return head + b"\0\0\0\0" + payload
 
 
+async def ws_payload_size(reader: asyncio.StreamReader, second: int) -> int:
+    """The payload length a frame's second byte gives, read on where it is extended (RFC 6455 5.2)."""
+    size = second & 0x7F
+    if size == 126:
+        return int.from_bytes(await reader.readexactly(2), "big")
+    if size == 127:
+        return int.from_bytes(await reader.readexactly(8), "big")
+    return size
+
+
 async def _ws_message(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
     """The next data frame from the server; pings answered on the way, a close raised as ConnectionError."""
     while True:
         first, second = await reader.readexactly(2)
-        size = second & 0x7F
-        if size == 126:
-            size = int.from_bytes(await reader.readexactly(2), "big")
-        elif size == 127:
-            size = int.from_bytes(await reader.readexactly(8), "big")
-        payload = await reader.readexactly(size)
+        payload = await reader.readexactly(await ws_payload_size(reader, second))
         opcode = first & 0x0F
         if opcode == 0x9:
             writer.write(_ws_frame(payload, 0xA))

@@ -132,11 +132,7 @@ def test_the_cli_csv_bench_reads_a_series_and_prints_its_table(capsys: pytest.Ca
 async def _ws_server_frames(reader: asyncio.StreamReader) -> bytes:
     """The payload of the next (masked) client frame; a close frame ends the stream."""
     first, second = await reader.readexactly(2)
-    size = second & 0x7F
-    if size == 126:
-        size = int.from_bytes(await reader.readexactly(2), "big")
-    elif size == 127:
-        size = int.from_bytes(await reader.readexactly(8), "big")
+    size = await load.ws_payload_size(reader, second)
     mask = await reader.readexactly(4)
     payload = await reader.readexactly(size)
     if first & 0x0F == 0x8:
