@@ -425,7 +425,8 @@ def _rewrite_index(path: Path, edit: Callable[[list[Any]], None]) -> None:
     save_file(tensors, str(path), metadata=metadata)
 
 
-@pytest.mark.parametrize("when", [1e300, float("inf"), "nan", time.time() + 7 * 86400])
+@pytest.mark.parametrize("when", [1e300, float("inf"), "nan", time.time() + 7 * 86400],
+                         ids=["1e300", "inf", "nan-string", "a-week-ahead"])  # the same ids in every worker
 def test_a_snapshot_whose_times_are_no_times_is_set_aside(tmp_path: Path, when: Any) -> None:
     """The index's times went through float() unchecked (1e300, "inf", "nan" all passed): such a session never
     expired, and being least recently used it stopped the sweep before every expired session behind it. A
