@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     # One setting for the port: the image's healthcheck (service.healthcheck) reads GRU_PORT too.
     port = settings.port if args.port is None else args.port
     config = uvicorn.Config(
-        app, host=args.host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=30,
+        app, host=args.host, port=port, log_config=None, access_log=False,
         http=head_deadline_protocol(settings.request_timeout_seconds, app.state.metrics),
         # streams: a frame over the body limit closes with 1009 before it is buffered; pings find dead peers;
         # no per-message compression (small JSON frames: it would cost more CPU than it saves bytes); pings
@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         ws_ping_interval=settings.stream_ping_seconds, ws_ping_timeout=settings.stream_ping_seconds,
         ws_per_message_deflate=False,
     )
-    _DrainingServer(config, app.state.streams).run()
+    # SIGTERM's drain takes as long as a chunk may: the bound the deployment files' grace periods are set from.
+    _DrainingServer(config, app.state.streams, math.ceil(settings.request_timeout_seconds)).run()
     return 0
 
 
@@ -94,13 +95,14 @@ class _DrainingServer(uvicorn.Server):
     then each closes with 1001): uvicorn's own shutdown would cut them off with 1012 at once.
 
     Meanwhile no HTTP connection takes a new request (one at work finishes), as uvicorn's shutdown has them
-    do, and the drain and uvicorn's wait for the requests at work share one ``timeout_graceful_shutdown``:
-    before, a request arriving on a keep-alive connection during a 30 s drain was served, and uvicorn then
-    waited up to 30 s more for it, past Docker's 45 s grace."""
+    do, and the drain and uvicorn's wait for the requests at work share one ``timeout_graceful_shutdown``
+    (``GRU_REQUEST_TIMEOUT_SECONDS``): before, a request arriving on a keep-alive connection during a 30 s
+    drain was served, and uvicorn then waited up to 30 s more for it, past Docker's 45 s grace."""
 
-    def __init__(self, config: uvicorn.Config, streams: Streams):
+    def __init__(self, config: uvicorn.Config, streams: Streams, budget: int):
         super().__init__(config)
         self.streams = streams
+        self.budget = budget  # seconds, for the drain and uvicorn's wait together
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for server in self.servers:  # no new connections meanwhile
@@ -108,10 +110,10 @@ class _DrainingServer(uvicorn.Server):
         for connection in list(self.server_state.connections):
             if isinstance(connection, HttpToolsProtocol):  # not a stream: those are drained
                 connection.shutdown()
-        budget = self.config.timeout_graceful_shutdown or 30
         began = time.monotonic()
-        await self.streams.drain(budget)
-        self.config.timeout_graceful_shutdown = max(math.ceil(budget - (time.monotonic() - began)), 0)  # int, as typed
+        await self.streams.drain(self.budget)
+        left = self.budget - (time.monotonic() - began)
+        self.config.timeout_graceful_shutdown = max(math.ceil(left), 0)  # int, as typed
         await super().shutdown(sockets)
 
 

@@ -78,7 +78,7 @@ class Settings(BaseSettings):
     )
     request_timeout_seconds: float = Field(
         30.0, gt=0, description="a chunk not computed by then gets 503; a body not received by then, 408; a request"
-        " head not received by then closes the connection"
+        " head not received by then closes the connection; SIGTERM's graceful drain takes at most this"
     )
     max_chunk_steps: int = Field(4096, ge=1, description="most steps in one chunk")
     max_horizon: int = Field(512, ge=0, description="longest forecast")

@@ -34,6 +34,16 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
+WIDE_FEATURES = tuple(f"f{n}" for n in range(32))
+
+
+@pytest.fixture(scope="session")
+def wide_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model over 32 features, calibrated: a frame or an answer of a given size in 32 times fewer steps,
+    and the model's time goes by steps, so tests that must fill socket buffers with them do it fast."""
+    return make_tiny_model(tmp_path_factory.mktemp("wide-model"), features=WIDE_FEATURES, error_scale=1.0)
+
+
 def start_server(model_path: Path, log_dir: Path, env: dict[str, str] | None = None,
                  port: int | None = None, wait: bool = True) -> Server:
     """The service as the tests run it: one torch thread, on GRU_DEVICE (cuda runs the API tests on a GPU)."""

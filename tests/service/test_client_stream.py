@@ -23,7 +23,7 @@ from websockets.sync.server import ServerConnection, serve
 
 from harness.processes import ROOT
 from service.client import AsyncClient, Client, OffsetConflict, Prediction, Retry, ServiceError, Unavailable
-from tests.conftest import Server, ServerFactory, make_tiny_model
+from tests.conftest import WIDE_FEATURES, Server, ServerFactory, make_tiny_model
 from tests.service.helpers import new_id, position, series, stateless
 from tests.service.proxy import LoopbackProxy
 
@@ -255,32 +255,34 @@ def test_a_stream_sends_its_first_chunk_alone_until_an_answer_confirms_where_the
 
 @pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
 def test_a_client_window_over_the_service_s_takes_every_answer(
-    server_factory: ServerFactory, tmp_path: Path, asynchronous: bool
+    server_factory: ServerFactory, wide_model: Path, asynchronous: bool
 ) -> None:
     """A client sending past the service's window with large frames hung: the service stopped reading, and
     the client, blocked in its send, stopped reading answers (the sync connection's reader waits for the
-    send; the async one pauses at 16 frames). The client keeps to the window the 101 answer announces."""
-    server = server_factory(make_tiny_model(tmp_path / "wide", features=("p", "q", "r"), error_scale=1.0),
-                            GRU_STREAM_WINDOW="1")
-    chunks, got = 96, []
-    values, fields = series(4096 * chunks, seed=8, features=3), {"levels": [80, 90, 95, 99], "scores": True}
+    send; the async one pauses at 16 frames). The client keeps to the window the 101 answer announces.
+    Frames and answers must outgrow loopback's socket buffers both ways: 96 frames of about 120 KB with
+    answers of over a megabyte."""
+    server = server_factory(wide_model, GRU_STREAM_WINDOW="1")
+    chunks, steps, got = 96, 384, []
+    values = series(steps * chunks, seed=8, features=len(WIDE_FEATURES))
+    fields = {"levels": [80, 90, 95, 99], "scores": True}
 
     def streamed() -> None:
         with Client(server.url, retry=FAST) as api, api.stream_session(new_id("ws"), window=chunks) as session:
-            got.extend(answer.position for answer in session.stream(values, chunk=4096, **fields))
+            got.extend(answer.position for answer in session.stream(values, chunk=steps, **fields))
 
     async def streamed_async() -> None:
         async with AsyncClient(server.url, retry=FAST) as api:
             session = await api.stream_session(new_id("aws"), window=chunks)
             async with session:
-                got.extend([answer.position async for answer in session.stream(values, chunk=4096, **fields)])
+                got.extend([answer.position async for answer in session.stream(values, chunk=steps, **fields)])
 
     thread = threading.Thread(target=(lambda: asyncio.run(streamed_async())) if asynchronous else streamed,
                               daemon=True)
     thread.start()
     thread.join(120)
     assert not thread.is_alive(), f"the client hangs with {len(got)} answers"
-    assert got == [4096 * (i + 1) for i in range(chunks)]
+    assert got == [steps * (i + 1) for i in range(chunks)]
 
 
 def test_cli_streams_a_csv_over_the_websocket(server: Server, client: httpx.Client, tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from tests.conftest import Server, ServerFactory
+from tests.conftest import WIDE_FEATURES, Server, ServerFactory
 from tests.service.helpers import access_line, new_id, send, series, stateless
 from tests.service.test_model_lifecycle import add_version, polled_repository, versions, wait_for
 
@@ -224,11 +224,12 @@ def test_a_frame_over_the_body_limit_closes_the_stream_with_1009(server_factory:
     assert (line["close_code"], line["closed_by"]) == (1009, "service")
 
 
-def test_a_dead_peer_with_answers_buffered_for_it_is_dropped(server_factory: ServerFactory) -> None:
+def test_a_dead_peer_with_answers_buffered_for_it_is_dropped(server_factory: ServerFactory,
+                                                             wide_model: Path) -> None:
     """A peer that neither reads nor answers pings, its answers filling the buffers: uvicorn's close after
     the missed pong waited for them to drain, that is for ever; the connection and its stream stayed."""
-    server = server_factory(GRU_STREAM_WINDOW="4", GRU_STREAM_PING_SECONDS="5")
-    frame = _masked_text_frame(_frame(series(2048, seed=2)))
+    server = server_factory(wide_model, GRU_STREAM_WINDOW="4", GRU_STREAM_PING_SECONDS="5")
+    frame = _long_frame(2)
     with _raw_stream(server, new_id("dead")) as sock:
         sock.settimeout(1)
         with contextlib.suppress(TimeoutError, ConnectionError):  # the service stops reading, or drops it
@@ -379,6 +380,12 @@ def _masked_text_frame(text: str) -> bytes:
     return bytes([0x81, 0x80 | 126]) + len(payload).to_bytes(2, "big") + b"\0\0\0\0" + payload
 
 
+def _long_frame(seed: int) -> bytes:
+    """A masked frame of 2,048 values, 64 steps of ``wide_model``'s features: its answer fills buffers as fast
+    as one of 2,048 steps of a single feature would, at a 32nd of the model's time."""
+    return _masked_text_frame(_frame(series(64, seed=seed, features=len(WIDE_FEATURES))))
+
+
 def test_a_text_frame_of_invalid_utf8_closes_with_1007_and_logs_no_error(server_factory: ServerFactory) -> None:
     """RFC 6455 fails such a connection with 1007; it is the client's fault, so a warning, not an error."""
     server = server_factory()
@@ -419,12 +426,12 @@ def _send_until_stalled(sock: socket.socket, payload: bytes, most: int) -> int:
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RSS from /proc")
 def test_a_client_that_never_reads_stops_the_server_reading_and_holds_it_to_its_window(
-    server_factory: ServerFactory,
+    server_factory: ServerFactory, wide_model: Path,
 ) -> None:
-    server = server_factory(GRU_STREAM_WINDOW="4")
+    server = server_factory(wide_model, GRU_STREAM_WINDOW="4")
     frames = 3000
     # long chunks, long answers: unread answers fill the socket fast, and the model keeps up with the reads
-    frame = _masked_text_frame(_frame(series(2048, seed=2)))  # no offset: appended, whatever the session holds
+    frame = _long_frame(2)  # no offset: appended, whatever the session holds
     before = _rss_bytes(server.process.pid)
     with _raw_stream(server, new_id("deaf")) as sock:
         sent = _send_until_stalled(sock, frame, frames)
@@ -547,16 +554,17 @@ def test_a_peer_that_pings_and_never_reads_stops_the_server_reading_and_holds_it
 
 
 def test_sigterm_with_a_peer_that_never_reads_ends_within_one_drain_and_writes_the_snapshot(
-    server_factory: ServerFactory, tmp_path: Path,
+    server_factory: ServerFactory, wide_model: Path, tmp_path: Path,
 ) -> None:
-    """A stream whose answers cannot go out holds the drain to its 30 s bound, and no more: its connection,
-    whose write buffer will never drain, is cut rather than waited for again (which took 61 s, past Docker's
-    45 s and Kubernetes' 60 s grace, so the SIGKILL came before the snapshot). Meanwhile an HTTP keep-alive
-    connection takes no new request: one was served during the drain, and uvicorn's shutdown after it waited
-    up to 30 s more for it (one at work finishes; the drain and that wait now share one 30 s)."""
-    snapshot = tmp_path / "sessions.snapshot"
-    server = server_factory(GRU_SNAPSHOT_PATH=str(snapshot))
-    frame = _masked_text_frame(_frame(series(2048, seed=7)))
+    """A stream whose answers cannot go out holds the drain to its bound (GRU_REQUEST_TIMEOUT_SECONDS), and no
+    more: its connection, whose write buffer will never drain, is cut rather than waited for again (which
+    took twice the bound, 61 s at the default 30 s, past Docker's 45 s and Kubernetes' 60 s grace, so the
+    SIGKILL came before the snapshot). Meanwhile an HTTP keep-alive connection takes no new request: one was
+    served during the drain, and uvicorn's shutdown after it waited up to the bound again (one at work
+    finishes; the drain and that wait now share one bound)."""
+    snapshot, bound = tmp_path / "sessions.snapshot", 4
+    server = server_factory(wide_model, GRU_SNAPSHOT_PATH=str(snapshot), GRU_REQUEST_TIMEOUT_SECONDS=str(bound))
+    frame = _long_frame(7)
     request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     with _raw_stream(server, new_id("deaf-term")) as sock:
         assert _send_until_stalled(sock, frame, 100_000) < 100_000  # its answers fill every buffer
@@ -564,6 +572,7 @@ def test_sigterm_with_a_peer_that_never_reads_ends_within_one_drain_and_writes_t
             http.sendall(request)  # kept alive for uvicorn's 5 s from its answer
             assert _whole_answer(http).startswith(b"HTTP/1.1 200")
             server.process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
             time.sleep(1)
             assert server.process.poll() is None  # the deaf stream holds the drain
             with contextlib.suppress(OSError):
@@ -574,7 +583,9 @@ def test_sigterm_with_a_peer_that_never_reads_ends_within_one_drain_and_writes_t
                 later = b""
             assert later == b"", later[:80]  # got: HTTP/1.1 200 OK, served during the drain
         status = server.process.wait(45)  # docker-compose.yml's stop_grace_period
+        took = time.monotonic() - signalled
     assert status in (0, -signal.SIGTERM)
+    assert took < 2 * bound, f"{took:.1f} s: not within one drain of GRU_REQUEST_TIMEOUT_SECONDS = {bound} s"
     assert snapshot.exists()
     errors = [line for line in server.log().splitlines() if '"level":"error"' in line]
     assert not errors, errors
