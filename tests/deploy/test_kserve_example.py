@@ -111,3 +111,15 @@ def test_the_predictor_gets_no_service_link_the_service_refuses(kserve: KServe, 
         links |= {f"{prefix}_SERVICE_HOST": "10.96.0.10", f"{prefix}_PORT": "tcp://10.96.0.10:80"}
     if service["spec"]["predictor"].get("enableServiceLinks", True):
         assert unknown_variables(links) == []
+
+
+def test_the_predictor_s_grace_period_covers_the_drain(kserve: KServe) -> None:
+    """SIGTERM's drain takes up to GRU_REQUEST_TIMEOUT_SECONDS; the pod's grace covers it and a margin, as
+    docs/durability.md asks (Kubernetes' default, 30 s, equals the default bound: no margin)."""
+    from service.config import Settings
+
+    (container,) = kserve["ServingRuntime"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container.get("env", [])}
+    drain = float(env.get("GRU_REQUEST_TIMEOUT_SECONDS", Settings.model_fields["request_timeout_seconds"].default))
+    grace = kserve["InferenceService"]["spec"]["predictor"].get("terminationGracePeriodSeconds", 30)
+    assert grace >= drain + 5
