@@ -94,6 +94,9 @@ class Settings(BaseSettings):
                           description="comma-separated key:tenant pairs; empty = no auth, one tenant")
     api_keys_file: Path | None = Field(None, description="file with one 'key tenant' per line")
     metrics_require_key: bool = Field(False, description="put /metrics behind an API key")
+    require_api_keys: bool = Field(
+        False, description="refuse to start without keys (production: an empty key Secret must not open every route)"
+    )
     torch_threads: int = Field(
         0, ge=0, description="intra-op threads for the model; 0 = cores - 1 (one for the event loop)"
     )
@@ -134,6 +137,9 @@ class Settings(BaseSettings):
         keys |= admin
         if self.metrics_require_key and not keys:
             raise ValueError("GRU_METRICS_REQUIRE_KEY=true needs keys; set GRU_API_KEYS or GRU_API_KEYS_FILE")
+        if self.require_api_keys and not keys:
+            raise ValueError("GRU_REQUIRE_API_KEYS=true needs keys; GRU_API_KEYS, GRU_API_KEYS_FILE and"
+                             " GRU_ADMIN_KEYS are empty or unset")
         return self
 
     @model_validator(mode="after")

@@ -258,8 +258,11 @@ def test_prod_runs_three_replicas_on_redis_with_an_autoscaler(kustomize: Render)
 
 
 def test_prod_refuses_to_start_without_api_keys(kustomize: Render) -> None:
-    (keys,) = [e for e in _container(_api(kustomize("overlays/prod")))["env"] if e["name"] == "GRU_API_KEYS"]
+    """The Secret is required, and one whose api-keys is empty (GRU_API_KEYS="", no auth) stops the pods."""
+    resources = kustomize("overlays/prod")
+    (keys,) = [e for e in _container(_api(resources))["env"] if e["name"] == "GRU_API_KEYS"]
     assert keys["valueFrom"]["secretKeyRef"]["optional"] is False
+    assert _settings(resources)["GRU_REQUIRE_API_KEYS"] == "true"
 
 
 def test_prod_redis_is_a_statefulset_with_capped_memory(kustomize: Render) -> None:
@@ -374,8 +377,8 @@ def test_the_memory_limit_holds_the_memory_store_at_its_bounds_and_a_full_batch_
         assert text in guide, f"docs/deploy.md no longer gives the {name} figure this test uses: {text!r}"
     size = {name: value for name, (_, value) in _SIZING.items()}
     for where, container, env in _api_containers(kustomize):
-        settings = Settings(**{k.removeprefix("GRU_").lower(): v for k, v in env.items()
-                               if k not in ("GRU_DEVICE", "GRU_REDIS_URL")})
+        settings = Settings(**{k.removeprefix("GRU_").lower(): v for k, v in env.items()  # keys: from a Secret
+                               if k not in ("GRU_DEVICE", "GRU_REDIS_URL", "GRU_REQUIRE_API_KEYS")})
         held = size["process"]
         snapshot = 0.0
         if settings.store == "memory":

@@ -95,6 +95,17 @@ def test_settings_fail_on_bad_keys_without_printing_them(
         Settings()
 
 
+def test_required_keys_refuse_a_start_without_any(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prod overlay requires its key Secret, but a Secret whose value is empty gave GRU_API_KEYS="": no
+    auth, every route open. GRU_REQUIRE_API_KEYS=true (set there) refuses that; any key satisfies it."""
+    monkeypatch.setenv("GRU_REQUIRE_API_KEYS", "true")
+    monkeypatch.setenv("GRU_API_KEYS", "")
+    with pytest.raises(ValidationError, match="GRU_REQUIRE_API_KEYS=true needs keys"):
+        Settings()
+    monkeypatch.setenv("GRU_ADMIN_KEYS", f"{CAROL}:carol")
+    assert Settings().require_api_keys
+
+
 def test_service_refuses_to_start_with_malformed_keys(tiny_model: Path, tmp_path: Path) -> None:
     log = refused_start_log(tiny_model, tmp_path, {"GRU_API_KEYS": "s3cret-value"})
     assert "GRU_API_KEYS entry 1 is not KEY:TENANT" in log
