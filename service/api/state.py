@@ -2,7 +2,8 @@
 
 The document is binary (``application/octet-stream``, the safetensors file of ``service.sessions.document``),
 so these routes read and answer raw bytes, and describe them in the OpenAPI schema themselves. ``ETag`` on
-every answer; ``If-Match`` / ``If-None-Match`` on an import make it a compare-and-set (412).
+every answer; ``If-Match`` / ``If-None-Match`` on an import make it a compare-and-set (412); ``If-None-Match``
+on an export answers 304 without the document while the session is at one of its tags.
 """
 
 from __future__ import annotations
@@ -70,20 +71,29 @@ def _answer(response: Response, request: Request, session_id: str, written: Writ
     return describe(states.model, session_id, written.session, written.session.updated_at + states.store.ttl_seconds)
 
 
+_IF_MATCH_DOC = "Import only over the session at one of these entity tags (412 otherwise); `*`: only if it exists"
+_IF_NONE_MATCH_DOC = "`*`: import only if the session does not exist (412 otherwise)"
+_UNLESS_AT_DOC = "A 304 without the document while the session is at one of these entity tags (`*`: at any)"
+
+
 @router.get(
     "/sessions/{session_id}/state", response_class=Response, summary="Export a session's state",
     description="The session as one safetensors document: its state vector, position, model version and"
                 " the answer kept for an exact retry. `PUT` it here or on another deployment to go on exactly.",
     responses={200: {"description": "The state document", "content": _BINARY, "headers": _ETAG},
-               **problem_responses(404, 409, 422, 503)},
+               304: {"description": "Not modified: the session is at a tag `If-None-Match` lists", "headers": _ETAG},
+               **problem_responses(400, 404, 409, 422, 503)},
 )
-async def export_state(session_id: SessionIdPath, states: StatesDep, tenant: TenantDep) -> Response:
+async def export_state(
+    session_id: SessionIdPath, states: StatesDep, tenant: TenantDep,
+    if_none_match: Annotated[list[str] | None, Header(description=_UNLESS_AT_DOC)] = None,
+) -> Response:
+    unless = _tags(if_none_match, "If-None-Match", weak=True)  # a malformed list is a 400 before any work
     document = await states.export(session_key(tenant, session_id))
-    return Response(encode(document), media_type=OCTET, headers={"ETag": document.tag()})
-
-
-_IF_MATCH_DOC = "Import only over the session at one of these entity tags (412 otherwise); `*`: only if it exists"
-_IF_NONE_MATCH_DOC = "`*`: import only if the session does not exist (412 otherwise)"
+    tag = document.tag()
+    if unless is not None and not Precondition(if_none_match=unless).holds(tag):  # weak comparison, RFC 9110 13.1.2
+        return Response(status_code=304, headers={"ETag": tag})
+    return Response(encode(document), media_type=OCTET, headers={"ETag": tag})
 
 
 @router.put(

@@ -369,6 +369,25 @@ def test_the_etag_is_the_same_while_the_session_is_unchanged(client: httpx.Clien
     assert _exported(client, session) == _exported(client, session)
 
 
+def test_an_export_with_if_none_match_is_304_while_the_session_is_at_a_listed_tag(client: httpx.Client) -> None:
+    """A conditional export (RFC 9110 13.1.2): 304 with the ETag and no document while the session is at a
+    listed tag (weak comparison; `*`: at any), the document once it moved; a malformed list is a 400."""
+    session = new_id("cond")
+    values = series(8, seed=46)
+    _fed(client, session, values[:5], [5])
+    document, tag = _exported(client, session)
+    for unless in (tag, f"W/{tag}", f'"elsewhere", {tag}', "*"):
+        same = _state(client, session, **{"If-None-Match": unless})
+        assert (same.status_code, same.headers["etag"], same.content) == (304, tag, b""), unless
+    assert _state(client, session, **{"If-None-Match": '"elsewhere"'}).content == document
+    assert send(client, session, values[5:], offset=5).status_code == 200
+    moved = _state(client, session, **{"If-None-Match": tag})
+    assert moved.status_code == 200 and moved.headers["etag"] != tag
+    assert moved.content != document and moved.headers["content-type"] == "application/octet-stream"
+    assert_problem(_state(client, session, **{"If-None-Match": "not-a-tag"}), 400)
+    assert_problem(_state(client, new_id("none"), **{"If-None-Match": "*"}), 404)
+
+
 # -- tenants -------------------------------------------------------------------------------------------
 
 
