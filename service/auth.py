@@ -176,7 +176,8 @@ def _document(app: FastAPI, open_paths: frozenset[str]) -> None:
 def require_admin(request: Request) -> None:
     """403 unless the caller holds an admin key (GRU_ADMIN_KEYS); without keys configured, anyone may."""
     if request.app.state.keys_required and not request.scope.get("state", {}).get("admin", False):
-        raise Problem(403, "forbidden", "this endpoint needs an admin key (GRU_ADMIN_KEYS); this key is not one")
+        raise Problem(403, "forbidden", "this endpoint needs an admin key (GRU_ADMIN_KEYS); this key is not one",
+                      headers={"WWW-Authenticate": REALM + ', error="insufficient_scope"'})  # RFC 6750 §3.1
 
 
 def install(app: FastAPI, settings: Settings) -> None:

@@ -478,6 +478,9 @@ def test_tritonclient_indexes_loads_and_unloads_models_with_an_admin_key(
             assert refused.value.status() == "403"
         with httpx.Client(base_url=server.url, timeout=30, headers=plain) as client:
             assert client.post("/v2/repository/index", headers={"Authorization": ""}).status_code == 401
+            forbidden = client.post("/v2/repository/index")  # a valid key, not an admin one: RFC 6750 §3.1
+            assert forbidden.status_code == 403
+            assert forbidden.headers["www-authenticate"] == 'Bearer realm="gru", error="insufficient_scope"'
             tc.unload_model("b", headers=admin)
             assert_problem(client.get("/v1/models/b"), 404)
             assert {"name": "b", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded on request"} in (
