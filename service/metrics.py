@@ -88,6 +88,15 @@ class Metrics:
             "gru_model_versions_skipped", "Repository versions refused: damaged, half-written or incompatible",
             ["model"], registry=r,
         )
+        # per model with GRU_SNAPSHOT_PATH: a failed write is only logged otherwise, and a crash then loses
+        # every session change since the last good one
+        self.snapshot_failures = Counter(
+            "gru_snapshot_failures", "Snapshot writes that failed (periodic or final)", ["model"], registry=r
+        )
+        self.snapshot_written = Gauge(
+            "gru_snapshot_last_success_timestamp_seconds", "When the model's last snapshot was written whole",
+            ["model"], registry=r,
+        )
         self.version_evictions = Counter(
             "gru_model_version_evictions", "Versions unloaded beyond GRU_MAX_LOADED_VERSIONS while holding"
             " sessions", ["model"], registry=r,

@@ -57,8 +57,9 @@ class ModelSnapshots:
             try:
                 keeper = SnapshotKeeper.from_settings(
                     self._settings, model.raw_store, lambda: model.engine.model_version,
-                    lambda: self._registry.hashes_on_disk(model.name), model.state_size,
-                    path=snapshot_path(base, model.name, model.name == self._registry.default), periodic=False,
+                    lambda: self._registry.hashes_on_disk(model.name), model.state_size, self._registry.metrics,
+                    model.name, path=snapshot_path(base, model.name, model.name == self._registry.default),
+                    periodic=False,
                 )
             except RuntimeError as exc:
                 if refuse:

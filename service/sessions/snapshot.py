@@ -45,6 +45,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from service.config import Settings
+from service.metrics import Metrics
 from service.sessions.base import Session, SessionStore, is_unix_time
 from service.sessions.memory import MemoryStore
 
@@ -256,10 +257,12 @@ class SnapshotKeeper:
     """Restore at start, save every ``interval`` seconds (0: never) and once more at shutdown.
 
     ``model_version`` gives the version the header names (the newest, when saving); ``known_versions`` the
-    versions whose sessions are restored (every version in the repository, read at start)."""
+    versions whose sessions are restored (every version in the repository, read at start). Each save is
+    counted under ``model``: ``gru_snapshot_failures_total``, else ``gru_snapshot_last_success_timestamp_seconds``."""
 
     def __init__(self, store: MemoryStore, path: Path, model_version: Callable[[], str],
-                 known_versions: Callable[[], set[str]], state_size: int, interval: float):
+                 known_versions: Callable[[], set[str]], state_size: int, interval: float, metrics: Metrics,
+                 model: str):
         self.store = store
         self.path = path
         self.model_version = model_version
@@ -269,11 +272,14 @@ class SnapshotKeeper:
         self._periodic: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._retired = False  # its model was unloaded: it never writes again
+        self._metrics, self._model = metrics, model
+        self._failures = metrics.snapshot_failures.labels(model=model)
+        self._written = metrics.snapshot_written.labels(model=model)
 
     @classmethod
     def from_settings(cls, settings: Settings, store: SessionStore, model_version: Callable[[], str],
-                      known_versions: Callable[[], set[str]], state_size: int, *, path: Path | None = None,
-                      periodic: bool = True) -> SnapshotKeeper | None:
+                      known_versions: Callable[[], set[str]], state_size: int, metrics: Metrics, model: str, *,
+                      path: Path | None = None, periodic: bool = True) -> SnapshotKeeper | None:
         """The keeper GRU_SNAPSHOT_PATH asks for (at ``path`` instead, where given); None when unset, or with a
         store that persists itself. ``periodic``: it saves every GRU_SNAPSHOT_INTERVAL_SECONDS itself."""
         if settings.snapshot_path is None:
@@ -285,7 +291,7 @@ class SnapshotKeeper:
         path = path or settings.snapshot_path
         _check_writable(path)
         interval = settings.snapshot_interval_seconds if periodic else 0.0
-        return cls(store, path, model_version, known_versions, state_size, interval)
+        return cls(store, path, model_version, known_versions, state_size, interval, metrics, model)
 
     async def start(self) -> None:
         """Restore the snapshot (before any request is served), then save every interval."""
@@ -299,13 +305,22 @@ class SnapshotKeeper:
         async with self._lock:  # one writer at a time: the periodic one and the final one never interleave
             if self._retired:
                 return 0
-            return await save(self.store, self.path, self.model_version())
+            try:
+                saved = await save(self.store, self.path, self.model_version())
+            except Exception:
+                self._failures.inc()
+                raise
+            self._written.set_to_current_time()
+            return saved
 
     async def retire(self) -> None:
         """Its model was unloaded: wait for a write in progress, and write no more (a periodic save that
         listed this keeper before the unload would write the unloaded sessions back)."""
         async with self._lock:
             self._retired = True
+            for family in (self._metrics.snapshot_failures, self._metrics.snapshot_written):  # its series go too
+                with contextlib.suppress(KeyError):
+                    family.remove(self._model)
 
     async def stop(self) -> None:
         """Stop the periodic saves, then write the final snapshot (call after the engine has drained)."""

@@ -29,6 +29,7 @@ from service.sessions.snapshot import restore, save
 from tests.conftest import ServerFactory, refused_start_log
 from tests.service.helpers import Clock, assert_problem, new_id, position, send, series, stateless
 from tests.service.stores import STATE, memory_store, write
+from tests.service.test_model_lifecycle import metric, wait_for
 
 
 def _fill(store: MemoryStore) -> torch.Tensor:
@@ -413,6 +414,31 @@ def test_a_full_disk_at_shutdown_is_one_error_line_and_the_last_snapshot_stays(
     third = server_factory(GRU_SNAPSHOT_PATH=str(path))
     with httpx.Client(base_url=third.url, timeout=30) as http:
         assert position(http, kept) == 5
+
+
+def test_failed_and_good_periodic_snapshots_are_counted_for_alerts(server_factory: ServerFactory,
+                                                                  tmp_path: Path) -> None:
+    """A failed write was only logged: nothing for Prometheus to alert on (deploy/prometheus/rules/alerts.yml,
+    GruSnapshotFailing) while a crash would lose every change since the last good snapshot."""
+    server = server_factory(GRU_SNAPSHOT_PATH=str(tmp_path / "sessions.safetensors"),
+                            GRU_SNAPSHOT_INTERVAL_SECONDS="0.3")
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        for i in range(100):  # a snapshot of some 100 KB
+            assert send(http, new_id(f"many{i}"), series(64, seed=i), offset=0).status_code == 200
+
+        def written() -> float:
+            return metric(http, "gru_snapshot_last_success_timestamp_seconds", model="tiny")
+
+        wait_for(lambda: written() > time.time() - 5)
+        assert metric(http, "gru_snapshot_failures_total", model="tiny") == 0
+        limit = server.log_path.stat().st_size + 65_536  # room for the log, none for the snapshot
+        _, hard = resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE)
+        resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE, (limit, hard))  # the soft one: undone below
+        wait_for(lambda: metric(http, "gru_snapshot_failures_total", model="tiny") >= 2)
+        last_good = written()
+        assert time.time() - last_good > 0.3  # no write succeeded since
+        resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE, (hard, hard))
+        wait_for(lambda: written() > last_good)  # writable again: the next interval writes it
 
 
 def _rewrite_index(path: Path, edit: Callable[[list[Any]], None]) -> None:
