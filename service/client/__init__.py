@@ -213,7 +213,8 @@ def _headers(api_key: str | None) -> dict[str, str]:
 def _checked(response: httpx.Response) -> httpx.Response:
     if response.status_code >= 400:
         raise _error(response)
-    if response.status_code >= 300:  # no route of the API redirects: a proxy or a wrong URL does
+    unchanged = response.status_code == 304 and "if-none-match" in response.request.headers  # a conditional export
+    if response.status_code >= 300 and not unchanged:  # no route of the API redirects: a proxy or a wrong URL does
         location = response.headers.get("location", "nowhere")
         raise _bad(response, f"a redirect to {location}; the client follows none: give it the service's URL")
     return response
@@ -444,8 +445,9 @@ class _SessionCalls:
     def _describe(self) -> _Call:
         return _Call("GET", self._path)
 
-    def _export(self) -> _Call:
-        return _Call("GET", f"{self._path}/state")
+    def _export(self, unless: State | None = None) -> _Call:
+        headers = {"If-None-Match": unless.etag} if unless is not None and unless.etag else {}
+        return _Call("GET", f"{self._path}/state", headers=headers)
 
     def _import(self, state: State | bytes, if_match: str | None) -> _Call:
         document = state.document if isinstance(state, State) else state
@@ -455,7 +457,9 @@ class _SessionCalls:
     def _fork(self, to: str) -> _Call:
         return _Call("POST", f"{self._path}/fork", {"to": _check_id(to)})
 
-    def _exported(self, response: httpx.Response) -> State:
+    def _exported(self, response: httpx.Response, unless: State | None = None) -> State:
+        if response.status_code == 304 and unless is not None:  # the session is still at ``unless``
+            return unless
         return State(response.content, response.headers.get("etag", ""))
 
     def _adopt(self, response: httpx.Response) -> dict[str, Any]:
@@ -592,9 +596,10 @@ class Session(_SessionCalls):
             self.client.request("DELETE", self._path)
         self.position = 0
 
-    def export_state(self) -> State:
-        """The session's state document and its ETag."""
-        return self._exported(self.client.send(self._export()))
+    def export_state(self, unless: State | None = None) -> State:
+        """The session's state document and its ETag; ``unless`` (an earlier export): that very object while
+        the session has not changed since (the service answers 304 without the document)."""
+        return self._exported(self.client.send(self._export(unless)), unless)
 
     def import_state(self, state: State | bytes, if_match: str | None = None) -> dict[str, Any]:
         """Create or replace this session with an exported state; its description (the handle moves to its
@@ -727,8 +732,8 @@ class AsyncSession(_SessionCalls):
             await self.client.request("DELETE", self._path)
         self.position = 0
 
-    async def export_state(self) -> State:
-        return self._exported(await self.client.send(self._export()))
+    async def export_state(self, unless: State | None = None) -> State:
+        return self._exported(await self.client.send(self._export(unless)), unless)
 
     async def import_state(self, state: State | bytes, if_match: str | None = None) -> dict[str, Any]:
         resends = self.client.stats.retries

@@ -450,6 +450,9 @@ def test_client_exports_imports_and_forks(server: Server, client: httpx.Client) 
         with pytest.raises(SessionExists):
             session.fork(copy.id)
         answers = [s.predict(values[8:]).predictions for s in (copy, branch)]
+        assert session.export_state(unless=state) is state  # unchanged: a 304, the copy in hand stays current
+        moved = copy.export_state(unless=copy.export_state())
+        assert copy.export_state(unless=state) is not state and moved.document != state.document
     expected = stateless(client, values)["predictions"][8:]
     for got in answers:
         np.testing.assert_allclose(got, expected, atol=1e-5)
@@ -463,7 +466,9 @@ def test_async_client_exports_imports_and_forks(server: Server, client: httpx.Cl
             session = await api.session(new_id("async"))
             await session.predict(values[:6])
             copy = await api.session(new_id("async-copy"))
-            await copy.import_state(await session.export_state())
+            state = await session.export_state()
+            await copy.import_state(state)
+            assert await session.export_state(unless=state) is state
             branch = await session.fork(new_id("async-branch"))
             return [(await s.predict(values[6:])).predictions for s in (copy, branch)]
 
