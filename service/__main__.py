@@ -4,7 +4,6 @@ is the port when --port is not given)."""
 from __future__ import annotations
 
 import argparse
-import math
 import socket
 import sys
 import time
@@ -86,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         ws_per_message_deflate=False,
     )
     # SIGTERM's drain takes as long as a chunk may: the bound the deployment files' grace periods are set from.
-    _DrainingServer(config, app.state.streams, math.ceil(settings.request_timeout_seconds)).run()
+    _DrainingServer(config, app.state.streams, settings.request_timeout_seconds).run()
     return 0
 
 
@@ -99,7 +98,7 @@ class _DrainingServer(uvicorn.Server):
     (``GRU_REQUEST_TIMEOUT_SECONDS``): before, a request arriving on a keep-alive connection during a 30 s
     drain was served, and uvicorn then waited up to 30 s more for it, past Docker's 45 s grace."""
 
-    def __init__(self, config: uvicorn.Config, streams: Streams, budget: int):
+    def __init__(self, config: uvicorn.Config, streams: Streams, budget: float):
         super().__init__(config)
         self.streams = streams
         self.budget = budget  # seconds, for the drain and uvicorn's wait together
@@ -113,7 +112,8 @@ class _DrainingServer(uvicorn.Server):
         began = time.monotonic()
         await self.streams.drain(self.budget)
         left = self.budget - (time.monotonic() - began)
-        self.config.timeout_graceful_shutdown = max(math.ceil(left), 0)  # int, as typed
+        # what is left, unrounded (asyncio.timeout takes a float): a whole second up, a drain overran its bound
+        self.config.timeout_graceful_shutdown = max(left, 0.0)  # type: ignore[assignment]
         await super().shutdown(sockets)
 
 

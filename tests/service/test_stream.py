@@ -15,6 +15,7 @@ import signal
 import socket
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -590,3 +591,19 @@ def test_sigterm_with_a_peer_that_never_reads_ends_within_one_drain_and_writes_t
     errors = [line for line in server.log().splitlines() if '"level":"error"' in line]
     assert not errors, errors
 
+
+
+def test_sigterm_s_drain_keeps_to_a_fractional_request_timeout(server_factory: ServerFactory,
+                                                               wide_model: Path) -> None:
+    """The drain's bound was GRU_REQUEST_TIMEOUT_SECONDS rounded up to whole seconds: at 1.1 a stream whose
+    answers cannot go out held SIGTERM's drain for 2 s, not the 1.1 s the setting promises."""
+    bound = 1.1
+    server = server_factory(wide_model, GRU_REQUEST_TIMEOUT_SECONDS=str(bound))
+    with _raw_stream(server, new_id("deaf-frac")) as sock:
+        assert _send_until_stalled(sock, _long_frame(9), 100_000) < 100_000  # its answers fill every buffer
+        signalled = time.time()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(30) in (0, -signal.SIGTERM)
+    (line,) = [json.loads(line) for line in server.log().splitlines() if '"msg":"Shutting down"' in line]
+    drained = datetime.strptime(line["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp() - signalled
+    assert drained < bound + 0.6, f"the drain took {drained:.2f} s with GRU_REQUEST_TIMEOUT_SECONDS = {bound}"
