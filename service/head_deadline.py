@@ -23,6 +23,7 @@ a request httptools cannot parse.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 from urllib.parse import unquote
@@ -34,6 +35,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from service.metrics import Metrics
 from service.middleware.observability import UNMATCHED, record, request_id_from
 from service.problems import PROBLEM_JSON, Problem
+
+log = logging.getLogger("service.head_deadline")
 
 MAX_HEAD_BYTES = 64 * 1024  # nginx's default buffers take 32 KiB; keys, ids and entity tags are short
 _TOO_LARGE = Problem(431, "header-too-large", f"the request line and headers take more than {MAX_HEAD_BYTES}"
@@ -123,8 +126,13 @@ class _HeadDeadlineProtocol(HttpToolsProtocol):
         if self._in_head:
             self._answer_below_app(_MALFORMED, b"400 Bad Request")
             return
+        answer, request_id = self._problem_answer(_MALFORMED, b"400 Bad Request")
         if not (self.cycle is not None and self.cycle.response_started):
-            self.transport.write(self._problem_answer(_MALFORMED, b"400 Bad Request")[0])
+            self.transport.write(answer)
+        # the app's access line says only that the client went (499), and uvicorn's warning is dropped
+        # (service.logs): this line says why
+        log.warning("a chunked body could not be parsed: answered 400 and closed",
+                    extra={"fields": {"request_id": request_id.decode("ascii")}})
         self.transport.close()
 
     def _refuse_head(self) -> None:

@@ -30,8 +30,9 @@ class JsonFormatter(logging.Formatter):
 class _ClientFaults(logging.Filter):
     """uvicorn logs a WebSocket text frame of invalid UTF-8 as an error with a traceback, though it answers it
     as RFC 6455 says (close 1007): the client's fault, so a warning without the traceback here. A request
-    httptools cannot parse it logs as a warning, and the 400 problem's access line (``service.head_deadline``)
-    already says it: that warning is dropped, as a scanner's junk would otherwise fill the warnings."""
+    httptools cannot parse it logs as a warning, and ``service.head_deadline`` already says it (a head's 400
+    problem has its access line, a chunked body's its own warning, with the request id): that warning is
+    dropped, as a scanner's junk would otherwise fill the warnings."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.msg == "Invalid UTF-8 sequence received from client.":

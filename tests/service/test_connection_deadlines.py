@@ -169,3 +169,17 @@ def test_a_malformed_request_is_answered_400_problem_json_logged_and_counted(ser
     assert 'gru_requests_total{method="POST",route="unmatched",status="400"} 1.0' in counted, counted
     assert httpx.get(server.url + "/healthz").status_code == 200
     assert "Invalid HTTP request received." not in server.log()  # uvicorn's warning, beside our access line
+
+
+def test_a_malformed_chunked_body_is_logged_with_its_request_id(server_factory: ServerFactory) -> None:
+    """uvicorn's warning for a request httptools cannot parse is dropped, as a head's 400 has its own access
+    line; a chunked body's 400 has none (the app's line says 499, the client went), so nothing said why."""
+    server = server_factory()
+    with _connect(server) as sock:
+        sock.sendall(b"POST /v1/sessions/s-1/predict HTTP/1.1\r\nHost: x\r\nX-Request-ID: trace-bad-chunk\r\n"
+                     b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"val\r\nzz\r\n")
+        assert _answer(sock).startswith(b"HTTP/1.1 400")
+    assert httpx.get(server.url + "/healthz").status_code == 200  # the log has had time for the line
+    lines = [json.loads(line) for line in server.log().splitlines() if "trace-bad-chunk" in line]
+    assert [line["msg"] for line in lines if line["level"] == "warning"] == [
+        "a chunked body could not be parsed: answered 400 and closed"], lines
