@@ -21,6 +21,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 
 
+_PORT_TAKEN = "address already in use"  # uvicorn's start-up error when its port is bound by another socket
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -169,16 +172,25 @@ def wait_http(proc: Process, path: str, ready_status: int | None = 200, timeout:
 
 
 def start_service(model_path: Path, log_dir: Path, env: dict[str, str] | None = None, *, port: int | None = None,
-                  wait: bool = True, redis: RedisServer | None = None) -> Process:
+                  wait: bool = True, redis: RedisServer | None = None, retries: int = 2) -> Process:
     """``python -m service`` with its default settings (the GPU where there is one) plus ``env``; with
-    ``redis``, on that Redis (stopped with the service). ``wait``: until /readyz says ready."""
-    port = port or free_port()
+    ``redis``, on that Redis (stopped with the service). ``wait``: until /readyz says ready.
+
+    A port chosen here is free when chosen, but until the service binds it another socket may take it (a
+    connection's ephemeral port, another test worker's server): with ``wait``, a service that could not bind
+    it is started again on another, up to ``retries`` times."""
+    chosen = port or free_port()
     settings = {"GRU_MODEL_PATH": str(model_path)}
     if redis is not None:
         settings |= {"GRU_STORE": "redis", "GRU_REDIS_URL": redis.url}
-    proc = spawn("service", [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)], port,
-                 log_dir, {**settings, **(env or {})})
+    proc = spawn("service", [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(chosen)],
+                 chosen, log_dir, {**settings, **(env or {})})
     proc.redis = redis
     if wait:
-        wait_http(proc, "/readyz")
+        try:
+            wait_http(proc, "/readyz")
+        except RuntimeError:
+            if port is None and retries > 0 and _PORT_TAKEN in proc.log():
+                return start_service(model_path, log_dir, env, wait=wait, redis=redis, retries=retries - 1)
+            raise
     return proc
