@@ -52,6 +52,7 @@ from service.sessions.memory import MemoryStore
 log = logging.getLogger("service.snapshot")
 FORMAT = "gru-session-snapshot/1"
 _CLOCK_SLIP = 86400.0  # seconds a session's time may lie ahead of this host's clock (another host's)
+_TEMPORARY = ".tmp-"  # a write goes to <snapshot>.tmp-<pid>-<ns> first; one cut short is removed at start
 
 
 class _Incompatible(Exception):
@@ -99,7 +100,7 @@ def _write(captured: _Captured, path: Path) -> None:
     metadata = {"format": FORMAT, "model_version": captured.model_version,
                 "state_size": str(states.size(1)), "sessions": str(len(entries))}
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
+    temporary = path.with_name(f"{path.name}{_TEMPORARY}{os.getpid()}-{time.monotonic_ns()}")
     try:
         try:
             save_file(tensors, temporary, metadata=metadata)
@@ -246,7 +247,7 @@ def _remove_leftovers(path: Path) -> None:
     """Remove the temporary files of writes cut short (a process killed while it wrote: an OOM kill, likeliest
     then, as the write is the peak of its memory). Each is as large as a snapshot, and left there one crash
     after another they would fill the disk. At start, before this process writes any."""
-    for leftover in path.parent.glob(f"{glob.escape(path.name)}.tmp-*"):
+    for leftover in path.parent.glob(f"{glob.escape(path.name)}{_TEMPORARY}*"):
         with contextlib.suppress(OSError):
             leftover.unlink()
             log.info("removed the temporary file of a snapshot write cut short",
