@@ -167,12 +167,16 @@ class MemoryStore:
             if evicted:
                 self._on_evict("tenant_quota", evicted)
         evicted = 0
+        overshoot = self._overshoot()  # summed once; each drop below corrects it by its own tenant's change
         while (self.max_answer_bytes is not None and self._answer_bytes > self.max_answer_bytes
-               and self._answer_bytes - self._overshoot() > self.max_answer_bytes):
+               and self._answer_bytes - overshoot > self.max_answer_bytes):
             key = next(iter(self._records))
             if key in keep:
                 break
+            owner = tenant_of_key(key)
+            before = self._over_budget(owner)
             self._drop(key)
+            overshoot += self._over_budget(owner) - before
             evicted += 1
         if evicted:
             self._on_evict("capacity", evicted)
@@ -182,10 +186,14 @@ class MemoryStore:
         (its trim above), whose answer alone passes the budget (a chunk's answer is bounded by the chunk limits
         and the model's features, not by any budget). That is the tenant's own doing, so the store's bound does
         not count it: another tenant's sessions are never evicted to make room for it."""
-        if self.tenant_max_answer_bytes is None or self._tenants is None:
+        return sum(self._over_budget(name) for name in self._tenants or ())
+
+    def _over_budget(self, name: str) -> int:
+        """The bytes of kept answers by which tenant ``name`` passes its own budget (0 within it, or unbounded)."""
+        tenant = self._tenants.get(name) if self._tenants is not None else None
+        if tenant is None or self.tenant_max_answer_bytes is None:
             return 0
-        budget = self.tenant_max_answer_bytes
-        return sum(tenant.answer_bytes - budget for tenant in self._tenants.values() if tenant.answer_bytes > budget)
+        return max(tenant.answer_bytes - self.tenant_max_answer_bytes, 0)
 
     async def load(self, keys: Sequence[str]) -> list[Session | None]:
         now = self._clock()
