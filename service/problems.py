@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 from starlette.types import Scope
 
 from service import refusals
@@ -111,6 +112,7 @@ def as_problem(error: Problem | refusals.Refusal) -> Problem:
     return Problem(REFUSAL_STATUS[type(error)], error.kind, error.detail, headers=headers, **error.extra)
 
 
+_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")  # what a 405's Allow may list (HEAD goes as GET)
 MAX_LISTED_ERRORS = 20  # a body of many unknown fields must not buy an answer larger than itself
 
 
@@ -158,10 +160,22 @@ async def _http_handler(request: Request, exc: Exception) -> Response:
     detail = exc.detail if isinstance(exc.detail, str) else _TITLES.get(status, "Error")
     if status == 404 and detail == "Not Found":
         detail = f"no route {request.url.path}; see /docs for the API"
-    elif status == 405:
-        detail = f"{request.method} is not allowed on {request.url.path}"
+    headers = exc.headers
+    if status == 405:
+        allowed = _allowed_methods(request)
+        headers = {**(headers or {}), "Allow": ", ".join(allowed)}
+        detail = f"{request.method} is not allowed on {request.url.path}; use {' or '.join(allowed)}"
     kind = {404: "not-found", 405: "method-not-allowed"}.get(status, "http-error")
-    return Problem(status, kind, detail, headers=exc.headers).response(request.scope)
+    return Problem(status, kind, detail, headers=headers).response(request.scope)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method the request's path is served with: a path of several routes (GET and DELETE of a
+    session) allows them all, where Starlette's 405 names only the first route's. Each method is asked of
+    the routes' own matching, which also sees into the routers FastAPI includes."""
+    routes = request.app.router.routes
+    return [method for method in _METHODS
+            if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)]
 
 
 def install(app: FastAPI) -> None:

@@ -199,6 +199,20 @@ def test_unknown_route_and_wrong_method_are_problems(client: httpx.Client) -> No
     assert_problem(client.get("/v1/predict"), 405)
 
 
+@pytest.mark.parametrize(("path", "allowed"), [
+    ("/v1/sessions/x", {"GET", "DELETE"}),
+    ("/v1/models/tiny/sessions/x", {"GET", "DELETE"}),
+    ("/v1/sessions/x/state", {"GET", "PUT"}),
+])
+def test_a_405_allows_every_method_of_the_path(client: httpx.Client, path: str, allowed: set[str]) -> None:
+    """RFC 9110 §15.5.6: the Allow of a 405 lists every method the resource supports, not only those of the
+    first route that matched its path (a client told "GET" alone would never try the DELETE that works)."""
+    wrong = client.patch(path, json={})
+    assert_problem(wrong, 405)
+    assert set(wrong.headers["allow"].split(", ")) == allowed
+    assert wrong.json()["detail"].endswith("; use " + " or ".join(wrong.headers["allow"].split(", ")))
+
+
 def test_multivariate_model_takes_t_by_f_and_refuses_flat_lists(server_factory: ServerFactory, tmp_path: Path) -> None:
     model = make_tiny_model(tmp_path / "two", features=("a", "b"))
     server = server_factory(model_path=model)
