@@ -6,23 +6,28 @@ looked for first and the first one ends the check: a model refusing them builds 
 body of 150,000 of them (3 MB) cost a second of the event loop, every client's latency. A small body (a
 stream's chunk) is validated first instead, and taken through that order only when refused: the answer is the
 same, and a valid one is parsed once.
+
+A key given twice in one object is refused too (422, ``duplicate_key``), in the same pass: pydantic keeps the
+last, other parsers the first, so a proxy or a client library could read another offset or chunk than the one
+applied here.
 """
 
 from __future__ import annotations
 
 import contextlib
 from functools import cache
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import numpy as np
 from pydantic import BaseModel, JsonValue, TypeAdapter, ValidationError
-from pydantic_core import SchemaValidator, core_schema
+from pydantic_core import PydanticCustomError, SchemaValidator, core_schema
 
 from service.config import Settings
 from service.problems import Problem, invalid
 from service.schemas import SessionId
 
 M = TypeVar("M", bound=BaseModel)
+WrongKey = tuple[str, str]  # a body's key and why it is refused: "extra_forbidden" (unknown) or "duplicate_key"
 # A body this small is validated at once, and looked at for unknown keys only if refused: a valid chunk (the
 # usual case) is parsed once, not twice, and the most a refused one costs is bounded (keys of 6 bytes: ~290
 # errors built, about 50 µs here).
@@ -33,19 +38,29 @@ _SESSION_ID: TypeAdapter[str] = TypeAdapter(SessionId)
 def parse(raw: bytes, model: type[M]) -> M:
     if len(raw) <= _VALIDATE_FIRST_BYTES and _forbids_extra(model):
         with contextlib.suppress(ValidationError):  # refused: judged again below, for the same problem
-            return model.model_validate_json(raw)
-    _refuse_unknown_field(_first_unknown_field(raw, model), ["body"])
+            parsed = model.model_validate_json(raw)
+            if not _may_repeat_a_key(raw, parsed):
+                return parsed
+    _refuse_key(_first_wrong_key(raw, model), ["body"])
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
         raise _invalid(exc, ["body"]) from None
 
 
-def parse_item(item: JsonValue, model: type[M], loc: list[str], unknown_field: str | None = None) -> M:
+def _may_repeat_a_key(raw: bytes, parsed: BaseModel) -> bool:
+    """Whether a body the model accepted may name a field twice: each key it names is a field, two quotes,
+    so a body of no more quotes than two per field set names none twice (string values add quotes, and send
+    the body to the exact check)."""
+    return raw.count(b'"') > 2 * len(parsed.model_fields_set)
+
+
+def parse_item(item: JsonValue, model: type[M], loc: list[str], wrong_key: WrongKey | None = None) -> M:
     """One element of a parsed body (a batch item), held to the rules ``parse`` holds bytes to: the same
     strict mode accepts and refuses the same JSON values from Python objects as from the bytes. A screened
-    item (``BatchEnvelope``) is None where it was refused: ``unknown_field`` then says why, if that was why."""
-    _refuse_unknown_field(unknown_field, loc)
+    item (``BatchEnvelope``) is None where it was refused, and a repeated key was lost as it was parsed:
+    ``wrong_key`` says which key is unknown or repeated, if one is."""
+    _refuse_key(wrong_key, loc)
     try:
         return model.model_validate(item)
     except ValidationError as exc:
@@ -63,12 +78,27 @@ def _field_names(model: type[BaseModel]) -> frozenset[str]:
     return frozenset(field.alias or name for name, field in model.model_fields.items())
 
 
+_REPEATED = "duplicate_key"
+_REPEATED_MSG = "the field is given more than once"
+
+
+def _first_time(key: str, info: core_schema.ValidationInfo) -> str:
+    """A key of the object being checked, refused when the object named it before (the keys so far are the
+    validation's context: pydantic-core sees every key of a JSON object, where a dict keeps one of each)."""
+    seen = cast("set[str]", info.context)
+    if key in seen:
+        raise PydanticCustomError(_REPEATED, _REPEATED_MSG)
+    seen.add(key)
+    return key
+
+
 @cache
 def _key_check(model: type[BaseModel]) -> SchemaValidator:
-    """A JSON object whose keys are ``model``'s fields, stopping at the first that is not; values are skipped
-    (parsed by pydantic-core, never made Python objects)."""
+    """A JSON object whose keys are ``model``'s fields, each once, stopping at the first that is not; values
+    are skipped (parsed by pydantic-core, never made Python objects). Validate with a new set as context."""
     return SchemaValidator(core_schema.dict_schema(
-        keys_schema=core_schema.literal_schema(sorted(_field_names(model))),
+        keys_schema=core_schema.with_info_after_validator_function(
+            _first_time, core_schema.literal_schema(sorted(_field_names(model)))),
         values_schema=core_schema.with_default_schema(_FAILS_AT_ONCE, on_error="omit"),
         fail_fast=True,
     ))
@@ -94,34 +124,90 @@ def _item_key_check(model: type[BaseModel]) -> SchemaValidator:
     ))
 
 
-def unknown_item_fields(raw: bytes, model: type[BaseModel]) -> dict[int, str]:
+def unknown_item_fields(raw: bytes, model: type[BaseModel]) -> dict[int, WrongKey]:
     """The first unknown field of each item of a batch body that has one, by index. Call it on a body whose
     item count is already within bounds: it builds one error per refused item."""
     try:
         _item_key_check(model).validate_json(raw)
     except ValidationError as exc:
-        return {int(error["loc"][1]): str(error["loc"][2])
+        return {int(error["loc"][1]): (str(error["loc"][2]), "extra_forbidden")
                 for error in exc.errors(include_url=False, include_input=False)
                 if error["type"] == "literal_error" and len(error["loc"]) == 4}
     return {}
 
 
-def _first_unknown_field(raw: bytes, model: type[BaseModel]) -> str | None:
-    """The body's first key that ``model`` does not have; None also where the body is no JSON object at all,
-    which the model's own validation then answers."""
+class _RepeatedKeys:
+    """The keys of the batch item being checked, and the one it repeats: the context of ``_item_repeats``."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+        self.repeated: str | None = None
+
+
+def _once_each(key: str, info: core_schema.ValidationInfo) -> str:
+    """A key of a batch item; a repeat is noted in the context and ends the item (which then becomes None)."""
+    keys = cast(_RepeatedKeys, info.context)
+    if key in keys.seen:
+        keys.repeated = key
+        raise PydanticCustomError(_REPEATED, _REPEATED_MSG)
+    keys.seen.add(key)
+    return key
+
+
+def _item_checked(item: object, info: core_schema.ValidationInfo) -> object:
+    """The end of a batch item, however its check ended: its keys are forgotten for the next item, and a
+    repeated one is refused."""
+    keys = cast(_RepeatedKeys, info.context)
+    repeated, keys.repeated = keys.repeated, None
+    keys.seen.clear()
+    if repeated is not None:
+        raise PydanticCustomError(_REPEATED, _REPEATED_MSG, {"key": repeated})
+    return item
+
+
+@cache
+def _item_repeats(model: type[BaseModel]) -> SchemaValidator:
+    """``{"items": [...]}``, each item an object of ``model``'s fields, each named once, values skipped. An
+    item ends at its first repeated or unknown key (so an item of 150,000 keys costs one parse), and becomes
+    None however it ends, so ``_item_checked`` clears its keys for the next one. Validate with a new
+    ``_RepeatedKeys`` as context."""
+    keys = core_schema.with_info_after_validator_function(
+        _once_each, core_schema.literal_schema(sorted(_field_names(model))))
+    item = core_schema.dict_schema(keys_schema=keys, fail_fast=True,
+                                   values_schema=core_schema.with_default_schema(_FAILS_AT_ONCE, on_error="omit"))
+    ended = core_schema.with_default_schema(item, on_error="default", default=None)
+    return SchemaValidator(core_schema.typed_dict_schema(
+        {"items": core_schema.typed_dict_field(core_schema.list_schema(
+            core_schema.with_info_after_validator_function(_item_checked, ended)))}, extra_behavior="ignore"))
+
+
+def repeated_item_keys(raw: bytes, model: type[BaseModel]) -> dict[int, WrongKey]:
+    """The key each item of a batch body repeats, by index (the items' parse kept one of each)."""
     try:
-        _key_check(model).validate_json(raw)
+        _item_repeats(model).validate_json(raw, context=_RepeatedKeys())
+    except ValidationError as exc:
+        return {int(error["loc"][1]): (str(error.get("ctx", {})["key"]), _REPEATED)
+                for error in exc.errors(include_url=False, include_input=False) if error["type"] == _REPEATED}
+    return {}
+
+
+def _first_wrong_key(raw: bytes, model: type[BaseModel]) -> WrongKey | None:
+    """The body's first key that ``model`` does not have, or that it names again; None also where the body is
+    no JSON object at all, which the model's own validation then answers."""
+    try:
+        _key_check(model).validate_json(raw, context=set())
     except ValidationError as exc:
         error = exc.errors(include_url=False, include_input=False)[0]  # fail_fast: the only one
-        if error["type"] == "literal_error":
-            return str(error["loc"][0])
+        if error["type"] in ("literal_error", _REPEATED):
+            return str(error["loc"][0]), "extra_forbidden" if error["type"] == "literal_error" else _REPEATED
     return None
 
 
-def _refuse_unknown_field(key: str | None, loc: list[str]) -> None:
-    if key is not None:
-        raise invalid([{"loc": [*loc, key], "msg": "Extra inputs are not permitted",
-                        "type": "extra_forbidden"}])
+def _refuse_key(wrong: WrongKey | None, loc: list[str]) -> None:
+    if wrong is not None:
+        key, kind = wrong
+        msg = _REPEATED_MSG if kind == _REPEATED else "Extra inputs are not permitted"
+        raise invalid([{"loc": [*loc, key], "msg": msg, "type": kind}])
 
 
 def path_session_id(raw: str) -> str:

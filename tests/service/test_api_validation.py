@@ -416,3 +416,45 @@ def test_batch_items_are_as_strict_as_the_session_route(client: httpx.Client) ->
     results = client.post("/v1/predict/batch", json={"items": items}).json()["results"]
     assert [r.get("status") for r in results] == [422, 422, 422], results
     assert_problem(client.get(f"/v1/sessions/{session}"), 404)
+
+
+REPEATED_KEYS: list[tuple[str, bytes]] = [
+    ("offset twice", b'{"values": [0.5], "offset": 0, "offset": 4}'),
+    ("values twice", b'{"values": [0.5], "offset": 4, "values": [0.7, 0.8]}'),
+    ("an escaped repeat", b'{"values": [0.5], "offset": 4, "\\u006fffset": 0}'),
+    ("a large body", b'{"values": [' + b", ".join([b"0.5"] * 600) + b'], "offset": 4, "offset": 0}'),
+]
+
+
+@pytest.mark.parametrize(("case", "body"), REPEATED_KEYS, ids=[c for c, _ in REPEATED_KEYS])
+def test_a_body_that_names_a_field_twice_is_refused_and_changes_nothing(
+    client: httpx.Client, case: str, body: bytes
+) -> None:
+    """JSON parsers disagree on a repeated key (Python and pydantic keep the last, others the first, or
+    refuse): an offset or chunk read one way by a proxy or a client library and another here must not be
+    applied, so the body is refused and the session stays where it was."""
+    session = new_id()
+    assert send(client, session, series(4), offset=0).status_code == 200
+    problem = assert_problem(client.post(f"/v1/sessions/{session}/predict", content=body), 422)
+    assert problem["errors"][0]["type"] == "duplicate_key"
+    assert problem["errors"][0]["loc"][0] == "body"
+    assert position(client, session) == 4
+    twice = b'{"values": [0.5], "horizon": 1, "horizon": 0}'
+    stateless = assert_problem(client.post("/v1/predict", content=twice), 422)
+    assert stateless["errors"] == [{"loc": ["body", "horizon"], "msg": "the field is given more than once",
+                                    "type": "duplicate_key"}]
+
+
+def test_a_batch_item_that_names_a_field_twice_gets_its_own_problem(client: httpx.Client) -> None:
+    repeated, good = new_id("dup"), new_id("dup")
+    body = (b'{"items": [{"session_id": "%s", "values": [0.5], "offset": 3, "offset": 0},'
+            b' {"session_id": "%s", "values": [0.5]}]}' % (repeated.encode(), good.encode()))
+    response = client.post("/v1/predict/batch", content=body)
+    assert response.status_code == 200, response.text
+    refused, answered = response.json()["results"]
+    assert refused["status"] == 422 and refused["errors"][0]["type"] == "duplicate_key", refused
+    assert refused["errors"][0]["loc"] == ["body", "items", "0", "offset"]
+    assert answered["position"] == 1
+    assert_problem(client.get(f"/v1/sessions/{repeated}"), 404)
+    assert_problem(client.post("/v1/predict/batch", content=b'{"items": [], "items": [{"session_id": "x",'
+                               b' "values": [0.5]}]}'), 422)
