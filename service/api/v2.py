@@ -8,7 +8,7 @@ Sequences follow Triton's sequence batcher, mapped onto v1 sessions of the calle
 - no ``sequence_start``: the session must exist; the engine checks it when it judges the chunk, atomically
   with the commit (``must_exist``), so a sequence that ended or expired is a 404 and never silently
   restarted from a fresh state.
-- ``sequence_end``: the session is deleted after the chunk is answered.
+- ``sequence_end``: the session is deleted after the chunk is answered, if it is still the one the chunk left.
 - ``horizon`` adds the output ``forecast``; ``offset`` (our extension) is the v1 offset, for safe retries.
 
 Every error carries the protocol's ``error`` member beside the RFC 9457 fields (tritonclient reads
@@ -202,7 +202,7 @@ async def _infer(request: Request, name: str, version: str | None, settings: Set
     # an imported document, without the outputs asked for) is a 422 that must leave the sequence as it was.
     encoded = encode_infer(call, model.name, decoded, parameters)
     if call.session_id is not None and call.sequence_end:
-        await _end(engine, session_key(tenant, call.session_id))
+        await _end(engine, session_key(tenant, call.session_id), answer)
     return Response(encoded.body, media_type=encoded.media_type, headers=encoded.headers)
 
 
@@ -221,13 +221,16 @@ async def _continue(engine: Engine, key: str, sequence_id: object, call: InferRe
                          " sequence again", kind=refused.kind, sequence_id=sequence_id, **refused.extra) from None
 
 
-async def _end(engine: Engine, key: str) -> None:
-    """``sequence_end``: forget the session. The chunk is already applied and answered, so a failed delete
+async def _end(engine: Engine, key: str, answer: bytes) -> None:
+    """``sequence_end``: forget the session, if it is still the one this chunk left. It keeps the chunk's
+    ``answer`` (for an exact retry), so one holding another was written since (an import, a new sequence under
+    the id) and is not the sequence that ended: it stays. The delete is at the revision read, so a write
+    between the read and the delete stays too. The chunk is already applied and answered, so a failed delete
     is logged, not returned: a client retrying it would apply the chunk twice. The session then expires."""
     try:
-        await engine.delete(key)
-    except UnknownSession:
-        pass  # ended meanwhile by someone else, which is what we wanted
+        session, = await engine.store.load([key])
+        if session is not None and session.answer == answer:
+            await engine.store.delete(key, session.revision)
     except Refusal as refused:
         log.warning("sequence_end: session not deleted (%s); it will expire", refused.detail)
 

@@ -82,8 +82,9 @@ class SessionStore(Protocol):
 
     async def get(self, key: str) -> Session | None: ...
 
-    async def delete(self, key: str) -> bool:
-        """True if the session existed."""
+    async def delete(self, key: str, revision: int | str | None = None) -> bool:
+        """True if the session existed and is deleted; with ``revision``, only while it is at that very
+        revision (a compare-and-delete: a write since made another session of it, which stays)."""
         ...
 
     async def reset(self, key: str, model_version: str) -> tuple[Session, bool]:

@@ -49,8 +49,8 @@ class GuardedStore:
     async def get(self, key: str) -> Session | None:
         return await self._call(self.inner.get(key), "get")
 
-    async def delete(self, key: str) -> bool:
-        return await self._call(self.inner.delete(key), "delete")
+    async def delete(self, key: str, revision: int | str | None = None) -> bool:
+        return await self._call(self.inner.delete(key, revision), "delete")
 
     async def reset(self, key: str, model_version: str) -> tuple[Session, bool]:
         return await self._call(self.inner.reset(key, model_version), "reset")

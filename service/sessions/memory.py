@@ -253,8 +253,9 @@ class MemoryStore:
     async def get(self, key: str) -> Session | None:
         return self._live(key, self._clock())
 
-    async def delete(self, key: str) -> bool:
-        if self._live(key, self._clock()) is None:
+    async def delete(self, key: str, revision: int | str | None = None) -> bool:
+        current = self._live(key, self._clock())
+        if current is None or (revision is not None and current.revision != revision):
             return False
         self._drop(key)
         return True

@@ -181,6 +181,15 @@ if current and applied(KEYS[1], current, ARGV[1]) then redis.call('DEL', KEYS[1]
 return 1
 """
 
+# KEYS[1] session hash.  ARGV[1]: the one revision to delete.  Deletes it only while it has that very revision,
+# not one it had (a write since, an import say, made another session of it); returns 1 when it deleted. A retry
+# after a lost reply finds nothing and returns 0: the caller (a sequence's end) only needs it gone.
+_DELETE_AT = _WRITES + _REVISION + """
+if revision(KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
 # KEYS[1] session hash: its revision ('!' and its type for a key of another type), or false.
 _REVISION_OF = _REVISION + "return revision(KEYS[1])"
 
@@ -220,6 +229,7 @@ class RedisStore:
         self._commit = self._redis.register_script(_COMMIT)
         self._reset = self._redis.register_script(_RESET)
         self._delete = self._redis.register_script(_DELETE)
+        self._delete_at = self._redis.register_script(_DELETE_AT)
         self._revision_of = self._redis.register_script(_REVISION_OF)
 
     def redis_key(self, key: str) -> str:
@@ -308,10 +318,13 @@ class RedisStore:
             return _session(key, {b"rev": b"!" + kind})
         return _session(key, dict(zip((f.encode() for f in _INFO_FIELDS), values, strict=True)))
 
-    async def delete(self, key: str) -> bool:
+    async def delete(self, key: str, revision: int | str | None = None) -> bool:
         """Whether there was a session to delete. Two steps, each safe to retry (the connections retry once
-        after a lost reply): the session's revision, then a delete of that revision only."""
+        after a lost reply): the session's revision, then a delete of that revision only. With ``revision``,
+        one step: a delete of the session only while it is at that very revision."""
         redis_key = self.redis_key(key)
+        if revision is not None:
+            return bool(await self._call(self._delete_at(keys=[redis_key], args=[revision])))
         revision = await self._call(self._revision_of(keys=[redis_key]))
         if revision is None:
             return False

@@ -70,6 +70,23 @@ async def delete_and_recreate_fails_a_stale_write(store: SessionStore) -> None:
     assert created
 
 
+async def delete_at_a_revision_spares_a_later_write(store: SessionStore) -> None:
+    """A delete at a revision (a v2 sequence's end) removes the session only while it is at that very one:
+    a write since (an import over it) made another session of it, which stays, in Redis too, where the
+    replaced revision is among the record's past."""
+    states = torch.ones(1, STATE)
+    ended, = await store.commit([write("t/e", None, 3)], states)
+    assert ended is not None
+    ended_revision = ended.revision
+    imported, = await store.commit([write("t/e", ended_revision, 9)], states)
+    assert imported is not None
+    assert not await store.delete("t/e", ended_revision)
+    assert (await store.get("t/e")).position == 9  # type: ignore[union-attr]
+    assert await store.delete("t/e", imported.revision)
+    assert await store.get("t/e") is None
+    assert not await store.delete("t/e", imported.revision)
+
+
 async def batch_commit_wins_and_loses_per_session(store: SessionStore) -> None:
     seeded, = await store.commit([write("t/x", None, 1)], torch.ones(1, STATE))
     assert seeded is not None
