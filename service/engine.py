@@ -41,7 +41,7 @@ from service.refusals import (
 )
 from service.rules import Apply, Replay, fingerprint, judge
 from service.schemas import encode_answer
-from service.sessions.base import Session, SessionStore, Write, session_id_of
+from service.sessions.base import Revision, Session, SessionStore, Write, session_id_of
 
 log = logging.getLogger("service.engine")
 # Where a judged chunk belongs: True when the router took it to another engine (the session's version's).
@@ -57,7 +57,7 @@ class _Run:
     chunks: list[Chunk]
     session: Session | None
     verdict: Apply
-    revision: int | str | None
+    revision: Revision | None
     prior: np.ndarray | None = None  # replay: raw values run first from a fresh state, not answered
     steps: int = 0  # of the chunks, together
 

@@ -18,7 +18,7 @@ import torch
 
 from service.models import LoadedVersion, ServedModel
 from service.refusals import Overloaded, PreconditionFailed, SessionExists, StaleModel, UnknownSession
-from service.sessions.base import Session, SessionStore, Write, session_id_of
+from service.sessions.base import Revision, Session, SessionStore, Write, session_id_of
 from service.sessions.document import DocumentError, StateDocument
 
 MAX_ATTEMPTS = 8  # an import losing its commit this often in a row: the session is too busy to replace now
@@ -178,7 +178,7 @@ class SessionStates:
             state=state,
         )
 
-    async def _write(self, key: str, document: StateDocument, expected: int | str | None) -> Written | None:
+    async def _write(self, key: str, document: StateDocument, expected: Revision | None) -> Written | None:
         """Compare-and-set ``document`` at ``key`` (``expected``: the revision replaced; None: must not exist)."""
         document = document.renamed(session_id_of(key))
         write = Write(key=key, expected_revision=expected, position=document.position,

@@ -15,6 +15,8 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
+Revision = int | str | bytes  # compare-and-set token: a counter, a Redis token, or a damaged record's raw bytes
+
 
 @dataclass(slots=True)
 class Session:
@@ -23,7 +25,7 @@ class Session:
     key: str  # tenant-qualified, see session_key()
     position: int  # steps consumed
     model_version: str
-    revision: int | str  # changes on every write; compare-and-set token
+    revision: Revision  # changes on every write; compare-and-set token
     created_at: float  # unix seconds
     updated_at: float
     last_offset: int = -1  # where the last applied chunk started (-1: none yet)
@@ -44,7 +46,7 @@ class Write:
     """A computed chunk to commit: the new bookkeeping, and which row of the batch's states is its state."""
 
     key: str
-    expected_revision: int | str | None  # of the record the chunk was judged against; None: must not exist
+    expected_revision: Revision | None  # of the record the chunk was judged against; None: must not exist
     position: int
     model_version: str
     last_offset: int
@@ -82,7 +84,7 @@ class SessionStore(Protocol):
 
     async def get(self, key: str) -> Session | None: ...
 
-    async def delete(self, key: str, revision: int | str | None = None) -> bool:
+    async def delete(self, key: str, revision: Revision | None = None) -> bool:
         """True if the session existed and is deleted; with ``revision``, only while it is at that very
         revision (a compare-and-delete: a write since made another session of it, which stays)."""
         ...

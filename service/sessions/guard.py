@@ -19,7 +19,7 @@ from torch import Tensor
 
 from service.metrics import Metrics
 from service.refusals import StoreUnreachable
-from service.sessions.base import Session, SessionStore, StoreUnavailable, Write
+from service.sessions.base import Revision, Session, SessionStore, StoreUnavailable, Write
 
 STORE_PROBE_SECONDS = 0.5  # while the store is down, how often it is pinged
 log = logging.getLogger("service.store")
@@ -49,7 +49,7 @@ class GuardedStore:
     async def get(self, key: str) -> Session | None:
         return await self._call(self.inner.get(key), "get")
 
-    async def delete(self, key: str, revision: int | str | None = None) -> bool:
+    async def delete(self, key: str, revision: Revision | None = None) -> bool:
         return await self._call(self.inner.delete(key, revision), "delete")
 
     async def reset(self, key: str, model_version: str) -> tuple[Session, bool]:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from service.sessions.base import Session, Write, tenant_of_key
+from service.sessions.base import Revision, Session, Write, tenant_of_key
 
 EvictionHook = Callable[[str, int], None]  # (reason, count)
 # The most the store allocates before its first session: 1,024 rows of a state of a few hundred floats, but
@@ -253,7 +253,7 @@ class MemoryStore:
     async def get(self, key: str) -> Session | None:
         return self._live(key, self._clock())
 
-    async def delete(self, key: str, revision: int | str | None = None) -> bool:
+    async def delete(self, key: str, revision: Revision | None = None) -> bool:
         current = self._live(key, self._clock())
         if current is None or (revision is not None and current.revision != revision):
             return False

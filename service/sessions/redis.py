@@ -41,7 +41,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from torch import Tensor
 
-from service.sessions.base import Session, StoreUnavailable, Write, is_unix_time
+from service.sessions.base import Revision, Session, StoreUnavailable, Write, is_unix_time
 
 KEY_PREFIX = "gru:s:"
 _STATE_DTYPE = np.dtype("<f4")
@@ -318,7 +318,7 @@ class RedisStore:
             return _session(key, {b"rev": b"!" + kind})
         return _session(key, dict(zip((f.encode() for f in _INFO_FIELDS), values, strict=True)))
 
-    async def delete(self, key: str, revision: int | str | None = None) -> bool:
+    async def delete(self, key: str, revision: Revision | None = None) -> bool:
         """Whether there was a session to delete. Two steps, each safe to retry (the connections retry once
         after a lost reply): the session's revision, then a delete of that revision only. With ``revision``,
         one step: a delete of the session only while it is at that very revision."""
@@ -400,9 +400,10 @@ def _session(key: str, fields: dict[bytes, bytes | None]) -> Session | None:
             handle=fields.get(b"state"),
         )
     except ValueError as exc:  # UnicodeDecodeError included
+        # The revision as stored, not decoded: a write replacing the record (a reset, an import) must send
+        # these very bytes back to its compare-and-set, and garbage need not be UTF-8.
         return Session(key, position=0, model_version=f"(a damaged record in Redis: {exc})",
-                       revision=revision.decode(errors="replace"), created_at=0.0, updated_at=0.0,
-                       handle=_UNREADABLE)
+                       revision=revision, created_at=0.0, updated_at=0.0, handle=_UNREADABLE)
 
 
 def _timestamp(raw: bytes | None) -> float:

@@ -436,6 +436,29 @@ def test_damaged_records_under_the_prefix_are_409s_to_reset_never_500s(
     assert "Traceback" not in server.log()
 
 
+def test_an_import_replaces_a_damaged_record_whose_revision_is_not_utf8(
+    server_factory: ServerFactory, redis_server: RedisServer
+) -> None:
+    """An import replaces a damaged session whatever bytes its revision holds. One that is not UTF-8 was read
+    back altered (decoded with replacement characters), so the import's compare-and-set never matched it:
+    429 "changed 8 times" without a precondition, 412 with If-Match: *, for as long as the record stayed."""
+    server = server_factory(GRU_STORE="redis", GRU_REDIS_URL=redis_server.url)
+    redis = redis_server.client()
+    plain, guarded, donor = new_id("rev"), new_id("rev"), new_id("donor")
+    for session in (plain, guarded):
+        redis.hset(f"gru:s:default/{session}", mapping={"rev": b"\xff\xfe", "pos": "abc"})
+    octet = {"content-type": "application/octet-stream"}
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        assert send(http, donor, series(4, seed=43), offset=0).status_code == 200
+        document = http.get(f"/v1/sessions/{donor}/state").content
+        imported = http.put(f"/v1/sessions/{plain}/state", content=document, headers=octet)
+        assert imported.status_code == 200, imported.text
+        replaced = http.put(f"/v1/sessions/{guarded}/state", content=document, headers={**octet, "If-Match": "*"})
+        assert replaced.status_code == 200, replaced.text
+        assert [position(http, session) for session in (plain, guarded)] == [4, 4]
+    assert "Traceback" not in server.log()
+
+
 def test_redis_refusing_writes_it_cannot_persist_is_503_then_recovers(
     server_factory: ServerFactory, redis_server: RedisServer
 ) -> None:
