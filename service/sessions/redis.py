@@ -264,9 +264,10 @@ class RedisStore:
         409 model-changed that says to reset the session, instead of failing when its state is gathered."""
         if session is None or not session.handle or session.handle is _UNREADABLE:
             return
-        floats = len(session.handle) // _STATE_DTYPE.itemsize
-        if floats != self.state_size:
-            session.model_version = f"{session.model_version} (a state of {floats} floats, not {self.state_size})"
+        size = len(session.handle)  # in bytes: one to three past S floats is no state of S floats either
+        if size != self.state_size * _STATE_DTYPE.itemsize:
+            session.model_version = (f"{session.model_version} (a state of {size / _STATE_DTYPE.itemsize:g}"
+                                     f" floats, not {self.state_size})")
 
     def gather(self, sessions: Sequence[Session | None], device: Any) -> Tensor:
         states = np.zeros((len(sessions), self.state_size), dtype=np.float32)  # (B, S)

@@ -436,6 +436,32 @@ def test_damaged_records_under_the_prefix_are_409s_to_reset_never_500s(
     assert "Traceback" not in server.log()
 
 
+def test_a_state_a_few_bytes_off_its_size_is_a_damaged_record_not_a_500(
+    server_factory: ServerFactory, redis_server: RedisServer
+) -> None:
+    """A state field of 4·S + 1 to 4·S + 3 bytes holds S whole floats, so it passed for this model's layout
+    and was gathered: a ValueError, so a chunk, an export, a fork and an import on it were each a 500. It is
+    a state of another size: 409 model-changed, and an import replaces it (README, "Session state")."""
+    server = server_factory(GRU_STORE="redis", GRU_REDIS_URL=redis_server.url)
+    redis = redis_server.client()
+    session, donor, branch = new_id("odd"), new_id("donor"), new_id("branch")
+    values = series(4, seed=44)
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        assert send(http, session, values[:2], offset=0).status_code == 200
+        assert send(http, donor, values, offset=0).status_code == 200
+        key = f"gru:s:default/{session}"
+        redis.hset(key, "state", redis.hget(key, "state") + b"\0")
+        assert_problem(send(http, session, values[2:], offset=2), 409)
+        assert_problem(http.get(f"/v1/sessions/{session}/state"), 409)
+        assert_problem(http.post(f"/v1/sessions/{session}/fork", json={"to": branch}), 409)
+        document = http.get(f"/v1/sessions/{donor}/state").content
+        imported = http.put(f"/v1/sessions/{session}/state", content=document,
+                            headers={"content-type": "application/octet-stream", "If-Match": "*"})
+        assert imported.status_code == 200, imported.text
+        assert position(http, session) == 4
+    assert "Traceback" not in server.log()
+
+
 def test_an_import_replaces_a_damaged_record_whose_revision_is_not_utf8(
     server_factory: ServerFactory, redis_server: RedisServer
 ) -> None:
