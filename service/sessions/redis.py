@@ -41,7 +41,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from torch import Tensor
 
-from service.sessions.base import Revision, Session, StoreUnavailable, Write, is_unix_time
+from service.sessions.base import LAST_TIME, Revision, Session, StoreUnavailable, Write, is_unix_time
 
 KEY_PREFIX = "gru:s:"
 _STATE_DTYPE = np.dtype("<f4")
@@ -63,7 +63,7 @@ PAST_REVISIONS = 4  # a record's revisions kept before its own, for retries that
 # Each script first asks a key's TYPE: a key under the prefix that is not a hash (written by something else)
 # reads as a session whose revision is '!' and its type, so it is judged a damaged record, and a write or a
 # reset judged against it replaces it, instead of every command on it failing with WRONGTYPE.
-_REVISION = f"local PAST_REVISIONS = {PAST_REVISIONS}\n" + """
+_REVISION = f"local PAST_REVISIONS = {PAST_REVISIONS}\nlocal LAST_TIME = {LAST_TIME!r}\n" + """
 local function revision(key)
   local kind = redis.call('TYPE', key)['ok']
   if kind == 'hash' then return redis.call('HGET', key, 'rev') end
@@ -80,6 +80,14 @@ local function applied(key, current, new)
   if not current or current:sub(1, 1) == '!' then return false end
   local past = redis.call('HGET', key, 'past')
   return past ~= false and string.find(' ' .. past .. ' ', ' ' .. new .. ' ', 1, true) ~= nil
+end
+
+-- A record's ``created`` worth keeping when it is replaced: unix seconds a date can hold (``is_unix_time``),
+-- else false. Any number would do for tonumber, and a nan, inf or 1e308 kept left the record damaged.
+local function kept_time(value)
+  local seconds = tonumber(value)
+  if seconds and seconds >= 0 and seconds <= LAST_TIME then return value end
+  return false
 end
 
 -- The ``past`` of the record that replaces one whose revision is ``current``: that revision, then the
@@ -134,9 +142,9 @@ for i, key in ipairs(KEYS) do
   if current == new then
     results[i] = redis.call('HGET', key, 'created')
   elseif (expected == '' and not current) or (current and current == expected) then
-    local created = current and current:sub(1, 1) ~= '!' and redis.call('HGET', key, 'created')
+    local created = current and current:sub(1, 1) ~= '!' and kept_time(redis.call('HGET', key, 'created'))
     local past = history(key, current)
-    if not tonumber(created) then
+    if not created then
       created = now
       redis.call('DEL', key)
     end
@@ -162,7 +170,7 @@ if current[1] and current[1]:sub(1, 1) ~= '!' then current[2] = redis.call('HGET
 if applied(KEYS[1], current[1], ARGV[1]) then
   return {0, current[2]}
 end
-local created = tonumber(current[2]) and current[2] or ARGV[3]
+local created = kept_time(current[2]) or ARGV[3]
 local past = history(KEYS[1], current[1])
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'rev', ARGV[1], 'pos', 0, 'ver', ARGV[2], 'loff', -1, 'fp', '', 'ans', '',
