@@ -398,12 +398,12 @@ def _session(key: str, fields: dict[bytes, bytes | None]) -> Session | None:
             raise ValueError(f"a Redis {revision[1:].decode()}, not a hash")
         return Session(
             key,
-            position=int(fields.get(b"pos") or 0),
+            position=_whole(fields.get(b"pos"), 0),
             model_version=(fields.get(b"ver") or b"").decode(),
             revision=revision.decode(),
             created_at=_timestamp(fields.get(b"created")),
             updated_at=_timestamp(fields.get(b"updated")),
-            last_offset=int(fields.get(b"loff") or -1),
+            last_offset=_whole(fields.get(b"loff"), -1),
             fingerprint=fields.get(b"fp") or b"",
             answer=fields.get(b"ans") or b"",
             handle=fields.get(b"state"),
@@ -413,6 +413,15 @@ def _session(key: str, fields: dict[bytes, bytes | None]) -> Session | None:
         # these very bytes back to its compare-and-set, and garbage need not be UTF-8.
         return Session(key, position=0, model_version=f"(a damaged record in Redis: {exc})",
                        revision=revision, created_at=0.0, updated_at=0.0, handle=_UNREADABLE)
+
+
+def _whole(raw: bytes | None, absent: int) -> int:
+    """A record's position or offset (``absent`` when it has none); ValueError past int64, which the chunk
+    fingerprint and every answer pack them into (Python's int has no bound of its own)."""
+    value = int(raw or absent)
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"a whole number of {len(str(value))} digits")
+    return value
 
 
 def _timestamp(raw: bytes | None) -> float:

@@ -489,6 +489,32 @@ def test_a_reset_or_an_import_replaces_a_record_whose_created_time_is_no_time(
     assert "Traceback" not in server.log()
 
 
+def test_a_position_or_offset_beyond_int64_is_a_damaged_record_not_a_500(
+    server_factory: ServerFactory, redis_server: RedisServer
+) -> None:
+    """A pos or loff past int64 parsed (Python's int has no bound) and then failed wherever it was packed
+    (the chunk fingerprint, the entity tag): a 500 for a chunk, an export, a fork and an import. It is a field
+    that does not parse as a position: a damaged record, 409, which an import replaces."""
+    server = server_factory(GRU_STORE="redis", GRU_REDIS_URL=redis_server.url)
+    redis = redis_server.client()
+    values, donor = series(4, seed=46), new_id("donor")
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        assert send(http, donor, values, offset=0).status_code == 200
+        document = http.get(f"/v1/sessions/{donor}/state").content
+        for field in ("pos", "loff"):
+            session = new_id(field)
+            assert send(http, session, values[:2], offset=0).status_code == 200
+            redis.hset(f"gru:s:default/{session}", field, "9" * 23)
+            assert_problem(send(http, session, values[2:], offset=2), 409)
+            assert_problem(http.get(f"/v1/sessions/{session}/state"), 409)
+            assert_problem(http.post(f"/v1/sessions/{session}/fork", json={"to": new_id("branch")}), 409)
+            replaced = http.put(f"/v1/sessions/{session}/state", content=document,
+                                headers={"content-type": "application/octet-stream"})
+            assert replaced.status_code == 200, replaced.text
+            assert position(http, session) == 4
+    assert "Traceback" not in server.log()
+
+
 def test_an_import_replaces_a_damaged_record_whose_revision_is_not_utf8(
     server_factory: ServerFactory, redis_server: RedisServer
 ) -> None:
