@@ -1,4 +1,5 @@
-"""uvicorn's WebSocket protocol with three changes for peers that do not read, and for a clean close.
+"""uvicorn's WebSocket protocol with three changes for peers that do not read, one for peers the service holds
+back, and one for a clean close.
 
 - Pings: uvicorn writes a pong for every ping whatever its write buffer holds, so a peer that pings and never
   reads grew the server without limit. A ping that finds the buffer full stops reading the socket until it
@@ -8,6 +9,9 @@
   connection is cut at once.
 - A dead peer (no pong in time) with answers still buffered for it: the same close waited for ever, and the
   connection, its stream and ``gru_streams_open`` stayed. It is cut at once too.
+- A live peer held back (a frame waits for the app: the stream's window is full), nothing buffered for it:
+  its pong waits unread behind that frame, and the pong deadline dropped it with 1011. The deadline is
+  moved on while the service is the one not reading; once it reads again a peer that sent no pong is dropped.
 - Shutdown, a drained stream awaiting the peer's reply to its 1001 close: closing the socket then, with the
   chunks the peer kept sending unread in it, makes the kernel reset the connection under the last answers.
   It is left to the reply, or to uvicorn's close timeout (docs/durability.md).
@@ -32,6 +36,10 @@ class FlowControlledWebSockets(WebSocketsSansIOProtocol):
             self.transport.resume_reading()
 
     def keepalive_timeout(self) -> None:
+        if self.read_paused and not self.transport.get_write_buffer_size():  # we hold the pong unread, not the peer
+            assert self.ping_timeout is not None  # this timer runs only with one
+            self.pong_timer = self.loop.call_later(self.ping_timeout, self.keepalive_timeout)
+            return
         super().keepalive_timeout()
         if self.transport.get_write_buffer_size():  # a dead peer reads nothing: its close would wait for ever
             self.transport.abort()

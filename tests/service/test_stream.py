@@ -537,6 +537,20 @@ def test_a_peer_that_stops_answering_pings_is_dropped(server_factory: ServerFact
         time.sleep(0.1)
 
 
+def test_a_stream_held_back_longer_than_a_ping_is_not_dropped_as_dead(server_factory: ServerFactory) -> None:
+    """While a stream's window is full the service reads nothing from its socket, the client's pongs
+    included: a client that answered every ping was dropped with 1011 whenever the engine held its chunks
+    back past the pong deadline (here a batch delay of 1 s, under load a full queue), where backpressure is
+    never an error."""
+    server = server_factory(GRU_STREAM_PING_SECONDS="0.5", GRU_MAX_BATCH_DELAY_MS="1000", GRU_STREAM_WINDOW="1")
+    chunks = _chunks(series(8, seed=9), [2] * 4)
+    with _open(server, new_id("held")) as ws:  # websockets answers each ping from its own thread
+        for offset, chunk in chunks:
+            ws.send(_frame(chunk, offset))  # one read, three unread for about 3 s: the pongs behind them too
+        answers = [_answer(ws) for _ in chunks]
+    assert [a.get("position") for a in answers] == [o + 2 for o, _ in chunks]
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RSS from /proc")
 def test_a_peer_that_pings_and_never_reads_stops_the_server_reading_and_holds_it_to_a_buffer(
     server_factory: ServerFactory,
