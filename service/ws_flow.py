@@ -1,5 +1,5 @@
 """uvicorn's WebSocket protocol with three changes for peers that do not read, one for peers the service holds
-back, and one for a clean close.
+back, one for a clean close, and one for a handshake it refuses.
 
 - Pings: uvicorn writes a pong for every ping whatever its write buffer holds, so a peer that pings and never
   reads grew the server without limit. A ping that finds the buffer full stops reading the socket until it
@@ -15,15 +15,56 @@ back, and one for a clean close.
 - Shutdown, a drained stream awaiting the peer's reply to its 1001 close: closing the socket then, with the
   chunks the peer kept sending unread in it, makes the kernel reset the connection under the last answers.
   It is left to the reply, or to uvicorn's close timeout (docs/durability.md).
+- A handshake websockets cannot take (no Sec-WebSocket-Key, another version, a key that is no base64) is
+  refused before the app sees the request: that answer was a text/plain 400 without X-Request-ID. It is a
+  problem+json (``invalid-upgrade``, websockets' reason as the detail) with the request's id, as every error.
 """
 
 from __future__ import annotations
 
+from typing import Any
+from urllib.parse import unquote
+
+import orjson
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+from websockets.server import ServerProtocol
+
+from service.middleware.observability import request_id_from
+from service.problems import PROBLEM_JSON, Problem
+
+
+class _Handshake(ServerProtocol):
+    """websockets' side of a connection, whose refusals of a handshake are problems."""
+
+    def accept(self, request: Request) -> Response:
+        response = super().accept(request)
+        return response if response.status_code == 101 else _as_problem(response, request)
+
+
+def _as_problem(refusal: Response, request: Request) -> Response:
+    """websockets' text/plain refusal of ``request`` as a problem+json, its reason the detail and its headers
+    kept (a 426's ``Upgrade``), with the request's X-Request-ID (or a new one)."""
+    detail = (refusal.body or b"").decode(errors="replace").strip()
+    target = {"path": unquote(request.path.partition("?")[0]), "root_path": ""}
+    body = orjson.dumps(Problem(refusal.status_code, "invalid-upgrade", detail).body(target))
+    headers = Headers(refusal.headers)
+    for name in ("Content-Type", "Content-Length"):
+        del headers[name]
+    raw = ((name.encode("latin-1"), value.encode("latin-1")) for name, value in request.headers.raw_items())
+    headers.update({"Content-Type": PROBLEM_JSON, "Content-Length": str(len(body)),
+                    "X-Request-ID": request_id_from(raw).decode()})
+    return Response(refusal.status_code, refusal.reason_phrase, headers, body)
 
 
 class FlowControlledWebSockets(WebSocketsSansIOProtocol):
     """The protocol class to give ``uvicorn.Config(ws=...)``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.conn = _Handshake(extensions=self.conn.available_extensions, max_size=self.config.ws_max_size,
+                               logger=self.conn.logger)
 
     def handle_ping(self) -> None:
         super().handle_ping()

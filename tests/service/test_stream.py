@@ -336,6 +336,25 @@ def test_an_upgrade_to_a_path_without_a_stream_is_refused_404_with_a_problem(ser
     assert problem["type"].endswith("/not-found") and "/v1/sessions/{session_id}/stream" in problem["detail"]
 
 
+@pytest.mark.parametrize("fields", [b"Sec-WebSocket-Version: 13\r\n",
+                                    b"Sec-WebSocket-Version: 8\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+                                    b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: short\r\n"])
+def test_a_malformed_upgrade_is_refused_with_a_problem_and_its_request_id(server: Server, fields: bytes) -> None:
+    """websockets refuses a handshake it cannot take (no key, another version, a key that is no base64) before
+    the app sees it: that answer was a text/plain 400 without X-Request-ID, where every error is a problem."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /v1/sessions/s-1/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nX-Request-ID: bad-upgrade-1\r\n" + fields + b"\r\n")
+        head, _, body = _whole_answer(sock).partition(b"\r\n\r\n")
+    headers = dict(line.lower().split(b": ", 1) for line in head.split(b"\r\n")[1:])
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    assert headers[b"content-type"] == b"application/problem+json", head
+    assert headers[b"x-request-id"] == b"bad-upgrade-1", head
+    problem = json.loads(body)
+    assert problem["status"] == 400 and problem["type"].endswith("/invalid-upgrade")
+    assert "Sec-WebSocket-" in problem["detail"], problem
+
+
 @pytest.mark.parametrize("method", ["GET", "POST", "DELETE"])
 @pytest.mark.parametrize("path", ["/v1/sessions/s-1/stream", "/v1/models/seattle-temp/sessions/s-1/stream"])
 def test_a_plain_http_request_to_a_stream_path_is_answered_426_upgrade_required(
