@@ -1,5 +1,5 @@
 """uvicorn's WebSocket protocol with three changes for peers that do not read, one for peers the service holds
-back, one for a clean close, and one for a handshake it refuses.
+back, one for a clean close, one for a handshake it refuses, and a mark for who closed.
 
 - Pings: uvicorn writes a pong for every ping whatever its write buffer holds, so a peer that pings and never
   reads grew the server without limit. A ping that finds the buffer full stops reading the socket until it
@@ -18,21 +18,27 @@ back, one for a clean close, and one for a handshake it refuses.
 - A handshake websockets cannot take (no Sec-WebSocket-Key, another version, a key that is no base64) is
   refused before the app sees the request: that answer was a text/plain 400 without X-Request-ID. It is a
   problem+json (``invalid-upgrade``, websockets' reason as the detail) with the request's id, as every error.
+- Who closed: uvicorn's disconnect event gives a code alone, the same whether the peer's close frame sent it
+  or uvicorn failed the connection with it (a client may close with 1009 too), and 1005 for a connection lost
+  without a close frame. The peer's own close frame marks the scope (``PEER_CLOSED``) for the stream's log.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote
 
 import orjson
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.datastructures import Headers
+from websockets.frames import Frame
 from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 
 from service.middleware.observability import request_id_from
 from service.problems import PROBLEM_JSON, Problem
+
+PEER_CLOSED = "gru.peer_closed"  # in a stream's scope once the peer's own close frame came
 
 
 class _Handshake(ServerProtocol):
@@ -70,6 +76,11 @@ class FlowControlledWebSockets(WebSocketsSansIOProtocol):
         super().handle_ping()
         if not self.writable.is_set():  # the pong joined an undrained buffer: read no more pings for now
             self.transport.pause_reading()
+
+    def handle_close(self, event: Frame) -> None:
+        if not self.close_sent:  # the peer's own close, not its reply to ours
+            cast(dict[str, Any], self.scope)[PEER_CLOSED] = True  # the app's scope: any key, as ASGI allows
+        super().handle_close(event)
 
     def resume_writing(self) -> None:
         super().resume_writing()

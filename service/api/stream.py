@@ -43,6 +43,7 @@ from service.problems import Problem, as_problem
 from service.refusals import Refusal
 from service.schemas import ChunkRequest
 from service.sessions.base import session_key
+from service.ws_flow import PEER_CLOSED
 
 PATH = "/v1/sessions/{session_id}/stream"
 MODEL_PATH = "/v1/models/{model}/sessions/{session_id}/stream"
@@ -51,9 +52,10 @@ GOING_AWAY = 1001
 TOO_BIG = 1009
 _LOCATION = ["body", "values"]
 _GONE = (WebSocketDisconnect, OSError)  # OSError: uvicorn's ClientDisconnected, a send to a closed peer
-# Close codes with which uvicorn's protocol fails a connection for what the peer sent (a protocol error, text
-# that is not UTF-8, a frame over the size limit), never sent by a peer to this service: the service's close.
-_PROTOCOL_FAILURES = frozenset({1002, 1007, TOO_BIG})
+# Close codes with which uvicorn's protocol ends a connection itself, when no close frame came from the peer:
+# for what the peer sent (a protocol error, text that is not UTF-8, a frame over the size limit), or at its
+# shutdown (1012, a drain that ran out of time). The service's close; any other such end is a lost connection.
+_PROTOCOL_CLOSES = frozenset({1002, 1007, TOO_BIG, 1012})
 
 
 async def _unused(websocket: WebSocket) -> None:  # ``Streams`` answers the route; the route only matches
@@ -142,10 +144,10 @@ class _Stream:
                 if message["type"] == "websocket.disconnect":
                     self.gone = True
                     code = message.get("code", 1005)  # 1005: none given
-                    if code in _PROTOCOL_FAILURES:  # uvicorn failed the connection for the peer's frame
-                        self.close_code = code
-                    else:
+                    if self.ws.scope.get(PEER_CLOSED):  # whatever its code (a client may close with 1009)
                         self.peer_code = code
+                    elif code in _PROTOCOL_CLOSES:
+                        self.close_code = code
                     break
                 raw = message.get("bytes")
                 if raw is None:

@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import threading
 import time
 from datetime import UTC, datetime
@@ -316,6 +317,25 @@ def test_a_stream_gets_one_access_line_as_it_ends(server: Server) -> None:
         "method": "WS", "route": "/v1/sessions/{session_id}/stream", "status": 101, "session": session,
         "frames_in": 4, "frames_out": 4, "close_code": 1000, "closed_by": "client"}
     assert entry["latency_ms"] > 0
+
+
+@pytest.mark.parametrize("end", ["client-1009", "lost"])
+def test_a_stream_s_access_line_says_who_closed_it_whatever_the_code(server: Server, end: str) -> None:
+    """A client's own close with 1009 (an answer over its frame limit, as websockets does) was logged as the
+    service's, taken for uvicorn's on the client's frame; a connection lost without a close frame as the
+    client's with 1005, where the docs say null."""
+    request_id = new_id(f"closed-{end}")
+    with _open(server, new_id("closer"), additional_headers={"X-Request-ID": request_id}) as ws:
+        ws.send(_frame(series(4), 0))
+        _answer(ws)
+        if end == "lost":
+            ws.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            ws.close_socket()  # a reset, no close frame
+        else:
+            ws.close(1009, "message too big")
+    line = access_line(server, request_id)
+    want = (1009, "client") if end == "client-1009" else (None, None)
+    assert (line["close_code"], line["closed_by"]) == want
 
 
 def test_an_invalid_session_id_refuses_the_upgrade_with_422(server: Server) -> None:
