@@ -6,11 +6,12 @@
 
 Up to ``window`` chunks are sent before their answers arrive, each with the offset it starts at. When the
 connection drops (or a frame is refused with a 429 or a 5xx) the session reconnects with backoff and
-resends every chunk not yet answered, from the last acknowledged offset (``Unavailable`` once
-``retry.attempts`` tries in a row have had no answer): the service applies each once (the README's offset
-rules). A chunk the service had applied but whose answer was lost with the connection, and is not the last
-it applied, comes back as a 409 naming a position past it: its steps are in the session, its answer is
-gone; it is listed in ``lost`` ((offset, steps) pairs) and the stream goes on.
+resends every chunk not yet answered, from the last acknowledged offset, no more at once than the new
+connection's window takes (``Unavailable`` once ``retry.attempts`` tries in a row have had no answer): the
+service applies each once (the README's offset rules). A chunk the service had applied but whose answer was
+lost with the connection, and is not the last it applied, comes back as a 409 naming a position past it: its
+steps are in the session, its answer is gone; it is listed in ``lost`` ((offset, steps) pairs) and the
+stream goes on.
 A send that fails (the service closed the stream: a drain's 1001) does not reconnect at once: the answers the
 connection had already received would go with it, and their chunks, resent, would come back as ``lost``. The
 frame stays unanswered; the next receive reads what the old connection holds, then fails on it and reconnects.
@@ -81,6 +82,7 @@ class _Window:
         self.window = window
         self.retry = retry
         self.unanswered: deque[_Sent] = deque()
+        self._held: deque[str] = deque()  # unanswered frames a reconnect sends once the window has room
         self.lost: list[tuple[int, int]] = []
         self.reconnects = 0
         self._failures = 0  # failures since the last answer: a reconnect that goes through is no progress
@@ -148,9 +150,18 @@ class _Window:
             self.window = min(self.window, int(announced))
 
     def _resend(self) -> list[str]:
+        """The unanswered frames to send again on a new connection now: as many as its window takes (it may
+        announce a smaller one than the last); the rest are held until answers make room (``_room_made``)."""
         for sent in self.unanswered:
             sent.resent = True
-        return [sent.frame for sent in self.unanswered]
+        frames = [sent.frame for sent in self.unanswered]
+        self._held = deque(frames[self.window :])
+        return frames[: self.window]
+
+    def _room_made(self) -> list[str]:
+        """The held frames that the window has room for now."""
+        room = self.window - (len(self.unanswered) - len(self._held))
+        return [self._held.popleft() for _ in range(min(room, len(self._held)))]
 
     def _pause(self, failure: BaseException) -> float:
         """Seconds before the next reconnect, or the error to give up with once ``retry.attempts`` tries in a
@@ -219,10 +230,14 @@ class StreamSession(_Window):
 
     def _receive(self) -> Iterator[Prediction]:
         try:
-            prediction = self._take(self._connection().recv(timeout=self.timeout))
+            ws = self._connection()
+            prediction = self._take(ws.recv(timeout=self.timeout))
         except (*_DROPPED, _Retryable) as failure:
             self._reconnect(failure)
             return
+        with contextlib.suppress(*_DROPPED):  # as in _send: the next receive fails, and the reconnect resends
+            for frame in self._room_made():
+                ws.send(frame)
         if prediction is not None:
             yield prediction
 
@@ -296,10 +311,15 @@ class AsyncStreamSession(_Window):
     async def _receive(self) -> Prediction | None:
         try:
             async with asyncio.timeout(self.timeout):
-                return self._take(await (await self._connection()).recv())
+                ws = await self._connection()
+                prediction = self._take(await ws.recv())
         except (*_DROPPED, _Retryable) as failure:
             await self._reconnect(failure)
             return None
+        with contextlib.suppress(*_DROPPED):  # as in _send: the next receive fails, and the reconnect resends
+            for frame in self._room_made():
+                await ws.send(frame)
+        return prediction
 
     async def _connection(self) -> AsyncConnection:
         if self._ws is None:

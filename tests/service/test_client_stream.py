@@ -328,3 +328,57 @@ def test_a_streaming_session_takes_answers_over_a_mebibyte_as_http_does(server_f
         assert [answer.position for answer in answers] == [4096]
         assert (answers[0].predictions, answers[0].intervals, answers[0].scores) == (
             posted.predictions, posted.intervals, posted.scores)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_reconnect_resends_no_more_chunks_than_the_new_connection_s_window(asynchronous: bool) -> None:
+    """On a reconnect every unanswered chunk was sent again at once, whatever window the new connection's 101
+    announced (a replica or a restart with a smaller GRU_STREAM_WINDOW): past it the service stops reading,
+    and with large frames a client blocked in its send waits for ever."""
+    windows, early = [4, 1], []
+
+    def announce(connection: ServerConnection, request: object, response: Any) -> None:
+        response.headers["X-Stream-Window"] = str(windows[min(len(early), 1)])
+
+    def answer(connection: ServerConnection, message: str | bytes) -> None:
+        chunk = json.loads(message)
+        steps = len(chunk["values"])
+        connection.send(json.dumps({"session_id": "s", "position": chunk["offset"] + steps,
+                                    "predictions": [[0.0]] * steps, "model_version": "v"}))
+
+    def handler(connection: ServerConnection) -> None:
+        if not early:  # the first connection: one chunk answered, then the window's read and the socket cut
+            early.append(0)
+            answer(connection, connection.recv())
+            for _ in range(windows[0]):
+                connection.recv()
+            connection.close_socket()
+            return
+        frames = [connection.recv()]
+        with contextlib.suppress(TimeoutError):
+            while True:  # what the client sends before its first resent chunk is answered
+                frames.append(connection.recv(timeout=0.5))
+        early.append(len(frames))
+        for frame in frames:
+            answer(connection, frame)
+        for frame in connection:
+            answer(connection, frame)
+
+    with serve(handler, "127.0.0.1", 0, process_response=announce) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.socket.getsockname()[1]}"
+        if asynchronous:
+            positions = asyncio.run(_async_positions(url, 12))
+        else:
+            with Client(url, retry=FAST) as api, api.stream_session("s", window=8) as session:
+                positions = [answer.position for answer in session.stream([[1.0]] * 12, chunk=1)]
+    assert positions == list(range(1, 13))
+    assert early[1] == 1, f"{early[1]} chunks sent where the new connection's window takes 1"
+
+
+async def _async_positions(url: str, steps: int) -> list[int | None]:
+    """The positions an async streaming session of session "s", window 8, answers for ``steps`` steps."""
+    async with AsyncClient(url, retry=FAST) as api:
+        session = await api.stream_session("s", window=8)
+        async with session:
+            return [answer.position async for answer in session.stream([[1.0]] * steps, chunk=1)]
