@@ -97,9 +97,8 @@ class SessionStates:
             written = await self._write(key, document, current[0].revision if current is not None else None)
             if written is not None:
                 return written
-            if precondition.given:  # the session changed between the check and the write
-                raise PreconditionFailed(f"session {session_id_of(key)!r} changed while it was being"
-                                         " replaced; nothing was changed", session_id=session_id_of(key))
+            # Lost to a write since the read: judged again, the precondition too, against the session as it is
+            # now (a tag it was at no longer holds; ``*`` holds while the session exists, whatever its chunks).
         raise Overloaded(f"session {session_id_of(key)!r} changed {MAX_ATTEMPTS} times while it was being"
                          " replaced; nothing was changed, retry", retry_after=1)
 

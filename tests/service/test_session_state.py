@@ -502,3 +502,42 @@ def test_document_round_trip_and_tag() -> None:
     assert again.tag() == document.tag() and again.answer == document.answer
     renamed = again.renamed("t")
     assert renamed.answer == b'{"session_id":"t","position":3}' and renamed.tag() != document.tag()
+
+
+def test_an_if_match_star_import_racing_chunks_is_never_412(server_factory: ServerFactory,
+                                                             redis_server: RedisServer) -> None:
+    """``If-Match: *`` holds while the session exists, which chunks do not change: an import that loses its
+    compare-and-set to a chunk reads the session again and retries, as one without a precondition does (a
+    412 said the precondition failed, and it had not). On Redis, where the import's read and write are two
+    round trips a chunk can come between."""
+    server = server_factory(GRU_STORE="redis", GRU_REDIS_URL=redis_server.url)
+    values, session = series(400, seed=47), new_id("race")
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        _fed(http, session, values, [1])
+        document, _ = _exported(http, session)
+        stop = asyncio.Event()
+
+        async def feed() -> None:
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as feeder:
+                while not stop.is_set():
+                    await feeder.post(f"/v1/sessions/{session}/predict", json={"values": [[0.5]]})
+
+        async def imports() -> list[int]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as importer:
+                statuses = []
+                for _ in range(40):
+                    answer = await importer.put(f"/v1/sessions/{session}/state", content=document,
+                                                headers={**OCTET, "If-Match": "*"})
+                    statuses.append(answer.status_code)
+                stop.set()
+                return statuses
+
+        async def race() -> list[int]:
+            feeders = [asyncio.create_task(feed()) for _ in range(4)]
+            statuses = await imports()
+            await asyncio.gather(*feeders)
+            return statuses
+
+        statuses = asyncio.run(race())
+    assert 412 not in statuses and set(statuses) <= {200, 429}, statuses
+    assert statuses.count(200) >= 30, statuses
