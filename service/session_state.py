@@ -1,6 +1,7 @@
 """A session's state as a first-class object: export it, import it (create or replace), fork it.
 
-Export reads the record and its state vector in one load from the store; import and fork write with the
+Export reads the record and its state vector in one ``peek`` at the store, which unlike a chunk's load is
+no use of the session (a backup job's exports keep no session alive); import and fork write with the
 store's compare-and-set, so they take their place between a session's chunks like any chunk does: a chunk
 judged against the record an import replaced loses its commit and is judged again against the new one.
 Preconditions (``If-Match``, ``If-None-Match``) compare entity tags computed from the whole document
@@ -139,7 +140,7 @@ class SessionStates:
     async def _current_record(self, key: str) -> tuple[Session, np.ndarray | None] | None:
         """The record and its (S,) state; the state None where another model wrote it in another size (a
         replica of that model sharing the store, as in a rolling update): it is not this model's to read."""
-        session, = await self.store.load([key])
+        session = await self.store.peek(key)  # a read, no use: it keeps no session alive
         if session is None:
             return None
         try:

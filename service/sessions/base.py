@@ -74,6 +74,11 @@ class SessionStore(Protocol):
         """The live records of ``keys`` (None where absent or expired); refreshes their recency."""
         ...
 
+    async def peek(self, key: str) -> Session | None:
+        """The live record of ``key`` as ``load`` reads it, its state included, without counting as use: the
+        state API's reads (exports, a fork's parent) must keep no session alive, nor first in line for eviction."""
+        ...
+
     def gather(self, sessions: Sequence[Session | None], device: Any) -> Tensor:
         """(B, S) states of these records, a fresh (zero) state for None; may run off the event loop."""
         ...

@@ -40,6 +40,9 @@ class GuardedStore:
     async def load(self, keys: Sequence[str]) -> list[Session | None]:
         return await self._call(self.inner.load(keys), "load")
 
+    async def peek(self, key: str) -> Session | None:
+        return await self._call(self.inner.peek(key), "peek")
+
     def gather(self, sessions: Sequence[Session | None], device: Any) -> Tensor:
         return self.inner.gather(sessions, device)
 

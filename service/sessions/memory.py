@@ -5,12 +5,12 @@ gathers new and old sessions with one ``index_select``. The tensor doubles when 
 rows. Records sit in an ``OrderedDict`` kept in recency order: the least recently used session is evicted at
 capacity, and idle ones expire after ``ttl_seconds`` (checked on access and by ``sweep()``). A load for a
 batch counts as use, as a write does (the Redis store's load refreshes the key's TTL too), so recency order
-is expiry order and the sweep stops at the first live session. Capacity is
-counted in sessions and, with ``max_answer_bytes``, in the bytes of the answers kept for exact retries: an
-answer grows with its chunk and horizon (53 KB at 4,096 steps and a horizon of 512), so a session count alone
-would let one client's long chunks take a pod's memory. With ``tenant_max_sessions`` and
-``tenant_max_answer_bytes`` a tenant at its own bound evicts its own least recently used sessions first, so one
-tenant creating sessions fast cannot push out another's (the store-wide bounds still hold over everyone).
+is expiry order and the sweep stops at the first live session; ``get`` and ``peek`` (the state API's read)
+are no use. Capacity is counted in sessions and, with ``max_answer_bytes``, in the bytes of the answers kept
+for exact retries: an answer grows with its chunk and horizon (53 KB at 4,096 steps and a horizon of 512),
+so a session count alone would let one client's long chunks take a pod's memory. With ``tenant_max_sessions``
+and ``tenant_max_answer_bytes`` a tenant at its own bound evicts its own least recently used sessions first,
+so one tenant creating sessions fast cannot push out another's (the store-wide bounds still hold over everyone).
 Every mutation of the records happens on the event loop; ``gather`` may run on the engine's compute thread and
 only reads.
 """
@@ -252,6 +252,10 @@ class MemoryStore:
 
     async def get(self, key: str) -> Session | None:
         return self._live(key, self._clock())
+
+    async def peek(self, key: str) -> Session | None:
+        """``get``: a record here holds its state's slot, and neither read counts as use."""
+        return await self.get(key)
 
     async def delete(self, key: str, revision: Revision | None = None) -> bool:
         current = self._live(key, self._clock())

@@ -103,8 +103,8 @@ local function history(key, current)
 end
 """
 
-# KEYS: the batch's session hashes.  ARGV[1]: ttl (ms).  Returns each hash's fields (flat; empty when
-# absent) and refreshes the TTL of those that exist.
+# KEYS: the batch's session hashes.  ARGV[1]: ttl (ms), or 0 to read without refreshing it (a peek).
+# Returns each hash's fields (flat; empty when absent) and refreshes the TTL of those that exist.
 _LOAD = _REVISION + """
 local found = {}
 for i, key in ipairs(KEYS) do
@@ -115,7 +115,7 @@ for i, key in ipairs(KEYS) do
     found[i] = {'rev', current}
   else
     found[i] = redis.call('HGETALL', key)
-    redis.call('PEXPIRE', key, ARGV[1])
+    if ARGV[1] ~= '0' then redis.call('PEXPIRE', key, ARGV[1]) end
   end
 end
 return found
@@ -257,9 +257,17 @@ class RedisStore:
     # -- the protocol ----------------------------------------------------------------------------------
 
     async def load(self, keys: Sequence[str]) -> list[Session | None]:
+        return await self._read(keys, self._ttl_ms)
+
+    async def peek(self, key: str) -> Session | None:
+        session, = await self._read([key], 0)
+        return session
+
+    async def _read(self, keys: Sequence[str], ttl_ms: int) -> list[Session | None]:
+        """The records of ``keys`` in one script call, their TTLs refreshed to ``ttl_ms`` (0: left alone)."""
         if not keys:
             return []
-        found = await self._call(self._load(keys=[self.redis_key(k) for k in keys], args=[self._ttl_ms]))
+        found = await self._call(self._load(keys=[self.redis_key(k) for k in keys], args=[ttl_ms]))
         sessions = [_session(key, dict(zip(flat[::2], flat[1::2], strict=True)))
                     for key, flat in zip(keys, found, strict=True)]
         for session in sessions:

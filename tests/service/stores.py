@@ -99,3 +99,15 @@ async def batch_commit_wins_and_loses_per_session(store: SessionStore) -> None:
     assert loaded[0] is not None and loaded[0].position == 1 and loaded[3] is None
     expected = torch.stack([torch.ones(STATE), states[1], states[2], torch.zeros(STATE)])
     torch.testing.assert_close(store.gather(loaded, "cpu"), expected)  # the lost write left t/x's state alone
+
+
+async def a_peek_reads_the_record_and_its_state(store: SessionStore) -> None:
+    """``peek`` (the state API's read) finds what ``load`` finds, its state included; whether it counts as use
+    (it must not) is each store's own test."""
+    states = torch.arange(2 * STATE, dtype=torch.float32).view(2, STATE)
+    written, = await store.commit([write("t/p", None, 5, row=1)], states)
+    assert written is not None
+    peeked = await store.peek("t/p")
+    assert peeked is not None and (peeked.position, peeked.revision) == (5, written.revision)
+    torch.testing.assert_close(store.gather([peeked], "cpu"), states[1:])
+    assert await store.peek("t/absent") is None

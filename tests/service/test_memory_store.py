@@ -43,6 +43,10 @@ def test_batch_commit_wins_and_loses_per_session() -> None:
     _run(stores.batch_commit_wins_and_loses_per_session(memory_store()))
 
 
+def test_a_peek_reads_the_record_and_its_state() -> None:
+    _run(stores.a_peek_reads_the_record_and_its_state(memory_store()))
+
+
 def test_sessions_expire_after_their_ttl_counted_from_the_last_commit() -> None:
     clock = Clock()
     store = memory_store(ttl_seconds=30, clock=clock)
@@ -163,6 +167,29 @@ def test_a_load_counts_as_use_so_the_sweep_meets_sessions_in_the_order_they_expi
 
     _run(scenario())
     assert evicted == [("ttl", 1), ("ttl", 1)]
+
+
+def test_a_peek_is_no_use_so_a_peeked_session_still_goes_first_and_expires_on_time() -> None:
+    """The state API's reads (exports, forks' parents) go through ``peek``: a backup job exporting sessions must
+    neither keep them alive nor shield them from eviction."""
+    clock = Clock(0.0)
+    store, evicted = _counting(max_sessions=2, ttl_seconds=30, clock=clock)
+
+    async def scenario() -> None:
+        for at, key in ((0, "t/old"), (10, "t/new")):
+            clock.now = at
+            assert (await store.commit([write(key, None, 1)], torch.zeros(1, STATE)))[0] is not None
+        clock.now = 20
+        assert await store.peek("t/old") is not None
+        assert (await store.commit([write("t/newest", None, 1)], torch.zeros(1, STATE)))[0] is not None
+        assert [s.key for s in store.records()] == ["t/new", "t/newest"]  # old went first all the same
+        clock.now = 39
+        assert await store.peek("t/new") is not None
+        clock.now = 41  # 31 s after its commit, 2 s after its peek
+        assert await store.peek("t/new") is None
+
+    _run(scenario())
+    assert evicted == [("capacity", 1), ("ttl", 1)]
 
 
 def test_kept_answers_past_their_budget_evict_the_least_recently_used_sessions() -> None:

@@ -68,6 +68,10 @@ def test_batch_commit_wins_and_loses_per_session(redis_server: RedisServer) -> N
     _run(_on_redis(redis_server, stores.batch_commit_wins_and_loses_per_session))
 
 
+def test_a_peek_reads_the_record_and_its_state(redis_server: RedisServer) -> None:
+    _run(_on_redis(redis_server, stores.a_peek_reads_the_record_and_its_state))
+
+
 def test_a_load_refreshes_the_ttl(redis_server: RedisServer) -> None:
     async def scenario() -> None:
         store = RedisStore(redis_server.url, STATE, ttl_seconds=30)
@@ -75,6 +79,19 @@ def test_a_load_refreshes_the_ttl(redis_server: RedisServer) -> None:
         redis_server.client().pexpire("gru:s:t/y", 500)
         await store.load(["t/y"])
         assert redis_server.client().pttl("gru:s:t/y") > 25_000  # use refreshes the TTL
+        await store.close()
+
+    _run(scenario())
+
+
+def test_a_peek_leaves_the_ttl_alone(redis_server: RedisServer) -> None:
+    """The state API's reads (exports, forks' parents) are no use: a backup job must not keep sessions alive."""
+    async def scenario() -> None:
+        store = RedisStore(redis_server.url, STATE, ttl_seconds=30)
+        assert (await store.commit([write("t/y", None, 1)], torch.zeros(1, STATE)))[0] is not None
+        redis_server.client().pexpire("gru:s:t/y", 500)
+        assert await store.peek("t/y") is not None
+        assert 0 < redis_server.client().pttl("gru:s:t/y") <= 500
         await store.close()
 
     _run(scenario())

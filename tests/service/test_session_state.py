@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,13 +54,18 @@ def _fed(http: httpx.Client, session_id: str, values: np.ndarray, cuts: list[int
 # -- export, import, continue ------------------------------------------------------------------------
 
 
+def _on_store(request: pytest.FixtureRequest, server_factory: ServerFactory, **settings: str) -> Server:
+    """A service process with ``settings`` and the store the test is parametrised by (``request.param``)."""
+    if request.param == "memory":
+        return server_factory(**settings)
+    redis: RedisServer = request.getfixturevalue("redis_server")
+    return server_factory(GRU_STORE="redis", GRU_REDIS_URL=redis.url, **settings)
+
+
 @pytest.fixture(params=["memory", "redis"])
 def other_process(request: pytest.FixtureRequest, server_factory: ServerFactory) -> Server:
     """A second service process, with the store the test is parametrised by."""
-    if request.param == "memory":
-        return server_factory()
-    redis: RedisServer = request.getfixturevalue("redis_server")
-    return server_factory(GRU_STORE="redis", GRU_REDIS_URL=redis.url)
+    return _on_store(request, server_factory)
 
 
 def test_a_state_imported_into_another_process_continues_exactly_and_replays_its_kept_answer(
@@ -386,6 +392,56 @@ def test_an_export_with_if_none_match_is_304_while_the_session_is_at_a_listed_ta
     assert moved.content != document and moved.headers["content-type"] == "application/octet-stream"
     assert_problem(_state(client, session, **{"If-None-Match": "not-a-tag"}), 400)
     assert_problem(_state(client, new_id("none"), **{"If-None-Match": "*"}), 404)
+
+
+# -- reads are no use ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["memory", "redis"])
+def short_lived(request: pytest.FixtureRequest, server_factory: ServerFactory) -> Server:
+    """A service process whose sessions expire after 1 s idle, with the store the test is parametrised by."""
+    return _on_store(request, server_factory, GRU_SESSION_TTL_SECONDS="1")
+
+
+LIVE = [200, 304, 201, 412]  # what _read_without_a_chunk's reads answer while the session lives
+
+
+def _read_without_a_chunk(http: httpx.Client, session: str, document: bytes, tag: str) -> list[int]:
+    """The statuses of every way the state API reads a session without writing it: an export, a conditional
+    one (304), a fork's read of its parent (into a new session), an import its precondition refuses (412)."""
+    return [response.status_code for response in (
+        _state(http, session), _state(http, session, **{"If-None-Match": tag}),
+        http.post(f"/v1/sessions/{session}/fork", json={"to": new_id("fork")}),
+        _put(http, session, document, **{"If-Match": '"elsewhere"'}),
+    )]
+
+
+def test_a_session_polled_by_exports_forks_and_refused_imports_still_expires(short_lived: Server) -> None:
+    """Idle means no chunk reached it (README): a backup job polling exports must not keep a session alive."""
+    session = new_id("polled")
+    with httpx.Client(base_url=short_lived.url, timeout=30) as http:
+        _fed(http, session, series(4, seed=47), [4])
+        document, tag = _exported(http, session)
+        deadline = time.monotonic() + 2.5  # 2.5 TTLs, read every ~0.2 s
+        while time.monotonic() < deadline:
+            statuses = _read_without_a_chunk(http, session, document, tag)
+            assert all(status in (live, 404) for status, live in zip(statuses, LIVE, strict=True)), statuses
+            time.sleep(0.2)
+        assert_problem(http.get(f"/v1/sessions/{session}"), 404)
+        assert_problem(_state(http, session), 404)
+
+
+def test_an_exported_or_forked_session_is_still_the_least_recently_used(server_factory: ServerFactory) -> None:
+    """In the memory store a read of the state API leaves the eviction order as the chunks made it."""
+    server = server_factory(GRU_MAX_SESSIONS="3")
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        for name in ("old", "new"):
+            _fed(http, name, series(2, seed=48), [2])
+        document, tag = _exported(http, "old")
+        assert _read_without_a_chunk(http, "old", document, tag) == LIVE  # its fork fills the store
+        _fed(http, "newest", series(2, seed=49), [2])  # evicts the least recently used
+        assert_problem(http.get("/v1/sessions/old"), 404)
+        assert position(http, "new") == 2
 
 
 # -- tenants -------------------------------------------------------------------------------------------
