@@ -167,7 +167,9 @@ def _read(path: Path, model_versions: set[str], state_size: int,
     rows: list[int] = []
     for entry, seen_at in zip(entries, seen.tolist(), strict=True):
         key, position, version, created, updated, last_offset, fingerprint, start, length, row = entry
-        if not (isinstance(key, str) and "/" in key and isinstance(position, int) and position >= 0
+        # a position past int64 would fail every chunk of its session, and its batch, where the chunk
+        # fingerprint packs it (Python's int has no bound of its own)
+        if not (isinstance(key, str) and "/" in key and isinstance(position, int) and 0 <= position < 2**63
                 and isinstance(start, int) and isinstance(length, int) and 0 <= start <= start + length
                 <= len(answers) and isinstance(row, int) and -1 <= row < states.size(0)
                 and is_unix_time(created) and is_unix_time(updated) and max(created, updated) <= latest):

@@ -510,3 +510,27 @@ def test_the_temporary_file_of_a_write_cut_short_is_removed_at_start(
         assert http.get("/readyz").status_code == 200
     assert not leftover.exists() and other.exists()
     assert "removed the temporary file of a snapshot write cut short" in server.log()
+
+
+def test_a_snapshot_position_past_int64_is_set_aside_not_a_failed_batch(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """A position in the index went through unbounded (Python's int has none): restored, the session's next
+    chunk failed its whole engine batch with a 500 where the chunk fingerprint packs it as an int64, every
+    chunk until a reset. Such a file is damaged: set aside, and the service starts with no sessions."""
+    path = tmp_path / "sessions.safetensors"
+    first = server_factory(GRU_SNAPSHOT_PATH=str(path))
+    session = new_id()
+    with httpx.Client(base_url=first.url, timeout=30) as http:
+        assert send(http, session, series(5), offset=0).status_code == 200
+    assert first.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
+
+    def far(entries: list[Any]) -> None:
+        entries[0][1] = 2**63  # the session's position
+
+    _rewrite_index(path, far)
+    second = server_factory(GRU_SNAPSHOT_PATH=str(path))
+    with httpx.Client(base_url=second.url, timeout=30) as http:
+        assert send(http, session, series(3)).status_code == 200  # a new session: the damaged one is gone
+    assert "snapshot is corrupt, set aside" in second.log()
+    assert len(list(tmp_path.glob("sessions.safetensors.corrupt-*"))) == 1
