@@ -135,6 +135,12 @@ class MemoryStore:
             self._on_evict("ttl", expired)
         return expired
 
+    def _evict(self, key: str, reason: str, now: float) -> str:
+        """Drop ``key`` at a bound; returns the reason to count it under: ``ttl`` for a session already past
+        its TTL (one the sweep had not reached yet), as a bound's count is of live sessions pushed out, which
+        the capacity alert reads as a store too small."""
+        return "ttl" if self._expired(self._drop(key), now) else reason
+
     def _make_room(self, key: str) -> None:
         """Room for ``key`` if it is new: its tenant's least recently used session at the tenant's bound, else
         the store's at the store's."""
@@ -142,11 +148,9 @@ class MemoryStore:
             return
         tenant = self._tenants.get(tenant_of_key(key)) if self._tenants is not None else None
         if self.tenant_max_sessions is not None and tenant is not None and len(tenant.keys) >= self.tenant_max_sessions:
-            self._drop(next(iter(tenant.keys)))
-            self._on_evict("tenant_quota", 1)
+            self._on_evict(self._evict(next(iter(tenant.keys)), "tenant_quota", self._clock()), 1)
         elif len(self._records) >= self.max_sessions:
-            self._drop(next(iter(self._records)))
-            self._on_evict("capacity", 1)
+            self._on_evict(self._evict(next(iter(self._records)), "capacity", self._clock()), 1)
 
     def _trim_answers(self, keep: set[str]) -> None:
         """Least recently used first, while the kept answers pass their budget: each writing tenant's own first,
@@ -154,19 +158,16 @@ class MemoryStore:
         budget must not make the store evict another's); then the store's, never one of ``keep`` (the
         sessions just written: an answer over the whole budget is kept, alone), and not for what a tenant
         holds beyond its own budget (``_overshoot``)."""
+        now = self._clock()
+        evicted: Counter[str] = Counter()  # per reason counted
         if self.tenant_max_answer_bytes is not None and self._tenants is not None:
-            evicted = 0
             tenants = self._tenants
             for name in {tenant_of_key(key) for key in keep} or set(tenants):
                 tenant = tenants.get(name)
                 while (tenant is not None and tenant.answer_bytes > self.tenant_max_answer_bytes
                        and len(tenant.keys) > 1):
-                    self._drop(next(iter(tenant.keys)))
-                    evicted += 1
+                    evicted[self._evict(next(iter(tenant.keys)), "tenant_quota", now)] += 1
                     tenant = tenants.get(name)
-            if evicted:
-                self._on_evict("tenant_quota", evicted)
-        evicted = 0
         overshoot = self._overshoot()  # summed once; each drop below corrects it by its own tenant's change
         while (self.max_answer_bytes is not None and self._answer_bytes > self.max_answer_bytes
                and self._answer_bytes - overshoot > self.max_answer_bytes):
@@ -175,11 +176,10 @@ class MemoryStore:
                 break
             owner = tenant_of_key(key)
             before = self._over_budget(owner)
-            self._drop(key)
+            evicted[self._evict(key, "capacity", now)] += 1
             overshoot += self._over_budget(owner) - before
-            evicted += 1
-        if evicted:
-            self._on_evict("capacity", evicted)
+        for reason, count in evicted.items():
+            self._on_evict(reason, count)
 
     def _overshoot(self) -> int:
         """The bytes by which tenants pass their own answer budgets: each such tenant is down to one session

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 import torch
 
 from service.sessions.memory import INITIAL_STATE_BYTES, MemoryStore
@@ -245,4 +246,24 @@ def test_a_session_found_expired_on_access_is_counted_as_a_ttl_eviction() -> Non
         assert await store.load(["t/old"]) == [None]
 
     _run(scenario())
+    assert evicted == [("ttl", 1)]
+
+
+@pytest.mark.parametrize("bound", [{"max_sessions": 2}, {"tenant_max_sessions": 2}, {"max_answer_bytes": 100}],
+                         ids=["GRU_MAX_SESSIONS", "GRU_TENANT_MAX_SESSIONS", "GRU_MAX_ANSWER_BYTES"])
+def test_an_expired_session_dropped_at_a_bound_is_counted_as_a_ttl_eviction(bound: dict[str, int]) -> None:
+    """Between two sweeps a full store still holds sessions past their TTL; the new session that pushed out
+    such a one was counted as a capacity (or tenant_quota) eviction, which the GruSessionCapacityEvictions
+    alert reads as live sessions lost for want of room."""
+    clock = Clock()
+    store, evicted = _counting(ttl_seconds=60, clock=clock, **bound)
+
+    async def scenario() -> None:
+        for key in ("t/a", "t/b"):
+            assert (await store.commit([write(key, None, 1, answer=b"a" * 40)], torch.zeros(1, STATE)))[0]
+        clock.now += 61  # a and b expired; no sweep has run yet
+        assert (await store.commit([write("t/c", None, 1, answer=b"a" * 40)], torch.zeros(1, STATE)))[0]
+
+    _run(scenario())
+    assert "t/a" not in [s.key for s in store.records()]
     assert evicted == [("ttl", 1)]
