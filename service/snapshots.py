@@ -5,6 +5,12 @@ with the model's name before the suffix (``sessions.safetensors`` -> ``sessions.
 file is restored at start onto the model of its name, for the versions its repository holds; a model the
 repository no longer has leaves its file where it is. Models that appear while the service runs are
 snapshotted from then on, periodically and at shutdown, and restored at the next start.
+
+Each file names its model in its header, so a change of ``GRU_DEFAULT_MODEL`` across a restart keeps every
+model's sessions: before any restore, a file at ``GRU_SNAPSHOT_PATH`` naming another model than the default
+is renamed to that model's own path, and the default's own file, if it had one, to ``GRU_SNAPSHOT_PATH``.
+Renamed, never copied: no older file is left behind to bring back older sessions at a later switch. A file
+of an earlier release names no model and stays where it is, the default's by its path as before.
 """
 
 from __future__ import annotations
@@ -12,11 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from pathlib import Path
 
+from model.checkpoint import MODEL_NAME
 from service.config import Settings
 from service.models import Registry, ServedModel
-from service.sessions.snapshot import SnapshotKeeper, save_every
+from service.sessions.snapshot import SnapshotKeeper, save_every, snapshot_model
 
 log = logging.getLogger("service.snapshot")
 
@@ -27,6 +35,32 @@ def snapshot_path(base: Path, model: str, default: bool) -> Path:
     the link instead of writing where it points."""
     base = base.resolve()
     return base if default else base.with_name(f"{base.stem}.{model}{base.suffix}").resolve()
+
+
+def follow_the_default(base: Path, default: str) -> None:
+    """Put each file where the default model ``default`` says its model's goes, before any restore: the file
+    at GRU_SNAPSHOT_PATH ``base`` of another model (the default before a switch) to that model's own path,
+    then the default's own file (it was not the default before) to ``base``, where nothing is left."""
+    base = snapshot_path(base, default, True)
+    named = snapshot_model(base)
+    if named is not None and named != default and MODEL_NAME.fullmatch(named):
+        # a file there is older: while this one was written at ``base``, its model wrote nothing there
+        _move(base, snapshot_path(base, named, False), named)
+    own = snapshot_path(base, default, False)
+    if own.exists() and not base.exists():
+        _move(own, base, default)
+
+
+def _move(source: Path, target: Path, model: str) -> None:
+    """Rename model ``model``'s snapshot ``source`` to ``target``; one that cannot be is left where it is (the
+    model then starts without its sessions, as before files named their model), never a failed start."""
+    fields = {"fields": {"model": model, "path": str(source), "moved_to": str(target)}}
+    try:
+        os.replace(source, target)
+    except OSError as exc:
+        log.warning(f"model {model}'s snapshot could not be moved to its path: {exc}", extra=fields)
+        return
+    log.info(f"model {model}'s snapshot moved to its path: GRU_DEFAULT_MODEL changed", extra=fields)
 
 
 class ModelSnapshots:
@@ -85,7 +119,11 @@ class ModelSnapshots:
 
     async def start(self) -> None:
         """Restore each model's snapshot (before any request is served), then save every interval."""
-        for keeper in self._current():
+        keepers = self._current()
+        if keepers:  # none with a store that persists itself: its files are left alone
+            assert self._settings.snapshot_path is not None
+            await asyncio.to_thread(follow_the_default, self._settings.snapshot_path, self._registry.default)
+        for keeper in keepers:
             await keeper.start()
         if self._settings.snapshot_interval_seconds > 0 and self._keepers:
             self._periodic = asyncio.create_task(save_every(self._settings.snapshot_interval_seconds, self._current),

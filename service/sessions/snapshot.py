@@ -8,11 +8,13 @@ One safetensors file, written atomically (temporary file, fsync, rename), holdin
     seen      (J,)   float64   when each session was last reached (a chunk answered 409 or as an exact retry
                                refreshes its TTL without writing it); older snapshots lack it: 0, never
 
-and in the header metadata the format, the model version and S. An index entry is ``[key, position,
-model_version, created_at, updated_at, last_offset, fingerprint (hex), answer start, answer length, state
-row (-1: fresh state)]``. The index is a tensor, not header metadata, because safetensors caps its header
-(100 MB) and a full store's index can outgrow it. ``seen`` is a tensor of its own, not an eleventh index
-field, so that a reader without it (a roll-back) still reads the file, and this one reads theirs.
+and in the header metadata the format, the model version, S and the model's name (``snapshot_model``; a file
+of an earlier release names none, and a reader ignores the keys it does not know). An index entry is
+``[key, position, model_version, created_at, updated_at, last_offset, fingerprint (hex), answer start,
+answer length, state row (-1: fresh state)]``. The index is a tensor, not header metadata, because
+safetensors caps its header (100 MB) and a full store's index can outgrow it. ``seen`` is a tensor of its
+own, not an eleventh index field, so that a reader without it (a roll-back) still reads the file, and this
+one reads theirs.
 
 Written on shutdown after the engine has drained (every answered chunk is in the store) and every
 ``GRU_SNAPSHOT_INTERVAL_SECONDS``; read once at start, before the first request. A file that cannot be read,
@@ -64,9 +66,10 @@ class _Captured:
     records: list[tuple[str, int, str, float, float, float, int, bytes, bytes, int | None]]  # the fields, slot last
     states: Tensor  # (capacity + 1, S): a copy of the store's whole state tensor, on its device
     model_version: str
+    model: str | None  # the model's name, for the header
 
 
-def capture(store: MemoryStore, model_version: str) -> _Captured:
+def capture(store: MemoryStore, model_version: str, model: str | None = None) -> _Captured:
     """A consistent copy of the store; call on the event loop (the only place the store changes).
 
     Kept to two cheap steps (references to the records' immutable field values, one copy of the state
@@ -74,7 +77,7 @@ def capture(store: MemoryStore, model_version: str) -> _Captured:
     """
     records = [(s.key, s.position, s.model_version, s.created_at, s.updated_at, s.seen_at, s.last_offset,
                 s.fingerprint, s.answer, s.handle) for s in store.records()]
-    return _Captured(records, store.states.clone(), model_version)
+    return _Captured(records, store.states.clone(), model_version, model)
 
 
 def _write(captured: _Captured, path: Path) -> None:
@@ -99,6 +102,8 @@ def _write(captured: _Captured, path: Path) -> None:
     }
     metadata = {"format": FORMAT, "model_version": captured.model_version,
                 "state_size": str(states.size(1)), "sessions": str(len(entries))}
+    if captured.model is not None:
+        metadata["model"] = captured.model
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f"{path.name}{_TEMPORARY}{os.getpid()}-{time.monotonic_ns()}")
     try:
@@ -128,10 +133,11 @@ def _bytes_tensor(data: bytearray) -> Tensor:
     return torch.frombuffer(data, dtype=torch.uint8)  # (len,)
 
 
-async def save(store: MemoryStore, path: Path, model_version: str) -> int:
-    """Write a snapshot of ``store`` to ``path``; returns the number of sessions in it."""
+async def save(store: MemoryStore, path: Path, model_version: str, model: str | None = None) -> int:
+    """Write a snapshot of ``store`` to ``path``, naming ``model`` in its header; returns the number of sessions
+    in it."""
     began = time.perf_counter()
-    captured = capture(store, model_version)
+    captured = capture(store, model_version, model)
     await asyncio.to_thread(_write, captured, path)
     seconds = round(time.perf_counter() - began, 3)
     log.info("snapshot written",
@@ -188,6 +194,16 @@ def _read(path: Path, model_versions: set[str], state_size: int,
         raise _Incompatible(f"written for model {metadata.get('model_version')}, serving"
                             f" {', '.join(sorted(model_versions))}")
     return sessions, rows, states
+
+
+def snapshot_model(path: Path) -> str | None:
+    """The model the snapshot at ``path`` names in its header; None for a missing or unreadable file (its
+    restore sets it aside) and for one of an earlier release, which names none."""
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            return (file.metadata() or {}).get("model")
+    except Exception:  # any unreadable file: none named
+        return None
 
 
 def _free_name(path: Path) -> Path:
@@ -309,7 +325,7 @@ class SnapshotKeeper:
             if self._retired:
                 return 0
             try:
-                saved = await save(self.store, self.path, self.model_version())
+                saved = await save(self.store, self.path, self.model_version(), self._model)
             except Exception:
                 self._failures.inc()
                 raise

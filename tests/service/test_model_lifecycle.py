@@ -909,6 +909,31 @@ def test_a_snapshot_keeps_every_models_sessions_across_a_restart(
     np.testing.assert_allclose(body_b.json()["predictions"], whole["b"][12:], atol=1e-6)
 
 
+def test_a_default_model_switched_across_restarts_keeps_every_models_sessions(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """The default's file is GRU_SNAPSHOT_PATH itself, another model's is named after it: after a restart with
+    GRU_DEFAULT_MODEL=b, b read a's file and set it aside as incompatible, a found no file of its name, and
+    both sessions answered 404. Switched back, a file left at a model's old path must not bring back older
+    positions either."""
+    repository, path = tmp_path / "repo", tmp_path / "state" / "sessions.safetensors"
+    add_version(repository, "a", 1)
+    add_version(repository, "b", 1, seed=3)
+    values = series(12, seed=9)
+    for start, default in enumerate(("a", "b", "a")):
+        server = server_factory(GRU_MODEL_REPOSITORY=str(repository), GRU_DEFAULT_MODEL=default,
+                                GRU_SNAPSHOT_PATH=str(path))
+        offset = 4 * start  # each restart goes on where the one before stopped
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            for model in ("a", "b"):
+                answer = client.post(f"/v1/models/{model}/sessions/s/predict",
+                                     json={"values": values[offset : offset + 4].tolist(), "offset": offset})
+                assert answer.status_code == 200, f"model {model}, default {default}: {answer.text}"
+                assert answer.json()["position"] == offset + 4
+        assert server.stop() in (0, -signal.SIGTERM)
+    assert not list(path.parent.glob("*.incompatible-*"))  # nothing set aside: each file found its model
+
+
 def test_a_model_unloaded_and_loaded_again_has_its_new_sessions_snapshotted(
     server_factory: ServerFactory, tmp_path: Path
 ) -> None:

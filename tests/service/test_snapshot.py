@@ -25,7 +25,8 @@ from safetensors.torch import save_file
 
 from service.sessions.base import Write
 from service.sessions.memory import MemoryStore
-from service.sessions.snapshot import restore, save
+from service.sessions.snapshot import restore, save, snapshot_model
+from service.snapshots import follow_the_default
 from tests.conftest import ServerFactory, refused_start_log
 from tests.service.helpers import Clock, assert_problem, new_id, position, send, series, stateless
 from tests.service.stores import STATE, memory_store, write
@@ -124,6 +125,25 @@ def test_snapshot_of_other_model_or_size_is_set_aside(tmp_path: Path, version: s
     other = MemoryStore(state_size, torch.device("cpu"), 100, 3600.0)
     assert restore(other, path, version, state_size) == 0
     assert len(other) == 0 and [p.name.split("-")[0] for p in tmp_path.iterdir()] == ["snap.incompatible"]
+
+
+def test_a_default_switch_moves_each_file_to_its_models_path_and_leaves_files_naming_none(tmp_path: Path) -> None:
+    """GRU_DEFAULT_MODEL a -> b: a's file at GRU_SNAPSHOT_PATH goes to a's own path, over a file left there
+    before (older: a wrote GRU_SNAPSHOT_PATH since), and b's own file to GRU_SNAPSHOT_PATH. A file of an
+    earlier release names no model: it stays, the default's by its path (test_model_lifecycle.py restarts
+    real servers across such switches)."""
+    base, own = tmp_path / "sessions.safetensors", {m: tmp_path / f"sessions.{m}.safetensors" for m in "ab"}
+    store = memory_store()
+    _fill(store)
+    asyncio.run(save(memory_store(), own["a"], "v1", "a"))  # left from when a was not the default
+    asyncio.run(save(store, base, "v1", "a"))
+    asyncio.run(save(memory_store(), own["b"], "v1", "b"))
+    follow_the_default(base, "b")
+    assert (snapshot_model(base), snapshot_model(own["a"]), own["b"].exists()) == ("b", "a", False)
+    assert restore(memory_store(), own["a"], "v1", STATE) == 4  # the newer of a's two files
+    asyncio.run(save(store, base, "v1"))  # an earlier release's
+    follow_the_default(base, "a")
+    assert snapshot_model(base) is None and snapshot_model(own["a"]) == "a"
 
 
 # -- real servers --------------------------------------------------------------------------------------
