@@ -503,10 +503,19 @@ def fork(args: argparse.Namespace) -> int:
     return 0
 
 
+def _url(text: str) -> str:
+    """``--url`` as given, once httpx can parse it: one it cannot (a bad port) would end in its traceback."""
+    try:
+        httpx.URL(text)
+    except httpx.InvalidURL as exc:
+        raise argparse.ArgumentTypeError(f"{text}: {exc}") from None
+    return text
+
+
 def _connection() -> argparse.ArgumentParser:
     """The options every command takes: where the service is, the key, how long a call may take."""
     options = argparse.ArgumentParser(add_help=False)
-    options.add_argument("--url", default=os.environ.get("GRU_URL", "http://127.0.0.1:8000"),
+    options.add_argument("--url", type=_url, default=os.environ.get("GRU_URL", "http://127.0.0.1:8000"),
                          help="service base URL (default $GRU_URL or http://127.0.0.1:8000)")
     options.add_argument("--api-key", default=os.environ.get("GRU_API_KEY"), help="default $GRU_API_KEY")
     options.add_argument("--timeout", type=float, default=30.0, help="seconds per call")

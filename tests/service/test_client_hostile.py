@@ -261,3 +261,10 @@ def test_cli_against_a_server_without_the_fields_it_needs_exits_in_one_line(
     run = _cli("stream", "--csv", str(csv_file), "--session", "s", "--url", _url(hostile), "--quiet")
     _refused_in_one_line(run, words)
     assert run.returncode == 1
+
+
+def test_cli_explains_a_url_it_cannot_parse(csv_file: Path) -> None:
+    """A --url httpx cannot parse (a bad port, an unclosed IPv6 bracket) ended in httpx's traceback."""
+    for command in (["stream", "--csv", str(csv_file), "--quiet"], ["export"]):
+        run = _cli(*command, "--session", "s", "--url", "http://[::1")
+        _refused_in_one_line(run, "argument --url: http://[::1")
