@@ -296,6 +296,15 @@ class State:
     def save(self, path: str | os.PathLike[str]) -> None:
         Path(path).write_bytes(self.document)
 
+    @property
+    def last_offset(self) -> int:
+        """Where the session's last applied chunk began (-1: none since it started or was reset): the one
+        chunk whose answer an exact retry can ask for again. ValueError for a document that has none."""
+        try:
+            return int(_contents(self.document)[2])
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            raise ValueError(f"a state document without a last_offset: {exc!r}") from None
+
 
 def _same_session(document: bytes, other: bytes) -> bool:
     """Whether two state documents hold the same session whatever its id and times: model version,

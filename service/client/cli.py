@@ -301,26 +301,27 @@ class PredictionsFile:
 
 
 def _recover_lost_answer(session: Session, path: Path, end: int | None,
-                         rows: Sequence[Sequence[float]], chunk: int) -> tuple[int, list[list[float]]]:
+                         rows: Sequence[Sequence[float]]) -> tuple[int, list[list[float]]]:
     """Where a resumed stream's file starts again, and the answers it lacks up to the session's position.
 
     A stream interrupted (Ctrl-C, a dropped network, SIGKILL) while a chunk was in flight leaves a file that
     ends where that chunk began, or inside it when the append was cut short: the service applied the chunk,
     the file never got its answer. Sent again as it was (same offset, same values) it is an exact retry,
-    which the service answers again; tried from the file's end, then from one chunk before the session.
-    Anything else (more than the last chunk missing) cannot be asked for again: refused rather than leave
-    a gap in the file or overwrite it. ``end``: the last step of the file (``_earlier_end``).
+    which the service answers again; where it began is the session's ``last_offset`` (its state), as the
+    series' last chunk may be shorter than ``--chunk``. Anything else (more than the last chunk missing)
+    cannot be asked for again: refused rather than leave a gap in the file or overwrite it. ``end``: the
+    last step of the file (``_earlier_end``).
     """
     if end is None or end >= session.position:
         return session.position, []
     position = session.position
-    for begin in dict.fromkeys((end, position - chunk)):
-        if 0 <= begin <= end:
-            session.position = begin
-            try:
-                return begin, session.predict(rows[begin:position]).predictions
-            except OffsetConflict:
-                session.position = position
+    begin = session.export_state().last_offset
+    if 0 <= begin <= end:
+        session.position = begin
+        try:
+            return begin, session.predict(rows[begin:position]).predictions
+        except OffsetConflict:
+            session.position = position
     raise SystemExit(f"{path} ends at step {end} but session {session.id} is at {position}, and only the last"
                      " chunk's answer can be asked for again: --out another file keeps this one, --reset"
                      " starts the session again")
@@ -433,7 +434,7 @@ def stream_csv(args: argparse.Namespace) -> int:
                              f" rows of {args.csv}")
         out = args.out or args.csv.with_name(args.csv.stem + ".predictions.csv")
         end = _earlier_end(out, names, rows) if args.resume else None
-        start, predictions = (_recover_lost_answer(session, out, end, rows, args.chunk) if args.resume
+        start, predictions = (_recover_lost_answer(session, out, end, rows) if args.resume
                               else (0, []))
         todo = rows[start:]
         out_file = PredictionsFile(out, names, rows, start, end is not None)

@@ -751,12 +751,26 @@ def test_cli_resume_recovers_a_chunk_whose_rows_were_cut_short(
     server: Server, client: httpx.Client, tmp_path: Path
 ) -> None:
     """An append cut short (a kill in the middle of a long write) leaves the file ending inside the chunk in
-    flight; retrying from the file's end is no exact retry, so --resume also tries one chunk before the
-    session."""
+    flight; retrying from the file's end is no exact retry, so --resume retries from where the session's
+    last chunk began."""
     values = series(20, seed=45)
     source, out, session = _file_behind_the_session(server, client, tmp_path, values, lost=1)
     with out.open("a", newline="") as file:  # the lost chunk's first two rows reached the file
         csv.writer(file).writerows([[step, values[step, 0].item(), 0.5] for step in (11, 12)])
+    _resume_completes(server, client, source, out, session, values)
+
+
+def test_cli_resume_recovers_the_series_last_short_chunk_whose_rows_were_cut_short(
+    server: Server, client: httpx.Client, tmp_path: Path
+) -> None:
+    """The series' last chunk is shorter than --chunk: cut short in its append, it began neither at the
+    file's end nor one --chunk before the session, and --resume refused a file it can complete."""
+    values = series(13, seed=46)
+    source, out, session = _file_behind_the_session(server, client, tmp_path, values, lost=0)
+    chunk = {"values": values[10:].tolist(), "offset": 10}  # the last 3 steps, sent as one chunk of 3
+    assert client.post(f"/v1/sessions/{session}/predict", json=chunk).status_code == 200
+    with out.open("a", newline="") as file:  # the first of its rows reached the file
+        csv.writer(file).writerow([11, values[11, 0].item(), 0.5])
     _resume_completes(server, client, source, out, session, values)
 
 
