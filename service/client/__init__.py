@@ -110,8 +110,8 @@ class Unavailable(ServiceError):
 
 class BadAnswer(ServiceError):
     """An answer that is no refusal yet cannot be used: not JSON, without the call's fields, a position that
-    does not follow the chunk sent, a redirect, a body that cannot be decoded. Never taken as success: a
-    position believed from it would skip or repeat steps."""
+    does not follow the chunk sent, an export that is no state document, a redirect, a body that cannot be
+    decoded. Never taken as success: a position believed from it would skip or repeat steps."""
 
 
 def _error(response: httpx.Response) -> ServiceError:
@@ -316,6 +316,16 @@ def _same_session(document: bytes, other: bytes) -> bool:
         return False
 
 
+def _no_state(document: bytes) -> str | None:
+    """Why an export's body is no state document (safetensors with the state and the metadata a session
+    goes on from), or None when it is one: a proxy's page answered with a 200 is no session's state."""
+    try:
+        _contents(document)
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        return f"no state document ({type(exc).__name__}: {exc}): {document[:80]!r}"
+    return None
+
+
 def _contents(document: bytes) -> tuple[Any, ...]:
     length = int.from_bytes(document[:8], "little")
     header = json.loads(document[8 : 8 + length])
@@ -469,6 +479,8 @@ class _SessionCalls:
     def _exported(self, response: httpx.Response, unless: State | None = None) -> State:
         if response.status_code == 304 and unless is not None:  # the session is still at ``unless``
             return unless
+        if (why := _no_state(response.content)) is not None:
+            raise _bad(response, why)
         return State(response.content, response.headers.get("etag", ""))
 
     def _adopt(self, response: httpx.Response) -> dict[str, Any]:

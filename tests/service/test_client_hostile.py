@@ -156,6 +156,21 @@ def test_a_conflict_without_a_usable_position_is_no_offset_conflict(hostile: _Sc
     assert raised.value.status == 409
 
 
+@pytest.mark.parametrize("body", [b"", b"<html>maintenance</html>", b"\x08" + b"\0" * 7 + b"{}"],
+                         ids=["empty", "a-page", "no-tensors"])
+def test_an_export_that_is_no_state_document_is_refused(hostile: _ScriptedServer, csv_file: Path,
+                                                        body: bytes) -> None:
+    """A 200 whose body is no state document (a proxy's page) was taken as the session's state: the CLI
+    saved it and exited 0, and only a later import found the copy useless."""
+    hostile.answer = (200, {"etag": '"x"'}, body)
+    with Client(_url(hostile), retry=FAST) as client, pytest.raises(BadAnswer, match="no state document"):
+        client.session("s").export_state()
+    out = csv_file.parent / "s.state"
+    run = _cli("export", "--session", "s", "--url", _url(hostile), "--out", str(out))
+    _refused_in_one_line(run, "no state document")
+    assert not out.exists()
+
+
 def test_a_body_that_cannot_be_inflated_raises_a_service_error(hostile: _ScriptedServer) -> None:
     hostile.answer = (200, {"content-encoding": "gzip"}, b"not gzip: " + _chunk_answer())
     with Client(_url(hostile), retry=FAST) as client, pytest.raises(ServiceError, match="DecodingError"):
