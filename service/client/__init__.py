@@ -265,6 +265,8 @@ def unusable_answer(body: dict[str, Any], steps: int, offset: int | None,
     predictions = body.get("predictions")
     if not isinstance(predictions, list) or len(predictions) != steps:
         return f"predictions {str(predictions)[:80]} are not {steps} row(s), one a step sent"
+    if (why := _not_rows(predictions)) is not None:
+        return why
     if not isinstance(body.get("model_version"), str):
         return "no model_version"
     if offset is not None:
@@ -274,6 +276,18 @@ def unusable_answer(body: dict[str, Any], steps: int, offset: int | None,
         if position != offset + steps:
             return (f"position {position} after {steps} step(s) sent at offset {offset}; the session should be at"
                     f" {offset + steps}")
+    return None
+
+
+def _not_rows(predictions: list[Any]) -> str | None:
+    """Why ``predictions`` are not rows of numbers all as wide as the first, or None when they are: a row
+    that is a number, text or empty would be written out as a prediction, or crash whoever reads it."""
+    width = len(predictions[0]) if predictions and isinstance(predictions[0], list) else 0
+    for row in predictions:
+        if not isinstance(row, list) or not row or not all(type(value) in (int, float) for value in row):
+            return f"prediction {str(row)[:80]} is not a row of numbers"
+        if len(row) != width:
+            return f"prediction {str(row)[:80]} is not a row of {width} numbers, as the first is"
     return None
 
 

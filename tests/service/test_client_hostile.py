@@ -75,7 +75,11 @@ def _chunk_answer(**fields: object) -> bytes:
     (200, {}, _chunk_answer(predictions=[[0.5], [0.6]])),
     (200, {}, _chunk_answer(model_version=None)),
     (302, {"location": "https://elsewhere.example/v1/sessions/s/predict"}, b""),
-], ids=["not-json", "a-list", "no-fields", "predictions-not-a-list", "a-row-too-many", "no-version", "redirect"])
+    (200, {}, _chunk_answer(predictions=[0.5])),
+    (200, {}, _chunk_answer(predictions=[["0.5"]])),
+    (200, {}, _chunk_answer(predictions=[[]])),
+], ids=["not-json", "a-list", "no-fields", "predictions-not-a-list", "a-row-too-many", "no-version", "redirect",
+        "a-row-not-a-list", "a-row-of-text", "an-empty-row"])
 def test_an_unusable_answer_to_a_chunk_raises_bad_answer_and_keeps_the_position(
         hostile: _ScriptedServer, answer: Answer) -> None:
     hostile.answer = answer
@@ -87,6 +91,12 @@ def test_an_unusable_answer_to_a_chunk_raises_bad_answer_and_keeps_the_position(
             client.predict([1.0])
     assert raised.value.status == answer[0]
     assert session.position == 0
+
+
+def test_predictions_whose_rows_differ_in_width_are_refused(hostile: _ScriptedServer) -> None:
+    hostile.answer = (200, {}, _chunk_answer(predictions=[[0.5], [0.5, 0.6]], position=2))
+    with Client(_url(hostile), retry=FAST) as client, pytest.raises(BadAnswer, match="not a row of 1 numbers"):
+        client.session("s").predict([1.0, 2.0])
 
 
 @pytest.mark.parametrize("frame", [
@@ -269,7 +279,9 @@ def test_cli_explains_a_url_without_its_scheme(csv_file: Path) -> None:
     (b"{}", "feature_names None"),
     (b'{"feature_names": "x"}', "feature_names 'x'"),
     (b'{"feature_names": ["x"]}', "unusable: predictions None"),
-], ids=["no-features", "features-not-a-list", "no-position"])
+    (b'{"feature_names": ["x"], "predictions": [0.1, 0.2, 0.3], "model_version": "v", "position": 3}',
+     "unusable: prediction 0.1 is not a row of numbers"),
+], ids=["no-features", "features-not-a-list", "no-position", "rows-not-lists"])
 def test_cli_against_a_server_without_the_fields_it_needs_exits_in_one_line(
         hostile: _ScriptedServer, csv_file: Path, body: bytes, words: str) -> None:
     hostile.answer = (200, {}, body)  # every call, /v1/model and the session's description included
