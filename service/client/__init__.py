@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import random
 import sys
@@ -279,12 +280,17 @@ def unusable_answer(body: dict[str, Any], steps: int, offset: int | None,
     return None
 
 
+def _finite(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
 def _not_rows(predictions: list[Any]) -> str | None:
-    """Why ``predictions`` are not rows of numbers all as wide as the first, or None when they are: a row
-    that is a number, text or empty would be written out as a prediction, or crash whoever reads it."""
+    """Why ``predictions`` are not rows of finite numbers all as wide as the first, or None when they are: a
+    row that is a number, text, empty or NaN (which the service never answers) would be taken as a
+    prediction, or crash whoever reads it."""
     width = len(predictions[0]) if predictions and isinstance(predictions[0], list) else 0
     for row in predictions:
-        if not isinstance(row, list) or not row or not all(type(value) in (int, float) for value in row):
+        if not isinstance(row, list) or not row or not all(_finite(value) for value in row):
             return f"prediction {str(row)[:80]} is not a row of numbers"
         if len(row) != width:
             return f"prediction {str(row)[:80]} is not a row of {width} numbers, as the first is"

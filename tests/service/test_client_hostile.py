@@ -78,8 +78,10 @@ def _chunk_answer(**fields: object) -> bytes:
     (200, {}, _chunk_answer(predictions=[0.5])),
     (200, {}, _chunk_answer(predictions=[["0.5"]])),
     (200, {}, _chunk_answer(predictions=[[]])),
+    (200, {}, _chunk_answer(predictions=[[float("nan")]])),
+    (200, {}, _chunk_answer(predictions=[[float("inf")]])),
 ], ids=["not-json", "a-list", "no-fields", "predictions-not-a-list", "a-row-too-many", "no-version", "redirect",
-        "a-row-not-a-list", "a-row-of-text", "an-empty-row"])
+        "a-row-not-a-list", "a-row-of-text", "an-empty-row", "nan", "infinity"])
 def test_an_unusable_answer_to_a_chunk_raises_bad_answer_and_keeps_the_position(
         hostile: _ScriptedServer, answer: Answer) -> None:
     hostile.answer = answer
