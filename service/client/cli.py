@@ -533,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
                                  help="stream a CSV through a session, write its predictions")
     stream.add_argument("--csv", type=Path, required=True, help="input series, one row a step")
     stream.add_argument("--chunk", type=int, default=32, help="steps per call (default 32)")
-    stream.add_argument("--out", type=Path, help="predictions CSV (default FILE.predictions.csv);"
+    stream.add_argument("--out", type=Path, help="predictions CSV, never the --csv file (default FILE.predictions.csv);"
                         " --resume extends it when it ends where the session is")
     stream.add_argument("--plot", type=Path, help="also draw truth vs prediction to this PNG")
     stream.add_argument("--columns", type=lambda s: [c.strip() for c in s.split(",")],
@@ -565,6 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     for option, path in (("--out", args.out), ("--plot", args.plot)):  # refused before anything is sent
         if path is not None and not os.access(path.parent, os.W_OK):
             parser.error(f"{option} {path}: {path.parent} is not a directory this user can write in")
+    if args.out is not None and args.out.resolve() == args.csv.resolve():  # the series would be replaced
+        parser.error(f"--out {args.out} is the --csv file; the predictions go to a file of their own")
     if args.plot is not None:
         try:
             import matplotlib  # noqa: F401  (only --plot needs it: checked before anything is sent)

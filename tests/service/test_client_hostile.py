@@ -271,6 +271,20 @@ def test_cli_refuses_an_output_it_cannot_write_before_sending(server: Server, cs
         assert client.session(session, resume=True).position == 0  # nothing was sent
 
 
+def test_cli_refuses_an_output_that_is_its_own_csv(server: Server, csv_file: Path) -> None:
+    """--out naming the input CSV (here by another path) replaced the series with its predictions, exit
+    status 0: the input was lost."""
+    session = new_id("cli")
+    before = csv_file.read_bytes()
+    run = _cli("stream", "--csv", str(csv_file), "--session", session, "--url", server.url, "--quiet",
+               "--out", str(csv_file.parent / ".." / csv_file.parent.name / csv_file.name))
+    _refused_in_one_line(run, "is the --csv file")
+    assert run.returncode == 2
+    assert csv_file.read_bytes() == before
+    with Client(server.url) as client:
+        assert client.session(session, resume=True).position == 0  # nothing was sent
+
+
 def test_cli_explains_a_url_without_its_scheme(csv_file: Path) -> None:
     for command in (["stream", "--csv", str(csv_file), "--quiet"], ["export"]):
         run = _cli(*command, "--session", "s", "--url", "127.0.0.1:9")
