@@ -380,10 +380,12 @@ class _Stats:
 
 
 def _in_time(response: httpx.Response, deadline: float, timeout: float) -> None:
-    """Raise a timeout, retried like any other, once an answer's body runs past its call's ``timeout``:
-    httpx bounds each read only, so a body that trickles in or never ends would hold the call forever."""
+    """Raise a timeout, retried like any other, once the sync client's answer body runs past its call's
+    ``timeout``: httpx bounds each read only, so a body that trickles in or never ends would hold the call
+    forever. (The async client bounds the whole answer with ``asyncio.timeout``; sync httpx has no such
+    bound, so the sync client's head is held to the timeout per read only.)"""
     if time.monotonic() > deadline:
-        raise httpx.ReadTimeout(f"the answer's body took over {timeout} s", request=response.request)
+        raise httpx.ReadTimeout(f"the answer took over {timeout} s", request=response.request)
 
 
 def _whole(response: httpx.Response, body: bytes) -> httpx.Response:
@@ -525,7 +527,8 @@ class _SessionCalls:
 
 class Client(_Calls):
     """The service at ``base_url``; ``api_key`` is sent as ``Authorization: Bearer``. ``timeout`` bounds each
-    attempt of a call, its whole answer included (a body that trickles in is a timeout, retried)."""
+    attempt of a call, its whole body included (a body that trickles in is a timeout, retried); its head is
+    held to it per read only, as sync httpx offers no bound on a whole answer (``AsyncClient``'s is whole)."""
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, *,
                  timeout: float = 30.0, retry: Retry | None = None,
@@ -672,7 +675,8 @@ class Session(_SessionCalls):
 
 
 class AsyncClient(_Calls):
-    """``Client`` for asyncio: the same calls, awaited."""
+    """``Client`` for asyncio: the same calls, awaited; ``timeout`` bounds each attempt's whole answer, its head
+    too (``asyncio.timeout``)."""
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, *,
                  timeout: float = 30.0, retry: Retry | None = None,
@@ -709,13 +713,15 @@ class AsyncClient(_Calls):
         raise tries.give_up() from tries.error
 
     async def _fetch(self, call: _Call) -> httpx.Response:
-        deadline = time.monotonic() + self._timeout
-        async with self._http.stream(call.method, call.path, **call.options()) as response:
-            body = bytearray()
-            async for piece in response.aiter_bytes():
-                _in_time(response, deadline, self._timeout)
-                body += piece
-        return _whole(response, bytes(body))
+        """One attempt, its whole answer, head and body, read within ``timeout``: httpx bounds each read only,
+        so an answer that trickles in would hold the call as long as the server liked."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                async with self._http.stream(call.method, call.path, **call.options()) as response:
+                    body = b"".join([piece async for piece in response.aiter_bytes()])
+        except TimeoutError:
+            raise httpx.ReadTimeout(f"the answer took over {self._timeout} s") from None
+        return _whole(response, body)
 
     async def model(self) -> dict[str, Any]:
         return await self.request("GET", "/v1/model")

@@ -4,6 +4,7 @@ each ends in the client's own typed error or one line and a non-zero exit, never
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -222,6 +223,44 @@ def test_a_body_trickling_past_the_timeout_is_a_timeout_not_an_answer() -> None:
     finally:
         trickling.shutdown()
         trickling.server_close()
+
+
+class _TricklingHead(_Scripted):
+    """Answers a chunk correctly, but its status line and headers a byte every 0.1 s: each read is quick,
+    the head alone takes over 10 s."""
+
+    def _reply(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        body = _chunk_answer()
+        head = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\nx-pad: %s\r\n\r\n" % (len(body), b"a" * 80)
+        with contextlib.suppress(OSError):  # the client hangs up once its time is up
+            for byte in head:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.1)
+            self.wfile.write(body)
+
+    do_POST = _reply
+
+
+def test_the_async_client_holds_a_trickling_head_to_the_timeout() -> None:
+    """The async client's ``timeout`` bounds an attempt's whole answer, but only its body was held to it: a
+    status line and headers trickling in held each attempt as long as the server liked (here over 10 s)."""
+    trickling = _ScriptedServer(("127.0.0.1", 0), _TricklingHead)
+    threading.Thread(target=trickling.serve_forever, daemon=True).start()
+
+    async def predict() -> None:
+        async with AsyncClient(_url(trickling), retry=FAST, timeout=1.0) as client:
+            await (await client.session("s")).predict([1.0])
+
+    started = time.monotonic()
+    try:
+        with pytest.raises(Unavailable, match=r"took over 1\.0 s"):
+            asyncio.run(predict())
+    finally:
+        trickling.shutdown()
+        trickling.server_close()
+    assert time.monotonic() - started < 5  # two attempts of 1 s, and the pause between them
 
 
 # -- the command line --------------------------------------------------------------------------------
