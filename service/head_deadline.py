@@ -17,7 +17,8 @@ process. A head still arriving is counted chunk by chunk (the chunk it began in 
 read, 256 KiB, is held past the bound); a complete one is measured exactly. The 431 is counted and
 access-logged as ``Observability`` does the app's answers, under route ``unmatched`` (no route is looked at),
 its latency from the head's first byte. So is the 400 problem+json that replaces uvicorn's text/plain one for
-a request httptools cannot parse.
+a request httptools cannot parse. Either waits for the answers of requests pipelined before it on the
+connection: answers go out in the order of their requests.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class _HeadDeadlineProtocol(HttpToolsProtocol):
         self._head_bytes = 0  # of the head in progress, in the reads after the one it began in
         self._head_began = 0.0  # perf_counter() at the head's first byte
         self._refused = False
+        self._held: bytes | None = None  # a refusal waiting for the answers of the requests before it
 
     def _arm(self) -> None:
         self._disarm()
@@ -145,15 +147,27 @@ class _HeadDeadlineProtocol(HttpToolsProtocol):
         reset, which can destroy the answer before the client reads it."""
         self._refused = True
         answer, request_id = self._problem_answer(problem, status_line)
-        self.transport.write(answer)
-        self.transport.write_eof()
-        self._arm()
+        if self._answering():
+            self._held = answer  # written by on_response_complete, after the answers it follows
+        else:
+            self._end_with(answer)
         try:
             method = self.parser.get_method().decode("ascii", "replace")
         except httptools.HttpParserError:  # the request line itself was malformed
             method = ""
         record(self.metrics, request_id, method, UNMATCHED, {}, problem.status,
                time.perf_counter() - self._head_began)
+
+    def _answering(self) -> bool:
+        """Whether requests pipelined before this head are still being answered: answers go out in the
+        order of their requests (RFC 9112 section 9.3.2), and one written after ours would follow its end."""
+        return bool(self.pipeline) or (self.cycle is not None and not self.cycle.response_complete)
+
+    def _end_with(self, answer: bytes) -> None:
+        """Write the refusal, end our side, and give the client until the head deadline to close."""
+        self.transport.write(answer)
+        self.transport.write_eof()
+        self._arm()
 
     def _problem_answer(self, problem: Problem, status_line: bytes) -> tuple[bytes, bytes]:
         """The problem+json answer that closes the connection, with the request id of the head read so far
@@ -184,6 +198,9 @@ class _HeadDeadlineProtocol(HttpToolsProtocol):
         super().on_response_complete()  # an idle connection is uvicorn's: closed after timeout_keep_alive
         if not self.pipeline:
             self._awaiting_head = True
+        if self._held is not None and not self._answering() and not self.transport.is_closing():
+            answer, self._held = self._held, None
+            self._end_with(answer)
 
 
 def head_deadline_protocol(timeout: float, metrics: Metrics) -> type[HttpToolsProtocol]:

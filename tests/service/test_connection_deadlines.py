@@ -183,3 +183,22 @@ def test_a_malformed_chunked_body_is_logged_with_its_request_id(server_factory: 
     lines = [json.loads(line) for line in server.log().splitlines() if "trace-bad-chunk" in line]
     assert [line["msg"] for line in lines if line["level"] == "warning"] == [
         "a chunked body could not be parsed: answered 400 and closed"], lines
+
+
+def test_a_malformed_request_after_a_pipelined_one_is_answered_after_it(server_factory: ServerFactory) -> None:
+    """HTTP/1.1 answers pipelined requests in order (RFC 9112 section 9.3.2). A valid request followed, in the
+    same read, by one httptools cannot parse got the 400 first, as if it were the valid one's answer, and
+    the valid one's answer then failed to write after the 400's end of stream: an "Exception in ASGI
+    application" traceback at error level, which any anonymous client could write at will."""
+    server = server_factory()
+    with _connect(server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Request-ID: trace-piped-first\r\n\r\n"
+                     b"FOO /v1/model HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = _answer(sock)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert b"x-request-id: trace-piped-first" in answer.split(b"\r\n\r\n", 1)[0].lower(), answer[:300]
+    assert answer.count(b"HTTP/1.1 400 Bad Request") == 1 and b"/malformed-request" in answer, answer
+    assert access_line(server, "trace-piped-first")["status"] == 200
+    assert httpx.get(server.url + "/healthz").status_code == 200
+    assert "Exception in ASGI application" not in server.log()
+
