@@ -151,11 +151,7 @@ class _HeadDeadlineProtocol(HttpToolsProtocol):
             self._held = answer  # written by on_response_complete, after the answers it follows
         else:
             self._end_with(answer)
-        try:
-            method = self.parser.get_method().decode("ascii", "replace")
-        except httptools.HttpParserError:  # the request line itself was malformed
-            method = ""
-        record(self.metrics, request_id, method, UNMATCHED, {}, problem.status,
+        record(self.metrics, request_id, self._method(), UNMATCHED, {}, problem.status,
                time.perf_counter() - self._head_began)
 
     def _answering(self) -> bool:
@@ -168,6 +164,14 @@ class _HeadDeadlineProtocol(HttpToolsProtocol):
         self.transport.write(answer)
         self.transport.write_eof()
         self._arm()
+
+    def _method(self) -> str:
+        """The refused head's method; "" when its request line broke off before a whole method. httptools
+        then reports DELETE (its method 0) or a valid prefix ("POST" of "POSTX"); a method is whole once
+        the request target has begun."""
+        if not getattr(self, "url", b""):
+            return ""
+        return self.parser.get_method().decode("ascii", "replace")
 
     def _problem_answer(self, problem: Problem, status_line: bytes) -> tuple[bytes, bytes]:
         """The problem+json answer that closes the connection, with the request id of the head read so far

@@ -202,3 +202,18 @@ def test_a_malformed_request_after_a_pipelined_one_is_answered_after_it(server_f
     assert httpx.get(server.url + "/healthz").status_code == 200
     assert "Exception in ASGI application" not in server.log()
 
+
+def test_a_request_line_with_no_valid_method_is_not_logged_as_another_method(server_factory: ServerFactory) -> None:
+    """httptools reports DELETE (its method 0), or the valid prefix of "POSTX", for a method it could not
+    parse: the access line and gru_requests_total said a client sent DELETE when it had sent FOO."""
+    server = server_factory()
+    for method in (b"FOO", b"POSTX"):
+        with _connect(server) as sock:
+            sock.sendall(method + b" /v1/model HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _answer(sock).startswith(b"HTTP/1.1 400")
+    # the parser stops at the method, before the X-Request-ID: the lines are found by their status
+    lines = [json.loads(line) for line in server.log().splitlines() if '"status":400' in line]
+    assert [(line["method"], line["route"]) for line in lines] == [("", "unmatched")] * 2, lines
+    metrics = httpx.get(server.url + "/metrics").text
+    counted = [line for line in metrics.splitlines() if line.startswith("gru_requests_total") and "unmatched" in line]
+    assert counted == ['gru_requests_total{method="other",route="unmatched",status="400"} 2.0'], counted
