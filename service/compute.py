@@ -36,6 +36,7 @@ class Computed:
     states: Tensor  # (B, S), row i = chunk i
     finite: list[bool]  # per chunk: predictions, forecast, intervals and new state all finite
     surprises: list[int]  # per chunk, its answered values with a p-value under ``surprise_p`` (0: no calibration)
+    scored: list[int]  # per chunk, its answered values that have a p-value (0: no calibration)
     extras: list[list[dict[str, Any] | None]]  # per chunk, per part: the answer's intervals and scores where it asked
 
 
@@ -123,15 +124,16 @@ class BatchCompute:
             predictions[i] = y_host[row, primed[i]: lengths[row]]
         for picked, row in enumerate(wanting):
             forecasts[order[row]] = np.ascontiguousarray(forecast_host[picked, : sorted_horizons[row]])
-        surprises = [0] * count
+        surprises, scored = [0] * count, [0] * count
         asked: list[list[dict[str, Any] | None]] = [[None] * len(p) for p in parts]
         # Intervals are checked too: their half-widths scale by exp of the state's log-scales, which a finite
         # state can hold past float32's range (an imported document); orjson would answer their inf as null.
         unbounded: set[int] = set()  # chunks with an interval bound that is not finite
         if observed.p_values is not None and observed.log_scales is not None:
             surprising = _surprises(observed.p_values, self.surprise_p, [primed[i] for i in order])
+            with_p = _scored(observed.p_values, [primed[i] for i in order])
             for row, i in enumerate(order):
-                surprises[i] = surprising[row]
+                surprises[i], scored[i] = surprising[row], with_p[row]
                 start = primed[i]
                 for part, (steps, wanted) in enumerate(parts[i]):
                     if wanted:
@@ -150,7 +152,7 @@ class BatchCompute:
             finite = [ok and _all_finite(predictions[i], forecasts[i]) for i, ok in enumerate(finite_states)]
         if unbounded:
             finite = [ok and i not in unbounded for i, ok in enumerate(finite)]
-        return Computed(predictions, forecasts, states_out, finite, surprises, asked)
+        return Computed(predictions, forecasts, states_out, finite, surprises, scored, asked)
 
     def _extras(self, extras: Extras, predictions: np.ndarray, forecast: np.ndarray | None,
                 p_values: np.ndarray, log_scales: np.ndarray) -> dict[str, Any]:
@@ -181,7 +183,18 @@ def _bands(levels: Sequence[float], centre: np.ndarray, half_widths: np.ndarray)
 def _surprises(p_values: np.ndarray, below: float, primed: Sequence[int]) -> list[int]:
     """Per row of ``p_values`` (B, T, F; NaN where unscored or past the row's end), its values from
     ``primed[row]`` on with a p-value under ``below`` (NaN compares false)."""
-    per_step = np.count_nonzero(p_values < below, axis=2).cumsum(axis=1)  # (B, T): running count
+    return _count_from(p_values < below, primed)
+
+
+def _scored(p_values: np.ndarray, primed: Sequence[int]) -> list[int]:
+    """Per row of ``p_values``, its values from ``primed[row]`` on that have one: the share of surprises is
+    counted over these, each of a step's F values apart (gru_scored_values_total)."""
+    return _count_from(~np.isnan(p_values), primed)
+
+
+def _count_from(mask: np.ndarray, primed: Sequence[int]) -> list[int]:
+    """Per row of ``mask`` (B, T, F), its true entries from step ``primed[row]`` on."""
+    per_step = np.count_nonzero(mask, axis=2).cumsum(axis=1)  # (B, T): running count
     counts = per_step[:, -1]
     if any(primed):
         starts = np.asarray(primed)

@@ -119,6 +119,7 @@ class Engine:
         self._steps = metrics.steps.labels(model=model, version=version)
         self._forward_time = metrics.forward_time.labels(model=model, version=version)
         self._surprises = metrics.surprises.labels(model=model)
+        self._scored = metrics.scored_values.labels(model=model)
         self._worker: asyncio.Task[None] | None = None
         self._running: list[Chunk] = []  # the batch being judged, computed and committed, its runs' chunks too
         self._stopping = False
@@ -292,7 +293,7 @@ class Engine:
         """Answer stateless chunks; compare-and-set the others and answer those that won; those that lost
         their race go back to the front of the queue."""
         writes: list[Write] = []
-        pending: list[tuple[_Run, list[bytes], int]] = []  # the run, its chunks' answers, its surprises
+        pending: list[tuple[_Run, list[bytes], int]] = []  # the run, its chunks' answers, its row in ``computed``
         again: list[Chunk] = []  # runs not to commit now, their chunks judged again
         for row, run in enumerate(runs):
             chunks = run.chunks
@@ -321,7 +322,7 @@ class Engine:
                 model_version=self.model_version, last_offset=start,
                 fingerprint=fingerprint(start, last.horizon, last.values, last.extras), answer=answers[-1], row=row,
             ))
-            pending.append((run, answers, computed.surprises[row]))
+            pending.append((run, answers, row))
         if writes:
             committing = [chunk for run, _, _ in pending for chunk in run.chunks]
             for chunk in committing:  # past its deadline from here on, a chunk waits for the write's outcome
@@ -336,9 +337,9 @@ class Engine:
             finally:
                 for chunk in committing:
                     chunk.committing = False
-            surprising = 0  # values that arrived in a session with a p-value under GRU_SURPRISE_P
+            surprising = scored = 0  # values that arrived in a session with a p-value [under GRU_SURPRISE_P]
             conflicts = 0
-            for (run, answers, surprises), won in zip(pending, committed, strict=True):
+            for (run, answers, row), won in zip(pending, committed, strict=True):
                 if won is None:  # the session changed under us: judge these again (those timed out are dropped)
                     retried = [chunk for chunk in run.chunks if not chunk.future.done()]
                     again.extend(retried)
@@ -346,9 +347,12 @@ class Engine:
                     continue
                 for chunk, answer in zip(run.chunks, answers, strict=True):
                     settle(chunk, answer)
-                surprising += surprises
+                surprising += computed.surprises[row]
+                scored += computed.scored[row]
             if surprising:
                 self._surprises.inc(surprising)
+            if scored:
+                self._scored.inc(scored)
             if conflicts:
                 self._metrics.store_conflicts.inc(conflicts)
         if again:  # ahead of everything newer

@@ -80,6 +80,11 @@ class Metrics:
         self.surprises = Counter(
             "gru_surprises", "Arriving session values whose p-value was under GRU_SURPRISE_P", ["model"], registry=r
         )
+        # the surprise share's denominator: not the steps run, which count a step's F values once (and stateless calls)
+        self.scored_values = Counter(
+            "gru_scored_values", "Arriving session values scored against a prediction (calibrated models)", ["model"],
+            registry=r,
+        )
         self.model_versions = Gauge(
             "gru_model_versions", "Loaded model versions (1 each), by state: serving or draining",
             ["model", "version", "state"], registry=r,

@@ -6,10 +6,14 @@ empty panel or an alert that can never fire, and nothing else would notice.
 
 from __future__ import annotations
 
+import re
+import signal
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from prometheus_client import generate_latest
@@ -18,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.config import Settings
 from service.metrics import Metrics
 from service.sessions import build_store
+from tests.conftest import start_server
 
 # The sample names each metric type exposes: the parser strips `_total` and `_info` from family names.
 _SUFFIXES = {
@@ -103,3 +108,34 @@ def test_dashboard_variables_come_from_a_metric_every_store_exports(
     for variable in dashboard["templating"]["list"]:
         names = promql.gru_metrics(variable["query"]["query"])
         assert names and names <= exported, (variable["name"], names)
+
+
+def _counter(page: str, name: str) -> float:
+    """The sum of a counter's samples on a /metrics page (``name`` with its ``_total``)."""
+    return sum(sample.value for family in text_string_to_metric_families(page) for sample in family.samples
+               if sample.name == name)
+
+
+def test_the_surprise_share_the_alert_reads_is_the_share_of_the_values_scored(
+    wide_model: Path, tmp_path: Path, rule_groups: list[dict[str, Any]]
+) -> None:
+    """job:gru_surprises:ratio_rate15m, which GruSurprisingValues holds at 5%, is the share of the arriving
+    values that were surprising (README; about GRU_SURPRISE_P is expected). Divided by the time steps run, it
+    counted each of a step's F values over one step: a model of 32 features at the expected rate read as 32
+    times it, and the alert fired on every healthy multi-feature model."""
+    (expr,) = [rule["expr"] for rule in rule_groups if rule.get("record") == "job:gru_surprises:ratio_rate15m"]
+    numerator, denominator = re.findall(r"rate\((gru_\w+)\[", expr)
+    server = start_server(wide_model, tmp_path, {"GRU_SURPRISE_P": "0.5"})
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            values = np.random.default_rng(0).normal(0.5, 0.3, (64, 32)).round(3).tolist()
+            answer = http.post("/v1/sessions/surprise-share/predict",
+                               json={"values": values, "offset": 0, "scores": True})
+            assert answer.status_code == 200, answer.text
+            page = http.get("/metrics").text
+    finally:
+        server.stop(signal.SIGKILL)
+    scores = np.array(answer.json()["scores"], dtype=np.float64)  # null -> nan: not scored
+    share = np.count_nonzero(scores < 0.5) / np.count_nonzero(~np.isnan(scores))
+    assert 0 < share < 1
+    assert _counter(page, numerator) / _counter(page, denominator) == pytest.approx(share)
