@@ -1,7 +1,9 @@
 """``BodyLimit``: a body over GRU_MAX_BODY_BYTES is refused from its Content-Length before a byte is read (413,
-connection closed); a chunked body is cut off the moment it passes the limit; a body still arriving when the
-request's time (GRU_REQUEST_TIMEOUT_SECONDS) is up gets 408, connection closed: a client trickling a byte a
-second would otherwise hold its connection and task for ever."""
+connection closed); a chunked body is cut off the moment it passes the limit; a body still arriving
+GRU_REQUEST_TIMEOUT_SECONDS after the app began reading it gets 408, connection closed: a client trickling a
+byte a second would otherwise hold its connection and task for ever. The clock starts at the first read, not
+at the request's start: a predict call that waits for a queue place (GRU_QUEUE_PATIENCE_SECONDS) leaves its
+body unread meanwhile, and that wait is the service's, not the client's."""
 
 from __future__ import annotations
 
@@ -41,10 +43,12 @@ class BodyLimit:
                     return
                 break
         received = 0
-        deadline = asyncio.get_running_loop().time() + self.timeout
+        deadline: float | None = None  # set by the first read
 
         async def limited() -> Message:
-            nonlocal received
+            nonlocal received, deadline
+            if deadline is None:
+                deadline = asyncio.get_running_loop().time() + self.timeout
             try:
                 async with asyncio.timeout_at(deadline):  # no task per call, unlike wait_for: the hot path
                     message = await receive()

@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import orjson
 
 from tests.conftest import Server, ServerFactory
 from tests.service.helpers import assert_problem, new_id, series, stateless
@@ -210,3 +211,28 @@ def test_calls_that_find_the_queue_full_wait_unread_for_a_place_and_are_answered
     assert_problem(refused, 429)
     assert 0.2 <= refused.elapsed.total_seconds() < 1.0
     assert _metric(patient, "gru_rejected_total", 'reason="queue_full_unread"') == 1
+
+
+def test_a_body_sent_at_once_is_not_timed_out_by_its_wait_for_a_queue_place(server_factory: ServerFactory) -> None:
+    """A call that finds the queue full waits for a place with its body unread. The body's deadline
+    (GRU_REQUEST_TIMEOUT_SECONDS) ran from the request's start, so a body too large to sit in the server's
+    read buffer, sent at once, got 408 "send it at once" when its place came after that deadline: the
+    time went to the queue, not to the client. Here the engine computes a long chunk for seconds while one
+    chunk holds the only place and another call waits for it ahead of the large one: that call's place comes
+    a full timeout after the large one arrived."""
+    server = server_factory(GRU_MAX_QUEUE="1", GRU_MAX_BATCH_DELAY_MS="0", GRU_REQUEST_TIMEOUT_SECONDS="0.5",
+                            GRU_QUEUE_PATIENCE_SECONDS="10", GRU_MAX_CHUNK_STEPS="200000")
+    large = b'{"values": [0.25]' + b" " * 300_000 + b"}"  # well past uvicorn's 64 KiB read buffer
+
+    def post(body: bytes, after: float) -> httpx.Response:
+        time.sleep(after)
+        return httpx.post(server.url + "/v1/predict", content=body, timeout=60,
+                          headers={"content-type": "application/json"})
+
+    with ThreadPoolExecutor(4) as pool:
+        computing = pool.submit(post, orjson.dumps({"values": [0.1] * 180_000}), 0)  # seconds of compute
+        holding = pool.submit(post, b'{"values": [0.1]}', 0.2)  # the place, until its 503 at 0.7 s
+        ahead = pool.submit(post, b'{"values": [0.2]}', 0.3)  # the next place, until its 503 at 1.2 s
+        waiting = pool.submit(post, large, 0.4)  # its place comes at 1.2 s, past 0.4 + 0.5 s
+        responses = [f.result() for f in (computing, holding, ahead, waiting)]
+    assert all(r.status_code in (200, 503) for r in responses), [r.text for r in responses]  # never 408
