@@ -329,11 +329,12 @@ class Engine:
                 chunk.committing = True
             try:
                 committed = await self.store.commit(writes, computed.states)
-            except StoreUnreachable as refusal:
-                for run, _, _ in pending:
-                    for chunk in run.chunks:
+            except StoreUnreachable as refusal:  # the write may have applied all the same, its reply lost
+                runs_written = any(len(run.chunks) > 1 for run, _, _ in pending)  # a lone chunk's retry is exact
+                committed = await self._found(writes) if runs_written else [None] * len(writes)
+                for (run, _, _), won in zip(pending, committed, strict=True):
+                    for chunk in run.chunks if won is None else ():
                         settle(chunk, exc=refusal)
-                pending, committed = [], []
             finally:
                 for chunk in committing:
                     chunk.committing = False
@@ -357,6 +358,20 @@ class Engine:
                 self._metrics.store_conflicts.inc(conflicts)
         if again:  # ahead of everything newer
             self.queue.requeue(again)
+
+    async def _found(self, writes: list[Write]) -> list[Session | None]:
+        """After a commit that failed: each write's record where the store holds it all the same (Redis ran it
+        and the reply was lost), else None; None for all when the store still does not answer. A run keeps
+        only its last chunk's answer, so a 503 for an earlier chunk of a run that was written could not be
+        retried for its answer (a 409 past it): a run found written is answered from what was computed."""
+        try:
+            if not await self.store.ping():
+                return [None] * len(writes)
+            records = await self.store.load([write.key for write in writes])
+        except StoreUnreachable:
+            return [None] * len(writes)
+        return [record if record is not None and _holds(record, write) else None
+                for record, write in zip(records, writes, strict=True)]
 
     def _answers(self, run: _Run, predictions: np.ndarray, forecast: np.ndarray | None,
                  extras: list[dict[str, Any] | None]) -> list[bytes]:
@@ -399,6 +414,12 @@ def _continue(run: _Run, later: tuple[Chunk, ...]) -> int:
         run.join(chunk)
         end += len(chunk.values)
     return len(later)
+
+
+def _holds(record: Session, write: Write) -> bool:
+    """Whether ``record`` is what ``write`` wrote: its last chunk, applied where the write put it."""
+    return (record.position, record.last_offset, record.fingerprint, record.model_version) == (
+        write.position, write.last_offset, write.fingerprint, write.model_version)
 
 
 def _unknown(key: str) -> UnknownSession:
