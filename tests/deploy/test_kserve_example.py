@@ -68,6 +68,10 @@ def test_runtime_runs_our_image_speaking_v2_on_port_8000(kserve: KServe, kustomi
     # the paths that stay open with API keys set: the kubelet sends none
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 8000}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 8000}
+    # as the Deployment's: time to import torch and load the model before liveness may restart the pod
+    assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": 8000}
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 60
     sc = container["securityContext"]
     assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
     assert {m["mountPath"] for m in container["volumeMounts"]} == {"/tmp"}
