@@ -83,10 +83,13 @@ local function applied(key, current, new)
 end
 
 -- A record's ``created`` worth keeping when it is replaced: unix seconds a date can hold (``is_unix_time``),
--- else false. Any number would do for tonumber, and a nan, inf or 1e308 kept left the record damaged.
+-- else false. Any number would do for tonumber, and a nan, inf or 1e308 kept left the record damaged; so
+-- would what tonumber reads and Python's float does not (hexadecimal, text after a NUL byte): decimal only.
 local function kept_time(value)
   local seconds = tonumber(value)
-  if seconds and seconds >= 0 and seconds <= LAST_TIME then return value end
+  if seconds and seconds >= 0 and seconds <= LAST_TIME and string.find(value, '^%s*[%d%.eE%+%-]+%s*$') then
+    return value
+  end
   return false
 end
 

@@ -512,6 +512,33 @@ def test_a_reset_or_an_import_replaces_a_record_whose_created_time_is_no_time(
     assert "Traceback" not in server.log()
 
 
+def test_a_reset_or_an_import_replaces_a_created_time_lua_reads_and_python_does_not(
+    server_factory: ServerFactory, redis_server: RedisServer
+) -> None:
+    """Lua's tonumber reads hexadecimal ("0x10", "0x1p4") and stops at a NUL byte, where Python's float, which
+    reads the record, refuses all three: kept_time kept them as times, so the record stayed damaged after a
+    reset (every chunk still a 409) and an import kept it too."""
+    server = server_factory(GRU_STORE="redis", GRU_REDIS_URL=redis_server.url)
+    redis = redis_server.client()
+    values, donor = series(4, seed=46), new_id("donor")
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        assert send(http, donor, values, offset=0).status_code == 200
+        document = http.get(f"/v1/sessions/{donor}/state").content
+        for created in (b"0x10", b"0x1p4", b"5\x00"):
+            reset, imported = new_id("reset"), new_id("imported")
+            for session in (reset, imported):
+                assert send(http, session, values[:2], offset=0).status_code == 200
+                redis.hset(f"gru:s:default/{session}", "created", created)
+                assert_problem(send(http, session, values[2:], offset=2), 409)
+            assert http.post(f"/v1/sessions/{reset}/reset").status_code == 200
+            assert send(http, reset, values[:3], offset=0).status_code == 200, created
+            replaced = http.put(f"/v1/sessions/{imported}/state", content=document,
+                                headers={"content-type": "application/octet-stream"})
+            assert replaced.status_code == 200, replaced.text
+            assert send(http, imported, values[:1], offset=4).status_code == 200, created
+    assert "Traceback" not in server.log()
+
+
 def test_an_import_replaces_a_damaged_record_whose_revision_is_not_utf8(
     server_factory: ServerFactory, redis_server: RedisServer
 ) -> None:
