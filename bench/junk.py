@@ -25,7 +25,7 @@ from rich.table import Table
 
 from bench.common import bench_model, machine
 from harness.processes import start_service
-from service.api.bodies import parse, unknown_item_fields
+from service.api.bodies import parse, wrong_item_keys
 from service.problems import Problem
 from service.schemas import BatchEnvelope, BatchItem, ChunkRequest, StatelessRequest
 
@@ -47,9 +47,8 @@ def _parse_cpu(route: str, body: bytes) -> float:
     began = time.thread_time()
     try:
         if "batch" in route:
-            envelope = parse(body, BatchEnvelope)
-            if None in envelope.items:
-                unknown_item_fields(body, BatchItem)
+            parse(body, BatchEnvelope)
+            wrong_item_keys(body, BatchItem)
         else:
             parse(body, ChunkRequest if "sessions" in route else StatelessRequest)
     except Problem:

@@ -80,28 +80,38 @@ def _field_names(model: type[BaseModel]) -> frozenset[str]:
 
 _REPEATED = "duplicate_key"
 _REPEATED_MSG = "the field is given more than once"
+_UNKNOWN = "extra_forbidden"
 
 
-def _first_time(key: str, info: core_schema.ValidationInfo) -> str:
-    """A key of the object being checked, refused when the object named it before (the keys so far are the
-    validation's context: pydantic-core sees every key of a JSON object, where a dict keeps one of each)."""
-    seen = cast("set[str]", info.context)
-    if key in seen:
-        raise PydanticCustomError(_REPEATED, _REPEATED_MSG)
-    seen.add(key)
+class _Keys:
+    """What a key check saw, its validation's context: the fields allowed, the keys of the object being
+    checked, and the first key refused of each object checked so far (a batch item, by index; a body is 0)."""
+
+    def __init__(self, fields: frozenset[str]):
+        self.fields = fields
+        self.seen: set[str] = set()
+        self.wrong: dict[int, WrongKey] = {}
+        self.index = 0
+
+
+def _judged_key(key: str, info: core_schema.ValidationInfo) -> str:
+    """A key of the object being checked; one that is no field, or one named before, is noted and ends the
+    object (``fail_fast``): pydantic-core sees every key of a JSON object, where a dict keeps one of each."""
+    keys = cast(_Keys, info.context)
+    kind = _UNKNOWN if key not in keys.fields else _REPEATED if key in keys.seen else None
+    if kind is not None:
+        keys.wrong[keys.index] = key, kind
+        raise PydanticCustomError(kind, kind)
+    keys.seen.add(key)
     return key
 
 
-@cache
-def _key_check(model: type[BaseModel]) -> SchemaValidator:
-    """A JSON object whose keys are ``model``'s fields, each once, stopping at the first that is not; values
-    are skipped (parsed by pydantic-core, never made Python objects). Validate with a new set as context."""
-    return SchemaValidator(core_schema.dict_schema(
-        keys_schema=core_schema.with_info_after_validator_function(
-            _first_time, core_schema.literal_schema(sorted(_field_names(model)))),
-        values_schema=core_schema.with_default_schema(_FAILS_AT_ONCE, on_error="omit"),
-        fail_fast=True,
-    ))
+def _next_item(item: object, info: core_schema.ValidationInfo) -> object:
+    """The end of a batch item, however its check ended: its keys are forgotten for the next one."""
+    keys = cast(_Keys, info.context)
+    keys.seen.clear()
+    keys.index += 1
+    return item
 
 
 # Fails on every value, but on a small part of it: a refused value is copied into its error, and a batch's
@@ -109,98 +119,38 @@ def _key_check(model: type[BaseModel]) -> SchemaValidator:
 # element, objects at their first key.
 _FAILS_AT_ONCE = core_schema.list_schema(
     core_schema.dict_schema(keys_schema=core_schema.str_schema(max_length=0), fail_fast=True), fail_fast=True)
+# An object whose keys are judged one by one, stopping at the first refused; values are skipped (parsed by
+# pydantic-core, never made Python objects).
+_KEYED_OBJECT = core_schema.dict_schema(
+    keys_schema=core_schema.with_info_after_validator_function(_judged_key, core_schema.str_schema()),
+    values_schema=core_schema.with_default_schema(_FAILS_AT_ONCE, on_error="omit"), fail_fast=True,
+)
+_BODY_KEYS = SchemaValidator(_KEYED_OBJECT)
+# ``{"items": [...]}``: each item judged as a body is, and None however its check ends (so an item of 150,000
+# keys costs one parse, and the next item is still checked).
+_ITEM_KEYS = SchemaValidator(core_schema.typed_dict_schema(
+    {"items": core_schema.typed_dict_field(core_schema.list_schema(core_schema.with_info_after_validator_function(
+        _next_item, core_schema.with_default_schema(_KEYED_OBJECT, on_error="default", default=None))))},
+    extra_behavior="ignore",
+))
 
 
-@cache
-def _item_key_check(model: type[BaseModel]) -> SchemaValidator:
-    """``{"items": [...]}`` whose items are objects of ``model``'s fields, each item stopping at its first
-    unknown key (so one error per item at most)."""
-    item = core_schema.dict_schema(
-        keys_schema=core_schema.literal_schema(sorted(_field_names(model))),
-        values_schema=core_schema.with_default_schema(core_schema.none_schema(), on_error="omit"), fail_fast=True,
-    )
-    return SchemaValidator(core_schema.typed_dict_schema(
-        {"items": core_schema.typed_dict_field(core_schema.list_schema(item))}, extra_behavior="ignore"
-    ))
-
-
-def unknown_item_fields(raw: bytes, model: type[BaseModel]) -> dict[int, WrongKey]:
-    """The first unknown field of each item of a batch body that has one, by index. Call it on a body whose
-    item count is already within bounds: it builds one error per refused item."""
-    try:
-        _item_key_check(model).validate_json(raw)
-    except ValidationError as exc:
-        return {int(error["loc"][1]): (str(error["loc"][2]), "extra_forbidden")
-                for error in exc.errors(include_url=False, include_input=False)
-                if error["type"] == "literal_error" and len(error["loc"]) == 4}
-    return {}
-
-
-class _RepeatedKeys:
-    """The keys of the batch item being checked, and the one it repeats: the context of ``_item_repeats``."""
-
-    def __init__(self) -> None:
-        self.seen: set[str] = set()
-        self.repeated: str | None = None
-
-
-def _once_each(key: str, info: core_schema.ValidationInfo) -> str:
-    """A key of a batch item; a repeat is noted in the context and ends the item (which then becomes None)."""
-    keys = cast(_RepeatedKeys, info.context)
-    if key in keys.seen:
-        keys.repeated = key
-        raise PydanticCustomError(_REPEATED, _REPEATED_MSG)
-    keys.seen.add(key)
-    return key
-
-
-def _item_checked(item: object, info: core_schema.ValidationInfo) -> object:
-    """The end of a batch item, however its check ended: its keys are forgotten for the next item, and a
-    repeated one is refused."""
-    keys = cast(_RepeatedKeys, info.context)
-    repeated, keys.repeated = keys.repeated, None
-    keys.seen.clear()
-    if repeated is not None:
-        raise PydanticCustomError(_REPEATED, _REPEATED_MSG, {"key": repeated})
-    return item
-
-
-@cache
-def _item_repeats(model: type[BaseModel]) -> SchemaValidator:
-    """``{"items": [...]}``, each item an object of ``model``'s fields, each named once, values skipped. An
-    item ends at its first repeated or unknown key (so an item of 150,000 keys costs one parse), and becomes
-    None however it ends, so ``_item_checked`` clears its keys for the next one. Validate with a new
-    ``_RepeatedKeys`` as context."""
-    keys = core_schema.with_info_after_validator_function(
-        _once_each, core_schema.literal_schema(sorted(_field_names(model))))
-    item = core_schema.dict_schema(keys_schema=keys, fail_fast=True,
-                                   values_schema=core_schema.with_default_schema(_FAILS_AT_ONCE, on_error="omit"))
-    ended = core_schema.with_default_schema(item, on_error="default", default=None)
-    return SchemaValidator(core_schema.typed_dict_schema(
-        {"items": core_schema.typed_dict_field(core_schema.list_schema(
-            core_schema.with_info_after_validator_function(_item_checked, ended)))}, extra_behavior="ignore"))
-
-
-def repeated_item_keys(raw: bytes, model: type[BaseModel]) -> dict[int, WrongKey]:
-    """The key each item of a batch body repeats, by index (the items' parse kept one of each)."""
-    try:
-        _item_repeats(model).validate_json(raw, context=_RepeatedKeys())
-    except ValidationError as exc:
-        return {int(error["loc"][1]): (str(error.get("ctx", {})["key"]), _REPEATED)
-                for error in exc.errors(include_url=False, include_input=False) if error["type"] == _REPEATED}
-    return {}
+def wrong_item_keys(raw: bytes, model: type[BaseModel]) -> dict[int, WrongKey]:
+    """The first unknown or repeated key of each item of a batch body that has one, by index (the items'
+    parse kept one of each key, and dropped no unknown one it was not told to)."""
+    keys = _Keys(_field_names(model))
+    with contextlib.suppress(ValidationError):  # no list of items: the envelope's own validation says so
+        _ITEM_KEYS.validate_json(raw, context=keys)
+    return keys.wrong
 
 
 def _first_wrong_key(raw: bytes, model: type[BaseModel]) -> WrongKey | None:
     """The body's first key that ``model`` does not have, or that it names again; None also where the body is
     no JSON object at all, which the model's own validation then answers."""
-    try:
-        _key_check(model).validate_json(raw, context=set())
-    except ValidationError as exc:
-        error = exc.errors(include_url=False, include_input=False)[0]  # fail_fast: the only one
-        if error["type"] in ("literal_error", _REPEATED):
-            return str(error["loc"][0]), "extra_forbidden" if error["type"] == "literal_error" else _REPEATED
-    return None
+    keys = _Keys(_field_names(model))
+    with contextlib.suppress(ValidationError):
+        _BODY_KEYS.validate_json(raw, context=keys)
+    return keys.wrong.get(0)
 
 
 def _refuse_key(wrong: WrongKey | None, loc: list[str]) -> None:

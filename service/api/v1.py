@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, JsonValue
 
-from service.api.bodies import chunk_array, parse, parse_item, repeated_item_keys, unknown_item_fields
+from service.api.bodies import chunk_array, parse, parse_item, wrong_item_keys
 from service.api.deps import EngineDep, ModelDep, SettingsDep, model_path
 from service.api.extras import requested
 from service.api.openapi import body_schema, problem_responses
@@ -91,9 +91,7 @@ async def predict_batch(request: Request, model: ModelDep, settings: SettingsDep
         raise Problem(422, "invalid-request", detail,
                       errors=[{"loc": ["body", "items"], "msg": detail, "type": "too_long"}])
     features = model.engine.forecaster.num_features
-    wrong_keys = repeated_item_keys(raw_body, BatchItem)
-    if None in body.items:
-        wrong_keys |= unknown_item_fields(raw_body, BatchItem)
+    wrong_keys = wrong_item_keys(raw_body, BatchItem)
 
     async def one(index: int, raw: JsonValue) -> bytes:
         loc = ["body", "items", str(index)]
