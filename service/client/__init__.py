@@ -322,7 +322,7 @@ class State:
         chunk whose answer an exact retry can ask for again. ValueError for a document that has none."""
         try:
             return int(_contents(self.document)[2])
-        except (ValueError, KeyError, TypeError, IndexError) as exc:
+        except _NO_STATE as exc:
             raise ValueError(f"a state document without a last_offset: {exc!r}") from None
 
 
@@ -332,7 +332,7 @@ def _same_session(document: bytes, other: bytes) -> bool:
     first attempt did (409, 412): this tells that apart from someone else's session."""
     try:
         return _contents(document) == _contents(other)
-    except (ValueError, KeyError, TypeError):
+    except _NO_STATE:
         return False
 
 
@@ -341,9 +341,12 @@ def _no_state(document: bytes) -> str | None:
     goes on from), or None when it is one: a proxy's page answered with a 200 is no session's state."""
     try:
         _contents(document)
-    except (ValueError, KeyError, TypeError, IndexError) as exc:
+    except _NO_STATE as exc:
         return f"no state document ({type(exc).__name__}: {exc}): {document[:80]!r}"
     return None
+
+
+_NO_STATE = (ValueError, KeyError, TypeError, IndexError)  # what ``_contents`` raises for bytes of no state document
 
 
 def _contents(document: bytes) -> tuple[Any, ...]:
