@@ -228,7 +228,7 @@ async def _end(engine: Engine, key: str, answer: bytes) -> None:
     between the read and the delete stays too. The chunk is already applied and answered, so a failed delete
     is logged, not returned: a client retrying it would apply the chunk twice. The session then expires."""
     try:
-        session, = await engine.store.load([key])
+        session = await engine.store.peek(key)  # a read, no use: a session that stays is not refreshed by it
         if session is not None and session.answer == answer:
             await engine.store.delete(key, session.revision)
     except Refusal as refused:
