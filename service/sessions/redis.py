@@ -10,6 +10,7 @@ are ``gru:s:{model}:{tenant}/{session_id}``: tenants hold no ":"), with a TTL re
     fp, ans  the last applied chunk's fingerprint and answer, for exact retries
     created, updated   unix seconds (the writing replica's clock)
     past     the revisions it had before, newest first (``PAST_REVISIONS``), for a retried write's check
+    born     the revision of the reset that created it (absent: a chunk or an import did), for its retry
 
 Every write runs inside a Lua script, so it is atomic: it checks the revision the chunk was judged against
 and either writes every field or nothing. A revision is random, never a counter, so a delete or a reset
@@ -167,17 +168,26 @@ return results
 
 # KEYS[1] session hash.  ARGV: new revision, model version, now (unix s), ttl (ms).
 # Returns {existed (0/1), created_at}. The state field is dropped: no state means the fresh (zero) state.
+# ``born`` is the revision of the reset that created the record, kept by later resets and chunks, so a retry
+# of a reset already applied answers ``existed`` as its first run did.
 _RESET = _WRITES + _REVISION + """
-local current = {revision(KEYS[1]), false}
-if current[1] and current[1]:sub(1, 1) ~= '!' then current[2] = redis.call('HGET', KEYS[1], 'created') end
+local current = {revision(KEYS[1]), false, false}
+if current[1] and current[1]:sub(1, 1) ~= '!' then
+  current[2] = redis.call('HGET', KEYS[1], 'created')
+  current[3] = redis.call('HGET', KEYS[1], 'born')
+end
 if applied(KEYS[1], current[1], ARGV[1]) then
-  return {0, current[2]}
+  if current[3] == ARGV[1] then return {0, current[2]} end
+  return {1, current[2]}
 end
 local created = kept_time(current[2]) or ARGV[3]
 local past = history(KEYS[1], current[1])
+local born = current[3]
+if not current[1] then born = ARGV[1] end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'rev', ARGV[1], 'pos', 0, 'ver', ARGV[2], 'loff', -1, 'fp', '', 'ans', '',
            'created', created, 'updated', ARGV[3], 'past', past)
+if born then redis.call('HSET', KEYS[1], 'born', born) end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 if current[1] then return {1, created} end
 return {0, created}

@@ -145,6 +145,28 @@ def test_commit_or_reset_retried_after_other_writes_followed_it_is_won_not_run_a
     _run(scenario())
 
 
+def test_a_reset_retried_after_a_lost_reply_says_created_as_its_first_run_did(redis_server: RedisServer) -> None:
+    """The connections retry a command once after a lost reply, sending the very same script call. The retry of
+    a reset over an existing session read as already applied and answered ``created: true`` (existed 0), also
+    when a chunk followed the reset before the retry came; a reset that created its session must still say so."""
+
+    async def scenario() -> None:
+        store = RedisStore(redis_server.url, STATE, ttl_seconds=60)
+        assert (await store.commit([write("t/old", None, 3)], torch.ones(1, STATE)))[0] is not None
+        for key, existed in (("gru:s:t/old", 1), ("gru:s:t/new", 0)):
+            args = [f"rev-reset-{existed}", "v1", "2.0", 60_000]
+            first, _ = await store._reset(keys=[key], args=args)
+            retried, _ = await store._reset(keys=[key], args=args)  # the connection's retry, reply lost
+            after = ["2.5", 60_000, args[0], f"rev-after-{existed}", 2, "v1", 0, b"f", b"{}", b"\0" * 4 * STATE]
+            assert (await store._commit(keys=[key], args=after))[0] is not None  # a chunk follows the reset
+            late, _ = await store._reset(keys=[key], args=args)  # the retry arrives after it
+            assert (first, retried, late) == (existed, existed, existed), key
+            assert redis_server.client().hget(key, "pos") == b"2"  # the retries wrote nothing
+        await store.close()
+
+    _run(scenario())
+
+
 def test_unreachable_redis_is_store_unavailable_and_not_ready() -> None:
     async def scenario() -> None:
         store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", STATE, ttl_seconds=60)
