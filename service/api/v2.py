@@ -8,7 +8,10 @@ Sequences follow Triton's sequence batcher, mapped onto v1 sessions of the calle
 - no ``sequence_start``: the session must exist; the engine checks it when it judges the chunk, atomically
   with the commit (``must_exist``), so a sequence that ended or expired is a 404 and never silently
   restarted from a fresh state.
-- ``sequence_end``: the session is deleted after the chunk is answered, if it is still the one the chunk left.
+- ``sequence_end``: the session is deleted after the chunk is answered, if it is still the one the chunk left,
+  leaving the chunk's fingerprint and answer for the TTL (``SessionStore.end``): an exact retry of that final
+  chunk (same offset, values, horizon, levels, scores, and ``sequence_end``) is answered again, as v1 answers
+  a retry of a session's last chunk; anything else finds the sequence ended.
 - ``horizon`` adds the output ``forecast``; ``offset`` (our extension) is the v1 offset, for safe retries.
 
 Every error carries the protocol's ``error`` member beside the RFC 9457 fields (tritonclient reads
@@ -47,6 +50,7 @@ from service.extras import Extras
 from service.models import Registry, ServedModel
 from service.problems import describe_errors, route_path
 from service.refusals import Refusal, StaleModel, UnknownSession
+from service.rules import fingerprint
 from service.sessions.base import session_key
 
 log = logging.getLogger("service.v2")
@@ -194,7 +198,7 @@ async def _infer(request: Request, name: str, version: str | None, settings: Set
             answer = await model.engine_for(key).predict(key, call.values, 0, call.horizon, restart=True,
                                                          extras=extras)
         else:
-            answer = await _continue(model.engine_for(key), key, call.sequence_id, call, extras)
+            answer = await _continue(model.engine_for(key), key, call, extras)
     decoded = orjson.loads(answer)
     if call.session_id is not None:
         parameters = {"sequence_id": call.sequence_id, "sequence_position": decoded["position"]}
@@ -206,12 +210,16 @@ async def _infer(request: Request, name: str, version: str | None, settings: Set
     return Response(encoded.body, media_type=encoded.media_type, headers=encoded.headers)
 
 
-async def _continue(engine: Engine, key: str, sequence_id: object, call: InferRequest, extras: Extras) -> bytes:
-    """A chunk after the first: the sequence must exist (Triton refuses an unknown correlation id too).
-    Both refusals say what to do in v2's terms: a sequence starts again with ``sequence_start``."""
+async def _continue(engine: Engine, key: str, call: InferRequest, extras: Extras) -> bytes:
+    """A chunk after the first: the sequence must exist (Triton refuses an unknown correlation id too), unless
+    the chunk is an exact retry of the final chunk of the sequence that ended there (``_retried_end``). Both
+    refusals say what to do in v2's terms: a sequence starts again with ``sequence_start``."""
+    sequence_id = call.sequence_id
     try:
         return await engine.predict(key, call.values, call.offset, call.horizon, must_exist=True, extras=extras)
     except UnknownSession:
+        if (answer := await _retried_end(engine, key, call, extras)) is not None:
+            return answer
         raise v2_problem(404, f"sequence {sequence_id!r} is not active (never started, ended or expired);"
                          " send its first chunk with sequence_start=true", kind="sequence-not-found",
                          sequence_id=sequence_id) from None
@@ -221,8 +229,20 @@ async def _continue(engine: Engine, key: str, sequence_id: object, call: InferRe
                          " sequence again", kind=refused.kind, sequence_id=sequence_id, **refused.extra) from None
 
 
+async def _retried_end(engine: Engine, key: str, call: InferRequest, extras: Extras) -> bytes | None:
+    """The kept answer when ``call`` resends, with its offset (as a v1 retry needs), the final chunk that ended
+    the sequence at ``key``; None for any other chunk, which finds the sequence ended."""
+    if not call.sequence_end or call.offset is None:
+        return None
+    ended = await engine.store.ended(key)
+    if ended is None or ended.fingerprint != fingerprint(call.offset, call.horizon, call.values, extras):
+        return None
+    return ended.answer
+
+
 async def _end(engine: Engine, key: str, answer: bytes) -> None:
-    """``sequence_end``: forget the session, if it is still the one this chunk left. It keeps the chunk's
+    """``sequence_end``: forget the session, if it is still the one this chunk left, leaving the chunk's answer
+    as its ended mark (``_retried_end``). The session keeps the chunk's
     ``answer`` (for an exact retry), so one holding another was written since (an import, a new sequence under
     the id) and is not the sequence that ended: it stays. The delete is at the revision read, so a write
     between the read and the delete stays too. The chunk is already applied and answered, so a failed delete
@@ -230,7 +250,7 @@ async def _end(engine: Engine, key: str, answer: bytes) -> None:
     try:
         session = await engine.store.peek(key)  # a read, no use: a session that stays is not refreshed by it
         if session is not None and session.answer == answer:
-            await engine.store.delete(key, session.revision)
+            await engine.store.end(key, session.revision)
     except Refusal as refused:
         log.warning("sequence_end: session not deleted (%s); it will expire", refused.detail)
 

@@ -55,6 +55,15 @@ class Write:
     row: int  # index into the ``states`` tensor passed to commit()
 
 
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """What a v2 sequence's end leaves of its session for the TTL: the final chunk's fingerprint and answer, so
+    that an exact retry of that chunk (its answer lost) is answered again rather than refused as unknown."""
+
+    fingerprint: bytes
+    answer: bytes
+
+
 class StoreUnavailable(Exception):
     """The store cannot be reached; the request is answered 503 and nothing is written. ``reason`` is what
     the client is told (the message, which may name the store's address, goes to the log)."""
@@ -89,9 +98,18 @@ class SessionStore(Protocol):
 
     async def get(self, key: str) -> Session | None: ...
 
-    async def delete(self, key: str, revision: Revision | None = None) -> bool:
-        """True if the session existed and is deleted; with ``revision``, only while it is at that very
-        revision (a compare-and-delete: a write since made another session of it, which stays)."""
+    async def delete(self, key: str) -> bool:
+        """True if the session existed and is deleted."""
+        ...
+
+    async def end(self, key: str, revision: Revision) -> bool:
+        """Delete the session only while it is at that very ``revision`` (a write since made another session
+        of it, which stays), keeping its last chunk as its ``ended`` mark for the TTL; True when it deleted."""
+        ...
+
+    async def ended(self, key: str) -> Ended | None:
+        """The mark the last ``end`` of ``key`` left, until the TTL (or, in memory, a bound) drops it; it says
+        nothing of a session now under ``key``."""
         ...
 
     async def reset(self, key: str, model_version: str) -> tuple[Session, bool]:

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from service.metrics import Metrics
 from service.refusals import StoreUnreachable
-from service.sessions.base import Revision, Session, SessionStore, StoreUnavailable, Write
+from service.sessions.base import Ended, Revision, Session, SessionStore, StoreUnavailable, Write
 
 STORE_PROBE_SECONDS = 0.5  # while the store is down, how often it is pinged
 log = logging.getLogger("service.store")
@@ -52,8 +52,14 @@ class GuardedStore:
     async def get(self, key: str) -> Session | None:
         return await self._call(self.inner.get(key), "get")
 
-    async def delete(self, key: str, revision: Revision | None = None) -> bool:
-        return await self._call(self.inner.delete(key, revision), "delete")
+    async def delete(self, key: str) -> bool:
+        return await self._call(self.inner.delete(key), "delete")
+
+    async def end(self, key: str, revision: Revision) -> bool:
+        return await self._call(self.inner.end(key, revision), "delete")
+
+    async def ended(self, key: str) -> Ended | None:
+        return await self._call(self.inner.ended(key), "get")
 
     async def reset(self, key: str, model_version: str) -> tuple[Session, bool]:
         return await self._call(self.inner.reset(key, model_version), "reset")

@@ -11,6 +11,9 @@ for exact retries: an answer grows with its chunk and horizon (53 KB at 4,096 st
 so a session count alone would let one client's long chunks take a pod's memory. With ``tenant_max_sessions``
 and ``tenant_max_answer_bytes`` a tenant at its own bound evicts its own least recently used sessions first,
 so one tenant creating sessions fast cannot push out another's (the store-wide bounds still hold over everyone).
+The marks ended v2 sequences leave (``end``) are kept apart, oldest first, for the TTL from their end and within
+bounds of their own as large as the sessions' (``max_sessions`` marks, ``max_answer_bytes`` of their answers):
+they hold no state, and a mark dropped early costs only a final chunk's resend its answer (a 404 instead).
 Every mutation of the records happens on the event loop; ``gather`` may run on the engine's compute thread and
 only reads.
 """
@@ -26,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from service.sessions.base import Revision, Session, Write, tenant_of_key
+from service.sessions.base import Ended, Revision, Session, Write, tenant_of_key
 
 EvictionHook = Callable[[str, int], None]  # (reason, count)
 # The most the store allocates before its first session: 1,024 rows of a state of a few hundred floats, but
@@ -63,6 +66,8 @@ class MemoryStore:
         self._clock = clock
         self._on_evict = on_evict or (lambda reason, count: None)
         self._records: OrderedDict[str, Session] = OrderedDict()
+        self._ended: OrderedDict[str, tuple[float, Ended]] = OrderedDict()  # key: (when it ended, its mark)
+        self._ended_bytes = 0  # the marks' answers' total
         rows = min(initial_capacity, max_sessions, max(1, INITIAL_STATE_BYTES // (4 * max(state_size, 1))))
         self._slots = _Slots(state_size, device, rows, max_sessions)
         self._revision = 0
@@ -133,6 +138,8 @@ class MemoryStore:
             expired += 1
         if expired:
             self._on_evict("ttl", expired)
+        while self._ended and now - next(iter(self._ended.values()))[0] > self.ttl_seconds:
+            self._forget_ended(next(iter(self._ended)))
         return expired
 
     def _evict(self, key: str, reason: str, now: float) -> str:
@@ -257,12 +264,39 @@ class MemoryStore:
         """``get``: a record here holds its state's slot, and neither read counts as use."""
         return await self.get(key)
 
-    async def delete(self, key: str, revision: Revision | None = None) -> bool:
-        current = self._live(key, self._clock())
-        if current is None or (revision is not None and current.revision != revision):
+    async def delete(self, key: str) -> bool:
+        if self._live(key, self._clock()) is None:
             return False
         self._drop(key)
         return True
+
+    async def end(self, key: str, revision: Revision) -> bool:
+        now = self._clock()
+        current = self._live(key, now)
+        if current is None or current.revision != revision:
+            return False
+        self._drop(key)
+        if key in self._ended:
+            self._forget_ended(key)
+        self._ended[key] = (now, Ended(current.fingerprint, current.answer))
+        self._ended_bytes += len(current.answer)
+        while len(self._ended) > self.max_sessions or (
+                self.max_answer_bytes is not None and self._ended_bytes > self.max_answer_bytes):
+            self._forget_ended(next(iter(self._ended)))
+        return True
+
+    async def ended(self, key: str) -> Ended | None:
+        mark = self._ended.get(key)
+        if mark is None:
+            return None
+        if self._clock() - mark[0] > self.ttl_seconds:
+            self._forget_ended(key)
+            return None
+        return mark[1]
+
+    def _forget_ended(self, key: str) -> None:
+        _, mark = self._ended.pop(key)
+        self._ended_bytes -= len(mark.answer)
 
     async def reset(self, key: str, model_version: str) -> tuple[Session, bool]:
         now = self._clock()

@@ -12,6 +12,10 @@ are ``gru:s:{model}:{tenant}/{session_id}``: tenants hold no ":"), with a TTL re
     past     the revisions it had before, newest first (``PAST_REVISIONS``), for a retried write's check
     born     the revision of the reset that created it (absent: a chunk or an import did), for its retry
 
+A v2 sequence's end leaves, in place of its session, a hash ``gru:e:{tenant}/{session_id}`` (``gru:e:{model}:...``
+for another model) of its final chunk's ``fp`` and ``ans``, with the session TTL: what an exact retry of that
+chunk is answered with. It is no session (no ``gru:s:`` key), so nothing else sees it.
+
 Every write runs inside a Lua script, so it is atomic: it checks the revision the chunk was judged against
 and either writes every field or nothing. A revision is random, never a counter, so a delete or a reset
 that brings the session back to the same position still fails a stale write (position alone would be
@@ -42,9 +46,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from torch import Tensor
 
-from service.sessions.base import LAST_TIME, Revision, Session, StoreUnavailable, Write, is_unix_time
+from service.sessions.base import LAST_TIME, Ended, Revision, Session, StoreUnavailable, Write, is_unix_time
 
 KEY_PREFIX = "gru:s:"
+ENDED_PREFIX = "gru:e:"  # the marks ended v2 sequences leave (``end``)
 _STATE_DTYPE = np.dtype("<f4")
 _UNREADABLE = b"\0"  # a damaged record's state: of no model's size, so never read as one
 _T = TypeVar("_T")
@@ -202,12 +207,16 @@ if current and applied(KEYS[1], current, ARGV[1]) then redis.call('DEL', KEYS[1]
 return 1
 """
 
-# KEYS[1] session hash.  ARGV[1]: the one revision to delete.  Deletes it only while it has that very revision,
-# not one it had (a write since, an import say, made another session of it); returns 1 when it deleted. A retry
-# after a lost reply finds nothing and returns 0: the caller (a sequence's end) only needs it gone.
-_DELETE_AT = _WRITES + _REVISION + """
+# KEYS[1] session hash, KEYS[2] its ended mark.  ARGV[1]: the one revision to end, ARGV[2]: ttl (ms).  Deletes
+# the session only while it has that very revision, not one it had (a write since, an import say, made another
+# session of it), and keeps its last chunk's fingerprint and answer as the mark; returns 1 when it deleted. A
+# retry after a lost reply finds nothing and returns 0: the caller (a sequence's end) only needs it gone.
+_END = _WRITES + _REVISION + """
 if revision(KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
+local last = redis.call('HMGET', KEYS[1], 'fp', 'ans')
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('HSET', KEYS[2], 'fp', last[1] or '', 'ans', last[2] or '')
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return 1
 """
 
@@ -234,6 +243,7 @@ class RedisStore:
     ):
         self.ttl_seconds = ttl_seconds
         self._prefix = KEY_PREFIX + (f"{namespace}:" if namespace else "")
+        self._ended_prefix = ENDED_PREFIX + (f"{namespace}:" if namespace else "")
         self.state_size = state_size
         self._ttl_ms = max(1, round(ttl_seconds * 1000))
         self._clock = clock
@@ -250,7 +260,7 @@ class RedisStore:
         self._commit = self._redis.register_script(_COMMIT)
         self._reset = self._redis.register_script(_RESET)
         self._delete = self._redis.register_script(_DELETE)
-        self._delete_at = self._redis.register_script(_DELETE_AT)
+        self._end = self._redis.register_script(_END)
         self._revision_of = self._redis.register_script(_REVISION_OF)
 
     def redis_key(self, key: str) -> str:
@@ -348,18 +358,28 @@ class RedisStore:
             return _session(key, {b"rev": b"!" + kind})
         return _session(key, dict(zip((f.encode() for f in _INFO_FIELDS), values, strict=True)))
 
-    async def delete(self, key: str, revision: Revision | None = None) -> bool:
+    async def delete(self, key: str) -> bool:
         """Whether there was a session to delete. Two steps, each safe to retry (the connections retry once
-        after a lost reply): the session's revision, then a delete of that revision only. With ``revision``,
-        one step: a delete of the session only while it is at that very revision."""
+        after a lost reply): the session's revision, then a delete of that revision only."""
         redis_key = self.redis_key(key)
-        if revision is not None:
-            return bool(await self._call(self._delete_at(keys=[redis_key], args=[revision])))
         revision = await self._call(self._revision_of(keys=[redis_key]))
         if revision is None:
             return False
         await self._call(self._delete(keys=[redis_key], args=[revision]))
         return True
+
+    async def end(self, key: str, revision: Revision) -> bool:
+        keys = [self.redis_key(key), self._ended_prefix + key]
+        return bool(await self._call(self._end(keys=keys, args=[revision, self._ttl_ms])))
+
+    async def ended(self, key: str) -> Ended | None:
+        try:
+            last: list[Any] = await self._call(self._redis.hmget(self._ended_prefix + key, ["fp", "ans"]))
+        except rexc.ResponseError as exc:  # a key of another type there, not written by this service: no mark
+            if not str(exc).startswith("WRONGTYPE"):
+                raise
+            return None
+        return None if last[1] is None else Ended(last[0] or b"", last[1])
 
     async def reset(self, key: str, model_version: str) -> tuple[Session, bool]:
         now = self._clock()

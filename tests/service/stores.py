@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from service.sessions.base import SessionStore, Write
+from service.sessions.base import Ended, SessionStore, Write
 from service.sessions.memory import MemoryStore
 
 STATE = 6  # the state size of the stores under test
@@ -70,21 +70,23 @@ async def delete_and_recreate_fails_a_stale_write(store: SessionStore) -> None:
     assert created
 
 
-async def delete_at_a_revision_spares_a_later_write(store: SessionStore) -> None:
-    """A delete at a revision (a v2 sequence's end) removes the session only while it is at that very one:
-    a write since (an import over it) made another session of it, which stays, in Redis too, where the
-    replaced revision is among the record's past."""
+async def end_at_a_revision_spares_a_later_write(store: SessionStore) -> None:
+    """An end at a revision (a v2 sequence's) removes the session only while it is at that very one: a write
+    since (an import over it) made another session of it, which stays, in Redis too, where the replaced
+    revision is among the record's past. The session it removes leaves its last chunk as its ended mark."""
     states = torch.ones(1, STATE)
     ended, = await store.commit([write("t/e", None, 3)], states)
     assert ended is not None
     ended_revision = ended.revision
-    imported, = await store.commit([write("t/e", ended_revision, 9)], states)
+    imported, = await store.commit([write("t/e", ended_revision, 9, answer=b'{"imported":1}')], states)
     assert imported is not None
-    assert not await store.delete("t/e", ended_revision)
+    assert not await store.end("t/e", ended_revision)
     assert (await store.get("t/e")).position == 9  # type: ignore[union-attr]
-    assert await store.delete("t/e", imported.revision)
+    assert await store.ended("t/e") is None
+    assert await store.end("t/e", imported.revision)
     assert await store.get("t/e") is None
-    assert not await store.delete("t/e", imported.revision)
+    assert await store.ended("t/e") == Ended(b"f" * 16, b'{"imported":1}')
+    assert not await store.end("t/e", imported.revision)
 
 
 async def batch_commit_wins_and_loses_per_session(store: SessionStore) -> None:

@@ -36,8 +36,8 @@ def test_delete_and_recreate_at_the_same_position_fails_a_stale_write() -> None:
     _run(stores.delete_and_recreate_fails_a_stale_write(memory_store()))
 
 
-def test_a_delete_at_a_revision_spares_a_later_write() -> None:
-    _run(stores.delete_at_a_revision_spares_a_later_write(memory_store()))
+def test_an_end_at_a_revision_spares_a_later_write() -> None:
+    _run(stores.end_at_a_revision_spares_a_later_write(memory_store()))
 
 
 def test_batch_commit_wins_and_loses_per_session() -> None:
