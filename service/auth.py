@@ -173,9 +173,14 @@ def _document(app: FastAPI, open_paths: frozenset[str]) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+def is_admin(request: Request) -> bool:
+    """Whether the caller holds an admin key (GRU_ADMIN_KEYS); without keys configured, anyone does."""
+    return not request.app.state.keys_required or bool(request.scope.get("state", {}).get("admin", False))
+
+
 def require_admin(request: Request) -> None:
-    """403 unless the caller holds an admin key (GRU_ADMIN_KEYS); without keys configured, anyone may."""
-    if request.app.state.keys_required and not request.scope.get("state", {}).get("admin", False):
+    """403 unless the caller holds an admin key (``is_admin``)."""
+    if not is_admin(request):
         raise Problem(403, "forbidden", "this endpoint needs an admin key (GRU_ADMIN_KEYS); this key is not one",
                       headers={"WWW-Authenticate": REALM + ', error="insufficient_scope"'})  # RFC 6750 §3.1
 

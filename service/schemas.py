@@ -239,7 +239,8 @@ class ModelVersionInfo(BaseModel):
     version: str = Field(description="The version's number in the model repository")
     model_version: str = Field(description="Hash of its weights and config")
     state: str = Field(description="serving: new sessions start here; draining: kept for its pinned sessions")
-    sessions: int = Field(description="Sessions whose state belongs to this version")
+    sessions: int = Field(description="The caller's tenant's sessions whose state belongs to this version"
+                                      " (an admin key's: every tenant's)")
 
 
 class ModelEntry(BaseModel):

@@ -20,7 +20,7 @@ from service.api.bodies import chunk_array, parse, parse_item, wrong_item_keys
 from service.api.deps import EngineDep, ModelDep, SettingsDep, model_path
 from service.api.extras import requested
 from service.api.openapi import body_schema, problem_responses
-from service.auth import TenantDep
+from service.auth import TenantDep, is_admin
 from service.models import Registry, ServedModel
 from service.problems import Problem, as_problem
 from service.refusals import Refusal
@@ -66,11 +66,13 @@ async def model_info(model: ModelDep) -> ModelInfo:
 
 @router.get("/models", response_model=ModelList, summary="Every served model and its loaded versions",
             responses=problem_responses(503))
-async def list_models(request: Request) -> ModelList:
+async def list_models(request: Request, tenant: TenantDep) -> ModelList:
+    """Each version's sessions are the caller's tenant's alone (how many another tenant holds is its own
+    business); an admin key, the operator's, counts every tenant's: what keeps a version draining."""
     registry: Registry = request.app.state.registry
     entries = []
     for model in list(registry.models.values()):
-        counts = await model.store.version_counts()
+        counts = await model.store.version_counts(None if is_admin(request) else tenant)
         versions = [ModelVersionInfo(version=str(v.number), model_version=v.model_version, state=model.state_of(v),
                                      sessions=counts.get(v.model_version, 0) if model.by_hash(v.model_version) is v
                                      else 0)

@@ -116,8 +116,9 @@ class SessionStore(Protocol):
         """Set the session to position 0 with a fresh state; True when it did not exist."""
         ...
 
-    async def version_counts(self) -> dict[str, int]:
-        """Live sessions per model version (hash): what keeps an older version loaded."""
+    async def version_counts(self, tenant: str | None = None) -> dict[str, int]:
+        """Live sessions per model version (hash): what keeps an older version loaded; ``tenant``'s alone when
+        given (what that tenant may be told)."""
         ...
 
     async def ping(self) -> bool: ...

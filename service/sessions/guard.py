@@ -64,8 +64,8 @@ class GuardedStore:
     async def reset(self, key: str, model_version: str) -> tuple[Session, bool]:
         return await self._call(self.inner.reset(key, model_version), "reset")
 
-    async def version_counts(self) -> dict[str, int]:
-        return await self._call(self.inner.version_counts(), "count")
+    async def version_counts(self, tenant: str | None = None) -> dict[str, int]:
+        return await self._call(self.inner.version_counts(tenant), "count")
 
     async def ping(self) -> bool:
         """An answer ends an outage; a failure is counted, so an outage shows in the store error rate

@@ -332,9 +332,10 @@ class MemoryStore:
             self._slots.write(list(slot_rows), states[torch.tensor(list(slot_rows.values()), device=states.device)])
         self._trim_answers(set())  # a snapshot from a larger budget: its oldest go
 
-    async def version_counts(self) -> dict[str, int]:
+    async def version_counts(self, tenant: str | None = None) -> dict[str, int]:
         now = self._clock()
-        return dict(Counter(s.model_version for s in self._records.values() if not self._expired(s, now)))
+        return dict(Counter(s.model_version for s in self._records.values()
+                            if not self._expired(s, now) and tenant in (None, tenant_of_key(s.key))))
 
     async def ping(self) -> bool:
         return True

@@ -390,9 +390,11 @@ class RedisStore:
         session = Session(key, 0, model_version, revision, created_at=float(created), updated_at=now)
         return session, not existed
 
-    async def version_counts(self) -> dict[str, int]:
-        """A SCAN of this namespace's keys and one pipelined HGET each: O(sessions), for the registry's
-        periodic drain check, never the hot path."""
+    async def version_counts(self, tenant: str | None = None) -> dict[str, int]:
+        """A SCAN of this namespace's keys (``tenant``'s alone when given) and one pipelined HGET each:
+        O(sessions), for the registry's periodic drain check and the model listing, never the hot path."""
+        # Tenants are [A-Za-z0-9._-] (service.keys): nothing in one is a SCAN glob's special character.
+        match = self._prefix + (f"{tenant}/" if tenant is not None else "") + "*"
         counts: Counter[str] = Counter()
         batch: list[bytes] = []
 
@@ -406,7 +408,7 @@ class RedisStore:
             batch.clear()
 
         async def scan() -> None:
-            async for key in self._redis.scan_iter(match=self._prefix + "*", count=1000):
+            async for key in self._redis.scan_iter(match=match, count=1000):
                 if b":" not in key[len(self._prefix):].split(b"/", 1)[0]:  # not another model's (any bytes)
                     batch.append(key)
                 if len(batch) >= 1000:

@@ -330,6 +330,32 @@ def test_tenants_with_the_same_session_id_never_touch_each_others_state(keyed: S
         assert http.get(f"/v1/sessions/{session}", headers=carol).json()["position"] == 1
 
 
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_a_tenant_s_model_listing_counts_its_own_sessions_and_an_admin_s_every_tenant_s(
+    server_factory: ServerFactory, request: pytest.FixtureRequest, store: str
+) -> None:
+    """How many sessions another tenant holds is that tenant's business: GET /v1/models counts the caller's
+    own; an admin key (the operator, who may unload a model and every tenant's sessions with it) counts all."""
+    admin = "ops-0123456789abcdef"
+    settings = {"GRU_API_KEYS": KEYS, "GRU_ADMIN_KEYS": f"{admin}:ops"}
+    if store == "redis":
+        settings |= {"GRU_STORE": "redis", "GRU_REDIS_URL": request.getfixturevalue("redis_server").url}
+    server = server_factory(**settings)
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        for key, sessions in ((ALICE, ("a1", "a2")), (BOB, ("b1",))):
+            for session in sessions:
+                created = http.post(f"/v1/sessions/{session}/predict", headers=_as(key),
+                                    json={"values": [0.1, 0.2], "offset": 0})
+                assert created.status_code == 200, created.text
+
+        def counted(key: str) -> list[int]:
+            listing = http.get("/v1/models", headers=_as(key))
+            assert listing.status_code == 200, listing.text
+            return [version["sessions"] for model in listing.json()["models"] for version in model["versions"]]
+
+        assert (counted(ALICE), counted(BOB), counted(admin)) == ([2], [1], [3])
+
+
 def test_v2_sequences_are_namespaced_by_tenant(keyed: Server) -> None:
     with httpx.Client(base_url=keyed.url, timeout=30) as http:
         if not any(p.startswith("/v2/") for p in http.get("/openapi.json").json()["paths"]):
