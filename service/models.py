@@ -62,8 +62,8 @@ class LoadedVersion:
     number: int
     engine: Engine
     meta: dict[str, Any]
-    # State imports onto it (``SessionStates.put``): under way, and finished. The drain keeps a version one
-    # is writing to, or wrote to since its count of sessions (which may not hold the session imported).
+    # State imports and forks onto it (``SessionStates._writing``): under way, and finished. The drain keeps a
+    # version one is writing to, or wrote to since its count of sessions (which may not hold the session written).
     importing: int = 0
     imported: int = 0
 

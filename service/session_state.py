@@ -11,7 +11,8 @@ with the process. No HTTP here: the routes (``service.api.state``) parse and ans
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,10 +79,18 @@ class SessionStates:
         """Create or replace the session at ``key`` with ``document``. ``StaleModel`` for a document of
         another model version; ``PreconditionFailed`` when the precondition does not hold (the commit checks
         again, atomically, that nothing changed since)."""
+        with self._writing(key, document):
+            return await self._put(key, document, precondition)
+
+    @contextmanager
+    def _writing(self, key: str, document: StateDocument) -> Iterator[None]:
+        """A write of ``document`` (an import's, or a fork's of its parent ``key``) under way: ``StaleModel``
+        unless its version is loaded, as a session of any other could never be continued here; then the drain
+        keeps that version (its count of sessions may miss the one written)."""
         version = self.require_loaded(key, document.model_version, document.position)
         version.importing += 1  # with no await since the check: the drain keeps the version from here on
         try:
-            return await self._put(key, document, precondition)
+            yield
         finally:
             version.importing -= 1
             version.imported += 1
@@ -110,7 +119,7 @@ class SessionStates:
         if version is None:
             newest = self.model.engine.model_version
             raise StaleModel(
-                f"the document was built with model {model_version!r:.80}, which is not a loaded version of"
+                f"the state was built with model {model_version!r:.80}, which is not a loaded version of"
                 f" {self.model.name!r} (newest {newest}); a state of one model means nothing to another",
                 session_id=session_id_of(key), model_version=newest,
                 **({"position": position} if position is not None else {}),
@@ -125,14 +134,16 @@ class SessionStates:
             raise DocumentError(why)
 
     async def fork(self, key: str, to: str) -> Written:
-        """A new session ``to`` with the state and position of ``key``; ``SessionExists`` when ``to`` exists."""
+        """A new session ``to`` with the state and position of ``key``; ``SessionExists`` when ``to`` exists,
+        ``StaleModel`` when ``key``'s version is not loaded (as for an import of it)."""
         parent = await self.export(key)
         target = session_id_of(to)
         refusal = SessionExists(f"session {target!r} exists; fork to a new id, or delete it first",
                                 session_id=target)
-        if await self.store.get(to) is not None:
-            raise refusal
-        written = await self._write(to, parent, None)
+        with self._writing(key, parent):
+            if await self.store.get(to) is not None:
+                raise refusal
+            written = await self._write(to, parent, None)
         if written is None:  # created in between
             raise refusal
         return written

@@ -576,6 +576,29 @@ def test_beyond_max_loaded_versions_the_oldest_goes_and_its_sessions_get_409(
         assert "GRU_MAX_LOADED_VERSIONS=2" in server.log()
 
 
+def test_a_fork_of_a_session_whose_version_is_not_loaded_is_409_like_its_import_and_creates_nothing(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """A fork writes a session as an import does: of a version this service has not loaded (here unloaded
+    beyond GRU_MAX_LOADED_VERSIONS) it would make a session no chunk can continue, so it is refused alike."""
+    repository, server = polled_repository(server_factory, tmp_path, GRU_MAX_LOADED_VERSIONS="1")
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        pinned, branch = new_id(), new_id("branch")
+        assert send(client, pinned, series(3)).json()["version"] == "1"
+        exported = client.get(f"/v1/sessions/{pinned}/state")
+        assert exported.status_code == 200, exported.text
+        add_version(repository, "m", 2, seed=1)
+        wait_for(lambda: list(versions(client, "m")) == ["2"])
+        imported = client.put(f"/v1/sessions/{branch}/state", content=exported.content,
+                              headers={"Content-Type": "application/octet-stream"})
+        assert assert_problem(imported, 409)["type"].endswith("/model-changed")
+        forked = assert_problem(client.post(f"/v1/sessions/{pinned}/fork", json={"to": branch}), 409)
+        assert forked["type"].endswith("/model-changed")
+        assert (forked["session_id"], forked["position"]) == (pinned, 3)
+        assert_problem(client.get(f"/v1/sessions/{branch}"), 404)
+        assert client.get(f"/v1/sessions/{pinned}/state").content == exported.content
+
+
 def test_a_new_version_is_listed_only_once_warmed_with_the_oldest_beyond_the_limit_already_gone(
     tmp_path: Path,
 ) -> None:
