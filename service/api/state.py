@@ -32,9 +32,10 @@ RAW_BODY_MODELS: list[type[BaseModel]] = [ForkRequest]
 _BINARY = {OCTET: {"schema": {"type": "string", "format": "binary"}}}
 _ETAG = {"ETag": {"description": "Changes whenever the session does; send it as If-Match to import only"
                   " over this very state", "schema": {"type": "string"}}}
-# A list of entity tags (RFC 9110 section 8.8.3), each maybe weak, empty elements ignored (section 5.6.1.2);
+# A list of entity tags (RFC 9110 section 8.8.3), each maybe weak, empty elements ignored (section 5.6.1.2),
+# maybe none at all (the #list rule): an empty If-Match matches no session (412), not a malformed one (400);
 # or "*".
-_TAG_LIST = re.compile(r'\s*(?:\*|(?:,\s*)*(?:W/)?"[^"]*"(?:\s*,(?:\s*(?:W/)?"[^"]*")?)*)\s*')
+_TAG_LIST = re.compile(r'\s*(?:\*|(?:,\s*)*(?:(?:W/)?"[^"]*"(?:\s*,(?:\s*(?:W/)?"[^"]*")?)*)?)\s*')
 _TAG = re.compile(r'(W/)?("[^"]*")')
 
 

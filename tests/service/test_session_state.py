@@ -357,6 +357,22 @@ def test_a_precondition_over_several_field_lines_or_with_empty_elements_is_one_l
     assert_problem(put(("If-Match", '"elsewhere"'), ("If-Match", "not-a-tag")), 400)
 
 
+def test_an_empty_if_match_lists_no_tag_so_no_session_matches_it(client: httpx.Client) -> None:
+    """RFC 9110: If-Match is "*" or a list (#entity-tag) that may be empty; an empty list matches no
+    representation, so the import is 412, not a 400. An empty If-None-Match excludes none: no condition."""
+    session, absent = new_id("empty"), new_id("absent")
+    _fed(client, session, series(8, seed=54), [5])
+    document, tag = _exported(client, session)
+    for empty in ("", ",", ", ,"):
+        for target in (session, absent):
+            problem = assert_problem(_put(client, target, document, **{"If-Match": empty}), 412)
+            assert problem["type"].endswith("/precondition-failed"), problem
+    assert _exported(client, session) == (document, tag)
+    assert_problem(_state(client, absent), 404)
+    assert _state(client, session, **{"If-None-Match": ""}).content == document
+    assert _put(client, absent, document, **{"If-None-Match": ""}).status_code == 201
+
+
 def test_the_etag_differs_after_delete_and_recreate_to_the_same_numbers(client: httpx.Client) -> None:
     values, session = series(6, seed=44), new_id("again")
     _fed(client, session, values, [6])
