@@ -27,7 +27,7 @@ import re
 import signal
 import sys
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, overload
 
@@ -555,11 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--resume", action="store_true", help="continue from the server's position")
     args = parser.parse_args(argv)
     if args.command != "stream":
-        try:
-            return {"export": export_state, "import": import_state, "fork": fork}[args.command](args)
-        except (ServiceError, ValueError, OSError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+        return _run(args, {"export": export_state, "import": import_state, "fork": fork}[args.command])
     if args.chunk < 1 or args.window < 1:
         parser.error("--chunk and --window must be at least 1")
     for option, path in (("--out", args.out), ("--plot", args.plot)):  # refused before anything is sent
@@ -577,13 +573,27 @@ def main(argv: list[str] | None = None) -> int:
     for stop in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         if stop is not None and signal.getsignal(stop) == signal.SIG_DFL:
             signal.signal(stop, _interrupt)
+    return _run(args, stream_csv)
+
+
+# What a stop in mid-call leaves that its user must know: the service may have done what was asked all the same.
+_DONE_ALL_THE_SAME = {"import": "; the service may have imported the state all the same",
+                      "fork": "; the service may have made the fork all the same"}
+
+
+def _run(args: argparse.Namespace, command: Callable[[argparse.Namespace], int]) -> int:
+    """``command``'s exit status, its failure in one line (1), and a stop (Ctrl-C; SIGTERM or SIGHUP while
+    streaming) in one line and the shell's 128 + the signal's number: never a traceback."""
     try:
-        return stream_csv(args)
+        return command(args)
     except (ServiceError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as stop:  # what was answered is saved (stream_csv said where): no traceback
-        return 128 + (stop.signum if isinstance(stop, _Stopped) else signal.SIGINT)
+    except KeyboardInterrupt as stop:  # a stream's answers are saved (stream_csv said where)
+        signum = stop.signum if isinstance(stop, _Stopped) else signal.SIGINT
+        print(f"{args.command} interrupted by {signal.Signals(signum).name}{_DONE_ALL_THE_SAME.get(args.command, '')}",
+              file=sys.stderr)
+        return 128 + signum
 
 
 class _Stopped(KeyboardInterrupt):

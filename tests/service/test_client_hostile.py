@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -350,3 +351,55 @@ def test_cli_explains_a_url_it_cannot_parse(csv_file: Path) -> None:
     for command in (["stream", "--csv", str(csv_file), "--quiet"], ["export"]):
         run = _cli(*command, "--session", "s", "--url", "http://[::1")
         _refused_in_one_line(run, "argument --url: http://[::1")
+
+
+class _Holding(_Scripted):
+    """Reads the request, says so (``server.asked``), then holds the answer back until the test ends."""
+
+    server: _HoldingServer
+
+    def _reply(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.server.asked.set()
+        self.server.release.wait(60)
+
+    do_GET = do_POST = do_PUT = _reply
+
+
+class _HoldingServer(ThreadingHTTPServer):
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Holding)
+        self.asked = threading.Event()
+        self.release = threading.Event()
+
+
+@pytest.mark.parametrize("command", [["export"], ["import", "--file", "FILE"], ["fork", "--to", "t"]],
+                         ids=["export", "import", "fork"])
+def test_cli_interrupted_while_waiting_for_the_service_exits_130_in_one_line(
+        csv_file: Path, command: list[str]) -> None:
+    """Ctrl-C while export, import or fork waited on the service ended in a Python traceback (exit status 1);
+    the stream command already ended with a line and 130, as the shell's convention for SIGINT has it."""
+    holding = _HoldingServer()
+    threading.Thread(target=holding.serve_forever, daemon=True).start()
+    argv = [sys.executable, "-m", "service.client", *[str(csv_file) if a == "FILE" else a for a in command],
+            "--session", "s", "--url", _url(holding)]
+    # A test run in the background of a shell without job control ignores SIGINT, and a child inherits an
+    # ignored signal: handled here for the moment of the start, the child gets the default.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        running = subprocess.Popen(argv, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+    try:
+        assert holding.asked.wait(30), "the command never called the service"
+        running.send_signal(signal.SIGINT)
+        _, stderr = running.communicate(timeout=30)
+    finally:
+        running.kill()
+        holding.release.set()
+        holding.shutdown()
+        holding.server_close()
+    assert running.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1
+    assert f"{command[0]} interrupted" in stderr
