@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from service.extras import level_key
 from service.session_ids import SESSION_ID, SESSION_ID_RULE
 
 INSTALL = "pip install 'gru-service[client]' (in a checkout: pip install -e '.[client]')"
@@ -255,18 +256,20 @@ def _not_a_count(position: Any) -> str | None:
     return None
 
 
-def unusable_answer(body: dict[str, Any], steps: int, offset: int | None,
+def unusable_answer(body: dict[str, Any], steps: int, offset: int | None, asked: dict[str, Any],
                     session_id: str | None = None) -> str | None:
     """Why ``body`` is no answer to a chunk of ``steps`` sent at ``offset`` (None: stateless) of session
-    ``session_id``, or None when it is one: one prediction a step, a model version, and for a session's chunk
-    its session's id where it names one (a proxy that mixes answers up is caught) and the position just
-    past it. The HTTP calls and the streaming sessions hold answers to the same rule."""
+    ``session_id`` asking for ``asked`` (its ``chunk_fields``), or None when it is one: one prediction a step,
+    the forecast, intervals and scores asked for in their shapes (``_not_extras``), a model version, and for a
+    session's chunk its session's id where it names one (a proxy that mixes answers up is caught) and the
+    position just past it. The HTTP calls and the streaming sessions hold answers to the same rule."""
     if session_id is not None and body.get("session_id", session_id) != session_id:
         return f"an answer for session {str(body.get('session_id'))[:80]!r}, not {session_id!r}"
     predictions = body.get("predictions")
-    if not isinstance(predictions, list) or len(predictions) != steps:
-        return f"predictions {str(predictions)[:80]} are not {steps} row(s), one a step sent"
-    if (why := _not_rows(predictions)) is not None:
+    if (why := _not_rows("prediction", predictions, steps)) is not None:
+        return why
+    assert isinstance(predictions, list)  # _not_rows saw to it
+    if (why := _not_extras(body, steps, len(predictions[0]), asked)) is not None:
         return why
     if not isinstance(body.get("model_version"), str):
         return "no model_version"
@@ -284,16 +287,60 @@ def _finite(value: Any) -> bool:
     return type(value) in (int, float) and math.isfinite(value)
 
 
-def _not_rows(predictions: list[Any]) -> str | None:
-    """Why ``predictions`` are not rows of finite numbers all as wide as the first, or None when they are: a
-    row that is a number, text, empty or NaN (which the service never answers) would be taken as a
-    prediction, or crash whoever reads it."""
-    width = len(predictions[0]) if predictions and isinstance(predictions[0], list) else 0
-    for row in predictions:
-        if not isinstance(row, list) or not row or not all(_finite(value) for value in row):
-            return f"prediction {str(row)[:80]} is not a row of numbers"
+def _not_rows(what: str, rows: Any, count: int, width: int | None = None, blanks: bool = False) -> str | None:
+    """Why ``rows`` (an answer's ``what``s) are not ``count`` rows of finite numbers, ``width`` wide (None: as
+    wide as the first), with nulls too where ``blanks``; None when they are: a row that is a number, text,
+    empty or NaN (which the service never answers) would be taken as a prediction, or crash whoever reads it."""
+    if not isinstance(rows, list) or len(rows) != count:
+        return f"{what}s {str(rows)[:80]} are not {count} row(s), as the chunk asked"
+    if width is None:
+        width = len(rows[0]) if rows and isinstance(rows[0], list) else 0
+    for row in rows:
+        if not isinstance(row, list) or not row or not all(_finite(v) or (blanks and v is None) for v in row):
+            return f"{what} {str(row)[:80]} is not a row of numbers"
         if len(row) != width:
-            return f"prediction {str(row)[:80]} is not a row of {width} numbers, as the first is"
+            return f"{what} {str(row)[:80]} is not a row of {width} numbers, as the first prediction is"
+    return None
+
+
+def _not_extras(body: dict[str, Any], steps: int, width: int, asked: dict[str, Any]) -> str | None:
+    """Why the forecast, intervals and scores of ``body`` are not those ``asked`` (a chunk's horizon, levels
+    and scores) makes, each ``width`` wide, or None when they are: a forecast of ``horizon`` rows, per level
+    asked (keyed as the service keys it) lower and upper bounds of the predictions' and the forecast's
+    shape, scores of ``steps`` rows (null where a value has none), and none of them unasked."""
+    horizon = asked.get("horizon", 0)
+    levels = {level_key(level) for level in asked.get("levels", ())}
+    # (field, what its rows are called, "" for bands; how many rows, None where not asked for)
+    shapes = (("forecast", "forecast step", horizon if horizon else None),
+              ("intervals", "", steps if levels else None),
+              ("forecast_intervals", "", horizon if levels and horizon else None),
+              ("scores", "score row", steps if asked.get("scores") else None))
+    for name, row, rows in shapes:
+        value = body.get(name)
+        if value is None or rows is None:
+            if value is not None:
+                return f"{name} {str(value)[:80]}, which the chunk did not ask for"
+            if rows is not None:
+                return f"no {name}, which the chunk asked for"
+            continue
+        why = (_not_bands(name, value, levels, rows, width) if not row
+               else _not_rows(row, value, rows, width, blanks=name == "scores"))
+        if why is not None:
+            return why
+    return None
+
+
+def _not_bands(name: str, bands: Any, levels: set[str], rows: int, width: int) -> str | None:
+    """Why ``bands`` (an answer's ``name``) are not a lower and an upper bound, ``rows`` × ``width``, for each
+    of ``levels`` and no other; None when they are."""
+    if not isinstance(bands, dict) or set(bands) != levels:
+        return f"{name} {str(bands)[:80]} are not for levels {sorted(levels)}, those asked"
+    for level, band in bands.items():
+        if not isinstance(band, dict):
+            return f"{name}[{level!r}] {str(band)[:80]} is no lower and upper bound"
+        for side in ("lower", "upper"):
+            if (why := _not_rows(f"{name}[{level!r}] {side} bound", band.get(side), rows, width)) is not None:
+                return why
     return None
 
 
@@ -301,7 +348,7 @@ def _prediction(response: httpx.Response, call: _Call, session_id: str | None = 
     """The answer to a chunk ``call`` sent (``unusable_answer``'s rule)."""
     sent = call.body or {}
     body = _answer(response)
-    if (why := unusable_answer(body, len(sent["values"]), sent.get("offset"), session_id)) is not None:
+    if (why := unusable_answer(body, len(sent["values"]), sent.get("offset"), sent, session_id)) is not None:
         raise _bad(response, why)
     return Prediction.from_json(body)
 

@@ -60,6 +60,7 @@ class _Sent:
     offset: int
     steps: int
     frame: str
+    asked: dict[str, Any]  # the chunk's horizon, levels and scores, which shape its answer
     resent: bool = False  # sent again on a new connection: its first answer may have been lost
 
 
@@ -98,7 +99,8 @@ class _Window:
         self.stopping = True
 
     def _frame(self, rows: list[Any], fields: dict[str, Any]) -> str:
-        sent = _Sent(self._next, len(rows), json.dumps({"values": rows, "offset": self._next, **fields}))
+        sent = _Sent(self._next, len(rows), json.dumps({"values": rows, "offset": self._next, **fields}),
+                     fields)
         self.unanswered.append(sent)
         self._next += sent.steps
         return sent.frame
@@ -118,7 +120,7 @@ class _Window:
         status = answer.get("status")
         sent = self.unanswered[0]
         if status is None:
-            if (why := unusable_answer(answer, sent.steps, sent.offset, self.id)) is not None:
+            if (why := unusable_answer(answer, sent.steps, sent.offset, sent.asked, self.id)) is not None:
                 raise BadAnswer(None, {"detail": why}, f"stream answer unusable: {why}")
             prediction = Prediction.from_json(answer)
             self._answered()

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 from websockets.sync.server import ServerConnection, serve
@@ -101,6 +102,82 @@ def test_predictions_whose_rows_differ_in_width_are_refused(hostile: _ScriptedSe
     hostile.answer = (200, {}, _chunk_answer(predictions=[[0.5], [0.5, 0.6]], position=2))
     with Client(_url(hostile), retry=FAST) as client, pytest.raises(BadAnswer, match="not a row of 1 numbers"):
         client.session("s").predict([1.0, 2.0])
+
+
+def _band(*rows: list[float]) -> dict[str, list[list[float]]]:
+    return {"lower": list(rows), "upper": list(rows)}
+
+
+_FULL = {"forecast": [[0.5], [0.6]], "intervals": {"80": _band([0.5])},
+         "forecast_intervals": {"80": _band([0.5], [0.6])}, "scores": [[None]]}
+
+
+@pytest.mark.parametrize(("asked", "fields"), [
+    ({"horizon": 2}, {}),
+    ({"horizon": 2}, {"forecast": [[0.5]]}),
+    ({"horizon": 2}, {"forecast": [[0.5], [0.5, 0.6]]}),
+    ({"horizon": 2}, {"forecast": [[0.5], [None]]}),
+    ({}, {"forecast": [[0.5]]}),
+    ({"levels": [80]}, {}),
+    ({"levels": [80]}, {"intervals": {"95": _band([0.5])}}),
+    ({"levels": [80, 95]}, {"intervals": {"80": _band([0.5])}}),
+    ({"levels": [80]}, {"intervals": {"80": {"lower": [[0.5]]}}}),
+    ({"levels": [80]}, {"intervals": {"80": {"lower": [[0.5]], "upper": [[0.5], [0.6]]}}}),
+    ({"levels": [80]}, {"intervals": {"80": _band([0.5, 0.6])}}),
+    ({"levels": [80], "horizon": 2}, {**_FULL, "forecast_intervals": {"80": _band([0.5])}}),
+    ({"levels": [80], "horizon": 2}, {key: value for key, value in _FULL.items() if key != "forecast_intervals"}),
+    ({"scores": True}, {}),
+    ({"scores": True}, {"scores": [[0.5, 0.5]]}),
+    ({"scores": True}, {"scores": [["0.5"]]}),
+    ({"scores": True}, {"scores": [[0.5], [0.5]]}),
+], ids=["no-forecast", "forecast-a-step-short", "forecast-row-too-wide", "forecast-null", "forecast-unasked",
+        "no-intervals", "intervals-of-another-level", "intervals-a-level-short", "interval-without-upper",
+        "interval-a-row-too-many", "interval-row-too-wide", "forecast-interval-a-step-short",
+        "no-forecast-intervals", "no-scores", "scores-row-too-wide", "score-of-text", "scores-a-row-too-many"])
+def test_an_answer_whose_forecast_intervals_or_scores_are_misshapen_raises_bad_answer(
+        hostile: _ScriptedServer, asked: dict[str, Any], fields: dict[str, Any]) -> None:
+    """The forecast, intervals and scores of an answer were taken as they came: a proxy or a broken server
+    answering a forecast a step short, an interval of another level or scores of another width was a
+    success, and whoever read them crashed or read the wrong step."""
+    hostile.answer = (200, {}, _chunk_answer(**fields))
+    with Client(_url(hostile), retry=FAST) as client:
+        session = client.session("s")
+        with pytest.raises(BadAnswer, match="unusable"):
+            session.predict([1.0], **asked)
+        with pytest.raises(BadAnswer, match="unusable"):
+            client.predict([1.0], **asked)
+    assert session.position == 0
+
+
+def test_an_answer_with_every_field_asked_in_shape_is_taken(hostile: _ScriptedServer) -> None:
+    hostile.answer = (200, {}, _chunk_answer(**_FULL))
+    with Client(_url(hostile), retry=FAST) as client:
+        answer = client.session("s").predict([1.0], horizon=2, levels=[80], scores=True)
+    assert (answer.forecast, answer.intervals, answer.forecast_intervals, answer.scores) == (
+        _FULL["forecast"], _FULL["intervals"], _FULL["forecast_intervals"], _FULL["scores"])
+
+
+def test_a_misshapen_stream_answer_raises_bad_answer_sync_and_async() -> None:
+    """The streaming sessions hold an answer's forecast to the chunk's horizon as the HTTP calls do."""
+    def answer_a_step_short(connection: ServerConnection) -> None:
+        for _ in connection:
+            connection.send(_chunk_answer(forecast=[[0.5]]).decode())
+
+    with serve(answer_a_step_short, "127.0.0.1", 0) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.socket.getsockname()[1]}"
+        with Client(url, retry=FAST) as client, client.stream_session("s") as session, \
+                pytest.raises(BadAnswer, match="forecast"):
+            list(session.stream([[1.0]], chunk=1, horizon=2))
+
+        async def run() -> None:
+            async with AsyncClient(url, retry=FAST) as client:
+                session = await client.stream_session("s")
+                async with session:
+                    with pytest.raises(BadAnswer, match="forecast"):
+                        _ = [answer async for answer in session.stream([[1.0]], chunk=1, horizon=2)]
+
+        asyncio.run(run())
 
 
 @pytest.mark.parametrize("frame", [
