@@ -64,6 +64,9 @@ if TYPE_CHECKING:
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 # Errors after which the request may or may not have reached the server: safe to resend with the offset.
 RETRY_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+# The most of an answer either client reads: far past any the service gives (4,096 steps of 16 features with a
+# forecast, four levels and scores are about 8 MiB of JSON), far short of what a hostile server could send.
+DEFAULT_MAX_ANSWER_BYTES = 64 * 1024 * 1024
 Values = Sequence[Sequence[float]] | Sequence[float] | Any  # lists, or anything with .tolist() (numpy)
 Band = dict[str, list[list[float]]]  # {"lower": rows × F, "upper": rows × F}
 
@@ -113,7 +116,8 @@ class Unavailable(ServiceError):
 class BadAnswer(ServiceError):
     """An answer that is no refusal yet cannot be used: not JSON, without the call's fields, a position that
     does not follow the chunk sent, an export that is no state document, a redirect, a body that cannot be
-    decoded. Never taken as success: a position believed from it would skip or repeat steps."""
+    decoded, a body over the client's ``max_answer_bytes``. Never taken as success: a position believed from
+    it would skip or repeat steps."""
 
 
 def _error(response: httpx.Response) -> ServiceError:
@@ -438,12 +442,34 @@ def _in_time(response: httpx.Response, deadline: float, timeout: float) -> None:
         raise httpx.ReadTimeout(f"the answer took over {timeout} s", request=response.request)
 
 
-def _whole(response: httpx.Response, body: bytes) -> httpx.Response:
-    """``response`` with its body as read in time, decoded already (no Content-Encoding left to undo)."""
-    headers = [(name, value) for name, value in response.headers.multi_items()
-               if name.lower() not in ("content-encoding", "content-length")]
-    return httpx.Response(response.status_code, headers=headers, content=body, request=response.request,
-                          extensions=response.extensions)
+class _Body:
+    """An answer's body as either client reads it, refused (``BadAnswer``, never retried) once past ``limit``
+    bytes, from its Content-Length before a byte is read, or as its pieces come (counted as decoded): a
+    hostile or broken server could otherwise make the client read, and hold, as much as it liked."""
+
+    def __init__(self, response: httpx.Response, limit: int):
+        self.response = response
+        self.limit = limit
+        self.data = bytearray()
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise self._over(f"its Content-Length is {declared}")
+
+    def add(self, piece: bytes) -> None:
+        self.data += piece
+        if len(self.data) > self.limit:
+            raise self._over(f"{len(self.data)} read so far")
+
+    def _over(self, how: str) -> BadAnswer:
+        return _bad(self.response, f"its body is over {self.limit} bytes, the client's max_answer_bytes ({how});"
+                                   " raise it if the service's answers are that large")
+
+    def whole(self) -> httpx.Response:
+        """The response with its body as read, decoded already (no Content-Encoding left to undo)."""
+        headers = [(name, value) for name, value in self.response.headers.multi_items()
+                   if name.lower() not in ("content-encoding", "content-length")]
+        return httpx.Response(self.response.status_code, headers=headers, content=bytes(self.data),
+                              request=self.response.request, extensions=self.response.extensions)
 
 
 def _unsent(call: _Call, error: httpx.HTTPError) -> ServiceError:
@@ -508,13 +534,15 @@ def _stateless(values: Values, horizon: int, levels: Sequence[float], scores: bo
 
 
 class _Calls:
-    """What ``Client`` and ``AsyncClient`` share: the retry policy and its count, and how they connect."""
+    """What ``Client`` and ``AsyncClient`` share: the retry policy and its count, how they connect, and the
+    bound on an answer's size."""
 
-    def __init__(self, retry: Retry | None, api_key: str | None, timeout: float):
+    def __init__(self, retry: Retry | None, api_key: str | None, timeout: float, max_answer_bytes: int):
         self.retry = retry or Retry()
         self.stats = _Stats()
         self._api_key = api_key
         self._timeout = timeout
+        self._max_answer_bytes = max_answer_bytes
 
     @staticmethod
     def _http_options(base_url: str, api_key: str | None, timeout: float) -> dict[str, Any]:
@@ -578,12 +606,13 @@ class _SessionCalls:
 class Client(_Calls):
     """The service at ``base_url``; ``api_key`` is sent as ``Authorization: Bearer``. ``timeout`` bounds each
     attempt of a call, its whole body included (a body that trickles in is a timeout, retried); its head is
-    held to it per read only, as sync httpx offers no bound on a whole answer (``AsyncClient``'s is whole)."""
+    held to it per read only, as sync httpx offers no bound on a whole answer (``AsyncClient``'s is whole).
+    ``max_answer_bytes`` bounds an answer's body (a stream's frame too): past it the call raises ``BadAnswer``."""
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, *,
                  timeout: float = 30.0, retry: Retry | None = None,
-                 transport: httpx.BaseTransport | None = None):
-        super().__init__(retry, api_key, timeout)
+                 transport: httpx.BaseTransport | None = None, max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES):
+        super().__init__(retry, api_key, timeout, max_answer_bytes)
         self._http = httpx.Client(**self._http_options(base_url, api_key, timeout), transport=transport)
 
     def __enter__(self) -> Client:
@@ -620,11 +649,11 @@ class Client(_Calls):
     def _fetch(self, call: _Call) -> httpx.Response:
         deadline = time.monotonic() + self._timeout
         with self._http.stream(call.method, call.path, **call.options()) as response:
-            body = bytearray()
+            body = _Body(response, self._max_answer_bytes)
             for piece in response.iter_bytes():
                 _in_time(response, deadline, self._timeout)
-                body += piece
-        return _whole(response, bytes(body))
+                body.add(piece)
+        return body.whole()
 
     def model(self) -> dict[str, Any]:
         return self.request("GET", "/v1/model")
@@ -652,7 +681,8 @@ class Client(_Calls):
 
         position = self.session(session_id, resume=resume).position
         return StreamSession(str(self._http.base_url), self._api_key, session_id, position=position,
-                             window=window, retry=self.retry, timeout=self._timeout)
+                             window=window, retry=self.retry, timeout=self._timeout,
+                             max_answer_bytes=self._max_answer_bytes)
 
 
 class Session(_SessionCalls):
@@ -730,8 +760,9 @@ class AsyncClient(_Calls):
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, *,
                  timeout: float = 30.0, retry: Retry | None = None,
-                 transport: httpx.AsyncBaseTransport | None = None):
-        super().__init__(retry, api_key, timeout)
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES):
+        super().__init__(retry, api_key, timeout, max_answer_bytes)
         self._http = httpx.AsyncClient(**self._http_options(base_url, api_key, timeout), transport=transport)
 
     async def __aenter__(self) -> AsyncClient:
@@ -768,10 +799,12 @@ class AsyncClient(_Calls):
         try:
             async with asyncio.timeout(self._timeout):
                 async with self._http.stream(call.method, call.path, **call.options()) as response:
-                    body = b"".join([piece async for piece in response.aiter_bytes()])
+                    body = _Body(response, self._max_answer_bytes)
+                    async for piece in response.aiter_bytes():
+                        body.add(piece)
         except TimeoutError:
             raise httpx.ReadTimeout(f"the answer took over {self._timeout} s") from None
-        return _whole(response, body)
+        return body.whole()
 
     async def model(self) -> dict[str, Any]:
         return await self.request("GET", "/v1/model")
@@ -793,7 +826,8 @@ class AsyncClient(_Calls):
 
         position = (await self.session(session_id, resume=resume)).position
         return AsyncStreamSession(str(self._http.base_url), self._api_key, session_id, position=position,
-                                  window=window, retry=self.retry, timeout=self._timeout)
+                                  window=window, retry=self.retry, timeout=self._timeout,
+                                  max_answer_bytes=self._max_answer_bytes)
 
 
 class AsyncSession(_SessionCalls):

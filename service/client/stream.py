@@ -32,11 +32,12 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection as AsyncConnection
 from websockets.asyncio.client import connect as async_connect
-from websockets.exceptions import InvalidStatus, WebSocketException
+from websockets.exceptions import InvalidStatus, PayloadTooBig, WebSocketException
 from websockets.http11 import Response
 from websockets.sync.client import ClientConnection, connect
 
 from service.client import (
+    DEFAULT_MAX_ANSWER_BYTES,
     RETRY_STATUSES,
     BadAnswer,
     Prediction,
@@ -72,7 +73,8 @@ class _Window:
     """What a streaming session has sent and not had answered, and how an answer moves it: the part the
     sync and the async session share; they differ only in how they send, receive and wait."""
 
-    def __init__(self, url: str, api_key: str | None, session_id: str, position: int, window: int, retry: Retry):
+    def __init__(self, url: str, api_key: str | None, session_id: str, position: int, window: int, retry: Retry,
+                 max_answer_bytes: int):
         if window < 1:
             raise ValueError("window must be at least 1")
         self.url = url.replace("http://", "ws://", 1).replace("https://", "wss://", 1).rstrip("/")
@@ -82,6 +84,7 @@ class _Window:
         self.position = position  # the session's position as the last answer reported
         self.window = window
         self.retry = retry
+        self.max_answer_bytes = max_answer_bytes  # the connection's max_size: a longer frame ends the stream
         self.unanswered: deque[_Sent] = deque()
         self._held: deque[str] = deque()  # unanswered frames a reconnect sends once the window has room
         self.lost: list[tuple[int, int]] = []
@@ -175,6 +178,10 @@ class _Window:
             except ValueError:
                 problem = {"detail": (response.body or b"").decode(errors="replace")[:500]}
             raise problem_error(response.status_code, problem)
+        if isinstance(failure.__cause__, PayloadTooBig):  # ours: a resend would only have it sent again
+            why = f"a frame over {self.max_answer_bytes} bytes, the client's max_answer_bytes"
+            raise BadAnswer(None, {"detail": why}, f"stream answer unusable: {why}; raise it if the service's"
+                            " answers are that large")
         code = getattr(getattr(failure, "rcvd", None), "code", None)
         if code in _FATAL_CLOSE:
             raise ServiceError(_FATAL_CLOSE[code], {"detail": f"the service closed the stream with {code}"})
@@ -191,8 +198,9 @@ class StreamSession(_Window):
     """A session streamed over its WebSocket, chunks pipelined up to ``window`` ahead of their answers."""
 
     def __init__(self, url: str, api_key: str | None, session_id: str, *, position: int = 0,
-                 window: int = DEFAULT_WINDOW, retry: Retry | None = None, timeout: float = 30.0):
-        super().__init__(url, api_key, session_id, position, window, retry or Retry())
+                 window: int = DEFAULT_WINDOW, retry: Retry | None = None, timeout: float = 30.0,
+                 max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES):
+        super().__init__(url, api_key, session_id, position, window, retry or Retry(), max_answer_bytes)
         self.timeout = timeout
         self._ws: ClientConnection | None = None
 
@@ -246,9 +254,9 @@ class StreamSession(_Window):
     def _connection(self) -> ClientConnection:
         if self._ws is None:
             # entered as a context (websockets 16+ deprecates a bare connect()); closed by close() or a reconnect;
-            # no frame limit: an answer with intervals is many times its chunk, as large as the service makes it
+            # frames up to max_answer_bytes, not websockets' 1 MiB: an answer with intervals is many times its chunk
             self._ws = connect(self.url, additional_headers=self.headers, open_timeout=self.timeout,
-                               compression=None, max_size=None).__enter__()
+                               compression=None, max_size=self.max_answer_bytes).__enter__()
             self._fit(self._ws.response)
         return self._ws
 
@@ -271,8 +279,9 @@ class AsyncStreamSession(_Window):
     """``StreamSession`` for asyncio."""
 
     def __init__(self, url: str, api_key: str | None, session_id: str, *, position: int = 0,
-                 window: int = DEFAULT_WINDOW, retry: Retry | None = None, timeout: float = 30.0):
-        super().__init__(url, api_key, session_id, position, window, retry or Retry())
+                 window: int = DEFAULT_WINDOW, retry: Retry | None = None, timeout: float = 30.0,
+                 max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES):
+        super().__init__(url, api_key, session_id, position, window, retry or Retry(), max_answer_bytes)
         self.timeout = timeout
         self._ws: AsyncConnection | None = None
 
@@ -326,7 +335,7 @@ class AsyncStreamSession(_Window):
     async def _connection(self) -> AsyncConnection:
         if self._ws is None:
             self._ws = await async_connect(self.url, additional_headers=self.headers, open_timeout=self.timeout,
-                                           compression=None, max_size=None)
+                                           compression=None, max_size=self.max_answer_bytes)
             self._fit(self._ws.response)
         return self._ws
 

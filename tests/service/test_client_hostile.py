@@ -341,6 +341,86 @@ def test_the_async_client_holds_a_trickling_head_to_the_timeout() -> None:
     assert time.monotonic() - started < 5  # two attempts of 1 s, and the pause between them
 
 
+class _Flooding(_Scripted):
+    """Answers with a body that does not end: 64 KiB pieces, chunked or under a Content-Length of 1 GiB (the
+    server's ``declared``), until the client hangs up or 80 MiB have gone."""
+
+    server: _FloodingServer
+
+    def _reply(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(200)
+        self.send_header(*(("content-length", str(1 << 30)) if self.server.declared
+                           else ("transfer-encoding", "chunked")))
+        self.end_headers()
+        piece = b" " * 65536
+        with contextlib.suppress(OSError):  # the client hangs up once it has read enough
+            for _ in range(80 * 16):
+                self.wfile.write(piece if self.server.declared else b"%x\r\n%s\r\n" % (len(piece), piece))
+
+    do_GET = do_POST = _reply
+
+
+class _FloodingServer(ThreadingHTTPServer):
+    def __init__(self, declared: bool) -> None:
+        super().__init__(("127.0.0.1", 0), _Flooding)
+        self.declared = declared
+
+
+@pytest.mark.parametrize(("declared", "limit"), [(True, None), (False, 100_000)],
+                         ids=["declared-past-the-default", "chunked-past-the-option"])
+def test_an_answer_past_max_answer_bytes_is_refused_sync_and_async(declared: bool, limit: int | None) -> None:
+    """Neither client bounded what it read of an answer: a hostile or broken server could make it read, and
+    hold, a body as long as it liked (here 80 MiB an attempt, then waiting out the timeout for the rest)."""
+    flooding = _FloodingServer(declared)
+    threading.Thread(target=flooding.serve_forever, daemon=True).start()
+    options: dict[str, Any] = {"retry": FAST, **({"max_answer_bytes": limit} if limit else {})}
+    bound = limit or 64 * 1024 * 1024
+
+    async def predict() -> None:
+        async with AsyncClient(_url(flooding), **options) as client:
+            await (await client.session("s")).predict([1.0])
+
+    try:
+        with Client(_url(flooding), **options) as client, \
+                pytest.raises(BadAnswer, match=f"over {bound} bytes, the client's max_answer_bytes"):
+            client.session("s").predict([1.0])
+        with pytest.raises(BadAnswer, match=f"over {bound} bytes, the client's max_answer_bytes"):
+            asyncio.run(predict())
+    finally:
+        flooding.shutdown()
+        flooding.server_close()
+
+
+def test_a_stream_answer_past_max_answer_bytes_is_refused_not_resent_sync_and_async() -> None:
+    """The WebSocket client took frames of any size (``max_size=None``): a server could make it read and hold
+    one as long as it liked. Past the client's ``max_answer_bytes`` the frame is now refused, and not taken
+    for a dropped connection to reconnect and resend over."""
+    connections = []
+
+    def answer_hugely(connection: ServerConnection) -> None:
+        connections.append(connection)
+        for _ in connection:
+            connection.send(_chunk_answer(padding="x" * 20_000).decode())
+
+    with serve(answer_hugely, "127.0.0.1", 0) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.socket.getsockname()[1]}"
+        with Client(url, retry=FAST, max_answer_bytes=10_000) as client, client.stream_session("s") as session, \
+                pytest.raises(BadAnswer, match="over 10000 bytes, the client's max_answer_bytes"):
+            list(session.stream([[1.0]], chunk=1))
+
+        async def run() -> None:
+            async with AsyncClient(url, retry=FAST, max_answer_bytes=10_000) as client:
+                session = await client.stream_session("s")
+                async with session:
+                    with pytest.raises(BadAnswer, match="over 10000 bytes, the client's max_answer_bytes"):
+                        _ = [answer async for answer in session.stream([[1.0]], chunk=1)]
+
+        asyncio.run(run())
+    assert len(connections) == 2  # one each: no reconnect
+
+
 # -- the command line --------------------------------------------------------------------------------
 
 
