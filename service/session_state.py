@@ -40,10 +40,6 @@ class Precondition:
             return False
         return self.if_none_match is None or current is None or not {"*", current} & set(self.if_none_match)
 
-    @property
-    def given(self) -> bool:
-        return self.if_match is not None or self.if_none_match is not None
-
 
 @dataclass(frozen=True, slots=True)
 class Written:
