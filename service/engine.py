@@ -121,7 +121,7 @@ class Engine:
         self._surprises = metrics.surprises.labels(model=model)
         self._scored = metrics.scored_values.labels(model=model)
         self._worker: asyncio.Task[None] | None = None
-        self._running: list[Chunk] = []  # the batch being judged, computed and committed, its runs' chunks too
+        self._running: list[Chunk] = []  # the batch at work, its runs' chunks too; not those it handed on
         self._stopping = False
 
     async def start(self) -> None:
@@ -199,12 +199,12 @@ class Engine:
 
     async def _run(self) -> None:
         while (batch := await self.queue.next_batch()) is not None:
-            taken = self._running = [part for chunk in batch for part in (chunk, *chunk.joined)]  # _judge unjoins
+            self._running = [part for chunk in batch for part in (chunk, *chunk.joined)]  # _judge unjoins
             try:
                 await self._process(batch)
-            except Exception:  # a bug: fail this batch's requests (its runs' too), keep serving the others
+            except Exception:  # a bug: fail the requests this batch still holds, keep serving the others
                 log.exception("engine batch failed")
-                for chunk in taken:
+                for chunk in self._running:  # not those routed or queued again: another batch answers them
                     settle(chunk, exc=BatchFailed("the batch failed; it has been logged"))
             finally:
                 self._running = []
@@ -256,8 +256,9 @@ class Engine:
             if later:
                 taken = _continue(run, later) if run is not None else 0
                 back.extend(c for c in later[taken:] if not c.future.done())
-        if routed:
-            self._running = [chunk for chunk in self._running if id(chunk) not in routed]
+        if routed or back:  # no longer this batch's: another engine's, or the queue's
+            gone = routed | set(map(id, back))
+            self._running = [chunk for chunk in self._running if id(chunk) not in gone]
         if back:
             self.queue.requeue(back)
         return runs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,21 @@ import pytest
 import torch
 
 from model import load_checkpoint
+from service.batch_queue import Chunk
 from service.compute import _surprises
 from service.engine import Engine
 from service.metrics import Metrics
 from service.problems import REFUSAL_STATUS, as_problem
-from service.refusals import OffsetMismatch, OutOfRange, Overloaded, Refusal, StaleModel, TimedOut, UnknownSession
+from service.refusals import (
+    BatchFailed,
+    OffsetMismatch,
+    OutOfRange,
+    Overloaded,
+    Refusal,
+    StaleModel,
+    TimedOut,
+    UnknownSession,
+)
 from service.sessions.base import Session, Write, session_key
 from service.sessions.memory import MemoryStore
 from tests.conftest import make_tiny_model
@@ -161,6 +172,76 @@ def test_a_chunk_whose_deadline_passes_while_its_run_is_written_gets_the_write_s
 
     answers = asyncio.run(scenario())
     assert [orjson.loads(a)["position"] if isinstance(a, bytes) else a for a in answers] == [4, 8]
+
+
+class _FaultyGatherStore(_SlowCommitStore):
+    """A slow-committing memory store on which gathering the state of session ``poisoned`` raises (as a device
+    running out of memory would), once a commit has begun: the failing batch then fails while another
+    engine's write is under way."""
+
+    poisoned = ""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.writing = threading.Event()  # set by every commit: gather runs on a compute thread
+
+    def gather(self, sessions: Sequence[Session | None], device: Any = None) -> torch.Tensor:
+        if any(s is not None and s.key == self.poisoned for s in sessions):
+            self.writing.wait(5)
+            raise RuntimeError("out of memory gathering the states")
+        return super().gather(sessions, device)
+
+    async def commit(self, writes: Sequence[Write], states: torch.Tensor) -> list[Session | None]:
+        self.writing.set()
+        return await super().commit(writes, states)
+
+
+def test_a_failed_batch_fails_only_the_chunks_it_still_holds(tmp_path: Path) -> None:
+    """The compute raises on a batch after its judging sent one chunk to another version's engine and put a
+    run's next chunk back in the queue. Both were failed with the batch (500): the routed one while the
+    other engine was writing it, so its caller was told it failed while its session advanced; the queued
+    one, never computed with the batch, was then dropped. Each gets its own answer now."""
+    old_model, old_meta = load_checkpoint(make_tiny_model(tmp_path / "a", seed=1), "cpu")
+    new_model, new_meta = load_checkpoint(make_tiny_model(tmp_path / "b", seed=2), "cpu")
+    store = _FaultyGatherStore(old_model.state_size, torch.device("cpu"), max_sessions=100, ttl_seconds=600)
+    options: dict[str, Any] = {"max_batch_size": 8, "max_batch_delay_ms": 20, "max_queue": 100,
+                               "request_timeout_seconds": 30.0, "max_run_steps": 64}
+    old = Engine(old_model, old_meta["version"], store, Metrics(), **options)
+    new = Engine(new_model, new_meta["version"], store, Metrics(), **options)
+
+    def route(chunk: Chunk, session: Session | None) -> bool:
+        """The sessions of the newer version go to its engine (as ``ServedModel.route`` pins them)."""
+        if session is None or session.model_version != new.model_version:
+            return False
+        new.queue.hand_over(chunk)
+        return True
+
+    old.router = route
+    broken, routed, retried = (session_key("t", name) for name in ("broken", "routed", "retried"))
+    values = series(6, seed=4)
+
+    async def scenario() -> list[bytes | BaseException]:
+        await old.start()
+        await new.start()
+        try:
+            await old.predict(broken, values[:3], 0, 0)
+            await old.predict(retried, values[:3], 0, 0)
+            await new.predict(routed, values[:3], 0, 0)
+            store.poisoned, store.commit_delay = broken, 0.2
+            store.writing.clear()
+            chunks = [old.enqueue(broken, values[3:], 3, 0), old.enqueue(routed, values[3:], 3, 0),
+                      old.enqueue(retried, values[:3], 0, 0),  # an exact retry: answered, its run's next chunk
+                      old.enqueue(retried, values[3:], 3, 0)]  # goes back to the queue
+            return await asyncio.gather(*chunks, return_exceptions=True)
+        finally:
+            await old.stop()
+            await new.stop()
+
+    answers = asyncio.run(scenario())
+    assert isinstance(answers[0], BatchFailed)
+    assert [orjson.loads(a)["position"] if isinstance(a, bytes) else a for a in answers[1:]] == [6, 3, 6]
+    records = [asyncio.run(store.get(key)) for key in (broken, routed, retried)]
+    assert [record.position if record else None for record in records] == [3, 6, 6]
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
