@@ -29,6 +29,7 @@ from fastapi import APIRouter, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
+from service.api import repository
 from service.api.deps import EngineDep, SettingsDep
 from service.api.extras import requested
 from service.api.health import require_ready
@@ -269,13 +270,17 @@ async def infer_version(
     return await _infer(request, model_name, model_version, settings, tenant)
 
 
-@router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)
+# OPTIONS and TRACE too: were they left to Starlette's 405, its Allow would list this route's methods, as it
+# matches every path (a 405 on /v2/health/live naming five methods, of which four are 404s).
+@router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE"],
+                  include_in_schema=False)
 async def unknown(path: str, request: Request) -> Response:
-    """Anything else under /v2 (model config, statistics, repository, shared memory): not served; a served
-    path with another method is a 405 (this route would otherwise take it, matching every path)."""
+    """Anything else under /v2 (model config, statistics, shared memory): not served; a served path with
+    another method, the repository extension's included, is a 405 (this route would otherwise take it,
+    matching every path)."""
     here = route_path(request.scope)
-    served = [route for route in router.routes if isinstance(route, APIRoute) and route.endpoint is not unknown
-              and route.path_regex.match(here)]
+    served = [route for route in (*router.routes, *repository.router.routes) if isinstance(route, APIRoute)
+              and route.endpoint is not unknown and route.path_regex.match(here)]
     allowed = sorted({method for route in served for method in route.methods or ()})
     if allowed:
         raise v2_problem(405, f"{request.method} is not allowed on /v2/{path}; use {' or '.join(allowed)}",

@@ -130,7 +130,13 @@ def test_served_path_with_another_method_is_405_naming_the_methods(client: httpx
     live = client.post("/v2/health/live")
     assert _assert_v2_error(live, 405) and live.headers["allow"] == "GET"
     assert client.get(f"/v2/models/{model['name']}/infer").headers["allow"] == "POST"
-    _assert_v2_error(client.delete("/v2/repository/index"), 404)
+    for method in ("OPTIONS", "TRACE"):  # not the catch-all's methods, as Starlette's own 405 named them
+        assert _assert_v2_error(client.request(method, "/v2/health/live"), 405)
+        assert client.request(method, "/v2/health/live").headers["allow"] == "GET"
+        _assert_v2_error(client.request(method, "/v2/not/served"), 404)
+    index = client.delete("/v2/repository/index")  # the repository extension is served too
+    assert _assert_v2_error(index, 405) and index.headers["allow"] == "POST"
+    _assert_v2_error(client.put("/v2/repository/nothing"), 404)
 
 
 # -- sequences ---------------------------------------------------------------------------------------
