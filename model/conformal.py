@@ -148,14 +148,16 @@ class Calibration:
 
     def p_values(self, scores: np.ndarray) -> np.ndarray:
         """Conformal p-values (1 + #{calibration scores ≥ s}) / (N + 1) of one-step scores (..., F);
-        NaN (no prediction to score against) stays NaN."""
+        NaN (no prediction to score against) stays NaN. A score equal to kept order statistics that tie
+        counts from the first of them: every tied calibration score is at least as large."""
         count = self.counts[0]
         out = np.full(scores.shape, np.nan, dtype=np.float32)
         grid = np.arange(GRID) / (GRID - 1) * (count - 1)  # 0-based rank of each kept order statistic
         for f in range(self.features):
             row = self._table[0, f]
             s = scores[..., f].astype(np.float64)
-            below = np.where(s > row[-1], count, np.interp(s, row, grid))  # scores under s, interpolated
+            first = np.minimum(np.searchsorted(row, s, side="left"), GRID - 1)  # np.interp takes a tie's last
+            below = np.where(s > row[-1], count, np.where(row[first] == s, grid[first], np.interp(s, row, grid)))
             out[..., f] = np.where(np.isnan(s), np.nan, (1 + count - below) / (count + 1))
         return out
 

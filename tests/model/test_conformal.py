@@ -48,6 +48,16 @@ def test_p_values_count_the_calibration_scores_at_least_as_large() -> None:
     assert np.isnan(p[3, 0])
 
 
+def test_p_values_count_every_tied_calibration_score_as_at_least_as_large() -> None:
+    """Scores 0 ×5, 1 ×5, 2..6, 10 ×2 (N = 17, so the grid keeps every order statistic exactly): a score of
+    0 has all 17 at least as large (p = 1), one of 1 has 12, one of 10 has 2. The kept order statistics
+    repeat a tied score; each counts, not only the last of them (which made a value on a tie look more
+    surprising than the formula says: p = 0.78, 0.5 and 0.11)."""
+    calibration = _calibration(np.array([0.0] * 5 + [1.0] * 5 + [2.0, 3.0, 4.0, 5.0, 6.0] + [10.0] * 2))
+    p = calibration.p_values(np.array([[0.0], [1.0], [10.0]], dtype=np.float32))
+    np.testing.assert_allclose(p[:, 0], [18 / 18, 13 / 18, 3 / 18], rtol=1e-6)
+
+
 def test_adaptation_holds_coverage_when_the_series_turns_three_times_noisier() -> None:
     """Calibrated on N(0, 1) errors, served N(0, 3): unadapted, the 80% interval covers about 26%; the
     adapted one comes back to its level over 4000 steps, for both anchor levels the bench reports."""
