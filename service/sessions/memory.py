@@ -14,6 +14,8 @@ so one tenant creating sessions fast cannot push out another's (the store-wide b
 The marks ended v2 sequences leave (``end``) are kept apart, oldest first, for the TTL from their end and within
 bounds of their own as large as the sessions' (``max_sessions`` marks, ``max_answer_bytes`` of their answers):
 they hold no state, and a mark dropped early costs only a final chunk's resend its answer (a 404 instead).
+Under a tenant bound the marks have the same per tenant: a tenant ending sequences fast drops its own oldest
+marks, never another tenant's.
 Every mutation of the records happens on the event loop; ``gather`` may run on the engine's compute thread and
 only reads.
 """
@@ -68,6 +70,8 @@ class MemoryStore:
         self._records: OrderedDict[str, Session] = OrderedDict()
         self._ended: OrderedDict[str, tuple[float, Ended]] = OrderedDict()  # key: (when it ended, its mark)
         self._ended_bytes = 0  # the marks' answers' total
+        # Each tenant's marks, oldest first, and their answers' bytes: kept, as ``_tenants``, under a tenant bound.
+        self._ended_tenants: dict[str, _Tenant] | None = {} if self._tenants is not None else None
         rows = min(initial_capacity, max_sessions, max(1, INITIAL_STATE_BYTES // (4 * max(state_size, 1))))
         self._slots = _Slots(state_size, device, rows, max_sessions)
         self._revision = 0
@@ -280,6 +284,15 @@ class MemoryStore:
             self._forget_ended(key)
         self._ended[key] = (now, Ended(current.fingerprint, current.answer))
         self._ended_bytes += len(current.answer)
+        if self._ended_tenants is not None:  # the tenant's own oldest marks first, down to this one
+            tenant = self._ended_tenants.setdefault(tenant_of_key(key), _Tenant())
+            tenant.keys[key] = None
+            tenant.answer_bytes += len(current.answer)
+            while len(tenant.keys) > 1 and (
+                    (self.tenant_max_sessions is not None and len(tenant.keys) > self.tenant_max_sessions)
+                    or (self.tenant_max_answer_bytes is not None
+                        and tenant.answer_bytes > self.tenant_max_answer_bytes)):
+                self._forget_ended(next(iter(tenant.keys)))
         while len(self._ended) > self.max_sessions or (
                 self.max_answer_bytes is not None and self._ended_bytes > self.max_answer_bytes):
             self._forget_ended(next(iter(self._ended)))
@@ -297,6 +310,13 @@ class MemoryStore:
     def _forget_ended(self, key: str) -> None:
         _, mark = self._ended.pop(key)
         self._ended_bytes -= len(mark.answer)
+        if self._ended_tenants is not None:
+            name = tenant_of_key(key)
+            tenant = self._ended_tenants[name]
+            del tenant.keys[key]
+            tenant.answer_bytes -= len(mark.answer)
+            if not tenant.keys:
+                del self._ended_tenants[name]
 
     async def reset(self, key: str, model_version: str) -> tuple[Session, bool]:
         now = self._clock()

@@ -160,3 +160,30 @@ def test_the_store_bound_still_evicts_across_tenants_within_their_own_budgets() 
     commit(within, "t2/b", 80)
     commit(within, "t1/huge", 500)  # alone past t1's budget: counted against t1 only
     assert [s.key for s in within.records()] == ["t2/b", "t1/huge"] and evicted == []
+
+
+def _infer(http: httpx.Client, sequence: str, values: list[float], **parameters: object) -> httpx.Response:
+    body = {"inputs": [{"name": "values", "shape": [len(values), 1], "datatype": "FP32", "data": values}],
+            "parameters": {"sequence_id": sequence, **parameters}}
+    return http.post("/v2/models/tiny/infer", json=body)
+
+
+def test_a_tenant_ending_sequences_drops_its_own_ended_marks_never_another_tenants(
+    server_factory: ServerFactory,
+) -> None:
+    """A v2 sequence_end leaves a mark (its final chunk's answer) so that a resend of that chunk is answered
+    again. The marks were bounded only store-wide (GRU_MAX_SESSIONS marks): t2 ending 50 one-chunk sequences
+    pushed out t1's mark, and t1's resend of its lost final answer got a 404, whatever GRU_TENANT_MAX_SESSIONS."""
+    server = server_factory(GRU_API_KEYS=API_KEYS, GRU_MAX_SESSIONS="50", GRU_TENANT_MAX_SESSIONS="10")
+    with _client(server.url, "t1") as one, _client(server.url, "t2") as two:
+        assert _infer(one, "kept", [0.1, 0.2], sequence_start=True).status_code == 200
+        final = _infer(one, "kept", [0.3], offset=2, sequence_end=True)
+        assert final.status_code == 200
+        for index in range(50):
+            assert _infer(two, f"s{index}", [0.5], sequence_start=True, sequence_end=True).status_code == 200
+        resent = _infer(one, "kept", [0.3], offset=2, sequence_end=True)
+        assert resent.status_code == 200, resent.text[:300]
+        assert resent.content == final.content
+        # t2's own oldest marks went: its first sequence's resend finds it ended, its last one's is answered
+        assert _infer(two, "s0", [0.5], offset=0, sequence_end=True).status_code == 404
+        assert _infer(two, "s49", [0.5], offset=0, sequence_end=True).status_code == 200
