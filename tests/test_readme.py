@@ -32,6 +32,53 @@ def test_every_setting_is_in_the_configuration_table() -> None:
         assert f"| `GRU_{name.upper()}` |" in README, f"GRU_{name.upper()} is missing from the README table"
 
 
+def _table_default(cell: str, default: object) -> str:
+    """A Settings default as the configuration table writes it: `5` for 5.0, `false`, a path from the root."""
+    if default is None:
+        return "unset"
+    if isinstance(default, bool):
+        return f"`{str(default).lower()}`"
+    if isinstance(default, float) and default.is_integer():
+        return f"`{int(default)}`"
+    if hasattr(default, "relative_to"):
+        return f"`{default.relative_to(ROOT)}`"
+    if default == "":
+        return cell if cell in ("empty", "the only model") else "empty"
+    return f"`{default}`"
+
+
+def _table_defaults(readme: str) -> dict[str, str]:
+    return {m[1]: m[2].strip() for m in re.finditer(r"(?m)^\| `(GRU_\w+)` \| ([^|]*) \|", readme)}
+
+
+def _wrong_defaults(readme: str) -> dict[str, tuple[str, str]]:
+    """Settings whose table cell does not start with their default: (the cell, what it should start with)."""
+    table = _table_defaults(readme)
+    wrong = {}
+    for name, field in Settings.model_fields.items():
+        cell = table[f"GRU_{name.upper()}"]
+        expected = _table_default(cell, field.default)
+        if not cell.startswith(expected):  # "unset (no bound)": the words after it explain
+            wrong[f"GRU_{name.upper()}"] = (cell, expected)
+    return wrong
+
+
+def test_the_configuration_table_gives_each_setting_its_real_default() -> None:
+    """A default in the table that is not the service's misleads whoever sizes a deployment from it."""
+    assert _wrong_defaults(README) == {}
+
+
+@pytest.mark.parametrize("row, stale", [
+    ("| `GRU_MAX_QUEUE` | `1024` |", "| `GRU_MAX_QUEUE` | `512` |"),
+    ("| `GRU_SNAPSHOT_PATH` | unset |", "| `GRU_SNAPSHOT_PATH` | `/data/sessions.snapshot` |"),
+    ("| `GRU_METRICS_REQUIRE_KEY` | `false` |", "| `GRU_METRICS_REQUIRE_KEY` | `true` |"),
+])
+def test_the_default_check_catches_a_stale_default(row: str, stale: str) -> None:
+    assert row in README
+    name = row.split("`")[1]
+    assert set(_wrong_defaults(README.replace(row, stale))) == {name}
+
+
 def test_ci_runs_the_readme_test_command() -> None:
     assert (ROOT / ".ci" / "run").read_text().strip().endswith("make test")
 
