@@ -59,3 +59,14 @@ def test_the_redis_command_in_the_durability_doc_is_compose_s(repo: Path) -> Non
     lines = [line.strip() for line in (repo / "docs" / "durability.md").read_text().splitlines()
              if line.strip().startswith("redis-server --maxmemory") and "--appendonly" in line]
     assert [shlex.split(line) for line in lines] == [compose]
+
+
+def test_the_guide_names_every_alert_the_rules_define_and_no_other(repo: Path) -> None:
+    """The guide's list is where an operator learns what can page them: an alert missing from it is one they
+    meet first when it fires, and one it names that the rules lack is protection they do not have."""
+    defined = {rule["alert"] for group in yaml.safe_load((repo / "deploy" / "prometheus" / "rules" / "alerts.yml")
+                                                        .read_text())["groups"]
+               for rule in group["rules"] if "alert" in rule}
+    named = set(re.findall(r"`(Gru[A-Za-z0-9]+)`", DOC.read_text()))
+    assert len(defined) >= 5
+    assert (sorted(defined - named), sorted(named - defined)) == ([], [])
