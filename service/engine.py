@@ -122,6 +122,9 @@ class Engine:
         self._scored = metrics.scored_values.labels(model=model)
         self._worker: asyncio.Task[None] | None = None
         self._running: list[Chunk] = []  # the batch at work, its runs' chunks too; not those it handed on
+        # Sessions written by this engine's commits, ever: a drain that counts sessions while one commits may
+        # miss a session created on this version, so it keeps a version whose engine wrote since its count began
+        self.written = 0
         self._stopping = False
 
     async def start(self) -> None:
@@ -347,6 +350,7 @@ class Engine:
                     again.extend(retried)
                     conflicts += bool(retried)
                     continue
+                self.written += 1
                 for chunk, answer in zip(run.chunks, answers, strict=True):
                     settle(chunk, answer)
                 surprising += computed.surprises[row]

@@ -423,7 +423,9 @@ class Registry:
         for model in list(self.models.values()):
             if found is None and len(model.versions) < 2 and not isinstance(model.raw_store, MemoryStore):
                 continue  # nothing to drain: no Redis SCAN for a count
-            imported = {number: version.imported for number, version in model.versions.items()}
+            # what each version had imported and committed as the count began: a session written since may
+            # be missing from the count
+            began = {number: (version.imported, version.engine.written) for number, version in model.versions.items()}
             try:
                 model.sessions = await model.store.version_counts()
             except Exception:  # the store is down: nothing is unloaded on a count we do not have
@@ -436,10 +438,12 @@ class Registry:
                     continue
                 # A version still holding chunks is needed too: the counts miss a session its first chunk is
                 # creating, and its pins keep a session's later chunks behind the ones it holds. So is one a
-                # state import writes to, or wrote to after the count began: the count may miss its session.
+                # state import writes to, or one that an import or its engine wrote to after the count began
+                # (a Redis SCAN takes a while): the count may miss the session written.
                 has_sessions = not model.replay and model.by_hash(version.model_version) is version and (
                     model.sessions.get(version.model_version, 0) > 0)
-                importing = version.importing > 0 or version.imported != imported.get(version.number, version.imported)
+                written = (version.imported, version.engine.written)
+                importing = version.importing > 0 or began.get(version.number, written) != written
                 if not has_sessions and not importing and not version.engine.busy:
                     await self._unload_version(model, version, "drained")
         _publish(self.metrics, self.models)

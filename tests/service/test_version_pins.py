@@ -226,3 +226,39 @@ def test_with_one_loaded_version_a_new_session_s_chunks_keep_their_order_across_
         assert isinstance(late, str) and late.startswith("StaleModel"), late
     else:
         assert late == len(chunks)
+
+
+def test_a_session_a_draining_version_creates_while_the_drain_counts_keeps_that_version(tmp_path: Path) -> None:
+    """A new session's first chunk is computing on version 1 as version 2 is listed. A drain counts
+    sessions, and the count takes a while (a Redis SCAN over many keys), during which version 1's engine
+    commits the chunk, creating the session on version 1: the count, begun before, missed it, and version 1,
+    no longer holding a chunk when the count came back, was unloaded under it; the session's next chunk got
+    409 model-changed. A version that committed since the count began is kept for the next count, as one a
+    state import wrote to is."""
+    registry = _in_process_registry(tmp_path)
+    values = series(LONG + 8, seed=3)
+
+    async def scenario() -> Any:
+        await registry.start()
+        model = registry.models["m"]
+        first = model.engine.enqueue("t/s", values[:LONG], None, 0)
+        while model.engine.queue:  # taken into a batch: computing
+            await asyncio.sleep(0.001)
+        (await _warm_version_2(registry))()
+        count = model.raw_store.version_counts
+
+        async def slow_count(tenant: str | None = None) -> dict[str, int]:
+            counted = await count(tenant)  # what the scan saw, before the chunk committed
+            await asyncio.wait({first})  # the scan goes on over the other keys meanwhile
+            return counted
+
+        model.raw_store.version_counts = slow_count  # type: ignore[method-assign]
+        await registry.refresh_counts()
+        model.raw_store.version_counts = count  # type: ignore[method-assign]
+        listed = sorted(model.versions)
+        second = model.engine_for("t/s").enqueue("t/s", values[LONG:], LONG, 0)
+        await asyncio.wait({second})
+        await registry.stop()
+        return listed, _position_or_refusal(first), _position_or_refusal(second)
+
+    assert asyncio.run(scenario()) == ([1, 2], LONG, LONG + 8)
