@@ -38,6 +38,7 @@ from service.refusals import (
     StaleModel,
     StoreUnreachable,
     UnknownSession,
+    VersionNotLoaded,
 )
 from service.rules import Apply, Replay, fingerprint, judge
 from service.schemas import encode_answer
@@ -107,6 +108,9 @@ class Engine:
         self.model_version = model_version
         self.label = label  # (model name, repository version) every answer names, when served from one
         self.router: Router | None = None  # set by the model registry (service.models): where a chunk goes
+        # set by the registry: whether a session of this version hash may be of a version newer than any loaded
+        # here (another replica loaded it first), which no engine here may judge, replay or answer 409 for
+        self.unplaced: Callable[[str], bool] | None = None
         self.replay = replay  # GRU_UPGRADE=replay: a session of another version is moved onto this one
         self.store = store
         self.compute = BatchCompute(forecaster, surprise_p)
@@ -275,6 +279,13 @@ class Engine:
             return _Run([chunk], None, Apply(start=0, created=session is None), revision)
         if session is None and chunk.must_exist:
             settle(chunk, exc=_unknown(chunk.key))
+            return None
+        if (session is not None and session.model_version != self.model_version and self.unplaced is not None
+                and self.unplaced(session.model_version)):
+            settle(chunk, exc=VersionNotLoaded(
+                f"session {session_id_of(chunk.key)!r} is on model version {session.model_version}, which this"
+                " replica has not loaded yet (another one has: a newer version was published); nothing was"
+                " changed, retry shortly", retry_after=1))
             return None
         verdict = judge(chunk.key, chunk.offset, chunk.horizon, chunk.values, session, self.model_version,
                         chunk.extras)

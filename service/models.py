@@ -92,6 +92,11 @@ class ServedModel:
         # version holds), until they finish: a session's later chunk queues behind the ones it has there.
         self._leaving: list[Engine] = []
         self._newest: LoadedVersion | None = None  # kept by add and remove: every chunk asks for it
+        # Version hashes known to be no newer than the newest: every version loaded here, and the repository's
+        # up to the newest. A session of another hash may be on a version another replica loaded first; its
+        # chunks are refused (503) until a poll has looked (``Registry._place``), never judged on an older one.
+        self.known: set[str] = set()
+        self.unplaced: set[str] = set()  # hashes met since the last poll that it has to place
 
     @property
     def newest(self) -> LoadedVersion:
@@ -105,6 +110,7 @@ class ServedModel:
         would apply them out of order; a new session's first chunk could lose its creation to its second)."""
         previous = self._newest
         self.versions[version.number] = version
+        self.known.add(version.model_version)
         self._newest = self.versions[max(self.versions)]
         if previous is not None and previous is not self._newest:
             for key in previous.engine.keys_in_flight():
@@ -162,6 +168,15 @@ class ServedModel:
             if key != pinned and key not in held[version.number]:
                 del self._pins[key]
                 return
+
+    def newer_elsewhere(self, model_version: str) -> bool:
+        """Whether a session of ``model_version`` may be on a version newer than the newest loaded here:
+        not one known here, until a poll has looked for it in the repository."""
+        if model_version in self.known:
+            return False
+        if len(self.unplaced) < MAX_PINS:
+            self.unplaced.add(model_version)
+        return True
 
     def state_of(self, version: LoadedVersion) -> str:
         return SERVING if version is self.newest else DRAINING
@@ -234,6 +249,7 @@ class Registry:
         self.unloaded: set[str] = set()  # unloaded on request: polling leaves them alone until a load
         self._lock = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
+        self._hashes_read: dict[VersionDir, str | None] = {}  # versions up to a newest: their declared hash
         metrics.active_sessions.set_function(lambda: _held_sessions(self.models))
 
     # -- start and stop --------------------------------------------------------------------------------
@@ -262,6 +278,8 @@ class Registry:
         if self.default not in self.models:
             raise StartupError(f"no version of the default model {self.default} can be loaded: see the lines"
                                " above for each version skipped")
+        if self.repository.polls:
+            self._place(found)
         _publish(self.metrics, self.models)
 
     async def start(self) -> None:
@@ -316,7 +334,28 @@ class Registry:
                 except Exception:  # what a version's files do not explain (a GPU out of memory): the others go on
                     log.exception("loading model %s failed; the next poll tries again", name,
                                   extra={"fields": {"model": name}})
+            await asyncio.to_thread(self._place, found)
             await self._drain_all(found)
+
+    def _place(self, found: dict[str, list[VersionDir]]) -> None:
+        """Each model's known hashes: its repository versions up to its newest loaded one (read once each),
+        and the hashes its sessions named since the last poll that no newer version on disk declares (a
+        version since removed); one a newer version declares stays refused until this replica loads it. Disk I/O."""
+        for name, model in list(self.models.items()):
+            newest, unplaced = model.newest.number, set(model.unplaced)
+            model.unplaced -= unplaced
+            ahead: set[str | None] = set()
+            for where in found.get(name, []):
+                if where.version > newest:
+                    if unplaced:
+                        ahead.add(self.repository.model_version_of(where))
+                    continue
+                if where not in self._hashes_read:
+                    self._hashes_read[where] = self.repository.model_version_of(where)
+                if (declared := self._hashes_read[where]) is not None:
+                    model.known.add(declared)
+            model.known |= unplaced - ahead
+            model.unplaced |= unplaced & ahead  # {str} & {str | None}: the ones a newer version declares
 
     async def load(self, name: str) -> None:
         """The repository API's load: (re)load ``name``'s newest valid version."""
@@ -414,6 +453,8 @@ class Registry:
             label=(name, str(loaded.where.version)), replay=model.replay, surprise_p=s.surprise_p,
         )
         engine.router = lambda chunk, session: model.route(engine, chunk, session)
+        if self.repository.polls:  # a lone checkpoint never has a newer version
+            engine.unplaced = model.newer_elsewhere
         return model, LoadedVersion(loaded.where.version, engine, loaded.meta)
 
     async def _drain_all(self, found: dict[str, list[VersionDir]] | None = None) -> None:

@@ -100,6 +100,7 @@ REFUSAL_STATUS: dict[type[refusals.Refusal], int] = {
     refusals.ShuttingDown: 503,
     refusals.TimedOut: 503,
     refusals.StoreUnreachable: 503,
+    refusals.VersionNotLoaded: 503,
     refusals.BatchFailed: 500,
 }
 

@@ -83,6 +83,13 @@ class TimedOut(Refusal):
     kind = "timeout"
 
 
+class VersionNotLoaded(Refusal):
+    """The session was moved to a model version this replica has not loaded yet (another replica polled the
+    repository first): retried after this replica's next poll, or on another replica, it goes on there."""
+
+    kind = "version-not-loaded"
+
+
 class StoreUnreachable(Refusal):
     kind = "store-unavailable"
 

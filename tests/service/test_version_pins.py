@@ -9,9 +9,14 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 
 import service.models
-from service.refusals import StaleModel
+from service.config import Settings
+from service.metrics import Metrics
+from service.models import Registry
+from service.refusals import Refusal, StaleModel
+from service.repository import Repository
 from service.session_state import Precondition, SessionStates
 from tests.conftest import ServerFactory
 from tests.service.helpers import assert_problem, new_id, send, series
@@ -262,3 +267,48 @@ def test_a_session_a_draining_version_creates_while_the_drain_counts_keeps_that_
         return listed, _position_or_refusal(first), _position_or_refusal(second)
 
     assert asyncio.run(scenario()) == ([1, 2], LONG, LONG + 8)
+
+
+def test_a_replica_not_yet_polled_does_not_replay_a_session_back_onto_its_older_version(
+    tmp_path: Path, redis_server: Any
+) -> None:
+    """Two replicas on one Redis with GRU_UPGRADE=replay; one has polled and loaded version 2, the other not
+    yet. A session's chunk on the first moves it to version 2; its next chunk, on the second, was replayed
+    back onto version 1 there ("upgraded": true, version 1), and would move forward again on the first: the
+    session's state was rebuilt from its kept values at every switch of replica. The lagging replica now
+    refuses it with a 503 to retry (elsewhere, or once it has the version), and leaves it on version 2."""
+    repository = tmp_path / "repo"
+    add_version(repository, "m", 1)
+    settings = Settings(model_repository=repository, repository_poll_seconds=0, device="cpu", store="redis",
+                        redis_url=redis_server.url, upgrade="replay")
+    ahead, behind = (Registry(settings, Repository(root=repository), torch.device("cpu"), Metrics()) for _ in "ab")
+    ahead.open()
+    behind.open()
+    chunks = series(24, seed=5).reshape(3, 8, 1)
+
+    async def scenario() -> Any:
+        await ahead.start()
+        await behind.start()
+        await behind.models["m"].engine.predict("t/s", chunks[0], 0, 0)  # on version 1
+        add_version(repository, "m", 2, seed=1)
+        await ahead.poll()
+        moved = json.loads(await ahead.models["m"].engine.predict("t/s", chunks[1], 8, 0))
+        try:
+            outcome: Any = json.loads(await behind.models["m"].engine.predict("t/s", chunks[2], 16, 0))
+        except Refusal as refused:
+            outcome = (type(refused).__name__, refused.retry_after is not None)
+        kept = await ahead.models["m"].store.get("t/s")
+        await behind.poll()  # the version is there now: the session goes on
+        later = json.loads(await behind.models["m"].engine.predict("t/s", chunks[2], 16, 0))
+        await ahead.stop()
+        await behind.stop()
+        assert kept is not None
+        return ((moved["version"], moved.get("upgraded")), outcome,
+                (kept.position, kept.model_version == ahead.models["m"].newest.model_version),
+                (later["version"], later["position"]))
+
+    moved, outcome, kept, later = asyncio.run(scenario())
+    assert moved == ("2", True)
+    assert isinstance(outcome, tuple) and outcome[1], outcome
+    assert kept == (16, True)
+    assert later == ("2", 24)
