@@ -16,7 +16,7 @@ import pytest
 
 from bench.common import DEFAULT_WEIGHTS
 from harness.processes import ROOT
-from service.config import Settings
+from service.config import CLIENT_VARIABLES, Settings
 from tests.conftest import Server, start_server
 
 README = (ROOT / "README.md").read_text()
@@ -77,6 +77,41 @@ def test_the_default_check_catches_a_stale_default(row: str, stale: str) -> None
     assert row in README
     name = row.split("`")[1]
     assert set(_wrong_defaults(README.replace(row, stale))) == {name}
+
+
+# -- names and paths the docs cite ---------------------------------------------------------------------------------
+
+DOCS = {name: (ROOT / name).read_text() for name in ("README.md", "docs/architecture.md", "docs/durability.md",
+                                                      "docs/interop.md", "docs/security.md", "docs/deploy.md")}
+# GRU_ names the docs write that are no setting on purpose: the misspelling the start-up check names, and the
+# variables the kubelet derives from a Service named gru-api (docs/deploy.md).
+NOT_SETTINGS = {"GRU_SNAPSHOT_PATHS", "GRU_API_SERVICE_HOST", "GRU_API_PORT"}
+_CITED_PATH = re.compile(r"`((?:service|model|bench|harness|deploy|tests|docs|scripts)/[\w./-]*)`")
+
+
+def _unknown_settings(text: str) -> set[str]:
+    known = {f"GRU_{name.upper()}" for name in Settings.model_fields} | set(CLIENT_VARIABLES) | NOT_SETTINGS
+    return set(re.findall(r"\bGRU_[A-Z0-9_]*[A-Z0-9]", text)) - known
+
+
+def _missing_paths(text: str) -> set[str]:
+    return {path for path in _CITED_PATH.findall(text) if not (ROOT / path).exists()}
+
+
+@pytest.mark.parametrize("name", DOCS)
+def test_every_gru_variable_the_docs_name_is_a_setting(name: str) -> None:
+    assert _unknown_settings(DOCS[name]) == set()
+
+
+@pytest.mark.parametrize("name", DOCS)
+def test_every_file_the_docs_cite_exists(name: str) -> None:
+    assert _missing_paths(DOCS[name]) == set()
+
+
+def test_the_name_checks_catch_a_stale_name() -> None:
+    assert _unknown_settings(README.replace("`GRU_MAX_QUEUE`", "`GRU_QUEUE_MAX`")) == {"GRU_QUEUE_MAX"}
+    stale = DOCS["docs/architecture.md"].replace("`service/rules.py`", "`service/offsets.py`")
+    assert _missing_paths(stale) == {"service/offsets.py"}
 
 
 def test_ci_runs_the_readme_test_command() -> None:
@@ -146,7 +181,7 @@ def test_the_curl_session_answers_what_the_readme_shows(shipped: Server) -> None
                 assert _rounded(actual) == json.loads(shown), (
                     f"{method} {path}: README shows {name}={shown}, the shipped model answers {actual}")
                 checked += 1
-    assert checked == 19  # eight members of the first answer, three of the 409, eight with intervals and scores
+    assert checked == 20  # eight members of the first answer, four of the 409, eight with intervals and scores
 
 
 def test_the_python_example_runs_twice_and_prints_what_the_readme_shows(shipped: Server) -> None:
