@@ -4,6 +4,8 @@ is the port when --port is not given)."""
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import socket
 import sys
 import time
@@ -110,11 +112,22 @@ class _DrainingServer(uvicorn.Server):
             if isinstance(connection, HttpToolsProtocol):  # not a stream: those are drained
                 connection.shutdown()
         began = time.monotonic()
-        await self.streams.drain(self.budget)
+        await self._drain_unless_forced()
         left = self.budget - (time.monotonic() - began)
         # what is left, unrounded (asyncio.timeout takes a float): a whole second up, a drain overran its bound
         self.config.timeout_graceful_shutdown = max(left, 0.0)  # type: ignore[assignment]
         await super().shutdown(sockets)
+
+    async def _drain_unless_forced(self) -> None:
+        """The streams' drain, cut short by a SIGINT during it (``force_exit``), which is to exit at once, as
+        uvicorn's own wait does: before, a stream whose client read nothing held Ctrl-C to the whole bound."""
+        drain = asyncio.ensure_future(self.streams.drain(self.budget))
+        while not drain.done() and not self.force_exit:
+            await asyncio.wait([drain], timeout=0.1)  # uvicorn's signal handler only sets the flag
+        if not drain.done():
+            drain.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await drain
 
 
 if __name__ == "__main__":
