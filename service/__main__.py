@@ -20,7 +20,11 @@ from service.app import create_app
 from service.config import Settings, unknown_variables
 from service.head_deadline import head_deadline_protocol
 from service.logs import configure
+from service.models import Registry
 from service.ws_flow import FlowControlledWebSockets
+
+_WRITE_POLL_SECONDS = 0.01  # when the drain is up, how often to look whether the writes under way returned
+_ANSWER_SECONDS = 0.5  # then, how long their requests have to send their answers
 
 
 def _configuration_errors(exc: ValidationError) -> str:
@@ -87,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         ws_per_message_deflate=False,
     )
     # SIGTERM's drain takes as long as a chunk may: the bound the deployment files' grace periods are set from.
-    _DrainingServer(config, app.state.streams, settings.request_timeout_seconds).run()
+    _DrainingServer(config, app.state.streams, app.state.registry, settings.request_timeout_seconds).run()
     return 0
 
 
@@ -98,12 +102,21 @@ class _DrainingServer(uvicorn.Server):
     Meanwhile no HTTP connection takes a new request (one at work finishes), as uvicorn's shutdown has them
     do, and the drain and uvicorn's wait for the requests at work share one ``timeout_graceful_shutdown``
     (``GRU_REQUEST_TIMEOUT_SECONDS``): before, a request arriving on a keep-alive connection during a 30 s
-    drain was served, and uvicorn then waited up to 30 s more for it, past Docker's 45 s grace."""
+    drain was served, and uvicorn then waited up to 30 s more for it, past Docker's 45 s grace.
 
-    def __init__(self, config: uvicorn.Config, streams: Streams, budget: float):
+    When that bound is up, uvicorn cancels what is still at work, and each request is answered 503 "retry
+    with the same offset". A chunk whose batch is writing it to the store then is not cut off before the
+    write returns (the queue's own timeout waits for it likewise): the write may apply it, and a run keeps
+    only its last chunk's answer, so the retry of an earlier chunk of a run would be a 409 past it, its
+    answer lost. That wait is as long as a store call may take (Redis's socket timeout; a memory store's write
+    is never awaited)."""
+
+    def __init__(self, config: uvicorn.Config, streams: Streams, registry: Registry, budget: float):
         super().__init__(config)
         self.streams = streams
+        self.registry = registry
         self.budget = budget  # seconds, for the drain and uvicorn's wait together
+        self._left = budget  # of it, for uvicorn's wait, once the streams are drained
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for server in self.servers:  # no new connections meanwhile
@@ -115,8 +128,28 @@ class _DrainingServer(uvicorn.Server):
         await self._drain_unless_forced()
         left = self.budget - (time.monotonic() - began)
         # what is left, unrounded (asyncio.timeout takes a float): a whole second up, a drain overran its bound
-        self.config.timeout_graceful_shutdown = max(left, 0.0)  # type: ignore[assignment]
+        self._left = max(left, 0.0)
+        self.config.timeout_graceful_shutdown = None  # the bound is kept by _wait_tasks_to_complete
         await super().shutdown(sockets)
+
+    async def _wait_tasks_to_complete(self) -> None:
+        """uvicorn's wait for the requests at work, up to what is left of the bound; then, before uvicorn
+        cancels them (on the TimeoutError raised here), for the writes under way to return and their requests
+        to be answered."""
+        try:
+            async with asyncio.timeout(self._left):
+                await super()._wait_tasks_to_complete()
+            return
+        except TimeoutError:
+            pass
+        if self.registry.writing:
+            while self.registry.writing and not self.force_exit:
+                await asyncio.sleep(_WRITE_POLL_SECONDS)
+            with contextlib.suppress(TimeoutError):  # the chunks written are answered and sent
+                async with asyncio.timeout(_ANSWER_SECONDS):
+                    await super()._wait_tasks_to_complete()
+                return
+        raise TimeoutError  # uvicorn cancels what is still at work: each request is answered 503
 
     async def _drain_unless_forced(self) -> None:
         """The streams' drain, cut short by a SIGINT during it (``force_exit``), which is to exit at once, as

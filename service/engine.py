@@ -144,6 +144,12 @@ class Engine:
         """Whether chunks wait here or a batch is at work."""
         return bool(self.queue) or bool(self._running)
 
+    @property
+    def writing(self) -> bool:
+        """Whether the batch at work is writing chunks to the store: the write may apply them, whatever
+        becomes of their callers, so a caller cut off now would be told less than the truth."""
+        return any(chunk.committing for chunk in self._running)
+
     async def stop(self) -> None:
         """Refuse new work, finish every chunk already accepted, then release the compute thread."""
         self.refuse_new()

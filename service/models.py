@@ -306,6 +306,12 @@ class Registry:
             for model in self.models.values():
                 await model.store.close()
 
+    @property
+    def writing(self) -> bool:
+        """Whether any engine is writing a batch's chunks to its store (``Engine.writing``)."""
+        return any(version.engine.writing for model in list(self.models.values())
+                   for version in list(model.versions.values()))
+
     # -- lookups for the routes ------------------------------------------------------------------------
 
     def model(self, name: str | None = None) -> ServedModel | None:
