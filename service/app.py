@@ -114,7 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v1.model_router)
     app.include_router(state.router)
     app.include_router(state.model_router)
-    limits = Limits(steps=settings.max_chunk_steps, horizon=settings.max_horizon, items=settings.max_batch_items,
+    limits = Limits(steps=settings.max_chunk_steps, horizon=settings.max_horizon, items=v1.batch_items_limit(settings),
                     features=engine.forecaster.num_features)
     document_raw_routes(app, hot.OPERATIONS, [*v1.RAW_BODY_MODELS, *state.RAW_BODY_MODELS], limits)
     app.include_router(repository_api.router)  # before v2's catch-all for unserved /v2 paths

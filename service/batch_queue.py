@@ -135,10 +135,17 @@ class BatchQueue:
     def full(self) -> bool:
         return len(self._waiting) + self._reserved >= self._max_queue
 
-    def overloaded(self, reason: str = "queue_full") -> Overloaded:
-        """The refusal of a chunk that finds the queue full, counted under ``reason`` (where it was refused)."""
-        self._metrics.rejected.labels(reason=reason).inc()
-        return Overloaded(f"{len(self._waiting)} chunks are already waiting; retry shortly", retry_after=1)
+    def has_room(self, count: int) -> bool:
+        """Whether ``count`` chunks put now would all find a place (none taken from a caller waiting for one)."""
+        return not self._asking and len(self._waiting) + self._reserved + count <= self._max_queue
+
+    def overloaded(self, reason: str = "queue_full", count: int = 1) -> Overloaded:
+        """The refusal of ``count`` chunks (taken together or not at all) that find the queue full, counted
+        under ``reason`` (where they were refused)."""
+        self._metrics.rejected.labels(reason=reason).inc(count)
+        room = max(0, self._max_queue - len(self._waiting) - self._reserved)
+        ahead = f"; the call's {count} chunks go together or not at all, {room} places are free" if count > 1 else ""
+        return Overloaded(f"{len(self._waiting)} chunks are already waiting{ahead}; retry shortly", retry_after=1)
 
     def try_reserve(self) -> Place | None:
         """A place at once while there is room and nobody waits before us, else None (``reserve`` waits)."""

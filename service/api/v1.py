@@ -8,19 +8,25 @@ item's problem, not the call's), and joins the engine's pre-serialised answers.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated
 
+import numpy as np
 import orjson
 from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, JsonValue
+from pydantic import BaseModel
 
 from service.api.bodies import chunk_array, parse, parse_item, wrong_item_keys
 from service.api.deps import EngineDep, ModelDep, SettingsDep, model_path
 from service.api.extras import requested
 from service.api.openapi import body_schema, problem_responses
 from service.auth import TenantDep, is_admin
+from service.config import Settings
+from service.engine import Engine
+from service.extras import Extras
 from service.models import Registry, ServedModel
 from service.problems import Problem, as_problem
 from service.refusals import Refusal
@@ -83,19 +89,25 @@ async def list_models(request: Request, tenant: TenantDep) -> ModelList:
 
 @router.post(
     "/predict/batch", response_model=BatchResponse, summary="Chunks of many sessions in one call",
-    openapi_extra=body_schema(BatchRequest), responses=problem_responses(400, 408, 413, 422),
+    openapi_extra=body_schema(BatchRequest), responses=problem_responses(400, 408, 413, 422, 429),
 )
 async def predict_batch(request: Request, model: ModelDep, settings: SettingsDep, tenant: TenantDep) -> Response:
+    """Every item is validated first (a bad one is its own problem); then the valid ones are queued together,
+    in order, or, where the engine queue cannot take them all, the call is refused whole (429) and nothing of
+    it applies: a client resends the call as it was, never half of it applied twice."""
     raw_body = await request.body()
     body = parse(raw_body, BatchEnvelope)
-    if len(body.items) > settings.max_batch_items:
-        detail = f"{len(body.items)} items, more than GRU_MAX_BATCH_ITEMS={settings.max_batch_items}; split the call"
+    most = batch_items_limit(settings)
+    if len(body.items) > most:
+        limit = ("GRU_MAX_BATCH_ITEMS" if most == settings.max_batch_items else "GRU_MAX_QUEUE") + f"={most}"
+        detail = f"{len(body.items)} items, more than {limit}; split the call"
         raise Problem(422, "invalid-request", detail,
                       errors=[{"loc": ["body", "items"], "msg": detail, "type": "too_long"}])
     features = model.engine.forecaster.num_features
     wrong_keys = wrong_item_keys(raw_body, BatchItem)
 
-    async def one(index: int, raw: JsonValue) -> bytes:
+    chunks: list[_Chunk | bytes] = []  # each item's chunk to queue, or its problem's JSON
+    for index, raw in enumerate(body.items):
         loc = ["body", "items", str(index)]
         try:
             item = parse_item(raw, BatchItem, loc, wrong_keys.get(index))
@@ -103,12 +115,53 @@ async def predict_batch(request: Request, model: ModelDep, settings: SettingsDep
             key = session_key(tenant, item.session_id)
             engine = model.engine_for(key)
             extras = requested(item.levels, item.scores, engine.forecaster, loc)
-            return await engine.predict(key, values, item.offset, item.horizon, extras=extras)
+            chunks.append(_Chunk(engine, key, values, item.offset, item.horizon, extras))
         except (Problem, Refusal) as refused:
+            chunks.append(orjson.dumps(as_problem(refused).body()))
+    queued = [chunk for chunk in chunks if isinstance(chunk, _Chunk)]
+    for engine, count in Counter(chunk.engine for chunk in queued).items():
+        if not engine.queue.has_room(count):
+            raise engine.queue.overloaded(count=len(queued))
+    # No await from the check to the last enqueue: every chunk finds its place, in the items' order.
+    answers: list[asyncio.Future[bytes] | bytes] = []
+    for chunk in chunks:
+        if isinstance(chunk, bytes):
+            answers.append(chunk)
+            continue
+        try:
+            answers.append(chunk.engine.enqueue(chunk.key, chunk.values, chunk.offset, chunk.horizon,
+                                                extras=chunk.extras))
+        except Refusal as refused:  # shutting down
+            answers.append(orjson.dumps(as_problem(refused).body()))
+
+    async def one(answer: asyncio.Future[bytes] | bytes) -> bytes:
+        if isinstance(answer, bytes):
+            return answer
+        try:
+            return await answer
+        except Refusal as refused:
             return orjson.dumps(as_problem(refused).body())
 
-    answers = await asyncio.gather(*(one(i, item) for i, item in enumerate(body.items)))
-    return Response(b'{"results":[' + b",".join(answers) + b"]}", media_type=JSON)
+    results = await asyncio.gather(*(one(answer) for answer in answers))
+    return Response(b'{"results":[' + b",".join(results) + b"]}", media_type=JSON)
+
+
+@dataclass(slots=True, frozen=True)
+class _Chunk:
+    """A valid batch item, ready to queue at its session's engine."""
+
+    engine: Engine
+    key: str
+    values: np.ndarray
+    offset: int | None
+    horizon: int
+    extras: Extras
+
+
+def batch_items_limit(settings: Settings) -> int:
+    """The most items one batch call may hold: GRU_MAX_BATCH_ITEMS, and no more than the engine queue takes
+    at once (GRU_MAX_QUEUE), since a call is queued whole or not at all."""
+    return min(settings.max_batch_items, settings.max_queue)
 
 
 def _timestamp(seconds: float) -> datetime:
