@@ -31,7 +31,7 @@ from harness.processes import Process as Server
 from model.checkpoint import CONFIG_FILE, MAX_CONFIG_BYTES, WEIGHTS_FILE
 from service.config import Settings
 from service.metrics import Metrics
-from service.models import Registry
+from service.models import Registry, ServedModel
 from service.refusals import Refusal
 from service.repository import Repository
 from service.snapshots import ModelSnapshots
@@ -641,6 +641,17 @@ def _in_process_registry(tmp_path: Path, **settings: Any) -> Registry:
     return registry
 
 
+async def _computing(registry: Registry, key: str, values: np.ndarray) -> tuple[ServedModel, asyncio.Future[bytes]]:
+    """The registry started, and ``values`` queued at model ``m`` for session ``key`` (appended, no offset),
+    once a batch has taken them: computing."""
+    await registry.start()
+    model = registry.models["m"]
+    chunk = model.engine.enqueue(key, values, None, 0)
+    while model.engine.queue:
+        await asyncio.sleep(0.001)
+    return model, chunk
+
+
 async def _warm_version_2(registry: Registry) -> Callable[[], None]:
     """Version 2 of ``m``, loaded and warmed up; what lists it (the step a poll takes, with no await)."""
     add_version(registry.repository.root, "m", 2, seed=1)
@@ -721,11 +732,7 @@ def test_a_session_whose_first_chunk_computes_as_a_version_is_listed_keeps_its_v
     values = series(LONG + 8, seed=3)
 
     async def scenario() -> Any:
-        await registry.start()
-        model = registry.models["m"]
-        first = model.engine.enqueue("t/s", values[:LONG], None, 0)
-        while model.engine.queue:  # taken into a batch: computing
-            await asyncio.sleep(0.001)
+        model, first = await _computing(registry, "t/s", values[:LONG])
         add_version(registry.repository.root, "m", 2, seed=1)
         await registry.poll()  # lists version 2 and drains
         await first
@@ -748,11 +755,7 @@ def test_a_new_session_s_chunks_keep_their_order_when_a_poll_lists_a_version_and
     chunks = series(16, seed=5).reshape(2, 8, 1)
 
     async def scenario() -> list[Any]:
-        await registry.start()
-        model = registry.models["m"]
-        other = model.engine.enqueue("t/other", busy, None, 0)
-        while model.engine.queue:  # taken: computing
-            await asyncio.sleep(0.001)
+        model, other = await _computing(registry, "t/other", busy)
         early = model.engine_for("t/s").enqueue("t/s", chunks[0], None, 0)  # waits behind it at version 1
         add_version(registry.repository.root, "m", 2, seed=1)
         polling = asyncio.ensure_future(registry.poll())

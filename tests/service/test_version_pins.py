@@ -22,6 +22,7 @@ from tests.conftest import ServerFactory
 from tests.service.helpers import assert_problem, new_id, send, series
 from tests.service.test_model_lifecycle import (
     LONG,
+    _computing,
     _in_process_registry,
     _position_or_refusal,
     _warm_version_2,
@@ -244,11 +245,7 @@ def test_a_session_a_draining_version_creates_while_the_drain_counts_keeps_that_
     values = series(LONG + 8, seed=3)
 
     async def scenario() -> Any:
-        await registry.start()
-        model = registry.models["m"]
-        first = model.engine.enqueue("t/s", values[:LONG], None, 0)
-        while model.engine.queue:  # taken into a batch: computing
-            await asyncio.sleep(0.001)
+        model, first = await _computing(registry, "t/s", values[:LONG])
         (await _warm_version_2(registry))()
         count = model.raw_store.version_counts
 
