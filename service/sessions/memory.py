@@ -163,17 +163,17 @@ class MemoryStore:
         elif len(self._records) >= self.max_sessions:
             self._on_evict(self._evict(next(iter(self._records)), "capacity", self._clock()), 1)
 
-    def _trim_answers(self, keep: set[str]) -> None:
+    def _trim_answers(self, keep: set[str] | None) -> None:
         """Least recently used first, while the kept answers pass their budget: each writing tenant's own first,
         from its own sessions, down to one (those just written too: a tenant whose one batch passes its
         budget must not make the store evict another's); then the store's, never one of ``keep`` (the
         sessions just written: an answer over the whole budget is kept, alone), and not for what a tenant
-        holds beyond its own budget (``_overshoot``)."""
+        holds beyond its own budget (``_overshoot``). ``keep`` None (a restore): every tenant's, keeping none."""
         now = self._clock()
         evicted: Counter[str] = Counter()  # per reason counted
         if self.tenant_max_answer_bytes is not None and self._tenants is not None:
             tenants = self._tenants
-            for name in {tenant_of_key(key) for key in keep} or set(tenants):
+            for name in set(tenants) if keep is None else {tenant_of_key(key) for key in keep}:
                 tenant = tenants.get(name)
                 while (tenant is not None and tenant.answer_bytes > self.tenant_max_answer_bytes
                        and len(tenant.keys) > 1):
@@ -183,7 +183,7 @@ class MemoryStore:
         while (self.max_answer_bytes is not None and self._answer_bytes > self.max_answer_bytes
                and self._answer_bytes - overshoot > self.max_answer_bytes):
             key = next(iter(self._records))
-            if key in keep:
+            if keep is not None and key in keep:
                 break
             owner = tenant_of_key(key)
             before = self._over_budget(owner)
@@ -258,7 +258,9 @@ class MemoryStore:
                 results[at] = None
         if rows:
             self._slots.write(slots, states[torch.tensor(rows, device=states.device)])
-        self._trim_answers({write.key for write in writes})
+        # the sessions written: a lost write's key is none (its record, at the front of the recency order
+        # after a rival write, stopped the trim at once and kept the store over its budget)
+        self._trim_answers({session.key for at, session, _ in won if results[at] is not None})
         return results
 
     async def get(self, key: str) -> Session | None:
@@ -350,7 +352,7 @@ class MemoryStore:
             self._insert(session)
         if slot_rows:
             self._slots.write(list(slot_rows), states[torch.tensor(list(slot_rows.values()), device=states.device)])
-        self._trim_answers(set())  # a snapshot from a larger budget: its oldest go
+        self._trim_answers(None)  # a snapshot from a larger budget: its oldest go
 
     async def version_counts(self, tenant: str | None = None) -> dict[str, int]:
         now = self._clock()

@@ -267,3 +267,25 @@ def test_an_expired_session_dropped_at_a_bound_is_counted_as_a_ttl_eviction(boun
     _run(scenario())
     assert "t/a" not in [s.key for s in store.records()]
     assert evicted == [("ttl", 1)]
+
+
+def test_a_lost_write_does_not_shield_older_sessions_from_the_answers_budget() -> None:
+    """A write that lost its race (its session written meanwhile by another batch, an import, a reset) is no
+    session "just written": its key at the front of the recency order stopped the trim at once, and the store
+    stayed over GRU_MAX_ANSWER_BYTES with older sessions left to evict (never evicted, at any later commit
+    that lost a write the same way)."""
+    store, evicted = _counting(max_answer_bytes=100)
+
+    async def scenario() -> None:
+        zero = torch.zeros(1, STATE)
+        a, = await store.commit([write("t/a", None, 1, answer=b"a" * 10)], zero)
+        judged = a.revision  # a batch judges a chunk of t/a against this revision
+        assert (await store.commit([write("t/a", judged, 2, answer=b"a" * 10)], zero))[0]  # a rival write
+        assert (await store.commit([write("t/b", None, 1, answer=b"b" * 40)], zero))[0]
+        results = await store.commit([write("t/a", judged, 2, answer=b"a" * 10),
+                                      write("t/c", None, 1, row=1, answer=b"c" * 70)], torch.zeros(2, STATE))
+        assert results[0] is None and results[1] is not None
+
+    _run(scenario())
+    assert sum(len(s.answer) for s in store.records()) <= 100
+    assert [s.key for s in store.records()] == ["t/c"] and evicted == [("capacity", 2)]
