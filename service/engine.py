@@ -351,8 +351,7 @@ class Engine:
             try:
                 committed = await self.store.commit(writes, computed.states)
             except StoreUnreachable as refusal:  # the write may have applied all the same, its reply lost
-                runs_written = any(len(run.chunks) > 1 for run, _, _ in pending)  # a lone chunk's retry is exact
-                committed = await self._found(writes) if runs_written else [None] * len(writes)
+                committed = await self._found(writes)  # a lone chunk too: the session's next may apply on it
                 for (run, _, _), won in zip(pending, committed, strict=True):
                     for chunk in run.chunks if won is None else ():
                         settle(chunk, exc=refusal)
@@ -385,7 +384,8 @@ class Engine:
         """After a commit that failed: each write's record where the store holds it all the same (Redis ran it
         and the reply was lost), else None; None for all when the store still does not answer. A run keeps
         only its last chunk's answer, so a 503 for an earlier chunk of a run that was written could not be
-        retried for its answer (a 409 past it): a run found written is answered from what was computed."""
+        retried for its answer (a 409 past it); nor could a lone chunk's once the session's next chunk, queued
+        behind it, applied on top of it: a write found written is answered from what was computed."""
         try:
             if not await self.store.ping():
                 return [None] * len(writes)

@@ -26,6 +26,7 @@ from service.refusals import (
     Overloaded,
     Refusal,
     StaleModel,
+    StoreUnreachable,
     TimedOut,
     UnknownSession,
 )
@@ -429,3 +430,49 @@ def test_expires_at_counts_from_the_last_use_not_from_creation(tiny_model: Path)
             await engine.stop()
 
     asyncio.run(scenario())
+
+
+class _LostReplyStore(MemoryStore):
+    """A memory store whose next commit applies its writes and then raises, as a Redis script call does whose
+    reply is lost on the way back."""
+
+    lose_next = False
+
+    async def commit(self, writes: Sequence[Write], states: torch.Tensor) -> list[Session | None]:
+        results = await super().commit(writes, states)
+        if self.lose_next:
+            self.lose_next = False
+            raise StoreUnreachable("the connection to the store was lost", retry_after=1)
+        return results
+
+
+def test_a_lone_chunk_whose_commit_reply_was_lost_is_not_told_503_under_the_next_chunk(tiny_model: Path) -> None:
+    """A session's chunk runs alone (runs off) and its write applies, its reply lost; the session's next
+    chunk, pipelined behind it, then applies on top of it. The first was told 503 (retry with the same
+    offset), but its retry was a 409 past the second: its answer lost, as for a run's earlier chunk. A failed
+    commit of a lone chunk is read back too, and a chunk found written answered."""
+    forecaster, _ = load_checkpoint(tiny_model, "cpu")
+    store = _LostReplyStore(forecaster.state_size, torch.device("cpu"), max_sessions=100, ttl_seconds=600)
+    engine = _engine(tiny_model, store, max_batch_delay_ms=0)
+    key = session_key("t", "lost-lone")
+    values = series(8, seed=3)
+
+    async def scenario() -> list[Any]:
+        await engine.start()
+        try:
+            await engine.predict(key, values[:2], 0, 0)
+            store.lose_next = True
+            queued = [engine.enqueue(key, values[2:5], 2, 0), engine.enqueue(key, values[5:], 5, 0)]
+            answers: list[Any] = await asyncio.gather(*queued, return_exceptions=True)
+            if isinstance(answers[0], StoreUnreachable):  # a 503 is retried with its offset
+                try:
+                    answers[0] = await engine.predict(key, values[2:5], 2, 0)
+                except Refusal as refused:
+                    answers[0] = refused
+            return answers
+        finally:
+            await engine.stop()
+
+    answers = asyncio.run(scenario())
+    got = [orjson.loads(a)["position"] if isinstance(a, bytes) else type(a).__name__ for a in answers]
+    assert got == [5, 8], got  # was ['OffsetMismatch', 8]: the first chunk's answer lost
