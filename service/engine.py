@@ -351,7 +351,13 @@ class Engine:
             try:
                 committed = await self.store.commit(writes, computed.states)
             except StoreUnreachable as refusal:  # the write may have applied all the same, its reply lost
-                committed = await self._found(writes)  # a lone chunk too: the session's next may apply on it
+                found = await self._found(writes)  # a lone chunk too: the session's next may apply on it
+                if found is None:  # not read back: the write's outcome is unknown, which the 503 says
+                    refusal = StoreUnreachable(
+                        "the session store became unreachable while this chunk was being written: it may have been"
+                        " applied or not; retry with the same offset (a retry of an applied chunk returns its"
+                        " answer)", retry_after=refusal.retry_after)
+                committed = found if found is not None else [None] * len(writes)
                 for (run, _, _), won in zip(pending, committed, strict=True):
                     for chunk in run.chunks if won is None else ():
                         settle(chunk, exc=refusal)
@@ -380,18 +386,18 @@ class Engine:
         if again:  # ahead of everything newer
             self.queue.requeue(again)
 
-    async def _found(self, writes: list[Write]) -> list[Session | None]:
+    async def _found(self, writes: list[Write]) -> list[Session | None] | None:
         """After a commit that failed: each write's record where the store holds it all the same (Redis ran it
-        and the reply was lost), else None; None for all when the store still does not answer. A run keeps
+        and the reply was lost), else None; None when the store still does not answer. A run keeps
         only its last chunk's answer, so a 503 for an earlier chunk of a run that was written could not be
         retried for its answer (a 409 past it); nor could a lone chunk's once the session's next chunk, queued
         behind it, applied on top of it: a write found written is answered from what was computed."""
         try:
             if not await self.store.ping():
-                return [None] * len(writes)
+                return None
             records = await self.store.load([write.key for write in writes])
         except StoreUnreachable:
-            return [None] * len(writes)
+            return None
         return [record if record is not None and _holds(record, write) else None
                 for record, write in zip(records, writes, strict=True)]
 

@@ -30,7 +30,8 @@ from service.refusals import (
     TimedOut,
     UnknownSession,
 )
-from service.sessions.base import Session, Write, session_key
+from service.sessions.base import Session, StoreUnavailable, Write, session_key
+from service.sessions.guard import GuardedStore
 from service.sessions.memory import MemoryStore
 from tests.conftest import make_tiny_model
 from tests.service.helpers import Clock, series
@@ -476,3 +477,40 @@ def test_a_lone_chunk_whose_commit_reply_was_lost_is_not_told_503_under_the_next
     answers = asyncio.run(scenario())
     got = [orjson.loads(a)["position"] if isinstance(a, bytes) else type(a).__name__ for a in answers]
     assert got == [5, 8], got  # was ['OffsetMismatch', 8]: the first chunk's answer lost
+
+
+class _UnconfirmedStore(MemoryStore):
+    """A memory store whose commits apply their writes and then fail, and which answers no ping: a Redis that
+    ran the script and went away before its reply, still away when the write is read back."""
+
+    async def commit(self, writes: Sequence[Write], states: torch.Tensor) -> list[Session | None]:
+        await super().commit(writes, states)
+        raise StoreUnavailable("connection reset by 10.0.0.7:6379", "connection lost")
+
+    async def ping(self) -> bool:
+        return False
+
+
+def test_a_chunk_whose_write_cannot_be_read_back_is_not_told_nothing_changed(tiny_model: Path) -> None:
+    """The write applied, its reply lost, and the store is still away when it is read back: the chunk's
+    503 said the store's refusal of a call it never ran ("nothing was changed"), yet the session holds the
+    chunk. Its outcome is unknown, and the 503 says so."""
+    forecaster, _ = load_checkpoint(tiny_model, "cpu")
+    inner = _UnconfirmedStore(forecaster.state_size, torch.device("cpu"), max_sessions=100, ttl_seconds=600)
+    engine = _engine(tiny_model, GuardedStore(inner, Metrics()), max_batch_delay_ms=0)  # type: ignore[arg-type]
+    key = session_key("t", "unconfirmed")
+
+    async def scenario() -> StoreUnreachable:
+        await engine.start()
+        try:
+            with pytest.raises(StoreUnreachable) as refused:
+                await engine.predict(key, series(3), 0, 0)
+            return refused.value
+        finally:
+            await engine.stop()
+
+    refusal = asyncio.run(scenario())
+    held = asyncio.run(inner.get(key))
+    assert held is not None and held.position == 3  # it applied
+    assert "nothing was changed" not in refusal.detail, refusal.detail
+    assert "may have been applied" in refusal.detail and "same offset" in refusal.detail, refusal.detail
