@@ -27,11 +27,13 @@ A batch costs two round trips, one script call each: one reads every record of t
 their TTLs), one commits every write; redis-py's per-command cost, not Redis, is what a pipeline of
 per-session commands would spend its time on. (A multi-key script needs a standalone Redis, or the primary
 of a Sentinel setup, not Redis Cluster.) Connection and timeout errors become ``StoreUnavailable`` (the
-engine answers 503 with Retry-After); the pool reconnects by itself when Redis is back.
+engine answers 503 with Retry-After); the pool reconnects by itself when Redis is back, and drops its idle
+connections on a READONLY (a failover left them on a replica) so the next call reaches the new primary.
 """
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
 from collections import Counter
@@ -270,12 +272,22 @@ class RedisStore:
         try:
             return await operation
         except _UNAVAILABLE as exc:
+            if isinstance(exc, rexc.ReadOnlyError):
+                await self._forget_replica()
             kind = f"redis: {exc.__class__.__name__}"
             raise StoreUnavailable(f"{kind}: {exc}", kind) from exc
         except rexc.ResponseError as exc:
             if str(exc).startswith(_UNAVAILABLE_REPLIES):
                 raise StoreUnavailable(f"redis: {exc}", f"redis: {str(exc).split(maxsplit=1)[0]}") from exc
             raise
+
+    async def _forget_replica(self) -> None:
+        """READONLY: the connection leads to a replica, the primary it reached before a failover that moved
+        the URL's address to another (DNS, a managed Redis, a proxy). Pings answer there, so the pool would
+        keep it and every write would be refused for as long as it lives: the idle connections are closed
+        (the one that was refused is idle again by now), and the next call connects to the address anew."""
+        with contextlib.suppress(rexc.RedisError, OSError):
+            await self._redis.connection_pool.disconnect(inuse_connections=False)
 
     # -- the protocol ----------------------------------------------------------------------------------
 
