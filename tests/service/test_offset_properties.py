@@ -137,6 +137,14 @@ class OffsetProtocol(RuleBasedStateMachine):
         assert self.last is not None
         self._send(self.last.start, values, horizon, via_batch)
 
+    @precondition(lambda self: self.last is not None)
+    @rule(shift=st.integers(1, 4), via_batch=st.booleans())
+    def other_horizon_retry(self, shift: int, via_batch: bool) -> None:
+        """The last chunk's offset and values with another horizon (random values are never the same ones, so
+        near_miss_retry alone never sends this): a conflict, not a retry."""
+        assert self.last is not None
+        self._send(self.last.start, list(self.last.values), (self.last.horizon + shift) % 5, via_batch)
+
     @rule(offset=st.integers(0, 60), values=VALUES, horizon=HORIZONS, via_batch=st.booleans())
     def any_offset(self, offset: int, values: list[float], horizon: int, via_batch: bool) -> None:
         self._send(offset, values, horizon, via_batch)
