@@ -382,3 +382,38 @@ async def _async_positions(url: str, steps: int) -> list[int | None]:
         session = await api.stream_session("s", window=8)
         async with session:
             return [answer.position async for answer in session.stream([[1.0]] * steps, chunk=1)]
+
+
+@pytest.mark.parametrize("kill_after", [0, 37, 49])  # before any answer, mid-stream, after the last send
+def test_a_stream_resumes_across_a_sigterm_restart_on_the_same_port_as_one_pass(
+    server_factory: ServerFactory, tmp_path: Path, client: httpx.Client, kill_after: int
+) -> None:
+    """SIGTERM drains the stream (1001) and writes the snapshot; the service comes back on the same port from
+    it, and the session resumes there: every chunk answered exactly once, as one stateless pass has it."""
+    snapshot = {"GRU_SNAPSHOT_PATH": str(tmp_path / "sessions.safetensors")}
+    first = server_factory(**snapshot)
+    values = series(8 * 64, seed=21)
+    restarted: list[Server] = []
+
+    def restart() -> None:
+        assert first.stop(signal.SIGTERM, timeout=45) in (0, -signal.SIGTERM)
+        restarted.append(server_factory(port=first.port, **snapshot))
+
+    thread = threading.Thread(target=restart)
+    if kill_after == 0:  # the first connect is refused: the service is down until the restart
+        assert first.stop(signal.SIGTERM, timeout=45) in (0, -signal.SIGTERM)
+        thread = threading.Thread(target=lambda: restarted.append(server_factory(port=first.port, **snapshot)))
+        thread.start()
+    patient = Retry(attempts=40, backoff=0.05, max_delay=0.5)  # past the restart
+    with Client(first.url, retry=patient) as api, api.stream_session(new_id("rst"), window=16) as session:
+        answers = []
+        for answer in session.stream(values, chunk=8):
+            answers.append(answer)
+            if len(answers) == kill_after:  # 49: all 64 sent, 15 answers unread
+                thread.start()
+                time.sleep(1)  # the drain answers what is in flight while this side reads nothing
+    thread.join()
+    assert session.lost == [] and (session.reconnects >= 1) == (kill_after < 49)
+    with httpx.Client(base_url=restarted[0].url, timeout=30) as http:
+        assert position(http, session.id) == len(values)
+    _check(answers, [], values, 8, client)
