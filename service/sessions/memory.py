@@ -93,21 +93,15 @@ class MemoryStore:
     def _drop(self, key: str) -> Session:
         session = self._records.pop(key)
         self._answer_bytes -= len(session.answer)
-        if self._tenants is not None:
-            tenant = self._tenants[tenant_of_key(key)]
-            del tenant.keys[key]
-            tenant.answer_bytes -= len(session.answer)
-            if not tenant.keys:
-                del self._tenants[tenant_of_key(key)]
+        _uncount(self._tenants, key, len(session.answer))
         if session.handle:
             self._slots.release(session.handle)
         return session
 
     def _insert(self, session: Session) -> None:
         self._records[session.key] = session
-        if self._tenants is not None:
-            self._tenants.setdefault(tenant_of_key(session.key), _Tenant()).keys[session.key] = None
-        self._add_answer(session.key, len(session.answer))
+        self._answer_bytes += len(session.answer)
+        _count(self._tenants, session.key, len(session.answer))
 
     def _add_answer(self, key: str, change: int) -> None:
         self._answer_bytes += change
@@ -286,10 +280,9 @@ class MemoryStore:
             self._forget_ended(key)
         self._ended[key] = (now, Ended(current.fingerprint, current.answer))
         self._ended_bytes += len(current.answer)
+        _count(self._ended_tenants, key, len(current.answer))
         if self._ended_tenants is not None:  # the tenant's own oldest marks first, down to this one
-            tenant = self._ended_tenants.setdefault(tenant_of_key(key), _Tenant())
-            tenant.keys[key] = None
-            tenant.answer_bytes += len(current.answer)
+            tenant = self._ended_tenants[tenant_of_key(key)]
             while len(tenant.keys) > 1 and (
                     (self.tenant_max_sessions is not None and len(tenant.keys) > self.tenant_max_sessions)
                     or (self.tenant_max_answer_bytes is not None
@@ -312,13 +305,7 @@ class MemoryStore:
     def _forget_ended(self, key: str) -> None:
         _, mark = self._ended.pop(key)
         self._ended_bytes -= len(mark.answer)
-        if self._ended_tenants is not None:
-            name = tenant_of_key(key)
-            tenant = self._ended_tenants[name]
-            del tenant.keys[key]
-            tenant.answer_bytes -= len(mark.answer)
-            if not tenant.keys:
-                del self._ended_tenants[name]
+        _uncount(self._ended_tenants, key, len(mark.answer))
 
     async def reset(self, key: str, model_version: str) -> tuple[Session, bool]:
         now = self._clock()
@@ -370,6 +357,25 @@ class MemoryStore:
 class _Tenant:
     keys: OrderedDict[str, None] = field(default_factory=OrderedDict)  # least recently used first
     answer_bytes: int = 0
+
+
+def _count(tenants: dict[str, _Tenant] | None, key: str, answer_bytes: int) -> None:
+    """``key``, with its answer's bytes, as its tenant's most recent (a session's, or an ended mark's)."""
+    if tenants is not None:
+        tenant = tenants.setdefault(tenant_of_key(key), _Tenant())
+        tenant.keys[key] = None
+        tenant.answer_bytes += answer_bytes
+
+
+def _uncount(tenants: dict[str, _Tenant] | None, key: str, answer_bytes: int) -> None:
+    """``key`` and its answer's bytes no longer its tenant's; a tenant left with none is forgotten."""
+    if tenants is not None:
+        name = tenant_of_key(key)
+        tenant = tenants[name]
+        del tenant.keys[key]
+        tenant.answer_bytes -= answer_bytes
+        if not tenant.keys:
+            del tenants[name]
 
 
 class _Slots:
