@@ -22,6 +22,7 @@ KServe "Open Inference Protocol" REST spec and Triton's ``binary_data.md`` and `
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,14 +187,16 @@ def _sequence(parameters: dict[str, Any]) -> tuple[str | int | None, str | None]
 # -- the input tensor --------------------------------------------------------------------------------
 
 
-def _flatten(data: Any, depth: int) -> list[Any]:
-    """Row-major elements of ``data``, flat or nested up to ``depth`` levels; a nesting level's lists all
-    have one length (ragged rows whose total happens to fit the shape are not that shape)."""
+def _flatten(data: Any, shape: list[int]) -> list[Any]:
+    """Row-major elements of ``data``, flat or nested to ``shape``: the lists at nesting level i number
+    shape[0] × … × shape[i] and have one length (the last level may hold the remaining dimensions flat).
+    Rows nested to another shape of the same total (ragged, or transposed: F lists of T numbers for [T, F])
+    are refused, not cut into rows that each mix values of several steps."""
     if not isinstance(data, list):
         raise v2_problem(400, f"input {INPUT} data must be a list of numbers (flat or nested), got"
                          f" {type(data).__name__}")
     flat: list[Any] = data
-    for _ in range(depth - 1):
+    for level in range(len(shape) - 1):
         if not any(isinstance(item, list) for item in flat):
             break
         if not all(isinstance(item, list) for item in flat):
@@ -201,6 +204,9 @@ def _flatten(data: Any, depth: int) -> list[Any]:
         if len({len(item) for item in flat}) > 1:
             raise v2_problem(400, f"input {INPUT} data is ragged (lists of different lengths at one level);"
                              " nest it evenly to the tensor's shape or send it flat")
+        if len(flat) != math.prod(shape[: level + 1]):
+            raise v2_problem(400, f"input {INPUT} data is nested to another shape than {shape} (its level"
+                             f" {level} has {len(flat)} lists); nest it to the tensor's shape or send it flat")
         flat = list(itertools.chain.from_iterable(flat))
     return flat
 
@@ -240,7 +246,7 @@ def _input_array(tensor: _Tensor, binary: bytes, features: int, max_steps: int) 
     else:
         if tensor.data is None:
             raise v2_problem(400, f"input {INPUT} has neither data nor a binary_data_size parameter")
-        flat = _flatten(tensor.data, len(shape))
+        flat = _flatten(tensor.data, shape)
         if len(flat) != count:
             raise v2_problem(400, f"input {INPUT} has {len(flat)} elements of data, its shape {shape} needs"
                              f" {count}")

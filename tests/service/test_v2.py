@@ -405,6 +405,9 @@ def _bad_requests(features: int) -> list[tuple[str, dict[str, Any]]]:
         ("ragged nesting", {"inputs": [{**good, "data": [[0.5] * features, 0.5]}]}),
         ("ragged rows of the right total",
          {"inputs": [{**good, "data": [[0.5] * (2 * features), []]}]}),
+        ("rows nested across the shape", {"inputs": [{**good, "data": [[0.5] * (2 * features)]}]}),
+        ("batched shape, data nested without the batch",
+         {"inputs": [{**good, "shape": [1, 2, features], "data": [[0.5] * features] * 2}]}),
         ("beyond FP32", {"inputs": [{**good, "data": [1e39] * (2 * features)}]}),
         ("shape of strings", {"inputs": [{**good, "shape": ["2", str(features)]}]}),
         ("too many steps",
@@ -559,6 +562,22 @@ def test_v2_limits_are_inclusive() -> None:
     for steps, horizon in ((9, 4), (8, 5)):
         with pytest.raises(Problem):
             parse_infer(body(steps, horizon), None, features=1, max_steps=8, max_horizon=4)
+
+
+def test_data_nested_to_another_shape_is_refused_not_reshaped() -> None:
+    """Rows sent transposed (F lists of T numbers for shape [T, F]) are evenly nested and hold T × F numbers:
+    they were flattened and cut into T rows again, each mixing features of several steps, and answered."""
+    steps, features = 2, 3
+    transposed = [[0.1, 0.2], [1.1, 1.2], [2.1, 2.2]]  # feature by feature, each over the 2 steps
+    body = orjson.dumps({"inputs": [{"name": "values", "shape": [steps, features], "datatype": "FP32",
+                                     "data": transposed}]})
+    with pytest.raises(Problem) as refused:
+        parse_infer(body, None, features=features, max_steps=8, max_horizon=4)
+    assert refused.value.status == 400 and "another shape than [2, 3]" in refused.value.detail
+    rows = orjson.dumps({"inputs": [{"name": "values", "shape": [1, steps, features], "datatype": "FP32",
+                                     "data": [[0.1, 1.1, 2.1, 0.2, 1.2, 2.2]]}]})  # batch level, then flat
+    call = parse_infer(rows, None, features=features, max_steps=8, max_horizon=4)
+    np.testing.assert_array_equal(call.values, np.array(transposed, np.float32).T)
 
 
 def test_a_compression_bomb_is_refused_without_inflating_it() -> None:
