@@ -246,7 +246,8 @@ def _input_array(tensor: _Tensor, binary: bytes, features: int, max_steps: int) 
     else:
         if tensor.data is None:
             raise v2_problem(400, f"input {INPUT} has neither data nor a binary_data_size parameter")
-        flat = _flatten(tensor.data, shape)
+        unbatched = len(shape) == 3 and isinstance(tensor.data, list) and len(tensor.data) != 1
+        flat = _flatten(tensor.data, shape[1:] if unbatched else shape)  # [1, T, F] nested as T rows of F too
         if len(flat) != count:
             raise v2_problem(400, f"input {INPUT} has {len(flat)} elements of data, its shape {shape} needs"
                              f" {count}")

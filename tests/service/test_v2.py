@@ -406,8 +406,8 @@ def _bad_requests(features: int) -> list[tuple[str, dict[str, Any]]]:
         ("ragged rows of the right total",
          {"inputs": [{**good, "data": [[0.5] * (2 * features), []]}]}),
         ("rows nested across the shape", {"inputs": [{**good, "data": [[0.5] * (2 * features)]}]}),
-        ("batched shape, data nested without the batch",
-         {"inputs": [{**good, "shape": [1, 2, features], "data": [[0.5] * features] * 2}]}),
+        ("batched shape, rows nested across the shape",
+         {"inputs": [{**good, "shape": [1, 2, features], "data": [[[0.5] * (2 * features)]]}]}),
         ("beyond FP32", {"inputs": [{**good, "data": [1e39] * (2 * features)}]}),
         ("shape of strings", {"inputs": [{**good, "shape": ["2", str(features)]}]}),
         ("too many steps",
@@ -577,6 +577,10 @@ def test_data_nested_to_another_shape_is_refused_not_reshaped() -> None:
     rows = orjson.dumps({"inputs": [{"name": "values", "shape": [1, steps, features], "datatype": "FP32",
                                      "data": [[0.1, 1.1, 2.1, 0.2, 1.2, 2.2]]}]})  # batch level, then flat
     call = parse_infer(rows, None, features=features, max_steps=8, max_horizon=4)
+    np.testing.assert_array_equal(call.values, np.array(transposed, np.float32).T)
+    unbatched = orjson.dumps({"inputs": [{"name": "values", "shape": [1, steps, features], "datatype": "FP32",
+                                          "data": [[0.1, 1.1, 2.1], [0.2, 1.2, 2.2]]}]})  # its 1 left unnested
+    call = parse_infer(unbatched, None, features=features, max_steps=8, max_horizon=4)
     np.testing.assert_array_equal(call.values, np.array(transposed, np.float32).T)
 
 
