@@ -108,6 +108,23 @@ def test_repository_scan_lists_versions_and_ignores_what_breaks_the_layout(tmp_p
     assert [v.version for v in found["pumps"]] == [2, 10]
 
 
+def test_a_version_numbered_by_a_unix_time_is_served_as_the_newest(tmp_path: Path) -> None:
+    """Versions are positive integers (README), and a release stamped with the time it was published is one:
+    1733400000 is newer than 1. Versions of ten digits or more were ignored by the scan, with no log line,
+    and version 1 went on serving for good."""
+    registry = _in_process_registry(tmp_path)
+    add_version(registry.repository.root, "m", 1733400000, seed=1)
+    add_version(registry.repository.root, "m", 10**17, seed=2)
+
+    async def scenario() -> int:
+        await registry.start()
+        newest = registry.models["m"].newest.number
+        await registry.stop()
+        return newest
+
+    assert asyncio.run(scenario()) == 10**17
+
+
 def test_a_skipped_version_is_tried_again_when_only_its_permissions_change(tmp_path: Path) -> None:
     """A version refused for its files is logged and counted once per state of its files. Making an
     unreadable file readable (chmod, chown) moves its ctime alone, and is a change: it is tried again."""
