@@ -29,7 +29,7 @@ from service.batch_queue import Chunk
 from service.config import Settings
 from service.engine import Engine
 from service.metrics import Metrics
-from service.repository import Loaded, Repository, VersionDir
+from service.repository import FileSignature, Loaded, Repository, VersionDir
 from service.sessions import build_store
 from service.sessions.base import Session, SessionStore
 from service.sessions.guard import GuardedStore
@@ -62,6 +62,7 @@ class LoadedVersion:
     number: int
     engine: Engine
     meta: dict[str, Any]
+    files: FileSignature  # its files when last looked at: a change is when to look for other weights there
     # State imports and forks onto it (``SessionStates._writing``): under way, and finished. The drain keeps a
     # version one is writing to, or wrote to since its count of sessions (which may not hold the session written).
     importing: int = 0
@@ -400,7 +401,8 @@ class Registry:
         model = self.models.get(name)
         loaded_up_to = max(model.versions) if model is not None else 0
         for where in reversed(versions):
-            if where.version <= loaded_up_to:
+            if where.version < loaded_up_to or (where.version == loaded_up_to and (
+                    model is None or not await asyncio.to_thread(self._republished, model, where))):
                 return False
             loaded = await asyncio.to_thread(self.repository.load, where, self.device)
             if loaded is None:
@@ -409,12 +411,35 @@ class Registry:
             if reason is not None:
                 self.repository.skip(where, reason)
                 continue
-            await self._bring_in(loaded)
+            replaced = await self._bring_in(loaded)
             log.info("model version loaded", extra={"fields": {
                 "model": name, "version": where.version, "model_version": loaded.model_version}})
+            if replaced is not None and model is not None:
+                self.metrics.version_evictions.labels(model=name).inc()
+                log.warning("model %s version %d was published again with other weights (%s, before %s); its %d"
+                            " sessions of the old weights now get 409 model-changed", name, where.version,
+                            loaded.model_version, replaced.model_version,
+                            model.sessions.get(replaced.model_version, 0))
+                await self._stop_version(model, replaced, "replaced")
             await self._limit(self.models[name])
             _publish(self.metrics, self.models)
             return True
+        return False
+
+    def _republished(self, model: ServedModel, where: VersionDir) -> bool:
+        """Whether ``where``, the directory of ``model``'s newest loaded version, now holds other weights: it was
+        removed and published again under its number (the training CLI numbers a publication past the highest
+        on disk). Its config.json is read only once its files change. Disk I/O."""
+        if not self.repository.polls:  # GRU_MODEL_PATH: one checkpoint, read at start-up
+            return False
+        newest = model.versions[where.version]
+        files = self.repository.files_of(where)
+        if files == newest.files:
+            return False
+        declared = self.repository.model_version_of(where)
+        if declared is not None and declared != newest.model_version:
+            return True  # to load: a damaged copy is skipped (logged once) until its files change
+        newest.files = files  # the same weights (copied again, a chmod), or a config.json not written yet
         return False
 
     def _install(self, loaded: Loaded) -> LoadedVersion:
@@ -424,10 +449,11 @@ class Registry:
         self._enter(model, version)
         return version
 
-    async def _bring_in(self, loaded: Loaded) -> None:
+    async def _bring_in(self, loaded: Loaded) -> LoadedVersion | None:
         """A new engine for ``loaded``, warmed up before it enters the listing and the routing: a version is
         listed only once it serves, and the caller's ``_limit`` runs with no await after its entry, so no
-        request and no listing ever sees more than GRU_MAX_LOADED_VERSIONS versions."""
+        request and no listing ever sees more than GRU_MAX_LOADED_VERSIONS versions. Returns the version of
+        the same number it replaced (out of the routing, its engine still to stop), if any."""
         model, version = self._prepare(loaded)
         try:
             await version.engine.start()  # warms up on the version's own compute thread
@@ -436,12 +462,17 @@ class Registry:
             if model is not self.models.get(model.name):
                 await model.store.close()
             raise
-        self._enter(model, version)
+        return self._enter(model, version)
 
-    def _enter(self, model: ServedModel, version: LoadedVersion) -> None:
-        """Into the listing and the routing (a new model with it)."""
+    def _enter(self, model: ServedModel, version: LoadedVersion) -> LoadedVersion | None:
+        """Into the listing and the routing (a new model with it), in the same step taking out the loaded
+        version of its number if there is one (republished with other weights), which it returns."""
         self.models.setdefault(model.name, model)
+        replaced = model.versions.get(version.number)
+        if replaced is not None:
+            model.remove(replaced)
         model.add(version)
+        return replaced
 
     def _prepare(self, loaded: Loaded) -> tuple[ServedModel, LoadedVersion]:
         """An engine for ``loaded``, not routed to yet, and its model (a new model, unlisted, gets its store)."""
@@ -461,7 +492,7 @@ class Registry:
         engine.router = lambda chunk, session: model.route(engine, chunk, session)
         if self.repository.polls:  # a lone checkpoint never has a newer version
             engine.unplaced = model.newer_elsewhere
-        return model, LoadedVersion(loaded.where.version, engine, loaded.meta)
+        return model, LoadedVersion(loaded.where.version, engine, loaded.meta, loaded.files)
 
     async def _drain_all(self, found: dict[str, list[VersionDir]] | None = None) -> None:
         """Count each model's sessions per version; with the repository's listing (``found``), load the
@@ -528,11 +559,16 @@ class Registry:
     async def _unload_version(self, model: ServedModel, version: LoadedVersion, why: str) -> None:
         """Out of the routing first (nothing new reaches it), then its engine finishes what it holds."""
         model.remove(version)
+        await self._stop_version(model, version, why)
+
+    async def _stop_version(self, model: ServedModel, version: LoadedVersion, why: str) -> None:
+        """``version``, out of the routing, finishes what it holds and stops."""
         try:
             await version.engine.stop()
         finally:
             model.left(version)
-        _forget_series(self.metrics, model, version)
+        if version.number not in model.versions:  # a version republished in its place keeps the number's series
+            _forget_series(self.metrics, model, version)
         log.info("model version unloaded", extra={"fields": {
             "model": model.name, "version": version.number, "reason": why}})
 

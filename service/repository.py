@@ -24,7 +24,7 @@ from model import CheckpointError, Forecaster, load_checkpoint
 from model.checkpoint import CONFIG_FILE, MODEL_NAME, VERSION_DIR, WEIGHTS_FILE, read_config_json
 
 FALLBACK_NAME = "default"
-_Signature = tuple[tuple[int, int, int], ...]  # per file of a version: size, mtime, ctime (ns)
+FileSignature = tuple[tuple[int, int, int], ...]  # per file of a version: size, mtime, ctime (ns)
 MAX_REASON = 1000  # characters of why a version is skipped that its log line quotes
 log = logging.getLogger("service.repository")
 
@@ -45,6 +45,7 @@ class Loaded:
     where: VersionDir
     forecaster: Forecaster
     meta: dict[str, Any]
+    files: FileSignature  # its files as they were read: others there now were written since (``files_of``)
 
     @property
     def model_version(self) -> str:
@@ -61,7 +62,7 @@ class Repository:
         self.root = root
         self.single = single
         self._on_skip = on_skip or (lambda model, version: None)
-        self._failed: dict[Path, _Signature] = {}  # version dir -> its files' (size, mtime, ctime)
+        self._failed: dict[Path, FileSignature] = {}  # version dir -> its files' (size, mtime, ctime)
         self._single_name = _checkpoint_name(single) if single is not None else ""
         self._unreadable = False  # the last scan found the root unreadable (logged once, until it is back)
 
@@ -111,7 +112,11 @@ class Repository:
             self.skip(where, str(exc), signature)
             return None
         self._failed.pop(where.path, None)
-        return Loaded(where, forecaster, meta)
+        return Loaded(where, forecaster, meta, signature)
+
+    def files_of(self, where: VersionDir) -> FileSignature:
+        """The sizes and times of the version's files now (a ``Loaded``'s ``files`` as they were read)."""
+        return _signature(where.path)
 
     def model_version_of(self, where: VersionDir) -> str | None:
         """The version hash its config.json declares (read without loading the weights); None if unreadable."""
@@ -122,7 +127,7 @@ class Repository:
         version = meta.get("version") if isinstance(meta, dict) else None
         return version if isinstance(version, str) else None
 
-    def skip(self, where: VersionDir, reason: str, signature: _Signature | None = None) -> None:
+    def skip(self, where: VersionDir, reason: str, signature: FileSignature | None = None) -> None:
         """Refuse a version until its files change: one log line naming it, one count."""
         signature = signature if signature is not None else _signature(where.path)
         if self._failed.get(where.path) == signature:
@@ -135,7 +140,7 @@ class Repository:
         self._on_skip(where.model, where.version)
 
 
-def _signature(directory: Path) -> _Signature:
+def _signature(directory: Path) -> FileSignature:
     """Sizes, modification and status-change times of a version's files: what changes when it is rewritten,
     and when only its permissions or owner are fixed (a chmod moves the ctime alone)."""
     out = []

@@ -125,6 +125,43 @@ def test_a_version_numbered_by_a_unix_time_is_served_as_the_newest(tmp_path: Pat
     assert asyncio.run(scenario()) == 10**17
 
 
+def test_a_newest_version_removed_and_published_again_under_its_number_serves_the_new_weights(
+    tmp_path: Path,
+) -> None:
+    """Version 2, the newest, is removed, and the training CLI's next publication takes its number again
+    (the highest on disk is 1) with other weights. The poll loads them under that number: new sessions get the
+    new weights, and the old weights' session gets 409 model-changed, never an answer of the new weights. The
+    service went on serving the removed weights for good, listed as version 2, and said nothing."""
+    registry = _in_process_registry(tmp_path)
+    repository = registry.repository.root
+    assert repository is not None
+    add_version(repository, "m", 2, seed=1)
+    values = series(8).reshape(8, 1)
+    metrics = registry.metrics.registry
+
+    async def scenario() -> tuple[str, str, str, Any, Any]:
+        await registry.start()
+        model = registry.models["m"]
+        old = model.newest.model_version
+        await model.engine.predict("t/old", values, 0, 0)
+        shutil.rmtree(repository / "m" / "2")
+        time.sleep(0.05)  # past the file system's timestamp granularity
+        add_version(repository, "m", 2, seed=2)
+        await registry.poll()
+        await registry.poll()  # nothing more to do: it stays as it is
+        new = json.loads(await model.engine_for("t/new").predict("t/new", values, 0, 0))
+        stale = await asyncio.gather(model.engine_for("t/old").predict("t/old", values, 8, 0), return_exceptions=True)
+        numbers = sorted(model.versions)
+        await registry.stop()
+        return old, new["model_version"], new["version"], numbers, stale[0]
+
+    old, new_hash, number, numbers, stale = asyncio.run(scenario())
+    assert numbers == [2] and number == "2"
+    assert new_hash == registry.repository.model_version_of(registry.repository.scan()["m"][-1]) != old
+    assert type(stale).__name__ == "StaleModel", stale
+    assert metrics.get_sample_value("gru_model_version_evictions_total", {"model": "m"}) == 1
+
+
 def test_a_skipped_version_is_tried_again_when_only_its_permissions_change(tmp_path: Path) -> None:
     """A version refused for its files is logged and counted once per state of its files. Making an
     unreadable file readable (chmod, chown) moves its ctime alone, and is a change: it is tried again."""
