@@ -248,6 +248,8 @@ class Registry:
         self.models: dict[str, ServedModel] = {}
         self.default = ""
         self.unloaded: set[str] = set()  # unloaded on request: polling leaves them alone until a load
+        # Awaited with a model that appears while serving, before it is routed to (its snapshot is restored)
+        self.on_new_model: Callable[[ServedModel], Awaitable[None]] | None = None
         self._lock = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
         self._hashes_read: dict[VersionDir, str | None] = {}  # versions up to a newest: their declared hash
@@ -457,6 +459,9 @@ class Registry:
         model, version = self._prepare(loaded)
         try:
             await version.engine.start()  # warms up on the version's own compute thread
+            if model is not self.models.get(model.name) and self.on_new_model is not None:
+                model.add(version)  # the new model's newest, which its restore reads (``_enter`` adds it again)
+                await self.on_new_model(model)  # before it is listed, so no chunk meets the store half restored
         except BaseException:  # not entered: a later poll tries again, so nothing may be left behind
             await version.engine.stop()
             if model is not self.models.get(model.name):

@@ -3,8 +3,9 @@
 The default model's file is ``GRU_SNAPSHOT_PATH`` itself, as with one model; another model's sits beside it
 with the model's name before the suffix (``sessions.safetensors`` -> ``sessions.pumps.safetensors``). Each
 file is restored at start onto the model of its name, for the versions its repository holds; a model the
-repository no longer has leaves its file where it is. Models that appear while the service runs are
-snapshotted from then on, periodically and at shutdown, and restored at the next start.
+repository no longer has leaves its file where it is. A model that appears while the service runs (back in
+the repository, or loaded through its API) has its file restored before it is routed to, as at a start, and
+is snapshotted from then on, periodically and at shutdown.
 
 Each file names its model in its header, so a change of ``GRU_DEFAULT_MODEL`` across a restart keeps every
 model's sessions: before any restore, a file at ``GRU_SNAPSHOT_PATH`` naming another model than the default
@@ -73,6 +74,7 @@ class ModelSnapshots:
         self._periodic: asyncio.Task[None] | None = None
         if self.enabled:  # a path no snapshot can be written to stops start-up here, not at the first save
             self._current(refuse=True)
+            registry.on_new_model = self._arrived
 
     @property
     def enabled(self) -> bool:
@@ -102,6 +104,14 @@ class ModelSnapshots:
                           extra={"fields": {"model": model.name}})
             kept = self._keepers[model.name] = (model, keeper)
         return kept[1]
+
+    async def _arrived(self, model: ServedModel) -> None:
+        """``model`` appeared while serving (a poll or the repository API loaded it) and is not routed to yet:
+        its file, left where it is by a start without the model, is restored as at a start. Unread, it was
+        replaced by the new store's first save, and every session it held was lost without a word."""
+        keeper = self._keeper(model, refuse=False)
+        if keeper is not None:
+            await keeper.start()
 
     async def forget(self, name: str) -> None:
         """Model ``name`` was unloaded, its sessions with it: its snapshot goes too, or the next start (which

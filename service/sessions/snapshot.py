@@ -316,7 +316,9 @@ class SnapshotKeeper:
         """Restore the snapshot (before any request is served), then save every interval."""
         _remove_leftovers(self.path)
         known = await asyncio.to_thread(self.known_versions)
-        restore(self.store, self.path, known | {self.model_version()}, self.state_size)
+        # off the event loop, which may be serving other models (one appeared while serving): no request
+        # reaches this store before its restore (start-up, or a model not routed to yet)
+        await asyncio.to_thread(restore, self.store, self.path, known | {self.model_version()}, self.state_size)
         if self.interval > 0:
             self._periodic = asyncio.create_task(save_every(self.interval, lambda: [self]), name="gru-snapshot")
 

@@ -1247,3 +1247,34 @@ def test_a_periodic_save_in_progress_at_an_unload_does_not_write_the_unloaded_mo
 
     asyncio.run(scenario())
     assert not b_file.exists()
+
+
+def test_a_model_back_in_the_repository_while_serving_gets_its_snapshot_back(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """A model the repository no longer has at a start leaves its file where it is (docs/durability.md), to be
+    restored when the model is back. Back while serving (a poll loads it), its file was never read: its first
+    save wrote the new, empty store over it, and every session kept in it was lost without a word."""
+    repository, path = tmp_path / "repo", tmp_path / "state" / "sessions.safetensors"
+    add_version(repository, "a", 1)
+    add_version(repository, "b", 1, seed=3)
+    env = {"GRU_MODEL_REPOSITORY": str(repository), "GRU_DEFAULT_MODEL": "a", "GRU_SNAPSHOT_PATH": str(path),
+           "GRU_REPOSITORY_POLL_SECONDS": "0.1"}
+    values = series(12, seed=9)
+    first = server_factory(**env)
+    with httpx.Client(base_url=first.url, timeout=30) as client:
+        answer = client.post("/v1/models/b/sessions/kept/predict", json={"values": values[:8].tolist(), "offset": 0})
+        assert answer.status_code == 200, answer.text
+    assert first.stop() in (0, -signal.SIGTERM)
+    (repository / "b").rename(tmp_path / "b-away")  # out of the repository for a restart
+    second = server_factory(**env)
+    with httpx.Client(base_url=second.url, timeout=30) as client:
+        assert "b" not in models(client)
+        (tmp_path / "b-away").rename(repository / "b")  # back while serving
+        wait_for(lambda: "b" in models(client))
+        found = client.get("/v1/models/b/sessions/kept")
+        assert found.status_code == 200, found.text  # was 404: never restored
+        answer = client.post("/v1/models/b/sessions/kept/predict",
+                             json={"values": values[8:].tolist(), "offset": 8})
+        assert answer.status_code == 200 and answer.json()["position"] == 12, answer.text
+    assert second.stop() in (0, -signal.SIGTERM)
