@@ -474,6 +474,8 @@ class Registry:
         version of its number if there is one (republished with other weights), which it returns."""
         self.models.setdefault(model.name, model)
         replaced = model.versions.get(version.number)
+        if replaced is version:  # a new model's, added already for its snapshot's restore (``_bring_in``)
+            replaced = None
         if replaced is not None:
             model.remove(replaced)
         model.add(version)
