@@ -1,5 +1,6 @@
 """uvicorn's WebSocket protocol with three changes for peers that do not read, one for peers the service holds
-back, one for a clean close, one for a handshake it refuses, and a mark for who closed.
+back, one for a clean close, one for a handshake it refuses, one for fragmented messages, and a mark for who
+closed.
 
 - Pings: uvicorn writes a pong for every ping whatever its write buffer holds, so a peer that pings and never
   reads grew the server without limit. A ping that finds the buffer full stops reading the socket until it
@@ -18,6 +19,9 @@ back, one for a clean close, one for a handshake it refuses, and a mark for who 
 - A handshake websockets cannot take (no Sec-WebSocket-Key, another version, a key that is no base64) is
   refused before the app sees the request: that answer was a text/plain 400 without X-Request-ID. It is a
   problem+json (``invalid-upgrade``, websockets' reason as the detail) with the request's id, as every error.
+- Fragments: uvicorn kept a list entry for each fragment of a message, and websockets bounds a message's
+  bytes, not its fragments: a peer sending empty continuation frames grew the server without limit. The
+  fragments are gathered in one buffer, which holds no more than the message's bytes.
 - Who closed: uvicorn's disconnect event gives a code alone, the same whether the peer's close frame sent it
   or uvicorn failed the connection with it (a client may close with 1009 too), and 1005 for a connection lost
   without a close frame. The peer's own close frame marks the scope (``PEER_CLOSED``) for the stream's log.
@@ -71,11 +75,22 @@ class FlowControlledWebSockets(WebSocketsSansIOProtocol):
         super().__init__(*args, **kwargs)
         self.conn = _Handshake(extensions=self.conn.available_extensions, max_size=self.config.ws_max_size,
                                logger=self.conn.logger)
+        self.fragments = bytearray()  # a fragmented message's bytes so far, once a continuation came
 
     def handle_ping(self) -> None:
         super().handle_ping()
         if not self.writable.is_set():  # the pong joined an undrained buffer: read no more pings for now
             self.transport.pause_reading()
+
+    def handle_cont(self, event: Frame) -> None:
+        # The message's fragments so far in one buffer, not a list entry each: websockets bounds a message's
+        # bytes (ws_max_size), not its fragments, so empty continuation frames grew that list without end.
+        if self.frames:  # the first fragment, as handle_text or handle_bytes keeps it
+            self.fragments = bytearray(self.frames.pop())
+        self.fragments += event.data
+        if event.fin:
+            self.frames, self.fragments = [bytes(self.fragments)], bytearray()
+            self.send_receive_event_to_app()
 
     def handle_close(self, event: Frame) -> None:
         if not self.close_sent:  # the peer's own close, not its reply to ours

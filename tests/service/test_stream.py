@@ -607,6 +607,47 @@ def test_a_peer_that_pings_and_never_reads_stops_the_server_reading_and_holds_it
     assert grown < 32 * 2**20, grown
 
 
+def _server_frame(sock: socket.socket) -> tuple[int, bytes]:
+    """The opcode and payload of the next frame the server sends (unmasked, under 64 KiB)."""
+    def exactly(count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            data += sock.recv(count - len(data))
+        return data
+
+    head = exactly(2)
+    length = head[1] & 0x7F
+    if length == 126:
+        length = int.from_bytes(exactly(2), "big")
+    return head[0] & 0x0F, exactly(length)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RSS from /proc")
+def test_a_message_of_endless_empty_fragments_holds_no_more_than_its_bytes(server_factory: ServerFactory) -> None:
+    """websockets bounds a fragmented message by its bytes (GRU_MAX_BODY_BYTES), not by its fragments, and
+    uvicorn kept a list entry for each: a peer sending empty continuation frames (6 bytes each) grew the
+    server by some 8 bytes a frame for as long as it went on (measured: 105 MB for 77 MB sent in a minute)."""
+    server = server_factory(GRU_STREAM_PING_SECONDS="300")  # no pings of the server's own in the way
+    text = _frame(series(3), 0).encode()
+    first = bytes([0x01, 0x80 | 10]) + b"\0\0\0\0" + text[:10]  # a text frame, not the last
+    last = bytes([0x80, 0x80 | len(text) - 10]) + b"\0\0\0\0" + text[10:]  # the continuation that ends it
+    empty = bytes([0x00, 0x80]) + b"\0\0\0\0"  # a continuation, not the last, with nothing in it
+    before = _rss_bytes(server.process.pid)
+    with _raw_stream(server, new_id("fragments")) as sock:
+        sock.sendall(first)
+        batch = empty * 2**16
+        for _ in range(48):  # 3 Mi fragments, 18 MiB
+            sock.sendall(batch)
+        sock.sendall(bytes([0x89, 0x84]) + b"\0\0\0\0" + b"sync")  # its pong: every fragment before it is read
+        sock.settimeout(120)
+        assert _server_frame(sock) == (0xA, b"sync")
+        grown = _rss_bytes(server.process.pid) - before
+        sock.sendall(last)
+        opcode, answer = _server_frame(sock)
+    assert opcode == 0x1 and json.loads(answer)["position"] == 3, answer
+    assert grown < 16 * 2**20, grown  # measured: 31 MB before, 6.5 MB however many fragments since
+
+
 def test_sigterm_with_a_peer_that_never_reads_ends_within_one_drain_and_writes_the_snapshot(
     server_factory: ServerFactory, wide_model: Path, tmp_path: Path,
 ) -> None:
