@@ -28,9 +28,10 @@ def _pairs_from_env(text: str, variable: str) -> Iterable[tuple[str, str, str]]:
 
 
 def _pairs_from_file(path: Path) -> Iterable[tuple[str, str, str]]:
-    """(key, tenant, where) from a file of ``KEY TENANT`` lines; blank lines and ``#`` comments skipped."""
+    """(key, tenant, where) from a file of ``KEY TENANT`` lines; blank lines and ``#`` comments skipped. A
+    leading byte order mark (Windows editors write one) is not part of the first line."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"GRU_API_KEYS_FILE={path} cannot be read ({type(exc).__name__}); point it at a"
                          " readable UTF-8 file of 'KEY TENANT' lines") from None

@@ -125,6 +125,21 @@ def test_a_keys_setting_that_lists_no_key_stops_the_service(tiny_model: Path, tm
     assert load_api_keys("", None) == {} and load_api_keys("  ", None) == {}  # empty: no keys, as documented
 
 
+def test_a_keys_file_saved_with_a_byte_order_mark_is_read_as_written(server_factory: ServerFactory,
+                                                                     tmp_path: Path) -> None:
+    """Windows editors and PowerShell's ``Set-Content -Encoding UTF8`` start a UTF-8 file with a BOM: its
+    first line, here a comment, was read as a key starting with U+FEFF, and the service refused to start
+    saying "line 1: the key must be 1-512 visible ASCII characters"."""
+    keys_file = tmp_path / "api-keys"
+    keys_file.write_text(f"# rotated 2024-05\r\n{CAROL} carol\r\n", encoding="utf-8-sig")
+    assert load_api_keys("", keys_file) == {CAROL: "carol"}
+    keys_file.write_text(f"{CAROL} carol\n", encoding="utf-8-sig")  # a BOM before the first key too
+    server = server_factory(GRU_API_KEYS_FILE=str(keys_file))
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        assert http.get("/v1/model", headers=_as(CAROL)).status_code == 200
+        assert_problem(http.get("/v1/model"), 401)
+
+
 # -- the check, in process -----------------------------------------------------------------------------------
 
 
