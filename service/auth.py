@@ -35,7 +35,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api import docs
 from service.http_fields import send_problem
-from service.keys import load_api_keys
 from service.problems import PROBLEM_JSON, Problem, route_path
 
 if TYPE_CHECKING:
@@ -186,13 +185,12 @@ def require_admin(request: Request) -> None:
 
 
 def install(app: FastAPI, settings: Settings) -> None:
-    """Guard every route but the open ones with the configured keys; without keys, do nothing."""
-    keys = load_api_keys(settings.api_keys, settings.api_keys_file)
-    admin = load_api_keys(settings.admin_keys, None, "GRU_ADMIN_KEYS")
-    app.state.keys_required = bool(keys or admin)
-    if not keys and not admin:
+    """Guard every route but the open ones with the configured keys; without keys, do nothing. The keys are
+    the ones ``Settings`` validated (the keys file is not read again)."""
+    keys, admin = settings.key_tenants  # keys holds the admin keys too
+    app.state.keys_required = bool(keys)
+    if not keys:
         return
-    keys |= admin
     urls = (app.redoc_url, app.openapi_url)
     open_paths = {"/healthz", "/readyz", *docs.PATHS, *(url for url in urls if url)}
     if not settings.metrics_require_key:

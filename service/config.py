@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.keys import load_api_keys
@@ -104,6 +104,16 @@ class Settings(BaseSettings):
         0.01, gt=0, lt=1, description="an arriving value whose p-value is below this counts in gru_surprises_total"
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Tenant by key (GRU_ADMIN_KEYS' included) and the admin keys' alone, as _check_api_keys validated them.
+    _keys: dict[str, str] = PrivateAttr(default_factory=dict)
+    _admin_keys: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @property
+    def key_tenants(self) -> tuple[dict[str, str], dict[str, str]]:
+        """(tenant by key, every configured key; tenant by admin key), read once, at validation: the keys file
+        read again later could say something else than what was checked (a secret rewritten in place while
+        the model loads gave a key to a tenant no check had seen)."""
+        return dict(self._keys), dict(self._admin_keys)
 
     @property
     def intra_op_threads(self) -> int:
@@ -140,6 +150,7 @@ class Settings(BaseSettings):
         if self.require_api_keys and not keys:
             raise ValueError("GRU_REQUIRE_API_KEYS=true needs keys; GRU_API_KEYS, GRU_API_KEYS_FILE and"
                              " GRU_ADMIN_KEYS are empty or unset")
+        self._keys, self._admin_keys = keys, admin
         return self
 
     @model_validator(mode="after")

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 from starlette.applications import Starlette
@@ -138,6 +139,38 @@ def test_a_keys_file_saved_with_a_byte_order_mark_is_read_as_written(server_fact
     with httpx.Client(base_url=server.url, timeout=30) as http:
         assert http.get("/v1/model", headers=_as(CAROL)).status_code == 200
         assert_problem(http.get("/v1/model"), 401)
+
+
+def test_the_keys_in_force_are_the_keys_validated_at_start_up(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The keys file was read twice: by ``Settings`` (validated: tenants, conflicts with GRU_ADMIN_KEYS) and
+    again by ``auth.install``, after the model had loaded. A file rewritten in between (a secret being
+    written in place while the pod starts) put unvalidated keys in force: a key given to another tenant, or
+    an empty file that the service had just checked to hold keys, a ValueError traceback at start."""
+    keys_file = tmp_path / "api-keys"
+    keys_file.write_text(f"{CAROL} carol\n")
+    monkeypatch.setenv("GRU_MODEL_PATH", str(tiny_model))
+    monkeypatch.setenv("GRU_API_KEYS_FILE", str(keys_file))
+    settings = Settings()
+    for rewritten in (f"{CAROL} mallory\n", ""):
+        keys_file.write_text(rewritten)
+        app = FastAPI()
+        app.get("/who")(_who)
+        auth.install(app, settings)
+        known, anonymous = asyncio.run(_ask_who(app))
+        assert known.json() == {"tenant": "carol"}, rewritten
+        assert_problem(anonymous, 401)
+
+
+async def _who(tenant: auth.TenantDep) -> dict[str, str]:
+    return {"tenant": tenant}
+
+
+async def _ask_who(app: FastAPI) -> list[httpx.Response]:
+    """/who with carol's key, then with none."""
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+        return [await http.get("/who", headers=_as(CAROL)), await http.get("/who")]
 
 
 # -- the check, in process -----------------------------------------------------------------------------------
