@@ -32,6 +32,10 @@ from model.cell import Variant
 from model.conformal import LOG_SCALE_LIMIT, Calibration
 from model.gru import GRU
 
+# How far past ±1 a GRU's hidden value may be written: its kernels mix in float32 (a lerp, then 2q − 1 in
+# sigmoid form), each step's rounding a few ulps at most; a value past this was written by no kernel.
+HIDDEN_SLACK = 1e-5
+
 
 @dataclass(frozen=True)
 class ForecasterConfig:
@@ -147,12 +151,31 @@ class Forecaster(nn.Module):
             return 0
         return 1 + self.num_features * (1 + len(calibration.anchors) + calibration.normalised)
 
-    def unreachable(self, state: np.ndarray) -> str | None:
-        """Why ``state`` (S,), finite, is not one this model's updates can reach in the part its answers
-        exponentiate (the calibration's log-scales and log level, kept within ±LOG_SCALE_LIMIT: past it an
-        interval passes float32's range); None when it is fine. For states from outside, such as an import."""
+    def unreachable(self, state: np.ndarray, position: int) -> str | None:
+        """Why ``state`` (S,), finite, is not one this model's updates can reach in ``position`` steps; None
+        when it is fine. For states from outside, such as an import: a state no history reaches would make the
+        session answer as no series could have it answer. Checked: what the updates bound (a GRU's hidden
+        values within ±1, being mixes of tanh outputs; the calibration's log-scales and log level within
+        ±LOG_SCALE_LIMIT, past which an interval passes float32's range), and what the position decides (at
+        0 the initial state; after that ``seen`` is 1, and the count of values seen is a whole number no larger
+        than the position, nor than K + 1)."""
+        cfg = self.config
+        if position == 0:
+            return None if not state.any() else "it is not the initial state (all zeros), at position 0"
+        hidden_end = cfg.num_layers * self.core_states * cfg.hidden_size
+        seen_at = hidden_end + cfg.lags * cfg.num_features
+        if self.core_states == 1:  # a GRU's h; a core carrying more (bench's LSTM: an unbounded c) is not checked
+            largest = float(np.abs(state[:hidden_end]).max())
+            if largest > 1 + HIDDEN_SLACK:
+                return f"its hidden values reach {largest:.6g}, beyond the ±1 of a GRU's"
+        if state[seen_at] != 1:
+            return f"its seen flag is {state[seen_at]:.6g} at position {position}, where any value seen sets it to 1"
         if not self._tail_size:
             return None
+        count = float(state[seen_at + 1])
+        if count != int(count) or not 0 <= count <= min(position, cfg.lags + 1):
+            return (f"it counts {count:.6g} values seen, not a whole number from 0 to {min(position, cfg.lags + 1)}"
+                    f" at position {position}")
         carry = state[-(self._tail_size - 1 - self.num_features):]  # after the count and the last prediction
         largest = float(np.abs(carry).max())
         if largest > LOG_SCALE_LIMIT:

@@ -126,7 +126,8 @@ class SessionStates:
         """``DocumentError`` when the document's state is one its version could never have written (see
         ``Forecaster.unreachable``); a version not loaded is ``put``'s to refuse."""
         loaded = self.model.by_hash(document.model_version)
-        if loaded is not None and (why := loaded.engine.forecaster.unreachable(document.state)) is not None:
+        why = None if loaded is None else loaded.engine.forecaster.unreachable(document.state, document.position)
+        if why is not None:
             raise DocumentError(why)
 
     async def fork(self, key: str, to: str) -> Written:

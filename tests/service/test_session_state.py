@@ -260,6 +260,59 @@ def test_the_damage_cases_start_from_a_document_that_imports(client: httpx.Clien
     assert imported.status_code == 201, imported.text
 
 
+# The calibrated tiny model's state: 2 layers of 16 hidden values, 4 lags of 1 feature, then the `seen` flag,
+# the count of values seen (up to K + 1 = 5), the last prediction and 5 log-scales.
+HIDDEN, SEEN, COUNT = 32, 36, 37
+
+
+def _with(raw: bytes, at: int | slice, value: float, **metadata: str) -> bytes:
+    """``raw`` with its state's values ``at`` set to ``value``, and some metadata replaced."""
+    state = _state_of(raw).copy()
+    state[at] = value
+    return _rebuilt(raw, {"state": state}, **metadata)
+
+
+def test_an_imported_state_no_history_reaches_is_a_422_and_changes_nothing(server_factory: ServerFactory,
+                                                                           tmp_path: Path) -> None:
+    """A finite state can still be one the model never writes: GRU hidden values past ±1 (imported at 1e30,
+    the next chunk answered predictions of 5e28 in intervals of width 0), a `seen` flag or a count of values
+    seen that the position contradicts, or at position 0 anything but the initial state (the next chunk from
+    offset 0 went on from another history's values, as no session at 0 does). Each is damaged: 422, nothing
+    changed. States that chunks and a reset write, at 0, below K and past it, still import."""
+    calibrated = server_factory(model_path=make_tiny_model(tmp_path / "calibrated", error_scale=1.0))
+    with httpx.Client(base_url=calibrated.url, timeout=30) as http:
+        session, short, fresh = new_id("source"), new_id("short"), new_id("fresh")
+        _fed(http, session, series(9, seed=61), [2, 7])
+        raw, tag = _exported(http, session)
+        assert (_state_of(raw)[SEEN], _state_of(raw)[COUNT]) == (1, 5)
+        none_to_retry = {"position": "3", "last_offset": "-1"}
+        at_zero = _with(_with(raw, SEEN, 0), COUNT, 0, position="0", last_offset="-1")
+        cases = {
+            "hidden past 1": _with(raw, slice(0, HIDDEN), 1e30),
+            "one hidden value just past 1": _with(raw, 5, 1.0001),
+            "seen 0 at position 9": _with(raw, SEEN, 0),
+            "seen 0.5": _with(raw, SEEN, 0.5),
+            "count 2.5": _with(raw, COUNT, 2.5),
+            "count negative": _with(raw, COUNT, -1e30),
+            "count past K + 1": _with(raw, COUNT, 6),
+            "count 5 at position 3": _rebuilt(raw, {"fingerprint": np.zeros(0, np.uint8),
+                                                    "answer": np.zeros(0, np.uint8)}, **none_to_retry),
+            "position 0 with hidden values": _rebuilt(at_zero, {"fingerprint": np.zeros(0, np.uint8),
+                                                                "answer": np.zeros(0, np.uint8)}),
+        }
+        for name, damaged in cases.items():
+            problem = assert_problem(_put(http, session, damaged), 422)
+            assert problem["type"].endswith("/invalid-state"), name
+            assert_problem(_put(http, new_id("absent"), damaged), 422)
+        assert _exported(http, session) == (raw, tag)
+
+        _fed(http, short, series(2, seed=62), [2])
+        assert http.post(f"/v1/sessions/{fresh}/reset").status_code in (200, 201)
+        for reachable in (session, short, fresh):
+            copy = _put(http, new_id("copy"), _exported(http, reachable)[0])
+            assert copy.status_code == 201, copy.text
+
+
 def test_a_document_of_another_model_version_is_409_model_changed(
     client: httpx.Client, server_factory: ServerFactory, tmp_path: Path
 ) -> None:
