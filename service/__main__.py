@@ -21,7 +21,7 @@ from service.config import Settings, unknown_variables
 from service.head_deadline import head_deadline_protocol
 from service.logs import configure
 from service.models import Registry
-from service.ws_flow import FlowControlledWebSockets
+from service.ws_flow import flow_controlled_websockets
 
 _WRITE_POLL_SECONDS = 0.01  # when the drain is up, how often to look whether the writes under way returned
 _ANSWER_SECONDS = 0.5  # then, how long their requests have to send their answers
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         # streams: a frame over the body limit closes with 1009 before it is buffered; pings find dead peers;
         # no per-message compression (small JSON frames: it would cost more CPU than it saves bytes); pings
         # from a peer that does not read stop the reading, and shutdown cuts it off (service.ws_flow)
-        ws=FlowControlledWebSockets, ws_max_size=settings.max_body_bytes,
+        ws=flow_controlled_websockets(app.state.metrics), ws_max_size=settings.max_body_bytes,
         ws_ping_interval=settings.stream_ping_seconds, ws_ping_timeout=settings.stream_ping_seconds,
         ws_per_message_deflate=False,
     )

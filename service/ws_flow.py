@@ -19,6 +19,10 @@ closed.
 - A handshake websockets cannot take (no Sec-WebSocket-Key, another version, a key that is no base64) is
   refused before the app sees the request: that answer was a text/plain 400 without X-Request-ID. It is a
   problem+json (``invalid-upgrade``, websockets' reason as the detail) with the request's id, as every error.
+  So is a head past websockets' own bounds, which httptools' 64 KiB lets through (a request line or a field
+  over 8 KiB: 414, 431; over 128 fields: 431; one it cannot parse: 400). Each such refusal is access-logged
+  and counted as ``service.head_deadline``'s are, under route ``unmatched`` (no route was looked at), with
+  method ``WS``: none was, and a client could send any number unseen.
 - Fragments: uvicorn kept a list entry for each fragment of a message, and websockets bounds a message's
   bytes, not its fragments: a peer sending empty continuation frames grew the server without limit. The
   fragments are gathered in one buffer, which holds no more than the message's bytes.
@@ -29,17 +33,22 @@ closed.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable
+from http import HTTPStatus
 from typing import Any, cast
 from urllib.parse import unquote
 
 import orjson
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.datastructures import Headers
+from websockets.exceptions import HeaderLineTooLong, RequestLineTooLong, TooManyHeaders
 from websockets.frames import Frame
 from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 
-from service.middleware.observability import request_id_from
+from service.metrics import STREAM_METHOD, Metrics
+from service.middleware.observability import UNMATCHED, record, request_id_from
 from service.problems import PROBLEM_JSON, Problem
 
 PEER_CLOSED = "gru.peer_closed"  # in a stream's scope once the peer's own close frame came
@@ -57,25 +66,76 @@ def _as_problem(refusal: Response, request: Request) -> Response:
     """websockets' text/plain refusal of ``request`` as a problem+json, its reason the detail and its headers
     kept (a 426's ``Upgrade``), with the request's X-Request-ID (or a new one)."""
     detail = (refusal.body or b"").decode(errors="replace").strip()
-    target = {"path": unquote(request.path.partition("?")[0]), "root_path": ""}
-    body = orjson.dumps(Problem(refusal.status_code, "invalid-upgrade", detail).body(target))
-    headers = Headers(refusal.headers)
-    for name in ("Content-Type", "Content-Length"):
-        del headers[name]
     raw = ((name.encode("latin-1"), value.encode("latin-1")) for name, value in request.headers.raw_items())
+    return _problem(refusal.status_code, detail, request.path, raw, refusal.headers)
+
+
+def _problem(status: int, detail: str, target: str, fields: Iterable[tuple[bytes, bytes]],
+             headers: Headers | None = None) -> Response:
+    """The ``invalid-upgrade`` problem+json answer to a request for ``target`` with these header ``fields``:
+    ``headers`` kept but for the body's, its X-Request-ID the request's (or a new one)."""
+    body = orjson.dumps(Problem(status, "invalid-upgrade", detail).body(
+        {"path": unquote(target.partition("?")[0]), "root_path": ""}))
+    headers = Headers(headers or {})
+    for name in ("Content-Type", "Content-Length"):
+        if name in headers:
+            del headers[name]
     headers.update({"Content-Type": PROBLEM_JSON, "Content-Length": str(len(body)),
-                    "X-Request-ID": request_id_from(raw).decode()})
-    return Response(refusal.status_code, refusal.reason_phrase, headers, body)
+                    "X-Request-ID": request_id_from(fields).decode()})
+    return Response(status, HTTPStatus(status).phrase, headers, body)
+
+
+def _unparsed(head: bytes) -> tuple[str, list[tuple[bytes, bytes]]]:
+    """The target and the header fields of a head websockets could not parse, read leniently: the request
+    line and fields uvicorn rebuilt from what httptools parsed, one per CRLF-ended line."""
+    line, *lines = head.split(b"\r\n")
+    target = line.split(b" ")[1] if line.count(b" ") >= 2 else b""
+    fields = [(name.strip(), value.strip()) for name, _, value in (field.partition(b":") for field in lines)]
+    return target.decode("latin-1"), fields
 
 
 class FlowControlledWebSockets(WebSocketsSansIOProtocol):
-    """The protocol class to give ``uvicorn.Config(ws=...)``."""
+    """The protocol class to give ``uvicorn.Config(ws=...)``: ``flow_controlled_websockets``'s, which counts."""
+
+    metrics: Metrics | None = None  # the app's, where the handshakes refused here are counted
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.conn = _Handshake(extensions=self.conn.available_extensions, max_size=self.config.ws_max_size,
                                logger=self.conn.logger)
         self.fragments = bytearray()  # a fragmented message's bytes so far, once a continuation came
+        self._began = time.perf_counter()
+        self._head = b""  # the head uvicorn hands over in one piece: what a refusal of it answers
+
+    def data_received(self, data: bytes) -> None:
+        if not self.handshake_initiated and not self._head:
+            self._head = data
+        super().data_received(data)
+
+    def handle_connect(self, event: Request) -> None:
+        super().handle_connect(event)
+        if self.response.status_code != 101:  # _Handshake's problem, with the request id
+            self._record(self.response)
+
+    def handle_handshake_exception(self) -> None:
+        """websockets could not parse the head (past its 8 KiB lines or 128 fields, or a line it refuses):
+        its answer, text/plain or none, is replaced by the problem, logged and counted."""
+        self.conn.data_to_send()  # websockets' own refusal, dropped
+        exc = self.conn.handshake_exc
+        status = (414 if isinstance(exc, RequestLineTooLong) else
+                  431 if isinstance(exc, HeaderLineTooLong | TooManyHeaders) else 400)
+        refusal = _problem(status, f"Failed to open a WebSocket connection: {exc}.", *_unparsed(self._head),
+                           Headers({"Connection": "close"}))
+        self.handshake_complete = True
+        self.close_sent = True
+        self.transport.write(refusal.serialize())
+        self.transport.close()
+        self._record(refusal)
+
+    def _record(self, refusal: Response) -> None:
+        if self.metrics is not None:
+            record(self.metrics, refusal.headers["X-Request-ID"].encode(), STREAM_METHOD, UNMATCHED, {},
+                   refusal.status_code, time.perf_counter() - self._began)
 
     def handle_ping(self) -> None:
         super().handle_ping()
@@ -118,3 +178,9 @@ class FlowControlledWebSockets(WebSocketsSansIOProtocol):
         super().shutdown()
         if not self.writable.is_set():  # the peer reads nothing: its close would wait for ever
             self.transport.abort()
+
+
+def flow_controlled_websockets(metrics: Metrics) -> type[FlowControlledWebSockets]:
+    """The protocol class to give ``uvicorn.Config(ws=...)``: the handshakes it refuses are counted in
+    ``metrics`` (the app's)."""
+    return type("FlowControlledWebSockets", (FlowControlledWebSockets,), {"metrics": metrics})

@@ -375,6 +375,46 @@ def test_a_malformed_upgrade_is_refused_with_a_problem_and_its_request_id(server
     assert "Sec-WebSocket-" in problem["detail"], problem
 
 
+def _refused_upgrades(server: Server, status: str) -> float:
+    """How many upgrades websockets refused before the app saw them were counted with ``status``."""
+    families = text_string_to_metric_families(httpx.get(server.url + "/metrics", timeout=30).text)
+    requests = next(family for family in families if family.name == "gru_requests")
+    return sum(s.value for s in requests.samples if s.name == "gru_requests_total"
+               and s.labels == {"route": "unmatched", "method": "WS", "status": status})
+
+
+@pytest.mark.parametrize(("line", "fields", "status"), [
+    (b"/v1/sessions/s-1/stream", b"Sec-WebSocket-Version: 13\r\n", 400),  # no key: refused by websockets' accept
+    (b"/v1/sessions/s-1/stream", b"X-Big: " + b"a" * 9000 + b"\r\n", 431),  # a field over websockets' 8 KiB line
+    (b"/v1/sessions/s-1/stream", b"".join(b"X-%d: a\r\n" % n for n in range(130)), 431),  # over its 128 fields
+    (b"/v1/sessions/" + b"s" * 9000 + b"/stream", b"", 414),  # a request line over its 8 KiB
+])
+def test_an_upgrade_refused_by_the_handshake_is_a_problem_logged_and_counted(
+    server: Server, line: bytes, fields: bytes, status: int
+) -> None:
+    """websockets refuses a head it cannot take before the app sees it (an invalid handshake, and lines or
+    fields past its own bounds, which httptools' 64 KiB lets through): every such refusal is a problem with
+    the request id, access-logged once and counted under route ``unmatched``, method ``WS``, as the app's
+    refused upgrades are. The limit's were text/plain without the id, and none was logged or counted."""
+    request_id = new_id("refused-upgrade")
+    before = _refused_upgrades(server, str(status))
+    key = b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    handshake = b"" if status == 400 else b"Sec-WebSocket-Version: 13\r\n" + key
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET " + line + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"X-Request-ID: " + request_id.encode() + b"\r\n" + handshake + fields + b"\r\n")
+        head, _, body = _whole_answer(sock).partition(b"\r\n\r\n")
+    headers = dict(line.lower().split(b": ", 1) for line in head.split(b"\r\n")[1:])
+    assert head.startswith(b"HTTP/1.1 %d " % status), head
+    assert headers[b"content-type"] == b"application/problem+json", head
+    assert headers[b"x-request-id"] == request_id.encode(), head
+    problem = json.loads(body)
+    assert problem["status"] == status and problem["type"].endswith("/invalid-upgrade"), problem
+    entry = access_line(server, request_id)
+    assert (entry["method"], entry["route"], entry["status"]) == ("WS", "unmatched", status), entry
+    assert _refused_upgrades(server, str(status)) == before + 1
+
+
 @pytest.mark.parametrize("method", ["GET", "POST", "DELETE"])
 @pytest.mark.parametrize("path", ["/v1/sessions/s-1/stream", "/v1/models/seattle-temp/sessions/s-1/stream"])
 def test_a_plain_http_request_to_a_stream_path_is_answered_426_upgrade_required(
