@@ -21,7 +21,8 @@ theirs apart from the model:
   only its last chunk's answer, so a 503 for an earlier chunk of it could not be retried for its answer.
   Every chunk has the same timeout, so their deadlines come in the order they were queued: one timer, for
   the oldest unanswered, serves them all (a timer and a done-callback per chunk were a measurable share of
-  a short chunk's cost).
+  a short chunk's cost). A chunk whose caller left (its future cancelled: a stream closed before it was
+  answered) is dropped when a batch meets it, never computed.
 
 It knows no model and no store: a chunk's answer is whatever its consumer sets on its future.
 """
@@ -326,7 +327,9 @@ class BatchQueue:
 
     def _take(self) -> list[Chunk]:
         """Up to max_batch chunks of distinct sessions, oldest first, each with the chunks of its session that
-        continue it within ``max_run_steps`` joined to it (``Chunk.joined``); the rest keep their order."""
+        continue it within ``max_run_steps`` joined to it (``Chunk.joined``); the rest keep their order. A
+        chunk already answered (cancelled by its caller, or timed out in another queue after a hand-over) is
+        dropped as it is met: computing it would only stretch its batch, and it could not apply."""
         batch: list[Chunk] = []
         runs: dict[str, tuple[Chunk, Chunk, int] | None] = {}  # key -> (first, last, steps); None: it ended
         growing = 0  # runs that may still take a chunk
@@ -334,6 +337,8 @@ class BatchQueue:
         waiting = self._waiting
         while waiting and (len(batch) < self._max_batch or growing):
             chunk = waiting.popleft()
+            if chunk.future.done():  # its caller left (a closed stream cancels its unanswered chunks): not run
+                continue
             key = chunk.key
             if key is not None and key in runs:
                 run = runs[key]

@@ -359,6 +359,32 @@ def test_appends_of_one_session_apply_in_arrival_order_even_when_a_batch_fills(t
     assert [answers[i]["position"] for i in (0, 1, 4)] == [1, 3, 6]
 
 
+def test_chunks_whose_caller_left_while_queued_never_reach_the_model(tiny_model: Path) -> None:
+    """A stream that closes cancels its unanswered chunks (``_Stream.run``): up to GRU_STREAM_WINDOW of them,
+    each up to GRU_MAX_CHUNK_STEPS long. They used to be taken all the same, each the first of its session in
+    a batch of its own (too long to join a run), run through the model and dropped at the commit: every batch
+    as long as theirs, and a reconnected client's resent chunks queued behind them."""
+    engine = _engine(tiny_model, max_batch_delay_ms=0, max_run_steps=64)
+    gone, live = session_key("t", "gone"), session_key("t", "live")
+
+    async def scenario() -> dict:
+        await engine.start()
+        try:
+            left = [engine.enqueue(gone, series(200, seed=i), None, 4) for i in range(4)]
+            for future in left:  # queued, then the stream closed before the engine took them
+                future.cancel()
+            resent = engine.enqueue(gone, series(200), 0, 0)  # the client reconnects and resends
+            answer = orjson.loads(await engine.predict(live, series(3), 0, 0))
+            assert orjson.loads(await resent)["position"] == 200
+            return answer
+        finally:
+            await engine.stop()
+
+    assert asyncio.run(scenario())["position"] == 3
+    assert engine._steps._value.get() == 203  # the two live chunks' steps, nothing of the four left behind
+    assert len(engine.queue) == 0
+
+
 def test_queue_holds_exactly_max_queue_chunks(tiny_model: Path) -> None:
     """GRU_MAX_QUEUE=2 admits two waiting chunks and refuses the third, at once."""
     engine = _engine(tiny_model, max_queue=2)  # not started: nothing leaves the queue
