@@ -430,3 +430,22 @@ def test_the_api_container_gets_no_gru_variable_the_service_refuses(overlay: str
     if deployment["spec"]["template"]["spec"].get("enableServiceLinks", True):
         env |= _service_links(resources)
     assert unknown_variables(env) == []
+
+
+def test_a_rollout_on_gpus_waits_for_no_gpu_the_running_pods_hold(kustomize: Render) -> None:
+    """A pod holds its nvidia.com/gpu until it is gone. A rolling update that starts the new pod first (maxSurge
+    1, maxUnavailable 0) needs one GPU more than the replicas hold: on a cluster with the gpu overlay's one GPU the
+    new pod stays Pending and the old one is kept, so the rollout never ends; and every setting change is one
+    (the ConfigMap's name carries a hash). Where a spare GPU exists, two pods on the memory store serve at once,
+    each with its own sessions. A GPU deployment replaces its pods: Recreate, or a rolling update without surge."""
+    checked = 0
+    for overlay in OVERLAYS:
+        deployment = _api(kustomize(overlay))
+        gpus = int(_container(deployment)["resources"]["limits"].get("nvidia.com/gpu", 0))
+        if not gpus:
+            continue
+        checked += 1
+        strategy = deployment["spec"].get("strategy", {})
+        surge = strategy.get("rollingUpdate", {}).get("maxSurge", "25%")  # Kubernetes' default
+        assert strategy.get("type") == "Recreate" or surge in (0, "0%"), (overlay, strategy)
+    assert checked, "no overlay runs on a GPU: the test checks nothing"
