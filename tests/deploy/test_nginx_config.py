@@ -16,6 +16,7 @@ import re
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,21 @@ def test_nginx_proxies_sessions_to_the_api_and_keeps_request_ids(proxy: str, ser
         assert second.json()["position"] == 3
         # Without one from the client, nginx makes the id the api logs and echoes.
         assert re.fullmatch(r"[0-9a-f]{32}", second.headers["x-request-id"])
+
+
+@pytest.mark.parametrize("prefix", ["/v1", "/v1/models/tiny"])
+def test_a_link_the_api_answers_through_nginx_names_nginx_s_address(proxy: str, prefix: str) -> None:
+    """A created session's Location is built from the Host the api is sent: nginx must pass the client's, port
+    included. With `Host $host` (the name alone) a fork through compose's nginx on :8080 pointed at port 80,
+    where nothing answers."""
+    source = f"deploy-nginx-link-{uuid.uuid4().hex[:12]}"
+    with httpx.Client(base_url=proxy, timeout=30) as http:
+        made = http.post(f"{prefix}/sessions/{source}/predict", json={"values": [0.1, 0.2], "offset": 0})
+        assert made.status_code == 200, made.text
+        fork = http.post(f"{prefix}/sessions/{source}/fork", json={"to": f"{source}-copy"})
+        assert fork.status_code == 201, fork.text
+        assert fork.headers["location"] == f"{proxy}{prefix}/sessions/{source}-copy"
+        assert http.get(fork.headers["location"]).json()["position"] == 2
 
 
 @pytest.mark.parametrize("prefix", ["/v1", "/v1/models/tiny"])
