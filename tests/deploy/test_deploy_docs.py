@@ -6,6 +6,7 @@ import json
 import re
 import shlex
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -70,3 +71,13 @@ def test_the_guide_names_every_alert_the_rules_define_and_no_other(repo: Path) -
     named = set(re.findall(r"`(Gru[A-Za-z0-9]+)`", DOC.read_text()))
     assert len(defined) >= 5
     assert (sorted(defined - named), sorted(named - defined)) == ([], [])
+
+
+def test_the_guide_names_every_overlay_that_needs_the_prometheus_operator(kustomize: Any) -> None:
+    """An overlay that renders a ServiceMonitor fails `kubectl apply -k` on a cluster without the operator's CRDs:
+    the guide's sentence saying which overlays need them must name each, and no other."""
+    text = " ".join(DOC.read_text().split())
+    (subject,) = re.findall(r"([^.]*) a ServiceMonitor, so the cluster needs", text)  # "The prod overlay includes"
+    for overlay in ("dev", "prod", "gpu"):
+        monitors = [r for r in kustomize(f"overlays/{overlay}") if r["kind"] == "ServiceMonitor"]
+        assert (re.search(rf"\b{overlay}\b", subject) is not None) == bool(monitors), (overlay, subject)
