@@ -42,6 +42,8 @@ def _test_copy(directory: Path, listen: int, *, replicas: str, resolver: str = "
     assert count == 1, "expected Docker's DNS server as the resolver"
     conf, count = re.subn(r"listen 8080;", f"listen 127.0.0.1:{listen};", conf)
     assert count == 1
+    conf, count = re.subn(r"access_log /var/log/nginx/access\.log ", f"access_log {directory}/access.log ", conf)
+    assert count == 1, "expected the server's access log in the image's place"
     (directory / "gru-api.conf").write_text(conf)
     main = directory / "nginx.conf"
     # Started as root, nginx runs its workers as nobody, who cannot write a large body's temporary file
@@ -103,7 +105,7 @@ def proxy(server: Any, tmp_path: Path, tool: Callable[[str], str]) -> Iterator[s
         process.wait(10)
 
 
-def test_nginx_proxies_sessions_to_the_api_and_keeps_request_ids(proxy: str, server: Any) -> None:
+def test_nginx_proxies_sessions_to_the_api_and_keeps_request_ids(proxy: str, server: Any, tmp_path: Path) -> None:
     with httpx.Client(base_url=proxy, timeout=30) as http:
         assert http.get("/nginx-health").text == "ok\n"
         ready = http.get("/readyz")
@@ -119,6 +121,10 @@ def test_nginx_proxies_sessions_to_the_api_and_keeps_request_ids(proxy: str, ser
         assert second.json()["position"] == 3
         # Without one from the client, nginx makes the id the api logs and echoes.
         assert re.fullmatch(r"[0-9a-f]{32}", second.headers["x-request-id"])
+    # Each request is followed from nginx's log line to the api's by its id.
+    logged = (tmp_path / "access.log").read_text()  # the proxy fixture's directory
+    for answer in (first, second):
+        assert f"request_id={answer.headers['x-request-id']}" in logged, logged
 
 
 @pytest.mark.parametrize("prefix", ["/v1", "/v1/models/tiny"])
