@@ -1,9 +1,11 @@
-"""A session's state as a first-class object: export it, import it (create or replace), fork it.
+"""A session's state as a first-class object: export it, import it (create or replace), fork it, delete it
+under a precondition.
 
 Export reads the record and its state vector in one ``peek`` at the store, which unlike a chunk's load is
 no use of the session (a backup job's exports keep no session alive); import and fork write with the
 store's compare-and-set, so they take their place between a session's chunks like any chunk does: a chunk
 judged against the record an import replaced loses its commit and is judged again against the new one.
+A conditional delete (``If-Match``) deletes at the revision its tag was compared at, and no other.
 Preconditions (``If-Match``, ``If-None-Match``) compare entity tags computed from the whole document
 (``StateDocument.tag``), so they hold for a memory store whose revisions are a counter that starts again
 with the process. No HTTP here: the routes (``service.api.state``) parse and answer.
@@ -51,8 +53,8 @@ class Written:
 
 
 class SessionStates:
-    """Export, import and fork over one model's (guarded) store; a state belongs to the version that built it,
-    which must be loaded for an import."""
+    """Export, import, fork and a conditional delete over one model's (guarded) store; a state belongs to the
+    version that built it, which must be loaded for an import."""
 
     def __init__(self, model: ServedModel, max_answer_bytes: int | None = None):
         self.model = model
@@ -93,13 +95,7 @@ class SessionStates:
 
     async def _put(self, key: str, document: StateDocument, precondition: Precondition) -> Written:
         for _ in range(MAX_ATTEMPTS):
-            current = await self._current_record(key)
-            tag = self._tag(*current) if current is not None else None
-            if not precondition.holds(tag):
-                raise PreconditionFailed(
-                    f"session {session_id_of(key)!r} is {'at entity tag ' + tag if tag else 'absent'}, which"
-                    " the If-Match / If-None-Match of this import excludes; nothing was changed",
-                    session_id=session_id_of(key))
+            current = await self._judged(key, precondition, "the If-Match / If-None-Match of this import")
             written = await self._write(key, document, current[0].revision if current is not None else None)
             if written is not None:
                 return written
@@ -107,6 +103,33 @@ class SessionStates:
             # now (a tag it was at no longer holds; ``*`` holds while the session exists, whatever its chunks).
         raise Overloaded(f"session {session_id_of(key)!r} changed {MAX_ATTEMPTS} times while it was being"
                          " replaced; nothing was changed, retry", retry_after=1)
+
+    async def delete(self, key: str, precondition: Precondition) -> None:
+        """Delete the session at ``key`` if the precondition (a DELETE's ``If-Match``) holds for it;
+        ``PreconditionFailed`` when it does not, as for an absent session: no tag matches one. The store
+        deletes only at the revision the tag was compared at; a session that moved in between is judged again
+        as it is now, as an import is (``_put``), and as often."""
+        for _ in range(MAX_ATTEMPTS):
+            current = await self._judged(key, precondition, "the If-Match of this delete")
+            if current is None:  # a precondition without If-Match holds for none: nothing to delete (404)
+                raise UnknownSession.gone(session_id_of(key))
+            if await self.store.delete(key, current[0].revision):
+                return
+            # Changed (or gone) since the read: judged again against the session as it is now.
+        raise Overloaded(f"session {session_id_of(key)!r} changed {MAX_ATTEMPTS} times while it was being"
+                         " deleted; nothing was changed, retry", retry_after=1)
+
+    async def _judged(self, key: str, precondition: Precondition, what: str,
+                      ) -> tuple[Session, np.ndarray | None] | None:
+        """The session's record and state as they are now, when ``precondition`` holds for them;
+        ``PreconditionFailed``, naming the tag it is at (or that it is absent), when it does not."""
+        current = await self._current_record(key)
+        tag = self._tag(*current) if current is not None else None
+        if not precondition.holds(tag):
+            raise PreconditionFailed(
+                f"session {session_id_of(key)!r} is {'at entity tag ' + tag if tag else 'absent'}, which {what}"
+                " excludes; nothing was changed", session_id=session_id_of(key))
+        return current
 
     def require_loaded(self, key: str, model_version: str, position: int | None = None) -> LoadedVersion:
         """The loaded version of this model with ``model_version``; ``StaleModel`` when none is: a state of

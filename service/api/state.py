@@ -8,7 +8,6 @@ on an export answers 304 without the document while the session is at one of its
 
 from __future__ import annotations
 
-import re
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Request, Response
@@ -17,6 +16,7 @@ from pydantic import BaseModel
 from service.api.bodies import parse
 from service.api.deps import served_model
 from service.api.openapi import body_schema, problem_responses
+from service.api.preconditions import entity_tags
 from service.api.v1 import SessionIdPath, describe, per_model
 from service.auth import TenantDep
 from service.config import Settings
@@ -32,13 +32,6 @@ RAW_BODY_MODELS: list[type[BaseModel]] = [ForkRequest]
 _BINARY = {OCTET: {"schema": {"type": "string", "format": "binary"}}}
 _ETAG = {"ETag": {"description": "Changes whenever the session does; send it as If-Match to import only"
                   " over this very state", "schema": {"type": "string"}}}
-# A list of entity tags (RFC 9110 section 8.8.3), each maybe weak, empty elements ignored (section 5.6.1.2),
-# maybe none at all (the #list rule): an empty If-Match matches no session (412), not a malformed one (400);
-# or "*". Each run of blanks and commas has one place in the pattern (what may follow it tells them apart):
-# with two optional runs able to share one, a malformed header took time quadratic in its length to refuse,
-# on the event loop (",", 40,000 spaces and "x": ~10 s).
-_TAG_LIST = re.compile(r'\s*\*\s*|[\s,]*(?:(?:W/)?"[^"]*"(?:\s*,[\s,]*(?:W/)?"[^"]*")*[\s,]*)?')
-_TAG = re.compile(r'(W/)?("[^"]*")')
 
 
 async def get_states(request: Request) -> SessionStates:
@@ -48,20 +41,6 @@ async def get_states(request: Request) -> SessionStates:
 
 
 StatesDep = Annotated[SessionStates, Depends(get_states)]
-
-
-def _tags(lines: list[str] | None, header: str, *, weak: bool) -> list[str] | None:
-    """The entity tags of a precondition header (None: absent), over all its field lines, which are one
-    comma-separated list (RFC 9110 section 5.3); ``weak``: W/ tags compare too (If-None-Match), else they
-    never match (If-Match compares strongly)."""
-    if not lines:
-        return None
-    value = ", ".join(lines)
-    if not _TAG_LIST.fullmatch(value):
-        raise Problem(400, "invalid-precondition", f"{header} is not '*' or a list of quoted entity tags")
-    if value.strip() == "*":
-        return ["*"]
-    return [tag for prefix, tag in _TAG.findall(value) if weak or not prefix]
 
 
 def _answer(response: Response, request: Request, session_id: str, written: Written, states: SessionStates,
@@ -91,7 +70,7 @@ async def export_state(
     session_id: SessionIdPath, states: StatesDep, tenant: TenantDep,
     if_none_match: Annotated[list[str] | None, Header(description=_UNLESS_AT_DOC)] = None,
 ) -> Response:
-    unless = _tags(if_none_match, "If-None-Match", weak=True)  # a malformed list is a 400 before any work
+    unless = entity_tags(if_none_match, "If-None-Match", weak=True)  # a malformed list is a 400 before any work
     document = await states.export(session_key(tenant, session_id))
     tag = document.tag()
     if unless is not None and not Precondition(if_none_match=unless).holds(tag):  # weak comparison, RFC 9110 13.1.2
@@ -114,8 +93,8 @@ async def import_state(
     if_match: Annotated[list[str] | None, Header(description=_IF_MATCH_DOC)] = None,  # every field line
     if_none_match: Annotated[list[str] | None, Header(description=_IF_NONE_MATCH_DOC)] = None,
 ) -> SessionInfo:
-    precondition = Precondition(_tags(if_match, "If-Match", weak=False),
-                                _tags(if_none_match, "If-None-Match", weak=True))
+    precondition = Precondition(entity_tags(if_match, "If-Match", weak=False),
+                                entity_tags(if_none_match, "If-None-Match", weak=True))
     raw = await request.body()
     if (version := built_by(raw)) is not None:  # another model's document: 409 before its sizes are judged
         states.require_loaded(session_key(tenant, session_id), version)

@@ -98,8 +98,10 @@ class SessionStore(Protocol):
 
     async def get(self, key: str) -> Session | None: ...
 
-    async def delete(self, key: str) -> bool:
-        """True if the session existed and is deleted."""
+    async def delete(self, key: str, revision: Revision | None = None) -> bool:
+        """True if the session existed and is deleted. With a ``revision`` (a DELETE with If-Match, whose tag
+        was compared against the session at that revision), only while it is at that very one: a write since
+        made another session of it, which stays (False)."""
         ...
 
     async def end(self, key: str, revision: Revision) -> bool:

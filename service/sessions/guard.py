@@ -52,8 +52,8 @@ class GuardedStore:
     async def get(self, key: str) -> Session | None:
         return await self._call(self.inner.get(key), "get")
 
-    async def delete(self, key: str) -> bool:
-        return await self._call(self.inner.delete(key), "delete")
+    async def delete(self, key: str, revision: Revision | None = None) -> bool:
+        return await self._call(self.inner.delete(key, revision), "delete")
 
     async def end(self, key: str, revision: Revision) -> bool:
         return await self._call(self.inner.end(key, revision), "delete")

@@ -264,8 +264,9 @@ class MemoryStore:
         """``get``: a record here holds its state's slot, and neither read counts as use."""
         return await self.get(key)
 
-    async def delete(self, key: str) -> bool:
-        if self._live(key, self._clock()) is None:
+    async def delete(self, key: str, revision: Revision | None = None) -> bool:
+        current = self._live(key, self._clock())
+        if current is None or (revision is not None and current.revision != revision):
             return False
         self._drop(key)
         return True

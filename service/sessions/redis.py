@@ -203,9 +203,17 @@ return {0, created}
 # KEYS[1] session hash.  ARGV[1]: the revision it had when the delete began.  Deletes it only if it still has
 # it or had it lately (``applied``: a chunk committed in between is the same session, and deleted with it); a
 # retry after a lost reply must not delete a session another write created since (its past is its own).
+# Returns 1. With ARGV[2] '1' (a DELETE with If-Match, its tag compared at ARGV[1]): only while it has that
+# very revision, not one it had (a chunk since moved it past the tag), and returns 1 when it deleted, else 0;
+# a retry after a lost reply finds it gone (0), and another session written since is never at ARGV[1].
 _DELETE = _WRITES + _REVISION + """
 local current = revision(KEYS[1])
-if current and applied(KEYS[1], current, ARGV[1]) then redis.call('DEL', KEYS[1]) end
+if ARGV[2] == '1' then
+  if current ~= ARGV[1] then return 0 end
+elseif not (current and applied(KEYS[1], current, ARGV[1])) then
+  return 1
+end
+redis.call('DEL', KEYS[1])
 return 1
 """
 
@@ -370,10 +378,13 @@ class RedisStore:
             return _session(key, {b"rev": b"!" + kind})
         return _session(key, dict(zip((f.encode() for f in _INFO_FIELDS), values, strict=True)))
 
-    async def delete(self, key: str) -> bool:
+    async def delete(self, key: str, revision: Revision | None = None) -> bool:
         """Whether there was a session to delete. Two steps, each safe to retry (the connections retry once
-        after a lost reply): the session's revision, then a delete of that revision only."""
+        after a lost reply): the session's revision, then a delete of that revision only. With ``revision``
+        (the one a DELETE's If-Match was compared at) one step: a delete only at that very revision."""
         redis_key = self.redis_key(key)
+        if revision is not None:
+            return bool(await self._call(self._delete(keys=[redis_key], args=[revision, 1])))
         revision = await self._call(self._revision_of(keys=[redis_key]))
         if revision is None:
             return False

@@ -113,3 +113,20 @@ async def a_peek_reads_the_record_and_its_state(store: SessionStore) -> None:
     assert peeked is not None and (peeked.position, peeked.revision) == (5, written.revision)
     torch.testing.assert_close(store.gather([peeked], "cpu"), states[1:])
     assert await store.peek("t/absent") is None
+
+
+async def delete_at_a_revision_spares_a_later_write(store: SessionStore) -> None:
+    """A delete at a revision (a DELETE with If-Match) removes the session only while it is at that very one:
+    a chunk committed since made another revision of it, which stays; an absent session is no delete."""
+    states = torch.ones(1, STATE)
+    first, = await store.commit([write("t/d", None, 3)], states)
+    assert first is not None
+    compared = first.revision
+    moved, = await store.commit([write("t/d", compared, 5)], states)
+    assert moved is not None
+    assert not await store.delete("t/d", compared)
+    assert (await store.get("t/d")).position == 5  # type: ignore[union-attr]
+    assert await store.delete("t/d", moved.revision)
+    assert await store.get("t/d") is None
+    assert not await store.delete("t/d", moved.revision)
+    assert await store.ended("t/d") is None  # a delete leaves no ended mark

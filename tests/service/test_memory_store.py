@@ -40,6 +40,10 @@ def test_an_end_at_a_revision_spares_a_later_write() -> None:
     _run(stores.end_at_a_revision_spares_a_later_write(memory_store()))
 
 
+def test_a_delete_at_a_revision_spares_a_later_write() -> None:
+    _run(stores.delete_at_a_revision_spares_a_later_write(memory_store()))
+
+
 def test_batch_commit_wins_and_loses_per_session() -> None:
     _run(stores.batch_commit_wins_and_loses_per_session(memory_store()))
 

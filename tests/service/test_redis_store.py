@@ -64,6 +64,10 @@ def test_an_end_at_a_revision_spares_a_later_write(redis_server: RedisServer) ->
     _run(_on_redis(redis_server, stores.end_at_a_revision_spares_a_later_write))
 
 
+def test_a_delete_at_a_revision_spares_a_later_write(redis_server: RedisServer) -> None:
+    _run(_on_redis(redis_server, stores.delete_at_a_revision_spares_a_later_write))
+
+
 def test_batch_commit_wins_and_loses_per_session(redis_server: RedisServer) -> None:
     _run(_on_redis(redis_server, stores.batch_commit_wins_and_loses_per_session))
 

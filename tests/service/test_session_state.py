@@ -18,9 +18,14 @@ from harness.checkpoints import random_checkpoint
 from harness.processes import RedisServer
 from service.client import AsyncClient, Client, PreconditionFailed, SessionExists
 from service.client.cli import main
+from service.models import Registry, ServedModel
+from service.refusals import Overloaded
+from service.refusals import PreconditionFailed as PreconditionFailedRefusal
+from service.session_state import MAX_ATTEMPTS, Precondition, SessionStates
 from service.sessions.document import StateDocument, decode, encode
 from tests.conftest import Server, ServerFactory, make_tiny_model
 from tests.service.helpers import assert_problem, new_id, position, send, series, stateless
+from tests.service.test_model_lifecycle import _in_process_registry
 
 OCTET = {"Content-Type": "application/octet-stream"}
 ALICE, BOB = "alice-0123456789abcdef", "bob-0123456789abcdef0"
@@ -483,6 +488,160 @@ def test_an_export_with_if_none_match_is_304_while_the_session_is_at_a_listed_ta
     assert_problem(_state(client, new_id("none"), **{"If-None-Match": "*"}), 404)
 
 
+# -- a conditional delete --------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["memory", "redis"])
+def each_store(request: pytest.FixtureRequest, server_factory: ServerFactory) -> Server:
+    """A service process with the store the test is parametrised by."""
+    return _on_store(request, server_factory)
+
+
+def _delete(http: httpx.Client, path: str, *fields: tuple[str, str]) -> httpx.Response:
+    return http.delete(path, headers=list(fields))
+
+
+def test_a_delete_with_a_stale_if_match_is_412_and_keeps_the_session(each_store: Server) -> None:
+    """RFC 9110 13.1.1: If-Match is evaluated before the DELETE. A client that exported a session, then deletes
+    it with that ETag after another client's chunk moved it on, deleted it anyway (204): now 412, and the
+    session stays where the chunk left it. The same on the per-model route."""
+    values = series(11, seed=56)
+    with httpx.Client(base_url=each_store.url, timeout=30) as http:
+        model = http.get("/v1/model").json()["name"]
+        for path in ("/v1/sessions/{}", f"/v1/models/{model}/sessions/{{}}"):
+            session = new_id("stale-del")
+            _fed(http, session, values, [8])
+            _, tag = _exported(http, session)
+            assert send(http, session, values[8:], offset=8).status_code == 200
+            now = _exported(http, session)
+
+            problem = assert_problem(_delete(http, path.format(session), ("If-Match", tag)), 412)
+            assert problem["type"].endswith("/precondition-failed") and "nothing was changed" in problem["detail"]
+            assert now[1] in problem["detail"] and problem["session_id"] == session
+            assert_problem(_delete(http, path.format(session), ("If-Match", f"W/{now[1]}")), 412)  # strongly
+            assert position(http, session) == 11 and _exported(http, session) == now
+
+            assert _delete(http, path.format(session), ("If-Match", now[1])).status_code == 204
+            assert_problem(http.get(f"/v1/sessions/{session}"), 404)
+
+
+def test_a_delete_with_a_listed_tag_or_star_deletes_and_any_if_match_of_an_absent_session_is_412(
+    client: httpx.Client,
+) -> None:
+    """If-Match on a DELETE reads as on an import: one list over several field lines, empty elements ignored,
+    `*` for any existing session; a session that does not exist matches none of it (412, not 404)."""
+    listed, starred, absent = new_id("listed"), new_id("starred"), new_id("absent")
+    for session in (listed, starred):
+        _fed(client, session, series(5, seed=57), [5])
+    _, tag = _exported(client, listed)
+    path = "/v1/sessions/{}".format
+    assert _delete(client, path(listed), ("If-Match", '"elsewhere", ,'), ("If-Match", tag)).status_code == 204
+    assert_problem(_state(client, listed), 404)
+    assert _delete(client, path(starred), ("If-Match", "*")).status_code == 204
+    assert_problem(_state(client, starred), 404)
+    for condition in ("*", tag, "", ","):
+        problem = assert_problem(_delete(client, path(absent), ("If-Match", condition)), 412)
+        assert "absent" in problem["detail"], problem
+    assert_problem(_delete(client, path(absent), ("If-Match", '"elsewhere"'), ("If-Match", tag)), 412)
+    assert_problem(_delete(client, path(listed)), 404)  # without one, as before
+
+
+def test_a_delete_with_a_malformed_if_match_is_400_and_keeps_the_session(client: httpx.Client) -> None:
+    session = new_id("malformed-del")
+    _fed(client, session, series(5, seed=58), [5])
+    before = _exported(client, session)
+    for malformed in ("not-a-tag", '"a" "b"', '*, "a"', "," + " " * 40_000 + "x"):
+        problem = assert_problem(_delete(client, f"/v1/sessions/{session}", ("If-Match", malformed)), 400)
+        assert problem["type"].endswith("/invalid-precondition")
+    assert _exported(client, session) == before
+
+
+def test_a_delete_without_if_match_answers_as_before(client: httpx.Client) -> None:
+    session = new_id("plain-del")
+    _fed(client, session, series(5, seed=59), [5])
+    assert client.delete(f"/v1/sessions/{session}").status_code == 204
+    assert_problem(client.delete(f"/v1/sessions/{session}"), 404)
+    assert_problem(client.delete(f"/v1/sessions/{new_id('never')}", headers={"If-None-Match": "*"}), 404)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def in_process(request: pytest.FixtureRequest, tmp_path: Path) -> Registry:
+    """A registry in this process (not started) with model ``m``, on the store the test is parametrised by."""
+    if request.param == "memory":
+        return _in_process_registry(tmp_path)
+    redis: RedisServer = request.getfixturevalue("redis_server")
+    return _in_process_registry(tmp_path, store="redis", redis_url=redis.url)
+
+
+def test_a_conditional_delete_racing_a_chunk_never_deletes_another_revision(in_process: Registry) -> None:
+    """The tag is compared on a read and the delete is a second step, which a chunk can come between (another
+    replica's, on Redis). The delete happens only at the revision compared; else the precondition is judged
+    again against the session as it is now: a tag it left is a 412 and the session stays at the chunk's
+    position; `*`, which holds while the session exists, deletes the session the chunk left."""
+    registry, chunks = in_process, series(8, seed=60).reshape(2, 4, 1)
+
+    async def racing(model: ServedModel, key: str, star: bool) -> Any:
+        """A conditional delete of ``key`` (at its tag, or ``*``) that a chunk overtakes: what it left."""
+        states, store = SessionStates(model), model.store
+        delete, tags = store.delete, []
+        await model.engine.predict(key, chunks[0], 0, 0)
+        compared = (await states.export(key)).tag()
+
+        async def a_chunk_first(key: str, revision: Any = None) -> bool:
+            if not tags:  # the tag was compared; a chunk commits before the delete reaches the store
+                await model.engine.predict(key, chunks[1], 4, 0)
+                tags.append((await states.export(key)).tag())
+            return await delete(key, revision)
+
+        store.delete = a_chunk_first  # type: ignore[method-assign]
+        try:
+            await states.delete(key, Precondition(if_match=["*" if star else compared]))
+        except PreconditionFailedRefusal as refused:
+            assert tags[0] in refused.detail and "nothing was changed" in refused.detail
+            return "412", (await store.get(key)).position  # type: ignore[union-attr]
+        finally:
+            store.delete = delete  # type: ignore[method-assign]
+        return "deleted", await store.get(key)
+
+    async def scenario() -> list[Any]:
+        await registry.start()
+        try:
+            model = registry.models["m"]
+            return [await racing(model, "t/stale", star=False), await racing(model, "t/star", star=True)]
+        finally:
+            await registry.stop()
+
+    assert asyncio.run(scenario()) == [("412", 8), ("deleted", None)]
+
+
+def test_a_conditional_delete_of_a_session_that_never_stops_moving_is_refused_429(in_process: Registry) -> None:
+    """Bounded as an import is: a session that changed before each of MAX_ATTEMPTS deletes is left as it is."""
+    registry, chunks = in_process, series(40, seed=61).reshape(10, 4, 1)
+
+    async def scenario() -> Any:
+        await registry.start()
+        model = registry.models["m"]
+        store, fed = model.store, [1]
+        delete = store.delete
+        await model.engine.predict("t/busy", chunks[0], 0, 0)
+
+        async def a_chunk_first(key: str, revision: Any = None) -> bool:
+            await model.engine.predict(key, chunks[fed[0]], 4 * fed[0], 0)
+            fed[0] += 1
+            return await delete(key, revision)
+
+        store.delete = a_chunk_first  # type: ignore[method-assign]
+        try:
+            with pytest.raises(Overloaded):
+                await SessionStates(model).delete("t/busy", Precondition(if_match=["*"]))
+            return fed[0], (await store.get("t/busy")).position  # type: ignore[union-attr]
+        finally:
+            store.delete = delete  # type: ignore[method-assign]
+            await registry.stop()
+
+    assert asyncio.run(scenario()) == (1 + MAX_ATTEMPTS, 4 * (1 + MAX_ATTEMPTS))
+
+
 # -- reads are no use ----------------------------------------------------------------------------------
 
 
@@ -577,6 +736,14 @@ def test_openapi_describes_the_binary_bodies(client: httpx.Client) -> None:
     fork = paths["/v1/sessions/{session_id}/fork"]["post"]
     assert fork["requestBody"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/ForkRequest"}
+
+
+def test_openapi_documents_if_match_and_412_on_a_delete(client: httpx.Client) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in ("/v1/sessions/{session_id}", "/v1/models/{model}/sessions/{session_id}"):
+        delete = paths[path]["delete"]
+        assert "if-match" in {p["name"] for p in delete["parameters"] if p["in"] == "header"}, path
+        assert {"204", "400", "404", "412", "429"} <= set(delete["responses"]), path
 
 
 def test_client_exports_imports_and_forks(server: Server, client: httpx.Client) -> None:
