@@ -19,6 +19,12 @@ access-logged as ``Observability`` does the app's answers, under route ``unmatch
 its latency from the head's first byte. So is the 400 problem+json that replaces uvicorn's text/plain one for
 a request httptools cannot parse. Either waits for the answers of requests pipelined before it on the
 connection: answers go out in the order of their requests.
+
+A request with an ``Upgrade`` other than websocket (``h2c``, say) cannot be framed: httptools skips its body,
+taking what follows the head for another protocol, and uvicorn drops the rest of that read and parses later
+reads as new requests, so a body sent after its head ran as requests the client never sent. Such a request
+with a body is answered 400 below the app; one without is answered as plain HTTP/1.1 and the connection
+closed after it, what followed it unread.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from service.http_fields import decimal_length
 from service.metrics import Metrics
 from service.middleware.observability import UNMATCHED, record, request_id_from
 from service.problems import PROBLEM_JSON, Problem
@@ -48,8 +55,12 @@ _MALFORMED = Problem(400, "malformed-request", "the request is not valid HTTP/1.
                      " or its chunked body could not be parsed")
 
 
-class _HeadTooLarge(Exception):
-    """Raised from the parser's callback to stop parsing a head that was answered 431."""
+_UNFRAMED = Problem(400, "malformed-request", "a request with an Upgrade other than websocket cannot have a"
+                    " body: the upgrade is not taken, and its body could not be told from the next request")
+
+
+class _HeadRefused(Exception):
+    """Raised from the parser's callback to stop parsing a head answered below the app (431, or 400)."""
 
 
 class _HeadDeadlineProtocol(HttpToolsProtocol):
@@ -92,7 +103,7 @@ class _HeadDeadlineProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._awaiting_head and self._head_deadline is None:  # the first bytes of a later request's head
             self._arm()
-        if self._refused:  # answered 431: the rest is read and dropped (see _refuse_head)
+        if self._refused:  # answered below the app, or unframed: the rest is dropped (see _answer_below_app)
             return
         in_head, heads = self._in_head, self._heads
         super().data_received(data)
@@ -115,15 +126,23 @@ class _HeadDeadlineProtocol(HttpToolsProtocol):
         size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)  # ": ", CRLF
         if size > MAX_HEAD_BYTES:
             self._refuse_head()
-            raise _HeadTooLarge  # stops the parser; uvicorn takes it for a malformed request (see below)
+            raise _HeadRefused  # stops the parser; uvicorn takes it for a malformed request (see below)
+        unframed = self.parser.should_upgrade() and not self._should_upgrade()  # see the module's docstring
+        if unframed and any(name == b"transfer-encoding" or (name == b"content-length" and decimal_length(value) != 0)
+                            for name, value in self.headers):
+            self._answer_below_app(_UNFRAMED, b"400 Bad Request")
+            raise _HeadRefused
         super().on_headers_complete()
+        if unframed:
+            self.cycle.keep_alive = False  # answered with "connection: close"
+            self._refused = True  # what follows is dropped unread (see data_received)
 
     def send_400_response(self, msg: str) -> None:
         """httptools could not parse the request; uvicorn's own answer is a text/plain 400 with no request
         id, neither logged nor counted. A head is answered 400 problem+json instead, counted and logged as a
         431 is. A chunked body that breaks off mid-way gets the same answer unless the app has begun its
         own, and the connection is closed: the app, which has the request, hears a disconnect and logs it."""
-        if self._refused:  # the parser stopped at _HeadTooLarge, already answered 431
+        if self._refused:  # the parser stopped at _HeadRefused, already answered
             return
         if self._in_head:
             self._answer_below_app(_MALFORMED, b"400 Bad Request")

@@ -4,6 +4,7 @@ answered as usual."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import select
 import socket
@@ -13,7 +14,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from tests.conftest import Server, ServerFactory
-from tests.service.helpers import access_line
+from tests.service.helpers import access_line, new_id, position, send, series
 
 
 def _connect(server: Server) -> socket.socket:
@@ -217,3 +218,32 @@ def test_a_request_line_with_no_valid_method_is_not_logged_as_another_method(ser
     metrics = httpx.get(server.url + "/metrics").text
     counted = [line for line in metrics.splitlines() if line.startswith("gru_requests_total") and "unmatched" in line]
     assert counted == ['gru_requests_total{method="other",route="unmatched",status="400"} 2.0'], counted
+
+
+def test_the_body_of_an_upgrade_the_service_does_not_take_never_runs_as_a_request(
+    server: Server, client: httpx.Client
+) -> None:
+    """httptools skips the body of any request with an Upgrade (another protocol follows the head), and
+    uvicorn, which takes only websocket, dropped the rest of that read and parsed later reads as new
+    requests: a POST with ``Upgrade: h2c`` whose body, sent after its head, was a DELETE had the DELETE run."""
+    session = new_id("upgrade")
+    assert send(client, session, series(4)).status_code == 200
+    inner = f"DELETE /v1/sessions/{session} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    with _connect(server) as sock:
+        sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(inner))
+        time.sleep(0.3)  # the body in a read of its own
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # refused before it came: as good
+            sock.sendall(inner)
+        answer = _answer(sock)
+    assert answer.count(b"HTTP/1.1 ") == 1 and answer.startswith(b"HTTP/1.1 400"), answer
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["type"].endswith("/malformed-request"), answer
+    assert position(client, session) == 4  # not deleted
+    # without a body (curl --http2 asks so) it is answered as plain HTTP/1.1, and the connection closed: what
+    # followed in the same read was dropped unparsed, and a client waiting for its answer would hang
+    with _connect(server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                     b"HTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = _answer(sock)
+    assert answer.count(b"HTTP/1.1 ") == 1 and answer.startswith(b"HTTP/1.1 200"), answer
+    assert b"connection: close" in answer.lower(), answer
