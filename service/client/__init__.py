@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import email.utils
 import json
 import math
 import os
@@ -181,9 +183,22 @@ class Retry:
     def delay(self, attempt: int, response: httpx.Response | None) -> float:
         wait = self.backoff * 2.0 ** min(attempt, 64) * random.uniform(0.5, 1.0)  # 2**1100 is past float
         if response is not None:
-            with contextlib.suppress(ValueError):
-                wait = max(wait, float(response.headers.get("retry-after", 0)))
+            wait = max(wait, _retry_after(response.headers.get("retry-after", "")))
         return min(wait, self.max_delay)
+
+
+def _retry_after(value: str) -> float:
+    """The seconds a ``Retry-After`` asks for, as a count or as an HTTP-date (RFC 9110: what proxies send);
+    0 for garbage. NaN stays NaN, which ``max`` then passes over."""
+    with contextlib.suppress(ValueError):
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return 0.0
+    if when.tzinfo is None:  # "-0000": a date in UTC whose zone is not said
+        when = when.replace(tzinfo=datetime.UTC)
+    return when.timestamp() - time.time()
 
 
 def _rows(values: Values) -> list[Any]:

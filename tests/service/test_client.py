@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import datetime
+import email.utils
 import json
 import os
 import signal
@@ -570,6 +572,18 @@ def test_retry_after_is_honoured_up_to_max_delay() -> None:
     assert retry.delay(0, httpx.Response(429, headers={"Retry-After": "1.5"})) == 1.5
     assert retry.delay(0, httpx.Response(503, headers={"Retry-After": "60"})) == 2.0
     assert retry.delay(30, None) == 2.0  # backoff doubling is capped too
+
+
+def test_retry_after_as_an_http_date_is_honoured_too() -> None:
+    """RFC 9110 lets Retry-After be a date (proxies in front of the service send one): it is waited for, not
+    taken for garbage and retried at once."""
+    retry = Retry(attempts=3, backoff=0.001, max_delay=30.0)
+    in_ten = email.utils.format_datetime(datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=10),
+                                         usegmt=True)
+    assert 8.0 <= retry.delay(0, httpx.Response(503, headers={"Retry-After": in_ten})) <= 10.0
+    gone = "Thu, 01 Jan 1970 00:00:00 GMT"  # past, a negative count or garbage: the backoff
+    for past in (gone, "-3", "soon", "nan"):
+        assert retry.delay(0, httpx.Response(429, headers={"Retry-After": past})) <= 0.001
 
 
 def test_async_reset_moves_the_handle_to_zero(server: Server, client: httpx.Client) -> None:
