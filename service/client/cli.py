@@ -8,7 +8,7 @@ progress bar and plot); export, import and fork a session's state:
     python -m service.client import --session pump-7 --file pump-7.state [--if-match ETAG]
     python -m service.client fork --session pump-7 --to pump-7-what-if
 
-Reading the CSV in place (a header told by its cells' shape, blank or non-finite rows refused by line), a
+Reading the CSV in place (a header told by its cells' shape, blank, non-finite or past-float32 rows refused by line), a
 predictions file written as the answers come, which a stream stopped in any way (Ctrl-C, SIGTERM, SIGHUP,
 SIGKILL) leaves whole and ``--resume`` extends (over the WebSocket a SIGKILL can leave up to ``--window``
 chunks without their answers: docs/interop.md).
@@ -164,9 +164,13 @@ def _read_rows(path: Path, reader: Any, features: Sequence[str],
             numbers = [float(row[i]) for i in picked]
         except (ValueError, IndexError):
             numbers = []
-        if len(numbers) != len(picked) or not all(map(math.isfinite, numbers)):
+        # As float32, which the service reads them as: past its range they are inf, which the service refuses
+        # with a 422 that names no line, once the rows before were sent.
+        if len(numbers) != len(picked) or not all(map(math.isfinite, array("f", numbers))):
             where = ", ".join(header[i] for i in picked)
-            raise SystemExit(f"{path}:{line}: not a finite number in column(s) {where}")
+            past = len(numbers) == len(picked) and all(map(math.isfinite, numbers))
+            why = "a number past float32's range (|x| > 3.4e38)" if past else "not a finite number"
+            raise SystemExit(f"{path}:{line}: {why} in column(s) {where}")
         values.extend(numbers)
     return [header[i] for i in picked], Rows(values, len(picked))
 

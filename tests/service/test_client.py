@@ -396,6 +396,22 @@ def test_csv_rows_are_read_in_place_or_refused_by_line(tmp_path: Path) -> None:
             read_csv(path, ["temp"], None)
 
 
+def test_cli_refuses_a_value_past_float32_by_its_line_before_sending(server: Server, client: httpx.Client,
+                                                                     tmp_path: Path) -> None:
+    """The service refuses such a chunk with a 422 that names no row; the CLI names the line, and sends
+    nothing rather than stop the session midway through the file."""
+    source = tmp_path / "series.csv"
+    source.write_text("temp\n" + "0.5\n" * 40 + "1e39\n" + "0.5\n" * 5)
+    session = new_id("cli")
+    done = _cli("stream", "--csv", str(source), "--session", session, "--chunk", "8", "--url", server.url,
+                "--quiet", "--out", str(tmp_path / "out.csv"))
+    assert done.returncode == 1, done.stderr
+    assert f"{source}:42: a number past float32's range (|x| > 3.4e38) in column(s) temp" in done.stderr, done.stderr
+    assert _position_or_zero(client, session) == 0
+    source.write_text("temp\n3.4028235e38\n-3.4028235e38\n")  # float32's largest: taken
+    assert read_csv(source, ["temp"], None)[1].tolist() == [[3.4028235e38], [-3.4028235e38]]
+
+
 def test_cli_keeps_the_answers_it_got_before_a_refusal(server: Server, client: httpx.Client,
                                                         tmp_path: Path) -> None:
     values = series(20, seed=27)
