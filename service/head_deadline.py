@@ -25,6 +25,9 @@ taking what follows the head for another protocol, and uvicorn drops the rest of
 reads as new requests, so a body sent after its head ran as requests the client never sent. Such a request
 with a body is answered 400 below the app; one without is answered as plain HTTP/1.1 and the connection
 closed after it, what followed it unread.
+
+A request awaiting ``100 Continue`` answered before the app asks for its body closes its connection too
+(``_close_unless_asked``).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from urllib.parse import unquote
 
 import httptools
 import orjson
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from service.http_fields import decimal_length
 from service.metrics import Metrics
@@ -61,6 +64,21 @@ _UNFRAMED = Problem(400, "malformed-request", "a request with an Upgrade other t
 
 class _HeadRefused(Exception):
     """Raised from the parser's callback to stop parsing a head answered below the app (431, or 400)."""
+
+
+def _close_unless_asked(cycle: RequestResponseCycle) -> None:
+    """A request awaiting ``100 Continue`` that is answered before the app asks for its body (a 401, a 429
+    before the body is read) closes its connection: uvicorn kept it open, waiting for that body, and a client
+    that sent its next request instead, as it may, had that request read as the body. RFC 9110 section
+    10.1.1 asks the server to say whether it closes or reads on; a body asked for is read as before."""
+    send = cycle.send
+
+    async def send_closing(message: Any) -> None:  # an ASGI send event
+        if message["type"] == "http.response.start" and cycle.waiting_for_100_continue:
+            cycle.keep_alive = False  # the answer says "connection: close", and the connection closes after it
+        await send(message)
+
+    cycle.send = send_closing  # type: ignore[method-assign]  # run_asgi, not started yet, hands it to the app
 
 
 class _HeadDeadlineProtocol(HttpToolsProtocol):
@@ -136,6 +154,8 @@ class _HeadDeadlineProtocol(HttpToolsProtocol):
         if unframed:
             self.cycle.keep_alive = False  # answered with "connection: close"
             self._refused = True  # what follows is dropped unread (see data_received)
+        elif self.expect_100_continue and not self.parser.should_upgrade():
+            _close_unless_asked(self.cycle)
 
     def send_400_response(self, msg: str) -> None:
         """httptools could not parse the request; uvicorn's own answer is a text/plain 400 with no request

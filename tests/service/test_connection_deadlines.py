@@ -247,3 +247,43 @@ def test_the_body_of_an_upgrade_the_service_does_not_take_never_runs_as_a_reques
         answer = _answer(sock)
     assert answer.count(b"HTTP/1.1 ") == 1 and answer.startswith(b"HTTP/1.1 200"), answer
     assert b"connection: close" in answer.lower(), answer
+
+
+def test_a_100_continue_answered_before_its_body_is_asked_for_closes_the_connection(
+    server_factory: ServerFactory,
+) -> None:
+    """A request awaiting ``100 Continue`` refused before its body is asked for (here a 401) got its answer
+    on a connection kept open, the service still waiting for the body: a client that then sent its next
+    request, the body never asked for, had that request read as the body (RFC 9110 10.1.1 asks the server to
+    say whether it closes or reads on). The answer closes; a request whose body is asked for goes on."""
+    server = server_factory(GRU_API_KEYS="k1:t1")
+    head = b"POST /v1/sessions/a/predict HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 60\r\n\r\n"
+    with _connect(server) as sock:
+        sock.sendall(head)
+        refused = _one_answer(sock)
+        assert refused.startswith(b"HTTP/1.1 401") and b"connection: close" in refused.lower(), refused
+        assert _closed_within(sock, 5) is not None
+    body = json.dumps({"values": [0.5, 0.6], "offset": 0}).encode()
+    with _connect(server) as sock:  # asked for: 100, the body, the answer, and the connection is kept
+        sock.sendall(head.replace(b"Host: x", b"Host: x\r\nAuthorization: Bearer k1").replace(
+            b"Content-Length: 60", b"Content-Length: %d" % len(body)))
+        assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(body)
+        answered = _one_answer(sock)
+        assert answered.startswith(b"HTTP/1.1 200") and b"connection: close" not in answered.lower(), answered
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _one_answer(sock).startswith(b"HTTP/1.1 200")
+
+
+def _one_answer(sock: socket.socket) -> bytes:
+    """One answer of a connection that may stay open: its head, then Content-Length bytes of body."""
+    sock.settimeout(10)
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += sock.recv(65536)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    fields = head.lower().split(b"\r\n")
+    length = next(int(line.split(b":")[1]) for line in fields if line.startswith(b"content-length:"))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
