@@ -255,7 +255,8 @@ class Engine:
         routed: set[int] = set()  # the chunks gone to another engine: no longer in flight here
         for chunk in batch:
             if chunk.key is None:
-                runs.append(_Run([chunk], None, Apply(start=0, created=False), None))
+                if not chunk.future.done():  # its caller left while the sessions loaded: not computed
+                    runs.append(_Run([chunk], None, Apply(start=0, created=False), None))
                 continue
             session = record_of.get(chunk.key)
             joined = chunk.joined  # the router hands them over with it
@@ -280,6 +281,8 @@ class Engine:
         """The run ``chunk`` starts if it applies to ``session``; None when it is answered (an exact retry)
         or refused."""
         assert chunk.key is not None
+        if chunk.future.done():  # its caller left (or timed out) while the sessions loaded: never computed
+            return None
         revision = session.revision if session is not None else None
         if chunk.restart:  # in place of whatever the session held, judged against it for the commit
             return _Run([chunk], None, Apply(start=0, created=session is None), revision)

@@ -540,3 +540,43 @@ def test_a_chunk_whose_write_cannot_be_read_back_is_not_told_nothing_changed(tin
     assert held is not None and held.position == 3  # it applied
     assert "nothing was changed" not in refusal.detail, refusal.detail
     assert "may have been applied" in refusal.detail and "same offset" in refusal.detail, refusal.detail
+
+
+class _SlowLoadStore(MemoryStore):
+    """A memory store whose load takes a round trip, as Redis's does; ``loading`` is set while one waits."""
+
+    load_delay = 0.2
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.loading = asyncio.Event()
+
+    async def load(self, keys: Sequence[str]) -> list[Session | None]:
+        self.loading.set()
+        await asyncio.sleep(self.load_delay)
+        return await super().load(keys)
+
+
+def test_chunks_whose_caller_left_while_their_batch_loaded_never_reach_the_model(tiny_model: Path) -> None:
+    """A chunk taken into a batch whose sessions are loading (a Redis round trip) and cancelled meanwhile (its
+    stream closed) was still judged, computed with the batch, and dropped at the commit: steps for nothing,
+    and a batch longer for every chunk in it. Stateless chunks too."""
+    forecaster, _ = load_checkpoint(tiny_model, "cpu")
+    store = _SlowLoadStore(forecaster.state_size, torch.device("cpu"), max_sessions=100, ttl_seconds=600)
+    engine = _engine(tiny_model, store, max_batch_delay_ms=0, max_run_steps=64)
+    gone, live = session_key("t", "gone"), session_key("t", "live")
+
+    async def scenario() -> int:
+        await engine.start()
+        try:
+            left = [engine.enqueue(gone, series(200), 0, 0), engine.enqueue(None, series(100), None, 0)]
+            answer = engine.enqueue(live, series(3), 0, 0)
+            await store.loading.wait()  # all three are in the batch, its sessions loading
+            for future in left:
+                future.cancel()
+            return int(orjson.loads(await answer)["position"])
+        finally:
+            await engine.stop()
+
+    assert asyncio.run(scenario()) == 3
+    assert engine._steps._value.get() == 3  # the live chunk's steps alone
