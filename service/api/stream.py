@@ -9,7 +9,9 @@ beyond that the socket is not read (backpressure: the client's sends stall, noth
 engine's queue is full the stream waits for a place in it, however long, rather than answering 429. A frame
 over ``GRU_MAX_BODY_BYTES`` closes the stream with 1009. The caller's tenant is the one the upgrade request
 was authenticated as, for the stream's life. Each chunk goes to the engine the HTTP route would give it
-(``ServedModel.engine_for``: its pinned version's, else the newest).
+(``ServedModel.engine_for``: its pinned version's, else the newest), of the model the registry serves under
+the path's name as the chunk is read: a model unloaded while its stream is open answers 404 as HTTP does,
+and loaded again it serves the stream's next chunks.
 
 ``Streams.drain`` (on SIGTERM, before the server closes connections) stops reading every stream, answers
 every frame already read, and closes with 1001 (going away).
@@ -38,7 +40,6 @@ from service.extras import Extras
 from service.http_fields import send_problem
 from service.logs import STREAM_SUMMARY
 from service.metrics import STREAM_METHOD, Metrics
-from service.models import ServedModel
 from service.problems import Problem, as_problem
 from service.refusals import Refusal
 from service.schemas import ChunkRequest
@@ -87,10 +88,9 @@ class _Stream:
     order. The window is a count of the frames that may still be read, taken before a frame is read and given
     back once it is answered (a semaphore's two awaited calls a frame cost more than the count's arithmetic)."""
 
-    def __init__(self, websocket: WebSocket, model: ServedModel, key: str, streams: Streams, count: _Counts,
-                 receive: Receive, send: Send):
+    def __init__(self, websocket: WebSocket, key: str, streams: Streams, count: _Counts, receive: Receive,
+                 send: Send):
         self.ws = websocket
-        self.model = model
         self.key = key
         self.settings = streams.settings
         self.count = count
@@ -164,7 +164,11 @@ class _Stream:
                     while place is None:  # the queue is full: this stream reads nothing until a place frees up
                         place = await engine.queue.reserve(None)
                         assert place is not None  # no patience limit: a place or nothing
-                        routed = self.model.engine_for(self.key)  # the versions may have changed meanwhile
+                        try:  # the versions (or the model) may have changed meanwhile
+                            routed = self._engine()
+                        except Problem:
+                            place.give_back()
+                            raise
                         if routed is not engine:  # the place is in the queue the chunk no longer goes to
                             place.give_back()
                             engine, place = routed, routed.queue.try_reserve()
@@ -189,9 +193,15 @@ class _Stream:
     def _chunk(self, raw: bytes) -> tuple[Engine, ChunkRequest, np.ndarray, Extras]:
         """A frame's chunk, validated as the POST body is, and the engine it goes to; a Problem if refused."""
         body = parse(raw, ChunkRequest)
-        engine = self.model.engine_for(self.key)
+        engine = self._engine()
         values = chunk_array(body.values, body.horizon, engine.forecaster.num_features, self.settings, _LOCATION)
         return engine, body, values, requested(body.levels, body.scores, engine.forecaster, ["body"])
+
+    def _engine(self) -> Engine:
+        """The engine the chunk read now goes to. The model is looked up for each chunk, not kept from the
+        upgrade: one unloaded through the repository API has stopped engines (every chunk would get a 503
+        saying the service shuts down, even after the model is loaded again); a 404 problem when unloaded."""
+        return served_model(self.ws).engine_for(self.key)
 
     async def _answer(self) -> None:
         while True:
@@ -248,7 +258,7 @@ class Streams:
             if self.draining:
                 raise Problem(503, "shutting-down", "the service is shutting down; reconnect to another replica",
                               headers={"Retry-After": "1"})
-            model = served_model(websocket)
+            served_model(websocket)  # a 404 for an unknown model, before the upgrade
             session_id = path_session_id(scope["path_params"]["session_id"])
         except Problem as refused:
             await send_problem(refused, scope, send)
@@ -257,7 +267,7 @@ class Streams:
         # read (a blocked send stops websockets' readers) waits for the service, which waits for it to read.
         await websocket.accept(headers=[(WINDOW_HEADER, str(self.settings.stream_window).encode())])
         key = session_key(tenant_of(websocket), session_id)
-        stream = _Stream(websocket, model, key, self, self.counts[scope["route"].path], receive, send)
+        stream = _Stream(websocket, key, self, self.counts[scope["route"].path], receive, send)
         self._open.add(stream)
         self.metrics.streams_open.inc()
         try:

@@ -1128,6 +1128,34 @@ def test_a_model_s_stream_serves_its_sessions_and_a_pinned_session_streams_on_it
         assert send(client, pinned, np.array([0.6]), offset=4).json()["version"] == "1"
 
 
+def test_a_model_unloaded_under_its_open_stream_answers_404_and_serves_it_again_once_loaded(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """The stream kept the model it was opened on: unloaded through the repository API, every later frame got
+    503 "the service is shutting down" (its engines stopped), and still did after the model was loaded
+    again. The frames read before the unload are answered; later ones get the HTTP route's 404 on a stream
+    that stays usable, and the model loaded again serves them."""
+    repository, server = two_models(server_factory, tmp_path, b_seed=1, b_features=("x",),
+                                     GRU_REPOSITORY_POLL_SECONDS="0")
+    session = new_id("ws")
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        with _stream(server, f"/v1/models/b/sessions/{session}/stream") as ws:
+            for offset in range(20):
+                ws.send(json.dumps({"values": [0.3], "offset": offset}))
+            assert client.post("/v2/repository/models/b/unload").status_code == 200
+            answers = [json.loads(ws.recv(timeout=30)) for _ in range(20)]
+            assert [a.get("position") for a in answers] == list(range(1, 21))
+            ws.send(json.dumps({"values": [0.3], "offset": 20}))
+            unloaded = json.loads(ws.recv(timeout=30))
+            assert (unloaded["status"], unloaded["type"].rsplit("/", 1)[-1]) == (404, "model-not-found"), unloaded
+            add_version(repository, "b", 2, seed=2)
+            assert client.post("/v2/repository/models/b/load").status_code == 200
+            ws.send(json.dumps({"values": [0.3], "offset": 0}))
+            again = json.loads(ws.recv(timeout=30))
+            assert (again.get("version"), again.get("position")) == ("2", 1), again
+        wait_for(lambda: metric(client, "gru_streams_open") == 0)
+
+
 def test_a_full_queue_of_one_model_refuses_its_chunks_unread_and_not_another_model_s(
     server_factory: ServerFactory, tmp_path: Path
 ) -> None:
