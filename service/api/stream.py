@@ -40,6 +40,7 @@ from service.extras import Extras
 from service.http_fields import send_problem
 from service.logs import STREAM_SUMMARY
 from service.metrics import STREAM_METHOD, Metrics
+from service.models import Registry
 from service.problems import Problem, as_problem
 from service.refusals import Refusal
 from service.schemas import ChunkRequest
@@ -92,6 +93,8 @@ class _Stream:
                  send: Send):
         self.ws = websocket
         self.key = key
+        self.registry: Registry = websocket.app.state.registry  # the model is looked up in it per chunk
+        self.model_name: str | None = websocket.path_params.get("model")  # None: the default model
         self.settings = streams.settings
         self.count = count
         # the ASGI receive and send, once accepted (send under Observability's one check a message), not
@@ -201,7 +204,10 @@ class _Stream:
         """The engine the chunk read now goes to. The model is looked up for each chunk, not kept from the
         upgrade: one unloaded through the repository API has stopped engines (every chunk would get a 503
         saying the service shuts down, even after the model is loaded again); a 404 problem when unloaded."""
-        return served_model(self.ws).engine_for(self.key)
+        model = self.registry.model(self.model_name)  # one dict lookup a chunk: the hot path
+        if model is None:
+            model = served_model(self.ws)  # raises the HTTP route's 404 problem
+        return model.engine_for(self.key)
 
     async def _answer(self) -> None:
         while True:
