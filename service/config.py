@@ -98,7 +98,8 @@ class Settings(BaseSettings):
         False, description="refuse to start without keys (production: an empty key Secret must not open every route)"
     )
     torch_threads: int = Field(
-        0, ge=0, description="intra-op threads for the model; 0 = cores - 1 (one for the event loop)"
+        # at most 1024: 100000 made libgomp segfault at the first batch, 2**63 overflowed torch.set_num_threads
+        0, ge=0, le=1024, description="intra-op threads for the model; 0 = cores - 1 (one for the event loop)"
     )
     surprise_p: float = Field(
         0.01, gt=0, lt=1, description="an arriving value whose p-value is below this counts in gru_surprises_total"

@@ -164,6 +164,7 @@ _OUT_OF_BOUNDS = [
     ("max_body_bytes", "1023", "1024"),
     ("max_batch_items", "0", "1"),
     ("torch_threads", "-1", "0"),
+    ("torch_threads", "1025", "1024"),
     ("port", "0", "1"),
     ("port", "65536", "65535"),
     ("tenant_max_sessions", "0", "1"),
@@ -182,6 +183,19 @@ def test_each_setting_is_refused_past_its_bound_and_accepted_at_it(
     assert [e["loc"] for e in caught.value.errors()] == [(field,)]
     monkeypatch.setenv(f"GRU_{field.upper()}", edge)
     assert float(getattr(Settings(), field)) == float(edge)
+
+
+@pytest.mark.parametrize(("variable", "value", "line"), [
+    ("GRU_TORCH_THREADS", "100000", "GRU_TORCH_THREADS: Input should be less than or equal to 1024"),
+    ("GRU_TORCH_THREADS", str(2**63), "GRU_TORCH_THREADS: Input should be less than or equal to 1024"),
+], ids=["threads=100000", "threads=2**63"])
+def test_a_setting_past_what_the_service_can_run_stops_start_up_with_one_line(
+    tiny_model: Path, tmp_path: Path, variable: str, value: str, line: str
+) -> None:
+    """GRU_TORCH_THREADS=100000 was accepted and then killed the process (SIGSEGV in libgomp, no message), and
+    2**63 raised a traceback from torch.set_num_threads."""
+    log = refused_start_log(tiny_model, tmp_path, {variable: value})
+    assert line in log and "Traceback" not in log
 
 
 _NON_DEFAULT: dict[str, str] = {
