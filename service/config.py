@@ -54,7 +54,8 @@ class Settings(BaseSettings):
     redis_url: str = Field("redis://localhost:6379/0", description="used when store=redis")
     snapshot_path: Path | None = Field(None, description="memory store: snapshot file written on SIGTERM")
     snapshot_interval_seconds: float = Field(0.0, ge=0, description="also snapshot this often; 0 = only on exit")
-    session_ttl_seconds: float = Field(3600.0, gt=0, description="idle sessions expire after this")
+    # at most about 31 years: an expiry must stay a date (year <= 9999) and a Redis PEXPIRE an integer (inf: not)
+    session_ttl_seconds: float = Field(3600.0, gt=0, le=1e9, description="idle sessions expire after this")
     max_sessions: int = Field(100_000, ge=1, description="memory store capacity; least recently used goes first")
     max_answer_bytes: int = Field(
         256 * 2**20, ge=65_536,

@@ -165,6 +165,7 @@ _OUT_OF_BOUNDS = [
     ("max_batch_items", "0", "1"),
     ("torch_threads", "-1", "0"),
     ("torch_threads", "1025", "1024"),
+    ("session_ttl_seconds", "1000000001", "1000000000"),
     ("port", "0", "1"),
     ("port", "65536", "65535"),
     ("tenant_max_sessions", "0", "1"),
@@ -188,14 +189,26 @@ def test_each_setting_is_refused_past_its_bound_and_accepted_at_it(
 @pytest.mark.parametrize(("variable", "value", "line"), [
     ("GRU_TORCH_THREADS", "100000", "GRU_TORCH_THREADS: Input should be less than or equal to 1024"),
     ("GRU_TORCH_THREADS", str(2**63), "GRU_TORCH_THREADS: Input should be less than or equal to 1024"),
-], ids=["threads=100000", "threads=2**63"])
+    ("GRU_SESSION_TTL_SECONDS", "inf", "GRU_SESSION_TTL_SECONDS: Input should be less than or equal to 1000000000"),
+], ids=["threads=100000", "threads=2**63", "ttl=inf"])
 def test_a_setting_past_what_the_service_can_run_stops_start_up_with_one_line(
     tiny_model: Path, tmp_path: Path, variable: str, value: str, line: str
 ) -> None:
     """GRU_TORCH_THREADS=100000 was accepted and then killed the process (SIGSEGV in libgomp, no message), and
-    2**63 raised a traceback from torch.set_num_threads."""
+    2**63 raised a traceback from torch.set_num_threads; GRU_SESSION_TTL_SECONDS=inf (or 1e18) was accepted,
+    then a Redis store's start-up raised a traceback, and a memory store answered GET /v1/sessions/{id} 500 (an
+    expiry past the year 9999)."""
     log = refused_start_log(tiny_model, tmp_path, {variable: value})
     assert line in log and "Traceback" not in log
+
+
+def test_the_longest_session_ttl_still_describes_its_sessions(server_factory: ServerFactory) -> None:
+    server = server_factory(GRU_SESSION_TTL_SECONDS="1000000000")
+    with httpx.Client(base_url=server.url) as http:
+        session = new_id()
+        assert send(http, session, series(2)).status_code == 200
+        described = http.get(f"/v1/sessions/{session}")
+        assert described.status_code == 200, described.text
 
 
 _NON_DEFAULT: dict[str, str] = {
