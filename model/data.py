@@ -208,6 +208,15 @@ def fit_scaler(train: np.ndarray, features: tuple[str, ...]) -> Scaler:
                 f"column {name!r} changes by exactly {diffs[0, j]:g} every training row (a counter or a"
                 " straight line): there is nothing to learn; drop it with --columns"
             )
+        # The config holds both spreads as float32 divisors: below its smallest normal number one becomes 0
+        # (every answer NaN), and alternating values near float32's limit step by twice it.
+        for what, spread in (("values", scale[j]), ("one-step changes", diff_scale[j])):
+            if not float32.holds(float(spread), positive=True):
+                raise DataError(
+                    f"column {name!r}: the spread of its {what} over the training rows ({spread:g}) is outside"
+                    f" float32's range ({float32.TINY:.3g} to {float32.MAX:.3g}), which the model computes in;"
+                    " rescale the column"
+                )
     return Scaler(tuple(train.mean(axis=0).tolist()), tuple(scale.tolist()), tuple(diff_scale.tolist()))
 
 

@@ -66,9 +66,12 @@ def test_cli_writes_a_loadable_checkpoint_a_plot_and_the_table(write_csv: CsvWri
         ("a\n" + "".join(f"{v}e39\n" for v in np.sin(np.arange(60))), [], "beyond float32 range"),
         ("a\n" + "".join(f"{v}e38\n" for v in np.sign(np.sin(np.arange(60))) * 3), [],
          "too large for float32 arithmetic"),
+        ("a\n" + "".join(f"{v}e-39\n" for v in np.sin(np.arange(60))), [], "outside float32's range"),
+        ("a\n" + "".join(f"{(-1) ** i * 3.3 + v}e38\n" for i, v in enumerate(np.sin(np.arange(60)) / 100)), [],
+         "outside float32's range"),
     ],
     ids=["missing-file", "missing-column", "non-numeric-cell", "too-few-rows", "constant-column", "beyond-float32",
-         "spread-beyond-float32"],
+         "spread-beyond-float32", "spread-below-float32", "step-spread-beyond-float32"],
 )
 def test_bad_input_exits_2_with_a_message(
     write_csv: CsvWriter, tmp_path: Path, csv_text: str | None, extra: list[str], message: str
