@@ -57,11 +57,15 @@ def model_version(forecaster: Forecaster) -> str:
 def save_checkpoint(
     forecaster: Forecaster, directory: str | Path, name: str = "gru", training: dict[str, Any] | None = None
 ) -> str:
-    """Write the checkpoint into ``directory`` (created if needed) and return its version."""
+    """Write the checkpoint into ``directory`` (created if needed) and return its version; OSError when a
+    file cannot be written."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in forecaster.state_dict().items()}
-    save_file(weights, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
+    try:
+        save_file(weights, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
+    except SafetensorError as exc:  # how safetensors reports a failed write (a full disk): not an OSError
+        raise OSError(f"{directory / WEIGHTS_FILE}: {exc}") from exc
     # safetensors creates the file owner-only (0600): a service running as another user, e.g. the
     # image's non-root user after COPY, could then read config.json but not the weights.
     (directory / WEIGHTS_FILE).chmod(0o644)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +20,17 @@ from tests.model.conftest import CsvWriter, seasonal_series
 FAST = ["--hidden", "8", "--layers", "1", "--epochs", "3", "--max-seconds", "20"]
 
 
-def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str | Path, max_file_bytes: int | None = None) -> subprocess.CompletedProcess[str]:
+    """``max_file_bytes``: RLIMIT_FSIZE, so a larger write fails with EFBIG as on a full disk (Python
+    ignores SIGXFSZ)."""
+
+    def limit() -> None:
+        if max_file_bytes is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
     return subprocess.run(
         [sys.executable, "-m", "model.train", *map(str, args)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT, capture_output=True, text=True, timeout=120, preexec_fn=limit,
     )
 
 
@@ -138,6 +146,17 @@ def test_out_that_is_a_file_is_refused_before_training(write_csv: CsvWriter, tmp
     result = run_cli("--csv", path, "--out", out, *FAST)
     assert result.returncode == 2 and "is a file; give a directory" in result.stderr
     assert "loss" not in result.stderr and not out.with_name("validation.png").exists()  # refused before training
+
+
+def test_weights_that_cannot_be_written_exit_2_and_publish_nothing(write_csv: CsvWriter, tmp_path: Path) -> None:
+    """safetensors reports a failed write (a full disk) as SafetensorError, not OSError: the CLI ended with a
+    traceback and exit status 1."""
+    path, repository = write_csv(a=seasonal_series(60)), tmp_path / "repo"
+    result = run_cli("--csv", path, "--repository", repository, "--name", "m", *FAST, max_file_bytes=1024)
+    assert result.returncode == 2, result.stderr
+    assert f"error: cannot write the checkpoint to {repository}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list((repository / "m").iterdir()) == []  # no version, no staging directory left behind
 
 
 def test_table_scores_the_validation_tail_and_takes_the_season_from_the_dates(
