@@ -211,6 +211,14 @@ def versions_in(model_dir: Path) -> list[int]:
         return []
 
 
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 @dataclass
 class Publication:
     staging: Path  # where to write the checkpoint
@@ -222,7 +230,9 @@ def publishing(repository: Path, name: str) -> Iterator[Publication]:
     """A temporary directory to write a checkpoint into, renamed to ``repository/name/<next version>/``
     when the block ends without an error (removed otherwise): a polling service never sees half of it.
     The rename fails rather than replace a version another publisher took first, or any other entry with
-    that name (a stray file, a dangling link); the next number is tried."""
+    that name (a stray file, a dangling link); the next number is tried. The files and the directory are
+    fsynced before the rename, and the model's directory after it, so a power cut cannot leave a version
+    whose files are empty or partly written."""
     if not MODEL_NAME.fullmatch(name):
         raise ValueError(f"model name {name!r} must match {MODEL_NAME.pattern}")
     model_dir = repository / name
@@ -232,6 +242,10 @@ def publishing(repository: Path, name: str) -> Iterator[Publication]:
     try:
         yield publication
         publication.staging.chmod(0o755)  # mkdtemp's 0700 would hide it from a service running as another user
+        for entry in publication.staging.iterdir():
+            if entry.is_file():
+                _fsync(entry)
+        _fsync(publication.staging)
         taken = 0  # the highest number found taken: a stray file is no version, yet recounting would reach it
         while publication.published is None:
             taken = max((versions_in(model_dir) or [0])[-1], taken) + 1
@@ -242,6 +256,7 @@ def publishing(repository: Path, name: str) -> Iterator[Publication]:
             except OSError:
                 if not os.path.lexists(target):
                     raise
+        _fsync(model_dir)  # the rename itself
     except BaseException:
         shutil.rmtree(publication.staging, ignore_errors=True)
         raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -171,6 +172,34 @@ def test_publishing_goes_past_numbers_taken_by_a_stray_file_or_a_dangling_link(
     assert publication.published == tmp_path / "m" / "4"
     assert load_checkpoint(publication.published)[1]["name"] == "m"
     assert (tmp_path / "m" / "3").read_text() == "not a version"
+
+
+def test_publishing_fsyncs_the_files_before_the_rename_and_the_rename_after(
+    forecaster: Forecaster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unsynced, a power cut after the rename could leave a version whose files are empty or partly written."""
+    events: list[str] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd: int) -> None:
+        events.append(f"fsync {os.readlink(f'/proc/self/fd/{fd}')}")
+        real_fsync(fd)
+
+    def rename(source: str | Path, target: str | Path) -> None:
+        events.append(f"rename {Path(target).resolve()}")
+        real_rename(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    with publishing(tmp_path, "m") as publication:
+        save_checkpoint(forecaster, publication.staging, name="m")
+        staging = publication.staging.resolve()
+    model_dir = (tmp_path / "m").resolve()
+    renamed = events.index(f"rename {model_dir / '1'}")
+    assert {f"fsync {staging / CONFIG_FILE}", f"fsync {staging / WEIGHTS_FILE}", f"fsync {staging}"} <= set(
+        events[:renamed]
+    )
+    assert f"fsync {model_dir}" in events[renamed:]
 
 
 def _restamp(directory: Path) -> None:
