@@ -66,8 +66,8 @@ def save_checkpoint(
         save_file(weights, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
     except SafetensorError as exc:  # how safetensors reports a failed write (a full disk): not an OSError
         raise OSError(f"{directory / WEIGHTS_FILE}: {exc}") from exc
-    # safetensors creates the file owner-only (0600): a service running as another user, e.g. the
-    # image's non-root user after COPY, could then read config.json but not the weights.
+    # safetensors creates the file owner-only (0600), and a umask of 077 does the same to config.json: a
+    # service running as another user (the image's non-root user after COPY) could not read them.
     (directory / WEIGHTS_FILE).chmod(0o644)
     version = model_version(forecaster)
     meta = {
@@ -80,6 +80,7 @@ def save_checkpoint(
     if forecaster.calibration is not None:
         meta["calibration"] = forecaster.calibration.to_dict()
     (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    (directory / CONFIG_FILE).chmod(0o644)
     return version
 
 

@@ -42,6 +42,18 @@ def test_saved_files_are_readable_by_other_users(saved: Path) -> None:
         assert (saved / name).stat().st_mode & 0o044 == 0o044, name
 
 
+def test_saved_files_are_readable_by_other_users_whatever_the_umask(forecaster: Forecaster, tmp_path: Path) -> None:
+    """Under umask 077 (a hardened shell, a CI runner) config.json was written 0600 while the weights were
+    made 0644: a service running as another user read the weights and could not read the config."""
+    old = os.umask(0o077)
+    try:
+        save_checkpoint(forecaster, tmp_path / "ckpt")
+    finally:
+        os.umask(old)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        assert (tmp_path / "ckpt" / name).stat().st_mode & 0o044 == 0o044, name
+
+
 def test_version_names_the_weights(forecaster: Forecaster, tmp_path: Path) -> None:
     first = save_checkpoint(forecaster, tmp_path / "a")
     assert save_checkpoint(forecaster, tmp_path / "b") == first
