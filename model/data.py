@@ -8,6 +8,7 @@ value per step and dropping rows would silently join the two sides of a gap.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,9 +60,15 @@ def read_table(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"{path}: no such file; pass --csv the path of a CSV file with a header row")
     try:
-        return pd.read_csv(path)
+        with warnings.catch_warnings():
+            # index_col=False: rows one field longer than the header are refused, where pandas took their
+            # first field for an index and shifted every column name onto its neighbour's values
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            return pd.read_csv(path, index_col=False)
+    except pd.errors.ParserWarning:
+        raise DataError(f"{path}: a row has more fields than its header; give every column a name") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not a readable CSV file ({exc})") from exc
+        raise DataError(f"{path}: not a readable CSV file ({str(exc).strip()})") from exc
 
 
 def load_dataset(name: str) -> pd.DataFrame:

@@ -68,6 +68,8 @@ def test_cli_writes_a_loadable_checkpoint_a_plot_and_the_table(write_csv: CsvWri
     [
         (None, [], "absent.csv: no such file"),
         ("a,b\n" + "1,2\n" * 3, ["--columns", "a,c"], "no column 'c'; the columns are ['a', 'b']"),
+        ("a,b\n" + "".join(f"{i},{v},7\n" for i, v in enumerate(np.sin(np.arange(60)))), [],
+         "more fields than its header"),  # pandas took the first field for an index, shifting every column
         ("a\n" + "1\n2\nseven\n" * 20, [], "column 'a', row 3: 'seven' is not a number"),
         ("a\n" + "".join(f"{v}\n" for v in [1, 3, 2, 5, 4, 6, 5, 8, 7, 9]), [], "only 10 rows: need at least"),
         ("a,b\n" + "".join(f"{v},4\n" for v in np.sin(np.arange(60))), [], "column 'b' is constant (4)"),
@@ -78,7 +80,8 @@ def test_cli_writes_a_loadable_checkpoint_a_plot_and_the_table(write_csv: CsvWri
         ("a\n" + "".join(f"{(-1) ** i * 3.3 + v}e38\n" for i, v in enumerate(np.sin(np.arange(60)) / 100)), [],
          "outside float32's range"),
     ],
-    ids=["missing-file", "missing-column", "non-numeric-cell", "too-few-rows", "constant-column", "beyond-float32",
+    ids=["missing-file", "missing-column", "row-longer-than-header", "non-numeric-cell", "too-few-rows",
+         "constant-column", "beyond-float32",
          "spread-beyond-float32", "spread-below-float32", "step-spread-beyond-float32"],
 )
 def test_bad_input_exits_2_with_a_message(
