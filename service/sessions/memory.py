@@ -162,7 +162,8 @@ class MemoryStore:
         from its own sessions, down to one (those just written too: a tenant whose one batch passes its
         budget must not make the store evict another's); then the store's, never one of ``keep`` (the
         sessions just written: an answer over the whole budget is kept, alone), and not for what a tenant
-        holds beyond its own budget (``_overshoot``). ``keep`` None (a restore): every tenant's, keeping none."""
+        holds beyond its own budget (``_overshoot``). ``keep`` None (a restore): every tenant's, down to the
+        most recently used session, kept alone as serving keeps one whose answer is over the whole budget."""
         now = self._clock()
         evicted: Counter[str] = Counter()  # per reason counted
         if self.tenant_max_answer_bytes is not None and self._tenants is not None:
@@ -175,7 +176,7 @@ class MemoryStore:
                     tenant = tenants.get(name)
         overshoot = self._overshoot()  # summed once; each drop below corrects it by its own tenant's change
         while (self.max_answer_bytes is not None and self._answer_bytes > self.max_answer_bytes
-               and self._answer_bytes - overshoot > self.max_answer_bytes):
+               and self._answer_bytes - overshoot > self.max_answer_bytes and len(self._records) > 1):
             key = next(iter(self._records))
             if keep is not None and key in keep:
                 break

@@ -97,6 +97,21 @@ def test_restore_from_a_larger_answer_budget_keeps_the_newest_within_it(tmp_path
     assert [s.key for s in small.records()] == ["t/y", "t/z"]
 
 
+def test_restore_keeps_a_session_whose_one_answer_is_over_the_budget(tmp_path: Path) -> None:
+    """While serving, a session whose one answer passes GRU_MAX_ANSWER_BYTES is kept, alone (its chunk was
+    answered); the restore's trim, keeping none, dropped it: a graceful restart lost an acknowledged chunk."""
+    store = memory_store(max_answer_bytes=100)
+    for key in ("t/x", "t/big"):
+        asyncio.run(store.commit([write(key, None, 1, answer=b"a" * (40 if key == "t/x" else 150))],
+                                 torch.zeros(1, STATE)))
+    assert [s.key for s in store.records()] == ["t/big"]  # serving keeps it alone
+    path = tmp_path / "snap"
+    asyncio.run(save(store, path, "v1"))
+    restored = memory_store(max_answer_bytes=100)
+    assert restore(restored, path, "v1", STATE) == 1
+    assert [s.key for s in restored.records()] == ["t/big"]
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
 def test_corrupt_snapshot_is_set_aside_with_a_log_line(
     tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
