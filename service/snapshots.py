@@ -75,6 +75,9 @@ class ModelSnapshots:
         if self.enabled:  # a path no snapshot can be written to stops start-up here, not at the first save
             self._current(refuse=True)
             registry.on_new_model = self._arrived
+        elif settings.snapshot_interval_seconds > 0:  # the path forgotten: say so, not at the first restart
+            log.warning("GRU_SNAPSHOT_INTERVAL_SECONDS is ignored: without GRU_SNAPSHOT_PATH no snapshot is"
+                        " written")
 
     @property
     def enabled(self) -> bool:

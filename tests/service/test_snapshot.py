@@ -284,6 +284,13 @@ def test_files_set_aside_within_one_second_are_all_kept(tmp_path: Path) -> None:
     assert kept == [b"not a snapshot 0", b"not a snapshot 1", b"not a snapshot 2"]
 
 
+def test_a_snapshot_interval_without_a_path_says_it_writes_nothing(server_factory: ServerFactory) -> None:
+    """GRU_SNAPSHOT_INTERVAL_SECONDS alone (the path forgotten) was ignored without a word: an operator who
+    meant periodic snapshots had none, and learnt it at the first restart."""
+    server = server_factory(GRU_SNAPSHOT_INTERVAL_SECONDS="5")
+    assert "GRU_SNAPSHOT_INTERVAL_SECONDS is ignored" in server.log()
+
+
 def test_corrupt_snapshot_file_starts_empty_with_log_line(
     server_factory: ServerFactory, tmp_path: Path
 ) -> None:
