@@ -545,7 +545,10 @@ class Registry:
             if declared not in missing:
                 continue
             loaded = await asyncio.to_thread(self.repository.load, where, self.device)
-            if loaded is None or model.incompatible(loaded) is not None or loaded.model_version != declared:
+            if loaded is None or loaded.model_version != declared:
+                continue
+            if (reason := model.incompatible(loaded)) is not None:  # as a newest version that does not fit is:
+                self.repository.skip(where, reason)  # said once, and not loaded again until its files change
                 continue
             missing.discard(declared)
             await self._bring_in(loaded)

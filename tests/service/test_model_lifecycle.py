@@ -1306,3 +1306,32 @@ def test_a_model_back_in_the_repository_while_serving_gets_its_snapshot_back(
                              json={"values": values[8:].tolist(), "offset": 8})
         assert answer.status_code == 200 and answer.json()["position"] == 12, answer.text
     assert second.stop() in (0, -signal.SIGTERM)
+
+
+def test_a_pinned_version_of_another_layout_is_skipped_once_with_a_log_line(tmp_path: Path) -> None:
+    """Sessions pinned to a version this replica has not loaded make each poll load it for them (a store
+    shared with other replicas, or kept across a restart). One whose layout this model cannot take was
+    loaded in full and dropped at every poll, without a word; it is now refused as the poll refuses a newest
+    version that does not fit: one log line and one count per state of its files, and not loaded again."""
+    repository = tmp_path / "repo"
+    old = add_version(repository, "m", 1, features=("y",))  # another feature: not this model's layout
+    add_version(repository, "m", 2)
+    skipped: list[tuple[str, int]] = []
+    registry = Registry(Settings(model_repository=repository, repository_poll_seconds=0, device="cpu"),
+                        Repository(root=repository, on_skip=lambda model, version: skipped.append((model, version))),
+                        torch.device("cpu"), Metrics())
+    registry.open()
+
+    async def scenario() -> list[int]:
+        await registry.start()
+        try:
+            old_hash = json.loads((old / CONFIG_FILE).read_text())["version"]
+            await registry.models["m"].raw_store.reset("t/pinned", old_hash)  # a session of version 1's weights
+            await registry.poll()
+            await registry.poll()
+            return sorted(registry.models["m"].versions)
+        finally:
+            await registry.stop()
+
+    assert asyncio.run(scenario()) == [2]
+    assert skipped == [("m", 1)]
