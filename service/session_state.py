@@ -13,9 +13,10 @@ with the process. No HTTP here: the routes (``service.api.state``) parse and ans
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -25,7 +26,9 @@ from service.refusals import Overloaded, PreconditionFailed, SessionExists, Stal
 from service.sessions.base import Revision, Session, SessionStore, Write, session_id_of
 from service.sessions.document import DocumentError, StateDocument
 
-MAX_ATTEMPTS = 8  # an import losing its commit this often in a row: the session is too busy to replace now
+MAX_ATTEMPTS = 8  # an import or a delete losing its write this often in a row: the session is too busy now
+_T = TypeVar("_T")
+_Current = tuple[Session, np.ndarray | None]  # a session's record and its (S,) state (None: not this model's)
 UNREADABLE_TAG = "(none: another model's state)"
 
 
@@ -94,42 +97,41 @@ class SessionStates:
             version.imported += 1
 
     async def _put(self, key: str, document: StateDocument, precondition: Precondition) -> Written:
-        for _ in range(MAX_ATTEMPTS):
-            current = await self._judged(key, precondition, "the If-Match / If-None-Match of this import")
-            written = await self._write(key, document, current[0].revision if current is not None else None)
-            if written is not None:
-                return written
-            # Lost to a write since the read: judged again, the precondition too, against the session as it is
-            # now (a tag it was at no longer holds; ``*`` holds while the session exists, whatever its chunks).
-        raise Overloaded(f"session {session_id_of(key)!r} changed {MAX_ATTEMPTS} times while it was being"
-                         " replaced; nothing was changed, retry", retry_after=1)
+        async def write(current: _Current | None) -> Written | None:
+            return await self._write(key, document, current[0].revision if current is not None else None)
+
+        return await self._compare_and_set(key, precondition, "the If-Match / If-None-Match of this import",
+                                           "replaced", write)
 
     async def delete(self, key: str, precondition: Precondition) -> None:
         """Delete the session at ``key`` if the precondition (a DELETE's ``If-Match``) holds for it;
         ``PreconditionFailed`` when it does not, as for an absent session: no tag matches one. The store
-        deletes only at the revision the tag was compared at; a session that moved in between is judged again
-        as it is now, as an import is (``_put``), and as often."""
-        for _ in range(MAX_ATTEMPTS):
-            current = await self._judged(key, precondition, "the If-Match of this delete")
+        deletes only at the revision the tag was compared at."""
+        async def delete(current: _Current | None) -> bool | None:
             if current is None:  # a precondition without If-Match holds for none: nothing to delete (404)
                 raise UnknownSession.gone(session_id_of(key))
-            if await self.store.delete(key, current[0].revision):
-                return
-            # Changed (or gone) since the read: judged again against the session as it is now.
-        raise Overloaded(f"session {session_id_of(key)!r} changed {MAX_ATTEMPTS} times while it was being"
-                         " deleted; nothing was changed, retry", retry_after=1)
+            return await self.store.delete(key, current[0].revision) or None
 
-    async def _judged(self, key: str, precondition: Precondition, what: str,
-                      ) -> tuple[Session, np.ndarray | None] | None:
-        """The session's record and state as they are now, when ``precondition`` holds for them;
-        ``PreconditionFailed``, naming the tag it is at (or that it is absent), when it does not."""
-        current = await self._current_record(key)
-        tag = self._tag(*current) if current is not None else None
-        if not precondition.holds(tag):
-            raise PreconditionFailed(
-                f"session {session_id_of(key)!r} is {'at entity tag ' + tag if tag else 'absent'}, which {what}"
-                " excludes; nothing was changed", session_id=session_id_of(key))
-        return current
+        await self._compare_and_set(key, precondition, "the If-Match of this delete", "deleted", delete)
+
+    async def _compare_and_set(self, key: str, precondition: Precondition, what: str, doing: str,
+                               attempt: Callable[[_Current | None], Awaitable[_T | None]]) -> _T:
+        """``attempt`` at the session as it is now, when ``precondition`` holds for it (``PreconditionFailed``,
+        naming the tag it is at or that it is absent, when it does not); ``attempt`` writes at the revision
+        read and gives None when it lost to a write since. Then the session is judged again as it is now, the
+        precondition too (a tag it was at no longer holds; ``*`` holds while the session exists, whatever its
+        chunks), at most MAX_ATTEMPTS times: then it is too busy (429)."""
+        for _ in range(MAX_ATTEMPTS):
+            current = await self._current_record(key)
+            tag = self._tag(*current) if current is not None else None
+            if not precondition.holds(tag):
+                raise PreconditionFailed(
+                    f"session {session_id_of(key)!r} is {'at entity tag ' + tag if tag else 'absent'}, which"
+                    f" {what} excludes; nothing was changed", session_id=session_id_of(key))
+            if (done := await attempt(current)) is not None:
+                return done
+        raise Overloaded(f"session {session_id_of(key)!r} changed {MAX_ATTEMPTS} times while it was being"
+                         f" {doing}; nothing was changed, retry", retry_after=1)
 
     def require_loaded(self, key: str, model_version: str, position: int | None = None) -> LoadedVersion:
         """The loaded version of this model with ``model_version``; ``StaleModel`` when none is: a state of
@@ -168,7 +170,7 @@ class SessionStates:
             raise refusal
         return written
 
-    async def _current_record(self, key: str) -> tuple[Session, np.ndarray | None] | None:
+    async def _current_record(self, key: str) -> _Current | None:
         """The record and its (S,) state; the state None where another model wrote it in another size (a
         replica of that model sharing the store, as in a rolling update): it is not this model's to read."""
         session = await self.store.peek(key)  # a read, no use: it keeps no session alive

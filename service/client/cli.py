@@ -8,10 +8,10 @@ progress bar and plot); export, import and fork a session's state:
     python -m service.client import --session pump-7 --file pump-7.state [--if-match ETAG]
     python -m service.client fork --session pump-7 --to pump-7-what-if
 
-Reading the CSV in place (a header told by its cells' shape, blank, non-finite or past-float32 rows refused by line), a
-predictions file written as the answers come, which a stream stopped in any way (Ctrl-C, SIGTERM, SIGHUP,
-SIGKILL) leaves whole and ``--resume`` extends (over the WebSocket a SIGKILL can leave up to ``--window``
-chunks without their answers: docs/interop.md).
+Reading the CSV in place (a header told by its cells' shape, blank, non-finite or past-float32 rows refused
+by line), a predictions file written as the answers come, which a stream stopped in any way (Ctrl-C, SIGTERM,
+SIGHUP, SIGKILL) leaves whole and ``--resume`` extends (over the WebSocket a SIGKILL can leave up to
+``--window`` chunks without their answers: docs/interop.md).
 """
 
 from __future__ import annotations
