@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from service.api.bodies import parse
 from service.api.deps import served_model
 from service.api.openapi import body_schema, problem_responses
-from service.api.preconditions import entity_tags
+from service.api.preconditions import entity_tags, header_parameter
 from service.api.v1 import SessionIdPath, describe, per_model
 from service.auth import TenantDep
 from service.config import Settings
@@ -65,10 +65,11 @@ _UNLESS_AT_DOC = "A 304 without the document while the session is at one of thes
     responses={200: {"description": "The state document", "content": _BINARY, "headers": _ETAG},
                304: {"description": "Not modified: the session is at a tag `If-None-Match` lists", "headers": _ETAG},
                **problem_responses(400, 404, 409, 422, 503)},
+    openapi_extra={"parameters": [header_parameter("if-none-match", _UNLESS_AT_DOC)]},
 )
 async def export_state(
     session_id: SessionIdPath, states: StatesDep, tenant: TenantDep,
-    if_none_match: Annotated[list[str] | None, Header(description=_UNLESS_AT_DOC)] = None,
+    if_none_match: Annotated[list[str] | None, Header(include_in_schema=False)] = None,  # every field line
 ) -> Response:
     unless = entity_tags(if_none_match, "If-None-Match", weak=True)  # a malformed list is a 400 before any work
     document = await states.export(session_key(tenant, session_id))
@@ -83,15 +84,17 @@ async def export_state(
     description="Creates (201) or replaces (200) the session with an exported document. A document of another"
                 " model version is a 409 `model-changed`; a damaged one a 422 `invalid-state`. Either way"
                 " nothing is changed.",
-    openapi_extra={"requestBody": {"required": True, "content": _BINARY}},
+    openapi_extra={"requestBody": {"required": True, "content": _BINARY},
+                   "parameters": [header_parameter("if-match", _IF_MATCH_DOC),
+                                  header_parameter("if-none-match", _IF_NONE_MATCH_DOC)]},
     responses={200: {"description": "Replaced", "headers": _ETAG},
                201: {"description": "Created", "model": SessionInfo, "headers": _ETAG},
                **problem_responses(400, 408, 409, 412, 413, 422, 429, 503)},
 )
 async def import_state(
     session_id: SessionIdPath, request: Request, response: Response, states: StatesDep, tenant: TenantDep,
-    if_match: Annotated[list[str] | None, Header(description=_IF_MATCH_DOC)] = None,  # every field line
-    if_none_match: Annotated[list[str] | None, Header(description=_IF_NONE_MATCH_DOC)] = None,
+    if_match: Annotated[list[str] | None, Header(include_in_schema=False)] = None,  # every field line
+    if_none_match: Annotated[list[str] | None, Header(include_in_schema=False)] = None,
 ) -> SessionInfo:
     precondition = Precondition(entity_tags(if_match, "If-Match", weak=False),
                                 entity_tags(if_none_match, "If-None-Match", weak=True))

@@ -23,7 +23,7 @@ from service.api.bodies import chunk_array, parse, parse_item, wrong_item_keys
 from service.api.deps import EngineDep, ModelDep, SettingsDep, model_path
 from service.api.extras import requested
 from service.api.openapi import body_schema, problem_responses
-from service.api.preconditions import entity_tags
+from service.api.preconditions import entity_tags, header_parameter
 from service.auth import TenantDep, is_admin
 from service.config import Settings
 from service.engine import Engine
@@ -201,12 +201,8 @@ async def reset_session(session_id: SessionIdPath, engine: EngineDep, tenant: Te
     return ResetResponse(session_id=session_id, position=0, created=created)
 
 
-# Described as what it is on the wire, a string (a field line; several are one list): as FastAPI's array of
-# every field line, the schema fuzzer counted a value it sent as an empty header invalid, though an empty
-# list is valid, and matches no session (412).
-_DELETE_IF_MATCH = {"name": "if-match", "in": "header", "required": False, "schema": {"type": "string"},
-                    "description": "Delete only the session at one of these entity tags (its state's `ETag`;"
-                                   " 412 otherwise, and when there is none); `*`: only if it exists"}
+_DELETE_IF_MATCH = header_parameter("if-match", "Delete only the session at one of these entity tags (its state's"
+                                    " `ETag`; 412 otherwise, and when there is none); `*`: only if it exists")
 
 
 @router.delete("/sessions/{session_id}", status_code=204, summary="Forget a session",
