@@ -22,7 +22,8 @@ theirs apart from the model:
   Every chunk has the same timeout, so their deadlines come in the order they were queued: one timer, for
   the oldest unanswered, serves them all (a timer and a done-callback per chunk were a measurable share of
   a short chunk's cost). A chunk whose caller left (its future cancelled: a stream closed before it was
-  answered) is dropped when a batch meets it, never computed.
+  answered) is dropped when a batch meets it, never computed; one past its deadline is refused there even
+  if the timer has not come to it (the timer waits on a chunk ahead being written).
 
 It knows no model and no store: a chunk's answer is whatever its consumer sets on its future.
 """
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -63,6 +65,7 @@ class Chunk:
     extras: Extras = NO_EXTRAS  # intervals and scores asked for
     future: asyncio.Future[bytes] = field(default_factory=_new_future)  # its answer (JSON bytes) or refusal
     enqueued: float = field(default_factory=time.perf_counter)
+    deadline: float = math.inf  # loop time by which it must be answered, set as it is queued
     # its batch is writing it to the store: its deadline waits for the write, which applies it or not
     committing: bool = False
     joined: tuple[Chunk, ...] = ()  # taken in a batch: the session's next chunks, run after this one
@@ -126,7 +129,7 @@ class BatchQueue:
         self._reserved = 0  # places handed out and not yet filled by ``put``
         self._asking: deque[asyncio.Future[None]] = deque()  # callers waiting for a place, oldest first
         self._closed = False
-        self._clocked: deque[tuple[float, Chunk]] = deque()  # (deadline in loop time, chunk), oldest first
+        self._clocked: deque[Chunk] = deque()  # by deadline, oldest first
         self._timer: asyncio.TimerHandle | None = None  # at the oldest deadline of ``_clocked``
 
     def __len__(self) -> int:
@@ -206,12 +209,13 @@ class BatchQueue:
     def _clock(self, chunk: Chunk) -> None:
         """Start ``chunk``'s clock; the answered chunks at the front stop being watched."""
         clocked = self._clocked
-        while clocked and clocked[0][1].future.done():
+        while clocked and clocked[0].future.done():
             clocked.popleft()
         loop = asyncio.get_running_loop()
-        clocked.append((loop.time() + self._timeout, chunk))
+        chunk.deadline = loop.time() + self._timeout
+        clocked.append(chunk)
         if self._timer is None:
-            self._timer = loop.call_at(clocked[0][0], self._expire_due)
+            self._timer = loop.call_at(clocked[0].deadline, self._expire_due)
 
     def _expire_due(self) -> None:
         """Expire every unanswered chunk whose time is up; the timer then waits for the next one."""
@@ -220,10 +224,10 @@ class BatchQueue:
         loop = asyncio.get_running_loop()
         now = loop.time() + _TIMER_SLACK
         while clocked:
-            deadline, chunk = clocked[0]
+            chunk = clocked[0]
             if not chunk.future.done():
-                if deadline > now:
-                    self._timer = loop.call_at(deadline, self._expire_due)
+                if chunk.deadline > now:
+                    self._timer = loop.call_at(chunk.deadline, self._expire_due)
                     return
                 if chunk.committing:  # answered when the write returns; expired after it if it goes back
                     self._timer = loop.call_at(now + _COMMIT_RECHECK, self._expire_due)
@@ -240,10 +244,14 @@ class BatchQueue:
         consumer (its future is done), so the client's next move never meets it later."""
         if chunk.future.done():
             return
-        self._metrics.rejected.labels(reason="timeout").inc()
         if chunk in self._waiting:
             self._waiting.remove(chunk)
             self._hand_out()
+        self._refuse_late(chunk)
+
+    def _refuse_late(self, chunk: Chunk) -> None:
+        """Tell ``chunk``'s caller its time is up (503), counted."""
+        self._metrics.rejected.labels(reason="timeout").inc()
         chunk.future.set_exception(TimedOut(
             f"the chunk was not computed within {self._timeout:g} s; retry with the same offset (a retry of an"
             " applied chunk returns its answer)", retry_after=1,
@@ -329,7 +337,10 @@ class BatchQueue:
         """Up to max_batch chunks of distinct sessions, oldest first, each with the chunks of its session that
         continue it within ``max_run_steps`` joined to it (``Chunk.joined``); the rest keep their order. A
         chunk already answered (cancelled by its caller, or timed out in another queue after a hand-over) is
-        dropped as it is met: computing it would only stretch its batch, and it could not apply."""
+        dropped as it is met: computing it would only stretch its batch, and it could not apply. So is one past
+        its deadline that the timer has not refused yet (it waits while a chunk ahead of it is being written),
+        refused here: computed, it would be refused during its batch and its result dropped."""
+        due = asyncio.get_running_loop().time() + _TIMER_SLACK
         batch: list[Chunk] = []
         runs: dict[str, tuple[Chunk, Chunk, int] | None] = {}  # key -> (first, last, steps); None: it ended
         growing = 0  # runs that may still take a chunk
@@ -338,6 +349,9 @@ class BatchQueue:
         while waiting and (len(batch) < self._max_batch or growing):
             chunk = waiting.popleft()
             if chunk.future.done():  # its caller left (a closed stream cancels its unanswered chunks): not run
+                continue
+            if chunk.deadline <= due:
+                self._refuse_late(chunk)
                 continue
             key = chunk.key
             if key is not None and key in runs:

@@ -176,6 +176,31 @@ def test_a_chunk_whose_deadline_passes_while_its_run_is_written_gets_the_write_s
     assert [orjson.loads(a)["position"] if isinstance(a, bytes) else a for a in answers] == [4, 8]
 
 
+def test_a_chunk_whose_deadline_passed_behind_a_write_is_refused_not_computed(tiny_model: Path) -> None:
+    """One timer watches the deadlines, and it waits for a chunk being written (its write may apply it): a
+    chunk queued behind that one and timed out meanwhile was still taken by the next batch, computed, then
+    refused (503) and its result dropped; under overload, compute spent on answers nobody reads."""
+    forecaster, _ = load_checkpoint(tiny_model, "cpu")
+    store = _SlowCommitStore(forecaster.state_size, torch.device("cpu"), max_sessions=100, ttl_seconds=600)
+    store.commit_delay = 0.5  # the first chunk's write ends 0.5 s in: past the second one's deadline (0.4 s)
+    engine = _engine(tiny_model, store, max_batch_delay_ms=0, request_timeout_seconds=0.3)
+
+    async def scenario() -> list[bytes | BaseException]:
+        await engine.start()
+        try:
+            written = engine.enqueue(session_key("t", "written"), series(3), 0, 0)
+            await asyncio.sleep(0.1)  # its batch is computing or writing
+            late = engine.enqueue(session_key("t", "late"), series(4096), 0, 0)
+            return await asyncio.gather(written, late, return_exceptions=True)
+        finally:
+            await engine.stop()
+
+    written, late = asyncio.run(scenario())
+    assert isinstance(written, bytes) and orjson.loads(written)["position"] == 3
+    assert isinstance(late, TimedOut), late
+    assert engine._steps._value.get() == 3  # the written chunk's steps alone
+
+
 class _FaultyGatherStore(_SlowCommitStore):
     """A slow-committing memory store on which gathering the state of session ``poisoned`` raises (as a device
     running out of memory would), once a commit has begun: the failing batch then fails while another
