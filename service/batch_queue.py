@@ -68,6 +68,7 @@ class Chunk:
     deadline: float = math.inf  # loop time by which it must be answered, set as it is queued
     # its batch is writing it to the store: its deadline waits for the write, which applies it or not
     committing: bool = False
+    counted: bool = False  # its wait and its place in a batch observed: once, whatever batches take it again
     joined: tuple[Chunk, ...] = ()  # taken in a batch: the session's next chunks, run after this one
     alone: bool = False  # never part of a run (its run's outputs were not finite: each chunk is judged alone)
 
@@ -298,14 +299,21 @@ class BatchQueue:
             await self._wake.wait()
         await self._fill()
         batch = self._take()
-        now = time.perf_counter()
-        count = 0
-        for first in batch:
-            for chunk in (first, *first.joined):
-                self._metrics.queue_wait.observe(now - chunk.enqueued)
-                count += 1
-        self._metrics.batch_size.observe(count)
+        self._observe(batch)
         return batch
+
+    def _observe(self, batch: list[Chunk]) -> None:
+        """Observe the wait of each chunk taken for the first time, and how many there are as the batch's
+        size: a chunk back from a batch (requeued, or handed over to another version's queue) was counted
+        there, and a batch that takes none (its chunks timed out while it filled) is not counted at all."""
+        fresh = [chunk for first in batch for chunk in (first, *first.joined) if not chunk.counted]
+        if not fresh:
+            return
+        now = time.perf_counter()
+        for chunk in fresh:
+            chunk.counted = True
+            self._metrics.queue_wait.observe(now - chunk.enqueued)
+        self._metrics.batch_size.observe(len(fresh))
 
     async def _fill(self) -> None:
         deadline = time.perf_counter() + self._delay

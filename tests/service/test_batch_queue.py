@@ -118,6 +118,23 @@ def test_a_chunk_not_taken_in_time_is_withdrawn_and_refused() -> None:
     assert metrics.rejected.labels(reason="timeout")._value.get() == 1
 
 
+def test_a_batch_left_empty_by_timeouts_while_it_filled_is_not_counted_as_one() -> None:
+    """The only chunk times out while its batch waits to fill: the batch takes nothing, and used to be
+    observed in gru_batch_size as a batch of no chunks."""
+    metrics = Metrics()
+
+    async def scenario() -> None:
+        queue = _queue(metrics, timeout_seconds=0.05, max_batch_delay_ms=200)
+        task = asyncio.ensure_future(queue.submit(_chunk("a")))
+        assert await queue.next_batch() == []
+        with pytest.raises(TimedOut):
+            await task
+
+    _run(scenario)
+    assert sum(bucket.get() for bucket in metrics.batch_size._buckets) == 0
+    assert sum(bucket.get() for bucket in metrics.queue_wait._buckets) == 0
+
+
 def test_a_chunk_timed_out_in_a_running_batch_keeps_its_refusal_when_settled_later() -> None:
     async def scenario() -> None:
         queue = _queue(timeout_seconds=0.05)

@@ -27,6 +27,7 @@ from service.sessions.base import session_key
 from service.sessions.memory import MemoryStore
 from tests.conftest import ServerFactory, make_tiny_model
 from tests.service.helpers import new_id, series, stateless
+from tests.service.test_model_lifecycle import metric
 
 KEY = session_key("t", "run")
 # (values, offset, horizon, extras): one session's chunks, queued together
@@ -205,3 +206,23 @@ def test_a_stream_s_pipelined_chunks_on_redis_run_together_and_match_a_stateless
         batches = [line for line in client.get("/metrics").text.splitlines() if line.startswith("gru_batch_size_")]
     count = next(float(line.split()[-1]) for line in batches if line.startswith("gru_batch_size_count"))
     assert count < 60
+
+
+def test_a_chunk_that_goes_back_to_the_queue_is_counted_once_in_the_batch_metrics(
+    server_factory: ServerFactory,
+) -> None:
+    """A stream's second chunk joins the run of its first (which has no offset, so the queue cannot tell),
+    and the engine sends it back to the queue when its offset turns out wrong: judged again alone, a 409.
+    Its wait and its place in a batch were observed once more when the next batch took it: two chunks
+    counted as three in gru_queue_wait_seconds and gru_batch_size."""
+    server = server_factory(GRU_MAX_BATCH_DELAY_MS="300")  # both frames are queued before a batch is taken
+    values = series(5, seed=3)
+    url = server.url.replace("http://", "ws://") + f"/v1/sessions/{new_id('back')}/stream"
+    with connect(url, open_timeout=30) as ws:
+        ws.send(orjson.dumps({"values": values[:3].tolist()}).decode())
+        ws.send(orjson.dumps({"values": values[3:].tolist(), "offset": 7}).decode())  # the run ends at 3
+        answers = [orjson.loads(ws.recv(timeout=60)) for _ in range(2)]
+    assert [answers[0]["position"], answers[1]["status"], answers[1]["position"]] == [3, 409, 3]
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        assert metric(client, "gru_queue_wait_seconds_count") == 2
+        assert metric(client, "gru_batch_size_sum") == 2
