@@ -6,7 +6,8 @@
 
 Every chunk is sent with the offset it starts at (the session's position as the last answer reported). So
 a network error or a 5xx/429 is retried with the same offset: if the server had applied the chunk, the
-retry gets the same answer back and nothing is applied twice (the README's offset rules). A 409 raises
+retry gets the same answer back and nothing is applied twice (the README's offset rules). A 408 is retried
+too, for every call: the service (or a proxy) had not received the whole request, so nothing was applied. A 409 raises
 ``OffsetConflict`` carrying the server's ``position`` (``session.resync()`` adopts it); an expired session
 raises ``SessionNotFound``. ``AsyncClient`` is the same with ``await``. ``client.stream_session(id)``
 streams over the session's WebSocket instead, pipelined (``service.client.stream``).
@@ -63,7 +64,8 @@ except ModuleNotFoundError as missing:
 if TYPE_CHECKING:
     from service.client.stream import AsyncStreamSession, StreamSession
 
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+# 408: the request's body did not arrive in time, so nothing was applied; safe to resend whatever the call.
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 # Errors after which the request may or may not have reached the server: safe to resend with the offset.
 RETRY_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 # The most of an answer either client reads: far past any the service gives (4,096 steps of 16 features with a
@@ -112,7 +114,7 @@ class PreconditionFailed(ServiceError):
 
 
 class Unavailable(ServiceError):
-    """Every attempt failed with a network error, a 5xx or a 429; the last failure is the ``__cause__``."""
+    """Every attempt failed with a network error, a 5xx, a 429 or a 408; the last failure is the ``__cause__``."""
 
 
 class BadAnswer(ServiceError):
@@ -440,7 +442,7 @@ class _Call:
 
 @dataclass
 class _Stats:
-    retries: int = 0  # resends after a network error, a 5xx or a 429
+    retries: int = 0  # resends after a network error or a ``RETRY_STATUSES`` answer
     failures: list[str] = field(default_factory=list)  # why, most recent last (capped)
 
     def note(self, why: str) -> None:
@@ -525,7 +527,7 @@ class _Tries:
         self.error = error
 
     def settled(self, response: httpx.Response) -> bool:
-        """Whether this answer is final (anything but a 5xx or a 429)."""
+        """Whether this answer is final (anything but a ``RETRY_STATUSES`` one)."""
         self.response = response
         return response.status_code not in RETRY_STATUSES
 
@@ -640,7 +642,7 @@ class Client(_Calls):
         self._http.close()
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        """One call, resent with the same body after network errors, 5xx and 429; the JSON answer or a
+        """One call, resent with the same body after network errors, 5xx, 429 and 408; the JSON answer or a
         ``ServiceError``. Only use it for calls that are safe to repeat (every call of this API is)."""
         return _answer(self.send(_Call(method, path, body)))
 

@@ -5,8 +5,8 @@
             ...
 
 Up to ``window`` chunks are sent before their answers arrive, each with the offset it starts at. When the
-connection drops (or a frame is refused with a 429 or a 5xx) the session reconnects with backoff and
-resends every chunk not yet answered, from the last acknowledged offset, no more at once than the new
+connection drops (or a frame or the upgrade is refused with a 408, a 429 or a 5xx) the session reconnects
+with backoff and resends every chunk not yet answered, from the last acknowledged offset, no more at once than the new
 connection's window takes (``Unavailable`` once ``retry.attempts`` tries in a row have had no answer): the
 service applies each once (the README's offset rules). A chunk the service had applied but whose answer was
 lost with the connection, and is not the last it applied, comes back as a 409 naming a position past it: its
@@ -66,7 +66,7 @@ class _Sent:
 
 
 class _Retryable(Exception):
-    """A problem frame that a resend may cure (429, 5xx)."""
+    """A problem frame that a resend may cure (408, 429, 5xx)."""
 
 
 class _Window:

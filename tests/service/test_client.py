@@ -42,7 +42,7 @@ from service.client import (
     Unavailable,
 )
 from service.client.cli import PredictionsFile, Rows, _earlier_end, read_csv
-from tests.conftest import Server
+from tests.conftest import Server, ServerFactory
 from tests.service.helpers import new_id, position, send, series, stateless
 from tests.service.proxy import LoopbackProxy
 
@@ -99,6 +99,43 @@ class DroppingProxy(LoopbackProxy):
             sock.close()
 
 
+class StallingProxy(LoopbackProxy):
+    """A loopback TCP proxy that can hold a body back: once armed, the next request's head is relayed and its
+    body is not, so the server, reading it, answers 408 once GRU_REQUEST_TIMEOUT_SECONDS pass (and closes the
+    connection); that answer is relayed. The server never had the whole request: nothing was applied."""
+
+    def __init__(self, target: str):
+        super().__init__(target)
+        self.armed = 0
+        self.start()
+
+    def _relay(self, downstream: socket.socket, upstream: socket.socket) -> None:
+        threading.Thread(target=self._requests, args=(downstream, upstream), daemon=True).start()
+        threading.Thread(target=self._answers, args=(upstream, downstream), daemon=True).start()
+
+    def _requests(self, source: socket.socket, sink: socket.socket) -> None:
+        stalled = False  # a head relayed without its body: the rest of what the client sends is dropped
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if stalled:
+                    continue
+                if self.armed and data.startswith(b"POST "):
+                    self.armed -= 1
+                    stalled = True
+                    data = data[: data.index(b"\r\n\r\n") + 4]  # the head only
+                sink.sendall(data)
+
+    @staticmethod
+    def _answers(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()
+
+
 @pytest.fixture
 def proxy(server: Server) -> Iterator[DroppingProxy]:
     running = DroppingProxy(server.url)
@@ -146,6 +183,31 @@ def test_retry_after_dropped_connection_applies_the_chunk_once(
     assert position(client, session.id) == 30  # applied twice would be 40
     got = first.predictions + second.predictions + third.predictions
     np.testing.assert_allclose(got, stateless(client, values)["predictions"], atol=1e-5)
+
+
+def test_a_408_for_a_body_held_back_is_retried_and_the_chunk_applied_once(
+    server_factory: ServerFactory, client: httpx.Client
+) -> None:
+    """A 408 (the body did not arrive within GRU_REQUEST_TIMEOUT_SECONDS: nothing was applied) raised a
+    ServiceError where a resend of the same call goes through: a chunk with its offset, and a stateless
+    call, which carries none."""
+    server = server_factory(GRU_REQUEST_TIMEOUT_SECONDS="0.5")
+    values = series(20, seed=26)
+    proxy = StallingProxy(server.url)
+    try:
+        with Client(proxy.url, retry=FAST) as api:
+            session = api.session(new_id("client"))
+            first = session.predict(values[:10])
+            proxy.armed = 1
+            second = session.predict(values[10:])
+            proxy.armed = 1
+            whole = api.predict(values)
+            assert api.stats.retries == 2 and api.stats.failures == ["HTTP 408"] * 2
+            assert session.position == 20 == api.session(session.id, resume=True).position
+    finally:
+        proxy.close()
+    np.testing.assert_allclose(first.predictions + second.predictions, whole.predictions, atol=1e-5)
+    np.testing.assert_allclose(whole.predictions, stateless(client, values)["predictions"], atol=1e-5)
 
 
 def test_async_retry_after_dropped_connection_applies_the_chunk_once(

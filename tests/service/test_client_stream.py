@@ -231,6 +231,30 @@ def test_a_problem_frame_the_stream_cannot_read_raises_a_service_error(first: st
             list(session.stream([[1.0]], chunk=1))
 
 
+def test_an_upgrade_answered_408_is_retried() -> None:
+    """A 408 (a proxy in front that did not get the whole upgrade request in time: nothing reached the service)
+    ended the stream with a ServiceError where the HTTP calls retry it."""
+    upgrades: list[int] = []
+
+    def refuse_first(connection: ServerConnection, request: object) -> Any:
+        upgrades.append(len(upgrades))
+        return connection.respond(408, "request timeout\n") if len(upgrades) == 1 else None
+
+    def handler(connection: ServerConnection) -> None:
+        for message in connection:
+            chunk = json.loads(message)
+            steps = len(chunk["values"])
+            connection.send(json.dumps({"session_id": "s", "position": chunk["offset"] + steps,
+                                        "predictions": [[0.0]] * steps, "model_version": "v"}))
+
+    with serve(handler, "127.0.0.1", 0, process_request=refuse_first) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.socket.getsockname()[1]}"
+        with Client(url, retry=FAST) as api, api.stream_session("s") as session:
+            assert [answer.position for answer in session.stream([[1.0]] * 4, chunk=2)] == [2, 4]
+    assert len(upgrades) == 2 and session.reconnects == 1
+
+
 def test_a_stream_sends_its_first_chunk_alone_until_an_answer_confirms_where_the_session_is() -> None:
     """A stream starting at 0 on a session the service has at 10 sent a window of chunks at once (offsets 0,
     5, 10, 15) and the one at 10 was applied on top of the session. Its first chunk now goes alone: the 409
