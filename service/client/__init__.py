@@ -691,12 +691,15 @@ class Client(_Calls):
                 session.resync()
         return session
 
-    def stream_session(self, session_id: str, *, window: int = 64, resume: bool = False) -> StreamSession:
+    def stream_session(self, session_id: str, *, window: int = 64, resume: bool = False,
+                       position: int = 0) -> StreamSession:
         """The session over its WebSocket, chunks pipelined ``window`` ahead (``service.client.stream``);
-        starting at 0, or, with ``resume``, where the server has it."""
+        starting at ``position`` (one a handle has read already: no second read to race a writer), or, with
+        ``resume``, where the server has it."""
         from service.client.stream import StreamSession  # websockets is loaded only by those who stream
 
-        position = self.session(session_id, resume=resume).position
+        if resume:
+            position = self.session(session_id, resume=True).position
         return StreamSession(str(self._http.base_url), self._api_key, session_id, position=position,
                              window=window, retry=self.retry, timeout=self._timeout,
                              max_answer_bytes=self._max_answer_bytes)
@@ -838,10 +841,12 @@ class AsyncClient(_Calls):
                 await session.resync()
         return session
 
-    async def stream_session(self, session_id: str, *, window: int = 64, resume: bool = False) -> AsyncStreamSession:
+    async def stream_session(self, session_id: str, *, window: int = 64, resume: bool = False,
+                             position: int = 0) -> AsyncStreamSession:
         from service.client.stream import AsyncStreamSession  # websockets is loaded only by those who stream
 
-        position = (await self.session(session_id, resume=resume)).position
+        if resume:
+            position = (await self.session(session_id, resume=True)).position
         return AsyncStreamSession(str(self._http.base_url), self._api_key, session_id, position=position,
                                   window=window, retry=self.retry, timeout=self._timeout,
                                   max_answer_bytes=self._max_answer_bytes)

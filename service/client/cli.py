@@ -372,11 +372,14 @@ def _over_http(client: Client, session: Session, rows: Sequence[Sequence[float]]
 def _over_ws(client: Client, session: Session, rows: Sequence[Sequence[float]],
              args: argparse.Namespace) -> Iterator[Prediction]:
     """Chunks pipelined over the session's WebSocket, from where ``session`` is (the service's position only
-    with ``--resume``: a plain run starts at 0, as over HTTP). An answer lost with a dropped connection (not
-    the last one) cannot be had again: the file stops before it, as one stopped by a refusal does."""
+    with ``--resume``: a plain run starts at 0, as over HTTP), which the rows start at: the position is not
+    read again, as a second read could find the session moved and send the rows at another offset. An answer
+    lost with a dropped connection (not the last one) cannot be had again: the file stops before it, as one
+    stopped by a refusal does."""
     if not len(rows):  # a resumed run that has nothing left to send
         return
-    with client.stream_session(session.id, window=args.window, resume=args.resume) as stream, _finishing(stream):
+    with client.stream_session(session.id, window=args.window, position=session.position) as stream, \
+            _finishing(stream):
         try:
             for answer in stream.stream(rows, args.chunk):
                 if stream.lost:

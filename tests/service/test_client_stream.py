@@ -328,6 +328,52 @@ def test_cli_streams_a_csv_over_the_websocket(server: Server, client: httpx.Clie
     np.testing.assert_allclose(predicted, stateless(client, sent)["predictions"], atol=1e-5)
 
 
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_streaming_session_starts_at_the_position_it_is_given(server: Server, client: httpx.Client,
+                                                                asynchronous: bool) -> None:
+    """``stream_session(id, position=...)`` goes on from a position already read (a handle's), not 0."""
+    values = series(20, seed=11)
+    session_id = new_id("at")
+    with Client(server.url, retry=FAST) as api:
+        handle = api.session(session_id)
+        handle.predict(values[:8])
+        if not asynchronous:
+            with api.stream_session(session_id, position=handle.position) as stream:
+                ends = [answer.position for answer in stream.stream(values[8:], chunk=6)]
+
+    async def run() -> list[int | None]:
+        async with AsyncClient(server.url, retry=FAST) as api, await api.stream_session(session_id, position=8) as at:
+            return [answer.position async for answer in at.stream(values[8:], chunk=6)]
+
+    if asynchronous:
+        ends = asyncio.run(run())
+    assert ends == [14, 20] and position(client, session_id) == 20
+
+
+def test_cli_resume_over_the_websocket_reads_the_session_s_position_once(server: Server, client: httpx.Client,
+                                                                         tmp_path: Path) -> None:
+    """--transport ws --resume read the position twice (for the file, then again for the stream): a session
+    moved between the two reads would have the stream send rows from where the first read put them at the
+    offset the second gave. It is read once: one GET of the session in the server's access log."""
+    values = series(60, seed=10)
+    path = tmp_path / "series.csv"
+    path.write_text("x\n" + "\n".join(f"{v:.6f}" for v in values[:, 0]) + "\n")
+    session_id = new_id("cli-ws-resume")
+    with Client(server.url, retry=FAST) as api:
+        api.session(session_id).predict(values[:40])
+    done = subprocess.run(
+        [sys.executable, "-m", "service.client", "stream", "--csv", str(path), "--session", session_id,
+         "--url", server.url, "--chunk", "7", "--transport", "ws", "--resume", "--quiet"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "20 steps from position 40 -> 60" in done.stderr
+    lines = [json.loads(line) for line in server.log().splitlines() if session_id in line]
+    reads = [line for line in lines if line.get("route") == "/v1/sessions/{session_id}"]
+    assert len(reads) == 1, reads
+    assert position(client, session_id) == 60
+
+
 def test_a_streaming_session_takes_answers_over_a_mebibyte_as_http_does(server_factory: ServerFactory,
                                                                          tmp_path: Path) -> None:
     """Intervals at four levels and scores make an answer about ten times its chunk: 4096 steps of three
