@@ -14,9 +14,10 @@ streams over the session's WebSocket instead, pipelined (``service.client.stream
 
 A session's state moves as one document: ``session.export_state()`` gives its bytes and ETag,
 ``other.import_state(state)`` creates or replaces a session with it (here or on another deployment), and
-``session.fork("what-if")`` copies it to a new id. Resent after a lost answer, a fork or an ``if_match``
-import meets what its first attempt did (409, 412); the client takes that as done when the session holds
-that very state, and raises otherwise.
+``session.fork("what-if")`` copies it to a new id, ``session.delete(if_match=state.etag)`` deletes it only at
+that state. Resent after a lost answer, a fork or an ``if_match`` import or delete meets what its first
+attempt did (409, 412); the client takes that as done when the session holds that very state (a delete:
+when no session is left), and raises otherwise.
 
 The command line that streams a CSV through a session is ``service.client.cli`` (``python -m service.client``).
 """
@@ -110,7 +111,7 @@ class SessionExists(ServiceError):
 
 
 class PreconditionFailed(ServiceError):
-    """412: the session changed since the ETag an import was conditioned on; nothing was changed."""
+    """412: the session changed since the ETag an import or a delete was conditioned on; nothing was changed."""
 
 
 class Unavailable(ServiceError):
@@ -590,6 +591,9 @@ class _SessionCalls:
         headers = {"Content-Type": "application/octet-stream", **({"If-Match": if_match} if if_match else {})}
         return _Call("PUT", f"{self._path}/state", content=document, headers=headers)
 
+    def _delete(self, if_match: str | None) -> _Call:
+        return _Call("DELETE", self._path, headers={"If-Match": if_match} if if_match else None)
+
     def _fork(self, to: str) -> _Call:
         return _Call("POST", f"{self._path}/fork", {"to": _check_id(to)})
 
@@ -735,10 +739,26 @@ class Session(_SessionCalls):
         self.client.request("POST", f"{self._path}/reset")
         self.position = 0
 
-    def delete(self) -> None:
-        with contextlib.suppress(SessionNotFound):  # a retried delete whose first try went through
-            self.client.request("DELETE", self._path)
+    def delete(self, if_match: str | None = None) -> None:
+        """Forget the session (one already gone is fine). ``if_match`` (an ETag): only while the session is at
+        that very state, else ``PreconditionFailed`` and nothing is deleted."""
+        resends = self.client.stats.retries
+        try:
+            self.client.send(self._delete(if_match))
+        except SessionNotFound:  # a retried delete whose first try went through
+            pass
+        except PreconditionFailed:  # resent after a lost answer, a conditional delete finds no session: ours
+            if self.client.stats.retries == resends or self._exists():
+                raise
         self.position = 0
+
+    def _exists(self) -> bool:
+        """Whether the service has the session now."""
+        try:
+            self.info()
+        except SessionNotFound:
+            return False
+        return True
 
     def export_state(self, unless: State | None = None) -> State:
         """The session's state document and its ETag; ``unless`` (an earlier export): that very object while
@@ -880,10 +900,23 @@ class AsyncSession(_SessionCalls):
         await self.client.request("POST", f"{self._path}/reset")
         self.position = 0
 
-    async def delete(self) -> None:
-        with contextlib.suppress(SessionNotFound):
-            await self.client.request("DELETE", self._path)
+    async def delete(self, if_match: str | None = None) -> None:
+        resends = self.client.stats.retries
+        try:
+            await self.client.send(self._delete(if_match))
+        except SessionNotFound:
+            pass
+        except PreconditionFailed:
+            if self.client.stats.retries == resends or await self._exists():
+                raise
         self.position = 0
+
+    async def _exists(self) -> bool:
+        try:
+            await self.info()
+        except SessionNotFound:
+            return False
+        return True
 
     async def export_state(self, unless: State | None = None) -> State:
         return self._exported(await self.client.send(self._export(unless)), unless)

@@ -50,7 +50,7 @@ FAST = Retry(attempts=4, backoff=0.01, max_delay=0.05)
 
 
 class DroppingProxy(LoopbackProxy):
-    """A loopback TCP proxy that can lose an answer: once armed, the next answer to a POST (or a PUT) is not
+    """A loopback TCP proxy that can lose an answer: once armed, the next answer to a POST (a PUT, a DELETE) is not
     relayed and the client's connection is closed. The server has answered, so the chunk was applied; the
     client only sees a dropped connection, exactly the case a retry with the same offset must survive."""
 
@@ -81,7 +81,7 @@ class DroppingProxy(LoopbackProxy):
         try:
             while data := source.recv(65536):
                 if not answers and data[:8].split(b" ")[0] in (b"GET", b"POST", b"DELETE", b"PUT", b"HEAD"):
-                    asked["post"] = data.startswith((b"POST ", b"PUT "))  # a new request (not more of a body)
+                    asked["post"] = data.startswith((b"POST ", b"PUT ", b"DELETE "))  # a new request, not a body
                 if answers:
                     with self._lock:
                         drop = self._armed > 0 and asked["post"]
@@ -307,6 +307,46 @@ def test_reset_and_delete(api: Client, client: httpx.Client) -> None:
     session.delete()
     session.delete()  # already gone: still fine
     assert client.get(f"/v1/sessions/{session.id}").status_code == 404
+
+
+def test_a_conditional_delete_deletes_only_the_session_at_its_tag(proxy: DroppingProxy,
+                                                                   client: httpx.Client) -> None:
+    """``delete(if_match=...)``: a stale ETag is PreconditionFailed and the session stays; the current one
+    deletes it, also when its answer is lost and the resend finds no session (412: no session has a tag)."""
+    with Client(proxy.url, retry=FAST) as api:
+        session = api.session(new_id("client"))
+        session.predict(series(5))
+        stale = session.export_state()
+        session.predict(series(2))
+        with pytest.raises(PreconditionFailed):
+            session.delete(if_match=stale.etag)
+        assert session.position == 7 == position(client, session.id)
+        session.delete(if_match=session.export_state().etag)
+        assert session.position == 0 and client.get(f"/v1/sessions/{session.id}").status_code == 404
+
+        lost = api.session(new_id("client"))
+        lost.predict(series(3))
+        proxy.arm()
+        lost.delete(if_match=lost.export_state().etag)
+        assert proxy.dropped == 1 and api.stats.retries == 1
+        assert client.get(f"/v1/sessions/{lost.id}").status_code == 404
+
+
+def test_async_conditional_delete_deletes_only_the_session_at_its_tag(server: Server, client: httpx.Client) -> None:
+    async def run(session_id: str) -> None:
+        async with AsyncClient(server.url, retry=FAST) as api:
+            session = await api.session(session_id)
+            await session.predict(series(4))
+            stale = await session.export_state()
+            await session.predict(series(1))
+            with pytest.raises(PreconditionFailed):
+                await session.delete(if_match=stale.etag)
+            assert position(client, session_id) == 5
+            await session.delete(if_match=(await session.export_state()).etag)
+
+    session_id = new_id("client")
+    asyncio.run(run(session_id))
+    assert client.get(f"/v1/sessions/{session_id}").status_code == 404
 
 
 def test_refusals_raise_with_the_problem_details(api: Client) -> None:
