@@ -5,7 +5,7 @@ Export reads the record and its state vector in one ``peek`` at the store, which
 no use of the session (a backup job's exports keep no session alive); import and fork write with the
 store's compare-and-set, so they take their place between a session's chunks like any chunk does: a chunk
 judged against the record an import replaced loses its commit and is judged again against the new one.
-A conditional delete (``If-Match``) deletes at the revision its tag was compared at, and no other.
+A conditional delete (``If-Match``, ``If-None-Match``) deletes at the revision its tag was compared at only.
 Preconditions (``If-Match``, ``If-None-Match``) compare entity tags computed from the whole document
 (``StateDocument.tag``), so they hold for a memory store whose revisions are a counter that starts again
 with the process. No HTTP here: the routes (``service.api.state``) parse and answer.
@@ -44,6 +44,17 @@ class Precondition:
         if self.if_match is not None and (current is None or not {"*", current} & set(self.if_match)):
             return False
         return self.if_none_match is None or current is None or not {"*", current} & set(self.if_none_match)
+
+    @property
+    def unconditional(self) -> bool:
+        """Neither header was sent: the request is unconditional."""
+        return self.if_match is None and self.if_none_match is None
+
+    def named(self) -> str:
+        """The headers sent, as a refusal names them ("If-Match", "If-None-Match" or both)."""
+        sent = [name for name, tags in (("If-Match", self.if_match), ("If-None-Match", self.if_none_match))
+                if tags is not None]
+        return " / ".join(sent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,15 +115,16 @@ class SessionStates:
                                            "replaced", write)
 
     async def delete(self, key: str, precondition: Precondition) -> None:
-        """Delete the session at ``key`` if the precondition (a DELETE's ``If-Match``) holds for it;
-        ``PreconditionFailed`` when it does not, as for an absent session: no tag matches one. The store
-        deletes only at the revision the tag was compared at."""
+        """Delete the session at ``key`` if the precondition (a DELETE's ``If-Match`` and ``If-None-Match``)
+        holds for it; ``PreconditionFailed`` when it does not, as for an absent session under If-Match: no
+        tag matches one. The store deletes only at the revision the tag was compared at."""
         async def delete(current: _Current | None) -> bool | None:
-            if current is None:  # a precondition without If-Match holds for none: nothing to delete (404)
+            if current is None:  # no If-Match to fail for no session (If-None-Match holds): nothing to delete
                 raise UnknownSession.gone(session_id_of(key))
             return await self.store.delete(key, current[0].revision) or None
 
-        await self._compare_and_set(key, precondition, "the If-Match of this delete", "deleted", delete)
+        await self._compare_and_set(key, precondition, f"the {precondition.named()} of this delete", "deleted",
+                                    delete)
 
     async def _compare_and_set(self, key: str, precondition: Precondition, what: str, doing: str,
                                attempt: Callable[[_Current | None], Awaitable[_T | None]]) -> _T:

@@ -203,24 +203,31 @@ async def reset_session(session_id: SessionIdPath, engine: EngineDep, tenant: Te
 
 _DELETE_IF_MATCH = header_parameter("if-match", "Delete only the session at one of these entity tags (its state's"
                                     " `ETag`; 412 otherwise, and when there is none); `*`: only if it exists")
+_DELETE_IF_NONE_MATCH = header_parameter("if-none-match", "Delete the session only if it is at none of these entity"
+                                         " tags (compared weakly; 412 otherwise); `*`: 412 whenever it exists")
 
 
 @router.delete("/sessions/{session_id}", status_code=204, summary="Forget a session",
                description="With `If-Match`, only while the session is at a listed entity tag (compared strongly,"
-                           " as an import's): else 412 `precondition-failed`, and nothing is changed.",
-               openapi_extra={"parameters": [_DELETE_IF_MATCH]},
+                           " as an import's); with `If-None-Match`, only while it is at none (compared weakly):"
+                           " else 412 `precondition-failed`, and nothing is changed.",
+               openapi_extra={"parameters": [_DELETE_IF_MATCH, _DELETE_IF_NONE_MATCH]},
                responses=problem_responses(400, 404, 412, 422, 429, 503))
 async def delete_session(
     session_id: SessionIdPath, model: ModelDep, tenant: TenantDep,
     if_match: Annotated[list[str] | None, Header(include_in_schema=False)] = None,  # every field line
+    if_none_match: Annotated[list[str] | None, Header(include_in_schema=False)] = None,
 ) -> Response:
-    """Without If-Match: 204, or 404 for no session. With it (RFC 9110 13.1.1), the session state API's
-    judgement (``SessionStates.delete``): its tags, its 412, and a delete at the revision compared only."""
-    key, tags = session_key(tenant, session_id), entity_tags(if_match, "If-Match", weak=False)
-    if tags is None:
+    """Without a precondition: 204, or 404 for no session. With If-Match or If-None-Match (RFC 9110 13.1.1,
+    13.1.2, in the order of 13.2.2), the session state API's judgement (``SessionStates.delete``): its tags,
+    its 412, and a delete at the revision compared only."""
+    key = session_key(tenant, session_id)
+    precondition = Precondition(entity_tags(if_match, "If-Match", weak=False),
+                                entity_tags(if_none_match, "If-None-Match", weak=True))
+    if precondition.unconditional:
         await model.engine.delete(key)
     else:
-        await SessionStates(model).delete(key, Precondition(if_match=tags))
+        await SessionStates(model).delete(key, precondition)
     return Response(status_code=204)
 
 

@@ -546,14 +546,47 @@ def test_a_delete_with_a_listed_tag_or_star_deletes_and_any_if_match_of_an_absen
     assert_problem(_delete(client, path(listed)), 404)  # without one, as before
 
 
-def test_a_delete_with_a_malformed_if_match_is_400_and_keeps_the_session(client: httpx.Client) -> None:
+def test_a_delete_with_a_malformed_if_match_or_if_none_match_is_400_and_keeps_the_session(
+    client: httpx.Client,
+) -> None:
     session = new_id("malformed-del")
     _fed(client, session, series(5, seed=58), [5])
     before = _exported(client, session)
-    for malformed in ("not-a-tag", '"a" "b"', '*, "a"', "," + " " * 40_000 + "x"):
-        problem = assert_problem(_delete(client, f"/v1/sessions/{session}", ("If-Match", malformed)), 400)
-        assert problem["type"].endswith("/invalid-precondition")
+    for header in ("If-Match", "If-None-Match"):
+        for malformed in ("not-a-tag", '"a" "b"', '*, "a"', "," + " " * 40_000 + "x"):
+            problem = assert_problem(_delete(client, f"/v1/sessions/{session}", (header, malformed)), 400)
+            assert problem["type"].endswith("/invalid-precondition") and header in problem["detail"]
     assert _exported(client, session) == before
+
+
+def test_a_delete_with_if_none_match_is_412_while_the_session_is_at_a_listed_tag(each_store: Server) -> None:
+    """RFC 9110 13.1.2: for a DELETE, If-None-Match is false (412, nothing changed) while the session exists
+    and it lists `*` or the session's tag (compared weakly); DELETE ignored it and deleted the session (204).
+    It is evaluated after If-Match (13.2.2). A tag the session has left holds; with no session a delete has
+    nothing to delete (404), unless an If-Match fails first (412). The same on the per-model route."""
+    values = series(11, seed=63)
+    with httpx.Client(base_url=each_store.url, timeout=30) as http:
+        model = http.get("/v1/model").json()["name"]
+        for path in ("/v1/sessions/{}", f"/v1/models/{model}/sessions/{{}}"):
+            session = new_id("unless-del")
+            url = path.format(session)
+            _fed(http, session, values, [8])
+            _, left = _exported(http, session)
+            assert send(http, session, values[8:], offset=8).status_code == 200
+            now = _exported(http, session)
+
+            for condition in ("*", now[1], f"W/{now[1]}", f'"elsewhere", {left}, {now[1]}'):
+                problem = assert_problem(_delete(http, url, ("If-None-Match", condition)), 412)
+                assert problem["type"].endswith("/precondition-failed") and problem["session_id"] == session
+                assert now[1] in problem["detail"] and "If-None-Match" in problem["detail"], problem
+            assert_problem(_delete(http, url, ("If-Match", now[1]), ("If-None-Match", now[1])), 412)
+            assert position(http, session) == 11 and _exported(http, session) == now
+
+            assert _delete(http, url, ("If-Match", now[1]), ("If-None-Match", left)).status_code == 204
+            assert_problem(http.get(f"/v1/sessions/{session}"), 404)
+            assert_problem(_delete(http, url, ("If-None-Match", "*")), 404)
+            problem = assert_problem(_delete(http, url, ("If-Match", "*"), ("If-None-Match", "*")), 412)
+            assert "absent" in problem["detail"]
 
 
 def test_a_delete_without_if_match_answers_as_before(client: httpx.Client) -> None:
@@ -577,11 +610,13 @@ def test_a_conditional_delete_racing_a_chunk_never_deletes_another_revision(in_p
     """The tag is compared on a read and the delete is a second step, which a chunk can come between (another
     replica's, on Redis). The delete happens only at the revision compared; else the precondition is judged
     again against the session as it is now: a tag it left is a 412 and the session stays at the chunk's
-    position; `*`, which holds while the session exists, deletes the session the chunk left."""
+    position; `*`, which holds while the session exists, deletes the session the chunk left; an If-None-Match
+    of the tag the chunk moves it to, which held at the read, is a 412 and the session stays."""
     registry, chunks = in_process, series(8, seed=60).reshape(2, 4, 1)
 
-    async def racing(model: ServedModel, key: str, star: bool) -> Any:
-        """A conditional delete of ``key`` (at its tag, or ``*``) that a chunk overtakes: what it left."""
+    async def racing(model: ServedModel, key: str, condition: Callable[[str, list[str]], Precondition]) -> Any:
+        """A conditional delete of ``key`` that a chunk overtakes: what it left. ``condition`` is built from the
+        tag compared and the list the chunk adds its tag to."""
         states, store = SessionStates(model), model.store
         delete, tags = store.delete, []
         await model.engine.predict(key, chunks[0], 0, 0)
@@ -595,7 +630,7 @@ def test_a_conditional_delete_racing_a_chunk_never_deletes_another_revision(in_p
 
         store.delete = a_chunk_first  # type: ignore[method-assign]
         try:
-            await states.delete(key, Precondition(if_match=["*" if star else compared]))
+            await states.delete(key, condition(compared, tags))
         except PreconditionFailedRefusal as refused:
             assert tags[0] in refused.detail and "nothing was changed" in refused.detail
             return "412", (await store.get(key)).position  # type: ignore[union-attr]
@@ -607,11 +642,13 @@ def test_a_conditional_delete_racing_a_chunk_never_deletes_another_revision(in_p
         await registry.start()
         try:
             model = registry.models["m"]
-            return [await racing(model, "t/stale", star=False), await racing(model, "t/star", star=True)]
+            return [await racing(model, "t/stale", lambda compared, _: Precondition(if_match=[compared])),
+                    await racing(model, "t/star", lambda *_: Precondition(if_match=["*"])),
+                    await racing(model, "t/unless", lambda _, moved: Precondition(if_none_match=moved))]
         finally:
             await registry.stop()
 
-    assert asyncio.run(scenario()) == [("412", 8), ("deleted", None)]
+    assert asyncio.run(scenario()) == [("412", 8), ("deleted", None), ("412", 8)]
 
 
 def test_a_conditional_delete_of_a_session_that_never_stops_moving_is_refused_429(in_process: Registry) -> None:
@@ -738,11 +775,12 @@ def test_openapi_describes_the_binary_bodies(client: httpx.Client) -> None:
         "$ref": "#/components/schemas/ForkRequest"}
 
 
-def test_openapi_documents_if_match_and_412_on_a_delete(client: httpx.Client) -> None:
+def test_openapi_documents_if_match_if_none_match_and_412_on_a_delete(client: httpx.Client) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     for path in ("/v1/sessions/{session_id}", "/v1/models/{model}/sessions/{session_id}"):
         delete = paths[path]["delete"]
-        assert "if-match" in {p["name"] for p in delete["parameters"] if p["in"] == "header"}, path
+        headers = {p["name"] for p in delete["parameters"] if p["in"] == "header"}
+        assert {"if-match", "if-none-match"} <= headers, path
         assert {"204", "400", "404", "412", "429"} <= set(delete["responses"]), path
 
 
