@@ -270,20 +270,22 @@ async def infer_version(
     return await _infer(request, model_name, model_version, settings, tenant)
 
 
-# OPTIONS and TRACE too: were they left to Starlette's 405, its Allow would list this route's methods, as it
-# matches every path (a 405 on /v2/health/live naming five methods, of which four are 404s).
-@router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE"],
-                  include_in_schema=False)
-async def unknown(path: str, request: Request) -> Response:
+async def unknown(request: Request) -> Response:
     """Anything else under /v2 (model config, statistics, shared memory): not served; a served path with
     another method, the repository extension's included, is a 405 (this route would otherwise take it,
     matching every path)."""
-    here = route_path(request.scope)
+    here, path = route_path(request.scope), request.path_params["path"]
     served = [route for route in (*router.routes, *repository.router.routes) if isinstance(route, APIRoute)
-              and route.endpoint is not unknown and route.path_regex.match(here)]
+              and route.path_regex.match(here)]
     allowed = sorted({method for route in served for method in route.methods or ()})
     if allowed:
         raise v2_problem(405, f"{request.method} is not allowed on /v2/{path}; use {' or '.join(allowed)}",
                          kind="method-not-allowed", headers={"Allow": ", ".join(allowed)})
     raise v2_problem(404, f"{request.method} /v2/{path} is not served here; this server implements the v2"
                      " health, metadata and infer endpoints", kind="not-found")
+
+
+# Every method (a Starlette route with an empty list of methods takes any): a method it did not list was left
+# to Starlette's 405, whose Allow named this route's methods, as it matches every path (PROPFIND on
+# /v2/health/live: "GET, POST, PUT, PATCH, DELETE"; on an unserved path a 405, where other methods get 404).
+router.add_route(f"{router.prefix}/{{path:path}}", unknown, methods=[], include_in_schema=False)

@@ -26,7 +26,7 @@ from service.api.v2_codec import parse_infer
 from service.http_fields import decode_body
 from service.problems import Problem
 from tests.conftest import Server, ServerFactory
-from tests.service.helpers import PROBLEM_JSON, new_id, position, series, stateless
+from tests.service.helpers import PROBLEM_JSON, assert_problem, new_id, position, series, stateless
 
 HEADER = "Inference-Header-Content-Length"
 
@@ -137,6 +137,22 @@ def test_served_path_with_another_method_is_405_naming_the_methods(client: httpx
     index = client.delete("/v2/repository/index")  # the repository extension is served too
     assert _assert_v2_error(index, 405) and index.headers["allow"] == "POST"
     _assert_v2_error(client.put("/v2/repository/nothing"), 404)
+
+
+@pytest.mark.parametrize("method", ["PROPFIND", "MKCOL", "QUERY", "PURGE"])
+def test_a_method_no_route_takes_is_answered_as_v1_answers_it(client: httpx.Client, model: dict[str, Any],
+                                                               method: str) -> None:
+    """RFC 9110 15.5.6: a 405's Allow lists the methods the resource takes. For a method outside the catch-all's
+    own list, /v2 left the 405 to Starlette, whose Allow listed the catch-all's five methods (GET, POST, PUT,
+    PATCH, DELETE on /v2/health/live, which takes GET), and an unserved path was a 405 instead of v1's 404."""
+    assert client.request(method, "/v1/model").headers["allow"] == "GET"  # what v1 answers
+    assert_problem(client.request(method, "/v1/not-served"), 404)
+    for path, allowed in (("/v2/health/live", "GET"), (f"/v2/models/{model['name']}/infer", "POST"),
+                          ("/v2/repository/index", "POST")):
+        wrong = client.request(method, path)
+        assert _assert_v2_error(wrong, 405)["detail"] == f"{method} is not allowed on {path}; use {allowed}"
+        assert wrong.headers["allow"] == allowed
+    _assert_v2_error(client.request(method, "/v2/not/served"), 404)
 
 
 # -- sequences ---------------------------------------------------------------------------------------
