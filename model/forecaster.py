@@ -157,8 +157,9 @@ class Forecaster(nn.Module):
         session answer as no series could have it answer. Checked: what the updates bound (a GRU's hidden
         values within ±1, being mixes of tanh outputs; the calibration's log-scales and log level within
         ±LOG_SCALE_LIMIT, past which an interval passes float32's range), and what the position decides (at
-        0 the initial state; after that ``seen`` is 1, and the count of values seen is a whole number no larger
-        than the position, nor than K + 1)."""
+        0 the initial state; after that ``seen`` is 1, below K steps the window's values before the first one
+        seen are that value, as ``predict`` fills a new series' window with it, and the count of values seen is
+        a whole number no larger than the position, nor than K + 1)."""
         cfg = self.config
         if position == 0:
             return None if not state.any() else "it is not the initial state (all zeros), at position 0"
@@ -170,6 +171,12 @@ class Forecaster(nn.Module):
                 return f"its hidden values reach {largest:.6g}, beyond the ±1 of a GRU's"
         if state[seen_at] != 1:
             return f"its seen flag is {state[seen_at]:.6g} at position {position}, where any value seen sets it to 1"
+        if position < cfg.lags:
+            window = state[hidden_end:seen_at].reshape(cfg.lags, cfg.num_features)  # (K, F), oldest first
+            first = cfg.lags - position  # the row of the first value seen
+            if (window[:first] != window[first]).any():
+                return (f"its window's {first} values before the first value seen differ from it at position"
+                        f" {position}, where a series' first value fills them")
         if not self._tail_size:
             return None
         count = float(state[seen_at + 1])

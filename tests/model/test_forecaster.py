@@ -154,3 +154,27 @@ def test_primed_state_sees_the_prior_values_as_streaming_them_would() -> None:
         streamed = forecaster.predict(series, forecaster.initial_state(2))[0][:, 3:]
         primed = forecaster.predict(x, forecaster.primed_state(prior))[0]
     torch.testing.assert_close(primed, streamed, atol=1e-5, rtol=0)
+
+
+def test_every_state_chunks_write_is_reachable_and_a_window_refilled_below_k_is_not() -> None:
+    """``unreachable`` refuses only states no series writes: chunks of unequal lengths in one batch leave every
+    position's state accepted; below K steps the window's values before the first one seen repeat it (a new
+    series' window is filled with it), so another value there, in any feature, is refused."""
+    forecaster = make_forecaster(lags=4)
+    lengths, x = [6, 3, 1], torch.randn(3, 6, 2).cumsum(1)
+    hidden = forecaster.config.num_layers * forecaster.config.hidden_size
+    with torch.no_grad():
+        state, positions = forecaster.initial_state(3), [0, 0, 0]
+        for steps in (2, 4):  # each row's next `steps` values, as far as it goes (unequal, longest first)
+            chunk = [min(steps, length - at) for length, at in zip(lengths, positions, strict=True)]
+            live = [row for row, size in enumerate(chunk) if size]
+            values = torch.stack([x[row, positions[row] : positions[row] + max(chunk)] for row in live])
+            state[live] = forecaster.predict(values, state[live], lengths=[chunk[row] for row in live])[1]
+            positions = [at + size for at, size in zip(positions, chunk, strict=True)]
+            for row in live:
+                assert forecaster.unreachable(state[row].numpy(), positions[row]) is None, (row, positions[row])
+    assert positions == lengths
+    for row, feature in ((1, 0), (2, 1)):  # positions 3 and 1, below K = 4
+        damaged = state[row].numpy().copy()
+        damaged[hidden + feature] += 1.0  # the oldest window value of one feature
+        assert "first value seen" in (forecaster.unreachable(damaged, positions[row]) or "")

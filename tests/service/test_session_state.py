@@ -318,6 +318,27 @@ def test_an_imported_state_no_history_reaches_is_a_422_and_changes_nothing(serve
             assert copy.status_code == 201, copy.text
 
 
+def test_an_imported_window_not_filled_with_its_first_value_below_k_steps_is_a_422(client: httpx.Client) -> None:
+    """Below K steps the window holds, before the first value seen, that value again: a new series' window is
+    filled with it (its first difference is 0), and later chunks only shift it. Imported with another value
+    there, such a state was accepted (201), and its next chunk went on from a difference no series has: 422,
+    nothing changed. At K steps every value in the window was seen, and any values import."""
+    session, full, values = new_id("below-k"), new_id("at-k"), series(4, seed=64)
+    _fed(client, session, values, [1, 1])
+    raw, tag = _exported(client, session)
+    window = _state_of(raw)[HIDDEN:SEEN]  # K = 4 at position 2: the first value three times, then the second
+    np.testing.assert_array_equal(window, values[[0, 0, 0, 1], 0])
+    for at, value in ((HIDDEN, window[2] + 0.25), (HIDDEN + 1, 0.0), (slice(HIDDEN, HIDDEN + 2), -1.0)):
+        damaged = _with(raw, at, value)
+        problem = assert_problem(_put(client, session, damaged), 422)
+        assert problem["type"].endswith("/invalid-state") and "first value" in problem["detail"], problem
+        assert_problem(_put(client, new_id("absent"), damaged), 422)
+    assert _exported(client, session) == (raw, tag)
+
+    _fed(client, full, values, [4])
+    assert _put(client, new_id("copy"), _with(_exported(client, full)[0], HIDDEN, 9.0)).status_code == 201
+
+
 def test_a_document_of_another_model_version_is_409_model_changed(
     client: httpx.Client, server_factory: ServerFactory, tmp_path: Path
 ) -> None:
