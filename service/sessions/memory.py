@@ -15,7 +15,8 @@ The marks ended v2 sequences leave (``end``) are kept apart, oldest first, for t
 bounds of their own as large as the sessions' (``max_sessions`` marks, ``max_answer_bytes`` of their answers):
 they hold no state, and a mark dropped early costs only a final chunk's resend its answer (a 404 instead).
 Under a tenant bound the marks have the same per tenant: a tenant ending sequences fast drops its own oldest
-marks, never another tenant's.
+marks, never another tenant's. Snapshots carry the marks with the time of their end, so a graceful restart
+neither forgets them nor extends their TTL.
 Every mutation of the records happens on the event loop; ``gather`` may run on the engine's compute thread and
 only reads.
 """
@@ -34,6 +35,7 @@ from torch import Tensor
 from service.sessions.base import Ended, Revision, Session, Write, tenant_of_key
 
 EvictionHook = Callable[[str, int], None]  # (reason, count)
+EndedMark = tuple[str, float, Ended]  # (key, when its sequence ended, the mark)
 # The most the store allocates before its first session: 1,024 rows of a state of a few hundred floats, but
 # only a handful of a state of a million (a checkpoint with huge lags), which would otherwise be gigabytes at
 # load; the tensor doubles as sessions arrive either way.
@@ -278,11 +280,16 @@ class MemoryStore:
         if current is None or current.revision != revision:
             return False
         self._drop(key)
+        self._mark(key, now, Ended(current.fingerprint, current.answer))
+        return True
+
+    def _mark(self, key: str, when: float, mark: Ended) -> None:
+        """Keep ``mark`` as ``key``'s newest, ended at ``when``; the oldest marks go past the bounds."""
         if key in self._ended:
             self._forget_ended(key)
-        self._ended[key] = (now, Ended(current.fingerprint, current.answer))
-        self._ended_bytes += len(current.answer)
-        _count(self._ended_tenants, key, len(current.answer))
+        self._ended[key] = (when, mark)
+        self._ended_bytes += len(mark.answer)
+        _count(self._ended_tenants, key, len(mark.answer))
         if self._ended_tenants is not None:  # the tenant's own oldest marks first, down to this one
             tenant = self._ended_tenants[tenant_of_key(key)]
             while len(tenant.keys) > 1 and (
@@ -293,7 +300,6 @@ class MemoryStore:
         while len(self._ended) > self.max_sessions or (
                 self.max_answer_bytes is not None and self._ended_bytes > self.max_answer_bytes):
             self._forget_ended(next(iter(self._ended)))
-        return True
 
     async def ended(self, key: str) -> Ended | None:
         mark = self._ended.get(key)
@@ -325,9 +331,18 @@ class MemoryStore:
         """Live records, least recently used first (for snapshots)."""
         return list(self._records.values())
 
-    def restore(self, sessions: Sequence[Session], rows: Sequence[int], states: Tensor) -> None:
+    def ended_marks(self) -> list[EndedMark]:
+        """The marks of ended sequences still within their TTL, oldest first, with when each ended (for
+        snapshots)."""
+        now = self._clock()
+        return [(key, when, mark) for key, (when, mark) in self._ended.items() if now - when <= self.ttl_seconds]
+
+    def restore(self, sessions: Sequence[Session], rows: Sequence[int], states: Tensor,
+                ended: Sequence[EndedMark] = ()) -> None:
         """Put back records read from a snapshot, least recently used first; ``rows[i]`` is session i's row
-        of ``states`` (-1: the fresh state). Revisions are new; the states are copied in one call."""
+        of ``states`` (-1: the fresh state). Revisions are new; the states are copied in one call. ``ended``:
+        the marks of ended sequences, oldest first, each with the time of its end, so its TTL still counts
+        from there; kept within the marks' bounds as ``end`` keeps them (the newest stay)."""
         slot_rows: dict[int, int] = {}  # a slot freed by an eviction here and reused: the later row wins
         for session, row in zip(sessions, rows, strict=True):
             self._make_room(session.key)
@@ -342,6 +357,8 @@ class MemoryStore:
         if slot_rows:
             self._slots.write(list(slot_rows), states[torch.tensor(list(slot_rows.values()), device=states.device)])
         self._trim_answers(None)  # a snapshot from a larger budget: its oldest go
+        for key, when, mark in ended:
+            self._mark(key, when, mark)
 
     async def version_counts(self, tenant: str | None = None) -> dict[str, int]:
         now = self._clock()

@@ -1,20 +1,26 @@
 """Snapshots of the memory store, so a graceful restart (a deploy) loses no acknowledged chunk.
 
-One safetensors file, written atomically (temporary file, fsync, rename), holding three tensors:
+One safetensors file, written atomically (temporary file, fsync, rename), holding these tensors:
 
     states    (N, S) float32   the state rows of the sessions that have one
     answers   (A,)   uint8     every session's last answer, concatenated
     index     (J,)   uint8     UTF-8 JSON: one entry per session, least recently used first
     seen      (J,)   float64   when each session was last reached (a chunk answered 409 or as an exact retry
                                refreshes its TTL without writing it); older snapshots lack it: 0, never
+    ended     (E,)   uint8     UTF-8 JSON: the marks ended v2 sequences left, oldest first (older snapshots
+                               lack it: none)
+    ended_answers (B,) uint8   their answers, concatenated
 
 and in the header metadata the format, the model version, S and the model's name (``snapshot_model``; a file
 of an earlier release names none, and a reader ignores the keys it does not know). An index entry is
 ``[key, position, model_version, created_at, updated_at, last_offset, fingerprint (hex), answer start,
-answer length, state row (-1: fresh state)]``. The index is a tensor, not header metadata, because
-safetensors caps its header (100 MB) and a full store's index can outgrow it. ``seen`` is a tensor of its
-own, not an eleventh index field, so that a reader without it (a roll-back) still reads the file, and this
-one reads theirs.
+answer length, state row (-1: fresh state)]``; an ``ended`` entry is ``[key, when it ended, fingerprint (hex),
+answer start, answer length]``, the time kept so that a mark's TTL counts from its end across a restart
+(without the marks, the exact resend of a sequence's final chunk was a 404 after one). The index is a
+tensor, not header metadata, because safetensors caps its header (100 MB) and a full store's index can
+outgrow it. ``seen`` is a tensor of its own, not an eleventh index field, so that a reader without it (a
+roll-back) still reads the file, and this one reads theirs; the marks' tensors likewise (a roll-back reads
+the sessions and loses the marks).
 
 Written on shutdown after the engine has drained (every answered chunk is in the store) and every
 ``GRU_SNAPSHOT_INTERVAL_SECONDS``; read once at start, before the first request. A file that cannot be read,
@@ -39,6 +45,7 @@ import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 import torch
@@ -48,8 +55,8 @@ from torch import Tensor
 
 from service.config import Settings
 from service.metrics import Metrics
-from service.sessions.base import Session, SessionStore, is_unix_time
-from service.sessions.memory import MemoryStore
+from service.sessions.base import Ended, Session, SessionStore, is_unix_time
+from service.sessions.memory import EndedMark, MemoryStore
 
 log = logging.getLogger("service.snapshot")
 FORMAT = "gru-session-snapshot/1"
@@ -65,6 +72,7 @@ class _Incompatible(Exception):
 class _Captured:
     records: list[tuple[str, int, str, float, float, float, int, bytes, bytes, int | None]]  # the fields, slot last
     states: Tensor  # (capacity + 1, S): a copy of the store's whole state tensor, on its device
+    ended: list[EndedMark]  # the ended sequences' marks, oldest first
     model_version: str
     model: str | None  # the model's name, for the header
 
@@ -77,7 +85,7 @@ def capture(store: MemoryStore, model_version: str, model: str | None = None) ->
     """
     records = [(s.key, s.position, s.model_version, s.created_at, s.updated_at, s.seen_at, s.last_offset,
                 s.fingerprint, s.answer, s.handle) for s in store.records()]
-    return _Captured(records, store.states.clone(), model_version, model)
+    return _Captured(records, store.states.clone(), store.ended_marks(), model_version, model)
 
 
 def _write(captured: _Captured, path: Path) -> None:
@@ -99,6 +107,7 @@ def _write(captured: _Captured, path: Path) -> None:
         "answers": _bytes_tensor(bytearray().join(r[8] for r in captured.records)),
         "index": _bytes_tensor(bytearray(orjson.dumps(entries))),
         "seen": torch.tensor([r[5] for r in captured.records], dtype=torch.float64),  # (J,)
+        **_ended_tensors(captured.ended),
     }
     metadata = {"format": FORMAT, "model_version": captured.model_version,
                 "state_size": str(states.size(1)), "sessions": str(len(entries))}
@@ -125,6 +134,34 @@ def _write(captured: _Captured, path: Path) -> None:
             os.close(directory)
 
 
+def _ended_tensors(marks: list[EndedMark]) -> dict[str, Tensor]:
+    """The ``ended`` index and ``ended_answers`` of the marks ``marks``, oldest first."""
+    entries: list[list[object]] = []
+    start = 0
+    for key, when, mark in marks:
+        entries.append([key, when, mark.fingerprint.hex(), start, len(mark.answer)])
+        start += len(mark.answer)
+    return {"ended": _bytes_tensor(bytearray(orjson.dumps(entries))),
+            "ended_answers": _bytes_tensor(bytearray().join(mark.answer for _, _, mark in marks))}
+
+
+def _read_ended(file: Any, latest: float) -> list[EndedMark]:
+    """The marks of the open snapshot ``file`` (none in a file written before they were kept), each ended at a
+    unix time no later than ``latest``: one far ahead would outlive its TTL by as much."""
+    if "ended" not in file.keys():  # noqa: SIM118
+        return []
+    answers = file.get_tensor("ended_answers").numpy().tobytes()
+    marks: list[EndedMark] = []
+    for entry in orjson.loads(file.get_tensor("ended").numpy().tobytes()):
+        key, when, fingerprint, start, length = entry
+        if not (isinstance(key, str) and "/" in key and is_unix_time(when) and when <= latest
+                and isinstance(start, int) and isinstance(length, int) and 0 <= start <= start + length
+                <= len(answers)):
+            raise ValueError(f"malformed ended entry {entry!r:.200}")
+        marks.append((key, float(when), Ended(bytes.fromhex(fingerprint), answers[start : start + length])))
+    return marks
+
+
 def _bytes_tensor(data: bytearray) -> Tensor:
     """A view of ``data`` (no copy: the answers of 100,000 sessions can be hundreds of MB, and a snapshot
     that copies them needs that much more memory while it is written)."""
@@ -146,8 +183,9 @@ async def save(store: MemoryStore, path: Path, model_version: str, model: str | 
 
 
 def _read(path: Path, model_versions: set[str], state_size: int,
-          latest: float) -> tuple[list[Session], list[int], Tensor]:
-    """Every record of the snapshot and its state row, validated in full before anything is restored."""
+          latest: float) -> tuple[list[Session], list[int], Tensor, list[EndedMark]]:
+    """Every record of the snapshot and its state row, and the ended marks, validated in full before anything
+    is restored."""
     with safe_open(str(path), framework="pt") as file:
         metadata = file.metadata() or {}
         if metadata.get("format") != FORMAT:
@@ -158,6 +196,7 @@ def _read(path: Path, model_versions: set[str], state_size: int,
         answers = file.get_tensor("answers").numpy().tobytes()
         entries = orjson.loads(file.get_tensor("index").numpy().tobytes())
         seen = file.get_tensor("seen") if "seen" in file.keys() else None  # noqa: SIM118
+        ended = _read_ended(file, latest)
     if states.dtype != torch.float32 or states.dim() != 2 or states.size(1) != state_size:
         raise ValueError(f"states tensor {tuple(states.shape)} {states.dtype}, expected (N, {state_size})"
                          " float32")
@@ -193,7 +232,7 @@ def _read(path: Path, model_versions: set[str], state_size: int,
                                                                        for s in sessions):
         raise _Incompatible(f"written for model {metadata.get('model_version')}, serving"
                             f" {', '.join(sorted(model_versions))}")
-    return sessions, rows, states
+    return sessions, rows, states, ended
 
 
 def snapshot_model(path: Path) -> str | None:
@@ -227,7 +266,7 @@ def restore(store: MemoryStore, path: Path, model_versions: str | Collection[str
     try:
         # a session's times: unix seconds, and none past now by more than a clock's slip (one far ahead would
         # never expire, and the sweep, oldest first, would stop at it)
-        sessions, rows, states = _read(path, known, state_size, clock() + _CLOCK_SLIP)
+        sessions, rows, states, ended = _read(path, known, state_size, clock() + _CLOCK_SLIP)
     except Exception as exc:  # any unreadable file: set it aside, never fail the start
         reason = "incompatible" if isinstance(exc, _Incompatible) else "corrupt"
         aside = _free_name(path.with_name(f"{path.name}.{reason}-{time.strftime('%Y%m%dT%H%M%S')}"))
@@ -240,9 +279,11 @@ def restore(store: MemoryStore, path: Path, model_versions: str | Collection[str
     servable = [i for i, s in enumerate(sessions) if s.model_version in known]
     fresh = [i for i in servable if now - sessions[i].last_used <= store.ttl_seconds]
     live = fresh[-store.max_sessions:]  # least recently used first: keep the newest
-    store.restore([sessions[i] for i in live], [rows[i] for i in live], states)
+    marks = sorted((m for m in ended if now - m[1] <= store.ttl_seconds), key=lambda m: m[1])  # oldest first
+    store.restore([sessions[i] for i in live], [rows[i] for i in live], states, marks)
     log.info("snapshot restored", extra={"fields": {
-        "path": str(path), "sessions": len(store), "expired": len(servable) - len(fresh),
+        "path": str(path), "sessions": len(store), "ended_marks": len(store.ended_marks()),
+        "expired": len(servable) - len(fresh),
         "unknown_version": len(sessions) - len(servable),
         "over_capacity": len(fresh) - len(store)}})  # GRU_MAX_SESSIONS or GRU_MAX_ANSWER_BYTES
     return len(store)  # the newest that fit GRU_MAX_SESSIONS and the answers' budget

@@ -395,6 +395,80 @@ def test_a_snapshot_written_before_seen_times_were_kept_still_restores(tmp_path:
     assert [s.last_used for s in restored.records()] == [s.updated_at for s in store.records()]
 
 
+def _end_sequences(store: MemoryStore, clock: Clock, keys: list[str]) -> None:
+    """Each of ``keys`` a session ended (as a v2 sequence's end leaves it), 10 s after the one before."""
+
+    async def run() -> None:
+        for i, key in enumerate(keys):
+            written, = await store.commit([write(key, None, 1, answer=f'{{"end":{i}}}'.encode())],
+                                          torch.zeros(1, STATE))
+            assert written is not None and await store.end(key, written.revision)
+            clock.now += 10
+
+    asyncio.run(run())
+
+
+def test_ended_marks_restore_with_their_age_and_within_the_stores_bounds(tmp_path: Path) -> None:
+    """The marks of ended sequences were not in the snapshot: a restart forgot them all. Restored, each keeps
+    the time of its end (its TTL counts from there, not from the restart), and a store with room for fewer
+    keeps the newest."""
+    clock = Clock(1_000.0)
+    store = memory_store(ttl_seconds=100.0, clock=clock)
+    _end_sequences(store, clock, ["t/a", "t/b", "t/c"])  # ended at 1000, 1010, 1020
+    path = tmp_path / "snap"
+    asyncio.run(save(store, path, "v1"))
+    clock.now = 1_095.0
+    restored = memory_store(ttl_seconds=100.0, max_sessions=2, clock=clock)
+    restore(restored, path, "v1", STATE, clock=clock)
+    assert asyncio.run(restored.ended("t/a")) is None  # the oldest, past the bound
+    assert asyncio.run(restored.ended("t/b")) == asyncio.run(store.ended("t/b"))
+    assert asyncio.run(restored.ended("t/c")) == asyncio.run(store.ended("t/c"))
+    clock.now = 1_115.0  # t/b ended 105 s ago, t/c 95 s ago
+    assert asyncio.run(restored.ended("t/b")) is None
+    assert asyncio.run(restored.ended("t/c")) is not None
+    clock.now = 1_111.0
+    later = memory_store(ttl_seconds=100.0, clock=clock)
+    restore(later, path, "v1", STATE, clock=clock)  # restored after t/a's and t/b's TTL: only t/c's is left
+    assert [asyncio.run(later.ended(key)) is not None for key in ("t/a", "t/b", "t/c")] == [False, False, True]
+
+
+def test_a_snapshot_whose_ended_mark_lies_far_ahead_is_set_aside(tmp_path: Path) -> None:
+    """A mark's end time is a session time like ``updated_at``: one a week ahead would outlive its TTL by a week."""
+    clock = Clock(time.time())
+    store = memory_store(clock=clock)
+    _end_sequences(store, clock, ["t/ended"])
+    path = tmp_path / "snap"
+    asyncio.run(save(store, path, "v1"))
+    with safe_open(str(path), framework="pt") as file:
+        metadata = file.metadata()
+        tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
+    entries = orjson.loads(tensors["ended"].numpy().tobytes())
+    entries[0][1] = time.time() + 7 * 86400
+    tensors["ended"] = torch.frombuffer(bytearray(orjson.dumps(entries)), dtype=torch.uint8)
+    save_file(tensors, str(path), metadata=metadata)
+    restored = memory_store(clock=clock)
+    assert restore(restored, path, "v1", STATE, clock=clock) == 0
+    assert asyncio.run(restored.ended("t/ended")) is None
+    assert [p.name.split("-")[0] for p in tmp_path.iterdir()] == ["snap.corrupt"]
+
+
+def test_a_snapshot_written_before_ended_marks_were_kept_still_restores(tmp_path: Path) -> None:
+    """A file without the marks' tensors (the previous release's) restores its sessions, and no marks."""
+    clock = Clock(time.time())
+    store = memory_store(clock=clock)
+    _fill(store)
+    _end_sequences(store, clock, ["t/ended"])
+    path = tmp_path / "snap"
+    asyncio.run(save(store, path, "v1"))
+    with safe_open(str(path), framework="pt") as file:
+        metadata = file.metadata()
+        tensors = {name: file.get_tensor(name) for name in file.keys() if not name.startswith("ended")}  # noqa: SIM118
+    save_file(tensors, str(path), metadata=metadata)
+    restored = memory_store()
+    assert restore(restored, path, "v1", STATE, clock=clock) == 4
+    assert asyncio.run(restored.ended("t/ended")) is None
+
+
 def test_sigterm_writes_a_final_snapshot_when_an_interval_is_set(server_factory: ServerFactory,
                                                                   tmp_path: Path) -> None:
     """With periodic snapshots on, chunks acknowledged after the last one still survive a graceful restart."""
@@ -576,3 +650,34 @@ def test_a_snapshot_position_past_int64_is_set_aside_not_a_failed_batch(
         assert send(http, session, series(3)).status_code == 200  # a new session: the damaged one is gone
     assert "snapshot is corrupt, set aside" in second.log()
     assert len(list(tmp_path.glob("sessions.safetensors.corrupt-*"))) == 1
+
+
+def test_a_retry_of_an_ended_sequences_final_chunk_is_answered_after_a_graceful_restart(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """A v2 sequence ends, its final answer is lost, a deploy restarts the service (SIGTERM, snapshot), and the
+    client resends that final request: the mark its end left was not in the snapshot, so the retry was a 404
+    (sequence-not-found) where the same request before the restart got its answer again."""
+    path = tmp_path / "sessions.safetensors"
+    first = server_factory(GRU_SNAPSHOT_PATH=str(path))
+    sequence, values = new_id("ending"), series(7, seed=5)
+
+    def chunk(part: np.ndarray, **parameters: Any) -> dict[str, Any]:
+        tensor = {"name": "values", "shape": list(part.shape), "datatype": "FP32", "data": part.ravel().tolist()}
+        return {"inputs": [tensor], "parameters": {"sequence_id": sequence, **parameters}}
+
+    final = chunk(values[4:], offset=4, sequence_end=True, horizon=2)
+    with httpx.Client(base_url=first.url, timeout=30) as http:
+        url = f"/v2/models/{http.get('/v1/model').json()['name']}/infer"
+        assert http.post(url, json=chunk(values[:4], sequence_start=True)).status_code == 200
+        answered = http.post(url, json=final)
+        assert answered.status_code == 200, answered.text
+    assert first.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
+    second = server_factory(GRU_SNAPSHOT_PATH=str(path))
+    with httpx.Client(base_url=second.url, timeout=30) as http:
+        retried = http.post(url, json=final)
+        assert retried.status_code == 200, retried.text  # got: 404 sequence-not-found
+        assert retried.content == answered.content
+        assert http.get(f"/v1/sessions/{sequence}").status_code == 404  # still ended, not brought back
+        other = http.post(url, json=chunk(values[4:] + 1, offset=4, sequence_end=True, horizon=2))
+        assert other.status_code == 404 and other.json()["type"].endswith("/sequence-not-found")
