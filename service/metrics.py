@@ -98,6 +98,7 @@ class Metrics:
         self.snapshot_failures = Counter(
             "gru_snapshot_failures", "Snapshot writes that failed (periodic or final)", ["model"], registry=r
         )
+        # no sample until a snapshot is known (restored or written): a 0 reads as one written in 1970
         self.snapshot_written = Gauge(
             "gru_snapshot_last_success_timestamp_seconds", "When the model's last snapshot was written whole",
             ["model"], registry=r,

@@ -318,7 +318,9 @@ class SnapshotKeeper:
 
     ``model_version`` gives the version the header names (the newest, when saving); ``known_versions`` the
     versions whose sessions are restored (every version in the repository, read at start). Each save is
-    counted under ``model``: ``gru_snapshot_failures_total``, else ``gru_snapshot_last_success_timestamp_seconds``."""
+    counted under ``model``: ``gru_snapshot_failures_total``, else ``gru_snapshot_last_success_timestamp_seconds``,
+    which has no sample until a snapshot is known (restored or written): a 0 there read as a snapshot of 1970,
+    fifty years old at every start."""
 
     def __init__(self, store: MemoryStore, path: Path, model_version: Callable[[], str],
                  known_versions: Callable[[], set[str]], state_size: int, interval: float, metrics: Metrics,
@@ -334,7 +336,6 @@ class SnapshotKeeper:
         self._retired = False  # its model was unloaded: it never writes again
         self._metrics, self._model = metrics, model
         self._failures = metrics.snapshot_failures.labels(model=model)
-        self._written = metrics.snapshot_written.labels(model=model)
 
     @classmethod
     def from_settings(cls, settings: Settings, store: SessionStore, model_version: Callable[[], str],
@@ -360,6 +361,8 @@ class SnapshotKeeper:
         # off the event loop, which may be serving other models (one appeared while serving): no request
         # reaches this store before its restore (start-up, or a model not routed to yet)
         await asyncio.to_thread(restore, self.store, self.path, known | {self.model_version()}, self.state_size)
+        with contextlib.suppress(FileNotFoundError):  # none, or set aside: no snapshot is known yet
+            self._written(self.path.stat().st_mtime)  # the rename kept the written file's time
         if self.interval > 0:
             self._periodic = asyncio.create_task(save_every(self.interval, lambda: [self]), name="gru-snapshot")
 
@@ -372,8 +375,12 @@ class SnapshotKeeper:
             except Exception:
                 self._failures.inc()
                 raise
-            self._written.set_to_current_time()
+            self._written(time.time())
             return saved
+
+    def _written(self, when: float) -> None:
+        """The snapshot at ``path`` was written whole at ``when`` (unix seconds)."""
+        self._metrics.snapshot_written.labels(model=self._model).set(when)
 
     async def retire(self) -> None:
         """Its model was unloaded: wait for a write in progress, and write no more (a periodic save that

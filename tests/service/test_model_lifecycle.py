@@ -88,12 +88,19 @@ def wait_for(condition: Any, seconds: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-def metric(client: httpx.Client, name: str, **labels: str) -> float:
+def sample(client: httpx.Client, name: str, **labels: str) -> float | None:
+    """The value of the first sample of ``name`` with ``labels`` on /metrics; None when there is none."""
     for family in text_string_to_metric_families(client.get("/metrics").text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return 0.0
+        for found in family.samples:
+            if found.name == name and all(found.labels.get(k) == v for k, v in labels.items()):
+                return float(found.value)
+    return None
+
+
+def metric(client: httpx.Client, name: str, **labels: str) -> float:
+    """``sample``, 0 when there is none (a counter not yet counted)."""
+    value = sample(client, name, **labels)
+    return 0.0 if value is None else value
 
 
 def test_repository_scan_lists_versions_and_ignores_what_breaks_the_layout(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ from service.snapshots import follow_the_default
 from tests.conftest import ServerFactory, refused_start_log
 from tests.service.helpers import Clock, assert_problem, new_id, position, send, series, stateless
 from tests.service.stores import STATE, memory_store, write
-from tests.service.test_model_lifecycle import metric, wait_for
+from tests.service.test_model_lifecycle import metric, sample, wait_for
 
 
 def _fill(store: MemoryStore) -> torch.Tensor:
@@ -555,6 +555,24 @@ def test_failed_and_good_periodic_snapshots_are_counted_for_alerts(server_factor
         assert time.time() - last_good > 0.3  # no write succeeded since
         resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE, (hard, hard))
         wait_for(lambda: written() > last_good)  # writable again: the next interval writes it
+
+
+def test_the_last_snapshot_time_is_the_restored_files_and_absent_before_any(server_factory: ServerFactory,
+                                                                          tmp_path: Path) -> None:
+    """gru_snapshot_last_success_timestamp_seconds read 0 from every start until the first write: an alert on
+    the snapshot's age fired at each start, a dashboard showed 1970. Before any snapshot is known there is no
+    sample; after a restore, the restored file's write time (its mtime: the rename keeps the written file's)."""
+    path = tmp_path / "sessions.safetensors"
+    name = "gru_snapshot_last_success_timestamp_seconds"
+    first = server_factory(GRU_SNAPSHOT_PATH=str(path))
+    with httpx.Client(base_url=first.url, timeout=30) as http:
+        assert sample(http, name, model="tiny") is None  # got: 0.0
+        assert send(http, new_id(), series(5), offset=0).status_code == 200
+    assert first.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
+    written = path.stat().st_mtime
+    second = server_factory(GRU_SNAPSHOT_PATH=str(path))
+    with httpx.Client(base_url=second.url, timeout=30) as http:
+        assert sample(http, name, model="tiny") == pytest.approx(written, abs=1e-3)
 
 
 def _rewrite_index(path: Path, edit: Callable[[list[Any]], None]) -> None:
