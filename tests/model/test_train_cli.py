@@ -1,4 +1,6 @@
-"""python -m model.train end to end, as a user runs it: a checkpoint and a plot, or exit 2 and a message."""
+"""python -m model.train end to end, as a user runs it: a checkpoint and a plot, or exit 2 and a message.
+Refusals of the arguments alone, made before anything is read, call its ``main`` in this process (a process
+each cost seconds of imports); the rest run it as a process."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import pytest
 
 from harness.processes import ROOT
 from model import load_checkpoint
+from model.train import main
 from tests.conftest import make_tiny_model
 from tests.model.conftest import CsvWriter, seasonal_series
 
@@ -32,6 +35,13 @@ def run_cli(*args: str | Path, max_file_bytes: int | None = None) -> subprocess.
         [sys.executable, "-m", "model.train", *map(str, args)],
         cwd=ROOT, capture_output=True, text=True, timeout=120, preexec_fn=limit,
     )
+
+
+def refused_arguments(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[object, str]:
+    """The exit status and stderr of ``main`` called with ``args`` that it refuses as it parses them."""
+    with pytest.raises(SystemExit) as exited:
+        main([*map(str, args)])
+    return exited.value.code, capsys.readouterr().err
 
 
 def test_cli_writes_a_loadable_checkpoint_a_plot_and_the_table(write_csv: CsvWriter, tmp_path: Path) -> None:
@@ -98,29 +108,31 @@ def test_bad_input_exits_2_with_a_message(
 
 
 @pytest.mark.parametrize("flag", ["--hidden", "--layers", "--epochs", "--lags", "--season"])
-def test_sizes_below_one_exit_2_before_training(write_csv: CsvWriter, tmp_path: Path, flag: str) -> None:
+def test_sizes_below_one_exit_2_before_training(write_csv: CsvWriter, tmp_path: Path, flag: str,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
     path = write_csv(a=seasonal_series(60))
-    result = run_cli("--csv", path, "--out", tmp_path / "out", *FAST, flag, "0")
-    assert result.returncode == 2 and f"{flag} must be at least 1, got 0" in result.stderr
-    assert "Traceback" not in result.stderr
+    status, stderr = refused_arguments(capsys, "--csv", path, "--out", tmp_path / "out", *FAST, flag, "0")
+    assert status == 2 and f"{flag} must be at least 1, got 0" in stderr
 
 
 @pytest.mark.parametrize("fraction", ["1.5", "0", "-0.2"])
 def test_a_validation_fraction_outside_0_to_1_exits_2_before_any_progress(
-    write_csv: CsvWriter, tmp_path: Path, fraction: str
+    write_csv: CsvWriter, tmp_path: Path, fraction: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = write_csv(a=seasonal_series(60))
-    result = run_cli("--csv", path, "--out", tmp_path / "out", *FAST, "--val-fraction", fraction)
-    assert result.returncode == 2
-    assert f"--val-fraction must lie strictly between 0 and 1, got {float(fraction)}" in result.stderr
-    assert "val MAE" not in result.stderr and "Traceback" not in result.stderr  # no progress line
+    status, stderr = refused_arguments(capsys, "--csv", path, "--out", tmp_path / "out", *FAST, "--val-fraction",
+                                       fraction)
+    assert status == 2
+    assert f"--val-fraction must lie strictly between 0 and 1, got {float(fraction)}" in stderr
+    assert "val MAE" not in stderr  # no progress line
 
 
 @pytest.mark.parametrize("rate", ["1", "-0.1", "1.5"])
-def test_a_scale_rate_outside_0_to_1_exits_2_before_training(write_csv: CsvWriter, tmp_path: Path, rate: str) -> None:
+def test_a_scale_rate_outside_0_to_1_exits_2_before_training(write_csv: CsvWriter, tmp_path: Path, rate: str,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
     path = write_csv(a=seasonal_series(60))
-    result = run_cli("--csv", path, "--out", tmp_path / "out", *FAST, "--scale-rate", rate)
-    assert result.returncode == 2 and f"--scale-rate must lie in [0, 1), got {float(rate)}" in result.stderr
+    status, stderr = refused_arguments(capsys, "--csv", path, "--out", tmp_path / "out", *FAST, "--scale-rate", rate)
+    assert status == 2 and f"--scale-rate must lie in [0, 1), got {float(rate)}" in stderr
 
 
 def test_scores_are_normalised_unless_the_published_model_scores_raw_errors(write_csv: CsvWriter,
@@ -143,12 +155,13 @@ def test_scores_are_normalised_unless_the_published_model_scores_raw_errors(writ
     assert newest.state_size == raw.state_size
 
 
-def test_out_that_is_a_file_is_refused_before_training(write_csv: CsvWriter, tmp_path: Path) -> None:
+def test_out_that_is_a_file_is_refused_before_training(write_csv: CsvWriter, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
     path, out = write_csv(a=seasonal_series(60)), tmp_path / "model"
     out.write_text("not a directory")
-    result = run_cli("--csv", path, "--out", out, *FAST)
-    assert result.returncode == 2 and "is a file; give a directory" in result.stderr
-    assert "loss" not in result.stderr and not out.with_name("validation.png").exists()  # refused before training
+    status, stderr = refused_arguments(capsys, "--csv", path, "--out", out, *FAST)
+    assert status == 2 and "is a file; give a directory" in stderr
+    assert "loss" not in stderr and not out.with_name("validation.png").exists()  # refused before training
 
 
 def test_weights_that_cannot_be_written_exit_2_and_publish_nothing(write_csv: CsvWriter, tmp_path: Path) -> None:
