@@ -244,10 +244,33 @@ class Calibration:
     def _log_scale_at(self, levels: np.ndarray, log_scales: np.ndarray) -> np.ndarray:
         """Each level's log-scale, linear in the level between the two anchors around it (the nearest
         anchor's outside them): (..., F, A) -> (L, ..., F)."""
-        anchors = np.asarray(self.anchors)
+        anchors = np.asarray(self.anchors, dtype=np.float64)
         flat = log_scales.reshape(-1, len(anchors)).astype(np.float64)
-        out = np.stack([[np.interp(level, anchors, row) for row in flat] for level in levels])  # (L, n)
+        out = np.stack([interp_rows(float(level), anchors, flat) for level in levels])  # (L, n)
         return out.reshape(len(levels), *log_scales.shape[:-1])
+
+
+def interp_rows(x: float, xp: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``np.interp(x, xp, row)`` for every row of ``rows`` (n, len(xp)) in one pass, to the bit: the same
+    segment, the same arithmetic, the same answers at and beyond the ends. A call per row cost about 2.5 µs,
+    so a chunk of 384 steps × 32 features asking four levels spent 0.1 s here."""
+    if not x > xp[0]:  # at or below the first point (np.interp: its value)
+        return rows[:, 0].copy()
+    if not x < xp[-1]:  # at or beyond the last
+        return rows[:, -1].copy()
+    j = int(np.searchsorted(xp, x, side="right")) - 1  # xp[j] <= x < xp[j + 1]
+    low, high = rows[:, j], rows[:, j + 1]
+    if xp[j] == x:
+        return low.copy()
+    with np.errstate(invalid="ignore", over="ignore"):  # as quiet as np.interp on infinities
+        slope = (high - low) / (xp[j + 1] - xp[j])
+        out = slope * (x - xp[j]) + low
+        undefined = np.isnan(out)  # np.interp tries the segment's other end, then a flat segment's value
+        if undefined.any():
+            out[undefined] = (slope * (x - xp[j + 1]) + high)[undefined]
+            flat = np.isnan(out) & (low == high)
+            out[flat] = low[flat]
+    return out
 
 
 def floored(log_level: np.ndarray) -> np.ndarray:

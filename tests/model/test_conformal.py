@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from model import Forecaster, ForecasterConfig, load_checkpoint, save_checkpoint
 from model.checkpoint import CheckpointError
@@ -22,6 +24,7 @@ from model.conformal import (
     Calibration,
     calibrate,
     fit_level,
+    interp_rows,
     level_path,
     log_level_factor,
 )
@@ -32,6 +35,20 @@ def _calibration(scores: np.ndarray, adapt_rate: float = 0.05) -> Calibration:
     ordered = np.sort(scores)
     grid = np.interp(np.linspace(0, len(ordered) - 1, GRID), np.arange(len(ordered)), ordered)
     return Calibration((len(ordered),), ((tuple(float(q) for q in grid),),), adapt_rate)
+
+
+_ENDS = st.floats(-6, 6) | st.sampled_from([np.inf, -np.inf, np.nan])
+
+
+@settings(max_examples=300, deadline=None)
+@given(x=st.floats(0, 100) | st.sampled_from([*ANCHORS, np.nextafter(80.0, 0.0), np.nextafter(80.0, 100.0)]),
+       rows=st.lists(st.lists(_ENDS, min_size=len(ANCHORS), max_size=len(ANCHORS)), min_size=1, max_size=6))
+def test_interp_rows_is_np_interp_row_by_row_to_the_bit(x: float, rows: list[list[float]]) -> None:
+    """A level's log-scale between the anchors, for every row at once, as np.interp gives each row: the
+    segment, the ends, an anchor itself, infinities and NaN (a row of equal infinities is that infinity)."""
+    anchors, table = np.array(ANCHORS), np.array(rows)
+    expected = np.array([np.interp(x, anchors, row) for row in table])
+    assert interp_rows(x, anchors, table).tobytes() == expected.tobytes()
 
 
 def test_quantile_is_the_conformal_order_statistic() -> None:
