@@ -704,7 +704,7 @@ class Client(_Calls):
 
         if resume:
             position = self.session(session_id, resume=True).position
-        return StreamSession(str(self._http.base_url), self._api_key, session_id, position=position,
+        return StreamSession(str(self._http.base_url), self._api_key, _check_id(session_id), position=position,
                              window=window, retry=self.retry, timeout=self._timeout,
                              max_answer_bytes=self._max_answer_bytes)
 
@@ -867,8 +867,8 @@ class AsyncClient(_Calls):
 
         if resume:
             position = (await self.session(session_id, resume=True)).position
-        return AsyncStreamSession(str(self._http.base_url), self._api_key, session_id, position=position,
-                                  window=window, retry=self.retry, timeout=self._timeout,
+        return AsyncStreamSession(str(self._http.base_url), self._api_key, _check_id(session_id),
+                                  position=position, window=window, retry=self.retry, timeout=self._timeout,
                                   max_answer_bytes=self._max_answer_bytes)
 
 

@@ -350,6 +350,21 @@ def test_a_streaming_session_starts_at_the_position_it_is_given(server: Server, 
     assert ends == [14, 20] and position(client, session_id) == 20
 
 
+@pytest.mark.parametrize("session_id", ["a/b", "no spaces allowed", "x?y"])
+def test_a_streaming_session_refuses_an_id_that_breaks_the_rule(server: Server, session_id: str) -> None:
+    """``stream_session`` checked the id through ``session()``; given a ``position`` it stopped checking, and
+    an id with a slash or a query went into the WebSocket's URL as it was (another path on the service)."""
+
+    async def run() -> None:
+        async with AsyncClient(server.url, retry=FAST) as api:
+            await api.stream_session(session_id)
+
+    with Client(server.url, retry=FAST) as api, pytest.raises(ValueError, match="breaks the rule"):
+        api.stream_session(session_id)
+    with pytest.raises(ValueError, match="breaks the rule"):
+        asyncio.run(run())
+
+
 def test_cli_resume_over_the_websocket_reads_the_session_s_position_once(server: Server, client: httpx.Client,
                                                                          tmp_path: Path) -> None:
     """--transport ws --resume read the position twice (for the file, then again for the stream): a session
