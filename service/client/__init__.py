@@ -224,6 +224,13 @@ def _chunks(values: Values, chunk: int) -> Iterator[list[Any]]:
         yield _rows(values[start : start + chunk])
 
 
+def _check_start(resume: bool, position: int) -> None:
+    """A stream starts at a position given or at the server's (``resume``), not both: one would be ignored."""
+    if position < 0 or (resume and position):
+        raise ValueError(f"a stream starts at a position >= 0 or, with resume, at the server's; got position"
+                         f" {position}{' and resume' if resume else ''}")
+
+
 def _check_id(session_id: str) -> str:
     if not SESSION_ID.fullmatch(session_id):
         raise ValueError(f"session id {session_id!r} breaks the rule: {SESSION_ID_RULE}")
@@ -702,6 +709,7 @@ class Client(_Calls):
         ``resume``, where the server has it."""
         from service.client.stream import StreamSession  # websockets is loaded only by those who stream
 
+        _check_start(resume, position)
         if resume:
             position = self.session(session_id, resume=True).position
         return StreamSession(str(self._http.base_url), self._api_key, _check_id(session_id), position=position,
@@ -865,6 +873,7 @@ class AsyncClient(_Calls):
                              position: int = 0) -> AsyncStreamSession:
         from service.client.stream import AsyncStreamSession  # websockets is loaded only by those who stream
 
+        _check_start(resume, position)
         if resume:
             position = (await self.session(session_id, resume=True)).position
         return AsyncStreamSession(str(self._http.base_url), self._api_key, _check_id(session_id),

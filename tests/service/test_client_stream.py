@@ -365,6 +365,21 @@ def test_a_streaming_session_refuses_an_id_that_breaks_the_rule(server: Server, 
         asyncio.run(run())
 
 
+@pytest.mark.parametrize(("resume", "position"), [(True, 5), (False, -1)], ids=["both", "negative"])
+def test_a_streaming_session_refuses_a_start_it_would_not_keep(server: Server, resume: bool, position: int) -> None:
+    """``resume`` with a ``position`` ignored the position (the stream started at the server's), and a
+    negative one was sent as every chunk's offset: each is refused before anything is sent."""
+
+    async def run() -> None:
+        async with AsyncClient(server.url, retry=FAST) as api:
+            await api.stream_session(new_id("start"), resume=resume, position=position)
+
+    with Client(server.url, retry=FAST) as api, pytest.raises(ValueError, match="a stream starts at"):
+        api.stream_session(new_id("start"), resume=resume, position=position)
+    with pytest.raises(ValueError, match="a stream starts at"):
+        asyncio.run(run())
+
+
 def test_cli_resume_over_the_websocket_reads_the_session_s_position_once(server: Server, client: httpx.Client,
                                                                          tmp_path: Path) -> None:
     """--transport ws --resume read the position twice (for the file, then again for the stream): a session
