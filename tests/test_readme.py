@@ -193,3 +193,34 @@ def test_the_python_example_runs_twice_and_prints_what_the_readme_shows(shipped:
                            cwd=ROOT, capture_output=True, text=True, timeout=60) for _ in range(2)]
     assert [run.returncode for run in runs] == [0, 0], [run.stderr for run in runs]
     assert [run.stdout.strip() for run in runs] == [first.strip(), again.strip()]
+
+
+# -- the API table's routes and their per-model forms ------------------------------------------------------------
+
+_PER_MODEL = "Every `/v1/predict` and `/v1/sessions` route above also exists per model"
+_TABLE_ROW = re.compile(r"(?m)^\| `(GET|POST|PUT|DELETE) (/[^`]*)`((?:, `/[^`]*`)*)")
+
+
+def _api_table_routes() -> list[tuple[str, str]]:
+    """(method, path) of every row of the API (v1) table; a row of several paths gives each its method."""
+    table = README.split("## API (v1)", 1)[1].split("\n\n| method, path |", 1)[1].split("\n\n", 1)[0]
+    routes = []
+    for method, path, more in _TABLE_ROW.findall(table):
+        routes += [(method, p) for p in [path, *re.findall(r"`(/[^`]*)`", more)]]
+    return routes
+
+
+def test_the_per_model_routes_are_the_ones_the_readme_names(shipped: Server) -> None:
+    """The README says which table routes also exist under /v1/models/{model}/: the predict and session
+    ones do, and the others (the model cards, /metrics, the probes, /docs) answer there "no route"."""
+    assert _PER_MODEL in README
+    routes = _api_table_routes()
+    assert len(routes) == 17, routes  # 13 rows, the last of four paths
+    with httpx.Client(base_url=shipped.url) as http:
+        default = http.get("/v1/model").json()["name"]
+        for method, path in routes:
+            concrete = path.replace("{id}", "readme-per-model").replace("{model}", default)
+            answer = http.request(method, f"/v1/models/{default}{concrete.removeprefix('/v1')}")
+            no_route = answer.status_code == 404 and answer.json()["type"].endswith("/not-found")
+            per_model = path.startswith(("/v1/predict", "/v1/sessions"))
+            assert no_route != per_model, f"{method} {path}: {answer.status_code} {answer.text[:200]}"
