@@ -101,7 +101,8 @@ class SessionStore(Protocol):
     async def delete(self, key: str, revision: Revision | None = None) -> bool:
         """True if the session existed and is deleted. With a ``revision`` (a DELETE with If-Match, whose tag
         was compared against the session at that revision), only while it is at that very one: a write since
-        made another session of it, which stays (False)."""
+        made another session of it, which stays (False); one gone since is True (a retry of this very delete
+        after a lost reply finds it so)."""
         ...
 
     async def end(self, key: str, revision: Revision) -> bool:

@@ -269,7 +269,9 @@ class MemoryStore:
 
     async def delete(self, key: str, revision: Revision | None = None) -> bool:
         current = self._live(key, self._clock())
-        if current is None or (revision is not None and current.revision != revision):
+        if current is None:
+            return revision is not None  # gone since its revision was read: what a delete at it asks holds
+        if revision is not None and current.revision != revision:
             return False
         self._drop(key)
         return True

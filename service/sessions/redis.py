@@ -204,11 +204,13 @@ return {0, created}
 # it or had it lately (``applied``: a chunk committed in between is the same session, and deleted with it); a
 # retry after a lost reply must not delete a session another write created since (its past is its own).
 # Returns 1. With ARGV[2] '1' (a DELETE with If-Match, its tag compared at ARGV[1]): only while it has that
-# very revision, not one it had (a chunk since moved it past the tag), and returns 1 when it deleted, else 0;
-# a retry after a lost reply finds it gone (0), and another session written since is never at ARGV[1].
+# very revision, not one it had (a chunk since moved it past the tag), and returns 0 while it has another; a
+# session gone by then returns 1, as what the delete asked for holds: so does the connection's retry after a
+# lost reply, which finds its own delete done (0 made that a 412 "absent, nothing was changed").
 _DELETE = _WRITES + _REVISION + """
 local current = revision(KEYS[1])
 if ARGV[2] == '1' then
+  if not current then return 1 end
   if current ~= ARGV[1] then return 0 end
 elseif not (current and applied(KEYS[1], current, ARGV[1])) then
   return 1

@@ -792,3 +792,29 @@ def test_a_delete_deletes_the_session_a_chunk_wrote_while_it_ran(redis_server: R
             await other.close()
 
     asyncio.run(scenario())
+
+
+def test_a_delete_at_a_revision_retried_after_a_lost_reply_says_it_deleted(redis_server: RedisServer) -> None:
+    """A DELETE with If-Match runs the delete script at the revision its tag was compared at; the reply is
+    lost and the connection runs the script again (its one retry). The retry found the session gone and said
+    it had not deleted it: the client got 412 "absent ... nothing was changed" for a delete that was done."""
+    key = "t/lost"
+
+    async def scenario() -> None:
+        store = RedisStore(redis_server.url, STATE, ttl_seconds=60)
+        try:
+            first, = await store.commit([write(key, None, 1)], torch.ones(1, STATE))
+            assert first is not None
+            deleting = store._delete
+
+            async def reply_lost(**arguments: Any) -> Any:  # it runs, then the connection's retry runs it again
+                await deleting(**arguments)
+                return await deleting(**arguments)
+
+            store._delete = reply_lost  # type: ignore[assignment]
+            assert await store.delete(key, first.revision)  # got: False, read as a precondition failed
+            assert await store.get(key) is None
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
