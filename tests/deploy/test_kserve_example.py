@@ -7,10 +7,13 @@ runtime's containers, which are core v1 Containers, validate against the Kuberne
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 KUBERNETES_VERSION = "1.30.0"
 
@@ -20,7 +23,8 @@ Render = Callable[[str], list[dict[str, Any]]]
 @pytest.fixture(scope="module")
 def kserve(kustomize: Render) -> dict[str, dict[str, Any]]:
     resources = kustomize("kserve")
-    assert sorted(r["kind"] for r in resources) == ["InferenceService", "ServingRuntime"]
+    kinds = [r["kind"] for r in resources]
+    assert len(set(kinds)) == len(kinds) and {"InferenceService", "ServingRuntime"} <= set(kinds), kinds
     return {r["kind"]: r for r in resources}
 
 
@@ -64,7 +68,7 @@ def test_runtime_runs_our_image_speaking_v2_on_port_8000(kserve: KServe, kustomi
     api = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == api["image"]
     assert container["args"] == api["args"] == ["--host", "0.0.0.0", "--port", "8000"]
-    assert container["ports"] == [{"containerPort": 8000, "protocol": "TCP"}]
+    assert container["ports"] == [{"name": "http1", "containerPort": 8000, "protocol": "TCP"}]
     # the paths that stay open with API keys set: the kubelet sends none
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 8000}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 8000}
@@ -127,3 +131,68 @@ def test_the_predictor_s_grace_period_covers_the_drain(kserve: KServe) -> None:
     drain = float(env.get("GRU_REQUEST_TIMEOUT_SECONDS", Settings.model_fields["request_timeout_seconds"].default))
     grace = kserve["InferenceService"]["spec"]["predictor"].get("terminationGracePeriodSeconds", 30)
     assert grace >= drain + 5
+
+
+# The labels KServe's controller gives an InferenceService's predictor pods (RawDeployment and Serverless alike).
+PREDICTOR_POD_LABELS = ("serving.kserve.io/inferenceservice", "component")
+
+
+def _predictor_pod_annotations(kserve: KServe) -> dict[str, str]:
+    """The annotations KServe puts on the predictor pods: the runtime's `spec.annotations` (its pod template's;
+    the ServingRuntime's own `metadata.annotations` stay on that object), then the InferenceService's, then the
+    predictor's, later ones winning."""
+    service = kserve["InferenceService"]
+    return {
+        **kserve["ServingRuntime"]["spec"].get("annotations", {}),
+        **service["metadata"].get("annotations", {}),
+        **service["spec"]["predictor"].get("annotations", {}),
+    }
+
+
+def _alerts_job(repo: Path) -> str:
+    """The job the shipped alerts (and so the dashboard) select: GruApiDown's `up{job="..."}`."""
+    groups = yaml.safe_load((repo / "deploy/prometheus/rules/alerts.yml").read_text())["groups"]
+    (down,) = [r for g in groups for r in g["rules"] if r.get("alert") == "GruApiDown"]
+    found = re.search(r'job="([^"]+)"', down["expr"])
+    assert found is not None
+    return found.group(1)
+
+
+def test_predictor_pods_carry_the_api_pods_scrape_annotations(kserve: KServe) -> None:
+    """As the Deployment's pods, for a Prometheus that discovers pods by annotation: on the pods themselves,
+    pointing at the container's port. `serving.kserve.io/enable-prometheus-scraping: "true"` is no way to get
+    them: KServe's pod webhook then rewrites prometheus.io/port to 9091 (9088 with metric aggregation), the
+    Knative queue-proxy's, a sidecar a RawDeployment pod has not. Pinned "false", so a cluster-wide default of
+    true (inferenceservice-config, metricsAggregator) cannot turn it on either."""
+    annotations = _predictor_pod_annotations(kserve)
+    (container,) = kserve["ServingRuntime"]["spec"]["containers"]
+    (port,) = [p["containerPort"] for p in container["ports"]]
+    assert {k: annotations.get(k) for k in ("prometheus.io/scrape", "prometheus.io/port", "prometheus.io/path")} \
+        == {"prometheus.io/scrape": "true", "prometheus.io/port": str(port), "prometheus.io/path": "/metrics"}
+    # KServe's own keys for a runtime's metrics endpoint (read by its metric aggregation), named alike.
+    assert annotations.get("prometheus.kserve.io/port") == str(port)
+    assert annotations.get("prometheus.kserve.io/path") == "/metrics"
+    assert annotations.get("serving.kserve.io/enable-prometheus-scraping") == "false"
+
+
+def test_a_podmonitor_scrapes_the_predictor_pods_as_the_job_the_alerts_select(kserve: KServe, repo: Path) -> None:
+    """The operator's way, as the base's ServiceMonitor: a PodMonitor selecting the predictor pods by the labels
+    KServe gives them, on the container's metrics port, with the job label the shipped alerts and dashboard
+    select (a PodMonitor's own would be <namespace>/<name>, which no rule reads)."""
+    assert "PodMonitor" in kserve, "deploy/k8s/kserve has no PodMonitor: the operator scrapes no predictor pod"
+    monitor = kserve["PodMonitor"]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    service = kserve["InferenceService"]
+    assert monitor["metadata"]["namespace"] == service["metadata"]["namespace"]
+    pod_labels = dict(zip(PREDICTOR_POD_LABELS, (service["metadata"]["name"], "predictor"), strict=True))
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector and all(pod_labels.get(k) == v for k, v in selector.items()), selector
+    assert set(PREDICTOR_POD_LABELS) <= set(selector), "the predictor's pods only, not a transformer's"
+    (container,) = kserve["ServingRuntime"]["spec"]["containers"]
+    port_names = {p.get("name") for p in container["ports"]} - {None}
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint.get("port") in port_names and endpoint["path"] == "/metrics"
+    for field in ("interval", "scrapeTimeout"):
+        assert re.fullmatch(r"\d+(ms|s|m)", endpoint[field]), field
+    jobs = [r for r in endpoint.get("relabelings", []) if r.get("targetLabel") == "job"]
+    assert [(r.get("action", "replace"), r.get("replacement")) for r in jobs] == [("replace", _alerts_job(repo))]
