@@ -196,3 +196,20 @@ def test_a_podmonitor_scrapes_the_predictor_pods_as_the_job_the_alerts_select(ks
         assert re.fullmatch(r"\d+(ms|s|m)", endpoint[field]), field
     jobs = [r for r in endpoint.get("relabelings", []) if r.get("targetLabel") == "job"]
     assert [(r.get("action", "replace"), r.get("replacement")) for r in jobs] == [("replace", _alerts_job(repo))]
+
+
+def test_the_predictor_pauses_before_sigterm_as_the_deployment_does(kserve: KServe) -> None:
+    """A terminating pod leaves the predictor Service's endpoints while the kubelet already sends SIGTERM: without
+    a preStop pause the api stops accepting at once and the requests still routed to it in those seconds fail.
+    The grace then covers the pause, the drain and the snapshot's write, as the Deployment's."""
+    from service.config import Settings
+
+    (container,) = kserve["ServingRuntime"]["spec"]["containers"]
+    command = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+    assert command[:1] == ["sleep"], "no preStop pause: requests still routed to a terminating pod are refused"
+    pause = int(command[1])
+    assert pause >= 5, "endpoints take a few seconds to drop a terminating pod everywhere"
+    env = {e["name"]: e["value"] for e in container.get("env", [])}
+    drain = float(env.get("GRU_REQUEST_TIMEOUT_SECONDS", Settings.model_fields["request_timeout_seconds"].default))
+    grace = kserve["InferenceService"]["spec"]["predictor"].get("terminationGracePeriodSeconds", 30)
+    assert grace >= pause + drain + 10, "preStop pause + longest in-flight chunk + time to snapshot"
