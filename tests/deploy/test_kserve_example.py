@@ -213,3 +213,23 @@ def test_the_predictor_pauses_before_sigterm_as_the_deployment_does(kserve: KSer
     drain = float(env.get("GRU_REQUEST_TIMEOUT_SECONDS", Settings.model_fields["request_timeout_seconds"].default))
     grace = kserve["InferenceService"]["spec"]["predictor"].get("terminationGracePeriodSeconds", 30)
     assert grace >= pause + drain + 10, "preStop pause + longest in-flight chunk + time to snapshot"
+
+
+# Kubernetes' values for a probe's fields left out.
+_PROBE_DEFAULTS = {"initialDelaySeconds": 0, "periodSeconds": 10, "timeoutSeconds": 1, "successThreshold": 1,
+                   "failureThreshold": 3}
+
+
+@pytest.mark.parametrize("probe", ["startupProbe", "readinessProbe", "livenessProbe"])
+def test_the_predictor_s_probes_time_as_the_deployment_s(probe: str, kserve: KServe, kustomize: Render) -> None:
+    """Same process, same start-up, same endpoints: the Deployment's timings hold here too. Left out, a timeout is
+    Kubernetes' 1 s, which an event loop busy with a large batch call can miss, and three misses of liveness
+    restart the pod with every session it holds."""
+    (container,) = kserve["ServingRuntime"]["spec"]["containers"]
+    deployment = next(r for r in kustomize("base") if r["kind"] == "Deployment")
+    api = deployment["spec"]["template"]["spec"]["containers"][0]
+
+    def timings(spec: dict[str, Any]) -> dict[str, int]:
+        return {field: spec.get(field, default) for field, default in _PROBE_DEFAULTS.items()}
+
+    assert timings(container[probe]) == timings(api[probe])
