@@ -233,3 +233,9 @@ def test_the_predictor_s_probes_time_as_the_deployment_s(probe: str, kserve: KSe
         return {field: spec.get(field, default) for field, default in _PROBE_DEFAULTS.items()}
 
     assert timings(container[probe]) == timings(api[probe])
+
+
+def test_the_predictor_mounts_no_service_account_token(kserve: KServe) -> None:
+    """The api never talks to the Kubernetes API; as the Deployment's pods, the predictor's get no token to steal
+    (left out, KServe's pods mount the namespace's default service account's)."""
+    assert kserve["InferenceService"]["spec"]["predictor"].get("automountServiceAccountToken") is False
