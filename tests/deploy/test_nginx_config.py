@@ -106,25 +106,30 @@ def proxy(server: Any, tmp_path: Path, tool: Callable[[str], str]) -> Iterator[s
 
 
 def test_nginx_proxies_sessions_to_the_api_and_keeps_request_ids(proxy: str, server: Any, tmp_path: Path) -> None:
+    session = f"/v1/sessions/deploy-nginx-{uuid.uuid4().hex[:12]}/predict"  # the server is shared
     with httpx.Client(base_url=proxy, timeout=30) as http:
         assert http.get("/nginx-health").text == "ok\n"
         ready = http.get("/readyz")
         assert ready.status_code == 200
         assert ready.headers["x-upstream"] == server.url.removeprefix("http://")
 
-        first = http.post("/v1/sessions/deploy-nginx/predict", json={"values": [0.1, 0.2], "offset": 0},
+        first = http.post(session, json={"values": [0.1, 0.2], "offset": 0},
                           headers={"X-Request-ID": "client-chosen-1"})
         assert first.status_code == 200, first.text
         assert first.headers["x-request-id"] == "client-chosen-1"
-        second = http.post("/v1/sessions/deploy-nginx/predict", json={"values": [0.3], "offset": 2})
+        second = http.post(session, json={"values": [0.3], "offset": 2})
         assert second.status_code == 200, second.text
         assert second.json()["position"] == 3
         # Without one from the client, nginx makes the id the api logs and echoes.
         assert re.fullmatch(r"[0-9a-f]{32}", second.headers["x-request-id"])
-    # Each request is followed from nginx's log line to the api's by its id.
-    logged = (tmp_path / "access.log").read_text()  # the proxy fixture's directory
-    for answer in (first, second):
-        assert f"request_id={answer.headers['x-request-id']}" in logged, logged
+    # Each request is followed from nginx's log line to the api's by its id. nginx writes a request's line after
+    # its answer has gone out, so the last one may come a moment after the client has read it.
+    ids = [f"request_id={answer.headers['x-request-id']}" for answer in (first, second)]
+    deadline = time.monotonic() + 10
+    while not all(i in (logged := (tmp_path / "access.log").read_text()) for i in ids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for logged_id in ids:
+        assert logged_id in logged, logged  # the proxy fixture's directory
 
 
 @pytest.mark.parametrize("prefix", ["/v1", "/v1/models/tiny"])
