@@ -10,7 +10,8 @@ are ``gru:s:{model}:{tenant}/{session_id}``: tenants hold no ":"), with a TTL re
     fp, ans  the last applied chunk's fingerprint and answer, for exact retries
     created, updated   unix seconds (the writing replica's clock)
     past     the revisions it had before, newest first (``PAST_REVISIONS``), for a retried write's check
-    born     the revision of the reset that created it (absent: a chunk or an import did), for its retry
+    born     the revision of the write (a chunk, an import, a reset) that created it, kept by every later one:
+             which session of the key it is (absent: created by an earlier release), for a retried reset or delete
 
 A v2 sequence's end leaves, in place of its session, a hash ``gru:e:{tenant}/{session_id}`` (``gru:e:{model}:...``
 for another model) of its final chunk's ``fp`` and ``ans``, with the session TTL: what an exact retry of that
@@ -155,10 +156,12 @@ for i, key in ipairs(KEYS) do
   elseif (expected == '' and not current) or (current and current == expected) then
     local created = current and current:sub(1, 1) ~= '!' and kept_time(redis.call('HGET', key, 'created'))
     local past = history(key, current)
+    local born = false
     if not created then
-      created = now
+      created, born = now, new
       redis.call('DEL', key)
     end
+    if born then redis.call('HSET', key, 'born', born) end
     redis.call('HSET', key, 'rev', new, 'pos', ARGV[a + 3], 'ver', ARGV[a + 4], 'loff', ARGV[a + 5],
                'fp', ARGV[a + 6], 'ans', ARGV[a + 7], 'state', ARGV[a + 8], 'created', created, 'updated', now,
                'past', past)
@@ -175,8 +178,8 @@ return results
 
 # KEYS[1] session hash.  ARGV: new revision, model version, now (unix s), ttl (ms).
 # Returns {existed (0/1), created_at}. The state field is dropped: no state means the fresh (zero) state.
-# ``born`` is the revision of the reset that created the record, kept by later resets and chunks, so a retry
-# of a reset already applied answers ``existed`` as its first run did.
+# ``born`` is the revision of the write that created the record, kept by later resets and chunks, so a retry
+# of a reset already applied answers ``existed`` as its first run did (it created the record if it is ``born``).
 _RESET = _WRITES + _REVISION + """
 local current = {revision(KEYS[1]), false, false}
 if current[1] and current[1]:sub(1, 1) ~= '!' then
@@ -200,20 +203,24 @@ if current[1] then return {1, created} end
 return {0, created}
 """
 
-# KEYS[1] session hash.  ARGV[1]: the revision it had when the delete began.  Deletes it only if it still has
-# it or had it lately (``applied``: a chunk committed in between is the same session, and deleted with it); a
-# retry after a lost reply must not delete a session another write created since (its past is its own).
-# Returns 1. With ARGV[2] '1' (a DELETE with If-Match, its tag compared at ARGV[1]): only while it has that
-# very revision, not one it had (a chunk since moved it past the tag), and returns 0 while it has another; a
-# session gone by then returns 1, as what the delete asked for holds: so does the connection's retry after a
-# lost reply, which finds its own delete done (0 made that a 412 "absent, nothing was changed").
+# KEYS[1] session hash.  ARGV[1]: the revision it had when the delete began, ARGV[3]: its ``born`` then ('':
+# none).  Deletes it only if it is still that session: the same ``born``, or (a record of an earlier release)
+# that revision now or lately (``applied``). Chunks committed in between, however many, leave the same session,
+# deleted with them; a retry after a lost reply must not delete a session another write created since (its
+# ``born`` and its past are its own). Returns 1. With ARGV[2] '1' (a DELETE with If-Match, its tag compared at
+# ARGV[1]): only while it has that very revision, not one it had (a chunk since moved it past the tag), and
+# returns 0 while it has another; a session gone by then returns 1, as what the delete asked for holds: so does
+# the connection's retry after a lost reply, which finds its own delete done (0 made that a 412 "absent, nothing
+# was changed").
 _DELETE = _WRITES + _REVISION + """
 local current = revision(KEYS[1])
 if ARGV[2] == '1' then
   if not current then return 1 end
   if current ~= ARGV[1] then return 0 end
-elseif not (current and applied(KEYS[1], current, ARGV[1])) then
+elseif not current then
   return 1
+elseif not applied(KEYS[1], current, ARGV[1]) then
+  if ARGV[3] == '' or current:sub(1, 1) == '!' or redis.call('HGET', KEYS[1], 'born') ~= ARGV[3] then return 1 end
 end
 redis.call('DEL', KEYS[1])
 return 1
@@ -232,8 +239,13 @@ redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return 1
 """
 
-# KEYS[1] session hash: its revision ('!' and its type for a key of another type), or false.
-_REVISION_OF = _REVISION + "return revision(KEYS[1])"
+# KEYS[1] session hash: its revision ('!' and its type for a key of another type; false: none) and its
+# ``born`` (false: none).
+_REVISION_OF = _REVISION + """
+local current = revision(KEYS[1])
+if current and current:sub(1, 1) ~= '!' then return {current, redis.call('HGET', KEYS[1], 'born')} end
+return {current, false}
+"""
 
 _INFO_FIELDS = ("rev", "pos", "ver", "created", "updated", "loff")
 
@@ -382,15 +394,16 @@ class RedisStore:
 
     async def delete(self, key: str, revision: Revision | None = None) -> bool:
         """Whether there was a session to delete. Two steps, each safe to retry (the connections retry once
-        after a lost reply): the session's revision, then a delete of that revision only. With ``revision``
+        after a lost reply): the session's revision and ``born``, then a delete of that session only (however
+        many chunks it took in between; not one created since). With ``revision``
         (the one a DELETE's If-Match was compared at) one step: a delete only at that very revision."""
         redis_key = self.redis_key(key)
         if revision is not None:
             return bool(await self._call(self._delete(keys=[redis_key], args=[revision, 1])))
-        revision = await self._call(self._revision_of(keys=[redis_key]))
+        revision, born = await self._call(self._revision_of(keys=[redis_key]))
         if revision is None:
             return False
-        await self._call(self._delete(keys=[redis_key], args=[revision]))
+        await self._call(self._delete(keys=[redis_key], args=[revision, 0, born or b""]))
         return True
 
     async def end(self, key: str, revision: Revision) -> bool:

@@ -794,6 +794,40 @@ def test_a_delete_deletes_the_session_a_chunk_wrote_while_it_ran(redis_server: R
     asyncio.run(scenario())
 
 
+def test_a_delete_deletes_the_session_however_many_chunks_it_took_while_it_ran(redis_server: RedisServer) -> None:
+    """Delete reads the revision, then deletes the session if it still has it or had it among its last
+    PAST_REVISIONS. One chunk more committed in between (another replica streaming while this one's event loop
+    was busy) pushed the revision read out of that history: the DELETE was answered 204 and the session lived
+    on, its later chunks at offsets > 0 answered 200 where a deleted session's are 404."""
+    key = "t/busy"
+
+    async def scenario() -> None:
+        store = RedisStore(redis_server.url, STATE, ttl_seconds=60)
+        other = RedisStore(redis_server.url, STATE, ttl_seconds=60)  # another replica
+        try:
+            first, = await store.commit([write(key, None, 1)], torch.ones(1, STATE))
+            assert first is not None
+            read_revision = store._revision_of
+
+            async def then_chunks(**arguments: Any) -> Any:  # the revision is read, then chunks commit
+                revision = await read_revision(**arguments)
+                latest = first.revision
+                for position in range(2, PAST_REVISIONS + 3):
+                    written, = await other.commit([write(key, latest, position)], torch.ones(1, STATE))
+                    assert written is not None
+                    latest = written.revision
+                return revision
+
+            store._revision_of = then_chunks  # type: ignore[assignment]
+            assert await store.delete(key)
+            assert (await other.load([key]))[0] is None  # got: the session at position PAST_REVISIONS + 2
+        finally:
+            await store.close()
+            await other.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_delete_at_a_revision_retried_after_a_lost_reply_says_it_deleted(redis_server: RedisServer) -> None:
     """A DELETE with If-Match runs the delete script at the revision its tag was compared at; the reply is
     lost and the connection runs the script again (its one retry). The retry found the session gone and said
