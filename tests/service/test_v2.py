@@ -612,3 +612,21 @@ def test_a_compression_bomb_is_refused_without_inflating_it() -> None:
         tracemalloc.stop()
     assert refused.value.status == 413
     assert peak < 16 * 1024 * 1024, peak
+
+
+def test_a_body_of_many_bad_elements_costs_one_error_not_one_each() -> None:
+    """Each invalid list element made its own pydantic error, all built to name the first five: 150 kB of
+    empty input tensors took 88 MB and 2 s of the event loop to refuse (4 MB: 2.4 GB, over a minute)."""
+    good = {"name": "values", "shape": [1, 1], "datatype": "FP32", "data": [0.5]}
+    many = 50_000
+    for document in ({"inputs": [{}] * many}, {"inputs": [good], "outputs": [{}] * many},
+                     {"inputs": [{**good, "shape": ["1"] * many}]}):
+        tracemalloc.start()
+        try:
+            with pytest.raises(Problem) as refused:
+                parse_infer(orjson.dumps(document), None, features=1, max_steps=8, max_horizon=4)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert refused.value.status == 400 and "does not match the protocol" in refused.value.detail
+        assert peak < 16 * 1024 * 1024, peak
