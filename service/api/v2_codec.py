@@ -275,6 +275,8 @@ def _requested(request: _InferRequest, horizon: int, levels: list[float] | None,
         if output.name not in (*OUTPUTS, *extra):
             raise v2_problem(400, f"unknown output {output.name!r}; the model answers {', '.join(OUTPUTS)} (and"
                              " with the parameters levels and scores, their intervals and scores)")
+        if output.name in outputs:  # answered once, in JSON or binary as one of its entries says: a guess
+            raise v2_problem(400, f"output {output.name!r} is requested twice; list each output once")
         if output.name == FORECAST and not horizon:
             raise v2_problem(400, "output forecast needs the request parameter horizon > 0")
         if output.parameters.get("classification"):

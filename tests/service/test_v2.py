@@ -433,6 +433,9 @@ def _bad_requests(features: int) -> list[tuple[str, dict[str, Any]]]:
         ("horizon as string", {"inputs": [good], "parameters": {"horizon": "3"}}),
         ("unknown output", {"inputs": [good], "outputs": [{"name": "hidden"}]}),
         ("forecast without horizon", {"inputs": [good], "outputs": [{"name": "forecast"}]}),
+        ("output asked twice, in JSON and in binary",  # one answer in one of them was a guess
+         {"inputs": [good], "outputs": [{"name": "predictions"},
+                                        {"name": "predictions", "parameters": {"binary_data": True}}]}),
         ("sequence_id 0", {"inputs": [good], "parameters": {"sequence_id": 0}}),
         ("sequence_id over uint64", {"inputs": [good], "parameters": {"sequence_id": 2**64}}),
         ("sequence_id bool", {"inputs": [good], "parameters": {"sequence_id": True}}),
