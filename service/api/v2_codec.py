@@ -22,7 +22,9 @@ KServe "Open Inference Protocol" REST spec and Triton's ``binary_data.md`` and `
 from __future__ import annotations
 
 import itertools
+import json
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,7 +111,8 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     return body[:cut], body[cut:]
 
 
-def _load(header: bytes) -> _InferRequest:
+def _load(header: bytes) -> tuple[dict[str, Any], _InferRequest]:
+    """The parsed JSON header, and the request it holds."""
     try:
         document = orjson.loads(header)
     except orjson.JSONDecodeError as exc:
@@ -118,10 +121,57 @@ def _load(header: bytes) -> _InferRequest:
     if not isinstance(document, dict):
         raise v2_problem(400, "the inference request must be a JSON object with an `inputs` list")
     try:
-        return _InferRequest.model_validate(document)
+        return document, _InferRequest.model_validate(document)
     except ValidationError as exc:
         where = describe_errors(exc.errors(include_url=False, include_input=False))
         raise v2_problem(400, f"the inference request does not match the protocol: {where}") from None
+
+
+class _RepeatedKey(Exception):
+    """A JSON object names ``args[0]`` more than once."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    (key, count), = Counter(key for key, _ in pairs).most_common(1) or [("", 1)]
+    if count > 1:
+        raise _RepeatedKey(key)
+    return dict(pairs)
+
+
+def _strings(value: Any) -> int:
+    """The strings, keys included, of a parsed JSON value: two quotes each in its text. A loop, not recursion:
+    orjson takes 1,024 levels of nesting, past Python's recursion limit."""
+    count, pending = 0, [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            count += len(item)
+            pending += item.values()
+        elif isinstance(item, list):
+            pending += item
+        else:
+            count += isinstance(item, str)
+    return count
+
+
+def _refuse_repeated_keys(header: bytes, document: dict[str, Any]) -> None:
+    """A key given twice in one object is refused, as v1 refuses it: orjson keeps the last, Triton's parser
+    the first, so a gateway could read another sequence or other values than the ones applied. The parse kept
+    one of each: a header of no more quotes than its parsed strings make holds no repeat, and any other (an
+    escaped quote has one too) is parsed again, keeping every key. The input's data, checked to be numbers
+    only, has no string to count."""
+    tensor = document["inputs"][0]
+    numbers = {**tensor, "data": None} if "data" in tensor else tensor
+    if header.count(b'"') <= 2 * _strings({**document, "inputs": [numbers]}):
+        return
+    try:
+        json.loads(header, object_pairs_hook=_unique_keys)
+    except _RepeatedKey as repeated:
+        raise v2_problem(400, f"the key {repeated.args[0]!r} is given twice in one object of the inference"
+                         " request; parsers disagree on which one counts: send it once") from None
+    except RecursionError:  # json's parser stops short of orjson's 1,024 levels
+        raise v2_problem(400, "the inference request nests too deeply to be checked for keys given twice;"
+                         " send fewer levels of nesting") from None
 
 
 # -- parameters --------------------------------------------------------------------------------------
@@ -293,7 +343,7 @@ def parse_infer(
 ) -> InferRequest:
     """Decode and check one v2 inference request (its Content-Encoding already undone by the middleware)."""
     header, binary = _split(body, header_length)
-    request = _load(header)
+    document, request = _load(header)
     names = [tensor.name for tensor in request.inputs]
     if names != [INPUT]:
         raise v2_problem(400, f"the model takes one input named {INPUT!r}, got {names}")
@@ -314,10 +364,12 @@ def parse_infer(
         raise v2_problem(400, f"parameter offset is {offset}, but sequence_start puts the chunk at 0; omit the"
                          " offset or send 0")
     levels, scores = _levels(parameters), _flag(parameters, SCORES)
+    outputs = _requested(request, horizon, levels, scores)
+    _refuse_repeated_keys(header, document)  # last: only a request taken otherwise needs it, data checked
     return InferRequest(
         id=request.id, values=values, batched=len(request.inputs[0].shape) == 3, sequence_id=sequence_id,
         session_id=session_id, sequence_start=sequence_start, sequence_end=sequence_end, horizon=horizon,
-        offset=offset, outputs=_requested(request, horizon, levels, scores), levels=levels, scores=scores,
+        offset=offset, outputs=outputs, levels=levels, scores=scores,
     )
 
 

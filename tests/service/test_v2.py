@@ -633,3 +633,36 @@ def test_a_body_of_many_bad_elements_costs_one_error_not_one_each() -> None:
             tracemalloc.stop()
         assert refused.value.status == 400 and "does not match the protocol" in refused.value.detail
         assert peak < 16 * 1024 * 1024, peak
+
+
+def test_a_key_given_twice_is_400_not_the_last_one_believed(model: dict[str, Any], client: httpx.Client) -> None:
+    """A JSON object naming a key twice says two things: the last was applied, where Triton's parser, like
+    other parsers, reads the first, so a gateway could see another sequence or other values than the ones
+    applied. v1 refuses such a body too (``duplicate_key``)."""
+    session, other = new_id("v2"), new_id("v2")
+    start = {"inputs": [_values_tensor(series(2))], "parameters": {"sequence_id": session, "sequence_start": True}}
+    assert _infer(client, model["name"], start).status_code == 200
+    tensor = '{"name": "values", "shape": [1, 1], "datatype": "FP32", "data": [0.5]%s}'
+    for inputs, parameters in [
+        (tensor % ', "data": [0.25]', f'"sequence_id": "{session}"'),
+        (tensor % "", f'"sequence_id": "{session}", "sequence_id": "{other}", "sequence_start": true'),
+        (tensor % ', "parameters": {"x": "\\"", "x": 1}', f'"sequence_id": "{session}"'),  # an escaped quote
+    ]:
+        body = f'{{"inputs": [{inputs}], "parameters": {{{parameters}}}}}'.encode()
+        assert "given twice" in _assert_v2_error(_infer_raw(client, model["name"], body), 400)["error"]
+    header = orjson.dumps({"inputs": [{"name": "values", "shape": [1, 1], "datatype": "FP32",
+                                       "parameters": {"binary_data_size": 4}}]})
+    header = header[:-1] + f', "parameters": {{"sequence_id": "{session}", "horizon": 1, "horizon": 2}}}}'.encode()
+    binary = client.post(f"/v2/models/{model['name']}/infer", content=header + np.array([0.5], "<f4").tobytes(),
+                         headers={HEADER: str(len(header))})
+    assert "given twice" in _assert_v2_error(binary, 400)["error"]
+    assert position(client, session) == 2
+    assert client.get(f"/v1/sessions/{other}").status_code == 404
+    escaped = f'{{"inputs": [{tensor % ""}], "parameters": {{"sequence_id": "{session}", "x": "\\"\\""}}}}'
+    deep = f'{{"inputs": [{tensor % ""}], "parameters": {{"x": "\\"", "y": {"[" * 1000}{"]" * 1000}}}}}'
+    _assert_v2_error(_infer_raw(client, model["name"], deep.encode()), 400)  # checked, not a 500
+    assert _infer_raw(client, model["name"], escaped.encode()).status_code == 200  # quotes, but no key twice
+
+
+def _infer_raw(http: httpx.Client, name: str, body: bytes) -> httpx.Response:
+    return http.post(f"/v2/models/{name}/infer", content=body)
