@@ -9,7 +9,10 @@ then driven by the load generator, a separate process: ``--sessions`` keep-alive
 asyncio streams on uvloop: httpx would cost more CPU than the servers it measures), each owning one session
 and posting chunks of random values in sequence with the correct ``offset``. It runs ``--warmup`` seconds
 unmeasured, then ``--duration`` seconds in which every answer counts: a 200 as throughput and latency, any
-other status as an error (a 409 resynchronises the session's offset from the problem body).
+other status as an error (a 409 resynchronises the session's offset from the problem body). A 200 whose
+answer names a ``position`` other than the one its chunk ends at (a server that skipped, repeated or
+reordered chunks) counts as an error too, "wrong position", never as throughput; an answer without a
+position (the echo targets') is not checked.
 
 Targets, in the order they run:
 
@@ -68,11 +71,23 @@ _BODIES = 1024  # distinct random chunks, shared by the connections, cycled
 # -- the load generator (runs in its own process) -----------------------------------------------------------
 
 
+WRONG_POSITION = "wrong position"  # a 200 answering another chunk than the one it was read for
+
+
 @dataclass
 class _Tally:
     latencies: list[float]
-    statuses: dict[int, int]
+    statuses: dict[int | str, int]  # HTTP status (a stream's problem "status"), or WRONG_POSITION
     failures: int = 0  # connection errors
+
+
+_POSITION = re.compile(rb'"position":\s*(\d+)')
+
+
+def _position(answer: bytes) -> int | None:
+    """The session position a 200 answer reports (its first ``position`` member), None when it has none."""
+    found = _POSITION.search(answer)
+    return int(found.group(1)) if found else None
 
 
 def _chunks(steps: int) -> list[bytes]:
@@ -112,8 +127,12 @@ async def _connection(host: str, port: int, path: str, steps: int, first: int, b
             reader, writer = await asyncio.open_connection(host, port)
             continue
         ended = time.perf_counter()
+        status_or_wrong: int | str = status
         if status == 200:
+            reported = _position(answer)
             position += steps
+            if reported is not None and reported != position:  # not this chunk's answer: take what it says
+                status_or_wrong, position = WRONG_POSITION, reported
         elif status in (404, 409):  # lost track: take the position the problem body reports
             try:
                 position = int(json.loads(answer).get("position", 0))
@@ -125,8 +144,8 @@ async def _connection(host: str, port: int, path: str, steps: int, first: int, b
         # Every answer that arrives in the window counts, whenever it was sent: dropping the one each connection
         # had in flight at the start would take sessions/duration off req/s, most off the slowest server's.
         if clock["start"] <= ended <= clock["end"]:
-            tally.statuses[status] = tally.statuses.get(status, 0) + 1
-            if status == 200:
+            tally.statuses[status_or_wrong] = tally.statuses.get(status_or_wrong, 0) + 1
+            if status_or_wrong == 200:
                 tally.latencies.append(ended - began)
     writer.close()
 
@@ -183,7 +202,7 @@ async def _stream_connection(host: str, port: int, path: str, steps: int, first:
     reader, writer = await _ws_open(host, port, path)
     position = 0  # where the next chunk starts
     count = first
-    sent: list[float] = []  # send times of the chunks in flight, oldest first
+    sent: list[tuple[float, int]] = []  # (send time, position it ends at) of the chunks in flight, oldest first
     stale = 0  # chunks in flight sent before the last resync: refused too, their position not to be taken
     while True:
         while len(sent) < pipeline and time.perf_counter() < clock["end"]:
@@ -191,7 +210,7 @@ async def _stream_connection(host: str, port: int, path: str, steps: int, first:
             count += 1
             position += steps
             writer.write(_ws_frame(body))
-            sent.append(time.perf_counter())
+            sent.append((time.perf_counter(), position))
         if not sent:
             break
         try:
@@ -200,8 +219,8 @@ async def _stream_connection(host: str, port: int, path: str, steps: int, first:
             tally.failures += clock["start"] <= time.perf_counter() <= clock["end"]  # the window's only
             writer.close()
             return
-        ended, began = time.perf_counter(), sent.pop(0)
-        status = 200
+        ended, (began, ends_at) = time.perf_counter(), sent.pop(0)
+        status: int | str = 200
         behind_resync = stale > 0
         stale -= behind_resync
         if answer.startswith(b'{"type"'):  # a problem frame: take the position it reports
@@ -210,6 +229,8 @@ async def _stream_connection(host: str, port: int, path: str, steps: int, first:
             if "position" in problem and not behind_resync:
                 position = int(problem["position"])
                 stale = len(sent)  # their offsets counted on the refused chunk: each is refused in turn
+        elif (reported := _position(answer)) is not None and reported != ends_at:
+            status = WRONG_POSITION  # answers come in the order of the frames: this one is not its chunk's
         if clock["start"] <= ended <= clock["end"]:
             tally.statuses[status] = tally.statuses.get(status, 0) + 1
             if status == 200:

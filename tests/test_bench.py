@@ -214,3 +214,63 @@ def test_connection_failures_in_the_warm_up_are_not_counted_in_the_window() -> N
     numbers = asyncio.run(measure())
     assert len(dropped) == 2 and numbers["ok"] > 0, numbers
     assert numbers["failures"] == 0, numbers
+
+
+def test_a_stream_answer_for_another_chunk_than_the_one_it_is_read_for_is_not_counted() -> None:
+    """A stream server that applies every chunk but answers each pair of pipelined frames in reverse order:
+    every answer names the position of the other chunk of its pair. The generator pairs each answer with the
+    oldest chunk in flight, so it timed each answer against the wrong send and counted all of them as 200s;
+    a wrong server must be noticed: none counts, each is a "wrong position"."""
+
+    async def swapped(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\r\n")
+        position = 0
+        try:
+            while True:
+                pair = []
+                for _ in range(2):
+                    frame = json.loads(await _ws_server_frames(reader))
+                    position += len(frame["values"])
+                    pair.append({"session_id": "s", "position": position})
+                for answer in reversed(pair):
+                    writer.write(_ws_server_frame(json.dumps(answer).encode()))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def measure() -> dict[str, object]:
+        server = await asyncio.start_server(swapped, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            return await load.drive(f"http://127.0.0.1:{port}", 8, sessions=1, duration=0.3, warmup=0.0,
+                                    tag="t", pids=[], pipeline=2)
+
+    numbers = asyncio.run(measure())
+    errors = numbers["errors"]
+    assert numbers["ok"] == 0 and isinstance(errors, dict) and errors.get("wrong position", 0) > 10, numbers
+
+
+def test_an_http_200_that_did_not_apply_the_chunk_is_not_counted() -> None:
+    """A server answering every chunk 200 with the session still at 0 (as if it had ignored the chunk) was
+    counted as full throughput: each answer must name the position the chunk ends at."""
+
+    async def ignoring(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                await reader.readexactly(int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0]))
+                body = b'{"session_id":"s","position":0,"predictions":[]}'
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def measure() -> dict[str, object]:
+        server = await asyncio.start_server(ignoring, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            return await load.drive(f"http://127.0.0.1:{port}", 8, sessions=2, duration=0.3, warmup=0.0,
+                                    tag="t", pids=[])
+
+    numbers = asyncio.run(measure())
+    errors = numbers["errors"]
+    assert numbers["ok"] == 0 and isinstance(errors, dict) and errors.get("wrong position", 0) > 10, numbers
