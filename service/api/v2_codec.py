@@ -49,7 +49,13 @@ UINT64_MAX = 2**64 - 1
 MAX_OFFSET = 2**62  # positions are int64 in the chunk fingerprint; no stream gets near this
 _LOOSE = ConfigDict(strict=True, extra="ignore")  # the protocol lets clients add fields we do not use
 # Every list stops at its first bad element (``fail_fast``): an error for each, all built to name the first
-# few, made a 4 MB body of empty tensors cost 2.4 GB and over a minute of the event loop to refuse.
+# few, made a 4 MB body of empty tensors cost 2.4 GB and over a minute of the event loop to refuse. And a
+# list longer than the model can take is refused at its count, before any element is looked at: 4 MB of
+# valid extra input tensors cost 0.36 s to refuse, 180,000 outputs 0.9 s. The model takes one input of
+# 2 or 3 dimensions (the bounds leave a few more, named in the refusal) and answers each output once.
+MAX_INPUTS = 8
+MAX_DIMS = 8
+MAX_OUTPUTS = len(OUTPUTS) + 1 + 4 * MAX_LEVELS  # predictions, forecast, scores, 4 interval bounds a level
 
 
 def v2_problem(status: int, detail: str, kind: str = "invalid-inference-request", **extra: Any) -> Problem:
@@ -60,7 +66,7 @@ def v2_problem(status: int, detail: str, kind: str = "invalid-inference-request"
 class _Tensor(BaseModel):
     model_config = _LOOSE
     name: str
-    shape: list[int] = Field(fail_fast=True)
+    shape: list[int] = Field(fail_fast=True, max_length=MAX_DIMS)
     datatype: str
     parameters: dict[str, Any] = Field(default_factory=dict)
     data: Any = None
@@ -76,8 +82,8 @@ class _InferRequest(BaseModel):
     model_config = _LOOSE
     id: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
-    inputs: list[_Tensor] = Field(fail_fast=True)
-    outputs: list[_RequestedOutput] | None = Field(None, fail_fast=True)
+    inputs: list[_Tensor] = Field(fail_fast=True, max_length=MAX_INPUTS)
+    outputs: list[_RequestedOutput] | None = Field(None, fail_fast=True, max_length=MAX_OUTPUTS)
 
 
 @dataclass(slots=True)
