@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import reprlib
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +62,16 @@ MAX_OUTPUTS = len(OUTPUTS) + 1 + 4 * MAX_LEVELS  # predictions, forecast, scores
 def v2_problem(status: int, detail: str, kind: str = "invalid-inference-request", **extra: Any) -> Problem:
     """A refused inference request (the protocol's ``error`` member is added by ``Problem.body`` under /v2)."""
     return Problem(status, kind, detail, **extra)
+
+
+_QUOTED = reprlib.Repr()  # 6 elements of a list, 4 keys of a dict, ...
+_QUOTED.maxstring = 80  # the names and ids of ordinary requests whole
+
+
+def _quote(value: Any) -> str:
+    """A client's value as a refusal shows it: its repr, cut to a few elements and a few dozen characters,
+    so that an answer never echoes megabytes of the request (a 4 MB name was answered whole)."""
+    return _QUOTED.repr(value)
 
 
 class _Tensor(BaseModel):
@@ -112,7 +123,7 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
         return body, b""
     cut = decimal_length(header_length.encode("latin-1"))  # Starlette decoded the header as latin-1
     if cut is None or cut > len(body):
-        raise v2_problem(400, f"{HEADER_LENGTH} is {header_length!r}, but the body has {len(body)} bytes; it"
+        raise v2_problem(400, f"{HEADER_LENGTH} is {_quote(header_length)}, but the body has {len(body)} bytes; it"
                          " must be the length of the JSON header that starts the body")
     return body[:cut], body[cut:]
 
@@ -186,7 +197,7 @@ def _refuse_repeated_keys(header: bytes, document: dict[str, Any]) -> None:
 def _flag(parameters: dict[str, Any], name: str) -> bool:
     value = parameters.get(name, False)
     if not isinstance(value, bool):
-        raise v2_problem(400, f"parameter {name} must be true or false, got {value!r}")
+        raise v2_problem(400, f"parameter {name} must be true or false, got {_quote(value)}")
     return value
 
 
@@ -195,7 +206,7 @@ def _count(parameters: dict[str, Any], name: str, maximum: int, limit_name: str)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise v2_problem(400, f"parameter {name} must be a whole number ≥ 0, got {value!r}")
+        raise v2_problem(400, f"parameter {name} must be a whole number ≥ 0, got {_quote(value)}")
     if value > maximum:
         raise v2_problem(400, f"parameter {name}={value} is over {limit_name}={maximum}")
     return value
@@ -209,7 +220,7 @@ def _levels(parameters: dict[str, Any]) -> list[float] | None:
     if (not isinstance(value, list) or not 1 <= len(value) <= MAX_LEVELS
             or not all(isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < 100 for v in value)):
         raise v2_problem(400, f"parameter levels must be a list of 1 to {MAX_LEVELS} numbers strictly between 0"
-                         f" and 100 (percent), got {value!r}")
+                         f" and 100 (percent), got {_quote(value)}")
     if repeats_a_level(value):
         raise v2_problem(400, f"parameter levels {value} repeats a level (outputs are named by format(level, 'g'),"
                          " 6 significant digits); ask for each once")
@@ -232,13 +243,13 @@ def _sequence(parameters: dict[str, Any]) -> tuple[str | int | None, str | None]
         return None, None
     value = parameters["sequence_id"]
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise v2_problem(400, f"parameter sequence_id must be a uint64 or a string, got {value!r}")
+        raise v2_problem(400, f"parameter sequence_id must be a uint64 or a string, got {_quote(value)}")
     if isinstance(value, int) and not 0 < value <= UINT64_MAX:
         raise v2_problem(400, f"parameter sequence_id {value} is not a uint64 > 0 (0 means no sequence: omit"
                          " it for a stateless call)")
     session_id = str(value)
     if not SESSION_ID.fullmatch(session_id):
-        raise v2_problem(400, f"parameter sequence_id {value!r} breaks the v1 session id rule: {SESSION_ID_RULE}")
+        raise v2_problem(400, f"parameter sequence_id {_quote(value)} breaks the v1 session id rule: {SESSION_ID_RULE}")
     return value, session_id
 
 
@@ -271,8 +282,8 @@ def _flatten(data: Any, shape: list[int]) -> list[Any]:
 
 def _input_array(tensor: _Tensor, binary: bytes, features: int, max_steps: int) -> tuple[np.ndarray, int]:
     """The (T, F) float32 chunk of the ``values`` tensor and how many binary bytes it took."""
-    if tensor.datatype != FP32:
-        raise v2_problem(400, f"input {INPUT} has datatype {tensor.datatype}; the model takes {FP32}")
+    if tensor.datatype != FP32:  # shown bare, as the protocol's names (FP64, BYTES) are: 16 characters at most
+        raise v2_problem(400, f"input {INPUT} has datatype {tensor.datatype:.16}; the model takes {FP32}")
     shape = tensor.shape
     if len(shape) == 3 and shape[0] == 1:
         steps, width = shape[1], shape[2]
@@ -294,7 +305,7 @@ def _input_array(tensor: _Tensor, binary: bytes, features: int, max_steps: int) 
         raise v2_problem(400, f"input {INPUT} has both data and a binary_data_size parameter; send one of them")
     if size is not None:
         if isinstance(size, bool) or not isinstance(size, int) or size != count * 4:
-            raise v2_problem(400, f"input {INPUT} binary_data_size is {size!r}; shape {shape} of {FP32} is"
+            raise v2_problem(400, f"input {INPUT} binary_data_size is {_quote(size)}; shape {shape} of {FP32} is"
                              f" {count * 4} bytes")
         if size > len(binary):
             raise v2_problem(400, f"input {INPUT} announces {size} bytes of binary data, but the body holds"
@@ -329,7 +340,7 @@ def _requested(request: _InferRequest, horizon: int, levels: list[float] | None,
     outputs: dict[str, bool] = {}
     for output in request.outputs:
         if output.name not in (*OUTPUTS, *extra):
-            raise v2_problem(400, f"unknown output {output.name!r}; the model answers {', '.join(OUTPUTS)} (and"
+            raise v2_problem(400, f"unknown output {_quote(output.name)}; the model answers {', '.join(OUTPUTS)} (and"
                              " with the parameters levels and scores, their intervals and scores)")
         if output.name in outputs:  # answered once, in JSON or binary as one of its entries says: a guess
             raise v2_problem(400, f"output {output.name!r} is requested twice; list each output once")
@@ -352,7 +363,7 @@ def parse_infer(
     document, request = _load(header)
     names = [tensor.name for tensor in request.inputs]
     if names != [INPUT]:
-        raise v2_problem(400, f"the model takes one input named {INPUT!r}, got {names}")
+        raise v2_problem(400, f"the model takes one input named {INPUT!r}, got {_quote(names)}")
     values, taken = _input_array(request.inputs[0], binary, features, max_steps)
     if taken != len(binary):
         raise v2_problem(400, f"the body has {len(binary) - taken} bytes after the JSON header that no input"

@@ -663,6 +663,31 @@ def test_a_list_longer_than_the_model_takes_is_refused_at_its_count() -> None:
     assert len(every) == 19
 
 
+def test_a_refusal_quotes_a_short_prefix_of_what_it_refuses() -> None:
+    """A refusal names the value it refuses, but a name, a datatype or a parameter of 100 kB was echoed
+    whole (a 4 MB body got a 4 MB answer): at most a few dozen characters of each, and a few elements of a
+    list, are quoted now."""
+    long = "x" * 100_000
+    good = {"name": "values", "shape": [1, 1], "datatype": "FP32", "data": [0.5]}
+    for label, document, header_length in [
+        ("input name", {"inputs": [{**good, "name": long}]}, None),
+        ("input names", {"inputs": [{**good, "name": long}] * 8}, None),
+        ("datatype", {"inputs": [{**good, "datatype": long}]}, None),
+        ("binary_data_size", {"inputs": [{**good, "data": None, "parameters": {"binary_data_size": long}}]}, None),
+        ("output name", {"inputs": [good], "outputs": [{"name": long}]}, None),
+        ("sequence_id", {"inputs": [good], "parameters": {"sequence_id": long}}, None),
+        ("sequence_id list", {"inputs": [good], "parameters": {"sequence_id": [long] * 10}}, None),
+        ("sequence_start", {"inputs": [good], "parameters": {"sequence_start": long}}, None),
+        ("horizon", {"inputs": [good], "parameters": {"horizon": long}}, None),
+        ("levels", {"inputs": [good], "parameters": {"levels": [50] * 100_000}}, None),
+        ("header length", {"inputs": [good]}, "9" * 60_000),
+    ]:
+        with pytest.raises(Problem) as refused:
+            parse_infer(orjson.dumps(document), header_length, features=1, max_steps=8, max_horizon=4)
+        assert refused.value.status == 400, label
+        assert len(refused.value.detail) < 1024, (label, refused.value.detail[:200])
+
+
 def test_a_key_given_twice_is_400_not_the_last_one_believed(model: dict[str, Any], client: httpx.Client) -> None:
     """A JSON object naming a key twice says two things: the last was applied, where Triton's parser, like
     other parsers, reads the first, so a gateway could see another sequence or other values than the ones
