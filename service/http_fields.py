@@ -3,10 +3,9 @@ ASGI level, where no router or exception handler is there to do it."""
 
 from __future__ import annotations
 
-import zlib
-
 from starlette.types import Message, Scope, Send
 
+from service.inflate import Malformed, TooLarge, inflate
 from service.problems import Problem
 
 
@@ -21,36 +20,16 @@ def decimal_length(value: bytes) -> int | None:
     return int(digits or b"0")
 
 
-CONTENT_CODINGS = {b"gzip": 31, b"x-gzip": 31, b"deflate": 15}  # zlib's wbits for each
-MAX_GZIP_MEMBERS = 64  # gzip data may be members end to end (RFC 1952); a body of many tiny ones is refused
-
-
 def decode_body(raw: bytes, coding: bytes, limit: int) -> bytes:
-    """The body under ``Content-Encoding: coding`` (one of ``CONTENT_CODINGS``), inflated to ``limit`` bytes at
-    most: a bomb is refused after ``limit + 1`` bytes, never inflated whole. Gzip data is every member of it;
-    anything after the data (after a deflate stream, or not a gzip member) is malformed, never ignored."""
-    wbits, parts, size, rest = CONTENT_CODINGS[coding], [], 0, raw
-    for _ in range(MAX_GZIP_MEMBERS if wbits == 31 else 1):
-        inflater = zlib.decompressobj(wbits)
-        try:
-            part = inflater.decompress(rest, limit + 1 - size)
-        except zlib.error as exc:
-            raise _malformed(coding, str(exc)) from None
-        parts.append(part)
-        size += len(part)
-        if size > limit or inflater.unconsumed_tail:
-            raise Problem(413, "body-too-large", f"the decompressed body is over GRU_MAX_BODY_BYTES={limit} bytes;"
-                          " send smaller chunks")
-        if not inflater.eof:
-            raise _malformed(coding, "truncated")
-        rest = inflater.unused_data
-        if not rest:
-            return b"".join(parts)
-    raise _malformed(coding, f"data after its end, or more than {MAX_GZIP_MEMBERS} gzip members")
-
-
-def _malformed(coding: bytes, why: str) -> Problem:
-    return Problem(400, "malformed-encoding", f"the body is not valid {coding.decode()} data ({why})")
+    """The body under ``Content-Encoding: coding`` (one of ``CONTENT_CODINGS``) inflated to ``limit`` bytes at
+    most (``service.inflate``): a 413 past it, a 400 for data that is not of its coding."""
+    try:
+        return inflate(raw, coding, limit)
+    except TooLarge:
+        raise Problem(413, "body-too-large", f"the decompressed body is over GRU_MAX_BODY_BYTES={limit} bytes;"
+                      " send smaller chunks") from None
+    except Malformed as exc:
+        raise Problem(400, "malformed-encoding", f"the body is not valid {coding.decode()} data ({exc})") from None
 
 
 async def send_problem(problem: Problem, scope: Scope, send: Send) -> None:

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service.extras import level_key
+from service.inflate import CONTENT_CODINGS, Malformed, TooLarge, inflate
 from service.session_ids import SESSION_ID, SESSION_ID_RULE
 
 INSTALL = "pip install 'gru-service[client]' (in a checkout: pip install -e '.[client]')"
@@ -72,6 +73,8 @@ RETRY_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocol
 # The most of an answer either client reads: far past any the service gives (4,096 steps of 16 features with a
 # forecast, four levels and scores are about 8 MiB of JSON), far short of what a hostile server could send.
 DEFAULT_MAX_ANSWER_BYTES = 64 * 1024 * 1024
+# The codings an answer may come in: those the client inflates within max_answer_bytes (``_Body``).
+ACCEPT_ENCODING = "gzip, deflate"
 Values = Sequence[Sequence[float]] | Sequence[float] | Any  # lists, or anything with .tolist() (numpy)
 Band = dict[str, list[list[float]]]  # {"lower": rows × F, "upper": rows × F}
 
@@ -469,8 +472,10 @@ def _in_time(response: httpx.Response, deadline: float, timeout: float) -> None:
 
 class _Body:
     """An answer's body as either client reads it, refused (``BadAnswer``, never retried) once past ``limit``
-    bytes, from its Content-Length before a byte is read, or as its pieces come (counted as decoded): a
-    hostile or broken server could otherwise make the client read, and hold, as much as it liked."""
+    bytes: from its Content-Length before a byte is read, as its pieces come, and as it is inflated (gzip or
+    deflate, ``service.inflate``), never further than the limit: a hostile or broken server could otherwise make
+    the client read, and hold, as much as it liked (httpx inflates each piece whole, 64 KiB of gzip into 64 MiB).
+    A coding the client did not ask for (``ACCEPT_ENCODING``) is an ``httpx.DecodingError``."""
 
     def __init__(self, response: httpx.Response, limit: int):
         self.response = response
@@ -479,8 +484,17 @@ class _Body:
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise self._over(f"its Content-Length is {declared}")
+        # an answer read whole already (a test transport's, which httpx makes that way) is inflated already
+        self.inflated = response.is_stream_consumed
+        listed = [] if self.inflated else response.headers.get_list("content-encoding", split_commas=True)
+        self.codings = [coding.strip().lower().encode() for coding in listed]
+        self.codings = [coding for coding in self.codings if coding not in (b"", b"identity")]
+        if unasked := [coding for coding in self.codings if coding not in CONTENT_CODINGS]:
+            raise httpx.DecodingError(f"Content-Encoding {b', '.join(unasked).decode(errors='replace')!r} is"
+                                      f" none the client asked for ({ACCEPT_ENCODING})", request=response.request)
 
     def add(self, piece: bytes) -> None:
+        """Another piece of the body as it came (``iter_raw``: before inflating)."""
         self.data += piece
         if len(self.data) > self.limit:
             raise self._over(f"{len(self.data)} read so far")
@@ -490,10 +504,19 @@ class _Body:
                                    " raise it if the service's answers are that large")
 
     def whole(self) -> httpx.Response:
-        """The response with its body as read, decoded already (no Content-Encoding left to undo)."""
+        """The response with its body as read, inflated (no Content-Encoding left to undo)."""
+        content = bytes(self.data)
+        try:
+            for coding in reversed(self.codings):  # the last applied is undone first
+                content = inflate(content, coding, self.limit)
+        except TooLarge:
+            raise self._over("inflated") from None
+        except Malformed as exc:
+            raise httpx.DecodingError(f"not valid {coding.decode()} data ({exc})",
+                                      request=self.response.request) from None
         headers = [(name, value) for name, value in self.response.headers.multi_items()
                    if name.lower() not in ("content-encoding", "content-length")]
-        return httpx.Response(self.response.status_code, headers=headers, content=bytes(self.data),
+        return httpx.Response(self.response.status_code, headers=headers, content=content,
                               request=self.response.request, extensions=self.response.extensions)
 
 
@@ -571,7 +594,8 @@ class _Calls:
 
     @staticmethod
     def _http_options(base_url: str, api_key: str | None, timeout: float) -> dict[str, Any]:
-        return {"base_url": base_url, "headers": _headers(api_key), "timeout": timeout}
+        headers = {"Accept-Encoding": ACCEPT_ENCODING, **_headers(api_key)}
+        return {"base_url": base_url, "headers": headers, "timeout": timeout}
 
 
 class _SessionCalls:
@@ -678,7 +702,7 @@ class Client(_Calls):
         deadline = time.monotonic() + self._timeout
         with self._http.stream(call.method, call.path, **call.options()) as response:
             body = _Body(response, self._max_answer_bytes)
-            for piece in response.iter_bytes():
+            for piece in response.iter_bytes() if body.inflated else response.iter_raw():
                 _in_time(response, deadline, self._timeout)
                 body.add(piece)
         return body.whole()
@@ -848,7 +872,7 @@ class AsyncClient(_Calls):
             async with asyncio.timeout(self._timeout):
                 async with self._http.stream(call.method, call.path, **call.options()) as response:
                     body = _Body(response, self._max_answer_bytes)
-                    async for piece in response.aiter_bytes():
+                    async for piece in response.aiter_bytes() if body.inflated else response.aiter_raw():
                         body.add(piece)
         except TimeoutError:
             raise httpx.ReadTimeout(f"the answer took over {self._timeout} s") from None

@@ -8,7 +8,8 @@ from __future__ import annotations
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.http_fields import CONTENT_CODINGS, decode_body, send_problem
+from service.http_fields import decode_body, send_problem
+from service.inflate import CONTENT_CODINGS
 from service.problems import Problem
 
 

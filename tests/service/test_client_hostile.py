@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import signal
 import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -266,6 +268,38 @@ def test_a_body_that_cannot_be_inflated_raises_a_service_error(hostile: _Scripte
     hostile.answer = (200, {"content-encoding": "gzip"}, b"not gzip: " + _chunk_answer())
     with Client(_url(hostile), retry=FAST) as client, pytest.raises(ServiceError, match="DecodingError"):
         client.session("s").predict([1.0])
+
+
+@pytest.mark.parametrize("coding", ["gzip", "gzip, gzip"])
+def test_a_compressed_answer_is_inflated_no_further_than_max_answer_bytes(hostile: _ScriptedServer,
+                                                                           coding: str) -> None:
+    """httpx inflated each piece read whole before the client counted it: 200 KB of gzip (or 500 bytes of it
+    gzipped twice) was 200 MB held to refuse an answer over 1 MB."""
+    body = b" " * (200 << 20)
+    for _ in coding.split(","):
+        body = gzip.compress(body)
+    hostile.answer = (200, {"content-encoding": coding}, body)
+    tracemalloc.start()
+    try:
+        with Client(_url(hostile), retry=FAST, max_answer_bytes=1_000_000) as client, \
+                pytest.raises(BadAnswer, match="over 1000000 bytes, the client's max_answer_bytes"):
+            client.session("s").predict([1.0])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20_000_000
+
+
+def test_a_compressed_answer_is_taken_sync_and_async(hostile: _ScriptedServer) -> None:
+    hostile.answer = (200, {"content-encoding": "gzip"}, gzip.compress(_chunk_answer()))
+
+    async def predict() -> int | None:
+        async with AsyncClient(_url(hostile), retry=FAST) as client:
+            return (await (await client.session("s")).predict([1.0])).position
+
+    with Client(_url(hostile), retry=FAST) as client:
+        assert client.session("s").predict([1.0]).position == 1
+    assert asyncio.run(predict()) == 1
 
 
 def test_a_url_without_its_scheme_raises_a_service_error() -> None:
