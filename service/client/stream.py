@@ -33,8 +33,10 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection as AsyncConnection
 from websockets.asyncio.client import connect as async_connect
 from websockets.exceptions import InvalidStatus, PayloadTooBig, WebSocketException
-from websockets.http11 import Response
+from websockets.headers import build_host
+from websockets.http11 import Request, Response
 from websockets.sync.client import ClientConnection, connect
+from websockets.uri import parse_uri
 
 from service.client import (
     DEFAULT_MAX_ANSWER_BYTES,
@@ -79,6 +81,8 @@ class _Window:
             raise ValueError("window must be at least 1")
         self.url = url.replace("http://", "ws://", 1).replace("https://", "wss://", 1).rstrip("/")
         self.url += f"/v1/sessions/{session_id}/stream"
+        uri = parse_uri(self.url)
+        self._target = (uri.resource_name, build_host(uri.host, uri.port, uri.secure))  # path and Host asked
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.id = session_id
         self.position = position  # the session's position as the last answer reported
@@ -145,6 +149,15 @@ class _Window:
         self._failures = 0
         self._confirmed = True
         self.position = sent.offset + sent.steps
+
+    def _redirected(self, request: Request | None) -> BadAnswer | None:
+        """The error for a connection that a redirect of the upgrade took elsewhere (websockets follows them, to
+        another session's stream too; the HTTP calls follow none), or None: no chunk may go there."""
+        arrived = (request.path, request.headers.get("Host")) if request is not None else self._target
+        if arrived == self._target:
+            return None
+        why = f"a redirect to {arrived[1]}{arrived[0]}; the client follows none: give it the service's URL"
+        return BadAnswer(None, {"detail": why}, f"stream upgrade unusable: {why}")
 
     def _fit(self, response: Response | None) -> None:
         """Keep no more chunks in flight than the service reads ahead (its 101 answer's ``X-Stream-Window``):
@@ -255,9 +268,13 @@ class StreamSession(_Window):
         if self._ws is None:
             # entered as a context (websockets 16+ deprecates a bare connect()); closed by close() or a reconnect;
             # frames up to max_answer_bytes, not websockets' 1 MiB: an answer with intervals is many times its chunk
-            self._ws = connect(self.url, additional_headers=self.headers, open_timeout=self.timeout,
-                               compression=None, max_size=self.max_answer_bytes).__enter__()
-            self._fit(self._ws.response)
+            ws = connect(self.url, additional_headers=self.headers, open_timeout=self.timeout,
+                         compression=None, max_size=self.max_answer_bytes).__enter__()
+            if (refused := self._redirected(ws.request)) is not None:
+                ws.close()
+                raise refused
+            self._ws = ws
+            self._fit(ws.response)
         return self._ws
 
     def _reconnect(self, failure: BaseException) -> None:
@@ -334,9 +351,13 @@ class AsyncStreamSession(_Window):
 
     async def _connection(self) -> AsyncConnection:
         if self._ws is None:
-            self._ws = await async_connect(self.url, additional_headers=self.headers, open_timeout=self.timeout,
-                                           compression=None, max_size=self.max_answer_bytes)
-            self._fit(self._ws.response)
+            ws = await async_connect(self.url, additional_headers=self.headers, open_timeout=self.timeout,
+                                     compression=None, max_size=self.max_answer_bytes)
+            if (refused := self._redirected(ws.request)) is not None:
+                await ws.close()
+                raise refused
+            self._ws = ws
+            self._fit(ws.response)
         return self._ws
 
     async def _reconnect(self, failure: BaseException) -> None:

@@ -22,7 +22,16 @@ import pytest
 from websockets.sync.server import ServerConnection, serve
 
 from harness.processes import ROOT
-from service.client import AsyncClient, Client, OffsetConflict, Prediction, Retry, ServiceError, Unavailable
+from service.client import (
+    AsyncClient,
+    BadAnswer,
+    Client,
+    OffsetConflict,
+    Prediction,
+    Retry,
+    ServiceError,
+    Unavailable,
+)
 from tests.conftest import WIDE_FEATURES, Server, ServerFactory, make_tiny_model
 from tests.service.helpers import new_id, position, series, stateless
 from tests.service.proxy import LoopbackProxy
@@ -253,6 +262,40 @@ def test_an_upgrade_answered_408_is_retried() -> None:
         with Client(url, retry=FAST) as api, api.stream_session("s") as session:
             assert [answer.position for answer in session.stream([[1.0]] * 4, chunk=2)] == [2, 4]
     assert len(upgrades) == 2 and session.reconnects == 1
+
+
+def test_an_upgrade_redirected_is_refused_not_followed_sync_and_async() -> None:
+    """The WebSocket client followed a redirect of the upgrade (with the API key, on the same host) where the
+    HTTP calls follow none: a proxy's or a wrong URL's 307 had the chunks applied to another session."""
+    applied: list[str] = []
+
+    def redirect(connection: ServerConnection, request: Any) -> Any:
+        if request.path != "/v1/sessions/s/stream":
+            return None
+        response = connection.respond(307, "")
+        response.headers["Location"] = "/v1/sessions/other/stream"
+        return response
+
+    def handler(connection: ServerConnection) -> None:
+        for message in connection:
+            applied.append(connection.request.path)
+            chunk = json.loads(message)
+            connection.send(json.dumps({"position": chunk["offset"] + 1, "predictions": [[0.0]],
+                                        "model_version": "v"}))
+
+    async def run(url: str) -> None:
+        async with AsyncClient(url, retry=FAST) as api, await api.stream_session("s") as session:
+            with pytest.raises(BadAnswer, match="redirect"):
+                _ = [answer async for answer in session.stream([[1.0]], chunk=1)]
+
+    with serve(handler, "127.0.0.1", 0, process_request=redirect) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.socket.getsockname()[1]}"
+        with Client(url, retry=FAST) as api, api.stream_session("s") as session, \
+                pytest.raises(BadAnswer, match="redirect"):
+            list(session.stream([[1.0]], chunk=1))
+        asyncio.run(run(url))
+    assert applied == []
 
 
 def test_a_stream_sends_its_first_chunk_alone_until_an_answer_confirms_where_the_session_is() -> None:
