@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -14,6 +16,20 @@ import torch
 
 from bench import __main__ as bench_main
 from bench import cell, cli_csv, junk, load, naive_server
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def _drive(handler: Handler, **options: Any) -> dict[str, object]:
+    """``load.drive`` with chunks of 8 against a scripted server, ``handler`` serving each connection."""
+
+    async def measure() -> dict[str, object]:
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            return await load.drive(f"http://127.0.0.1:{port}", 8, tag="t", pids=[], **options)
+
+    return asyncio.run(measure())
 
 
 def test_cell_table_runs_and_checks_outputs(capsys: pytest.CaptureFixture[str]) -> None:
@@ -64,14 +80,7 @@ def test_load_generator_counts_every_answer_that_arrives_in_the_window() -> None
             await asyncio.sleep(0.25)
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
 
-    async def measure() -> dict[str, object]:
-        server = await asyncio.start_server(slow, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        async with server:
-            return await load.drive(f"http://127.0.0.1:{port}", 8, sessions=2, duration=1.1, warmup=0.1, tag="t",
-                                    pids=[])
-
-    numbers = asyncio.run(measure())
+    numbers = _drive(slow, sessions=2, duration=1.1, warmup=0.1)
     assert numbers["ok"] == 8, numbers
 
 
@@ -171,14 +180,7 @@ def test_a_pipelined_stream_resynchronises_after_a_refused_frame() -> None:
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
 
-    async def measure() -> dict[str, object]:
-        server = await asyncio.start_server(stream, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        async with server:
-            return await load.drive(f"http://127.0.0.1:{port}", 8, sessions=1, duration=0.3, warmup=0.0,
-                                    tag="t", pids=[], pipeline=2)
-
-    numbers = asyncio.run(measure())
+    numbers = _drive(stream, sessions=1, duration=0.3, warmup=0.0, pipeline=2)
     assert numbers["ok"] > 10 and numbers["errors"] == {"503": 1, "409": 1}, numbers
 
 
@@ -204,14 +206,7 @@ def test_connection_failures_in_the_warm_up_are_not_counted_in_the_window() -> N
                 writer.close()
                 return
 
-    async def measure() -> dict[str, object]:
-        server = await asyncio.start_server(flaky, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        async with server:
-            return await load.drive(f"http://127.0.0.1:{port}", 8, sessions=2, duration=0.2, warmup=0.2,
-                                    tag="t", pids=[])
-
-    numbers = asyncio.run(measure())
+    numbers = _drive(flaky, sessions=2, duration=0.2, warmup=0.2)
     assert len(dropped) == 2 and numbers["ok"] > 0, numbers
     assert numbers["failures"] == 0, numbers
 
@@ -238,14 +233,7 @@ def test_a_stream_answer_for_another_chunk_than_the_one_it_is_read_for_is_not_co
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
 
-    async def measure() -> dict[str, object]:
-        server = await asyncio.start_server(swapped, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        async with server:
-            return await load.drive(f"http://127.0.0.1:{port}", 8, sessions=1, duration=0.3, warmup=0.0,
-                                    tag="t", pids=[], pipeline=2)
-
-    numbers = asyncio.run(measure())
+    numbers = _drive(swapped, sessions=1, duration=0.3, warmup=0.0, pipeline=2)
     errors = numbers["errors"]
     assert numbers["ok"] == 0 and isinstance(errors, dict) and errors.get("wrong position", 0) > 10, numbers
 
@@ -264,14 +252,7 @@ def test_an_http_200_that_did_not_apply_the_chunk_is_not_counted() -> None:
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
 
-    async def measure() -> dict[str, object]:
-        server = await asyncio.start_server(ignoring, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        async with server:
-            return await load.drive(f"http://127.0.0.1:{port}", 8, sessions=2, duration=0.3, warmup=0.0,
-                                    tag="t", pids=[])
-
-    numbers = asyncio.run(measure())
+    numbers = _drive(ignoring, sessions=2, duration=0.3, warmup=0.0)
     errors = numbers["errors"]
     assert numbers["ok"] == 0 and isinstance(errors, dict) and errors.get("wrong position", 0) > 10, numbers
 
