@@ -15,6 +15,8 @@ stream goes on.
 A send that fails (the service closed the stream: a drain's 1001) does not reconnect at once: the answers the
 connection had already received would go with it, and their chunks, resent, would come back as ``lost``. The
 frame stays unanswered; the next receive reads what the old connection holds, then fails on it and reconnects.
+A send is bounded by ``timeout`` as a receive is: one that cannot complete in time (a service that stops reading
+lets the socket's buffers fill) drops the connection, and fails as above.
 Each answer frame is held to the HTTP calls' rule (``unusable_answer``): one that breaks it is a ``BadAnswer``.
 ``AsyncStreamSession`` is the same with ``await``.
 """
@@ -273,6 +275,9 @@ class StreamSession(_Window):
             if (refused := self._redirected(ws.request)) is not None:
                 ws.close()
                 raise refused
+            # bounds each send (whose sendall has no timeout of its own); the reader selects before it reads, so
+            # an idle connection never times out: a send past it closes the connection (ConnectionClosedError)
+            ws.socket.settimeout(self.timeout)
             self._ws = ws
             self._fit(ws.response)
         return self._ws
@@ -334,7 +339,7 @@ class AsyncStreamSession(_Window):
             await self._reconnect(failure)  # which sends this frame too
             return
         with contextlib.suppress(*_DROPPED):  # the stream failed under it: the next receive resends it
-            await ws.send(frame)
+            await self._put(ws, frame)
 
     async def _receive(self) -> Prediction | None:
         try:
@@ -346,8 +351,18 @@ class AsyncStreamSession(_Window):
             return None
         with contextlib.suppress(*_DROPPED):  # as in _send: the next receive fails, and the reconnect resends
             for frame in self._room_made():
-                await ws.send(frame)
+                await self._put(ws, frame)
         return prediction
+
+    async def _put(self, ws: AsyncConnection, frame: str) -> None:
+        """``ws.send`` within ``timeout``: past it (a service that stops reading lets the buffers fill, and the
+        send waits on them for ever) the connection is dropped, so that what follows fails at once."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                await ws.send(frame)
+        except TimeoutError:
+            ws.transport.abort()
+            raise
 
     async def _connection(self) -> AsyncConnection:
         if self._ws is None:
@@ -369,7 +384,7 @@ class AsyncStreamSession(_Window):
             try:
                 ws = await self._connection()
                 for frame in self._resend():
-                    await ws.send(frame)
+                    await self._put(ws, frame)
                 return
             except _DROPPED as again:
                 failure = again

@@ -560,3 +560,49 @@ def test_a_stream_resumes_across_a_sigterm_restart_on_the_same_port_as_one_pass(
     with httpx.Client(base_url=restarted[0].url, timeout=30) as http:
         assert position(http, session.id) == len(values)
     _check(answers, [], values, 8, client)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_stream_whose_service_stops_reading_gives_up_instead_of_hanging(asynchronous: bool) -> None:
+    """A service (or a proxy) that answers the first chunk, then reads no more: the client's sends filled
+    loopback's socket buffers and then blocked for ever, unbounded by ``timeout`` where every receive is, so
+    ``stream`` neither returned nor raised. A send that does not complete in time is a dropped connection:
+    reconnected and resent until the attempts run out. Frames of about 1.3 MB, 48 of them, outgrow the buffers."""
+    stuck = threading.Event()
+    outcome: list[Exception] = []
+    values = [[0.5] * 4096] * (64 * 48)
+
+    def handler(connection: ServerConnection) -> None:
+        chunk = json.loads(connection.recv())
+        steps = len(chunk["values"])
+        connection.send(json.dumps({"session_id": "s", "position": chunk["offset"] + steps,
+                                    "predictions": [[0.0]] * steps, "model_version": "v"}))
+        stuck.wait()  # reads nothing more: max_queue=1 pauses the connection's reader too
+
+    def streamed(url: str) -> None:
+        with Client(url, retry=FAST, timeout=1.0) as api, api.stream_session("s") as session:
+            list(session.stream(values, chunk=64))
+
+    async def streamed_async(url: str) -> None:
+        async with AsyncClient(url, retry=FAST, timeout=1.0) as api, await api.stream_session("s") as session:
+            async for _ in session.stream(values, chunk=64):
+                pass
+
+    def run(url: str) -> None:
+        try:
+            if asynchronous:
+                asyncio.run(streamed_async(url))
+            else:
+                streamed(url)
+        except Exception as failure:  # handed to the test's thread
+            outcome.append(failure)
+
+    with serve(handler, "127.0.0.1", 0, max_size=None, max_queue=1, close_timeout=0.1) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        thread = threading.Thread(target=run, args=(f"http://127.0.0.1:{server.socket.getsockname()[1]}",),
+                                  daemon=True)
+        thread.start()
+        thread.join(30)
+        stuck.set()
+        assert not thread.is_alive(), "the client hangs in a send the service never reads"
+    assert len(outcome) == 1 and isinstance(outcome[0], Unavailable), outcome
