@@ -506,8 +506,8 @@ class _Body:
     def whole(self) -> httpx.Response:
         """The response with its body as read, inflated (no Content-Encoding left to undo)."""
         content = bytes(self.data)
-        try:
-            for coding in reversed(self.codings):  # the last applied is undone first
+        try:  # no content (a 204, whatever coding a proxy names) has nothing to inflate: httpx takes it as empty
+            for coding in reversed(self.codings if content else []):  # the last applied is undone first
                 content = inflate(content, coding, self.limit)
         except TooLarge:
             raise self._over("inflated") from None
