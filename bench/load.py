@@ -49,7 +49,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -248,10 +248,22 @@ async def _cpu_window(clock: dict[str, float], pids: list[int], out: dict[str, f
     out["client_cpu"] = time.process_time() - own
 
 
+async def _bounded(connection: Coroutine[Any, Any, None], clock: dict[str, float], tally: _Tally,
+                   grace: float) -> None:
+    """One session's connection, stopped ``grace`` seconds after the window ends: a server that stops
+    answering (or never answers a connect or an upgrade) is one failure, not a run that never ends."""
+    try:
+        async with asyncio.timeout(clock["end"] + grace - time.perf_counter()):
+            await connection
+    except TimeoutError:
+        tally.failures += 1
+
+
 async def drive(url: str, steps: int, sessions: int, duration: float, warmup: float, tag: str,
-                pids: list[int], pipeline: int = 0) -> dict[str, object]:
+                pids: list[int], pipeline: int = 0, grace: float = 30.0) -> dict[str, object]:
     """Run the load against ``url``; returns the measured window's numbers. ``pipeline`` > 0: over each
-    session's WebSocket stream instead, that many chunks in flight."""
+    session's WebSocket stream instead, that many chunks in flight. A connection still waiting ``grace``
+    seconds after the window is given up and counted as a failure."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     bodies = _chunks(steps)
@@ -265,7 +277,7 @@ async def drive(url: str, steps: int, sessions: int, duration: float, warmup: fl
     else:
         connections = [_connection(host, port, f"/v1/sessions/bench-{tag}-{steps}-{i}/predict", steps, 37 * i,
                                    bodies, clock, tally) for i in range(sessions)]
-    await asyncio.gather(_cpu_window(clock, pids, cpu), *connections)
+    await asyncio.gather(_cpu_window(clock, pids, cpu), *(_bounded(c, clock, tally, grace) for c in connections))
     ok = tally.statuses.get(200, 0)
     latencies = np.array(tally.latencies) * 1000
     return {

@@ -21,13 +21,14 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 
 
 def _drive(handler: Handler, **options: Any) -> dict[str, object]:
-    """``load.drive`` with chunks of 8 against a scripted server, ``handler`` serving each connection."""
+    """``load.drive`` with chunks of 8 against a scripted server, ``handler`` serving each connection; a
+    drive still running after 30 s fails the test (TimeoutError)."""
 
     async def measure() -> dict[str, object]:
         server = await asyncio.start_server(handler, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         async with server:
-            return await load.drive(f"http://127.0.0.1:{port}", 8, tag="t", pids=[], **options)
+            return await asyncio.wait_for(load.drive(f"http://127.0.0.1:{port}", 8, tag="t", pids=[], **options), 30)
 
     return asyncio.run(measure())
 
@@ -209,6 +210,21 @@ def test_connection_failures_in_the_warm_up_are_not_counted_in_the_window() -> N
     numbers = _drive(flaky, sessions=2, duration=0.2, warmup=0.2)
     assert len(dropped) == 2 and numbers["ok"] > 0, numbers
     assert numbers["failures"] == 0, numbers
+
+
+@pytest.mark.parametrize("pipeline", [0, 2])
+def test_a_server_that_stops_answering_is_a_failure_not_a_run_that_never_ends(pipeline: int) -> None:
+    """The server takes each connection (and a stream's upgrade) and never answers a chunk: every session
+    is given up ``grace`` seconds after the window and counted as a failure."""
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        if pipeline:
+            writer.write(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\r\n")
+        await reader.read()  # until the client goes
+
+    numbers = _drive(silent, sessions=3, duration=0.2, warmup=0.0, pipeline=pipeline, grace=0.5)
+    assert numbers["ok"] == 0 and numbers["failures"] == 3, numbers
 
 
 def test_a_stream_answer_for_another_chunk_than_the_one_it_is_read_for_is_not_counted() -> None:
