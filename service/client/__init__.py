@@ -34,10 +34,10 @@ import os
 import random
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from service.extras import level_key
 from service.inflate import CONTENT_CODINGS, Malformed, TooLarge, inflate
@@ -405,6 +405,11 @@ class State:
             raise ValueError(f"a state document without a last_offset: {exc!r}") from None
 
 
+def _document(state: State | bytes) -> bytes:
+    """The state document of an export, or the bytes given as one."""
+    return state.document if isinstance(state, State) else state
+
+
 def _same_session(document: bytes, other: bytes) -> bool:
     """Whether two state documents hold the same session whatever its id and times: model version,
     position, last chunk and state. A fork or conditional import resent after a lost answer meets what its
@@ -581,6 +586,22 @@ def _stateless(values: Values, horizon: int, levels: Sequence[float], scores: bo
     return _Call("POST", "/v1/predict", {"values": _rows(values), **chunk_fields(horizon, levels, scores)})
 
 
+_T = TypeVar("_T")
+# A call of several requests, written once for both clients: it yields each request and is sent its answer, or
+# thrown the ``ServiceError`` that refused it; what it returns is the call's (``Session._run``).
+_Steps = Generator[_Call, httpx.Response, _T]
+
+
+def _next_call(steps: _Steps[Any], answer: httpx.Response | ServiceError | None) -> _Call:
+    """The next request of ``steps``, handed the last one's answer or refusal (None: there was none yet);
+    StopIteration, with what ``steps`` returns, once it makes no more."""
+    if answer is None:
+        return next(steps)
+    if isinstance(answer, ServiceError):
+        return steps.throw(answer)
+    return steps.send(answer)
+
+
 class _Calls:
     """What ``Client`` and ``AsyncClient`` share: the retry policy and its count, how they connect, and the
     bound on an answer's size."""
@@ -599,7 +620,10 @@ class _Calls:
 
 
 class _SessionCalls:
-    """What a session sends and how an answer moves it, for both the sync and the async handle."""
+    """What a session sends and how an answer moves it, for both the sync and the async handle; the calls of
+    several requests as ``_Steps``, which each handle's ``_run`` carries out."""
+
+    client: _Calls
 
     def __init__(self, session_id: str, position: int = 0):
         self.id = session_id
@@ -618,7 +642,7 @@ class _SessionCalls:
         return _Call("GET", f"{self._path}/state", headers=headers)
 
     def _import(self, state: State | bytes, if_match: str | None) -> _Call:
-        document = state.document if isinstance(state, State) else state
+        document = _document(state)
         headers = {"Content-Type": "application/octet-stream", **({"If-Match": if_match} if if_match else {})}
         return _Call("PUT", f"{self._path}/state", content=document, headers=headers)
 
@@ -650,6 +674,55 @@ class _SessionCalls:
         assert prediction.position is not None  # _prediction saw it follow the chunk
         self.position = prediction.position
         return prediction
+
+    def _deleting(self, if_match: str | None) -> _Steps[None]:
+        """``delete``: a session already gone is fine (a resent delete's first try went through); resent after
+        a lost answer, a conditional delete that finds no session met its own first attempt (412)."""
+        resends = self.client.stats.retries
+        try:
+            yield self._delete(if_match)
+        except SessionNotFound:
+            pass
+        except PreconditionFailed:
+            if self.client.stats.retries == resends or (yield from self._existing()):
+                raise
+        self.position = 0
+
+    def _existing(self) -> _Steps[bool]:
+        """Whether the service has the session now."""
+        try:
+            _answer((yield self._describe()))
+        except SessionNotFound:
+            return False
+        return True
+
+    def _importing(self, state: State | bytes, if_match: str | None) -> _Steps[dict[str, Any]]:
+        """``import_state``: resent after a lost answer, a conditional import meets its own first attempt (412);
+        done when the session holds that very state."""
+        resends = self.client.stats.retries
+        try:
+            return self._adopt((yield self._import(state, if_match)))
+        except PreconditionFailed:
+            if self.client.stats.retries == resends or not _same_session(_document(state),
+                                                                         (yield from self._exporting())):
+                raise
+        return self._adopt((yield self._describe()))  # a lost answer's import: ours
+
+    def _exporting(self) -> _Steps[bytes]:
+        """The session's state document now."""
+        return self._exported((yield self._export())).document
+
+    def _forking(self, copy: _SessionCalls) -> _Steps[None]:
+        """``fork`` to ``copy`` (a handle on the new session): resent after a lost answer, a fork meets its own
+        first attempt (409); done when both sessions hold the same state."""
+        resends = self.client.stats.retries
+        try:
+            copy._adopt((yield self._fork(copy.id)))
+        except SessionExists:
+            if self.client.stats.retries == resends or not _same_session((yield from self._exporting()),
+                                                                         (yield from copy._exporting())):
+                raise
+            copy._adopt((yield copy._describe()))  # a lost answer's fork: ours
 
 
 # -- sync --------------------------------------------------------------------------------------------
@@ -744,6 +817,8 @@ class Client(_Calls):
 class Session(_SessionCalls):
     """One session: ``predict`` sends the next chunk at ``position`` and moves it by the answer."""
 
+    client: Client
+
     def __init__(self, client: Client, session_id: str, position: int = 0):
         super().__init__(session_id, position)
         self.client = client
@@ -774,23 +849,7 @@ class Session(_SessionCalls):
     def delete(self, if_match: str | None = None) -> None:
         """Forget the session (one already gone is fine). ``if_match`` (an ETag): only while the session is at
         that very state, else ``PreconditionFailed`` and nothing is deleted."""
-        resends = self.client.stats.retries
-        try:
-            self.client.send(self._delete(if_match))
-        except SessionNotFound:  # a retried delete whose first try went through
-            pass
-        except PreconditionFailed:  # resent after a lost answer, a conditional delete finds no session: ours
-            if self.client.stats.retries == resends or self._exists():
-                raise
-        self.position = 0
-
-    def _exists(self) -> bool:
-        """Whether the service has the session now."""
-        try:
-            self.info()
-        except SessionNotFound:
-            return False
-        return True
+        self._run(self._deleting(if_match))
 
     def export_state(self, unless: State | None = None) -> State:
         """The session's state document and its ETag; ``unless`` (an earlier export): that very object while
@@ -800,27 +859,26 @@ class Session(_SessionCalls):
     def import_state(self, state: State | bytes, if_match: str | None = None) -> dict[str, Any]:
         """Create or replace this session with an exported state; its description (the handle moves to its
         position). ``if_match`` (an ETag): only over that very state, else ``PreconditionFailed``."""
-        resends = self.client.stats.retries
-        try:
-            return self._adopt(self.client.send(self._import(state, if_match)))
-        except PreconditionFailed:
-            document = state.document if isinstance(state, State) else state
-            if self.client.stats.retries == resends or not _same_session(document, self.export_state().document):
-                raise
-        return self._adopt(self.client.send(self._describe()))  # a lost answer's import: ours
+        return self._run(self._importing(state, if_match))
 
     def fork(self, to: str) -> Session:
         """A copy of this session as the new session ``to`` (``SessionExists`` if it exists), as a handle."""
-        resends = self.client.stats.retries
         copy = Session(self.client, to)
-        try:
-            copy._adopt(self.client.send(self._fork(to)))
-        except SessionExists:
-            if self.client.stats.retries == resends or not _same_session(self.export_state().document,
-                                                                         copy.export_state().document):
-                raise
-            copy.resync()  # a lost answer's fork: ours
+        self._run(self._forking(copy))
         return copy
+
+    def _run(self, steps: _Steps[_T]) -> _T:
+        """Send each request of ``steps`` and hand it the answer or the refusal; what ``steps`` returns."""
+        answer: httpx.Response | ServiceError | None = None
+        while True:
+            try:
+                call = _next_call(steps, answer)
+            except StopIteration as done:
+                return done.value
+            try:
+                answer = self.client.send(call)
+            except ServiceError as refused:
+                answer = refused
 
 
 # -- async -------------------------------------------------------------------------------------------
@@ -908,6 +966,8 @@ class AsyncClient(_Calls):
 class AsyncSession(_SessionCalls):
     """``Session`` for asyncio."""
 
+    client: AsyncClient
+
     def __init__(self, client: AsyncClient, session_id: str, position: int = 0):
         super().__init__(session_id, position)
         self.client = client
@@ -934,45 +994,27 @@ class AsyncSession(_SessionCalls):
         self.position = 0
 
     async def delete(self, if_match: str | None = None) -> None:
-        resends = self.client.stats.retries
-        try:
-            await self.client.send(self._delete(if_match))
-        except SessionNotFound:
-            pass
-        except PreconditionFailed:
-            if self.client.stats.retries == resends or await self._exists():
-                raise
-        self.position = 0
-
-    async def _exists(self) -> bool:
-        try:
-            await self.info()
-        except SessionNotFound:
-            return False
-        return True
+        await self._run(self._deleting(if_match))
 
     async def export_state(self, unless: State | None = None) -> State:
         return self._exported(await self.client.send(self._export(unless)), unless)
 
     async def import_state(self, state: State | bytes, if_match: str | None = None) -> dict[str, Any]:
-        resends = self.client.stats.retries
-        try:
-            return self._adopt(await self.client.send(self._import(state, if_match)))
-        except PreconditionFailed:
-            document = state.document if isinstance(state, State) else state
-            if self.client.stats.retries == resends or not _same_session(document,
-                                                                         (await self.export_state()).document):
-                raise
-        return self._adopt(await self.client.send(self._describe()))
+        return await self._run(self._importing(state, if_match))
 
     async def fork(self, to: str) -> AsyncSession:
-        resends = self.client.stats.retries
         copy = AsyncSession(self.client, to)
-        try:
-            copy._adopt(await self.client.send(self._fork(to)))
-        except SessionExists:
-            if self.client.stats.retries == resends or not _same_session((await self.export_state()).document,
-                                                                         (await copy.export_state()).document):
-                raise
-            await copy.resync()
+        await self._run(self._forking(copy))
         return copy
+
+    async def _run(self, steps: _Steps[_T]) -> _T:
+        answer: httpx.Response | ServiceError | None = None
+        while True:
+            try:
+                call = _next_call(steps, answer)
+            except StopIteration as done:
+                return done.value
+            try:
+                answer = await self.client.send(call)
+            except ServiceError as refused:
+                answer = refused
