@@ -28,7 +28,8 @@ closed.
   fragments are gathered in one buffer, which holds no more than the message's bytes.
 - Who closed: uvicorn's disconnect event gives a code alone, the same whether the peer's close frame sent it
   or uvicorn failed the connection with it (a client may close with 1009 too), and 1005 for a connection lost
-  without a close frame. The peer's own close frame marks the scope (``PEER_CLOSED``) for the stream's log.
+  without a close frame. The peer's own close frame puts its code in the scope (``PEER_CLOSED``) for the
+  stream's log, which a stream whose send met the closed connection first never reads as an event.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from service.metrics import STREAM_METHOD, Metrics
 from service.middleware.observability import UNMATCHED, record, request_id_from
 from service.problems import PROBLEM_JSON, Problem
 
-PEER_CLOSED = "gru.peer_closed"  # in a stream's scope once the peer's own close frame came
+PEER_CLOSED = "gru.peer_closed"  # in a stream's scope once the peer's own close frame came: its code
 
 
 class _Handshake(ServerProtocol):
@@ -153,8 +154,9 @@ class FlowControlledWebSockets(WebSocketsSansIOProtocol):
             self.send_receive_event_to_app()
 
     def handle_close(self, event: Frame) -> None:
-        if not self.close_sent:  # the peer's own close, not its reply to ours
-            cast(dict[str, Any], self.scope)[PEER_CLOSED] = True  # the app's scope: any key, as ASGI allows
+        if not self.close_sent and self.conn.close_rcvd is not None:  # the peer's own close, not its reply to ours
+            # the app's scope: any key, as ASGI allows; its code, for a stream that ends before reading it
+            cast(dict[str, Any], self.scope)[PEER_CLOSED] = self.conn.close_rcvd.code
         super().handle_close(event)
 
     def resume_writing(self) -> None:

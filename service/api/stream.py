@@ -105,7 +105,6 @@ class _Stream:
         self.pending: deque[tuple[float, asyncio.Future[bytes] | Problem | None]] = deque()
         self.ready = asyncio.Event()
         self.close_code: int | None = None  # set when this side ends the stream
-        self.peer_code: int | None = None  # the client's close code, when it ended the stream
         self.frames_in = 0  # read
         self.frames_out = 0  # answered
         self.draining = False
@@ -147,9 +146,8 @@ class _Stream:
                 if message["type"] == "websocket.disconnect":
                     self.gone = True
                     code = message.get("code", 1005)  # 1005: none given
-                    if self.ws.scope.get(PEER_CLOSED):  # whatever its code (a client may close with 1009)
-                        self.peer_code = code
-                    elif code in _PROTOCOL_CLOSES:
+                    # the peer's close, whatever its code (a client may close with 1009), is in the scope
+                    if PEER_CLOSED not in self.ws.scope and code in _PROTOCOL_CLOSES:
                         self.close_code = code
                     break
                 raw = message.get("bytes")
@@ -238,10 +236,13 @@ class _Stream:
 
     def summary(self) -> dict[str, int | str | None]:
         """What the stream's access line adds: frames read and answered, and who closed it with what code
-        (None: the connection was lost, or the stream ended by an error)."""
-        closed_by = "service" if self.close_code is not None else "client" if self.peer_code is not None else None
+        (None: the connection was lost, or the stream ended by an error). The client's close is read from the
+        scope, where the protocol put it: an answer's send may meet the closed connection before the reader,
+        held back by a full window, reads the close's event."""
+        peer_code: int | None = self.ws.scope.get(PEER_CLOSED)
+        closed_by = "service" if self.close_code is not None else "client" if peer_code is not None else None
         return {"frames_in": self.frames_in, "frames_out": self.frames_out,
-                "close_code": self.close_code if self.close_code is not None else self.peer_code,
+                "close_code": self.close_code if self.close_code is not None else peer_code,
                 "closed_by": closed_by}
 
 

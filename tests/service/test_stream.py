@@ -338,6 +338,23 @@ def test_a_stream_s_access_line_says_who_closed_it_whatever_the_code(server: Ser
     assert (line["close_code"], line["closed_by"]) == want
 
 
+def test_a_client_s_close_behind_a_full_window_is_logged_as_the_client_s(server_factory: ServerFactory) -> None:
+    """Two frames and a close in one write, the window one frame: the close came while the service read
+    nothing more, so the first answer's send found the connection closed before the reader saw the close,
+    and the access line said the connection was lost (null, null), not closed by the client."""
+    server = server_factory(GRU_STREAM_WINDOW="1")
+    request_id = new_id("closed-behind")
+    close = bytes([0x88, 0x82]) + b"\0\0\0\0" + (1000).to_bytes(2, "big")  # masked with a zero key
+    with _raw_stream(server, new_id("behind"), request_id) as sock:
+        frame = _masked_text_frame(_frame(series(4), 0))
+        sock.sendall(frame + _masked_text_frame(_frame(series(4), 4)) + close)
+        with contextlib.suppress(ConnectionError):
+            while sock.recv(65536):  # the service's close reply, then the end of the connection
+                pass
+    line = access_line(server, request_id)
+    assert (line["close_code"], line["closed_by"]) == (1000, "client"), line
+
+
 def test_an_invalid_session_id_refuses_the_upgrade_with_422(server: Server) -> None:
     with pytest.raises(InvalidStatus) as refused:
         _open(server, "x" * 200)
@@ -438,14 +455,15 @@ def _rss_bytes(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def _raw_stream(server: Server, session: str) -> socket.socket:
+def _raw_stream(server: Server, session: str, request_id: str | None = None) -> socket.socket:
     """A WebSocket opened by hand on a plain socket: a peer that does only what the test makes it do (never
-    reads, never answers a ping)."""
+    reads, never answers a ping); ``request_id`` its X-Request-ID, where given."""
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     key = base64.b64encode(os.urandom(16)).decode()
+    traced = f"X-Request-ID: {request_id}\r\n" if request_id is not None else ""
     sock.sendall((f"GET /v1/sessions/{session}/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                   "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-                  f"Sec-WebSocket-Key: {key}\r\n\r\n").encode())
+                  f"Sec-WebSocket-Key: {key}\r\n{traced}\r\n").encode())
     head = b""
     while b"\r\n\r\n" not in head:
         head += sock.recv(1)
