@@ -67,12 +67,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   else Repository(single=settings.model_path, on_skip=on_skip))
     registry = Registry(settings, repository, device, metrics)
     registry.open()
-    default = registry.default_model
-    engine, meta = default.engine, default.newest.meta
-    metrics.model_info.info({
-        "name": str(meta["name"]), "version": str(meta["version"]), "device": str(device),
-        "variant": engine.forecaster.config.variant,
-    })
     snapshots = ModelSnapshots(settings, registry)
 
     @contextlib.asynccontextmanager
@@ -87,8 +81,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         gc.collect()
         gc.freeze()
         log.info("serving", extra={"fields": {"models": sorted(registry.models), "default": registry.default,
-                                              "version": meta["version"], "device": str(device),
-                                              "store": settings.store}})
+                                              "version": registry.default_model.engine.model_version,
+                                              "device": str(device), "store": settings.store}})
         try:
             yield
         finally:
@@ -115,7 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(state.router)
     app.include_router(state.model_router)
     limits = Limits(steps=settings.max_chunk_steps, horizon=settings.max_horizon, items=v1.batch_items_limit(settings),
-                    features=engine.forecaster.num_features)
+                    features=registry.default_model.engine.forecaster.num_features)
     document_raw_routes(app, hot.OPERATIONS, [*v1.RAW_BODY_MODELS, *state.RAW_BODY_MODELS], limits)
     app.include_router(repository_api.router)  # before v2's catch-all for unserved /v2 paths
     app.include_router(v2.router)

@@ -283,7 +283,7 @@ class Registry:
                                " above for each version skipped")
         if self.repository.polls:
             self._place(found)
-        _publish(self.metrics, self.models)
+        _publish(self.metrics, self.models, self.default)
 
     async def start(self) -> None:
         for model in list(self.models.values()):
@@ -391,7 +391,7 @@ class Registry:
                 _forget_series(self.metrics, model, version)
             await model.store.close()
             log.info("model unloaded", extra={"fields": {"model": name}})
-            _publish(self.metrics, self.models)
+            _publish(self.metrics, self.models, self.default)
 
     async def refresh_counts(self) -> None:
         """Sessions per version, for GET /v1/models, and unload the versions no session needs."""
@@ -424,7 +424,7 @@ class Registry:
                             model.sessions.get(replaced.model_version, 0))
                 await self._stop_version(model, replaced, "replaced")
             await self._limit(self.models[name])
-            _publish(self.metrics, self.models)
+            _publish(self.metrics, self.models, self.default)
             return True
         return False
 
@@ -531,7 +531,7 @@ class Registry:
                 importing = version.importing > 0 or began.get(version.number, written) != written
                 if not has_sessions and not importing and not version.engine.busy:
                     await self._unload_version(model, version, "drained")
-        _publish(self.metrics, self.models)
+        _publish(self.metrics, self.models, self.default)
 
     async def _load_pinned(self, model: ServedModel, on_disk: list[VersionDir]) -> None:
         """Load the newest repository version of each hash that live sessions hold and no loaded version has."""
@@ -624,9 +624,15 @@ def _forget_series(metrics: Metrics, model: ServedModel, version: LoadedVersion)
             family.remove(model.name, str(version.number))
 
 
-def _publish(metrics: Metrics, models: dict[str, ServedModel]) -> None:
+def _publish(metrics: Metrics, models: dict[str, ServedModel], default: str) -> None:
     """gru_model_versions{model, version, state}: 1 per loaded version (only loaded ones: bounded), and each
-    one's sessions at the last count."""
+    one's sessions at the last count; gru_model_info: the default model's newest version, as /v1/model says
+    (the dashboard's Model panel), kept so as each new version is listed."""
+    if default in models:
+        newest = models[default].newest
+        engine = newest.engine
+        metrics.model_info.info({"name": str(newest.meta["name"]), "version": engine.model_version,
+                                 "device": str(engine.device), "variant": engine.forecaster.config.variant})
     gauge = metrics.model_versions
     gauge.clear()
     for model in models.values():

@@ -452,6 +452,29 @@ def test_a_session_streams_through_a_published_version_and_its_version_drains_af
         assert metric(client, "gru_model_versions", model="m", version="2", state="serving") == 1
 
 
+def _model_info(client: httpx.Client) -> dict[str, str]:
+    """The labels of the one ``gru_model_info`` sample on /metrics."""
+    (info,) = [s for family in text_string_to_metric_families(client.get("/metrics").text)
+               for s in family.samples if s.name == "gru_model_info"]
+    return dict(info.labels)
+
+
+def test_the_model_info_metric_names_the_default_model_s_newest_version_after_an_update(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """``gru_model_info`` (the dashboard's Model panel: name, version, device) was set once at start-up: after
+    version 2 was published and served every new session, it went on naming version 1's hash for good."""
+    repository, server = polled_repository(server_factory, tmp_path)
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        first = client.get("/v1/model").json()["version"]
+        assert _model_info(client)["version"] == first
+        add_version(repository, "m", 2, seed=1)
+        wait_for(lambda: "2" in versions(client, "m"))
+        newest = client.get("/v1/model").json()["version"]
+        assert newest != first
+        assert _model_info(client) == {"name": "m", "version": newest, "device": "cpu", "variant": "seed"}
+
+
 @pytest.mark.parametrize("end", ["expiry", "eviction"])
 def test_a_version_whose_last_session_expires_or_is_evicted_is_unloaded(
     server_factory: ServerFactory, tmp_path: Path, end: str
