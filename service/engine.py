@@ -293,8 +293,8 @@ class Engine:
                 and self.unplaced(session.model_version)):
             settle(chunk, exc=VersionNotLoaded(
                 f"session {session_id_of(chunk.key)!r} is on model version {session.model_version}, which this"
-                " replica has not loaded yet (another one has: a newer version was published); nothing was"
-                " changed, retry shortly", retry_after=1))
+                " replica has not loaded yet (another replica serves it, having polled the repository at another"
+                " time); nothing was changed, retry shortly", retry_after=1))
             return None
         verdict = judge(chunk.key, chunk.offset, chunk.horizon, chunk.values, session, self.model_version,
                         chunk.extras)

@@ -98,6 +98,10 @@ class ServedModel:
         # chunks are refused (503) until a poll has looked (``Registry._place``), never judged on an older one.
         self.known: set[str] = set()
         self.unplaced: set[str] = set()  # hashes met since the last poll that it has to place
+        # Hashes of versions unloaded because no session needed them (pin): a session of one met later was
+        # started by a replica that had not polled yet, and the next poll loads the version back for it
+        # (``Registry._load_pinned``), so its chunks are refused to retry (503), not 409 (a reset loses it).
+        self.drained: set[str] = set()
 
     @property
     def newest(self) -> LoadedVersion:
@@ -112,6 +116,7 @@ class ServedModel:
         previous = self._newest
         self.versions[version.number] = version
         self.known.add(version.model_version)
+        self.drained.discard(version.model_version)
         self._newest = self.versions[max(self.versions)]
         if previous is not None and previous is not self._newest:
             for key in previous.engine.keys_in_flight():
@@ -172,7 +177,10 @@ class ServedModel:
 
     def newer_elsewhere(self, model_version: str) -> bool:
         """Whether a session of ``model_version`` may be on a version newer than the newest loaded here:
-        not one known here, until a poll has looked for it in the repository."""
+        not one known here, until a poll has looked for it in the repository; or one drained here, until a poll
+        has loaded it back for its sessions."""
+        if model_version in self.drained:
+            return True
         if model_version in self.known:
             return False
         if len(self.unplaced) < MAX_PINS:
@@ -531,11 +539,27 @@ class Registry:
                 importing = version.importing > 0 or began.get(version.number, written) != written
                 if not has_sessions and not importing and not version.engine.busy:
                     await self._unload_version(model, version, "drained")
+                    if self._reloads_drained(model, version):
+                        model.drained.add(version.model_version)
         _publish(self.metrics, self.models, self.default)
+
+    def _reloads_drained(self, model: ServedModel, version: LoadedVersion) -> bool:
+        """Whether a poll will load ``version``, drained, back for a session of it met later (pin, polling on,
+        and no other loaded version of its hash): its chunks are refused to retry until then."""
+        return (not model.replay and self.settings.repository_poll_seconds > 0
+                and model.by_hash(version.model_version) is None)
 
     async def _load_pinned(self, model: ServedModel, on_disk: list[VersionDir]) -> None:
         """Load the newest repository version of each hash that live sessions hold and no loaded version has."""
         missing = {h for h, n in model.sessions.items() if n > 0 and model.by_hash(h) is None}
+        try:
+            await self._load_missing(model, on_disk, missing)
+        finally:  # a drained version not loaded back (no room, gone from disk, damaged): its sessions get 409
+            model.drained -= missing
+
+    async def _load_missing(self, model: ServedModel, on_disk: list[VersionDir], missing: set[str]) -> None:
+        """``_load_pinned``'s loads: the newest version on disk of each hash in ``missing``, while there is
+        room; each one loaded leaves ``missing``."""
         for where in reversed(on_disk):
             if not missing or len(model.versions) >= self.settings.max_loaded_versions:
                 return

@@ -84,8 +84,9 @@ class TimedOut(Refusal):
 
 
 class VersionNotLoaded(Refusal):
-    """The session was moved to a model version this replica has not loaded yet (another replica polled the
-    repository first): retried after this replica's next poll, or on another replica, it goes on there."""
+    """The session is on a model version this replica has not loaded yet (another replica polled the
+    repository first and moved it there, or had not polled yet and started it on a version drained here):
+    retried after this replica's next poll, or on another replica, it goes on there."""
 
     kind = "version-not-loaded"
 

@@ -309,3 +309,43 @@ def test_a_replica_not_yet_polled_does_not_replay_a_session_back_onto_its_older_
     assert isinstance(outcome, tuple) and outcome[1], outcome
     assert kept == (16, True)
     assert later == ("2", 24)
+
+
+def test_a_replica_that_drained_a_version_serves_a_session_a_lagging_replica_starts_on_it(
+    tmp_path: Path, redis_server: Any
+) -> None:
+    """Two replicas on one Redis (pin): the first polls, loads version 2 and drains version 1, which no session
+    needs; the second, not polled yet, starts a session on version 1. That session's next chunk on the first
+    was 409 model-changed, whose advice (reset) loses it, though the first's next poll loads version 1 again
+    for it (a version sessions are pinned to). It is now a 503 to retry, and after the poll it goes on there."""
+    repository = tmp_path / "repo"
+    add_version(repository, "m", 1)
+    # polls on (the next one loads version 1 back), called here: none comes by itself within the hour
+    settings = Settings(model_repository=repository, repository_poll_seconds=3600, device="cpu", store="redis",
+                        redis_url=redis_server.url)
+    ahead, behind = (Registry(settings, Repository(root=repository), torch.device("cpu"), Metrics()) for _ in "ab")
+    ahead.open()
+    behind.open()
+    chunks = series(16, seed=7).reshape(2, 8, 1)
+
+    async def scenario() -> Any:
+        await ahead.start()
+        await behind.start()
+        add_version(repository, "m", 2, seed=1)
+        await ahead.poll()  # version 2 loaded, version 1 drained: no session needs it
+        drained = sorted(ahead.models["m"].versions)
+        started = json.loads(await behind.models["m"].engine.predict("t/s", chunks[0], 0, 0))
+        try:
+            outcome: Any = json.loads(await ahead.models["m"].engine_for("t/s").predict("t/s", chunks[1], 8, 0))
+        except Refusal as refused:
+            outcome = (type(refused).__name__, refused.retry_after is not None)
+        await ahead.poll()  # loads version 1 again for the session
+        later = json.loads(await ahead.models["m"].engine_for("t/s").predict("t/s", chunks[1], 8, 0))
+        await ahead.stop()
+        await behind.stop()
+        return drained, started["version"], outcome, (later["version"], later["position"])
+
+    drained, started, outcome, later = asyncio.run(scenario())
+    assert (drained, started) == ([2], "1")
+    assert outcome == ("VersionNotLoaded", True), outcome
+    assert later == ("1", 16)
