@@ -2,11 +2,12 @@
 replica judges alike.
 
 - offset == position: apply. No offset: append at the current position.
-- offset and fingerprint of the last applied chunk: its answer again (exact retry), nothing changes.
+- offset and fingerprint of the last applied chunk: its answer again (exact retry), nothing changes, even
+  after the model changed (the answer is kept: no model computes it).
 - any other offset: 409 with the current position (at the last chunk's offset, saying a different chunk was
   applied there).
 - unknown session: created when offset is absent or 0; otherwise 404 (expired or never there).
-- a session built with another model version: 409, reset to continue.
+- a session built with another model version: 409, reset to continue (but for an exact retry).
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ def judge(
             " continue it; send offset 0 (or none) to start it again",
             session_id=session_id, position=0,
         )
+    retry = offset is not None and offset != session.position and offset == session.last_offset
+    if retry and session.fingerprint == fingerprint(session.last_offset, horizon, values, extras):
+        return Replay(session.answer)  # whatever version answered it: nothing is computed
     if session.model_version != model_version:
         return StaleModel(
             f"session {session_id!r} was built with model {session.model_version}, the service now runs"
@@ -69,9 +73,7 @@ def judge(
         )
     if offset is None or offset == session.position:
         return Apply(start=session.position, created=False)
-    if offset == session.last_offset:
-        if session.fingerprint == fingerprint(offset, horizon, values, extras):
-            return Replay(session.answer)
+    if retry:
         detail = (f"a different chunk (other values, horizon, levels or scores) was applied at offset {offset} of"
                   f" session {session_id!r}, now at position {session.position}; this is not a retry of it: send the"
                   f" next chunk from offset {session.position}, or reset the session")

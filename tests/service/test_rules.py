@@ -68,10 +68,12 @@ CASES = {
     "offset 0 on a live session": Case(_live(), 0, MISMATCH),
     "offset > 0 on a reset session": Case(_reset(), 4, (OffsetMismatch, {"session_id": SESSION_ID,
                                                                            "position": 0})),
-    # a session another model version built: refused whatever the offset, even an exact retry
+    # a session another model version built: refused whatever the offset, but an exact retry (its answer is
+    # kept: no model computes it, and a client that lost it must be able to get it)
     "other model, no offset": Case(_live("v0"), None, STALE),
     "other model, offset == position": Case(_live("v0"), POSITION, STALE),
-    "other model, exact retry": Case(_live("v0"), LAST_OFFSET, STALE),
+    "other model, exact retry: its answer again": Case(_live("v0"), LAST_OFFSET, Replay(ANSWER)),
+    "other model, last offset, other values": Case(_live("v0"), LAST_OFFSET, STALE, values=OTHER_VALUES),
     "other model, wrong offset": Case(_live("v0"), POSITION + 5, STALE),
 }
 

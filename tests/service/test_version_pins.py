@@ -121,6 +121,26 @@ def test_with_one_loaded_version_a_served_session_gets_409_then_resets_onto_the_
         assert send(client, session, series(3, seed=1), offset=0).json()["version"] == "2"
 
 
+def test_an_exact_retry_of_a_chunk_answered_by_an_unloaded_version_gets_its_answer(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """GRU_MAX_LOADED_VERSIONS=1: a client lost the answer to a session's last chunk, applied by version 1, and
+    resends it after version 2 replaced version 1. The exact retry got 409 model-changed, though it needs no
+    model (its answer is kept with the session) and "a retry with the same offset is always safe": the answer
+    was lost for good. It gets that answer, byte for byte; the next chunk is the 409 that says to reset."""
+    repository, server = polled_repository(server_factory, tmp_path, GRU_MAX_LOADED_VERSIONS="1")
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        session = new_id()
+        first = send(client, session, series(3), offset=0)
+        assert first.json()["version"] == "1"
+        add_version(repository, "m", 2, seed=1)
+        wait_for(lambda: list(versions(client, "m")) == ["2"])
+        retried = send(client, session, series(3), offset=0)
+        assert (retried.status_code, retried.content) == (200, first.content), retried.text
+        stale = assert_problem(send(client, session, series(3, seed=1), offset=3), 409)
+        assert stale["type"].endswith("model-changed")
+
+
 def test_an_import_onto_a_draining_version_during_a_drain_keeps_that_version(tmp_path: Path) -> None:
     """Versions 1 and 2 drain (no session) while 3 serves. The drain counts sessions, then unloads version 1
     (an await: its engine finishes) and then version 2 on the same count. A state document of version 2 is
