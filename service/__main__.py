@@ -17,7 +17,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from model import CheckpointError
 from service.api.stream import Streams
 from service.app import create_app
-from service.config import Settings, unknown_variables
+from service.config import Settings, client_key_alone, unknown_variables
 from service.head_deadline import head_deadline_protocol
 from service.logs import configure
 from service.models import Registry
@@ -34,6 +34,12 @@ def _configuration_errors(exc: ValidationError) -> str:
         where = "GRU_" + "_".join(str(part) for part in error["loc"]).upper() if error["loc"] else "settings"
         lines.append(f"  {where}: {error['msg']}")
     return "\n".join(lines)
+
+
+def _invalid(lines: list[str]) -> int:
+    """Say what in the environment is wrong, one problem a line; the exit status of a bad configuration."""
+    print("invalid configuration:\n" + "\n".join(f"  {line}" for line in lines), file=sys.stderr)
+    return 2
 
 
 def _raise_open_file_limit() -> None:
@@ -64,13 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     unknown = unknown_variables()
     if unknown:
-        print("invalid configuration:\n" + "\n".join(f"  {line}" for line in unknown), file=sys.stderr)
-        return 2
+        return _invalid(unknown)
     try:
         settings = Settings()
     except ValidationError as exc:
         print(f"invalid configuration:\n{_configuration_errors(exc)}", file=sys.stderr)
         return 2
+    misspelt = client_key_alone(settings)
+    if misspelt:
+        return _invalid(misspelt)
     configure(settings.log_level)
     _raise_open_file_limit()
     try:

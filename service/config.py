@@ -16,7 +16,8 @@ from service.keys import load_api_keys
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 # GRU_ variables that are not the service's settings, allowed beside them: python -m service.client's.
-CLIENT_VARIABLES = ("GRU_URL", "GRU_API_KEY")
+CLIENT_KEY = "GRU_API_KEY"
+CLIENT_VARIABLES = ("GRU_URL", CLIENT_KEY)
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "model" / "weights" / "default"
 
 
@@ -178,3 +179,14 @@ def unknown_variables(environ: Mapping[str, str] = os.environ) -> list[str]:
             hint = f"; did you mean {close[0]}?" if close else "; see the configuration table in the README"
             lines.append(f"{name} is not a setting{hint}")
     return lines
+
+
+def client_key_alone(settings: Settings, environ: Mapping[str, str] = os.environ) -> list[str]:
+    """A line when the client's GRU_API_KEY is set and the service has no key: GRU_API_KEYS less one letter,
+    a misspelt setting that would otherwise start the service with every route open (it fails closed, as
+    ``unknown_variables``' do). Beside keys of the service's own, the client's variable is no such slip."""
+    given = any(name.upper() == CLIENT_KEY and value.strip() for name, value in environ.items())
+    if not given or settings.key_tenants[0]:
+        return []
+    return [f"{CLIENT_KEY} is the client's variable; did you mean GRU_API_KEYS? Without keys every route is"
+            f" open: unset {CLIENT_KEY} to run so"]

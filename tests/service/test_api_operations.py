@@ -277,7 +277,9 @@ def test_a_misspelt_setting_stops_start_up_naming_it_and_the_closest_setting(
 
 
 def test_the_client_variables_are_allowed_beside_the_settings(server_factory: ServerFactory) -> None:
-    server = server_factory(GRU_URL="http://127.0.0.1:1", GRU_API_KEY="a-client-key")
+    """GRU_API_KEY beside keys of the service's own (alone, it is taken for a misspelt GRU_API_KEYS: test_auth)."""
+    server = server_factory(GRU_URL="http://127.0.0.1:1", GRU_API_KEY="a-client-key",
+                            GRU_API_KEYS="a-service-key-0123456789:alice")
     assert httpx.get(server.url + "/readyz").status_code == 200
 
 

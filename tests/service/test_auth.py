@@ -126,6 +126,15 @@ def test_a_keys_setting_that_lists_no_key_stops_the_service(tiny_model: Path, tm
     assert load_api_keys("", None) == {} and load_api_keys("  ", None) == {}  # empty: no keys, as documented
 
 
+def test_the_client_s_key_variable_alone_stops_the_service(tiny_model: Path, tmp_path: Path) -> None:
+    """GRU_API_KEY (the client's variable, allowed beside the settings) is GRU_API_KEYS less one letter: set
+    as the service's keys, it was ignored without a word and the service started with every route open. It
+    stops start-up where the service has no key of its own, naming the setting meant, never the value."""
+    log = refused_start_log(tiny_model, tmp_path, {"GRU_API_KEY": "s3cret-value:alice"})
+    assert "GRU_API_KEY is the client's variable; did you mean GRU_API_KEYS?" in log
+    assert "s3cret-value" not in log
+
+
 def test_a_keys_file_saved_with_a_byte_order_mark_is_read_as_written(server_factory: ServerFactory,
                                                                      tmp_path: Path) -> None:
     """Windows editors and PowerShell's ``Set-Content -Encoding UTF8`` start a UTF-8 file with a BOM: its
