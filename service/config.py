@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -135,10 +136,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_redis_url(self) -> Settings:
-        scheme = urlsplit(self.redis_url).scheme
-        if self.store == "redis" and scheme not in REDIS_SCHEMES:  # not repeated: the URL may hold a password
-            raise ValueError(f"GRU_REDIS_URL must start with {', '.join(s + '://' for s in REDIS_SCHEMES)};"
-                             f" this one's scheme is {scheme or 'missing'!r}")
+        problem = redis_url_problem(self.redis_url) if self.store == "redis" else None
+        if problem is not None:  # the URL is not repeated: it may hold a password
+            raise ValueError(f"GRU_REDIS_URL {problem}")
         return self
 
     @model_validator(mode="after")
@@ -165,6 +165,32 @@ class Settings(BaseSettings):
         if not self.model_path.is_dir():
             raise ValueError(f"GRU_MODEL_PATH={self.model_path} is not a directory; point it at a checkpoint")
         return self
+
+
+def redis_url_problem(url: str) -> str | None:
+    """Why redis cannot use ``url``, in words that never repeat it (it may hold a password); None if it can.
+    redis-py reads the URL only as the store is built (a bad port raised a traceback, its text the password
+    where the host was forgotten), ignores a database path that is no number (database 0, whatever else is
+    there), and takes an unknown option to fail every store call, so all is checked here, at start-up."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unclosed "[" of an IPv6 address
+        return "cannot be read as a URL"
+    if parts.scheme not in REDIS_SCHEMES:
+        return (f"must start with {', '.join(s + '://' for s in REDIS_SCHEMES)}; this one's scheme is"
+                f" {parts.scheme or 'missing'!r}")
+    if parts.scheme != "unix" and not re.fullmatch(r"[0-9]*", unquote(parts.path).replace("/", "")):
+        return "must name its database by number (redis://host:6379/0); this one's path is no number"
+    try:
+        from redis.asyncio import BlockingConnectionPool
+    except ImportError:
+        return None  # service.sessions.build_store says the package is missing
+    try:
+        BlockingConnectionPool.from_url(url).make_connection()  # builds a connection, connects nothing
+    except (ValueError, TypeError):
+        return ("has a port or an option (?db=, ?socket_timeout=, ...) that redis cannot take: no number, a password"
+                " without its host (read as the port), an option of another kind of connection")
+    return None
 
 
 def unknown_variables(environ: Mapping[str, str] = os.environ) -> list[str]:

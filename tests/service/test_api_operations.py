@@ -129,6 +129,22 @@ def test_bad_settings_stop_start_up_naming_each_variable(tiny_model: Path, tmp_p
     assert Settings(store="memory", redis_url="").redis_url == ""  # unused there: a placeholder is fine
 
 
+@pytest.mark.parametrize("url", [
+    "redis://:s3cret@127.0.0.1:notaport/0",  # redis-py raised at start-up: a traceback, exit 1
+    "redis://admin:s3cret/0",  # the host forgotten: the password read as the port, and printed in the traceback
+    "redis://:s3cret@127.0.0.1:6379/sessions",  # redis-py ignored the path: database 0, shared with whatever is there
+    "redis://:s3cret@127.0.0.1:6379/0?ssl_cert_reqs=none",  # not a plain connection's option: every store call failed
+], ids=["a port that is no number", "no host", "a database that is no number", "an option redis does not take"])
+def test_a_redis_url_redis_cannot_use_stops_start_up_naming_the_variable(
+    tiny_model: Path, tmp_path: Path, url: str
+) -> None:
+    """Only the scheme was checked: redis-py reads the rest when the store is built or first connects. A bad
+    value stops start-up naming the variable (exit 2), never repeating the URL, which may hold a password."""
+    log = refused_start_log(tiny_model, tmp_path, {"GRU_STORE": "redis", "GRU_REDIS_URL": url})
+    assert "invalid configuration" in log and "GRU_REDIS_URL" in log
+    assert "s3cret" not in log and "Traceback" not in log
+
+
 @pytest.mark.parametrize("config", ["[1, 2]", "{}", None], ids=["a list", "an empty object", "a directory"])
 def test_a_broken_checkpoint_stops_start_up_with_one_line_not_a_traceback(
     tiny_model: Path, tmp_path: Path, config: str | None
