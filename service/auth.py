@@ -189,7 +189,8 @@ def install(app: FastAPI, settings: Settings) -> None:
     the ones ``Settings`` validated (the keys file is not read again)."""
     keys, admin = settings.key_tenants  # keys holds the admin keys too
     app.state.keys_required = bool(keys)
-    if not keys:
+    if not keys:  # said once at start-up: a Secret that came out empty must not open every route unseen
+        log.warning("no API keys: every route is open, every caller the tenant %r", DEFAULT_TENANT)
         return
     urls = (app.redoc_url, app.openapi_url)
     open_paths = {"/healthz", "/readyz", *docs.PATHS, *(url for url in urls if url)}

@@ -325,6 +325,15 @@ def test_no_keys_means_no_check_and_no_security_in_openapi(client: httpx.Client)
     assert "securitySchemes" not in schema.get("components", {})
 
 
+def test_a_service_without_keys_says_so_once_at_start_up(server: Server, keyed: Server) -> None:
+    """Only empty or unset key variables mean no keys, and a Secret mounted empty gives just that: the
+    service then runs open, and its log is where an operator can see it."""
+    warned = "no API keys: every route is open, every caller the tenant 'default'"
+    for running, expected in ((server, [warned]), (keyed, [])):
+        lines = [json.loads(line) for line in running.log().splitlines() if line.startswith("{")]
+        assert [line["msg"] for line in lines if line["msg"].startswith("no API keys")] == expected
+
+
 def test_metrics_behind_a_key_when_configured(server_factory: ServerFactory) -> None:
     server = server_factory(GRU_API_KEYS=KEYS, GRU_METRICS_REQUIRE_KEY="true")
     with httpx.Client(base_url=server.url, timeout=30) as http:
