@@ -22,11 +22,8 @@ KServe "Open Inference Protocol" REST spec and Triton's ``binary_data.md`` and `
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import re
 import reprlib
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +31,7 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from service.api.repeated_keys import may_repeat, repeated_key
 from service.extras import level_key, repeats_a_level
 from service.http_fields import decimal_length
 from service.problems import Problem, describe_errors
@@ -145,50 +143,9 @@ def _load(header: bytes) -> tuple[dict[str, Any], _InferRequest]:
         raise v2_problem(400, f"the inference request does not match the protocol: {where}") from None
 
 
-class _RepeatedKey(Exception):
-    """A JSON object names ``args[0]`` more than once."""
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    (key, count), = Counter(key for key, _ in pairs).most_common(1) or [("", 1)]
-    if count > 1:
-        raise _RepeatedKey(key)
-    return dict(pairs)
-
-
-# The backslashes before a quote: an odd run escapes it (a quote inside a string), an even one does not.
-_BEFORE_QUOTE = re.compile(rb'\\+(?=")')
 # Past this, a header found to repeat a key is refused without naming it: naming it takes Python's parser, whose
 # hook per object cost 1.6 s of the event loop for 4 MB of small objects.
 _NAMED_UP_TO = 64 * 1024
-
-
-def _delimiters(text: bytes) -> int:
-    """The quotes that open or close a string in the JSON ``text``: two a string, keys included."""
-    quotes = text.count(b'"')
-    if b"\\" not in text:  # the usual case: no escape at all
-        return quotes
-    return quotes - sum(len(run) % 2 for run in _BEFORE_QUOTE.findall(text))
-
-
-def _parsed_delimiters(document: dict[str, Any]) -> int:
-    """The string delimiters of ``document`` written as JSON: orjson's own, which writes 254 levels of nesting
-    at most; a deeper one (orjson reads 1,024) has its strings counted one by one, without recursion."""
-    try:
-        return _delimiters(orjson.dumps(document))
-    except orjson.JSONEncodeError:
-        pass
-    count, pending = 0, [document]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, dict):
-            count += len(item)
-            pending += item.values()
-        elif isinstance(item, list):
-            pending += item
-        else:
-            count += isinstance(item, str)
-    return 2 * count
 
 
 def _refuse_repeated_keys(header: bytes, document: dict[str, Any]) -> None:
@@ -199,19 +156,19 @@ def _refuse_repeated_keys(header: bytes, document: dict[str, Any]) -> None:
     to be numbers only, has no string: it is left out of the document written again."""
     tensor = document["inputs"][0]
     numbers = {**tensor, "data": None} if "data" in tensor else tensor
-    if _delimiters(header) <= _parsed_delimiters({**document, "inputs": [numbers]}):
+    if not may_repeat(header, {**document, "inputs": [numbers]}):
         return
     if len(header) > _NAMED_UP_TO:
         raise v2_problem(400, "a key is given twice in one object of the inference request; parsers disagree on"
                          " which one counts: send each once")
     try:
-        json.loads(header, object_pairs_hook=_unique_keys)
-    except _RepeatedKey as repeated:
-        raise v2_problem(400, f"the key {_quote(repeated.args[0])} is given twice in one object of the inference"
-                         " request; parsers disagree on which one counts: send it once") from None
+        key = repeated_key(header)
     except RecursionError:  # json's parser stops short of orjson's 1,024 levels
         raise v2_problem(400, "the inference request nests too deeply to be checked for keys given twice;"
                          " send fewer levels of nesting") from None
+    if key is not None:
+        raise v2_problem(400, f"the key {_quote(key)} is given twice in one object of the inference"
+                         " request; parsers disagree on which one counts: send it once")
 
 
 # -- parameters --------------------------------------------------------------------------------------
