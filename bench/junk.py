@@ -47,8 +47,7 @@ def _parse_cpu(route: str, body: bytes) -> float:
     began = time.thread_time()
     try:
         if "batch" in route:
-            parse(body, BatchEnvelope)
-            wrong_item_keys(body, BatchItem)
+            wrong_item_keys(body, parse(body, BatchEnvelope).items, BatchItem)
         else:
             parse(body, ChunkRequest if "sessions" in route else StatelessRequest)
     except Problem:

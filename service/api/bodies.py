@@ -4,17 +4,19 @@ pydantic-core validates straight from the bytes (strict types, no NaN/Infinity);
 (the model's feature count, the step and horizon limits, float32 range) is checked here. Unknown fields are
 looked for first and the first one ends the check: a model refusing them builds one error per field, and a
 body of 150,000 of them (3 MB) cost a second of the event loop, every client's latency. A small body (a
-stream's chunk) is validated first instead, and taken through that order only when refused: the answer is the
-same, and a valid one is parsed once.
+stream's chunk), or one of no more strings than the model has fields, is validated first instead, and taken
+through that order only when refused: the answer is the same, and a valid one is parsed once.
 
 A key given twice in one object is refused too (422, ``duplicate_key``), in the same pass: pydantic keeps the
 last, other parsers the first, so a proxy or a client library could read another offset or chunk than the one
-applied here.
+applied here. A validated body, or a batch's screened items, go to that pass only when the repeat screen
+(``repeated_keys``, v2's too) doubts them.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from functools import cache
 from typing import TypeVar, cast
 
@@ -22,6 +24,7 @@ import numpy as np
 from pydantic import BaseModel, JsonValue, TypeAdapter, ValidationError
 from pydantic_core import PydanticCustomError, SchemaValidator, core_schema
 
+from service.api.repeated_keys import delimiters, may_repeat
 from service.config import Settings
 from service.problems import Problem, invalid
 from service.schemas import SessionId
@@ -36,7 +39,7 @@ _SESSION_ID: TypeAdapter[str] = TypeAdapter(SessionId)
 
 
 def parse(raw: bytes, model: type[M]) -> M:
-    if len(raw) <= _VALIDATE_FIRST_BYTES and _forbids_extra(model):
+    if _forbids_extra(model) and (len(raw) <= _VALIDATE_FIRST_BYTES or delimiters(raw) <= _most_delimiters(model)):
         with contextlib.suppress(ValidationError):  # refused: judged again below, for the same problem
             parsed = model.model_validate_json(raw)
             if not _may_repeat_a_key(raw, parsed):
@@ -48,11 +51,24 @@ def parse(raw: bytes, model: type[M]) -> M:
         raise _invalid(exc, ["body"]) from None
 
 
+@cache
+def _most_delimiters(model: type[BaseModel]) -> int:
+    """The string delimiters of a body of any size validated first: a body of no more than two per field of
+    ``model`` has no more keys than fields, so a refused one builds as few errors as a small body's."""
+    return 2 * len(model.model_fields)
+
+
 def _may_repeat_a_key(raw: bytes, parsed: BaseModel) -> bool:
-    """Whether a body the model accepted may name a field twice: each key it names is a field, two quotes,
-    so a body of no more quotes than two per field set names none twice (string values add quotes, and send
-    the body to the exact check)."""
-    return raw.count(b'"') > 2 * len(parsed.model_fields_set)
+    """Whether a body the model accepted may name a field twice: each key it names is a field, two quotes, so
+    a body of no more delimiters than two per field set names none twice (a chunk: nothing written again);
+    string values add delimiters, and send the body to the repeat screen."""
+    return delimiters(raw) > 2 * len(parsed.model_fields_set) and may_repeat(raw, _fields_set(parsed))
+
+
+def _fields_set(parsed: BaseModel) -> dict[str, object]:
+    """The fields a body set, as parsed: its keys and strings are what the repeat screen counts (a key given
+    twice is one field here, and its lost value's strings are gone)."""
+    return {name: getattr(parsed, name) for name in parsed.model_fields_set}
 
 
 def parse_item(item: JsonValue, model: type[M], loc: list[str], wrong_key: WrongKey | None = None) -> M:
@@ -135,10 +151,14 @@ _ITEM_KEYS = SchemaValidator(core_schema.typed_dict_schema(
 ))
 
 
-def wrong_item_keys(raw: bytes, model: type[BaseModel]) -> dict[int, WrongKey]:
+def wrong_item_keys(raw: bytes, items: Sequence[JsonValue], model: type[BaseModel]) -> dict[int, WrongKey]:
     """The first unknown or repeated key of each item of a batch body that has one, by index (the items'
-    parse kept one of each key, and dropped no unknown one it was not told to)."""
+    parse kept one of each key, and made None of an item with an unknown one). Only a body with such an item,
+    or one the repeat screen doubts, is parsed again to find them: one pass with a call per key, a third of a
+    valid batch's parse."""
     keys = _Keys(_field_names(model))
+    if None not in items and not may_repeat(raw, {"items": items}):
+        return keys.wrong
     with contextlib.suppress(ValidationError):  # no list of items: the envelope's own validation says so
         _ITEM_KEYS.validate_json(raw, context=keys)
     return keys.wrong

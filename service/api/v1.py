@@ -106,7 +106,7 @@ async def predict_batch(request: Request, model: ModelDep, settings: SettingsDep
         raise Problem(422, "invalid-request", detail,
                       errors=[{"loc": ["body", "items"], "msg": detail, "type": "too_long"}])
     features = model.engine.forecaster.num_features
-    wrong_keys = wrong_item_keys(raw_body, BatchItem)
+    wrong_keys = wrong_item_keys(raw_body, body.items, BatchItem)
 
     chunks: list[_Chunk | bytes] = []  # each item's chunk to queue, or its problem's JSON
     for index, raw in enumerate(body.items):
