@@ -114,8 +114,11 @@ def test_a_version_reference_that_only_looks_like_a_number_is_a_404(
     model: dict[str, Any], client: httpx.Client
 ) -> None:
     """A version is looked up by number when its reference is all digits: "²" is a digit to ``str.isdigit``
-    but not to ``int()``, nor is a number of 5,000 digits (over Python's limit): both were a 500."""
-    for reference in ("%C2%B2", "9" * 5000):
+    but not to ``int()``, nor is a number of 5,000 digits (over Python's limit): both were a 500. A sign, a
+    space, a decimal point, 0 or over 18 digits name no version either (docs/interop.md); leading zeros are
+    read as the number."""
+    assert client.get(f"/v2/models/{model['name']}/versions/01").json()["versions"] == [model["version"]]
+    for reference in ("%C2%B2", "9" * 5000, "+1", "%201", "1%20", "1.0", "0", "1" + "0" * 18):
         for method, suffix in (("GET", ""), ("GET", "/ready"), ("POST", "/infer")):
             answer = client.request(method, f"/v2/models/{model['name']}/versions/{reference}{suffix}", json={})
             _assert_v2_error(answer, 404)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import torch
 
@@ -369,3 +370,58 @@ def test_a_replica_that_drained_a_version_serves_a_session_a_lagging_replica_sta
     assert (drained, started) == ([2], "1")
     assert outcome == ("VersionNotLoaded", True), outcome
     assert later == ("1", 16)
+
+
+def _v2_chunk(values: np.ndarray, **parameters: Any) -> dict[str, Any]:
+    """A v2 infer body of ``values``, with the request ``parameters`` (sequence_id, sequence_start, ...)."""
+    return {"inputs": [{"name": "values", "shape": list(values.shape), "datatype": "FP32",
+                        "data": values.ravel().tolist()}], "parameters": parameters}
+
+
+def _v2_infer(client: httpx.Client, version: str | None, body: dict[str, Any]) -> httpx.Response:
+    """POST ``body`` to model m's infer, at ``/versions/{version}`` when a version is given."""
+    return client.post("/v2/models/m/infer" if version is None else f"/v2/models/m/versions/{version}/infer",
+                       json=body)
+
+
+def _answered(response: httpx.Response) -> tuple[str, np.ndarray]:
+    """A 200 infer answer's ``model_version`` and predictions."""
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    return answer["model_version"], np.array(answer["outputs"][0]["data"])
+
+
+def test_a_version_in_a_v2_url_runs_a_stateless_call_and_a_sequence_runs_on_the_version_that_built_it(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """docs/interop.md, "Versions in the URL": a stateless call runs on the version its URL names; a sequence
+    starts on the newest version, as every new session does (a version is draining once a newer one serves),
+    and runs on the version that built it, whichever version's infer its chunks are sent to. The answer's
+    ``model_version`` names the version that ran the chunk. A URL naming a version not loaded (unloaded
+    mid-sequence included) is a 404; a sequence whose version was unloaded is 409 model-changed."""
+    repository, server = polled_repository(server_factory, tmp_path, GRU_MAX_LOADED_VERSIONS="2")
+    values = series(6)
+    head, tail = values[:3], values[3:]
+    old, new = new_id(), new_id()
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        h1, _ = _answered(_v2_infer(client, None, _v2_chunk(head, sequence_id=old, sequence_start=True)))
+        add_version(repository, "m", 2, seed=1)
+        wait_for(lambda: "2" in versions(client, "m"))  # version 1 stays, draining, for the sequence on it
+        h2 = versions(client, "m")["2"]["model_version"]
+        alone = {v: _answered(_v2_infer(client, v, _v2_chunk(values))) for v in ("1", "2")}
+        assert [alone[v][0] for v in ("1", "2")] == [h1, h2] and h1 != h2
+        started = _answered(_v2_infer(client, "1", _v2_chunk(head, sequence_id=new, sequence_start=True)))
+        continued = _answered(_v2_infer(client, "1", _v2_chunk(tail, sequence_id=new)))
+        assert started[0] == continued[0] == h2  # started on the newest, and stays there
+        np.testing.assert_allclose(np.concatenate([started[1], continued[1]]), alone["2"][1], atol=1e-5)
+        kept = _answered(_v2_infer(client, "2", _v2_chunk(tail, sequence_id=old)))
+        assert kept[0] == h1  # version 1 built it: sent to version 2's infer, it still runs there
+        np.testing.assert_allclose(kept[1], alone["1"][1][3:], atol=1e-5)
+
+        add_version(repository, "m", 3, seed=2)  # beyond GRU_MAX_LOADED_VERSIONS=2: version 1 goes
+        wait_for(lambda: list(versions(client, "m")) == ["3", "2"])
+        gone = assert_problem(_v2_infer(client, "1", _v2_chunk(tail, sequence_id=old, offset=6)), 404)
+        assert "no version '1' loaded" in gone["detail"]
+        stale = assert_problem(_v2_infer(client, None, _v2_chunk(tail, sequence_id=old, offset=6)), 409)
+        assert stale["type"].endswith("model-changed") and "sequence_start=true" in stale["detail"]
+        assert _answered(_v2_infer(client, "3", _v2_chunk(tail, sequence_id=new)))[0] == h2
