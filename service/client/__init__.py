@@ -17,7 +17,8 @@ A session's state moves as one document: ``session.export_state()`` gives its by
 ``session.fork("what-if")`` copies it to a new id, ``session.delete(if_match=state.etag)`` deletes it only at
 that state. Resent after a lost answer, a fork or an ``if_match`` import or delete meets what its first
 attempt did (409, 412); the client takes that as done when the session holds that very state (a delete:
-when no session is left), and raises otherwise.
+when no session is left), and raises otherwise, as it does for a call whose own request was never resent
+(another call's retry on the same client is not its own).
 
 The command line that streams a CSV through a session is ``service.client.cli`` (``python -m service.client``).
 """
@@ -34,10 +35,10 @@ import os
 import random
 import sys
 import time
-from collections.abc import AsyncIterator, Generator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from service.extras import level_key
 from service.inflate import CONTENT_CODINGS, Malformed, TooLarge, inflate
@@ -541,10 +542,11 @@ class _Tries:
     """One call's attempts: the retry loop of both clients, which differ only in how they send and wait.
 
     Iterating yields the pause before each attempt (0 before the first); the caller reports each attempt's
-    outcome with ``failed`` or ``settled`` and, when the iteration ends, raises ``give_up()``.
+    outcome with ``failed`` or ``settled`` and, when the iteration ends, raises ``give_up()``. Each resend is
+    noted in every one of ``stats``: the client's, and the calling session's own where it keeps one.
     """
 
-    def __init__(self, retry: Retry, stats: _Stats):
+    def __init__(self, retry: Retry, *stats: _Stats):
         self.retry = retry
         self.stats = stats
         self.error: Exception | None = None
@@ -554,7 +556,8 @@ class _Tries:
         for attempt in range(self.retry.attempts):
             pause = 0.0
             if attempt:
-                self.stats.note(_why(self.error, self.response))
+                for stats in self.stats:
+                    stats.note(_why(self.error, self.response))
                 pause = self.retry.delay(attempt - 1, self.response)
             self.error = self.response = None
             yield pause
@@ -587,9 +590,13 @@ def _stateless(values: Values, horizon: int, levels: Sequence[float], scores: bo
 
 
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
 # A call of several requests, written once for both clients: it yields each request and is sent its answer, or
 # thrown the ``ServiceError`` that refused it; what it returns is the call's (``Session._run``).
 _Steps = Generator[_Call, httpx.Response, _T]
+# What makes one: given the call's own ``_Stats`` (its resends alone, whatever else shares the client) and
+# the call's arguments.
+_Maker = Callable[Concatenate[_Stats, _P], _Steps[_T]]
 
 
 def _next_call(steps: _Steps[Any], answer: httpx.Response | ServiceError | None) -> _Call:
@@ -675,16 +682,15 @@ class _SessionCalls:
         self.position = prediction.position
         return prediction
 
-    def _deleting(self, if_match: str | None) -> _Steps[None]:
+    def _deleting(self, sent: _Stats, if_match: str | None) -> _Steps[None]:
         """``delete``: a session already gone is fine (a resent delete's first try went through); resent after
         a lost answer, a conditional delete that finds no session met its own first attempt (412)."""
-        resends = self.client.stats.retries
         try:
             yield self._delete(if_match)
         except SessionNotFound:
             pass
         except PreconditionFailed:
-            if self.client.stats.retries == resends or (yield from self._existing()):
+            if not sent.retries or (yield from self._existing()):
                 raise
         self.position = 0
 
@@ -696,15 +702,13 @@ class _SessionCalls:
             return False
         return True
 
-    def _importing(self, state: State | bytes, if_match: str | None) -> _Steps[dict[str, Any]]:
+    def _importing(self, sent: _Stats, state: State | bytes, if_match: str | None) -> _Steps[dict[str, Any]]:
         """``import_state``: resent after a lost answer, a conditional import meets its own first attempt (412);
         done when the session holds that very state."""
-        resends = self.client.stats.retries
         try:
             return self._adopt((yield self._import(state, if_match)))
         except PreconditionFailed:
-            if self.client.stats.retries == resends or not _same_session(_document(state),
-                                                                         (yield from self._exporting())):
+            if not sent.retries or not _same_session(_document(state), (yield from self._exporting())):
                 raise
         return self._adopt((yield self._describe()))  # a lost answer's import: ours
 
@@ -712,15 +716,14 @@ class _SessionCalls:
         """The session's state document now."""
         return self._exported((yield self._export())).document
 
-    def _forking(self, copy: _SessionCalls) -> _Steps[None]:
+    def _forking(self, sent: _Stats, copy: _SessionCalls) -> _Steps[None]:
         """``fork`` to ``copy`` (a handle on the new session): resent after a lost answer, a fork meets its own
         first attempt (409); done when both sessions hold the same state."""
-        resends = self.client.stats.retries
         try:
             copy._adopt((yield self._fork(copy.id)))
         except SessionExists:
-            if self.client.stats.retries == resends or not _same_session((yield from self._exporting()),
-                                                                         (yield from copy._exporting())):
+            if not sent.retries or not _same_session((yield from self._exporting()),
+                                                     (yield from copy._exporting())):
                 raise
             copy._adopt((yield copy._describe()))  # a lost answer's fork: ours
 
@@ -754,9 +757,10 @@ class Client(_Calls):
         ``ServiceError``. Only use it for calls that are safe to repeat (every call of this API is)."""
         return _answer(self.send(_Call(method, path, body)))
 
-    def send(self, call: _Call) -> httpx.Response:
-        """``request`` for any body and answer: the response, once it is final and not an error."""
-        tries = _Tries(self.retry, self.stats)
+    def send(self, call: _Call, *also: _Stats) -> httpx.Response:
+        """``request`` for any body and answer: the response, once it is final and not an error; each resend
+        is counted in ``stats`` and in ``also`` (a session call's own count)."""
+        tries = _Tries(self.retry, self.stats, *also)
         for pause in tries:
             if pause:
                 time.sleep(pause)
@@ -849,7 +853,7 @@ class Session(_SessionCalls):
     def delete(self, if_match: str | None = None) -> None:
         """Forget the session (one already gone is fine). ``if_match`` (an ETag): only while the session is at
         that very state, else ``PreconditionFailed`` and nothing is deleted."""
-        self._run(self._deleting(if_match))
+        self._run(self._deleting, if_match)
 
     def export_state(self, unless: State | None = None) -> State:
         """The session's state document and its ETag; ``unless`` (an earlier export): that very object while
@@ -859,16 +863,19 @@ class Session(_SessionCalls):
     def import_state(self, state: State | bytes, if_match: str | None = None) -> dict[str, Any]:
         """Create or replace this session with an exported state; its description (the handle moves to its
         position). ``if_match`` (an ETag): only over that very state, else ``PreconditionFailed``."""
-        return self._run(self._importing(state, if_match))
+        return self._run(self._importing, state, if_match)
 
     def fork(self, to: str) -> Session:
         """A copy of this session as the new session ``to`` (``SessionExists`` if it exists), as a handle."""
         copy = Session(self.client, to)
-        self._run(self._forking(copy))
+        self._run(self._forking, copy)
         return copy
 
-    def _run(self, steps: _Steps[_T]) -> _T:
-        """Send each request of ``steps`` and hand it the answer or the refusal; what ``steps`` returns."""
+    def _run(self, make: _Maker[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """Send each request of the steps ``make`` makes and hand them the answer or the refusal; what they
+        return. They are given the call's own count of resends: the client's is shared by every call."""
+        sent = _Stats()
+        steps = make(sent, *args, **kwargs)
         answer: httpx.Response | ServiceError | None = None
         while True:
             try:
@@ -876,7 +883,7 @@ class Session(_SessionCalls):
             except StopIteration as done:
                 return done.value
             try:
-                answer = self.client.send(call)
+                answer = self.client.send(call, sent)
             except ServiceError as refused:
                 answer = refused
 
@@ -907,8 +914,8 @@ class AsyncClient(_Calls):
     async def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         return _answer(await self.send(_Call(method, path, body)))
 
-    async def send(self, call: _Call) -> httpx.Response:
-        tries = _Tries(self.retry, self.stats)
+    async def send(self, call: _Call, *also: _Stats) -> httpx.Response:
+        tries = _Tries(self.retry, self.stats, *also)
         for pause in tries:
             if pause:
                 await asyncio.sleep(pause)
@@ -994,20 +1001,22 @@ class AsyncSession(_SessionCalls):
         self.position = 0
 
     async def delete(self, if_match: str | None = None) -> None:
-        await self._run(self._deleting(if_match))
+        await self._run(self._deleting, if_match)
 
     async def export_state(self, unless: State | None = None) -> State:
         return self._exported(await self.client.send(self._export(unless)), unless)
 
     async def import_state(self, state: State | bytes, if_match: str | None = None) -> dict[str, Any]:
-        return await self._run(self._importing(state, if_match))
+        return await self._run(self._importing, state, if_match)
 
     async def fork(self, to: str) -> AsyncSession:
         copy = AsyncSession(self.client, to)
-        await self._run(self._forking(copy))
+        await self._run(self._forking, copy)
         return copy
 
-    async def _run(self, steps: _Steps[_T]) -> _T:
+    async def _run(self, make: _Maker[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        sent = _Stats()
+        steps = make(sent, *args, **kwargs)
         answer: httpx.Response | ServiceError | None = None
         while True:
             try:
@@ -1015,6 +1024,6 @@ class AsyncSession(_SessionCalls):
             except StopIteration as done:
                 return done.value
             try:
-                answer = await self.client.send(call)
+                answer = await self.client.send(call, sent)
             except ServiceError as refused:
                 answer = refused

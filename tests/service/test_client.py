@@ -271,6 +271,47 @@ def test_async_fork_resent_after_a_lost_answer_is_the_one_it_made(proxy: Droppin
     assert asyncio.run(run()) == 5 and proxy.dropped == 1
 
 
+class HeldForkTransport(httpx.AsyncHTTPTransport):
+    """The real transport, holding a fork's request back until some request has gone out a second time (a
+    resend): the client's retry count then moves while the fork is under way, as on a busy shared client."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: set[tuple[str, str]] = set()
+        self.resent = asyncio.Event()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/fork"):
+            await self.resent.wait()
+        elif (request.method, request.url.path) in self.sent:
+            self.resent.set()
+        self.sent.add((request.method, request.url.path))
+        return await super().handle_async_request(request)
+
+
+def test_a_fork_not_resent_refuses_an_existing_session_while_another_call_retries(
+    proxy: DroppingProxy, client: httpx.Client
+) -> None:
+    """A fork to a session that exists raises ``SessionExists``, even one holding the parent's very state,
+    when its own request was never resent: another call's resend on the shared client is not the fork's."""
+
+    async def run(taken_id: str) -> None:
+        transport = HeldForkTransport()
+        async with AsyncClient(proxy.url, retry=FAST, transport=transport) as api:
+            parent, other = await api.session(new_id("parent")), await api.session(new_id("other"))
+            await parent.predict(series(5, seed=56))
+            await (await api.session(taken_id)).import_state(await parent.export_state())  # the parent's very state
+            proxy.arm()  # the other call's first answer is lost: it is resent while the fork is held
+            fork, chunk = await asyncio.gather(parent.fork(taken_id), other.predict(series(3, seed=57)),
+                                               return_exceptions=True)
+            assert chunk.position == 3 and api.stats.retries == 1 and proxy.dropped == 1
+            assert isinstance(fork, SessionExists)
+
+    taken_id = new_id("taken")
+    asyncio.run(run(taken_id))
+    assert position(client, taken_id) == 5
+
+
 def test_conflict_reports_the_server_position_and_resync_continues(api: Client, client: httpx.Client) -> None:
     values = series(20, seed=24)
     session_id = new_id("client")
