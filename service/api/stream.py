@@ -238,11 +238,12 @@ class _Stream:
         """What the stream's access line adds: frames read and answered, and who closed it with what code
         (None: the connection was lost, or the stream ended by an error). The client's close is read from the
         scope, where the protocol put it: an answer's send may meet the closed connection before the reader,
-        held back by a full window, reads the close's event."""
+        held back by a full window, reads the close's event. It wins over this side's code: the protocol
+        puts it there only when it came before any close of ours, which a drain (1001) then never sent."""
         peer_code: int | None = self.ws.scope.get(PEER_CLOSED)
-        closed_by = "service" if self.close_code is not None else "client" if peer_code is not None else None
-        return {"frames_in": self.frames_in, "frames_out": self.frames_out,
-                "close_code": self.close_code if self.close_code is not None else peer_code,
+        code, closed_by = ((peer_code, "client") if peer_code is not None else
+                           (self.close_code, "service") if self.close_code is not None else (None, None))
+        return {"frames_in": self.frames_in, "frames_out": self.frames_out, "close_code": code,
                 "closed_by": closed_by}
 
 

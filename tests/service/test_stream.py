@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
+from harness.processes import RedisServer
 from tests.conftest import WIDE_FEATURES, Server, ServerFactory
 from tests.service.helpers import access_line, new_id, send, series, stateless
 from tests.service.test_model_lifecycle import add_version, polled_repository, versions, wait_for
@@ -344,15 +345,54 @@ def test_a_client_s_close_behind_a_full_window_is_logged_as_the_client_s(server_
     and the access line said the connection was lost (null, null), not closed by the client."""
     server = server_factory(GRU_STREAM_WINDOW="1")
     request_id = new_id("closed-behind")
-    close = bytes([0x88, 0x82]) + b"\0\0\0\0" + (1000).to_bytes(2, "big")  # masked with a zero key
     with _raw_stream(server, new_id("behind"), request_id) as sock:
-        frame = _masked_text_frame(_frame(series(4), 0))
-        sock.sendall(frame + _masked_text_frame(_frame(series(4), 4)) + close)
-        with contextlib.suppress(ConnectionError):
-            while sock.recv(65536):  # the service's close reply, then the end of the connection
-                pass
+        _close_behind_a_full_window(sock)
     line = access_line(server, request_id)
     assert (line["close_code"], line["closed_by"]) == (1000, "client"), line
+
+
+def test_a_client_s_close_behind_a_full_window_is_the_client_s_when_sigterm_drains_it(
+    server_factory: ServerFactory, redis_server: RedisServer,
+) -> None:
+    """As above, SIGTERM coming while the first chunk is still at work: the drain gave the stream its 1001
+    before the reader saw the close, and the access line said the service closed it. The chunk waits on a
+    Redis that answers nothing (SIGSTOP) until the drain began, so the window is full whatever the timing."""
+    server = server_factory(GRU_STREAM_WINDOW="1", GRU_STORE="redis",
+                            GRU_REDIS_URL=redis_server.url + "?socket_timeout=60")
+    assert redis_server.process is not None
+    request_id = new_id("closed-drained")
+    with _raw_stream(server, new_id("drained"), request_id) as sock:
+        redis_server.process.send_signal(signal.SIGSTOP)
+        try:
+            _close_behind_a_full_window(sock)
+            wait_for(lambda: _metrics(server)["gru_stream_frames_total{direction=in}"] == 1)
+            server.process.send_signal(signal.SIGTERM)
+            wait_for(lambda: not _listening(server.port))  # the drain began: the listening socket is closed
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+    assert server.process.wait(30) in (0, -signal.SIGTERM)
+    line = access_line(server, request_id)
+    assert (line["close_code"], line["closed_by"]) == (1000, "client"), line
+
+
+def _close_behind_a_full_window(sock: socket.socket) -> None:
+    """Two chunks and a close (1000) in one write, then read to the end of the connection: the service's
+    close reply came, so it has taken the close, whatever its stream read."""
+    close = bytes([0x88, 0x82]) + b"\0\0\0\0" + (1000).to_bytes(2, "big")  # masked with a zero key
+    frame = _masked_text_frame(_frame(series(4), 0))
+    sock.sendall(frame + _masked_text_frame(_frame(series(4), 4)) + close)
+    with contextlib.suppress(ConnectionError):
+        while sock.recv(65536):  # the service's close reply, then the end of the connection
+            pass
+
+
+def _listening(port: int) -> bool:
+    """Whether the port takes a connection."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return False
+    return True
 
 
 def test_an_invalid_session_id_refuses_the_upgrade_with_422(server: Server) -> None:
