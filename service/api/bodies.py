@@ -177,7 +177,19 @@ def _refuse_key(wrong: WrongKey | None, loc: list[str]) -> None:
     if wrong is not None:
         key, kind = wrong
         msg = _REPEATED_MSG if kind == _REPEATED else "Extra inputs are not permitted"
-        raise invalid([{"loc": [*loc, key], "msg": msg, "type": kind}])
+        raise invalid([{"loc": [*loc, _shown(key)], "msg": msg, "type": kind}])
+
+
+_SHOWN_KEY_CHARS = 80  # of a refused key: an ordinary one whole
+
+
+def _shown(key: str) -> str:
+    """A refused key as its 422 names it, in ``loc`` and so in ``detail`` too: whole up to 80 characters, else
+    its start and end around "..." (as v2 quotes a value), never all of a 4 MiB key twice (8.4 MB)."""
+    if len(key) <= _SHOWN_KEY_CHARS:
+        return key
+    head = (_SHOWN_KEY_CHARS - 3) // 2
+    return f"{key[:head]}...{key[len(key) - (_SHOWN_KEY_CHARS - 3 - head):]}"
 
 
 def path_session_id(raw: str) -> str:
