@@ -41,7 +41,8 @@ _LEVELS_DOC = (
 )
 _SCORES_DOC = (
     "true adds `scores`: each value's conformal p-value against the prediction made before it arrived (1"
-    " ordinary, near 0 surprising; null for a series' first value). Needs a calibrated model (else 422)."
+    " ordinary, near 0 surprising; null for a series' first K + 1 values (K: the model's `lags`), whose"
+    " predictions had no full lag window). Needs a calibrated model (else 422)."
 )
 Levels = Annotated[list[Annotated[float, Field(gt=0, lt=100)]], Field(min_length=1, max_length=4)]
 

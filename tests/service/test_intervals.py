@@ -265,6 +265,18 @@ def test_scores_must_be_true_or_false(http: httpx.Client) -> None:
     assert_problem(http.post("/v1/predict", json={"values": [1.0, 2.0], "scores": 1}), 422)
 
 
+def test_the_request_schemas_say_how_many_first_values_have_no_score(http: httpx.Client) -> None:
+    """/docs said a series' first value has no score; its first K + 1 have none (K = the model's lags), as the
+    README says, and a client reading the schema took the 2nd to (K + 1)th nulls for a fault."""
+    lags = http.get("/v1/model").json()["lags"]
+    scores = _post(http, "/v1/predict", {"values": _seattle(0, lags + 3).tolist(), "scores": True})["scores"]
+    assert [row == [None] for row in scores] == [True] * (lags + 1) + [False] * 2
+    schemas = http.get("/openapi.json").json()["components"]["schemas"]
+    for name in ("ChunkRequest", "StatelessRequest", "BatchItem"):
+        described = schemas[name]["properties"]["scores"]["description"]
+        assert "null for a series' first K + 1 values (K: the model's `lags`)" in described, (name, described)
+
+
 def test_a_model_without_calibration_says_how_to_add_it_and_changes_nothing(client: httpx.Client) -> None:
     session = new_id()
     for fields in ({"levels": [90]}, {"scores": True}):
