@@ -31,8 +31,9 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT = "gru-forecaster/1"
 # A model repository (Triton's layout): ROOT/<model>/<version>/, version directories positive integers of up
-# to 18 digits (Triton's are int64, and a version stamped with the Unix time has 10).
-MODEL_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# to 18 digits (Triton's are int64, and a version stamped with the Unix time has 10). A model name is one
+# directory's name: "." and ".." would name the repository itself or its parent.
+MODEL_NAME = re.compile(r"^(?!\.\.?$)[A-Za-z0-9._-]{1,64}$")
 VERSION_DIR = re.compile(r"^[1-9][0-9]{0,17}$")
 # Far above any real config.json (a calibration of 100 features × 48 steps writes about 30 MB).
 MAX_CONFIG_BYTES = 64 << 20

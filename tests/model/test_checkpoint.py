@@ -186,6 +186,18 @@ def test_publishing_goes_past_numbers_taken_by_a_stray_file_or_a_dangling_link(
     assert (tmp_path / "m" / "3").read_text() == "not a version"
 
 
+@pytest.mark.parametrize("name", [".", ".."])
+def test_publishing_refuses_a_name_that_is_the_repository_or_its_parent(
+    forecaster: Forecaster, tmp_path: Path, name: str
+) -> None:
+    """".." matched the name pattern: the version was published as the repository's sibling, outside it."""
+    repository = tmp_path / "repo"
+    repository.mkdir()
+    with pytest.raises(ValueError, match="model name"), publishing(repository, name) as publication:
+        save_checkpoint(forecaster, publication.staging, name=name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"] and not any(repository.iterdir())
+
+
 def test_publishing_fsyncs_the_files_before_the_rename_and_the_rename_after(
     forecaster: Forecaster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -164,6 +164,14 @@ def test_out_that_is_a_file_is_refused_before_training(write_csv: CsvWriter, tmp
     assert "loss" not in stderr and not out.with_name("validation.png").exists()  # refused before training
 
 
+def test_a_model_name_of_dots_is_refused_before_training(write_csv: CsvWriter, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """``--name ..`` published the version into the repository's parent directory."""
+    path, repository = write_csv(a=seasonal_series(60)), tmp_path / "repo"
+    status, stderr = refused_arguments(capsys, "--csv", path, "--repository", repository, "--name", "..", *FAST)
+    assert status == 2 and "--repository needs --name matching" in stderr
+
+
 def test_weights_that_cannot_be_written_exit_2_and_publish_nothing(write_csv: CsvWriter, tmp_path: Path) -> None:
     """safetensors reports a failed write (a full disk) as SafetensorError, not OSError: the CLI ended with a
     traceback and exit status 1."""
