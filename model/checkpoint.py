@@ -232,7 +232,8 @@ def publishing(repository: Path, name: str) -> Iterator[Publication]:
     """A temporary directory to write a checkpoint into, renamed to ``repository/name/<next version>/``
     when the block ends without an error (removed otherwise): a polling service never sees half of it.
     The rename fails rather than replace a version another publisher took first, or any other entry with
-    that name (a stray file, a dangling link); the next number is tried. The files and the directory are
+    that name (a stray file, a dangling link); the next number is tried, and OSError raised past the
+    largest a version may have (18 digits). The files and the directory are
     fsynced before the rename, and the model's directory after it, so a power cut cannot leave a version
     whose files are empty or partly written."""
     if not MODEL_NAME.fullmatch(name):
@@ -251,6 +252,8 @@ def publishing(repository: Path, name: str) -> Iterator[Publication]:
         taken = 0  # the highest number found taken: a stray file is no version, yet recounting would reach it
         while publication.published is None:
             taken = max((versions_in(model_dir) or [0])[-1], taken) + 1
+            if not VERSION_DIR.fullmatch(str(taken)):  # a directory no scan would read: published to no one
+                raise OSError(f"{model_dir} has no version number left past {taken - 1} ({VERSION_DIR.pattern})")
             target = model_dir / str(taken)
             try:
                 os.rename(publication.staging, target)  # fails on an existing non-empty directory, or a file

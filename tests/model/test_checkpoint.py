@@ -186,6 +186,15 @@ def test_publishing_goes_past_numbers_taken_by_a_stray_file_or_a_dangling_link(
     assert (tmp_path / "m" / "3").read_text() == "not a version"
 
 
+def test_publishing_past_the_highest_version_number_is_an_error(forecaster: Forecaster, tmp_path: Path) -> None:
+    """Past 18 digits the version was renamed to 1000000000000000000, a directory no scan reads: the CLI said
+    it published a version that no service would ever load."""
+    (tmp_path / "m" / "999999999999999999").mkdir(parents=True)
+    with pytest.raises(OSError, match="no version number left"), publishing(tmp_path, "m") as publication:
+        save_checkpoint(forecaster, publication.staging, name="m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["999999999999999999"]
+
+
 @pytest.mark.parametrize("name", [".", ".."])
 def test_publishing_refuses_a_name_that_is_the_repository_or_its_parent(
     forecaster: Forecaster, tmp_path: Path, name: str
