@@ -85,6 +85,14 @@ class TrainResult:
     history: list[float] = field(default_factory=list)  # validation MAE (units of σ_d) after each epoch
 
 
+def check_lags(lags: int | None, split: int, rows: int) -> None:
+    """DataError when ``lags`` (given, not chosen) has fewer than twice its coefficients in the ``split``
+    training rows of ``rows``: nothing to fit. The CLI asks before training, so it refuses before any progress."""
+    if lags and 2 * lags >= split:
+        raise DataError(f"--lags {lags} needs at least {2 * lags + 1} training rows; this series"
+                        f" has {split} (the other {rows - split} validate): lower --lags")
+
+
 def train(
     series: Series,
     config: TrainConfig,
@@ -103,9 +111,7 @@ def train(
     split = split_point(len(values), config.val_fraction, MIN_TRAIN_ROWS, MIN_VALIDATION_ROWS)
     scaler = fit_scaler(values[:split], series.features)
     diff_scale = np.array(scaler.diff_scale)
-    if config.lags and 2 * config.lags >= split:  # fewer rows than twice the coefficients: nothing to fit
-        raise DataError(f"--lags {config.lags} needs at least {2 * config.lags + 1} training rows; this series"
-                        f" has {split} (the other {len(values) - split} validate): lower --lags")
+    check_lags(config.lags, split, len(values))
     known_season = config.season or series.season
     season = known_season or strongest_period(values[:split])
     given = (newest(config.lags),) * len(series.features) if config.lags else None

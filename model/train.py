@@ -26,7 +26,7 @@ from model.cell import VARIANTS
 from model.checkpoint import MODEL_NAME, CheckpointError, publishing, read_calibration, save_checkpoint, versions_in
 from model.conformal import DEFAULT_SCALE_RATE
 from model.data import DataError, Series, fit_scaler, load_dataset, read_table, series_from_frame, split_point
-from model.fit import MIN_TRAIN_ROWS, MIN_VALIDATION_ROWS, TrainConfig, TrainResult, train
+from model.fit import MIN_TRAIN_ROWS, MIN_VALIDATION_ROWS, TrainConfig, TrainResult, check_lags, train
 from model.report import Scores, plot_validation, print_table, score
 
 
@@ -145,9 +145,11 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"column {column!r} left out: it says when, not what (name it in --columns to model it)")
         for column, count in series.filled.items():
             console.print(f"column {column!r}: {count} missing values filled by linear interpolation")
-        # What training would refuse at once (too few rows, a constant column), refused before the bar shows.
+        # What training would refuse at once (too few rows, a constant column, too many lags), refused before
+        # the bar shows.
         split = split_point(len(series.values), config.val_fraction, MIN_TRAIN_ROWS, MIN_VALIDATION_ROWS)
         fit_scaler(series.values[:split], series.features)
+        check_lags(config.lags, split, len(series.values))
         with Progress(
             TextColumn("epoch {task.completed:.0f}/{task.total:.0f}"),
             BarColumn(),

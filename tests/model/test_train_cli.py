@@ -164,6 +164,14 @@ def test_out_that_is_a_file_is_refused_before_training(write_csv: CsvWriter, tmp
     assert "loss" not in stderr and not out.with_name("validation.png").exists()  # refused before training
 
 
+def test_more_lags_than_the_rows_fit_exit_2_before_any_progress(write_csv: CsvWriter, tmp_path: Path) -> None:
+    """The --lags refusal came from inside training, after the progress bar had shown (README: before)."""
+    path = write_csv(a=seasonal_series(100))
+    result = run_cli("--csv", path, "--out", tmp_path / "model", *FAST, "--lags", "60")
+    assert result.returncode == 2 and "error: --lags 60 needs at least 121 training rows" in result.stderr
+    assert "loss" not in result.stderr and not (tmp_path / "model").exists()
+
+
 def test_a_model_name_of_dots_is_refused_before_training(write_csv: CsvWriter, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     """``--name ..`` published the version into the repository's parent directory."""
