@@ -37,6 +37,9 @@ MODEL_NAME = re.compile(r"^(?!\.\.?$)[A-Za-z0-9._-]{1,64}$")
 VERSION_DIR = re.compile(r"^[1-9][0-9]{0,17}$")
 # Far above any real config.json (a calibration of 100 features × 48 steps writes about 30 MB).
 MAX_CONFIG_BYTES = 64 << 20
+# How deep config.json's "training" summary may nest: the CLI's is 3 deep; GET /v1/model answers it whole,
+# and one a few hundred deep takes its encoder past Python's recursion limit.
+MAX_TRAINING_DEPTH = 16
 
 
 class CheckpointError(ValueError):
@@ -112,6 +115,21 @@ def read_config_json(config_path: Path) -> Any:
         raise CheckpointError(f"{config_path} is not a valid model config: {exc}") from exc
 
 
+def _check_training(training: Any, config_path: Path) -> None:
+    """CheckpointError unless the training summary is an object nested at most MAX_TRAINING_DEPTH deep: the
+    service answers it in GET /v1/model, which cannot answer any other (null, a list, deep nesting)."""
+    if not isinstance(training, dict):
+        raise CheckpointError(f"{config_path}: \"training\" must be an object, got {type(training).__name__}")
+    level: list[dict[str, Any] | list[Any]] = [training]
+    depth = 1
+    while level:
+        if depth > MAX_TRAINING_DEPTH:
+            raise CheckpointError(f"{config_path}: \"training\" nests deeper than {MAX_TRAINING_DEPTH} levels")
+        level = [child for node in level for child in (node.values() if isinstance(node, dict) else node)
+                 if isinstance(child, dict | list)]
+        depth += 1
+
+
 def _read_config(config_path: Path) -> tuple[dict[str, Any], ForecasterConfig, Calibration | None]:
     try:
         meta = read_config_json(config_path)
@@ -120,6 +138,7 @@ def _read_config(config_path: Path) -> tuple[dict[str, Any], ForecasterConfig, C
             raise CheckpointError(f"{config_path}: format {found!r} is not {FORMAT!r}")
         if not isinstance(meta.get("name"), str) or not meta["name"] or not isinstance(meta.get("model"), dict):
             raise CheckpointError(f"{config_path} needs a \"name\" (text) and a \"model\" (an object)")
+        _check_training(meta.get("training", {}), config_path)
         config = ForecasterConfig.from_dict(meta["model"])
         calibration = Calibration.from_dict(meta["calibration"]) if "calibration" in meta else None
         if calibration is not None and calibration.features != config.num_features:

@@ -165,6 +165,24 @@ def test_weights_that_are_not_finite_are_refused(saved: Path) -> None:
         load_checkpoint(saved)
 
 
+@pytest.mark.parametrize(("training", "why"), [
+    (None, "must be an object, got NoneType"), ([1], "must be an object, got list"),
+    (json.loads('{"a": ' * 16 + "[1]" + "}" * 16), "nests deeper than 16 levels"),
+])
+def test_training_summary_that_is_no_shallow_object_is_refused(saved: Path, training: object, why: str) -> None:
+    """Outside the version hash, it loaded, and GET /v1/model, which answers it, failed with a 500."""
+    meta = json.loads((saved / CONFIG_FILE).read_text())
+    (saved / CONFIG_FILE).write_text(json.dumps(meta | {"training": training}))
+    with pytest.raises(CheckpointError, match=re.escape(why)):
+        load_checkpoint(saved)
+
+
+def test_training_summary_nested_16_deep_loads(saved: Path) -> None:
+    meta = json.loads((saved / CONFIG_FILE).read_text())
+    (saved / CONFIG_FILE).write_text(json.dumps(meta | {"training": json.loads('{"a": ' * 15 + "[1]" + "}" * 15)}))
+    assert load_checkpoint(saved)[1]["training"]["a"]["a"]
+
+
 def test_checkpoint_of_another_format_is_refused(forecaster: Forecaster, tmp_path: Path) -> None:
     save_checkpoint(forecaster, tmp_path)
     meta = json.loads((tmp_path / CONFIG_FILE).read_text())

@@ -356,6 +356,26 @@ def test_a_version_with_a_config_over_the_size_limit_or_a_file_not_regular_is_sk
         _serves_version_1_alone(client)
 
 
+def test_a_version_whose_training_summary_is_no_shallow_object_is_skipped_and_v1_model_answers(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """"training" is outside the version hash: null, or an object some 400 deep, loaded and served, and
+    GET /v1/model answered 500 for as long as that version was the newest."""
+    repository, server = polled_repository(server_factory, tmp_path)
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        for version, training in ((2, "null"), (3, '{"a": ' * 400 + "1" + "}" * 400)):
+            staging = make_tiny_model(tmp_path / f"v{version}", seed=version, name="m")  # made aside, renamed in
+            meta = json.loads((staging / "config.json").read_text()) | {"training": "@"}
+            (staging / "config.json").write_text(json.dumps(meta).replace('"@"', training))
+            staging.rename(repository / "m" / str(version))
+        add_version(repository, "n", 1, seed=4)  # polled after m's versions in the same pass
+        wait_for(lambda: "n" in models(client))
+        assert client.get("/v1/model").status_code == 200
+        for version, why in ((2, "must be an object, got NoneType"), (3, "nests deeper than 16 levels")):
+            _skipped_once(server.log(), version, why)
+        _serves_version_1_alone(client)
+
+
 def test_a_repository_that_vanishes_is_logged_once_serves_on_and_is_polled_again_when_back(
     server_factory: ServerFactory, tmp_path: Path
 ) -> None:
