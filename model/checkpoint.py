@@ -176,11 +176,6 @@ def _needed_shapes(config: ForecasterConfig, config_path: Path) -> dict[str, tup
         raise CheckpointError(f"{config_path} is not a valid model config: {first_line}") from exc
 
 
-def read_calibration(directory: str | Path) -> Calibration | None:
-    """The calibration a checkpoint's config.json holds (None: uncalibrated), without loading its weights."""
-    return _read_config(Path(directory) / "config.json")[2]
-
-
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> tuple[Forecaster, dict[str, Any]]:
     """Load a checkpoint; returns the forecaster in eval mode on ``device`` and the config.json contents.
 

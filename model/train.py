@@ -23,10 +23,18 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from model.baselines import describe, difference_ar_predictions, fit_difference_ar, persistence, seasonal_naive
 from model.cell import VARIANTS
-from model.checkpoint import MODEL_NAME, CheckpointError, publishing, read_calibration, save_checkpoint, versions_in
+from model.checkpoint import (
+    MODEL_NAME,
+    CheckpointError,
+    load_checkpoint,
+    publishing,
+    save_checkpoint,
+    versions_in,
+)
 from model.conformal import DEFAULT_SCALE_RATE
 from model.data import DataError, Series, fit_scaler, load_dataset, read_table, series_from_frame, split_point
 from model.fit import MIN_TRAIN_ROWS, MIN_VALIDATION_ROWS, TrainConfig, TrainResult, check_lags, train
+from model.forecaster import Forecaster
 from model.report import Scores, plot_validation, print_table, score
 
 
@@ -94,22 +102,27 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _served(model_dir: Path) -> tuple[int, Forecaster] | None:
+    """The newest version under ``model_dir`` that loads, as a service serves it (skipping damaged ones)."""
+    for number in reversed(versions_in(model_dir) if model_dir.is_dir() else []):
+        try:
+            return number, load_checkpoint(model_dir / str(number))[0]
+        except (CheckpointError, OSError):
+            continue
+    return None
+
+
 def _scale_rate(args: argparse.Namespace, console: Console) -> float:
-    """--scale-rate, else normalised scores, unless the model ``--repository`` publishes into has a newest
-    version calibrated on raw scores: a normalised version's larger state would not fit its sessions' store."""
+    """--scale-rate, else normalised scores, unless the version a service serves of the model ``--repository``
+    publishes into (its newest that loads) is calibrated on raw scores: a normalised version's larger state
+    would not fit its sessions' store, and the service would skip the new version."""
     if args.scale_rate is not None:
         return float(args.scale_rate)
-    if args.repository is not None:
-        model_dir = args.repository / args.name
-        published = versions_in(model_dir) if model_dir.is_dir() else []
-        try:
-            newest = read_calibration(model_dir / str(published[-1])) if published else None
-        except CheckpointError:
-            newest = None
-        if newest is not None and not newest.normalised:
-            console.print(f"{args.name} version {published[-1]} scores raw errors: calibrating alike"
-                          " (--scale-rate 0), so the two share a state layout")
-            return 0.0
+    served = _served(args.repository / args.name) if args.repository is not None else None
+    if served is not None and served[1].calibration is not None and not served[1].calibration.normalised:
+        console.print(f"{args.name} version {served[0]} scores raw errors: calibrating alike"
+                      " (--scale-rate 0), so the two share a state layout")
+        return 0.0
     return DEFAULT_SCALE_RATE
 
 

@@ -155,6 +155,21 @@ def test_scores_are_normalised_unless_the_published_model_scores_raw_errors(writ
     assert newest.state_size == raw.state_size
 
 
+def test_scores_are_raw_when_the_served_version_scores_raw_errors_under_a_damaged_newer_one(
+        write_csv: CsvWriter, tmp_path: Path) -> None:
+    """Only the newest version on disk was asked: a damaged one there (which the service skips, serving the
+    raw one below it) made the new version normalised, whose larger state the service skipped in turn."""
+    path, repository = write_csv(a=seasonal_series(120)), tmp_path / "repo"
+    make_tiny_model(repository / "m" / "1", name="m", error_scale=1.0)  # raw scores
+    (repository / "m" / "2").mkdir()
+    (repository / "m" / "2" / "config.json").write_text("{not json")
+    result = run_cli("--csv", path, "--repository", repository, "--name", "m", *FAST,
+                     "--hidden", "16", "--layers", "2", "--lags", "4")  # the tiny model's shape
+    assert result.returncode == 0 and "m version 1 scores raw errors: calibrating alike" in result.stdout
+    raw, newest = load_checkpoint(repository / "m" / "1")[0], load_checkpoint(repository / "m" / "3")[0]
+    assert newest.state_size == raw.state_size
+
+
 def test_out_that_is_a_file_is_refused_before_training(write_csv: CsvWriter, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     path, out = write_csv(a=seasonal_series(60)), tmp_path / "model"
