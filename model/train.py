@@ -97,6 +97,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--out {args.out} is a file; give a directory for the checkpoint")
     if args.repository is not None and (args.name is None or not MODEL_NAME.fullmatch(args.name)):
         parser.error(f"--repository needs --name matching {MODEL_NAME.pattern} (the model's directory)")
+    if args.repository is not None:
+        for directory in (args.repository, args.repository / args.name):
+            if directory.exists() and not directory.is_dir():
+                parser.error(f"--repository: {directory} is a file; the model's versions go in a directory")
     if args.scale_rate is not None and not 0.0 <= args.scale_rate < 1.0:
         parser.error(f"--scale-rate must lie in [0, 1), got {args.scale_rate}")
     return args

@@ -187,6 +187,17 @@ def test_more_lags_than_the_rows_fit_exit_2_before_any_progress(write_csv: CsvWr
     assert "loss" not in result.stderr and not (tmp_path / "model").exists()
 
 
+@pytest.mark.parametrize("file", ["repo", "repo/m"])
+def test_a_repository_or_model_directory_that_is_a_file_is_refused_before_training(
+        write_csv: CsvWriter, tmp_path: Path, capsys: pytest.CaptureFixture[str], file: str) -> None:
+    """Found only when publishing: after the whole training, as --out's file once was."""
+    path, repository = write_csv(a=seasonal_series(60)), tmp_path / "repo"
+    (tmp_path / file).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / file).write_text("not a directory")
+    status, stderr = refused_arguments(capsys, "--csv", path, "--repository", repository, "--name", "m", *FAST)
+    assert status == 2 and f"{tmp_path / file} is a file" in stderr
+
+
 def test_a_model_name_of_dots_is_refused_before_training(write_csv: CsvWriter, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     """``--name ..`` published the version into the repository's parent directory."""
