@@ -89,7 +89,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be at least 1, got {value}")
-    if args.max_seconds <= 0:
+    if not args.max_seconds > 0:  # NaN too: no elapsed time is ever >= it, so it would turn the limit off
         parser.error(f"--max-seconds must be positive, got {args.max_seconds}")
     if not 0.0 < args.val_fraction < 1.0:
         parser.error(f"--val-fraction must lie strictly between 0 and 1, got {args.val_fraction}")

@@ -127,6 +127,17 @@ def test_a_validation_fraction_outside_0_to_1_exits_2_before_any_progress(
     assert "val MAE" not in stderr  # no progress line
 
 
+@pytest.mark.parametrize("seconds", ["0", "-1", "nan"])
+def test_a_time_limit_that_is_not_positive_exits_2_before_training(
+    write_csv: CsvWriter, tmp_path: Path, seconds: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--max-seconds nan`` passed the ``<= 0`` check and trained with no time limit at all."""
+    path = write_csv(a=seasonal_series(60))
+    status, stderr = refused_arguments(capsys, "--csv", path, "--out", tmp_path / "out", *FAST, "--max-seconds",
+                                       seconds)
+    assert status == 2 and f"--max-seconds must be positive, got {float(seconds)}" in stderr
+
+
 @pytest.mark.parametrize("rate", ["1", "-0.1", "1.5"])
 def test_a_scale_rate_outside_0_to_1_exits_2_before_training(write_csv: CsvWriter, tmp_path: Path, rate: str,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
