@@ -51,8 +51,11 @@ class ForecasterConfig:
     def __post_init__(self) -> None:
         """Refuse what would build a model that answers nothing but NaN, or fails on its first call: a
         checkpoint's config.json is input like any other."""
-        if not self.features or not all(isinstance(f, str) and f for f in self.features):
-            raise ValueError(f"features must be a non-empty list of column names, got {list(self.features)!r}")
+        # A list (a tuple once read), not a string or an object: "xy" would be the two features x and y.
+        features = self.features
+        if not isinstance(features, tuple) or not features or not all(isinstance(f, str) and f for f in features):
+            shown = list(features) if isinstance(features, tuple) else features
+            raise ValueError(f"features must be a non-empty list of column names, got {shown!r}")
         if len(set(self.features)) != len(self.features):
             raise ValueError(f"features must be distinct, got {list(self.features)!r}")
         for name in ("hidden_size", "num_layers", "lags"):

@@ -177,6 +177,18 @@ def test_training_summary_that_is_no_shallow_object_is_refused(saved: Path, trai
         load_checkpoint(saved)
 
 
+@pytest.mark.parametrize("features", ["xy", {"x": 1}])
+def test_features_that_are_not_a_list_are_refused(tmp_path: Path, features: object) -> None:
+    """A string was taken as its characters ("xy": the features x and y), an object as its keys: a version of
+    the same model listing ["x", "y"] was then skipped for features that "differ" from ['x', 'y']."""
+    ckpt = make_tiny_model(tmp_path / "ckpt", features=("x", "y"))
+    meta = json.loads((ckpt / CONFIG_FILE).read_text())
+    meta["model"]["features"] = features
+    (ckpt / CONFIG_FILE).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="features must be a non-empty list of column names"):
+        load_checkpoint(ckpt)  # before its version: a crafted one restamps that (``_restamp``), and it loaded
+
+
 def test_training_summary_nested_16_deep_loads(saved: Path) -> None:
     meta = json.loads((saved / CONFIG_FILE).read_text())
     (saved / CONFIG_FILE).write_text(json.dumps(meta | {"training": json.loads('{"a": ' * 15 + "[1]" + "}" * 15)}))
