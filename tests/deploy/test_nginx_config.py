@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
@@ -147,6 +147,25 @@ def test_a_link_the_api_answers_through_nginx_names_nginx_s_address(proxy: str, 
         assert http.get(fork.headers["location"]).json()["position"] == 2
 
 
+def test_an_import_and_a_delete_reach_the_api_through_nginx_with_their_bodies(proxy: str, server: Any) -> None:
+    """PUT and DELETE take their own way through nginx (one try, location @once): body, headers and the
+    upstream's address as on every other route."""
+    source = f"deploy-nginx-import-{uuid.uuid4().hex[:12]}"
+    with httpx.Client(base_url=proxy, timeout=30) as http:
+        assert http.post(f"/v1/sessions/{source}/predict", json={"values": [0.1, 0.2], "offset": 0}).status_code == 200
+        state = http.get(f"/v1/sessions/{source}/state")
+        assert state.status_code == 200, state.text
+        made = http.put(f"/v1/sessions/{source}-copy/state", content=state.content,
+                        headers={"Content-Type": "application/octet-stream", "If-None-Match": "*",
+                                 "X-Request-ID": "client-chosen-put"})
+        assert made.status_code == 201, made.text
+        assert made.json()["position"] == 2
+        assert made.headers["x-request-id"] == "client-chosen-put"
+        assert made.headers["x-upstream"] == server.url.removeprefix("http://")
+        assert http.delete(f"/v1/sessions/{source}-copy").status_code == 204
+        assert http.get(f"/v1/sessions/{source}-copy").status_code == 404
+
+
 @pytest.mark.parametrize("prefix", ["/v1", "/v1/models/tiny"])
 def test_nginx_passes_a_session_stream_through(proxy: str, prefix: str) -> None:
     """The default model's stream and a named model's (the shared server's model is "tiny")."""
@@ -158,19 +177,25 @@ def test_nginx_passes_a_session_stream_through(proxy: str, prefix: str) -> None:
     assert [a["position"] for a in answers] == [2, 3]
 
 
+@pytest.mark.parametrize(("method", "path"), [("POST", "predict"), ("PUT", "state")])
+@pytest.mark.parametrize("sized", [True, False], ids=["content-length", "chunked"])
 @pytest.mark.parametrize("excess", [1, 2**16, 2**19, 2**20 - 2**16])
-def test_nginx_answers_a_body_over_the_api_limit_with_a_413_problem(proxy: str, excess: int) -> None:
+def test_nginx_answers_a_body_over_the_api_limit_with_a_413_problem(
+    proxy: str, excess: int, sized: bool, method: str, path: str
+) -> None:
     """A body over GRU_MAX_BODY_BYTES (the default, 4 MiB, as compose and the manifests set it) gets 413 with
     the api's problem body, whatever its size: the api answers 413 unread and closes, so a body nginx passes
-    on (client_max_body_size above the api's limit) failed nginx's write upstream and came back 502."""
+    on (client_max_body_size above the api's limit) failed nginx's write upstream and came back 502. The same
+    for an import (PUT, which takes its own location) and for a body sent in chunks, with no length ahead."""
     from service.config import Settings
 
     limit = Settings.model_fields["max_body_bytes"].default
     body = b"0" * (limit + excess)
     with httpx.Client(base_url=proxy, timeout=30) as http:
         for _ in range(3):  # the write fails or not by a race with the api's close: a few tries
-            answer = http.post("/v1/sessions/deploy-nginx-large/predict", content=body,
-                               headers={"Content-Type": "application/json"})
+            answer = http.request(method, f"/v1/sessions/deploy-nginx-large/{path}",
+                                  content=body if sized else iter([body]),
+                                  headers={"Content-Type": "application/json"})
             assert answer.status_code == 413, (answer.status_code, answer.text[:200])
             assert answer.headers["content-type"] == "application/problem+json"
             problem = answer.json()
@@ -211,9 +236,27 @@ class _Whoami(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class _Vanishing(http.server.BaseHTTPRequestHandler):
+    """A replica stand-in that reads a request whole, as a replica applying it does, and dies before it
+    answers (an OOM kill, a crash): the connection closes with no answer. It records what reached it."""
+
+    received: ClassVar[list[str]] = []
+
+    def _read_and_vanish(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.received.append(self.command)
+        self.close_connection = True
+
+    do_PUT = do_DELETE = do_POST = _read_and_vanish
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
 @contextlib.contextmanager
-def _replica(address: str, port: int) -> Iterator[None]:
-    server = http.server.ThreadingHTTPServer((address, port), _Whoami)
+def _replica(address: str, port: int,
+             handler: type[http.server.BaseHTTPRequestHandler] = _Whoami) -> Iterator[None]:
+    server = http.server.ThreadingHTTPServer((address, port), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -223,23 +266,30 @@ def _replica(address: str, port: int) -> Iterator[None]:
         server.server_close()
 
 
-def test_nginx_finds_a_recreated_replica_at_its_new_address_without_a_reload(
-    tmp_path: Path, tool: Callable[[str], str]
-) -> None:
-    """The replicas' alias answers with whatever addresses the DNS server has now: nginx asks again once its
-    answer is `valid` old (1 s here), so a replica re-created elsewhere is reached by the same nginx process,
-    and two replicas behind the alias both get requests."""
+def _nginx_over_dns(tmp_path: Path, tool: Callable[[str], str], addresses: list[str]
+                    ) -> tuple[_Names, DNSServer, subprocess.Popen[bytes], str, int]:
+    """nginx with the shipped config, the replicas' alias resolved by a DNS server the test runs (to
+    `addresses`, answers valid 1 s): the names, that server, nginx, its URL and the replicas' port."""
     names = _Names()
+    names.addresses["gru-api-redis"] = addresses
     dns_port, port, listen = free_port(), free_port(), free_port()
     dns = DNSServer(names, address="127.0.0.1", port=dns_port)
     dns.start_thread()
     main = _test_copy(tmp_path, listen, replicas=f"gru-api-redis:{port}", resolver=f"127.0.0.1:{dns_port}")
     conf = tmp_path / "gru-api.conf"
     conf.write_text(re.sub(r"valid=\d+s", "valid=1s", conf.read_text()))
-    names.addresses["gru-api-redis"] = ["127.0.0.2"]
     nginx = subprocess.Popen([tool("nginx"), "-p", str(tmp_path), "-c", str(main), "-e", str(tmp_path / "error.log"),
                               "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{listen}/"
+    return names, dns, nginx, f"http://127.0.0.1:{listen}/", port
+
+
+def test_nginx_finds_a_recreated_replica_at_its_new_address_without_a_reload(
+    tmp_path: Path, tool: Callable[[str], str]
+) -> None:
+    """The replicas' alias answers with whatever addresses the DNS server has now: nginx asks again once its
+    answer is `valid` old (1 s here), so a replica re-created elsewhere is reached by the same nginx process,
+    and two replicas behind the alias both get requests."""
+    names, dns, nginx, url, port = _nginx_over_dns(tmp_path, tool, ["127.0.0.2"])
 
     def answered_by(address: str) -> None:
         deadline = time.monotonic() + 15
@@ -267,6 +317,36 @@ def test_nginx_finds_a_recreated_replica_at_its_new_address_without_a_reload(
                 # rotate): six requests all went to one of two 3% of the time; forty, one in 2^39
                 seen = {httpx.get(url, timeout=2).text for _ in range(40)}
                 assert seen == {"127.0.0.3", "127.0.0.4"}, "round robin over every address of the alias"
+    finally:
+        nginx.terminate()
+        nginx.wait(10)
+        dns.stop()
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "POST"])
+def test_a_request_that_reached_a_replica_is_never_sent_to_another(
+    method: str, tmp_path: Path, tool: Callable[[str], str]
+) -> None:
+    """A replica that dies after reading a request may have applied it. nginx re-sent a PUT or a DELETE to the
+    next replica (only POST is "non-idempotent" to it): an import or delete under If-Match / If-None-Match,
+    applied by the first, then answered 412 by the second, or an unconditional import put a session back over
+    chunks answered 200 in between. Such a request gets nginx's 502 instead; the client decides."""
+    _Vanishing.received = []
+    _, dns, nginx, url, port = _nginx_over_dns(tmp_path, tool, ["127.0.0.2", "127.0.0.3"])
+    try:
+        with _replica("127.0.0.2", port, _Vanishing), _replica("127.0.0.3", port, _Vanishing):
+            deadline = time.monotonic() + 15
+            while True:  # nginx listening
+                assert nginx.poll() is None, (tmp_path / "error.log").read_text()
+                with contextlib.suppress(httpx.TransportError):
+                    httpx.get(url + "nginx-health", timeout=2)
+                    break
+                assert time.monotonic() < deadline, "nginx did not start listening"
+                time.sleep(0.05)
+            answer = httpx.request(method, url + "v1/sessions/pump-7/state", content=b"state",
+                                   headers={"If-None-Match": "*"}, timeout=10)
+        assert answer.status_code == 502
+        assert _Vanishing.received == [method], "sent to one replica, once"
     finally:
         nginx.terminate()
         nginx.wait(10)
