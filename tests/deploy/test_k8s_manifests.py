@@ -155,6 +155,33 @@ def test_read_only_root_gets_a_writable_tmp_emptydir(overlay: str, kustomize: Re
     assert "emptyDir" in volumes[tmp["name"]] and not tmp.get("readOnly")
 
 
+# Overlays whose memory-store sessions need only outlive a container, not the pod (dev says so).
+_POD_LIFETIME_SESSIONS = {"overlays/dev"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_memory_store_sessions_are_snapshotted_where_a_new_pod_finds_them(overlay: str, kustomize: Render) -> None:
+    """A memory store keeps its sessions through a restart only by its snapshot (README, "Durability"): the gpu
+    overlay set none, so every rollout (Recreate: a new pod), crash or eviction lost every session. The file
+    lies on a writable mount (the root is read-only), and one that outlives the pod: a claim, which one pod
+    holds at a time (Recreate), since two pods would each write over the other's sessions."""
+    resources = kustomize(overlay)
+    settings = _settings(resources)
+    if settings["GRU_STORE"] != "memory":
+        return
+    assert "GRU_SNAPSHOT_PATH" in settings, "a memory store without a snapshot"
+    directory = str(Path(settings["GRU_SNAPSHOT_PATH"]).parent)
+    deployment = _api(resources)
+    (mount,) = [m for m in _container(deployment)["volumeMounts"] if m["mountPath"] == directory]
+    assert not mount.get("readOnly")
+    if overlay in _POD_LIFETIME_SESSIONS:
+        return
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    claim = volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]
+    _one(resources, "PersistentVolumeClaim", claim)
+    assert deployment["spec"]["strategy"]["type"] == "Recreate" and deployment["spec"]["replicas"] == 1
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_termination_grace_covers_prestop_pause_and_the_drain(overlay: str, kustomize: Render) -> None:
     resources = kustomize(overlay)
