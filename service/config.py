@@ -93,6 +93,11 @@ class Settings(BaseSettings):
         20.0, gt=0, description="streams are pinged this often; a peer that does not answer within it is dropped"
     )
     max_batch_items: int = Field(256, ge=1, description="most items in one /v1/predict/batch call")
+    # 2 Mi: a number in a body takes at least 2 bytes ("0,"), so no batch that fits 4 MiB (GRU_MAX_BODY_BYTES'
+    # default) answers more than this without levels, scores or a horizon (README, "Configuration")
+    max_batch_answer_values: int = Field(
+        2 * 2**20, ge=1, description="most numbers in one /v1/predict/batch call's answer, every item's summed"
+    )
     api_keys: str = Field("", repr=False,
                           description="comma-separated key:tenant pairs; empty = no auth, one tenant")
     api_keys_file: Path | None = Field(None, description="file with one 'key tenant' per line")

@@ -31,3 +31,11 @@ def repeats_a_level(levels: Sequence[float]) -> bool:
     """Whether two of ``levels`` name the same interval: 80 and 80.0, and also 80 and 80.0000001 (both
     "80"), whose second interval would replace the first in the answer."""
     return len({level_key(level) for level in levels}) != len(levels)
+
+
+def answer_values(steps: int, features: int, horizon: int, extras: Extras) -> int:
+    """How many numbers a chunk's answer holds (``encode_answer``'s arrays): T × F predictions, a lower and
+    an upper bound per level around each, the T × F scores, and horizon × F forecast values with their own
+    bounds per level. What a batch call's answer is bounded by (GRU_MAX_BATCH_ANSWER_VALUES)."""
+    per_value = 1 + 2 * len(extras.levels)
+    return features * (steps * (per_value + extras.scores) + horizon * per_value)

@@ -27,7 +27,7 @@ from service.api.preconditions import entity_tags, header_parameter
 from service.auth import TenantDep, is_admin
 from service.config import Settings
 from service.engine import Engine
-from service.extras import Extras
+from service.extras import Extras, answer_values
 from service.models import Registry, ServedModel
 from service.problems import Problem, as_problem
 from service.refusals import Refusal
@@ -121,6 +121,7 @@ async def predict_batch(request: Request, model: ModelDep, settings: SettingsDep
         except (Problem, Refusal) as refused:
             chunks.append(orjson.dumps(as_problem(refused).body()))
     queued = [chunk for chunk in chunks if isinstance(chunk, _Chunk)]
+    _check_answer_size(queued, settings)
     for engine, count in Counter(chunk.engine for chunk in queued).items():
         if not engine.queue.has_room(count):
             raise engine.queue.overloaded(count=len(queued))
@@ -158,6 +159,24 @@ class _Chunk:
     offset: int | None
     horizon: int
     extras: Extras
+
+    def answer_size(self) -> int:
+        """The numbers this chunk's answer will hold."""
+        steps, features = self.values.shape  # (T, F)
+        return answer_values(steps, features, self.horizon, self.extras)
+
+
+def _check_answer_size(queued: list[_Chunk], settings: Settings) -> None:
+    """A 422 for a call whose answer would hold more numbers than GRU_MAX_BATCH_ANSWER_VALUES, before any of
+    it is queued: each item is bounded by the chunk limits, but 256 of them with every extra answered 170 MB
+    in one body, held whole in memory (README, "Errors")."""
+    count = sum(chunk.answer_size() for chunk in queued)
+    most = settings.max_batch_answer_values
+    if count > most:
+        raise Problem(422, "batch-answer-too-large",
+                      f"the answer would hold {count} numbers (predictions, intervals, scores, forecasts of its"
+                      f" valid items), more than GRU_MAX_BATCH_ANSWER_VALUES={most}; split the call or ask fewer"
+                      " extras", limit=most, count=count)
 
 
 def batch_items_limit(settings: Settings) -> int:
