@@ -132,13 +132,31 @@ def describe_errors(errors: Sequence[Any], limit: int = 5) -> str:
                      for err in errors[:limit])
 
 
+# Valid JSON that pydantic-core's parser (jiter) does not take, by its message: what the 400 says instead of
+# "not JSON". Its limits are fixed: an empty innermost array may be one level deeper, and digits after a
+# number's point or its exponent do not count.
+_PARSER_LIMITS = (
+    ("recursion limit exceeded", "the body nests arrays and objects more than 200 levels deep, more than the"
+     " JSON parser takes; send fewer levels"),
+    ("number out of range", "the body holds a number of more than 4,300 digits before its point, more than the"
+     " JSON parser takes; send it with fewer digits"),
+)
+
+
+def _malformed(fields: list[dict[str, Any]]) -> str:
+    """Why a body was not parsed: a parser limit it went past, else that it is no JSON object at all."""
+    for message, detail in _PARSER_LIMITS:
+        if any(message in e["msg"] for e in fields):
+            return detail
+    return "the body is not a valid JSON object (NaN and Infinity are not JSON)"
+
+
 def invalid(errors: Sequence[Any]) -> Problem:
     """422 naming the fields (the first ``MAX_LISTED_ERRORS``), or 400 when the body was not JSON at all
     (every body path ends here)."""
     fields = field_errors(errors)
     if any(e["type"] in ("json_invalid", "json_type") for e in fields):
-        return Problem(400, "malformed-json", "the body is not a valid JSON object (NaN and Infinity are not"
-                       " JSON)", errors=fields)
+        return Problem(400, "malformed-json", _malformed(fields), errors=fields)
     where = ", ".join(".".join(e["loc"]) or "body" for e in fields[:5])
     more = f" ({len(errors)} errors, the first {len(fields)} listed)" if len(errors) > len(fields) else ""
     return Problem(422, "invalid-request", f"the request does not match the schema at: {where}{more}",

@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 import pytest
+from websockets.sync.client import connect as ws_connect
 
 from service.api.bodies import chunk_array, parse
 from service.client import Client
@@ -474,3 +475,38 @@ def test_a_batch_item_that_names_a_field_twice_gets_its_own_problem(client: http
     assert_problem(client.get(f"/v1/sessions/{repeated}"), 404)
     assert_problem(client.post("/v1/predict/batch", content=b'{"items": [], "items": [{"session_id": "x",'
                                b' "values": [0.5]}]}'), 422)
+
+
+# JSON that pydantic-core's parser cannot take, and what its 400 says: the whole call, in a batch too.
+_TOO_DEEP = b'"values": ' + b"[" * 5000 + b"]" * 5000
+_TOO_LONG = b'"values": [' + b"1" * 4301 + b"]"
+PARSER_LIMITS = [(_TOO_DEEP, "nests arrays and objects more than 200 levels deep"),
+                 (_TOO_LONG, "holds a number of more than 4,300 digits")]
+
+
+@pytest.mark.parametrize(("values", "why"), PARSER_LIMITS, ids=["too deep", "too long a number"])
+def test_json_beyond_the_parsers_limits_is_refused_saying_why_on_every_route(
+    server: Server, client: httpx.Client, values: bytes, why: str
+) -> None:
+    session = new_id("limits")
+    body = b"{" + values + b"}"
+    batch = b'{"items": [{"session_id": "%s", ' % session.encode() + values + b'}, {"session_id": "%s",' \
+        b' "values": [0.5]}]}' % session.encode()
+    answers = [client.post("/v1/predict", content=body), client.post(f"/v1/sessions/{session}/predict", content=body),
+               client.post("/v1/predict/batch", content=batch)]
+    with ws_connect(server.url.replace("http://", "ws://") + f"/v1/sessions/{session}/stream") as stream:
+        stream.send(body.decode())
+        frame = json.loads(stream.recv(timeout=30))
+    for problem in [*(assert_problem(answer, 400) for answer in answers), frame]:
+        assert problem["type"].endswith("/malformed-json") and why in problem["detail"], problem
+    assert_problem(client.get(f"/v1/sessions/{session}"), 404)
+
+
+def test_a_batch_item_of_a_number_the_parser_takes_is_its_own_problem(client: httpx.Client) -> None:
+    session = new_id("limits")
+    body = b'{"items": [{"session_id": "x", "values": [' + b"1" * 4300 + b']}, {"session_id": "%s",' \
+        b' "values": [0.5]}]}' % session.encode()
+    response = client.post("/v1/predict/batch", content=body)
+    assert response.status_code == 200, response.text
+    assert [result.get("status") for result in response.json()["results"]] == [422, None]
+    assert position(client, session) == 1
