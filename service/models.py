@@ -291,7 +291,7 @@ class Registry:
                                " above for each version skipped")
         if self.repository.polls:
             self._place(found)
-        _publish(self.metrics, self.models, self.default)
+        self._publish()
 
     async def start(self) -> None:
         for model in list(self.models.values()):
@@ -399,7 +399,7 @@ class Registry:
                 _forget_series(self.metrics, model, version)
             await model.store.close()
             log.info("model unloaded", extra={"fields": {"model": name}})
-            _publish(self.metrics, self.models, self.default)
+            self._publish()
 
     async def refresh_counts(self) -> None:
         """Sessions per version, for GET /v1/models, and unload the versions no session needs."""
@@ -432,7 +432,7 @@ class Registry:
                             model.sessions.get(replaced.model_version, 0))
                 await self._stop_version(model, replaced, "replaced")
             await self._limit(self.models[name])
-            _publish(self.metrics, self.models, self.default)
+            self._publish()
             return True
         return False
 
@@ -541,7 +541,26 @@ class Registry:
                     await self._unload_version(model, version, "drained")
                     if self._reloads_drained(model, version):
                         model.drained.add(version.model_version)
-        _publish(self.metrics, self.models, self.default)
+        self._publish()
+
+    def _publish(self) -> None:
+        """gru_model_versions{model, version, state}: 1 per loaded version (only loaded ones: bounded), and each
+        one's sessions at the last count; gru_model_info: the default model's newest version, as /v1/model says
+        (the dashboard's Model panel), kept so as each new version is listed."""
+        if self.default in self.models:
+            newest = self.models[self.default].newest
+            engine = newest.engine
+            self.metrics.model_info.info({"name": str(newest.meta["name"]), "version": engine.model_version,
+                                          "device": str(engine.device), "variant": engine.forecaster.config.variant})
+        gauge = self.metrics.model_versions
+        gauge.clear()
+        for model in self.models.values():
+            for version in model.versions.values():
+                number = str(version.number)
+                gauge.labels(model=model.name, version=number, state=model.state_of(version)).set(1)
+                sessions = model.sessions.get(version.model_version, 0) if model.by_hash(
+                    version.model_version) is version else 0
+                self.metrics.version_sessions.labels(model=model.name, version=number).set(sessions)
 
     def _reloads_drained(self, model: ServedModel, version: LoadedVersion) -> bool:
         """Whether a poll will load ``version``, drained, back for a session of it met later (pin, polling on,
@@ -646,23 +665,3 @@ def _forget_series(metrics: Metrics, model: ServedModel, version: LoadedVersion)
     for family in (metrics.steps, metrics.forward_time, metrics.version_sessions):
         with contextlib.suppress(KeyError):
             family.remove(model.name, str(version.number))
-
-
-def _publish(metrics: Metrics, models: dict[str, ServedModel], default: str) -> None:
-    """gru_model_versions{model, version, state}: 1 per loaded version (only loaded ones: bounded), and each
-    one's sessions at the last count; gru_model_info: the default model's newest version, as /v1/model says
-    (the dashboard's Model panel), kept so as each new version is listed."""
-    if default in models:
-        newest = models[default].newest
-        engine = newest.engine
-        metrics.model_info.info({"name": str(newest.meta["name"]), "version": engine.model_version,
-                                 "device": str(engine.device), "variant": engine.forecaster.config.variant})
-    gauge = metrics.model_versions
-    gauge.clear()
-    for model in models.values():
-        for version in model.versions.values():
-            number = str(version.number)
-            gauge.labels(model=model.name, version=number, state=model.state_of(version)).set(1)
-            sessions = model.sessions.get(version.model_version, 0) if model.by_hash(
-                version.model_version) is version else 0
-            metrics.version_sessions.labels(model=model.name, version=number).set(sessions)

@@ -24,7 +24,7 @@ import numpy as np
 from pydantic import BaseModel, JsonValue, TypeAdapter, ValidationError
 from pydantic_core import PydanticCustomError, SchemaValidator, core_schema
 
-from service.api.repeated_keys import delimiters, may_repeat
+from service.api.repeated_keys import delimiters, may_repeat, written_delimiters
 from service.config import Settings
 from service.problems import Problem, invalid
 from service.schemas import SessionId
@@ -39,11 +39,13 @@ _SESSION_ID: TypeAdapter[str] = TypeAdapter(SessionId)
 
 
 def parse(raw: bytes, model: type[M]) -> M:
-    if _forbids_extra(model) and (len(raw) <= _VALIDATE_FIRST_BYTES or delimiters(raw) <= _most_delimiters(model)):
-        with contextlib.suppress(ValidationError):  # refused: judged again below, for the same problem
-            parsed = model.model_validate_json(raw)
-            if not _may_repeat_a_key(raw, parsed):
-                return parsed
+    if _forbids_extra(model):
+        strings = delimiters(raw)  # counted once: the choice of order and the repeat screen both read it
+        if len(raw) <= _VALIDATE_FIRST_BYTES or strings <= _most_delimiters(model):
+            with contextlib.suppress(ValidationError):  # refused: judged again below, for the same problem
+                parsed = model.model_validate_json(raw)
+                if not _may_repeat_a_key(strings, parsed):
+                    return parsed
     _refuse_key(_first_wrong_key(raw, model), ["body"])
     try:
         return model.model_validate_json(raw)
@@ -58,11 +60,12 @@ def _most_delimiters(model: type[BaseModel]) -> int:
     return 2 * len(model.model_fields)
 
 
-def _may_repeat_a_key(raw: bytes, parsed: BaseModel) -> bool:
-    """Whether a body the model accepted may name a field twice: each key it names is a field, two quotes, so
-    a body of no more delimiters than two per field set names none twice (a chunk: nothing written again);
-    string values add delimiters, and send the body to the repeat screen."""
-    return delimiters(raw) > 2 * len(parsed.model_fields_set) and may_repeat(raw, _fields_set(parsed))
+def _may_repeat_a_key(strings: int, parsed: BaseModel) -> bool:
+    """Whether a body the model accepted, of ``strings`` string delimiters, may name a field twice: each key
+    it names is a field, two quotes, so a body of no more delimiters than two per field set names none twice
+    (a chunk: nothing written again); string values add delimiters, and send the body to the repeat screen
+    (``may_repeat``, with the body's count already taken)."""
+    return strings > 2 * len(parsed.model_fields_set) and strings > written_delimiters(_fields_set(parsed))
 
 
 def _fields_set(parsed: BaseModel) -> dict[str, object]:

@@ -287,6 +287,16 @@ def test_a_session_a_draining_version_creates_while_the_drain_counts_keeps_that_
     assert asyncio.run(scenario()) == ([1, 2], LONG, LONG + 8)
 
 
+def _two_replicas(repository: Path, redis_url: str, **settings: Any) -> tuple[Registry, Registry]:
+    """Two replicas' registries on one Redis, opened on a repository holding version 1 of model "m"."""
+    add_version(repository, "m", 1)
+    both = Settings(model_repository=repository, device="cpu", store="redis", redis_url=redis_url, **settings)
+    ahead, behind = (Registry(both, Repository(root=repository), torch.device("cpu"), Metrics()) for _ in "ab")
+    ahead.open()
+    behind.open()
+    return ahead, behind
+
+
 def test_a_replica_not_yet_polled_does_not_replay_a_session_back_onto_its_older_version(
     tmp_path: Path, redis_server: Any
 ) -> None:
@@ -296,12 +306,7 @@ def test_a_replica_not_yet_polled_does_not_replay_a_session_back_onto_its_older_
     session's state was rebuilt from its kept values at every switch of replica. The lagging replica now
     refuses it with a 503 to retry (elsewhere, or once it has the version), and leaves it on version 2."""
     repository = tmp_path / "repo"
-    add_version(repository, "m", 1)
-    settings = Settings(model_repository=repository, repository_poll_seconds=0, device="cpu", store="redis",
-                        redis_url=redis_server.url, upgrade="replay")
-    ahead, behind = (Registry(settings, Repository(root=repository), torch.device("cpu"), Metrics()) for _ in "ab")
-    ahead.open()
-    behind.open()
+    ahead, behind = _two_replicas(repository, redis_server.url, repository_poll_seconds=0, upgrade="replay")
     chunks = series(24, seed=5).reshape(3, 8, 1)
 
     async def scenario() -> Any:
@@ -340,13 +345,8 @@ def test_a_replica_that_drained_a_version_serves_a_session_a_lagging_replica_sta
     was 409 model-changed, whose advice (reset) loses it, though the first's next poll loads version 1 again
     for it (a version sessions are pinned to). It is now a 503 to retry, and after the poll it goes on there."""
     repository = tmp_path / "repo"
-    add_version(repository, "m", 1)
     # polls on (the next one loads version 1 back), called here: none comes by itself within the hour
-    settings = Settings(model_repository=repository, repository_poll_seconds=3600, device="cpu", store="redis",
-                        redis_url=redis_server.url)
-    ahead, behind = (Registry(settings, Repository(root=repository), torch.device("cpu"), Metrics()) for _ in "ab")
-    ahead.open()
-    behind.open()
+    ahead, behind = _two_replicas(repository, redis_server.url, repository_poll_seconds=3600)
     chunks = series(16, seed=7).reshape(2, 8, 1)
 
     async def scenario() -> Any:
